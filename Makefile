@@ -1,0 +1,30 @@
+# Two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip install --quiet -c constraints.txt
+STAMP   = $(VENV)/.curvlab-installed
+
+.PHONY: demo test bench-deps lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -e ".[dev,cli,plot]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/curvlab diagnose
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# Peers for the side-by-side benchmarks in benchmarks/ (not needed by the tests).
+bench-deps: $(STAMP)
+	$(PIP) -e ".[bench]"
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -1,0 +1,108 @@
+"""The matrix-free linear-operator interface shared by every curvature matrix.
+
+A curvature operator is a symmetric ``n x n`` matrix over the flat parameter vector of an
+:class:`~curvlab.objective.Objective`, available only through products. Subclasses
+implement ``_apply(V)`` for a block of row vectors ``V`` of shape ``(k, n)``; this base
+class adds argument checking, matvec counting, ``@``, dense and scipy views.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+
+from curvlab.objective import Objective
+
+__all__ = ["CurvatureOperator"]
+
+
+class CurvatureOperator(ABC):
+    """Base class: shape, dtype, device, ``matvec``/``matmat``/``@``, ``to_dense``,
+    ``to_scipy`` and a ``num_matvecs`` counter (``k`` columns count as ``k`` matvecs).
+
+    The operator is evaluated at the parameter values it was built with (a snapshot);
+    build a new one, or call :meth:`refresh`, after the parameters change.
+    """
+
+    objective: Objective
+
+    def __init__(self, model: Any, loss_fn: Any = None, data: Any = None, params: Any = None,
+                 *, train: bool = False) -> None:
+        if isinstance(model, Objective):
+            if loss_fn is not None or data is not None:
+                raise TypeError("pass either an Objective or (model, loss_fn, data), not both")
+            self.objective = model
+        else:
+            self.objective = Objective(model, loss_fn, data, params, train=train)
+        self.num_matvecs = 0
+        self.refresh()
+
+    # ---- to be provided by subclasses ----------------------------------------------
+    @abstractmethod
+    def _apply(self, V: torch.Tensor) -> torch.Tensor:
+        """Return ``V @ A`` (= ``(A @ V.T).T``, A symmetric) for rows ``V`` of shape (k, n)."""
+
+    def refresh(self) -> None:
+        """Re-read the parameter values (and drop anything cached for the old ones)."""
+        self.point = self.objective.param_tensors()
+
+    # ---- interface -----------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.objective.num_params
+        return (n, n)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.objective.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.objective.device
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``A v`` for a flat vector ``v`` of shape ``(n,)``."""
+        self.objective.check_vector(v, "v")
+        self.num_matvecs += 1
+        return self._apply(v.unsqueeze(0))[0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A V`` for a block ``V`` of shape ``(n, k)`` (k products, batched)."""
+        if not isinstance(V, torch.Tensor) or V.dim() != 2:
+            raise ValueError(f"matmat expects a (n, k) tensor, got "
+                             f"{tuple(V.shape) if isinstance(V, torch.Tensor) else type(V)}")
+        self.objective.check_vector(V.T, "V", batched=True)
+        self.num_matvecs += V.shape[1]
+        return self._apply(V.T).T
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matvec(v) if isinstance(v, torch.Tensor) and v.dim() == 1 else self.matmat(v)
+
+    def to_dense(self, chunk: int = 64) -> torch.Tensor:
+        """Form the dense ``n x n`` matrix column block by column block (small n only)."""
+        n = self.shape[0]
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
+        return torch.cat([self.matmat(eye[:, i:i + chunk]) for i in range(0, n, chunk)], dim=1)
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out) for
+        ``eigsh``, ``cg`` and friends."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.dtype, device=self.device)
+            return self.matvec(t).detach().cpu().double().numpy()
+
+        def mm(X: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
+            return self.matmat(t).detach().cpu().double().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)
+
+    def __repr__(self) -> str:
+        n = self.shape[0]
+        return (f"{type(self).__name__}(n={n}, dtype={self.dtype}, device={self.device}, "
+                f"num_matvecs={self.num_matvecs})")
