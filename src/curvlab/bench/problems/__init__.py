@@ -1,0 +1,1 @@
+"""Built-in problems with data that ships with installed packages (no downloads)."""
