@@ -1,0 +1,205 @@
+"""Shared machinery for curvature matrices of the form ``sum_b J_b^T M_b J_b``.
+
+The GGN, the (exact, Monte Carlo and empirical) Fisher all read
+
+    A = sum_b J_b^T M_b J_b,
+
+with ``J_b`` the Jacobian of the model outputs on batch ``b`` with respect to the flat
+parameters and ``M_b`` a symmetric matrix in output space (Schraudolph 2002, "Fast
+curvature matrix-vector products for second-order gradient descent"; Martens 2020, "New
+insights and perspectives on the natural gradient method", sec. 8-9). A product costs one
+Jacobian-vector product, one cheap output-space product and one vector-Jacobian product.
+
+How ``J v`` is formed was measured (``benchmarks/bench_linops.py``): with a recorded
+forward graph, a single vector is cheapest by double backward (``J v = d/du <J^T u, v>``,
+one backward pass through the recorded ``J^T u`` graph); a block of ``k`` vectors is
+cheapest by forward mode vectorized over the block (``vmap(jvp)``, one batched forward).
+``J^T u`` is always reverse mode through the recorded forward graph (batched with
+``is_grads_batched``).
+
+This module also holds the per-sample helpers (losses, output gradients and output
+Hessians of one sample) used by the empirical Fisher and the exact diagonals.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.func as tf
+from torch.utils._pytree import tree_map
+
+from curvlab.linops.base import CurvatureOperator
+from curvlab.objective import Objective
+
+__all__ = ["OutputSpaceOperator", "Linearization", "loss_on_outputs", "sample_weight",
+           "per_sample_output_grads", "per_sample_output_hessians", "per_sample_losses"]
+
+OutputMatrix = Callable[[torch.Tensor], torch.Tensor]
+
+
+def loss_on_outputs(objective: Objective, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+    """``loss_fn(outputs, targets)`` checked to be a scalar tensor."""
+    loss = objective.loss_fn(outputs, targets)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor, got {shape}; use a loss "
+                         "with reduction='mean' or 'sum'")
+    return loss.reshape(())
+
+
+def sample_weight(objective: Objective, weight: float, batch_size: int) -> float:
+    """Weight of one per-sample loss in the full-data loss: a batch of ``batch_size``
+    samples enters with ``weight``; a mean loss averages its samples, a sum loss adds them."""
+    return weight / batch_size if objective.reduction == "mean" else weight
+
+
+def _one_sample_loss(objective: Objective) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """``l_i(f_i) = loss_fn(f_i[None], y_i[None])``: the loss applied to a batch of one."""
+    def loss(out_i: torch.Tensor, target_i: Any) -> torch.Tensor:
+        return loss_on_outputs(objective, out_i.unsqueeze(0),
+                               tree_map(lambda t: t.unsqueeze(0), target_i))
+    return loss
+
+
+def per_sample_losses(objective: Objective, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+    """``(l_1, ..., l_B)``, each sample's loss (vectorized over the batch)."""
+    return tf.vmap(_one_sample_loss(objective))(outputs, targets)
+
+
+def per_sample_output_grads(objective: Objective, outputs: torch.Tensor,
+                            targets: Any) -> torch.Tensor:
+    """``d l_i / d f_i`` for every sample, shape ``outputs.shape``."""
+    return tf.vmap(tf.grad(_one_sample_loss(objective)))(outputs, targets)
+
+
+def per_sample_output_hessians(objective: Objective, outputs: torch.Tensor,
+                               targets: Any) -> torch.Tensor:
+    """``d^2 l_i / d f_i^2`` for every sample, shape ``(B, D, D)`` with ``D`` the number
+    of outputs per sample (flattened row-major)."""
+    hess = tf.vmap(tf.hessian(_one_sample_loss(objective)))(outputs, targets)
+    d = outputs[0].numel()
+    return hess.reshape(outputs.shape[0], d, d)
+
+
+def _as_output_tensor(out: Any) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        raise TypeError(f"the model must return one batched tensor of outputs for this "
+                        f"curvature, got {type(out).__name__}")
+    return out
+
+
+class Linearization:
+    """The model outputs on one batch, recorded once at ``point``, with products by the
+    output Jacobian ``J`` (``jvp``) and its transpose (``vjp``) on flat parameter blocks.
+
+    ``reusable=True`` means many products will follow, which makes the double-backward
+    route for single vectors worthwhile (its ``J^T u`` graph is recorded on first use).
+    """
+
+    def __init__(self, objective: Objective, point: Mapping[str, torch.Tensor], inputs: Any,
+                 *, reusable: bool) -> None:
+        self.objective, self.inputs, self.reusable = objective, inputs, reusable
+        self.point = dict(point)
+        self.leaves = {k: p.detach().requires_grad_(True) for k, p in point.items()}
+        with torch.enable_grad(), objective.mode():
+            self.out = _as_output_tensor(objective.outputs(self.leaves, inputs))
+        self.value = self.out.detach()
+        self._dual: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+    def _forward_mode(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
+        obj = self.objective
+
+        def single(v: dict[str, torch.Tensor]) -> torch.Tensor:
+            return tf.jvp(lambda p: obj.outputs(p, self.inputs), (self.point,), (v,))[1]
+
+        with obj.mode():
+            if next(iter(V.values())).shape[0] == 1:
+                return single({k: t[0] for k, t in V.items()}).unsqueeze(0)
+            return tf.vmap(single)(V)
+
+    def _double_backward(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._dual is None:
+            u = torch.zeros_like(self.value, requires_grad=True)
+            with torch.enable_grad():
+                jt_u = torch.autograd.grad(self.out, list(self.leaves.values()), u,
+                                           create_graph=True, allow_unused=True)
+            self._dual = (u, {name: g for name, g in zip(self.leaves, jt_u, strict=True)
+                              if g is not None and g.requires_grad})
+        u, jt_u = self._dual
+        k = next(iter(V.values())).shape[0]
+        if not jt_u:
+            return torch.zeros((k, *self.value.shape), dtype=self.value.dtype,
+                               device=self.value.device)
+        vs = [V[name] for name in jt_u]
+        if k == 1:
+            jv = torch.autograd.grad(list(jt_u.values()), u, [v[0] for v in vs],
+                                     retain_graph=True)[0]
+            return jv.unsqueeze(0)
+        return torch.autograd.grad(list(jt_u.values()), u, vs, retain_graph=True,
+                                   is_grads_batched=True)[0]
+
+    def jvp(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``J v`` for a block of parameter-shaped directions (leading dim ``k``)."""
+        k = next(iter(V.values())).shape[0]
+        if self.reusable and k == 1:
+            return self._double_backward(V)
+        try:
+            return self._forward_mode(V)
+        except (RuntimeError, NotImplementedError) as err:
+            if "forward" not in str(err).lower():
+                raise
+            return self._double_backward(V)
+
+    def vjp(self, U: torch.Tensor) -> torch.Tensor:
+        """``J^T u`` for a block ``U`` of shape ``(k, *outputs.shape)``, as flat rows (k, n)."""
+        leaves = list(self.leaves.values())
+        k = U.shape[0]
+        grads = torch.autograd.grad(self.out, leaves, U[0] if k == 1 else U, retain_graph=True,
+                                    allow_unused=True, is_grads_batched=k > 1)
+        rows = [torch.zeros((k, leaf.numel()), dtype=U.dtype, device=U.device) if g is None
+                else g.reshape(k, -1) for g, leaf in zip(grads, leaves, strict=True)]
+        return torch.cat(rows, dim=1)
+
+
+class OutputSpaceOperator(CurvatureOperator):
+    """Base for ``A = sum_b J_b^T M_b J_b``; subclasses provide ``M_b`` through
+    :meth:`_output_matrix`.
+
+    With a single batch the forward graph (and ``M``) is recorded once and reused by every
+    product (``cache_graph=True``); several batches are linearized one at a time per
+    product, so memory stays that of one batch.
+    """
+
+    def __init__(self, model: Any, loss_fn: Any = None, data: Any = None, params: Any = None,
+                 *, train: bool = False, cache_graph: bool = True) -> None:
+        self.cache_graph = cache_graph
+        super().__init__(model, loss_fn, data, params, train=train)
+
+    @abstractmethod
+    def _output_matrix(self, index: int, weight: float, outputs: torch.Tensor,
+                       targets: Any) -> OutputMatrix:
+        """``U -> M_b U`` for blocks ``U`` of shape ``(k, *outputs.shape)``, for batch
+        number ``index`` with weight ``weight`` in the full-data loss."""
+
+    def refresh(self) -> None:
+        super().refresh()
+        self._cached: tuple[Linearization, OutputMatrix] | None = None
+
+    def _apply(self, V: torch.Tensor) -> torch.Tensor:
+        obj = self.objective
+        Vt = obj.unflatten(V, batched=True)
+        if self.cache_graph and isinstance(obj.data, list) and len(obj.data) == 1:
+            if self._cached is None:
+                (w, x, y), = obj.batches()
+                lin = Linearization(obj, self.point, x, reusable=True)
+                self._cached = (lin, self._output_matrix(0, w, lin.value, y))
+            lin, M = self._cached
+            return lin.vjp(M(lin.jvp(Vt)))
+        out = torch.zeros_like(V)
+        for index, (w, x, y) in enumerate(obj.batches()):
+            lin = Linearization(obj, self.point, x, reusable=False)
+            out += lin.vjp(self._output_matrix(index, w, lin.value, y)(lin.jvp(Vt)))
+        return out
