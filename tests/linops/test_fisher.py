@@ -1,0 +1,127 @@
+"""Exact, Monte Carlo and empirical Fisher operators against dense float64 ground truth."""
+
+import pytest
+import torch
+from _linops_truth import MODELS, Truth, as_data, inputs_for, mlp, rel_err, targets_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from curvlab.linops import EmpiricalFisherOperator, FisherOperator, GGNOperator
+
+LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss,
+          "ce_sum": lambda: nn.CrossEntropyLoss(reduction="sum"),
+          "mse_sum": lambda: nn.MSELoss(reduction="sum")}
+
+
+def _setup(model_name, loss_name):
+    model = MODELS[model_name]()
+    loss_fn = LOSSES[loss_name]()
+    X, y = inputs_for(model_name), targets_for(loss_fn)
+    return model, loss_fn, X, y, Truth(model, loss_fn, X, y)
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("form", ["single", "list", "loader"])
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_exact_fisher_is_textbook_fisher_and_ggn(model_name, form, loss_name):
+    model, loss_fn, X, y, truth = _setup(model_name, loss_name)
+    data = as_data(X, y, form)
+    F = FisherOperator(model, loss_fn, data).to_dense()
+    assert rel_err(F, truth.fisher()) < 1e-8
+    assert rel_err(F, truth.ggn()) < 1e-8
+    assert rel_err(F, GGNOperator(model, loss_fn, data).to_dense()) < 1e-12
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("form", ["single", "list", "loader"])
+@pytest.mark.parametrize("loss_name", ["ce", "mse", "ce_sum"])
+def test_empirical_fisher_matches_per_sample_gradients(model_name, form, loss_name):
+    model, loss_fn, X, y, truth = _setup(model_name, loss_name)
+    op = EmpiricalFisherOperator(model, loss_fn, as_data(X, y, form))
+    EF = truth.empirical_fisher()
+    assert rel_err(op.to_dense(), EF) < 1e-8
+    v = torch.randn(truth.n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert rel_err(op @ v, EF @ v) < 1e-8
+
+
+@settings(max_examples=10, deadline=None)
+@given(d_in=st.integers(1, 4), hidden=st.integers(1, 5), d_out=st.integers(2, 4),
+       n=st.integers(2, 8), seed=st.integers(0, 1000), use_ce=st.booleans(),
+       split=st.integers(1, 7))
+def test_fisher_and_empirical_fisher_property(d_in, hidden, d_out, n, seed, use_ce, split):
+    model = mlp(seed, d_in, hidden, d_out)
+    loss_fn = nn.CrossEntropyLoss() if use_ce else nn.MSELoss()
+    X = torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y = targets_for(loss_fn, n, d_out, seed)
+    split = min(split, n - 1)
+    data = [(X[:split], y[:split]), (X[split:], y[split:])]
+    truth = Truth(model, loss_fn, X, y)
+    F, EF = truth.fisher(), truth.empirical_fisher()
+    assert float((FisherOperator(model, loss_fn, data).to_dense() - F).norm()) <= 1e-8 * (
+        float(F.norm()) + 1e-300)
+    assert float((EmpiricalFisherOperator(model, loss_fn, data).to_dense() - EF).norm()) <= (
+        1e-8 * (float(EF.norm()) + 1e-300))
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_mc_fisher_single_draw_is_fixed_symmetric_psd(loss_name):
+    model, loss_fn, X, y, truth = _setup("mlp", loss_name)
+    op = FisherOperator(model, loss_fn, as_data(X, y, "list"), mode="mc", seed=3)
+    D = op.to_dense()
+    assert float((D - D.T).norm()) <= 1e-13 * float(D.norm())
+    evals = torch.linalg.eigvalsh(D)
+    assert float(evals.min()) >= -1e-12 * float(evals.max())
+    # one draw per sample: rank at most the number of samples
+    assert int((evals > 1e-10 * float(evals.max())).sum()) <= X.shape[0]
+    v = torch.randn(truth.n, dtype=torch.float64)
+    assert torch.equal(op @ v, op @ v)
+    assert torch.equal(op.to_dense(), D)
+    # same seed and same batches (as a list or a DataLoader) -> the same draw
+    loader = as_data(X, y, "loader")
+    a = FisherOperator(model, loss_fn, loader, mode="mc", seed=3).to_dense()
+    b = FisherOperator(model, loss_fn, list(loader), mode="mc", seed=3).to_dense()
+    assert rel_err(a, b) < 1e-12
+    op.refresh()
+    assert rel_err(op.to_dense(), D) > 1e-3  # a new draw
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_mc_fisher_converges_to_exact_fisher(loss_name):
+    model, loss_fn, X, y, truth = _setup("mlp", loss_name)
+    F = truth.fisher()
+    data = as_data(X, y, "list")
+    # spread of one draw, then the mean over many refreshed draws and a many-sample draw
+    op = FisherOperator(model, loss_fn, data, mode="mc", generator=torch.Generator().manual_seed(0))
+    draws = 200
+    total, sq = torch.zeros_like(F), 0.0
+    for _ in range(draws):
+        D = op.to_dense()
+        total += D
+        sq += float((D - F).norm()) ** 2
+        op.refresh()
+    sigma = (sq / draws) ** 0.5  # RMS deviation of a single draw
+    # E||mean_K - F||^2 = sigma^2 / K; 4 standard deviations is never hit by chance here
+    assert float((total / draws - F).norm()) <= 4 * sigma / draws**0.5
+    many = FisherOperator(model, loss_fn, data, mode="mc", num_samples=4000, seed=1).to_dense()
+    assert float((many - F).norm()) <= 4 * sigma / 4000**0.5
+    assert sigma > 0.1 * float(F.norm())  # the test above is not trivially loose
+
+
+def test_fisher_errors():
+    model, loss_fn, X, y, _ = _setup("mlp", "ce")
+    with pytest.raises(TypeError, match="CrossEntropyLoss and nn.MSELoss"):
+        FisherOperator(model, nn.L1Loss(), (X, torch.randn(12, 3, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="mode"):
+        FisherOperator(model, loss_fn, (X, y), mode="sampled")
+    with pytest.raises(ValueError, match="num_samples"):
+        FisherOperator(model, loss_fn, (X, y), mode="mc", num_samples=0)
+    with pytest.raises(ValueError, match="class weights"):
+        FisherOperator(model, nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64)),
+                       (X, y))
+    with pytest.raises(ValueError, match="shuffle=False"):
+        FisherOperator(model, loss_fn, DataLoader(TensorDataset(X, y), batch_size=4,
+                                                  shuffle=True), mode="mc")
+    with pytest.raises(TypeError, match="seed or generator"):
+        FisherOperator(model, loss_fn, (X, y), mode="mc", seed=0, generator=torch.Generator())
