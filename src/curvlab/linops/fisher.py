@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from curvlab.linops._outputspace import (
     OutputMatrix,
     OutputSpaceOperator,
+    loss_on_outputs,
     per_sample_output_grads,
     sample_weight,
 )
@@ -53,6 +54,7 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
     def _output_matrix(self, index: int, weight: float, outputs: torch.Tensor,
                        targets: Any) -> OutputMatrix:
         obj = self.objective
+        loss_on_outputs(obj, outputs, targets)  # the batch loss must be a scalar
         r = per_sample_output_grads(obj, outputs, targets)
         return _rank_one_sum(r.unsqueeze(0), sample_weight(obj, weight, outputs.shape[0]))
 
