@@ -9,8 +9,7 @@ from torch import nn
 
 from curvlab.linops import DiagonalOperator
 
-LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss,
-          "mse_sum": lambda: nn.MSELoss(reduction="sum")}
+LOSSES = {"ce": nn.CrossEntropyLoss, "mse_sum": lambda: nn.MSELoss(reduction="sum")}
 DENSE = {"ggn": Truth.ggn, "hessian": Truth.hessian, "ef": Truth.empirical_fisher}
 
 
@@ -42,13 +41,13 @@ def test_hutchinson_is_unbiased(curvature):
     d = torch.diagonal(DENSE[curvature](truth))
     data = as_data(X, y, "list")
     est = DiagonalOperator(model, loss_fn, data, curvature=curvature, method="hutchinson",
-                           num_samples=3000, seed=0).diagonal
+                           num_samples=1000, seed=0).diagonal
     # Var(z_j (A z)_j) = sum_{i != j} A_ij^2; four standard deviations of the mean
     A = DENSE[curvature](truth)
-    sd = ((A**2).sum(1) - d**2).clamp_min(0).sqrt() / 3000**0.5
+    sd = ((A**2).sum(1) - d**2).clamp_min(0).sqrt() / 1000**0.5
     assert bool(((est - d).abs() <= 4 * sd + 1e-12).all())
     again = DiagonalOperator(model, loss_fn, data, curvature=curvature, method="hutchinson",
-                             num_samples=3000, seed=0).diagonal
+                             num_samples=1000, seed=0).diagonal
     assert torch.equal(est, again)
 
 

@@ -87,14 +87,14 @@ def test_mc_fisher_single_draw_is_fixed_symmetric_psd(loss_name):
     assert rel_err(op.to_dense(), D) > 1e-3  # a new draw
 
 
-@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("loss_name", ["ce", "mse", "mse_sum"])
 def test_mc_fisher_converges_to_exact_fisher(loss_name):
     model, loss_fn, X, y, truth = _setup("mlp", loss_name)
     F = truth.fisher()
     data = as_data(X, y, "list")
     # spread of one draw, then the mean over many refreshed draws and a many-sample draw
     op = FisherOperator(model, loss_fn, data, mode="mc", generator=torch.Generator().manual_seed(0))
-    draws = 200
+    draws = 100
     total, sq = torch.zeros_like(F), 0.0
     for _ in range(draws):
         D = op.to_dense()

@@ -48,11 +48,22 @@ def test_hessian_matches_dense(model_name, form):
     assert rel_err(op.to_dense(), truth.hessian()) < 1e-8
 
 
-def test_uncached_and_param_subset():
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("form", ["single", "list"])
+def test_block_strategies(vectorize, form):
+    model, loss_fn, X, y, truth = _setup("cnn", "mse")
+    G = truth.ggn()
+    V = torch.randn(truth.n, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for cache in (True, False):
+        op = GGNOperator(model, loss_fn, as_data(X, y, form), cache_graph=cache,
+                         vectorize=vectorize)
+        assert rel_err(op @ V, G @ V) < 1e-8
+        assert rel_err(op @ V[:, 0], G @ V[:, 0]) < 1e-8
+
+
+def test_param_subset():
     model, loss_fn, X, y, truth = _setup("mlp", "mse")
     G = truth.ggn()
-    op = GGNOperator(model, loss_fn, (X, y), cache_graph=False)
-    assert rel_err(op.to_dense(), G) < 1e-8
     # only the last layer: the trailing block of the full GGN
     sub = GGNOperator(model, loss_fn, (X, y), params=["2"])
     k = sub.shape[0]

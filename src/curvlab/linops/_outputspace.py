@@ -10,12 +10,17 @@ curvature matrix-vector products for second-order gradient descent"; Martens 202
 insights and perspectives on the natural gradient method", sec. 8-9). A product costs one
 Jacobian-vector product, one cheap output-space product and one vector-Jacobian product.
 
-How ``J v`` is formed was measured (``benchmarks/bench_linops.py``): with a recorded
-forward graph, a single vector is cheapest by double backward (``J v = d/du <J^T u, v>``,
-one backward pass through the recorded ``J^T u`` graph); a block of ``k`` vectors is
-cheapest by forward mode vectorized over the block (``vmap(jvp)``, one batched forward).
-``J^T u`` is always reverse mode through the recorded forward graph (batched with
-``is_grads_batched``).
+How the products are formed was measured (``benchmarks/bench_linops.py``, CPU). The forward
+pass is recorded once per batch and shared by every vector of a block (and, for a single
+batch, by every later product). ``J v`` is then cheapest by double backward, ``J v =
+d/du <J^T u, v>``: one backward pass through the ``J^T u`` graph, itself recorded once
+(forward mode would redo the primal forward for every vector; it is used only for a lone
+vector on a graph that is not reused). ``J^T u`` is one backward through the forward graph.
+For a block of ``k`` vectors, vectorizing (``is_grads_batched``) only pays when a product
+is tiny and per-call overhead dominates; on real models (a 784-256-256-10 MLP, a small
+CNN, the digits MLP) a loop over the block was as fast or faster (vmapped convolution
+backward: 2x slower). So blocks are vectorized when ``batch size * num_params <= 2**20``
+and looped otherwise (``vectorize=`` overrides).
 
 This module also holds the per-sample helpers (losses, output gradients and output
 Hessians of one sample) used by the empirical Fisher and the exact diagonals.
@@ -93,32 +98,30 @@ def _as_output_tensor(out: Any) -> torch.Tensor:
 
 class Linearization:
     """The model outputs on one batch, recorded once at ``point``, with products by the
-    output Jacobian ``J`` (``jvp``) and its transpose (``vjp``) on flat parameter blocks.
+    output Jacobian ``J`` (``jvp``) and its transpose (``vjp``) on blocks of vectors.
 
-    ``reusable=True`` means many products will follow, which makes the double-backward
-    route for single vectors worthwhile (its ``J^T u`` graph is recorded on first use).
+    ``reusable=True`` means more products will follow on this recording; ``vectorize``
+    batches a block through one vectorized backward instead of a loop (None: decide from
+    the problem size, see the module docstring).
     """
 
     def __init__(self, objective: Objective, point: Mapping[str, torch.Tensor], inputs: Any,
-                 *, reusable: bool) -> None:
+                 *, reusable: bool, vectorize: bool | None = None) -> None:
         self.objective, self.inputs, self.reusable = objective, inputs, reusable
         self.point = dict(point)
         self.leaves = {k: p.detach().requires_grad_(True) for k, p in point.items()}
         with torch.enable_grad(), objective.mode():
             self.out = _as_output_tensor(objective.outputs(self.leaves, inputs))
         self.value = self.out.detach()
+        if vectorize is None:
+            vectorize = self.value.shape[0] * objective.num_params <= 2**20
+        self.vectorize = vectorize
         self._dual: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
 
-    def _forward_mode(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward_mode(self, v: dict[str, torch.Tensor]) -> torch.Tensor:
         obj = self.objective
-
-        def single(v: dict[str, torch.Tensor]) -> torch.Tensor:
-            return tf.jvp(lambda p: obj.outputs(p, self.inputs), (self.point,), (v,))[1]
-
         with obj.mode():
-            if next(iter(V.values())).shape[0] == 1:
-                return single({k: t[0] for k, t in V.items()}).unsqueeze(0)
-            return tf.vmap(single)(V)
+            return tf.jvp(lambda p: obj.outputs(p, self.inputs), (self.point,), (v,))[1]
 
     def _double_backward(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._dual is None:
@@ -133,35 +136,39 @@ class Linearization:
         if not jt_u:
             return torch.zeros((k, *self.value.shape), dtype=self.value.dtype,
                                device=self.value.device)
-        vs = [V[name] for name in jt_u]
-        if k == 1:
-            jv = torch.autograd.grad(list(jt_u.values()), u, [v[0] for v in vs],
-                                     retain_graph=True)[0]
-            return jv.unsqueeze(0)
-        return torch.autograd.grad(list(jt_u.values()), u, vs, retain_graph=True,
-                                   is_grads_batched=True)[0]
+        graph, vs = list(jt_u.values()), [V[name] for name in jt_u]
+        if k > 1 and self.vectorize:
+            return torch.autograd.grad(graph, u, vs, retain_graph=True,
+                                       is_grads_batched=True)[0]
+        return torch.stack([torch.autograd.grad(graph, u, [v[i] for v in vs],
+                                                retain_graph=True)[0] for i in range(k)])
 
     def jvp(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
         """``J v`` for a block of parameter-shaped directions (leading dim ``k``)."""
         k = next(iter(V.values())).shape[0]
-        if self.reusable and k == 1:
-            return self._double_backward(V)
-        try:
-            return self._forward_mode(V)
-        except (RuntimeError, NotImplementedError) as err:
-            if "forward" not in str(err).lower():
-                raise
-            return self._double_backward(V)
+        if k == 1 and not self.reusable:
+            try:
+                return self._forward_mode({n: t[0] for n, t in V.items()}).unsqueeze(0)
+            except (RuntimeError, NotImplementedError) as err:
+                if "forward" not in str(err).lower():
+                    raise
+        return self._double_backward(V)
 
     def vjp(self, U: torch.Tensor) -> torch.Tensor:
         """``J^T u`` for a block ``U`` of shape ``(k, *outputs.shape)``, as flat rows (k, n)."""
         leaves = list(self.leaves.values())
         k = U.shape[0]
-        grads = torch.autograd.grad(self.out, leaves, U[0] if k == 1 else U, retain_graph=True,
-                                    allow_unused=True, is_grads_batched=k > 1)
-        rows = [torch.zeros((k, leaf.numel()), dtype=U.dtype, device=U.device) if g is None
-                else g.reshape(k, -1) for g, leaf in zip(grads, leaves, strict=True)]
-        return torch.cat(rows, dim=1)
+
+        def flat(grads: tuple, rows: int) -> torch.Tensor:
+            return torch.cat([torch.zeros((rows, leaf.numel()), dtype=U.dtype, device=U.device)
+                              if g is None else g.reshape(rows, -1)
+                              for g, leaf in zip(grads, leaves, strict=True)], dim=1)
+
+        if k > 1 and self.vectorize:
+            return flat(torch.autograd.grad(self.out, leaves, U, retain_graph=True,
+                                            allow_unused=True, is_grads_batched=True), k)
+        return torch.cat([flat(torch.autograd.grad(self.out, leaves, U[i], retain_graph=True,
+                                                   allow_unused=True), 1) for i in range(k)])
 
 
 class OutputSpaceOperator(CurvatureOperator):
@@ -170,12 +177,14 @@ class OutputSpaceOperator(CurvatureOperator):
 
     With a single batch the forward graph (and ``M``) is recorded once and reused by every
     product (``cache_graph=True``); several batches are linearized one at a time per
-    product, so memory stays that of one batch.
+    product, so memory stays that of one batch. ``vectorize`` chooses between one
+    vectorized backward per block and a loop over its vectors (default: by problem size).
     """
 
     def __init__(self, model: Any, loss_fn: Any = None, data: Any = None, params: Any = None,
-                 *, train: bool = False, cache_graph: bool = True) -> None:
-        self.cache_graph = cache_graph
+                 *, train: bool = False, cache_graph: bool = True,
+                 vectorize: bool | None = None) -> None:
+        self.cache_graph, self.vectorize = cache_graph, vectorize
         super().__init__(model, loss_fn, data, params, train=train)
 
     @abstractmethod
@@ -194,12 +203,13 @@ class OutputSpaceOperator(CurvatureOperator):
         if self.cache_graph and isinstance(obj.data, list) and len(obj.data) == 1:
             if self._cached is None:
                 (w, x, y), = obj.batches()
-                lin = Linearization(obj, self.point, x, reusable=True)
+                lin = Linearization(obj, self.point, x, reusable=True, vectorize=self.vectorize)
                 self._cached = (lin, self._output_matrix(0, w, lin.value, y))
             lin, M = self._cached
             return lin.vjp(M(lin.jvp(Vt)))
         out = torch.zeros_like(V)
         for index, (w, x, y) in enumerate(obj.batches()):
-            lin = Linearization(obj, self.point, x, reusable=False)
+            lin = Linearization(obj, self.point, x, reusable=False,
+                                vectorize=self.vectorize)
             out += lin.vjp(self._output_matrix(index, w, lin.value, y)(lin.jvp(Vt)))
         return out

@@ -99,7 +99,7 @@ class FisherOperator(OutputSpaceOperator):
     def __init__(self, model: Any, loss_fn: Any = None, data: Any = None, params: Any = None,
                  *, mode: str = "exact", num_samples: int = 1, seed: int | None = None,
                  generator: torch.Generator | None = None, train: bool = False,
-                 cache_graph: bool = True) -> None:
+                 cache_graph: bool = True, vectorize: bool | None = None) -> None:
         if mode not in FISHER_MODES:
             raise ValueError(f"mode must be one of {FISHER_MODES}, got {mode!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -115,7 +115,8 @@ class FisherOperator(OutputSpaceOperator):
                 generator.manual_seed(seed)
         self.generator = generator
         self._first_seed = seed
-        super().__init__(model, loss_fn, data, params, train=train, cache_graph=cache_graph)
+        super().__init__(model, loss_fn, data, params, train=train, cache_graph=cache_graph,
+                         vectorize=vectorize)
         loss_fn = self.objective.loss_fn
         if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss)):
             raise TypeError(f"FisherOperator supports nn.CrossEntropyLoss and nn.MSELoss, got "

@@ -20,14 +20,11 @@ class GGNOperator(OutputSpaceOperator):
 
     ``G`` drops the second-order terms of the network from the Hessian, so it is positive
     semi-definite whenever the loss is convex in the outputs. Each product costs one JVP,
-    one output-space HVP (negligible) and one VJP; a block of ``k`` vectors shares one
-    vectorized forward (see :mod:`curvlab.linops._outputspace` for the measured choice).
+    one output-space HVP (negligible) and one VJP, with the forward pass recorded once
+    (per block of vectors; once overall for a single batch with ``cache_graph=True``). See
+    :mod:`curvlab.linops._outputspace` for the measured choices and ``vectorize``.
     Any loss works: ``H_b`` is applied by double backward through ``loss_fn``.
     """
-
-    def __init__(self, model: Any, loss_fn: Any = None, data: Any = None, params: Any = None,
-                 *, train: bool = False, cache_graph: bool = True) -> None:
-        super().__init__(model, loss_fn, data, params, train=train, cache_graph=cache_graph)
 
     def _output_matrix(self, index: int, weight: float, outputs: torch.Tensor,
                        targets: Any) -> OutputMatrix:
