@@ -197,15 +197,15 @@ class DiagonalOperator(CurvatureOperator):
         obj = self.objective
         names = list(self.point)
 
-        def one_sample(x_i: Any, q_i: torch.Tensor, lam_i: torch.Tensor) -> torch.Tensor:
+        def one_sample(x_i: Any, q_i: torch.Tensor, lam_i: torch.Tensor) -> list[torch.Tensor]:
             def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
                 return obj.outputs(p, tree_map(lambda t: t.unsqueeze(0), x_i))[0]
 
             _, vjp_fn = tf.vjp(f, self.point)
             cols = q_i.T.reshape(q_i.shape[1], *out_shape)
             g = tf.vmap(vjp_fn)(cols)[0]
-            flat = torch.cat([g[k].reshape(cols.shape[0], -1) for k in names], dim=1)
-            return (lam_i.unsqueeze(1) * flat**2).sum(dim=0)
+            return [lam_i @ (gk * gk)
+                    for gk in (g[k].reshape(cols.shape[0], -1) for k in names)]
 
         batch = factors.shape[0]
         total = torch.zeros(obj.num_params, dtype=obj.dtype, device=obj.device)
@@ -214,7 +214,7 @@ class DiagonalOperator(CurvatureOperator):
                 sl = slice(start, start + self.chunk_size)
                 chunk = tf.vmap(one_sample)(tree_map(lambda t, sl=sl: t[sl], inputs), factors[sl],
                                             eigvals[sl])
-                total += chunk.sum(dim=0)
+                total += torch.cat([c.sum(dim=0) for c in chunk])
         return total
 
 
