@@ -1,6 +1,7 @@
 """Cost of GGN / Fisher products, side by side, as a multiple of one gradient.
 
-Models: an MLP 784-256-256-10 (batch 512) and a small CNN (batch 128), float32, CPU,
+Models: an MLP 784-256-256-10 (batch 512), a small CNN (batch 128) and a small
+LayerNorm MLP 64-32-10 (batch 256, where per-call overhead matters), float32, CPU,
 cross-entropy loss. Contenders, timed in interleaved rounds so machine noise hits all of
 them alike (median over repeats; "/10" rows are a block of 10 vectors, time per vector):
 
@@ -8,8 +9,9 @@ them alike (median over repeats; "/10" rows are a block of 10 vectors, time per 
   raw func jvp+vjp       torch.func: vjp (forward + graph) and jvp per product, no caching
   raw func vmap/10       the same with vmap over 10 vectors
   curvlab GGN matvec     GGNOperator @ v (forward recorded once; J v by double backward)
-  curvlab GGN /10        GGNOperator @ V, V of shape (n, 10) (vmapped forward-mode JVP)
+  curvlab GGN /10        GGNOperator @ V, V of shape (n, 10)
   curvlab GGN uncached   GGNOperator(cache_graph=False) @ v (what several batches cost)
+  curvlab GGN uncached/10  the same with a block of 10 (forward shared by the block)
   curvlab EF / MC-Fisher EmpiricalFisherOperator / FisherOperator(mode="mc") @ v
   curvlinops GGN / EF    curvlinops GGNLinearOperator / EFLinearOperator @ v (and /10)
 
@@ -97,6 +99,7 @@ def contenders(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[dict
         "curvlab GGN matvec": (lambda: op @ v, 1),
         "curvlab GGN /10": (lambda: op @ V, 10),
         "curvlab GGN uncached": (lambda: uncached @ v, 1),
+        "curvlab GGN uncached/10": (lambda: uncached @ V, 10),
         "curvlab EF matvec": (lambda: ef @ v, 1),
         "curvlab MC-Fisher matvec": (lambda: mc @ v, 1),
     }
@@ -136,8 +139,8 @@ def diagonal_runs(repeats: int) -> dict[str, float]:
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     X, y = torch.randn(256, 64), torch.randint(0, 10, (256,))
     loss_fn = nn.CrossEntropyLoss()
-    runs = {"curvlab DiagonalOperator": lambda: DiagonalOperator(model, loss_fn, (X, y),
-                                                                 chunk_size=256).diagonal}
+    runs = {"curvlab DiagonalOperator": lambda: DiagonalOperator(model, loss_fn,
+                                                                 (X, y)).diagonal}
     try:
         from backpack import backpack, extend
         from backpack.extensions import DiagGGNExact
@@ -160,6 +163,12 @@ def diagonal_runs(repeats: int) -> dict[str, float]:
     return measure({k: (f, 1) for k, f in runs.items()}, repeats)
 
 
+def small() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.LayerNorm(32), nn.Linear(32, 10))
+    return model, torch.randn(256, 64), torch.randint(0, 10, (256,))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats")
@@ -169,7 +178,9 @@ def main() -> None:
     repeats = args.repeats or (5 if args.quick else 25)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {repeats}")
     results: dict[str, dict] = {}
-    for name, build in (("MLP 784-256-256-10, batch 512", mlp), ("CNN 3x32x32, batch 128", cnn)):
+    problems = (("MLP 784-256-256-10, batch 512", mlp), ("CNN 3x32x32, batch 128", cnn),
+                ("LayerNorm MLP 64-32-10, batch 256", small))
+    for name, build in problems:
         model, X, y = build()
         runs, agreement = contenders(model, X, y)
         med = measure(runs, repeats)

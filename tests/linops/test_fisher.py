@@ -125,3 +125,62 @@ def test_fisher_errors():
                                                   shuffle=True), mode="mc")
     with pytest.raises(TypeError, match="seed or generator"):
         FisherOperator(model, loss_fn, (X, y), mode="mc", seed=0, generator=torch.Generator())
+
+
+def _seq_and_scalar_problems():
+    """Cross-entropy on (B, C, L) outputs (C classes at L positions) and MSE on (B,)."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh()).double()
+    Xs = torch.randn(7, 2, 5, dtype=torch.float64)
+    ys = torch.randint(0, 3, (7, 5))
+    scalar = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1), nn.Flatten(0)).double()
+    Xr = torch.randn(7, 4, dtype=torch.float64)
+    yr = torch.randn(7, dtype=torch.float64)
+    return [(seq, nn.CrossEntropyLoss(), Xs, ys), (scalar, nn.MSELoss(), Xr, yr),
+            (seq, nn.CrossEntropyLoss(reduction="sum"), Xs, ys)]
+
+
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_fisher_on_positions_and_scalar_outputs(case):
+    model, loss_fn, X, y = _seq_and_scalar_problems()[case]
+    data = [(X[:3], y[:3]), (X[3:], y[3:])]
+    G = Truth(model, loss_fn, X, y).ggn()
+    assert rel_err(FisherOperator(model, loss_fn, data).to_dense(), G) < 1e-8
+    assert rel_err(GGNOperator(model, loss_fn, data).to_dense(), G) < 1e-8
+    op = FisherOperator(model, loss_fn, data, mode="mc", generator=torch.Generator().manual_seed(0))
+    draws, total, sq = 100, torch.zeros_like(G), 0.0
+    for _ in range(draws):
+        D = op.to_dense()
+        total += D
+        sq += float((D - G).norm()) ** 2
+        op.refresh()
+    assert float((total / draws - G).norm()) <= 4 * (sq / draws) ** 0.5 / draws**0.5
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(label_smoothing=0.2),
+                                     nn.CrossEntropyLoss(weight=torch.tensor(
+                                         [0.5, 1.0, 2.0], dtype=torch.float64))])
+def test_ggn_label_smoothing_and_class_weights(loss_fn):
+    # one batch: a class-weighted mean is normalized per batch, so several batches are a
+    # different objective than the concatenated data (the Objective weights batches by size)
+    model, _, X, y, _ = _setup("mlp", "ce")
+    truth = Truth(model, loss_fn, X, y)
+    assert rel_err(GGNOperator(model, loss_fn, (X, y)).to_dense(), truth.ggn()) < 1e-8
+
+
+def test_ggn_soft_targets_and_custom_loss():
+    model, _, X, _, _ = _setup("mlp", "ce")
+    soft = torch.rand(12, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ce = nn.CrossEntropyLoss()
+    truth = Truth(model, ce, X, soft)
+    assert rel_err(GGNOperator(model, ce, as_data(X, soft, "list")).to_dense(),
+                   truth.ggn()) < 1e-8
+
+    def wavy(out, target):  # a loss with an indefinite output-space Hessian
+        return (torch.sin(3 * out) * target).sum(1).mean()
+
+    wavy.reduction = "mean"
+    truth = Truth(model, wavy, X, soft)
+    G = GGNOperator(model, wavy, as_data(X, soft, "list")).to_dense()
+    assert rel_err(G, truth.ggn()) < 1e-8
+    assert float(torch.linalg.eigvalsh(G).min()) < 0

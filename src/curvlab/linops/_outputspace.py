@@ -34,12 +34,14 @@ from typing import Any
 
 import torch
 import torch.func as tf
+from torch import nn
 from torch.utils._pytree import tree_map
 
 from curvlab.linops.base import CurvatureOperator
 from curvlab.objective import Objective
 
 __all__ = ["OutputSpaceOperator", "Linearization", "loss_on_outputs", "sample_weight",
+           "loss_term_scale", "canonical_fisher", "has_canonical_hessian",
            "per_sample_output_grads", "per_sample_output_hessians", "per_sample_losses"]
 
 OutputMatrix = Callable[[torch.Tensor], torch.Tensor]
@@ -59,6 +61,40 @@ def sample_weight(objective: Objective, weight: float, batch_size: int) -> float
     """Weight of one per-sample loss in the full-data loss: a batch of ``batch_size``
     samples enters with ``weight``; a mean loss averages its samples, a sum loss adds them."""
     return weight / batch_size if objective.reduction == "mean" else weight
+
+
+def _is_cross_entropy(objective: Objective) -> bool:
+    return isinstance(objective.loss_fn, nn.CrossEntropyLoss)
+
+
+def loss_term_scale(objective: Objective, weight: float, outputs: torch.Tensor) -> float:
+    """Weight ``c_b`` of one loss term of a batch of ``nn.CrossEntropyLoss`` (terms: the
+    positions, classes along dim 1) or ``nn.MSELoss`` (terms: the output elements)."""
+    classes = outputs.shape[1] if _is_cross_entropy(objective) else 1
+    return weight / (outputs.numel() // classes) if objective.reduction == "mean" else weight
+
+
+def canonical_fisher(objective: Objective, weight: float, outputs: torch.Tensor) -> OutputMatrix:
+    """``U -> c_b Lambda U`` with the output-space Fisher of cross-entropy (``diag(p) -
+    p p^T`` per position, ``p = softmax`` over dim 1) or of MSE (``2 I``); for these
+    canonical-link losses it is also the loss Hessian (Martens 2020, sec. 9.2)."""
+    scale = loss_term_scale(objective, weight, outputs)
+    if _is_cross_entropy(objective):
+        p = outputs.softmax(dim=1)
+        return lambda U: scale * (p * U - p * (p * U).sum(dim=2, keepdim=True))
+    return lambda U: (2.0 * scale) * U
+
+
+def has_canonical_hessian(objective: Objective, targets: Any) -> bool:
+    """Whether :func:`canonical_fisher` is exactly the Hessian of ``loss_fn``: MSE, or
+    cross-entropy on class indices without class weights or ignored targets (label
+    smoothing keeps the Hessian)."""
+    loss_fn = objective.loss_fn
+    if isinstance(loss_fn, nn.MSELoss):
+        return True
+    return (_is_cross_entropy(objective) and loss_fn.weight is None
+            and isinstance(targets, torch.Tensor) and not torch.is_floating_point(targets)
+            and not bool((targets == loss_fn.ignore_index).any()))
 
 
 def _one_sample_loss(objective: Objective) -> Callable[[torch.Tensor, Any], torch.Tensor]:

@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader, RandomSampler
 from curvlab.linops._outputspace import (
     OutputMatrix,
     OutputSpaceOperator,
+    canonical_fisher,
     loss_on_outputs,
+    loss_term_scale,
     per_sample_output_grads,
     sample_weight,
 )
@@ -147,17 +149,13 @@ class FisherOperator(OutputSpaceOperator):
                 (targets == obj.loss_fn.ignore_index).any()):
             raise ValueError("FisherOperator: targets equal to ignore_index change the "
                              "loss's averaging; remove them or use GGNOperator")
-        classes = outputs.shape[1] if ce else 1
-        terms = outputs.numel() // classes
-        scale = weight / terms if obj.reduction == "mean" else weight
         if self.mode == "exact":
-            if ce:
-                p = outputs.softmax(dim=1)
-                return lambda U: scale * (p * U - p * (p * U).sum(dim=2, keepdim=True))
-            return lambda U: (2.0 * scale) * U
+            return canonical_fisher(obj, weight, outputs)
+        scale = loss_term_scale(obj, weight, outputs)
         gen = torch.Generator(device=outputs.device).manual_seed(self.seed + index)
         m = self.num_samples
         if ce:
+            classes = outputs.shape[1]
             p = outputs.softmax(dim=1)
             p_last = p.movedim(1, -1)
             labels = torch.multinomial(p_last.reshape(-1, classes), m, replacement=True,

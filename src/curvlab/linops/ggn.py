@@ -7,7 +7,13 @@ from typing import Any
 import torch
 
 from curvlab.autodiff import hvp_fn
-from curvlab.linops._outputspace import OutputMatrix, OutputSpaceOperator, loss_on_outputs
+from curvlab.linops._outputspace import (
+    OutputMatrix,
+    OutputSpaceOperator,
+    canonical_fisher,
+    has_canonical_hessian,
+    loss_on_outputs,
+)
 
 __all__ = ["GGNOperator"]
 
@@ -23,11 +29,15 @@ class GGNOperator(OutputSpaceOperator):
     one output-space HVP (negligible) and one VJP, with the forward pass recorded once
     (per block of vectors; once overall for a single batch with ``cache_graph=True``). See
     :mod:`curvlab.linops._outputspace` for the measured choices and ``vectorize``.
-    Any loss works: ``H_b`` is applied by double backward through ``loss_fn``.
+    Any loss works: ``H_b`` is applied by double backward through ``loss_fn``, or in closed
+    form for ``nn.MSELoss`` and ``nn.CrossEntropyLoss`` (class-index targets, no class
+    weights), whose Hessian is the output-space Fisher (:class:`FisherOperator`).
     """
 
     def _output_matrix(self, index: int, weight: float, outputs: torch.Tensor,
                        targets: Any) -> OutputMatrix:
         obj = self.objective
+        if has_canonical_hessian(obj, targets):
+            return canonical_fisher(obj, weight, outputs)
         product = hvp_fn(lambda o: weight * loss_on_outputs(obj, o, targets), outputs)[2]
         return lambda U: product(U, batched=True)
