@@ -85,16 +85,17 @@ def test_nonconvex_loss_uses_signed_factorization():
 
 
 def test_from_vector_and_float32():
-    diag = torch.tensor([1.0, 2.0, 3.0])
+    f32 = torch.float32
+    diag = torch.tensor([1.0, 2.0, 3.0], dtype=f32)
     op = DiagonalOperator.from_vector(diag)
-    assert op.shape == (3, 3) and op.dtype == torch.float32
-    assert torch.equal(op @ torch.ones(3), diag)
-    assert torch.equal(op @ torch.ones(3, 2), torch.stack([diag, diag], 1))
+    assert op.shape == (3, 3) and op.dtype == f32
+    assert torch.equal(op @ torch.ones(3, dtype=f32), diag)
+    assert torch.equal(op @ torch.ones(3, 2, dtype=f32), torch.stack([diag, diag], 1))
     assert torch.equal(op.to_dense(), torch.diag(diag))
     op.refresh()
     assert torch.equal(op.diagonal, diag)
     with pytest.raises(ValueError, match="shape"):
-        op @ torch.ones(4)
+        op @ torch.ones(4, dtype=f32)
     with pytest.raises(TypeError, match="dtype"):
         op @ torch.ones(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="1-D"):
