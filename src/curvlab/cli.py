@@ -1,5 +1,7 @@
 """The ``curvlab`` command line.
 
+    curvlab bench --quick                 # side-by-side optimizer comparison, HTML report
+    curvlab bench --compare old/results.json new/results.json
     curvlab diagnose                      # the built-in digits MLP, trained briefly
     curvlab diagnose my_model.py:make     # any model: make() -> (model, loss_fn, data)
 
@@ -66,7 +68,10 @@ class _Console:
         try:
             from rich.console import Console
 
-            self.rich: Any = Console()
+            console = Console()
+            if not console.is_terminal:  # files and pipes: wide enough for the tables
+                console = Console(width=140)
+            self.rich: Any = console
         except ImportError:
             self.rich = None
 
@@ -85,22 +90,24 @@ class _Console:
             print(f"... {text}", flush=True)
             yield
 
-    def table(self, title: str, rows: list[tuple[str, str, str]]) -> None:
+    def table(self, title: str, rows: list[tuple[str, ...]],
+              headers: tuple[str, ...] = ("metric", "value", "meaning")) -> None:
         if self.rich is not None:
             from rich.table import Table
 
             table = Table(title=title)
-            table.add_column("metric", style="bold")
-            table.add_column("value", justify="right")
-            table.add_column("meaning")
+            for i, h in enumerate(headers):
+                table.add_column(h, style="bold" if i == 0 else None,
+                                 justify="left" if i == 0 or h == "meaning" else "right")
             for row in rows:
                 table.add_row(*row)
             self.rich.print(table)
             return
-        width = max(len(r[0]) for r in rows)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
         print(title)
-        for metric, value, meaning in rows:
-            print(f"  {metric:<{width}}  {value:>14}  {meaning}")
+        print("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+        for row in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
 
 
 def _diagnose(args: argparse.Namespace, console: _Console) -> int:
@@ -138,10 +145,101 @@ def _diagnose(args: argparse.Namespace, console: _Console) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, console: _Console) -> int:
+    from curvlab.bench.compare import compare_results
+    from curvlab.bench.report import (
+        SUITE_TITLES,
+        TERMINAL_COLUMNS,
+        format_cell,
+        summarize,
+        write_report,
+    )
+    from curvlab.bench.suites import SuiteOptions, build_tasks
+
+    if args.compare:
+        old, new = args.compare
+        try:
+            rows = compare_results(old, new)
+        except FileNotFoundError as err:
+            raise CLIError(str(err)) from err
+        if not rows:
+            console.print("nothing in common to compare")
+            return 0
+        console.table(f"{new} vs {old}", [
+            (r["suite"], r["row"], r["metric"], format_cell(r["old"]), format_cell(r["new"]),
+             f"{r['ratio']:.2f}x", r["verdict"]) for r in rows],
+            headers=("suite", "run", "metric", "old", "new", "new/old", "verdict"))
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError("--device cuda requested but torch.cuda.is_available() is False")
+    opts = SuiteOptions(quick=args.quick, seeds=args.seeds or (2 if args.quick else 3),
+                        device=args.device,
+                        time_budget=args.time_budget or (20.0 if args.quick else 60.0))
+    tasks, notices = build_tasks(args.suite, opts)
+    for note in notices:
+        console.print(f"[yellow]skipped:[/yellow] {note}" if console.rich else f"skipped: {note}")
+    out = Path(args.out)
+    records = _run_with_progress(tasks, out, args.resume, args.device, console)
+    summary = summarize(records)
+    for suite, rows in summary.items():
+        cols = TERMINAL_COLUMNS[suite]
+        console.table(SUITE_TITLES[suite], [tuple(format_cell(r.get(k)) for k, _ in cols)
+                                            for r in rows], headers=tuple(t for _, t in cols))
+    try:
+        path = write_report(records, out)
+        console.print(f"report: {path}   results: {out / 'results.json'}")
+    except ImportError:
+        console.print(f"results: {out / 'results.json'} (install matplotlib for report.html)")
+    return 0
+
+
+def _run_with_progress(tasks: list, out: Path, resume: bool, device: str, console: _Console
+                       ) -> list[dict]:
+    from curvlab.bench.runner import run_tasks
+
+    if console.rich is None:
+        def start(task, i, n):
+            print(f"[{i + 1}/{n}] {task.key}", flush=True)
+        return run_tasks(tasks, out, resume=resume, device=device, on_start=start)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console.rich, transient=False) as progress:
+        overall = progress.add_task("all runs", total=len(tasks))
+        current = progress.add_task("", total=1.0)
+
+        def start(task, i, n):
+            progress.update(overall, total=n)
+            progress.update(current, description=f"{task.problem} {task.method} "
+                            f"seed={task.seed} {task.config.get('lr', '')}", completed=0)
+
+        def step(task, frac):
+            progress.update(current, completed=frac)
+
+        def done(task, record):
+            progress.advance(overall)
+            progress.update(current, completed=1.0)
+
+        return run_tasks(tasks, out, resume=resume, device=device, on_start=start,
+                         on_progress=step, on_done=done)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curvlab", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="side-by-side optimizer comparisons with a report")
+    bench.add_argument("--suite", default="all", choices=("classical", "nn", "curvature", "all"))
+    bench.add_argument("--quick", action="store_true", help="small grids and budgets")
+    bench.add_argument("--seeds", type=int, default=None, help="seeds per configuration")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--out", default="curvlab-bench", help="output folder")
+    bench.add_argument("--time-budget", type=float, default=None,
+                       help="seconds of training per NN run")
+    bench.add_argument("--resume", action="store_true",
+                       help="skip runs already recorded in OUT/results.jsonl")
+    bench.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"),
+                       help="compare two results.json files instead of running")
     diag = sub.add_parser("diagnose", help="curvature diagnostics of a model at its "
                           "current parameters")
     diag.add_argument("target", nargs="?", help="FILE.py:FACTORY returning (model, loss_fn, "
@@ -160,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "diagnose":
             return _diagnose(args, console)
+        if args.command == "bench":
+            return _bench(args, console)
     except CLIError as err:
         console.print(f"[bold red]error:[/bold red] {err}" if console.rich else f"error: {err}")
         return 2
