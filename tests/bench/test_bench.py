@@ -5,42 +5,10 @@ import json
 import statistics
 
 import pytest
-import torch
-from torch import nn
 
 from curvlab.bench.compare import compare_results
-from curvlab.bench.nn import NNProblem, train_run
 from curvlab.bench.report import write_report
 from curvlab.bench.runner import Task, load_results, run_tasks
-
-
-def _problem(steps=30):
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(256, 8, generator=g)
-    y = (X[:, 0] > 0).long()
-
-    def build(seed):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
-
-    def sample(gen):
-        idx = torch.randint(0, 256, (32,), generator=gen)
-        return X[idx], y[idx]
-
-    return NNProblem("toy", build, sample, (X, y), nn.CrossEntropyLoss(), target=0.45,
-                     steps=steps, eval_every=5)
-
-
-def _tasks(problem, lrs=(0.05, 0.2), seeds=2, method="torch.SGD"):
-    tasks = []
-    for lr in lrs:
-        for seed in range(seeds):
-            def fn(progress, lr=lr, seed=seed):
-                return train_run(problem, lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr),
-                                 lr, seed, 60.0, progress)
-            tasks.append(Task("nn", problem.name, method, {"lr": lr, "target": problem.target},
-                              fn, seed=seed))
-    return tasks
 
 
 class _Cells(html.parser.HTMLParser):
@@ -64,7 +32,8 @@ class _Cells(html.parser.HTMLParser):
             self._col = None
 
 
-def test_report_numbers_are_rederived_from_results_json(tmp_path):
+def test_report_numbers_are_rederived_from_results_json(tmp_path, toy):
+    _problem, _tasks = toy
     problem = _problem()
     run_tasks(_tasks(problem) + _tasks(problem, method="torch.AdamW"), tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
@@ -97,7 +66,8 @@ def test_report_numbers_are_rederived_from_results_json(tmp_path):
             assert float(shown[method]["steps_to_target"]) == statistics.median(steps)
 
 
-def test_interrupted_run_resumes_without_losing_results(tmp_path):
+def test_interrupted_run_resumes_without_losing_results(tmp_path, toy):
+    _problem, _tasks = toy
     problem = _problem(steps=10)
     tasks = _tasks(problem)
     calls = []
@@ -124,7 +94,8 @@ def test_interrupted_run_resumes_without_losing_results(tmp_path):
     assert sorted(r["key"] for r in load_results(tmp_path)) == sorted(t.key for t in tasks)
 
 
-def test_failing_run_is_recorded_and_compare_reports_changes(tmp_path):
+def test_failing_run_is_recorded_and_compare_reports_changes(tmp_path, toy):
+    _problem, _tasks = toy
     problem = _problem(steps=10)
 
     def broken(progress):

@@ -172,11 +172,13 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _smooth(values: list[float], alpha: float = 0.3) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None or not math.isfinite(acc) else alpha * v + (1 - alpha) * acc
-        out.append(acc)
+def _smooth(values: list[float], window: int = 5) -> list[float]:
+    """Centered moving average (no lag), shrinking the window at the ends."""
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - half):i + half + 1] if math.isfinite(v)]
+        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
     return out
 
 
@@ -207,6 +209,7 @@ def _nn_plots(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list
                     ax.plot(xs, y, color=color, alpha=0.18, lw=0.8)
                 med = np.median(ys, axis=0)
                 ax.fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.12)
+                ax.plot(xs, med, color=color, lw=0.9, alpha=0.6)
                 ax.plot(xs, _smooth(list(med)), color=color, lw=1.8,
                         label=f"{method} (lr={lr:g})")
         target = next((r["config"].get("target") for r in records if r["problem"] == problem),
@@ -218,7 +221,8 @@ def _nn_plots(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list
             if target:
                 ax.axhline(target, color="k", ls=":", lw=1)
             ax.grid(alpha=0.3)
-        axes[0].set_title(f"{problem}: loss vs step (raw seeds thin, smoothed median bold)")
+        axes[0].set_title(f"{problem}: loss vs step\n(seeds thin, min-max shaded, "
+                          "median raw and smoothed)")
         axes[1].set_title(f"{problem}: loss vs wall time")
         axes[1].legend(fontsize=7, loc="upper right")
         images.append((f"{problem}: training curves", _png(fig)))
