@@ -18,97 +18,11 @@ Run: python benchmarks/bench_autodiff.py [--quick] [--repeats N]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import importlib.util
 
 import torch
-import torch.func as tf
-from torch import nn
 
-import curvlab
-from curvlab.linops import HessianOperator
-
-
-def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                          nn.Linear(256, 10))
-    return model, torch.randn(512, 784), torch.randint(0, 10, (512,))
-
-
-def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
-    return model, torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-
-
-def contenders(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict:
-    loss_fn = nn.CrossEntropyLoss()
-    params = {k: p.detach() for k, p in model.named_parameters()}
-    leaves = list(model.parameters())
-
-    def f(p):
-        return loss_fn(tf.functional_call(model, p, (X,)), y)
-
-    g = torch.Generator().manual_seed(1)
-    v = {k: torch.randn(p.shape, generator=g) for k, p in params.items()}
-    V = {k: torch.randn((10, *p.shape), generator=g) for k, p in params.items()}
-    v_list = list(v.values())
-
-    def gradient():
-        return torch.autograd.grad(loss_fn(model(X), y), leaves)
-
-    def double_backward():
-        gs = torch.autograd.grad(loss_fn(model(X), y), leaves, create_graph=True)
-        return torch.autograd.grad(gs, leaves, grad_outputs=v_list)
-
-    def rev_rev():
-        return tf.vjp(tf.grad(f), params)[1](v)
-
-    def fwd_rev():
-        return tf.jvp(tf.grad(f), (params,), (v,))[1]
-
-    op = HessianOperator(model, loss_fn, (X, y))
-    v_flat = op.objective.flatten(v)
-    op @ v_flat  # record the gradient graph once; later products reuse it
-
-    runs = {
-        "gradient": (gradient, 1),
-        "raw double-backward": (double_backward, 1),
-        "raw rev-over-rev": (rev_rev, 1),
-        "raw fwd-over-rev": (fwd_rev, 1),
-        "curvlab hvp": (lambda: curvlab.hvp(f, params, v), 1),
-        "curvlab op matvec": (lambda: op @ v_flat, 1),
-        "curvlab batched/10": (lambda: curvlab.hvp(f, params, V, batched=True), 10),
-    }
-    try:
-        from curvlinops import HessianLinearOperator
-
-        t0 = time.perf_counter()
-        peer = HessianLinearOperator(model, loss_fn, leaves, [(X, y)], check_deterministic=False)
-        runs["curvlinops matvec"] = (lambda: peer @ v_flat, 1)
-        setup = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        HessianLinearOperator(model, loss_fn, leaves, [(X, y)])
-        runs["_curvlinops default setup"] = (None, time.perf_counter() - t0 - setup)
-    except ImportError:
-        print("  curvlinops not installed (pip install -e '.[bench]'): skipped")
-    return runs
-
-
-def measure(runs: dict, repeats: int) -> dict[str, float]:
-    timed = {k: v for k, v in runs.items() if v[0] is not None}
-    for fn, _ in timed.values():  # warm-up
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in timed}
-    for _ in range(repeats):
-        for name, (fn, per) in timed.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - t0) / per)
-    return {k: statistics.median(s) for k, s in samples.items()}
+from curvlab.bench.curvature import cnn, contenders, measure, mlp
 
 
 def main() -> None:
@@ -121,6 +35,8 @@ def main() -> None:
     for name, build in (("MLP 784-256-256-10, batch 512", mlp), ("CNN 3x32x32, batch 128", cnn)):
         model, X, y = build()
         runs = contenders(model, X, y)
+        if importlib.util.find_spec("curvlinops") is None:
+            print("  curvlinops not installed (pip install -e '.[bench]'): skipped")
         med = measure(runs, repeats)
         unit = med["gradient"]
         raw_best = min(med[k] for k in med if k.startswith("raw"))

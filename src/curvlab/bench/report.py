@@ -107,9 +107,21 @@ def _classical_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _curvature_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """HVP-cost records hold every contender's median time (``metrics["times"]``, unit: one
+    gradient = ``times["gradient"]``); eigensolver records hold time, HVPs and error."""
+    flat = []
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        times = r["metrics"].get("times")
+        if times:
+            unit = times["gradient"]
+            flat += [{"problem": r["problem"], "method": name, "time": t, "x_gradient": t / unit}
+                     for name, t in times.items() if not name.startswith("_")]
+        else:
+            flat.append({"problem": r["problem"], "method": r["method"], **r["metrics"]})
     rows = []
-    for (problem, method), runs in sorted(_group(records, "problem", "method").items()):
-        m = [r["metrics"] for r in runs if r["status"] == "ok"]
+    for (problem, method), m in _group(flat, "problem", "method").items():
         rows.append({
             "problem": problem, "method": method,
             "time_ms": _scaled(_median(x.get("time") for x in m), 1e3),
