@@ -41,19 +41,19 @@ from curvlab.linops import (
 )
 
 
-def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def mlp(batch: int = 512) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                           nn.Linear(256, 10))
-    return model, torch.randn(512, 784), torch.randint(0, 10, (512,))
+    return model, torch.randn(batch, 784), torch.randint(0, 10, (batch,))
 
 
-def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def cnn(batch: int = 128) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
-    return model, torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    return model, torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
 
 
 def contenders(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[dict, dict]:
@@ -163,25 +163,28 @@ def diagonal_runs(repeats: int) -> dict[str, float]:
     return measure({k: (f, 1) for k, f in runs.items()}, repeats)
 
 
-def small() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def small(batch: int = 256) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.LayerNorm(32), nn.Linear(32, 10))
-    return model, torch.randn(256, 64), torch.randint(0, 10, (256,))
+    return model, torch.randn(batch, 64), torch.randint(0, 10, (batch,))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 repeats, quarter-size batches (well under a minute)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the medians to this JSON file")
     args = parser.parse_args()
-    repeats = args.repeats or (5 if args.quick else 25)
+    repeats = args.repeats or (3 if args.quick else 25)
+    shrink = 4 if args.quick else 1
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {repeats}")
     results: dict[str, dict] = {}
-    problems = (("MLP 784-256-256-10, batch 512", mlp), ("CNN 3x32x32, batch 128", cnn),
-                ("LayerNorm MLP 64-32-10, batch 256", small))
-    for name, build in problems:
-        model, X, y = build()
+    problems = (("MLP 784-256-256-10", mlp, 512), ("CNN 3x32x32", cnn, 128),
+                ("LayerNorm MLP 64-32-10", small, 256))
+    for title, build, batch in problems:
+        name = f"{title}, batch {batch // shrink}"
+        model, X, y = build(batch // shrink)
         runs, agreement = contenders(model, X, y)
         med = measure(runs, repeats)
         unit = med["gradient"]

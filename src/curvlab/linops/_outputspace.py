@@ -134,11 +134,12 @@ def _as_output_tensor(out: Any) -> torch.Tensor:
 
 class Linearization:
     """The model outputs on one batch, recorded once at ``point``, with products by the
-    output Jacobian ``J`` (``jvp``) and its transpose (``vjp``) on blocks of vectors.
+    output Jacobian ``J`` (``jvp``) and its transpose (``vjp``) on blocks of vectors
+    (a block of ``k > 1`` goes through one vectorized backward, ``is_grads_batched``).
 
-    ``reusable=True`` means more products will follow on this recording; ``vectorize``
-    batches a block through one vectorized backward instead of a loop (None: decide from
-    the problem size, see the module docstring).
+    ``reusable=True`` means more products will follow on this recording. ``vectorize``
+    records whether blocks should be vectorized or looped over by the caller (None:
+    decide from the problem size, see the module docstring).
     """
 
     def __init__(self, objective: Objective, point: Mapping[str, torch.Tensor], inputs: Any,
@@ -173,11 +174,10 @@ class Linearization:
             return torch.zeros((k, *self.value.shape), dtype=self.value.dtype,
                                device=self.value.device)
         graph, vs = list(jt_u.values()), [V[name] for name in jt_u]
-        if k > 1 and self.vectorize:
-            return torch.autograd.grad(graph, u, vs, retain_graph=True,
-                                       is_grads_batched=True)[0]
-        return torch.stack([torch.autograd.grad(graph, u, [v[i] for v in vs],
-                                                retain_graph=True)[0] for i in range(k)])
+        if k == 1:
+            return torch.autograd.grad(graph, u, [v[0] for v in vs],
+                                       retain_graph=True)[0].unsqueeze(0)
+        return torch.autograd.grad(graph, u, vs, retain_graph=True, is_grads_batched=True)[0]
 
     def jvp(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
         """``J v`` for a block of parameter-shaped directions (leading dim ``k``)."""
@@ -200,11 +200,11 @@ class Linearization:
                               if g is None else g.reshape(rows, -1)
                               for g, leaf in zip(grads, leaves, strict=True)], dim=1)
 
-        if k > 1 and self.vectorize:
-            return flat(torch.autograd.grad(self.out, leaves, U, retain_graph=True,
-                                            allow_unused=True, is_grads_batched=True), k)
-        return torch.cat([flat(torch.autograd.grad(self.out, leaves, U[i], retain_graph=True,
-                                                   allow_unused=True), 1) for i in range(k)])
+        if k == 1:
+            return flat(torch.autograd.grad(self.out, leaves, U[0], retain_graph=True,
+                                            allow_unused=True), 1)
+        return flat(torch.autograd.grad(self.out, leaves, U, retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True), k)
 
 
 class OutputSpaceOperator(CurvatureOperator):
@@ -233,6 +233,16 @@ class OutputSpaceOperator(CurvatureOperator):
         super().refresh()
         self._cached: tuple[Linearization, OutputMatrix] | None = None
 
+    @staticmethod
+    def _product(lin: Linearization, M: OutputMatrix, Vt: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``J^T M J`` on a block: vectorized, or one vector at a time on the shared
+        recording (cache-friendlier for large problems)."""
+        k = next(iter(Vt.values())).shape[0]
+        if k == 1 or lin.vectorize:
+            return lin.vjp(M(lin.jvp(Vt)))
+        return torch.cat([lin.vjp(M(lin.jvp({n: t[i:i + 1] for n, t in Vt.items()})))
+                          for i in range(k)])
+
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
         obj = self.objective
         Vt = obj.unflatten(V, batched=True)
@@ -241,11 +251,10 @@ class OutputSpaceOperator(CurvatureOperator):
                 (w, x, y), = obj.batches()
                 lin = Linearization(obj, self.point, x, reusable=True, vectorize=self.vectorize)
                 self._cached = (lin, self._output_matrix(0, w, lin.value, y))
-            lin, M = self._cached
-            return lin.vjp(M(lin.jvp(Vt)))
+            return self._product(*self._cached, Vt)
         out = torch.zeros_like(V)
         for index, (w, x, y) in enumerate(obj.batches()):
-            lin = Linearization(obj, self.point, x, reusable=False,
+            lin = Linearization(obj, self.point, x, reusable=V.shape[0] > 1,
                                 vectorize=self.vectorize)
-            out += lin.vjp(self._output_matrix(index, w, lin.value, y)(lin.jvp(Vt)))
+            out += self._product(lin, self._output_matrix(index, w, lin.value, y), Vt)
         return out
