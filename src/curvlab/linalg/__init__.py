@@ -1,5 +1,6 @@
 
 from curvlab.linalg.estimators import DiagonalEstimate as DiagonalEstimate
+from curvlab.linalg.estimators import Quadrature as Quadrature
 from curvlab.linalg.estimators import SpectralDensity as SpectralDensity
 from curvlab.linalg.estimators import TraceEstimate as TraceEstimate
 from curvlab.linalg.estimators import diagonal as diagonal

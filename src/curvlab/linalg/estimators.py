@@ -29,8 +29,8 @@ import torch
 from curvlab.linalg.krylov import LanczosProcess, lanczos
 from curvlab.linalg.operator import MatvecOperator, as_operator
 
-__all__ = ["TraceEstimate", "DiagonalEstimate", "SpectralDensity", "hutchinson", "hutchpp",
-           "diagonal", "quadratic_form", "slq"]
+__all__ = ["TraceEstimate", "DiagonalEstimate", "SpectralDensity", "Quadrature", "hutchinson",
+           "hutchpp", "diagonal", "quadratic_form", "slq"]
 
 
 @dataclass
@@ -173,8 +173,18 @@ def diagonal(op: Any, num_samples: int = 30, *, block_size: int = 10,
                             num_samples, A.num_matvecs)
 
 
+@dataclass
+class Quadrature:
+    """``v^T f(A) v`` estimate with the Ritz values (quadrature nodes) it used."""
+
+    value: float
+    num_matvecs: int
+    converged: bool
+    ritz_values: np.ndarray = field(repr=False)
+
+
 def quadratic_form(op: Any, v: torch.Tensor, fn: Callable[[np.ndarray], np.ndarray], *,
-                   tol: float = 1e-6, max_iter: int = 100) -> tuple[float, int, bool]:
+                   tol: float = 1e-6, max_iter: int = 100) -> Quadrature:
     """``v^T f(A) v`` by ``m``-point Gauss quadrature: ``||v||^2 e_1^T f(T_m) e_1`` with
     ``T_m`` from Lanczos started at ``v`` (exact for polynomials of degree < 2m).
 
@@ -183,12 +193,12 @@ def quadratic_form(op: Any, v: torch.Tensor, fn: Callable[[np.ndarray], np.ndarr
     the estimates increase monotonically to the limit, Golub & Meurant 2010, Thm. 6.3).
     ``fn`` acts elementwise on a float64 numpy array of Ritz values.
 
-    Returns ``(value, num_matvecs, converged)``.
     """
     A = as_operator(op)
     nv = float(v.double().norm())
     if nv == 0:
-        return 0.0, 0, True
+        return Quadrature(0.0, 0, True, np.zeros(0))
+    theta = np.zeros(0)
     proc = LanczosProcess(A, v.detach().to(dtype=A.dtype, device=A.device))
     prev, value, converged = None, 0.0, False
     while proc.m < min(max_iter, A.n):
@@ -200,7 +210,7 @@ def quadratic_form(op: Any, v: torch.Tensor, fn: Callable[[np.ndarray], np.ndarr
             break
         prev = value
     converged = converged or proc.exhausted
-    return value, A.num_matvecs, converged
+    return Quadrature(value, A.num_matvecs, converged, theta)
 
 
 @dataclass
