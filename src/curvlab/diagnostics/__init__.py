@@ -1,4 +1,7 @@
 
+from curvlab.diagnostics.monitor import CurvatureMonitor as CurvatureMonitor
+from curvlab.diagnostics.monitor import MonitorEvent as MonitorEvent
+from curvlab.diagnostics.monitor import forecast_crossing as forecast_crossing
 from curvlab.diagnostics.propagation import effective_rank as effective_rank
 from curvlab.diagnostics.propagation import gradient_effective_rank as gradient_effective_rank
 from curvlab.diagnostics.propagation import jacobian_singular_values as jacobian_singular_values

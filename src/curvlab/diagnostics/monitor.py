@@ -1,0 +1,367 @@
+"""A curvature monitor for any PyTorch training loop.
+
+Two lines::
+
+    monitor = CurvatureMonitor(model, loss_fn, batch=(X[:512], y[:512]), optimizer=opt)
+    ...
+    opt.step(); monitor.step(loss)          # inside the loop, after the optimizer step
+
+Every step it records the gradient norm and the relative update size
+``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` (cheap). Every ``every`` steps it computes
+``lambda_max`` of the Hessian on a fixed *monitor batch* (so successive checks see the
+same function) by Lanczos warm-started from the previous top eigenvector, within a budget
+of Hessian-vector products, and forms ``lr x lambda_max`` against the optimizer's
+stability threshold (2 for gradient descent; :func:`~curvlab.diagnostics.stability.
+stability_threshold`). For Adam-like optimizers it also tracks the preconditioned
+sharpness ``lambda_max(P^{-1} H)`` from the optimizer's second moments.
+
+Early warning: a least-squares line through the last ``window`` values of
+``lr x sharpness`` (at least 3) forecasts the step at which it will reach the threshold; an
+``"approaching"`` event fires when that crossing is less than ``horizon`` steps away (and
+the ratio is at least ``min_ratio`` of the threshold), a ``"crossed"`` event when the
+ratio passes the threshold. ``"grad_norm_jump"`` / ``"update_ratio_jump"`` fire when
+those jump by ``jump_factor`` over their running (EMA) level. Events go to the log
+(``logging.WARNING``), to ``monitor.events``, to the JSONL file and to user callbacks.
+Each kind of event fires once per episode: it re-arms when the ratio falls back below
+``rearm`` of the threshold (or the jumping quantity returns to its level).
+
+Cost is measured: ``monitor.overhead`` is the fraction of wall time since the first
+``step`` spent inside the monitor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from curvlab.diagnostics.stability import (
+    ADAM_LIKE,
+    adam_preconditioner,
+    preconditioned_sharpness,
+    stability_threshold,
+)
+from curvlab.linalg.krylov import lanczos
+from curvlab.linops.hessian import HessianOperator
+
+__all__ = ["CurvatureMonitor", "MonitorEvent", "forecast_crossing"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MonitorEvent:
+    """A warning raised by the monitor."""
+
+    step: int
+    kind: str
+    metric: str
+    value: float
+    threshold: float
+    message: str
+    predicted_step: float | None = None
+
+
+def forecast_crossing(steps: Iterable[float], values: Iterable[float],
+                      threshold: float) -> float | None:
+    """The step at which the least-squares line through ``(steps, values)`` reaches
+    ``threshold`` (None when the trend is flat or falling)."""
+    s = np.asarray(list(steps), dtype=float)
+    v = np.asarray(list(values), dtype=float)
+    if len(s) < 2 or np.ptp(s) == 0:
+        return None
+    slope, intercept = np.polyfit(s, v, 1)
+    if not slope > 0:
+        return None
+    return float((threshold - intercept) / slope)
+
+
+@dataclass
+class _Tracker:
+    """Stability-ratio series for one sharpness kind with its warning state."""
+
+    name: str
+    threshold: float
+    steps: list[int] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    armed: dict[str, bool] = field(default_factory=lambda: {"approaching": True,
+                                                            "crossed": True})
+
+
+class CurvatureMonitor:
+    """Track curvature and stability during training (see the module docstring).
+
+    Args:
+        model: the ``nn.Module`` being trained.
+        loss_fn: ``loss_fn(outputs, targets)`` (mean reduction).
+        batch: the fixed monitor batch ``(inputs, targets)``. Alternatively give ``data``
+            (one ``(inputs, targets)`` pair of tensors) and ``batch_size`` to sample one
+            once with ``generator``.
+        optimizer: the optimizer (for ``lr``, the stability threshold and, for Adam-like
+            optimizers, the preconditioner). Without it pass ``lr``.
+        every: steps between curvature checks.
+        max_hvps: Hessian-vector products allowed per sharpness computation.
+        tol: Lanczos relative residual tolerance (bounds the relative error of
+            ``lambda_max``; see :mod:`curvlab.linalg.krylov`).
+        window, horizon, min_ratio, rearm: forecast and warning settings (module docstring).
+        jump_factor, jump_warmup: jump detection (a value above ``jump_factor`` times its
+            EMA, after ``jump_warmup`` steps).
+        smoothing: EMA factor for the smoothed series (``s <- a s + (1 - a) x``).
+        log_dir: if given, writes ``monitor.jsonl`` there (and TensorBoard scalars when
+            the ``tensorboard`` package is installed).
+        callbacks: callables ``cb(monitor, record: dict, events: list[MonitorEvent])``
+            called after every check and after every event.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, batch: Any = None, *,
+                 data: Any = None, batch_size: int = 512,
+                 optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
+                 every: int = 50, max_hvps: int = 20, tol: float = 1e-2, window: int = 5,
+                 horizon: int = 300, min_ratio: float = 0.5, rearm: float = 0.8,
+                 jump_factor: float = 5.0, jump_warmup: int = 20, smoothing: float = 0.8,
+                 log_dir: str | os.PathLike | None = None,
+                 callbacks: Iterable[Callable] = (), params: Any = None,
+                 generator: torch.Generator | None = None) -> None:
+        if optimizer is None and lr is None:
+            raise ValueError("pass optimizer=... (or lr=... for a hand-written update)")
+        for name, value in (("every", every), ("max_hvps", max_hvps), ("window", window)):
+            if not isinstance(value, int) or value < (2 if name == "window" else 1):
+                raise ValueError(f"{name} must be a positive int (window >= 2), got {value!r}")
+        if batch is None:
+            if data is None:
+                raise ValueError("pass batch=(inputs, targets), or data=... and batch_size=...")
+            X, y = data
+            idx = torch.randperm(X.shape[0], generator=generator)[:batch_size].to(X.device)
+            batch = (X[idx], y[idx])
+        self.model, self.loss_fn, self.batch, self.params = model, loss_fn, batch, params
+        self.optimizer, self._lr = optimizer, lr
+        self.every, self.max_hvps, self.tol = every, max_hvps, tol
+        self.window, self.horizon, self.min_ratio, self.rearm = window, horizon, min_ratio, rearm
+        self.jump_factor, self.jump_warmup, self.smoothing = jump_factor, jump_warmup, smoothing
+        self.callbacks = list(callbacks)
+        self.generator = generator
+        self.step_count = 0
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.smoothed: dict[str, list[tuple[int, float]]] = {}
+        self.events: list[MonitorEvent] = []
+        self.checks: list[dict[str, Any]] = []
+        self.monitor_time = 0.0
+        self._t0: float | None = None
+        self._prev: list[torch.Tensor] | None = None
+        self._ema: dict[str, float] = {}
+        self._jump_armed: dict[str, bool] = {}
+        self._vec: dict[str, torch.Tensor] = {}
+        # the stability ratio that governs the optimizer: lr x lambda_max for (momentum)
+        # SGD, lr x preconditioned sharpness for Adam-like optimizers
+        if optimizer is not None and type(optimizer).__name__ in ADAM_LIKE:
+            self._trackers = {"lr_preconditioned_sharpness": _Tracker(
+                "lr_preconditioned_sharpness", stability_threshold(optimizer))}
+        else:
+            self._trackers = {"lr_sharpness": _Tracker("lr_sharpness", (
+                stability_threshold(optimizer) if optimizer is not None else 2.0))}
+        self._jsonl = None
+        self._tb = None
+        if log_dir is not None:
+            os.makedirs(log_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(log_dir, "monitor.jsonl"), "a")  # noqa: SIM115
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.info("tensorboard is not installed; writing JSONL only")
+            else:
+                self._tb = SummaryWriter(log_dir)
+
+    # ---- public ------------------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else float(self._lr)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The warned stability ratio(s) and their thresholds, e.g. ``{"lr_sharpness": 2}``."""
+        return {name: tr.threshold for name, tr in self._trackers.items()}
+
+    @property
+    def overhead(self) -> float:
+        """Fraction of wall time since the first ``step`` spent in the monitor."""
+        if self._t0 is None:
+            return 0.0
+        total = time.perf_counter() - self._t0
+        return self.monitor_time / total if total > 0 else 0.0
+
+    @property
+    def hvps_per_check(self) -> float:
+        """Mean Hessian-vector products per sharpness computation."""
+        n = [c["num_hvps"] for c in self.checks]
+        return float(np.mean(n)) if n else 0.0
+
+    def step(self, loss: Any = None) -> list[MonitorEvent]:
+        """Record one training step (call after ``optimizer.step()``); every ``every``
+        steps also compute curvature. Returns the events this step raised."""
+        start = time.perf_counter()
+        if self._t0 is None:
+            self._t0 = start
+        self.step_count += 1
+        events: list[MonitorEvent] = []
+        if loss is not None:
+            self._record("loss", float(loss.detach() if isinstance(loss, torch.Tensor) else loss))
+        events += self._cheap_metrics()
+        if self.step_count % self.every == 0:
+            events += self.check()
+        self.monitor_time += time.perf_counter() - start
+        return events
+
+    def check(self) -> list[MonitorEvent]:
+        """Compute the curvature metrics now (also called by :meth:`step`)."""
+        op = HessianOperator(self.model, self.loss_fn, self.batch, self.params)
+        record: dict[str, Any] = {"step": self.step_count, "lr": self.lr, "num_hvps": 0}
+        res = lanczos(op, 1, tol=self.tol, max_iter=self.max_hvps,
+                      v0=self._vec.get("lambda_max"), generator=self.generator)
+        lam = float(res.eigenvalues[0])
+        self._vec["lambda_max"] = res.eigenvectors[:, 0].detach()
+        record.update(lambda_max=lam, converged=res.converged, num_hvps=res.num_matvecs,
+                      lambda_max_residual=float(res.residuals[0]))
+        values = {"lambda_max": lam, "lr_sharpness": self.lr * lam}
+        if "lr_preconditioned_sharpness" in self._trackers:
+            pre = preconditioned_sharpness(
+                op, adam_preconditioner(op, self.optimizer), tol=self.tol,
+                max_iter=self.max_hvps, v0=self._vec.get("preconditioned"),
+                generator=self.generator)
+            self._vec["preconditioned"] = pre.eigenvectors[:, 0].detach()
+            plam = float(pre.eigenvalues[0])
+            record["num_hvps"] += pre.num_matvecs
+            values.update(preconditioned_sharpness=plam, lr_preconditioned_sharpness=self.lr * plam)
+        for k, v in values.items():
+            self._record(k, v)
+            record[k] = v
+        events: list[MonitorEvent] = []
+        for tr in self._trackers.values():
+            events += self._stability_events(tr, values[tr.name], record)
+        for k in ("loss", "grad_norm", "update_ratio"):
+            if k in self.history:
+                record[k] = self.history[k][-1][1]
+        record["overhead"] = self.overhead
+        self.checks.append(record)
+        self._emit(record, events)
+        return events
+
+    def close(self) -> None:
+        """Flush and close the log files."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and costs: steps, checks, events by kind, HVPs per check, overhead."""
+        kinds: dict[str, int] = {}
+        for e in self.events:
+            kinds[e.kind] = kinds.get(e.kind, 0) + 1
+        return {"steps": self.step_count, "checks": len(self.checks), "events": kinds,
+                "hvps_per_check": self.hvps_per_check, "overhead": self.overhead,
+                "monitor_seconds": self.monitor_time}
+
+    # ---- internals ----------------------------------------------------------------
+    def _record(self, name: str, value: float) -> None:
+        self.history.setdefault(name, []).append((self.step_count, value))
+        ema = self.smoothed.setdefault(name, [])
+        prev = ema[-1][1] if ema else value
+        a = self.smoothing
+        ema.append((self.step_count, a * prev + (1 - a) * value if math.isfinite(prev)
+                    else value))
+
+    def _cheap_metrics(self) -> list[MonitorEvent]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad for p in params if p.grad is not None]
+        events: list[MonitorEvent] = []
+        with torch.no_grad():
+            if grads:
+                gn = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+                self._record("grad_norm", gn)
+                events += self._jump("grad_norm", gn)
+            if self._prev is not None:
+                diff = torch._foreach_sub(params, self._prev)
+                num = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diff)))
+                den = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self._prev)))
+                ratio = float(num / den) if float(den) > 0 else math.inf
+                self._record("update_ratio", ratio)
+                events += self._jump("update_ratio", ratio)
+                torch._foreach_copy_(self._prev, params)
+            else:
+                self._prev = [p.detach().clone() for p in params]
+        if events:
+            self._emit({"step": self.step_count}, events)
+        return events
+
+    def _jump(self, name: str, value: float) -> list[MonitorEvent]:
+        ema = self._ema.get(name)
+        events = []
+        if ema is not None and self.step_count > self.jump_warmup and math.isfinite(ema):
+            if value > self.jump_factor * ema or not math.isfinite(value):
+                if self._jump_armed.get(name, True):
+                    self._jump_armed[name] = False
+                    events.append(self._event(
+                        f"{name}_jump", name, value, self.jump_factor * ema,
+                        f"{name} jumped to {value:.3g} ({value / ema:.1f}x its running level)"))
+            else:
+                self._jump_armed[name] = True
+        self._ema[name] = value if ema is None else 0.9 * ema + 0.1 * value
+        return events
+
+    def _stability_events(self, tr: _Tracker, ratio: float,
+                          record: dict[str, Any]) -> list[MonitorEvent]:
+        tr.steps.append(self.step_count)
+        tr.ratios.append(ratio)
+        c = tr.threshold
+        events = []
+        predicted = forecast_crossing(tr.steps[-self.window:], tr.ratios[-self.window:], c)
+        record[f"{tr.name}_threshold"] = c
+        record[f"{tr.name}_forecast"] = predicted
+        if ratio < self.rearm * c:
+            tr.armed["crossed"] = True
+            if predicted is None or predicted - self.step_count > self.horizon:
+                tr.armed["approaching"] = True
+        if ratio >= c and tr.armed["crossed"]:
+            tr.armed["crossed"] = tr.armed["approaching"] = False
+            events.append(self._event("crossed", tr.name, ratio, c,
+                                      f"{tr.name} = {ratio:.3g} passed the stability "
+                                      f"threshold {c:.3g}"))
+        elif (tr.armed["approaching"] and len(tr.ratios) >= min(3, self.window)
+              and ratio >= self.min_ratio * c and predicted is not None
+              and predicted - self.step_count <= self.horizon):
+            tr.armed["approaching"] = False
+            events.append(self._event(
+                "approaching", tr.name, ratio, c,
+                f"{tr.name} = {ratio:.3g} is forecast to reach {c:.3g} at step "
+                f"{predicted:.0f} ({predicted - self.step_count:.0f} steps ahead)", predicted))
+        return events
+
+    def _event(self, kind: str, metric: str, value: float, threshold: float, message: str,
+               predicted: float | None = None) -> MonitorEvent:
+        event = MonitorEvent(self.step_count, kind, metric, float(value), float(threshold),
+                             message, predicted)
+        self.events.append(event)
+        log.warning("step %d: %s", self.step_count, message)
+        return event
+
+    def _emit(self, record: dict[str, Any], events: list[MonitorEvent]) -> None:
+        if self._jsonl is not None:
+            out = dict(record, events=[asdict(e) for e in events])
+            self._jsonl.write(json.dumps(out, default=float) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self._tb.add_scalar(f"curvlab/{k}", v, record["step"])
+        for cb in self.callbacks:
+            cb(self, record, events)
