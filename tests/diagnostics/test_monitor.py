@@ -89,7 +89,8 @@ def test_warm_start_is_cheap_on_a_slowly_moving_network():
 def test_adam_uses_preconditioned_threshold_and_jumps_fire():
     model, loss_fn, X, y = regression(1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=5, jump_warmup=5)
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=5, track_every=1,
+                           jump_warmup=5)
     for step in range(1, 31):
         opt.zero_grad()
         loss = loss_fn(model(X), y)
