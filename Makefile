@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --quiet -c constraints.txt
 STAMP   = $(VENV)/.curvlab-installed
 
-.PHONY: demo test bench-deps lint clean
+.PHONY: demo test browser bench-deps lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/curvlab diagnose
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+# Headless Chromium for the report's browser test (Debian package; the test is skipped
+# where it cannot be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "note: chromium is not installed; the browser test will be skipped"; }
 
 # Peers for the side-by-side benchmarks in benchmarks/ (not needed by the tests).
 bench-deps: $(STAMP)

@@ -18,7 +18,8 @@ def load_digits_tensors(
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - exercised only without scikit-learn
-        raise ImportError("the digits problem needs scikit-learn: pip install scikit-learn") from err
+        raise ImportError("the digits problem needs scikit-learn: "
+                          "pip install scikit-learn") from err
     data = load_digits()
     X = torch.as_tensor(data.data, dtype=dtype)
     y = torch.as_tensor(data.target, dtype=torch.long)
@@ -44,7 +45,7 @@ def digits_mlp(hidden: tuple[int, ...] = (128, 128), seed: int = 0,
     return nn.Sequential(*layers).to(dtype)
 
 
-def digits_problem(train_steps: int = 200, seed: int = 0, lr: float = 0.1,
+def digits_problem(train_steps: int = 50, seed: int = 0, lr: float = 0.05,
                    batch_size: int = 128, dtype: torch.dtype = torch.float32):
     """The default model of ``curvlab diagnose``: a digits MLP trained briefly with SGD.
 

@@ -1,0 +1,65 @@
+"""The task lists of ``curvlab bench --suite classical|nn|curvature|all``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from curvlab.bench.nn import NNProblem, digits_mlp_problem, train_run
+from curvlab.bench.optimizers import available
+from curvlab.bench.runner import Task
+
+__all__ = ["SuiteOptions", "build_tasks", "SUITES"]
+
+SUITES = ("classical", "nn", "curvature")
+
+
+@dataclass(frozen=True)
+class SuiteOptions:
+    quick: bool = False
+    seeds: int = 3
+    device: str = "cpu"
+    time_budget: float = 60.0  # seconds of training per NN run
+
+
+def _nn_problems(opts: SuiteOptions) -> list[NNProblem]:
+    if opts.quick:
+        return [digits_mlp_problem(steps=150)]
+    return [digits_mlp_problem(steps=600)]
+
+
+def _nn_tasks(opts: SuiteOptions) -> tuple[list[Task], list[str]]:
+    specs, notices = available()
+    tasks = []
+    for problem in _nn_problems(opts):
+        for spec in specs:
+            for lr in (spec.quick_lrs if opts.quick else spec.lrs):
+                for seed in range(opts.seeds):
+                    def fn(progress: Any, problem=problem, spec=spec, lr=lr, seed=seed):
+                        return train_run(problem, spec.make, lr, seed, opts.time_budget,
+                                         progress)
+
+                    tasks.append(Task("nn", problem.name, spec.name,
+                                      {"lr": lr, "steps": problem.steps,
+                                       "target": problem.target}, fn, seed=seed))
+    return tasks, notices
+
+
+def build_tasks(suite: str, opts: SuiteOptions) -> tuple[list[Task], list[str]]:
+    """Tasks of ``suite`` (or of every suite for ``"all"``) and skip notices."""
+    if suite == "all":
+        tasks, notices = [], []
+        for name in SUITES:
+            t, n = build_tasks(name, opts)
+            tasks += t
+            notices += n
+        return tasks, notices
+    if suite == "nn":
+        return _nn_tasks(opts)
+    if suite == "curvature":
+        from curvlab.bench.curvature import curvature_tasks
+
+        return curvature_tasks(opts.quick), []
+    if suite in SUITES:
+        return [], [f"suite {suite!r}: not available yet in this version"]
+    raise ValueError(f"suite must be one of {(*SUITES, 'all')}, got {suite!r}")

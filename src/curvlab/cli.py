@@ -1,0 +1,270 @@
+"""The ``curvlab`` command line.
+
+    curvlab bench --quick                 # side-by-side optimizer comparison, HTML report
+    curvlab bench --compare old/results.json new/results.json
+    curvlab diagnose                      # the built-in digits MLP, trained briefly
+    curvlab diagnose my_model.py:make     # any model: make() -> (model, loss_fn, data)
+
+Progress and tables use ``rich`` when it is installed (``pip install curvlab[cli]``) and
+fall back to plain text otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["main", "load_factory"]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """Resolve ``FILE.py:FACTORY`` to the factory callable, with clear errors."""
+    if ":" not in spec:
+        raise CLIError(f"expected FILE.py:FACTORY, got {spec!r} (e.g. examples/mlp.py:make)")
+    file_part, name = spec.rsplit(":", 1)
+    path = Path(file_part)
+    if not path.is_file():
+        raise CLIError(f"no such file: {path}")
+    module_name = f"_curvlab_user_{path.stem}"
+    mod_spec = importlib.util.spec_from_file_location(module_name, path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise CLIError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[module_name] = module
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        mod_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise CLIError(f"{path} has no callable {name!r}")
+    return factory
+
+
+def _built_in() -> tuple[Any, Any, Any]:
+    from curvlab.bench.problems.digits import digits_problem
+
+    return digits_problem()
+
+
+class _Console:
+    """rich when available, plain print otherwise."""
+
+    def __init__(self) -> None:
+        try:
+            from rich.console import Console
+
+            console = Console()
+            if not console.is_terminal:  # files and pipes: wide enough for the tables
+                console = Console(width=140)
+            self.rich: Any = console
+        except ImportError:
+            self.rich = None
+
+    def print(self, text: str) -> None:
+        if self.rich is not None:
+            self.rich.print(text)
+        else:
+            print(text)
+
+    @contextlib.contextmanager
+    def status(self, text: str) -> Iterator[None]:
+        if self.rich is not None:
+            with self.rich.status(text):
+                yield
+        else:
+            print(f"... {text}", flush=True)
+            yield
+
+    def table(self, title: str, rows: list[tuple[str, ...]],
+              headers: tuple[str, ...] = ("metric", "value", "meaning")) -> None:
+        if self.rich is not None:
+            from rich.table import Table
+
+            table = Table(title=title)
+            for i, h in enumerate(headers):
+                table.add_column(h, style="bold" if i == 0 else None,
+                                 justify="left" if i == 0 or h == "meaning" else "right")
+            for row in rows:
+                table.add_row(*row)
+            self.rich.print(table)
+            return
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        print(title)
+        print("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+        for row in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+def _diagnose(args: argparse.Namespace, console: _Console) -> int:
+    from curvlab.diagnostics.summary import curvature_summary
+
+    source = args.target or "built-in digits MLP (64-128-128-10, 50 SGD steps)"
+    start = time.perf_counter()
+    with console.status(f"building {source}"):
+        factory = load_factory(args.target) if args.target else _built_in
+        made = factory()
+        if not (isinstance(made, (tuple, list)) and len(made) == 3):
+            raise CLIError("the factory must return (model, loss_fn, data); got "
+                           f"{type(made).__name__}")
+        model, loss_fn, data = made
+        if not isinstance(model, torch.nn.Module):
+            raise CLIError(f"the factory's model must be an nn.Module, got {type(model).__name__}")
+    with console.status("computing gradient, lambda_max and trace"):
+        summary = curvature_summary(model, loss_fn, data, seed=args.seed,
+                                    trace_samples=args.trace_samples)
+    elapsed = time.perf_counter() - start
+    s = summary
+    rows = [
+        ("parameters", f"{s.num_params:,}", "number of trainable parameters"),
+        ("samples", f"{s.num_samples:,}", "data points the loss averages over"),
+        ("loss", f"{s.loss:.6g}", "full-data loss"),
+        ("gradient norm", f"{s.grad_norm:.4g}", "||grad L||_2 on the full data"),
+        ("lambda_max", f"{s.lambda_max:.6g}", "largest Hessian eigenvalue (sharpness)"),
+        ("trace estimate", f"{s.trace:.6g} ± {s.trace_stderr:.2g}",
+         f"Hutchinson, {s.trace_samples} probes (± one standard error)"),
+        ("max stable SGD lr", f"{s.max_stable_lr:.4g}", "2 / lambda_max (gradient descent)"),
+        ("Hessian-vector products", f"{s.num_hvps}", "work spent on curvature"),
+        ("time", f"{elapsed:.1f} s", "wall clock, including building the model"),
+    ]
+    console.table(f"curvlab diagnose: {source}", rows)
+    return 0
+
+
+def _bench(args: argparse.Namespace, console: _Console) -> int:
+    from curvlab.bench.compare import compare_results
+    from curvlab.bench.report import (
+        SUITE_TITLES,
+        TERMINAL_COLUMNS,
+        format_cell,
+        summarize,
+        write_report,
+    )
+    from curvlab.bench.suites import SuiteOptions, build_tasks
+
+    if args.compare:
+        old, new = args.compare
+        try:
+            rows = compare_results(old, new)
+        except FileNotFoundError as err:
+            raise CLIError(str(err)) from err
+        if not rows:
+            console.print("nothing in common to compare")
+            return 0
+        console.table(f"{new} vs {old}", [
+            (r["suite"], r["row"], r["metric"], format_cell(r["old"]), format_cell(r["new"]),
+             f"{r['ratio']:.2f}x", r["verdict"]) for r in rows],
+            headers=("suite", "run", "metric", "old", "new", "new/old", "verdict"))
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError("--device cuda requested but torch.cuda.is_available() is False")
+    opts = SuiteOptions(quick=args.quick, seeds=args.seeds or (2 if args.quick else 3),
+                        device=args.device,
+                        time_budget=args.time_budget or (20.0 if args.quick else 60.0))
+    tasks, notices = build_tasks(args.suite, opts)
+    for note in notices:
+        console.print(f"[yellow]skipped:[/yellow] {note}" if console.rich else f"skipped: {note}")
+    out = Path(args.out)
+    records = _run_with_progress(tasks, out, args.resume, args.device, console)
+    summary = summarize(records)
+    for suite, rows in summary.items():
+        cols = TERMINAL_COLUMNS[suite]
+        console.table(SUITE_TITLES[suite], [tuple(format_cell(r.get(k)) for k, _ in cols)
+                                            for r in rows], headers=tuple(t for _, t in cols))
+    try:
+        path = write_report(records, out)
+        console.print(f"report: {path}   results: {out / 'results.json'}")
+    except ImportError:
+        console.print(f"results: {out / 'results.json'} (install matplotlib for report.html)")
+    return 0
+
+
+def _run_with_progress(tasks: list, out: Path, resume: bool, device: str, console: _Console
+                       ) -> list[dict]:
+    from curvlab.bench.runner import run_tasks
+
+    if console.rich is None:
+        def start(task, i, n):
+            print(f"[{i + 1}/{n}] {task.key}", flush=True)
+        return run_tasks(tasks, out, resume=resume, device=device, on_start=start)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console.rich, transient=False) as progress:
+        overall = progress.add_task("all runs", total=len(tasks))
+        current = progress.add_task("", total=1.0)
+
+        def start(task, i, n):
+            progress.update(overall, total=n)
+            progress.update(current, description=f"{task.problem} {task.method} "
+                            f"seed={task.seed} {task.config.get('lr', '')}", completed=0)
+
+        def step(task, frac):
+            progress.update(current, completed=frac)
+
+        def done(task, record):
+            progress.advance(overall)
+            progress.update(current, completed=1.0)
+
+        return run_tasks(tasks, out, resume=resume, device=device, on_start=start,
+                         on_progress=step, on_done=done)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curvlab", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="side-by-side optimizer comparisons with a report")
+    bench.add_argument("--suite", default="all", choices=("classical", "nn", "curvature", "all"))
+    bench.add_argument("--quick", action="store_true", help="small grids and budgets")
+    bench.add_argument("--seeds", type=int, default=None, help="seeds per configuration")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--out", default="curvlab-bench", help="output folder")
+    bench.add_argument("--time-budget", type=float, default=None,
+                       help="seconds of training per NN run")
+    bench.add_argument("--resume", action="store_true",
+                       help="skip runs already recorded in OUT/results.jsonl")
+    bench.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"),
+                       help="compare two results.json files instead of running")
+    diag = sub.add_parser("diagnose", help="curvature diagnostics of a model at its "
+                          "current parameters")
+    diag.add_argument("target", nargs="?", help="FILE.py:FACTORY returning (model, loss_fn, "
+                      "data); default: the built-in digits MLP")
+    diag.add_argument("--seed", type=int, default=0, help="seed of the random probe vectors")
+    diag.add_argument("--trace-samples", type=int, default=20,
+                      help="Hutchinson probe vectors for the trace estimate")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    console = _Console()
+    try:
+        if args.command == "diagnose":
+            return _diagnose(args, console)
+        if args.command == "bench":
+            return _bench(args, console)
+    except CLIError as err:
+        console.print(f"[bold red]error:[/bold red] {err}" if console.rich else f"error: {err}")
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

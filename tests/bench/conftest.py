@@ -1,0 +1,43 @@
+"""A tiny NN benchmark problem shared by the bench tests."""
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab.bench.nn import NNProblem, train_run
+from curvlab.bench.runner import Task
+
+
+def _problem(steps=30):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 8, generator=g)
+    y = (X[:, 0] > 0).long()
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+
+    def sample(gen):
+        idx = torch.randint(0, 256, (32,), generator=gen)
+        return X[idx], y[idx]
+
+    return NNProblem("toy", build, sample, (X, y), nn.CrossEntropyLoss(), target=0.45,
+                     steps=steps, eval_every=5)
+
+
+def _tasks(problem, lrs=(0.05, 0.2), seeds=2, method="torch.SGD"):
+    tasks = []
+    for lr in lrs:
+        for seed in range(seeds):
+            def fn(progress, lr=lr, seed=seed):
+                return train_run(problem, lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr),
+                                 lr, seed, 60.0, progress)
+            tasks.append(Task("nn", problem.name, method, {"lr": lr, "target": problem.target},
+                              fn, seed=seed))
+    return tasks
+
+
+@pytest.fixture
+def toy():
+    """``(make_problem(steps), make_tasks(problem, lrs, seeds, method))``."""
+    return _problem, _tasks
