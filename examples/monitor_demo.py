@@ -34,6 +34,7 @@ loss_fn = nn.MSELoss()
 opt = torch.optim.SGD(model.parameters(), lr=args.lr)
 
 monitor = CurvatureMonitor(model, loss_fn, batch=(X, Y), optimizer=opt, every=10,  # line 1
+                           track_every=1,
                            log_dir="monitor_demo")
 for _ in range(args.steps):
     opt.zero_grad()

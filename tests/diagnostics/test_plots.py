@@ -32,7 +32,7 @@ def test_plots_write_pngs(tmp_path):
         plot_layer_sharpness(layer_sharpness(op, tol=1e-2), tmp_path / "sub" / "layers.png"),
     ]
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=2)
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=2, track_every=1)
     for _ in range(12):
         opt.zero_grad()
         loss = loss_fn(model(X), y)

@@ -6,15 +6,16 @@ Two lines::
     ...
     opt.step(); monitor.step(loss)          # inside the loop, after the optimizer step
 
-Every ``track_every`` steps it records the gradient norm and the relative update size
-``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` (cheap: a parameter snapshot is taken the
-step before). Every ``every`` steps it computes
-``lambda_max`` of the Hessian on a fixed *monitor batch* (so successive checks see the
-same function) by Lanczos warm-started from the previous top eigenvector, within a budget
-of Hessian-vector products, and forms ``lr x lambda_max`` against the optimizer's
-stability threshold (2 for gradient descent; :func:`~curvlab.diagnostics.stability.
-stability_threshold`). For Adam-like optimizers it also tracks the preconditioned
-sharpness ``lambda_max(P^{-1} H)`` from the optimizer's second moments.
+Every ``track_every`` steps it records the loss, the gradient norm and the relative update
+size ``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` (cheap: a parameter snapshot is taken
+the step before). Every ``every`` steps it computes ``lambda_max`` of the Hessian on a
+fixed *monitor batch* (so successive checks see the same function) by Lanczos
+warm-started from the previous top eigenvector, within a budget of Hessian-vector
+products, and forms ``lr x lambda_max`` against the optimizer's stability threshold (2
+for gradient descent; :func:`~curvlab.diagnostics.stability.stability_threshold`). For
+Adam-like optimizers the warned ratio is ``lr x`` the preconditioned sharpness
+``lambda_max(P^{-1} H)`` from the optimizer's second moments (threshold 38 for
+``beta1 = 0.9``).
 
 Early warning: a least-squares line through the last ``window`` values of
 ``lr x sharpness`` (at least 3) forecasts the step at which it will reach the threshold; an
@@ -111,7 +112,7 @@ class CurvatureMonitor:
         every: steps between curvature checks. A check costs about as much as 5-10
             training steps (building the gradient graph on the monitor batch, then ~2-3
             warm-started HVPs), so the default 200 keeps the overhead near 5%.
-        track_every: steps between gradient-norm / update-size records.
+        track_every: steps between loss / gradient-norm / update-size records.
         max_hvps: Hessian-vector products allowed per sharpness computation.
         tol: Lanczos relative residual tolerance. It bounds the relative error of
             ``lambda_max`` (see :mod:`curvlab.linalg.krylov`); the actual error is
@@ -131,7 +132,7 @@ class CurvatureMonitor:
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, batch: Any = None, *,
                  data: Any = None, batch_size: int = 256,
                  optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
-                 every: int = 200, track_every: int = 10, max_hvps: int = 20,
+                 every: int = 200, track_every: int = 20, max_hvps: int = 20,
                  tol: float = 3e-2, window: int = 5,
                  horizon: int | None = None, min_ratio: float = 0.5, rearm: float = 0.8,
                  jump_factor: float = 5.0, jump_warmup: int = 100, smoothing: float = 0.8,
@@ -216,20 +217,26 @@ class CurvatureMonitor:
         return float(np.mean(n)) if n else 0.0
 
     def step(self, loss: Any = None) -> list[MonitorEvent]:
-        """Record one training step (call after ``optimizer.step()``); every ``every``
-        steps also compute curvature. Returns the events this step raised."""
+        """Record one training step (call after ``optimizer.step()``); every
+        ``track_every`` steps record the loss, gradient norm and update size, every
+        ``every`` steps also compute curvature. Returns the events this step raised."""
         start = time.perf_counter()
         if self._t0 is None:
             self._t0 = start
         self.step_count += 1
+        tracked = self.step_count % self.track_every == 0
+        checked = self.step_count % self.every == 0
+        if not (tracked or checked):
+            if (self.step_count + 1) % self.track_every == 0:
+                self._snapshot()
+            self.monitor_time += time.perf_counter() - start
+            return []
         events: list[MonitorEvent] = []
         if loss is not None:
             self._record("loss", float(loss.detach() if isinstance(loss, torch.Tensor) else loss))
-        if self.step_count % self.track_every == 0:
+        if tracked:
             events += self._cheap_metrics()
-        elif (self.step_count + 1) % self.track_every == 0:
-            self._snapshot()
-        if self.step_count % self.every == 0:
+        if checked:
             events += self.check()
         self.monitor_time += time.perf_counter() - start
         return events
