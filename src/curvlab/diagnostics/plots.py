@@ -17,7 +17,8 @@ from typing import Any
 __all__ = ["plot_spectral_density", "plot_eigenvalues", "plot_layer_sharpness", "plot_monitor"]
 
 
-def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.0)):
+def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.0),
+            sharex: bool = False):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -25,7 +26,7 @@ def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.
         raise ImportError("plots need matplotlib: pip install 'curvlab[plot]'") from err
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=sharex)
     return fig, axes
 
 
@@ -98,7 +99,7 @@ def plot_monitor(monitor: Any, path: str | os.PathLike, *,
     """Two panels sharing the step axis: the training loss (log scale) and the stability
     ratio(s) ``lr x sharpness`` with their thresholds; warnings are marked (triangles for
     "approaching", crosses for "crossed", dotted lines for jumps)."""
-    fig, axes = _figure(2, 1, size=(7.5, 6.0))
+    fig, axes = _figure(2, 1, size=(7.5, 6.0), sharex=True)
     ax_loss, ax_ratio = axes[0, 0], axes[1, 0]
     hist = monitor.history
     if "loss" in hist:
