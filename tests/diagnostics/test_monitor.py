@@ -15,6 +15,17 @@ def test_forecast_crossing_exact_line():
     assert forecast_crossing(steps, [0.5 + 0.01 * s for s in steps], 2.0) == pytest.approx(150)
     assert forecast_crossing(steps, [1.0, 0.9, 0.8, 0.7], 2.0) is None
     assert forecast_crossing([5], [1.0], 2.0) is None
+    # the cautious forecast: identical on an exact line, later for a noisy rise, and
+    # None when the rise is not significant
+    line = [0.5 + 0.01 * s for s in steps]
+    assert forecast_crossing(steps, line, 2.0, confidence=0.9) == pytest.approx(150)
+    noisy = [0.5 + 0.01 * s + e for s, e in zip(steps, [0.02, -0.02, 0.02, -0.02],
+                                                 strict=True)]
+    point = forecast_crossing(steps, noisy, 2.0)
+    assert forecast_crossing(steps, noisy, 2.0, confidence=0.9) > point
+    flat = [1.0 + e for e in [-0.03, 0.03, -0.03, 0.04]]
+    assert forecast_crossing(steps, flat, 2.0) is not None
+    assert forecast_crossing(steps, flat, 2.0, confidence=0.9) is None
 
 
 def regression(seed=0):

@@ -19,8 +19,10 @@ Adam-like optimizers the warned ratio is ``lr x`` the preconditioned sharpness
 
 Early warning: a least-squares line through the last ``window`` values of
 ``lr x sharpness`` (at least 3) forecasts the step at which it will reach the threshold; an
-``"approaching"`` event fires when that crossing is less than ``horizon`` steps away (and
-the ratio is at least ``min_ratio`` of the threshold), a ``"crossed"`` event when the
+``"approaching"`` event fires when the crossing is less than ``horizon`` steps away even
+with the slope at its lower ``confidence`` bound (so a noisy or flattening trend does not
+warn; see :func:`forecast_crossing`) and the ratio is at least ``min_ratio`` of the
+threshold, a ``"crossed"`` event when the
 ratio passes the threshold. ``"grad_norm_jump"`` / ``"update_ratio_jump"`` fire when
 those jump by ``jump_factor`` over their running (EMA) level. Events go to the log
 (``logging.WARNING``), to ``monitor.events``, to the JSONL file and to user callbacks.
@@ -72,15 +74,34 @@ class MonitorEvent:
     predicted_step: float | None = None
 
 
-def forecast_crossing(steps: Iterable[float], values: Iterable[float],
-                      threshold: float) -> float | None:
+def forecast_crossing(steps: Iterable[float], values: Iterable[float], threshold: float,
+                      confidence: float = 0.0) -> float | None:
     """The step at which the least-squares line through ``(steps, values)`` reaches
-    ``threshold`` (None when the trend is flat or falling)."""
+    ``threshold``; None when the trend is flat or falling.
+
+    With ``confidence = p > 0`` the slope is replaced by its one-sided lower ``p``
+    confidence bound ``b - t_{p, m-2} se(b)`` (ordinary least squares, Student t) and the
+    line is anchored at the fitted value of the last point: a conservative (later) crossing
+    step, None unless the rise is significant. Noise in short windows then does not turn
+    into confident forecasts.
+    """
     s = np.asarray(list(steps), dtype=float)
     v = np.asarray(list(values), dtype=float)
     if len(s) < 2 or np.ptp(s) == 0:
         return None
     slope, intercept = np.polyfit(s, v, 1)
+    if confidence > 0:
+        if len(s) < 3:
+            return None
+        from scipy.stats import t
+
+        resid = v - (intercept + slope * s)
+        se = math.sqrt(float(resid @ resid) / (len(s) - 2) / float(((s - s.mean()) ** 2).sum()))
+        low = slope - float(t.ppf(confidence, len(s) - 2)) * se
+        if not low > 0:
+            return None
+        last = intercept + slope * s[-1]
+        return float(s[-1] + (threshold - last) / low)
     if not slope > 0:
         return None
     return float((threshold - intercept) / slope)
@@ -118,8 +139,8 @@ class CurvatureMonitor:
             ``lambda_max`` (see :mod:`curvlab.linalg.krylov`); the actual error is
             usually far smaller (Kato-Temple: ``residual^2 / gap``), and 3% is ample
             for a stability threshold.
-        window, horizon, min_ratio, rearm: forecast and warning settings (module
-            docstring); ``horizon`` is in steps and defaults to ``30 * every``.
+        window, horizon, confidence, min_ratio, rearm: forecast and warning settings
+            (module docstring); ``horizon`` is in steps and defaults to ``30 * every``.
         jump_factor, jump_warmup: jump detection (a value above ``jump_factor`` times its
             EMA, after ``jump_warmup`` steps).
         smoothing: EMA factor for the smoothed series (``s <- a s + (1 - a) x``).
@@ -134,7 +155,8 @@ class CurvatureMonitor:
                  optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
                  every: int = 200, track_every: int = 20, max_hvps: int = 20,
                  tol: float = 3e-2, window: int = 5,
-                 horizon: int | None = None, min_ratio: float = 0.5, rearm: float = 0.8,
+                 horizon: int | None = None, confidence: float = 0.9,
+                 min_ratio: float = 0.5, rearm: float = 0.8,
                  jump_factor: float = 5.0, jump_warmup: int = 100, smoothing: float = 0.8,
                  log_dir: str | os.PathLike | None = None,
                  callbacks: Iterable[Callable] = (), params: Any = None,
@@ -157,6 +179,9 @@ class CurvatureMonitor:
         self.track_every = track_every
         self.window, self.min_ratio, self.rearm = window, min_ratio, rearm
         self.horizon = 30 * every if horizon is None else horizon
+        if not 0 <= confidence < 1:
+            raise ValueError(f"confidence must be in [0, 1), got {confidence!r}")
+        self.confidence = confidence
         self.jump_factor, self.jump_warmup, self.smoothing = jump_factor, jump_warmup, smoothing
         self.callbacks = list(callbacks)
         self.generator = generator
@@ -361,12 +386,14 @@ class CurvatureMonitor:
         tr.ratios.append(ratio)
         c = tr.threshold
         events = []
-        predicted = forecast_crossing(tr.steps[-self.window:], tr.ratios[-self.window:], c)
+        steps, ratios = tr.steps[-self.window:], tr.ratios[-self.window:]
+        predicted = forecast_crossing(steps, ratios, c)
+        cautious = forecast_crossing(steps, ratios, c, self.confidence)
         record[f"{tr.name}_threshold"] = c
         record[f"{tr.name}_forecast"] = predicted
         if ratio < self.rearm * c:
             tr.armed["crossed"] = True
-            if predicted is None or predicted - self.step_count > self.horizon:
+            if cautious is None or cautious - self.step_count > self.horizon:
                 tr.armed["approaching"] = True
         if ratio >= c and tr.armed["crossed"]:
             tr.armed["crossed"] = tr.armed["approaching"] = False
@@ -374,13 +401,14 @@ class CurvatureMonitor:
                                       f"{tr.name} = {ratio:.3g} passed the stability "
                                       f"threshold {c:.3g}"))
         elif (tr.armed["approaching"] and len(tr.ratios) >= min(3, self.window)
-              and ratio >= self.min_ratio * c and predicted is not None
-              and predicted - self.step_count <= self.horizon):
+              and ratio >= self.min_ratio * c and cautious is not None and predicted is not None
+              and cautious - self.step_count <= self.horizon):
             tr.armed["approaching"] = False
             events.append(self._event(
                 "approaching", tr.name, ratio, c,
                 f"{tr.name} = {ratio:.3g} is forecast to reach {c:.3g} at step "
-                f"{predicted:.0f} ({predicted - self.step_count:.0f} steps ahead)", predicted))
+                f"{predicted:.0f} ({predicted - self.step_count:.0f} steps ahead; by step "
+                f"{cautious:.0f} at {100 * self.confidence:.0f}% confidence)", predicted))
         return events
 
     def _event(self, kind: str, metric: str, value: float, threshold: float, message: str,
