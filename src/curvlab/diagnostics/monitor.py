@@ -10,8 +10,9 @@ Every ``track_every`` steps it records the loss, the gradient norm and the relat
 size ``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` (cheap: a parameter snapshot is taken
 the step before). Every ``every`` steps it computes ``lambda_max`` of the Hessian on a
 fixed *monitor batch* (so successive checks see the same function) by Lanczos
-warm-started from the previous top eigenvector, within a budget of Hessian-vector
-products, and forms ``lr x lambda_max`` against the optimizer's stability threshold (2
+warm-started from the previous check's top two Ritz vectors (tracking two survives the top
+eigenvalues swapping places, where a single warm vector locks onto the old one), within a
+budget of Hessian-vector products, and forms ``lr x lambda_max`` against the optimizer's stability threshold (2
 for gradient descent; :func:`~curvlab.diagnostics.stability.stability_threshold`). For
 Adam-like optimizers the warned ratio is ``lr x`` the preconditioned sharpness
 ``lambda_max(P^{-1} H)`` from the optimizer's second moments (threshold 38 for
@@ -271,9 +272,10 @@ class CurvatureMonitor:
         op = HessianOperator(self.model, self.loss_fn, self.batch, self.params)
         record: dict[str, Any] = {"step": self.step_count, "lr": self.lr, "num_hvps": 0}
         res = lanczos(op, 1, tol=self.tol, max_iter=self.max_hvps,
-                      v0=self._vec.get("lambda_max"), generator=self.generator)
+                      v0=self._vec.get("lambda_max"), num_vectors=min(2, op.shape[0]),
+                      generator=self.generator)
         lam = float(res.eigenvalues[0])
-        self._vec["lambda_max"] = res.eigenvectors[:, 0].detach()
+        self._vec["lambda_max"] = res.eigenvectors.detach()
         record.update(lambda_max=lam, converged=res.converged, num_hvps=res.num_matvecs,
                       lambda_max_residual=float(res.residuals[0]))
         values = {"lambda_max": lam, "lr_sharpness": self.lr * lam}
@@ -281,8 +283,8 @@ class CurvatureMonitor:
             pre = preconditioned_sharpness(
                 op, adam_preconditioner(op, self.optimizer), tol=self.tol,
                 max_iter=self.max_hvps, v0=self._vec.get("preconditioned"),
-                generator=self.generator)
-            self._vec["preconditioned"] = pre.eigenvectors[:, 0].detach()
+                num_vectors=min(2, op.shape[0]), generator=self.generator)
+            self._vec["preconditioned"] = pre.eigenvectors.detach()
             plam = float(pre.eigenvalues[0])
             record["num_hvps"] += pre.num_matvecs
             values.update(preconditioned_sharpness=plam, lr_preconditioned_sharpness=self.lr * plam)

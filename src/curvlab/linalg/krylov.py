@@ -207,7 +207,7 @@ def _check_common(k: int, tol: float, atol: float, which: str | None = None,
 
 def lanczos(op: Any, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
             atol: float = 0.0, relative_to: str = "eigenvalue", max_iter: int | None = None,
-            v0: torch.Tensor | None = None,
+            v0: torch.Tensor | None = None, num_vectors: int | None = None,
             generator: torch.Generator | None = None) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator by Lanczos with full
     reorthogonalization (see :class:`LanczosProcess`).
@@ -224,6 +224,10 @@ def lanczos(op: Any, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
             ``min(n, 100 + 20 k)``); the basis needs ``max_iter * n`` memory.
         v0: start vector ``(n,)``; a block ``(n, j)`` (e.g. previous eigenvectors, for a
             warm start) is combined into one start vector.
+        num_vectors: return this many leading Ritz pairs (``>= k``, default ``k``); only
+            the first ``k`` are tested for convergence (the rest come with their
+            residuals). The extra Ritz vectors are useful to warm-start the next call:
+            tracking two vectors survives the top two eigenvalues swapping places.
         generator: for the random start vector.
 
     Returns:
@@ -237,6 +241,9 @@ def lanczos(op: Any, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     max_iter = min(max_iter, A.n)
+    num_vectors = k if num_vectors is None else int(num_vectors)
+    if not k <= num_vectors <= A.n:
+        raise ValueError(f"num_vectors must be in [k, n] = [{k}, {A.n}], got {num_vectors}")
     proc = LanczosProcess(A, _start_vector(A, v0, generator), generator)
     history: list[list[float]] = []
     converged = False
@@ -255,6 +262,7 @@ def lanczos(op: Any, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
         log.info("lanczos: %d of %d pairs converged after %d matvecs",
                  int(np.sum(res[idx] <= bound)), k,
                  A.num_matvecs)
+    idx = _order(theta, which)[:num_vectors]
     Sk = torch.as_tensor(S[:, idx], dtype=A.dtype, device=A.device)
     vecs = proc.Q.T @ Sk
     return EigenResult(
