@@ -13,10 +13,10 @@ fixed *monitor batch* (so successive checks see the same function) by Lanczos
 warm-started from the previous check's top two Ritz vectors (tracking two survives the top
 eigenvalues swapping places, where a single warm vector locks onto the old one), within a
 budget of Hessian-vector products, and forms ``lr x lambda_max`` against the optimizer's
-stability threshold (2 for gradient descent;
-:func:`~curvlab.diagnostics.stability.stability_threshold`). For Adam-like optimizers the warned ratio is ``lr x`` the preconditioned sharpness
-``lambda_max(P^{-1} H)`` from the optimizer's second moments (threshold 38 for
-``beta1 = 0.9``).
+stability threshold (2 for gradient descent; see
+:func:`~curvlab.diagnostics.stability.stability_threshold`). For Adam-like optimizers the
+warned ratio is ``lr x`` the preconditioned sharpness ``lambda_max(P^{-1} H)`` from the
+optimizer's second moments (threshold 38 for ``beta1 = 0.9``).
 
 Early warning: a least-squares line through the last ``window`` values of
 ``lr x sharpness`` (at least 3) forecasts the step at which it will reach the threshold; an
