@@ -131,3 +131,18 @@ def test_lanczos_random_symmetric(n, seed, k):
     res = lanczos(A, k, tol=1e-10, generator=g)
     scale = ev.abs().max()
     assert torch.allclose(res.eigenvalues, ev.flip(0)[:k], atol=1e-7 * float(scale))
+
+
+def test_min_iter_escapes_a_warm_start_on_the_wrong_eigenvector():
+    """A start vector that is (almost) the eigenvector of the second eigenvalue passes the
+    residual test after one step; with two steps the Krylov space holds the top one."""
+    A = torch.diag(torch.arange(1.0, 9.0, dtype=torch.float64))
+    v0 = torch.zeros(8, dtype=torch.float64)
+    v0[6], v0[7] = 1.0, 1e-3
+    locked = lanczos(A, 1, tol=1e-2, v0=v0)
+    assert locked.converged and locked.num_matvecs == 1
+    assert float(locked.eigenvalues[0]) == pytest.approx(7.0, abs=1e-5)
+    found = lanczos(A, 1, tol=1e-2, v0=v0, min_iter=2, num_vectors=2)
+    assert found.num_matvecs == 2
+    assert torch.allclose(found.eigenvalues, torch.tensor([8.0, 7.0], dtype=torch.float64))
+    assert found.eigenvectors.shape == (8, 2)

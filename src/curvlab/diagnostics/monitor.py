@@ -11,7 +11,7 @@ size ``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` (cheap: a parameter snapsho
 the step before). Every ``every`` steps it computes ``lambda_max`` of the Hessian on a
 fixed *monitor batch* (so successive checks see the same function) by Lanczos
 warm-started from the previous check's top two Ritz vectors (tracking two survives the top
-eigenvalues swapping places, where a single warm vector locks onto the old one), within a
+eigenvalues swapping places, where a single warm vector can lock onto the old one), within a
 budget of Hessian-vector products, and forms ``lr x lambda_max`` against the optimizer's
 stability threshold (2 for gradient descent; see
 :func:`~curvlab.diagnostics.stability.stability_threshold`). For Adam-like optimizers the
@@ -272,8 +272,7 @@ class CurvatureMonitor:
         op = HessianOperator(self.model, self.loss_fn, self.batch, self.params)
         record: dict[str, Any] = {"step": self.step_count, "lr": self.lr, "num_hvps": 0}
         res = lanczos(op, 1, tol=self.tol, max_iter=self.max_hvps,
-                      v0=self._vec.get("lambda_max"), num_vectors=min(2, op.shape[0]),
-                      generator=self.generator)
+                      **self._warm_start("lambda_max", op.shape[0]), generator=self.generator)
         lam = float(res.eigenvalues[0])
         self._vec["lambda_max"] = res.eigenvectors.detach()
         record.update(lambda_max=lam, converged=res.converged, num_hvps=res.num_matvecs,
@@ -282,8 +281,8 @@ class CurvatureMonitor:
         if "lr_preconditioned_sharpness" in self._trackers:
             pre = preconditioned_sharpness(
                 op, adam_preconditioner(op, self.optimizer), tol=self.tol,
-                max_iter=self.max_hvps, v0=self._vec.get("preconditioned"),
-                num_vectors=min(2, op.shape[0]), generator=self.generator)
+                max_iter=self.max_hvps, **self._warm_start("preconditioned", op.shape[0]),
+                generator=self.generator)
             self._vec["preconditioned"] = pre.eigenvectors.detach()
             plam = float(pre.eigenvalues[0])
             record["num_hvps"] += pre.num_matvecs
@@ -301,6 +300,20 @@ class CurvatureMonitor:
         self.checks.append(record)
         self._emit(record, events)
         return events
+
+    def _warm_start(self, key: str, n: int) -> dict[str, Any]:
+        """Lanczos arguments for a warm start from the previous top two Ritz vectors
+        ``y1, y2``: start at ``y1 + 0.1 y2`` and take at least two steps, so the Krylov space
+        holds both directions. From ``y1`` alone one step suffices to pass the residual
+        test when ``y1`` has become an eigenvector of the *second* eigenvalue (the top two
+        swapped), and the estimate then locks onto it (measured: 3.5% low for hundreds of
+        steps in the edge-of-stability benchmark); this costs ~0.1-0.2 HVPs per check."""
+        Y = self._vec.get(key)
+        out: dict[str, Any] = {"num_vectors": min(2, n)}
+        if Y is not None:
+            out["v0"] = Y[:, 0] + 0.1 * Y[:, 1] if Y.shape[1] > 1 else Y[:, 0]
+            out["min_iter"] = 2
+        return out
 
     def close(self) -> None:
         """Flush and close the log files."""

@@ -129,13 +129,15 @@ def adam_preconditioner(op: Any, optimizer: torch.optim.Optimizer) -> torch.Tens
 def preconditioned_sharpness(op: Any, preconditioner: torch.Tensor | torch.optim.Optimizer, *,
                              tol: float = 1e-3, v0: torch.Tensor | None = None,
                              max_iter: int | None = None, num_vectors: int | None = None,
+                             min_iter: int = 1,
                              generator: torch.Generator | None = None) -> EigenResult:
     """``lambda_max(P^{-1} H)`` for a positive diagonal ``P`` (a flat tensor, or an
     Adam-like optimizer whose state defines it, see :func:`adam_preconditioner`).
 
     Computed as the top eigenpair of the symmetric ``P^{-1/2} H P^{-1/2}`` (same
-    eigenvalues); the returned eigenvectors are of that symmetric operator. ``v0`` and
-    ``num_vectors`` are passed to :func:`~curvlab.linalg.lanczos` (warm starts).
+    eigenvalues); the returned eigenvectors are of that symmetric operator. ``v0``,
+    ``num_vectors`` and ``min_iter`` are passed to :func:`~curvlab.linalg.lanczos` (warm
+    starts).
     """
     if isinstance(preconditioner, torch.optim.Optimizer):
         preconditioner = adam_preconditioner(op, preconditioner)
@@ -149,7 +151,7 @@ def preconditioned_sharpness(op: Any, preconditioner: torch.Tensor | torch.optim
     S = MatvecOperator(lambda v: s * A.matvec(s * v), A.n, dtype=A.dtype, device=A.device,
                        matmat=lambda V: s[:, None] * A.matmat(s[:, None] * V))
     return lanczos(S, 1, tol=tol, v0=v0, max_iter=max_iter, num_vectors=num_vectors,
-                   generator=generator)
+                   min_iter=min_iter, generator=generator)
 
 
 def stability_report(op: Any, optimizer: torch.optim.Optimizer, *, tol: float = 1e-3,

@@ -208,7 +208,7 @@ def _check_common(k: int, tol: float, atol: float, which: str | None = None,
 def lanczos(op: Any, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
             atol: float = 0.0, relative_to: str = "eigenvalue", max_iter: int | None = None,
             v0: torch.Tensor | None = None, num_vectors: int | None = None,
-            generator: torch.Generator | None = None) -> EigenResult:
+            min_iter: int = 1, generator: torch.Generator | None = None) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator by Lanczos with full
     reorthogonalization (see :class:`LanczosProcess`).
 
@@ -228,6 +228,10 @@ def lanczos(op: Any, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
             the first ``k`` are tested for convergence (the rest come with their
             residuals). The extra Ritz vectors are useful to warm-start the next call:
             tracking two vectors survives the top two eigenvalues swapping places.
+        min_iter: take at least this many steps before testing convergence. A warm
+            start that is an accurate eigenvector of a *different* eigenvalue passes the
+            residual test after one step; two steps from ``y1 + a y2`` (previous top two
+            Ritz vectors) already span both directions.
         generator: for the random start vector.
 
     Returns:
@@ -256,6 +260,7 @@ def lanczos(op: Any, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
         bound = np.maximum(tol * scale, atol)
         if len(idx) == k:
             converged = bool(np.all(res[idx] <= bound)) or proc.exhausted
+        converged = converged and proc.m >= min(min_iter, A.n)
         if converged or proc.m >= max_iter:
             break
     if not converged:
