@@ -65,14 +65,14 @@ def train(steps: int, with_monitor: bool, X, y, cold_check: bool = False) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1000 steps, 2 rounds")
+    ap.add_argument("--quick", action="store_true", help="1000 steps, 1 round")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("curvlab").setLevel(logging.ERROR)
     steps = args.steps or (1000 if args.quick else 3000)
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 3)
     (X, y), _ = load_digits_tensors()
     plain, monitored = [], []
     for _ in range(rounds):

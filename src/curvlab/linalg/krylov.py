@@ -42,7 +42,8 @@ class EigenResult:
     """Eigenpair estimates.
 
     Attributes:
-        eigenvalues: ``(k,)`` float64 CPU tensor, ordered as requested (largest first for
+        eigenvalues: ``(k,)`` float64 CPU tensor (``num_vectors`` entries if that was
+            given to :func:`lanczos`), ordered as requested (largest first for
             ``"largest"``/``"magnitude"``, smallest first for ``"smallest"``).
         eigenvectors: ``(n, k)`` unit-norm Ritz vectors in the operator's dtype/device.
         residuals: ``(k,)`` residual norms ``||A y - theta y||`` (for Lanczos the
