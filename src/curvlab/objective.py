@@ -64,6 +64,12 @@ def as_batches(data: Any) -> Iterable[Batch]:
             raise ValueError("data is empty: the list of batches has no elements")
     elif isinstance(data, Iterable):
         batches = data
+        try:
+            empty = len(data) == 0  # type: ignore[arg-type]
+        except TypeError:  # an iterable without a length (e.g. over an IterableDataset)
+            empty = False
+        if empty:
+            raise ValueError("data is empty: the DataLoader/iterable yields no batches")
     else:
         raise TypeError(
             f"data must be an (inputs, targets) pair, a list of pairs or a DataLoader, "
@@ -183,7 +189,8 @@ class Objective:
 
     # ---- parameters ---------------------------------------------------------------
     def param_tensors(self) -> dict[str, torch.Tensor]:
-        """Detached copies of the current parameter values (a fresh dict)."""
+        """The current parameter values, detached (a fresh dict of views that share
+        storage with the parameters; clone them to keep a snapshot)."""
         return {k: p.detach() for k, p in self.params.items()}
 
     def flatten(self, tree: Mapping[str, torch.Tensor], batched: bool = False) -> torch.Tensor:

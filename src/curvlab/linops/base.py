@@ -47,7 +47,9 @@ class CurvatureOperator(ABC):
 
     def refresh(self) -> None:
         """Re-read the parameter values (and drop anything cached for the old ones)."""
-        self.point = self.objective.param_tensors()
+        # copies: param_tensors() shares storage with the parameters, so an in-place update
+        # (optimizer.step) would otherwise change the snapshot and break recorded graphs
+        self.point = {k: p.clone() for k, p in self.objective.param_tensors().items()}
 
     # ---- interface -----------------------------------------------------------------
     @property

@@ -1,0 +1,260 @@
+"""Shared machinery for curvature matrices of the form ``sum_b J_b^T M_b J_b``.
+
+The GGN, the (exact, Monte Carlo and empirical) Fisher all read
+
+    A = sum_b J_b^T M_b J_b,
+
+with ``J_b`` the Jacobian of the model outputs on batch ``b`` with respect to the flat
+parameters and ``M_b`` a symmetric matrix in output space (Schraudolph 2002, "Fast
+curvature matrix-vector products for second-order gradient descent"; Martens 2020, "New
+insights and perspectives on the natural gradient method", sec. 8-9). A product costs one
+Jacobian-vector product, one cheap output-space product and one vector-Jacobian product.
+
+How the products are formed was measured (``benchmarks/bench_linops.py``, CPU). The forward
+pass is recorded once per batch and shared by every vector of a block (and, for a single
+batch, by every later product). ``J v`` is then cheapest by double backward, ``J v =
+d/du <J^T u, v>``: one backward pass through the ``J^T u`` graph, itself recorded once
+(forward mode would redo the primal forward for every vector; it is used only for a lone
+vector on a graph that is not reused). ``J^T u`` is one backward through the forward graph.
+For a block of ``k`` vectors, vectorizing (``is_grads_batched``) only pays when a product
+is tiny and per-call overhead dominates; on real models (a 784-256-256-10 MLP, a small
+CNN, the digits MLP) a loop over the block was as fast or faster (vmapped convolution
+backward: 2x slower). So blocks are vectorized when ``batch size * num_params <= 2**20``
+and looped otherwise (``vectorize=`` overrides).
+
+This module also holds the per-sample helpers (losses, output gradients and output
+Hessians of one sample) used by the empirical Fisher and the exact diagonals.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.func as tf
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from curvlab.linops.base import CurvatureOperator
+from curvlab.objective import Objective
+
+__all__ = ["OutputSpaceOperator", "Linearization", "loss_on_outputs", "sample_weight",
+           "loss_term_scale", "canonical_fisher", "has_canonical_hessian",
+           "per_sample_output_grads", "per_sample_output_hessians", "per_sample_losses"]
+
+OutputMatrix = Callable[[torch.Tensor], torch.Tensor]
+
+
+def loss_on_outputs(objective: Objective, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+    """``loss_fn(outputs, targets)`` checked to be a scalar tensor."""
+    loss = objective.loss_fn(outputs, targets)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor, got {shape}; use a loss "
+                         "with reduction='mean' or 'sum'")
+    return loss.reshape(())
+
+
+def sample_weight(objective: Objective, weight: float, batch_size: int) -> float:
+    """Weight of one per-sample loss in the full-data loss: a batch of ``batch_size``
+    samples enters with ``weight``; a mean loss averages its samples, a sum loss adds them."""
+    return weight / batch_size if objective.reduction == "mean" else weight
+
+
+def _is_cross_entropy(objective: Objective) -> bool:
+    return isinstance(objective.loss_fn, nn.CrossEntropyLoss)
+
+
+def loss_term_scale(objective: Objective, weight: float, outputs: torch.Tensor) -> float:
+    """Weight ``c_b`` of one loss term of a batch of ``nn.CrossEntropyLoss`` (terms: the
+    positions, classes along dim 1) or ``nn.MSELoss`` (terms: the output elements)."""
+    classes = outputs.shape[1] if _is_cross_entropy(objective) else 1
+    return weight / (outputs.numel() // classes) if objective.reduction == "mean" else weight
+
+
+def canonical_fisher(objective: Objective, weight: float, outputs: torch.Tensor) -> OutputMatrix:
+    """``U -> c_b Lambda U`` with the output-space Fisher of cross-entropy (``diag(p) -
+    p p^T`` per position, ``p = softmax`` over dim 1) or of MSE (``2 I``); for these
+    canonical-link losses it is also the loss Hessian (Martens 2020, sec. 9.2)."""
+    scale = loss_term_scale(objective, weight, outputs)
+    if _is_cross_entropy(objective):
+        p = outputs.softmax(dim=1)
+        return lambda U: scale * (p * U - p * (p * U).sum(dim=2, keepdim=True))
+    return lambda U: (2.0 * scale) * U
+
+
+def has_canonical_hessian(objective: Objective, targets: Any) -> bool:
+    """Whether :func:`canonical_fisher` is exactly the Hessian of ``loss_fn``: MSE, or
+    cross-entropy on class indices without class weights or ignored targets (label
+    smoothing keeps the Hessian)."""
+    loss_fn = objective.loss_fn
+    if isinstance(loss_fn, nn.MSELoss):
+        return True
+    return (_is_cross_entropy(objective) and loss_fn.weight is None
+            and isinstance(targets, torch.Tensor) and not torch.is_floating_point(targets)
+            and not bool((targets == loss_fn.ignore_index).any()))
+
+
+def _one_sample_loss(objective: Objective) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """``l_i(f_i) = loss_fn(f_i[None], y_i[None])``: the loss applied to a batch of one."""
+    def loss(out_i: torch.Tensor, target_i: Any) -> torch.Tensor:
+        return loss_on_outputs(objective, out_i.unsqueeze(0),
+                               tree_map(lambda t: t.unsqueeze(0), target_i))
+    return loss
+
+
+def per_sample_losses(objective: Objective, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+    """``(l_1, ..., l_B)``, each sample's loss (vectorized over the batch)."""
+    return tf.vmap(_one_sample_loss(objective))(outputs, targets)
+
+
+def per_sample_output_grads(objective: Objective, outputs: torch.Tensor,
+                            targets: Any) -> torch.Tensor:
+    """``d l_i / d f_i`` for every sample, shape ``outputs.shape``."""
+    return tf.vmap(tf.grad(_one_sample_loss(objective)))(outputs, targets)
+
+
+def per_sample_output_hessians(objective: Objective, outputs: torch.Tensor,
+                               targets: Any) -> torch.Tensor:
+    """``d^2 l_i / d f_i^2`` for every sample, shape ``(B, D, D)`` with ``D`` the number
+    of outputs per sample (flattened row-major)."""
+    hess = tf.vmap(tf.hessian(_one_sample_loss(objective)))(outputs, targets)
+    d = outputs[0].numel()
+    return hess.reshape(outputs.shape[0], d, d)
+
+
+def _as_output_tensor(out: Any) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        raise TypeError(f"the model must return one batched tensor of outputs for this "
+                        f"curvature, got {type(out).__name__}")
+    return out
+
+
+class Linearization:
+    """The model outputs on one batch, recorded once at ``point``, with products by the
+    output Jacobian ``J`` (``jvp``) and its transpose (``vjp``) on blocks of vectors
+    (a block of ``k > 1`` goes through one vectorized backward, ``is_grads_batched``).
+
+    ``reusable=True`` means more products will follow on this recording. ``vectorize``
+    records whether blocks should be vectorized or looped over by the caller (None:
+    decide from the problem size, see the module docstring).
+    """
+
+    def __init__(self, objective: Objective, point: Mapping[str, torch.Tensor], inputs: Any,
+                 *, reusable: bool, vectorize: bool | None = None) -> None:
+        self.objective, self.inputs, self.reusable = objective, inputs, reusable
+        self.point = dict(point)
+        self.leaves = {k: p.detach().requires_grad_(True) for k, p in point.items()}
+        with torch.enable_grad(), objective.mode():
+            self.out = _as_output_tensor(objective.outputs(self.leaves, inputs))
+        self.value = self.out.detach()
+        if vectorize is None:
+            vectorize = self.value.shape[0] * objective.num_params <= 2**20
+        self.vectorize = vectorize
+        self._dual: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+    def _forward_mode(self, v: dict[str, torch.Tensor]) -> torch.Tensor:
+        obj = self.objective
+        with obj.mode():
+            return tf.jvp(lambda p: obj.outputs(p, self.inputs), (self.point,), (v,))[1]
+
+    def _double_backward(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._dual is None:
+            u = torch.zeros_like(self.value, requires_grad=True)
+            with torch.enable_grad():
+                jt_u = torch.autograd.grad(self.out, list(self.leaves.values()), u,
+                                           create_graph=True, allow_unused=True)
+            self._dual = (u, {name: g for name, g in zip(self.leaves, jt_u, strict=True)
+                              if g is not None and g.requires_grad})
+        u, jt_u = self._dual
+        k = next(iter(V.values())).shape[0]
+        if not jt_u:
+            return torch.zeros((k, *self.value.shape), dtype=self.value.dtype,
+                               device=self.value.device)
+        graph, vs = list(jt_u.values()), [V[name] for name in jt_u]
+        if k == 1:
+            return torch.autograd.grad(graph, u, [v[0] for v in vs],
+                                       retain_graph=True)[0].unsqueeze(0)
+        return torch.autograd.grad(graph, u, vs, retain_graph=True, is_grads_batched=True)[0]
+
+    def jvp(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``J v`` for a block of parameter-shaped directions (leading dim ``k``)."""
+        k = next(iter(V.values())).shape[0]
+        if k == 1 and not self.reusable:
+            try:
+                return self._forward_mode({n: t[0] for n, t in V.items()}).unsqueeze(0)
+            except (RuntimeError, NotImplementedError) as err:
+                if "forward" not in str(err).lower():
+                    raise
+        return self._double_backward(V)
+
+    def vjp(self, U: torch.Tensor) -> torch.Tensor:
+        """``J^T u`` for a block ``U`` of shape ``(k, *outputs.shape)``, as flat rows (k, n)."""
+        leaves = list(self.leaves.values())
+        k = U.shape[0]
+
+        def flat(grads: tuple, rows: int) -> torch.Tensor:
+            return torch.cat([torch.zeros((rows, leaf.numel()), dtype=U.dtype, device=U.device)
+                              if g is None else g.reshape(rows, -1)
+                              for g, leaf in zip(grads, leaves, strict=True)], dim=1)
+
+        if k == 1:
+            return flat(torch.autograd.grad(self.out, leaves, U[0], retain_graph=True,
+                                            allow_unused=True), 1)
+        return flat(torch.autograd.grad(self.out, leaves, U, retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True), k)
+
+
+class OutputSpaceOperator(CurvatureOperator):
+    """Base for ``A = sum_b J_b^T M_b J_b``; subclasses provide ``M_b`` through
+    :meth:`_output_matrix`.
+
+    With a single batch the forward graph (and ``M``) is recorded once and reused by every
+    product (``cache_graph=True``); several batches are linearized one at a time per
+    product, so memory stays that of one batch. ``vectorize`` chooses between one
+    vectorized backward per block and a loop over its vectors (default: by problem size).
+    """
+
+    def __init__(self, model: Any, loss_fn: Any = None, data: Any = None, params: Any = None,
+                 *, train: bool = False, cache_graph: bool = True,
+                 vectorize: bool | None = None) -> None:
+        self.cache_graph, self.vectorize = cache_graph, vectorize
+        super().__init__(model, loss_fn, data, params, train=train)
+
+    @abstractmethod
+    def _output_matrix(self, index: int, weight: float, outputs: torch.Tensor,
+                       targets: Any) -> OutputMatrix:
+        """``U -> M_b U`` for blocks ``U`` of shape ``(k, *outputs.shape)``, for batch
+        number ``index`` with weight ``weight`` in the full-data loss."""
+
+    def refresh(self) -> None:
+        super().refresh()
+        self._cached: tuple[Linearization, OutputMatrix] | None = None
+
+    @staticmethod
+    def _product(lin: Linearization, M: OutputMatrix, Vt: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``J^T M J`` on a block: vectorized, or one vector at a time on the shared
+        recording (cache-friendlier for large problems)."""
+        k = next(iter(Vt.values())).shape[0]
+        if k == 1 or lin.vectorize:
+            return lin.vjp(M(lin.jvp(Vt)))
+        return torch.cat([lin.vjp(M(lin.jvp({n: t[i:i + 1] for n, t in Vt.items()})))
+                          for i in range(k)])
+
+    def _apply(self, V: torch.Tensor) -> torch.Tensor:
+        obj = self.objective
+        Vt = obj.unflatten(V, batched=True)
+        if self.cache_graph and isinstance(obj.data, list) and len(obj.data) == 1:
+            if self._cached is None:
+                (w, x, y), = obj.batches()
+                lin = Linearization(obj, self.point, x, reusable=True, vectorize=self.vectorize)
+                self._cached = (lin, self._output_matrix(0, w, lin.value, y))
+            return self._product(*self._cached, Vt)
+        out = torch.zeros_like(V)
+        for index, (w, x, y) in enumerate(obj.batches()):
+            lin = Linearization(obj, self.point, x, reusable=V.shape[0] > 1,
+                                vectorize=self.vectorize)
+            out += self._product(lin, self._output_matrix(index, w, lin.value, y), Vt)
+        return out

@@ -1,0 +1,231 @@
+"""Diagonals of curvature matrices (exact or Hutchinson estimates) as diagonal operators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.func as tf
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from curvlab.linops._outputspace import (
+    loss_on_outputs,
+    per_sample_losses,
+    per_sample_output_grads,
+    per_sample_output_hessians,
+    sample_weight,
+)
+from curvlab.linops.base import CurvatureOperator
+from curvlab.linops.fisher import EmpiricalFisherOperator
+from curvlab.linops.ggn import GGNOperator
+from curvlab.linops.hessian import HessianOperator
+from curvlab.objective import Objective
+
+__all__ = ["DiagonalOperator", "DIAGONAL_CURVATURES", "DIAGONAL_METHODS"]
+
+DIAGONAL_CURVATURES = ("ggn", "hessian", "ef")
+DIAGONAL_METHODS = ("exact", "hutchinson")
+_OPERATORS = {"ggn": GGNOperator, "hessian": HessianOperator, "ef": EmpiricalFisherOperator}
+
+
+class DiagonalOperator(CurvatureOperator):
+    """``D = diag(A)`` of a curvature matrix ``A`` (GGN, Hessian or empirical Fisher),
+    applied elementwise; the vector is ``.diagonal``.
+
+    ``method="exact"``:
+
+    * ``"ggn"``: ``diag(J^T H J) = sum_i sum_r lambda_ir (J_i^T q_ir)^2`` with
+      ``c_i H_i = Q_i diag(lambda_i) Q_i^T`` the eigendecomposition of sample ``i``'s
+      weighted output-space loss Hessian (a symmetric factorization; ``H_i = L L^T`` when
+      ``H_i`` is PSD). Vectorized over samples with ``vmap`` (in chunks of ``chunk_size``
+      samples), one VJP per output dimension and sample (cf. Dangel, Kunstner & Hennig
+      2020, "BackPACK", sec. 2.3). Needs a loss that is a mean or sum of per-sample losses
+      and samples processed independently (no BatchNorm in train mode).
+    * ``"ef"``: ``diag(EF) = c sum_i g_i^2`` from per-sample gradients, chunked likewise.
+    * ``"hessian"``: ``e_j^T H e_j`` from batched HVPs with blocks of unit vectors (``n``
+      HVPs in total; for small models).
+
+    ``method="hutchinson"``: ``diag(A) ~ (1/S) sum_s z_s * (A z_s)`` with Rademacher
+    ``z_s`` (Bekas, Kokiopoulou & Saad 2007, "An estimator for the diagonal of a matrix"),
+    ``num_samples`` products in blocks of ``chunk_size``, seeded by ``seed``.
+
+    :meth:`from_vector` wraps a given diagonal; :meth:`refresh` recomputes it.
+    """
+
+    def __init__(self, model: Any, loss_fn: Any = None, data: Any = None, params: Any = None,
+                 *, curvature: str = "ggn", method: str = "exact", num_samples: int = 100,
+                 seed: int | None = None, chunk_size: int = 64, train: bool = False) -> None:
+        if curvature not in DIAGONAL_CURVATURES:
+            raise ValueError(f"curvature must be one of {DIAGONAL_CURVATURES}, got {curvature!r}")
+        if method not in DIAGONAL_METHODS:
+            raise ValueError(f"method must be one of {DIAGONAL_METHODS}, got {method!r}")
+        for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.curvature, self.method = curvature, method
+        self.num_samples, self.seed, self.chunk_size = num_samples, seed, chunk_size
+        super().__init__(model, loss_fn, data, params, train=train)
+
+    @classmethod
+    def from_vector(cls, diagonal: torch.Tensor) -> DiagonalOperator:
+        """The diagonal operator ``diag(diagonal)`` for a given 1-D tensor."""
+        if not isinstance(diagonal, torch.Tensor) or diagonal.dim() != 1:
+            raise ValueError("diagonal must be a 1-D tensor")
+        op = cls.__new__(cls)
+        op.objective = None  # type: ignore[assignment]
+        op.curvature, op.method = None, None
+        op.diagonal = diagonal.detach()
+        op.num_matvecs = 0
+        return op
+
+    # ---- shape and checks (from the vector, so from_vector works without an objective) --
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.diagonal.shape[0]
+        return (n, n)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diagonal.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.diagonal.device
+
+    def _check(self, v: Any, name: str, columns: bool) -> None:
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+        n = self.shape[0]
+        ok = v.dim() == 2 and v.shape[0] == n if columns else v.dim() == 1 and v.shape[0] == n
+        if not ok:
+            raise ValueError(f"{name} has shape {tuple(v.shape)}, expected "
+                             f"{f'({n}, k)' if columns else f'({n},)'}")
+        if v.dtype != self.dtype:
+            raise TypeError(f"{name} has dtype {v.dtype}, expected {self.dtype}; convert with "
+                            f".to({self.dtype})")
+        if v.device != self.device:
+            raise ValueError(f"{name} is on {v.device}, expected {self.device}")
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self._check(v, "v", columns=False)
+        self.num_matvecs += 1
+        return self.diagonal * v
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self._check(V, "V", columns=True)
+        self.num_matvecs += V.shape[1]
+        return self.diagonal.unsqueeze(1) * V
+
+    def _apply(self, V: torch.Tensor) -> torch.Tensor:
+        return V * self.diagonal
+
+    def to_dense(self, chunk: int = 64) -> torch.Tensor:
+        return torch.diag(self.diagonal)
+
+    # ---- computing the diagonal ------------------------------------------------------
+    def refresh(self) -> None:
+        """Re-read the parameters and recompute the diagonal (no-op for :meth:`from_vector`)."""
+        if self.objective is None:
+            return
+        super().refresh()
+        if self.method == "hutchinson":
+            self.diagonal = self._hutchinson()
+        elif self.curvature == "hessian":
+            self.diagonal = self._exact_hessian()
+        else:
+            self.diagonal = self._exact_output_space()
+
+    def _hutchinson(self) -> torch.Tensor:
+        obj = self.objective
+        op = _OPERATORS[self.curvature](obj)
+        gen = torch.Generator(device=obj.device)
+        if self.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(self.seed)
+        n = obj.num_params
+        total = torch.zeros(n, dtype=obj.dtype, device=obj.device)
+        for start in range(0, self.num_samples, self.chunk_size):
+            k = min(self.chunk_size, self.num_samples - start)
+            Z = torch.randint(0, 2, (n, k), generator=gen, device=obj.device).to(obj.dtype)
+            Z = 2 * Z - 1
+            total += (Z * op.matmat(Z)).sum(dim=1)
+        return total / self.num_samples
+
+    def _exact_hessian(self) -> torch.Tensor:
+        obj = self.objective
+        op = HessianOperator(obj)
+        n = obj.num_params
+        out = torch.empty(n, dtype=obj.dtype, device=obj.device)
+        for start in range(0, n, self.chunk_size):
+            stop = min(n, start + self.chunk_size)
+            E = torch.zeros(n, stop - start, dtype=obj.dtype, device=obj.device)
+            idx = torch.arange(start, stop, device=obj.device)
+            E[idx, idx - start] = 1
+            out[start:stop] = op.matmat(E)[idx, idx - start]
+        return out
+
+    def _exact_output_space(self) -> torch.Tensor:
+        obj = self.objective
+        if obj.train and isinstance(obj.model, nn.Module) and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in obj.model.modules()):
+            raise ValueError("the exact diagonal evaluates samples one at a time, which "
+                             "BatchNorm in train mode does not allow; use train=False or "
+                             "method='hutchinson'")
+        total = torch.zeros(obj.num_params, dtype=obj.dtype, device=obj.device)
+        for w, x, y in obj.batches():
+            with torch.no_grad(), obj.mode():
+                out = obj.outputs(self.point, x)
+            if not isinstance(out, torch.Tensor) or out.dim() == 0:
+                raise TypeError("the exact diagonal needs a model returning one batched "
+                                "tensor of outputs")
+            c = sample_weight(obj, w, out.shape[0])
+            if self.curvature == "ef":
+                factors = per_sample_output_grads(obj, out, y).reshape(out.shape[0], -1, 1)
+                eigvals = torch.full((out.shape[0], 1), c, dtype=out.dtype, device=out.device)
+            else:
+                _check_separable(obj, w, c, out, y)
+                eigvals, factors = torch.linalg.eigh(per_sample_output_hessians(obj, out, y))
+                eigvals = c * eigvals
+            total += self._sum_squared_vjps(x, out.shape[1:], factors, eigvals)
+        return total
+
+    def _sum_squared_vjps(self, inputs: Any, out_shape: torch.Size, factors: torch.Tensor,
+                          eigvals: torch.Tensor) -> torch.Tensor:
+        """``sum_i sum_r eigvals[i, r] * (J_i^T factors[i, :, r])^2`` over the batch."""
+        obj = self.objective
+        names = list(self.point)
+
+        def one_sample(x_i: Any, q_i: torch.Tensor, lam_i: torch.Tensor) -> list[torch.Tensor]:
+            def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                return obj.outputs(p, tree_map(lambda t: t.unsqueeze(0), x_i))[0]
+
+            _, vjp_fn = tf.vjp(f, self.point)
+            cols = q_i.T.reshape(q_i.shape[1], *out_shape)
+            g = tf.vmap(vjp_fn)(cols)[0]
+            return [lam_i @ (gk * gk)
+                    for gk in (g[k].reshape(cols.shape[0], -1) for k in names)]
+
+        batch = factors.shape[0]
+        total = torch.zeros(obj.num_params, dtype=obj.dtype, device=obj.device)
+        with obj.mode():
+            for start in range(0, batch, self.chunk_size):
+                sl = slice(start, start + self.chunk_size)
+                chunk = tf.vmap(one_sample)(tree_map(lambda t, sl=sl: t[sl], inputs), factors[sl],
+                                            eigvals[sl])
+                total += torch.cat([c.sum(dim=0) for c in chunk])
+        return total
+
+
+def _check_separable(obj: Objective, weight: float, c: float, out: torch.Tensor,
+                     targets: Any) -> None:
+    """The exact GGN diagonal needs ``w * loss(batch) = c * sum_i loss(sample i)``."""
+    with torch.no_grad():
+        whole = weight * loss_on_outputs(obj, out, targets)
+        parts = c * per_sample_losses(obj, out, targets).sum()
+    tol = torch.finfo(out.dtype).eps ** 0.5
+    if not torch.isclose(whole, parts, rtol=tol, atol=tol * float(parts.abs())):
+        raise ValueError("the exact GGN diagonal needs loss_fn to be the mean or sum of "
+                         "per-sample losses (e.g. no class weights); use "
+                         "method='hutchinson' instead")

@@ -1,0 +1,121 @@
+"""DiagonalOperator against the diagonals of dense float64 ground truth."""
+
+import pytest
+import torch
+from _linops_truth import MODELS, Truth, as_data, inputs_for, mlp, rel_err, targets_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from curvlab.linops import DiagonalOperator
+
+LOSSES = {"ce": nn.CrossEntropyLoss, "mse_sum": lambda: nn.MSELoss(reduction="sum")}
+DENSE = {"ggn": Truth.ggn, "hessian": Truth.hessian, "ef": Truth.empirical_fisher}
+
+
+def _setup(model_name, loss_name):
+    model = MODELS[model_name]()
+    loss_fn = LOSSES[loss_name]()
+    X, y = inputs_for(model_name), targets_for(loss_fn)
+    return model, loss_fn, X, y, Truth(model, loss_fn, X, y)
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("form", ["single", "list", "loader"])
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("curvature", list(DENSE))
+def test_exact_diagonal(model_name, form, loss_name, curvature):
+    model, loss_fn, X, y, truth = _setup(model_name, loss_name)
+    op = DiagonalOperator(model, loss_fn, as_data(X, y, form), curvature=curvature,
+                          chunk_size=5)
+    d = torch.diagonal(DENSE[curvature](truth))
+    assert rel_err(op.diagonal, d) < 1e-8
+    v = torch.randn(truth.n, dtype=torch.float64)
+    assert torch.equal(op @ v, op.diagonal * v)
+    assert torch.equal(op.to_dense(), torch.diag(op.diagonal))
+
+
+@pytest.mark.parametrize("curvature", list(DENSE))
+def test_hutchinson_is_unbiased(curvature):
+    model, loss_fn, X, y, truth = _setup("mlp", "ce")
+    d = torch.diagonal(DENSE[curvature](truth))
+    data = as_data(X, y, "list")
+    est = DiagonalOperator(model, loss_fn, data, curvature=curvature, method="hutchinson",
+                           num_samples=1000, seed=0).diagonal
+    # Var(z_j (A z)_j) = sum_{i != j} A_ij^2; four standard deviations of the mean
+    A = DENSE[curvature](truth)
+    sd = ((A**2).sum(1) - d**2).clamp_min(0).sqrt() / 1000**0.5
+    assert bool(((est - d).abs() <= 4 * sd + 1e-12).all())
+    again = DiagonalOperator(model, loss_fn, data, curvature=curvature, method="hutchinson",
+                             num_samples=1000, seed=0).diagonal
+    assert torch.equal(est, again)
+
+
+@settings(max_examples=10, deadline=None)
+@given(d_in=st.integers(1, 4), hidden=st.integers(1, 5), d_out=st.integers(1, 4),
+       n=st.integers(2, 8), seed=st.integers(0, 1000), use_ce=st.booleans(),
+       chunk=st.integers(1, 9))
+def test_exact_ggn_diagonal_property(d_in, hidden, d_out, n, seed, use_ce, chunk):
+    model = mlp(seed, d_in, hidden, d_out)
+    loss_fn = nn.CrossEntropyLoss() if use_ce else nn.MSELoss()
+    X = torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y = targets_for(loss_fn, n, d_out, seed)
+    G = Truth(model, loss_fn, X, y).ggn()
+    d = DiagonalOperator(model, loss_fn, [(X[:1], y[:1]), (X[1:], y[1:])],
+                         chunk_size=chunk).diagonal
+    assert float((d - torch.diagonal(G)).norm()) <= 1e-8 * float(G.norm()) + 1e-300
+
+
+def test_nonconvex_loss_uses_signed_factorization():
+    # the output-space Hessian of this loss is indefinite: the exact diagonal must still
+    # equal diag(J^T H J), which a plain Cholesky-type factorization could not represent
+    model, _, X, _, _ = _setup("mlp", "ce")
+    y = torch.randn(12, 3, dtype=torch.float64)
+
+    class Wavy(nn.Module):
+        reduction = "mean"
+
+        def forward(self, out, target):
+            return (torch.sin(3 * out) * target).sum(1).mean()
+
+    loss_fn = Wavy()
+    truth = Truth(model, loss_fn, X, y)
+    d = DiagonalOperator(model, loss_fn, as_data(X, y, "list")).diagonal
+    assert rel_err(d, torch.diagonal(truth.ggn())) < 1e-8
+
+
+def test_from_vector_and_float32():
+    f32 = torch.float32
+    diag = torch.tensor([1.0, 2.0, 3.0], dtype=f32)
+    op = DiagonalOperator.from_vector(diag)
+    assert op.shape == (3, 3) and op.dtype == f32
+    assert torch.equal(op @ torch.ones(3, dtype=f32), diag)
+    assert torch.equal(op @ torch.ones(3, 2, dtype=f32), torch.stack([diag, diag], 1))
+    assert torch.equal(op.to_dense(), torch.diag(diag))
+    op.refresh()
+    assert torch.equal(op.diagonal, diag)
+    with pytest.raises(ValueError, match="shape"):
+        op @ torch.ones(4, dtype=f32)
+    with pytest.raises(TypeError, match="dtype"):
+        op @ torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="1-D"):
+        DiagonalOperator.from_vector(torch.ones(2, 2))
+    model = mlp().float()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = inputs_for("mlp"), targets_for(loss_fn)
+    d32 = DiagonalOperator(model, loss_fn, (X.float(), y)).diagonal
+    d64 = torch.diagonal(Truth(mlp(), loss_fn, X, y).ggn())
+    assert d32.dtype == torch.float32 and rel_err(d32.double(), d64) < 1e-5
+
+
+def test_diagonal_errors():
+    model, loss_fn, X, y, _ = _setup("mlp", "ce")
+    with pytest.raises(ValueError, match="curvature"):
+        DiagonalOperator(model, loss_fn, (X, y), curvature="fisher")
+    with pytest.raises(ValueError, match="method"):
+        DiagonalOperator(model, loss_fn, (X, y), method="approx")
+    with pytest.raises(ValueError, match="num_samples"):
+        DiagonalOperator(model, loss_fn, (X, y), method="hutchinson", num_samples=0)
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="per-sample"):
+        DiagonalOperator(model, weighted, (X, y))

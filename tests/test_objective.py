@@ -1,0 +1,113 @@
+"""Objective: multi-batch accumulation, parameter subsets, train/eval mode."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from curvlab.objective import Objective
+
+
+def _problem(reduction="mean"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, 3)).double()
+    X = torch.randn(11, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (11,))
+    return model, nn.CrossEntropyLoss(reduction=reduction), X, y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_multi_batch_equals_one_big_batch(reduction):
+    model, loss_fn, X, y = _problem(reduction)
+    whole = Objective(model, loss_fn, (X, y))
+    L, g = whole.loss_and_grad()
+    # the reference: a plain autograd pass on the whole data, in eval mode
+    model.eval()
+    model.zero_grad()
+    ref = loss_fn(model(X), y)
+    ref.backward()
+    ref_g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    for data in ([(X[:3], y[:3]), (X[3:7], y[3:7]), (X[7:], y[7:])],
+                 DataLoader(TensorDataset(X, y), batch_size=4)):
+        obj = Objective(model, loss_fn, data)
+        assert obj.num_samples == 11
+        torch.testing.assert_close(obj.loss(), ref.detach(), rtol=1e-13, atol=0)
+        Lb, gb = obj.loss_and_grad()
+        torch.testing.assert_close(Lb, ref.detach(), rtol=1e-13, atol=0)
+        torch.testing.assert_close(obj.flatten(gb), ref_g, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(L, ref.detach(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(whole.flat_grad(), ref_g, rtol=1e-12, atol=1e-15)
+    assert sorted(g) == sorted(dict(model.named_parameters()))
+
+
+def test_parameter_subsets_by_name_module_and_tensor():
+    model, loss_fn, X, y = _problem()
+    full = Objective(model, loss_fn, (X, y))
+    assert full.num_params == 4 * 5 + 5 + 5 * 3 + 3
+    by_name = Objective(model, loss_fn, (X, y), params=["3.weight", "0.bias"])
+    assert list(by_name.params) == ["3.weight", "0.bias"]
+    assert by_name.num_params == 15 + 5
+    by_module = Objective(model, loss_fn, (X, y), params=model[3])
+    assert list(by_module.params) == ["3.weight", "3.bias"]
+    by_module_name = Objective(model, loss_fn, (X, y), params="3")
+    assert list(by_module_name.params) == ["3.weight", "3.bias"]
+    by_tensor = Objective(model, loss_fn, (X, y), params=[model[0].weight])
+    assert list(by_tensor.params) == ["0.weight"]
+    # the subset's gradient is the matching part of the full gradient
+    g = full.loss_and_grad()[1]
+    sub = by_module.loss_and_grad()[1]
+    for k in sub:
+        torch.testing.assert_close(sub[k], g[k], rtol=0, atol=0)
+    # flatten / unflatten round trip, batched too
+    v = torch.randn(by_name.num_params, dtype=torch.float64)
+    assert torch.equal(by_name.flatten(by_name.unflatten(v)), v)
+    V = torch.randn(3, by_name.num_params, dtype=torch.float64)
+    assert torch.equal(by_name.flatten(by_name.unflatten(V, batched=True), batched=True), V)
+    with pytest.raises(ValueError, match="neither a parameter nor a module"):
+        Objective(model, loss_fn, (X, y), params="nope")
+    with pytest.raises(ValueError, match="not a parameter"):
+        Objective(model, loss_fn, (X, y), params=torch.zeros(3))
+    with pytest.raises(ValueError, match="not part of the model"):
+        Objective(model, loss_fn, (X, y), params=nn.Linear(2, 2))
+
+
+def test_eval_mode_by_default_and_mode_restored():
+    model, loss_fn, X, y = _problem()
+    model.train()
+    obj = Objective(model, loss_fn, (X, y))
+    a, b = obj.loss(), obj.loss()
+    assert torch.equal(a, b)  # Dropout off: deterministic
+    model.eval()
+    torch.testing.assert_close(a, loss_fn(model(X), y).detach(), rtol=1e-14, atol=0)
+    model.train()
+    obj.loss_and_grad()
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    stochastic = Objective(model, loss_fn, (X, y), train=True)
+    torch.manual_seed(1)
+    c = stochastic.loss()
+    torch.manual_seed(2)
+    d = stochastic.loss()
+    assert not torch.equal(c, d)  # Dropout active in train mode
+    assert not model.training  # and the eval mode is restored
+
+
+def test_callable_model_and_errors():
+    W = torch.randn(3, 4, dtype=torch.float64)
+    X = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randn(6, 3, dtype=torch.float64)
+    obj = Objective(lambda p, x: x @ p["W"].T, nn.MSELoss(), (X, y), params={"W": W})
+    L, g = obj.loss_and_grad()
+    torch.testing.assert_close(g["W"], 2 * (X @ W.T - y).T @ X / y.numel())
+    with pytest.raises(TypeError, match="callable model needs params"):
+        Objective(lambda p, x: x, nn.MSELoss(), (X, y))
+    with pytest.raises(ValueError, match="reduction"):
+        Objective(nn.Linear(4, 3).double(), nn.MSELoss(reduction="none"), (X, y))
+    with pytest.raises(ValueError, match="data is required"):
+        Objective(nn.Linear(4, 3).double(), nn.MSELoss(), None)
+    with pytest.raises(TypeError, match="data must be"):
+        Objective(nn.Linear(4, 3).double(), nn.MSELoss(), 3.0)
+    with pytest.raises(ValueError, match="scalar"):
+        Objective(nn.Linear(4, 3).double(), lambda o, t: (o - t) ** 2, (X, y)).loss()
+    with pytest.raises(ValueError, match="expected"):
+        obj.check_vector(torch.ones(5, dtype=torch.float64))
