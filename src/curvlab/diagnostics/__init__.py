@@ -39,3 +39,29 @@ from curvlab.diagnostics.stability import preconditioned_sharpness as preconditi
 from curvlab.diagnostics.stability import relative_update as relative_update
 from curvlab.diagnostics.stability import stability_report as stability_report
 from curvlab.diagnostics.stability import stability_threshold as stability_threshold
+
+__all__ += [
+    "CurvatureMonitor",
+    "MonitorEvent",
+    "adam_preconditioner",
+    "bottom_eigenvalues",
+    "condition_number",
+    "effective_rank",
+    "epsilon_sharpness",
+    "forecast_crossing",
+    "gd_stability",
+    "gradient_effective_rank",
+    "gradient_noise",
+    "jacobian_singular_values",
+    "lambda_max",
+    "layer_sharpness",
+    "newton_decrement",
+    "parameter_blocks",
+    "preconditioned_sharpness",
+    "relative_update",
+    "spectral_density",
+    "stability_report",
+    "stability_threshold",
+    "top_eigenvalues",
+    "trace",
+]
