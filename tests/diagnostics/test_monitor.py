@@ -93,7 +93,7 @@ def test_warm_start_is_cheap_and_every_check_is_right():
             cold.append(lanczos(op, 1, tol=mon.tol, generator=torch.Generator().manual_seed(
                 record["step"])).num_matvecs)
 
-    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=5, callbacks=[compare])
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=10, callbacks=[compare])
     for _ in range(100):
         opt.zero_grad()
         loss = loss_fn(model(X), y)
