@@ -24,7 +24,7 @@ the fairest measure of raw convergence speed). Medians over repeats; ratios are
 curvlab lanczos / contender. Repeats are interleaved so machine noise hits all alike.
 
 How many HVPs Lanczos saves over power iteration depends on the gap at the top of the
-spectrum: on the 512-image batch (the full run) power iteration needed 3.5-5x the HVPs of
+spectrum: on the 512-image batch (the full run) power iteration needed 3.4-4.7x the HVPs of
 Lanczos; on the 256-image batch of ``--quick`` the top is better separated and it needs
 only 2-3x. Results of a full run are in ``benchmarks/results/bench_spectrum.{json,txt}``.
 
