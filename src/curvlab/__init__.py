@@ -16,3 +16,7 @@ __all__ = [
     "jvp",
     "vjp",
 ]
+
+from curvlab.minimize import OptimizeResult, least_squares, minimize  # noqa: E402
+
+__all__ += ["OptimizeResult", "least_squares", "minimize"]
