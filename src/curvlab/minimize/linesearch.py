@@ -7,6 +7,11 @@
 * :func:`exact_quadratic` -- the exact minimizer ``a = -g^T d / d^T H d`` of a quadratic
   along ``d`` (N&W eq. 3.55), one Hessian-vector product.
 
+Near a minimizer with a large ``|f|`` the decrease can fall below the rounding error of
+``f``; both searches then also accept the approximate Armijo condition of Hager & Zhang
+(2005, eq. 4.1): ``phi(a) <= phi(0) + 1e-10 |phi(0)|`` and ``phi'(a) <= (1 - 2 c1)
+|phi'(0)|`` (exact Armijo for a quadratic, evaluated with derivatives, which stay accurate).
+
 Non-finite trial values (overflow, log of a negative number, ...) count as "too long":
 the search backtracks away from them and never returns such a point. All searches work on
 a :class:`LineFunction` that evaluates value, gradient and ``phi'(a) = g(x + a d)^T d``
@@ -22,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LineFunction", "Point", "LineSearchResult", "backtracking", "strong_wolfe",
+__all__ = ["LineFunction", "Point", "sufficient_decrease", "LineSearchResult", "backtracking", "strong_wolfe",
            "exact_quadratic", "LINE_SEARCHES"]
 
 LINE_SEARCHES = ("armijo", "strong-wolfe", "exact")
@@ -57,6 +62,18 @@ class LineSearchResult:
     message: str = ""
 
 
+APPROX_EPS = 1e-10
+
+
+def sufficient_decrease(p: Point, phi0: float, dphi0: float, c1: float) -> bool:
+    """Armijo ``phi(a) <= phi(0) + c1 a phi'(0)`` or its approximate form (module doc)."""
+    if not p.finite:
+        return False
+    if p.phi <= phi0 + c1 * p.alpha * dphi0:
+        return True
+    return p.phi <= phi0 + APPROX_EPS * abs(phi0) and p.dphi <= (2.0 * c1 - 1.0) * dphi0
+
+
 class LineFunction:
     """``phi(alpha) = f(x + alpha d)``; ``evaluate(x) -> (f, g, *extra)``."""
 
@@ -87,7 +104,7 @@ def backtracking(line: LineFunction, phi0: float, dphi0: float, alpha0: float = 
     alpha = alpha0
     for _ in range(max_evals):
         p = line(alpha)
-        if p.finite and p.phi <= phi0 + c1 * alpha * dphi0:
+        if sufficient_decrease(p, phi0, dphi0, c1):
             return LineSearchResult(p, True, line.nevals)
         if not p.finite:
             alpha *= shrink[0]
@@ -135,7 +152,7 @@ def strong_wolfe(line: LineFunction, phi0: float, dphi0: float, alpha0: float = 
     best: Point | None = None
 
     def armijo(p: Point) -> bool:
-        return p.finite and p.phi <= phi0 + c1 * p.alpha * dphi0
+        return sufficient_decrease(p, phi0, dphi0, c1)
 
     def zoom(lo: Point, hi: Point) -> LineSearchResult:
         nonlocal best
