@@ -114,7 +114,7 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
         raise TypeError("callback must be callable, got " + type(callback).__name__)
     solver = METHODS[method]
     allowed = [p for p in inspect.signature(solver).parameters if p not in ("ev", "x0", "mon")]
-    allowed = [p for p in allowed if p not in ("memory", "first")]
+    allowed = [p for p in allowed if p != "memory"]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for method {method!r}; "

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from curvlab.autodiff import hvp_fn
 from curvlab.minimize.result import STATUS_MESSAGES, OptimizeResult
 
 __all__ = ["Evaluator", "Monitor", "clip_direction"]
@@ -100,34 +99,48 @@ class Evaluator:
         return y.detach(), torch.zeros_like(x) if g is None else g
 
     def fgh(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, HVP]:
-        """Value, gradient and ``v -> H v`` at ``x``. Without user ``hessp`` the gradient's
-        graph is recorded once so every product is one backward pass (``nhvp``)."""
-        if self.hessp is not None or self.jac is not None:
+        """Value, gradient and ``v -> H v`` at ``x``. Without a user ``hessp`` the gradient's
+        graph is recorded once (the double-backward form of :func:`curvlab.autodiff.hvp_fn`,
+        inlined to keep per-product overhead low at small ``n``), so every product is one
+        backward pass (``nhvp``); ``product(V, True)`` does a batch of rows ``V`` at once."""
+        if self.hessp is not None:
             f, g = self.fg(x)
-            if self.hessp is not None:
-                xs = x.view(self.shape)
+            xs = x.view(self.shape)
 
-                def user_product(v: torch.Tensor) -> torch.Tensor:
-                    self.nhvp += 1
-                    with torch.no_grad():
-                        hv = self.hessp(xs, v.view(self.shape), *self.args)
-                    return hv.detach().reshape(-1).to(x.dtype)
+            def user_product(v: torch.Tensor) -> torch.Tensor:
+                self.nhvp += 1
+                with torch.no_grad():
+                    hv = self.hessp(xs, v.view(self.shape), *self.args)
+                return hv.detach().reshape(-1).to(x.dtype)
 
-                return f, g, user_product
-            self.nfev += 1
-            self.ngev += 1
-            _, _, prod = hvp_fn(lambda z: self._call(z), x)
-        else:
-            self.nfev += 1
-            self.ngev += 1
-            f, g, prod = hvp_fn(lambda z: self._call(z), x)
+            return f, g, user_product
+        self.nfev += 1
+        self.ngev += 1
+        xr = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = self._call(xr)
+            if self.jac is not None:  # value (and gradient) from the user; HVPs by autodiff
+                y = y[0] if self.jac is True else y
+            y = _as_scalar(y, "fun")
+            (gr,) = torch.autograd.grad(y, xr, create_graph=True, allow_unused=True)
+        if gr is None:
+            gr = torch.zeros_like(x)
+        g = gr.detach()
+        if self.jac is not None and self.jac is not True:
+            with torch.no_grad():
+                g = self._flat_grad(self.jac(x.view(self.shape), *self.args), x)
+        live = gr.requires_grad
 
         def product(v: torch.Tensor, batched: bool = False) -> torch.Tensor:
             self.nhvp += 1
-            return prod(v, batched)
+            if not live:
+                return torch.zeros_like(v)
+            (hv,) = torch.autograd.grad(gr, xr, v, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=batched)
+            return torch.zeros_like(v) if hv is None else hv
 
-        product.batched = prod  # type: ignore[attr-defined]
-        return f, g, product
+        product.batched = product  # type: ignore[attr-defined]
+        return y.detach(), g, product
 
     def hess(self, x: torch.Tensor, product: HVP | None = None) -> torch.Tensor:
         """Dense Hessian: user ``hess`` or ``H I`` as one batched backward through the
@@ -145,10 +158,12 @@ class Evaluator:
         batched = getattr(product, "batched", None)
         if batched is not None:
             self.nhess += 1
+            nhvp = self.nhvp
             try:
                 H = batched(eye, True)
             except RuntimeError:
                 H = torch.stack([batched(e) for e in eye])
+            self.nhvp = nhvp
         else:
             H = torch.stack([product(e) for e in eye])
         return 0.5 * (H + H.T)

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["LineFunction", "Point", "sufficient_decrease", "LineSearchResult", "backtracking", "strong_wolfe",
-           "exact_quadratic", "LINE_SEARCHES"]
+__all__ = ["LineFunction", "Point", "sufficient_decrease", "LineSearchResult", "backtracking",
+           "strong_wolfe", "exact_quadratic", "LINE_SEARCHES"]
 
 LINE_SEARCHES = ("armijo", "strong-wolfe", "exact")
 

@@ -242,9 +242,8 @@ def _chebyquad(x):  # MGH 35, m = n
     T = [torch.ones_like(y), y]
     for _ in range(2, n + 1):
         T.append(2.0 * y * T[-1] - T[-2])
-    i = torch.arange(1, n + 1)
-    exact = torch.where(i % 2 == 0, -1.0 / (i.double() ** 2 - 1.0), torch.zeros(n, dtype=torch.float64))
-    return torch.stack(T[1:]).mean(1) - exact.to(x.dtype).to(x.device)
+    exact = [-1.0 / (i * i - 1.0) if i % 2 == 0 else 0.0 for i in range(1, n + 1)]
+    return torch.stack(T[1:]).mean(1) - _c(x, exact)
 
 
 def mgh_problems() -> list[TestProblem]:

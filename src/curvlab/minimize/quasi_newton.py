@@ -67,24 +67,41 @@ class LBFGSMemory:
 
 
 def two_loop(g: torch.Tensor, mem: LBFGSMemory) -> torch.Tensor:
-    """``H g`` by the L-BFGS two-loop recursion (N&W Alg. 7.4) with ``H_0 = gamma I``."""
+    """``H g`` by the L-BFGS two-loop recursion (N&W Alg. 7.4) with ``H_0 = gamma I``.
+
+    On the CPU the recursion runs on zero-copy NumPy views (a torch call costs several
+    microseconds, which dominates at small ``n``); elsewhere it runs in torch, keeping
+    the scalars on the device (no host syncs)."""
+    if g.device.type == "cpu":
+        q = g.numpy().copy()
+        S = [s.numpy() for s in mem.s]
+        Y = [y.numpy() for y in mem.y]
+        alphas = []
+        for s, y, rho in zip(reversed(S), reversed(Y), reversed(mem.rho), strict=True):
+            a = rho * float(s @ q)
+            q -= a * y
+            alphas.append(a)
+        q *= mem.gamma
+        for s, y, rho, a in zip(S, Y, mem.rho, reversed(alphas), strict=True):
+            q += (a - rho * float(y @ q)) * s
+        return torch.from_numpy(q)
     q = g.clone()
-    alphas = []
+    talphas = []
     for s, y, rho in zip(reversed(mem.s), reversed(mem.y), reversed(mem.rho), strict=True):
         a = torch.dot(s, q) * rho
         q.addcmul_(y, a, value=-1.0)
-        alphas.append(a)
+        talphas.append(a)
     q.mul_(mem.gamma)
-    for s, y, rho, a in zip(mem.s, mem.y, mem.rho, reversed(alphas), strict=True):
+    for s, y, rho, a in zip(mem.s, mem.y, mem.rho, reversed(talphas), strict=True):
         b = torch.dot(y, q) * rho
         q.addcmul_(s, a - b)
     return q
 
 
 def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, update,
-                      line_search: str, c1: float, c2: float, first=None) -> OptimizeResult:
+                      line_search: str, c1: float, c2: float) -> OptimizeResult:
     """Shared loop: ``d = direction(g)``, line search, ``update(s, y, ys, alpha)``."""
-    f, g = first if first is not None else ev.fg(x)
+    f, g = ev.fg(x)
     gn = mon.gnorm(g)
     if not (math.isfinite(gn) and bool(torch.isfinite(f))):
         return mon.finish(x, f, g, 4, "At the starting point.")
@@ -126,16 +143,18 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
 
 def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 10,
           line_search: str = "strong-wolfe", c1: float = 1e-4, c2: float = 0.9,
-          memory: LBFGSMemory | None = None, first: tuple | None = None) -> OptimizeResult:
-    """Limited-memory BFGS (N&W Alg. 7.5). ``memory`` continues a previous run."""
+          memory: LBFGSMemory | None = None, step_scale: float = 1.0) -> OptimizeResult:
+    """Limited-memory BFGS (N&W Alg. 7.5). ``memory`` continues a previous run;
+    ``step_scale`` multiplies the first trial step of every line search."""
     if int(history_size) < 1:
         raise ValueError(f"history_size must be >= 1, got {history_size}")
     mem = memory if memory is not None else LBFGSMemory(int(history_size))
 
     def direction(g):
         if not mem.s:
-            return -g, min(1.0, 1.0 / max(float(torch.linalg.vector_norm(g)), 1e-300))
-        return -two_loop(g, mem), 1.0
+            return -g, step_scale * min(1.0, 1.0 / max(float(torch.linalg.vector_norm(g)),
+                                                       1e-300))
+        return -two_loop(g, mem), step_scale
 
     def update(s, y, ys, alpha):
         if s is None:
@@ -145,7 +164,7 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
             return
         mem.push(s, y, ys, float(torch.dot(y, y)))
 
-    res = _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2, first)
+    res = _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2)
     res["memory"] = mem
     return res
 
