@@ -3,8 +3,9 @@
 * :func:`gd` -- ``x+ = x - alpha g`` with ``alpha`` from a line search: ``"armijo"``
   (backtracking, N&W Alg. 3.1), ``"strong-wolfe"`` (N&W Alg. 3.5/3.6) or ``"exact"``
   (``alpha = g^T g / g^T H g``, exact on quadratics, N&W eq. 3.55). The first trial is
-  ``alpha_{k-1} g_{k-1}^T d_{k-1} / g_k^T d_k`` (N&W eq. 3.60), doubled for Armijo so
-  the step can grow, or the fixed ``lr``.
+  the fixed ``lr`` if given, else the Barzilai-Borwein step ``s^T s / s^T y`` (Barzilai &
+  Borwein 1988) when ``s^T y > 0``, else ``alpha_{k-1} g_{k-1}^T d_{k-1} / g_k^T d_k``
+  (N&W eq. 3.60); the line search then enforces its conditions as usual.
 * :func:`momentum` -- Polyak heavy ball (Polyak 1964) in the form ``m = beta m + g``,
   ``x+ = x - alpha m`` (``= x - alpha g + beta (x - x_prev)`` for constant ``alpha``),
   with ``alpha = lr`` or chosen by Armijo backtracking; a non-descent ``m`` or a failed
@@ -68,6 +69,7 @@ def gd(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "arm
     phi = float(f)
     prod = out[2] if len(out) > 2 else None
     prev: tuple[float, float] | None = None
+    bb: float | None = None
     while True:
         if gn <= mon.gtol:
             return mon.finish(x, f, g, 0)
@@ -81,10 +83,12 @@ def gd(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "arm
         else:
             if lr is not None:
                 alpha0 = lr
+            elif bb is not None:
+                alpha0 = bb
             elif prev is None:
                 alpha0 = min(1.0, 1.0 / max(float(torch.linalg.vector_norm(d)), 1e-300))
             else:
-                alpha0 = prev[0] * prev[1] / dphi0 * (2.0 if line_search == "armijo" else 1.0)
+                alpha0 = prev[0] * prev[1] / dphi0
             if line_search == "armijo":
                 ls = backtracking(line, phi, dphi0, alpha0, c1=c1)
             else:
@@ -94,6 +98,9 @@ def gd(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "arm
             return mon.finish(x, f, g, 3 if not dphi0 < 0 else 2, ls.message)
         mon.nit += 1
         prev = (p.alpha, dphi0)
+        s_, y_ = p.x - x, p.g - g
+        ss, sy = torch.stack((torch.dot(s_, s_), torch.dot(s_, y_))).tolist()
+        bb = ss / sy if sy > 0 and math.isfinite(ss / sy) else None
         x, f, g, phi, prod = p.x, p.f, p.g, p.phi, p.extra
         gn = mon.gnorm(g)
         mon.record(phi, gn, step=p.alpha)

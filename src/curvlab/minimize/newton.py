@@ -1,8 +1,8 @@
 """Newton methods with a line search (Nocedal & Wright, 2nd ed., Ch. 3 and 7).
 
-* :func:`newton` -- damped Newton with backtracking: ``d = -(H + E)^{-1} g`` where
-  ``H + E = L L^T`` is the Gill-Murray-Wright modified Cholesky factorization (``E = 0``
-  when ``H`` is positive definite; N&W Sec. 3.4, Alg. 3.2), step ``alpha`` by Armijo
+* :func:`newton` -- damped Newton with backtracking: ``d = -(H + E)^{-1} g`` with the
+  Cheng-Higham modified Cholesky factorization of ``H`` (:mod:`curvlab.linalg.factor`;
+  ``E = 0`` when ``H`` is positive definite; N&W Sec. 3.4), step ``alpha`` by Armijo
   backtracking from 1 (or strong Wolfe). Records the Newton decrement
   ``lambda = sqrt(g^T (H + E)^{-1} g)`` (Boyd & Vandenberghe, eq. 9.29).
 * :func:`newton_cg` -- line-search Newton-CG / truncated Newton (N&W Alg. 7.1): CG on
@@ -70,9 +70,7 @@ def newton(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = 
     """Damped Newton with a modified-Cholesky-corrected Hessian (dense, ``n`` small)."""
 
     def direction(x, g, prod):
-        H = ev.hess(x, prod)
-        L = modified_cholesky(H).L
-        d = -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
+        d = -modified_cholesky(ev.hess(x, prod)).solve(g)
         return d, math.sqrt(max(-float(torch.dot(g, d)), 0.0))
 
     return _newton_loop(ev, mon, x0, direction, line_search, c1, c2)

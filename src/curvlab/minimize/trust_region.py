@@ -57,8 +57,7 @@ def solve_dogleg(g: torch.Tensor, B: torch.Tensor, radius: float
                  ) -> tuple[torch.Tensor, float, bool]:
     """Dogleg step (N&W Sec. 4.1, eq. 4.15-4.16) with dense ``B``; returns
     ``(p, m(p), hit_boundary)``."""
-    L = modified_cholesky(B).L
-    pB = -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
+    pB = -modified_cholesky(B).solve(g)
     nB = float(torch.linalg.vector_norm(pB))
     if nB <= radius:
         return pB, _model(g, B, pB), False
