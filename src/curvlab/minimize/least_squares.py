@@ -13,7 +13,8 @@ Methods:
   *Methods for Non-Linear Least Squares Problems* (2004), Alg. 3.16: solve
   ``(J^T J + mu I) h = -g``, gain ratio ``rho = (F(x) - F(x + h)) / (1/2 h^T (mu h - g))``,
   accept when ``rho > 0`` with ``mu *= max(1/3, 1 - (2 rho - 1)^3)``, else
-  ``mu *= nu, nu *= 2``; ``mu_0 = tau max diag(J^T J)``.
+  ``mu *= nu, nu *= 2``; ``mu_0 = tau max diag(J^T J)``. When ``F`` changes only at
+  rounding level the step is accepted if it reduces ``||grad F||_inf``.
 * ``gauss-newton`` -- ``h = argmin ||J h + r||`` (minimum norm) with Armijo backtracking
   on ``F`` (N&W Sec. 10.3).
 
@@ -197,9 +198,15 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
             F_new = value(x + h)
             predicted = 0.5 * float(torch.dot(h, mu * h - lin.g))
             gain = (Fv - F_new) / predicted if math.isfinite(F_new) and predicted > 0 else -1.0
+            new = None
+            if not gain > 0 and math.isfinite(F_new) and abs(Fv - F_new) <= 100 * eps * abs(Fv):
+                # the change of F is at rounding level: judge the step by the gradient
+                trial = _Linearization(fn, x + h, loss, C, dense, cnt)
+                if mon.gnorm(trial.g) < gn:
+                    new, gain = trial, 0.5
             if gain > 0:
                 x = x + h
-                lin = _Linearization(fn, x, loss, C, dense, cnt)
+                lin = new if new is not None else _Linearization(fn, x, loss, C, dense, cnt)
                 Fv, gn = float(lin.F), mon.gnorm(lin.g)
                 mu *= max(1.0 / 3.0, 1.0 - (2.0 * gain - 1.0) ** 3)
                 nu = 2.0
