@@ -270,7 +270,7 @@ def mgh_problems() -> list[TestProblem]:
         _ls("Osborne 1", 5, [0.5, 1.5, -1.0, 0.01, 0.02], _osborne1, 5.46489469748e-5),
         _ls("Biggs EXP6", 6, [1.0, 2.0, 1.0, 1.0, 1.0, 1.0], _biggs_exp6, None),
         _ls("Watson", 6, [0.0] * 6, _watson, 2.28767005355e-3),
-        _ls("Watson", 9, [0.0] * 9, _watson, 1.39976181e-6),
+        _ls("Watson", 9, [0.0] * 9, _watson, 1.39976e-6),
         _ls("Penalty I", 10, list(range(1, 11)), _penalty1, 7.08765146709e-5),
         _ls("Variably dimensioned", 10, [1.0 - j / 10 for j in range(1, 11)],
             _variably_dimensioned, 0.0),

@@ -14,7 +14,8 @@ With ``s = x_{k+1} - x_k`` and ``y = g_{k+1} - g_k``:
   (y - Bs)^T s`` applied only when ``|s^T (y - Bs)| >= r ||s|| ||y - Bs||`` (eq. 6.26,
   ``r = 1e-8``), on every trial step (accepted or not), ``B_0 = (y^T y / y^T s) I`` at the
   first update when ``y^T s > 0``; the subproblem is solved exactly
-  (:func:`curvlab.minimize.trust_region.solve_exact`).
+  (:func:`curvlab.minimize.trust_region.solve_exact`); acceptance ``rho > eta = 1e-4`` as
+  in Alg. 6.2, radius updates those of the shared loop (Alg. 4.1).
 """
 
 from __future__ import annotations
