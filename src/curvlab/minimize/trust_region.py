@@ -169,7 +169,10 @@ def trust_region_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, subproblem: 
             return mon.finish(x, f, g, 6, "The model predicts no decrease.", radius=radius)
         xt = x + p
         trial = evaluate(xt)
-        ft = float(trial[0])
+        # one host sync for the trial's value and gradient norm
+        ft, gt = torch.stack((trial[0].to(x.dtype), trial[1].abs().max())).tolist()
+        if math.isnan(ft) or math.isnan(gt) or math.isinf(gt):
+            ft = math.inf
         rho = (phi - ft) / predicted if math.isfinite(ft) else -math.inf
         if on_trial is not None:
             on_trial(x, g, extra, p, trial)
@@ -178,13 +181,13 @@ def trust_region_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, subproblem: 
             radius = 0.25 * min(pnorm, radius)
         elif rho > 0.75 and boundary:
             radius = min(2.0 * radius, max_radius)
-        if rho > eta and math.isfinite(ft) and bool(torch.isfinite(trial[1]).all()):
-            x, (f, g, extra), phi = xt, trial, ft
-            gn = mon.gnorm(g)
+        if rho > eta:
+            x, (f, g, extra), phi, gn = xt, trial, ft, gt
         mon.record(phi, gn, step=pnorm, radius=radius)
         if mon.stop_requested(x, f, g):
             return mon.finish(x, f, g, 5, radius=radius)
-        if radius <= eps * max(float(torch.linalg.vector_norm(x)), 1e-30) and gn > mon.gtol:
+        if radius < 1e-6 and gn > mon.gtol and radius <= eps * max(
+                float(torch.linalg.vector_norm(x)), 1e-30):
             return mon.finish(x, f, g, 6, radius=radius)
 
 
