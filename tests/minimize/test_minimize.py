@@ -253,3 +253,26 @@ def test_bad_input_errors():
         minimize(f, torch.zeros(2), "lbfgs", radius=3)
     with pytest.raises(ValueError, match="scalar"):
         minimize(lambda x: x, torch.zeros(2))
+
+
+@pytest.mark.parametrize("method,options", [
+    ("gd", dict(line_search="strong-wolfe")),
+    ("momentum", dict(lr=2.0, beta=0.5)),
+    ("nesterov", dict(lr=2.0)),
+    ("lbfgs", dict(history_size=3, line_search="armijo")),
+    ("newton-cg", dict(line_search="strong-wolfe", cg_max_iter=5)),
+    ("trust-ncg", dict(initial_radius=0.1, max_radius=10.0, eta=0.1)),
+])
+def test_method_options(method, options, logreg):
+    p, fstar = logreg
+    res = minimize(p.objective, p.start(), method, gtol=1e-7, **options)
+    _check(res, fstar)
+
+
+def test_callback_stop_iteration():
+    def cb(r):
+        raise StopIteration
+
+    res = minimize(rosenbrock, torch.tensor([-1.2, 1.0], dtype=torch.float64), "trust-ncg",
+                   callback=cb)
+    assert res.status == 5 and res.nit == 1 and not res.success
