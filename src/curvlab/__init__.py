@@ -17,6 +17,7 @@ __all__ = [
     "vjp",
 ]
 
-from curvlab.minimize import OptimizeResult, least_squares, minimize  # noqa: E402
+from curvlab import minimize  # noqa: E402  (a callable package: curvlab.minimize(fun, x0))
+from curvlab.minimize import OptimizeResult, least_squares  # noqa: E402
 
 __all__ += ["OptimizeResult", "least_squares", "minimize"]

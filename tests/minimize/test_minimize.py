@@ -276,3 +276,14 @@ def test_callback_stop_iteration():
     res = minimize(rosenbrock, torch.tensor([-1.2, 1.0], dtype=torch.float64), "trust-ncg",
                    callback=cb)
     assert res.status == 5 and res.nit == 1 and not res.success
+
+
+def test_public_surface():
+    import curvlab
+    import curvlab.minimize.problems as P
+
+    res = curvlab.minimize(P.rosenbrock, torch.zeros(2, dtype=torch.float64), "bfgs")
+    assert isinstance(res, curvlab.OptimizeResult) and res.success
+    assert callable(curvlab.least_squares)
+    from curvlab.linalg import cg, modified_cholesky, steihaug_cg  # noqa: F401
+    from curvlab.optim import LBFGS  # noqa: F401

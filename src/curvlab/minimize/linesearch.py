@@ -81,6 +81,15 @@ class LineFunction:
                  d: torch.Tensor) -> None:
         self.evaluate, self.x, self.d = evaluate, x, d
         self.nevals = 0
+        self._scale: tuple[float, float] | None = None
+
+    def negligible(self, step: float) -> bool:
+        """Whether ``step * d`` is below rounding relative to ``x`` (one sync, cached)."""
+        if self._scale is None:
+            self._scale = tuple(torch.stack((self.d.abs().max(), self.x.abs().max()))
+                                .tolist())  # type: ignore[assignment]
+        dmax, xmax = self._scale
+        return step * dmax <= 1e-16 * (1.0 + xmax)
 
     def __call__(self, alpha: float) -> Point:
         self.nevals += 1
@@ -112,7 +121,7 @@ def backtracking(line: LineFunction, phi0: float, dphi0: float, alpha0: float = 
         denom = 2.0 * (p.phi - phi0 - dphi0 * alpha)
         new = -dphi0 * alpha * alpha / denom if denom > 0 else shrink[1] * alpha
         alpha = min(max(new, shrink[0] * alpha), shrink[1] * alpha)
-        if alpha * float(line.d.abs().max()) <= 1e-16 * (1.0 + float(line.x.abs().max())):
+        if line.negligible(alpha):
             break
     return LineSearchResult(None, False, line.nevals, "no sufficient decrease")
 
@@ -159,8 +168,7 @@ def strong_wolfe(line: LineFunction, phi0: float, dphi0: float, alpha0: float = 
         while line.nevals < max_evals:
             a, b = sorted((lo.alpha, hi.alpha))
             width = b - a
-            if width <= 1e-16 * max(b, 1e-16) or width * float(line.d.abs().max()) <= 1e-16 * (
-                    1.0 + float(line.x.abs().max())):
+            if width <= 1e-16 * max(b, 1e-16) or line.negligible(width):
                 break
             t = _cubic_min(lo, hi, a + 0.1 * width, b - 0.1 * width)
             p = line(t)
