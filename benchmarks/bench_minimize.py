@@ -123,7 +123,7 @@ def run_scipy(method):
 
 
 TORCHMIN_OPTIONS = {
-    "l-bfgs": dict(gtol=GTOL, xtol=1e-300),
+    "l-bfgs": dict(gtol=GTOL, xtol=1e-300, history_size=10),  # same memory as the others
     "bfgs": dict(gtol=GTOL, xtol=1e-300),
     "newton-cg": dict(xtol=1e-300),
     "newton-exact": dict(xtol=1e-300),

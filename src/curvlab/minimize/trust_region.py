@@ -80,13 +80,20 @@ def solve_exact(g: torch.Tensor, B: torch.Tensor, radius: float, rtol: float = 1
     """Nearly exact trust-region step (More & Sorensen 1983; N&W Sec. 4.3) in the
     eigenbasis ``B = Q diag(lam) Q^T``: ``p(l) = -Q (a / (lam + l))`` with ``a = Q^T g``.
 
-    Interior Newton step when ``lam_1 > 0`` and ``||p(0)|| <= radius``; the hard case
+    Interior Newton step when ``lam_1 > 0`` and ``||p(0)|| <= radius`` (checked first with a
+    Cholesky factorization, which spares the ``eigh`` near a minimizer); the hard case
     (eq. 4.45) when ``a`` vanishes on the lowest eigenspace and ``||p(-lam_1)|| <= radius``;
     otherwise safeguarded Newton on ``phi(l) = 1/radius - 1/||p(l)||`` (eq. 4.44:
     ``l += (||p|| / ||q||)^2 (||p|| - radius) / radius``, ``||q||^2 = sum coef^2 / (lam + l)``)
     bracketed in ``(max(0, -lam_1), -lam_1 + ||g|| / radius]``. Returns
     ``(p, m(p), hit_boundary)``. The scalar iteration runs on the host in float64.
     """
+    L, info = torch.linalg.cholesky_ex(B)
+    if int(info) == 0:  # positive definite: try the interior Newton step first (no eigh)
+        p = -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
+        pn, gp = torch.stack((torch.linalg.vector_norm(p), torch.dot(g, p))).tolist()
+        if pn <= radius:
+            return p, 0.5 * gp, False  # m(p) = g^T p + p^T B p / 2 = g^T p / 2 at B p = -g
     lam_t, Q = torch.linalg.eigh(B)
     both = torch.stack((lam_t, Q.T @ g)).to("cpu", torch.float64).numpy()
     lam, a = both[0], both[1]
