@@ -219,12 +219,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     problems = mgh_problems() + [logistic_regression()]
-    if args.quick:
-        keep = ("Rosenbrock (n=2)", "Beale", "Helical", "Wood", "Watson (n=6)", "Penalty I",
-                "Logistic", "Broyden tridiagonal")
-        problems = [p for p in problems if p.name.startswith(keep)]
-    repeats = args.repeats or (1 if args.quick else 3)
     pairs = [p for p in args.pairs.split(",") if p]
+    if args.quick:
+        keep = ("Rosenbrock (n=2)", "Beale", "Helical", "Logistic", "Broyden tridiagonal")
+        problems = [p for p in problems if p.name.startswith(keep)]
+        if args.pairs == ap.get_default("pairs"):
+            pairs = list(TARGETS)
+    repeats = args.repeats or (1 if args.quick else 3)
     if torchmin is None:
         print("pytorch-minimize not installed: its columns are skipped")
     # warm up every runner once (imports, first-call overheads)

@@ -33,7 +33,7 @@ def _as_scalar(y: Any, what: str) -> torch.Tensor:
     if y.numel() != 1:
         raise ValueError(f"{what} must return a scalar tensor, got shape {tuple(y.shape)}; "
                          "reduce it first, e.g. with .sum()")
-    return y.reshape(())
+    return y if y.dim() == 0 else y.reshape(())  # no extra view node in the common case
 
 
 class Evaluator:
@@ -62,7 +62,9 @@ class Evaluator:
         self.nfev = self.ngev = self.nhvp = self.nhess = 0
 
     def _call(self, x: torch.Tensor) -> Any:
-        return self.fun(x.view(self.shape), *self.args)
+        if x.shape != self.shape:  # a view adds an autograd node: only when needed
+            x = x.view(self.shape)
+        return self.fun(x, *self.args)
 
     def _flat_grad(self, g: Any, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(g, torch.Tensor) or g.numel() != x.numel():
