@@ -38,7 +38,7 @@ from curvlab.minimize.result import OptimizeResult
 __all__ = ["gd", "momentum", "nesterov"]
 
 
-def _start(ev: Evaluator, mon: Monitor, x: torch.Tensor, evaluate):
+def _start(mon: Monitor, x: torch.Tensor, evaluate):
     out = evaluate(x)
     f, g = out[0], out[1]
     gn = mon.gnorm(g)
@@ -62,7 +62,7 @@ def gd(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "arm
                          f"{line_search!r}")
     _check_lr(lr)
     evaluate = ev.fgh if line_search == "exact" else ev.fg
-    out, gn, ok = _start(ev, mon, x0, evaluate)
+    out, gn, ok = _start(mon, x0, evaluate)
     x, f, g = x0, out[0], out[1]
     if not ok:
         return mon.finish(x, f, g, 4, "At the starting point.")
@@ -117,7 +117,7 @@ def momentum(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, lr: float | None 
     _check_lr(lr)
     if not 0 <= beta < 1:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
-    (f, g), gn, ok = _start(ev, mon, x0, ev.fg)
+    (f, g), gn, ok = _start(mon, x0, ev.fg)
     x = x0
     if not ok:
         return mon.finish(x, f, g, 4, "At the starting point.")
@@ -159,7 +159,7 @@ def nesterov(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, lr: float | None 
              clip: float | None = None, max_backtracks: int = 60) -> OptimizeResult:
     """Accelerated gradient with Lipschitz backtracking and adaptive restart."""
     _check_lr(lr)
-    (fy, gy), gn, ok = _start(ev, mon, x0, ev.fg)
+    (fy, gy), gn, ok = _start(mon, x0, ev.fg)
     x = y = x0
     if not ok:
         return mon.finish(y, fy, gy, 4, "At the starting point.")

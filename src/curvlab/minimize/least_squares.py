@@ -104,6 +104,8 @@ class _Linearization:
         return self._vjp(self.sw * self.sw * jv)[0].detach()
 
     def diag_max(self) -> float:
+        """``max diag(J~^T J~)`` for ``mu_0``; matrix-free it is not available without ``n``
+        products, so ``||g||_inf + 1`` stands in (LM adapts ``mu`` within a few steps)."""
         if self.J is not None:
             return float((self.Jw * self.Jw).sum(0).max())
         return float(self.g.abs().max()) + 1.0
