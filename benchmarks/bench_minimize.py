@@ -182,26 +182,37 @@ PAIRS = {
 TARGETS = ("lbfgs", "bfgs", "newton-cg", "trust-ncg", "trust-exact")
 
 
-def run_one(runner, problem, repeats):
-    times, rec = [], None
-    for _ in range(repeats):
-        if times and times[0] > 2.0:  # long runs: one timing is precise enough
-            break
-        fc = Counted(problem.objective)
-        x0 = problem.start()
-        t0 = time.perf_counter()
-        try:
-            x, hvp = runner(fc, x0)
-            err = None
-        except Exception as e:  # a peer crashing is a result, not a benchmark failure
-            x, hvp, err = x0, None, f"{type(e).__name__}: {str(e)[:60]}"
-        times.append(time.perf_counter() - t0)
-        if rec is None:
-            gn = verify(problem, x) if err is None else math.inf
-            rec = dict(problem=problem.name, n=problem.n, evals=fc.calls, hvp=hvp,
-                       grad_inf=gn, solved=gn <= GTOL, error=err)
-    rec["time"] = statistics.median(times)
-    return rec
+def run_once(runner, problem):
+    """One timed run: ``(seconds, record)``."""
+    fc = Counted(problem.objective)
+    x0 = problem.start()
+    t0 = time.perf_counter()
+    try:
+        x, hvp = runner(fc, x0)
+        err = None
+    except Exception as e:  # a peer crashing is a result, not a benchmark failure
+        x, hvp, err = x0, None, f"{type(e).__name__}: {str(e)[:60]}"
+    elapsed = time.perf_counter() - t0
+    gn = verify(problem, x) if err is None else math.inf
+    return elapsed, dict(problem=problem.name, n=problem.n, evals=fc.calls, hvp=hvp,
+                         grad_inf=gn, solved=gn <= GTOL, error=err)
+
+
+def run_pair(solvers, problem, repeats):
+    """Run every solver of a pair on one problem, interleaving the repeats so that load
+    from other processes hits all of them alike; runs longer than 2 s are timed once."""
+    times = {name: [] for name, _ in solvers}
+    recs = {}
+    for rep in range(repeats):
+        for name, runner in solvers:
+            if rep and times[name][0] > 2.0:
+                continue
+            t, rec = run_once(runner, problem)
+            times[name].append(t)
+            recs.setdefault(name, rec)
+    for name in recs:
+        recs[name]["time"] = statistics.median(times[name])
+    return recs
 
 
 def gmean(v):
@@ -230,21 +241,18 @@ def main(argv=None):
         print("pytorch-minimize not installed: its columns are skipped")
     # warm up every runner once (imports, first-call overheads)
     warm = [p for p in problems if p.n == 2][0]
+    active = {name: [(s, r) for s, r in PAIRS[name] if torchmin is not None or
+                     "torchmin" not in s] for name in pairs}
     for name in pairs:
-        for _, runner in PAIRS[name]:
-            if torchmin is not None or "torchmin" not in _:
-                run_one(runner, warm, 1)
+        run_pair(active[name], warm, 1)
     results = defaultdict(dict)
-    print(f"{len(problems)} problems, repeats={repeats}, threads=1, float64 CPU")
+    print(f"{len(problems)} problems, repeats={repeats} (interleaved), threads=1, float64 CPU")
     for name in pairs:
-        for solver, runner in PAIRS[name]:
-            if "torchmin" in solver and torchmin is None:
-                continue
-            t0 = time.perf_counter()
-            for p in problems:
-                results[name].setdefault(solver, []).append(run_one(runner, p, repeats))
-            print(f"  ran {solver} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
-                  flush=True)
+        t0 = time.perf_counter()
+        for p in problems:
+            for solver, rec in run_pair(active[name], p, repeats).items():
+                results[name].setdefault(solver, []).append(rec)
+        print(f"  ran {name} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     summary = {}
     hdr = (f"{'pair':12s} {'solver':22s} {'solved':>7s} {'gm evals':>9s} {'gm evals*':>9s} "
            f"{'HVPs':>7s} {'time s':>8s} {'t/curvlab':>9s}")
