@@ -287,3 +287,42 @@ def test_public_surface():
     assert callable(curvlab.least_squares)
     from curvlab.linalg import cg, modified_cholesky, steihaug_cg  # noqa: F401
     from curvlab.optim import LBFGS  # noqa: F401
+
+
+@pytest.mark.parametrize("n", [7, 5000])
+def test_two_loop_equals_dense_lbfgs_matrix(n):
+    """H g from the two-loop recursion (NumPy Gram form for small n, torch loop for large
+    n) equals the dense L-BFGS matrix built by BFGS updates of gamma I (N&W eq. 7.19)."""
+    from curvlab.minimize.quasi_newton import LBFGSMemory, two_loop
+
+    gen = torch.Generator().manual_seed(n)
+    k = min(n, 6)
+    mem = LBFGSMemory(4)
+    pairs = []
+    for _ in range(k):
+        s = torch.randn(n, generator=gen, dtype=torch.float64)
+        y = s + 0.3 * torch.randn(n, generator=gen, dtype=torch.float64)
+        if mem.push(s, y, float(s @ y), float(y @ y)):
+            pairs.append((s, y))
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    got = two_loop(g, mem)
+    kept = pairs[-4:]
+    if n > 100:  # dense n x n is too big: apply the updates to g implicitly via recursion
+        ref = g.clone()
+        alphas = []
+        for s, y in reversed(kept):
+            a = float(s @ ref) / float(y @ s)
+            ref -= a * y
+            alphas.append(a)
+        ref *= mem.gamma
+        for (s, y), a in zip(kept, reversed(alphas), strict=True):
+            ref += (a - float(y @ ref) / float(y @ s)) * s
+    else:
+        H = mem.gamma * torch.eye(n, dtype=torch.float64)
+        eye = torch.eye(n, dtype=torch.float64)
+        for s, y in kept:
+            r = 1.0 / float(y @ s)
+            V = eye - r * torch.outer(y, s)
+            H = V.T @ H @ V + r * torch.outer(s, s)
+        ref = H @ g
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
