@@ -28,7 +28,7 @@ def not_a_triple():
 def test_diagnose_user_factory_prints_table(tmp_path, capsys):
     path = tmp_path / "user_model.py"
     path.write_text(FACTORY)
-    assert main(["diagnose", f"{path}:make", "--trace-samples", "5"]) == 0
+    assert main(["diagnose", f"{path}:make", "--trace-samples", "6"]) == 0
     out = capsys.readouterr().out
     for metric in ("gradient norm", "lambda_max", "trace estimate", "max stable SGD lr"):
         assert metric in out
