@@ -115,8 +115,13 @@ def _diagnose(args: argparse.Namespace, console: _Console) -> int:
     from curvlab.diagnostics.report import ReportOptions, curvature_report, write_report
 
     try:
-        options = ReportOptions(k=args.k, trace_samples=args.trace_samples, lr=args.lr,
-                                momentum=args.momentum, precision=args.precision,
+        quick = dict(trace_samples=12, bottom_max_iter=20, layer_max_iter=10,
+                     density_probes=2, density_steps=15) if args.quick else {}
+        options = ReportOptions(**{"k": 2 if args.quick else 5, "trace_samples": 30, **quick,
+                                   **{k: v for k, v in (("k", args.k),
+                                                        ("trace_samples", args.trace_samples))
+                                      if v is not None}},
+                                lr=args.lr, momentum=args.momentum, precision=args.precision,
                                 seed=args.seed)
     except ValueError as err:
         raise CLIError(str(err)) from err
@@ -307,9 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--out", default="curvlab-report", help="report folder "
                       "(report.json, index.html, plots)")
     diag.add_argument("--seed", type=int, default=0, help="seed of the random probe vectors")
-    diag.add_argument("--trace-samples", type=int, default=30,
-                      help="Hessian-vector products for the Hutch++ trace estimate (>= 6)")
-    diag.add_argument("--k", type=int, default=5, help="number of top eigenvalues")
+    diag.add_argument("--trace-samples", type=int, default=None,
+                      help="Hessian-vector products for the Hutch++ trace estimate (>= 6; "
+                      "default 30)")
+    diag.add_argument("--k", type=int, default=None, help="number of top eigenvalues "
+                      "(default 5)")
+    diag.add_argument("--quick", action="store_true", help="small budgets (k=2, 12 trace "
+                      "HVPs, 2 density probes of 15 steps): a rough report in a few seconds")
     diag.add_argument("--lr", type=float, default=None,
                       help="learning rate to check against the stability thresholds")
     diag.add_argument("--momentum", type=float, default=0.9,
