@@ -169,7 +169,8 @@ def curvature_report(model: torch.nn.Module, loss_fn: Any, data: Any, params: An
             numbers.update(num_params=obj.num_params, num_samples=obj.num_samples,
                            loss=float(loss), grad_norm=float(g.norm()))
         elif stage == "top eigenvalues":
-            top = top_eigenvalues(op, opts.k, tol=opts.tol, generator=gen)
+            k = min(opts.k, obj.num_params)  # a tiny model has fewer eigenvalues than k
+            top = top_eigenvalues(op, k, tol=opts.tol, generator=gen)
             results["top"] = top
             numbers["top_eigenvalues"] = {
                 "values": top.eigenvalues.tolist(), "residuals": top.residuals.tolist(),
@@ -219,7 +220,8 @@ def curvature_report(model: torch.nn.Module, loss_fn: Any, data: Any, params: An
                                       params=params)
             results["quadratic_fit"] = fit
             numbers["quadratic_fit"] = {"direction": "-grad", "step_multiples": list(
-                FIT_MULTIPLES), "step_unit": "1 / lambda_max", **fit.as_dict()}
+                FIT_MULTIPLES), "step_unit": "1 / lambda_max", "dtype": str(obj.dtype).replace(
+                "torch.", ""), **fit.as_dict()}
         elif stage == "precision":
             rep = precision_check(model, loss_fn, _first_batch(obj, opts.precision_samples))
             results["precision"] = rep
@@ -366,7 +368,10 @@ def write_report(report: CurvatureReport, out: str | os.PathLike, *, title: str 
         parts += ["<h2>Quadratic model fit along -grad</h2>",
                   f"<p>log-log slopes of the Taylor errors: first order "
                   f"{_fmt(q['slope_first'], '.2f')} (expect 2), second order "
-                  f"{_fmt(q['slope_second'], '.2f')} (expect 3).</p>",
+                  f"{_fmt(q['slope_second'], '.2f')} (expect 3 where the loss is smooth; "
+                  f"in {q['dtype']} the loss changes of the smallest steps approach its "
+                  "roundoff, which flattens the slopes there, and at the largest steps "
+                  "higher-order terms take over).</p>",
                   _table(["step x lambda_max", "actual change", "2nd-order model", "rho",
                           "|error| 1st", "|error| 2nd"],
                          [[c, a, p, r, e1, e2] for c, a, p, r, e1, e2 in zip(
