@@ -181,7 +181,7 @@ def _print_report(console: _Console, n: dict[str, Any], source: str, elapsed: fl
          f"Lanczos, relative residual <= {top['tol']:g}"),
         ("bottom eigenvalue", f"{bot['value']:.4g}",
          f"smallest Hessian eigenvalue: {bot['classification']}"),
-        ("trace estimate", f"{tr['estimate']:.6g} ± {tr['stderr']:.2g}",
+        ("trace estimate", f"{tr['estimate']:.6g} ± {tr['stderr']:.3g}",
          f"Hutch++, {tr['num_hvps']} HVPs (± one standard error)"),
         ("max stable SGD lr", f"{2 / n['lambda_max']:.4g}" if n["lambda_max"] > 0 else "inf",
          "2 / lambda_max (gradient descent)"),

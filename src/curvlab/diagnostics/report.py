@@ -77,7 +77,7 @@ class ReportOptions:
     layer_tol: float = 1e-2
     layer_max_iter: int = 40
     density_probes: int = 4
-    density_steps: int = 40
+    density_steps: int = 30
     deflate: int | None = None  # default: k
     lr: float | None = None
     momentum: float = 0.9
@@ -324,7 +324,7 @@ def write_report(report: CurvatureReport, out: str | os.PathLike, *, title: str 
                  ["parameters", f"{s.num_params:,}"], ["samples", f"{s.num_samples:,}"],
                  ["loss", s.loss], ["gradient norm", s.grad_norm],
                  ["lambda_max", s.lambda_max],
-                 ["trace (Hutch++)", f"{s.trace:.6g} ± {s.trace_stderr:.2g}"],
+                 ["trace (Hutch++)", f"{s.trace:.6g} ± {s.trace_stderr:.3g}"],
                  ["2 / lambda_max", s.max_stable_lr],
                  ["Hessian-vector products", s.num_hvps]])]
     top = n.get("top_eigenvalues")
@@ -391,7 +391,8 @@ def write_report(report: CurvatureReport, out: str | os.PathLike, *, title: str 
                                        for k, v in n["cost"].items()])]
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
-             "padding:.2em .6em;text-align:right}img{max-width:100%}")
+             "padding:.2em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
+             "img{max-width:100%}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
     path = out / "index.html"
