@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from curvlab.cli import main
+from curvlab.cli import load_factory, main
+from curvlab.diagnostics import curvature_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def not_a_triple():
 def test_diagnose_user_factory_prints_table(tmp_path, capsys):
     path = tmp_path / "user_model.py"
     path.write_text(FACTORY)
-    assert main(["diagnose", f"{path}:make", "--trace-samples", "5"]) == 0
+    assert main(["diagnose", f"{path}:make", "--quick", "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     for metric in ("gradient norm", "lambda_max", "trace estimate", "max stable SGD lr"):
         assert metric in out
@@ -43,15 +44,25 @@ def test_diagnose_user_factory_prints_table(tmp_path, capsys):
 def test_diagnose_bad_target_is_a_clear_error(tmp_path, capsys, target, message):
     path = tmp_path / "user_model.py"
     path.write_text(FACTORY)
-    assert main(["diagnose", target.format(path=path)]) == 2
+    assert main(["diagnose", target.format(path=path), "--out", str(tmp_path / "r")]) == 2
     assert message in capsys.readouterr().out
 
 
-def test_module_entry_point_runs_the_example():
+def test_module_entry_point_writes_a_report(tmp_path):
+    path = tmp_path / "user_model.py"
+    path.write_text(FACTORY)
     proc = subprocess.run(
-        [sys.executable, "-m", "curvlab", "diagnose", "examples/digits_cnn.py:make",
-         "--trace-samples", "4"],
+        [sys.executable, "-m", "curvlab", "diagnose", f"{path}:make", "--quick",
+         "--out", str(tmp_path / "report")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "lambda_max" in proc.stdout
+    assert (tmp_path / "report" / "index.html").is_file()
+
+
+def test_cnn_example_is_a_valid_factory():
+    model, loss_fn, data = load_factory(str(ROOT / "examples" / "digits_cnn.py") + ":make")()
+    s = curvature_summary(model, loss_fn, data, trace_samples=6, tol=1e-2)
+    assert s.num_params == sum(p.numel() for p in model.parameters())
+    assert s.lambda_max > 0 and s.num_samples > 1000

@@ -4,6 +4,7 @@
     curvlab bench --compare old/results.json new/results.json
     curvlab diagnose                      # the built-in digits MLP, trained briefly
     curvlab diagnose my_model.py:make     # any model: make() -> (model, loss_fn, data)
+    curvlab diagnose --lr 0.1 --precision --out my-report
 
 Progress and tables use ``rich`` when it is installed (``pip install curvlab[cli]``) and
 fall back to plain text otherwise.
@@ -111,8 +112,19 @@ class _Console:
 
 
 def _diagnose(args: argparse.Namespace, console: _Console) -> int:
-    from curvlab.diagnostics.summary import curvature_summary
+    from curvlab.diagnostics.report import ReportOptions, curvature_report, write_report
 
+    try:
+        quick = dict(trace_samples=12, bottom_max_iter=20, layer_max_iter=10,
+                     density_probes=2, density_steps=15) if args.quick else {}
+        options = ReportOptions(**{"k": 2 if args.quick else 5, "trace_samples": 30, **quick,
+                                   **{k: v for k, v in (("k", args.k),
+                                                        ("trace_samples", args.trace_samples))
+                                      if v is not None}},
+                                lr=args.lr, momentum=args.momentum, precision=args.precision,
+                                seed=args.seed)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
     source = args.target or "built-in digits MLP (64-128-128-10, 50 SGD steps)"
     start = time.perf_counter()
     with console.status(f"building {source}"):
@@ -124,25 +136,81 @@ def _diagnose(args: argparse.Namespace, console: _Console) -> int:
         model, loss_fn, data = made
         if not isinstance(model, torch.nn.Module):
             raise CLIError(f"the factory's model must be an nn.Module, got {type(model).__name__}")
-    with console.status("computing gradient, lambda_max and trace"):
-        summary = curvature_summary(model, loss_fn, data, seed=args.seed,
-                                    trace_samples=args.trace_samples)
+    with _stage_progress(console) as on_stage:
+        report = curvature_report(model, loss_fn, data, options=options, on_stage=on_stage)
+    path = write_report(report, args.out, title=f"curvlab diagnose: {source}")
     elapsed = time.perf_counter() - start
-    s = summary
+    _print_report(console, report.numbers, source, elapsed)
+    console.print(f"report: {path}   numbers: {Path(args.out) / 'report.json'}")
+    return 0
+
+
+@contextlib.contextmanager
+def _stage_progress(console: _Console) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar over the report's stages (plain lines without rich)."""
+    if console.rich is None:
+        def plain(name: str, i: int, n: int) -> None:
+            if name != "done":
+                print(f"[{i + 1}/{n}] {name}", flush=True)
+        yield plain
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console.rich, transient=False) as progress:
+        task = progress.add_task("diagnose", total=None)
+
+        def update(name: str, i: int, n: int) -> None:
+            progress.update(task, description=name, completed=i, total=n)
+        yield update
+
+
+def _print_report(console: _Console, n: dict[str, Any], source: str, elapsed: float) -> None:
+    def g(x: Any, spec: str = ".4g") -> str:
+        return "-" if x is None else (format(x, spec) if isinstance(x, float) else str(x))
+
+    tr, bot = n["trace"], n["bottom_eigenvalue"]
+    top = n["top_eigenvalues"]
     rows = [
-        ("parameters", f"{s.num_params:,}", "number of trainable parameters"),
-        ("samples", f"{s.num_samples:,}", "data points the loss averages over"),
-        ("loss", f"{s.loss:.6g}", "full-data loss"),
-        ("gradient norm", f"{s.grad_norm:.4g}", "||grad L||_2 on the full data"),
-        ("lambda_max", f"{s.lambda_max:.6g}", "largest Hessian eigenvalue (sharpness)"),
-        ("trace estimate", f"{s.trace:.6g} ± {s.trace_stderr:.2g}",
-         f"Hutchinson, {s.trace_samples} probes (± one standard error)"),
-        ("max stable SGD lr", f"{s.max_stable_lr:.4g}", "2 / lambda_max (gradient descent)"),
-        ("Hessian-vector products", f"{s.num_hvps}", "work spent on curvature"),
+        ("parameters", f"{n['num_params']:,}", "number of trainable parameters"),
+        ("samples", f"{n['num_samples']:,}", "data points the loss averages over"),
+        ("loss", f"{n['loss']:.6g}", "full-data loss"),
+        ("gradient norm", f"{n['grad_norm']:.4g}", "||grad L||_2 on the full data"),
+        ("lambda_max", f"{n['lambda_max']:.6g}", "largest Hessian eigenvalue (sharpness)"),
+        (f"top {len(top['values'])} eigenvalues", ", ".join(f"{v:.4g}" for v in top["values"]),
+         f"Lanczos, relative residual <= {top['tol']:g}"),
+        ("bottom eigenvalue", f"{bot['value']:.4g}",
+         f"smallest Hessian eigenvalue: {bot['classification']}"),
+        ("trace estimate", f"{tr['estimate']:.6g} ± {tr['stderr']:.3g}",
+         f"Hutch++, {tr['num_hvps']} HVPs (± one standard error)"),
+        ("max stable SGD lr", f"{2 / n['lambda_max']:.4g}" if n["lambda_max"] > 0 else "inf",
+         "2 / lambda_max (gradient descent)"),
+    ]
+    q = n.get("quadratic_fit")
+    if q:
+        i = q["step_multiples"].index(1.0)
+        rows.append(("rho at lr = 1/lambda_max", g(q["rho"][i]),
+                     "actual / quadratic-model loss change along -grad"))
+        rows.append(("Taylor error slopes", f"{g(q['slope_first'], '.2f')} / "
+                     f"{g(q['slope_second'], '.2f')}",
+                     "log-log slopes of 1st / 2nd-order errors (smooth: 2 / 3)"))
+    rows += [
+        ("Hessian-vector products", f"{n['num_hvps']}", "work spent on curvature"),
         ("time", f"{elapsed:.1f} s", "wall clock, including building the model"),
     ]
     console.table(f"curvlab diagnose: {source}", rows)
-    return 0
+    console.table(f"stability (lr = {g(n['lr'])})", [
+        (r["optimizer"], g(r["threshold"]), g(r["max_stable_lr"]), g(r["lr_sharpness"]),
+         "-" if r["stable"] is None else ("yes" if r["stable"] else "NO"))
+        for r in n["stability"]],
+        headers=("optimizer", "threshold", "max stable lr", "lr x lambda_max", "stable"))
+    p = n.get("precision")
+    if p:
+        console.table("precision vs float64 (" + ", ".join(
+            f"{k}={v}" for k, v in p["matmul_precision"].items()) + ")", [
+            (d, g(v["loss_error"], ".2e"), g(v["grad_error"], ".2e"), g(v["worst_layer"]),
+             ", ".join(v["flagged"]) or "none") for d, v in p["dtypes"].items()],
+            headers=("dtype", "loss error", "grad error", "worst layer", "flagged layers"))
 
 
 def _bench(args: argparse.Namespace, console: _Console) -> int:
@@ -244,9 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
                           "current parameters")
     diag.add_argument("target", nargs="?", help="FILE.py:FACTORY returning (model, loss_fn, "
                       "data); default: the built-in digits MLP")
+    diag.add_argument("--out", default="curvlab-report", help="report folder "
+                      "(report.json, index.html, plots)")
     diag.add_argument("--seed", type=int, default=0, help="seed of the random probe vectors")
-    diag.add_argument("--trace-samples", type=int, default=20,
-                      help="Hutchinson probe vectors for the trace estimate")
+    diag.add_argument("--trace-samples", type=int, default=None,
+                      help="Hessian-vector products for the Hutch++ trace estimate (>= 6; "
+                      "default 30)")
+    diag.add_argument("--k", type=int, default=None, help="number of top eigenvalues "
+                      "(default 5)")
+    diag.add_argument("--quick", action="store_true", help="small budgets (k=2, 12 trace "
+                      "HVPs, 2 density probes of 15 steps): a rough report in a few seconds")
+    diag.add_argument("--lr", type=float, default=None,
+                      help="learning rate to check against the stability thresholds")
+    diag.add_argument("--momentum", type=float, default=0.9,
+                      help="momentum / beta1 for the stability thresholds")
+    diag.add_argument("--precision", action="store_true",
+                      help="add a bfloat16/float32 vs float64 precision section")
     return parser
 
 

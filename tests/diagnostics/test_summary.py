@@ -1,5 +1,6 @@
 """curvature_summary against a dense float64 Hessian."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -24,7 +25,7 @@ def test_summary_matches_dense_hessian():
         return loss_fn(torch.func.functional_call(model, parts, (X,)), y)
 
     H = torch.autograd.functional.hessian(f, flat)
-    s = curvature_summary(model, loss_fn, (X, y), trace_samples=400, tol=1e-10)
+    s = curvature_summary(model, loss_fn, (X, y), trace_samples=30, tol=1e-10)
     lam = torch.linalg.eigvalsh(H)[-1].item()
     assert abs(s.lambda_max - lam) < 1e-8 * abs(lam)
     assert abs(s.max_stable_lr - 2 / lam) < 1e-6 * (2 / lam)
@@ -32,3 +33,14 @@ def test_summary_matches_dense_hessian():
     g = torch.func.grad(f)(flat)
     assert abs(s.grad_norm - g.norm().item()) < 1e-10
     assert s.num_params == flat.numel() and s.num_samples == 40
+    assert s.trace_samples == 30 and s.num_hvps >= 30
+    # a Hutch++ sketch as wide as the matrix takes the trace exactly
+    exact = curvature_summary(model, loss_fn, (X, y), trace_samples=3 * flat.numel())
+    assert abs(exact.trace - torch.trace(H).item()) < 1e-10 * abs(torch.trace(H).item())
+
+
+def test_summary_rejects_too_few_trace_samples():
+    model = nn.Linear(2, 1)
+    X = torch.randn(8, 2)
+    with pytest.raises(ValueError, match="trace_samples"):
+        curvature_summary(model, nn.MSELoss(), (X, X[:, :1]), trace_samples=5)

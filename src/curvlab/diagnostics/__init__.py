@@ -65,3 +65,9 @@ __all__ += [
     "top_eigenvalues",
     "trace",
 ]
+from curvlab.diagnostics.report import CurvatureReport as CurvatureReport  # noqa: E402
+from curvlab.diagnostics.report import ReportOptions as ReportOptions  # noqa: E402
+from curvlab.diagnostics.report import curvature_report as curvature_report  # noqa: E402
+from curvlab.diagnostics.report import write_report as write_report  # noqa: E402
+
+__all__ += ["CurvatureReport", "ReportOptions", "curvature_report", "write_report"]

@@ -32,6 +32,21 @@ Each kind of event fires once per episode: it re-arms when the ratio falls back 
 
 Cost is measured: ``monitor.overhead`` is the fraction of wall time since the first
 ``step`` spent inside the monitor.
+
+Optional metrics of numerical trust:
+
+* ``quadratic_fit=True``: each check also records ``rho``, how well the local quadratic
+  model explains the last optimizer update ``d = theta_t - theta_{t-1}`` (a parameter
+  snapshot is taken the step before each check). With ``f``, ``g``, ``H`` at ``theta_t`` on
+  the monitor batch (the gradient graph the check builds anyway),
+  ``rho = (f(theta_t) - f(theta_{t-1})) / (g.d - d.H d / 2)``: the actual loss change over
+  the second-order Taylor prediction (Nocedal & Wright, eq. 4.4, expanded at the new
+  point). Cost: one HVP and one forward per check. It is 1 on a quadratic; far from 1 the
+  step is outside the region where curvature-based step sizes and damping can be trusted.
+* ``precision_every=N``: every ``N`` steps, :func:`~curvlab.diagnostics.precision_check`
+  on the monitor batch (with the optimizer, if given) in ``precision_dtypes``; its errors
+  against float64, worst and flagged layers go to ``monitor.precision`` and the JSONL.
+  Cost: one forward + backward (+ optimizer step on copies) per dtype plus one in float64.
 """
 
 from __future__ import annotations
@@ -48,6 +63,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from curvlab.autodiff import hvp_fn
+from curvlab.diagnostics.precision import precision_check
 from curvlab.diagnostics.stability import (
     ADAM_LIKE,
     adam_preconditioner,
@@ -108,6 +125,22 @@ def forecast_crossing(steps: Iterable[float], values: Iterable[float], threshold
     return float((threshold - intercept) / slope)
 
 
+class _RecordingHessian(HessianOperator):
+    """The Hessian of the single monitor batch that also keeps the loss and gradient of the
+    graph it records (for ``rho`` without a second forward/backward at the same point)."""
+
+    loss: torch.Tensor | None = None
+    grad: dict[str, torch.Tensor] | None = None
+
+    def _batch_product(self, inputs: Any, targets: torch.Tensor):
+        obj = self.objective
+        with obj.mode():
+            loss, grad, product = hvp_fn(lambda p: obj.batch_loss(p, inputs, targets),
+                                         self.point)
+        self.loss, self.grad = loss, grad
+        return product
+
+
 @dataclass
 class _Tracker:
     """Stability-ratio series for one sharpness kind with its warning state."""
@@ -149,6 +182,10 @@ class CurvatureMonitor:
             the ``tensorboard`` package is installed).
         callbacks: callables ``cb(monitor, record: dict, events: list[MonitorEvent])``
             called after every check and after every event.
+        quadratic_fit: also record ``rho`` of the last update at each check (module
+            docstring; one extra HVP and one forward per check).
+        precision_every: if given, run a precision check every this many steps.
+        precision_dtypes: dtypes compared against float64 by the precision check.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, batch: Any = None, *,
@@ -161,7 +198,9 @@ class CurvatureMonitor:
                  jump_factor: float = 5.0, jump_warmup: int = 100, smoothing: float = 0.8,
                  log_dir: str | os.PathLike | None = None,
                  callbacks: Iterable[Callable] = (), params: Any = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, quadratic_fit: bool = False,
+                 precision_every: int | None = None,
+                 precision_dtypes: tuple[str, ...] = ("bfloat16", "float32")) -> None:
         if optimizer is None and lr is None:
             raise ValueError("pass optimizer=... (or lr=... for a hand-written update)")
         for name, value in (("every", every), ("track_every", track_every),
@@ -186,6 +225,15 @@ class CurvatureMonitor:
         self.jump_factor, self.jump_warmup, self.smoothing = jump_factor, jump_warmup, smoothing
         self.callbacks = list(callbacks)
         self.generator = generator
+        if precision_every is not None and (not isinstance(precision_every, int)
+                                            or precision_every < 1):
+            raise ValueError(f"precision_every must be a positive int or None, got "
+                             f"{precision_every!r}")
+        self.quadratic_fit, self.precision_every = bool(quadratic_fit), precision_every
+        self.precision_dtypes = tuple(precision_dtypes)
+        self.precision: list[dict[str, Any]] = []
+        self._check_prev: dict[str, torch.Tensor] | None = None
+        self._check_prev_step = -1
         self.step_count = 0
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.smoothed: dict[str, list[tuple[int, float]]] = {}
@@ -250,9 +298,12 @@ class CurvatureMonitor:
         if self._t0 is None:
             self._t0 = start
         self.step_count += 1
+        if self.quadratic_fit and (self.step_count + 1) % self.every == 0:
+            self._snapshot_for_check()
         tracked = self.step_count % self.track_every == 0
         checked = self.step_count % self.every == 0
-        if not (tracked or checked):
+        precision = bool(self.precision_every) and self.step_count % self.precision_every == 0
+        if not (tracked or checked or precision):
             if (self.step_count + 1) % self.track_every == 0:
                 self._snapshot()
             self.monitor_time += time.perf_counter() - start
@@ -264,12 +315,14 @@ class CurvatureMonitor:
             events += self._cheap_metrics()
         if checked:
             events += self.check()
+        if precision:
+            self.check_precision()
         self.monitor_time += time.perf_counter() - start
         return events
 
     def check(self) -> list[MonitorEvent]:
         """Compute the curvature metrics now (also called by :meth:`step`)."""
-        op = HessianOperator(self.model, self.loss_fn, self.batch, self.params)
+        op = _RecordingHessian(self.model, self.loss_fn, self.batch, self.params)
         record: dict[str, Any] = {"step": self.step_count, "lr": self.lr, "num_hvps": 0}
         res = lanczos(op, 1, tol=self.tol, max_iter=self.max_hvps,
                       **self._warm_start("lambda_max", op.shape[0]), generator=self.generator)
@@ -287,6 +340,11 @@ class CurvatureMonitor:
             plam = float(pre.eigenvalues[0])
             record["num_hvps"] += pre.num_matvecs
             values.update(preconditioned_sharpness=plam, lr_preconditioned_sharpness=self.lr * plam)
+        if self.quadratic_fit and self._check_prev_step == self.step_count - 1:
+            fit = self._update_fit(op)
+            record["num_hvps"] += 1
+            record.update(fit)
+            values["rho"] = fit["rho"]
         for k, v in values.items():
             self._record(k, v)
             record[k] = v
@@ -300,6 +358,52 @@ class CurvatureMonitor:
         self.checks.append(record)
         self._emit(record, events)
         return events
+
+    def check_precision(self) -> dict[str, Any]:
+        """Run :func:`~curvlab.diagnostics.precision_check` on the monitor batch now (also
+        called by :meth:`step` every ``precision_every`` steps); returns the JSONL record."""
+        report = precision_check(self.model, self.loss_fn, self.batch, self.precision_dtypes,
+                                 self.optimizer)
+        summary = {}
+        for name, rep in report.reports.items():
+            worst = rep.worst_layer
+            summary[name] = {"loss_error": rep.loss_error, "grad_error": rep.grad_error,
+                             "update_error": rep.update_error,
+                             "worst_layer": worst.name if worst else None,
+                             "worst_amplification": worst.amplification if worst else None,
+                             "flagged": rep.flagged}
+            self._record(f"precision_{name}_grad_error", rep.grad_error)
+        record = {"step": self.step_count, "precision": summary,
+                  "matmul_precision": report.matmul_precision}
+        self.precision.append(record)
+        self._emit(record, [])
+        return record
+
+    def _update_fit(self, op: _RecordingHessian) -> dict[str, float]:
+        """``rho`` of the last update from the check's own gradient graph (see the module
+        docstring): one HVP plus one forward at the previous parameters."""
+        obj = op.objective
+        prev = {k: self._check_prev[k] for k in op.point}
+        d = obj.flatten({k: op.point[k] - prev[k] for k in op.point})
+        hd = op.matvec(d)  # the lanczos run recorded the graph (and op.loss, op.grad)
+        g = obj.flatten(op.grad)
+        (_, X, y), = obj.batches()
+        with torch.no_grad(), obj.mode():
+            f_prev = float(obj.batch_loss(prev, X, y))
+        f_now = float(op.loss)
+        gd, dhd = float(g @ d), float(d @ hd)
+        predicted = gd - 0.5 * dhd
+        actual = f_now - f_prev
+        dd = float(d @ d)
+        return {"rho": actual / predicted if predicted != 0 else math.nan,
+                "update_loss_change": actual, "update_predicted_change": predicted,
+                "update_curvature": dhd / dd if dd > 0 else math.nan}
+
+    def _snapshot_for_check(self) -> None:
+        """Copy the parameters the next check's ``rho`` starts from."""
+        with torch.no_grad():
+            self._check_prev = {k: p.detach().clone() for k, p in self.model.named_parameters()}
+        self._check_prev_step = self.step_count
 
     def _warm_start(self, key: str, n: int) -> dict[str, Any]:
         """Lanczos arguments for a warm start from the previous top two Ritz vectors

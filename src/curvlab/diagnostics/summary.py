@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
+from curvlab.diagnostics.spectrum import top_eigenvalues, trace
 from curvlab.linops import HessianOperator
 
 __all__ = ["CurvatureSummary", "curvature_summary"]
@@ -17,7 +17,8 @@ __all__ = ["CurvatureSummary", "curvature_summary"]
 @dataclass(frozen=True)
 class CurvatureSummary:
     """Scalars of ``curvlab diagnose``; ``max_stable_lr = 2 / lambda_max`` is the largest
-    learning rate for which gradient descent on the local quadratic model is stable."""
+    learning rate for which gradient descent on the local quadratic model is stable.
+    ``trace_samples`` is the number of Hessian-vector products the trace estimate used."""
 
     num_params: int
     num_samples: int
@@ -32,31 +33,26 @@ class CurvatureSummary:
 
 
 def curvature_summary(model: torch.nn.Module, loss_fn: Any, data: Any, params: Any = None, *,
-                      seed: int = 0, trace_samples: int = 20, tol: float = 1e-4
+                      seed: int = 0, trace_samples: int = 30, tol: float = 1e-4
                       ) -> CurvatureSummary:
-    """Loss, gradient norm, lambda_max (Lanczos via scipy ``eigsh`` on the Hessian
-    operator), Hutchinson trace estimate ``tr H ~ mean_i z_i^T H z_i`` with Rademacher
-    ``z_i`` and its standard error, and ``2 / lambda_max``."""
-    from scipy.sparse.linalg import eigsh
-
-    if trace_samples < 2:
-        raise ValueError("trace_samples must be at least 2 (for a standard error)")
+    """Loss, gradient norm, lambda_max (:func:`~curvlab.diagnostics.top_eigenvalues`,
+    Lanczos to relative residual ``tol``), the Hutch++ trace estimate (Meyer et al. 2021;
+    :func:`~curvlab.diagnostics.trace`) from ``trace_samples`` Hessian-vector products with
+    its standard error, and ``2 / lambda_max``."""
+    if not isinstance(trace_samples, int) or trace_samples < 6:
+        raise ValueError("trace_samples must be an int >= 6 (Hutch++ splits its products "
+                         f"into three groups of at least two), got {trace_samples!r}")
     op = HessianOperator(model, loss_fn, data, params)
     obj = op.objective
     loss, grads = obj.loss_and_grad()
     grad_norm = float(obj.flatten(grads).norm())
-    rng = np.random.default_rng(seed)
-    v0 = rng.standard_normal(op.shape[0])
-    lam = float(eigsh(op.to_scipy(), k=1, which="LA", tol=tol, v0=v0,
-                      return_eigenvectors=False)[0])
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    Z = (torch.randint(0, 2, (op.shape[0], trace_samples), generator=gen) * 2 - 1)
-    Z = Z.to(dtype=op.dtype, device=op.device)
-    quad = (Z * op.matmat(Z)).sum(0)
-    trace, stderr = float(quad.mean()), float(quad.std() / math.sqrt(trace_samples))
+    gen = torch.Generator().manual_seed(seed)
+    lam = float(top_eigenvalues(op, 1, tol=tol, generator=gen).eigenvalues[0])
+    before = op.num_matvecs
+    est = trace(op, trace_samples, method="hutch++", generator=gen)
     return CurvatureSummary(
         num_params=obj.num_params, num_samples=obj.num_samples, loss=float(loss),
-        grad_norm=grad_norm, lambda_max=lam, trace=trace, trace_stderr=stderr,
-        trace_samples=trace_samples,
+        grad_norm=grad_norm, lambda_max=lam, trace=est.estimate, trace_stderr=est.stderr,
+        trace_samples=op.num_matvecs - before,
         max_stable_lr=2.0 / lam if lam > 0 else math.inf, num_hvps=op.num_matvecs,
     )
