@@ -44,21 +44,33 @@ class MatrixFunctionError(RuntimeError):
     """A matrix function failed to converge or produced non-finite values."""
 
 
+def _precision_backends() -> list:
+    """Backends with the per-backend ``fp32_precision`` switch (torch >= 2.9)."""
+    mods = [getattr(torch.backends.cuda, "matmul", None),
+            getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)]
+    return [m for m in mods if m is not None and hasattr(m, "fp32_precision")]
+
+
 @contextlib.contextmanager
 def high_precision_matmul() -> Iterator[None]:
-    """Force full float32 matmul precision (no TF32 / bf16 reduced precision) in the block."""
-    prev = torch.get_float32_matmul_precision()
-    prev_cuda = torch.backends.cuda.matmul.allow_tf32
-    prev_cudnn = torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    """Force IEEE float32 matmuls (no TF32 / bf16 reduced precision) inside the block."""
+    backends = _precision_backends()
+    if backends:
+        prev = [m.fp32_precision for m in backends]
+        for m in backends:
+            m.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for m, v in zip(backends, prev):
+                m.fp32_precision = v
+        return
+    prev_legacy = torch.get_float32_matmul_precision()  # pragma: no cover - torch < 2.9
+    torch.set_float32_matmul_precision("highest")  # pragma: no cover
+    try:  # pragma: no cover
         yield
-    finally:
-        torch.set_float32_matmul_precision(prev)
-        torch.backends.cuda.matmul.allow_tf32 = prev_cuda
-        torch.backends.cudnn.allow_tf32 = prev_cudnn
+    finally:  # pragma: no cover
+        torch.set_float32_matmul_precision(prev_legacy)
 
 
 def _check_square(A: Tensor, name: str = "A") -> None:
