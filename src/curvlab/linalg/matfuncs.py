@@ -62,7 +62,7 @@ def high_precision_matmul() -> Iterator[None]:
         try:
             yield
         finally:
-            for m, v in zip(backends, prev):
+            for m, v in zip(backends, prev, strict=True):
                 m.fp32_precision = v
         return
     prev_legacy = torch.get_float32_matmul_precision()  # pragma: no cover - torch < 2.9

@@ -190,7 +190,7 @@ def guarded_batched(
             logger.warning("preconditioner block %d failed (%s); keeping the previous one", b, err)
             outs.append(tuple(p[b : b + 1] for p in previous))
             failed += 1
-    return tuple(torch.cat(parts) for parts in zip(*outs)), failed
+    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True)), failed
 
 
 def max_abs(tensors: Sequence[Tensor]) -> float:
@@ -430,7 +430,7 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
     def _scatter_diagonal(self, g: _Group, present: list[int], D: Tensor,
                           updates: dict[int, Tensor]) -> None:
         parts = D.split([g.members[i][0].numel() for i in present])
-        for i, part in zip(present, parts):
+        for i, part in zip(present, parts, strict=True):
             p = g.members[i][0]
             updates[id(p)] = part.view(p.shape)
 
@@ -477,7 +477,7 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         if len(pre["groups"]) != len(groups):
             raise ValueError("state_dict has a different blocking layout than this optimizer "
                              "(different parameters or max_preconditioner_dim?)")
-        for g, saved in zip(groups, pre["groups"]):
+        for g, saved in zip(groups, pre["groups"], strict=True):
             if saved.keys() != g.state.keys():
                 raise ValueError("state_dict preconditioner state keys do not match")
             for k, v in g.state.items():

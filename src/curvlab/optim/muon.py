@@ -19,8 +19,8 @@ torch.optim.AdamW kernel). :func:`muon_param_groups` routes embeddings, the outp
 biases and norms to AdamW in one line.
 
 Same-shape matrices are orthogonalized together in one batched Newton–Schulz. The iteration
-runs in ``ns_dtype`` (default bfloat16 on CUDA, where tensor cores make it fast, float32
-elsewhere, where bfloat16 matmuls are slower than float32).
+runs in ``ns_dtype`` (default bfloat16 on CUDA, where tensor cores make it fast; elsewhere
+float32, or float64 for float64 parameters: bfloat16 matmuls are slower than float32 on CPU).
 
 References: Jordan et al. (2024), "Muon: An optimizer for hidden layers in neural networks";
 Liu et al. (2025), "Muon is scalable for LLM training".
@@ -67,10 +67,12 @@ class Muon(torch.optim.Optimizer):
         weight_decay: decoupled weight decay ``p <- (1 - lr wd) p``.
         ns_steps, ns_coefficients, eps: Newton–Schulz iteration.
         adjust_lr: "original" (default), "match_rms_adamw" or "none" (see module docstring).
-        ns_dtype: dtype of the Newton–Schulz iteration (default: bfloat16 on CUDA, else float32).
+        ns_dtype: dtype of the Newton–Schulz iteration (default: bfloat16 on CUDA, else float32,
+            float64 for float64 parameters).
         adamw_betas, adamw_eps: AdamW's hyperparameters for the non-Muon parameters.
         nonfinite: "skip" (default; the whole step is skipped and counted) or "raise"
-            (FloatingPointError) for non-finite gradients.
+            (FloatingPointError) for non-finite gradients. Finite gradients whose squares
+            overflow saturate AdamW's second moment at the dtype's maximum.
     """
 
     def __init__(
@@ -133,7 +135,8 @@ class Muon(torch.optim.Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if any(g.is_sparse for g in grads):
             raise TypeError("Muon does not support sparse gradients")
-        if not math.isfinite(max_abs(grads)):
+        gmax = max_abs(grads)
+        if not math.isfinite(gmax):
             if self.nonfinite == "raise":
                 raise FloatingPointError("Muon: non-finite gradient; pass nonfinite='skip' to "
                                          "skip such steps instead")
@@ -149,7 +152,7 @@ class Muon(torch.optim.Optimizer):
             if muon_ps:
                 self._muon_update(group, muon_ps)
             if adam_ps:
-                self._adamw_update(group, adam_ps)
+                self._adamw_update(group, adam_ps, gmax)
         return loss
 
     def _muon_update(self, group: dict[str, Any], ps: list[Tensor]) -> None:
@@ -170,14 +173,15 @@ class Muon(torch.optim.Optimizer):
         if wd != 0:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
         for (shape, pdtype, device), idx in by_shape.items():
-            ns_dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+            ns_dtype = dtype or (torch.bfloat16 if device.type == "cuda" else
+                                 torch.float64 if pdtype == torch.float64 else torch.float32)
             U = torch.stack([upd[i].reshape(shape[0], -1) for i in idx])
             O = newton_schulz(U, group["ns_steps"], group["ns_coefficients"], group["eps"],
                               dtype=ns_dtype).to(pdtype)
             torch._foreach_add_([ps[i] for i in idx], [o.view(shape) for o in O.unbind(0)],
                                 alpha=-lr * _muon_scale(group["adjust_lr"], shape))
 
-    def _adamw_update(self, group: dict[str, Any], ps: list[Tensor]) -> None:
+    def _adamw_update(self, group: dict[str, Any], ps: list[Tensor], gmax: float) -> None:
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in ps:
             st = self.state[p]
@@ -193,6 +197,9 @@ class Muon(torch.optim.Optimizer):
             ps, [p.grad for p in ps], exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
             beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"],
             eps=group["adamw_eps"], maximize=False)
+        big = torch.finfo(exp_avg_sqs[0].dtype).max
+        if not gmax * gmax < big:  # g^2 overflowed: saturate the second moment instead of inf
+            torch._foreach_clamp_max_(exp_avg_sqs, big)
 
     def stats(self) -> dict[str, Any]:
         """State memory (bytes), parameter counts per method, skipped steps."""

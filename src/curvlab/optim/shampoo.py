@@ -128,7 +128,8 @@ class Shampoo(BlockedPreconditionerOptimizer):
             raise ValueError(f"grafting must be one of {GRAFTING_METHODS}, "
                              f"got {group['grafting']!r}")
         if group["root_method"] not in ("eigh", "newton"):
-            raise ValueError(f"root_method must be 'eigh' or 'newton', got {group['root_method']!r}")
+            raise ValueError("root_method must be 'eigh' or 'newton', got "
+                             f"{group['root_method']!r}")
         if int(group["precondition_frequency"]) < 1:
             raise ValueError("precondition_frequency must be >= 1, got "
                              f"{group['precondition_frequency']}")
