@@ -22,19 +22,20 @@ def test_soap_frequency_one_equals_adam_in_rotated_basis():
     opt = SOAP([W], lr=lr, betas=(b1, b2), shampoo_beta=sb, eps=eps, precondition_frequency=1,
                eigenbasis_method="eigh")
     Wr, L, R = W0.copy(), np.zeros((5, 5)), np.zeros((4, 4))
+    QL, QR = np.eye(5), np.eye(4)  # step t uses the basis of the statistics of steps < t
     m, v = np.zeros((5, 4)), np.zeros((5, 4))
     for t, G in enumerate(grads, start=1):
         W.grad = torch.tensor(G)
         opt.step()
-        L = sb * L + (1 - sb) * G @ G.T
-        R = sb * R + (1 - sb) * G.T @ G
-        QL, QR = _eigvecs_desc(L), _eigvecs_desc(R)
         m = b1 * m + (1 - b1) * G
         g_rot = QL.T @ G @ QR
         v = b2 * v + (1 - b2) * g_rot**2
         N = (QL.T @ m @ QR) / (np.sqrt(v) + eps) * np.sqrt(1 - b2**t) / (1 - b1**t)
         Wr = Wr - lr * QL @ N @ QR.T
         np.testing.assert_allclose(W.detach().numpy(), Wr, rtol=1e-7, atol=1e-7)
+        L = sb * L + (1 - sb) * G @ G.T
+        R = sb * R + (1 - sb) * G.T @ G
+        QL, QR = _eigvecs_desc(L), _eigvecs_desc(R)
 
 
 def test_soap_before_first_refresh_is_adam():
@@ -55,20 +56,23 @@ def test_soap_before_first_refresh_is_adam():
 def test_qr_refresh_permutes_second_moment_with_the_basis():
     W = nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
     opt = SOAP([W], lr=0.0, betas=(0.0, 0.5), shampoo_beta=0.0, precondition_frequency=1)
-    # step 1 (eigh): row factor diag(9, 0, 1) -> basis (e0, e2, e1); column factor diag(9, 1)
+
+    def v():
+        return opt.state_dict()["preconditioner"]["groups"][0]["v"][0]
+
+    # step 1: Adam in the identity basis; then eigh of the row factor diag(9, 0, 1) gives the
+    # basis (e0, e2, e1), of the column factor diag(9, 1) the basis (f0, f1)
     W.grad = torch.tensor([[3.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     opt.step()
-    v1 = opt.state_dict()["preconditioner"]["groups"][0]["v"][0]
-    torch.testing.assert_close(v1, torch.tensor([[4.5, 0.0], [0.0, 0.5], [0.0, 0.0]],
-                                                dtype=torch.float64))
-    # step 2 (QR): row factor diag(1, 0, 25) -> estimated eigenvalues (1, 25, 0) in the old
-    # basis, so rows of v swap; column factor diag(1, 25) -> columns of v swap too.
+    torch.testing.assert_close(v(), torch.tensor([[4.5, 0.0], [0.0, 0.0], [0.0, 0.5]],
+                                                 dtype=torch.float64))
+    # step 2: the gradient in that basis is [[1, 0], [0, 5], [0, 0]] -> v = 0.5 v + 0.5 g^2;
+    # then QR: row factor diag(1, 0, 25) has estimated eigenvalues (1, 25, 0) in the old
+    # basis -> rows of v swap; column factor diag(1, 25) -> columns swap too.
     W.grad = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
     opt.step()
-    v2 = opt.state_dict()["preconditioner"]["groups"][0]["v"][0]
-    permuted = torch.tensor([[0.5, 0.0], [0.0, 4.5], [0.0, 0.0]], dtype=torch.float64)
-    g_rot_sq = torch.tensor([[25.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
-    torch.testing.assert_close(v2, 0.5 * permuted + 0.5 * g_rot_sq)
+    torch.testing.assert_close(v(), torch.tensor([[12.5, 0.0], [0.0, 2.75], [0.25, 0.0]],
+                                                 dtype=torch.float64))
     Q0 = opt.state_dict()["preconditioner"]["groups"][0]["Q0"][0]
     torch.testing.assert_close(Q0[:, :2].abs(), torch.tensor(
         [[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64))
