@@ -180,3 +180,21 @@ def test_bad_arguments():
         Shampoo(p, nonfinite="ignore")
     with pytest.raises(ValueError, match="max_preconditioner_dim"):
         Shampoo(p, max_preconditioner_dim=0)
+
+
+def test_order_three_tensor_uses_one_factor_per_mode():
+    """For a 3-D block: F_i = G_(i) G_(i)^T, update G x_1 F_1^{-1/6} x_2 F_2^{-1/6} x_3 ..."""
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.zeros(3, 4, 5, dtype=torch.float64))
+    opt = Shampoo([W], lr=1.0, betas=(0.0, 1.0), epsilon=1e-3, grafting="none",
+                  precondition_frequency=1, start_preconditioning_step=1, merge_dims=False)
+    G = torch.randn(3, 4, 5, dtype=torch.float64)
+    W.grad = G.clone()
+    opt.step()
+    Gn = G.numpy()
+    Rs = []
+    for i in range(3):
+        Gi = np.moveaxis(Gn, i, 0).reshape(Gn.shape[i], -1)
+        Rs.append(_root(Gi @ Gi.T + 1e-3 * np.eye(Gn.shape[i]), 6))
+    ref = np.einsum("ai,bj,ck,ijk->abc", Rs[0], Rs[1], Rs[2], Gn)
+    np.testing.assert_allclose(-W.detach().numpy(), ref, rtol=1e-9)
