@@ -201,3 +201,13 @@ def test_load_state_dict_rejects_foreign_checkpoints():
     opt = FACTORIES["shampoo"](model)
     with pytest.raises(ValueError, match="preconditioner"):
         opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=1.0).state_dict())
+
+
+def test_add_param_group_before_first_step_only():
+    model = _model()
+    opt = Shampoo(list(model[0].parameters()), lr=1e-2)
+    opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.0})
+    _train(model, opt, 1, seed=0)
+    with pytest.raises(ValueError, match="add_param_group"):
+        opt.add_param_group({"params": list(model[4].parameters())})
+    assert len(opt.param_groups) == 2

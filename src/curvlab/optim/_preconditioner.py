@@ -298,10 +298,10 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
 
     # -- layout -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
         if getattr(self, "_groups", None) is not None:
             raise ValueError("add_param_group after the first step is not supported by "
                              f"{type(self).__name__}; create the optimizer with all groups")
+        super().add_param_group(param_group)
         if hasattr(self, "_steps"):
             self._validate_group(self.param_groups[-1])
             self._steps.append(0)
