@@ -46,7 +46,7 @@ def test_guarded_batched_keeps_previous_for_failing_blocks_only():
             raise MatrixFunctionError("bad")
         return (A * 10,)
 
-    (out,), failed = guarded_batched(fn, X, prev)
+    (out,), failed = guarded_batched(fn, (X,), prev)
     assert failed == 1
     torch.testing.assert_close(out[0], 10 * torch.eye(2))
     torch.testing.assert_close(out[1], prev[0][1])

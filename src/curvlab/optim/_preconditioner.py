@@ -166,26 +166,26 @@ def is_due(step: int, start: int, frequency: int) -> bool:
 
 
 def guarded_batched(
-    fn: Callable[[Tensor], tuple[Tensor, ...]],
-    X: Tensor,
+    fn: Callable[..., tuple[Tensor, ...]],
+    inputs: tuple[Tensor, ...],
     previous: tuple[Tensor, ...],
 ) -> tuple[tuple[Tensor, ...], int]:
     """Apply a batched matrix function with the keep-previous failure policy.
 
-    ``fn`` maps a batch ``X`` (B, ...) to a tuple of batched outputs and raises
+    ``fn(*inputs)`` maps batches (B, ...) to a tuple of batched outputs and raises
     :class:`MatrixFunctionError` on failure or non-finite output. On failure the batch is
     retried block by block; a block that still fails takes its entry of ``previous``.
     Returns ``(outputs, number_of_failed_blocks)``.
     """
     try:
-        return fn(X), 0
+        return fn(*inputs), 0
     except MatrixFunctionError as err:
         logger.debug("batched matrix function failed (%s); retrying per block", err)
     outs: list[tuple[Tensor, ...]] = []
     failed = 0
-    for b in range(X.shape[0]):
+    for b in range(inputs[0].shape[0]):
         try:
-            outs.append(fn(X[b : b + 1]))
+            outs.append(fn(*(x[b : b + 1] for x in inputs)))
         except MatrixFunctionError as err:
             logger.warning("preconditioner block %d failed (%s); keeping the previous one", b, err)
             outs.append(tuple(p[b : b + 1] for p in previous))

@@ -216,6 +216,6 @@ class Shampoo(BlockedPreconditionerOptimizer):
                                                     compute_dtype=cdt),)
         for i in range(order):
             R = st[f"R{i}"]
-            (new,), failed = guarded_batched(fn, st[f"F{i}"], (R,))
+            (new,), failed = guarded_batched(fn, (st[f"F{i}"],), (R,))
             R.copy_(new)
             self._count_refresh(R.shape[0], failed, "inverse root")

@@ -182,17 +182,16 @@ class SOAP(BlockedPreconditionerOptimizer):
             n, d = Q.shape[0], Q.shape[-1]
             return Q.to(F.dtype), torch.arange(d, device=F.device).expand(n, d)
 
-        def fn_qr(FQ: Tensor) -> tuple[Tensor, Tensor]:
-            d = FQ.shape[-1]
-            return eigenbasis_qr_refresh(FQ[:, :d], FQ[:, d:], compute_dtype=FQ.dtype)
+        def fn_qr(F: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+            return eigenbasis_qr_refresh(F, Q, compute_dtype=F.dtype)
 
         for i in range(order):
             F, Q = st[f"F{i}"], st[f"Q{i}"]
             ident = torch.arange(Q.shape[-1], device=Q.device).expand(Q.shape[0], -1)
             if use_eigh:
-                (Qn, perm), failed = guarded_batched(fn_eigh, F, (Q, ident))
+                (Qn, perm), failed = guarded_batched(fn_eigh, (F,), (Q, ident))
             else:
-                (Qn, perm), failed = guarded_batched(fn_qr, torch.cat([F, Q], 1), (Q, ident))
+                (Qn, perm), failed = guarded_batched(fn_qr, (F, Q), (Q, ident))
                 # v follows its coordinates to their new positions along mode i
                 v = st["v"].movedim(1 + i, -1)
                 idx = perm.view(perm.shape[0], *([1] * (v.ndim - 2)), perm.shape[-1])
