@@ -76,6 +76,26 @@ def test_blocked_shampoo_preconditions_each_block_separately():
     assert opt.stats()["num_blocks"] == 2
 
 
+@pytest.mark.parametrize("shape", [(8, 3), (3, 8), (9, 9)])
+def test_equal_blocks_along_any_dimension(shape):
+    """Blocks of one shape are stacked; the update is reassembled in the right places."""
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+    opt = Shampoo([W], lr=1.0, betas=(0.0, 1.0), epsilon=1e-3, grafting="none",
+                  precondition_frequency=1, start_preconditioning_step=1,
+                  max_preconditioner_dim=4)
+    G = torch.randn(shape, dtype=torch.float64)
+    W.grad = G.clone()
+    opt.step()
+    expected = np.zeros(shape)
+    for _, sl in opt._groups[0].members[0][1].blocks:
+        Gb = G[sl].numpy()
+        L = _root(Gb @ Gb.T + 1e-3 * np.eye(Gb.shape[0]), 4)
+        R = _root(Gb.T @ Gb + 1e-3 * np.eye(Gb.shape[1]), 4)
+        expected[sl] = L @ Gb @ R
+    np.testing.assert_allclose(-W.detach().numpy(), expected, rtol=1e-9)
+
+
 def test_grafting_gives_block_update_the_norm_of_adam():
     torch.manual_seed(0)
     W = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))

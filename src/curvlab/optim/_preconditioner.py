@@ -436,15 +436,25 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
 
     def _scatter_blocks(self, g: _Group, present: list[int], D: Tensor,
                         updates: dict[int, Tensor]) -> None:
-        for j, i in enumerate(present):
-            p, plan, slices = g.members[i]
-            if len(plan.blocks) == 1:
+        j = 0
+        while j < len(present):
+            p, plan, slices = g.members[present[j]]
+            k = len(plan.blocks)
+            if k == 1:
                 updates[id(p)] = D[j].reshape(p.shape)
+                j += 1
+                continue
+            if (plan.merged_shape[0] == k * g.shape[0] and plan.merged_shape[1:] == g.shape[1:]
+                    and present[j : j + k] == list(range(present[j], present[j] + k))):
+                # the blocks split only the first dimension and sit consecutively: a view
+                updates[id(p)] = D[j : j + k].reshape(p.shape)
+                j += k
                 continue
             u = updates.get(id(p))
             if u is None:
                 u = updates[id(p)] = torch.zeros(p.shape, dtype=D.dtype, device=D.device)
             u.view(plan.merged_shape)[slices] = D[j]
+            j += 1
 
     # -- state --------------------------------------------------------------------------
     def _count_refresh(self, n_blocks: int, failed: int, what: str) -> None:
