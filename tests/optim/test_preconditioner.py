@@ -69,6 +69,9 @@ def _model(seed=0):
 FACTORIES = {
     "shampoo": lambda m: Shampoo(m.parameters(), lr=1e-2, precondition_frequency=3,
                                  start_preconditioning_step=2, max_preconditioner_dim=6),
+    "shampoo-qr": lambda m: Shampoo(m.parameters(), lr=1e-2, precondition_frequency=3,
+                                    start_preconditioning_step=2, max_preconditioner_dim=6,
+                                    root_method="qr"),
     "soap": lambda m: SOAP(m.parameters(), lr=1e-2, precondition_frequency=3,
                            max_preconditioner_dim=6),
     "muon": lambda m: Muon(muon_param_groups(m, lr=1e-2, adamw_lr=1e-2)),

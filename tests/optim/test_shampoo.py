@@ -134,6 +134,25 @@ def test_exponent_override_and_newton_root_match_eigh():
     np.testing.assert_allclose(outs[1], ref, rtol=1e-7)
 
 
+def test_qr_root_method_converges_to_the_eigh_root():
+    """With a fixed factor, repeated warm-started QR refreshes reach the exact inverse root."""
+    torch.manual_seed(0)
+    G = torch.randn(6, 4, dtype=torch.float64)
+    roots = {}
+    for method in ("eigh", "qr"):
+        W = nn.Parameter(torch.zeros(6, 4, dtype=torch.float64))
+        opt = Shampoo([W], lr=0.0, betas=(0.0, 1e-9), epsilon=1e-2, grafting="none",
+                      precondition_frequency=1, start_preconditioning_step=1,
+                      use_bias_correction=False, root_method=method)
+        for _ in range(60):
+            W.grad = G.clone()
+            opt.step()
+        roots[method] = [opt.state_dict()["preconditioner"]["groups"][0][f"R{i}"][0]
+                         for i in range(2)]
+    for a, b in zip(roots["eigh"], roots["qr"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
 def test_amortization_refreshes_on_schedule():
     W = nn.Parameter(torch.randn(4, 3))
     opt = Shampoo([W], precondition_frequency=3, start_preconditioning_step=2)

@@ -32,7 +32,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.linalg.matfuncs import coupled_newton_inverse_root, matrix_inverse_root
+from curvlab.linalg.matfuncs import (
+    MatrixFunctionError,
+    coupled_newton_inverse_root,
+    eigenbasis_qr_refresh,
+    high_precision_matmul,
+    matrix_inverse_root,
+    symmetric_eigh,
+)
 from curvlab.optim._preconditioner import (
     GRAFTING_METHODS,
     BlockedPreconditionerOptimizer,
@@ -68,7 +75,10 @@ class Shampoo(BlockedPreconditionerOptimizer):
         grafting: "adam" (default), "rmsprop", "adagrad", "sgd" or "none".
         grafting_beta2, grafting_epsilon: second-moment decay and epsilon of the grafted method.
         use_bias_correction: bias-correct the first moment and EMA factor statistics.
-        root_method: "eigh" (float64 eigendecomposition) or "newton" (coupled Newton).
+        root_method: "eigh" (float64 eigendecomposition, default), "newton" (coupled Newton
+            iteration) or "qr" (warm-started eigenbasis: after a first eigh, each refresh is one
+            power-iteration step + QR from the previous basis, eigenvalues are the Rayleigh
+            quotients ``diag(Q^T F Q)``; much cheaper, approximate between refreshes).
         pseudo_inverse: zero the inverse root on the numerical null space instead of damping.
         nonfinite: "skip" (default) skips a step with a non-finite gradient; "raise" raises
             FloatingPointError. A failed/non-finite root keeps the previous one (counted in
@@ -127,8 +137,8 @@ class Shampoo(BlockedPreconditionerOptimizer):
         if group["grafting"] not in GRAFTING_METHODS:
             raise ValueError(f"grafting must be one of {GRAFTING_METHODS}, "
                              f"got {group['grafting']!r}")
-        if group["root_method"] not in ("eigh", "newton"):
-            raise ValueError("root_method must be 'eigh' or 'newton', got "
+        if group["root_method"] not in ("eigh", "newton", "qr"):
+            raise ValueError("root_method must be 'eigh', 'newton' or 'qr', got "
                              f"{group['root_method']!r}")
         if int(group["precondition_frequency"]) < 1:
             raise ValueError("precondition_frequency must be >= 1, got "
@@ -152,6 +162,10 @@ class Shampoo(BlockedPreconditionerOptimizer):
         for i, d in enumerate(shape):
             st[f"F{i}"] = torch.zeros(n, d, d, dtype=dtype, device=device)
             st[f"R{i}"] = torch.eye(d, dtype=dtype, device=device).expand(n, d, d).clone()
+            if group["root_method"] == "qr":
+                st[f"Q{i}"] = torch.eye(d, dtype=dtype, device=device).expand(n, d, d).clone()
+        if group["root_method"] == "qr":
+            st["has_basis"] = torch.zeros(n, dtype=dtype, device=device)
         return st
 
     def _init_diagonal_state(self, group: dict, n: int, dtype: torch.dtype,
@@ -210,12 +224,44 @@ class Shampoo(BlockedPreconditionerOptimizer):
             def fn(F: Tensor) -> tuple[Tensor]:
                 return (matrix_inverse_root(F * scale, p, damping=eps, compute_dtype=cdt,
                                             pseudo_inverse=group["pseudo_inverse"]),)
-        else:
+        elif group["root_method"] == "newton":
             def fn(F: Tensor) -> tuple[Tensor]:
                 return (coupled_newton_inverse_root(F * scale, int(p), damping=eps,
                                                     compute_dtype=cdt),)
+        else:
+            self._refresh_roots_qr(st, order, scale, p, eps)
+            return
         for i in range(order):
             R = st[f"R{i}"]
             (new,), failed = guarded_batched(fn, (st[f"F{i}"],), (R,))
             R.copy_(new)
             self._count_refresh(R.shape[0], failed, "inverse root")
+
+    def _refresh_roots_qr(self, st: dict[str, Tensor], order: int, scale: float, p: float,
+                          eps: float) -> None:
+        """Roots from a warm-started eigenbasis (eigh the first time, then one QR step)."""
+        cdt = self.compute_dtype
+        first = not bool(st["has_basis"].all())
+
+        def fn(F: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+            Fs = F.to(cdt) * scale
+            if first:
+                est, Qn = symmetric_eigh(Fs, cdt)
+            else:
+                Qn = eigenbasis_qr_refresh(Fs, Q, compute_dtype=cdt)[0]
+                with high_precision_matmul():
+                    est = ((Fs @ Qn) * Qn).sum(-2)
+            inv = (est.clamp_min(0.0) + eps).pow(-1.0 / p)
+            with high_precision_matmul():
+                R = (Qn * inv.unsqueeze(-2)) @ Qn.mT
+            if not bool(torch.isfinite(R.sum())):
+                raise MatrixFunctionError("inverse root from the QR eigenbasis is not finite")
+            return R.to(F.dtype), Qn.to(F.dtype)
+
+        for i in range(order):
+            R, Q = st[f"R{i}"], st[f"Q{i}"]
+            (Rn, Qn), failed = guarded_batched(fn, (st[f"F{i}"], Q), (R, Q))
+            R.copy_(Rn)
+            Q.copy_(Qn)
+            self._count_refresh(R.shape[0], failed, "inverse root")
+        st["has_basis"].fill_(1.0)
