@@ -248,7 +248,7 @@ class Shampoo(BlockedPreconditionerOptimizer):
             if first:
                 est, Qn = symmetric_eigh(Fs, cdt)
             else:
-                Qn = eigenbasis_qr_refresh(Fs, Q, compute_dtype=cdt)[0]
+                Qn = eigenbasis_qr_refresh(Fs, Q.to(cdt), compute_dtype=cdt)[0]
                 with high_precision_matmul():
                     est = ((Fs @ Qn) * Qn).sum(-2)
             inv = (est.clamp_min(0.0) + eps).pow(-1.0 / p)
