@@ -194,12 +194,20 @@ def guarded_batched(
 
 
 def max_abs(tensors: Sequence[Tensor]) -> float:
-    """Largest ``|x|`` over all tensors (NaN/inf if any entry is non-finite); one host sync."""
+    """Upper bound on ``max |x|`` over all tensors, finite iff every entry is finite.
+
+    One fused 2-norm per tensor and one host sync; only if that overflows (or meets a
+    non-finite entry) the exact infinity norm is taken (slower, rare).
+    """
     if not tensors:
         return 0.0
-    norms = torch._foreach_norm(list(tensors), float("inf"))
-    dev = norms[0].device
-    return float(torch.stack([n.float().to(dev) for n in norms]).max())
+    tensors = list(tensors)
+    dev = tensors[0].device
+    bound = float(torch.stack([n.float().to(dev) for n in torch._foreach_norm(tensors)]).max())
+    if math.isfinite(bound):
+        return bound
+    exact = torch._foreach_norm(tensors, float("inf"))
+    return float(torch.stack([n.float().to(dev) for n in exact]).max())
 
 
 # ----------------------------------------------------------------------------- grafting
