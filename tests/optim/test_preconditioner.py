@@ -56,7 +56,7 @@ def test_guarded_batched_keeps_previous_for_failing_blocks_only():
 
 def test_max_abs_bounds_magnitude_and_detects_nonfinite():
     assert 3.0 <= max_abs([torch.tensor([1.0, -3.0]), torch.tensor([2.0])]) <= 3.1623
-    assert max_abs([torch.tensor([1e30, -3e30])]) >= 3e30  # 2-norm overflows: exact path
+    assert max_abs([torch.tensor([1e30, -3e30])]) >= torch.tensor(3e30).item()
     assert max_abs([torch.tensor([1e30, -3e30])]) < float("inf")
     assert math.isnan(max_abs([torch.tensor([1.0, float("nan")])]))
     assert max_abs([torch.tensor([1.0]), torch.tensor([float("-inf")])]) == float("inf")
