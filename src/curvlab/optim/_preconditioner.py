@@ -20,7 +20,10 @@ Pieces, each usable on its own:
 * **Failure policy** (:func:`guarded_batched`): a matrix function that raises
   :class:`~curvlab.linalg.matfuncs.MatrixFunctionError` or returns non-finite values is retried
   block by block; blocks that still fail keep their previous value (counted and logged).
-  State updates go through :func:`finite_or_keep`, so non-finite values never enter state.
+  When the step's gradient magnitude could overflow the statistics' dtype, state updates go
+  through :func:`finite_or_keep` (a block whose update is non-finite keeps its old value);
+  otherwise they are single in-place kernels. A block whose final direction is non-finite is
+  zeroed (counted in ``stats()["nonfinite_block_updates"]``), so parameters stay finite.
 * **Non-finite gradients** (:func:`max_abs`): the optimizer either skips the whole step
   (``nonfinite="skip"``, counted, logged; no parameter or state changes) or raises
   ``FloatingPointError`` (``nonfinite="raise"``).
@@ -55,7 +58,9 @@ __all__ = [
     "is_due",
     "guarded_batched",
     "max_abs",
+    "mode_product",
     "graft_direction",
+    "graft",
     "BlockedPreconditionerOptimizer",
 ]
 
