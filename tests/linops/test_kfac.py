@@ -106,7 +106,7 @@ def test_inverse_matches_dense_inverse():
     # factored Tikhonov damping: (A + pi sqrt(l)) kron (G + sqrt(l)/pi) per block
     fac = op.inverse(lam, method="factored").to_dense()
     dense = torch.zeros(n, n, dtype=D64)
-    for layer, idx in zip(op.layers, op._index):  # [W | b] row-major -> flat positions
+    for layer, idx in zip(op.layers, op._index, strict=True):  # [W|b] -> flat
         A, G = op.factors[layer.name]
         pi = ((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])).sqrt()
         r = lam ** 0.5
