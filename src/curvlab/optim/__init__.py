@@ -2,3 +2,7 @@
 from curvlab.optim.kfac import KFAC  # noqa: E402
 
 __all__ = [*globals().get("__all__", []), "KFAC"]
+
+from curvlab.optim.hessian_free import HessianFree  # noqa: E402
+
+__all__ = [*__all__, "HessianFree"]
