@@ -6,3 +6,7 @@ __all__ = [*globals().get("__all__", []), "KFAC"]
 from curvlab.optim.hessian_free import HessianFree  # noqa: E402
 
 __all__ = [*__all__, "HessianFree"]
+
+from curvlab.optim.natural_gradient import NaturalGradient  # noqa: E402
+
+__all__ = [*__all__, "NaturalGradient"]
