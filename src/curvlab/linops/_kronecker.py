@@ -39,6 +39,7 @@ __all__ = [
     "grad_factor",
     "LayerCapture",
     "backprop_vectors",
+    "curvature_pass",
     "sample_targets",
     "eigen_factor",
     "factored_pi",
@@ -264,6 +265,34 @@ def backprop_vectors(loss_fn: Any, z: torch.Tensor, y: Any, fisher_type: str, *,
         for t in draws:
             loss = loss_fn(zl, t)
             out.append(scale * torch.autograd.grad(loss, zl)[0])
+    return out
+
+
+def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor], loss_fn: Any,
+                   targets: Any, fisher_type: str, *, reduction: str = "mean",
+                   mc_samples: int = 1, generator: torch.Generator | None = None
+                   ) -> list[list[tuple[torch.Tensor, list[torch.Tensor]]]]:
+    """Run ``forward()`` with the layers hooked, then backpropagate every cotangent of
+    :func:`backprop_vectors` to the layer outputs.
+
+    Returns, per layer and per call of the layer in the forward pass, ``(a, [g_u, ...])``:
+    the input rows ``(N, T, d_in)`` and one ``(N, T, d_out)`` block of per-sample output
+    gradients per cotangent ``u``.
+    """
+    with LayerCapture(layers, keep_outputs=True), torch.enable_grad():
+        z = forward()
+        us = backprop_vectors(loss_fn, z, targets, fisher_type, reduction=reduction,
+                              mc_samples=mc_samples, generator=generator)
+        calls = [(lay, rec) for lay in layers for rec in lay.records]
+        out = [[(rec["a"], []) for rec in lay.records] for lay in layers]
+        flat = [entry for per_layer in out for entry in per_layer]
+        if calls:
+            outs = [rec["out"] for _, rec in calls]
+            for u in us:
+                grads = torch.autograd.grad(z, outs, u, retain_graph=True, allow_unused=True)
+                for (lay, rec), g, entry in zip(calls, grads, flat, strict=True):
+                    g = torch.zeros_like(rec["out"]) if g is None else g
+                    entry[1].append(layer_output_grads(lay, g))
     return out
 
 

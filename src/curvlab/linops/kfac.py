@@ -22,14 +22,12 @@ import torch
 
 from curvlab.linops._kronecker import (
     FISHER_TYPES,
-    LayerCapture,
-    backprop_vectors,
+    curvature_pass,
     eigen_factor,
     factored_pi,
     find_layers,
     grad_factor,
     input_factor,
-    layer_output_grads,
 )
 from curvlab.linops.base import CurvatureOperator
 
@@ -110,26 +108,17 @@ class KFACOperator(CurvatureOperator):
              for lay in self.layers]
         n_total = obj.num_samples
         leaves = {k: v.detach().requires_grad_(True) for k, v in self.point.items()}
-        with LayerCapture(self.layers, keep_outputs=True) as cap, obj.mode(), \
-                torch.enable_grad():
+        with obj.mode():
             for _, x, y in obj.batches():
-                cap.clear()
-                z = obj.outputs(leaves, x)
-                us = backprop_vectors(obj.loss_fn, z, y, self.fisher_type,
-                                      reduction=obj.reduction, mc_samples=self.mc_samples,
-                                      generator=gen)
-                outs = [rec["out"] for lay in self.layers for rec in lay.records]
-                for i, lay in enumerate(self.layers):
-                    for rec in lay.records:
-                        A[i] += input_factor(rec["a"])
-                for u in us:
-                    grads = torch.autograd.grad(z, outs, u, retain_graph=True)
-                    j = 0
-                    for i, lay in enumerate(self.layers):
-                        for _ in lay.records:
-                            g = layer_output_grads(lay, grads[j])
+                calls = curvature_pass(self.layers, lambda x=x: obj.outputs(leaves, x),
+                                       obj.loss_fn, y, self.fisher_type,
+                                       reduction=obj.reduction, mc_samples=self.mc_samples,
+                                       generator=gen)
+                for i, per_layer in enumerate(calls):
+                    for a, gs in per_layer:
+                        A[i] += input_factor(a)
+                        for g in gs:
                             G[i] += grad_factor(g)
-                            j += 1
         c = 1.0 if obj.reduction == "mean" else float(n_total)
         return [(a / n_total, g * (c / n_total)) for a, g in zip(A, G, strict=True)]
 
