@@ -107,15 +107,15 @@ class KFAC(torch.optim.Optimizer):
         self,
         model: nn.Module,
         lr: float = 0.1,
-        damping: float = 0.1,
+        damping: float = 0.03,
         *,
         params: Iterable[Any] | None = None,
-        momentum: float = 0.9,
+        momentum: float = 0.5,
         weight_decay: float = 0.0,
         stat_decay: float = 0.95,
         factor_update_freq: int = 1,
-        inv_update_freq: int = 10,
-        kl_clip: float | None = 1e-3,
+        inv_update_freq: int = 5,
+        kl_clip: float | None = 1e-2,
         inverse_method: str = "eigen",
         eigenvalue_correction: bool = False,
         fisher_type: str = "empirical",
@@ -343,9 +343,13 @@ class KFAC(torch.optim.Optimizer):
             ap = a @ QA
             sq = None
             for g in gs:
-                proj = torch.einsum("ntg,nta->nga", g @ QG, ap)
-                sq = proj.square() if sq is None else sq + proj.square()
-            s = sq.sum(0)
+                gp = g @ QG
+                if a.shape[1] == 1:  # per-sample gradient g a^T: squares factorize
+                    s_u = gp[:, 0].square().T @ ap[:, 0].square()
+                else:
+                    s_u = torch.einsum("ntg,nta->nga", gp, ap).square().sum(0)
+                sq = s_u if sq is None else sq + s_u
+            s = sq
             total = s if total is None else total + s
             n += a.shape[0]
         return total / n
