@@ -270,3 +270,23 @@ def test_kl_clip_none_and_bad_arguments():
             KFAC(model, **bad)
     with pytest.raises(TypeError):
         KFAC(model.parameters())
+
+
+def test_failed_decomposition_keeps_the_previous_preconditioner(monkeypatch):
+    model = _mlp()
+    opt = KFAC(model, inv_update_freq=1, kl_clip=None)
+    _train(model, opt, _batches(0, 1))
+    st = opt.state[model[0].weight]
+    QA = st["QA"].clone()
+    real = torch.linalg.eigh
+
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("forced failure")
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    before = copy.deepcopy(model.state_dict())
+    _train(model, opt, _batches(1, 1))
+    monkeypatch.setattr(torch.linalg, "eigh", real)
+    assert opt.stats["eigh_failures"] >= 1
+    assert torch.equal(st["QA"], QA)  # previous eigenbasis kept, factors still updated
+    changed = [not torch.equal(v, before[k]) for k, v in model.state_dict().items()]
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and any(changed)
