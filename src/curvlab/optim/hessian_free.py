@@ -40,12 +40,18 @@ logger = logging.getLogger(__name__)
 _GLOBAL = "hessian_free"
 
 
+def _batch_size(X: Any) -> int:
+    if not isinstance(X, torch.Tensor):
+        raise TypeError("HessianFree needs the batch inputs as one tensor")
+    return int(X.shape[0])
+
+
 class HessianFree(torch.optim.Optimizer):
     """Hessian-free optimizer: ``opt.step(closure, batch=(inputs, targets))``.
 
     ``batch`` gives the data of the Gauss-Newton products and of the loss evaluations of
-    the line search (its first ``curvature_batch_size`` samples for the products, Martens'
-    smaller curvature mini-batch). ``closure`` (optional, torch convention) re-evaluates
+    the line search (a random subset of ``curvature_batch_size`` samples for the products,
+    Martens' smaller curvature mini-batch). ``closure`` (optional, torch convention) re-evaluates
     the loss and fills ``.grad``; without it the gradient is computed on ``batch``.
 
     Args:
@@ -58,7 +64,9 @@ class HessianFree(torch.optim.Optimizer):
         cg_min_iter: iterations before the progress rule may stop CG.
         warm_start: ``zeta`` of the warm start (0 disables it).
         preconditioner: ``"martens"`` (diagonal, above) or None.
-        curvature_batch_size: samples of ``batch`` used for the Gauss-Newton products.
+        curvature_batch_size: size of the random subset of ``batch`` (drawn each step)
+            for the Gauss-Newton products and the preconditioner (None: all of it).
+        seed: seed of the curvature-subset draws (saved in ``state_dict``).
         min_damping, max_damping: clip of ``lambda``.
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite loss/gradient.
 
@@ -72,7 +80,7 @@ class HessianFree(torch.optim.Optimizer):
                  warm_start: float = 0.95, preconditioner: str | None = "martens",
                  curvature_batch_size: int | None = None, armijo_c: float = 1e-2,
                  min_damping: float = 1e-6, max_damping: float = 1e6,
-                 nonfinite: str = "skip") -> None:
+                 nonfinite: str = "skip", seed: int = 0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -104,6 +112,22 @@ class HessianFree(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.state[_GLOBAL] = {"step": 0, "damping": float(damping)}
         self.stats: dict[str, Any] = {"rejected_steps": 0, "skipped_steps": 0}
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["state"][_GLOBAL] = {**sd["state"][_GLOBAL], "rng": self._generator.get_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        state_dict["state"] = dict(state_dict["state"])
+        glob = dict(state_dict["state"][_GLOBAL])
+        rng = glob.pop("rng", None)
+        state_dict["state"][_GLOBAL] = glob
+        super().load_state_dict(state_dict)
+        if rng is not None:
+            self._generator.set_state(rng)
 
     @property
     def damping(self) -> float:
@@ -218,12 +242,17 @@ class HessianFree(torch.optim.Optimizer):
             return loss
         lam = self.damping
         cb = self.curvature_batch_size
-        Xc, yc = (X, y) if cb is None else (X[:cb], y[:cb])
+        n = _batch_size(X)
+        if cb is None or cb >= n:
+            Xc, yc = X, y
+        else:
+            idx = torch.randperm(n, generator=self._generator)[:cb].to(g.device)
+            Xc, yc = X[idx], y[idx]
         with torch.enable_grad():
             gn = self._gn_product(obj, Xc, yc)
             Minv = None
             if self.preconditioner == "martens":
-                Minv = (self._diag_ef(obj, X, y) + lam).pow(-0.75)
+                Minv = (self._diag_ef(obj, Xc, yc) + lam).pow(-0.75)
 
         def B(v: torch.Tensor) -> torch.Tensor:
             with torch.enable_grad():
