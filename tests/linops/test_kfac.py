@@ -145,9 +145,9 @@ def test_mc_converges_to_exact():
     model = nn.Linear(3, 3).to(D64)
     X, y = torch.randn(4, 3, dtype=D64), torch.randint(0, 3, (4,))
     exact = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
-    mc = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="mc", mc_samples=4000)
+    mc = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="mc", mc_samples=1000)
     Ge, Gm = exact.factors[""][1], mc.factors[""][1]
-    assert (Gm - Ge).norm() < 0.1 * Ge.norm()
+    assert (Gm - Ge).norm() < 0.15 * Ge.norm()
 
 
 def _conv_reference(conv, X, y, loss_fn):

@@ -4,7 +4,7 @@ Martens (2010), "Deep learning via Hessian-free optimization", Algorithm 1, with
 Armijo line search of Martens & Sutskever (2012, sec. 8.8). Each step on a batch:
 
 1. gradient ``g`` and the damped Gauss-Newton system ``B d = -g``, ``B = G + lambda I``,
-   ``G = J^T H_loss J`` applied matrix-free (``curvlab.autodiff.gnvp``-style products);
+   ``G = J^T H_loss J`` applied matrix-free (:class:`curvlab.linops.GGNOperator`);
 2. preconditioned CG started from ``zeta * d_prev`` (warm start), preconditioner
    ``M = (diag(sum_n grad l_n^2) / N + lambda)^0.75`` (Martens 2010, sec. 4.7), stopped
    by the relative-progress rule on ``phi(d) = d^T B d / 2 + g^T d``:
@@ -30,7 +30,7 @@ import torch
 import torch.func as tf
 from torch import nn
 
-from curvlab.autodiff import hvp_fn
+from curvlab.linops.ggn import GGNOperator
 from curvlab.objective import Objective
 
 __all__ = ["HessianFree"]
@@ -140,19 +140,10 @@ class HessianFree(torch.optim.Optimizer):
         return Objective(self.model, self.loss_fn, batch, params=self._params())
 
     # ---- linear algebra pieces -----------------------------------------------------
-    def _gn_product(self, obj: Objective, X: Any, y: torch.Tensor
-                    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``v -> J^T H_loss J v`` on one batch, forward graph and loss Hessian shared."""
-        point = obj.param_tensors()
-        with obj.mode():
-            z, vjp_fn = tf.vjp(lambda p: obj.outputs(p, X), point)
-            hz = hvp_fn(lambda out: self.loss_fn(out, y), z.detach())[2]
-
-        def product(v: torch.Tensor) -> torch.Tensor:
-            with obj.mode():
-                jv = tf.jvp(lambda p: obj.outputs(p, X), (point,), (obj.unflatten(v),))[1]
-            return obj.flatten(vjp_fn(hz(jv))[0])
-        return product
+    def _gn_product(self, X: Any, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``v -> J^T H_loss J v`` on one batch (:class:`curvlab.linops.GGNOperator`: the
+        forward pass and the ``J^T u`` graph are recorded once and shared by the products)."""
+        return GGNOperator(self.model, self.loss_fn, (X, y), params=self._params()).matvec
 
     def _diag_ef(self, obj: Objective, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``sum_n (grad l_n)^2 / N`` with ``l_n`` the per-sample loss (vmap)."""
@@ -249,7 +240,7 @@ class HessianFree(torch.optim.Optimizer):
             idx = torch.randperm(n, generator=self._generator)[:cb].to(g.device)
             Xc, yc = X[idx], y[idx]
         with torch.enable_grad():
-            gn = self._gn_product(obj, Xc, yc)
+            gn = self._gn_product(Xc, yc)
             Minv = None
             if self.preconditioner == "martens":
                 Minv = (self._diag_ef(obj, Xc, yc) + lam).pow(-0.75)
