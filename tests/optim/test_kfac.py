@@ -290,3 +290,23 @@ def test_failed_decomposition_keeps_the_previous_preconditioner(monkeypatch):
     assert torch.equal(st["QA"], QA)  # previous eigenbasis kept, factors still updated
     changed = [not torch.equal(v, before[k]) for k, v in model.state_dict().items()]
     assert all(torch.isfinite(p).all() for p in model.parameters()) and any(changed)
+
+
+def test_adaptive_damping_undoes_a_step_with_nonfinite_new_loss():
+    model = _mlp()
+    opt = KFAC(model, adaptive_damping=True, damping_adaptation_interval=1)
+    X, y = _batches(3, 1)[0]
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        calls.append(1)
+        return loss if len(calls) == 1 else loss * float("nan")
+    before = copy.deepcopy(model.state_dict())
+    opt.step(closure)
+    assert len(calls) == 2 and opt.param_groups[0]["damping"] > 0.03
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())

@@ -499,7 +499,10 @@ class KFAC(torch.optim.Optimizer):
         if not _all_finite([d for _, d, _ in updates]):
             self._nonfinite("update")
             return loss
-        saved = [p.detach().clone() for p, _, _ in updates] if self._adapt_now(closure) else None
+        saved = None
+        if self._adapt_now(closure):  # to undo a step whose new loss is non-finite
+            saved = [(p.detach().clone(), self.state[p].get("momentum_buffer"))
+                     for p, _, _ in updates]
         for p, d, group in updates:
             if group["momentum"]:
                 self.state[p]["momentum_buffer"] = d.clone()
@@ -559,8 +562,12 @@ class KFAC(torch.optim.Optimizer):
         old = float(loss)
         rho = (new_loss - old) / pred if pred < 0 else -math.inf
         if not math.isfinite(new_loss):
-            for (p, _, _), s in zip(updates, saved, strict=True):
-                p.copy_(s)
+            for (p, _, _), (value, buf) in zip(updates, saved, strict=True):
+                p.copy_(value)
+                if buf is None:
+                    self.state[p].pop("momentum_buffer", None)
+                else:
+                    self.state[p]["momentum_buffer"] = buf
             rho = -math.inf
             logger.warning("K-FAC: non-finite loss after the step; step undone, damping raised")
         omega = self.damping_adaptation_decay ** self.damping_adaptation_interval
