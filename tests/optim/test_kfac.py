@@ -73,10 +73,17 @@ def test_conv_net_matches_dense_kronecker_and_factored_mode():
     torch.testing.assert_close(after - before, ref, atol=1e-10, rtol=1e-8)
 
 
-def test_ekfac_uses_per_sample_eigenbasis_scales():
+@pytest.mark.parametrize("conv", [False, True])
+def test_ekfac_uses_per_sample_eigenbasis_scales(conv):
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(D64)
-    X, y = torch.randn(6, 3, dtype=D64), torch.randint(0, 2, (6,))
+    if conv:  # several spatial positions: the per-sample gradient sums over them
+        model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(12, 2)).to(D64)
+        X = torch.randn(6, 2, 3, 3, dtype=D64)
+    else:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(D64)
+        X = torch.randn(6, 3, dtype=D64)
+    y = torch.randint(0, 2, (6,))
     lam = 0.1
     op = KFACOperator(copy.deepcopy(model), nn.CrossEntropyLoss(), (X, y),
                       fisher_type="empirical")
