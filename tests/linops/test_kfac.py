@@ -206,8 +206,8 @@ def test_conv2d_layout_full_kernel_equals_ggn():
 
 def test_param_subset_and_float32():
     torch.manual_seed(9)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    X, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(torch.float32)
+    X, y = torch.randn(5, 3, dtype=torch.float32), torch.randint(0, 2, (5,))
     full = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
     op = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), params=["2.weight"],
                       fisher_type="exact")

@@ -148,7 +148,8 @@ def _batches(seed, n, dtype=torch.float32):
 
 def _mlp(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(),
+                         nn.Linear(8, 3)).to(torch.float32)
 
 
 @pytest.mark.parametrize("kw", [
