@@ -318,3 +318,14 @@ def test_adaptive_damping_undoes_a_step_with_nonfinite_new_loss():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())
+
+
+def test_discarded_optimizer_removes_its_hooks():
+    import gc
+
+    model = _mlp()
+    opt = KFAC(model)
+    assert model._forward_pre_hooks and model[0]._forward_hooks
+    del opt
+    gc.collect()
+    assert not model._forward_pre_hooks and not model[0]._forward_hooks

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -215,10 +216,24 @@ class KFAC(torch.optim.Optimizer):
                                       "condition_numbers": {}}
         self._suspended = False
         self._inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        self._capture = LayerCapture(self._layers, grads=True,
-                                     enabled=lambda: self._capturing
-                                     and fisher_type == "empirical")
-        self._pre_hook = model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
+        # the hooks hold the optimizer weakly and are removed when it is garbage collected,
+        # so a discarded optimizer neither keeps recording nor keeps the model's hooks
+        ref = weakref.ref(self)
+
+        def capturing() -> bool:
+            opt = ref()
+            return opt is not None and opt._capturing and opt.fisher_type == "empirical"
+
+        def record_inputs(module: nn.Module, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> None:
+            opt = ref()
+            if opt is not None:
+                opt._record_inputs(args, kwargs)
+
+        self._capture = LayerCapture(self._layers, grads=True, enabled=capturing)
+        self._pre_hook = model.register_forward_pre_hook(record_inputs, with_kwargs=True)
+        weakref.finalize(self, self._capture.remove)
+        weakref.finalize(self, self._pre_hook.remove)
 
     # ---- hooks and bookkeeping ------------------------------------------------------
     @property
@@ -229,8 +244,7 @@ class KFAC(torch.optim.Optimizer):
     def _capturing(self) -> bool:
         return not self._suspended and self._step % self.factor_update_freq == 0
 
-    def _record_inputs(self, module: nn.Module, args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> None:
+    def _record_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.fisher_type == "mc" and self._capturing and torch.is_grad_enabled():
             detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
             self._inputs.append((tuple(detach(a) for a in args),
