@@ -1,4 +1,7 @@
+"""Krylov methods, estimators, factorizations and matrix functions on operators."""
 
+from curvlab.linalg.cg import cg as cg
+from curvlab.linalg.cg import steihaug_cg as steihaug_cg
 from curvlab.linalg.estimators import DiagonalEstimate as DiagonalEstimate
 from curvlab.linalg.estimators import Quadrature as Quadrature
 from curvlab.linalg.estimators import SpectralDensity as SpectralDensity
@@ -8,6 +11,7 @@ from curvlab.linalg.estimators import hutchinson as hutchinson
 from curvlab.linalg.estimators import hutchpp as hutchpp
 from curvlab.linalg.estimators import quadratic_form as quadratic_form
 from curvlab.linalg.estimators import slq as slq
+from curvlab.linalg.factor import modified_cholesky as modified_cholesky
 from curvlab.linalg.krylov import EigenResult as EigenResult
 from curvlab.linalg.krylov import LanczosProcess as LanczosProcess
 from curvlab.linalg.krylov import lanczos as lanczos

@@ -1,6 +1,5 @@
 
-from curvlab.optim.hessian_free import HessianFree  # noqa: E402
-from curvlab.optim.kfac import KFAC  # noqa: E402
-from curvlab.optim.natural_gradient import NaturalGradient  # noqa: E402
-
-__all__ = [*globals().get("__all__", []), "HessianFree", "KFAC", "NaturalGradient"]
+from curvlab.optim.hessian_free import HessianFree as HessianFree
+from curvlab.optim.kfac import KFAC as KFAC
+from curvlab.optim.lbfgs import LBFGS as LBFGS
+from curvlab.optim.natural_gradient import NaturalGradient as NaturalGradient
