@@ -3,8 +3,9 @@
 Amari (1998), "Natural gradient works efficiently in learning"; Martens (2020), "New
 insights and perspectives on the natural gradient method", sec. 5-6. Each step on a batch:
 
-    solve (F + lambda I) d = g   by conjugate gradients (at most ``cg_max_iter`` products,
-                                 relative residual ``cg_tol``, warm-started from the last d)
+    solve (F + lambda I) d = g   by conjugate gradients (``curvlab.linalg.cg``: at most
+                                 ``cg_max_iter`` products, relative residual ``cg_tol``,
+                                 warm-started from the last d)
     buf = momentum buf + d + weight_decay theta,   theta -= lr buf
 
 with ``F`` the Fisher of the model's predictive distribution on the batch, through
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab.linalg.cg import cg
 from curvlab.objective import Objective
 
 __all__ = ["NaturalGradient"]
@@ -32,33 +34,6 @@ __all__ = ["NaturalGradient"]
 logger = logging.getLogger(__name__)
 
 _GLOBAL = "natural_gradient"
-
-
-def _cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor,
-        tol: float, max_iter: int) -> tuple[torch.Tensor, int, float]:
-    """Conjugate gradients on the SPD system ``A x = b``; returns ``(x, iterations,
-    relative residual)``, stopping at ``||b - A x|| <= tol ||b||`` or ``max_iter``."""
-    bnorm = float(b.norm())
-    if bnorm == 0:
-        return torch.zeros_like(b), 0, 0.0
-    x = x0.clone()
-    r = b - matvec(x) if bool(x0.any()) else b.clone()
-    p = r.clone()
-    rr = r.dot(r)
-    it = 0
-    while it < max_iter and math.sqrt(float(rr)) > tol * bnorm:
-        Ap = matvec(p)
-        pAp = p.dot(Ap)
-        if not pAp > 0:
-            break
-        alpha = rr / pAp
-        x = x + alpha * p
-        r = r - alpha * Ap
-        rr_new = r.dot(r)
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-        it += 1
-    return x, it, math.sqrt(float(rr)) / bnorm
 
 
 class NaturalGradient(torch.optim.Optimizer):
@@ -185,7 +160,11 @@ class NaturalGradient(torch.optim.Optimizer):
             with torch.enable_grad():
                 return F.matvec(v) + lam_of * v
 
-        d, iters, res = _cg(matvec, g, x0, self.cg_tol, self.cg_max_iter)
+        sol = cg(matvec, g, x0=x0 if bool(x0.any()) else None, rtol=self.cg_tol,
+                 max_iter=self.cg_max_iter)
+        d, iters = sol.x, sol.iterations
+        gnorm = float(g.norm())
+        res = sol.residual_norm / gnorm if gnorm > 0 else 0.0
         if not bool(torch.isfinite(d).all()):
             self._generator.set_state(rng)
             self._skip("natural-gradient direction")
