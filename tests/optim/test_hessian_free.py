@@ -112,5 +112,7 @@ def test_nonfinite_batch_changes_nothing():
         HessianFree(model, lf, nonfinite="raise").step(batch=(Xb, y))
     with pytest.raises(ValueError, match="batch"):
         opt.step()
+    with pytest.raises(ValueError, match="one"):
+        opt.step(batch=[(X[:5], y[:5]), (X[5:], y[5:])])
     with pytest.raises(ValueError):
         HessianFree(model, lf, damping=-1)

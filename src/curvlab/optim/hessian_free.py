@@ -216,7 +216,11 @@ class HessianFree(torch.optim.Optimizer):
             raise ValueError("HessianFree.step needs batch=(inputs, targets): the data of the "
                              "Gauss-Newton products and of the line search")
         obj = self._objective(batch)
-        (X, y), = [(x_, y_) for _, x_, y_ in obj.batches()]
+        pairs = [(x_, y_) for _, x_, y_ in obj.batches()]
+        if len(pairs) != 1:
+            raise ValueError(f"batch must be one (inputs, targets) pair, got {len(pairs)} "
+                             "batches; concatenate them")
+        (X, y), = pairs
         params = obj.params
         if closure is not None:
             with torch.enable_grad():
