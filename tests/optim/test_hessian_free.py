@@ -116,3 +116,23 @@ def test_nonfinite_batch_changes_nothing():
         opt.step(batch=[(X[:5], y[:5]), (X[5:], y[5:])])
     with pytest.raises(ValueError):
         HessianFree(model, lf, damping=-1)
+
+
+def test_closure_only_step_equals_the_batch_step():
+    model, lf, X, y = small_problem(5)
+    twin = copy.deepcopy(model)
+    kw = dict(damping=0.5, preconditioner=None, cg_max_iter=30)
+    HessianFree(model, lf, **kw).step(batch=(X, y))
+    opt = HessianFree(twin, lf, **kw)
+
+    def closure():
+        opt.zero_grad()
+        loss = lf(twin(X), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-8)
+    l1 = HessianFree(twin, nn.L1Loss())
+    with pytest.raises(ValueError, match="batch="):
+        l1.step(lambda: nn.L1Loss()(twin(X), torch.zeros(20, 3, dtype=D64)))

@@ -110,3 +110,20 @@ def test_state_dict_closure_groups_and_nonfinite():
         opt.step()
     with pytest.raises(ValueError, match="fisher_type"):
         NaturalGradient(model, fisher_type="kfac")
+
+
+def test_closure_only_step_uses_the_closure_inputs():
+    model, X, y = logistic_problem(5)
+    twin = copy.deepcopy(model)
+    NaturalGradient(model, damping=0.1, cg_tol=1e-12).step(batch=(X, y))
+    opt = NaturalGradient(twin, damping=0.1, cg_tol=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(twin(X), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    torch.testing.assert_close(twin.weight, model.weight, atol=1e-10, rtol=1e-8)
+    with pytest.raises(ValueError, match="'exact' or 'mc'"):
+        NaturalGradient(twin, fisher_type="empirical").step(closure)

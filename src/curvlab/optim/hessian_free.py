@@ -32,6 +32,7 @@ from torch import nn
 
 from curvlab.linops.ggn import GGNOperator
 from curvlab.objective import Objective
+from curvlab.optim._batch_capture import InputRecorder
 
 __all__ = ["HessianFree"]
 
@@ -47,12 +48,17 @@ def _batch_size(X: Any) -> int:
 
 
 class HessianFree(torch.optim.Optimizer):
-    """Hessian-free optimizer: ``opt.step(closure, batch=(inputs, targets))``.
+    """Hessian-free optimizer: ``opt.step(closure)`` or ``opt.step(batch=(inputs, targets))``.
 
     ``batch`` gives the data of the Gauss-Newton products and of the loss evaluations of
     the line search (a random subset of ``curvature_batch_size`` samples for the products,
-    Martens' smaller curvature mini-batch). ``closure`` (optional, torch convention) re-evaluates
-    the loss and fills ``.grad``; without it the gradient is computed on ``batch``.
+    Martens' smaller curvature mini-batch); ``closure`` (torch convention) evaluates the
+    loss and fills ``.grad`` (without it the gradient is computed on ``batch``). With a
+    closure and no batch, the products use the inputs of the closure's forward pass (the
+    targets are not needed: supported for CrossEntropyLoss, MSELoss, BCEWithLogitsLoss
+    without weights), every line-search evaluation calls the closure (so ``.grad`` holds
+    the gradient of the last evaluated point afterwards), and the diagonal preconditioner,
+    which needs per-sample gradients with the true targets, is off.
 
     Args:
         model: the ``nn.Module``; loss_fn: ``loss_fn(model(inputs), targets) -> scalar``.
@@ -113,6 +119,7 @@ class HessianFree(torch.optim.Optimizer):
         self.state[_GLOBAL] = {"step": 0, "damping": float(damping)}
         self.stats: dict[str, Any] = {"rejected_steps": 0, "skipped_steps": 0}
         self._generator = torch.Generator().manual_seed(seed)
+        self._recorder = InputRecorder(model, self)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -212,9 +219,14 @@ class HessianFree(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
              batch: Any = None) -> torch.Tensor:
-        if batch is None:
-            raise ValueError("HessianFree.step needs batch=(inputs, targets): the data of the "
-                             "Gauss-Newton products and of the line search")
+        closure_only = batch is None
+        if closure_only:
+            if closure is None:
+                raise ValueError("HessianFree.step needs a closure or batch=(inputs, targets)")
+            with torch.enable_grad():
+                loss = closure()
+            batch = self._recorder.batch(self.loss_fn, "HessianFree")
+            closure_loss = loss
         obj = self._objective(batch)
         pairs = [(x_, y_) for _, x_, y_ in obj.batches()]
         if len(pairs) != 1:
@@ -223,8 +235,11 @@ class HessianFree(torch.optim.Optimizer):
         (X, y), = pairs
         params = obj.params
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+            if not closure_only:
+                with torch.enable_grad():
+                    loss = closure()
+            else:
+                loss = closure_loss
             grads = {k: (torch.zeros_like(p) if p.grad is None else p.grad)
                      for k, p in params.items()}
             g = obj.flatten(grads)
@@ -246,7 +261,7 @@ class HessianFree(torch.optim.Optimizer):
         with torch.enable_grad():
             gn = self._gn_product(Xc, yc)
             Minv = None
-            if self.preconditioner == "martens":
+            if self.preconditioner == "martens" and not closure_only:
                 Minv = (self._diag_ef(obj, Xc, yc) + lam).pow(-0.75)
 
         def B(v: torch.Tensor) -> torch.Tensor:
@@ -259,12 +274,21 @@ class HessianFree(torch.optim.Optimizer):
         else:
             x0 = torch.zeros_like(g)
         saved, iters = self._cg(B, g, x0, Minv)
-        point = obj.param_tensors()
+        point = {k: v.clone() for k, v in obj.param_tensors().items()}
         theta = obj.flatten(point)
         sizes = self._group_scale(obj)
 
         def f_at(d: torch.Tensor) -> float:
-            return float(obj.loss(obj.unflatten(theta + d)))
+            if not closure_only:
+                return float(obj.loss(obj.unflatten(theta + d)))
+            for p, v in zip(params.values(), obj.unflatten(theta + d).values(), strict=True):
+                p.copy_(v)
+            try:
+                with torch.enable_grad():
+                    return float(torch.as_tensor(closure()).detach())
+            finally:
+                for p, v in zip(params.values(), point.values(), strict=True):
+                    p.copy_(v)
 
         # backtrack over the CG iterates (Martens 2010, sec. 4.6)
         best_i = len(saved) - 1

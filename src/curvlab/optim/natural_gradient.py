@@ -28,6 +28,7 @@ from torch import nn
 
 from curvlab.linalg.cg import cg
 from curvlab.objective import Objective
+from curvlab.optim._batch_capture import InputRecorder
 
 __all__ = ["NaturalGradient"]
 
@@ -56,7 +57,9 @@ class NaturalGradient(torch.optim.Optimizer):
         seed: seed of the label sampling of ``"mc"``.
 
     ``batch`` gives the data the Fisher is built on; ``closure`` (optional) computes the
-    loss and ``.grad``, otherwise the gradient is computed on ``batch``. ``opt.stats``:
+    loss and ``.grad``, otherwise the gradient is computed on ``batch``. With a closure
+    and no batch (``"exact"``/``"mc"`` only: their Fisher does not use the targets) the
+    Fisher is built on the inputs of the closure's forward pass. ``opt.stats``:
     ``cg_iterations``, ``cg_residual``, ``damping``, ``skipped_steps``.
     """
 
@@ -92,6 +95,7 @@ class NaturalGradient(torch.optim.Optimizer):
         self.cg_max_iter, self.cg_tol, self.warm_start = cg_max_iter, cg_tol, warm_start
         self.nonfinite = nonfinite
         self._generator = torch.Generator().manual_seed(seed)
+        self._recorder = InputRecorder(model, self)
         self.state[_GLOBAL] = {"step": 0}
         self.stats: dict[str, Any] = {"skipped_steps": 0}
 
@@ -129,13 +133,16 @@ class NaturalGradient(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
              batch: Any = None) -> torch.Tensor | None:
-        if batch is None:
-            raise ValueError("NaturalGradient.step needs batch=(inputs, targets): the data "
-                             "the Fisher is computed on")
+        if batch is None and (closure is None or self.fisher_type == "empirical"):
+            raise ValueError("NaturalGradient.step needs batch=(inputs, targets) (the data the "
+                             "Fisher is computed on), or a closure with fisher_type 'exact' or "
+                             "'mc'")
         params = [p for g in self.param_groups for p in g["params"]]
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if batch is None:
+                batch = self._recorder.batch(self.loss_fn, "NaturalGradient")
             g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
                            for p in params])
         else:
