@@ -14,7 +14,7 @@
    ~25 steps only lowering it); AdamW uses batches of 128.
 
 Usage: ``python benchmarks/bench_curvature_optim.py [--quick] [--only digits|autoencoder]
-[--budget SECONDS] [--out results.json]``.
+[--budget SECONDS] [--out results.json]`` (default ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 from curvlab.bench.nn import digits_mlp_problem
 from curvlab.optim import KFAC, HessianFree, NaturalGradient
 
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_curvature_optim.json"
 BATCH_API = (HessianFree, NaturalGradient)  # optimizers that take step(closure, batch=...)
 
 
@@ -211,7 +213,7 @@ def autoencoder_section(quick: bool, seeds: list[int], budget: float) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, one lr, short runs")
-    parser.add_argument("--out", default=None, help="write the results as JSON")
+    parser.add_argument("--out", default=str(RESULTS), help=f"JSON results (default {RESULTS})")
     parser.add_argument("--budget", type=float, default=None,
                         help="autoencoder wall-time budget per run in seconds")
     parser.add_argument("--only", choices=("digits", "autoencoder"), default=None,
@@ -233,9 +235,10 @@ def main() -> None:
         budget = args.budget or (3.0 if args.quick else 60.0)
         results["autoencoder"] = autoencoder_section(args.quick, seeds, budget)
         print_autoencoder(results["autoencoder"], budget)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1, default=str)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=str))
+    print(f"\nresults: {out}")
 
 
 def print_digits(digits: dict[str, Any], seeds: list[int]) -> None:
