@@ -255,7 +255,8 @@ class KFAC(torch.optim.Optimizer):
         self._inputs.clear()
 
     def remove_hooks(self) -> None:
-        """Detach the optimizer's hooks from the model (it can no longer step)."""
+        """Detach the optimizer's hooks from the model (no further statistics are captured;
+        they are also removed when the optimizer is garbage collected)."""
         self._capture.remove()
         self._pre_hook.remove()
 
