@@ -64,7 +64,8 @@ def test_jvp_vjp_jacobian_gnvp():
     g = torch.Generator().manual_seed(3)
     W = torch.randn(7, 4, generator=g, dtype=D)
     net = lambda x: torch.tanh(W @ x)  # noqa: E731
-    x, v, u = torch.randn(4, generator=g, dtype=D), torch.randn(4, generator=g, dtype=D), torch.randn(7, generator=g, dtype=D)
+    x, v = torch.randn(4, generator=g, dtype=D), torch.randn(4, generator=g, dtype=D)
+    u = torch.randn(7, generator=g, dtype=D)
     J = torch.autograd.functional.jacobian(net, x)
     for mode in ("auto", "forward", "reverse"):
         torch.testing.assert_close(curvlab.jacobian(net, x, mode=mode), J)
