@@ -49,7 +49,7 @@ def test_cg_reports_negative_curvature():
 
 def test_cg_float32_and_errors():
     A = _spd(10, 3).float()
-    b = torch.ones(10)
+    b = torch.ones(10, dtype=torch.float32)
     res = cg(A, b, rtol=1e-5)
     assert res.x.dtype == torch.float32 and res.converged
     with pytest.raises(ValueError, match="square"):

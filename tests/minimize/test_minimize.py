@@ -101,7 +101,7 @@ def test_float32_and_shape_preserved():
     x0 = torch.full((2, 3), 0.5, dtype=torch.float32)
     res = minimize(lambda x: ((x - 2.0) ** 2).sum(), x0, "lbfgs", gtol=1e-4)
     assert res.success and res.x.shape == (2, 3) and res.x.dtype == torch.float32
-    torch.testing.assert_close(res.x, torch.full((2, 3), 2.0))
+    torch.testing.assert_close(res.x, torch.full((2, 3), 2.0, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("method", ["bfgs", "newton-cg", "trust-exact", "gd"])
@@ -196,8 +196,9 @@ def test_max_iter_failure_says_why():
 
 def test_success_only_when_tolerance_holds():
     # float32: grad = 1e3 (exp(x) - c) cannot get below ~1e-4 unless exp rounds exactly
-    c = torch.tensor([3.0, 5.0, 7.0])
-    res = minimize(lambda x: 1e3 * (torch.exp(x) - c * x).sum(), torch.zeros(3), "bfgs",
+    c = torch.tensor([3.0, 5.0, 7.0], dtype=torch.float32)
+    x0 = torch.zeros(3, dtype=torch.float32)
+    res = minimize(lambda x: 1e3 * (torch.exp(x) - c * x).sum(), x0, "bfgs",
                    gtol=1e-12, max_iter=40)
     assert res.success == (res.grad_norm <= 1e-12)
     assert not res.success and res.status != 0
