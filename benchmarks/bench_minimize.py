@@ -17,185 +17,28 @@ Usage: ``python benchmarks/bench_minimize.py [--quick] [--repeats R] [--json PAT
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import statistics
 import sys
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-import scipy.optimize as so
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from curvlab.minimize import minimize  # noqa: E402
+from curvlab.bench.classical import (  # noqa: E402
+    PAIRS,
+    TARGETS,
+    run_once,
+)
 from curvlab.minimize.problems import logistic_regression, mgh_problems  # noqa: E402
 
-GTOL = 1e-5
-MAX_ITER = 5000
-
-try:
-    import torchmin
-except ImportError:  # pragma: no cover - optional peer
-    torchmin = None
-
-
-class Counted:
-    """Wrap an objective to count forward evaluations."""
-
-    def __init__(self, f):
-        self.f, self.calls = f, 0
-
-    def __call__(self, x):
-        self.calls += 1
-        return self.f(x)
-
-
-def verify(problem, x: torch.Tensor) -> float:
-    x = x.detach().to(torch.float64).reshape(-1).clone().requires_grad_(True)
-    f = problem.objective(x)
-    (g,) = torch.autograd.grad(f, x)
-    gn = float(g.abs().max())
-    return gn if math.isfinite(gn) and math.isfinite(float(f.detach())) else math.inf
-
-
-# --- solver runners: each returns (x, hvp_count or None) and uses the counted f -----
-
-def run_curvlab(method):
-    def run(fc, x0):
-        r = minimize(fc, x0, method, gtol=GTOL, max_iter=MAX_ITER)
-        return r.x, r.nhvp + r.nhess * x0.numel()
-    return run
-
-
-def _np_wrappers(fc, counters):
-    def fg(xn):
-        x = torch.from_numpy(xn).requires_grad_(True)
-        v = fc(x)
-        (g,) = torch.autograd.grad(v, x)
-        return float(v), g.numpy()
-
-    def hessp(xn, pn):
-        counters["hvp"] += 1
-        x = torch.from_numpy(xn).requires_grad_(True)
-        v = fc.f(x)
-        (g,) = torch.autograd.grad(v, x, create_graph=True)
-        (hv,) = torch.autograd.grad(g, x, torch.from_numpy(pn))
-        return hv.numpy()
-
-    def hess(xn):
-        counters["hvp"] += xn.size
-        return torch.func.hessian(fc.f)(torch.from_numpy(xn)).numpy()
-
-    return fg, hessp, hess
-
-
-SCIPY_OPTIONS = {
-    "L-BFGS-B": dict(gtol=GTOL, ftol=1e-300, maxiter=MAX_ITER, maxfun=10 * MAX_ITER),
-    "BFGS": dict(gtol=GTOL, norm=np.inf, maxiter=MAX_ITER),
-    "Newton-CG": dict(xtol=1e-12, maxiter=MAX_ITER),
-    "trust-ncg": dict(gtol=GTOL, maxiter=MAX_ITER),
-    "trust-exact": dict(gtol=GTOL, maxiter=MAX_ITER),
-    "dogleg": dict(gtol=GTOL, maxiter=MAX_ITER),
-}
-
-
-def run_scipy(method):
-    def run(fc, x0):
-        counters = {"hvp": 0}
-        fg, hessp, hess = _np_wrappers(fc, counters)
-        kw = {}
-        if method in ("Newton-CG", "trust-ncg"):
-            kw["hessp"] = hessp
-        if method in ("trust-exact", "dogleg"):
-            kw["hess"] = hess
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            r = so.minimize(fg, x0.numpy(), jac=True, method=method,
-                            options=SCIPY_OPTIONS[method], **kw)
-        return torch.from_numpy(np.asarray(r.x)), counters["hvp"]
-    return run
-
-
-TORCHMIN_OPTIONS = {
-    "l-bfgs": dict(gtol=GTOL, xtol=1e-300, history_size=10),  # same memory as the others
-    "bfgs": dict(gtol=GTOL, xtol=1e-300),
-    "newton-cg": dict(xtol=1e-300),
-    "newton-exact": dict(xtol=1e-300),
-    "trust-ncg": dict(gtol=GTOL),
-    "trust-exact": dict(gtol=GTOL),
-    "dogleg": dict(gtol=GTOL),
-}
-
-
-def run_torchmin(method):
-    def run(fc, x0):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            r = torchmin.minimize(fc, x0.clone(), method, max_iter=MAX_ITER,
-                                  options=dict(TORCHMIN_OPTIONS[method]))
-        return r.x, None
-    return run
-
-
-def run_torch_lbfgs(fc, x0):
-    x = x0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1, max_iter=MAX_ITER, max_eval=10 * MAX_ITER,
-                            tolerance_grad=GTOL, tolerance_change=1e-300, history_size=10,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        v = fc(x)
-        v.backward()
-        return v
-
-    opt.step(closure)
-    return x.detach(), None
-
-
-PAIRS = {
-    "lbfgs": [("curvlab lbfgs", run_curvlab("lbfgs")), ("scipy L-BFGS-B", run_scipy("L-BFGS-B")),
-              ("torchmin l-bfgs", run_torchmin("l-bfgs")),
-              ("torch.optim.LBFGS", run_torch_lbfgs)],
-    "bfgs": [("curvlab bfgs", run_curvlab("bfgs")), ("scipy BFGS", run_scipy("BFGS")),
-             ("torchmin bfgs", run_torchmin("bfgs"))],
-    "newton-cg": [("curvlab newton-cg", run_curvlab("newton-cg")),
-                  ("scipy Newton-CG", run_scipy("Newton-CG")),
-                  ("torchmin newton-cg", run_torchmin("newton-cg"))],
-    "trust-ncg": [("curvlab trust-ncg", run_curvlab("trust-ncg")),
-                  ("scipy trust-ncg", run_scipy("trust-ncg")),
-                  ("torchmin trust-ncg", run_torchmin("trust-ncg"))],
-    "trust-exact": [("curvlab trust-exact", run_curvlab("trust-exact")),
-                    ("scipy trust-exact", run_scipy("trust-exact")),
-                    ("torchmin trust-exact", run_torchmin("trust-exact"))],
-    "dogleg": [("curvlab dogleg", run_curvlab("dogleg")), ("scipy dogleg", run_scipy("dogleg")),
-               ("torchmin dogleg", run_torchmin("dogleg"))],
-    "newton": [("curvlab newton", run_curvlab("newton")),
-               ("torchmin newton-exact", run_torchmin("newton-exact"))],
-}
-TARGETS = ("lbfgs", "bfgs", "newton-cg", "trust-ncg", "trust-exact")
-
-
-def run_once(runner, problem):
-    """One timed run: ``(seconds, record)``."""
-    fc = Counted(problem.objective)
-    x0 = problem.start()
-    t0 = time.perf_counter()
-    try:
-        x, hvp = runner(fc, x0)
-        err = None
-    except Exception as e:  # a peer crashing is a result, not a benchmark failure
-        x, hvp, err = x0, None, f"{type(e).__name__}: {str(e)[:60]}"
-    elapsed = time.perf_counter() - t0
-    gn = verify(problem, x) if err is None else math.inf
-    return elapsed, dict(problem=problem.name, n=problem.n, evals=fc.calls, hvp=hvp,
-                         grad_inf=gn, solved=gn <= GTOL, error=err)
+HAVE_TORCHMIN = importlib.util.find_spec("torchmin") is not None
 
 
 def run_pair(solvers, problem, repeats):
@@ -237,11 +80,11 @@ def main(argv=None):
         if args.pairs == ap.get_default("pairs"):
             pairs = list(TARGETS)
     repeats = args.repeats or (1 if args.quick else 3)
-    if torchmin is None:
+    if not HAVE_TORCHMIN:
         print("pytorch-minimize not installed: its columns are skipped")
     # warm up every runner once (imports, first-call overheads)
     warm = [p for p in problems if p.n == 2][0]
-    active = {name: [(s, r) for s, r in PAIRS[name] if torchmin is not None or
+    active = {name: [(s, r) for s, r in PAIRS[name] if HAVE_TORCHMIN or
                      "torchmin" not in s] for name in pairs}
     for name in pairs:
         run_pair(active[name], warm, 1)
@@ -279,7 +122,7 @@ def main(argv=None):
     print("gm evals: geometric mean of objective evaluations over the problems the solver "
           "solved; gm evals*: over the problems solved by both curvlab and the first peer.")
     # wall time vs pytorch-minimize per problem size
-    if torchmin is not None:
+    if HAVE_TORCHMIN:
         sizes = sorted({p.n for p in problems})
         print("\nwall-time ratio curvlab / pytorch-minimize per problem size: median over the "
               "problems of that size that both solved (a peer that crashes or stops early is "

@@ -56,10 +56,12 @@ def build_tasks(suite: str, opts: SuiteOptions) -> tuple[list[Task], list[str]]:
         return tasks, notices
     if suite == "nn":
         return _nn_tasks(opts)
+    if suite == "classical":
+        from curvlab.bench.classical import classical_tasks
+
+        return classical_tasks(opts.quick)
     if suite == "curvature":
         from curvlab.bench.curvature import curvature_tasks
 
         return curvature_tasks(opts.quick), []
-    if suite in SUITES:
-        return [], [f"suite {suite!r}: not available yet in this version"]
     raise ValueError(f"suite must be one of {(*SUITES, 'all')}, got {suite!r}")
