@@ -4,6 +4,12 @@ A curvature operator is a symmetric ``n x n`` matrix over the flat parameter vec
 :class:`~curvlab.objective.Objective`, available only through products. Subclasses
 implement ``_apply(V)`` for a block of row vectors ``V`` of shape ``(k, n)``; this base
 class adds argument checking, matvec counting, ``@``, dense and scipy views.
+
+Data parallel: when the objective has a ``process_group`` (each rank holds a data shard,
+batch weights ``n_b / N_global``), ``_apply`` returns this rank's partial product and
+``matvec``/``matmat`` sum it over the ranks (one all-reduce per call), so every rank gets
+``A V`` of the full data. ``V`` must be identical on all ranks (checked with one small
+all-reduce); seed random probes with :func:`curvlab.distributed.synced_generator`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from curvlab import distributed as _dist
 from curvlab.objective import Objective
 
 __all__ = ["CurvatureOperator"]
@@ -69,7 +76,7 @@ class CurvatureOperator(ABC):
         """``A v`` for a flat vector ``v`` of shape ``(n,)``."""
         self.objective.check_vector(v, "v")
         self.num_matvecs += 1
-        return self._apply(v.unsqueeze(0))[0]
+        return self._reduced_apply(v.unsqueeze(0))[0]
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``A V`` for a block ``V`` of shape ``(n, k)`` (k products, batched)."""
@@ -78,7 +85,15 @@ class CurvatureOperator(ABC):
                              f"{tuple(V.shape) if isinstance(V, torch.Tensor) else type(V)}")
         self.objective.check_vector(V.T, "V", batched=True)
         self.num_matvecs += V.shape[1]
-        return self._apply(V.T).T
+        return self._reduced_apply(V.T).T
+
+    def _reduced_apply(self, V: torch.Tensor) -> torch.Tensor:
+        """``_apply`` summed over the objective's process group (if it has one)."""
+        group = self.objective.process_group
+        if group is None:
+            return self._apply(V)
+        _dist.check_same_across_ranks(V, group, "the vector(s) multiplied")
+        return _dist.all_reduce_sum(self._apply(V).contiguous(), group)
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         return self.matvec(v) if isinstance(v, torch.Tensor) and v.dim() == 1 else self.matmat(v)

@@ -1,0 +1,49 @@
+"""Data-parallel Objective and curvature operators (2 gloo processes on CPU) equal the
+single-process values on the whole data set (float64)."""
+
+import _problems as P
+import pytest
+import torch
+from scen_diagnostics import quantities
+from torch import nn
+
+from curvlab.objective import Objective
+
+
+@pytest.fixture(scope="module")
+def dist_results(ranks):
+    return [r["diagnostics"] for r in ranks]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    X, y = P.data()
+    return quantities(Objective(P.model(), nn.CrossEntropyLoss(), P.whole(X, y)))
+
+
+@pytest.mark.parametrize("key", ["num_samples", "loss", "loss_and_grad", "grad", "hvp", "hvp1",
+                                 "ggn", "diag"])
+def test_matches_single_process(dist_results, reference, key):
+    for res in dist_results:
+        got, want = torch.as_tensor(res[key]), torch.as_tensor(reference[key])
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_unseeded_probes_agree_across_ranks(dist_results):
+    a, b = (r["diag_hutch"] for r in dist_results)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_rank_dependent_vector_is_refused(dist_results):
+    for res in dist_results:
+        assert "differs across ranks" in res["mismatch_error"]
+
+
+def test_process_group_argument_is_checked():
+    X, y = P.data()
+    with pytest.raises(ValueError, match="init_process_group"):
+        Objective(P.model(), nn.CrossEntropyLoss(), (X, y), process_group="default")
+    with pytest.raises(ValueError, match="'default'"):
+        Objective(P.model(), nn.CrossEntropyLoss(), (X, y), process_group="world")
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        Objective(P.model(), nn.CrossEntropyLoss(), (X, y), process_group=2)
