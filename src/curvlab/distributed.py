@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["resolve_group", "world_size", "rank", "comm_device", "all_reduce_sum",
-           "all_reduce_coalesced", "broadcast_coalesced", "synced_generator", "check_same_across_ranks"]
+           "all_reduce_coalesced", "broadcast_coalesced", "synced_generator",
+           "check_same_across_ranks"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2 ** 20  # DDP's default bucket size (25 MiB)
 
