@@ -16,3 +16,8 @@ __all__ = [
     "jvp",
     "vjp",
 ]
+
+from curvlab import minimize  # noqa: E402  (a callable package: curvlab.minimize(fun, x0))
+from curvlab.minimize import OptimizeResult, least_squares  # noqa: E402
+
+__all__ += ["OptimizeResult", "least_squares", "minimize"]

@@ -1,1 +1,2 @@
 
+from curvlab.optim.lbfgs import LBFGS as LBFGS

@@ -1,0 +1,241 @@
+"""Counted evaluations of the objective and the bookkeeping every solver shares.
+
+:class:`Evaluator` turns the user's ``fun`` (plus optional ``jac`` / ``hessp`` / ``hess``)
+into counted primitives on a flat vector ``x``: ``f`` (value only), ``fg`` (value and
+gradient in one autograd pass), ``fgh`` (value, gradient and an HVP closure that reuses the
+recorded graph, :func:`curvlab.autodiff.hvp_fn`) and ``hess`` (dense Hessian, one batched
+backward). :class:`Monitor` holds the iteration count, the history, the callback and builds
+the :class:`~curvlab.minimize.result.OptimizeResult`, re-checking ``||g||_inf <= gtol`` at
+the returned point before it ever sets ``success``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from curvlab.minimize.result import STATUS_MESSAGES, OptimizeResult
+
+__all__ = ["Evaluator", "Monitor", "clip_direction"]
+
+logger = logging.getLogger(__name__)
+
+HVP = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _as_scalar(y: Any, what: str) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{what} must return a tensor, got {type(y).__name__}")
+    if y.numel() != 1:
+        raise ValueError(f"{what} must return a scalar tensor, got shape {tuple(y.shape)}; "
+                         "reduce it first, e.g. with .sum()")
+    return y if y.dim() == 0 else y.reshape(())  # no extra view node in the common case
+
+
+class Evaluator:
+    """Counted objective primitives on the flat vector ``x`` (the solver's working view).
+
+    ``fun(x.view(shape), *args)`` is called with ``x`` reshaped to ``x0``'s shape.
+    ``jac``: ``None`` (autodiff), ``True`` (``fun`` returns ``(f, g)``) or a callable
+    ``jac(x, *args)``. ``hessp(x, p, *args)`` and ``hess(x, *args)``: optional user
+    Hessian-vector product / dense Hessian; without them HVPs come from autodiff of
+    ``fun`` (double backward through the graph recorded at ``x``).
+    """
+
+    def __init__(self, fun: Callable, shape: torch.Size, args: tuple = (),
+                 jac: Any = None, hessp: Callable | None = None,
+                 hess: Callable | None = None) -> None:
+        if not callable(fun):
+            raise TypeError(f"fun must be callable, got {type(fun).__name__}")
+        if not (jac is None or jac is True or callable(jac)):
+            raise TypeError("jac must be None (autodiff), True (fun returns (f, grad)) or a "
+                            f"callable jac(x), got {jac!r}")
+        for name, h in (("hessp", hessp), ("hess", hess)):
+            if h is not None and not callable(h):
+                raise TypeError(f"{name} must be a callable or None, got {type(h).__name__}")
+        self.fun, self.shape, self.args = fun, shape, tuple(args)
+        self.jac, self.hessp, self.hess_fn = jac, hessp, hess
+        self.nfev = self.ngev = self.nhvp = self.nhess = 0
+
+    def _call(self, x: torch.Tensor) -> Any:
+        if x.shape != self.shape:  # a view adds an autograd node: only when needed
+            x = x.view(self.shape)
+        return self.fun(x, *self.args)
+
+    def _flat_grad(self, g: Any, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(g, torch.Tensor) or g.numel() != x.numel():
+            raise ValueError(f"the gradient must be a tensor with {x.numel()} elements, got "
+                             f"{getattr(g, 'shape', type(g).__name__)}")
+        return g.detach().reshape(-1).to(x.dtype)
+
+    def f(self, x: torch.Tensor) -> torch.Tensor:
+        """Objective value only (one forward pass, counted in ``nfev``)."""
+        self.nfev += 1
+        with torch.no_grad():
+            y = self._call(x)
+        if self.jac is True:
+            y = y[0]
+        return _as_scalar(y, "fun").detach()
+
+    def fg(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Value and gradient (one forward + one backward; counts one ``nfev``, one ``ngev``)."""
+        self.nfev += 1
+        self.ngev += 1
+        if self.jac is True:
+            with torch.no_grad():
+                y, g = self._call(x)
+            return _as_scalar(y, "fun").detach(), self._flat_grad(g, x)
+        if callable(self.jac):
+            with torch.no_grad():
+                y = _as_scalar(self._call(x), "fun")
+                g = self.jac(x.view(self.shape), *self.args)
+            return y.detach(), self._flat_grad(g, x)
+        xr = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = _as_scalar(self._call(xr), "fun")
+            (g,) = torch.autograd.grad(y, xr, allow_unused=True)
+        return y.detach(), torch.zeros_like(x) if g is None else g
+
+    def fgh(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, HVP]:
+        """Value, gradient and ``v -> H v`` at ``x``. Without a user ``hessp`` the gradient's
+        graph is recorded once (the double-backward form of :func:`curvlab.autodiff.hvp_fn`,
+        inlined to keep per-product overhead low at small ``n``), so every product is one
+        backward pass (``nhvp``); ``product(V, True)`` does a batch of rows ``V`` at once."""
+        if self.hessp is not None:
+            f, g = self.fg(x)
+            xs = x.view(self.shape)
+
+            def user_product(v: torch.Tensor) -> torch.Tensor:
+                self.nhvp += 1
+                with torch.no_grad():
+                    hv = self.hessp(xs, v.view(self.shape), *self.args)
+                return hv.detach().reshape(-1).to(x.dtype)
+
+            return f, g, user_product
+        self.nfev += 1
+        self.ngev += 1
+        xr = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = self._call(xr)
+            if self.jac is not None:  # value (and gradient) from the user; HVPs by autodiff
+                y = y[0] if self.jac is True else y
+            y = _as_scalar(y, "fun")
+            (gr,) = torch.autograd.grad(y, xr, create_graph=True, allow_unused=True)
+        if gr is None:
+            gr = torch.zeros_like(x)
+        g = gr.detach()
+        if self.jac is not None and self.jac is not True:
+            with torch.no_grad():
+                g = self._flat_grad(self.jac(x.view(self.shape), *self.args), x)
+        live = gr.requires_grad
+
+        def product(v: torch.Tensor, batched: bool = False) -> torch.Tensor:
+            self.nhvp += 1
+            if not live:
+                return torch.zeros_like(v)
+            (hv,) = torch.autograd.grad(gr, xr, v, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=batched)
+            return torch.zeros_like(v) if hv is None else hv
+
+        product.batched = product  # type: ignore[attr-defined]
+        return y.detach(), g, product
+
+    def hess(self, x: torch.Tensor, product: HVP | None = None) -> torch.Tensor:
+        """Dense Hessian: user ``hess`` or ``H I`` as one batched backward through the
+        recorded gradient graph (both count one ``nhess``); with a user ``hessp`` only,
+        ``n`` products (counted in ``nhvp``)."""
+        n = x.numel()
+        if self.hess_fn is not None:
+            self.nhess += 1
+            with torch.no_grad():
+                H = self.hess_fn(x.view(self.shape), *self.args)
+            return H.detach().reshape(n, n).to(x.dtype)
+        if product is None:
+            product = self.fgh(x)[2]
+        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        batched = getattr(product, "batched", None)
+        if batched is not None:
+            self.nhess += 1
+            nhvp = self.nhvp
+            try:
+                H = batched(eye, True)
+            except RuntimeError:
+                H = torch.stack([batched(e) for e in eye])
+            self.nhvp = nhvp
+        else:
+            H = torch.stack([product(e) for e in eye])
+        return 0.5 * (H + H.T)
+
+
+def clip_direction(g: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """Gradient clipping: rescale ``g`` to 2-norm ``max_norm`` when it is longer."""
+    if max_norm is None:
+        return g
+    scale = torch.clamp(max_norm / (torch.linalg.vector_norm(g) + 1e-300), max=1.0)
+    return g * scale
+
+
+class Monitor:
+    """Iteration count, history, callback and result construction for one run."""
+
+    def __init__(self, method: str, ev: Evaluator, gtol: float, max_iter: int,
+                 callback: Callable | None = None, history: bool = False) -> None:
+        self.method, self.ev, self.gtol, self.max_iter = method, ev, gtol, max_iter
+        self.callback = callback
+        self.nit = 0
+        self.history: dict[str, list[float]] | None = (
+            {"f": [], "grad_norm": [], "step": [], "radius": [], "decrement": []}
+            if history else None)
+
+    @staticmethod
+    def gnorm(g: torch.Tensor) -> float:
+        """``||g||_inf`` as a Python float (the one host sync per iterate)."""
+        return float(g.abs().max()) if g.numel() else 0.0
+
+    def record(self, f: torch.Tensor | float, gnorm: float, step: float | None = None,
+               radius: float | None = None, decrement: float | None = None) -> None:
+        if self.history is None:
+            return
+        h = self.history
+        h["f"].append(float(f))
+        h["grad_norm"].append(gnorm)
+        nan = math.nan
+        h["step"].append(nan if step is None else float(step))
+        h["radius"].append(nan if radius is None else float(radius))
+        h["decrement"].append(nan if decrement is None else float(decrement))
+
+    def stop_requested(self, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> bool:
+        """Call ``callback(intermediate_result)``; True (or StopIteration) stops the run."""
+        if self.callback is None:
+            return False
+        shape = self.ev.shape
+        inter = OptimizeResult(x=x.view(shape).clone(), fun=f, grad=g.view(shape).clone(),
+                               nit=self.nit, nfev=self.ev.nfev)
+        try:
+            return bool(self.callback(inter))
+        except StopIteration:
+            return True
+
+    def finish(self, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor, status: int,
+               extra: str = "", **fields: Any) -> OptimizeResult:
+        """Build the result; ``success`` iff the solver converged and the tolerance holds."""
+        gn = self.gnorm(g)
+        finite = bool(torch.isfinite(f)) and math.isfinite(gn)
+        if status == 0 and not (finite and gn <= self.gtol):
+            status = 6
+        success = status == 0
+        message = STATUS_MESSAGES[status] + (f" {extra}" if extra else "")
+        ev = self.ev
+        res = OptimizeResult(
+            x=x.view(ev.shape), fun=f, grad=g.view(ev.shape), nit=self.nit, nfev=ev.nfev,
+            ngev=ev.ngev, nhvp=ev.nhvp, nhess=ev.nhess, success=success, status=status,
+            message=message, method=self.method, grad_norm=gn, **fields)
+        if self.history is not None:
+            res["history"] = self.history
+        logger.debug("%s: %s (nit=%d, nfev=%d, |g|=%.3g)", self.method, message, self.nit,
+                     ev.nfev, gn)
+        return res

@@ -1,0 +1,255 @@
+"""Quasi-Newton methods (Nocedal & Wright, *Numerical Optimization*, 2nd ed., Ch. 6-7).
+
+With ``s = x_{k+1} - x_k`` and ``y = g_{k+1} - g_k``:
+
+* :func:`bfgs` -- N&W Alg. 6.1: ``d = -H g``, strong Wolfe line search (``c1 = 1e-4``,
+  ``c2 = 0.9``), inverse update ``H+ = (I - rho s y^T) H (I - rho y s^T) + rho s s^T``
+  (eq. 6.17, ``rho = 1 / y^T s``), ``H_0 = (y^T s / y^T y) I`` before the first update
+  (eq. 6.20). Dense ``n x n``.
+* :func:`lbfgs` -- N&W Alg. 7.5 with the two-loop recursion (Alg. 7.4) over the last
+  ``history_size`` pairs and ``H_0 = gamma I``, ``gamma = s^T y / y^T y`` (eq. 7.20); pairs
+  with ``y^T s <= eps y^T y`` are skipped. The memory can be carried across calls
+  (:class:`LBFGSMemory`), which :class:`curvlab.optim.LBFGS` uses.
+* :func:`sr1` -- SR1 trust-region method (N&W Alg. 6.2): ``B+ = B + (y - Bs)(y - Bs)^T /
+  (y - Bs)^T s`` applied only when ``|s^T (y - Bs)| >= r ||s|| ||y - Bs||`` (eq. 6.26,
+  ``r = 1e-8``), on every trial step (accepted or not), ``B_0 = (y^T y / y^T s) I`` at the
+  first update when ``y^T s > 0``; the subproblem is solved exactly
+  (:func:`curvlab.minimize.trust_region.solve_exact`); acceptance ``rho > eta = 1e-4`` as
+  in Alg. 6.2, radius updates those of the shared loop (Alg. 4.1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.linalg import solve_triangular
+
+from curvlab.minimize.evaluator import Evaluator, Monitor
+from curvlab.minimize.linesearch import LineFunction, backtracking, strong_wolfe
+from curvlab.minimize.result import OptimizeResult
+from curvlab.minimize.trust_region import solve_exact, trust_region_loop
+
+__all__ = ["bfgs", "lbfgs", "sr1", "LBFGSMemory", "two_loop"]
+
+
+def _search(kind, line, phi0, dphi0, alpha0, c1, c2):
+    if kind == "strong-wolfe":
+        return strong_wolfe(line, phi0, dphi0, alpha0, c1=c1, c2=c2)
+    if kind == "armijo":
+        return backtracking(line, phi0, dphi0, alpha0, c1=c1)
+    raise ValueError(f"line_search must be 'strong-wolfe' or 'armijo', got {kind!r}")
+
+
+@dataclass
+class LBFGSMemory:
+    """The last ``history_size`` curvature pairs ``(s, y, rho = 1 / y^T s)``."""
+
+    history_size: int = 10
+    s: deque = field(default_factory=deque)
+    y: deque = field(default_factory=deque)
+    rho: deque = field(default_factory=deque)
+    gamma: float = 1.0
+
+    def push(self, s: torch.Tensor, y: torch.Tensor, ys: float, yy: float) -> bool:
+        """Store a pair; skipped (returns False) unless ``y^T s > eps y^T y``."""
+        if not (ys > torch.finfo(s.dtype).eps * yy and math.isfinite(ys) and yy > 0):
+            return False
+        if len(self.s) == self.history_size:
+            self.s.popleft()
+            self.y.popleft()
+            self.rho.popleft()
+        self.s.append(s)
+        self.y.append(y)
+        self.rho.append(1.0 / ys)
+        self.gamma = ys / yy
+        return True
+
+
+def _two_loop_gram(g: np.ndarray, S: np.ndarray, Y: np.ndarray, rho: np.ndarray,
+                   gamma: float) -> np.ndarray:
+    """The two-loop recursion in Gram-matrix form (rows of ``S``, ``Y`` oldest first).
+
+    With ``U`` the strictly upper part of ``S Y^T``, the first loop's
+    ``alpha_i = rho_i s_i^T (g - sum_{j>i} alpha_j y_j)`` is the triangular system
+    ``(I + diag(rho) U) alpha = rho * S g``, and the second loop's ``beta_i = rho_i y_i^T
+    (gamma q + sum_{j<i} (alpha_j - beta_j) s_j)`` is ``(I + diag(rho) U^T) beta = rho *
+    (gamma Y q + U^T alpha)`` with ``Y q = Y g - Y Y^T alpha``; then ``H g = gamma q +
+    S^T (alpha - beta)`` (the compact form of Byrd, Nocedal & Schnabel 1994). Same result
+    as Alg. 7.4 with a dozen small NumPy calls instead of ``4 m`` vector operations.
+    """
+    U = np.triu(S @ Y.T, 1)
+    # unit_diagonal: the solver takes the (zero) diagonal of rho * U as ones, i.e. I + .
+    alpha = solve_triangular(rho[:, None] * U, rho * (S @ g), lower=False,
+                             unit_diagonal=True, check_finite=False)
+    q = g - alpha @ Y
+    beta = solve_triangular(rho[:, None] * U.T, rho * (gamma * (Y @ q) + U.T @ alpha),
+                            lower=True, unit_diagonal=True, check_finite=False)
+    return gamma * q + (alpha - beta) @ S
+
+
+def two_loop(g: torch.Tensor, mem: LBFGSMemory) -> torch.Tensor:
+    """``H g`` by the L-BFGS two-loop recursion (N&W Alg. 7.4) with ``H_0 = gamma I``.
+
+    On the CPU with ``n <= 4096`` the inner products come from small Gram matrices in
+    NumPy (:func:`_two_loop_gram`): a torch call costs microseconds, which dominates at
+    small ``n``. Otherwise the recursion runs in torch as written in Alg. 7.4, keeping the
+    scalars on the device (no host syncs)."""
+    if g.device.type == "cpu" and g.numel() <= 4096:
+        S = torch.stack(tuple(mem.s)).numpy()
+        Y = torch.stack(tuple(mem.y)).numpy()
+        rho = np.fromiter(mem.rho, dtype=S.dtype, count=len(mem.rho))
+        return torch.from_numpy(_two_loop_gram(g.numpy(), S, Y, rho, mem.gamma))
+    q = g.clone()
+    talphas = []
+    for s, y, rho in zip(reversed(mem.s), reversed(mem.y), reversed(mem.rho), strict=True):
+        a = torch.dot(s, q) * rho
+        q.addcmul_(y, a, value=-1.0)
+        talphas.append(a)
+    q.mul_(mem.gamma)
+    for s, y, rho, a in zip(mem.s, mem.y, mem.rho, reversed(talphas), strict=True):
+        b = torch.dot(y, q) * rho
+        q.addcmul_(s, a - b)
+    return q
+
+
+def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, update,
+                      line_search: str, c1: float, c2: float) -> OptimizeResult:
+    """Shared loop: ``d = direction(g)``, line search, ``update(s, y, ys, alpha)``."""
+    f, g = ev.fg(x)
+    gn = mon.gnorm(g)
+    if not (math.isfinite(gn) and bool(torch.isfinite(f))):
+        return mon.finish(x, f, g, 4, "At the starting point.")
+    phi = float(f)
+    mon.record(phi, gn)
+    while True:
+        if gn <= mon.gtol:
+            return mon.finish(x, f, g, 0)
+        if mon.nit >= mon.max_iter:
+            return mon.finish(x, f, g, 1)
+        d, alpha0 = direction(g)
+        dphi0 = float(torch.dot(g, d))
+        if not dphi0 < 0:
+            # stale curvature information: restart from steepest descent once
+            update(None, None, None, None)
+            d, alpha0 = direction(g)
+            dphi0 = float(torch.dot(g, d))
+            if not dphi0 < 0:
+                return mon.finish(x, f, g, 3)
+        ls = _search(line_search, LineFunction(ev.fg, x, d), phi, dphi0, alpha0, c1, c2)
+        p = ls.point
+        if p is None:
+            return mon.finish(x, f, g, 2, ls.message)
+        mon.nit += 1
+        s = p.x - x
+        y = p.g - g
+        ys = p.alpha * (p.dphi - dphi0)
+        update(s, y, ys, p.alpha)
+        x, f, g, phi = p.x, p.f, p.g, p.phi
+        gn = mon.gnorm(g)
+        mon.record(phi, gn, step=p.alpha)
+        if mon.stop_requested(x, f, g):
+            return mon.finish(x, f, g, 5)
+        if not ls.success and gn > mon.gtol:
+            # accepted the best sufficient-decrease point; give up only if it did not move
+            if p.alpha * float(d.abs().max()) <= 1e-15 * (1.0 + float(x.abs().max())):
+                return mon.finish(x, f, g, 2, ls.message)
+
+
+def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 10,
+          line_search: str = "strong-wolfe", c1: float = 1e-4, c2: float = 0.9,
+          memory: LBFGSMemory | None = None, step_scale: float = 1.0) -> OptimizeResult:
+    """Limited-memory BFGS (N&W Alg. 7.5). ``memory`` continues a previous run;
+    ``step_scale`` multiplies the first trial step of every line search."""
+    if int(history_size) < 1:
+        raise ValueError(f"history_size must be >= 1, got {history_size}")
+    mem = memory if memory is not None else LBFGSMemory(int(history_size))
+
+    def direction(g):
+        if not mem.s:
+            return -g, step_scale * min(1.0, 1.0 / max(float(torch.linalg.vector_norm(g)),
+                                                       1e-300))
+        return -two_loop(g, mem), step_scale
+
+    def update(s, y, ys, alpha):
+        if s is None:
+            mem.s.clear()
+            mem.y.clear()
+            mem.rho.clear()
+            return
+        mem.push(s, y, ys, float(torch.dot(y, y)))
+
+    res = _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2)
+    res["memory"] = mem
+    return res
+
+
+def bfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "strong-wolfe",
+         c1: float = 1e-4, c2: float = 0.9) -> OptimizeResult:
+    """BFGS with a dense inverse Hessian approximation (N&W Alg. 6.1)."""
+    n = x0.numel()
+    state = {"H": None}
+
+    def direction(g):
+        H = state["H"]
+        if H is None:
+            return -g, min(1.0, 1.0 / max(float(torch.linalg.vector_norm(g)), 1e-300))
+        return -(H @ g), 1.0
+
+    def update(s, y, ys, alpha):
+        if s is None:
+            state["H"] = None
+            return
+        yy = float(torch.dot(y, y))
+        if not (ys > torch.finfo(s.dtype).eps * yy and math.isfinite(ys)):
+            return
+        H = state["H"]
+        if H is None:
+            H = torch.eye(n, dtype=s.dtype, device=s.device) * (ys / yy)
+        rho = 1.0 / ys
+        Hy = H @ y
+        yHy = float(torch.dot(y, Hy))
+        H = H - rho * (torch.outer(s, Hy) + torch.outer(Hy, s))
+        H = H + (rho * rho * yHy + rho) * torch.outer(s, s)
+        state["H"] = H
+
+    return _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2)
+
+
+def sr1(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, initial_radius: float = 1.0,
+        max_radius: float = 1000.0, eta: float = 1e-4, skip_tol: float = 1e-8
+        ) -> OptimizeResult:
+    """SR1 trust-region method (N&W Alg. 6.2) with a dense model Hessian ``B``."""
+    n = x0.numel()
+    state = {"B": torch.eye(n, dtype=x0.dtype, device=x0.device), "first": True}
+
+    def evaluate(x):
+        f, g = ev.fg(x)
+        return f, g, None
+
+    def subproblem(x, g, extra, radius):
+        return solve_exact(g, state["B"], radius)
+
+    def on_trial(x, g, extra, p, trial):
+        ft, gt = trial[0], trial[1]
+        if not (bool(torch.isfinite(ft)) and bool(torch.isfinite(gt).all())):
+            return
+        y = gt - g
+        B = state["B"]
+        if state["first"]:
+            ys, yy = torch.stack((torch.dot(y, p), torch.dot(y, y))).tolist()
+            if ys > 0:
+                B = B * (yy / ys)
+            state["first"] = False
+        v = y - B @ p
+        vs, vv, ss = torch.stack((torch.dot(v, p), torch.dot(v, v), torch.dot(p, p))).tolist()
+        if abs(vs) >= skip_tol * math.sqrt(ss * vv) and vs != 0:
+            B = B + torch.outer(v, v) / vs
+        state["B"] = B
+
+    return trust_region_loop(ev, mon, x0, subproblem, initial_radius=initial_radius,
+                             max_radius=max_radius, eta=eta, evaluate=evaluate,
+                             on_trial=on_trial)

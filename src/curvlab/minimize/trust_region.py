@@ -1,0 +1,227 @@
+"""Trust-region methods (Nocedal & Wright, *Numerical Optimization*, 2nd ed., Ch. 4 and 7).
+
+All share the outer loop of N&W Alg. 4.1: solve ``min_p m(p) = g^T p + 1/2 p^T B p``
+s.t. ``||p|| <= radius``, accept ``x + p`` when ``rho = (f(x) - f(x + p)) / (m(0) - m(p))
+> eta``, shrink the radius to ``||p|| / 4`` when ``rho < 1/4`` (a non-finite trial value
+counts as ``rho = -inf``) and double it (up to ``max_radius``) when ``rho > 3/4`` and the
+step reached the boundary. Subproblem solvers:
+
+* ``trust-cauchy``: the Cauchy point (N&W Alg. 4.2), one HVP per iteration;
+* ``dogleg``: the dogleg path between the Cauchy and Newton points (N&W Sec. 4.1), dense
+  ``B``; when ``B`` is indefinite the Newton point uses the modified Cholesky ``B + E``;
+* ``trust-ncg``: Steihaug-CG (N&W Alg. 7.2), Hessian-free;
+* ``trust-exact``: the More-Sorensen characterization (N&W Thm. 4.1, Sec. 4.3): find
+  ``lambda >= max(0, -lambda_1)`` with ``||(B + lambda I)^{-1} g|| = radius`` by safeguarded
+  Newton on ``1/radius - 1/||p(lambda)||`` (N&W Alg. 4.3, eq. 4.44), computed in the
+  eigenbasis of ``B`` (one ``eigh`` per iterate), including the hard case (eq. 4.45),
+  where ``p = p(-lambda_1) + tau q_1`` with ``q_1`` the lowest eigenvector.
+
+The quasi-Newton trust-region method SR1 (:mod:`curvlab.minimize.quasi_newton`) reuses
+:func:`solve_exact` and :func:`trust_region_loop`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from curvlab.linalg.cg import steihaug_cg
+from curvlab.linalg.factor import modified_cholesky
+from curvlab.minimize.evaluator import Evaluator, Monitor
+from curvlab.minimize.result import OptimizeResult
+
+__all__ = ["trust_region", "solve_exact", "solve_dogleg", "solve_cauchy", "SUBPROBLEMS"]
+
+SUBPROBLEMS = ("trust-cauchy", "dogleg", "trust-ncg", "trust-exact")
+
+
+def solve_cauchy(g: torch.Tensor, hvp: Callable, radius: float) -> tuple[torch.Tensor, float, bool]:
+    """Cauchy point (N&W Alg. 4.2): ``p = -tau radius g / ||g||``, ``tau = 1`` if
+    ``g^T B g <= 0`` else ``min(||g||^3 / (radius g^T B g), 1)``. Returns
+    ``(p, m(p), hit_boundary)``."""
+    gg, gBg = torch.stack((torch.dot(g, g), torch.dot(g, hvp(g)))).tolist()
+    gnorm = math.sqrt(gg)
+    tau = 1.0 if gBg <= 0 else min(gnorm ** 3 / (radius * gBg), 1.0)
+    t = tau * radius / gnorm
+    return -t * g, -t * gg + 0.5 * t * t * gBg, tau >= 1.0
+
+
+def _model(g: torch.Tensor, B: torch.Tensor, p: torch.Tensor) -> float:
+    return float(torch.dot(g, p) + 0.5 * torch.dot(p, B @ p))
+
+
+def solve_dogleg(g: torch.Tensor, B: torch.Tensor, radius: float
+                 ) -> tuple[torch.Tensor, float, bool]:
+    """Dogleg step (N&W Sec. 4.1, eq. 4.15-4.16) with dense ``B``; returns
+    ``(p, m(p), hit_boundary)``."""
+    pB = -modified_cholesky(B).solve(g)
+    nB = float(torch.linalg.vector_norm(pB))
+    if nB <= radius:
+        return pB, _model(g, B, pB), False
+    gg, gBg = torch.stack((torch.dot(g, g), torch.dot(g, B @ g))).tolist()
+    gnorm = math.sqrt(gg)
+    if gBg <= 0 or gg / gBg * gnorm >= radius:
+        p = -(radius / gnorm) * g
+        return p, _model(g, B, p), True
+    pU = -(gg / gBg) * g
+    d = pB - pU
+    # ||pU + tau d|| = radius, tau in [0, 1]
+    a, b, c = torch.stack((torch.dot(d, d), torch.dot(pU, d), torch.dot(pU, pU))).tolist()
+    tau = (-b + math.sqrt(max(b * b - a * (c - radius * radius), 0.0))) / a
+    p = pU + tau * d
+    return p, _model(g, B, p), True
+
+
+def solve_exact(g: torch.Tensor, B: torch.Tensor, radius: float, rtol: float = 1e-6,
+                max_iter: int = 100) -> tuple[torch.Tensor, float, bool]:
+    """Nearly exact trust-region step (More & Sorensen 1983; N&W Sec. 4.3) in the
+    eigenbasis ``B = Q diag(lam) Q^T``: ``p(l) = -Q (a / (lam + l))`` with ``a = Q^T g``.
+
+    Interior Newton step when ``lam_1 > 0`` and ``||p(0)|| <= radius`` (checked first with a
+    Cholesky factorization, which spares the ``eigh`` near a minimizer); the hard case
+    (eq. 4.45) when ``a`` vanishes on the lowest eigenspace and ``||p(-lam_1)|| <= radius``;
+    otherwise safeguarded Newton on ``phi(l) = 1/radius - 1/||p(l)||`` (eq. 4.44:
+    ``l += (||p|| / ||q||)^2 (||p|| - radius) / radius``, ``||q||^2 = sum coef^2 / (lam + l)``)
+    bracketed in ``(max(0, -lam_1), -lam_1 + ||g|| / radius]``. Returns
+    ``(p, m(p), hit_boundary)``. The scalar iteration runs on the host in float64.
+    """
+    L, info = torch.linalg.cholesky_ex(B)
+    if int(info) == 0:  # positive definite: try the interior Newton step first (no eigh)
+        p = -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
+        pn, gp = torch.stack((torch.linalg.vector_norm(p), torch.dot(g, p))).tolist()
+        if pn <= radius:
+            return p, 0.5 * gp, False  # m(p) = g^T p + p^T B p / 2 = g^T p / 2 at B p = -g
+    lam_t, Q = torch.linalg.eigh(B)
+    both = torch.stack((lam_t, Q.T @ g)).to("cpu", torch.float64).numpy()
+    lam, a = both[0], both[1]
+    lam1 = float(lam[0])
+    anorm = float(np.sqrt(np.dot(a, a)))
+    scale = max(float(np.abs(lam).max()), 1e-300)
+
+    def finish(coef: np.ndarray, boundary: bool) -> tuple[torch.Tensor, float, bool]:
+        p = Q @ torch.as_tensor(coef, dtype=g.dtype, device=g.device)
+        return p, float(np.dot(a, coef) + 0.5 * np.dot(lam * coef, coef)), boundary
+
+    if lam1 > 0:
+        coef = -a / lam
+        if float(np.sqrt(np.dot(coef, coef))) <= radius:
+            return finish(coef, False)
+    lo = max(0.0, -lam1)
+    low = (lam - lam1) <= 1e-10 * scale
+    if lam1 <= 0 and float(np.sqrt(np.dot(a[low], a[low]))) <= 1e-10 * max(anorm, 1e-300):
+        coef = np.zeros_like(a)
+        coef[~low] = -a[~low] / (lam[~low] - lam1)
+        nrm2 = float(np.dot(coef, coef))
+        if nrm2 <= radius * radius:
+            coef[int(np.argmax(low))] += math.sqrt(radius * radius - nrm2)
+            return finish(coef, True)
+    hi = max(lo, anorm / radius - lam1)
+    l = hi
+    for _ in range(max_iter):
+        denom = lam + l
+        if not np.all(denom > 0):
+            l = 0.5 * (lo + hi)
+            continue
+        coef = -a / denom
+        nrm = float(np.sqrt(np.dot(coef, coef)))
+        if abs(nrm - radius) <= rtol * radius:
+            break
+        if nrm > radius:
+            lo = l
+        else:
+            hi = l
+        q2 = float(np.dot(coef, coef / denom))
+        new = l + (nrm * nrm / q2) * (nrm - radius) / radius
+        l = new if lo < new < hi else 0.5 * (lo + hi)
+        if hi - lo <= 1e-15 * max(hi, 1e-300):
+            break
+    coef = -a / (lam + l)
+    nrm = float(np.sqrt(np.dot(coef, coef)))
+    if nrm > radius:
+        coef *= radius / nrm
+    return finish(coef, True)
+
+
+def trust_region_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, subproblem: Callable,
+                      *, initial_radius: float, max_radius: float, eta: float,
+                      evaluate: Callable, on_trial: Callable | None = None) -> OptimizeResult:
+    """N&W Alg. 4.1. ``evaluate(x) -> (f, g, extra)``; ``subproblem(x, g, extra, radius) ->
+    (p, m(p), hit_boundary)``; ``on_trial(x, g, extra, p, trial)`` (quasi-Newton updates)
+    sees every trial point, accepted or not."""
+    if not (0 <= eta < 0.25):
+        raise ValueError(f"eta must be in [0, 0.25), got {eta}")
+    if not (0 < initial_radius <= max_radius):
+        raise ValueError("need 0 < initial_radius <= max_radius, got "
+                         f"{initial_radius}, {max_radius}")
+    radius = float(initial_radius)
+    f, g, extra = evaluate(x)
+    gn = mon.gnorm(g)
+    if not (math.isfinite(gn) and bool(torch.isfinite(f))):
+        return mon.finish(x, f, g, 4, "At the starting point.")
+    phi = float(f)
+    mon.record(phi, gn, radius=radius)
+    eps = torch.finfo(x.dtype).eps
+    while True:
+        if gn <= mon.gtol:
+            return mon.finish(x, f, g, 0, radius=radius)
+        if mon.nit >= mon.max_iter:
+            return mon.finish(x, f, g, 1, radius=radius)
+        p, mp, boundary = subproblem(x, g, extra, radius)
+        pnorm = float(torch.linalg.vector_norm(p))
+        predicted = -mp
+        if not (predicted > 0 and math.isfinite(predicted)) or pnorm == 0:
+            return mon.finish(x, f, g, 6, "The model predicts no decrease.", radius=radius)
+        xt = x + p
+        trial = evaluate(xt)
+        # one host sync for the trial's value and gradient norm
+        ft, gt = torch.stack((trial[0].to(x.dtype), trial[1].abs().max())).tolist()
+        if math.isnan(ft) or math.isnan(gt) or math.isinf(gt):
+            ft = math.inf
+        rho = (phi - ft) / predicted if math.isfinite(ft) else -math.inf
+        if on_trial is not None:
+            on_trial(x, g, extra, p, trial)
+        mon.nit += 1
+        if rho < 0.25:
+            radius = 0.25 * min(pnorm, radius)
+        elif rho > 0.75 and boundary:
+            radius = min(2.0 * radius, max_radius)
+        if rho > eta:
+            x, (f, g, extra), phi, gn = xt, trial, ft, gt
+        mon.record(phi, gn, step=pnorm, radius=radius)
+        if mon.stop_requested(x, f, g):
+            return mon.finish(x, f, g, 5, radius=radius)
+        if radius < 1e-6 and gn > mon.gtol and radius <= eps * max(
+                float(torch.linalg.vector_norm(x)), 1e-30):
+            return mon.finish(x, f, g, 6, radius=radius)
+
+
+def trust_region(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, subproblem: str,
+                 initial_radius: float = 1.0, max_radius: float = 1000.0, eta: float = 0.15,
+                 cg_max_iter: int | None = None) -> OptimizeResult:
+    """Trust-region Newton with the given subproblem solver (see module doc)."""
+    if subproblem not in SUBPROBLEMS:
+        raise ValueError(f"subproblem must be one of {SUBPROBLEMS}, got {subproblem!r}")
+    max_cg = 2 * x0.numel() if cg_max_iter is None else int(cg_max_iter)
+
+    def solve(x, g, extra, radius):
+        if subproblem == "trust-cauchy":
+            return solve_cauchy(g, extra, radius)
+        if subproblem == "trust-ncg":
+            gnorm = float(torch.linalg.vector_norm(g))
+            res = steihaug_cg(extra, g, radius, rtol=min(0.5, math.sqrt(gnorm)),
+                              max_iter=max_cg)
+            return res.p, res.model_value, res.hit_boundary
+        cache = solve.cache
+        if cache[0] is not extra:
+            cache[:] = [extra, ev.hess(x, extra)]
+        B = cache[1]
+        if subproblem == "dogleg":
+            return solve_dogleg(g, B, radius)
+        return solve_exact(g, B, radius)
+
+    solve.cache = [None, None]
+    return trust_region_loop(ev, mon, x0, solve, initial_radius=initial_radius,
+                             max_radius=max_radius, eta=eta, evaluate=ev.fgh)
