@@ -16,5 +16,11 @@ from curvlab.linalg.krylov import EigenResult as EigenResult
 from curvlab.linalg.krylov import LanczosProcess as LanczosProcess
 from curvlab.linalg.krylov import lanczos as lanczos
 from curvlab.linalg.krylov import power_iteration as power_iteration
+from curvlab.linalg.matfuncs import MatrixFunctionError as MatrixFunctionError
+from curvlab.linalg.matfuncs import coupled_newton_inverse_root as coupled_newton_inverse_root
+from curvlab.linalg.matfuncs import eigenbasis_qr_refresh as eigenbasis_qr_refresh
+from curvlab.linalg.matfuncs import matrix_inverse_root as matrix_inverse_root
+from curvlab.linalg.matfuncs import newton_schulz as newton_schulz
+from curvlab.linalg.matfuncs import symmetric_eigh as symmetric_eigh
 from curvlab.linalg.operator import MatvecOperator as MatvecOperator
 from curvlab.linalg.operator import as_operator as as_operator

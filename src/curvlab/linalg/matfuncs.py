@@ -1,0 +1,260 @@
+"""Matrix functions for preconditioners: inverse p-th roots, eigenbases, orthogonalization.
+
+All functions accept a single matrix ``(n, n)`` or a batch ``(..., n, n)`` and work on any
+device. Symmetric functions compute in ``compute_dtype`` (float64 by default) and return the
+input's dtype. Inside the symmetric functions float32 matmul precision is forced to
+``"highest"`` so TF32 cannot corrupt eigenbases; Newton–Schulz is deliberately left alone
+(it is an approximate iteration that is routinely run in bfloat16).
+
+A computation that fails (``torch.linalg.LinAlgError``) or produces non-finite output raises
+:class:`MatrixFunctionError`; callers that want a keep-the-previous-value policy catch it
+(see :mod:`curvlab.optim._preconditioner`).
+
+References:
+    Gupta, Koren, Singer (2018), Shampoo, Alg. 1 (inverse 4th roots of Kronecker factors).
+    Guo, Higham (2006), "A Schur-Newton method for the matrix p-th root and its inverse",
+    SIAM J. Matrix Anal. Appl. 28(3), eq. (2.6): coupled Newton iteration.
+    Vyas et al. (2024), SOAP, Alg. 4 (one power-iteration step + QR to refresh an eigenbasis).
+    Jordan et al. (2024), Muon: quintic Newton–Schulz with coefficients (3.4445, -4.7750, 2.0315).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MatrixFunctionError",
+    "high_precision_matmul",
+    "symmetric_eigh",
+    "matrix_inverse_root",
+    "coupled_newton_inverse_root",
+    "eigenbasis_qr_refresh",
+    "newton_schulz",
+    "NS_QUINTIC_COEFFICIENTS",
+]
+
+NS_QUINTIC_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+
+class MatrixFunctionError(RuntimeError):
+    """A matrix function failed to converge or produced non-finite values."""
+
+
+@functools.cache
+def _precision_backends() -> tuple:
+    """Backends with the per-backend ``fp32_precision`` switch (torch >= 2.9)."""
+    mods = [getattr(torch.backends.cuda, "matmul", None),
+            getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)]
+    return tuple(m for m in mods if m is not None and hasattr(m, "fp32_precision"))
+
+
+@contextlib.contextmanager
+def high_precision_matmul() -> Iterator[None]:
+    """Force IEEE float32 matmuls (no TF32 / bf16 reduced precision) inside the block."""
+    backends = _precision_backends()
+    if backends:
+        prev = [m.fp32_precision for m in backends]
+        for m in backends:
+            m.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for m, v in zip(backends, prev, strict=True):
+                m.fp32_precision = v
+        return
+    prev_legacy = torch.get_float32_matmul_precision()  # pragma: no cover - torch < 2.9
+    torch.set_float32_matmul_precision("highest")  # pragma: no cover
+    try:  # pragma: no cover
+        yield
+    finally:  # pragma: no cover
+        torch.set_float32_matmul_precision(prev_legacy)
+
+
+def _check_square(A: Tensor, name: str = "A") -> None:
+    if not isinstance(A, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
+    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"{name} must be square (..., n, n); got shape {tuple(A.shape)}")
+
+
+def _check_finite(X: Tensor, what: str) -> None:
+    # one reduction: NaN/inf propagate into the sum (a finite sum that overflows is rejected
+    # too, which errs on the safe side)
+    if not bool(torch.isfinite(X.sum())):
+        raise MatrixFunctionError(f"{what} produced non-finite values")
+
+
+def symmetric_eigh(A: Tensor, compute_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition ``A = Q diag(w) Q^T`` of the symmetrized input in ``compute_dtype``.
+
+    Returns ``(w, Q)`` in ``compute_dtype`` with ascending eigenvalues.
+    Raises :class:`MatrixFunctionError` on failure or non-finite input/output.
+    """
+    _check_square(A)
+    with high_precision_matmul():
+        Ac = A.to(compute_dtype)
+        _check_finite(Ac, "eigh input")
+        Ac = 0.5 * (Ac + Ac.mT)
+        try:
+            w, Q = torch.linalg.eigh(Ac)
+        except RuntimeError as err:  # torch.linalg.LinAlgError subclasses RuntimeError
+            raise MatrixFunctionError(f"eigh failed: {err}") from err
+    _check_finite(w.sum() + Q.sum(), "eigh")
+    return w, Q
+
+
+def matrix_inverse_root(
+    A: Tensor,
+    p: float,
+    *,
+    damping: float = 0.0,
+    pseudo_inverse: bool = False,
+    rank_rtol: float | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    r"""Inverse p-th root ``(A + damping I)^{-1/p}`` of a symmetric PSD matrix via ``eigh``.
+
+    With ``pseudo_inverse=True`` eigenvalues ``<= rank_rtol * max(w)`` (default
+    ``n * eps(compute_dtype)``) are treated as zero and get a zero inverse root (the
+    Moore–Penrose pseudo-inverse root), instead of being inflated by ``damping``; otherwise
+    eigenvalues are clamped at ``damping`` (plus a tiny floor) so roundoff-negative
+    eigenvalues cannot produce NaN.
+    """
+    if not p > 0:
+        raise ValueError(f"p must be positive, got {p}")
+    if damping < 0:
+        raise ValueError(f"damping must be non-negative, got {damping}")
+    w, Q = symmetric_eigh(A, compute_dtype)
+    w = w + damping
+    tiny = torch.finfo(compute_dtype).tiny
+    if pseudo_inverse:
+        rtol = rank_rtol if rank_rtol is not None else A.shape[-1] * torch.finfo(compute_dtype).eps
+        wmax = w.abs().amax(-1, keepdim=True)
+        keep = w > rtol * wmax
+        inv = torch.where(keep, w.clamp_min(tiny).pow(-1.0 / p), torch.zeros_like(w))
+    else:
+        inv = w.clamp_min(max(damping, tiny)).pow(-1.0 / p)
+    with high_precision_matmul():
+        R = (Q * inv.unsqueeze(-2)) @ Q.mT
+    _check_finite(R, "inverse root")
+    return R.to(A.dtype)
+
+
+def coupled_newton_inverse_root(
+    A: Tensor,
+    p: int,
+    *,
+    damping: float = 0.0,
+    max_iters: int = 100,
+    tol: float = 1e-10,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    r"""Inverse p-th root of an SPD matrix by the coupled Newton iteration (Guo & Higham 2006).
+
+    With ``c = (2 ||A||_F / (p+1))^{1/p}``, ``X_0 = I / c``, ``M_0 = A / c^p`` iterate
+    ``T = ((p+1) I - M) / p``, ``X <- X T``, ``M <- T^p M`` until ``||M - I||_max < tol``;
+    then ``X -> A^{-1/p}``. Eigendecomposition-free (only matmuls). Raises
+    :class:`MatrixFunctionError` when it does not converge in ``max_iters``.
+    """
+    _check_square(A)
+    if int(p) != p or p < 1:
+        raise ValueError(f"p must be a positive integer for the Newton iteration, got {p}")
+    p = int(p)
+    with high_precision_matmul():
+        Ac = A.to(compute_dtype)
+        _check_finite(Ac, "Newton input")
+        n = Ac.shape[-1]
+        eye = torch.eye(n, dtype=compute_dtype, device=A.device)
+        Ac = 0.5 * (Ac + Ac.mT) + damping * eye
+        norm = torch.linalg.matrix_norm(Ac, keepdim=True).clamp_min(torch.finfo(compute_dtype).tiny)
+        c = (2.0 * norm / (p + 1)).pow(1.0 / p)
+        X = eye / c
+        M = Ac / c.pow(p)
+        for _ in range(max_iters):
+            T = ((p + 1) * eye - M) / p
+            X = X @ T
+            M = torch.linalg.matrix_power(T, p) @ M
+            err = (M - eye).abs().amax()
+            if not bool(torch.isfinite(err)):
+                raise MatrixFunctionError("coupled Newton iteration diverged")
+            if err < tol:
+                break
+        else:
+            raise MatrixFunctionError(
+                f"coupled Newton iteration did not reach tol={tol} in {max_iters} iterations"
+            )
+    _check_finite(X, "coupled Newton iteration")
+    return X.to(A.dtype)
+
+
+def eigenbasis_qr_refresh(
+    A: Tensor, Q: Tensor, compute_dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    r"""One power-iteration step with QR to refresh an approximate eigenbasis (SOAP, Alg. 4).
+
+    Estimates eigenvalues ``d = diag(Q^T A Q)``, sorts columns of ``Q`` by decreasing ``d``,
+    and returns ``(Q_new, order)`` with ``Q_new = qr(A Q[:, order]).Q`` (column signs as LAPACK
+    returns them; SOAP's update does not depend on them). ``order`` lets the caller permute
+    per-coordinate statistics (e.g. Adam's second moment) to the new basis.
+    """
+    _check_square(A)
+    _check_square(Q, "Q")
+    with high_precision_matmul():
+        Qc = Q.to(compute_dtype)
+        AQ = A.to(compute_dtype) @ Qc  # non-finite A shows up in Qn
+        est = (AQ * Qc).sum(-2)
+        order = torch.argsort(est, dim=-1, descending=True)
+        try:
+            Qn = torch.linalg.qr(torch.gather(AQ, -1, order.unsqueeze(-2).expand_as(AQ)))[0]
+        except RuntimeError as err:
+            raise MatrixFunctionError(f"QR failed: {err}") from err
+    _check_finite(Qn, "QR refresh")
+    return Qn.to(Q.dtype), order
+
+
+def _addmm(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float) -> Tensor:
+    """``beta C + alpha A @ B`` as one fused kernel for 2-D and 3-D inputs."""
+    if C.ndim == 2:
+        return torch.addmm(C, A, B, beta=beta, alpha=alpha)
+    if C.ndim == 3:
+        return torch.baddbmm(C, A, B, beta=beta, alpha=alpha)
+    return beta * C + alpha * (A @ B)
+
+
+def newton_schulz(
+    G: Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_QUINTIC_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    r"""Approximate orthogonalization ``U V^T`` of ``G = U S V^T`` by Newton–Schulz.
+
+    ``X_0 = G / max(||G||_F, eps)`` (transposed so it is wide), then ``steps`` times
+    ``A = X X^T``, ``X <- a X + (b A + c A^2) X``. The default quintic coefficients
+    (Muon) trade exact convergence for speed: singular values land roughly in [0.7, 1.2].
+    The cubic ``(1.5, -0.5, 0)`` converges to the polar factor ``U V^T``.
+    Works on batches ``(..., m, n)``; computes in ``dtype`` (default: ``G.dtype``) and
+    returns ``G.dtype``.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"G must have at least 2 dimensions, got shape {tuple(G.shape)}")
+    if steps < 0:
+        raise ValueError(f"steps must be non-negative, got {steps}")
+    a, b, c = coefficients
+    X = G.to(dtype) if dtype is not None else G
+    transpose = G.shape[-2] > G.shape[-1]
+    if transpose:
+        X = X.mT
+    X = X / torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp_min(eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = _addmm(X, _addmm(A, A, A, beta=b, alpha=c), X, beta=a, alpha=1.0)
+    if transpose:
+        X = X.mT
+    return X.to(G.dtype)

@@ -1,0 +1,529 @@
+"""Shared machinery of the structured preconditioners (Shampoo, SOAP; reused by K-FAC).
+
+Pieces, each usable on its own:
+
+* **Blocking** (:func:`plan_blocks`): a parameter is reshaped by dropping size-1 dimensions and
+  greedily merging adjacent dimensions while the product stays ``<= max_preconditioner_dim``
+  (never merging a multi-dimensional tensor into a single vector: that is the size trap that
+  turns a 128x64 weight into one 8192x8192 factor); each dimension is then split into chunks
+  of at most ``max_preconditioner_dim``. The Cartesian product of chunks are the blocks.
+  1-D tensors, scalars and parameters with more than ``diagonal_threshold`` elements use a
+  diagonal method instead (Anil et al. 2020, "Scalable second order optimization", Sec. 4;
+  Shi et al. 2023, "Distributed Shampoo", Sec. 3.2).
+* **Batched block groups**: blocks of equal shape (in one param group, dtype and device) are
+  stacked, so statistics, roots and preconditioning are a handful of batched kernels per
+  step no matter how many layers the model has.
+* **Kronecker statistics** (:func:`kronecker_statistic`): for an order-k block ``G`` the i-th
+  factor statistic is ``G_(i) G_(i)^T`` (mode-i unfolding), accumulated as an EMA
+  ``F <- beta F + (1 - beta) S`` or, for ``beta == 1``, as the running sum of Shampoo.
+* **Amortization** (:func:`is_due`): expensive refreshes run at ``start, start + f, ...``.
+* **Failure policy** (:func:`guarded_batched`): a matrix function that raises
+  :class:`~curvlab.linalg.matfuncs.MatrixFunctionError` or returns non-finite values is retried
+  block by block; blocks that still fail keep their previous value (counted and logged).
+  When the step's gradient magnitude could overflow the statistics' dtype, state updates go
+  through :func:`finite_or_keep` (a block whose update is non-finite keeps its old value);
+  otherwise they are single in-place kernels. A block whose final direction is non-finite is
+  zeroed (counted in ``stats()["nonfinite_block_updates"]``), so parameters stay finite.
+* **Non-finite gradients** (:func:`max_abs`): the optimizer either skips the whole step
+  (``nonfinite="skip"``, counted, logged; no parameter or state changes) or raises
+  ``FloatingPointError`` (``nonfinite="raise"``).
+* **Grafting** (:func:`graft_direction`): the layer-wise step size of a diagonal method
+  (SGD, AdaGrad, RMSprop, Adam) applied to the direction of the structured preconditioner,
+  per block: ``P * ||D|| / ||P||`` (Agarwal et al. 2020, "Disentangling adaptive gradient
+  methods from learning rates").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlab.linalg.matfuncs import MatrixFunctionError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GRAFTING_METHODS",
+    "BlockPlan",
+    "plan_blocks",
+    "kronecker_statistic",
+    "ema_",
+    "finite_or_keep",
+    "is_due",
+    "guarded_batched",
+    "max_abs",
+    "mode_product",
+    "graft_direction",
+    "graft",
+    "BlockedPreconditionerOptimizer",
+]
+
+GRAFTING_METHODS = ("none", "sgd", "adagrad", "rmsprop", "adam")
+_NONFINITE = ("skip", "raise")
+
+
+# ----------------------------------------------------------------------------- blocking
+@dataclass(frozen=True)
+class BlockPlan:
+    """How one parameter is preconditioned.
+
+    ``merged_shape`` is a reshape of the parameter; ``blocks`` lists ``(block_shape, slices)``
+    into the merged tensor. ``diagonal`` parameters have no blocks.
+    """
+
+    merged_shape: tuple[int, ...]
+    blocks: tuple[tuple[tuple[int, ...], tuple[slice, ...]], ...]
+    diagonal: bool
+
+
+def plan_blocks(
+    shape: Sequence[int],
+    max_preconditioner_dim: int,
+    merge_dims: bool = True,
+    diagonal_threshold: int | None = None,
+) -> BlockPlan:
+    """Blocking plan of a tensor of ``shape`` (see module docstring for the rules)."""
+    if max_preconditioner_dim < 1:
+        raise ValueError(f"max_preconditioner_dim must be >= 1, got {max_preconditioner_dim}")
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    dims = [s for s in shape if s != 1]
+    if len(dims) < 2 or (diagonal_threshold is not None and numel > diagonal_threshold):
+        return BlockPlan((numel,), (), True)
+    if merge_dims:
+        merged = [dims[0]]
+        for d in dims[1:]:
+            if merged[-1] * d <= max_preconditioner_dim:
+                merged[-1] *= d
+            else:
+                merged.append(d)
+        if len(merged) == 1:  # never collapse a matrix into a vector (size trap)
+            merged = [dims[0], math.prod(dims[1:])]
+        dims = merged
+    chunks = [
+        [slice(a, min(a + max_preconditioner_dim, d)) for a in range(0, d, max_preconditioner_dim)]
+        for d in dims
+    ]
+    blocks: list[tuple[tuple[int, ...], tuple[slice, ...]]] = [((), ())]
+    for dim_chunks in chunks:
+        blocks = [
+            (bs + (sl.stop - sl.start,), sls + (sl,)) for bs, sls in blocks for sl in dim_chunks
+        ]
+    return BlockPlan(tuple(dims), tuple(blocks), False)
+
+
+# ----------------------------------------------------------------------------- statistics
+def kronecker_statistic(G: Tensor, dim: int) -> Tensor:
+    """Mode-``dim`` Gram matrix ``G_(dim) G_(dim)^T`` of a batch of blocks ``G`` (B, *s)."""
+    if G.ndim == 3:  # fast path for matrices
+        return torch.bmm(G, G.mT) if dim == 0 else torch.bmm(G.mT, G)
+    Gi = G.movedim(1 + dim, -1).reshape(G.shape[0], -1, G.shape[1 + dim])
+    return torch.bmm(Gi.mT, Gi)
+
+
+def mode_product(G: Tensor, M: Tensor, dim: int, transpose: bool = False) -> Tensor:
+    """Multiply batch of blocks ``G`` (B, *s) along mode ``dim`` by ``M`` (B, d, d).
+
+    Returns ``G x_dim M`` (i.e. ``M @ G`` for dim 0 of a matrix), or with ``M^T`` if
+    ``transpose``.
+    """
+    Mt = M if transpose else M.mT
+    if G.ndim == 3:
+        if dim == 0:
+            return torch.bmm(Mt.mT, G)
+        return torch.bmm(G, Mt)
+    out = torch.matmul(G.movedim(1 + dim, -1), Mt.unsqueeze(1) if G.ndim > 3 else Mt)
+    return out.movedim(-1, 1 + dim)
+
+
+def ema_(F: Tensor, S: Tensor, beta: float, guard: bool = True) -> None:
+    """In place ``F <- beta F + (1 - beta) S``; ``beta == 1`` means the running sum ``F += S``.
+
+    With ``guard``, a block whose new value is non-finite keeps its old value
+    (see :func:`finite_or_keep`); without it the update is a single in-place kernel.
+    """
+    if not guard:
+        if beta == 1.0:
+            F.add_(S)
+        else:
+            F.lerp_(S, 1.0 - beta)
+        return
+    new = F + S if beta == 1.0 else torch.lerp(F, S, 1.0 - beta)
+    finite_or_keep(F, new)
+
+
+def finite_or_keep(old: Tensor, new: Tensor) -> None:
+    """``old <- new`` for every leading-dim block of ``new`` that is entirely finite."""
+    ok = torch.isfinite(new).flatten(1).all(1) if new.ndim > 1 else torch.isfinite(new)
+    ok = ok.view(-1, *([1] * (new.ndim - 1)))
+    old.copy_(torch.where(ok, new, old))
+
+
+def is_due(step: int, start: int, frequency: int) -> bool:
+    """Whether an amortized refresh runs at ``step`` (1-based): ``start, start + f, ...``."""
+    return step >= start and (step - start) % frequency == 0
+
+
+def guarded_batched(
+    fn: Callable[..., tuple[Tensor, ...]],
+    inputs: tuple[Tensor, ...],
+    previous: tuple[Tensor, ...],
+) -> tuple[tuple[Tensor, ...], int]:
+    """Apply a batched matrix function with the keep-previous failure policy.
+
+    ``fn(*inputs)`` maps batches (B, ...) to a tuple of batched outputs and raises
+    :class:`MatrixFunctionError` on failure or non-finite output. On failure the batch is
+    retried block by block; a block that still fails takes its entry of ``previous``.
+    Returns ``(outputs, number_of_failed_blocks)``.
+    """
+    try:
+        return fn(*inputs), 0
+    except MatrixFunctionError as err:
+        logger.debug("batched matrix function failed (%s); retrying per block", err)
+    outs: list[tuple[Tensor, ...]] = []
+    failed = 0
+    for b in range(inputs[0].shape[0]):
+        try:
+            outs.append(fn(*(x[b : b + 1] for x in inputs)))
+        except MatrixFunctionError as err:
+            logger.warning("preconditioner block %d failed (%s); keeping the previous one", b, err)
+            outs.append(tuple(p[b : b + 1] for p in previous))
+            failed += 1
+    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True)), failed
+
+
+def max_abs(tensors: Sequence[Tensor]) -> float:
+    """Upper bound on ``max |x|`` over all tensors, finite iff every entry is finite.
+
+    One fused 2-norm per tensor and one host sync; only if that overflows (or meets a
+    non-finite entry) the exact infinity norm is taken (slower, rare).
+    """
+    if not tensors:
+        return 0.0
+    tensors = list(tensors)
+    dev = tensors[0].device
+    bound = float(torch.stack([n.float().to(dev) for n in torch._foreach_norm(tensors)]).max())
+    if math.isfinite(bound):
+        return bound
+    exact = torch._foreach_norm(tensors, float("inf"))
+    return float(torch.stack([n.float().to(dev) for n in exact]).max())
+
+
+# ----------------------------------------------------------------------------- grafting
+def graft_direction(
+    method: str, m_hat: Tensor, g: Tensor, v: Tensor | None, step: int, beta2: float, eps: float,
+    guard: bool = True,
+) -> Tensor:
+    """Direction of the grafted diagonal method; updates its second moment ``v`` in place.
+
+    sgd: ``m``; adagrad: ``v += g^2``, ``m / (sqrt(v) + eps)``; rmsprop: ``v`` EMA of ``g^2``,
+    ``m / (sqrt(v) + eps)``; adam: as rmsprop with bias correction ``v / (1 - beta2^t)``.
+    ``m_hat`` is the (bias-corrected) first moment.
+    """
+    if method == "sgd":
+        return m_hat
+    assert v is not None
+    ema_(v, g * g, 1.0 if method == "adagrad" else beta2, guard)
+    if method == "adam":
+        denom = (v / (1.0 - beta2**step)).sqrt_().add_(eps)
+    else:
+        denom = v.sqrt().add_(eps)
+    return m_hat / denom
+
+
+def _block_norm(X: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(X.flatten(1), dim=1).view(-1, *([1] * (X.ndim - 1)))
+
+
+def graft(P: Tensor, D: Tensor) -> Tensor:
+    """Per block, rescale ``P`` to the norm of ``D``: ``P ||D|| / ||P||`` (0 if ``P == 0``)."""
+    pn = _block_norm(P)
+    scale = torch.where(pn > 0, _block_norm(D) / pn.clamp_min(torch.finfo(P.dtype).tiny),
+                        torch.zeros_like(pn))
+    return P * scale
+
+
+# ----------------------------------------------------------------------------- optimizer base
+@dataclass
+class _Group:
+    """Stacked state of the blocks of one shape (or of all diagonal parameters)."""
+
+    group_index: int
+    shape: tuple[int, ...]  # block shape; () for the diagonal group
+    members: list[tuple[Tensor, BlockPlan, tuple[slice, ...]]] = field(default_factory=list)
+    state: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def diagonal(self) -> bool:
+        return self.shape == ()
+
+
+class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
+    """Base class: blocked, batched, amortized preconditioners with grafting and guards.
+
+    Subclasses implement ``_init_block_state``, ``_block_direction`` and
+    ``_diagonal_direction``; this class does blocking, gather/scatter of gradients,
+    learning rate, decoupled weight decay, non-finite handling, ``state_dict`` and ``stats``.
+    The update is ``p <- (1 - lr wd) p - lr * direction``.
+    """
+
+    _layout_keys = ("max_preconditioner_dim", "merge_dims", "diagonal_threshold")
+
+    def __init__(self, params: Any, defaults: dict[str, Any], nonfinite: str = "skip",
+                 factor_dtype: torch.dtype | None = None,
+                 compute_dtype: torch.dtype = torch.float64) -> None:
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if factor_dtype is not None and not factor_dtype.is_floating_point:
+            raise TypeError(f"factor_dtype must be a floating dtype, got {factor_dtype}")
+        self.nonfinite = nonfinite
+        self.factor_dtype = factor_dtype
+        self.compute_dtype = compute_dtype
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._validate_group(group)
+        self._groups: list[_Group] | None = None
+        self._steps: list[int] = [0] * len(self.param_groups)
+        self._counters = {"refreshes": 0, "failures": 0, "skipped_steps": 0}
+        self._nonfinite_blocks = torch.zeros((), dtype=torch.long)
+        self._guard = True  # whether state updates need per-block finiteness guards
+
+    # Subclass hooks (all four required):
+    #   _init_block_state(group, block_shape, n_blocks, dtype, device) -> dict of stacked state
+    #   _init_diagonal_state(group, n_elements, dtype, device) -> dict of flat state
+    #   _block_direction(group, state, G (n_blocks, *block_shape), step) -> direction
+    #   _diagonal_direction(group, state, g (n_elements,), step) -> direction
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check a param group's hyperparameters; raise ValueError naming the bad one."""
+        if not group["lr"] >= 0:
+            raise ValueError(f"lr must be >= 0, got {group['lr']}")
+        if group["weight_decay"] < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+        if int(group["max_preconditioner_dim"]) < 1:
+            raise ValueError("max_preconditioner_dim must be >= 1, got "
+                             f"{group['max_preconditioner_dim']}")
+
+    # -- layout -------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_groups", None) is not None:
+            raise ValueError("add_param_group after the first step is not supported by "
+                             f"{type(self).__name__}; create the optimizer with all groups")
+        super().add_param_group(param_group)
+        if hasattr(self, "_steps"):
+            self._validate_group(self.param_groups[-1])
+            self._steps.append(0)
+
+    def _state_dtype(self, p: Tensor) -> torch.dtype:
+        if self.factor_dtype is not None:
+            return self.factor_dtype
+        return p.dtype if p.dtype == torch.float64 else torch.float32
+
+    def _build(self) -> list[_Group]:
+        if self._groups is not None:
+            return self._groups
+        groups: dict[tuple, _Group] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if not p.is_floating_point() or p.is_complex():
+                    raise TypeError(f"{type(self).__name__} needs real floating parameters, "
+                                    f"got {p.dtype}")
+                plan = plan_blocks(p.shape, group["max_preconditioner_dim"],
+                                   group["merge_dims"], group["diagonal_threshold"])
+                dkey = (self._state_dtype(p), p.device)
+                if plan.diagonal:
+                    key = (gi, (), *dkey)
+                    groups.setdefault(key, _Group(gi, ())).members.append((p, plan, ()))
+                for bshape, slices in plan.blocks:
+                    key = (gi, bshape, *dkey)
+                    groups.setdefault(key, _Group(gi, bshape)).members.append((p, plan, slices))
+        for (gi, _, dtype, device), g in groups.items():
+            group = self.param_groups[gi]
+            if g.diagonal:
+                n = sum(p.numel() for p, _, _ in g.members)
+                g.state = self._init_diagonal_state(group, n, dtype, device)
+            else:
+                g.state = self._init_block_state(group, g.shape, len(g.members), dtype, device)
+        self._groups = list(groups.values())
+        return self._groups
+
+    # -- step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if any(g.is_sparse for g in grads):
+            raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+        gmax = max_abs(grads)
+        if not math.isfinite(gmax):
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite gradient; pass nonfinite='skip' to skip "
+                    "such steps instead")
+            self._counters["skipped_steps"] += 1
+            logger.warning("%s: non-finite gradient, step skipped", type(self).__name__)
+            return loss
+        groups = self._build()
+        self._gmax = gmax
+        for gi in range(len(self.param_groups)):
+            self._steps[gi] += 1
+        updates: dict[int, Tensor] = {}
+        for g in groups:
+            group = self.param_groups[g.group_index]
+            step = self._steps[g.group_index]
+            present = [i for i, (p, _, _) in enumerate(g.members) if p.grad is not None]
+            if not present:
+                continue
+            st = g.state
+            if len(present) < len(g.members):  # work on the members that have gradients
+                idx = torch.tensor(present, device=next(iter(st.values())).device)
+                st = self._substate(g, present, idx)
+            sdtype = next(iter(g.state.values())).dtype
+            # Statistics of gradients this small cannot overflow: skip the per-block guards.
+            bound = gmax * gmax * (math.prod(g.shape) if g.shape else 1)
+            self._guard = not bound < 0.25 * torch.finfo(sdtype).max
+            if g.diagonal:
+                G = torch.cat([g.members[i][0].grad.reshape(-1) for i in present]).to(sdtype)
+                D = self._diagonal_direction(group, st, G, step)
+                D = torch.where(torch.isfinite(D), D, torch.zeros_like(D))
+                self._scatter_diagonal(g, present, D, updates)
+            else:
+                G = torch.stack([g.members[i][0].grad.reshape(g.members[i][1].merged_shape)[
+                    g.members[i][2]] for i in present]).to(sdtype)
+                D = self._block_direction(group, st, G, step)
+                ok = torch.isfinite(torch.linalg.vector_norm(D.flatten(1), dim=1))
+                self._nonfinite_blocks = self._nonfinite_blocks.to(ok.device) + (~ok).sum()
+                D = torch.where(ok.view(-1, *([1] * (D.ndim - 1))), D, torch.zeros_like(D))
+                self._scatter_blocks(g, present, D, updates)
+            if st is not g.state:
+                self._write_substate(g, present, idx, st)
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if id(p) in updates]
+            if not ps:
+                continue
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd != 0:
+                torch._foreach_mul_(ps, 1.0 - lr * wd)
+            torch._foreach_add_(ps, [updates[id(p)].to(p.dtype) for p in ps], alpha=-lr)
+        return loss
+
+    def _substate(self, g: _Group, present: list[int], idx: Tensor) -> dict[str, Tensor]:
+        if g.diagonal:
+            sizes = [p.numel() for p, _, _ in g.members]
+            offs = [0]
+            for s in sizes:
+                offs.append(offs[-1] + s)
+            ix = torch.cat([torch.arange(offs[i], offs[i + 1]) for i in present]).to(idx.device)
+            return {k: v[ix].clone() if v.ndim else v.clone() for k, v in g.state.items()}
+        return {k: v[idx].clone() for k, v in g.state.items()}
+
+    def _write_substate(self, g: _Group, present: list[int], idx: Tensor,
+                        st: dict[str, Tensor]) -> None:
+        if g.diagonal:
+            sizes = [p.numel() for p, _, _ in g.members]
+            offs = [0]
+            for s in sizes:
+                offs.append(offs[-1] + s)
+            ix = torch.cat([torch.arange(offs[i], offs[i + 1]) for i in present]).to(idx.device)
+            for k, v in g.state.items():
+                if v.ndim:
+                    v[ix] = st[k]
+            return
+        for k, v in g.state.items():
+            v[idx] = st[k]
+
+    def _scatter_diagonal(self, g: _Group, present: list[int], D: Tensor,
+                          updates: dict[int, Tensor]) -> None:
+        parts = D.split([g.members[i][0].numel() for i in present])
+        for i, part in zip(present, parts, strict=True):
+            p = g.members[i][0]
+            updates[id(p)] = part.view(p.shape)
+
+    def _scatter_blocks(self, g: _Group, present: list[int], D: Tensor,
+                        updates: dict[int, Tensor]) -> None:
+        j = 0
+        while j < len(present):
+            p, plan, slices = g.members[present[j]]
+            k = len(plan.blocks)
+            if k == 1:
+                updates[id(p)] = D[j].reshape(p.shape)
+                j += 1
+                continue
+            if (plan.merged_shape[0] == k * g.shape[0] and plan.merged_shape[1:] == g.shape[1:]
+                    and present[j : j + k] == list(range(present[j], present[j] + k))):
+                # the blocks split only the first dimension and sit consecutively: a view
+                updates[id(p)] = D[j : j + k].reshape(p.shape)
+                j += k
+                continue
+            u = updates.get(id(p))
+            if u is None:
+                u = updates[id(p)] = torch.zeros(p.shape, dtype=D.dtype, device=D.device)
+            u.view(plan.merged_shape)[slices] = D[j]
+            j += 1
+
+    # -- state --------------------------------------------------------------------------
+    def _count_refresh(self, n_blocks: int, failed: int, what: str) -> None:
+        self._counters["refreshes"] += 1
+        if failed:
+            self._counters["failures"] += failed
+            logger.warning("%s: %d of %d %s computations failed; previous preconditioner kept",
+                           type(self).__name__, failed, n_blocks, what)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        groups = self._build()
+        sd["preconditioner"] = {
+            "steps": list(self._steps),
+            "counters": dict(self._counters),
+            "nonfinite_blocks": self._nonfinite_blocks.clone(),
+            "groups": [{k: v.clone() for k, v in g.state.items()} for g in groups],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        pre = state_dict.pop("preconditioner", None)
+        if pre is None:
+            raise ValueError(f"state_dict was not produced by {type(self).__name__}.state_dict() "
+                             "(missing 'preconditioner' entry)")
+        super().load_state_dict(state_dict)
+        self._groups = None
+        groups = self._build()
+        if len(pre["groups"]) != len(groups):
+            raise ValueError("state_dict has a different blocking layout than this optimizer "
+                             "(different parameters or max_preconditioner_dim?)")
+        for g, saved in zip(groups, pre["groups"], strict=True):
+            if saved.keys() != g.state.keys():
+                raise ValueError("state_dict preconditioner state keys do not match")
+            for k, v in g.state.items():
+                if saved[k].shape != v.shape:
+                    raise ValueError(f"state_dict entry {k!r} has shape {tuple(saved[k].shape)}, "
+                                     f"expected {tuple(v.shape)}")
+                v.copy_(saved[k].to(device=v.device, dtype=v.dtype))
+        self._steps = list(pre["steps"])
+        self._counters = dict(pre["counters"])
+        self._nonfinite_blocks = pre["nonfinite_blocks"].clone()
+
+    def stats(self) -> dict[str, Any]:
+        """Preconditioner memory (bytes), block counts, refresh/failure/skip counters."""
+        groups = self._build()
+        mem = sum(v.numel() * v.element_size() for g in groups for v in g.state.values())
+        return {
+            "preconditioner_memory_bytes": mem,
+            "num_blocks": sum(len(g.members) for g in groups if not g.diagonal),
+            "num_block_shapes": sum(1 for g in groups if not g.diagonal),
+            "num_diagonal_params": sum(len(g.members) for g in groups if g.diagonal),
+            "refreshes": self._counters["refreshes"],
+            "failures": self._counters["failures"],
+            "skipped_steps": self._counters["skipped_steps"],
+            "nonfinite_block_updates": int(self._nonfinite_blocks),
+            "steps": list(self._steps),
+        }

@@ -1,0 +1,135 @@
+"""Muon against torch.optim.Muon / AdamW and a float64 reference; parameter routing."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab.linalg.matfuncs import newton_schulz
+from curvlab.optim import Muon, muon_param_groups
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                         nn.Linear(12, 3))
+
+
+def test_matches_torch_muon_plus_adamw_bitwise():
+    m1 = _mlp()
+    m2 = copy.deepcopy(m1)
+    ours = Muon(muon_param_groups(m1, lr=0.02, adamw_lr=1e-3, weight_decay=0.1,
+                                  adamw_weight_decay=0.01), ns_dtype=torch.bfloat16)
+    hidden = [m2[0].weight, m2[2].weight]
+    rest = [m2[0].bias, m2[2].bias, m2[4].weight, m2[4].bias]
+    ref_muon = torch.optim.Muon(hidden, lr=0.02, weight_decay=0.1)
+    ref_adamw = torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        X = torch.randn(32, 6, generator=g)
+        for m in (m1, m2):
+            m.zero_grad()
+            m(X).pow(2).mean().backward()
+        ours.step()
+        ref_muon.step()
+        ref_adamw.step()
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_update_matches_float64_reference_with_scale_rules():
+    torch.manual_seed(0)
+    for rule, scale in [("original", math.sqrt(8 / 5)), ("match_rms_adamw", 0.2 * math.sqrt(8)),
+                        ("none", 1.0)]:
+        W = nn.Parameter(torch.randn(8, 5, dtype=torch.float64))
+        W0 = W.detach().clone()
+        opt = Muon([W], lr=0.1, momentum=0.9, nesterov=True, adjust_lr=rule)
+        G1, G2 = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+        W.grad = G1
+        opt.step()
+        W.grad = G2
+        opt.step()
+        B1 = 0.1 * G1
+        B2 = 0.9 * B1 + 0.1 * G2
+        U1, U2 = 0.1 * G1 + 0.9 * B1, 0.1 * G2 + 0.9 * B2
+        expected = W0 - 0.1 * scale * (newton_schulz(U1) + newton_schulz(U2))
+        torch.testing.assert_close(W.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_weights_are_flattened():
+    torch.manual_seed(0)
+    conv = nn.Parameter(torch.randn(4, 3, 2, 2, dtype=torch.float64))
+    flat = nn.Parameter(conv.detach().reshape(4, 12).clone())
+    o1 = Muon([conv], lr=0.1)
+    o2 = Muon([flat], lr=0.1)
+    G = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    conv.grad, flat.grad = G, G.reshape(4, 12)
+    o1.step()
+    o2.step()
+    torch.testing.assert_close(conv.detach().reshape(4, 12), flat.detach(), rtol=0, atol=1e-14)
+
+
+def test_same_shape_batching_equals_one_at_a_time():
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(5, 7)) for _ in range(3)]
+    singles = [nn.Parameter(p.detach().clone()) for p in ps]
+    batched = Muon(ps, lr=0.05)
+    alone = [Muon([p], lr=0.05) for p in singles]
+    for _ in range(3):
+        for p, s in zip(ps, singles, strict=True):
+            G = torch.randn(5, 7)
+            p.grad, s.grad = G, G.clone()
+        batched.step()
+        for o in alone:
+            o.step()
+    for p, s in zip(ps, singles, strict=True):
+        torch.testing.assert_close(p, s, rtol=1e-5, atol=1e-6)
+
+
+class _TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.body = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.conv = nn.Conv1d(8, 8, 3)
+        self.out = nn.Linear(8, 10)
+
+
+def test_muon_param_groups_routes_embeddings_head_biases_and_norms_to_adamw():
+    model = _TinyLM()
+    groups = muon_param_groups(model, lr=0.02, adamw_lr=1e-3)
+    muon = {id(p) for p in groups[0]["params"]}
+    adamw = {id(p) for p in groups[1]["params"]}
+    assert groups[0]["use_muon"] and not groups[1]["use_muon"]
+    assert muon == {id(model.body.weight), id(model.conv.weight)}
+    assert id(model.emb.weight) in adamw and id(model.out.weight) in adamw
+    assert id(model.norm.weight) in adamw and id(model.body.bias) in adamw
+    assert len(muon) + len(adamw) == len(list(model.parameters()))
+    # head chosen explicitly by name
+    g2 = muon_param_groups(model, head="body")
+    assert id(model.out.weight) in {id(p) for p in g2[0]["params"]}
+    opt = Muon(groups)
+    assert opt.stats()["num_muon_params"] == 2
+
+
+def test_tied_embedding_and_head_listed_once():
+    model = _TinyLM()
+    model.out.weight = nn.Parameter(torch.randn(10, 8))
+    model.emb.weight = model.out.weight
+    groups = muon_param_groups(model)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="muon_param_groups"):
+        Muon([{"params": [nn.Parameter(torch.zeros(3))], "use_muon": True}])
+    with pytest.raises(ValueError, match="adjust_lr"):
+        Muon([nn.Parameter(torch.zeros(3, 3))], adjust_lr="sqrt")
+    with pytest.raises(ValueError, match="momentum"):
+        Muon([nn.Parameter(torch.zeros(3, 3))], momentum=1.0)
+    with pytest.raises(TypeError, match="nn.Module"):
+        muon_param_groups([torch.zeros(2)])
