@@ -14,3 +14,7 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
 ]
+
+from curvlab.linops.kfac import KFACOperator  # noqa: E402
+
+__all__ += ["KFACOperator"]

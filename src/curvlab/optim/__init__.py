@@ -1,6 +1,9 @@
 
+from curvlab.optim.hessian_free import HessianFree as HessianFree
+from curvlab.optim.kfac import KFAC as KFAC
 from curvlab.optim.lbfgs import LBFGS as LBFGS
 from curvlab.optim.muon import Muon as Muon
 from curvlab.optim.muon import muon_param_groups as muon_param_groups
+from curvlab.optim.natural_gradient import NaturalGradient as NaturalGradient
 from curvlab.optim.shampoo import Shampoo as Shampoo
 from curvlab.optim.soap import SOAP as SOAP

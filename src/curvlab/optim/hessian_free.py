@@ -1,0 +1,339 @@
+"""Hessian-free optimization (truncated Newton with Gauss-Newton curvature).
+
+Martens (2010), "Deep learning via Hessian-free optimization", Algorithm 1, with the
+Armijo line search of Martens & Sutskever (2012, sec. 8.8). Each step on a batch:
+
+1. gradient ``g`` and the damped Gauss-Newton system ``B d = -g``, ``B = G + lambda I``,
+   ``G = J^T H_loss J`` applied matrix-free (:class:`curvlab.linops.GGNOperator`);
+2. preconditioned CG started from ``zeta * d_prev`` (warm start), preconditioner
+   ``M = (diag(sum_n grad l_n^2) / N + lambda)^0.75`` (Martens 2010, sec. 4.7), stopped
+   by the relative-progress rule on ``phi(d) = d^T B d / 2 + g^T d``:
+   ``i > k, phi_i < 0, (phi_i - phi_{i-k}) / phi_i < k eps``, ``k = max(10, i / 10)``,
+   or after ``cg_max_iter`` iterations;
+3. backtracking over the CG iterates saved at ``i = ceil(1.3^j)``: walk back from the last
+   while the loss keeps decreasing (sec. 4.6);
+4. Levenberg-Marquardt damping from ``rho = (f(theta + d) - f(theta)) / phi(d)``:
+   ``lambda *= 3/2`` if ``rho < 1/4``, ``lambda *= 2/3`` if ``rho > 3/4`` (sec. 4.1);
+5. Armijo backtracking ``alpha <- 0.8 alpha`` until ``f(theta + alpha d) <= f(theta) +
+   c alpha g^T d``; ``theta += lr alpha d``. No acceptable alpha: the step is rejected
+   (parameters unchanged) and ``lambda`` is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.func as tf
+from torch import nn
+
+from curvlab.linops.ggn import GGNOperator
+from curvlab.objective import Objective
+from curvlab.optim._batch_capture import InputRecorder
+
+__all__ = ["HessianFree"]
+
+logger = logging.getLogger(__name__)
+
+_GLOBAL = "hessian_free"
+
+
+def _batch_size(X: Any) -> int:
+    if not isinstance(X, torch.Tensor):
+        raise TypeError("HessianFree needs the batch inputs as one tensor")
+    return int(X.shape[0])
+
+
+class HessianFree(torch.optim.Optimizer):
+    """Hessian-free optimizer: ``opt.step(closure)`` or ``opt.step(batch=(inputs, targets))``.
+
+    ``batch`` gives the data of the Gauss-Newton products and of the loss evaluations of
+    the line search (a random subset of ``curvature_batch_size`` samples for the products,
+    Martens' smaller curvature mini-batch); ``closure`` (torch convention) evaluates the
+    loss and fills ``.grad`` (without it the gradient is computed on ``batch``). With a
+    closure and no batch, the products use the inputs of the closure's forward pass (the
+    targets are not needed: supported for CrossEntropyLoss, MSELoss, BCEWithLogitsLoss
+    without weights), every line-search evaluation calls the closure (so ``.grad`` holds
+    the gradient of the last evaluated point afterwards), and the diagonal preconditioner,
+    which needs per-sample gradients with the true targets, is off.
+
+    Args:
+        model: the ``nn.Module``; loss_fn: ``loss_fn(model(inputs), targets) -> scalar``.
+        lr: multiplies the accepted step (1 is the Newton-like default).
+        damping: initial Levenberg-Marquardt ``lambda``.
+        params: parameters or param groups (default: all trainable); groups may scale the
+            step with their own ``lr``.
+        cg_max_iter, cg_tol: CG budget and the relative-progress ``eps`` (Martens: 5e-4).
+        cg_min_iter: iterations before the progress rule may stop CG.
+        warm_start: ``zeta`` of the warm start (0 disables it).
+        preconditioner: ``"martens"`` (diagonal, above) or None.
+        curvature_batch_size: size of the random subset of ``batch`` (drawn each step)
+            for the Gauss-Newton products and the preconditioner (None: all of it).
+        seed: seed of the curvature-subset draws (saved in ``state_dict``).
+        min_damping, max_damping: clip of ``lambda``.
+        nonfinite: ``"skip"`` or ``"raise"`` on a non-finite loss/gradient.
+
+    ``opt.stats``: ``cg_iterations``, ``damping``, ``rho``, ``alpha``, ``loss``,
+    ``new_loss``, ``rejected_steps``, ``skipped_steps``.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], lr: float = 1.0,
+                 damping: float = 1.0, *, params: Iterable[Any] | None = None,
+                 cg_max_iter: int = 250, cg_min_iter: int = 1, cg_tol: float = 5e-4,
+                 warm_start: float = 0.95, preconditioner: str | None = "martens",
+                 curvature_batch_size: int | None = None, armijo_c: float = 1e-2,
+                 min_damping: float = 1e-6, max_damping: float = 1e6,
+                 nonfinite: str = "skip", seed: int = 0) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable, e.g. nn.MSELoss()")
+        for name, val in (("lr", lr), ("damping", damping), ("cg_tol", cg_tol)):
+            if not (isinstance(val, (int, float)) and val > 0 and math.isfinite(val)):
+                raise ValueError(f"{name} must be a positive number, got {val!r}")
+        for name, val in (("cg_max_iter", cg_max_iter), ("cg_min_iter", cg_min_iter)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        if not 0 <= warm_start < 1:
+            raise ValueError(f"warm_start must be in [0, 1), got {warm_start}")
+        if preconditioner not in ("martens", None):
+            raise ValueError(f"preconditioner must be 'martens' or None, got {preconditioner!r}")
+        if curvature_batch_size is not None and curvature_batch_size < 1:
+            raise ValueError("curvature_batch_size must be a positive integer or None")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, dict(lr=lr))
+        self.model, self.loss_fn = model, loss_fn
+        self.cg_max_iter, self.cg_min_iter, self.cg_tol = cg_max_iter, cg_min_iter, cg_tol
+        self.warm_start = warm_start
+        self.preconditioner = preconditioner
+        self.curvature_batch_size = curvature_batch_size
+        self.armijo_c = armijo_c
+        self.min_damping, self.max_damping = min_damping, max_damping
+        self.nonfinite = nonfinite
+        self.state[_GLOBAL] = {"step": 0, "damping": float(damping)}
+        self.stats: dict[str, Any] = {"rejected_steps": 0, "skipped_steps": 0}
+        self._generator = torch.Generator().manual_seed(seed)
+        self._recorder = InputRecorder(model, self)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["state"][_GLOBAL] = {**sd["state"][_GLOBAL], "rng": self._generator.get_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        state_dict["state"] = dict(state_dict["state"])
+        glob = dict(state_dict["state"][_GLOBAL])
+        rng = glob.pop("rng", None)
+        state_dict["state"][_GLOBAL] = glob
+        super().load_state_dict(state_dict)
+        if rng is not None:
+            self._generator.set_state(rng)
+
+    @property
+    def damping(self) -> float:
+        return self.state[_GLOBAL]["damping"]
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _objective(self, batch: Any) -> Objective:
+        return Objective(self.model, self.loss_fn, batch, params=self._params())
+
+    # ---- linear algebra pieces -----------------------------------------------------
+    def _gn_product(self, X: Any, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``v -> J^T H_loss J v`` on one batch (:class:`curvlab.linops.GGNOperator`: the
+        forward pass and the ``J^T u`` graph are recorded once and shared by the products)."""
+        return GGNOperator(self.model, self.loss_fn, (X, y), params=self._params()).matvec
+
+    def _diag_ef(self, obj: Objective, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``sum_n (grad l_n)^2 / N`` with ``l_n`` the per-sample loss (vmap)."""
+        point = obj.param_tensors()
+
+        def single(p, xn, yn):
+            return self.loss_fn(obj.outputs(p, xn.unsqueeze(0)), yn.unsqueeze(0))
+
+        with obj.mode():
+            per = tf.vmap(tf.grad(single), in_dims=(None, 0, 0))(point, X, y)
+        flat = obj.flatten(per, batched=True)
+        return flat.square().mean(0)
+
+    def _cg(self, B: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor,
+            x0: torch.Tensor, Minv: torch.Tensor | None):
+        """Preconditioned CG on ``B x = -g`` with Martens' stopping rule; returns the saved
+        iterates ``[(i, x_i)]`` (``i = ceil(1.3^j)`` and the last) and the iteration count."""
+        x = x0.clone()
+        r = B(x) + g  # residual of B x + g = 0
+        y = r * Minv if Minv is not None else r
+        p = -y
+        ry = r.dot(y)
+        # phi(x) = x^T B x / 2 + g^T x = (g + r)^T x / 2 since B x = r - g
+        phis = [float(0.5 * (g + r).dot(x))]
+        saved, next_save, j = [], 1, 0
+        i = 0
+        while i < self.cg_max_iter:
+            Bp = B(p)
+            pBp = p.dot(Bp)
+            if not torch.isfinite(pBp) or pBp <= 0:
+                break
+            alpha = ry / pBp
+            x = x + alpha * p
+            r = r + alpha * Bp
+            y = r * Minv if Minv is not None else r
+            ry_new = r.dot(y)
+            p = -y + (ry_new / ry) * p
+            ry = ry_new
+            i += 1
+            phi = float(0.5 * (g + r).dot(x))
+            phis.append(phi)
+            if i >= next_save:
+                saved.append((i, x))
+                j += 1
+                next_save = math.ceil(1.3 ** j)
+                while next_save <= i:
+                    j += 1
+                    next_save = math.ceil(1.3 ** j)
+            k = max(10, int(0.1 * i))
+            if (i > k and i >= self.cg_min_iter and phi < 0
+                    and (phi - phis[i - k]) / phi < k * self.cg_tol):
+                break
+            if float(ry) <= 0:
+                break
+        if not saved or saved[-1][0] != i:
+            saved.append((i, x))
+        return saved, i
+
+    # ---- the step --------------------------------------------------------------------
+    def _skip(self, what: str) -> None:
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"HessianFree: non-finite {what}; nothing was changed")
+        self.stats["skipped_steps"] += 1
+        logger.warning("HessianFree: non-finite %s; step skipped", what)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
+             batch: Any = None) -> torch.Tensor:
+        closure_only = batch is None
+        if closure_only:
+            if closure is None:
+                raise ValueError("HessianFree.step needs a closure or batch=(inputs, targets)")
+            with torch.enable_grad():
+                loss = closure()
+            batch = self._recorder.batch(self.loss_fn, "HessianFree")
+            closure_loss = loss
+        obj = self._objective(batch)
+        pairs = [(x_, y_) for _, x_, y_ in obj.batches()]
+        if len(pairs) != 1:
+            raise ValueError(f"batch must be one (inputs, targets) pair, got {len(pairs)} "
+                             "batches; concatenate them")
+        (X, y), = pairs
+        params = obj.params
+        if closure is not None:
+            if not closure_only:
+                with torch.enable_grad():
+                    loss = closure()
+            else:
+                loss = closure_loss
+            grads = {k: (torch.zeros_like(p) if p.grad is None else p.grad)
+                     for k, p in params.items()}
+            g = obj.flatten(grads)
+            f0 = float(torch.as_tensor(loss).detach())
+        else:
+            loss_t, grads = obj.loss_and_grad()
+            g, f0, loss = obj.flatten(grads), float(loss_t), loss_t
+        if not (math.isfinite(f0) and bool(torch.isfinite(g).all())):
+            self._skip("loss or gradient")
+            return loss
+        lam = self.damping
+        cb = self.curvature_batch_size
+        n = _batch_size(X)
+        if cb is None or cb >= n:
+            Xc, yc = X, y
+        else:
+            idx = torch.randperm(n, generator=self._generator)[:cb].to(g.device)
+            Xc, yc = X[idx], y[idx]
+        with torch.enable_grad():
+            gn = self._gn_product(Xc, yc)
+            Minv = None
+            if self.preconditioner == "martens" and not closure_only:
+                Minv = (self._diag_ef(obj, Xc, yc) + lam).pow(-0.75)
+
+        def B(v: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                return gn(v) + lam * v
+
+        prev = [self.state[p].get("cg_direction") for p in params.values()]
+        if self.warm_start and all(d is not None for d in prev):
+            x0 = self.warm_start * torch.cat([d.reshape(-1) for d in prev])
+        else:
+            x0 = torch.zeros_like(g)
+        saved, iters = self._cg(B, g, x0, Minv)
+        point = {k: v.clone() for k, v in obj.param_tensors().items()}
+        theta = obj.flatten(point)
+        sizes = self._group_scale(obj)
+
+        def f_at(d: torch.Tensor) -> float:
+            if not closure_only:
+                return float(obj.loss(obj.unflatten(theta + d)))
+            for p, v in zip(params.values(), obj.unflatten(theta + d).values(), strict=True):
+                p.copy_(v)
+            try:
+                with torch.enable_grad():
+                    return float(torch.as_tensor(closure()).detach())
+            finally:
+                for p, v in zip(params.values(), point.values(), strict=True):
+                    p.copy_(v)
+
+        # backtrack over the CG iterates (Martens 2010, sec. 4.6)
+        best_i = len(saved) - 1
+        best_f = f_at(saved[best_i][1])
+        for j in range(len(saved) - 2, -1, -1):
+            fj = f_at(saved[j][1])
+            if fj < best_f or not math.isfinite(best_f):
+                best_i, best_f = j, fj
+            else:
+                break
+        d = saved[best_i][1]
+        phi = float(g.dot(d) + 0.5 * d.dot(B(d)))
+        rho = (best_f - f0) / phi if phi < 0 and math.isfinite(best_f) else -math.inf
+        if rho < 0.25:
+            lam = min(self.max_damping, lam * 1.5)
+        elif rho > 0.75:
+            lam = max(self.min_damping, lam * 2 / 3)
+        # Armijo line search on the chosen iterate (Martens & Sutskever 2012)
+        slope = float(g.dot(d))
+        alpha, f_new = 1.0, best_f
+        while not (math.isfinite(f_new) and f_new <= f0 + self.armijo_c * alpha * slope):
+            alpha *= 0.8
+            if alpha < 1e-4 or slope >= 0:
+                alpha = 0.0
+                break
+            f_new = f_at(alpha * d)
+        last = saved[-1][1]
+        self.state[_GLOBAL]["damping"] = lam
+        self.state[_GLOBAL]["step"] += 1
+        self.stats.update(cg_iterations=iters, damping=lam, rho=rho, alpha=alpha, loss=f0,
+                          new_loss=f_new if alpha > 0 else f0, chosen_iterate=saved[best_i][0])
+        if alpha == 0.0:
+            self.stats["rejected_steps"] += 1
+            for p in params.values():
+                self.state[p].pop("cg_direction", None)
+            logger.info("HessianFree: no acceptable step (rho=%.3g); damping -> %.3g", rho, lam)
+            return loss
+        step = obj.unflatten(alpha * d * sizes)
+        for (k, p), dl in zip(params.items(), obj.unflatten(last).values(), strict=True):
+            p.add_(step[k])
+            self.state[p]["cg_direction"] = dl.clone()
+        return loss
+
+    def _group_scale(self, obj: Objective) -> torch.Tensor:
+        """Per-coordinate ``lr`` of each parameter's group, as a flat vector."""
+        lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
+        return torch.cat([torch.full((p.numel(),), lr_of[id(p)], dtype=p.dtype,
+                                     device=p.device) for p in obj.params.values()])

@@ -1,0 +1,615 @@
+"""K-FAC and EKFAC: Kronecker-factored natural-gradient optimizers.
+
+Per Linear / Conv2d layer with gradient matrix ``M = [dW | db]`` (``d_out x d_in``) the
+update direction is the damped Kronecker natural gradient (Martens & Grosse 2015;
+Grosse & Martens 2016 for convolutions)
+
+    U = (A (x) G + lambda I)^-1 M   =  Q_G [ (Q_G^T M Q_A) / (d_G d_A^T + lambda) ] Q_A^T
+
+with ``A``, ``G`` exponential moving averages of the layer factors
+(:mod:`curvlab.linops._kronecker`), ``A = Q_A diag(d_A) Q_A^T`` and ``G = Q_G diag(d_G)
+Q_G^T`` (``inverse_method="eigen"``). ``inverse_method="inverse"`` uses Tikhonov factored
+damping instead, ``U = (G + sqrt(lambda)/pi)^-1 M (A + pi sqrt(lambda))^-1``
+(Martens & Grosse 2015, sec. 6.3). With ``eigenvalue_correction=True`` (EKFAC, George et
+al. 2018) ``d_G d_A^T`` is replaced by a moving average of the per-sample squared
+gradients in the Kronecker eigenbasis, ``E_n[(Q_G^T dW_n Q_A)^2]``.
+
+The step is then scaled by the KL-clipping factor of Ba et al. (2017, sec. 5),
+``nu = min(1, sqrt(kl_clip / (lr^2 sum <U, M>)))``, and applied with heavy-ball momentum:
+``buf = momentum buf + nu U + weight_decay theta``, ``theta -= lr buf``.
+
+Parameters of other modules (LayerNorm, embeddings, grouped convolutions, ...) are not
+Kronecker-factored; they get the documented ``fallback``: ``"sgd"`` (the raw gradient,
+default) or ``"adam"`` (a diagonal Adam-style direction ``g / (sqrt(v_hat) + eps)``). Both
+go through the same KL clipping and momentum.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvlab.linops._kronecker import (
+    KronLayer,
+    LayerCapture,
+    curvature_pass,
+    eigen_factor,
+    factored_pi,
+    find_layers,
+    grad_factor,
+    input_factor,
+)
+
+__all__ = ["KFAC"]
+
+logger = logging.getLogger(__name__)
+
+_GLOBAL = "kfac"  # key of the optimizer-wide counters in self.state
+
+
+class KFAC(torch.optim.Optimizer):
+    """K-FAC / EKFAC optimizer; hooks the Linear and Conv2d layers of ``model``.
+
+    Usage::
+
+        opt = KFAC(model)  # lr=0.1, damping=0.03, kl_clip=1e-2
+        loss = loss_fn(model(x), y); loss.backward(); opt.step(); opt.zero_grad()
+
+    Statistics are captured on forward/backward passes run with gradients enabled
+    (``torch.no_grad`` evaluation is ignored). With gradient accumulation, factors cover
+    every micro-batch since the last step, and the accumulated gradient is taken to be the
+    mean over all those samples (the usual ``(loss / k).backward()`` recipe).
+
+    Args:
+        model: the ``nn.Module`` whose layers are hooked.
+        lr: learning rate.
+        damping: Tikhonov damping ``lambda``. The defaults (damping 0.03, ``kl_clip``
+            1e-2, momentum 0.5, ``inv_update_freq`` 5) come from a sweep on the digits MLP
+            (``benchmarks/bench_curvature_optim.py``): without KL clipping, damping <= 0.1
+            diverged there at lr >= 0.3 (and damping 0.03 at lr >= 0.1); with the clip,
+            the step's KL bound, not ``lr``, sets the step size early in training.
+        params: parameters or param groups (default: all trainable parameters of model).
+            A layer's weight and bias must be in the same group.
+        momentum, weight_decay: heavy-ball momentum and L2 added to the direction.
+        stat_decay: EMA factor of the Kronecker factors (and EKFAC scales).
+        factor_update_freq: capture statistics and update factors every this many steps.
+        inv_update_freq: recompute eigendecompositions / inverses every this many steps
+            (a multiple of ``factor_update_freq``).
+        kl_clip: KL-clipping constant; ``None`` disables clipping.
+        inverse_method: ``"eigen"`` (exact damped Kronecker inverse) or ``"inverse"``
+            (factored Tikhonov damping with explicit inverses; its damping is refreshed
+            with the inverses).
+        eigenvalue_correction: EKFAC (needs ``inverse_method="eigen"``).
+        fisher_type: ``"empirical"`` (gradients of the user's own backward pass, no extra
+            cost) or ``"mc"`` (true Fisher: on statistics steps the last inputs are re-run
+            with targets sampled from the model; needs ``loss_fn``).
+        loss_fn: the training loss (for ``fisher_type="mc"``), e.g. ``nn.CrossEntropyLoss()``.
+        adaptive_damping: Levenberg-Marquardt adjustment of ``damping`` from the reduction
+            ratio (Martens & Grosse 2015, sec. 6.5); needs ``step(closure)``; every
+            ``damping_adaptation_interval`` steps ``rho = (L(theta+delta) - L(theta)) /
+            (g^T delta + delta^T (F + lambda) delta / 2)``; ``lambda *= omega`` if
+            ``rho > 3/4``, ``lambda /= omega`` if ``rho < 1/4``, ``omega =
+            damping_adaptation_decay ** interval``, clipped to ``[min_damping,
+            max_damping]``. A step whose new loss is non-finite is undone.
+        fallback: ``"sgd"`` or ``"adam"`` for parameters outside Linear/Conv2d layers.
+        nonfinite: ``"skip"`` (default: a step with non-finite gradients, loss or
+            statistics changes nothing and is counted in ``stats["skipped_steps"]``) or
+            ``"raise"`` (FloatingPointError, nothing changed).
+
+    ``opt.stats`` holds monitoring values of the last step: ``damping``, ``kl_clip_scale``,
+    ``condition_numbers`` (per layer, of A and G, at the last inverse update),
+    ``skipped_steps``, ``eigh_failures``, ``rho`` (adaptive damping).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.1,
+        damping: float = 0.03,
+        *,
+        params: Iterable[Any] | None = None,
+        momentum: float = 0.5,
+        weight_decay: float = 0.0,
+        stat_decay: float = 0.95,
+        factor_update_freq: int = 1,
+        inv_update_freq: int = 5,
+        kl_clip: float | None = 1e-2,
+        inverse_method: str = "eigen",
+        eigenvalue_correction: bool = False,
+        fisher_type: str = "empirical",
+        loss_fn: Any = None,
+        mc_samples: int = 1,
+        adaptive_damping: bool = False,
+        damping_adaptation_interval: int = 5,
+        damping_adaptation_decay: float = 0.95,
+        min_damping: float = 1e-6,
+        max_damping: float = 1e3,
+        fallback: str = "sgd",
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        nonfinite: str = "skip",
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module (its layers are hooked), got "
+                            f"{type(model).__name__}")
+        _positive(lr=lr, damping=damping, eps=eps)
+        _in_range(momentum=momentum, stat_decay=stat_decay,
+                  damping_adaptation_decay=damping_adaptation_decay)
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if kl_clip is not None and not kl_clip > 0:
+            raise ValueError(f"kl_clip must be positive or None (no clipping), got {kl_clip}")
+        for name, val in (("factor_update_freq", factor_update_freq),
+                          ("inv_update_freq", inv_update_freq),
+                          ("damping_adaptation_interval", damping_adaptation_interval),
+                          ("mc_samples", mc_samples)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        if inv_update_freq % factor_update_freq:
+            raise ValueError(f"inv_update_freq ({inv_update_freq}) must be a multiple of "
+                             f"factor_update_freq ({factor_update_freq})")
+        if inverse_method not in ("eigen", "inverse"):
+            raise ValueError(f"inverse_method must be 'eigen' or 'inverse', got "
+                             f"{inverse_method!r}")
+        if eigenvalue_correction and inverse_method != "eigen":
+            raise ValueError("eigenvalue_correction (EKFAC) needs inverse_method='eigen'")
+        if fisher_type not in ("empirical", "mc"):
+            raise ValueError(f"fisher_type must be 'empirical' or 'mc', got {fisher_type!r}")
+        if fisher_type == "mc" and loss_fn is None:
+            raise ValueError("fisher_type='mc' samples targets from the model: pass loss_fn, "
+                             "e.g. nn.CrossEntropyLoss()")
+        if fallback not in ("sgd", "adam"):
+            raise ValueError(f"fallback must be 'sgd' or 'adam', got {fallback!r}")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if not 0 < min_damping <= max_damping:
+            raise ValueError("need 0 < min_damping <= max_damping")
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
+                        kl_clip=kl_clip)
+        super().__init__(params, defaults)
+        self.model = model
+        self.stat_decay = stat_decay
+        self.factor_update_freq = factor_update_freq
+        self.inv_update_freq = inv_update_freq
+        self.inverse_method = inverse_method
+        self.eigenvalue_correction = eigenvalue_correction
+        self.fisher_type = fisher_type
+        self.loss_fn = loss_fn
+        self.mc_samples = mc_samples
+        self.adaptive_damping = adaptive_damping
+        self.damping_adaptation_interval = damping_adaptation_interval
+        self.damping_adaptation_decay = damping_adaptation_decay
+        self.min_damping, self.max_damping = min_damping, max_damping
+        self.fallback = fallback
+        self.adam_betas = adam_betas
+        self.eps = eps
+        self.nonfinite = nonfinite
+        self._generator = torch.Generator().manual_seed(seed)
+
+        named = {}
+        group_of = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                named[f"p{len(named)}"] = p
+                group_of[id(p)] = gi
+        self._layers, others = find_layers(model, named)
+        self._layer_group = []
+        for layer in self._layers:
+            groups = {group_of[id(named[k])] for k in layer.keys}
+            if len(groups) > 1:
+                raise ValueError(f"weight and bias of layer {layer.name!r} are in different "
+                                 "param groups; put them in the same group")
+            self._layer_group.append(groups.pop())
+        self._other = [named[k] for k in others]
+        self._named = named
+        self.state[_GLOBAL] = {"step": 0}
+        self.stats: dict[str, Any] = {"skipped_steps": 0, "eigh_failures": 0,
+                                      "condition_numbers": {}}
+        self._suspended = False
+        self._inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        # the hooks hold the optimizer weakly and are removed when it is garbage collected,
+        # so a discarded optimizer neither keeps recording nor keeps the model's hooks
+        ref = weakref.ref(self)
+
+        def capturing() -> bool:
+            opt = ref()
+            return opt is not None and opt._capturing and opt.fisher_type == "empirical"
+
+        def record_inputs(module: nn.Module, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> None:
+            opt = ref()
+            if opt is not None:
+                opt._record_inputs(args, kwargs)
+
+        self._capture = LayerCapture(self._layers, grads=True, enabled=capturing)
+        self._pre_hook = model.register_forward_pre_hook(record_inputs, with_kwargs=True)
+        weakref.finalize(self, self._capture.remove)
+        weakref.finalize(self, self._pre_hook.remove)
+
+    # ---- hooks and bookkeeping ------------------------------------------------------
+    @property
+    def _step(self) -> int:
+        return self.state[_GLOBAL]["step"]
+
+    @property
+    def _capturing(self) -> bool:
+        return not self._suspended and self._step % self.factor_update_freq == 0
+
+    def _record_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.fisher_type == "mc" and self._capturing and torch.is_grad_enabled():
+            detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            self._inputs.append((tuple(detach(a) for a in args),
+                                 {k: detach(v) for k, v in kwargs.items()}))
+
+    def _clear(self) -> None:
+        self._capture.clear()
+        self._inputs.clear()
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer's hooks from the model (no further statistics are captured;
+        they are also removed when the optimizer is garbage collected)."""
+        self._capture.remove()
+        self._pre_hook.remove()
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["state"][_GLOBAL] = {**sd["state"][_GLOBAL], "rng": self._generator.get_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        state_dict["state"] = dict(state_dict["state"])
+        glob = dict(state_dict["state"][_GLOBAL])
+        rng = glob.pop("rng", None)
+        state_dict["state"][_GLOBAL] = glob
+        super().load_state_dict(state_dict)
+        if rng is not None:
+            self._generator.set_state(rng)
+        self._clear()
+
+    # ---- statistics -----------------------------------------------------------------
+    def _layer_grad(self, layer: KronLayer) -> torch.Tensor | None:
+        parts = []
+        if layer.weight is not None:
+            g = self._named[layer.weight].grad
+            if g is None:
+                return None
+            parts.append(g.reshape(g.shape[0], -1))
+        if layer.bias is not None:
+            g = self._named[layer.bias].grad
+            if g is None:
+                return None
+            parts.append(g.reshape(-1, 1))
+        return torch.cat(parts, dim=1)
+
+    def _collect(self) -> list[list[tuple[torch.Tensor, list[torch.Tensor]]]] | None:
+        """Per layer, per captured call: input rows and per-sample output gradients."""
+        if self.fisher_type == "mc":
+            if not self._inputs:
+                return None
+            calls: list[list[Any]] = [[] for _ in self._layers]
+            self._suspended = True
+            try:
+                for args, kwargs in self._inputs:
+                    got = curvature_pass(self._layers, lambda a=args, k=kwargs: self.model(
+                        *a, **k), self.loss_fn, None, "mc", mc_samples=self.mc_samples,
+                        generator=self._generator)
+                    for i, per_layer in enumerate(got):
+                        calls[i].extend(per_layer)
+            finally:
+                self._suspended = False
+            return calls
+        calls = [[(rec["a"], [rec["g"]]) for rec in layer.records if "g" in rec]
+                 for layer in self._layers]
+        if not any(calls):
+            return None
+        # the accumulated gradient is the mean over all samples since the last step, so the
+        # per-sample gradient is N_total times the captured one
+        n_total = max(sum(a.shape[0] for a, _ in per_layer) for per_layer in calls)
+        return [[(a, [g * n_total for g in gs]) for a, gs in per_layer] for per_layer in calls]
+
+    def _new_factors(self, calls):
+        out = []
+        for per_layer in calls:
+            if not per_layer:
+                out.append(None)
+                continue
+            n = sum(a.shape[0] for a, _ in per_layer)
+            A = sum(input_factor(a) for a, _ in per_layer) / n
+            G = sum(grad_factor(g) for _, gs in per_layer for g in gs) / n
+            out.append((A, G, per_layer, n))
+        return out
+
+    def _update_inverse(self, layer: KronLayer, st: dict[str, Any], lam: float) -> None:
+        A, G = st["A"], st["G"]
+        try:
+            if self.inverse_method == "eigen":
+                st["dA"], st["QA"] = eigen_factor(A)
+                st["dG"], st["QG"] = eigen_factor(G)
+                dA, dG = st["dA"], st["dG"]
+            else:
+                pi = factored_pi(A, G)
+                root = math.sqrt(lam)
+                eyeA = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+                eyeG = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+                st["A_inv"] = torch.cholesky_inverse(torch.linalg.cholesky(
+                    (A + pi * root * eyeA).double())).to(A.dtype)
+                st["G_inv"] = torch.cholesky_inverse(torch.linalg.cholesky(
+                    (G + root / pi * eyeG).double())).to(G.dtype)
+                dA, dG = torch.linalg.eigvalsh(A.double()), torch.linalg.eigvalsh(G.double())
+        except RuntimeError as err:
+            self.stats["eigh_failures"] += 1
+            logger.warning("K-FAC: factor decomposition of layer %r failed (%s); keeping the "
+                           "previous preconditioner", layer.name, err)
+            return
+        cond = lambda d: float(d.max() / d.min().clamp_min(1e-30))  # noqa: E731
+        self.stats["condition_numbers"][layer.name] = (cond(dA), cond(dG))
+
+    def _ekfac_scale(self, st: dict[str, Any], per_layer) -> torch.Tensor:
+        QA, QG = st["QA"], st["QG"]
+        total, n = None, 0
+        for a, gs in per_layer:
+            ap = a @ QA
+            sq = None
+            for g in gs:
+                gp = g @ QG
+                if a.shape[1] == 1:  # per-sample gradient g a^T: squares factorize
+                    s_u = gp[:, 0].square().T @ ap[:, 0].square()
+                else:
+                    s_u = torch.einsum("ntg,nta->nga", gp, ap).square().sum(0)
+                sq = s_u if sq is None else sq + s_u
+            s = sq
+            total = s if total is None else total + s
+            n += a.shape[0]
+        return total / n
+
+    # ---- preconditioning -------------------------------------------------------------
+    def _precondition(self, st: dict[str, Any], M: torch.Tensor, lam: float) -> torch.Tensor:
+        if self.inverse_method == "inverse":
+            return st["G_inv"] @ M @ st["A_inv"]
+        QA, QG = st["QA"], st["QG"]
+        if self.eigenvalue_correction:
+            denom = st["scale"] + lam
+        else:
+            denom = st["dG"].unsqueeze(1) * st["dA"].unsqueeze(0) + lam
+        return QG @ ((QG.T @ M @ QA) / denom) @ QA.T
+
+    def _curvature_product(self, st: dict[str, Any], M: torch.Tensor) -> torch.Tensor:
+        """The (undamped) Kronecker curvature block applied to ``M``."""
+        if self.eigenvalue_correction:
+            QA, QG = st["QA"], st["QG"]
+            return QG @ ((QG.T @ M @ QA) * st["scale"]) @ QA.T
+        return st["G"] @ M @ st["A"]
+
+    def _split(self, layer: KronLayer, U: torch.Tensor) -> list[tuple[torch.Tensor,
+                                                                      torch.Tensor]]:
+        out = []
+        if layer.weight is not None:
+            w = self._named[layer.weight]
+            out.append((w, U[:, :w[0].numel()].reshape(w.shape)))
+        if layer.bias is not None:
+            out.append((self._named[layer.bias], U[:, -1]))
+        return out
+
+    # ---- the step --------------------------------------------------------------------
+    def _nonfinite(self, what: str) -> None:
+        if self.nonfinite == "raise":
+            self._clear()
+            raise FloatingPointError(f"K-FAC: non-finite {what}; no parameter was changed")
+        self.stats["skipped_steps"] += 1
+        logger.warning("K-FAC: non-finite %s; step skipped (parameters unchanged)", what)
+        self._clear()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.adaptive_damping and closure is None:
+            raise ValueError("adaptive_damping needs step(closure): the closure re-evaluates "
+                             "the loss after the update")
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if loss is not None:
+            grads.append(torch.as_tensor(loss).detach().reshape(1))
+        if not _all_finite(grads):
+            self._nonfinite("gradient or loss")
+            return loss
+        k = self._step
+        stats_step = k % self.factor_update_freq == 0
+        inv_step = k % self.inv_update_freq == 0
+
+        # 1. new factors (computed first so that a non-finite batch changes nothing)
+        new = None
+        if stats_step:
+            with torch.enable_grad():
+                calls = self._collect()
+            if calls is not None:
+                new = self._new_factors(calls)
+                if not _all_finite([t for item in new if item is not None
+                                    for t in item[:2]]):
+                    self._nonfinite("curvature statistics")
+                    return loss
+        # 2. factors, inverses, EKFAC scales
+        beta = self.stat_decay
+        for i, layer in enumerate(self._layers):
+            st = self.state[self._named[layer.keys[0]]]
+            item = new[i] if new is not None else None
+            if item is not None:
+                A, G, per_layer, _ = item
+                if "A" not in st:
+                    st["A"], st["G"] = A.clone(), G.clone()
+                else:
+                    st["A"].mul_(beta).add_(A, alpha=1 - beta)
+                    st["G"].mul_(beta).add_(G, alpha=1 - beta)
+            if "A" not in st:
+                continue
+            lam = self.param_groups[self._layer_group[i]]["damping"]
+            fresh = inv_step or ("QA" not in st and "A_inv" not in st)
+            if fresh:
+                self._update_inverse(layer, st, lam)
+            if self.eigenvalue_correction and "QA" in st:
+                if item is not None:
+                    s = self._ekfac_scale(st, item[2])
+                    if fresh or "scale" not in st:
+                        st["scale"] = s
+                    else:
+                        st["scale"].mul_(beta).add_(s, alpha=1 - beta)
+                elif "scale" not in st:
+                    st["scale"] = st["dG"].unsqueeze(1) * st["dA"].unsqueeze(0)
+        self._clear()
+
+        # 3. directions
+        directions: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
+            gi: [] for gi in range(len(self.param_groups))}
+        layer_dirs = []
+        for i, layer in enumerate(self._layers):
+            M = self._layer_grad(layer)
+            st = self.state[self._named[layer.keys[0]]]
+            gi = self._layer_group[i]
+            lam = self.param_groups[gi]["damping"]
+            if M is None:
+                continue
+            ready = "QA" in st if self.inverse_method == "eigen" else "A_inv" in st
+            U = self._precondition(st, M, lam) if ready else M / lam
+            layer_dirs.append((i, M, U))
+            for p, u in self._split(layer, U):
+                directions[gi].append((p, u, p.grad))
+        for p in self._other:
+            if p.grad is None:
+                continue
+            gi = next(j for j, g in enumerate(self.param_groups)
+                      if any(q is p for q in g["params"]))
+            directions[gi].append((p, self._fallback_direction(p), p.grad))
+
+        # 4. KL clipping, momentum, update (checked before touching the parameters)
+        nus, updates = [], []
+        for gi, group in enumerate(self.param_groups):
+            items = directions[gi]
+            if not items:
+                continue
+            nu = 1.0
+            if group["kl_clip"] is not None:
+                vg = sum(float((u * g).sum()) for _, u, g in items) * group["lr"] ** 2
+                if vg > 0:
+                    nu = min(1.0, math.sqrt(group["kl_clip"] / vg))
+            nus.append(nu)
+            for p, u, _ in items:
+                d = u * nu
+                if group["weight_decay"]:
+                    d = d + group["weight_decay"] * p
+                buf = self.state[p].get("momentum_buffer")
+                if group["momentum"] and buf is not None:
+                    d = buf * group["momentum"] + d
+                updates.append((p, d, group))
+        if not _all_finite([d for _, d, _ in updates]):
+            self._nonfinite("update")
+            return loss
+        saved = None
+        if self._adapt_now(closure):  # to undo a step whose new loss is non-finite
+            saved = [(p.detach().clone(), self.state[p].get("momentum_buffer"))
+                     for p, _, _ in updates]
+        for p, d, group in updates:
+            if group["momentum"]:
+                self.state[p]["momentum_buffer"] = d.clone()
+            p.add_(d, alpha=-group["lr"])
+        self.state[_GLOBAL]["step"] = k + 1
+        self.stats.update(step=k + 1, kl_clip_scale=min(nus) if nus else 1.0,
+                          damping=[g["damping"] for g in self.param_groups])
+        if saved is not None:
+            self._adapt_damping(closure, loss, updates, saved, layer_dirs)
+        return loss
+
+    def _fallback_direction(self, p: torch.Tensor) -> torch.Tensor:
+        if self.fallback == "sgd":
+            return p.grad
+        st = self.state[p]
+        b1, b2 = self.adam_betas
+        if "exp_avg" not in st:
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+            st["adam_step"] = 0
+        st["adam_step"] += 1
+        st["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
+        st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+        t = st["adam_step"]
+        m_hat = st["exp_avg"] / (1 - b1 ** t)
+        v_hat = st["exp_avg_sq"] / (1 - b2 ** t)
+        return m_hat / (v_hat.sqrt() + self.eps)
+
+    def _adapt_now(self, closure: Any) -> bool:
+        return (self.adaptive_damping and closure is not None
+                and (self._step + 1) % self.damping_adaptation_interval == 0)
+
+    def _adapt_damping(self, closure, loss, updates, saved, layer_dirs) -> None:
+        """Levenberg-Marquardt rule on rho = actual / predicted reduction (M&G 2015 6.5)."""
+        steps = {id(p): -group["lr"] * d for p, d, group in updates}
+        lam = self.param_groups[0]["damping"]
+        pred = 0.0
+        for i, M, _ in layer_dirs:
+            layer = self._layers[i]
+            parts = [steps[id(p)] for p, _ in self._split(layer, M)]
+            D = torch.cat([parts[0].reshape(M.shape[0], -1)]
+                          + [q.reshape(-1, 1) for q in parts[1:]], dim=1)
+            st = self.state[self._named[layer.keys[0]]]
+            FD = self._curvature_product(st, D)
+            pred += float((M * D).sum()) + 0.5 * float((D * FD).sum() + lam * D.square().sum())
+        for p in self._other:
+            if id(p) in steps and p.grad is not None:
+                s = steps[id(p)]
+                pred += float((p.grad * s).sum()) + 0.5 * lam * float(s.square().sum())
+        self._suspended = True
+        try:
+            with torch.enable_grad():
+                new_loss = float(closure().detach())
+        finally:
+            self._suspended = False
+            self._clear()
+        old = float(loss)
+        rho = (new_loss - old) / pred if pred < 0 else -math.inf
+        if not math.isfinite(new_loss):
+            for (p, _, _), (value, buf) in zip(updates, saved, strict=True):
+                p.copy_(value)
+                if buf is None:
+                    self.state[p].pop("momentum_buffer", None)
+                else:
+                    self.state[p]["momentum_buffer"] = buf
+            rho = -math.inf
+            logger.warning("K-FAC: non-finite loss after the step; step undone, damping raised")
+        omega = self.damping_adaptation_decay ** self.damping_adaptation_interval
+        for group in self.param_groups:
+            if rho > 0.75:
+                group["damping"] = max(self.min_damping, group["damping"] * omega)
+            elif rho < 0.25:
+                group["damping"] = min(self.max_damping, group["damping"] / omega)
+        self.stats.update(rho=rho, damping=[g["damping"] for g in self.param_groups])
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One synchronizing check that every entry of every tensor is finite."""
+    if not tensors:
+        return True
+    norms = torch._foreach_norm([t if t.is_floating_point() else t.float() for t in tensors],
+                                math.inf)
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def _positive(**values: float) -> None:
+    for name, val in values.items():
+        if not (isinstance(val, (int, float)) and val > 0 and math.isfinite(val)):
+            raise ValueError(f"{name} must be a positive number, got {val!r}")
+
+
+def _in_range(**values: float) -> None:
+    for name, val in values.items():
+        if not (isinstance(val, (int, float)) and 0 <= val < 1):
+            raise ValueError(f"{name} must be in [0, 1), got {val!r}")

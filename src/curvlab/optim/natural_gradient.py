@@ -1,0 +1,195 @@
+"""Exact (matrix-free) natural gradient descent for small models.
+
+Amari (1998), "Natural gradient works efficiently in learning"; Martens (2020), "New
+insights and perspectives on the natural gradient method", sec. 5-6. Each step on a batch:
+
+    solve (F + lambda I) d = g   by conjugate gradients (``curvlab.linalg.cg``: at most
+                                 ``cg_max_iter`` products, relative residual ``cg_tol``,
+                                 warm-started from the last d)
+    buf = momentum buf + d + weight_decay theta,   theta -= lr buf
+
+with ``F`` the Fisher of the model's predictive distribution on the batch, through
+curvlab's operators: ``fisher_type="exact"`` (:class:`curvlab.linops.FisherOperator`,
+equal to the GGN for cross-entropy and MSE), ``"mc"`` (Monte-Carlo Fisher from sampled
+labels) or ``"empirical"`` (:class:`curvlab.linops.EmpiricalFisherOperator`). Every CG
+iteration costs one Fisher-vector product (a JVP and a VJP), so this is meant for small
+models; :class:`curvlab.optim.KFAC` is the scalable approximation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvlab.linalg.cg import cg
+from curvlab.objective import Objective
+from curvlab.optim._batch_capture import InputRecorder
+
+__all__ = ["NaturalGradient"]
+
+logger = logging.getLogger(__name__)
+
+_GLOBAL = "natural_gradient"
+
+
+class NaturalGradient(torch.optim.Optimizer):
+    """Natural gradient with a damped-CG solve: ``opt.step(closure, batch=(inputs, targets))``.
+
+    Args:
+        model: the ``nn.Module``.
+        lr: learning rate (1 is the full natural-gradient step).
+        damping: ``lambda`` of ``F + lambda I`` (default 1e-3).
+        loss_fn: the training loss (default ``nn.CrossEntropyLoss()``); ``"exact"`` and
+            ``"mc"`` need cross-entropy or MSE (the Fisher of their likelihood).
+        fisher_type: ``"exact"`` (default), ``"mc"`` or ``"empirical"``.
+        mc_samples: sampled labels per input for ``"mc"``.
+        params: parameters or param groups (default: all trainable parameters).
+        momentum, weight_decay: heavy-ball momentum, L2 added to the direction.
+        cg_max_iter, cg_tol: CG budget and relative-residual tolerance.
+        warm_start: start CG from the previous direction.
+        nonfinite: ``"skip"`` (default) or ``"raise"`` on a non-finite loss, gradient or
+            direction; parameters and state are unchanged either way.
+        seed: seed of the label sampling of ``"mc"``.
+
+    ``batch`` gives the data the Fisher is built on; ``closure`` (optional) computes the
+    loss and ``.grad``, otherwise the gradient is computed on ``batch``. With a closure
+    and no batch (``"exact"``/``"mc"`` only: their Fisher does not use the targets) the
+    Fisher is built on the inputs of the closure's forward pass. ``opt.stats``:
+    ``cg_iterations``, ``cg_residual``, ``damping``, ``skipped_steps``.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1.0, damping: float = 1e-3, *,
+                 loss_fn: Any = None, fisher_type: str = "exact", mc_samples: int = 1,
+                 params: Iterable[Any] | None = None, momentum: float = 0.0,
+                 weight_decay: float = 0.0, cg_max_iter: int = 100, cg_tol: float = 1e-6,
+                 warm_start: bool = True, nonfinite: str = "skip", seed: int = 0) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        for name, val in (("lr", lr), ("damping", damping), ("cg_tol", cg_tol)):
+            if not (isinstance(val, (int, float)) and val > 0 and math.isfinite(val)):
+                raise ValueError(f"{name} must be a positive number, got {val!r}")
+        if fisher_type not in ("exact", "mc", "empirical"):
+            raise ValueError(f"fisher_type must be 'exact', 'mc' or 'empirical', got "
+                             f"{fisher_type!r}")
+        for name, val in (("cg_max_iter", cg_max_iter), ("mc_samples", mc_samples)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, dict(lr=lr, damping=damping, momentum=momentum,
+                                      weight_decay=weight_decay))
+        self.model = model
+        self.loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
+        self.fisher_type, self.mc_samples = fisher_type, mc_samples
+        self.cg_max_iter, self.cg_tol, self.warm_start = cg_max_iter, cg_tol, warm_start
+        self.nonfinite = nonfinite
+        self._generator = torch.Generator().manual_seed(seed)
+        self._recorder = InputRecorder(model, self)
+        self.state[_GLOBAL] = {"step": 0}
+        self.stats: dict[str, Any] = {"skipped_steps": 0}
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["state"][_GLOBAL] = {**sd["state"][_GLOBAL], "rng": self._generator.get_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        state_dict["state"] = dict(state_dict["state"])
+        glob = dict(state_dict["state"][_GLOBAL])
+        rng = glob.pop("rng", None)
+        state_dict["state"][_GLOBAL] = glob
+        super().load_state_dict(state_dict)
+        if rng is not None:
+            self._generator.set_state(rng)
+
+    def fisher(self, batch: Any) -> Any:
+        """The curvlab Fisher operator of the current parameters on ``batch``."""
+        from curvlab.linops.fisher import EmpiricalFisherOperator, FisherOperator
+
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self.fisher_type == "empirical":
+            return EmpiricalFisherOperator(self.model, self.loss_fn, batch, params)
+        return FisherOperator(self.model, self.loss_fn, batch, params, mode=self.fisher_type,
+                              num_samples=self.mc_samples, generator=self._generator)
+
+    def _skip(self, what: str) -> None:
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"NaturalGradient: non-finite {what}; nothing changed")
+        self.stats["skipped_steps"] += 1
+        logger.warning("NaturalGradient: non-finite %s; step skipped", what)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
+             batch: Any = None) -> torch.Tensor | None:
+        if batch is None and (closure is None or self.fisher_type == "empirical"):
+            raise ValueError("NaturalGradient.step needs batch=(inputs, targets) (the data the "
+                             "Fisher is computed on), or a closure with fisher_type 'exact' or "
+                             "'mc'")
+        params = [p for g in self.param_groups for p in g["params"]]
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if batch is None:
+                batch = self._recorder.batch(self.loss_fn, "NaturalGradient")
+            g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+                           for p in params])
+        else:
+            obj = Objective(self.model, self.loss_fn, batch, params)
+            loss, grads = obj.loss_and_grad()
+            g = obj.flatten(grads)
+        if not (bool(torch.isfinite(torch.as_tensor(loss)).all())
+                and bool(torch.isfinite(g).all())):
+            self._skip("loss or gradient")
+            return loss
+        rng = self._generator.get_state()
+        with torch.enable_grad():
+            F = self.fisher(batch)
+        lam_of = torch.cat([torch.full((p.numel(),), grp["damping"], dtype=p.dtype,
+                                       device=p.device)
+                            for grp in self.param_groups for p in grp["params"]])
+        prev = [self.state[p].get("direction") for p in params]
+        x0 = (torch.cat([d.reshape(-1) for d in prev])
+              if self.warm_start and all(d is not None for d in prev) else torch.zeros_like(g))
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                return F.matvec(v) + lam_of * v
+
+        sol = cg(matvec, g, x0=x0 if bool(x0.any()) else None, rtol=self.cg_tol,
+                 max_iter=self.cg_max_iter)
+        d, iters = sol.x, sol.iterations
+        gnorm = float(g.norm())
+        res = sol.residual_norm / gnorm if gnorm > 0 else 0.0
+        if not bool(torch.isfinite(d).all()):
+            self._generator.set_state(rng)
+            self._skip("natural-gradient direction")
+            return loss
+        i = 0
+        for grp in self.param_groups:
+            for p in grp["params"]:
+                n = p.numel()
+                dp = d[i:i + n].reshape(p.shape)
+                i += n
+                self.state[p]["direction"] = dp.clone()
+                u = dp + grp["weight_decay"] * p if grp["weight_decay"] else dp
+                if grp["momentum"]:
+                    buf = self.state[p].get("momentum_buffer")
+                    u = u if buf is None else buf * grp["momentum"] + u
+                    self.state[p]["momentum_buffer"] = u.clone()
+                p.add_(u, alpha=-grp["lr"])
+        self.state[_GLOBAL]["step"] += 1
+        self.stats.update(cg_iterations=iters, cg_residual=res,
+                          damping=[grp["damping"] for grp in self.param_groups])
+        return loss

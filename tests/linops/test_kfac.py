@@ -1,0 +1,233 @@
+"""KFACOperator against dense float64 references."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+from curvlab import Objective
+from curvlab.linops import KFACOperator
+
+D64 = torch.float64
+
+
+def dense_ggn(model, loss_fn, X, y):
+    """J^T H J over the flat parameter vector (objective layout), from torch.func."""
+    obj = Objective(model, loss_fn, (X, y))
+    theta = obj.flatten(obj.param_tensors())
+
+    def outputs(t):
+        return functional_call(model, obj.unflatten(t), (X,))
+
+    J = jacrev(outputs)(theta).reshape(-1, theta.numel())
+    z = outputs(theta).detach()
+    H = hessian(lambda z_: loss_fn(z_, y))(z).reshape(z.numel(), z.numel())
+    return J.T @ H @ J
+
+
+def dense_ef(model, loss_fn, X, y, reduction="mean"):
+    """Empirical Fisher c/N sum_n grad l_n grad l_n^T."""
+    obj = Objective(model, loss_fn, (X, y))
+    rows = []
+    for n in range(X.shape[0]):
+        o = Objective(model, loss_fn, (X[n:n + 1], y[n:n + 1]))
+        rows.append(o.flat_grad())
+    Gm = torch.stack(rows)
+    c = 1.0 if reduction == "mean" else float(X.shape[0])
+    del obj
+    return c * Gm.T @ Gm / X.shape[0]
+
+
+def test_single_linear_mse_equals_ggn():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).to(D64)
+    X, y = torch.randn(7, 4, dtype=D64), torch.randn(7, 3, dtype=D64)
+    ref = dense_ggn(model, nn.MSELoss(), X, y)
+    for kind in ("exact",):
+        op = KFACOperator(model, nn.MSELoss(), (X, y), fisher_type=kind)
+        torch.testing.assert_close(op.to_dense(), ref, atol=1e-8, rtol=0)
+    # sum reduction: same identity
+    ref_s = dense_ggn(model, nn.MSELoss(reduction="sum"), X, y)
+    op = KFACOperator(model, nn.MSELoss(reduction="sum"), (X, y), fisher_type="exact")
+    torch.testing.assert_close(op.to_dense(), ref_s, atol=1e-8, rtol=0)
+
+
+def test_mse_matvec_matches_dense_and_damping():
+    torch.manual_seed(1)
+    model = nn.Linear(5, 2).to(D64)
+    X, y = torch.randn(9, 5, dtype=D64), torch.randn(9, 2, dtype=D64)
+    op = KFACOperator(model, nn.MSELoss(), (X, y), fisher_type="exact", damping=0.3)
+    ref = dense_ggn(model, nn.MSELoss(), X, y) + 0.3 * torch.eye(12, dtype=D64)
+    v = torch.randn(12, dtype=D64)
+    torch.testing.assert_close(op.matvec(v), ref @ v, atol=1e-8, rtol=0)
+    torch.testing.assert_close(op.to_dense(), ref, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("loss_fn, make_y", [
+    (nn.CrossEntropyLoss(), lambda: torch.tensor([2])),
+    (nn.MSELoss(), lambda: torch.randn(1, 3, dtype=D64)),
+])
+def test_single_sample_equals_exact_fisher(loss_fn, make_y):
+    torch.manual_seed(2)
+    model = nn.Linear(4, 3).to(D64)
+    X, y = torch.randn(1, 4, dtype=D64), make_y()
+    op = KFACOperator(model, loss_fn, (X, y), fisher_type="exact")
+    torch.testing.assert_close(op.to_dense(), dense_ggn(model, loss_fn, X, y), atol=1e-8,
+                               rtol=0)
+    ef = KFACOperator(model, loss_fn, (X, y), fisher_type="empirical")
+    torch.testing.assert_close(ef.to_dense(), dense_ef(model, loss_fn, X, y), atol=1e-8,
+                               rtol=0)
+
+
+def test_single_sample_mlp_blocks_equal_fisher_blocks():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).to(D64)
+    X, y = torch.randn(1, 3, dtype=D64), torch.tensor([1])
+    op = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
+    D, ref = op.to_dense(), dense_ggn(model, nn.CrossEntropyLoss(), X, y)
+    for sl in (slice(0, 20), slice(20, 44)):  # [W1 b1], [W2 b2]
+        torch.testing.assert_close(D[sl, sl], ref[sl, sl], atol=1e-8, rtol=0)
+    assert D[0:20, 20:].abs().max() == 0
+
+
+def test_inverse_matches_dense_inverse():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(D64)
+    X, y = torch.randn(6, 3, dtype=D64), torch.randint(0, 3, (6,))
+    op = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="mc")
+    lam = 1e-2
+    n = op.shape[0]
+    ref = torch.linalg.inv(op.to_dense() + lam * torch.eye(n, dtype=D64))
+    inv = op.inverse(lam)
+    torch.testing.assert_close(inv.to_dense(), ref, atol=1e-8, rtol=1e-8)
+    v = torch.randn(n, dtype=D64)
+    torch.testing.assert_close(inv.matvec(v), ref @ v, atol=1e-8, rtol=1e-8)
+    # factored Tikhonov damping: (A + pi sqrt(l)) kron (G + sqrt(l)/pi) per block
+    fac = op.inverse(lam, method="factored").to_dense()
+    dense = torch.zeros(n, n, dtype=D64)
+    for layer, idx in zip(op.layers, op._index, strict=True):  # [W|b] -> flat
+        A, G = op.factors[layer.name]
+        pi = ((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])).sqrt()
+        r = lam ** 0.5
+        block = torch.kron(G + r / pi * torch.eye(G.shape[0], dtype=D64),
+                           A + pi * r * torch.eye(A.shape[0], dtype=D64))
+        flat = idx.reshape(-1)
+        dense[flat.unsqueeze(1), flat.unsqueeze(0)] = block
+    torch.testing.assert_close(fac, torch.linalg.inv(dense), atol=1e-8, rtol=1e-8)
+
+
+def test_inverse_of_singular_factors_needs_damping():
+    model = nn.Linear(4, 2).to(D64)
+    X, y = torch.randn(1, 4, dtype=D64), torch.tensor([0])
+    op = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
+    with pytest.raises(ValueError, match="damping"):
+        op.inverse(0.0)
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical", "mc"])
+def test_multi_batch_equals_one_batch(kind):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3)).to(D64)
+    X, y = torch.randn(10, 3, dtype=D64), torch.randint(0, 3, (10,))
+    one = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type=kind)
+    many = KFACOperator(model, nn.CrossEntropyLoss(), [(X[:4], y[:4]), (X[4:], y[4:])],
+                        fisher_type=kind)
+    for name, (A, G) in one.factors.items():
+        A2, G2 = many.factors[name]
+        torch.testing.assert_close(A2, A, atol=1e-10, rtol=0)
+        if kind != "mc":  # different random draws per batch
+            torch.testing.assert_close(G2, G, atol=1e-10, rtol=0)
+
+
+def test_mc_converges_to_exact():
+    torch.manual_seed(6)
+    model = nn.Linear(3, 3).to(D64)
+    X, y = torch.randn(4, 3, dtype=D64), torch.randint(0, 3, (4,))
+    exact = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
+    mc = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="mc", mc_samples=1000)
+    Ge, Gm = exact.factors[""][1], mc.factors[""][1]
+    assert (Gm - Ge).norm() < 0.15 * Ge.norm()
+
+
+def _conv_reference(conv, X, y, loss_fn):
+    """A and G of a Conv2d by explicit patch extraction and per-position gradients."""
+    N = X.shape[0]
+    ph, pw = conv.padding
+    Xp = F.pad(X, (pw, pw, ph, ph))
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    out = conv(X)
+    Ho, Wo = out.shape[2:]
+    A = torch.zeros(X.shape[1] * kh * kw + 1, X.shape[1] * kh * kw + 1, dtype=D64)
+    for n in range(N):
+        for i in range(Ho):
+            for j in range(Wo):
+                patch = Xp[n, :, i * sh:i * sh + kh, j * sw:j * sw + kw].reshape(-1)
+                a = torch.cat([patch, torch.ones(1, dtype=D64)])
+                A += torch.outer(a, a)
+    A /= N
+    G = torch.zeros(conv.out_channels, conv.out_channels, dtype=D64)
+    for n in range(N):  # per-sample loss gradient w.r.t. the conv output
+        o = conv(X[n:n + 1]).detach().requires_grad_(True)
+        loss = loss_fn(o.flatten(1), y[n:n + 1])
+        g = torch.autograd.grad(loss, o)[0][0]
+        for i in range(Ho):
+            for j in range(Wo):
+                G += torch.outer(g[:, i, j], g[:, i, j])
+    G /= N * Ho * Wo
+    return A, G
+
+
+@pytest.mark.parametrize("padding, stride", [(0, 1), (1, 2)])
+def test_conv2d_factors_match_explicit_unfolding(padding, stride):
+    torch.manual_seed(7)
+    conv = nn.Conv2d(2, 3, 3, padding=padding, stride=stride).to(D64)
+    model = nn.Sequential(conv, nn.Flatten())
+    X = torch.randn(3, 2, 5, 5, dtype=D64)
+    n_out = model(X).shape[1]
+    y = torch.randint(0, n_out, (3,))
+    op = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="empirical")
+    A, G = op.factors["0"]
+    A_ref, G_ref = _conv_reference(conv, X, y, nn.CrossEntropyLoss())
+    torch.testing.assert_close(A, A_ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(G, G_ref, atol=1e-10, rtol=0)
+
+
+def test_conv2d_layout_full_kernel_equals_ggn():
+    """A kernel covering the whole image has one position: K-FAC is exact on one sample."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten()).to(D64)
+    X, y = torch.randn(1, 2, 3, 3, dtype=D64), torch.tensor([1])
+    op = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
+    torch.testing.assert_close(op.to_dense(), dense_ggn(model, nn.CrossEntropyLoss(), X, y),
+                               atol=1e-8, rtol=0)
+
+
+def test_param_subset_and_float32():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(torch.float32)
+    X, y = torch.randn(5, 3, dtype=torch.float32), torch.randint(0, 2, (5,))
+    full = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
+    op = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), params=["2.weight"],
+                      fisher_type="exact")
+    assert op.shape == (8, 8) and op.dtype == torch.float32
+    A_full, G_full = full.factors["2"]
+    torch.testing.assert_close(op.to_dense(), torch.kron(G_full, A_full[:4, :4]))
+    with torch.no_grad():
+        H = torch.tanh(model[0](X))
+    torch.testing.assert_close(A_full[:4, :4], H.T @ H / 5)
+
+
+def test_errors():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    data = (torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    with pytest.raises(ValueError, match="params="):
+        KFACOperator(model, nn.CrossEntropyLoss(), data)
+    op = KFACOperator(model, nn.CrossEntropyLoss(), data, params=[model[0], model[2]])
+    assert op.shape[0] == 16 + 10
+    with pytest.raises(ValueError, match="fisher_type"):
+        KFACOperator(model, nn.CrossEntropyLoss(), data, params=[model[0]], fisher_type="x")
+    with pytest.raises(ValueError, match="mc"):
+        KFACOperator(model, nn.L1Loss(), (torch.randn(5, 3), torch.randn(5, 2)),
+                     params=[model[0]], fisher_type="mc")

@@ -1,0 +1,129 @@
+"""NaturalGradient against the textbook natural-gradient step on logistic regression."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab import Objective
+from curvlab.optim import NaturalGradient
+
+pytest.importorskip("curvlab.linops.fisher", reason="needs the Fisher operators (linops)")
+
+D64 = torch.float64
+
+
+def logistic_problem(seed=0, n=30, d=4, c=3):
+    torch.manual_seed(seed)
+    model = nn.Linear(d, c).to(D64)
+    X, y = torch.randn(n, d, dtype=D64), torch.randint(0, c, (n,))
+    return model, X, y
+
+
+def textbook_fisher(model, X):
+    """F = (1/N) sum_n (diag(p_n) - p_n p_n^T) kron [x_n; 1][x_n; 1]^T in the flat layout
+    [W (row-major), b] of a linear softmax model."""
+    with torch.no_grad():
+        P = torch.softmax(model(X), dim=1)
+    n, d = X.shape
+    c = P.shape[1]
+    F = torch.zeros(c * (d + 1), c * (d + 1), dtype=D64)
+    for i in range(n):
+        S = torch.diag(P[i]) - torch.outer(P[i], P[i])
+        xa = torch.cat([X[i], torch.ones(1, dtype=D64)])
+        F_aug = torch.kron(S, torch.outer(xa, xa))  # [W | b] row-major layout
+        idx = torch.cat([torch.arange(c * d).reshape(c, d),
+                         c * d + torch.arange(c).reshape(c, 1)], 1).reshape(-1)
+        F[idx.unsqueeze(1), idx.unsqueeze(0)] += F_aug
+    return F / n
+
+
+def test_logistic_regression_textbook_step():
+    model, X, y = logistic_problem()
+    lam, lr = 1e-3, 0.7
+    F = textbook_fisher(model, X)
+    g = Objective(model, nn.CrossEntropyLoss(), (X, y)).flat_grad()
+    ref = -lr * torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=D64), g)
+    before = torch.cat([model.weight.reshape(-1), model.bias]).detach().clone()
+    opt = NaturalGradient(model, lr=lr, damping=lam, cg_tol=1e-12, cg_max_iter=200)
+    opt.step(batch=(X, y))
+    after = torch.cat([model.weight.reshape(-1), model.bias]).detach()
+    torch.testing.assert_close(after - before, ref, atol=1e-8, rtol=1e-7)
+    assert opt.stats["cg_residual"] <= 1e-12
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+def test_other_fishers_solve_their_system(fisher_type):
+    model, X, y = logistic_problem(1)
+    opt = NaturalGradient(model, damping=0.1, fisher_type=fisher_type, cg_tol=1e-12,
+                          cg_max_iter=200, seed=4)
+    F = opt.fisher((X, y)).to_dense()
+    opt._generator.manual_seed(4)  # the step draws the same labels again
+    g = Objective(model, nn.CrossEntropyLoss(), (X, y)).flat_grad()
+    ref = -torch.linalg.solve(F + 0.1 * torch.eye(F.shape[0], dtype=D64), g)
+    before = torch.cat([model.weight.reshape(-1), model.bias]).detach().clone()
+    opt.step(batch=(X, y))
+    after = torch.cat([model.weight.reshape(-1), model.bias]).detach()
+    torch.testing.assert_close(after - before, ref, atol=1e-8, rtol=1e-7)
+
+
+def test_converges_to_the_logistic_regression_optimum():
+    model, X, y = logistic_problem(2, n=40)
+    opt = NaturalGradient(model, lr=1.0, damping=1e-4, weight_decay=0.0)
+    obj = Objective(model, nn.CrossEntropyLoss(), (X, y))
+    for _ in range(15):
+        opt.step(batch=(X, y))
+    # the optimum of an unregularized separable-ish problem has a small gradient
+    assert obj.flat_grad().norm() < 1e-3 * (1 + float(obj.loss()))
+
+
+def test_state_dict_closure_groups_and_nonfinite():
+    model, X, y = logistic_problem(3)
+    lf = nn.CrossEntropyLoss()
+    mk = lambda m: NaturalGradient(m, lr=0.5, fisher_type="mc", momentum=0.5, params=[  # noqa: E731
+        {"params": [m.weight]}, {"params": [m.bias], "lr": 0.1}])
+    opt = mk(model)
+
+    def closure(model=model, opt=opt):
+        opt.zero_grad()
+        loss = lf(model(X), y)
+        loss.backward()
+        return loss
+    opt.step(closure, batch=(X, y))
+    sm, so = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for _ in range(2):
+        opt.step(batch=(X, y))
+    model2 = logistic_problem(7)[0]
+    model2.load_state_dict(sm)
+    opt2 = mk(model2)
+    opt2.load_state_dict(so)
+    for _ in range(2):
+        opt2.step(batch=(X, y))
+    assert torch.equal(model.weight, model2.weight) and torch.equal(model.bias, model2.bias)
+    Xb = X.clone()
+    Xb[0, 0] = float("inf")
+    w = model.weight.clone()
+    opt.step(batch=(Xb, y))
+    assert torch.equal(model.weight, w) and opt.stats["skipped_steps"] == 1
+    with pytest.raises(ValueError, match="batch"):
+        opt.step()
+    with pytest.raises(ValueError, match="fisher_type"):
+        NaturalGradient(model, fisher_type="kfac")
+
+
+def test_closure_only_step_uses_the_closure_inputs():
+    model, X, y = logistic_problem(5)
+    twin = copy.deepcopy(model)
+    NaturalGradient(model, damping=0.1, cg_tol=1e-12).step(batch=(X, y))
+    opt = NaturalGradient(twin, damping=0.1, cg_tol=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(twin(X), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    torch.testing.assert_close(twin.weight, model.weight, atol=1e-10, rtol=1e-8)
+    with pytest.raises(ValueError, match="'exact' or 'mc'"):
+        NaturalGradient(twin, fisher_type="empirical").step(closure)
