@@ -15,11 +15,20 @@ module only adds the few pieces curvlab needs on top of it:
   recurrences of all ranks stay in lockstep.
 * :func:`check_same_across_ranks`: a cheap guard (one small all-reduce) that a tensor
   every rank must hold identically really is identical.
+* :func:`save_checkpoint` / :func:`load_checkpoint`: a nested state (model and optimizer
+  ``state_dict``) through ``torch.distributed.checkpoint`` (DCP: ranks write in parallel,
+  replicated tensors once), loadable on any number of ranks without building a template
+  first (the nested layout is stored next to the tensors).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import pickle
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +36,7 @@ import torch.distributed as dist
 
 __all__ = ["resolve_group", "world_size", "rank", "comm_device", "all_reduce_sum",
            "all_reduce_coalesced", "broadcast_coalesced", "synced_generator",
-           "check_same_across_ranks"]
+           "check_same_across_ranks", "save_checkpoint", "load_checkpoint"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2 ** 20  # DDP's default bucket size (25 MiB)
 
@@ -159,3 +168,76 @@ def check_same_across_ranks(tensor: torch.Tensor, group: Any, name: str) -> None
         raise ValueError(f"{name} differs across ranks; every rank must pass the same "
                          f"{name} (seed random probes identically, e.g. with "
                          f"curvlab.distributed.synced_generator)")
+
+
+@dataclass(frozen=True)
+class _TensorSlot:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]  # kept: BLAS rounds differently on transposed layouts
+    dtype: torch.dtype
+
+
+def _skeleton(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by its shape and dtype."""
+    if isinstance(obj, torch.Tensor):
+        return _TensorSlot(tuple(obj.shape), tuple(obj.stride()), obj.dtype)
+    if isinstance(obj, dict):
+        return type(obj)((k, _skeleton(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_skeleton(v) for v in obj)
+    return obj
+
+
+def _materialize(obj: Any, device: Any) -> Any:
+    if isinstance(obj, _TensorSlot):
+        return torch.empty_strided(obj.shape, obj.stride, dtype=obj.dtype, device=device)
+    if isinstance(obj, dict):
+        return type(obj)((k, _materialize(v, device)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialize(v, device) for v in obj)
+    return obj
+
+
+def save_checkpoint(state: dict[str, Any], checkpoint_id: str | Path,
+                    process_group: Any = None) -> None:
+    """Save ``state`` (e.g. ``{"model": model.state_dict(), "optim": opt.state_dict()}``)
+    with ``torch.distributed.checkpoint.save`` on all ranks of ``process_group``.
+
+    Tensors must be plain (replicated) tensors: curvlab's optimizers keep their state
+    identical on every rank, so any world size can resume from it. For DTensor (FSDP2)
+    model states use ``torch.distributed.checkpoint`` with the model's own
+    ``state_dict()`` as the load template."""
+    import torch.distributed.checkpoint as dcp
+
+    group = resolve_group(process_group)
+    layout = pickle.dumps(_skeleton(state))
+    with _single_process_note(group):
+        dcp.save({"state": state, "layout": layout}, checkpoint_id=str(checkpoint_id),
+                 process_group=group, no_dist=group is None)
+
+
+def load_checkpoint(checkpoint_id: str | Path, process_group: Any = None,
+                    device: Any = "cpu") -> dict[str, Any]:
+    """Load what :func:`save_checkpoint` saved, on any number of ranks (tensors on
+    ``device``); pass the parts to ``model.load_state_dict`` / ``opt.load_state_dict``."""
+    import torch.distributed.checkpoint as dcp
+
+    group = resolve_group(process_group)
+    head: dict[str, Any] = {"layout": b""}
+    with _single_process_note(group):
+        dcp.load(head, checkpoint_id=str(checkpoint_id), process_group=group,
+                 no_dist=group is None)
+        state = _materialize(pickle.loads(head["layout"]), device)
+        dcp.load({"state": state}, checkpoint_id=str(checkpoint_id), process_group=group,
+                 no_dist=group is None)
+    return state
+
+
+@contextlib.contextmanager
+def _single_process_note(group: Any) -> Iterator[None]:
+    """Silence DCP's "assuming the intent is to ... in a single process" warning when the
+    single process is what the caller asked for (``process_group=None``)."""
+    with warnings.catch_warnings():
+        if group is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

@@ -22,10 +22,12 @@ HERE = Path(__file__).resolve().parent
 SRC = str(Path(curvlab.__file__).resolve().parent.parent)
 
 
-def run(worker: str, world_size: int, *args: str, timeout: float = 120.0) -> list[dict]:
-    """Run ``tests/distributed/<worker>`` on ``world_size`` ranks; return each rank's dict."""
+def run(worker: str, world_size: int, *args: str, timeout: float = 120.0,
+        env: dict[str, str] | None = None) -> list[dict]:
+    """Run ``tests/distributed/<worker>`` on ``world_size`` ranks (extra environment
+    ``env``); return each rank's dict."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, OMP_NUM_THREADS="1",
+        env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}),
                    PYTHONPATH=os.pathsep.join([SRC, str(HERE), os.environ.get("PYTHONPATH", "")]))
         init = f"file://{tmp}/rendezvous"
         procs = [subprocess.Popen([sys.executable, str(HERE / worker), str(r), str(world_size),

@@ -33,3 +33,10 @@ def shard(X: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> list:
 
 def whole(X: torch.Tensor, y: torch.Tensor) -> list:
     return [(X[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(X), BATCH)]
+
+
+def mlp(seed: int = 2) -> nn.Module:
+    """Three weight matrices of different shapes (so blocks get different owners)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 7), nn.Tanh(),
+                         nn.Linear(7, 3)).double()

@@ -12,9 +12,15 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def ranks():
+def checkpoints(tmp_path_factory):
+    """Where the workers save their DCP checkpoints (kept for the resume tests)."""
+    return tmp_path_factory.mktemp("dcp")
+
+
+@pytest.fixture(scope="session")
+def ranks(checkpoints):
     """Results of every scenario on 2 gloo ranks: a list (per rank) of dicts (per
     scenario), from one launch of ``worker.py``."""
     from _launch import run
 
-    return run("worker.py", 2)
+    return run("worker.py", 2, env={"CURVLAB_TEST_CHECKPOINTS": str(checkpoints)})

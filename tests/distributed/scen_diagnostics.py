@@ -5,6 +5,9 @@ import _problems as P
 import torch
 from torch import nn
 
+from curvlab.diagnostics.sharpness import lambda_max
+from curvlab.distributed import synced_generator
+from curvlab.linalg import hutchinson
 from curvlab.linops import DiagonalOperator, GGNOperator, HessianOperator
 from curvlab.objective import Objective
 
@@ -17,7 +20,12 @@ def quantities(obj: Objective) -> dict:
     return {"num_samples": obj.num_samples, "loss": obj.loss(), "loss_and_grad": loss,
             "grad": obj.flat_grad(), "hvp": HessianOperator(obj) @ V,
             "hvp1": HessianOperator(obj) @ V[:, 0], "ggn": GGNOperator(obj).to_dense(),
-            "diag": DiagonalOperator(obj).diagonal}
+            "diag": DiagonalOperator(obj).diagonal,
+            "lambda_max": lambda_max(HessianOperator(obj), tol=1e-10,
+                                     generator=synced_generator(7, obj.process_group)
+                                     ).eigenvalues[0],
+            "trace": hutchinson(GGNOperator(obj), 20,
+                                generator=synced_generator(3, obj.process_group)).estimate}
 
 
 def run(rank: int, world: int) -> dict:
@@ -26,6 +34,10 @@ def run(rank: int, world: int) -> dict:
                     process_group="default")
     res = quantities(obj)
     res["diag_hutch"] = DiagonalOperator(obj, method="hutchinson", num_samples=4).diagonal
+    # no seed: rank 0's fresh seed is broadcast, so the Lanczos runs stay in lockstep
+    res["lambda_max_unseeded"] = lambda_max(HessianOperator(obj), tol=1e-10,
+                                            generator=synced_generator(None, "default")
+                                            ).eigenvalues[0]
     try:  # every rank must multiply the same vector: a rank-dependent one is refused
         HessianOperator(obj) @ (torch.zeros(obj.num_params, dtype=torch.float64) + rank)
     except ValueError as err:

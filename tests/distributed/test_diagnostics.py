@@ -7,6 +7,7 @@ import torch
 from scen_diagnostics import quantities
 from torch import nn
 
+from curvlab.linops import HessianOperator
 from curvlab.objective import Objective
 
 
@@ -22,11 +23,21 @@ def reference():
 
 
 @pytest.mark.parametrize("key", ["num_samples", "loss", "loss_and_grad", "grad", "hvp", "hvp1",
-                                 "ggn", "diag"])
+                                 "ggn", "diag", "lambda_max", "trace"])
 def test_matches_single_process(dist_results, reference, key):
     for res in dist_results:
         got, want = torch.as_tensor(res[key]), torch.as_tensor(reference[key])
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_lambda_max_is_the_full_data_top_eigenvalue(dist_results):
+    """Against the dense float64 Hessian of the whole data set."""
+    X, y = P.data()
+    H = HessianOperator(Objective(P.model(), nn.CrossEntropyLoss(), P.whole(X, y))).to_dense()
+    top = float(torch.linalg.eigvalsh(H)[-1])
+    for res in dist_results:
+        for key in ("lambda_max", "lambda_max_unseeded"):
+            assert abs(float(res[key]) - top) <= 1e-8 * abs(top)
 
 
 def test_unseeded_probes_agree_across_ranks(dist_results):

@@ -4,10 +4,13 @@ imports torch costs seconds)."""
 
 import sys
 
+import scen_checkpoint
 import scen_diagnostics
+import scen_optim
 from _launch import init, save
 
-SCENARIOS = {"diagnostics": scen_diagnostics}
+SCENARIOS = {"diagnostics": scen_diagnostics, "optim": scen_optim,
+             "checkpoint": scen_checkpoint}
 
 
 def main() -> None:
