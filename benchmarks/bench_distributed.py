@@ -13,6 +13,8 @@ its slice of the same global batch. Each rank reports (from ``optimizer.timings`
   scheduler gives it, the work it does does not;
 * ``communication``: seconds in the collectives the optimizer adds (sharing results,
   all-reducing K-FAC factors; DDP's own gradient all-reduce is not counted);
+  ``/allgather``: Shampoo/SOAP splitting all block work and all-gathering directions
+  every step instead of sharing refresh results;
 * ``step``: median wall time of ``optimizer.step()``.
 
 It also measures the inputs of a scaling estimate: eigh time per block size and the
@@ -40,20 +42,22 @@ import torch.distributed as dist
 from torch import nn
 
 WIDTH, DEPTH, BLOCK, BATCH = 256, 4, 128, 256
-OPTIMIZERS = ("shampoo", "soap", "kfac", "muon")
+OPTIMIZERS = ("shampoo", "shampoo/allgather", "soap", "soap/allgather", "kfac", "muon")
 
 
 def make(name: str, model: nn.Module, group):
     from curvlab.optim import KFAC, SOAP, Muon, Shampoo
 
+    name, _, mode = name.partition("/")
+    mode = {"distributed_mode": mode} if mode else {}
     if name == "shampoo":
         return Shampoo(model.parameters(), lr=1e-3, precondition_frequency=1,
                        start_preconditioning_step=1, max_preconditioner_dim=BLOCK,
-                       process_group=group)
+                       process_group=group, **mode)
     if name == "soap":
         return SOAP(model.parameters(), lr=1e-3, precondition_frequency=1,
                     max_preconditioner_dim=BLOCK, eigenbasis_method="eigh",
-                    process_group=group)
+                    process_group=group, **mode)
     if name == "kfac":
         return KFAC(model, lr=0.01, inv_update_freq=1, process_group=group)
     return Muon(model.parameters(), lr=0.01, process_group=group)
@@ -159,7 +163,7 @@ def main() -> None:
     print(f"MLP {DEPTH + 2} layers, width {WIDTH}, global batch {BATCH}, blocks {BLOCK}; "
           f"median over {steps} steps, refresh every step; seconds per step (max over ranks)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'optimizer':<9} {'procs':>5} {'precond':>8} {'pre_cpu':>8} {'comm':>7} "
+    print(f"{'optimizer':<17} {'procs':>5} {'precond':>8} {'pre_cpu':>8} {'comm':>7} "
           f"{'step':>7} {'pre/1p':>7} {'cpu/1p':>7} {'step/1p':>8}")
     ok = True
     for name in OPTIMIZERS:
@@ -169,7 +173,7 @@ def main() -> None:
             b = base[name]
             if w == 2:
                 ok &= cpu / b["precondition_cpu"] <= 0.6
-            print(f"{name:<9} {w:>5} {pre:>8.4f} {cpu:>8.4f} {com:>7.4f} {stp:>7.4f} "
+            print(f"{name:<17} {w:>5} {pre:>8.4f} {cpu:>8.4f} {com:>7.4f} {stp:>7.4f} "
                   f"{pre / b['precondition']:>7.2f} {cpu / b['precondition_cpu']:>7.2f} "
                   f"{stp / b['step']:>8.2f}")
     print(f"target (per-rank preconditioner CPU time at 2 processes <= 0.6x one process): "

@@ -12,19 +12,24 @@ from curvlab.optim import KFAC, SOAP, Muon, Shampoo
 
 STEPS, GLOBAL_BATCH = 20, 16
 OPTIMIZERS = ("shampoo", "soap", "kfac", "muon")
+# under DDP also the other sharing mode of Shampoo/SOAP (same math, other communication)
+DDP_VARIANTS = (*OPTIMIZERS, "shampoo/allgather", "soap/allgather")
 
 
 def make(name: str, model: nn.Module, group=None):
-    """The optimizer under test (``group``: its process group, None for one process)."""
+    """The optimizer under test (``group``: its process group, None for one process);
+    ``name`` may carry a distributed mode, ``"shampoo/allgather"``."""
+    name, _, mode = name.partition("/")
+    mode = {"distributed_mode": mode} if mode else {}
     if name == "shampoo":
         return Shampoo(model.parameters(), lr=0.05, precondition_frequency=3,
-                       start_preconditioning_step=2, process_group=group)
+                       start_preconditioning_step=2, process_group=group, **mode)
     if name == "soap":
         # first eigenbasis after 4 steps: from a one-step (rank-deficient) factor the basis
         # of its null space is arbitrary, and a 1e-14 change of the data changes the run
         # by 3% even in one process (measured), so no comparison could be exact
         return SOAP(model.parameters(), lr=0.01, precondition_frequency=3,
-                    start_preconditioning_step=4, process_group=group)
+                    start_preconditioning_step=4, process_group=group, **mode)
     if name == "kfac":
         return KFAC(model, lr=0.1, damping=0.1, inv_update_freq=3, eigenvalue_correction=True,
                     process_group=group)
@@ -59,7 +64,7 @@ def params(model: nn.Module) -> list[torch.Tensor]:
 
 def run(rank: int, world: int) -> dict:
     res = {}
-    for name in OPTIMIZERS:
+    for name in DDP_VARIANTS:
         inner = P.mlp()
         ddp = DDP(inner)
         opt = make(name, inner, "default")

@@ -9,14 +9,21 @@ rank; at most 4/3 of the optimal makespan), the owner computes it, and the resul
 shared, so each rank does about ``1/world_size`` of it (Shi et al. 2023, "A distributed
 data-parallel PyTorch implementation of the distributed Shampoo optimizer", Sec. 4).
 
-Sharing (``distributed_mode``, the memory-vs-communication option):
+Sharing (``distributed_mode`` of Shampoo and SOAP, the compute-vs-communication option):
 
-* ``"broadcast"`` (Shampoo, SOAP, K-FAC): every rank keeps the *full* optimizer state
-  (memory as one process) and updates the cheap statistics itself; only refreshes
-  (roots, eigenbases) are sharded, and their results go to all ranks at refresh steps
-  (communication ``~ sum_blocks d^2`` every ``precondition_frequency`` steps, none in
-  between). State stays identical on all ranks, so a checkpoint is one replicated
+* ``"broadcast"`` (default; K-FAC always works this way): every rank keeps the full
+  optimizer state and updates the cheap per-step statistics and directions itself; only
+  refreshes (roots, eigenbases) are split, and their results go to all ranks at refresh
+  steps (communication ``~ sum_blocks d^2`` every ``precondition_frequency`` steps, none
+  in between). State stays identical on all ranks, so a checkpoint is one replicated
   ``state_dict`` that resumes on any world size.
+* ``"allgather"``: *all* block work (statistics, moments, refreshes, preconditioning) is
+  done by the owner only, and the preconditioned directions are all-gathered every step
+  (communication ``~ number of block parameters`` per step). Non-owners' rows of the
+  state go stale; ``state_dict()`` first gathers the owners' rows (a collective), so the
+  checkpoint is again whole and resumes on any world size. The state is still allocated
+  for all blocks on every rank (the memory saving of a sharded allocation, as in Shi et
+  al., is not implemented).
 * Muon has no statistics: its per-step Newton-Schulz results (the orthogonalized
   directions) are computed by their owners and all-gathered every step (communication
   ``~ number of matrix parameters`` per step, memory as one process).
@@ -46,7 +53,7 @@ from curvlab import distributed as _dist
 __all__ = ["Timings", "lpt_schedule", "eigh_cost", "newton_schulz_cost", "share_rows",
            "sharded_rows", "all_reduce_symmetric", "reject_dtensors", "DISTRIBUTED_MODES"]
 
-DISTRIBUTED_MODES = ("broadcast",)
+DISTRIBUTED_MODES = ("broadcast", "allgather")
 
 
 class Timings(dict):

@@ -28,11 +28,11 @@ Pieces, each usable on its own:
   (``nonfinite="skip"``, counted, logged; no parameter or state changes) or raises
   ``FloatingPointError`` (``nonfinite="raise"``).
 * **Data parallel** (``process_group``): under DDP every rank holds the same averaged
-  gradient; the refreshes (roots, eigenbases) are sharded over ranks by a
-  longest-processing-time schedule over the blocks and shared
-  (:mod:`curvlab.optim._distributed`, ``distributed_mode="broadcast"``); everything else
-  runs on every rank, so the state stays replicated. DTensor (FSDP2) parameters are
-  rejected at construction.
+  gradient; blocks get owner ranks by a longest-processing-time schedule. With
+  ``distributed_mode="broadcast"`` only the refreshes (roots, eigenbases) are split and
+  their results shared at refresh steps; with ``"allgather"`` all block work is split and
+  the directions are shared every step (:mod:`curvlab.optim._distributed`). DTensor
+  (FSDP2) parameters are rejected at construction.
 * **Grafting** (:func:`graft_direction`): the layer-wise step size of a diagonal method
   (SGD, AdaGrad, RMSprop, Adam) applied to the direction of the structured preconditioner,
   per block: ``P * ||D|| / ||P||`` (Agarwal et al. 2020, "Disentangling adaptive gradient
@@ -59,6 +59,7 @@ from curvlab.optim._distributed import (
     lpt_schedule,
     reject_dtensors,
     sharded_rows,
+    share_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -388,8 +389,27 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
     def _refresh(self, fn: Callable[[dict[str, Tensor]], None], st: dict[str, Tensor],
                  keys: Sequence[str]) -> None:
         """Run the in-place refresh ``fn(st)`` of the current block group; with a process
-        group each rank refreshes the blocks it owns and the new ``keys`` are shared."""
+        group each rank refreshes the blocks it owns and the new ``keys`` are shared
+        ("broadcast"), or ``st`` already holds only this rank's blocks ("allgather")."""
+        if self._allgather:
+            with self.timings.measure("precondition"):
+                fn(st)
+            return
         sharded_rows(fn, st, self._row_owners, keys, self.process_group, self.timings)
+
+    @property
+    def _allgather(self) -> bool:
+        return self.process_group is not None and self.distributed_mode == "allgather"
+
+    def _sync_state(self) -> None:
+        """"allgather": every rank takes the owners' rows of all block state (a
+        collective), so the state is whole and identical on all ranks."""
+        if not self._allgather:
+            return
+        for k, g in enumerate(self._build()):
+            if not g.diagonal:
+                share_rows(list(g.state.values()), self._owners[k], self.process_group,
+                           self.timings)
 
     # -- step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -415,14 +435,19 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         for gi in range(len(self.param_groups)):
             self._steps[gi] += 1
         updates: dict[int, Tensor] = {}
+        me = _dist.rank(self.process_group)
+        shared: list[tuple[_Group, list[int], Tensor]] = []  # "allgather" directions
         for k, g in enumerate(groups):
             group = self.param_groups[g.group_index]
             step = self._steps[g.group_index]
             present = [i for i, (p, _, _) in enumerate(g.members) if p.grad is not None]
             if not present:
                 continue
+            with_grad = present
+            if self._allgather and not g.diagonal:  # this rank's blocks only
+                present = [i for i in present if self._owners[k][i] == me]
             st = g.state
-            if len(present) < len(g.members):  # work on the members that have gradients
+            if present and len(present) < len(g.members):  # the members to work on
                 idx = torch.tensor(present, device=next(iter(st.values())).device)
                 st = self._substate(g, present, idx)
             sdtype = next(iter(g.state.values())).dtype
@@ -435,16 +460,29 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                 D = torch.where(torch.isfinite(D), D, torch.zeros_like(D))
                 self._scatter_diagonal(g, present, D, updates)
             else:
-                G = torch.stack([g.members[i][0].grad.reshape(g.members[i][1].merged_shape)[
-                    g.members[i][2]] for i in present]).to(sdtype)
-                self._row_owners = [self._owners[k][i] for i in present]
-                D = self._block_direction(group, st, G, step)
-                ok = torch.isfinite(torch.linalg.vector_norm(D.flatten(1), dim=1))
-                self._nonfinite_blocks = self._nonfinite_blocks.to(ok.device) + (~ok).sum()
-                D = torch.where(ok.view(-1, *([1] * (D.ndim - 1))), D, torch.zeros_like(D))
-                self._scatter_blocks(g, present, D, updates)
+                if present:
+                    G = torch.stack([g.members[i][0].grad.reshape(g.members[i][1].merged_shape)[
+                        g.members[i][2]] for i in present]).to(sdtype)
+                    self._row_owners = [self._owners[k][i] for i in present]
+                    D = self._block_direction(group, st, G, step)
+                    ok = torch.isfinite(torch.linalg.vector_norm(D.flatten(1), dim=1))
+                    self._nonfinite_blocks = self._nonfinite_blocks.to(ok.device) + (~ok).sum()
+                    D = torch.where(ok.view(-1, *([1] * (D.ndim - 1))), D, torch.zeros_like(D))
+                if self._allgather:  # owners' rows, zeros elsewhere; summed below
+                    full = torch.zeros(len(with_grad), *g.shape, dtype=sdtype,
+                                       device=next(iter(g.state.values())).device)
+                    if present:
+                        full[[with_grad.index(i) for i in present]] = D
+                    shared.append((g, with_grad, full))
+                else:
+                    self._scatter_blocks(g, present, D, updates)
             if st is not g.state:
                 self._write_substate(g, present, idx, st)
+        if shared:
+            with self.timings.measure("communication"):
+                _dist.all_reduce_coalesced([D for _, _, D in shared], self.process_group)
+            for g, with_grad, D in shared:
+                self._scatter_blocks(g, with_grad, D, updates)
         for group in self.param_groups:
             ps = [p for p in group["params"] if id(p) in updates]
             if not ps:
@@ -518,6 +556,8 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                            type(self).__name__, failed, n_blocks, what)
 
     def state_dict(self) -> dict[str, Any]:
+        """With ``distributed_mode="allgather"`` a collective: call it on every rank."""
+        self._sync_state()
         sd = super().state_dict()
         groups = self._build()
         sd["preconditioner"] = {
