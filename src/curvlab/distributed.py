@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["resolve_group", "world_size", "rank", "comm_device", "all_reduce_sum",
-           "all_reduce_coalesced", "broadcast_coalesced", "synced_generator",
-           "check_same_across_ranks", "save_checkpoint", "load_checkpoint"]
+           "all_reduce_coalesced", "all_reduce_symmetric", "broadcast_coalesced",
+           "synced_generator", "check_same_across_ranks", "save_checkpoint", "load_checkpoint"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2 ** 20  # DDP's default bucket size (25 MiB)
 
@@ -118,6 +118,25 @@ def all_reduce_coalesced(tensors: Sequence[torch.Tensor], group: Any, *,
             n = tensors[i].numel()
             tensors[i].copy_(flat[offset:offset + n].view_as(tensors[i]))
             offset += n
+
+
+def all_reduce_symmetric(mats: Sequence[torch.Tensor], group: Any,
+                         timings: Any = None) -> None:
+    """Sum symmetric matrices over ``group`` in place, sending only upper triangles
+    (``d (d + 1) / 2`` numbers instead of ``d^2``), packed into buckets. ``timings``: an
+    optional :class:`curvlab.optim._distributed.Timings` to charge the collective to."""
+    if group is None or not mats:
+        return
+    packed, rows = [], []
+    for M in mats:
+        iu = torch.triu_indices(M.shape[-1], M.shape[-1], device=M.device)
+        rows.append(iu)
+        packed.append(M[..., iu[0], iu[1]].contiguous())
+    with timings.measure("communication") if timings is not None else contextlib.nullcontext():
+        all_reduce_coalesced(packed, group)
+    for M, iu, u in zip(mats, rows, packed, strict=True):
+        M[..., iu[0], iu[1]] = u
+        M[..., iu[1], iu[0]] = u
 
 
 def broadcast_coalesced(tensors: Sequence[torch.Tensor], src: int, group: Any, *,

@@ -8,7 +8,7 @@ from torch import nn
 from curvlab.diagnostics.sharpness import lambda_max
 from curvlab.distributed import synced_generator
 from curvlab.linalg import hutchinson
-from curvlab.linops import DiagonalOperator, GGNOperator, HessianOperator
+from curvlab.linops import DiagonalOperator, GGNOperator, HessianOperator, KFACOperator
 from curvlab.objective import Objective
 
 
@@ -21,6 +21,8 @@ def quantities(obj: Objective) -> dict:
             "grad": obj.flat_grad(), "hvp": HessianOperator(obj) @ V,
             "hvp1": HessianOperator(obj) @ V[:, 0], "ggn": GGNOperator(obj).to_dense(),
             "diag": DiagonalOperator(obj).diagonal,
+            "kfac": KFACOperator(obj, fisher_type="exact", damping=0.1) @ V,
+            "kfac_inverse": KFACOperator(obj, fisher_type="exact", damping=0.1).inverse() @ V,
             "lambda_max": lambda_max(HessianOperator(obj), tol=1e-10,
                                      generator=synced_generator(7, obj.process_group)
                                      ).eigenvalues[0],

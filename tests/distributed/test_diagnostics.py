@@ -23,7 +23,8 @@ def reference():
 
 
 @pytest.mark.parametrize("key", ["num_samples", "loss", "loss_and_grad", "grad", "hvp", "hvp1",
-                                 "ggn", "diag", "lambda_max", "trace"])
+                                 "ggn", "diag", "kfac", "kfac_inverse",
+                                 "lambda_max", "trace"])
 def test_matches_single_process(dist_results, reference, key):
     for res in dist_results:
         got, want = torch.as_tensor(res[key]), torch.as_tensor(reference[key])

@@ -10,6 +10,8 @@ batch weights ``n_b / N_global``), ``_apply`` returns this rank's partial produc
 ``matvec``/``matmat`` sum it over the ranks (one all-reduce per call), so every rank gets
 ``A V`` of the full data. ``V`` must be identical on all ranks (checked with one small
 all-reduce); seed random probes with :func:`curvlab.distributed.synced_generator`.
+An operator built from already-reduced quantities (Kronecker factors summed over ranks,
+an inverse) sets ``products_are_global = True`` and is applied without the all-reduce.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class CurvatureOperator(ABC):
     """
 
     objective: Objective
+    #: ``_apply`` already gives the full-data product on every rank (no all-reduce)
+    products_are_global: bool = False
 
     def __init__(self, model: Any, loss_fn: Any = None, data: Any = None, params: Any = None,
                  *, train: bool = False) -> None:
@@ -90,7 +94,7 @@ class CurvatureOperator(ABC):
     def _reduced_apply(self, V: torch.Tensor) -> torch.Tensor:
         """``_apply`` summed over the objective's process group (if it has one)."""
         group = self.objective.process_group
-        if group is None:
+        if group is None or self.products_are_global:
             return self._apply(V)
         _dist.check_same_across_ranks(V, group, "the vector(s) multiplied")
         return _dist.all_reduce_sum(self._apply(V).contiguous(), group)

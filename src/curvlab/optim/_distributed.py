@@ -34,7 +34,7 @@ and it works with every backend; it moves 2x the bytes of a broadcast.
 
 K-FAC's factors are per-rank statistics of local activations and gradients, so they are
 all-reduced first (weighted by the local sample counts, symmetric factors sent as their
-upper triangles, packed into buckets; :func:`all_reduce_symmetric`).
+upper triangles, packed into buckets; :func:`curvlab.distributed.all_reduce_symmetric`).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from curvlab import distributed as _dist
+from curvlab.distributed import all_reduce_symmetric
 
 __all__ = ["Timings", "lpt_schedule", "eigh_cost", "newton_schulz_cost", "share_rows",
            "sharded_rows", "all_reduce_symmetric", "reject_dtensors", "DISTRIBUTED_MODES"]
@@ -141,24 +142,6 @@ def sharded_rows(fn: Callable[[dict[str, Tensor]], None], state: dict[str, Tenso
             for k in keys:
                 state[k][idx] = sub[k]
     share_rows([state[k] for k in keys], owners, group, timings)
-
-
-def all_reduce_symmetric(mats: Sequence[Tensor], group: Any,
-                         timings: Timings = _NO_TIMINGS) -> None:
-    """Sum symmetric matrices over ``group`` in place, sending only upper triangles
-    (``d (d + 1) / 2`` numbers instead of ``d^2``), packed into buckets."""
-    if group is None or not mats:
-        return
-    packed, rows = [], []
-    for M in mats:
-        iu = torch.triu_indices(M.shape[-1], M.shape[-1], device=M.device)
-        rows.append(iu)
-        packed.append(M[..., iu[0], iu[1]].contiguous())
-    with timings.measure("communication"):
-        _dist.all_reduce_coalesced(packed, group)
-    for M, iu, u in zip(mats, rows, packed, strict=True):
-        M[..., iu[0], iu[1]] = u
-        M[..., iu[1], iu[0]] = u
 
 
 def reject_dtensors(params: Any, name: str, hint: str) -> None:

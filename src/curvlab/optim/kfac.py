@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from curvlab import distributed as _dist
+from curvlab.distributed import all_reduce_symmetric
 from curvlab.linops._kronecker import (
     KronLayer,
     LayerCapture,
@@ -55,12 +56,7 @@ from curvlab.linops._kronecker import (
     grad_factor,
     input_factor,
 )
-from curvlab.optim._distributed import (
-    Timings,
-    all_reduce_symmetric,
-    lpt_schedule,
-    reject_dtensors,
-)
+from curvlab.optim._distributed import Timings, lpt_schedule, reject_dtensors
 
 __all__ = ["KFAC"]
 
