@@ -95,7 +95,7 @@ def main() -> None:
                      generator=synced_generator(0, "default", device))
     timings = {k: round(v, 4) for k, v in opt.timings.items()}
     print(f"rank {rank}: lambda_max of the full training Hessian = "
-          f"{float(top.eigenvalues[0]):.4f}; optimizer time (s) {timings}")
+          f"{float(top.eigenvalues[0]):.4f}; optimizer time (s) {timings}", flush=True)
     if args.checkpoint:
         save_checkpoint({"model": model.state_dict(), "optim": opt.state_dict()},
                         args.checkpoint, "default")
