@@ -124,10 +124,10 @@ def share_rows(tensors: Sequence[Tensor], owners: Sequence[int], group: Any,
 
 def sharded_rows(fn: Callable[[dict[str, Tensor]], None], state: dict[str, Tensor],
                  owners: Sequence[int], keys: Sequence[str], group: Any,
-                 timings: Timings = _NO_TIMINGS) -> None:
-    """Run the in-place refresh ``fn`` on the rows of the stacked ``state`` this rank owns,
-    then give every rank the owners' new values of ``keys`` (see :func:`share_rows`).
-    Without a group, ``fn(state)``."""
+                 timings: Timings = _NO_TIMINGS, reads: Sequence[str] = ()) -> None:
+    """Run the in-place refresh ``fn`` on the rows of the stacked ``state`` this rank owns
+    (``fn`` sees the entries ``reads`` and ``keys`` only), then give every rank the owners'
+    new values of ``keys`` (see :func:`share_rows`). Without a group, ``fn(state)``."""
     if group is None:
         with timings.measure("precondition"):
             fn(state)
@@ -137,7 +137,7 @@ def sharded_rows(fn: Callable[[dict[str, Tensor]], None], state: dict[str, Tenso
     if mine:
         idx = torch.tensor(mine, device=next(iter(state.values())).device)
         with timings.measure("precondition"):
-            sub = {k: v[idx].clone() for k, v in state.items()}
+            sub = {k: state[k][idx] for k in dict.fromkeys((*reads, *keys))}  # copies
             fn(sub)
             for k in keys:
                 state[k][idx] = sub[k]

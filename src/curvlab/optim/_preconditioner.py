@@ -387,15 +387,16 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         return self._groups
 
     def _refresh(self, fn: Callable[[dict[str, Tensor]], None], st: dict[str, Tensor],
-                 keys: Sequence[str]) -> None:
+                 keys: Sequence[str], reads: Sequence[str] = ()) -> None:
         """Run the in-place refresh ``fn(st)`` of the current block group; with a process
-        group each rank refreshes the blocks it owns and the new ``keys`` are shared
-        ("broadcast"), or ``st`` already holds only this rank's blocks ("allgather")."""
+        group each rank refreshes the blocks it owns (``fn`` sees ``reads`` and ``keys``)
+        and the new ``keys`` are shared ("broadcast"), or ``st`` already holds only this
+        rank's blocks ("allgather")."""
         if self._allgather:
             with self.timings.measure("precondition"):
                 fn(st)
             return
-        sharded_rows(fn, st, self._row_owners, keys, self.process_group, self.timings)
+        sharded_rows(fn, st, self._row_owners, keys, self.process_group, self.timings, reads)
 
     @property
     def _allgather(self) -> bool:

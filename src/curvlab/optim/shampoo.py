@@ -210,7 +210,8 @@ class Shampoo(BlockedPreconditionerOptimizer):
         start = group["start_preconditioning_step"]
         if is_due(step, start, group["precondition_frequency"]):
             self._refresh(lambda s: self._refresh_roots(group, s, order, step), st,
-                          [k for k in st if k[0] in "RQ" or k == "has_basis"])
+                          [k for k in st if k[0] in "RQ" or k == "has_basis"],
+                          reads=[f"F{i}" for i in range(order)])
         D = None
         if group["grafting"] != "none":
             D = graft_direction(group["grafting"], m_hat, G, st.get("v"), step,

@@ -175,7 +175,8 @@ class SOAP(BlockedPreconditionerOptimizer):
             ema_(st[f"F{i}"], kronecker_statistic(G, i), sb, self._guard)
         if is_due(step, group["start_preconditioning_step"], group["precondition_frequency"]):
             self._refresh(lambda s: self._refresh_basis(group, s, order), st,
-                          [k for k in st if k[0] == "Q" or k in ("v", "has_basis")])
+                          [k for k in st if k[0] == "Q" or k in ("v", "has_basis")],
+                          reads=[f"F{i}" for i in range(order)])
         return N
 
     def _refresh_basis(self, group: dict, st: dict[str, Tensor], order: int) -> None:
