@@ -17,7 +17,9 @@ batch weights are ``n_b / N_global``, and losses, gradients (here) and curvature
 the full-data value. Shards must be disjoint (a ``DistributedSampler`` pads with repeated
 samples unless the dataset size is a multiple of the world size). Distribution is
 explicit: without ``process_group`` the objective is single-process even when
-``torch.distributed`` is initialized.
+``torch.distributed`` is initialized. With a group, ``num_samples``, ``loss``,
+``loss_and_grad`` and operator products are collectives: every rank calls them in the
+same order.
 
 Parameters are handled as a dict ``name -> tensor`` (``objective.params``) and, for linear
 algebra, as one flat vector (``objective.flatten`` / ``objective.unflatten``), concatenated
