@@ -10,6 +10,17 @@ for a loss that averages over the batch (``reduction="mean"``, the torch default
 one big batch. Work is done batch by batch (``for w, X, y in objective.batches()``), so a
 DataLoader never has to fit in memory at once.
 
+Data parallel: with ``process_group=`` (``"default"`` or a ``ProcessGroup``) every rank
+holds its own shard of the data; ``N`` is the global sample count (all-reduced), so the
+batch weights are ``n_b / N_global``, and losses, gradients (here) and curvature products
+(:class:`~curvlab.linops.base.CurvatureOperator`) are summed over ranks: every rank gets
+the full-data value. Shards must be disjoint (a ``DistributedSampler`` pads with repeated
+samples unless the dataset size is a multiple of the world size). Distribution is
+explicit: without ``process_group`` the objective is single-process even when
+``torch.distributed`` is initialized. With a group, ``num_samples``, ``loss``,
+``loss_and_grad`` and operator products are collectives: every rank calls them in the
+same order.
+
 Parameters are handled as a dict ``name -> tensor`` (``objective.params``) and, for linear
 algebra, as one flat vector (``objective.flatten`` / ``objective.unflatten``), concatenated
 in the dict's order with each tensor flattened row-major.
@@ -24,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from curvlab import distributed as _dist
 
 __all__ = ["Objective", "as_batches"]
 
@@ -149,6 +162,9 @@ class Objective:
             eval mode, so every evaluation is deterministic.
         reduction: ``"mean"`` if ``loss_fn`` averages over the batch (the default, read
             from ``loss_fn.reduction`` when present) or ``"sum"``.
+        process_group: ``None`` (single process, the default), ``"default"`` (the world
+            group of an initialized ``torch.distributed``) or a ``ProcessGroup``: ``data``
+            is this rank's shard and results are summed over the group's ranks.
     """
 
     def __init__(
@@ -160,6 +176,7 @@ class Objective:
         *,
         train: bool = False,
         reduction: str | None = None,
+        process_group: Any = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -186,6 +203,11 @@ class Objective:
         self._shapes = [(k, p.shape, p.numel()) for k, p in self.params.items()]
         self.num_params = sum(n for _, _, n in self._shapes)
         self._num_samples: int | None = None
+        self.process_group = _dist.resolve_group(process_group)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the objective's process group, in place (no-op without one)."""
+        return _dist.all_reduce_sum(tensor, self.process_group)
 
     # ---- parameters ---------------------------------------------------------------
     def param_tensors(self) -> dict[str, torch.Tensor]:
@@ -258,12 +280,16 @@ class Objective:
 
     @property
     def num_samples(self) -> int:
+        """Samples the loss averages over (summed over ranks with a process group)."""
         if self._num_samples is None:
             n = 0
             for batch in self.data:
                 if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                     raise TypeError("every batch must be an (inputs, targets) pair")
                 n += _batch_size(batch)
+            if self.process_group is not None:
+                n = int(self.all_reduce(torch.tensor([n], dtype=torch.int64,
+                                                     device=_dist.comm_device(self.process_group))))
             if n == 0:
                 raise ValueError("data is empty: it holds no samples")
             self._num_samples = n
@@ -290,7 +316,7 @@ class Objective:
         with torch.no_grad(), self.mode():
             for w, x, y in self.batches():
                 total = total + w * self.batch_loss(params, x, y)
-        return total
+        return self.all_reduce(total)
 
     def loss_and_grad(
         self, params: Mapping[str, torch.Tensor] | None = None
@@ -308,6 +334,8 @@ class Objective:
                     if g is not None:
                         grads[k] += g
                 total = total + loss.detach()
+        if self.process_group is not None:
+            _dist.all_reduce_coalesced([total, *grads.values()], self.process_group)
         return total, grads
 
     def flat_grad(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:

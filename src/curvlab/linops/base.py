@@ -4,6 +4,14 @@ A curvature operator is a symmetric ``n x n`` matrix over the flat parameter vec
 :class:`~curvlab.objective.Objective`, available only through products. Subclasses
 implement ``_apply(V)`` for a block of row vectors ``V`` of shape ``(k, n)``; this base
 class adds argument checking, matvec counting, ``@``, dense and scipy views.
+
+Data parallel: when the objective has a ``process_group`` (each rank holds a data shard,
+batch weights ``n_b / N_global``), ``_apply`` returns this rank's partial product and
+``matvec``/``matmat`` sum it over the ranks (one all-reduce per call), so every rank gets
+``A V`` of the full data. ``V`` must be identical on all ranks (checked with one small
+all-reduce); seed random probes with :func:`curvlab.distributed.synced_generator`.
+An operator built from already-reduced quantities (Kronecker factors summed over ranks,
+an inverse) sets ``products_are_global = True`` and is applied without the all-reduce.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from curvlab import distributed as _dist
 from curvlab.objective import Objective
 
 __all__ = ["CurvatureOperator"]
@@ -28,6 +37,8 @@ class CurvatureOperator(ABC):
     """
 
     objective: Objective
+    #: ``_apply`` already gives the full-data product on every rank (no all-reduce)
+    products_are_global: bool = False
 
     def __init__(self, model: Any, loss_fn: Any = None, data: Any = None, params: Any = None,
                  *, train: bool = False) -> None:
@@ -69,7 +80,7 @@ class CurvatureOperator(ABC):
         """``A v`` for a flat vector ``v`` of shape ``(n,)``."""
         self.objective.check_vector(v, "v")
         self.num_matvecs += 1
-        return self._apply(v.unsqueeze(0))[0]
+        return self._reduced_apply(v.unsqueeze(0))[0]
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``A V`` for a block ``V`` of shape ``(n, k)`` (k products, batched)."""
@@ -78,7 +89,15 @@ class CurvatureOperator(ABC):
                              f"{tuple(V.shape) if isinstance(V, torch.Tensor) else type(V)}")
         self.objective.check_vector(V.T, "V", batched=True)
         self.num_matvecs += V.shape[1]
-        return self._apply(V.T).T
+        return self._reduced_apply(V.T).T
+
+    def _reduced_apply(self, V: torch.Tensor) -> torch.Tensor:
+        """``_apply`` summed over the objective's process group (if it has one)."""
+        group = self.objective.process_group
+        if group is None or self.products_are_global:
+            return self._apply(V)
+        _dist.check_same_across_ranks(V, group, "the vector(s) multiplied")
+        return _dist.all_reduce_sum(self._apply(V).contiguous(), group)
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         return self.matvec(v) if isinstance(v, torch.Tensor) and v.dim() == 1 else self.matmat(v)

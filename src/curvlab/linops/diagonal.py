@@ -9,6 +9,7 @@ import torch.func as tf
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from curvlab.distributed import synced_generator
 from curvlab.linops._outputspace import (
     loss_on_outputs,
     per_sample_losses,
@@ -139,11 +140,8 @@ class DiagonalOperator(CurvatureOperator):
     def _hutchinson(self) -> torch.Tensor:
         obj = self.objective
         op = _OPERATORS[self.curvature](obj)
-        gen = torch.Generator(device=obj.device)
-        if self.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(self.seed)
+        # probes agree on all ranks of a data-parallel objective (None: single process)
+        gen = synced_generator(self.seed, obj.process_group, obj.device)
         n = obj.num_params
         total = torch.zeros(n, dtype=obj.dtype, device=obj.device)
         for start in range(0, self.num_samples, self.chunk_size):
@@ -189,7 +187,7 @@ class DiagonalOperator(CurvatureOperator):
                 eigvals, factors = torch.linalg.eigh(per_sample_output_hessians(obj, out, y))
                 eigvals = c * eigvals
             total += self._sum_squared_vjps(x, out.shape[1:], factors, eigvals)
-        return total
+        return obj.all_reduce(total)  # data-parallel objective: sum the ranks' shards
 
     def _sum_squared_vjps(self, inputs: Any, out_shape: torch.Size, factors: torch.Tensor,
                           eigvals: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from curvlab.distributed import all_reduce_symmetric
 from curvlab.linops._kronecker import (
     FISHER_TYPES,
     curvature_pass,
@@ -50,7 +51,13 @@ class KFACOperator(CurvatureOperator):
         seed: seed of the target sampling (``"mc"``), so the operator is reproducible.
 
     Attributes after construction: ``factors`` maps the layer name to ``(A, G)``.
+
+    With a data-parallel objective (``process_group``) the factors are summed over the
+    ranks (the Kronecker factors of the full data, not a sum of per-rank Kronecker
+    products), so products need no further all-reduce.
     """
+
+    products_are_global = True
 
     def __init__(self, model: Any, loss_fn: Any = None, data: Any = None, params: Any = None,
                  *, fisher_type: str = "mc", damping: float = 0.0, mc_samples: int = 1,
@@ -119,6 +126,7 @@ class KFACOperator(CurvatureOperator):
                         A[i] += input_factor(a)
                         for g in gs:
                             G[i] += grad_factor(g)
+        all_reduce_symmetric([*A, *G], obj.process_group)  # data parallel: whole-data factors
         c = 1.0 if obj.reduction == "mean" else float(n_total)
         return [(a / n_total, g * (c / n_total)) for a, g in zip(A, G, strict=True)]
 
@@ -168,6 +176,8 @@ class KFACOperator(CurvatureOperator):
 
 class KFACInverseOperator(CurvatureOperator):
     """The inverse of a damped :class:`KFACOperator` (built by ``KFACOperator.inverse``)."""
+
+    products_are_global = True
 
     def __init__(self, parent: KFACOperator, damping: float, method: str) -> None:
         self.objective = parent.objective

@@ -27,6 +27,12 @@ Pieces, each usable on its own:
 * **Non-finite gradients** (:func:`max_abs`): the optimizer either skips the whole step
   (``nonfinite="skip"``, counted, logged; no parameter or state changes) or raises
   ``FloatingPointError`` (``nonfinite="raise"``).
+* **Data parallel** (``process_group``): under DDP every rank holds the same averaged
+  gradient; blocks get owner ranks by a longest-processing-time schedule. With
+  ``distributed_mode="broadcast"`` only the refreshes (roots, eigenbases) are split and
+  their results shared at refresh steps; with ``"allgather"`` all block work is split and
+  the directions are shared every step (:mod:`curvlab.optim._distributed`). DTensor
+  (FSDP2) parameters are rejected at construction.
 * **Grafting** (:func:`graft_direction`): the layer-wise step size of a diagonal method
   (SGD, AdaGrad, RMSprop, Adam) applied to the direction of the structured preconditioner,
   per block: ``P * ||D|| / ||P||`` (Agarwal et al. 2020, "Disentangling adaptive gradient
@@ -44,7 +50,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab import distributed as _dist
 from curvlab.linalg.matfuncs import MatrixFunctionError
+from curvlab.optim._distributed import (
+    DISTRIBUTED_MODES,
+    Timings,
+    eigh_cost,
+    lpt_schedule,
+    reject_dtensors,
+    sharded_rows,
+    share_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +293,8 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Any, defaults: dict[str, Any], nonfinite: str = "skip",
                  factor_dtype: torch.dtype | None = None,
-                 compute_dtype: torch.dtype = torch.float64) -> None:
+                 compute_dtype: torch.dtype = torch.float64, process_group: Any = None,
+                 distributed_mode: str = "broadcast") -> None:
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         if factor_dtype is not None and not factor_dtype.is_floating_point:
@@ -285,7 +302,16 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.factor_dtype = factor_dtype
         self.compute_dtype = compute_dtype
+        if distributed_mode not in DISTRIBUTED_MODES:
+            raise ValueError(f"distributed_mode must be one of {DISTRIBUTED_MODES}, got "
+                             f"{distributed_mode!r}")
+        self.process_group = _dist.resolve_group(process_group)
+        self.distributed_mode = distributed_mode
+        self.timings = Timings()
         super().__init__(params, defaults)
+        reject_dtensors([p for g in self.param_groups for p in g["params"]], type(self).__name__,
+                        "Wrap the model in DistributedDataParallel instead (gradients are "
+                        "replicated) and pass process_group to share the refresh work.")
         for group in self.param_groups:
             self._validate_group(group)
         self._groups: list[_Group] | None = None
@@ -350,7 +376,41 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
             else:
                 g.state = self._init_block_state(group, g.shape, len(g.members), dtype, device)
         self._groups = list(groups.values())
+        # owner rank of every block's refresh: LPT over the blocks of all groups
+        slots = [(k, m) for k, g in enumerate(self._groups) if not g.diagonal
+                 for m in range(len(g.members))]
+        owners = lpt_schedule([eigh_cost(self._groups[k].shape) for k, _ in slots],
+                              _dist.world_size(self.process_group))
+        self._owners = [[0] * len(g.members) for g in self._groups]
+        for (k, m), r in zip(slots, owners, strict=True):
+            self._owners[k][m] = r
         return self._groups
+
+    def _refresh(self, fn: Callable[[dict[str, Tensor]], None], st: dict[str, Tensor],
+                 keys: Sequence[str], reads: Sequence[str] = ()) -> None:
+        """Run the in-place refresh ``fn(st)`` of the current block group; with a process
+        group each rank refreshes the blocks it owns (``fn`` sees ``reads`` and ``keys``)
+        and the new ``keys`` are shared ("broadcast"), or ``st`` already holds only this
+        rank's blocks ("allgather")."""
+        if self._allgather:
+            with self.timings.measure("precondition"):
+                fn(st)
+            return
+        sharded_rows(fn, st, self._row_owners, keys, self.process_group, self.timings, reads)
+
+    @property
+    def _allgather(self) -> bool:
+        return self.process_group is not None and self.distributed_mode == "allgather"
+
+    def _sync_state(self) -> None:
+        """"allgather": every rank takes the owners' rows of all block state (a
+        collective), so the state is whole and identical on all ranks."""
+        if not self._allgather:
+            return
+        for k, g in enumerate(self._build()):
+            if not g.diagonal:
+                share_rows(list(g.state.values()), self._owners[k], self.process_group,
+                           self.timings)
 
     # -- step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -376,14 +436,19 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         for gi in range(len(self.param_groups)):
             self._steps[gi] += 1
         updates: dict[int, Tensor] = {}
-        for g in groups:
+        me = _dist.rank(self.process_group)
+        shared: list[tuple[_Group, list[int], Tensor]] = []  # "allgather" directions
+        for k, g in enumerate(groups):
             group = self.param_groups[g.group_index]
             step = self._steps[g.group_index]
             present = [i for i, (p, _, _) in enumerate(g.members) if p.grad is not None]
             if not present:
                 continue
+            with_grad = present
+            if self._allgather and not g.diagonal:  # this rank's blocks only
+                present = [i for i in present if self._owners[k][i] == me]
             st = g.state
-            if len(present) < len(g.members):  # work on the members that have gradients
+            if present and len(present) < len(g.members):  # the members to work on
                 idx = torch.tensor(present, device=next(iter(st.values())).device)
                 st = self._substate(g, present, idx)
             sdtype = next(iter(g.state.values())).dtype
@@ -396,15 +461,29 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                 D = torch.where(torch.isfinite(D), D, torch.zeros_like(D))
                 self._scatter_diagonal(g, present, D, updates)
             else:
-                G = torch.stack([g.members[i][0].grad.reshape(g.members[i][1].merged_shape)[
-                    g.members[i][2]] for i in present]).to(sdtype)
-                D = self._block_direction(group, st, G, step)
-                ok = torch.isfinite(torch.linalg.vector_norm(D.flatten(1), dim=1))
-                self._nonfinite_blocks = self._nonfinite_blocks.to(ok.device) + (~ok).sum()
-                D = torch.where(ok.view(-1, *([1] * (D.ndim - 1))), D, torch.zeros_like(D))
-                self._scatter_blocks(g, present, D, updates)
+                if present:
+                    G = torch.stack([g.members[i][0].grad.reshape(g.members[i][1].merged_shape)[
+                        g.members[i][2]] for i in present]).to(sdtype)
+                    self._row_owners = [self._owners[k][i] for i in present]
+                    D = self._block_direction(group, st, G, step)
+                    ok = torch.isfinite(torch.linalg.vector_norm(D.flatten(1), dim=1))
+                    self._nonfinite_blocks = self._nonfinite_blocks.to(ok.device) + (~ok).sum()
+                    D = torch.where(ok.view(-1, *([1] * (D.ndim - 1))), D, torch.zeros_like(D))
+                if self._allgather:  # owners' rows, zeros elsewhere; summed below
+                    full = torch.zeros(len(with_grad), *g.shape, dtype=sdtype,
+                                       device=next(iter(g.state.values())).device)
+                    if present:
+                        full[[with_grad.index(i) for i in present]] = D
+                    shared.append((g, with_grad, full))
+                else:
+                    self._scatter_blocks(g, present, D, updates)
             if st is not g.state:
                 self._write_substate(g, present, idx, st)
+        if shared:
+            with self.timings.measure("communication"):
+                _dist.all_reduce_coalesced([D for _, _, D in shared], self.process_group)
+            for g, with_grad, D in shared:
+                self._scatter_blocks(g, with_grad, D, updates)
         for group in self.param_groups:
             ps = [p for p in group["params"] if id(p) in updates]
             if not ps:
@@ -478,6 +557,8 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                            type(self).__name__, failed, n_blocks, what)
 
     def state_dict(self) -> dict[str, Any]:
+        """With ``distributed_mode="allgather"`` a collective: call it on every rank."""
+        self._sync_state()
         sd = super().state_dict()
         groups = self._build()
         sd["preconditioner"] = {

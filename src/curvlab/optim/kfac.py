@@ -18,6 +18,15 @@ The step is then scaled by the KL-clipping factor of Ba et al. (2017, sec. 5),
 ``nu = min(1, sqrt(kl_clip / (lr^2 sum <U, M>)))``, and applied with heavy-ball momentum:
 ``buf = momentum buf + nu U + weight_decay theta``, ``theta -= lr buf``.
 
+Data parallel (``process_group``; the model wrapped in DDP, K-FAC given its ``.module``):
+the factors are statistics of each rank's local activations and gradients, so they are
+all-reduced weighted by the local sample counts (``A = sum_r n_r A_r / N``; upper
+triangles, bucketed), as are the EKFAC scales; the eigendecompositions / inverses are
+split over the ranks by a longest-processing-time schedule over ``d_A^3 + d_G^3`` and
+shared (:mod:`curvlab.optim._distributed`). Every rank then holds the same state.
+``fisher_type="mc"`` draws its own labels on each rank (a valid estimate, but not the
+single-process random stream); ``adaptive_damping`` is not supported with a process group.
+
 Parameters of other modules (LayerNorm, embeddings, grouped convolutions, ...) are not
 Kronecker-factored; they get the documented ``fallback``: ``"sgd"`` (the raw gradient,
 default) or ``"adam"`` (a diagonal Adam-style direction ``g / (sqrt(v_hat) + eps)``). Both
@@ -35,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab import distributed as _dist
+from curvlab.distributed import all_reduce_symmetric
 from curvlab.linops._kronecker import (
     KronLayer,
     LayerCapture,
@@ -45,6 +56,7 @@ from curvlab.linops._kronecker import (
     grad_factor,
     input_factor,
 )
+from curvlab.optim._distributed import Timings, lpt_schedule, reject_dtensors
 
 __all__ = ["KFAC"]
 
@@ -101,6 +113,8 @@ class KFAC(torch.optim.Optimizer):
         nonfinite: ``"skip"`` (default: a step with non-finite gradients, loss or
             statistics changes nothing and is counted in ``stats["skipped_steps"]``) or
             ``"raise"`` (FloatingPointError, nothing changed).
+        process_group: ``None``, ``"default"`` or a ``ProcessGroup``: all-reduce the factors
+            over its ranks and split the decompositions (see the module docstring).
 
     ``opt.stats`` holds monitoring values of the last step: ``damping``, ``kl_clip_scale``,
     ``condition_numbers`` (per layer, of A and G, at the last inverse update),
@@ -135,6 +149,7 @@ class KFAC(torch.optim.Optimizer):
         eps: float = 1e-8,
         nonfinite: str = "skip",
         seed: int = 0,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (its layers are hooked), got "
@@ -173,6 +188,11 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError("need 0 < min_damping <= max_damping")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+        self.process_group = _dist.resolve_group(process_group)
+        if self.process_group is not None and adaptive_damping:
+            raise ValueError("adaptive_damping is not supported with a process_group (the "
+                             "closure's loss is per rank); use a fixed damping")
+        self.timings = Timings()
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
                         kl_clip=kl_clip)
         super().__init__(params, defaults)
@@ -211,6 +231,12 @@ class KFAC(torch.optim.Optimizer):
             self._layer_group.append(groups.pop())
         self._other = [named[k] for k in others]
         self._named = named
+        reject_dtensors(list(named.values()), "KFAC", "Wrap the model in "
+                        "DistributedDataParallel and pass process_group instead.")
+        # owner rank of each layer's eigendecompositions / inverses
+        self._owners = lpt_schedule([float(L.d_in ** 3 + L.d_out ** 3) for L in self._layers],
+                                    _dist.world_size(self.process_group))
+        self._local_n: list[int] = [0] * len(self._layers)
         self.state[_GLOBAL] = {"step": 0}
         self.stats: dict[str, Any] = {"skipped_steps": 0, "eigh_failures": 0,
                                       "condition_numbers": {}}
@@ -327,7 +353,56 @@ class KFAC(torch.optim.Optimizer):
             A = sum(input_factor(a) for a, _ in per_layer) / n
             G = sum(grad_factor(g) for _, gs in per_layer for g in gs) / n
             out.append((A, G, per_layer, n))
+        if self.process_group is not None:  # A = sum_r n_r A_r / N (likewise G)
+            live = [i for i, item in enumerate(out) if item is not None]
+            for i in live:
+                self._local_n[i] = out[i][3]
+            mats = [out[i][j] * out[i][3] for i in live for j in (0, 1)]
+            counts = torch.tensor([float(out[i][3]) for i in live], dtype=torch.float64,
+                                  device=_dist.comm_device(self.process_group))
+            all_reduce_symmetric(mats, self.process_group, self.timings)
+            with self.timings.measure("communication"):
+                _dist.all_reduce_sum(counts, self.process_group)
+            for k, i in enumerate(live):
+                N = float(counts[k])
+                out[i] = (mats[2 * k] / N, mats[2 * k + 1] / N, out[i][2], int(N))
         return out
+
+    def _all_reduce_mean(self, value: torch.Tensor, n_local: int, n_total: int) -> torch.Tensor:
+        """``sum_r n_r value_r / N`` over the process group."""
+        out = value * n_local
+        with self.timings.measure("communication"):
+            _dist.all_reduce_sum(out, self.process_group)
+        return out / n_total
+
+    def _share_inverses(self, fresh: list[int]) -> None:
+        """Give every rank the owners' new eigendecompositions / inverses of ``fresh``
+        layers (owner's values, zeros elsewhere, one summed all-reduce; a flag per layer
+        says whether the owner has them, so a failed first decomposition stays absent)."""
+        if self.process_group is None or not fresh:
+            return
+        me = _dist.rank(self.process_group)
+        keys = ("dA", "QA", "dG", "QG") if self.inverse_method == "eigen" else ("A_inv", "G_inv")
+        parts = []
+        for i in fresh:
+            st = self.state[self._named[self._layers[i].keys[0]]]
+            A = st["A"]
+            a, g = A.shape[0], st["G"].shape[0]
+            shapes = {"dA": (a,), "QA": (a, a), "dG": (g,), "QG": (g, g), "A_inv": (a, a),
+                      "G_inv": (g, g)}
+            ok = self._owners[i] == me and all(k in st for k in keys)
+            flag = torch.full((1,), float(ok), dtype=A.dtype, device=A.device)
+            # one memory layout on every rank (eigh returns column-major eigenvectors, and
+            # BLAS rounds differently on them): the ranks' states stay bitwise equal
+            vals = [st[k].clone(memory_format=torch.contiguous_format) if ok
+                    else A.new_zeros(shapes[k]) for k in keys]
+            parts.append((i, st, flag, vals))
+        with self.timings.measure("communication"):
+            _dist.all_reduce_coalesced([t for _, _, f, v in parts for t in (f, *v)],
+                                       self.process_group)
+        for _, st, flag, vals in parts:
+            if float(flag) > 0.5:
+                st.update(zip(keys, vals, strict=True))
 
     def _update_inverse(self, layer: KronLayer, st: dict[str, Any], lam: float) -> None:
         A, G = st["A"], st["G"]
@@ -439,8 +514,10 @@ class KFAC(torch.optim.Optimizer):
                                     for t in item[:2]]):
                     self._nonfinite("curvature statistics")
                     return loss
-        # 2. factors, inverses, EKFAC scales
+        # 2. factors, inverses (each layer's by its owner rank, then shared), EKFAC scales
         beta = self.stat_decay
+        me = _dist.rank(self.process_group)
+        fresh_layers: list[int] = []
         for i, layer in enumerate(self._layers):
             st = self.state[self._named[layer.keys[0]]]
             item = new[i] if new is not None else None
@@ -454,13 +531,21 @@ class KFAC(torch.optim.Optimizer):
             if "A" not in st:
                 continue
             lam = self.param_groups[self._layer_group[i]]["damping"]
-            fresh = inv_step or ("QA" not in st and "A_inv" not in st)
-            if fresh:
-                self._update_inverse(layer, st, lam)
+            if inv_step or ("QA" not in st and "A_inv" not in st):
+                fresh_layers.append(i)
+                if self._owners[i] == me:
+                    with self.timings.measure("precondition"):
+                        self._update_inverse(layer, st, lam)
+        self._share_inverses(fresh_layers)
+        for i, layer in enumerate(self._layers):
+            st = self.state[self._named[layer.keys[0]]]
+            item = new[i] if new is not None else None
             if self.eigenvalue_correction and "QA" in st:
                 if item is not None:
                     s = self._ekfac_scale(st, item[2])
-                    if fresh or "scale" not in st:
+                    if self.process_group is not None:  # sum_r n_r s_r / N
+                        s = self._all_reduce_mean(s, self._local_n[i], item[3])
+                    if i in fresh_layers or "scale" not in st:
                         st["scale"] = s
                     else:
                         st["scale"].mul_(beta).add_(s, alpha=1 - beta)

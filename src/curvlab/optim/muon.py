@@ -22,6 +22,14 @@ Same-shape matrices are orthogonalized together in one batched Newton–Schulz. 
 runs in ``ns_dtype`` (default bfloat16 on CUDA, where tensor cores make it fast; elsewhere
 float32, or float64 for float64 parameters: bfloat16 matmuls are slower than float32 on CPU).
 
+Data parallel (``process_group``): under DDP the Newton–Schulz work is split over the ranks
+(each matrix has an owner by a longest-processing-time schedule over ``A B min(A, B)``) and
+the orthogonalized updates are all-gathered, so each rank runs about ``1/world_size`` of it
+(:mod:`curvlab.optim._distributed`). Under FSDP2 (``fully_shard``, DTensor parameters) the
+iteration must see the whole matrix, not a shard: the update is gathered
+(``full_tensor()``), the owner orthogonalizes it, every rank receives the result and keeps
+its own shard; ``process_group`` must then be the group the parameters are sharded over.
+
 References: Jordan et al. (2024), "Muon: An optimizer for hidden layers in neural networks";
 Liu et al. (2025), "Muon is scalable for LLM training".
 """
@@ -37,7 +45,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw as _adamw_kernel
 
+from curvlab import distributed as _dist
 from curvlab.linalg.matfuncs import NS_QUINTIC_COEFFICIENTS, newton_schulz
+from curvlab.optim._distributed import Timings, lpt_schedule, newton_schulz_cost
 from curvlab.optim._preconditioner import max_abs
 
 logger = logging.getLogger(__name__)
@@ -73,6 +83,8 @@ class Muon(torch.optim.Optimizer):
         nonfinite: "skip" (default; the whole step is skipped and counted) or "raise"
             (FloatingPointError) for non-finite gradients. Finite gradients whose squares
             overflow saturate AdamW's second moment at the dtype's maximum.
+        process_group: ``None``, ``"default"`` or a ``ProcessGroup``: split the
+            Newton–Schulz work over its ranks (DDP), required for DTensor (FSDP2) parameters.
     """
 
     def __init__(
@@ -91,6 +103,7 @@ class Muon(torch.optim.Optimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
         nonfinite: str = "skip",
+        process_group: Any = None,
     ) -> None:
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
@@ -99,8 +112,15 @@ class Muon(torch.optim.Optimizer):
                         ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), eps=eps,
                         adjust_lr=adjust_lr, ns_dtype=ns_dtype, adamw_betas=tuple(adamw_betas),
                         adamw_eps=adamw_eps, use_muon=None)
+        self.process_group = _dist.resolve_group(process_group)
+        self.timings = Timings()
         super().__init__(params, defaults)
         self._skipped = 0
+        if self.process_group is None and any(
+                _is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            raise ValueError("Muon got DTensor (FSDP2 fully_shard) parameters: pass "
+                             "process_group (the group they are sharded over) so that "
+                             "Newton–Schulz runs on whole matrices, not on local shards")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -172,13 +192,33 @@ class Muon(torch.optim.Optimizer):
             by_shape.setdefault((p.shape, p.dtype, p.device), []).append(i)
         if wd != 0:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
+        pg = self.process_group
+        owners = lpt_schedule([newton_schulz_cost(shape) for (shape, _, _), idx in
+                               by_shape.items() for _ in idx], _dist.world_size(pg))
+        me, start, results = _dist.rank(pg), 0, []
         for (shape, pdtype, device), idx in by_shape.items():
             ns_dtype = dtype or (torch.bfloat16 if device.type == "cuda" else
                                  torch.float64 if pdtype == torch.float64 else torch.float32)
-            U = torch.stack([upd[i].reshape(shape[0], -1) for i in idx])
-            O = newton_schulz(U, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                              dtype=ns_dtype).to(pdtype)
-            torch._foreach_add_([ps[i] for i in idx], [o.view(shape) for o in O.unbind(0)],
+            own = owners[start:start + len(idx)]
+            start += len(idx)
+            mine = [j for j, r in enumerate(own) if r == me]
+            # a DTensor (FSDP2 shard) is gathered on every rank (a collective):
+            # Newton–Schulz needs the whole matrix
+            full = [_full(upd[i]).reshape(shape[0], -1) for i in idx]
+            U = torch.stack([full[j] for j in mine]) if mine else None
+            O = torch.zeros(len(idx), *full[0].shape, dtype=pdtype, device=full[0].device)
+            if mine:
+                with self.timings.measure("precondition"):
+                    O[mine] = newton_schulz(U, group["ns_steps"], group["ns_coefficients"],
+                                            group["eps"], dtype=ns_dtype).to(pdtype)
+            results.append((shape, idx, O))
+        if pg is not None:  # owners' rows, zeros elsewhere: one all-reduce shares them all
+            with self.timings.measure("communication"):
+                _dist.all_reduce_coalesced([O for _, _, O in results], pg)
+        for shape, idx, O in results:
+            torch._foreach_add_([ps[i] for i in idx],
+                                [_shard_like(o.view(shape), ps[i]) for i, o in
+                                 zip(idx, O.unbind(0), strict=True)],
                                 alpha=-lr * _muon_scale(group["adjust_lr"], shape))
 
     def _adamw_update(self, group: dict[str, Any], ps: list[Tensor], gmax: float) -> None:
@@ -210,6 +250,28 @@ class Muon(torch.optim.Optimizer):
         return {"preconditioner_memory_bytes": mem, "num_muon_params": n_muon,
                 "num_adamw_params": n_all - n_muon, "refreshes": 0, "failures": 0,
                 "skipped_steps": self._skipped}
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor is gathered from its shards."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _shard_like(full: Tensor, p: Tensor) -> Tensor:
+    """``full`` laid out like ``p``: for a DTensor, this rank's shard (no communication)."""
+    if not _is_dtensor(p):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
 
 
 def muon_param_groups(

@@ -85,6 +85,9 @@ class Shampoo(BlockedPreconditionerOptimizer):
             :meth:`stats`); non-finite values never reach the parameters or the state.
         factor_dtype: dtype of statistics and state (default float32; float64 for float64
             parameters). compute_dtype: dtype of the eigendecompositions (default float64).
+        process_group, distributed_mode: under DDP, share the root refreshes over the ranks
+            of this group (``"default"`` or a ``ProcessGroup``); see
+            :mod:`curvlab.optim._distributed`.
     """
 
     def __init__(
@@ -110,6 +113,8 @@ class Shampoo(BlockedPreconditionerOptimizer):
         nonfinite: str = "skip",
         factor_dtype: torch.dtype | None = None,
         compute_dtype: torch.dtype = torch.float64,
+        process_group: Any = None,
+        distributed_mode: str = "broadcast",
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas), epsilon=epsilon, weight_decay=weight_decay,
@@ -123,7 +128,8 @@ class Shampoo(BlockedPreconditionerOptimizer):
             pseudo_inverse=pseudo_inverse,
         )
         super().__init__(params, defaults, nonfinite=nonfinite, factor_dtype=factor_dtype,
-                         compute_dtype=compute_dtype)
+                         compute_dtype=compute_dtype, process_group=process_group,
+                         distributed_mode=distributed_mode)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -203,7 +209,9 @@ class Shampoo(BlockedPreconditionerOptimizer):
             ema_(st[f"F{i}"], kronecker_statistic(G, i), b2, self._guard)
         start = group["start_preconditioning_step"]
         if is_due(step, start, group["precondition_frequency"]):
-            self._refresh_roots(group, st, order, step)
+            self._refresh(lambda s: self._refresh_roots(group, s, order, step), st,
+                          [k for k in st if k[0] in "RQ" or k == "has_basis"],
+                          reads=[f"F{i}" for i in range(order)])
         D = None
         if group["grafting"] != "none":
             D = graft_direction(group["grafting"], m_hat, G, st.get("v"), step,

@@ -64,6 +64,8 @@ class SOAP(BlockedPreconditionerOptimizer):
         nonfinite: "skip" or "raise" for non-finite gradients; a failed refresh keeps the
             previous basis (counted in :meth:`stats`).
         factor_dtype, compute_dtype: dtype of state / of the eigendecompositions.
+        process_group, distributed_mode: under DDP, share the eigenbasis refreshes over the
+            ranks of this group; see :mod:`curvlab.optim._distributed`.
     """
 
     def __init__(
@@ -84,6 +86,8 @@ class SOAP(BlockedPreconditionerOptimizer):
         nonfinite: str = "skip",
         factor_dtype: torch.dtype | None = None,
         compute_dtype: torch.dtype = torch.float64,
+        process_group: Any = None,
+        distributed_mode: str = "broadcast",
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps,
@@ -93,7 +97,8 @@ class SOAP(BlockedPreconditionerOptimizer):
             diagonal_threshold=diagonal_threshold, eigenbasis_method=eigenbasis_method,
         )
         super().__init__(params, defaults, nonfinite=nonfinite, factor_dtype=factor_dtype,
-                         compute_dtype=compute_dtype)
+                         compute_dtype=compute_dtype, process_group=process_group,
+                         distributed_mode=distributed_mode)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -169,7 +174,9 @@ class SOAP(BlockedPreconditionerOptimizer):
         for i in range(order):
             ema_(st[f"F{i}"], kronecker_statistic(G, i), sb, self._guard)
         if is_due(step, group["start_preconditioning_step"], group["precondition_frequency"]):
-            self._refresh_basis(group, st, order)
+            self._refresh(lambda s: self._refresh_basis(group, s, order), st,
+                          [k for k in st if k[0] == "Q" or k in ("v", "has_basis")],
+                          reads=[f"F{i}" for i in range(order)])
         return N
 
     def _refresh_basis(self, group: dict, st: dict[str, Tensor], order: int) -> None:

@@ -1,0 +1,158 @@
+"""Data-parallel work sharding for curvlab's structured optimizers (torch.distributed).
+
+Under DDP every rank holds the same averaged gradient, so Shampoo, SOAP and Muon could
+simply repeat all work on every rank. What is worth splitting is the *expensive per-block
+work* (eigendecompositions and inverse roots of Kronecker factors, Newton-Schulz
+orthogonalizations): each block gets an owner rank by a longest-processing-time (LPT)
+schedule over its cost (Graham 1969: sort by cost, give each block to the least loaded
+rank; at most 4/3 of the optimal makespan), the owner computes it, and the results are
+shared, so each rank does about ``1/world_size`` of it (Shi et al. 2023, "A distributed
+data-parallel PyTorch implementation of the distributed Shampoo optimizer", Sec. 4).
+
+Sharing (``distributed_mode`` of Shampoo and SOAP, the compute-vs-communication option):
+
+* ``"broadcast"`` (default; K-FAC always works this way): every rank keeps the full
+  optimizer state and updates the cheap per-step statistics and directions itself; only
+  refreshes (roots, eigenbases) are split, and their results go to all ranks at refresh
+  steps (communication ``~ sum_blocks d^2`` every ``precondition_frequency`` steps, none
+  in between). State stays identical on all ranks, so a checkpoint is one replicated
+  ``state_dict`` that resumes on any world size.
+* ``"allgather"``: *all* block work (statistics, moments, refreshes, preconditioning) is
+  done by the owner only, and the preconditioned directions are all-gathered every step
+  (communication ``~ number of block parameters`` per step). Non-owners' rows of the
+  state go stale; ``state_dict()`` first gathers the owners' rows (a collective), so the
+  checkpoint is again whole and resumes on any world size. The state is still allocated
+  for all blocks on every rank (the memory saving of a sharded allocation, as in Shi et
+  al., is not implemented).
+* Muon has no statistics: its per-step Newton-Schulz results (the orthogonalized
+  directions) are computed by their owners and all-gathered every step (communication
+  ``~ number of matrix parameters`` per step, memory as one process).
+
+Results are exchanged as "owner's rows, zeros elsewhere" summed with one coalesced
+all-reduce (:func:`share_rows`): exact (adding zeros), uneven ownership needs no padding,
+and it works with every backend; it moves 2x the bytes of a broadcast.
+
+K-FAC's factors are per-rank statistics of local activations and gradients, so they are
+all-reduced first (weighted by the local sample counts, symmetric factors sent as their
+upper triangles, packed into buckets; :func:`curvlab.distributed.all_reduce_symmetric`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlab import distributed as _dist
+from curvlab.distributed import all_reduce_symmetric
+
+__all__ = ["Timings", "lpt_schedule", "eigh_cost", "newton_schulz_cost", "share_rows",
+           "sharded_rows", "all_reduce_symmetric", "reject_dtensors", "DISTRIBUTED_MODES"]
+
+DISTRIBUTED_MODES = ("broadcast", "allgather")
+
+
+class Timings(dict):
+    """Seconds per phase, accumulated: ``"precondition"`` (the sharded block work: roots,
+    eigenbases, Newton-Schulz, factor inverses) and ``"communication"`` (collectives),
+    wall clock; ``"<phase>_cpu"`` the CPU time of the calling thread in it (insensitive to
+    other processes on the machine; on CUDA it is only the launch cost). On CUDA the
+    phases are synchronized before reading the clock."""
+
+    @contextlib.contextmanager
+    def measure(self, key: str) -> Iterator[None]:
+        sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+        sync()
+        start, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            sync()
+            self[key] = self.get(key, 0.0) + time.perf_counter() - start
+            self[f"{key}_cpu"] = self.get(f"{key}_cpu", 0.0) + time.thread_time() - cpu
+
+
+_NO_TIMINGS = Timings()
+
+
+def lpt_schedule(costs: Sequence[float], world_size: int) -> list[int]:
+    """Owner rank of each item: longest processing time first, each to the least loaded
+    rank (ties to the lower rank, so every rank computes the same schedule)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    owners = [0] * len(costs)
+    heap = [(0.0, r) for r in range(world_size)]
+    for i in sorted(range(len(costs)), key=lambda i: (-float(costs[i]), i)):
+        load, r = heapq.heappop(heap)
+        owners[i] = r
+        heapq.heappush(heap, (load + float(costs[i]), r))
+    return owners
+
+
+def eigh_cost(block_shape: Sequence[int]) -> float:
+    """Flops model of refreshing a Kronecker block: one ``d^3`` factorization per mode."""
+    return float(sum(d ** 3 for d in block_shape))
+
+
+def newton_schulz_cost(shape: Sequence[int]) -> float:
+    """Flops model of Newton-Schulz on an ``A x B`` matrix: ``A B min(A, B)`` per iteration."""
+    a, b = shape[0], 1
+    for d in shape[1:]:
+        b *= d
+    return float(a * b * min(a, b))
+
+
+def share_rows(tensors: Sequence[Tensor], owners: Sequence[int], group: Any,
+               timings: Timings = _NO_TIMINGS) -> None:
+    """In place: row ``i`` (leading dimension) of every tensor takes its value on rank
+    ``owners[i]`` (the others' rows are zeroed, then all ranks sum in one bucketed
+    all-reduce)."""
+    if group is None or not tensors:
+        return
+    me = _dist.rank(group)
+    foreign = torch.tensor([o != me for o in owners], device=tensors[0].device)
+    for t in tensors:
+        t[foreign.to(t.device)] = 0
+    with timings.measure("communication"):
+        _dist.all_reduce_coalesced(list(tensors), group)
+
+
+def sharded_rows(fn: Callable[[dict[str, Tensor]], None], state: dict[str, Tensor],
+                 owners: Sequence[int], keys: Sequence[str], group: Any,
+                 timings: Timings = _NO_TIMINGS, reads: Sequence[str] = ()) -> None:
+    """Run the in-place refresh ``fn`` on the rows of the stacked ``state`` this rank owns
+    (``fn`` sees the entries ``reads`` and ``keys`` only), then give every rank the owners'
+    new values of ``keys`` (see :func:`share_rows`). Without a group, ``fn(state)``."""
+    if group is None:
+        with timings.measure("precondition"):
+            fn(state)
+        return
+    me = _dist.rank(group)
+    mine = [i for i, o in enumerate(owners) if o == me]
+    if mine:
+        idx = torch.tensor(mine, device=next(iter(state.values())).device)
+        with timings.measure("precondition"):
+            sub = {k: state[k][idx] for k in dict.fromkeys((*reads, *keys))}  # copies
+            fn(sub)
+            for k in keys:
+                state[k][idx] = sub[k]
+    share_rows([state[k] for k in keys], owners, group, timings)
+
+
+def reject_dtensors(params: Any, name: str, hint: str) -> None:
+    """Raise TypeError at construction if any parameter is a DTensor (FSDP2 shard):
+    ``name`` would otherwise precondition the local shard as if it were the matrix."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return
+    for p in params:
+        if isinstance(p, DTensor):
+            raise TypeError(f"{name} does not support DTensor parameters (FSDP2 "
+                            f"fully_shard): preconditioning a shard as if it were the whole "
+                            f"matrix is wrong math. {hint}")
