@@ -21,3 +21,7 @@ from curvlab import minimize  # noqa: E402  (a callable package: curvlab.minimiz
 from curvlab.minimize import OptimizeResult, least_squares  # noqa: E402
 
 __all__ += ["OptimizeResult", "least_squares", "minimize"]
+
+from curvlab import diagnostics, linalg, linops, optim  # noqa: E402
+
+__all__ += ["diagnostics", "linalg", "linops", "optim"]

@@ -30,7 +30,7 @@ def _tasks(problem, lrs=(0.05, 0.2), seeds=2, method="torch.SGD"):
     for lr in lrs:
         for seed in range(seeds):
             def fn(progress, lr=lr, seed=seed):
-                return train_run(problem, lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr),
+                return train_run(problem, lambda m, lr, _: torch.optim.SGD(m.parameters(), lr=lr),
                                  lr, seed, 60.0, progress)
             tasks.append(Task("nn", problem.name, method, {"lr": lr, "target": problem.target},
                               fn, seed=seed))

@@ -41,14 +41,15 @@ def test_hutchinson_is_unbiased(curvature):
     d = torch.diagonal(DENSE[curvature](truth))
     data = as_data(X, y, "list")
     est = DiagonalOperator(model, loss_fn, data, curvature=curvature, method="hutchinson",
-                           num_samples=1000, seed=0).diagonal
+                           num_samples=300, seed=0).diagonal
     # Var(z_j (A z)_j) = sum_{i != j} A_ij^2; four standard deviations of the mean
     A = DENSE[curvature](truth)
-    sd = ((A**2).sum(1) - d**2).clamp_min(0).sqrt() / 1000**0.5
+    sd = ((A**2).sum(1) - d**2).clamp_min(0).sqrt() / 300**0.5
     assert bool(((est - d).abs() <= 4 * sd + 1e-12).all())
-    again = DiagonalOperator(model, loss_fn, data, curvature=curvature, method="hutchinson",
-                             num_samples=1000, seed=0).diagonal
-    assert torch.equal(est, again)
+    first, again = (DiagonalOperator(model, loss_fn, data, curvature=curvature,
+                                     method="hutchinson", num_samples=5, seed=0).diagonal
+                    for _ in range(2))
+    assert torch.equal(first, again)
 
 
 @settings(max_examples=10, deadline=None)

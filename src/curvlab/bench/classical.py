@@ -222,8 +222,8 @@ def _classical_task(problem: Any, library: str, method: str) -> Task:
 
 def classical_tasks(quick: bool) -> tuple[list[Task], list[str]]:
     """curvlab's quasi-Newton/Newton methods and their scipy / pytorch-minimize
-    counterparts on the MGH-style problems (n <= 10 when quick) and logistic regression."""
-    problems = [p for p in mgh_problems() if not quick or p.n <= 10] + [logistic_regression()]
+    counterparts on the MGH-style problems (n <= 4 when quick) and logistic regression."""
+    problems = [p for p in mgh_problems() if not quick or p.n <= 4] + [logistic_regression()]
     notices = []
     if importlib.util.find_spec("torchmin") is None:
         notices.append("pytorch-minimize is not installed (pip install -e '.[bench]'): "

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["NNProblem", "train_run", "digits_mlp_problem"]
+__all__ = ["NNProblem", "train_run", "digits_mlp_problem", "char_lm_problem"]
 
 
 @dataclass
@@ -34,7 +34,7 @@ class NNProblem:
     eval_every: int = 10
 
 
-def digits_mlp_problem(steps: int = 400, batch_size: int = 128, target: float = 0.15
+def digits_mlp_problem(steps: int = 400, batch_size: int = 128, target: float = 0.05
                        ) -> NNProblem:
     """The 64-128-128-10 ReLU MLP on scikit-learn's digits; eval = full training loss."""
     from curvlab.bench.problems.digits import digits_mlp, load_digits_tensors
@@ -46,7 +46,31 @@ def digits_mlp_problem(steps: int = 400, batch_size: int = 128, target: float = 
         return X[idx], y[idx]
 
     return NNProblem("digits_mlp", lambda seed: digits_mlp(seed=seed), sample, (X, y),
-                     nn.CrossEntropyLoss(), target=target, steps=steps)
+                     nn.CrossEntropyLoss(), target=target, steps=steps, eval_every=5)
+
+
+class _SequenceCrossEntropy(nn.Module):
+    """Cross-entropy over every position of ``(batch, time, vocab)`` logits."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           targets.reshape(-1))
+
+
+def char_lm_problem(steps: int = 300, quick: bool = False, target: float = 2.6) -> NNProblem:
+    """A 2-layer character-level transformer (d_model 128) on the Python standard library's
+    own source text; eval = validation loss in nats per character."""
+    from curvlab.bench.problems.char_lm import char_batch, char_lm_model, load_char_corpus
+
+    train, val, vocab = load_char_corpus(max_chars=300_000 if quick else 1_000_000)
+    seq = 32
+    gval = torch.Generator().manual_seed(1234)
+    val_batch = [char_batch(val, 128, seq, gval)][0]
+    d, layers = (64, 1) if quick else (128, 2)
+    return NNProblem(
+        "char_lm", lambda seed: char_lm_model(len(vocab), d, layers, 4, seq, seed),
+        lambda gen: char_batch(train, 32, seq, gen), val_batch, _SequenceCrossEntropy(),
+        target=target, steps=steps, eval_every=10)
 
 
 def _evaluate(model: nn.Module, problem: NNProblem) -> float:
@@ -58,13 +82,14 @@ def _evaluate(model: nn.Module, problem: NNProblem) -> float:
     return loss
 
 
-def train_run(problem: NNProblem, make_optimizer: Callable[[nn.Module, float], Any], lr: float,
-              seed: int, time_budget: float, progress: Callable[[float], None]
+def train_run(problem: NNProblem, make_optimizer: Callable[[nn.Module, float, str], Any],
+              lr: float, seed: int, time_budget: float, progress: Callable[[float], None]
               ) -> dict[str, Any]:
-    """Train and return ``{"status", "metrics", "series"}`` for the bench runner."""
+    """Train and return ``{"status", "metrics", "series"}`` for the bench runner;
+    ``make_optimizer(model, lr, problem_name)`` builds the optimizer."""
     torch.manual_seed(seed)
     model = problem.build(seed)
-    opt = make_optimizer(model, lr)
+    opt = make_optimizer(model, lr, problem.name)
     gen = torch.Generator().manual_seed(10_000 + seed)
     steps, times, losses = [0], [0.0], [_evaluate(model, problem)]
     train_time, status, step_times = 0.0, "ok", []

@@ -1,8 +1,9 @@
 """The optimizers ``curvlab bench`` compares, each with a declared learning-rate grid.
 
-Every entry builds an optimizer for a model at a learning rate; entries whose package is
-not installed report why and are skipped with a one-line notice. Grids are declared here,
-not tuned per run, and every optimizer gets the same step and time budget.
+Every entry builds an optimizer for ``(model, lr, problem name)``; entries whose package is
+not installed report why and are skipped with a one-line notice. Grids are declared here
+per problem, not tuned per run, and every optimizer gets the same step and time budget.
+Shampoo/SOAP entries (ours and peers) share one refresh frequency per problem.
 """
 
 from __future__ import annotations
@@ -15,17 +16,21 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OptimizerSpec", "REGISTRY", "available"]
+__all__ = ["OptimizerSpec", "REGISTRY", "available", "PairedOptimizer"]
+
+# digits: ~100-400 steps, bases refreshed every step; char LM: every 10 steps
+FREQ = {"digits_mlp": 1, "char_lm": 10}
+SOAP_BETAS = (0.9, 0.99)
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
     name: str
-    make: Callable[[nn.Module, float], Any]
-    lrs: tuple[float, ...]
-    quick_lrs: tuple[float, ...]
+    make: Callable[[nn.Module, float, str], Any]
+    lrs: dict[str, tuple[float, ...]]  # problem -> declared grid (absent: not run there)
     family: str  # "baseline", "curvlab" or "peer"
     requires: str | None = None  # importable module the entry needs
+    quick: bool = True  # part of --quick
 
     def missing(self) -> str | None:
         if self.requires and importlib.util.find_spec(self.requires) is None:
@@ -33,20 +38,133 @@ class OptimizerSpec:
         return None
 
 
-def _sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+class PairedOptimizer:
+    """Two optimizers stepped together (torch Muon for matrices + AdamW for the rest)."""
+
+    def __init__(self, first: torch.optim.Optimizer, second: torch.optim.Optimizer) -> None:
+        self.first, self.second = first, second
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.first.zero_grad(set_to_none)
+        self.second.zero_grad(set_to_none)
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.first.step()
+        self.second.step()
+        return loss
 
 
-def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+def _problem_freq(problem: str) -> int:
+    return FREQ.get(problem, 10)
 
 
-REGISTRY: dict[str, OptimizerSpec] = {
-    spec.name: spec for spec in [
-        OptimizerSpec("torch.SGD", _sgd, (0.03, 0.1, 0.3), (0.1,), "baseline"),
-        OptimizerSpec("torch.AdamW", _adamw, (1e-3, 3e-3, 1e-2), (3e-3,), "baseline"),
-    ]
-}
+def _sgd(m: nn.Module, lr: float, problem: str) -> Any:
+    return torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True)
+
+
+def _adamw(m: nn.Module, lr: float, problem: str) -> Any:
+    return torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
+
+
+def _shampoo(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import Shampoo
+
+    return Shampoo(m.parameters(), lr=lr, betas=(0.9, 0.99), epsilon=1e-12,
+                   precondition_frequency=_problem_freq(problem), start_preconditioning_step=1,
+                   max_preconditioner_dim=128, grafting="adam")
+
+
+def _soap(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import SOAP
+
+    return SOAP(m.parameters(), lr=lr, betas=SOAP_BETAS,
+                precondition_frequency=_problem_freq(problem), max_preconditioner_dim=128)
+
+
+def _muon(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import Muon, muon_param_groups
+
+    return Muon(muon_param_groups(m, lr=lr, adamw_lr=lr), lr=lr, adjust_lr="match_rms_adamw")
+
+
+def _torch_muon(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import muon_param_groups
+
+    matrices, rest = muon_param_groups(m)[:2]
+    return PairedOptimizer(
+        torch.optim.Muon(matrices["params"], lr=lr, weight_decay=0.0,
+                         adjust_lr_fn="match_rms_adamw"),
+        torch.optim.AdamW(rest["params"], lr=lr, weight_decay=0.0))
+
+
+def _kfac(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import KFAC
+
+    return KFAC(m, lr=lr)
+
+
+def _ekfac(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import KFAC
+
+    return KFAC(m, lr=lr, eigenvalue_correction=True)
+
+
+def _hessian_free(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import HessianFree
+
+    return HessianFree(m, nn.CrossEntropyLoss(), lr=lr, cg_max_iter=20)
+
+
+def _natural_gradient(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import NaturalGradient
+
+    return NaturalGradient(m, lr=lr, damping=0.1, cg_max_iter=20)
+
+
+def _po_soap(m: nn.Module, lr: float, problem: str) -> Any:
+    from pytorch_optimizer import SOAP as PeerSOAP
+
+    return PeerSOAP(m.parameters(), lr=lr, betas=SOAP_BETAS, weight_decay=0.0,
+                    precondition_frequency=_problem_freq(problem))
+
+
+def _po_shampoo(m: nn.Module, lr: float, problem: str) -> Any:
+    from pytorch_optimizer import ScalableShampoo
+    from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
+
+    return ScalableShampoo(m.parameters(), lr=lr, betas=(0.9, 0.99),
+                           start_preconditioning_step=1,
+                           preconditioning_compute_steps=_problem_freq(problem), block_size=128,
+                           graft_type=LayerWiseGrafting.RMSPROP)
+
+
+ADAM_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (1e-3, 3e-3, 1e-2)}
+MUON_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (3e-3, 1e-2, 2e-2)}
+KFAC_GRID = {"digits_mlp": (0.03, 0.1, 0.3)}
+
+REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
+    OptimizerSpec("torch.AdamW", _adamw, ADAM_GRID, "baseline"),
+    OptimizerSpec("torch.SGD", _sgd, {"digits_mlp": (0.03, 0.1, 0.3),
+                                      "char_lm": (0.1, 0.3, 1.0)}, "baseline"),
+    OptimizerSpec("curvlab.Shampoo", _shampoo, ADAM_GRID, "curvlab"),
+    OptimizerSpec("curvlab.SOAP", _soap, ADAM_GRID, "curvlab"),
+    OptimizerSpec("curvlab.Muon", _muon, MUON_GRID, "curvlab"),
+    OptimizerSpec("curvlab.KFAC", _kfac, KFAC_GRID, "curvlab"),
+    OptimizerSpec("curvlab.EKFAC", _ekfac, KFAC_GRID, "curvlab", quick=False),
+    OptimizerSpec("curvlab.HessianFree", _hessian_free, {"digits_mlp": (1.0,)}, "curvlab",
+                  quick=False),
+    OptimizerSpec("curvlab.NaturalGradient", _natural_gradient, {"digits_mlp": (0.3, 1.0)},
+                  "curvlab", quick=False),
+    OptimizerSpec("torch.Muon", _torch_muon, MUON_GRID, "peer", quick=False),
+    OptimizerSpec("pytorch-optimizer.SOAP", _po_soap, ADAM_GRID, "peer",
+                  requires="pytorch_optimizer", quick=False),
+    OptimizerSpec("pytorch-optimizer.ScalableShampoo", _po_shampoo, ADAM_GRID, "peer",
+                  requires="pytorch_optimizer", quick=False),
+]}
 
 
 def available(names: list[str] | None = None) -> tuple[list[OptimizerSpec], list[str]]:
@@ -57,5 +175,8 @@ def available(names: list[str] | None = None) -> tuple[list[OptimizerSpec], list
             raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(REGISTRY)}")
         spec = REGISTRY[name]
         reason = spec.missing()
-        (notices.append(reason) if reason else specs.append(spec))
+        if reason:
+            notices.append(reason)
+        else:
+            specs.append(spec)
     return specs, notices

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from curvlab.bench.nn import NNProblem, digits_mlp_problem, train_run
+from curvlab.bench.nn import NNProblem, char_lm_problem, digits_mlp_problem, train_run
 from curvlab.bench.optimizers import available
 from curvlab.bench.runner import Task
 
@@ -25,15 +25,20 @@ class SuiteOptions:
 def _nn_problems(opts: SuiteOptions) -> list[NNProblem]:
     if opts.quick:
         return [digits_mlp_problem(steps=150)]
-    return [digits_mlp_problem(steps=600)]
+    return [digits_mlp_problem(steps=600), char_lm_problem(steps=300)]
 
 
 def _nn_tasks(opts: SuiteOptions) -> tuple[list[Task], list[str]]:
     specs, notices = available()
+    if opts.quick:
+        specs = [s for s in specs if s.quick]
     tasks = []
     for problem in _nn_problems(opts):
         for spec in specs:
-            for lr in (spec.quick_lrs if opts.quick else spec.lrs):
+            grid = spec.lrs.get(problem.name, ())
+            if opts.quick and grid:
+                grid = (grid[len(grid) // 2],)  # the middle of the declared grid
+            for lr in grid:
                 for seed in range(opts.seeds):
                     def fn(progress: Any, problem=problem, spec=spec, lr=lr, seed=seed):
                         return train_run(problem, spec.make, lr, seed, opts.time_budget,

@@ -14,9 +14,13 @@ admits a plain Cholesky factorization (checked first with ``cholesky_ex``).
 * ``method="gmw"``: Gill, Murray & Wright, *Practical Optimization* (1981), Sec. 4.4.2.2,
   in the LDL^T form of N&W Alg. 3.4 (no pivoting): ``d_j = max(|c_jj|, (theta_j / beta)^2,
   delta)``, ``l_ij = c_ij / d_j`` with ``beta^2 = max(gamma, xi / sqrt(n^2 - 1), eps)``,
-  ``delta = eps * max(gamma + xi, 1)``; ``A + diag(E) = L L^T``. The bound on ``E`` does
-  not bound the conditioning of ``L``: on the Rosenbrock Hessian at ``x = 0.5`` (n = 100)
-  ``L L^T`` has an eigenvalue ~1e-14, which is why it is not the default.
+  ``delta = sqrt(eps) * max(gamma + xi, 1)``; ``A + diag(E) = L L^T``. The book's
+  ``delta = eps * max(gamma + xi, 1)`` leaves ``L L^T`` singular to working precision
+  whenever ``c_jj`` cancels exactly (e.g. ``[[0.19, -0.85], [-0.85, 2.45]]``, where
+  ``beta^2 = a_22`` and ``c_22 = 0``), so the floor is ``sqrt(eps)`` relative, as for
+  Cheng-Higham. The bound on ``E`` does not bound the conditioning of ``L`` (on the
+  Rosenbrock Hessian at ``x = 0.5``, n = 100, it is poor), which is why it is not the
+  default.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def _gmw(A: torch.Tensor, delta: float | None) -> ModifiedCholesky:
     gamma = diag.abs().max()
     off = (A - torch.diag(diag)).abs().max() if n > 1 else zero
     beta2 = torch.clamp(torch.maximum(gamma, off / max(1.0, math.sqrt(n * n - 1.0))), min=eps)
-    delta_t = (eps * torch.clamp(gamma + off, min=1.0) if delta is None
+    delta_t = (math.sqrt(eps) * torch.clamp(gamma + off, min=1.0) if delta is None
                else torch.as_tensor(delta, dtype=A.dtype, device=A.device))
     Lu = torch.zeros_like(A)  # unit lower triangular
     d = torch.zeros(n, dtype=A.dtype, device=A.device)
