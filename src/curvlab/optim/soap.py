@@ -22,7 +22,9 @@ momentum rotated into the others meets a near-zero second moment (measured: dive
 ``precondition_frequency=1``). Order-k blocks rotate every mode. Parameters with one
 non-trivial dimension or more than ``diagonal_threshold`` elements run plain Adam; so does
 every step up to ``start_preconditioning_step`` (bases start at the identity; the first
-refresh happens after that step's update and keeps ``v`` as accumulated).
+refresh happens after that step's update and carries ``v`` over as
+``v <- (Q_L o Q_L)^T v (Q_R o Q_R)``, the second moments of the rotated coordinates if the
+old ones were uncorrelated).
 
 Reference: Vyas et al. (2024), "SOAP: Improving and stabilizing Shampoo using Adam",
 Alg. 3-4.
@@ -192,11 +194,14 @@ class SOAP(BlockedPreconditionerOptimizer):
         def fn_qr(F: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
             return eigenbasis_qr_refresh(F, Q, compute_dtype=F.dtype)
 
+        first = not bool(st["has_basis"].any())
         for i in range(order):
             F, Q = st[f"F{i}"], st[f"Q{i}"]
             ident = torch.arange(Q.shape[-1], device=Q.device).expand(Q.shape[0], -1)
             if use_eigh:
                 (Qn, perm), failed = guarded_batched(fn_eigh, (F,), (Q, ident))
+                if first:  # v was accumulated in the identity basis: v <- (Q o Q)^T v
+                    st["v"].copy_(mode_product(st["v"], Qn * Qn, i, transpose=True))
             else:
                 (Qn, perm), failed = guarded_batched(fn_qr, (F, Q), (Q, ident))
                 # v follows its coordinates to their new positions along mode i
