@@ -29,12 +29,15 @@ class OptimizerSpec:
     make: Callable[[nn.Module, float, str], Any]
     lrs: dict[str, tuple[float, ...]]  # problem -> declared grid (absent: not run there)
     family: str  # "baseline", "curvlab" or "peer"
+    algorithm: str  # for "fastest implementation of the same algorithm" comparisons
     requires: str | None = None  # importable module the entry needs
     quick: bool = True  # part of --quick
+    note: str = ""
 
     def missing(self) -> str | None:
         if self.requires and importlib.util.find_spec(self.requires) is None:
-            return f"{self.name}: '{self.requires}' is not installed (pip install -e '.[bench]')"
+            how = self.note or "pip install -e '.[bench]'"
+            return f"{self.name}: '{self.requires}' is not installed ({how})"
         return None
 
 
@@ -132,7 +135,23 @@ def _po_soap(m: nn.Module, lr: float, problem: str) -> Any:
                     precondition_frequency=_problem_freq(problem))
 
 
+def _hb_soap(m: nn.Module, lr: float, problem: str) -> Any:
+    import heavyball
+    import heavyball.utils
+
+    heavyball.utils.compile_mode = None
+    return heavyball.SOAP(m.parameters(), lr=lr, betas=SOAP_BETAS, weight_decay=0.0,
+                          precondition_frequency=_problem_freq(problem), compile_step=False,
+                          use_precond_schedule=False)
+
+
 def _po_shampoo(m: nn.Module, lr: float, problem: str) -> Any:
+    from pytorch_optimizer import Shampoo as PeerShampoo
+
+    return PeerShampoo(m.parameters(), lr=lr, preconditioning_compute_steps=_problem_freq(problem))
+
+
+def _po_scalable(m: nn.Module, lr: float, problem: str) -> Any:
     from pytorch_optimizer import ScalableShampoo
     from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
 
@@ -147,23 +166,32 @@ MUON_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (3e-3, 1e-2, 2e-2)}
 KFAC_GRID = {"digits_mlp": (0.03, 0.1, 0.3)}
 
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
-    OptimizerSpec("torch.AdamW", _adamw, ADAM_GRID, "baseline"),
+    OptimizerSpec("torch.AdamW", _adamw, ADAM_GRID, "baseline", "adamw"),
     OptimizerSpec("torch.SGD", _sgd, {"digits_mlp": (0.03, 0.1, 0.3),
-                                      "char_lm": (0.1, 0.3, 1.0)}, "baseline"),
-    OptimizerSpec("curvlab.Shampoo", _shampoo, ADAM_GRID, "curvlab"),
-    OptimizerSpec("curvlab.SOAP", _soap, ADAM_GRID, "curvlab"),
-    OptimizerSpec("curvlab.Muon", _muon, MUON_GRID, "curvlab"),
-    OptimizerSpec("curvlab.KFAC", _kfac, KFAC_GRID, "curvlab"),
-    OptimizerSpec("curvlab.EKFAC", _ekfac, KFAC_GRID, "curvlab", quick=False),
+                                      "char_lm": (0.1, 0.3, 1.0)}, "baseline", "sgd"),
+    OptimizerSpec("curvlab.Shampoo", _shampoo, ADAM_GRID, "curvlab", "shampoo"),
+    OptimizerSpec("curvlab.SOAP", _soap, ADAM_GRID, "curvlab", "soap"),
+    OptimizerSpec("curvlab.Muon", _muon, MUON_GRID, "curvlab", "muon"),
+    OptimizerSpec("curvlab.KFAC", _kfac, KFAC_GRID, "curvlab", "kfac"),
+    OptimizerSpec("curvlab.EKFAC", _ekfac, KFAC_GRID, "curvlab", "ekfac", quick=False),
     OptimizerSpec("curvlab.HessianFree", _hessian_free, {"digits_mlp": (1.0,)}, "curvlab",
-                  quick=False),
+                  "hessian-free", quick=False),
     OptimizerSpec("curvlab.NaturalGradient", _natural_gradient, {"digits_mlp": (0.3, 1.0)},
-                  "curvlab", quick=False),
-    OptimizerSpec("torch.Muon", _torch_muon, MUON_GRID, "peer", quick=False),
-    OptimizerSpec("pytorch-optimizer.SOAP", _po_soap, ADAM_GRID, "peer",
+                  "curvlab", "natural-gradient", quick=False, note="small models only"),
+    OptimizerSpec("torch.Muon", _torch_muon, MUON_GRID, "peer", "muon", quick=False,
+                  note="+ torch AdamW for non-matrix parameters"),
+    OptimizerSpec("pytorch-optimizer.SOAP", _po_soap, ADAM_GRID, "peer", "soap",
                   requires="pytorch_optimizer", quick=False),
-    OptimizerSpec("pytorch-optimizer.ScalableShampoo", _po_shampoo, ADAM_GRID, "peer",
-                  requires="pytorch_optimizer", quick=False),
+    # uncompiled heavyball costs ~20x AdamW's step on the transformer: digits only
+    OptimizerSpec("heavyball.SOAP", _hb_soap, {"digits_mlp": ADAM_GRID["digits_mlp"]}, "peer",
+                  "soap", requires="heavyball", quick=False, note="uncompiled"),
+    OptimizerSpec("pytorch-optimizer.Shampoo", _po_shampoo,
+                  {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3)}, "peer",
+                  "shampoo", requires="pytorch_optimizer", quick=False),
+    OptimizerSpec("pytorch-optimizer.ScalableShampoo", _po_scalable, ADAM_GRID, "peer",
+                  "shampoo", requires="pytorch_optimizer", quick=False),
+    OptimizerSpec("DistributedShampoo", lambda m, lr, p: None, ADAM_GRID, "peer", "shampoo",
+                  requires="distributed_shampoo", quick=False, note="not installable from PyPI"),
 ]}
 
 
