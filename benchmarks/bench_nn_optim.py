@@ -45,7 +45,7 @@ from torch import nn
 
 from curvlab.bench.problems.char_lm import char_batch, char_lm_loss, char_lm_model, load_char_corpus
 from curvlab.bench.problems.digits import digits_mlp, load_digits_tensors
-from curvlab.optim import SOAP, Muon, Shampoo, muon_param_groups
+from curvlab.optim import KFAC, SOAP, Muon, Shampoo, muon_param_groups
 
 
 # ------------------------------------------------------------------------------- tasks
@@ -210,6 +210,18 @@ REGISTRY: list[Entry] = [
           requires="pytorch_optimizer"),
     Entry("Distributed Shampoo", "shampoo", lambda m, lr, t: None, PRECOND_GRID,
           requires="distributed_shampoo", note="not installable from PyPI"),
+]
+
+
+# curvature-based optimizers (K-FAC at its documented default damping 0.03, KL clip 1e-2);
+# HessianFree and NaturalGradient need step(closure): benchmarks/bench_curvature_optim.py
+KFAC_GRID = {"digits": [0.03, 0.1, 0.3], "charlm": [0.03, 0.1, 0.3]}
+REGISTRY += [
+    Entry("curvlab KFAC", "kfac", lambda m, lr, t: KFAC(m, lr=lr), KFAC_GRID, curvlab=True),
+    Entry("curvlab EKFAC", "kfac", lambda m, lr, t: KFAC(m, lr=lr, eigenvalue_correction=True),
+          KFAC_GRID, curvlab=True),
+    Entry("kfac-pytorch", "kfac", lambda m, lr, t: None, KFAC_GRID, requires="kfac",
+          note="not installable from the package index here"),
 ]
 
 

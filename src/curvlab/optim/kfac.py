@@ -29,8 +29,12 @@ single-process random stream); ``adaptive_damping`` is not supported with a proc
 
 Parameters of other modules (LayerNorm, embeddings, grouped convolutions, ...) are not
 Kronecker-factored; they get the documented ``fallback``: ``"sgd"`` (the raw gradient,
-default) or ``"adam"`` (a diagonal Adam-style direction ``g / (sqrt(v_hat) + eps)``). Both
-go through the same KL clipping and momentum.
+default) or ``"adam"`` (a diagonal Adam-style direction ``m_hat / (sqrt(v_hat) + eps)``).
+Both go through the same KL clipping and momentum. The Adam direction and the
+non-finite checks come from the shared preconditioner core
+(:mod:`curvlab.optim._preconditioner`); its blocked optimizer base does not fit K-FAC,
+whose statistics come from layer hooks (activations and output gradients of a joined
+``[W | b]`` block), not from gradient blocks.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from curvlab.linops._kronecker import (
     input_factor,
 )
 from curvlab.optim._distributed import Timings, lpt_schedule, reject_dtensors
+from curvlab.optim._preconditioner import graft_direction, max_abs
 
 __all__ = ["KFAC"]
 
@@ -496,7 +501,7 @@ class KFAC(torch.optim.Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if loss is not None:
             grads.append(torch.as_tensor(loss).detach().reshape(1))
-        if not _all_finite(grads):
+        if not _finite(grads):
             self._nonfinite("gradient or loss")
             return loss
         k = self._step
@@ -510,7 +515,7 @@ class KFAC(torch.optim.Optimizer):
                 calls = self._collect()
             if calls is not None:
                 new = self._new_factors(calls)
-                if not _all_finite([t for item in new if item is not None
+                if not _finite([t for item in new if item is not None
                                     for t in item[:2]]):
                     self._nonfinite("curvature statistics")
                     return loss
@@ -596,7 +601,7 @@ class KFAC(torch.optim.Optimizer):
                 if group["momentum"] and buf is not None:
                     d = buf * group["momentum"] + d
                 updates.append((p, d, group))
-        if not _all_finite([d for _, d, _ in updates]):
+        if not _finite([d for _, d, _ in updates]):
             self._nonfinite("update")
             return loss
         saved = None
@@ -625,11 +630,9 @@ class KFAC(torch.optim.Optimizer):
             st["adam_step"] = 0
         st["adam_step"] += 1
         st["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
-        st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
         t = st["adam_step"]
-        m_hat = st["exp_avg"] / (1 - b1 ** t)
-        v_hat = st["exp_avg_sq"] / (1 - b2 ** t)
-        return m_hat / (v_hat.sqrt() + self.eps)
+        return graft_direction("adam", st["exp_avg"] / (1 - b1 ** t), p.grad, st["exp_avg_sq"],
+                               t, b2, self.eps)
 
     def _adapt_now(self, closure: Any) -> bool:
         return (self.adaptive_damping and closure is not None
@@ -679,13 +682,9 @@ class KFAC(torch.optim.Optimizer):
         self.stats.update(rho=rho, damping=[g["damping"] for g in self.param_groups])
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """One synchronizing check that every entry of every tensor is finite."""
-    if not tensors:
-        return True
-    norms = torch._foreach_norm([t if t.is_floating_point() else t.float() for t in tensors],
-                                math.inf)
-    return bool(torch.isfinite(torch.stack(norms)).all())
+def _finite(tensors: list[torch.Tensor]) -> bool:
+    """Every entry of every tensor is finite (one host sync, the core's ``max_abs``)."""
+    return not tensors or math.isfinite(max_abs(tensors))
 
 
 def _positive(**values: float) -> None:
