@@ -37,15 +37,15 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from curvlab.bench.optimizers import REGISTRY as OPTIMIZERS
 from curvlab.bench.problems.char_lm import char_batch, char_lm_loss, char_lm_model, load_char_corpus
 from curvlab.bench.problems.digits import digits_mlp, load_digits_tensors
-from curvlab.optim import KFAC, SOAP, Muon, Shampoo, muon_param_groups
 
 
 # ------------------------------------------------------------------------------- tasks
@@ -76,7 +76,7 @@ def digits_task(quick: bool) -> Task:
         with torch.no_grad():
             return ce(model(X), y).item()
 
-    return Task("digits", lambda seed: digits_mlp(seed=seed), batch,
+    return Task("digits_mlp", lambda seed: digits_mlp(seed=seed), batch,
                 lambda m, a, b: ce(m(a), b), evaluate, target=None,
                 steps=40 if quick else 60, eval_every=5)
 
@@ -92,7 +92,7 @@ def charlm_task(quick: bool) -> Task:
         with torch.no_grad():
             return sum(char_lm_loss(model, a, b).item() for a, b in vbatches) / len(vbatches)
 
-    return Task("charlm", lambda seed: char_lm_model(len(vocab), d, layers, 4, seq, seed),
+    return Task("char_lm", lambda seed: char_lm_model(len(vocab), d, layers, 4, seq, seed),
                 lambda gen: char_batch(train, 16 if quick else 32, seq, gen), char_lm_loss,
                 evaluate, target=None, steps=30 if quick else 160, eval_every=5 if quick else 10)
 
@@ -100,6 +100,11 @@ def charlm_task(quick: bool) -> Task:
 # ------------------------------------------------------------------------------- registry
 @dataclass
 class Entry:
+    """A registry entry of :mod:`curvlab.bench.optimizers` in this script's terms (the
+    optimizers, their factories and declared grids live there, shared with
+    ``curvlab bench``). Entries that need ``step(closure)`` (Hessian-free, natural gradient)
+    are compared in ``benchmarks/bench_curvature_optim.py`` instead."""
+
     name: str
     family: str  # algorithm, for "fastest peer of the same algorithm"
     factory: Callable[[nn.Module, float, str], object]  # (model, lr, task name)
@@ -107,122 +112,14 @@ class Entry:
     requires: str | None = None
     curvlab: bool = False
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
 
-class _Pair:
-    """Two optimizers stepped together (Muon for matrices + AdamW for the rest)."""
-
-    def __init__(self, a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
-        self.a, self.b = a, b
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.a.zero_grad(set_to_none)
-        self.b.zero_grad(set_to_none)
-
-    def step(self) -> None:
-        self.a.step()
-        self.b.step()
-
-
-def _torch_muon(model: nn.Module, lr: float, task: str) -> _Pair:
-    groups = muon_param_groups(model)
-    return _Pair(torch.optim.Muon(groups[0]["params"], lr=lr, weight_decay=0.0,
-                                  adjust_lr_fn="match_rms_adamw"),
-                 torch.optim.AdamW(groups[1]["params"], lr=lr, weight_decay=0.0))
-
-
-# Refresh frequency of every Shampoo/SOAP entry (ours and peers alike): the digits run is
-# ~100 steps, so bases are refreshed every step; the transformer refreshes every 10 steps.
-FREQ = {"digits": 1, "charlm": 10}
-SOAP_BETAS = (0.9, 0.99)
-
-
-def _hb_soap(model: nn.Module, lr: float, task: str) -> object:
-    import heavyball
-    import heavyball.utils
-
-    heavyball.utils.compile_mode = None
-    return heavyball.SOAP(model.parameters(), lr=lr, betas=SOAP_BETAS, weight_decay=0.0,
-                          precondition_frequency=FREQ[task], compile_step=False,
-                          use_precond_schedule=False)
-
-
-def _po_soap(model: nn.Module, lr: float, task: str) -> object:
-    from pytorch_optimizer import SOAP as PoSOAP
-
-    return PoSOAP(model.parameters(), lr=lr, betas=SOAP_BETAS, weight_decay=0.0,
-                  precondition_frequency=FREQ[task])
-
-
-def _po_shampoo(model: nn.Module, lr: float, task: str) -> object:
-    from pytorch_optimizer import Shampoo as PoShampoo
-
-    return PoShampoo(model.parameters(), lr=lr, preconditioning_compute_steps=FREQ[task])
-
-
-def _po_scalable(model: nn.Module, lr: float, task: str) -> object:
-    from pytorch_optimizer import ScalableShampoo
-    from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
-
-    return ScalableShampoo(model.parameters(), lr=lr, betas=(0.9, 0.99),
-                           start_preconditioning_step=1, preconditioning_compute_steps=FREQ[task],
-                           block_size=128, graft_type=LayerWiseGrafting.RMSPROP)
-
-
-def _curvlab_shampoo(model: nn.Module, lr: float, task: str) -> Shampoo:
-    return Shampoo(model.parameters(), lr=lr, betas=(0.9, 0.99), epsilon=1e-12,
-                   precondition_frequency=FREQ[task], start_preconditioning_step=1,
-                   max_preconditioner_dim=128, grafting="adam")
-
-
-def _curvlab_soap(model: nn.Module, lr: float, task: str) -> SOAP:
-    return SOAP(model.parameters(), lr=lr, betas=SOAP_BETAS, precondition_frequency=FREQ[task],
-                max_preconditioner_dim=128)
-
-
-def _curvlab_muon(model: nn.Module, lr: float, task: str) -> Muon:
-    return Muon(muon_param_groups(model, lr=lr, adamw_lr=lr), lr=lr, adjust_lr="match_rms_adamw")
-
-
-ADAM_GRID = {"digits": [3e-3, 1e-2, 2e-2], "charlm": [1e-3, 3e-3, 1e-2]}
-PRECOND_GRID = {"digits": [3e-3, 1e-2, 2e-2], "charlm": [1e-3, 3e-3, 1e-2]}
-MUON_GRID = {"digits": [3e-3, 1e-2, 2e-2], "charlm": [3e-3, 1e-2, 2e-2]}
 REGISTRY: list[Entry] = [
-    Entry("torch AdamW", "adamw",
-          lambda m, lr, t: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0),
-          ADAM_GRID),
-    Entry("torch SGD", "sgd",
-          lambda m, lr, t: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True),
-          {"digits": [0.03, 0.1, 0.3], "charlm": [0.1, 0.3, 1.0]}),
-    Entry("curvlab Shampoo", "shampoo", _curvlab_shampoo, PRECOND_GRID, curvlab=True),
-    Entry("curvlab SOAP", "soap", _curvlab_soap, PRECOND_GRID, curvlab=True),
-    Entry("curvlab Muon", "muon", _curvlab_muon, MUON_GRID, curvlab=True),
-    Entry("torch Muon", "muon", _torch_muon, MUON_GRID, note="+ torch AdamW for non-matrix"),
-    Entry("pytorch-optimizer SOAP", "soap", _po_soap, PRECOND_GRID, requires="pytorch_optimizer"),
-    # uncompiled heavyball is ~20x AdamW's step on the transformer: digits only, to fit the
-    # benchmark's time budget (pytorch-optimizer SOAP is the transformer's SOAP peer)
-    Entry("heavyball SOAP", "soap", _hb_soap, {"digits": PRECOND_GRID["digits"]},
-          requires="heavyball", note="uncompiled"),
-    Entry("pytorch-optimizer Shampoo", "shampoo", _po_shampoo,
-          {"digits": [0.03, 0.1, 0.3], "charlm": [0.03, 0.1, 0.3]}, requires="pytorch_optimizer"),
-    Entry("pytorch-optimizer ScalableShampoo", "shampoo", _po_scalable, PRECOND_GRID,
-          requires="pytorch_optimizer"),
-    Entry("Distributed Shampoo", "shampoo", lambda m, lr, t: None, PRECOND_GRID,
-          requires="distributed_shampoo", note="not installable from PyPI"),
-]
-
-
-# curvature-based optimizers (K-FAC at its documented default damping 0.03, KL clip 1e-2);
-# HessianFree and NaturalGradient need step(closure): benchmarks/bench_curvature_optim.py
-KFAC_GRID = {"digits": [0.03, 0.1, 0.3], "charlm": [0.03, 0.1, 0.3]}
-REGISTRY += [
-    Entry("curvlab KFAC", "kfac", lambda m, lr, t: KFAC(m, lr=lr), KFAC_GRID, curvlab=True),
-    Entry("curvlab EKFAC", "kfac", lambda m, lr, t: KFAC(m, lr=lr, eigenvalue_correction=True),
-          KFAC_GRID, curvlab=True),
-    Entry("kfac-pytorch", "kfac", lambda m, lr, t: None, KFAC_GRID, requires="kfac",
-          note="not installable from the package index here"),
-]
+    Entry(spec.name, spec.algorithm, spec.make, {k: list(v) for k, v in spec.lrs.items()},
+          spec.requires, spec.family == "curvlab", spec.note)
+    for spec in OPTIMIZERS.values() if spec.algorithm not in ("hessian-free", "natural-gradient")
+] + [Entry("kfac-pytorch", "kfac", lambda m, lr, t: None, {}, requires="kfac",
+           note="not installable from the package index here")]
 
 
 # ------------------------------------------------------------------------------- running
@@ -384,7 +281,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="digits,charlm")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated optimizer names (substrings)")
-    ap.add_argument("--out", default="bench_nn_optim.json")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_nn_optim.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = [0] if args.quick else list(range(args.seeds))
@@ -417,6 +314,7 @@ def main() -> None:
     print_table(rows, step_ms)
     out = {"rows": rows, "step_time_s": {f"{t}/{o}": v for (t, o), v in step_ms.items()},
            "seeds": seeds, "quick": args.quick, "torch": torch.__version__}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1, default=str))
     print(f"\nwrote {args.out}")
 

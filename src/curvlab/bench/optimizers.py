@@ -163,7 +163,7 @@ def _po_scalable(m: nn.Module, lr: float, problem: str) -> Any:
 
 ADAM_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (1e-3, 3e-3, 1e-2)}
 MUON_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (3e-3, 1e-2, 2e-2)}
-KFAC_GRID = {"digits_mlp": (0.03, 0.1, 0.3)}
+KFAC_GRID = {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3)}
 
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("torch.AdamW", _adamw, ADAM_GRID, "baseline", "adamw"),
