@@ -257,7 +257,7 @@ def _nn_plots(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list
 
 def _rosenbrock_plot(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     paths = [(r["method"], r["series"]["path"]) for r in records
-             if r["problem"] == "rosenbrock_2" and r.get("series", {}).get("path")]
+             if r["problem"] == "Rosenbrock (n=2)" and len(r.get("series", {}).get("path", [])) > 1]
     if not paths:
         return []
     import matplotlib
