@@ -33,6 +33,7 @@ from torch import nn
 from curvlab.linops.ggn import GGNOperator
 from curvlab.objective import Objective
 from curvlab.optim._batch_capture import InputRecorder
+from curvlab.optim._rng_state import GeneratorStateMixin
 
 __all__ = ["HessianFree"]
 
@@ -47,7 +48,7 @@ def _batch_size(X: Any) -> int:
     return int(X.shape[0])
 
 
-class HessianFree(torch.optim.Optimizer):
+class HessianFree(GeneratorStateMixin, torch.optim.Optimizer):
     """Hessian-free optimizer: ``opt.step(closure)`` or ``opt.step(batch=(inputs, targets))``.
 
     ``batch`` gives the data of the Gauss-Newton products and of the loss evaluations of
@@ -79,6 +80,8 @@ class HessianFree(torch.optim.Optimizer):
     ``opt.stats``: ``cg_iterations``, ``damping``, ``rho``, ``alpha``, ``loss``,
     ``new_loss``, ``rejected_steps``, ``skipped_steps``.
     """
+
+    _global_key = _GLOBAL
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], lr: float = 1.0,
                  damping: float = 1.0, *, params: Iterable[Any] | None = None,
@@ -120,21 +123,6 @@ class HessianFree(torch.optim.Optimizer):
         self.stats: dict[str, Any] = {"rejected_steps": 0, "skipped_steps": 0}
         self._generator = torch.Generator().manual_seed(seed)
         self._recorder = InputRecorder(model, self)
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["state"][_GLOBAL] = {**sd["state"][_GLOBAL], "rng": self._generator.get_state()}
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        state_dict["state"] = dict(state_dict["state"])
-        glob = dict(state_dict["state"][_GLOBAL])
-        rng = glob.pop("rng", None)
-        state_dict["state"][_GLOBAL] = glob
-        super().load_state_dict(state_dict)
-        if rng is not None:
-            self._generator.set_state(rng)
 
     @property
     def damping(self) -> float:

@@ -62,6 +62,7 @@ from curvlab.linops._kronecker import (
 )
 from curvlab.optim._distributed import Timings, lpt_schedule, reject_dtensors
 from curvlab.optim._preconditioner import graft_direction, max_abs
+from curvlab.optim._rng_state import GeneratorStateMixin
 
 __all__ = ["KFAC"]
 
@@ -70,7 +71,7 @@ logger = logging.getLogger(__name__)
 _GLOBAL = "kfac"  # key of the optimizer-wide counters in self.state
 
 
-class KFAC(torch.optim.Optimizer):
+class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
     """K-FAC / EKFAC optimizer; hooks the Linear and Conv2d layers of ``model``.
 
     Usage::
@@ -125,6 +126,8 @@ class KFAC(torch.optim.Optimizer):
     ``condition_numbers`` (per layer, of A and G, at the last inverse update),
     ``skipped_steps``, ``eigh_failures``, ``rho`` (adaptive damping).
     """
+
+    _global_key = _GLOBAL
 
     def __init__(
         self,
@@ -291,20 +294,8 @@ class KFAC(torch.optim.Optimizer):
         self._capture.remove()
         self._pre_hook.remove()
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["state"][_GLOBAL] = {**sd["state"][_GLOBAL], "rng": self._generator.get_state()}
-        return sd
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        state_dict["state"] = dict(state_dict["state"])
-        glob = dict(state_dict["state"][_GLOBAL])
-        rng = glob.pop("rng", None)
-        state_dict["state"][_GLOBAL] = glob
         super().load_state_dict(state_dict)
-        if rng is not None:
-            self._generator.set_state(rng)
         self._clear()
 
     # ---- statistics -----------------------------------------------------------------

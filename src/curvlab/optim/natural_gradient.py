@@ -29,6 +29,7 @@ from torch import nn
 from curvlab.linalg.cg import cg
 from curvlab.objective import Objective
 from curvlab.optim._batch_capture import InputRecorder
+from curvlab.optim._rng_state import GeneratorStateMixin
 
 __all__ = ["NaturalGradient"]
 
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 _GLOBAL = "natural_gradient"
 
 
-class NaturalGradient(torch.optim.Optimizer):
+class NaturalGradient(GeneratorStateMixin, torch.optim.Optimizer):
     """Natural gradient with a damped-CG solve: ``opt.step(closure, batch=(inputs, targets))``.
 
     Args:
@@ -62,6 +63,8 @@ class NaturalGradient(torch.optim.Optimizer):
     Fisher is built on the inputs of the closure's forward pass. ``opt.stats``:
     ``cg_iterations``, ``cg_residual``, ``damping``, ``skipped_steps``.
     """
+
+    _global_key = _GLOBAL
 
     def __init__(self, model: nn.Module, lr: float = 1.0, damping: float = 1e-3, *,
                  loss_fn: Any = None, fisher_type: str = "exact", mc_samples: int = 1,
@@ -98,21 +101,6 @@ class NaturalGradient(torch.optim.Optimizer):
         self._recorder = InputRecorder(model, self)
         self.state[_GLOBAL] = {"step": 0}
         self.stats: dict[str, Any] = {"skipped_steps": 0}
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["state"][_GLOBAL] = {**sd["state"][_GLOBAL], "rng": self._generator.get_state()}
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        state_dict["state"] = dict(state_dict["state"])
-        glob = dict(state_dict["state"][_GLOBAL])
-        rng = glob.pop("rng", None)
-        state_dict["state"][_GLOBAL] = glob
-        super().load_state_dict(state_dict)
-        if rng is not None:
-            self._generator.set_state(rng)
 
     def fisher(self, batch: Any) -> Any:
         """The curvlab Fisher operator of the current parameters on ``batch``."""
