@@ -300,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", default="all", choices=("classical", "nn", "curvature", "all"))
     bench.add_argument("--quick", action="store_true", help="small grids and budgets")
     bench.add_argument("--seeds", type=int, default=None, help="seeds per configuration")
-    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--device", default="cpu",
+                       help="cpu or cuda: where the nn suite trains (the classical suite runs "
+                            "float64 on the CPU, like its scipy peers)")
     bench.add_argument("--out", default="curvlab-bench", help="output folder")
     bench.add_argument("--time-budget", type=float, default=None,
                        help="seconds of training per NN run")

@@ -73,28 +73,29 @@ def char_lm_problem(steps: int = 300, quick: bool = False, target: float = 2.6) 
         target=target, steps=steps, eval_every=10)
 
 
-def _evaluate(model: nn.Module, problem: NNProblem) -> float:
+def _evaluate(model: nn.Module, problem: NNProblem, device: str) -> float:
     was = model.training
     model.eval()
     with torch.no_grad():
-        loss = float(problem.loss_fn(model(problem.eval_batch[0]), problem.eval_batch[1]))
+        inputs, targets = (t.to(device) for t in problem.eval_batch)
+        loss = float(problem.loss_fn(model(inputs), targets))
     model.train(was)
     return loss
 
 
 def train_run(problem: NNProblem, make_optimizer: Callable[[nn.Module, float, str], Any],
-              lr: float, seed: int, time_budget: float, progress: Callable[[float], None]
-              ) -> dict[str, Any]:
-    """Train and return ``{"status", "metrics", "series"}`` for the bench runner;
-    ``make_optimizer(model, lr, problem_name)`` builds the optimizer."""
+              lr: float, seed: int, time_budget: float, progress: Callable[[float], None],
+              device: str = "cpu") -> dict[str, Any]:
+    """Train on ``device`` and return ``{"status", "metrics", "series"}`` for the bench
+    runner; ``make_optimizer(model, lr, problem_name)`` builds the optimizer."""
     torch.manual_seed(seed)
-    model = problem.build(seed)
+    model = problem.build(seed).to(device)
     opt = make_optimizer(model, lr, problem.name)
     gen = torch.Generator().manual_seed(10_000 + seed)
-    steps, times, losses = [0], [0.0], [_evaluate(model, problem)]
+    steps, times, losses = [0], [0.0], [_evaluate(model, problem, device)]
     train_time, status, step_times = 0.0, "ok", []
     for step in range(1, problem.steps + 1):
-        inputs, targets = problem.sample(gen)
+        inputs, targets = (t.to(device) for t in problem.sample(gen))
 
         def closure(inputs=inputs, targets=targets) -> torch.Tensor:
             opt.zero_grad()
@@ -110,7 +111,7 @@ def train_run(problem: NNProblem, make_optimizer: Callable[[nn.Module, float, st
         if loss is not None and not math.isfinite(float(loss.detach())):
             status = "diverged"
         if step % problem.eval_every == 0 or step == problem.steps or status != "ok":
-            value = _evaluate(model, problem)
+            value = _evaluate(model, problem, device)
             steps.append(step)
             times.append(train_time)
             losses.append(value)

@@ -42,7 +42,7 @@ def _nn_tasks(opts: SuiteOptions) -> tuple[list[Task], list[str]]:
                 for seed in range(opts.seeds):
                     def fn(progress: Any, problem=problem, spec=spec, lr=lr, seed=seed):
                         return train_run(problem, spec.make, lr, seed, opts.time_budget,
-                                         progress)
+                                         progress, opts.device)
 
                     tasks.append(Task("nn", problem.name, spec.name,
                                       {"lr": lr, "steps": problem.steps,
