@@ -9,7 +9,8 @@ module only adds the few pieces curvlab needs on top of it:
   is a single-process objective even when ``torch.distributed`` is initialized, so a
   rank never silently averages with others (or waits for them).
 * :func:`all_reduce_sum` and :func:`all_reduce_coalesced` (one flat buffer per bucket,
-  so many small tensors cost one collective each bucket instead of one each).
+  so many small tensors cost one collective each bucket instead of one each);
+  :func:`all_gather_single` (rank-ordered concatenation of equal-sized buffers).
 * :func:`synced_generator`: a ``torch.Generator`` seeded identically on every rank, so
   random probe vectors (Lanczos start vectors, Hutchinson probes) agree and the Krylov
   recurrences of all ranks stay in lockstep.
@@ -35,8 +36,9 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["resolve_group", "world_size", "rank", "comm_device", "all_reduce_sum",
-           "all_reduce_coalesced", "all_reduce_symmetric", "broadcast_coalesced",
-           "synced_generator", "check_same_across_ranks", "save_checkpoint", "load_checkpoint"]
+           "all_gather_single", "all_reduce_coalesced", "all_reduce_symmetric",
+           "broadcast_coalesced", "synced_generator", "check_same_across_ranks",
+           "save_checkpoint", "load_checkpoint"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2 ** 20  # DDP's default bucket size (25 MiB)
 
@@ -84,6 +86,13 @@ def all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     if group is not None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group: Any) -> None:
+    """Concatenation of every rank's flat ``tensor`` (equal sizes, rank order) into
+    ``output`` of ``world_size * tensor.numel()`` elements."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
 
 
 def _buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int) -> list[list[int]]:

@@ -5,12 +5,13 @@ imports torch costs seconds)."""
 import sys
 
 import scen_checkpoint
+import scen_collectives
 import scen_diagnostics
 import scen_optim
 from _launch import init, save
 
 SCENARIOS = {"diagnostics": scen_diagnostics, "optim": scen_optim,
-             "checkpoint": scen_checkpoint}
+             "checkpoint": scen_checkpoint, "collectives": scen_collectives}
 
 
 def main() -> None:

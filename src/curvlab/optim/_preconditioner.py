@@ -407,10 +407,8 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         collective), so the state is whole and identical on all ranks."""
         if not self._allgather:
             return
-        for k, g in enumerate(self._build()):
-            if not g.diagonal:
-                share_rows(list(g.state.values()), self._owners[k], self.process_group,
-                           self.timings)
+        share_rows([(v, self._owners[k]) for k, g in enumerate(self._build()) if not g.diagonal
+                    for v in g.state.values()], self.process_group, self.timings)
 
     # -- step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -469,8 +467,8 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                     ok = torch.isfinite(torch.linalg.vector_norm(D.flatten(1), dim=1))
                     self._nonfinite_blocks = self._nonfinite_blocks.to(ok.device) + (~ok).sum()
                     D = torch.where(ok.view(-1, *([1] * (D.ndim - 1))), D, torch.zeros_like(D))
-                if self._allgather:  # owners' rows, zeros elsewhere; summed below
-                    full = torch.zeros(len(with_grad), *g.shape, dtype=sdtype,
+                if self._allgather:  # owners' rows; the others arrive in share_rows below
+                    full = torch.empty(len(with_grad), *g.shape, dtype=sdtype,
                                        device=next(iter(g.state.values())).device)
                     if present:
                         full[[with_grad.index(i) for i in present]] = D
@@ -480,8 +478,9 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
             if st is not g.state:
                 self._write_substate(g, present, idx, st)
         if shared:
-            with self.timings.measure("communication"):
-                _dist.all_reduce_coalesced([D for _, _, D in shared], self.process_group)
+            owners = {id(g): self._owners[k] for k, g in enumerate(groups)}
+            share_rows([(D, [owners[id(g)][i] for i in with_grad]) for g, with_grad, D in shared],
+                       self.process_group, self.timings)
             for g, with_grad, D in shared:
                 self._scatter_blocks(g, with_grad, D, updates)
         for group in self.param_groups:

@@ -47,7 +47,7 @@ from torch.optim.adamw import adamw as _adamw_kernel
 
 from curvlab import distributed as _dist
 from curvlab.linalg.matfuncs import NS_QUINTIC_COEFFICIENTS, newton_schulz
-from curvlab.optim._distributed import Timings, lpt_schedule, newton_schulz_cost
+from curvlab.optim._distributed import Timings, lpt_schedule, newton_schulz_cost, share_rows
 from curvlab.optim._preconditioner import max_abs
 
 logger = logging.getLogger(__name__)
@@ -206,16 +206,15 @@ class Muon(torch.optim.Optimizer):
             # Newton–Schulz needs the whole matrix
             full = [_full(upd[i]).reshape(shape[0], -1) for i in idx]
             U = torch.stack([full[j] for j in mine]) if mine else None
-            O = torch.zeros(len(idx), *full[0].shape, dtype=pdtype, device=full[0].device)
+            O = torch.empty(len(idx), *full[0].shape, dtype=pdtype, device=full[0].device)
             if mine:
                 with self.timings.measure("precondition"):
                     O[mine] = newton_schulz(U, group["ns_steps"], group["ns_coefficients"],
                                             group["eps"], dtype=ns_dtype).to(pdtype)
-            results.append((shape, idx, O))
-        if pg is not None:  # owners' rows, zeros elsewhere: one all-reduce shares them all
-            with self.timings.measure("communication"):
-                _dist.all_reduce_coalesced([O for _, _, O in results], pg)
-        for shape, idx, O in results:
+            results.append((shape, idx, O, own))
+        # every rank receives the owners' rows (one all-gather)
+        share_rows([(O, own) for _, _, O, own in results], pg, self.timings)
+        for shape, idx, O, _ in results:
             torch._foreach_add_([ps[i] for i in idx],
                                 [_shard_like(o.view(shape), ps[i]) for i, o in
                                  zip(idx, O.unbind(0), strict=True)],
