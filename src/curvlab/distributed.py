@@ -10,7 +10,9 @@ module only adds the few pieces curvlab needs on top of it:
   rank never silently averages with others (or waits for them).
 * :func:`all_reduce_sum` and :func:`all_reduce_coalesced` (one flat buffer per bucket,
   so many small tensors cost one collective each bucket instead of one each);
-  :func:`all_gather_single` (rank-ordered concatenation of equal-sized buffers).
+  :func:`all_gather_single` (rank-ordered concatenation of equal-sized buffers);
+  :func:`gather_rows_to_owners` / :func:`scatter_rows_from_owners` (row-sharded matrices
+  assembled on one owner rank each and split back, one all-to-all each).
 * :func:`synced_generator`: a ``torch.Generator`` seeded identically on every rank, so
   random probe vectors (Lanczos start vectors, Hutchinson probes) agree and the Krylov
   recurrences of all ranks stay in lockstep.
@@ -36,7 +38,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["resolve_group", "world_size", "rank", "comm_device", "all_reduce_sum",
-           "all_gather_single", "all_reduce_coalesced", "all_reduce_symmetric",
+           "all_gather_single", "gather_rows_to_owners", "scatter_rows_from_owners",
+           "all_reduce_coalesced", "all_reduce_symmetric",
            "broadcast_coalesced", "synced_generator", "check_same_across_ranks",
            "save_checkpoint", "load_checkpoint"]
 
@@ -93,6 +96,59 @@ def all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group: Any) ->
     ``output`` of ``world_size * tensor.numel()`` elements."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(output, tensor, group=group)
+
+
+def gather_rows_to_owners(shards: Sequence[torch.Tensor], rows: Sequence[Sequence[int]],
+                          owners: Sequence[int], group: Any) -> dict[int, torch.Tensor]:
+    """Matrix ``k`` is split by rows over the ranks (``rows[k][r]`` rows on rank ``r``,
+    in rank order; this rank's part is ``shards[k]``, 2-D, one dtype): assemble each matrix
+    on its owner ``owners[k]`` only, with one all-to-all. Returns ``{k: matrix}`` for the
+    matrices this rank owns."""
+    world, me = world_size(group), rank(group)
+    send = [torch.cat([shards[k].reshape(-1) for k in range(len(shards)) if owners[k] == o]
+                      or [shards[0].new_empty(0)]) for o in range(world)]
+    cols = [s.shape[1] for s in shards]
+    mine = [k for k in range(len(shards)) if owners[k] == me]
+    out_splits = [sum(rows[k][r] * cols[k] for k in mine) for r in range(world)]
+    recv = shards[0].new_empty(sum(out_splits))
+    dist.all_to_all_single(recv, torch.cat(send), out_splits, [t.numel() for t in send],
+                           group=group)
+    pieces: dict[int, list[torch.Tensor]] = {k: [] for k in mine}
+    off = 0
+    for r in range(world):
+        for k in mine:
+            n = rows[k][r] * cols[k]
+            pieces[k].append(recv[off:off + n].view(rows[k][r], cols[k]))
+            off += n
+    return {k: torch.cat(p) for k, p in pieces.items()}
+
+
+def scatter_rows_from_owners(full: dict[int, torch.Tensor], rows: Sequence[Sequence[int]],
+                             owners: Sequence[int], cols: Sequence[int], group: Any,
+                             dtype: torch.dtype, device: Any) -> list[torch.Tensor]:
+    """The inverse of :func:`gather_rows_to_owners`: every owner splits its matrices
+    ``full[k]`` by ``rows[k]`` and each rank receives its rows of every matrix (one
+    all-to-all). Returns this rank's ``(rows[k][me], cols[k])`` part of every matrix."""
+    world, me = world_size(group), rank(group)
+    mine = sorted(full)
+    starts = {k: [sum(rows[k][:r]) for r in range(world)] for k in mine}
+    send = [full[k][starts[k][r]:starts[k][r] + rows[k][r]].reshape(-1)
+            for r in range(world) for k in mine]
+    in_splits = [sum(rows[k][r] * cols[k] for k in mine) for r in range(world)]
+    out_splits = [sum(rows[k][me] * cols[k] for k in range(len(owners)) if owners[k] == o)
+                  for o in range(world)]
+    recv = torch.empty(sum(out_splits), dtype=dtype, device=device)
+    send_flat = torch.cat(send) if send else recv.new_empty(0)
+    dist.all_to_all_single(recv, send_flat, out_splits, in_splits, group=group)
+    out: list[torch.Tensor | None] = [None] * len(owners)
+    off = 0
+    for o in range(world):
+        for k in range(len(owners)):
+            if owners[k] == o:
+                n = rows[k][me] * cols[k]
+                out[k] = recv[off:off + n].view(rows[k][me], cols[k])
+                off += n
+    return out  # type: ignore[return-value]
 
 
 def _buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int) -> list[list[int]]:

@@ -94,4 +94,5 @@ def run_fsdp(rank: int, world: int) -> dict:
             continue
         train(name, model, opt, range(STEPS), rank, world)
         res[f"fsdp/{name}"] = params(model)
+        res[f"fsdp_timings/{name}"] = dict(opt.timings)
     return res

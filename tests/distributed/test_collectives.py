@@ -1,8 +1,9 @@
-"""share_rows delivers every owner's rows to all ranks (2 gloo ranks)."""
+"""share_rows delivers every owner's rows to all ranks; row-sharded matrices are
+assembled on their owners only and split back (2 gloo ranks)."""
 
 import pytest
 import torch
-from scen_collectives import expected
+from scen_collectives import MATRICES, expected, matrix
 
 
 @pytest.fixture(scope="module")
@@ -16,3 +17,14 @@ def test_share_rows_gives_every_rank_the_owners_rows(results):
             assert got.dtype == want.dtype
             assert torch.equal(got, want)
         assert res["timings"]["communication"] > 0
+
+
+def test_rows_gather_on_the_owner_and_scatter_back(results):
+    for rank, res in enumerate(results):
+        owned = [k for k, (_, _, o) in enumerate(MATRICES) if o == rank]
+        assert sorted(res["gathered"]) == owned  # only the owner holds the whole matrix
+        for k in owned:
+            assert torch.equal(res["gathered"][k], matrix(k))
+        for shard, back in zip(res["shards"], res["scattered"], strict=True):
+            assert back.shape == shard.shape
+            assert torch.equal(back, 2 * shard)

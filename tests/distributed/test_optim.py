@@ -53,8 +53,10 @@ def test_work_is_split(dist_results, name):
 def test_fsdp2(dist_results):
     for res in dist_results:
         assert_params_equal(res["fsdp/muon"], single_process("muon"))
+        assert res["fsdp_timings/muon"]["communication"] > 0  # shards went to the owners
         for name in ("shampoo", "soap", "kfac"):
             assert "does not support DTensor parameters" in res[f"fsdp/{name}"]
+    assert all(res["fsdp_timings/muon"].get("precondition", 0) > 0 for res in dist_results)
 
 
 def test_lpt_schedule_balances():

@@ -26,9 +26,11 @@ Data parallel (``process_group``): under DDP the Newton–Schulz work is split o
 (each matrix has an owner by a longest-processing-time schedule over ``A B min(A, B)``) and
 the orthogonalized updates are all-gathered, so each rank runs about ``1/world_size`` of it
 (:mod:`curvlab.optim._distributed`). Under FSDP2 (``fully_shard``, DTensor parameters) the
-iteration must see the whole matrix, not a shard: the update is gathered
-(``full_tensor()``), the owner orthogonalizes it, every rank receives the result and keeps
-its own shard; ``process_group`` must then be the group the parameters are sharded over.
+iteration must see the whole matrix, not a shard: each matrix's row shards are sent to its
+owner only (one all-to-all for all matrices), the owner orthogonalizes it and sends every
+rank its rows of the result (a second all-to-all), so no rank materializes matrices it does
+not own; ``process_group`` must be the group the parameters are sharded over (1-D mesh,
+``Shard(0)``: ``fully_shard``'s default; other layouts are refused at construction).
 
 References: Jordan et al. (2024), "Muon: An optimizer for hidden layers in neural networks";
 Liu et al. (2025), "Muon is scalable for LLM training".
@@ -36,6 +38,7 @@ Liu et al. (2025), "Muon is scalable for LLM training".
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -116,11 +119,14 @@ class Muon(torch.optim.Optimizer):
         self.timings = Timings()
         super().__init__(params, defaults)
         self._skipped = 0
-        if self.process_group is None and any(
-                _is_dtensor(p) for g in self.param_groups for p in g["params"]):
+        dtensors = [p for g in self.param_groups for p in g["params"] if _is_dtensor(p)]
+        if dtensors and self.process_group is None:
             raise ValueError("Muon got DTensor (FSDP2 fully_shard) parameters: pass "
                              "process_group (the group they are sharded over) so that "
                              "Newton–Schulz runs on whole matrices, not on local shards")
+        for p in dtensors:
+            _check_row_sharded(p, self.process_group)
+        self._shard_rows: dict[tuple[int, ...], list[list[int]]] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -193,32 +199,90 @@ class Muon(torch.optim.Optimizer):
         if wd != 0:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
         pg = self.process_group
-        owners = lpt_schedule([newton_schulz_cost(shape) for (shape, _, _), idx in
-                               by_shape.items() for _ in idx], _dist.world_size(pg))
-        me, start, results = _dist.rank(pg), 0, []
-        for (shape, pdtype, device), idx in by_shape.items():
+        order = [i for idx in by_shape.values() for i in idx]
+        owners = lpt_schedule([newton_schulz_cost(ps[i].shape) for i in order],
+                              _dist.world_size(pg))
+        owner_of = dict(zip(order, owners, strict=True))
+
+        def orthogonalize(i_list: list[int], U: Tensor) -> Tensor:
+            shape, pdtype, device = ps[i_list[0]].shape, ps[i_list[0]].dtype, U.device
             ns_dtype = dtype or (torch.bfloat16 if device.type == "cuda" else
                                  torch.float64 if pdtype == torch.float64 else torch.float32)
-            own = owners[start:start + len(idx)]
-            start += len(idx)
-            mine = [j for j, r in enumerate(own) if r == me]
-            # a DTensor (FSDP2 shard) is gathered on every rank (a collective):
-            # Newton–Schulz needs the whole matrix
-            full = [_full(upd[i]).reshape(shape[0], -1) for i in idx]
-            U = torch.stack([full[j] for j in mine]) if mine else None
-            O = torch.empty(len(idx), *full[0].shape, dtype=pdtype, device=full[0].device)
+            with self.timings.measure("precondition"):
+                return newton_schulz(U.reshape(len(i_list), shape[0], -1), group["ns_steps"],
+                                     group["ns_coefficients"], group["eps"],
+                                     dtype=ns_dtype).to(pdtype)
+
+        if any(_is_dtensor(u) for u in upd):
+            directions = self._sharded_directions(ps, upd, order, owner_of, by_shape,
+                                                  orthogonalize)
+        else:
+            directions = self._replicated_directions(ps, upd, owner_of, by_shape,
+                                                     orthogonalize)
+        for shape, idx in ((k[0], v) for k, v in by_shape.items()):
+            scale = -lr * _muon_scale(group["adjust_lr"], shape)
+            torch._foreach_add_([_local(ps[i]) for i in idx],
+                                [directions[i] for i in idx], alpha=scale)
+
+    def _replicated_directions(self, ps, upd, owner_of, by_shape, orthogonalize
+                               ) -> dict[int, Tensor]:
+        """Plain tensors (one process or DDP): each owner orthogonalizes its matrices, and
+        every rank receives the owners' results (one all-gather)."""
+        pg, me = self.process_group, _dist.rank(self.process_group)
+        out, parts = {}, []
+        for (shape, _, _), idx in by_shape.items():
+            mine = [j for j, i in enumerate(idx) if owner_of[i] == me]
+            O = torch.empty(len(idx), *shape, dtype=ps[idx[0]].dtype, device=upd[idx[0]].device)
             if mine:
-                with self.timings.measure("precondition"):
-                    O[mine] = newton_schulz(U, group["ns_steps"], group["ns_coefficients"],
-                                            group["eps"], dtype=ns_dtype).to(pdtype)
-            results.append((shape, idx, O, own))
-        # every rank receives the owners' rows (one all-gather)
-        share_rows([(O, own) for _, _, O, own in results], pg, self.timings)
-        for shape, idx, O, _ in results:
-            torch._foreach_add_([ps[i] for i in idx],
-                                [_shard_like(o.view(shape), ps[i]) for i, o in
-                                 zip(idx, O.unbind(0), strict=True)],
-                                alpha=-lr * _muon_scale(group["adjust_lr"], shape))
+                U = torch.stack([upd[idx[j]] for j in mine])
+                O[mine] = orthogonalize([idx[j] for j in mine], U).view(len(mine), *shape)
+            parts.append((O, [owner_of[i] for i in idx]))
+            out.update(zip(idx, O.unbind(0), strict=True))
+        share_rows(parts, pg, self.timings)
+        return out
+
+    def _sharded_directions(self, ps, upd, order, owner_of, by_shape, orthogonalize
+                            ) -> dict[int, Tensor]:
+        """FSDP2 (row-sharded DTensors): gather each matrix's update on its owner only (an
+        all-to-all of the row shards), orthogonalize there, and send every rank its rows of
+        the result (a second all-to-all). No rank holds more whole matrices than it owns.
+        Returns this rank's shard of each direction."""
+        pg, me = self.process_group, _dist.rank(self.process_group)
+        local = {i: upd[i].to_local().reshape(upd[i].to_local().shape[0], -1) for i in order}
+        rows = self._rows_per_rank(ps, order, local)
+        xdtype = functools.reduce(torch.promote_types, (local[i].dtype for i in order))
+        with self.timings.measure("communication"):
+            full = _dist.gather_rows_to_owners([local[i].to(xdtype) for i in order], rows,
+                                               [owner_of[i] for i in order], pg)
+        results: dict[int, Tensor] = {}
+        for idx in by_shape.values():
+            mine = [i for i in idx if owner_of[i] == me]
+            if mine:
+                U = torch.stack([full[order.index(i)] for i in mine])
+                O = orthogonalize(mine, U)
+                results.update({order.index(i): o.reshape(full[order.index(i)].shape).to(xdtype)
+                                for i, o in zip(mine, O.unbind(0), strict=True)})
+        with self.timings.measure("communication"):
+            shards = _dist.scatter_rows_from_owners(results, rows,
+                                                    [owner_of[i] for i in order],
+                                                    [local[i].shape[1] for i in order], pg,
+                                                    xdtype, local[order[0]].device)
+        return {i: sh.to(ps[i].dtype).view_as(_local(ps[i]))
+                for i, sh in zip(order, shards, strict=True)}
+
+    def _rows_per_rank(self, ps, order, local) -> list[list[int]]:
+        """Rows of each matrix's shard on every rank (one all-gather, then cached)."""
+        key = tuple(id(ps[i]) for i in order)
+        if key not in self._shard_rows:
+            pg = self.process_group
+            mine = torch.tensor([local[i].shape[0] for i in order], dtype=torch.int64,
+                                device=_dist.comm_device(pg))
+            every = torch.empty(_dist.world_size(pg) * len(order), dtype=torch.int64,
+                                device=mine.device)
+            _dist.all_gather_single(every, mine, pg)
+            per_rank = every.view(_dist.world_size(pg), len(order)).T.tolist()
+            self._shard_rows[key] = [[int(n) for n in r] for r in per_rank]
+        return self._shard_rows[key]
 
     def _adamw_update(self, group: dict[str, Any], ps: list[Tensor], gmax: float) -> None:
         exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -259,18 +323,25 @@ def _is_dtensor(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def _full(t: Tensor) -> Tensor:
-    """The whole tensor: a DTensor is gathered from its shards."""
-    return t.full_tensor() if _is_dtensor(t) else t
+def _local(t: Tensor) -> Tensor:
+    """The tensor this rank stores: a DTensor's local shard (shares its storage)."""
+    return t.to_local() if _is_dtensor(t) else t
 
 
-def _shard_like(full: Tensor, p: Tensor) -> Tensor:
-    """``full`` laid out like ``p``: for a DTensor, this rank's shard (no communication)."""
-    if not _is_dtensor(p):
-        return full
-    from torch.distributed.tensor import distribute_tensor
+def _check_row_sharded(p: Tensor, group: Any) -> None:
+    """FSDP2 parameters must be sharded along dim 0 over ``group`` on a 1-D mesh (the
+    ``fully_shard`` default); other layouts are refused at construction."""
+    from torch.distributed.tensor import Shard
 
-    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise TypeError(f"Muon supports DTensor parameters sharded along dim 0 on a 1-D mesh "
+                        f"(fully_shard's default); got mesh of {mesh.ndim} dims and "
+                        f"placements {tuple(p.placements)}")
+    if mesh.size() != _dist.world_size(group):
+        raise ValueError(f"the DTensor parameters are sharded over {mesh.size()} ranks but "
+                         f"process_group has {_dist.world_size(group)}: pass the group the "
+                         "parameters are sharded over")
 
 
 def muon_param_groups(
