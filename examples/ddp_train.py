@@ -32,13 +32,14 @@ from curvlab.objective import Objective
 from curvlab.optim import KFAC, SOAP, Muon, Shampoo
 
 
-def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(name: str, model: nn.Module,
+                   mode: str = "broadcast") -> torch.optim.Optimizer:
     if name == "shampoo":
         return Shampoo(model.parameters(), lr=3e-3, precondition_frequency=10,
-                       process_group="default")
+                       process_group="default", distributed_mode=mode)
     if name == "soap":
         return SOAP(model.parameters(), lr=3e-3, precondition_frequency=10,
-                    process_group="default")
+                    process_group="default", distributed_mode=mode)
     if name == "kfac":
         return KFAC(model, lr=0.1, damping=0.03, inv_update_freq=10, process_group="default")
     return Muon(model.parameters(), lr=0.02, process_group="default")
@@ -47,6 +48,9 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--optimizer", choices=["shampoo", "soap", "kfac", "muon"], default="soap")
+    ap.add_argument("--mode", choices=["broadcast", "allgather"], default="broadcast",
+                    help="Shampoo/SOAP: share refresh results (full state on every rank) or "
+                         "split all block work and state and all-gather directions every step")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=128, help="global batch size")
     ap.add_argument("--checkpoint", help="save model + optimizer here at the end (DCP)")
@@ -68,7 +72,7 @@ def main() -> None:
 
     model = digits_mlp(hidden=(64, 64)).to(device)
     ddp = DDP(model, device_ids=[device.index] if cuda else None)
-    opt = make_optimizer(args.optimizer, model)
+    opt = make_optimizer(args.optimizer, model, args.mode)
     if args.resume:
         state = load_checkpoint(args.resume, "default", device=device)
         model.load_state_dict(state["model"])

@@ -71,6 +71,8 @@ def run(rank: int, world: int) -> dict:
         train(name, inner, opt, range(STEPS), rank, world, forward=ddp)
         res[f"ddp/{name}"] = params(inner)
         res[f"timings/{name}"] = dict(opt.timings)
+        if name.startswith(("shampoo", "soap")):
+            res[f"stats/{name}"] = opt.stats()
     res.update(run_fsdp(rank, world))
     return res
 

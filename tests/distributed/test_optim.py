@@ -50,6 +50,17 @@ def test_work_is_split(dist_results, name):
         assert t["precondition"] > 0 and t["communication"] > 0
 
 
+@pytest.mark.parametrize("name", ["shampoo", "soap"])
+def test_allgather_mode_keeps_only_own_blocks(dist_results, name):
+    """"allgather" trades per-step communication for memory: each rank holds the state of
+    the blocks it owns (plus the replicated diagonal state of 1-D parameters)."""
+    whole = dist_results[0][f"stats/{name}"]["preconditioner_memory_bytes"]
+    shares = [res[f"stats/{name}/allgather"]["preconditioner_memory_bytes"]
+              for res in dist_results]
+    assert max(shares) < whole  # nobody holds it all...
+    assert sum(shares) >= whole  # ...and together they do (biases' diagonal state: twice)
+
+
 def test_fsdp2(dist_results):
     for res in dist_results:
         assert_params_equal(res["fsdp/muon"], single_process("muon"))

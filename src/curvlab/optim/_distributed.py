@@ -19,11 +19,11 @@ Sharing (``distributed_mode`` of Shampoo and SOAP, the compute-vs-communication 
   ``state_dict`` that resumes on any world size.
 * ``"allgather"``: *all* block work (statistics, moments, refreshes, preconditioning) is
   done by the owner only, and the preconditioned directions are all-gathered every step
-  (communication ``~ number of block parameters`` per step). Non-owners' rows of the
-  state go stale; ``state_dict()`` first gathers the owners' rows (a collective), so the
-  checkpoint is again whole and resumes on any world size. The state is still allocated
-  for all blocks on every rank (the memory saving of a sharded allocation, as in Shi et
-  al., is not implemented).
+  (communication ``~ number of block parameters`` per step). Each rank allocates the state
+  of the blocks it owns only (about ``1/world_size`` of the preconditioner memory; the
+  diagonal state of 1-D parameters stays replicated). ``state_dict()`` assembles the whole
+  state from the owners (a collective; temporarily the memory of the whole state), so a
+  checkpoint resumes on any world size and in either mode.
 * Muon has no statistics: its per-step Newton-Schulz results (the orthogonalized
   directions) are computed by their owners and all-gathered every step (communication
   ``~ number of matrix parameters`` per step, memory as one process).

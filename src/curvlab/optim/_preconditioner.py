@@ -30,9 +30,10 @@ Pieces, each usable on its own:
 * **Data parallel** (``process_group``): under DDP every rank holds the same averaged
   gradient; blocks get owner ranks by a longest-processing-time schedule. With
   ``distributed_mode="broadcast"`` only the refreshes (roots, eigenbases) are split and
-  their results shared at refresh steps; with ``"allgather"`` all block work is split and
-  the directions are shared every step (:mod:`curvlab.optim._distributed`). DTensor
-  (FSDP2) parameters are rejected at construction.
+  their results shared at refresh steps; with ``"allgather"`` all block work and the block
+  state are split and the directions are shared every step
+  (:mod:`curvlab.optim._distributed`). DTensor (FSDP2) parameters are rejected at
+  construction.
 * **Grafting** (:func:`graft_direction`): the layer-wise step size of a diagonal method
   (SGD, AdaGrad, RMSprop, Adam) applied to the direction of the structured preconditioner,
   per block: ``P * ||D|| / ||P||`` (Agarwal et al. 2020, "Disentangling adaptive gradient
@@ -274,6 +275,8 @@ class _Group:
     shape: tuple[int, ...]  # block shape; () for the diagonal group
     members: list[tuple[Tensor, BlockPlan, tuple[slice, ...]]] = field(default_factory=list)
     state: dict[str, Tensor] = field(default_factory=dict)
+    # row of ``state`` holding each member; -1: held by another rank ("allgather" mode)
+    rows: list[int] = field(default_factory=list)
 
     @property
     def diagonal(self) -> bool:
@@ -368,13 +371,6 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                 for bshape, slices in plan.blocks:
                     key = (gi, bshape, *dkey)
                     groups.setdefault(key, _Group(gi, bshape)).members.append((p, plan, slices))
-        for (gi, _, dtype, device), g in groups.items():
-            group = self.param_groups[gi]
-            if g.diagonal:
-                n = sum(p.numel() for p, _, _ in g.members)
-                g.state = self._init_diagonal_state(group, n, dtype, device)
-            else:
-                g.state = self._init_block_state(group, g.shape, len(g.members), dtype, device)
         self._groups = list(groups.values())
         # owner rank of every block's refresh: LPT over the blocks of all groups
         slots = [(k, m) for k, g in enumerate(self._groups) if not g.diagonal
@@ -384,6 +380,18 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         self._owners = [[0] * len(g.members) for g in self._groups]
         for (k, m), r in zip(slots, owners, strict=True):
             self._owners[k][m] = r
+        me = _dist.rank(self.process_group)
+        for ((gi, _, dtype, device), g), owners_k in zip(groups.items(), self._owners,
+                                                        strict=True):
+            group = self.param_groups[gi]
+            if g.diagonal:
+                n = sum(p.numel() for p, _, _ in g.members)
+                g.state = self._init_diagonal_state(group, n, dtype, device)
+                g.rows = list(range(len(g.members)))
+                continue
+            held = [o == me or not self._allgather for o in owners_k]  # allgather: own only
+            g.rows = [sum(held[:i]) if h else -1 for i, h in enumerate(held)]
+            g.state = self._init_block_state(group, g.shape, sum(held), dtype, device)
         return self._groups
 
     def _refresh(self, fn: Callable[[dict[str, Tensor]], None], st: dict[str, Tensor],
@@ -402,13 +410,26 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
     def _allgather(self) -> bool:
         return self.process_group is not None and self.distributed_mode == "allgather"
 
-    def _sync_state(self) -> None:
-        """"allgather": every rank takes the owners' rows of all block state (a
-        collective), so the state is whole and identical on all ranks."""
-        if not self._allgather:
-            return
-        share_rows([(v, self._owners[k]) for k, g in enumerate(self._build()) if not g.diagonal
-                    for v in g.state.values()], self.process_group, self.timings)
+    def _whole_state(self) -> list[dict[str, Tensor]]:
+        """Copy of every group's state for all its members. In "allgather" mode the rows
+        live on their owners, so they are assembled on every rank (a collective, and
+        temporarily the memory of the whole state)."""
+        out = []
+        parts: list[tuple[Tensor, list[int]]] = []
+        for k, g in enumerate(self._build()):
+            if not (self._allgather and not g.diagonal):
+                out.append({name: v.clone() for name, v in g.state.items()})
+                continue
+            held = [i for i, r in enumerate(g.rows) if r >= 0]
+            whole = {}
+            for name, v in g.state.items():
+                t = v.new_empty(len(g.members), *v.shape[1:])
+                t[held] = v[[g.rows[i] for i in held]]
+                whole[name] = t
+                parts.append((t, self._owners[k]))
+            out.append(whole)
+        share_rows(parts, self.process_group, self.timings)
+        return out
 
     # -- step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -446,8 +467,9 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
             if self._allgather and not g.diagonal:  # this rank's blocks only
                 present = [i for i in present if self._owners[k][i] == me]
             st = g.state
-            if present and len(present) < len(g.members):  # the members to work on
-                idx = torch.tensor(present, device=next(iter(st.values())).device)
+            if present and len(present) < sum(r >= 0 for r in g.rows):  # the members to work on
+                idx = torch.tensor([g.rows[i] for i in present],
+                                   device=next(iter(st.values())).device)
                 st = self._substate(g, present, idx)
             sdtype = next(iter(g.state.values())).dtype
             # Statistics of gradients this small cannot overflow: skip the per-block guards.
@@ -556,15 +578,14 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                            type(self).__name__, failed, n_blocks, what)
 
     def state_dict(self) -> dict[str, Any]:
-        """With ``distributed_mode="allgather"`` a collective: call it on every rank."""
-        self._sync_state()
+        """The whole state on every rank (with ``distributed_mode="allgather"`` a collective:
+        call it on every rank), so a checkpoint resumes on any world size."""
         sd = super().state_dict()
-        groups = self._build()
         sd["preconditioner"] = {
             "steps": list(self._steps),
             "counters": dict(self._counters),
             "nonfinite_blocks": self._nonfinite_blocks.clone(),
-            "groups": [{k: v.clone() for k, v in g.state.items()} for g in groups],
+            "groups": self._whole_state(),
         }
         return sd
 
@@ -583,17 +604,21 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         for g, saved in zip(groups, pre["groups"], strict=True):
             if saved.keys() != g.state.keys():
                 raise ValueError("state_dict preconditioner state keys do not match")
+            held = [i for i, r in enumerate(g.rows) if r >= 0]
             for k, v in g.state.items():
-                if saved[k].shape != v.shape:
+                want = (len(g.members), *v.shape[1:]) if not g.diagonal else tuple(v.shape)
+                if tuple(saved[k].shape) != want:
                     raise ValueError(f"state_dict entry {k!r} has shape {tuple(saved[k].shape)}, "
-                                     f"expected {tuple(v.shape)}")
-                v.copy_(saved[k].to(device=v.device, dtype=v.dtype))
+                                     f"expected {want}")
+                rows = saved[k] if g.diagonal else saved[k][held]
+                v.copy_(rows.to(device=v.device, dtype=v.dtype))
         self._steps = list(pre["steps"])
         self._counters = dict(pre["counters"])
         self._nonfinite_blocks = pre["nonfinite_blocks"].clone()
 
     def stats(self) -> dict[str, Any]:
-        """Preconditioner memory (bytes), block counts, refresh/failure/skip counters."""
+        """Preconditioner memory of this rank (bytes), block counts, refresh/failure/skip
+        counters."""
         groups = self._build()
         mem = sum(v.numel() * v.element_size() for g in groups for v in g.state.values())
         return {
