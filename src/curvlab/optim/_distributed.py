@@ -166,12 +166,17 @@ def sharded_rows(fn: Callable[[dict[str, Tensor]], None], state: dict[str, Tenso
     me = _dist.rank(group)
     mine = [i for i, o in enumerate(owners) if o == me]
     if mine:
-        idx = torch.tensor(mine, device=next(iter(state.values())).device)
         with timings.measure("precondition"):
-            sub = {k: state[k][idx] for k in dict.fromkeys((*reads, *keys))}  # copies
+            if mine == list(range(mine[0], mine[-1] + 1)):  # contiguous rows: views
+                rows: Any = slice(mine[0], mine[-1] + 1)
+            else:
+                rows = torch.tensor(mine, device=next(iter(state.values())).device)
+            before = {k: state[k][rows] for k in dict.fromkeys((*reads, *keys))}
+            sub = dict(before)
             fn(sub)
-            for k in keys:
-                state[k][idx] = sub[k]
+            for k in keys:  # copies (index rows) or entries fn replaced need writing back
+                if not (isinstance(rows, slice) and sub[k] is before[k]):
+                    state[k][rows] = sub[k]
     share_rows([(state[k], owners) for k in keys], group, timings)
 
 

@@ -380,6 +380,9 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         self._owners = [[0] * len(g.members) for g in self._groups]
         for (k, m), r in zip(slots, owners, strict=True):
             self._owners[k][m] = r
+        # blocks of one group cost the same: sorting their owners keeps every rank's load
+        # and makes each rank's rows contiguous (refreshed in place through views)
+        self._owners = [sorted(o) for o in self._owners]
         me = _dist.rank(self.process_group)
         for ((gi, _, dtype, device), g), owners_k in zip(groups.items(), self._owners,
                                                         strict=True):
