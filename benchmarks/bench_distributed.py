@@ -15,10 +15,14 @@ its slice of the same global batch. Each rank reports (from ``optimizer.timings`
   all-reducing K-FAC factors; DDP's own gradient all-reduce is not counted);
   ``/allgather``: Shampoo/SOAP splitting all block work and all-gathering directions
   every step instead of sharing refresh results;
-* ``step``: median wall time of ``optimizer.step()``.
+* ``step``: median wall time of ``optimizer.step()``;
+* ``state MB``: the rank's preconditioner state (``stats()``; "allgather" holds only the
+  blocks the rank owns).
 
-It also measures the inputs of a scaling estimate: eigh time per block size and the
-all-reduce bandwidth of the process group.
+It also measures the inputs of a scaling estimate (eigh time per block size, all-reduce
+bandwidth) and prints a paper estimate of Shampoo's step-time overhead over AdamW for a
+1.2B-parameter transformer on 1, 8 and 64 GPUs in both modes (:func:`scaling_estimate`;
+the GPU numbers are stated assumptions).
 
 On a 2-core machine 4 processes share 2 cores, so their times are an upper bound.
 
@@ -101,6 +105,9 @@ def worker(rank: int, world: int, init: str, out: str, steps: int) -> None:
                 for k in keys:
                     per_step[k].append(opt.timings.get(k, 0.0))
         res[name] = {k: statistics.median(v) for k, v in per_step.items()}
+        stats = getattr(opt, "stats", None)
+        res[name]["memory_MB"] = (stats()["preconditioner_memory_bytes"] / 2 ** 20
+                                  if callable(stats) else float("nan"))
     if world == 2:
         res["bandwidth_GBps"] = _bandwidth()
     if world == 1:
@@ -135,6 +142,61 @@ def _eigh_costs() -> dict[int, float]:
     return out
 
 
+# ---------------------------------------------------------------------------- paper estimate
+# A 1.2B-parameter decoder (d_model 2048, 24 layers, MLP 4x, sequence 2048) trained with
+# Shampoo in data parallel on A100-class GPUs. Hardware numbers are ASSUMPTIONS (no GPU
+# here), stated once: effective matmul rate, eigh time of a 1024 x 1024 float32 factor,
+# per-GPU bus bandwidth across nodes, and the AdamW step (6 N tokens / rate).
+D_MODEL, LAYERS, SEQ, TOKENS_PER_STEP = 2048, 24, 2048, 2 ** 20
+GPU_TFLOPS = 125.0  # effective (40% of A100 bf16 peak) for the model; fp32 factors: half
+GPU_EIGH_1024_MS = 30.0
+GPU_BUS_GBPS = 25.0  # per GPU, inter-node (8 x 200 Gb/s InfiniBand per 8-GPU node)
+SHAMPOO_BLOCK, REFRESH_EVERY = 1024, 100
+
+
+def scaling_estimate(eigh_ms: dict[int, float], gloo_gbps: float) -> None:
+    """Step-time overhead of Shampoo over AdamW at 1, 8 and 64 GPUs in both distributed
+    modes, from a flop/byte count of the model's blocks and the constants above; the
+    measured CPU eigh times check the d^3 law used to cost the blocks."""
+    import math
+
+    dims = sorted(eigh_ms)
+    slope = math.log(eigh_ms[dims[-1]] / eigh_ms[dims[0]]) / math.log(dims[-1] / dims[0])
+    d, b = D_MODEL, SHAMPOO_BLOCK
+    mats = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]  # qkv, out, MLP up, MLP down
+    blocks = LAYERS * sum((m // b) * (n // b) for m, n in mats)
+    params = blocks * b * b
+    step_s = 6 * params * TOKENS_PER_STEP / (GPU_TFLOPS * 1e12)  # AdamW step, 1 GPU
+    per_block_flop = 4 * 2 * b ** 3  # L, R statistics + the two root products
+    fp32 = GPU_TFLOPS / 2 * 1e12
+    print(f"paper estimate: {params / 1e9:.2f}B block parameters in {blocks} blocks of "
+          f"{b}x{b}, refresh every {REFRESH_EVERY} steps; measured eigh exponent "
+          f"{slope:.2f} (d^3 assumed), gloo bus bandwidth here {gloo_gbps:.2f} GB/s")
+    print(f"assumed GPU: {GPU_TFLOPS:.0f} TFLOP/s, eigh(1024) {GPU_EIGH_1024_MS:.0f} ms, "
+          f"{GPU_BUS_GBPS:.0f} GB/s per GPU; AdamW step at w GPUs = {step_s:.1f} s / w "
+          f"(global batch {TOKENS_PER_STEP} tokens)")
+    print(f"{'GPUs':>5} {'mode':<10} {'AdamW step':>10} {'stats+apply':>12} {'refresh':>9} "
+          f"{'comm':>8} {'state GB':>9} {'overhead':>9}")
+    state_bytes = blocks * 4 * b * b * 4  # L, R and their two roots, float32
+    result_bytes = blocks * 2 * b * b * 4  # the two roots of every block
+    for w in (1, 8, 64):
+        adamw = step_s / w  # the global batch is fixed: its work is split over w GPUs
+        refresh = math.ceil(blocks / w) * 2 * GPU_EIGH_1024_MS / 1e3 / REFRESH_EVERY
+        for mode in ("broadcast", "allgather"):
+            if mode == "broadcast":
+                work = blocks * per_block_flop / fp32
+                comm = (w - 1) / w * result_bytes / (GPU_BUS_GBPS * 1e9) / REFRESH_EVERY
+                state = state_bytes
+            else:
+                work = math.ceil(blocks / w) * per_block_flop / fp32
+                comm = (w - 1) / w * params * 4 / (GPU_BUS_GBPS * 1e9)  # directions
+                state = state_bytes / w
+            extra = work + refresh + comm
+            print(f"{w:>5} {mode:<10} {adamw * 1e3:>8.0f}ms {work * 1e3:>10.0f}ms "
+                  f"{refresh * 1e3:>7.0f}ms "
+                  f"{comm * 1e3:>6.0f}ms {state / 1e9:>9.2f} {extra / adamw:>8.1%}")
+
+
 def launch(world: int, steps: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -164,7 +226,7 @@ def main() -> None:
           f"median over {steps} steps, refresh every step; seconds per step (max over ranks)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'optimizer':<17} {'procs':>5} {'precond':>8} {'pre_cpu':>8} {'comm':>7} "
-          f"{'step':>7} {'pre/1p':>7} {'cpu/1p':>7} {'step/1p':>8}")
+          f"{'step':>7} {'pre/1p':>7} {'cpu/1p':>7} {'step/1p':>8} {'state MB':>9}")
     ok = True
     for name in OPTIMIZERS:
         for w in worlds:
@@ -175,13 +237,15 @@ def main() -> None:
                 ok &= cpu / b["precondition_cpu"] <= 0.6
             print(f"{name:<17} {w:>5} {pre:>8.4f} {cpu:>8.4f} {com:>7.4f} {stp:>7.4f} "
                   f"{pre / b['precondition']:>7.2f} {cpu / b['precondition_cpu']:>7.2f} "
-                  f"{stp / b['step']:>8.2f}")
+                  f"{stp / b['step']:>8.2f} {max(r[name]['memory_MB'] for r in runs[w]):>9.2f}")
     print(f"target (per-rank preconditioner CPU time at 2 processes <= 0.6x one process): "
           f"{'MET' if ok else 'NOT MET'}")
     print("eigh (float64, 1 thread) ms by block size:",
           {d: round(v, 2) for d, v in base["eigh_ms"].items()})
     print(f"gloo all-reduce bus bandwidth at 2 processes: "
           f"{runs[2][0]['bandwidth_GBps']:.2f} GB/s")
+    print()
+    scaling_estimate(base["eigh_ms"], runs[2][0]["bandwidth_GBps"])
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({str(w): r for w, r in runs.items()}, fh, indent=1, default=float)
