@@ -52,7 +52,8 @@ from curvlab import distributed as _dist
 from curvlab.distributed import all_reduce_symmetric
 
 __all__ = ["Timings", "lpt_schedule", "eigh_cost", "newton_schulz_cost", "share_rows",
-           "sharded_rows", "all_reduce_symmetric", "reject_dtensors", "DISTRIBUTED_MODES"]
+           "sharded_rows", "all_reduce_symmetric", "is_dtensor", "local_tensor",
+           "check_row_sharded", "shard_rows", "reject_dtensors", "DISTRIBUTED_MODES"]
 
 DISTRIBUTED_MODES = ("broadcast", "allgather")
 
@@ -180,15 +181,55 @@ def sharded_rows(fn: Callable[[dict[str, Tensor]], None], state: dict[str, Tenso
     share_rows([(state[k], owners) for k in keys], group, timings)
 
 
-def reject_dtensors(params: Any, name: str, hint: str) -> None:
-    """Raise TypeError at construction if any parameter is a DTensor (FSDP2 shard):
-    ``name`` would otherwise precondition the local shard as if it were the matrix."""
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 / tensor-parallel shard)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
-        return
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The tensor this rank stores: a DTensor's local shard (shares its storage)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def check_row_sharded(p: Tensor, group: Any) -> None:
+    """FSDP2 parameters must be sharded along dim 0 over ``group`` on a 1-D mesh (the
+    ``fully_shard`` default); other layouts are refused (TypeError / ValueError)."""
+    from torch.distributed.tensor import Shard
+
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise TypeError(f"DTensor parameters must be sharded along dim 0 on a 1-D mesh "
+                        f"(fully_shard's default); got a mesh of {mesh.ndim} dims and "
+                        f"placements {tuple(p.placements)}")
+    if mesh.size() != _dist.world_size(group):
+        raise ValueError(f"the DTensor parameters are sharded over {mesh.size()} ranks but "
+                         f"process_group has {_dist.world_size(group)}: pass the group the "
+                         "parameters are sharded over")
+
+
+def shard_rows(params: Sequence[Tensor], group: Any, cache: dict) -> list[list[int]]:
+    """``rows[k][r]``: rows of parameter ``k``'s shard on rank ``r`` (row-sharded DTensors;
+    one all-gather the first time, then from ``cache``)."""
+    key = tuple(id(p) for p in params)
+    if key not in cache:
+        world = _dist.world_size(group)
+        mine = torch.tensor([local_tensor(p).shape[0] if p.ndim else 1 for p in params],
+                            dtype=torch.int64, device=_dist.comm_device(group))
+        every = torch.empty(world * len(params), dtype=torch.int64, device=mine.device)
+        _dist.all_gather_single(every, mine, group)
+        cache[key] = [[int(n) for n in col] for col in every.view(world, len(params)).T.tolist()]
+    return cache[key]
+
+
+def reject_dtensors(params: Any, name: str, hint: str) -> None:
+    """Raise TypeError at construction if any parameter is a DTensor (FSDP2 shard):
+    ``name`` would otherwise precondition the local shard as if it were the matrix."""
     for p in params:
-        if isinstance(p, DTensor):
+        if is_dtensor(p):
             raise TypeError(f"{name} does not support DTensor parameters (FSDP2 "
                             f"fully_shard): preconditioning a shard as if it were the whole "
                             f"matrix is wrong math. {hint}")

@@ -50,7 +50,16 @@ from torch.optim.adamw import adamw as _adamw_kernel
 
 from curvlab import distributed as _dist
 from curvlab.linalg.matfuncs import NS_QUINTIC_COEFFICIENTS, newton_schulz
-from curvlab.optim._distributed import Timings, lpt_schedule, newton_schulz_cost, share_rows
+from curvlab.optim._distributed import (
+    Timings,
+    check_row_sharded,
+    is_dtensor,
+    local_tensor,
+    lpt_schedule,
+    newton_schulz_cost,
+    shard_rows,
+    share_rows,
+)
 from curvlab.optim._preconditioner import max_abs
 
 logger = logging.getLogger(__name__)
@@ -119,14 +128,14 @@ class Muon(torch.optim.Optimizer):
         self.timings = Timings()
         super().__init__(params, defaults)
         self._skipped = 0
-        dtensors = [p for g in self.param_groups for p in g["params"] if _is_dtensor(p)]
+        dtensors = [p for g in self.param_groups for p in g["params"] if is_dtensor(p)]
         if dtensors and self.process_group is None:
             raise ValueError("Muon got DTensor (FSDP2 fully_shard) parameters: pass "
                              "process_group (the group they are sharded over) so that "
                              "Newton–Schulz runs on whole matrices, not on local shards")
         for p in dtensors:
-            _check_row_sharded(p, self.process_group)
-        self._shard_rows: dict[tuple[int, ...], list[list[int]]] = {}
+            check_row_sharded(p, self.process_group)
+        self._shard_rows: dict = {}  # cache of shard_rows
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -213,7 +222,7 @@ class Muon(torch.optim.Optimizer):
                                      group["ns_coefficients"], group["eps"],
                                      dtype=ns_dtype).to(pdtype)
 
-        if any(_is_dtensor(u) for u in upd):
+        if any(is_dtensor(u) for u in upd):
             directions = self._sharded_directions(ps, upd, order, owner_of, by_shape,
                                                   orthogonalize)
         else:
@@ -221,7 +230,7 @@ class Muon(torch.optim.Optimizer):
                                                      orthogonalize)
         for shape, idx in ((k[0], v) for k, v in by_shape.items()):
             scale = -lr * _muon_scale(group["adjust_lr"], shape)
-            torch._foreach_add_([_local(ps[i]) for i in idx],
+            torch._foreach_add_([local_tensor(ps[i]) for i in idx],
                                 [directions[i] for i in idx], alpha=scale)
 
     def _replicated_directions(self, ps, upd, owner_of, by_shape, orthogonalize
@@ -248,8 +257,8 @@ class Muon(torch.optim.Optimizer):
         the result (a second all-to-all). No rank holds more whole matrices than it owns.
         Returns this rank's shard of each direction."""
         pg, me = self.process_group, _dist.rank(self.process_group)
-        local = {i: upd[i].to_local().reshape(upd[i].to_local().shape[0], -1) for i in order}
-        rows = self._rows_per_rank(ps, order, local)
+        local = {i: upd[i].to_local().reshape(-1, math.prod(ps[i].shape[1:])) for i in order}
+        rows = shard_rows([ps[i] for i in order], self.process_group, self._shard_rows)
         xdtype = functools.reduce(torch.promote_types, (local[i].dtype for i in order))
         with self.timings.measure("communication"):
             full = _dist.gather_rows_to_owners([local[i].to(xdtype) for i in order], rows,
@@ -267,22 +276,8 @@ class Muon(torch.optim.Optimizer):
                                                     [owner_of[i] for i in order],
                                                     [local[i].shape[1] for i in order], pg,
                                                     xdtype, local[order[0]].device)
-        return {i: sh.to(ps[i].dtype).view_as(_local(ps[i]))
+        return {i: sh.to(ps[i].dtype).view_as(local_tensor(ps[i]))
                 for i, sh in zip(order, shards, strict=True)}
-
-    def _rows_per_rank(self, ps, order, local) -> list[list[int]]:
-        """Rows of each matrix's shard on every rank (one all-gather, then cached)."""
-        key = tuple(id(ps[i]) for i in order)
-        if key not in self._shard_rows:
-            pg = self.process_group
-            mine = torch.tensor([local[i].shape[0] for i in order], dtype=torch.int64,
-                                device=_dist.comm_device(pg))
-            every = torch.empty(_dist.world_size(pg) * len(order), dtype=torch.int64,
-                                device=mine.device)
-            _dist.all_gather_single(every, mine, pg)
-            per_rank = every.view(_dist.world_size(pg), len(order)).T.tolist()
-            self._shard_rows[key] = [[int(n) for n in r] for r in per_rank]
-        return self._shard_rows[key]
 
     def _adamw_update(self, group: dict[str, Any], ps: list[Tensor], gmax: float) -> None:
         exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -313,35 +308,6 @@ class Muon(torch.optim.Optimizer):
         return {"preconditioner_memory_bytes": mem, "num_muon_params": n_muon,
                 "num_adamw_params": n_all - n_muon, "refreshes": 0, "failures": 0,
                 "skipped_steps": self._skipped}
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
-
-
-def _local(t: Tensor) -> Tensor:
-    """The tensor this rank stores: a DTensor's local shard (shares its storage)."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _check_row_sharded(p: Tensor, group: Any) -> None:
-    """FSDP2 parameters must be sharded along dim 0 over ``group`` on a 1-D mesh (the
-    ``fully_shard`` default); other layouts are refused at construction."""
-    from torch.distributed.tensor import Shard
-
-    mesh = p.device_mesh
-    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-        raise TypeError(f"Muon supports DTensor parameters sharded along dim 0 on a 1-D mesh "
-                        f"(fully_shard's default); got mesh of {mesh.ndim} dims and "
-                        f"placements {tuple(p.placements)}")
-    if mesh.size() != _dist.world_size(group):
-        raise ValueError(f"the DTensor parameters are sharded over {mesh.size()} ranks but "
-                         f"process_group has {_dist.world_size(group)}: pass the group the "
-                         "parameters are sharded over")
 
 
 def muon_param_groups(
