@@ -61,13 +61,37 @@ def test_allgather_mode_keeps_only_own_blocks(dist_results, name):
     assert sum(shares) >= whole  # ...and together they do (biases' diagonal state: twice)
 
 
-def test_fsdp2(dist_results):
+@pytest.mark.parametrize("name", ["muon", "shampoo/allgather", "soap/allgather"])
+def test_fsdp2_equals_single_process(dist_results, name):
     for res in dist_results:
-        assert_params_equal(res["fsdp/muon"], single_process("muon"))
-        assert res["fsdp_timings/muon"]["communication"] > 0  # shards went to the owners
-        for name in ("shampoo", "soap", "kfac"):
-            assert "does not support DTensor parameters" in res[f"fsdp/{name}"]
-    assert all(res["fsdp_timings/muon"].get("precondition", 0) > 0 for res in dist_results)
+        assert_params_equal(res[f"fsdp/{name}"], single_process(name.partition("/")[0]))
+        assert res[f"fsdp_timings/{name}"]["communication"] > 0  # shards went to the owners
+    # every rank preconditioned something (the work is split, not repeated)
+    assert all(res[f"fsdp_timings/{name}"].get("precondition", 0) > 0 for res in dist_results)
+
+
+@pytest.mark.parametrize("name", ["shampoo/allgather", "soap/allgather"])
+def test_fsdp2_state_dict_is_whole_on_every_rank(dist_results, name):
+    """Each rank holds its parameters' blocks; state_dict() assembles all of them."""
+    a, b = (res[f"fsdp_state/{name}"] for res in dist_results)
+    for ga, gb in zip(a, b, strict=True):
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            assert torch.equal(ga[k], gb[k])
+    model = P.mlp()
+    opt = make(name.partition("/")[0], model)
+    train(name, model, opt, range(STEPS))  # one process: the same state, computed whole
+    for ga, gw in zip(a, opt.state_dict()["preconditioner"]["groups"], strict=True):
+        for k in ga:
+            err = float((ga[k] - gw[k]).norm() / gw[k].norm().clamp_min(1e-300))
+            assert err < 1e-6, (k, err)
+
+
+def test_fsdp2_unsupported_modes_are_refused(dist_results):
+    for res in dist_results:
+        assert "does not support DTensor parameters" in res["fsdp/kfac"]
+        for name in ("shampoo", "soap"):
+            assert "distributed_mode='allgather'" in res[f"fsdp/{name}"]
 
 
 def test_lpt_schedule_balances():

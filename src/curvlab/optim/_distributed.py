@@ -24,6 +24,13 @@ Sharing (``distributed_mode`` of Shampoo and SOAP, the compute-vs-communication 
   diagonal state of 1-D parameters stays replicated). ``state_dict()`` assembles the whole
   state from the owners (a collective; temporarily the memory of the whole state), so a
   checkpoint resumes on any world size and in either mode.
+* FSDP2 (``fully_shard``: DTensor parameters sharded by rows) works in ``"allgather"``
+  only: no rank has a whole gradient, so each parameter gets one owner for all its blocks;
+  the owner receives the gradient's row shards (:func:`curvlab.distributed.
+  gather_rows_to_owners`, one all-to-all), does all the block work on the whole matrix,
+  and sends each rank its rows of the direction (:func:`curvlab.distributed.
+  scatter_rows_from_owners`). Preconditioning a shard as if it were the matrix would be
+  wrong math, so ``"broadcast"`` and K-FAC refuse DTensor parameters at construction.
 * Muon has no statistics: its per-step Newton-Schulz results (the orthogonalized
   directions) are computed by their owners and all-gathered every step (communication
   ``~ number of matrix parameters`` per step, memory as one process).

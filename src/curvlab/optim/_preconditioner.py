@@ -32,8 +32,11 @@ Pieces, each usable on its own:
   ``distributed_mode="broadcast"`` only the refreshes (roots, eigenbases) are split and
   their results shared at refresh steps; with ``"allgather"`` all block work and the block
   state are split and the directions are shared every step
-  (:mod:`curvlab.optim._distributed`). DTensor (FSDP2) parameters are rejected at
-  construction.
+  (:mod:`curvlab.optim._distributed`). FSDP2 (row-sharded DTensor parameters) needs
+  ``"allgather"``: a parameter's blocks share one owner, which receives the gradient's row
+  shards (one all-to-all), preconditions the whole blocks and sends every rank its rows of
+  the direction (a second all-to-all); diagonal-method parameters are gathered whole on
+  every rank. The default ``"broadcast"`` is refused at construction for DTensors.
 * **Grafting** (:func:`graft_direction`): the layer-wise step size of a diagonal method
   (SGD, AdaGrad, RMSprop, Adam) applied to the direction of the structured preconditioner,
   per block: ``P * ||D|| / ||P||`` (Agarwal et al. 2020, "Disentangling adaptive gradient
@@ -56,9 +59,12 @@ from curvlab.linalg.matfuncs import MatrixFunctionError
 from curvlab.optim._distributed import (
     DISTRIBUTED_MODES,
     Timings,
+    check_row_sharded,
     eigh_cost,
+    is_dtensor,
+    local_tensor,
     lpt_schedule,
-    reject_dtensors,
+    shard_rows,
     sharded_rows,
     share_rows,
 )
@@ -312,9 +318,17 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         self.distributed_mode = distributed_mode
         self.timings = Timings()
         super().__init__(params, defaults)
-        reject_dtensors([p for g in self.param_groups for p in g["params"]], type(self).__name__,
-                        "Wrap the model in DistributedDataParallel instead (gradients are "
-                        "replicated) and pass process_group to share the refresh work.")
+        dtensors = [p for g in self.param_groups for p in g["params"] if is_dtensor(p)]
+        self._fsdp = bool(dtensors)
+        if dtensors and (self.process_group is None or distributed_mode != "allgather"):
+            raise ValueError(f"{type(self).__name__} got DTensor (FSDP2 fully_shard) "
+                             "parameters: pass process_group (the group they are sharded over) "
+                             "and distributed_mode='allgather', so that each block is "
+                             "preconditioned whole by its owner rank, not shard by shard")
+        for p in dtensors:
+            check_row_sharded(p, self.process_group)
+        self._shard_rows: dict = {}  # cache of shard_rows
+        self._grads: dict[int, Tensor] = {}  # whole gradients during an FSDP2 step
         for group in self.param_groups:
             self._validate_group(group)
         self._groups: list[_Group] | None = None
@@ -372,17 +386,7 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                     key = (gi, bshape, *dkey)
                     groups.setdefault(key, _Group(gi, bshape)).members.append((p, plan, slices))
         self._groups = list(groups.values())
-        # owner rank of every block's refresh: LPT over the blocks of all groups
-        slots = [(k, m) for k, g in enumerate(self._groups) if not g.diagonal
-                 for m in range(len(g.members))]
-        owners = lpt_schedule([eigh_cost(self._groups[k].shape) for k, _ in slots],
-                              _dist.world_size(self.process_group))
-        self._owners = [[0] * len(g.members) for g in self._groups]
-        for (k, m), r in zip(slots, owners, strict=True):
-            self._owners[k][m] = r
-        # blocks of one group cost the same: sorting their owners keeps every rank's load
-        # and makes each rank's rows contiguous (refreshed in place through views)
-        self._owners = [sorted(o) for o in self._owners]
+        self._owners = self._assign_owners()
         me = _dist.rank(self.process_group)
         for ((gi, _, dtype, device), g), owners_k in zip(groups.items(), self._owners,
                                                         strict=True):
@@ -396,6 +400,31 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
             g.rows = [sum(held[:i]) if h else -1 for i, h in enumerate(held)]
             g.state = self._init_block_state(group, g.shape, sum(held), dtype, device)
         return self._groups
+
+    def _assign_owners(self) -> list[list[int]]:
+        """Owner rank of every block (per group, per member): LPT over the blocks' refresh
+        costs. Under FSDP2 a parameter's blocks share one owner (LPT over parameters), the
+        rank that assembles its gradient."""
+        groups, world = self._groups, _dist.world_size(self.process_group)
+        owners = [[0] * len(g.members) for g in groups]
+        slots = [(k, m) for k, g in enumerate(groups) if not g.diagonal
+                 for m in range(len(g.members))]
+        if self._fsdp:
+            params = list(dict.fromkeys(id(groups[k].members[m][0]) for k, m in slots))
+            cost = dict.fromkeys(params, 0.0)
+            for k, m in slots:
+                cost[id(groups[k].members[m][0])] += eigh_cost(groups[k].shape)
+            owner = dict(zip(params, lpt_schedule([cost[p] for p in params], world),
+                             strict=True))
+            for k, m in slots:
+                owners[k][m] = owner[id(groups[k].members[m][0])]
+            return owners
+        for (k, m), r in zip(slots, lpt_schedule([eigh_cost(groups[k].shape) for k, _ in slots],
+                                                 world), strict=True):
+            owners[k][m] = r
+        # blocks of one group cost the same: sorting their owners keeps every rank's load
+        # and makes each rank's rows contiguous (refreshed in place through views)
+        return [sorted(o) for o in owners]
 
     def _refresh(self, fn: Callable[[dict[str, Tensor]], None], st: dict[str, Tensor],
                  keys: Sequence[str], reads: Sequence[str] = ()) -> None:
@@ -444,7 +473,13 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if any(g.is_sparse for g in grads):
             raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-        gmax = max_abs(grads)
+        gmax = max_abs([local_tensor(g) for g in grads])
+        if self._fsdp:  # every rank sees a shard: agree on the step's fate
+            both = torch.tensor([gmax], dtype=torch.float64,
+                                device=_dist.comm_device(self.process_group))
+            torch.distributed.all_reduce(both, torch.distributed.ReduceOp.MAX,
+                                         group=self.process_group)
+            gmax = float(both)
         if not math.isfinite(gmax):
             if self.nonfinite == "raise":
                 raise FloatingPointError(
@@ -457,6 +492,7 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         self._gmax = gmax
         for gi in range(len(self.param_groups)):
             self._steps[gi] += 1
+        self._grads = self._whole_grads(groups) if self._fsdp else {}
         updates: dict[int, Tensor] = {}
         me = _dist.rank(self.process_group)
         shared: list[tuple[_Group, list[int], Tensor]] = []  # "allgather" directions
@@ -479,26 +515,27 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
             bound = gmax * gmax * (math.prod(g.shape) if g.shape else 1)
             self._guard = not bound < 0.25 * torch.finfo(sdtype).max
             if g.diagonal:
-                G = torch.cat([g.members[i][0].grad.reshape(-1) for i in present]).to(sdtype)
+                G = torch.cat([self._grad(g.members[i][0]).reshape(-1)
+                               for i in present]).to(sdtype)
                 D = self._diagonal_direction(group, st, G, step)
                 D = torch.where(torch.isfinite(D), D, torch.zeros_like(D))
                 self._scatter_diagonal(g, present, D, updates)
             else:
                 if present:
-                    G = torch.stack([g.members[i][0].grad.reshape(g.members[i][1].merged_shape)[
-                        g.members[i][2]] for i in present]).to(sdtype)
+                    G = torch.stack([self._grad(g.members[i][0]).reshape(
+                        g.members[i][1].merged_shape)[g.members[i][2]] for i in present]).to(sdtype)
                     self._row_owners = [self._owners[k][i] for i in present]
                     D = self._block_direction(group, st, G, step)
                     ok = torch.isfinite(torch.linalg.vector_norm(D.flatten(1), dim=1))
                     self._nonfinite_blocks = self._nonfinite_blocks.to(ok.device) + (~ok).sum()
                     D = torch.where(ok.view(-1, *([1] * (D.ndim - 1))), D, torch.zeros_like(D))
-                if self._allgather:  # owners' rows; the others arrive in share_rows below
+                if self._allgather and not self._fsdp:  # owners' rows; others: share_rows
                     full = torch.empty(len(with_grad), *g.shape, dtype=sdtype,
                                        device=next(iter(g.state.values())).device)
                     if present:
                         full[[with_grad.index(i) for i in present]] = D
                     shared.append((g, with_grad, full))
-                else:
+                elif present:
                     self._scatter_blocks(g, present, D, updates)
             if st is not g.state:
                 self._write_substate(g, present, idx, st)
@@ -508,15 +545,76 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                        self.process_group, self.timings)
             for g, with_grad, D in shared:
                 self._scatter_blocks(g, with_grad, D, updates)
+        if self._fsdp:
+            updates = self._local_updates(groups, updates)
+        self._grads = {}
         for group in self.param_groups:
             ps = [p for p in group["params"] if id(p) in updates]
             if not ps:
                 continue
             lr, wd = group["lr"], group["weight_decay"]
+            local = [local_tensor(p) for p in ps]
             if wd != 0:
-                torch._foreach_mul_(ps, 1.0 - lr * wd)
-            torch._foreach_add_(ps, [updates[id(p)].to(p.dtype) for p in ps], alpha=-lr)
+                torch._foreach_mul_(local, 1.0 - lr * wd)
+            torch._foreach_add_(local, [updates[id(p)].to(p.dtype) for p in ps], alpha=-lr)
         return loss
+
+    # -- FSDP2 (row-sharded DTensor parameters) ------------------------------------------
+    def _grad(self, p: Tensor) -> Tensor:
+        """The whole gradient of ``p`` (under FSDP2 assembled by :meth:`_whole_grads`)."""
+        return self._grads.get(id(p), p.grad)
+
+    def _fsdp_params(self, groups: list[_Group]) -> tuple[list[Tensor], list[Tensor]]:
+        """(block parameters, diagonal parameters), each in a rank-independent order."""
+        blocks = list({id(p): p for g in groups if not g.diagonal for p, _, _ in g.members
+                       if p.grad is not None}.values())
+        diag = [p for g in groups if g.diagonal for p, _, _ in g.members if p.grad is not None]
+        return blocks, diag
+
+    def _param_owner(self, groups: list[_Group]) -> dict[int, int]:
+        return {id(p): self._owners[k][m] for k, g in enumerate(groups) if not g.diagonal
+                for m, (p, _, _) in enumerate(g.members)}
+
+    def _whole_grads(self, groups: list[_Group]) -> dict[int, Tensor]:
+        """FSDP2: the row shards of each preconditioned parameter's gradient go to its owner
+        (one all-to-all), who sees it whole; parameters of the diagonal method are gathered
+        on every rank (their state is replicated)."""
+        blocks, diag = self._fsdp_params(groups)
+        out = {id(p): p.grad.full_tensor() for p in diag}
+        if blocks:
+            owner = self._param_owner(groups)
+            rows = shard_rows(blocks, self.process_group, self._shard_rows)
+            local = [local_tensor(p.grad).reshape(-1, math.prod(p.shape[1:])) for p in blocks]
+            with self.timings.measure("communication"):
+                whole = _dist.gather_rows_to_owners(local, rows, [owner[id(p)] for p in blocks],
+                                                    self.process_group)
+            out.update({id(blocks[k]): G.view(blocks[k].shape) for k, G in whole.items()})
+        return out
+
+    def _local_updates(self, groups: list[_Group], updates: dict[int, Tensor]
+                       ) -> dict[int, Tensor]:
+        """FSDP2: each rank's rows of the directions (owners send the preconditioned ones in
+        one all-to-all; diagonal-method directions are whole on every rank)."""
+        blocks, diag = self._fsdp_params(groups)
+        rows = shard_rows(blocks + diag, self.process_group, self._shard_rows)
+        me = _dist.rank(self.process_group)
+        out = {}
+        for p, r in zip(diag, rows[len(blocks):], strict=True):
+            start = sum(r[:me])
+            out[id(p)] = updates[id(p)][start:start + r[me]]
+        if blocks:
+            owner = self._param_owner(groups)
+            owners = [owner[id(p)] for p in blocks]
+            dtype = next(iter(groups[0].state.values())).dtype
+            mine = {k: updates[id(p)].reshape(-1, math.prod(p.shape[1:])).to(dtype)
+                    for k, p in enumerate(blocks) if owners[k] == me}
+            with self.timings.measure("communication"):
+                shards = _dist.scatter_rows_from_owners(
+                    mine, rows[:len(blocks)], owners, [math.prod(p.shape[1:]) for p in blocks],
+                    self.process_group, dtype, local_tensor(blocks[0]).device)
+            for p, sh in zip(blocks, shards, strict=True):
+                out[id(p)] = sh.view(local_tensor(p).shape)
+        return out
 
     def _substate(self, g: _Group, present: list[int], idx: Tensor) -> dict[str, Tensor]:
         if g.diagonal:

@@ -86,8 +86,8 @@ class Shampoo(BlockedPreconditionerOptimizer):
         factor_dtype: dtype of statistics and state (default float32; float64 for float64
             parameters). compute_dtype: dtype of the eigendecompositions (default float64).
         process_group, distributed_mode: under DDP, share the root refreshes over the ranks
-            of this group (``"default"`` or a ``ProcessGroup``); see
-            :mod:`curvlab.optim._distributed`.
+            of this group (``"default"`` or a ``ProcessGroup``); ``"allgather"`` also splits
+            the state and works with FSDP2; see :mod:`curvlab.optim._distributed`.
     """
 
     def __init__(
