@@ -105,3 +105,16 @@ def test_bad_arguments():
         SOAP(p, betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="eps"):
         SOAP(p, eps=0.0)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_permute_modes_matches_explicit_indexing(n):
+    from curvlab.optim.soap import _permute_modes
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 4, 3, 5, generator=g)
+    orders = [torch.stack([torch.randperm(d, generator=g) for _ in range(n)]) for d in (4, 3, 5)]
+    out = _permute_modes(X, orders)
+    for b in range(n):
+        ref = X[b][orders[0][b]][:, orders[1][b]][:, :, orders[2][b]]
+        assert torch.equal(out[b], ref)

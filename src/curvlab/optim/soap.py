@@ -37,7 +37,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.linalg.matfuncs import eigenbasis_qr_refresh, symmetric_eigh
+from curvlab.linalg.matfuncs import (
+    eigenbasis_qr_refresh,
+    high_precision_matmul,
+    symmetric_eigh,
+)
 from curvlab.optim._preconditioner import (
     BlockedPreconditionerOptimizer,
     ema_,
@@ -101,6 +105,7 @@ class SOAP(BlockedPreconditionerOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite, factor_dtype=factor_dtype,
                          compute_dtype=compute_dtype, process_group=process_group,
                          distributed_mode=distributed_mode)
+        self._ident_cache: dict[tuple, Tensor] = {}
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -140,74 +145,117 @@ class SOAP(BlockedPreconditionerOptimizer):
         return {"m": torch.zeros(n, dtype=dtype, device=device),
                 "v": torch.zeros(n, dtype=dtype, device=device)}
 
-    def _adam(self, group: dict, st: dict[str, Tensor], g: Tensor, gr: Tensor | None,
-              step: int, rotate: Any = None) -> Tensor:
-        b1, b2 = group["betas"]
-        ema_(st["m"], g, b1, self._guard)
-        gr = g if gr is None else gr
-        ema_(st["v"], gr * gr, b2, self._guard)
-        m = st["m"] if rotate is None else rotate(st["m"])
-        scale = (1.0 - b2**step) ** 0.5 / (1.0 - b1**step)
-        return m / (st["v"].sqrt() + group["eps"]) * scale
-
     def _diagonal_direction(self, group: dict, st: dict[str, Tensor], g: Tensor,
                             step: int) -> Tensor:
-        return self._adam(group, st, g, None, step)
+        b1, b2 = group["betas"]
+        ema_(st["m"], g, b1, self._guard)
+        ema_(st["v"], g * g, b2, self._guard)
+        scale = (1.0 - b2**step) ** 0.5 / (1.0 - b1**step)
+        return st["m"] / (st["v"].sqrt() + group["eps"]) * scale
 
     def _block_direction(self, group: dict, st: dict[str, Tensor], G: Tensor,
                          step: int) -> Tensor:
         order = G.ndim - 1
-        if bool(st["has_basis"].any()):
-            Qs = [st[f"Q{i}"] for i in range(order)]
-
-            def rotate(X: Tensor) -> Tensor:
-                for i, Q in enumerate(Qs):
-                    X = mode_product(X, Q, i, transpose=True)
-                return X
-
-            N = self._adam(group, st, G, rotate(G), step, rotate)
-            for i, Q in enumerate(Qs):
-                N = mode_product(N, Q, i)
-        else:
-            N = self._adam(group, st, G, None, step)
+        Qs = [st[f"Q{i}"] for i in range(order)]
+        b1, b2 = group["betas"]
+        # Blocks without a basis yet hold Q = I, and rotating by I is exact: no host sync on
+        # has_basis, and one code path for every block.
+        ema_(st["m"], G, b1, self._guard)
+        Gr = _rotate(G, Qs)
+        ema_(st["v"], Gr * Gr, b2, self._guard)
+        N = _rotate(st["m"], Qs)
+        N.div_(st["v"].sqrt().add_(group["eps"]))
+        N = _rotate(N, Qs, back=True, scale=(1.0 - b2**step) ** 0.5 / (1.0 - b1**step))
         # statistics and refresh after the update: step t uses the basis of steps < t
         sb = group["shampoo_beta"]
-        sb = group["betas"][1] if sb is None else sb
+        sb = b2 if sb is None else sb
         for i in range(order):
-            ema_(st[f"F{i}"], kronecker_statistic(G, i), sb, self._guard)
-        if is_due(step, group["start_preconditioning_step"], group["precondition_frequency"]):
+            F = st[f"F{i}"]
+            if self._guard or sb == 1.0:
+                ema_(F, kronecker_statistic(G, i), sb, self._guard)
+            elif order == 2:  # F <- sb F + (1 - sb) G_(i) G_(i)^T in one kernel
+                A, B = (G, G.mT) if i == 0 else (G.mT, G)
+                F.baddbmm_(A, B, beta=sb, alpha=1.0 - sb)
+            else:
+                F.lerp_(kronecker_statistic(G, i), 1.0 - sb)
+        if not is_due(step, group["start_preconditioning_step"], group["precondition_frequency"]):
+            return N
+        if self.process_group is None:
+            # single process: no sharding, and no per-phase clocks (reading the thread CPU
+            # clock is a system call, measured at up to milliseconds on a loaded machine)
+            self._refresh_basis(group, st, order)
+        else:
             self._refresh(lambda s: self._refresh_basis(group, s, order), st,
                           [k for k in st if k[0] == "Q" or k in ("v", "has_basis")],
                           reads=[f"F{i}" for i in range(order)])
         return N
 
+    def _identity_order(self, n: int, d: int, device: torch.device) -> Tensor:
+        """``arange(d)`` per block: the fallback order of a block whose refresh failed."""
+        key = (n, d, device)
+        ident = self._ident_cache.get(key)
+        if ident is None:
+            ident = self._ident_cache[key] = torch.arange(d, device=device).expand(n, d)
+        return ident
+
     def _refresh_basis(self, group: dict, st: dict[str, Tensor], order: int) -> None:
         cdt = self.compute_dtype
-        use_eigh = group["eigenbasis_method"] == "eigh" or not bool(st["has_basis"].all())
+        hb = st["has_basis"]
+        n = hb.shape[0]
+        have = int(hb.sum())  # the one host sync of a refresh
+        use_eigh = group["eigenbasis_method"] == "eigh" or have < n
+        first = have == 0
 
-        def fn_eigh(F: Tensor) -> tuple[Tensor, Tensor]:
+        def fn_eigh(F: Tensor) -> tuple[Tensor]:
             _, Q = symmetric_eigh(F, cdt)
-            Q = Q.flip(-1)  # descending eigenvalues
-            n, d = Q.shape[0], Q.shape[-1]
-            return Q.to(F.dtype), torch.arange(d, device=F.device).expand(n, d)
+            return (Q.flip(-1).to(F.dtype),)  # descending eigenvalues
 
         def fn_qr(F: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
             return eigenbasis_qr_refresh(F, Q, compute_dtype=F.dtype)
 
-        first = not bool(st["has_basis"].any())
-        for i in range(order):
-            F, Q = st[f"F{i}"], st[f"Q{i}"]
-            ident = torch.arange(Q.shape[-1], device=Q.device).expand(Q.shape[0], -1)
-            if use_eigh:
-                (Qn, perm), failed = guarded_batched(fn_eigh, (F,), (Q, ident))
-                if first:  # v was accumulated in the identity basis: v <- (Q o Q)^T v
-                    st["v"].copy_(mode_product(st["v"], Qn * Qn, i, transpose=True))
-            else:
-                (Qn, perm), failed = guarded_batched(fn_qr, (F, Q), (Q, ident))
-                # v follows its coordinates to their new positions along mode i
-                v = st["v"].movedim(1 + i, -1)
-                idx = perm.view(perm.shape[0], *([1] * (v.ndim - 2)), perm.shape[-1])
-                st["v"].copy_(torch.gather(v, -1, idx.expand_as(v)).movedim(-1, 1 + i))
-            Q.copy_(Qn)
-            self._count_refresh(Q.shape[0], failed, "eigenbasis")
-        st["has_basis"].fill_(1.0)
+        orders = []
+        with high_precision_matmul():
+            for i in range(order):
+                F, Q = st[f"F{i}"], st[f"Q{i}"]
+                if use_eigh:
+                    (Qn,), failed = guarded_batched(fn_eigh, (F,), (Q,))
+                    if first:  # v was accumulated in the identity basis: v <- (Q o Q)^T v
+                        st["v"].copy_(mode_product(st["v"], Qn * Qn, i, transpose=True))
+                else:
+                    ident = self._identity_order(n, Q.shape[-1], Q.device)
+                    (Qn, perm), failed = guarded_batched(fn_qr, (F, Q), (Q, ident))
+                    orders.append(perm)
+                Q.copy_(Qn)
+                self._count_refresh(n, failed, "eigenbasis")
+        if orders:  # v follows its coordinates to their new positions along every mode
+            st["v"].copy_(_permute_modes(st["v"], orders))
+        hb.fill_(1.0)
+
+
+def _rotate(X: Tensor, Qs: list[Tensor], back: bool = False, scale: float = 1.0) -> Tensor:
+    """``X x_0 Q_0^T x_1 Q_1^T ...`` (into the eigenbasis) or, with ``back``, ``X x_i Q_i``
+    (out of it), times ``scale``; matrices take two batched matmuls."""
+    if X.ndim == 3:
+        QL, QR = Qs
+        if back:
+            return torch.baddbmm(X, torch.bmm(QL, X), QR.mT, beta=0.0, alpha=scale)
+        return torch.bmm(torch.bmm(QL.mT, X), QR)
+    for i, Q in enumerate(Qs):
+        X = mode_product(X, Q, i, transpose=not back)
+    return X * scale if scale != 1.0 else X
+
+
+def _permute_modes(X: Tensor, orders: list[Tensor]) -> Tensor:
+    """``X[b, orders[0][b, i], orders[1][b, j], ...]`` for a batch of blocks ``X`` (B, *s),
+    as one row gather (``index_select``) per mode."""
+    n = X.shape[0]
+    for i, order in enumerate(orders):
+        if n == 1:
+            X = X.index_select(1 + i, order[0])
+            continue
+        d = order.shape[-1]
+        rows = order + d * torch.arange(n, device=order.device).unsqueeze(-1)
+        Xi = X.movedim(1 + i, 1)
+        shape = Xi.shape
+        X = Xi.reshape(n * d, -1).index_select(0, rows.reshape(-1)).view(shape).movedim(1, 1 + i)
+    return X
