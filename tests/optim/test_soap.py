@@ -22,22 +22,52 @@ def test_soap_frequency_one_equals_adam_in_rotated_basis():
     opt = SOAP([W], lr=lr, betas=(b1, b2), shampoo_beta=sb, eps=eps, precondition_frequency=1,
                eigenbasis_method="eigh")
     Wr, L, R = W0.copy(), np.zeros((5, 5)), np.zeros((4, 4))
-    QL, QR = np.eye(5), np.eye(4)  # step t uses the basis of the statistics of steps < t
     m, v = np.zeros((5, 4)), np.zeros((5, 4))
+    QL, QR = np.eye(5), np.eye(4)  # set from the statistics after step 1
     for t, G in enumerate(grads, start=1):
         W.grad = torch.tensor(G)
         opt.step()
-        m = b1 * m + (1 - b1) * G
-        g_rot = QL.T @ G @ QR
-        v = b2 * v + (1 - b2) * g_rot**2
-        N = (QL.T @ m @ QR) / (np.sqrt(v) + eps) * np.sqrt(1 - b2**t) / (1 - b1**t)
-        Wr = Wr - lr * QL @ N @ QR.T
+        if t > 1:  # step 1 only initializes the factors and the basis (Alg. 3)
+            m = b1 * m + (1 - b1) * G
+            g_rot = QL.T @ G @ QR  # step t uses the basis of the statistics of steps < t
+            v = b2 * v + (1 - b2) * g_rot**2
+            k = t - 1  # Adam restarts in the first basis
+            N = (QL.T @ m @ QR) / (np.sqrt(v) + eps) * np.sqrt(1 - b2**k) / (1 - b1**k)
+            Wr = Wr - lr * QL @ N @ QR.T
         np.testing.assert_allclose(W.detach().numpy(), Wr, rtol=1e-7, atol=1e-7)
         L = sb * L + (1 - sb) * G @ G.T
         R = sb * R + (1 - sb) * G.T @ G
         QL, QR = _eigvecs_desc(L), _eigvecs_desc(R)
-        if t == 1:  # first basis: second moments carried over from the identity basis
-            v = (QL**2).T @ v @ QR**2
+
+
+def test_first_step_initializes_and_adam_restarts_at_later_start():
+    # start_preconditioning_step=3: two Adam steps in the identity basis, step 3 moves
+    # nothing and zeroes the moments, step 4 is Adam's first step in the eigenbasis
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    b = nn.Parameter(a.detach().clone())
+    soap = SOAP([a], lr=0.01, betas=(0.9, 0.99), start_preconditioning_step=3,
+                precondition_frequency=100, eigenbasis_method="eigh")
+    adam = torch.optim.Adam([b], lr=0.01, betas=(0.9, 0.99), eps=1e-8)
+    gs = [torch.randn(4, 3, dtype=torch.float64) for _ in range(4)]
+    for g in gs[:2]:
+        a.grad, b.grad = g.clone(), g.clone()
+        soap.step()
+        adam.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    before = a.detach().clone()
+    a.grad = gs[2].clone()
+    soap.step()
+    assert torch.equal(a.detach(), before)
+    st = soap.state_dict()["preconditioner"]["groups"][0]
+    assert not st["m"].any() and not st["v"].any()
+    a.grad = gs[3].clone()
+    soap.step()
+    # Adam's first step in the basis: every rotated coordinate moves by lr (up to eps)
+    QL, QR = st["Q0"][0], st["Q1"][0]
+    step_rot = QL.T @ (a.detach() - before) @ QR
+    g_rot = QL.T @ gs[3] @ QR
+    torch.testing.assert_close(step_rot, -0.01 * torch.sign(g_rot), rtol=1e-6, atol=1e-9)
 
 
 def test_soap_before_first_refresh_is_adam():
@@ -62,18 +92,17 @@ def test_qr_refresh_permutes_second_moment_with_the_basis():
     def v():
         return opt.state_dict()["preconditioner"]["groups"][0]["v"][0]
 
-    # step 1: Adam in the identity basis; then eigh of the row factor diag(9, 0, 1) gives the
-    # basis (e0, e2, e1), of the column factor diag(9, 1) the basis (f0, f1)
+    # step 1 initializes: eigh of the row factor diag(9, 0, 1) gives the basis (e0, e2, e1),
+    # of the column factor diag(9, 1) the basis (f0, f1); Adam's moments stay zero
     W.grad = torch.tensor([[3.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    opt.step()  # v = 0.5 g^2 = [[4.5, 0], [0, 0], [0, 0.5]], carried to the new basis:
-    torch.testing.assert_close(v(), torch.tensor([[4.5, 0.0], [0.0, 0.5], [0.0, 0.0]],
-                                                 dtype=torch.float64))
-    # step 2: the gradient in that basis is [[1, 0], [0, 5], [0, 0]] -> v = 0.5 v + 0.5 g^2;
+    opt.step()
+    torch.testing.assert_close(v(), torch.zeros(3, 2, dtype=torch.float64))
+    # step 2: the gradient in that basis is [[1, 0], [0, 5], [0, 0]] -> v = 0.5 g^2;
     # then QR: row factor diag(1, 0, 25) has estimated eigenvalues (1, 25, 0) in the old
     # basis -> rows of v swap; column factor diag(1, 25) -> columns swap too.
     W.grad = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
     opt.step()
-    torch.testing.assert_close(v(), torch.tensor([[12.75, 0.0], [0.0, 2.75], [0.0, 0.0]],
+    torch.testing.assert_close(v(), torch.tensor([[12.5, 0.0], [0.0, 0.5], [0.0, 0.0]],
                                                  dtype=torch.float64))
     Q0 = opt.state_dict()["preconditioner"]["groups"][0]["Q0"][0]
     torch.testing.assert_close(Q0[:, :2].abs(), torch.tensor(

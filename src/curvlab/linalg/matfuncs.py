@@ -230,7 +230,8 @@ def eigenbasis_qr_refresh(
         est = torch.linalg.vecdot(AQt, Qc.mT)  # diag(Q^T A Q)
         order = torch.argsort(est, dim=-1, descending=True)
         rows = order.reshape(-1, d)
-        rows = rows + d * torch.arange(rows.shape[0], device=rows.device).unsqueeze(-1)
+        if rows.shape[0] > 1:  # row offsets of the matrices in the batch
+            rows = rows + d * torch.arange(rows.shape[0], device=rows.device).unsqueeze(-1)
         P = AQt.reshape(-1, d).index_select(0, rows.reshape(-1)).view(AQt.shape).mT
         try:
             Qn = torch.linalg.householder_product(*torch.geqrf(P))
