@@ -212,7 +212,8 @@ def eigenbasis_qr_refresh(
 ) -> tuple[Tensor, Tensor]:
     r"""One power-iteration step with QR to refresh an approximate eigenbasis (SOAP, Alg. 4).
 
-    Estimates eigenvalues ``d = diag(Q^T A Q)``, sorts columns of ``Q`` by decreasing ``d``,
+    ``A`` is symmetric (a Kronecker factor; ``A = A^T`` is assumed, not checked). Estimates
+    eigenvalues ``d = diag(Q^T A Q)``, sorts columns of ``Q`` by decreasing ``d``,
     and returns ``(Q_new, order)`` with ``Q_new = qr(A Q[:, order]).Q`` (column signs as LAPACK
     returns them; SOAP's update does not depend on them). ``order`` lets the caller permute
     per-coordinate statistics (e.g. Adam's second moment) to the new basis. The Q factor is
@@ -221,22 +222,28 @@ def eigenbasis_qr_refresh(
     """
     _check_square(A)
     _check_square(Q, "Q")
-    d = A.shape[-1]
+    if _HIGH_PRECISION_DEPTH[0]:  # already inside (e.g. a refresh loop): skip the switch
+        return _qr_refresh(A, Q, compute_dtype)
     with high_precision_matmul():
-        Qc = Q.to(compute_dtype)
-        # rows of (A Q)^T = Q^T A^T are the columns of A Q: permuting them is one row gather
-        # (index_select is a plain copy; gather along the last dim is many times slower)
-        AQt = Qc.mT @ A.to(compute_dtype).mT  # non-finite A shows up in Qn
-        est = torch.linalg.vecdot(AQt, Qc.mT)  # diag(Q^T A Q)
-        order = torch.argsort(est, dim=-1, descending=True)
-        rows = order.reshape(-1, d)
-        if rows.shape[0] > 1:  # row offsets of the matrices in the batch
-            rows = rows + d * torch.arange(rows.shape[0], device=rows.device).unsqueeze(-1)
-        P = AQt.reshape(-1, d).index_select(0, rows.reshape(-1)).view(AQt.shape).mT
-        try:
-            Qn = torch.linalg.householder_product(*torch.geqrf(P))
-        except RuntimeError as err:
-            raise MatrixFunctionError(f"QR failed: {err}") from err
+        return _qr_refresh(A, Q, compute_dtype)
+
+
+def _qr_refresh(A: Tensor, Q: Tensor, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    d = A.shape[-1]
+    Qc = Q.to(compute_dtype)
+    # rows of (A Q)^T = Q^T A are the columns of A Q: permuting them is one row gather
+    # (index_select is a plain copy; gather along the last dim is many times slower)
+    AQt = Qc.mT @ A.to(compute_dtype)  # non-finite A shows up in Qn
+    est = torch.linalg.vecdot(AQt, Qc.mT)  # diag(Q^T A Q)
+    order = torch.argsort(est, dim=-1, descending=True)
+    rows = order.reshape(-1, d)
+    if rows.shape[0] > 1:  # row offsets of the matrices in the batch
+        rows = rows + d * torch.arange(rows.shape[0], device=rows.device).unsqueeze(-1)
+    P = AQt.reshape(-1, d).index_select(0, rows.reshape(-1)).view(AQt.shape).mT
+    try:
+        Qn = torch.linalg.householder_product(*torch.geqrf(P))
+    except RuntimeError as err:
+        raise MatrixFunctionError(f"QR failed: {err}") from err
     _check_finite(Qn, "QR refresh")
     return Qn.to(Q.dtype), order
 

@@ -38,6 +38,7 @@ Alg. 3-4.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -113,6 +114,8 @@ class SOAP(BlockedPreconditionerOptimizer):
                          compute_dtype=compute_dtype, process_group=process_group,
                          distributed_mode=distributed_mode)
         self._ident_cache: dict[tuple, Tensor] = {}
+        # id(has_basis) -> weak reference, for state whose blocks all have a basis
+        self._complete: dict[int, weakref.ref] = {}
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -221,8 +224,10 @@ class SOAP(BlockedPreconditionerOptimizer):
         cdt = self.compute_dtype
         hb = st["has_basis"]
         n = hb.shape[0]
-        have = int(hb.sum())  # the one host sync of a refresh
-        use_eigh = group["eigenbasis_method"] == "eigh" or have < n
+        known = self._complete.get(id(hb))
+        # whether every block has its first basis; a host sync only until that is known
+        complete = (known is not None and known() is hb) or int(hb.sum()) == n
+        use_eigh = group["eigenbasis_method"] == "eigh" or not complete
 
         def fn_eigh(F: Tensor) -> tuple[Tensor]:
             _, Q = symmetric_eigh(F, cdt)
@@ -241,11 +246,17 @@ class SOAP(BlockedPreconditionerOptimizer):
                     ident = self._identity_order(n, Q.shape[-1], Q.device)
                     (Qn, perm), failed = guarded_batched(fn_qr, (F, Q), (Q, ident))
                     orders.append(perm)
-                Q.copy_(Qn)
+                st[f"Q{i}"] = Qn  # fresh tensors: the state entry is replaced, not copied
                 self._count_refresh(n, failed, "eigenbasis")
         if orders:  # v follows its coordinates to their new positions along every mode
-            st["v"].copy_(_permute_modes(st["v"], orders))
-        hb.fill_(1.0)
+            st["v"] = _permute_modes(st["v"], orders)
+        if not complete:
+            hb.fill_(1.0)
+        self._complete[id(hb)] = weakref.ref(hb)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._complete.clear()
 
 
 def _adam_step(group: dict, step: int) -> int:
