@@ -229,23 +229,25 @@ def eigenbasis_qr_refresh(
 
 
 def _qr_refresh(A: Tensor, Q: Tensor, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    d = A.shape[-1]
-    Qc = Q.to(compute_dtype)
+    # (few torch calls on purpose: SOAP runs this per mode and block shape at every refresh)
+    Qt = (Q if Q.dtype == compute_dtype else Q.to(compute_dtype)).mT
     # rows of (A Q)^T = Q^T A are the columns of A Q: permuting them is one row gather
     # (index_select is a plain copy; gather along the last dim is many times slower)
-    AQt = Qc.mT @ A.to(compute_dtype)  # non-finite A shows up in Qn
-    est = torch.linalg.vecdot(AQt, Qc.mT)  # diag(Q^T A Q)
-    order = torch.argsort(est, dim=-1, descending=True)
-    rows = order.reshape(-1, d)
-    if rows.shape[0] > 1:  # row offsets of the matrices in the batch
+    AQt = Qt @ (A if A.dtype == compute_dtype else A.to(compute_dtype))  # non-finite A -> Qn
+    order = torch.argsort(torch.linalg.vecdot(AQt, Qt), dim=-1, descending=True)  # diag(Q^T A Q)
+    if AQt.ndim == 2 or (AQt.ndim == 3 and AQt.shape[0] == 1):
+        P = AQt.index_select(-2, order.view(-1)).mT
+    else:  # one row gather over the whole batch: row offsets of the matrices
+        d = A.shape[-1]
+        rows = order.reshape(-1, d)
         rows = rows + d * torch.arange(rows.shape[0], device=rows.device).unsqueeze(-1)
-    P = AQt.reshape(-1, d).index_select(0, rows.reshape(-1)).view(AQt.shape).mT
+        P = AQt.reshape(-1, d).index_select(0, rows.view(-1)).view(AQt.shape).mT
     try:
         Qn = torch.linalg.householder_product(*torch.geqrf(P))
     except RuntimeError as err:
         raise MatrixFunctionError(f"QR failed: {err}") from err
     _check_finite(Qn, "QR refresh")
-    return Qn.to(Q.dtype), order
+    return (Qn if Qn.dtype == Q.dtype else Qn.to(Q.dtype)), order
 
 
 def _addmm(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float) -> Tensor:
