@@ -147,3 +147,33 @@ def test_permute_modes_matches_explicit_indexing(n):
     for b in range(n):
         ref = X[b][orders[0][b]][:, orders[1][b]][:, :, orders[2][b]]
         assert torch.equal(out[b], ref)
+
+
+def test_nonfinite_block_direction_is_zeroed_and_counted(monkeypatch):
+    # two 4x4 blocks of one 8x4 weight share a block group; block 1's direction is NaN
+    W = nn.Parameter(torch.ones(8, 4))
+    opt = SOAP([W], lr=0.1, max_preconditioner_dim=4)
+    real = SOAP._block_direction
+
+    def poisoned(self, group, st, G, step):
+        D = real(self, group, st, G, step)
+        D[1] = float("nan")
+        return D
+
+    monkeypatch.setattr(SOAP, "_block_direction", poisoned)
+    for _ in range(2):  # step 1 initializes (direction 0), step 2 moves
+        W.grad = torch.randn(8, 4)
+        opt.step()
+    assert torch.isfinite(W).all()
+    assert torch.equal(W.detach()[4:], torch.ones(4, 4))
+    assert not torch.equal(W.detach()[:4], torch.ones(4, 4))
+    assert opt.stats()["nonfinite_block_updates"] == 2
+
+
+def test_max_abs_mixed_dtypes():
+    from curvlab.optim._preconditioner import max_abs
+
+    x = [torch.tensor([3.0], dtype=torch.float16), torch.tensor([-4.0], dtype=torch.float64)]
+    assert max_abs(x) == 4.0
+    mixed_nan = [torch.tensor([1.0], dtype=torch.float16), torch.tensor([float("nan")])]
+    assert max_abs(mixed_nan) != max_abs(mixed_nan)  # NaN
