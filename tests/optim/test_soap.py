@@ -177,3 +177,15 @@ def test_max_abs_mixed_dtypes():
     assert max_abs(x) == 4.0
     mixed_nan = [torch.tensor([1.0], dtype=torch.float16), torch.tensor([float("nan")])]
     assert max_abs(mixed_nan) != max_abs(mixed_nan)  # NaN
+
+
+def test_state_stays_contiguous_across_qr_refreshes():
+    # checkpoint templates (torch.distributed.checkpoint) assume the state's layout
+    W = nn.Parameter(torch.randn(6, 5))
+    opt = SOAP([W], lr=0.01, precondition_frequency=1)
+    for _ in range(4):
+        W.grad = torch.randn(6, 5)
+        opt.step()
+    groups = opt.state_dict()["preconditioner"]["groups"]
+    assert all(t.is_contiguous() for g in groups for t in g.values())
+    assert all(t.is_contiguous() for g in opt._groups for t in g.state.values())

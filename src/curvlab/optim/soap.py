@@ -246,10 +246,12 @@ class SOAP(BlockedPreconditionerOptimizer):
                     ident = self._identity_order(n, Q.shape[-1], Q.device)
                     (Qn, perm), failed = guarded_batched(fn_qr, (F, Q), (Q, ident))
                     orders.append(perm)
-                st[f"Q{i}"] = Qn  # fresh tensors: the state entry is replaced, not copied
+                # copied into the existing (contiguous) state tensor: replacing it with the
+                # column-major LAPACK output broke DCP checkpoints (layout-blind templates)
+                Q.copy_(Qn)
                 self._count_refresh(n, failed, "eigenbasis")
         if orders:  # v follows its coordinates to their new positions along every mode
-            st["v"] = _permute_modes(st["v"], orders)
+            st["v"].copy_(_permute_modes(st["v"], orders))
         if not complete:
             hb.fill_(1.0)
         self._complete[id(hb)] = weakref.ref(hb)
