@@ -189,3 +189,29 @@ def test_state_stays_contiguous_across_qr_refreshes():
     groups = opt.state_dict()["preconditioner"]["groups"]
     assert all(t.is_contiguous() for g in groups for t in g.values())
     assert all(t.is_contiguous() for g in opt._groups for t in g.state.values())
+
+
+def test_batched_qr_refresh_across_block_shapes_equals_per_group_refresh(monkeypatch):
+    # factor sizes 6 and 4 are shared by several block shapes: one batched call per size
+    def run(per_group):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                              nn.Linear(6, 4)).double()
+        opt = SOAP(model.parameters(), lr=1e-2, precondition_frequency=2)
+        if per_group:
+            def one_by_one(states):
+                for st in states:
+                    opt._refresh_basis(opt.param_groups[0], st, 2)
+            monkeypatch.setattr(opt, "_refresh_qr_batched", one_by_one)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(9):
+            X = torch.randn(16, 4, generator=g, dtype=torch.float64)
+            opt.zero_grad()
+            model(X).pow(2).mean().backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()], opt.stats()["refreshes"]
+
+    (batched, nb), (ref, nr) = run(False), run(True)
+    assert nb == nr > 0
+    for a, b in zip(batched, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -116,6 +116,7 @@ class SOAP(BlockedPreconditionerOptimizer):
         self._ident_cache: dict[tuple, Tensor] = {}
         # id(has_basis) -> weak reference, for state whose blocks all have a basis
         self._complete: dict[int, weakref.ref] = {}
+        self._pending: list[dict[str, Tensor]] = []  # due QR refreshes of the current step
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -202,7 +203,11 @@ class SOAP(BlockedPreconditionerOptimizer):
         if self.process_group is None:
             # single process: no sharding, and no per-phase clocks (reading the thread CPU
             # clock is a system call, measured at up to milliseconds on a loaded machine)
-            self._refresh_basis(group, st, order)
+            if (t > 0 and group["eigenbasis_method"] == "qr" and self._basis_complete(st)
+                    and any(st is g.state for g in self._groups or ())):
+                self._pending.append(st)  # QR refreshes of all block shapes run batched
+            else:
+                self._refresh_basis(group, st, order)
         else:
             self._refresh(lambda s: self._refresh_basis(group, s, order), st,
                           [k for k in st if k[0] == "Q" or k in ("v", "has_basis")],
@@ -220,13 +225,66 @@ class SOAP(BlockedPreconditionerOptimizer):
             ident = self._ident_cache[key] = torch.arange(d, device=device).expand(n, d)
         return ident
 
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One step (see the class docstring); with one process the QR refreshes that are due
+        run after all directions, one batched refresh per factor size across block shapes."""
+        self._pending: list[dict[str, Tensor]] = []
+        loss = super().step(closure)
+        if self._pending:
+            self._refresh_qr_batched(self._pending)
+            self._pending = []
+        return loss
+
+    def _basis_complete(self, st: dict[str, Tensor]) -> bool:
+        """Whether every block of ``st`` has its first basis (a host read only until known)."""
+        hb = st["has_basis"]
+        known = self._complete.get(id(hb))
+        if known is not None and known() is hb:
+            return True
+        if int(hb.sum()) < hb.shape[0]:
+            return False
+        self._complete[id(hb)] = weakref.ref(hb)
+        return True
+
+    def _refresh_qr_batched(self, states: list[dict[str, Tensor]]) -> None:
+        """QR refreshes of several block groups' states (all with a basis already): the
+        factors of equal size (dtype, device) go through one batched call."""
+        buckets: dict[tuple, list[tuple[dict[str, Tensor], int]]] = {}
+        for st in states:
+            for i in range(sum(1 for k in st if k[0] == "Q")):
+                Q = st[f"Q{i}"]
+                buckets.setdefault((Q.shape[-1], Q.dtype, Q.device), []).append((st, i))
+        orders: dict[int, dict[int, Tensor]] = {id(st): {} for st in states}
+
+        def fn_qr(F: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+            return eigenbasis_qr_refresh(F, Q, compute_dtype=F.dtype)
+
+        with high_precision_matmul():
+            for (d, _, device), items in buckets.items():
+                Fs = [st[f"F{i}"] for st, i in items]
+                Qs = [st[f"Q{i}"] for st, i in items]
+                F = Fs[0] if len(Fs) == 1 else torch.cat(Fs)
+                Q = Qs[0] if len(Qs) == 1 else torch.cat(Qs)
+                n = Q.shape[0]
+                (Qn, perm), failed = guarded_batched(
+                    fn_qr, (F, Q), (Q, self._identity_order(n, d, device)))
+                a = 0
+                for (st, i), Qi in zip(items, Qs, strict=True):
+                    Qi.copy_(Qn[a : a + Qi.shape[0]])  # keeps the state's layout
+                    orders[id(st)][i] = perm[a : a + Qi.shape[0]]
+                    a += Qi.shape[0]
+                self._counters["refreshes"] += len(items) - 1  # one per block shape and mode
+                self._count_refresh(n, failed, "eigenbasis")
+        for st in states:  # v follows its coordinates along every mode
+            o = orders[id(st)]
+            st["v"].copy_(_permute_modes(st["v"], [o[i] for i in range(len(o))]))
+
     def _refresh_basis(self, group: dict, st: dict[str, Tensor], order: int) -> None:
         cdt = self.compute_dtype
         hb = st["has_basis"]
         n = hb.shape[0]
-        known = self._complete.get(id(hb))
-        # whether every block has its first basis; a host sync only until that is known
-        complete = (known is not None and known() is hb) or int(hb.sum()) == n
+        complete = self._basis_complete(st)
         use_eigh = group["eigenbasis_method"] == "eigh" or not complete
 
         def fn_eigh(F: Tensor) -> tuple[Tensor]:
