@@ -117,6 +117,7 @@ class SOAP(BlockedPreconditionerOptimizer):
         # id(has_basis) -> weak reference, for state whose blocks all have a basis
         self._complete: dict[int, weakref.ref] = {}
         self._pending: list[dict[str, Tensor]] = []  # due QR refreshes of the current step
+        self._batch_plans: dict[tuple, list] = {}  # states' ids -> buckets by factor size
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -250,35 +251,43 @@ class SOAP(BlockedPreconditionerOptimizer):
     def _refresh_qr_batched(self, states: list[dict[str, Tensor]]) -> None:
         """QR refreshes of several block groups' states (all with a basis already): the
         factors of equal size (dtype, device) go through one batched call."""
-        buckets: dict[tuple, list[tuple[dict[str, Tensor], int]]] = {}
-        for st in states:
-            for i in range(sum(1 for k in st if k[0] == "Q")):
-                Q = st[f"Q{i}"]
-                buckets.setdefault((Q.shape[-1], Q.dtype, Q.device), []).append((st, i))
-        orders: dict[int, dict[int, Tensor]] = {id(st): {} for st in states}
+        key = tuple(id(st) for st in states)
+        plan = self._batch_plans.get(key)
+        if plan is None:  # buckets of (state, F key, Q key, mode, first row, rows)
+            buckets: dict[tuple, list] = {}
+            for st in states:
+                for i in range(st["v"].ndim - 1):
+                    Q = st[f"Q{i}"]
+                    buckets.setdefault((Q.shape[-1], Q.dtype, Q.device), []).append(
+                        (st, f"F{i}", f"Q{i}", i, Q.shape[0]))
+            plan = self._batch_plans[key] = []
+            for (d, _, device), items in buckets.items():
+                rows, a = [], 0
+                for st, fk, qk, i, n in items:
+                    rows.append((st, fk, qk, i, a, a + n))
+                    a += n
+                plan.append((self._identity_order(a, d, device), rows))
+        orders: dict[int, list] = {id(st): [None] * (st["v"].ndim - 1) for st in states}
 
         def fn_qr(F: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
             return eigenbasis_qr_refresh(F, Q, compute_dtype=F.dtype)
 
         with high_precision_matmul():
-            for (d, _, device), items in buckets.items():
-                Fs = [st[f"F{i}"] for st, i in items]
-                Qs = [st[f"Q{i}"] for st, i in items]
-                F = Fs[0] if len(Fs) == 1 else torch.cat(Fs)
-                Q = Qs[0] if len(Qs) == 1 else torch.cat(Qs)
-                n = Q.shape[0]
-                (Qn, perm), failed = guarded_batched(
-                    fn_qr, (F, Q), (Q, self._identity_order(n, d, device)))
-                a = 0
-                for (st, i), Qi in zip(items, Qs, strict=True):
-                    Qi.copy_(Qn[a : a + Qi.shape[0]])  # keeps the state's layout
-                    orders[id(st)][i] = perm[a : a + Qi.shape[0]]
-                    a += Qi.shape[0]
-                self._counters["refreshes"] += len(items) - 1  # one per block shape and mode
-                self._count_refresh(n, failed, "eigenbasis")
+            for ident, rows in plan:
+                if len(rows) == 1:
+                    st, fk, qk = rows[0][:3]
+                    F, Q = st[fk], st[qk]
+                else:
+                    F = torch.cat([r[0][r[1]] for r in rows])
+                    Q = torch.cat([r[0][r[2]] for r in rows])
+                (Qn, perm), failed = guarded_batched(fn_qr, (F, Q), (Q, ident))
+                for st, _, qk, i, a, e in rows:
+                    st[qk].copy_(Qn[a:e])  # keeps the state's layout
+                    orders[id(st)][i] = perm[a:e]
+                self._counters["refreshes"] += len(rows) - 1  # one per block shape and mode
+                self._count_refresh(ident.shape[0], failed, "eigenbasis")
         for st in states:  # v follows its coordinates along every mode
-            o = orders[id(st)]
-            st["v"].copy_(_permute_modes(st["v"], [o[i] for i in range(len(o))]))
+            st["v"].copy_(_permute_modes(st["v"], orders[id(st)]))
 
     def _refresh_basis(self, group: dict, st: dict[str, Tensor], order: int) -> None:
         cdt = self.compute_dtype
@@ -315,8 +324,9 @@ class SOAP(BlockedPreconditionerOptimizer):
         self._complete[id(hb)] = weakref.ref(hb)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # rebuilds the state dicts: forget their ids
         self._complete.clear()
+        self._batch_plans.clear()
 
 
 def _adam_step(group: dict, step: int) -> int:
