@@ -229,6 +229,7 @@ def eigenbasis_qr_refresh(
 
 
 def _qr_refresh(A: Tensor, Q: Tensor, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    d = A.shape[-1]
     # (few torch calls on purpose: SOAP runs this per mode and block shape at every refresh)
     Qt = (Q if Q.dtype == compute_dtype else Q.to(compute_dtype)).mT
     # rows of (A Q)^T = Q^T A are the columns of A Q: permuting them is one row gather
@@ -238,12 +239,12 @@ def _qr_refresh(A: Tensor, Q: Tensor, compute_dtype: torch.dtype) -> tuple[Tenso
     if AQt.ndim == 2 or (AQt.ndim == 3 and AQt.shape[0] == 1):
         P = AQt.index_select(-2, order.view(-1)).mT
     else:  # one row gather over the whole batch: row offsets of the matrices
-        d = A.shape[-1]
         rows = order.reshape(-1, d)
         rows = rows + d * torch.arange(rows.shape[0], device=rows.device).unsqueeze(-1)
         P = AQt.reshape(-1, d).index_select(0, rows.view(-1)).view(AQt.shape).mT
-    try:
-        Qn = torch.linalg.householder_product(*torch.geqrf(P))
+    try:  # Q from the reflectors (no R); for small matrices linalg.qr has less overhead
+        Qn = (torch.linalg.qr(P)[0] if d < 32
+              else torch.linalg.householder_product(*torch.geqrf(P)))
     except RuntimeError as err:
         raise MatrixFunctionError(f"QR failed: {err}") from err
     _check_finite(Qn, "QR refresh")

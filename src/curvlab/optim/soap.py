@@ -171,9 +171,9 @@ class SOAP(BlockedPreconditionerOptimizer):
             return torch.zeros_like(g)
         b1, b2 = group["betas"]
         ema_(st["m"], g, b1, self._guard)
-        ema_(st["v"], g * g, b2, self._guard)
+        _ema_square_(st["v"], g, b2, self._guard)
         scale = (1.0 - b2**t) ** 0.5 / (1.0 - b1**t)
-        return st["m"] / (st["v"].sqrt() + group["eps"]) * scale
+        return torch.div(st["m"], st["v"].sqrt().add_(group["eps"])).mul_(scale)
 
     def _block_direction(self, group: dict, st: dict[str, Tensor], G: Tensor,
                          step: int) -> Tensor:
@@ -188,7 +188,7 @@ class SOAP(BlockedPreconditionerOptimizer):
             # on has_basis, and one code path for every block.
             ema_(st["m"], G, b1, self._guard)
             Gr = _rotate(G, Qs)
-            ema_(st["v"], Gr * Gr, b2, self._guard)
+            _ema_square_(st["v"], Gr, b2, self._guard)
             N = _rotate(st["m"], Qs)
             N.div_(st["v"].sqrt().add_(group["eps"]))
             N = _rotate(N, Qs, back=True, scale=(1.0 - b2**t) ** 0.5 / (1.0 - b1**t))
@@ -332,6 +332,14 @@ class SOAP(BlockedPreconditionerOptimizer):
         super().load_state_dict(state_dict)  # rebuilds the state dicts: forget their ids
         self._complete.clear()
         self._batch_plans.clear()
+
+
+def _ema_square_(v: Tensor, g: Tensor, beta: float, guard: bool) -> None:
+    """``v <- beta v + (1 - beta) g^2`` in place (one fused kernel without the guard)."""
+    if guard:
+        ema_(v, g * g, beta, True)
+    else:
+        v.mul_(beta).addcmul_(g, g, value=1.0 - beta)
 
 
 def _adam_step(group: dict, step: int) -> int:
