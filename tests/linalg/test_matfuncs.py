@@ -169,3 +169,21 @@ def test_high_precision_matmul_restores_settings():
         assert mm.fp32_precision == "tf32"
     finally:
         mm.fp32_precision = before
+
+
+def test_qr_refresh_batched_equals_per_matrix_and_householder_qr_reference():
+    g = torch.Generator().manual_seed(1)
+    B = torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
+    A = B @ B.mT
+    Q = torch.linalg.qr(torch.randn(3, 5, 5, generator=g, dtype=torch.float64))[0]
+    Qn, order = eigenbasis_qr_refresh(A, Q, compute_dtype=torch.float64)
+    for b in range(3):
+        Qb, ob = eigenbasis_qr_refresh(A[b], Q[b], compute_dtype=torch.float64)
+        assert torch.equal(ob, order[b])
+        torch.testing.assert_close(Qb, Qn[b], rtol=0, atol=1e-12)
+        # reference: sort by the Rayleigh quotients, then torch.linalg.qr of A Q[:, order]
+        est = torch.diagonal(Q[b].T @ A[b] @ Q[b])
+        ref_order = torch.argsort(est, descending=True)
+        assert torch.equal(ob, ref_order)
+        ref = torch.linalg.qr(A[b] @ Q[b][:, ref_order])[0]
+        torch.testing.assert_close(Qb, ref, rtol=0, atol=1e-12)

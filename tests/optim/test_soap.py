@@ -22,22 +22,52 @@ def test_soap_frequency_one_equals_adam_in_rotated_basis():
     opt = SOAP([W], lr=lr, betas=(b1, b2), shampoo_beta=sb, eps=eps, precondition_frequency=1,
                eigenbasis_method="eigh")
     Wr, L, R = W0.copy(), np.zeros((5, 5)), np.zeros((4, 4))
-    QL, QR = np.eye(5), np.eye(4)  # step t uses the basis of the statistics of steps < t
     m, v = np.zeros((5, 4)), np.zeros((5, 4))
+    QL, QR = np.eye(5), np.eye(4)  # set from the statistics after step 1
     for t, G in enumerate(grads, start=1):
         W.grad = torch.tensor(G)
         opt.step()
-        m = b1 * m + (1 - b1) * G
-        g_rot = QL.T @ G @ QR
-        v = b2 * v + (1 - b2) * g_rot**2
-        N = (QL.T @ m @ QR) / (np.sqrt(v) + eps) * np.sqrt(1 - b2**t) / (1 - b1**t)
-        Wr = Wr - lr * QL @ N @ QR.T
+        if t > 1:  # step 1 only initializes the factors and the basis (Alg. 3)
+            m = b1 * m + (1 - b1) * G
+            g_rot = QL.T @ G @ QR  # step t uses the basis of the statistics of steps < t
+            v = b2 * v + (1 - b2) * g_rot**2
+            k = t - 1  # Adam restarts in the first basis
+            N = (QL.T @ m @ QR) / (np.sqrt(v) + eps) * np.sqrt(1 - b2**k) / (1 - b1**k)
+            Wr = Wr - lr * QL @ N @ QR.T
         np.testing.assert_allclose(W.detach().numpy(), Wr, rtol=1e-7, atol=1e-7)
         L = sb * L + (1 - sb) * G @ G.T
         R = sb * R + (1 - sb) * G.T @ G
         QL, QR = _eigvecs_desc(L), _eigvecs_desc(R)
-        if t == 1:  # first basis: second moments carried over from the identity basis
-            v = (QL**2).T @ v @ QR**2
+
+
+def test_first_step_initializes_and_adam_restarts_at_later_start():
+    # start_preconditioning_step=3: two Adam steps in the identity basis, step 3 moves
+    # nothing and zeroes the moments, step 4 is Adam's first step in the eigenbasis
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    b = nn.Parameter(a.detach().clone())
+    soap = SOAP([a], lr=0.01, betas=(0.9, 0.99), start_preconditioning_step=3,
+                precondition_frequency=100, eigenbasis_method="eigh")
+    adam = torch.optim.Adam([b], lr=0.01, betas=(0.9, 0.99), eps=1e-8)
+    gs = [torch.randn(4, 3, dtype=torch.float64) for _ in range(4)]
+    for g in gs[:2]:
+        a.grad, b.grad = g.clone(), g.clone()
+        soap.step()
+        adam.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    before = a.detach().clone()
+    a.grad = gs[2].clone()
+    soap.step()
+    assert torch.equal(a.detach(), before)
+    st = soap.state_dict()["preconditioner"]["groups"][0]
+    assert not st["m"].any() and not st["v"].any()
+    a.grad = gs[3].clone()
+    soap.step()
+    # Adam's first step in the basis: every rotated coordinate moves by lr (up to eps)
+    QL, QR = st["Q0"][0], st["Q1"][0]
+    step_rot = QL.T @ (a.detach() - before) @ QR
+    g_rot = QL.T @ gs[3] @ QR
+    torch.testing.assert_close(step_rot, -0.01 * torch.sign(g_rot), rtol=1e-6, atol=1e-9)
 
 
 def test_soap_before_first_refresh_is_adam():
@@ -62,18 +92,17 @@ def test_qr_refresh_permutes_second_moment_with_the_basis():
     def v():
         return opt.state_dict()["preconditioner"]["groups"][0]["v"][0]
 
-    # step 1: Adam in the identity basis; then eigh of the row factor diag(9, 0, 1) gives the
-    # basis (e0, e2, e1), of the column factor diag(9, 1) the basis (f0, f1)
+    # step 1 initializes: eigh of the row factor diag(9, 0, 1) gives the basis (e0, e2, e1),
+    # of the column factor diag(9, 1) the basis (f0, f1); Adam's moments stay zero
     W.grad = torch.tensor([[3.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    opt.step()  # v = 0.5 g^2 = [[4.5, 0], [0, 0], [0, 0.5]], carried to the new basis:
-    torch.testing.assert_close(v(), torch.tensor([[4.5, 0.0], [0.0, 0.5], [0.0, 0.0]],
-                                                 dtype=torch.float64))
-    # step 2: the gradient in that basis is [[1, 0], [0, 5], [0, 0]] -> v = 0.5 v + 0.5 g^2;
+    opt.step()
+    torch.testing.assert_close(v(), torch.zeros(3, 2, dtype=torch.float64))
+    # step 2: the gradient in that basis is [[1, 0], [0, 5], [0, 0]] -> v = 0.5 g^2;
     # then QR: row factor diag(1, 0, 25) has estimated eigenvalues (1, 25, 0) in the old
     # basis -> rows of v swap; column factor diag(1, 25) -> columns swap too.
     W.grad = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
     opt.step()
-    torch.testing.assert_close(v(), torch.tensor([[12.75, 0.0], [0.0, 2.75], [0.0, 0.0]],
+    torch.testing.assert_close(v(), torch.tensor([[12.5, 0.0], [0.0, 0.5], [0.0, 0.0]],
                                                  dtype=torch.float64))
     Q0 = opt.state_dict()["preconditioner"]["groups"][0]["Q0"][0]
     torch.testing.assert_close(Q0[:, :2].abs(), torch.tensor(
@@ -105,3 +134,89 @@ def test_bad_arguments():
         SOAP(p, betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="eps"):
         SOAP(p, eps=0.0)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_permute_modes_matches_explicit_indexing(n):
+    from curvlab.optim.soap import _permute_modes
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 4, 3, 5, generator=g)
+    orders = [torch.stack([torch.randperm(d, generator=g) for _ in range(n)]) for d in (4, 3, 5)]
+    out = _permute_modes(X, orders)
+    for b in range(n):
+        ref = X[b][orders[0][b]][:, orders[1][b]][:, :, orders[2][b]]
+        assert torch.equal(out[b], ref)
+
+
+def test_nonfinite_block_direction_is_zeroed_and_counted(monkeypatch):
+    # two 4x4 blocks of one 8x4 weight share a block group; block 1's direction is NaN
+    W = nn.Parameter(torch.ones(8, 4))
+    opt = SOAP([W], lr=0.1, max_preconditioner_dim=4)
+    real = SOAP._block_direction
+
+    def poisoned(self, group, st, G, step):
+        D = real(self, group, st, G, step)
+        D[1] = float("nan")
+        return D
+
+    monkeypatch.setattr(SOAP, "_block_direction", poisoned)
+    for _ in range(2):  # step 1 initializes (direction 0), step 2 moves
+        W.grad = torch.randn(8, 4)
+        opt.step()
+    assert torch.isfinite(W).all()
+    assert torch.equal(W.detach()[4:], torch.ones(4, 4))
+    assert not torch.equal(W.detach()[:4], torch.ones(4, 4))
+    assert opt.stats()["nonfinite_block_updates"] == 2
+
+
+def test_max_abs_mixed_dtypes():
+    from curvlab.optim._preconditioner import max_abs
+
+    x = [torch.tensor([3.0], dtype=torch.float16), torch.tensor([-4.0], dtype=torch.float64)]
+    assert max_abs(x) == 4.0
+    mixed_nan = [torch.tensor([1.0], dtype=torch.float16), torch.tensor([float("nan")])]
+    assert max_abs(mixed_nan) != max_abs(mixed_nan)  # NaN
+
+
+def test_state_stays_contiguous_across_qr_refreshes():
+    # checkpoint templates (torch.distributed.checkpoint) assume the state's layout
+    W = nn.Parameter(torch.randn(6, 5))
+    opt = SOAP([W], lr=0.01, precondition_frequency=1)
+    for _ in range(4):
+        W.grad = torch.randn(6, 5)
+        opt.step()
+    groups = opt.state_dict()["preconditioner"]["groups"]
+    assert all(t.is_contiguous() for g in groups for t in g.values())
+    assert all(t.is_contiguous() for g in opt._groups for t in g.state.values())
+
+
+def test_batched_qr_refresh_across_block_shapes_equals_per_group_refresh(monkeypatch):
+    # factor sizes 6 and 4 are shared by several block shapes: one batched call per size
+    def run(per_group):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                              nn.Linear(6, 4)).double()
+        params = list(model.parameters())
+        # two param groups refreshing at different steps (2: 3, 5, 7, 9; 3: 4, 7)
+        opt = SOAP([{"params": params[:4]}, {"params": params[4:], "precondition_frequency": 3}],
+                   lr=1e-2, precondition_frequency=2)
+        if per_group:
+            def one_by_one(states):
+                for st in states:
+                    opt._refresh_basis(opt.param_groups[0], st, 2)
+            monkeypatch.setattr(opt, "_refresh_qr_batched", one_by_one)
+        g = torch.Generator().manual_seed(1)
+        for k in range(9):
+            X = torch.randn(16, 4, generator=g, dtype=torch.float64)
+            opt.zero_grad()
+            model(X).pow(2).mean().backward()
+            if k % 3 == 2:  # some steps without the middle layer: its blocks sit out
+                params[2].grad = params[3].grad = None
+            opt.step()
+        return [p.detach() for p in model.parameters()], opt.stats()["refreshes"]
+
+    (batched, nb), (ref, nr) = run(False), run(True)
+    assert nb == nr > 0
+    for a, b in zip(batched, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 
 import torch
@@ -53,26 +54,40 @@ def _precision_backends() -> tuple:
     return tuple(m for m in mods if m is not None and hasattr(m, "fp32_precision"))
 
 
+_HIGH_PRECISION_DEPTH = [0]  # nesting depth: inner contexts cost nothing
+
+
 @contextlib.contextmanager
 def high_precision_matmul() -> Iterator[None]:
-    """Force IEEE float32 matmuls (no TF32 / bf16 reduced precision) inside the block."""
-    backends = _precision_backends()
-    if backends:
-        prev = [m.fp32_precision for m in backends]
-        for m in backends:
-            m.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            for m, v in zip(backends, prev, strict=True):
-                m.fp32_precision = v
-        return
-    prev_legacy = torch.get_float32_matmul_precision()  # pragma: no cover - torch < 2.9
-    torch.set_float32_matmul_precision("highest")  # pragma: no cover
-    try:  # pragma: no cover
+    """Force IEEE float32 matmuls (no TF32 / bf16 reduced precision) inside the block.
+
+    Re-entrant: a nested context is free, so a caller can wrap a loop of matrix functions
+    once instead of paying the switch per call.
+    """
+    if _HIGH_PRECISION_DEPTH[0]:
         yield
-    finally:  # pragma: no cover
-        torch.set_float32_matmul_precision(prev_legacy)
+        return
+    backends = _precision_backends()
+    _HIGH_PRECISION_DEPTH[0] += 1
+    try:
+        if backends:
+            prev = [m.fp32_precision for m in backends]
+            for m in backends:
+                m.fp32_precision = "ieee"
+            try:
+                yield
+            finally:
+                for m, v in zip(backends, prev, strict=True):
+                    m.fp32_precision = v
+            return
+        prev_legacy = torch.get_float32_matmul_precision()  # pragma: no cover - torch < 2.9
+        torch.set_float32_matmul_precision("highest")  # pragma: no cover
+        try:  # pragma: no cover
+            yield
+        finally:  # pragma: no cover
+            torch.set_float32_matmul_precision(prev_legacy)
+    finally:
+        _HIGH_PRECISION_DEPTH[0] -= 1
 
 
 def _check_square(A: Tensor, name: str = "A") -> None:
@@ -83,9 +98,9 @@ def _check_square(A: Tensor, name: str = "A") -> None:
 
 
 def _check_finite(X: Tensor, what: str) -> None:
-    # one reduction: NaN/inf propagate into the sum (a finite sum that overflows is rejected
-    # too, which errs on the safe side)
-    if not bool(torch.isfinite(X.sum())):
+    # one reduction and one host read: NaN/inf propagate into the sum (a finite sum that
+    # overflows is rejected too, which errs on the safe side)
+    if not math.isfinite(float(X.sum())):
         raise MatrixFunctionError(f"{what} produced non-finite values")
 
 
@@ -197,24 +212,43 @@ def eigenbasis_qr_refresh(
 ) -> tuple[Tensor, Tensor]:
     r"""One power-iteration step with QR to refresh an approximate eigenbasis (SOAP, Alg. 4).
 
-    Estimates eigenvalues ``d = diag(Q^T A Q)``, sorts columns of ``Q`` by decreasing ``d``,
+    ``A`` is symmetric (a Kronecker factor; ``A = A^T`` is assumed, not checked). Estimates
+    eigenvalues ``d = diag(Q^T A Q)``, sorts columns of ``Q`` by decreasing ``d``,
     and returns ``(Q_new, order)`` with ``Q_new = qr(A Q[:, order]).Q`` (column signs as LAPACK
     returns them; SOAP's update does not depend on them). ``order`` lets the caller permute
-    per-coordinate statistics (e.g. Adam's second moment) to the new basis.
+    per-coordinate statistics (e.g. Adam's second moment) to the new basis. The Q factor is
+    formed from the Householder reflectors directly (``geqrf`` + ``householder_product``,
+    the same LAPACK calls as ``torch.linalg.qr`` without forming R).
     """
     _check_square(A)
     _check_square(Q, "Q")
+    if _HIGH_PRECISION_DEPTH[0]:  # already inside (e.g. a refresh loop): skip the switch
+        return _qr_refresh(A, Q, compute_dtype)
     with high_precision_matmul():
-        Qc = Q.to(compute_dtype)
-        AQ = A.to(compute_dtype) @ Qc  # non-finite A shows up in Qn
-        est = (AQ * Qc).sum(-2)
-        order = torch.argsort(est, dim=-1, descending=True)
-        try:
-            Qn = torch.linalg.qr(torch.gather(AQ, -1, order.unsqueeze(-2).expand_as(AQ)))[0]
-        except RuntimeError as err:
-            raise MatrixFunctionError(f"QR failed: {err}") from err
+        return _qr_refresh(A, Q, compute_dtype)
+
+
+def _qr_refresh(A: Tensor, Q: Tensor, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    d = A.shape[-1]
+    # (few torch calls on purpose: SOAP runs this per mode and block shape at every refresh)
+    Qt = (Q if Q.dtype == compute_dtype else Q.to(compute_dtype)).mT
+    # rows of (A Q)^T = Q^T A are the columns of A Q: permuting them is one row gather
+    # (index_select is a plain copy; gather along the last dim is many times slower)
+    AQt = Qt @ (A if A.dtype == compute_dtype else A.to(compute_dtype))  # non-finite A -> Qn
+    order = torch.argsort(torch.linalg.vecdot(AQt, Qt), dim=-1, descending=True)  # diag(Q^T A Q)
+    if AQt.ndim == 2 or (AQt.ndim == 3 and AQt.shape[0] == 1):
+        P = AQt.index_select(-2, order.view(-1)).mT
+    else:  # one row gather over the whole batch: row offsets of the matrices
+        rows = order.reshape(-1, d)
+        rows = rows + d * torch.arange(rows.shape[0], device=rows.device).unsqueeze(-1)
+        P = AQt.reshape(-1, d).index_select(0, rows.view(-1)).view(AQt.shape).mT
+    try:  # Q from the reflectors (no R); for small matrices linalg.qr has less overhead
+        Qn = (torch.linalg.qr(P)[0] if d < 32
+              else torch.linalg.householder_product(*torch.geqrf(P)))
+    except RuntimeError as err:
+        raise MatrixFunctionError(f"QR failed: {err}") from err
     _check_finite(Qn, "QR refresh")
-    return Qn.to(Q.dtype), order
+    return (Qn if Qn.dtype == Q.dtype else Qn.to(Q.dtype)), order
 
 
 def _addmm(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float) -> Tensor:

@@ -231,7 +231,10 @@ def max_abs(tensors: Sequence[Tensor]) -> float:
         return 0.0
     tensors = list(tensors)
     dev = tensors[0].device
-    bound = float(torch.stack([n.float().to(dev) for n in torch._foreach_norm(tensors)]).max())
+    norms = torch._foreach_norm(tensors)
+    if any(n.dtype != norms[0].dtype or n.device != dev for n in norms):
+        norms = [n.float().to(dev) for n in norms]
+    bound = float(torch.stack(norms).max())
     if math.isfinite(bound):
         return bound
     exact = torch._foreach_norm(tensors, float("inf"))
@@ -518,7 +521,7 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                 G = torch.cat([self._grad(g.members[i][0]).reshape(-1)
                                for i in present]).to(sdtype)
                 D = self._diagonal_direction(group, st, G, step)
-                D = torch.where(torch.isfinite(D), D, torch.zeros_like(D))
+                D = torch.where(torch.isfinite(D), D, 0.0)
                 self._scatter_diagonal(g, present, D, updates)
             else:
                 if present:
@@ -527,8 +530,10 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                     self._row_owners = [self._owners[k][i] for i in present]
                     D = self._block_direction(group, st, G, step)
                     ok = torch.isfinite(torch.linalg.vector_norm(D.flatten(1), dim=1))
-                    self._nonfinite_blocks = self._nonfinite_blocks.to(ok.device) + (~ok).sum()
-                    D = torch.where(ok.view(-1, *([1] * (D.ndim - 1))), D, torch.zeros_like(D))
+                    if self._nonfinite_blocks.device != ok.device:
+                        self._nonfinite_blocks = self._nonfinite_blocks.to(ok.device)
+                    self._nonfinite_blocks += ok.numel() - ok.sum()
+                    D = torch.where(ok.view(-1, *([1] * (D.ndim - 1))), D, 0.0)
                 if self._allgather and not self._fsdp:  # owners' rows; others: share_rows
                     full = torch.empty(len(with_grad), *g.shape, dtype=sdtype,
                                        device=next(iter(g.state.values())).device)
