@@ -70,10 +70,19 @@ class Timings(dict):
     eigenbases, Newton-Schulz, factor inverses) and ``"communication"`` (collectives),
     wall clock; ``"<phase>_cpu"`` the CPU time of the calling thread in it (insensitive to
     other processes on the machine; on CUDA it is only the launch cost). On CUDA the
-    phases are synchronized before reading the clock."""
+    phases are synchronized before reading the clock. Disabled (``enabled=False``: the
+    optimizers' default without a process group) it measures nothing: reading the thread
+    CPU clock is a system call, and synchronizing would stall a GPU."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        super().__init__()
+        self.enabled = enabled
+
+    def measure(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return self._measure(key) if self.enabled else contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def measure(self, key: str) -> Iterator[None]:
+    def _measure(self, key: str) -> Iterator[None]:
         sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
         sync()
         start, cpu = time.perf_counter(), time.thread_time()
@@ -85,7 +94,7 @@ class Timings(dict):
             self[f"{key}_cpu"] = self.get(f"{key}_cpu", 0.0) + time.thread_time() - cpu
 
 
-_NO_TIMINGS = Timings()
+_NO_TIMINGS = Timings(enabled=False)
 
 
 def lpt_schedule(costs: Sequence[float], world_size: int) -> list[int]:

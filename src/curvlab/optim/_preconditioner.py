@@ -319,7 +319,7 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                              f"{distributed_mode!r}")
         self.process_group = _dist.resolve_group(process_group)
         self.distributed_mode = distributed_mode
-        self.timings = Timings()
+        self.timings = Timings(enabled=self.process_group is not None)
         super().__init__(params, defaults)
         dtensors = [p for g in self.param_groups for p in g["params"] if is_dtensor(p)]
         self._fsdp = bool(dtensors)

@@ -200,7 +200,7 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         if self.process_group is not None and adaptive_damping:
             raise ValueError("adaptive_damping is not supported with a process_group (the "
                              "closure's loss is per rank); use a fixed damping")
-        self.timings = Timings()
+        self.timings = Timings(enabled=self.process_group is not None)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
                         kl_clip=kl_clip)
         super().__init__(params, defaults)

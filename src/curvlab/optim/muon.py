@@ -131,7 +131,7 @@ class Muon(torch.optim.Optimizer):
         self.process_group = _dist.resolve_group(process_group)
         self._newton_schulz = (torch.compile(newton_schulz, fullgraph=True, dynamic=False)
                                if compile else newton_schulz)
-        self.timings = Timings()
+        self.timings = Timings(enabled=self.process_group is not None)
         super().__init__(params, defaults)
         self._skipped = 0
         dtensors = [p for g in self.param_groups for p in g["params"] if is_dtensor(p)]
