@@ -237,7 +237,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def print_table(rows: list[dict], step_ms: dict[tuple[str, str], float]) -> None:
-    header = (f"{'task':7s} {'optimizer':34s} {'lr':>7s} {'steps':>6s} {'/AdamW':>7s} "
+    header = (f"{'task':10s} {'optimizer':34s} {'lr':>7s} {'steps':>6s} {'/AdamW':>7s} "
               f"{'wall s':>7s} {'/AdamW':>7s} {'final':>7s} {'step ms':>8s} {'/AdamW':>7s}")
     print(header)
     print("-" * len(header))
@@ -251,7 +251,7 @@ def print_table(rows: list[dict], step_ms: dict[tuple[str, str], float]) -> None
             def ratio(a: float | None, b: float | None) -> str:
                 return _fmt(a / b if a is not None and b else None, ".2f")
 
-            print(f"{task:7s} {r['optimizer']:34s} {r['lr']:7g}"
+            print(f"{task:10s} {r['optimizer']:34s} {r['lr']:7g}"
                   f" {_fmt(r['steps_to_target'], '6.0f')}"
                   f" {ratio(r['steps_to_target'], ref and ref['steps_to_target']):>7s}"
                   f" {_fmt(r['wall_to_target'], '7.2f')}"
@@ -271,7 +271,7 @@ def print_table(rows: list[dict], step_ms: dict[tuple[str, str], float]) -> None
             if peers:
                 best_ms, best = min(peers)
                 ratio = step_ms[(task, r["optimizer"])] / best_ms
-                print(f"  {task:7s} {r['optimizer']:18s} {ratio:5.2f}"
+                print(f"  {task:10s} {r['optimizer']:22s} {ratio:5.2f}"
                       f"x  (vs {best})")
 
 
@@ -308,7 +308,7 @@ def main() -> None:
         lr_of = {r["optimizer"]: r["lr"] for r in task_rows}
         st = step_times(task, [(e, lr_of[e.name]) for e in entries if e.name in lr_of],
                         rounds=20 if args.quick else (100 if name == "digits" else 40))
-        step_ms.update({(name, k): v for k, v in st.items()})
+        step_ms.update({(task.name, k): v for k, v in st.items()})
     print(f"\ntorch {torch.__version__}, 1 thread, seeds {seeds}, "
           f"total {time.perf_counter() - t_start:.0f}s\n")
     print_table(rows, step_ms)
