@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.linalg import solve_triangular
 
 from curvlab.minimize.evaluator import Evaluator, Monitor
 from curvlab.minimize.linesearch import LineFunction, backtracking, strong_wolfe
@@ -44,20 +43,81 @@ def _search(kind, line, phi0, dphi0, alpha0, c1, c2):
     raise ValueError(f"line_search must be 'strong-wolfe' or 'armijo', got {kind!r}")
 
 
+class _Gram:
+    """NumPy copies of the pairs (rows oldest first, at most ``m``) with the small matrices
+    the Gram form of the two-loop recursion needs, updated in ``O(m n + m^2)`` per pair:
+    ``U = triu(S Y^T, 1)`` and ``T^{-1}`` for the unit upper triangular
+    ``T = I + diag(rho) U`` (bordered inverse when a pair is added; dropping the oldest pair
+    keeps the trailing block, which is the inverse of the trailing block of ``T``)."""
+
+    def __init__(self, m: int, n: int, dtype: np.dtype) -> None:
+        self.S = np.zeros((m, n), dtype)
+        self.Y = np.zeros((m, n), dtype)
+        self.rho = np.zeros(m, dtype)
+        self.U = np.zeros((m, m), dtype)
+        self.Tinv = np.zeros((m, m), dtype)
+        self.k = 0
+        self.first: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None
+
+    def push(self, s: torch.Tensor, y: torch.Tensor, rho: float) -> None:
+        k, m = self.k, self.S.shape[0]
+        S, Y, U, Ti = self.S, self.Y, self.U, self.Tinv
+        if k == m:  # drop the oldest pair: shift everything by one
+            for a in (S, Y, self.rho):
+                a[:-1] = a[1:]
+            for a in (U, Ti):
+                a[:-1, :-1] = a[1:, 1:]
+            k -= 1
+        S[k] = s.numpy()
+        Y[k] = y.numpy()
+        self.rho[k] = rho
+        U[k, :k + 1] = 0.0
+        U[:k, k] = S[:k] @ Y[k]
+        Ti[k, :k] = 0.0
+        Ti[:k, k] = -(Ti[:k, :k] @ (self.rho[:k] * U[:k, k]))
+        Ti[k, k] = 1.0
+        self.k = k + 1
+
+    def apply(self, g: np.ndarray, gamma: float) -> np.ndarray:
+        """``H g``: the two-loop recursion in Gram-matrix form.
+
+        The first loop's ``alpha_i = rho_i s_i^T (g - sum_{j>i} alpha_j y_j)`` is the
+        triangular system ``T alpha = rho * S g``; the second loop's ``beta_i = rho_i y_i^T
+        (gamma q + sum_{j<i} (alpha_j - beta_j) s_j)`` is ``(I + diag(rho) U^T) beta = rho *
+        (gamma Y q + U^T alpha)``, i.e. ``beta = rho * T^{-T} (gamma Y q + U^T alpha)``
+        because ``(I + diag(rho) U^T) diag(rho) = diag(rho) T^T``; then ``H g = gamma q +
+        S^T (alpha - beta)`` with ``q = g - Y^T alpha`` (the compact form of Byrd, Nocedal
+        & Schnabel 1994). A dozen small NumPy calls instead of ``4 m`` vector operations.
+        """
+        k = self.k
+        S, Y, rho, U = self.S[:k], self.Y[:k], self.rho[:k], self.U[:k, :k]
+        Ti = self.Tinv[:k, :k]
+        alpha = Ti @ (rho * (S @ g))
+        q = g - alpha @ Y
+        beta = rho * ((gamma * (Y @ q) + alpha @ U) @ Ti)
+        return gamma * q + (alpha - beta) @ S
+
+
 @dataclass
 class LBFGSMemory:
-    """The last ``history_size`` curvature pairs ``(s, y, rho = 1 / y^T s)``."""
+    """The last ``history_size`` curvature pairs ``(s, y, rho = 1 / y^T s)``.
+
+    On the CPU with small ``n`` a NumPy copy of the pairs and their Gram matrices is kept
+    alongside (rebuilt whenever ``s`` was changed other than by :meth:`push`)."""
 
     history_size: int = 10
     s: deque = field(default_factory=deque)
     y: deque = field(default_factory=deque)
     rho: deque = field(default_factory=deque)
     gamma: float = 1.0
+    _gram: _Gram | None = field(default=None, repr=False, compare=False)
 
     def push(self, s: torch.Tensor, y: torch.Tensor, ys: float, yy: float) -> bool:
         """Store a pair; skipped (returns False) unless ``y^T s > eps y^T y``."""
         if not (ys > torch.finfo(s.dtype).eps * yy and math.isfinite(ys) and yy > 0):
             return False
+        gram = self._gram if self._gram_valid() else None
         if len(self.s) == self.history_size:
             self.s.popleft()
             self.y.popleft()
@@ -66,43 +126,44 @@ class LBFGSMemory:
         self.y.append(y)
         self.rho.append(1.0 / ys)
         self.gamma = ys / yy
+        if gram is not None:
+            gram.push(s, y, 1.0 / ys)
+            gram.first, gram.last = self.s[0], s
         return True
 
+    def clear(self) -> None:
+        """Forget all pairs."""
+        self.s.clear()
+        self.y.clear()
+        self.rho.clear()
+        self._gram = None
 
-def _two_loop_gram(g: np.ndarray, S: np.ndarray, Y: np.ndarray, rho: np.ndarray,
-                   gamma: float) -> np.ndarray:
-    """The two-loop recursion in Gram-matrix form (rows of ``S``, ``Y`` oldest first).
+    def _gram_valid(self) -> bool:
+        gram = self._gram
+        return (gram is not None and gram.k == len(self.s) > 0 and gram.last is self.s[-1]
+                and gram.first is self.s[0] and gram.S.shape[0] == self.history_size)
 
-    With ``U`` the strictly upper part of ``S Y^T``, the first loop's
-    ``alpha_i = rho_i s_i^T (g - sum_{j>i} alpha_j y_j)`` is the triangular system
-    ``(I + diag(rho) U) alpha = rho * S g``, and the second loop's ``beta_i = rho_i y_i^T
-    (gamma q + sum_{j<i} (alpha_j - beta_j) s_j)`` is ``(I + diag(rho) U^T) beta = rho *
-    (gamma Y q + U^T alpha)`` with ``Y q = Y g - Y Y^T alpha``; then ``H g = gamma q +
-    S^T (alpha - beta)`` (the compact form of Byrd, Nocedal & Schnabel 1994). Same result
-    as Alg. 7.4 with a dozen small NumPy calls instead of ``4 m`` vector operations.
-    """
-    U = np.triu(S @ Y.T, 1)
-    # unit_diagonal: the solver takes the (zero) diagonal of rho * U as ones, i.e. I + .
-    alpha = solve_triangular(rho[:, None] * U, rho * (S @ g), lower=False,
-                             unit_diagonal=True, check_finite=False)
-    q = g - alpha @ Y
-    beta = solve_triangular(rho[:, None] * U.T, rho * (gamma * (Y @ q) + U.T @ alpha),
-                            lower=True, unit_diagonal=True, check_finite=False)
-    return gamma * q + (alpha - beta) @ S
+    def gram(self) -> _Gram:
+        """The NumPy Gram cache of the current pairs (CPU tensors only)."""
+        if not self._gram_valid():
+            s0 = self.s[0]
+            gram = _Gram(self.history_size, s0.numel(), s0.numpy().dtype)
+            for s, y, rho in zip(self.s, self.y, self.rho, strict=True):
+                gram.push(s, y, rho)
+            gram.first, gram.last = self.s[0], self.s[-1]
+            self._gram = gram
+        return self._gram  # type: ignore[return-value]
 
 
 def two_loop(g: torch.Tensor, mem: LBFGSMemory) -> torch.Tensor:
     """``H g`` by the L-BFGS two-loop recursion (N&W Alg. 7.4) with ``H_0 = gamma I``.
 
     On the CPU with ``n <= 4096`` the inner products come from small Gram matrices in
-    NumPy (:func:`_two_loop_gram`): a torch call costs microseconds, which dominates at
-    small ``n``. Otherwise the recursion runs in torch as written in Alg. 7.4, keeping the
-    scalars on the device (no host syncs)."""
+    NumPy (:meth:`_Gram.apply`, kept up to date pair by pair): a torch
+    call costs microseconds, which dominates at small ``n``. Otherwise the recursion runs
+    in torch as written in Alg. 7.4, keeping the scalars on the device (no host syncs)."""
     if g.device.type == "cpu" and g.numel() <= 4096:
-        S = torch.stack(tuple(mem.s)).numpy()
-        Y = torch.stack(tuple(mem.y)).numpy()
-        rho = np.fromiter(mem.rho, dtype=S.dtype, count=len(mem.rho))
-        return torch.from_numpy(_two_loop_gram(g.numpy(), S, Y, rho, mem.gamma))
+        return torch.from_numpy(mem.gram().apply(g.numpy(), mem.gamma))
     q = g.clone()
     talphas = []
     for s, y, rho in zip(reversed(mem.s), reversed(mem.y), reversed(mem.rho), strict=True):
@@ -176,9 +237,7 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
 
     def update(s, y, ys, alpha):
         if s is None:
-            mem.s.clear()
-            mem.y.clear()
-            mem.rho.clear()
+            mem.clear()
             return
         mem.push(s, y, ys, float(torch.dot(y, y)))
 
