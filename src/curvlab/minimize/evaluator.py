@@ -20,11 +20,22 @@ import torch
 
 from curvlab.minimize.result import STATUS_MESSAGES, OptimizeResult
 
-__all__ = ["Evaluator", "Monitor", "clip_direction"]
+__all__ = ["Evaluator", "Monitor", "clip_direction", "host"]
 
 logger = logging.getLogger(__name__)
 
 HVP = Callable[[torch.Tensor], torch.Tensor]
+
+
+def host(*values: torch.Tensor) -> list[float]:
+    """Scalar tensors as Python floats: one host sync (a ``stack``) on an accelerator,
+    plain ``item()`` calls on the CPU, where a ``stack`` costs more than it saves."""
+    if values[0].device.type == "cpu":
+        return [v.item() for v in values]
+    dtype = values[0].dtype
+    for v in values[1:]:
+        dtype = torch.promote_types(dtype, v.dtype)
+    return torch.stack([v.to(dtype) for v in values]).tolist()
 
 
 def _as_scalar(y: Any, what: str) -> torch.Tensor:
@@ -60,6 +71,15 @@ class Evaluator:
         self.fun, self.shape, self.args = fun, shape, tuple(args)
         self.jac, self.hessp, self.hess_fn = jac, hessp, hess
         self.nfev = self.ngev = self.nhvp = self.nhess = 0
+        self._one: torch.Tensor | None = None
+
+    def _ones(self, y: torch.Tensor) -> torch.Tensor:
+        """``grad_outputs`` for the scalar ``y``, allocated once (``autograd.grad`` would
+        build it on every call)."""
+        one = self._one
+        if one is None or one.dtype != y.dtype or one.device != y.device:
+            one = self._one = torch.ones((), dtype=y.dtype, device=y.device)
+        return one
 
     def _call(self, x: torch.Tensor) -> Any:
         if x.shape != self.shape:  # a view adds an autograd node: only when needed
@@ -97,7 +117,7 @@ class Evaluator:
         xr = x.detach().requires_grad_(True)
         with torch.enable_grad():
             y = _as_scalar(self._call(xr), "fun")
-            (g,) = torch.autograd.grad(y, xr, allow_unused=True)
+            (g,) = torch.autograd.grad(y, xr, self._ones(y), allow_unused=True)
         return y.detach(), torch.zeros_like(x) if g is None else g
 
     def fgh(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, HVP]:
@@ -124,7 +144,8 @@ class Evaluator:
             if self.jac is not None:  # value (and gradient) from the user; HVPs by autodiff
                 y = y[0] if self.jac is True else y
             y = _as_scalar(y, "fun")
-            (gr,) = torch.autograd.grad(y, xr, create_graph=True, allow_unused=True)
+            (gr,) = torch.autograd.grad(y, xr, self._ones(y), create_graph=True,
+                                        allow_unused=True)
         if gr is None:
             gr = torch.zeros_like(x)
         g = gr.detach()
@@ -194,7 +215,7 @@ class Monitor:
     @staticmethod
     def gnorm(g: torch.Tensor) -> float:
         """``||g||_inf`` as a Python float (the one host sync per iterate)."""
-        return float(g.abs().max()) if g.numel() else 0.0
+        return torch.linalg.vector_norm(g, math.inf).item() if g.numel() else 0.0
 
     def record(self, f: torch.Tensor | float, gnorm: float, step: float | None = None,
                radius: float | None = None, decrement: float | None = None) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from curvlab.minimize.evaluator import Evaluator, Monitor
+from curvlab.minimize.evaluator import Evaluator, Monitor, host
 from curvlab.minimize.linesearch import LineFunction, backtracking, strong_wolfe
 from curvlab.minimize.result import OptimizeResult
 from curvlab.minimize.trust_region import solve_exact, trust_region_loop
@@ -299,12 +299,12 @@ def sr1(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, initial_radius: float 
         y = gt - g
         B = state["B"]
         if state["first"]:
-            ys, yy = torch.stack((torch.dot(y, p), torch.dot(y, y))).tolist()
+            ys, yy = host(torch.dot(y, p), torch.dot(y, y))
             if ys > 0:
                 B = B * (yy / ys)
             state["first"] = False
         v = y - B @ p
-        vs, vv, ss = torch.stack((torch.dot(v, p), torch.dot(v, v), torch.dot(p, p))).tolist()
+        vs, vv, ss = host(torch.dot(v, p), torch.dot(v, v), torch.dot(p, p))
         if abs(vs) >= skip_tol * math.sqrt(ss * vv) and vs != 0:
             B = B + torch.outer(v, v) / vs
         state["B"] = B

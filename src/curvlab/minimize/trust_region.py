@@ -30,7 +30,7 @@ import torch
 
 from curvlab.linalg.cg import steihaug_cg
 from curvlab.linalg.factor import modified_cholesky
-from curvlab.minimize.evaluator import Evaluator, Monitor
+from curvlab.minimize.evaluator import Evaluator, Monitor, host
 from curvlab.minimize.result import OptimizeResult
 
 __all__ = ["trust_region", "solve_exact", "solve_dogleg", "solve_cauchy", "SUBPROBLEMS"]
@@ -42,7 +42,7 @@ def solve_cauchy(g: torch.Tensor, hvp: Callable, radius: float) -> tuple[torch.T
     """Cauchy point (N&W Alg. 4.2): ``p = -tau radius g / ||g||``, ``tau = 1`` if
     ``g^T B g <= 0`` else ``min(||g||^3 / (radius g^T B g), 1)``. Returns
     ``(p, m(p), hit_boundary)``."""
-    gg, gBg = torch.stack((torch.dot(g, g), torch.dot(g, hvp(g)))).tolist()
+    gg, gBg = host(torch.dot(g, g), torch.dot(g, hvp(g)))
     gnorm = math.sqrt(gg)
     tau = 1.0 if gBg <= 0 else min(gnorm ** 3 / (radius * gBg), 1.0)
     t = tau * radius / gnorm
@@ -61,7 +61,7 @@ def solve_dogleg(g: torch.Tensor, B: torch.Tensor, radius: float
     nB = float(torch.linalg.vector_norm(pB))
     if nB <= radius:
         return pB, _model(g, B, pB), False
-    gg, gBg = torch.stack((torch.dot(g, g), torch.dot(g, B @ g))).tolist()
+    gg, gBg = host(torch.dot(g, g), torch.dot(g, B @ g))
     gnorm = math.sqrt(gg)
     if gBg <= 0 or gg / gBg * gnorm >= radius:
         p = -(radius / gnorm) * g
@@ -69,7 +69,7 @@ def solve_dogleg(g: torch.Tensor, B: torch.Tensor, radius: float
     pU = -(gg / gBg) * g
     d = pB - pU
     # ||pU + tau d|| = radius, tau in [0, 1]
-    a, b, c = torch.stack((torch.dot(d, d), torch.dot(pU, d), torch.dot(pU, pU))).tolist()
+    a, b, c = host(torch.dot(d, d), torch.dot(pU, d), torch.dot(pU, pU))
     tau = (-b + math.sqrt(max(b * b - a * (c - radius * radius), 0.0))) / a
     p = pU + tau * d
     return p, _model(g, B, p), True
@@ -91,7 +91,7 @@ def solve_exact(g: torch.Tensor, B: torch.Tensor, radius: float, rtol: float = 1
     L, info = torch.linalg.cholesky_ex(B)
     if int(info) == 0:  # positive definite: try the interior Newton step first (no eigh)
         p = -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
-        pn, gp = torch.stack((torch.linalg.vector_norm(p), torch.dot(g, p))).tolist()
+        pn, gp = host(torch.linalg.vector_norm(p), torch.dot(g, p))
         if pn <= radius:
             return p, 0.5 * gp, False  # m(p) = g^T p + p^T B p / 2 = g^T p / 2 at B p = -g
     lam_t, Q = torch.linalg.eigh(B)
@@ -177,7 +177,7 @@ def trust_region_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, subproblem: 
         xt = x + p
         trial = evaluate(xt)
         # one host sync for the trial's value and gradient norm
-        ft, gt = torch.stack((trial[0].to(x.dtype), trial[1].abs().max())).tolist()
+        ft, gt = host(trial[0], torch.linalg.vector_norm(trial[1], math.inf))
         if math.isnan(ft) or math.isnan(gt) or math.isinf(gt):
             ft = math.inf
         rho = (phi - ft) / predicted if math.isfinite(ft) else -math.inf
