@@ -72,6 +72,7 @@ class Evaluator:
         self.jac, self.hessp, self.hess_fn = jac, hessp, hess
         self.nfev = self.ngev = self.nhvp = self.nhess = 0
         self._one: torch.Tensor | None = None
+        self._eye: torch.Tensor | None = None
 
     def _ones(self, y: torch.Tensor) -> torch.Tensor:
         """``grad_outputs`` for the scalar ``y``, allocated once (``autograd.grad`` would
@@ -121,7 +122,8 @@ class Evaluator:
         return y.detach(), torch.zeros_like(x) if g is None else g
 
     def fgh(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, HVP]:
-        """Value, gradient and ``v -> H v`` at ``x``. Without a user ``hessp`` the gradient's
+        """Value, gradient and ``v -> H v`` at ``x``. Without a user ``hessp`` (or ``hess``,
+        whose matrix is then formed at the first product) the gradient's
         graph is recorded once (the double-backward form of :func:`curvlab.autodiff.hvp_fn`,
         inlined to keep per-product overhead low at small ``n``), so every product is one
         backward pass (``nhvp``); ``product(V, True)`` does a batch of rows ``V`` at once."""
@@ -136,6 +138,17 @@ class Evaluator:
                 return hv.detach().reshape(-1).to(x.dtype)
 
             return f, g, user_product
+        if self.hess_fn is not None:  # user dense Hessian: products with it, formed once
+            f, g = self.fg(x)
+            dense: list[torch.Tensor] = []
+
+            def dense_product(v: torch.Tensor) -> torch.Tensor:
+                if not dense:
+                    dense.append(self.hess(x))
+                self.nhvp += 1
+                return dense[0] @ v
+
+            return f, g, dense_product
         self.nfev += 1
         self.ngev += 1
         xr = x.detach().requires_grad_(True)
@@ -177,7 +190,9 @@ class Evaluator:
             return H.detach().reshape(n, n).to(x.dtype)
         if product is None:
             product = self.fgh(x)[2]
-        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        eye = self._eye
+        if eye is None or eye.shape[0] != n or eye.dtype != x.dtype or eye.device != x.device:
+            eye = self._eye = torch.eye(n, dtype=x.dtype, device=x.device)
         batched = getattr(product, "batched", None)
         if batched is not None:
             self.nhess += 1

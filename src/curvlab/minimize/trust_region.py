@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from scipy.linalg import get_lapack_funcs
 
 from curvlab.linalg.cg import steihaug_cg
 from curvlab.linalg.factor import modified_cholesky
@@ -36,6 +37,7 @@ from curvlab.minimize.result import OptimizeResult
 __all__ = ["trust_region", "solve_exact", "solve_dogleg", "solve_cauchy", "SUBPROBLEMS"]
 
 SUBPROBLEMS = ("trust-cauchy", "dogleg", "trust-ncg", "trust-exact")
+_LAPACK = get_lapack_funcs(("potrf", "potrs"), dtype=np.float64)
 
 
 def solve_cauchy(g: torch.Tensor, hvp: Callable, radius: float) -> tuple[torch.Tensor, float, bool]:
@@ -86,24 +88,41 @@ def solve_exact(g: torch.Tensor, B: torch.Tensor, radius: float, rtol: float = 1
     otherwise safeguarded Newton on ``phi(l) = 1/radius - 1/||p(l)||`` (eq. 4.44:
     ``l += (||p|| / ||q||)^2 (||p|| - radius) / radius``, ``||q||^2 = sum coef^2 / (lam + l)``)
     bracketed in ``(max(0, -lam_1), -lam_1 + ||g|| / radius]``. Returns
-    ``(p, m(p), hit_boundary)``. The scalar iteration runs on the host in float64.
+    ``(p, m(p), hit_boundary)``. The scalar iteration runs on the host in float64 (for a
+    CPU ``B`` the factorizations too, through LAPACK without torch's per-call overhead).
     """
-    L, info = torch.linalg.cholesky_ex(B)
-    if int(info) == 0:  # positive definite: try the interior Newton step first (no eigh)
-        p = -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
-        pn, gp = host(torch.linalg.vector_norm(p), torch.dot(g, p))
-        if pn <= radius:
-            return p, 0.5 * gp, False  # m(p) = g^T p + p^T B p / 2 = g^T p / 2 at B p = -g
-    lam_t, Q = torch.linalg.eigh(B)
-    both = torch.stack((lam_t, Q.T @ g)).to("cpu", torch.float64).numpy()
-    lam, a = both[0], both[1]
+    if B.device.type == "cpu":  # small dense algebra: LAPACK directly, no torch dispatch
+        Bn = B.numpy().astype(np.float64)
+        gn = g.numpy().astype(np.float64)
+        potrf, potrs = _LAPACK
+        L, info = potrf(Bn, lower=True, clean=False)
+        if info == 0:  # positive definite: try the interior Newton step first (no eigh)
+            pn_, info = potrs(L, gn, lower=True)
+            pn, gp = math.sqrt(float(pn_ @ pn_)), -float(gn @ pn_)
+            if info == 0 and pn <= radius:
+                return torch.from_numpy(-pn_).to(g.dtype), 0.5 * gp, False
+        lam, Qn = np.linalg.eigh(Bn)
+        a = Qn.T @ gn
+    else:
+        L, info = torch.linalg.cholesky_ex(B)
+        if int(info) == 0:
+            p = -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
+            pn, gp = host(torch.linalg.vector_norm(p), torch.dot(g, p))
+            if pn <= radius:
+                return p, 0.5 * gp, False  # m(p) = g^T p + p^T B p / 2 = g^T p / 2 at B p = -g
+        lam_t, Q = torch.linalg.eigh(B)
+        both = torch.stack((lam_t, Q.T @ g)).to("cpu", torch.float64).numpy()
+        lam, a = both[0], both[1]
+        Qn = None
     lam1 = float(lam[0])
     anorm = float(np.sqrt(np.dot(a, a)))
     scale = max(float(np.abs(lam).max()), 1e-300)
 
     def finish(coef: np.ndarray, boundary: bool) -> tuple[torch.Tensor, float, bool]:
-        p = Q @ torch.as_tensor(coef, dtype=g.dtype, device=g.device)
-        return p, float(np.dot(a, coef) + 0.5 * np.dot(lam * coef, coef)), boundary
+        m = float(np.dot(a, coef) + 0.5 * np.dot(lam * coef, coef))
+        if Qn is not None:
+            return torch.from_numpy(Qn @ coef).to(g.dtype), m, boundary
+        return Q @ torch.as_tensor(coef, dtype=g.dtype, device=g.device), m, boundary
 
     if lam1 > 0:
         coef = -a / lam
