@@ -260,7 +260,7 @@ class Monitor:
                extra: str = "", **fields: Any) -> OptimizeResult:
         """Build the result; ``success`` iff the solver converged and the tolerance holds."""
         gn = self.gnorm(g)
-        finite = bool(torch.isfinite(f)) and math.isfinite(gn)
+        finite = math.isfinite(f.item()) and math.isfinite(gn)
         if status == 0 and not (finite and gn <= self.gtol):
             status = 6
         success = status == 0

@@ -48,36 +48,46 @@ class _Gram:
     the Gram form of the two-loop recursion needs, updated in ``O(m n + m^2)`` per pair:
     ``U = triu(S Y^T, 1)`` and ``T^{-1}`` for the unit upper triangular
     ``T = I + diag(rho) U`` (bordered inverse when a pair is added; dropping the oldest pair
-    keeps the trailing block, which is the inverse of the trailing block of ``T``)."""
+    keeps the trailing block, which is the inverse of the trailing block of ``T``).
+
+    The pairs live in the window ``[o, o + k)`` of buffers with room for ``2 m``, so dropping
+    the oldest pair only moves ``o``; the window is copied back to the front once every
+    ``m`` pairs."""
 
     def __init__(self, m: int, n: int, dtype: np.dtype) -> None:
-        self.S = np.zeros((m, n), dtype)
-        self.Y = np.zeros((m, n), dtype)
-        self.rho = np.zeros(m, dtype)
-        self.U = np.zeros((m, m), dtype)
-        self.Tinv = np.zeros((m, m), dtype)
-        self.k = 0
+        cap = 2 * m
+        self.m = m
+        self.S = np.zeros((cap, n), dtype)
+        self.Y = np.zeros((cap, n), dtype)
+        self.rho = np.zeros(cap, dtype)
+        self.U = np.zeros((cap, cap), dtype)
+        self.Tinv = np.zeros((cap, cap), dtype)
+        self.o = self.k = 0
         self.first: torch.Tensor | None = None
         self.last: torch.Tensor | None = None
 
     def push(self, s: torch.Tensor, y: torch.Tensor, rho: float) -> None:
-        k, m = self.k, self.S.shape[0]
+        o, k = self.o, self.k
         S, Y, U, Ti = self.S, self.Y, self.U, self.Tinv
-        if k == m:  # drop the oldest pair: shift everything by one
+        if k == self.m:  # drop the oldest pair
+            o, k = o + 1, k - 1
+        e = o + k
+        if e == S.shape[0]:  # window at the end of the buffers: move it to the front
             for a in (S, Y, self.rho):
-                a[:-1] = a[1:]
+                a[:k] = a[o:e]
             for a in (U, Ti):
-                a[:-1, :-1] = a[1:, 1:]
-            k -= 1
-        S[k] = s.numpy()
-        Y[k] = y.numpy()
-        self.rho[k] = rho
-        U[k, :k + 1] = 0.0
-        U[:k, k] = S[:k] @ Y[k]
-        Ti[k, :k] = 0.0
-        Ti[:k, k] = -(Ti[:k, :k] @ (self.rho[:k] * U[:k, k]))
-        Ti[k, k] = 1.0
-        self.k = k + 1
+                a[:k, :k] = a[o:e, o:e]
+            o, e = 0, k
+        S[e] = s.numpy()
+        Y[e] = y.numpy()
+        self.rho[e] = rho
+        u = S[o:e] @ Y[e]
+        U[o:e, e] = u
+        U[e, o:e + 1] = 0.0
+        Ti[o:e, e] = -(Ti[o:e, o:e] @ (self.rho[o:e] * u))
+        Ti[e, o:e] = 0.0
+        Ti[e, e] = 1.0
+        self.o, self.k = o, k + 1
 
     def apply(self, g: np.ndarray, gamma: float) -> np.ndarray:
         """``H g``: the two-loop recursion in Gram-matrix form.
@@ -90,12 +100,12 @@ class _Gram:
         S^T (alpha - beta)`` with ``q = g - Y^T alpha`` (the compact form of Byrd, Nocedal
         & Schnabel 1994). A dozen small NumPy calls instead of ``4 m`` vector operations.
         """
-        k = self.k
-        S, Y, rho, U = self.S[:k], self.Y[:k], self.rho[:k], self.U[:k, :k]
-        Ti = self.Tinv[:k, :k]
+        o, e = self.o, self.o + self.k
+        S, Y, rho = self.S[o:e], self.Y[o:e], self.rho[o:e]
+        Ti = self.Tinv[o:e, o:e]
         alpha = Ti @ (rho * (S @ g))
         q = g - alpha @ Y
-        beta = rho * ((gamma * (Y @ q) + alpha @ U) @ Ti)
+        beta = rho * ((gamma * (Y @ q) + alpha @ self.U[o:e, o:e]) @ Ti)
         return gamma * q + (alpha - beta) @ S
 
 
@@ -141,7 +151,7 @@ class LBFGSMemory:
     def _gram_valid(self) -> bool:
         gram = self._gram
         return (gram is not None and gram.k == len(self.s) > 0 and gram.last is self.s[-1]
-                and gram.first is self.s[0] and gram.S.shape[0] == self.history_size)
+                and gram.first is self.s[0] and gram.m == self.history_size)
 
     def gram(self) -> _Gram:
         """The NumPy Gram cache of the current pairs (CPU tensors only)."""
@@ -182,7 +192,7 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
     """Shared loop: ``d = direction(g)``, line search, ``update(s, y, ys, alpha)``."""
     f, g = ev.fg(x)
     gn = mon.gnorm(g)
-    if not (math.isfinite(gn) and bool(torch.isfinite(f))):
+    if not (math.isfinite(gn) and math.isfinite(f.item())):
         return mon.finish(x, f, g, 4, "At the starting point.")
     phi = float(f)
     mon.record(phi, gn)

@@ -89,9 +89,9 @@ def solve_exact(g: torch.Tensor, B: torch.Tensor, radius: float, rtol: float = 1
     ``l += (||p|| / ||q||)^2 (||p|| - radius) / radius``, ``||q||^2 = sum coef^2 / (lam + l)``)
     bracketed in ``(max(0, -lam_1), -lam_1 + ||g|| / radius]``. Returns
     ``(p, m(p), hit_boundary)``. The scalar iteration runs on the host in float64 (for a
-    CPU ``B`` the factorizations too, through LAPACK without torch's per-call overhead).
+    CPU ``B`` the Cholesky test too, through LAPACK without torch's per-call overhead).
     """
-    if B.device.type == "cpu":  # small dense algebra: LAPACK directly, no torch dispatch
+    if B.device.type == "cpu":  # Cholesky through LAPACK directly, no torch dispatch
         Bn = B.numpy().astype(np.float64)
         gn = g.numpy().astype(np.float64)
         potrf, potrs = _LAPACK
@@ -101,7 +101,8 @@ def solve_exact(g: torch.Tensor, B: torch.Tensor, radius: float, rtol: float = 1
             pn, gp = math.sqrt(float(pn_ @ pn_)), -float(gn @ pn_)
             if info == 0 and pn <= radius:
                 return torch.from_numpy(-pn_).to(g.dtype), 0.5 * gp, False
-        lam, Qn = np.linalg.eigh(Bn)
+        lam_t, Q_t = torch.linalg.eigh(torch.from_numpy(Bn))  # honours torch's thread count
+        lam, Qn = lam_t.numpy(), Q_t.numpy()
         a = Qn.T @ gn
     else:
         L, info = torch.linalg.cholesky_ex(B)
@@ -178,7 +179,7 @@ def trust_region_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, subproblem: 
     radius = float(initial_radius)
     f, g, extra = evaluate(x)
     gn = mon.gnorm(g)
-    if not (math.isfinite(gn) and bool(torch.isfinite(f))):
+    if not (math.isfinite(gn) and math.isfinite(f.item())):
         return mon.finish(x, f, g, 4, "At the starting point.")
     phi = float(f)
     mon.record(phi, gn, radius=radius)
