@@ -89,8 +89,8 @@ class _Gram:
         Ti[e, e] = 1.0
         self.o, self.k = o, k + 1
 
-    def apply(self, g: np.ndarray, gamma: float) -> np.ndarray:
-        """``H g``: the two-loop recursion in Gram-matrix form.
+    def apply(self, g: np.ndarray, gamma: float, sign: float = 1.0) -> np.ndarray:
+        """``sign * H g``: the two-loop recursion in Gram-matrix form.
 
         The first loop's ``alpha_i = rho_i s_i^T (g - sum_{j>i} alpha_j y_j)`` is the
         triangular system ``T alpha = rho * S g``; the second loop's ``beta_i = rho_i y_i^T
@@ -106,7 +106,7 @@ class _Gram:
         alpha = Ti @ (rho * (S @ g))
         q = g - alpha @ Y
         beta = rho * ((gamma * (Y @ q) + alpha @ self.U[o:e, o:e]) @ Ti)
-        return gamma * q + (alpha - beta) @ S
+        return (sign * gamma) * q + (sign * (alpha - beta)) @ S
 
 
 @dataclass
@@ -165,15 +165,15 @@ class LBFGSMemory:
         return self._gram  # type: ignore[return-value]
 
 
-def two_loop(g: torch.Tensor, mem: LBFGSMemory) -> torch.Tensor:
-    """``H g`` by the L-BFGS two-loop recursion (N&W Alg. 7.4) with ``H_0 = gamma I``.
+def two_loop(g: torch.Tensor, mem: LBFGSMemory, sign: float = 1.0) -> torch.Tensor:
+    """``sign * H g`` by the L-BFGS two-loop recursion (N&W Alg. 7.4), ``H_0 = gamma I``.
 
     On the CPU with ``n <= 4096`` the inner products come from small Gram matrices in
     NumPy (:meth:`_Gram.apply`, kept up to date pair by pair): a torch
     call costs microseconds, which dominates at small ``n``. Otherwise the recursion runs
     in torch as written in Alg. 7.4, keeping the scalars on the device (no host syncs)."""
     if g.device.type == "cpu" and g.numel() <= 4096:
-        return torch.from_numpy(mem.gram().apply(g.numpy(), mem.gamma))
+        return torch.from_numpy(mem.gram().apply(g.numpy(), mem.gamma, sign))
     q = g.clone()
     talphas = []
     for s, y, rho in zip(reversed(mem.s), reversed(mem.y), reversed(mem.rho), strict=True):
@@ -184,7 +184,7 @@ def two_loop(g: torch.Tensor, mem: LBFGSMemory) -> torch.Tensor:
     for s, y, rho, a in zip(mem.s, mem.y, mem.rho, reversed(talphas), strict=True):
         b = torch.dot(y, q) * rho
         q.addcmul_(s, a - b)
-    return q
+    return q if sign == 1.0 else q.mul_(sign)
 
 
 def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, update,
@@ -243,7 +243,7 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
         if not mem.s:
             return -g, step_scale * min(1.0, 1.0 / max(float(torch.linalg.vector_norm(g)),
                                                        1e-300))
-        return -two_loop(g, mem), step_scale
+        return two_loop(g, mem, -1.0), step_scale
 
     def update(s, y, ys, alpha):
         if s is None:
@@ -258,31 +258,42 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
 
 def bfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "strong-wolfe",
          c1: float = 1e-4, c2: float = 0.9) -> OptimizeResult:
-    """BFGS with a dense inverse Hessian approximation (N&W Alg. 6.1)."""
+    """BFGS with a dense inverse Hessian approximation (N&W Alg. 6.1). On the CPU with
+    ``n <= 256`` the ``n x n`` matrix is a NumPy array (a handful of small NumPy calls per
+    update instead of torch calls that cost microseconds each)."""
     n = x0.numel()
-    state = {"H": None}
+    small = x0.device.type == "cpu" and n <= 256
+    eps = torch.finfo(x0.dtype).eps
+    state: dict = {"H": None}
 
     def direction(g):
         H = state["H"]
         if H is None:
             return -g, min(1.0, 1.0 / max(float(torch.linalg.vector_norm(g)), 1e-300))
+        if small:
+            return torch.from_numpy(-(H @ g.numpy())), 1.0
         return -(H @ g), 1.0
 
     def update(s, y, ys, alpha):
         if s is None:
             state["H"] = None
             return
-        yy = float(torch.dot(y, y))
-        if not (ys > torch.finfo(s.dtype).eps * yy and math.isfinite(ys)):
+        if small:
+            s, y, outer = s.numpy(), y.numpy(), np.outer
+        else:
+            outer = torch.outer
+        yy = float(y @ y)
+        if not (ys > eps * yy and math.isfinite(ys)):
             return
         H = state["H"]
         if H is None:
-            H = torch.eye(n, dtype=s.dtype, device=s.device) * (ys / yy)
+            H = (np.eye(n, dtype=s.dtype) if small else
+                 torch.eye(n, dtype=s.dtype, device=s.device)) * (ys / yy)  # N&W eq. 6.20
         rho = 1.0 / ys
         Hy = H @ y
-        yHy = float(torch.dot(y, Hy))
-        H = H - rho * (torch.outer(s, Hy) + torch.outer(Hy, s))
-        H = H + (rho * rho * yHy + rho) * torch.outer(s, s)
+        yHy = float(y @ Hy)
+        H = H - rho * (outer(s, Hy) + outer(Hy, s))
+        H = H + (rho * rho * yHy + rho) * outer(s, s)
         state["H"] = H
 
     return _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2)
