@@ -35,6 +35,11 @@ from curvlab.minimize.trust_region import solve_exact, trust_region_loop
 __all__ = ["bfgs", "lbfgs", "sr1", "LBFGSMemory", "two_loop"]
 
 
+#: NumPy (OpenBLAS) computes matrix-vector products with fewer entries on one thread; above
+#: that its worker threads compete with torch's, so larger problems stay in torch.
+_NUMPY_MAX = 9216
+
+
 def _search(kind, line, phi0, dphi0, alpha0, c1, c2):
     if kind == "strong-wolfe":
         return strong_wolfe(line, phi0, dphi0, alpha0, c1=c1, c2=c2)
@@ -168,11 +173,11 @@ class LBFGSMemory:
 def two_loop(g: torch.Tensor, mem: LBFGSMemory, sign: float = 1.0) -> torch.Tensor:
     """``sign * H g`` by the L-BFGS two-loop recursion (N&W Alg. 7.4), ``H_0 = gamma I``.
 
-    On the CPU with ``n <= 4096`` the inner products come from small Gram matrices in
+    On the CPU with ``m n < 9216`` the inner products come from small Gram matrices in
     NumPy (:meth:`_Gram.apply`, kept up to date pair by pair): a torch
     call costs microseconds, which dominates at small ``n``. Otherwise the recursion runs
     in torch as written in Alg. 7.4, keeping the scalars on the device (no host syncs)."""
-    if g.device.type == "cpu" and g.numel() <= 4096:
+    if g.device.type == "cpu" and g.numel() * mem.history_size < _NUMPY_MAX:
         return torch.from_numpy(mem.gram().apply(g.numpy(), mem.gamma, sign))
     q = g.clone()
     talphas = []
@@ -259,10 +264,10 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
 def bfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "strong-wolfe",
          c1: float = 1e-4, c2: float = 0.9) -> OptimizeResult:
     """BFGS with a dense inverse Hessian approximation (N&W Alg. 6.1). On the CPU with
-    ``n <= 256`` the ``n x n`` matrix is a NumPy array (a handful of small NumPy calls per
+    ``n^2 < 9216`` the ``n x n`` matrix is a NumPy array (a handful of small NumPy calls per
     update instead of torch calls that cost microseconds each)."""
     n = x0.numel()
-    small = x0.device.type == "cpu" and n <= 256
+    small = x0.device.type == "cpu" and n * n < _NUMPY_MAX
     eps = torch.finfo(x0.dtype).eps
     state: dict = {"H": None}
 

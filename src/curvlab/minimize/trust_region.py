@@ -89,9 +89,9 @@ def solve_exact(g: torch.Tensor, B: torch.Tensor, radius: float, rtol: float = 1
     ``l += (||p|| / ||q||)^2 (||p|| - radius) / radius``, ``||q||^2 = sum coef^2 / (lam + l)``)
     bracketed in ``(max(0, -lam_1), -lam_1 + ||g|| / radius]``. Returns
     ``(p, m(p), hit_boundary)``. The scalar iteration runs on the host in float64 (for a
-    CPU ``B`` the Cholesky test too, through LAPACK without torch's per-call overhead).
+    small CPU ``B`` the Cholesky test too, through LAPACK without torch's per-call overhead).
     """
-    if B.device.type == "cpu":  # Cholesky through LAPACK directly, no torch dispatch
+    if B.device.type == "cpu" and g.numel() <= 64:  # LAPACK directly, no torch dispatch
         Bn = B.numpy().astype(np.float64)
         gn = g.numpy().astype(np.float64)
         potrf, potrs = _LAPACK
