@@ -71,3 +71,24 @@ def test_user_hessian_needs_no_autograd_graph(method):
     assert res.success
     torch.testing.assert_close(res.x, torch.ones(2, dtype=torch.float64), atol=1e-5, rtol=0)
     assert res.nhess > 0
+
+
+@pytest.mark.parametrize("method", ["trust-exact", "trust-ncg"])
+def test_rejected_trials_cost_no_gradient(method):
+    """A trial rejected on its value is never differentiated: ``ngev`` counts the start and
+    the accepted steps only, while every forward pass is in ``nfev``."""
+    from curvlab.minimize.problems import mgh_problems
+
+    problem = next(p for p in mgh_problems() if p.name.startswith("Biggs"))
+    calls = {"n": 0}
+
+    def f(x):
+        calls["n"] += 1
+        return problem.objective(x)
+
+    res = minimize(f, problem.start(), method, history=True, max_iter=60)
+    fs = res.history["f"]
+    accepted = sum(a != b for a, b in zip(fs, fs[1:], strict=False))
+    assert res.nfev == calls["n"] == res.nit + 1
+    assert accepted < res.nit  # the run has rejected trials
+    assert res.ngev == accepted + 1

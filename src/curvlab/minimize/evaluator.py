@@ -157,6 +157,31 @@ class Evaluator:
             if self.jac is not None:  # value (and gradient) from the user; HVPs by autodiff
                 y = y[0] if self.jac is True else y
             y = _as_scalar(y, "fun")
+        return self._graph(x, xr, y)
+
+    def fgh_lazy(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], tuple]]:
+        """``(f, finish)`` with ``finish() -> fgh(x)``: the gradient (and the graph for the
+        products) is computed only when ``finish`` is called, so a trial point that is
+        rejected on its value costs one forward pass (``nfev`` without ``ngev``). With user
+        derivatives everything is computed at once."""
+        if self.jac is not None or self.hessp is not None or self.hess_fn is not None:
+            out = self.fgh(x)
+            return out[0], lambda: out
+        self.nfev += 1
+        xr = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = _as_scalar(self._call(xr), "fun")
+
+        def finish() -> tuple[torch.Tensor, torch.Tensor, HVP]:
+            self.ngev += 1
+            return self._graph(x, xr, y)
+
+        return y.detach(), finish
+
+    def _graph(self, x: torch.Tensor, xr: torch.Tensor, y: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, HVP]:
+        """Gradient of ``y`` at the leaf ``xr`` with its graph recorded, and the product."""
+        with torch.enable_grad():
             (gr,) = torch.autograd.grad(y, xr, self._ones(y), create_graph=True,
                                         allow_unused=True)
         if gr is None:

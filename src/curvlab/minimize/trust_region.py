@@ -167,16 +167,21 @@ def solve_exact(g: torch.Tensor, B: torch.Tensor, radius: float, rtol: float = 1
 
 def trust_region_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, subproblem: Callable,
                       *, initial_radius: float, max_radius: float, eta: float,
-                      evaluate: Callable, on_trial: Callable | None = None) -> OptimizeResult:
+                      evaluate: Callable, on_trial: Callable | None = None,
+                      evaluate_lazy: Callable | None = None) -> OptimizeResult:
     """N&W Alg. 4.1. ``evaluate(x) -> (f, g, extra)``; ``subproblem(x, g, extra, radius) ->
     (p, m(p), hit_boundary)``; ``on_trial(x, g, extra, p, trial)`` (quasi-Newton updates)
-    sees every trial point, accepted or not."""
+    sees every trial point, accepted or not. ``evaluate_lazy(x) -> (f, finish)`` (without
+    ``on_trial``): trial points are evaluated by value first and ``finish() -> (f, g,
+    extra)`` runs only for a step accepted on its value (a non-finite gradient then rejects
+    it after all), as ``rho`` needs no gradient."""
     if not (0 <= eta < 0.25):
         raise ValueError(f"eta must be in [0, 0.25), got {eta}")
     if not (0 < initial_radius <= max_radius):
         raise ValueError("need 0 < initial_radius <= max_radius, got "
                          f"{initial_radius}, {max_radius}")
     radius = float(initial_radius)
+    lazy = evaluate_lazy is not None and on_trial is None
     f, g, extra = evaluate(x)
     gn = mon.gnorm(g)
     if not (math.isfinite(gn) and math.isfinite(f.item())):
@@ -195,14 +200,25 @@ def trust_region_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, subproblem: 
         if not (predicted > 0 and math.isfinite(predicted)) or pnorm == 0:
             return mon.finish(x, f, g, 6, "The model predicts no decrease.", radius=radius)
         xt = x + p
-        trial = evaluate(xt)
-        # one host sync for the trial's value and gradient norm
-        ft, gt = host(trial[0], torch.linalg.vector_norm(trial[1], math.inf))
-        if math.isnan(ft) or math.isnan(gt) or math.isinf(gt):
-            ft = math.inf
-        rho = (phi - ft) / predicted if math.isfinite(ft) else -math.inf
-        if on_trial is not None:
-            on_trial(x, g, extra, p, trial)
+        if lazy:
+            f_t, finish = evaluate_lazy(xt)  # type: ignore[misc]
+            ft = f_t.item()
+            ft = ft if math.isfinite(ft) else math.inf
+            rho = (phi - ft) / predicted if math.isfinite(ft) else -math.inf
+            if rho > eta:
+                trial = finish()
+                gt = mon.gnorm(trial[1])
+                if not math.isfinite(gt):
+                    ft, rho = math.inf, -math.inf
+        else:
+            trial = evaluate(xt)
+            # one host sync for the trial's value and gradient norm
+            ft, gt = host(trial[0], torch.linalg.vector_norm(trial[1], math.inf))
+            if math.isnan(ft) or math.isnan(gt) or math.isinf(gt):
+                ft = math.inf
+            rho = (phi - ft) / predicted if math.isfinite(ft) else -math.inf
+            if on_trial is not None:
+                on_trial(x, g, extra, p, trial)
         mon.nit += 1
         if rho < 0.25:
             radius = 0.25 * min(pnorm, radius)
@@ -244,4 +260,5 @@ def trust_region(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, subproblem: s
 
     solve.cache = [None, None]
     return trust_region_loop(ev, mon, x0, solve, initial_radius=initial_radius,
-                             max_radius=max_radius, eta=eta, evaluate=ev.fgh)
+                             max_radius=max_radius, eta=eta, evaluate=ev.fgh,
+                             evaluate_lazy=ev.fgh_lazy)
