@@ -327,6 +327,7 @@ def test_two_loop_equals_dense_lbfgs_matrix(n):
             H = V.T @ H @ V + r * torch.outer(s, s)
         ref = H @ g
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(two_loop(g, mem, -1.0), -ref, rtol=1e-10, atol=1e-12)
 
 
 def test_two_loop_gram_cache_follows_the_memory():
