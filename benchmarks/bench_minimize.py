@@ -10,6 +10,7 @@ call is one forward pass; curvlab and scipy evaluate value and gradient together
 by the solver's own products (scipy: calls to ``hessp``; pytorch-minimize does not report
 them). Wall time: median over repeats (runs longer than 2 s are timed once). Other
 processes may share the machine: the ratios are what to read, not the absolute times.
+NumPy's BLAS is limited to one thread like torch (unless the environment says otherwise).
 
 Usage: ``python benchmarks/bench_minimize.py [--quick] [--repeats R] [--json PATH]``.
 """
@@ -27,7 +28,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
+# Every solver gets one thread: torch.set_num_threads(1) below, and the BLAS behind NumPy /
+# scipy pinned here, before NumPy loads (its idle worker threads otherwise spin and slow down
+# whichever solver runs next, by up to 10x when other processes share the cores).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 

@@ -327,3 +327,37 @@ def test_two_loop_equals_dense_lbfgs_matrix(n):
             H = V.T @ H @ V + r * torch.outer(s, s)
         ref = H @ g
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(two_loop(g, mem, -1.0), -ref, rtol=1e-10, atol=1e-12)
+
+
+def test_two_loop_gram_cache_follows_the_memory():
+    """The NumPy Gram cache (window moved through its buffers, oldest pairs dropped,
+    memory cleared) gives the recursion of N&W Alg. 7.4 over the pairs currently held."""
+    from curvlab.minimize.quasi_newton import LBFGSMemory, two_loop
+
+    gen = torch.Generator().manual_seed(0)
+    n = 5
+    mem = LBFGSMemory(3)
+
+    def reference(g):
+        q, alphas = g.clone(), []
+        for s, y, rho in zip(reversed(mem.s), reversed(mem.y), reversed(mem.rho),
+                             strict=True):
+            a = rho * float(s @ q)
+            q -= a * y
+            alphas.append(a)
+        q *= mem.gamma
+        for s, y, rho, a in zip(mem.s, mem.y, mem.rho, reversed(alphas), strict=True):
+            q += (a - rho * float(y @ q)) * s
+        return q
+
+    for i in range(23):
+        s = torch.randn(n, generator=gen, dtype=torch.float64)
+        y = s + 0.3 * torch.randn(n, generator=gen, dtype=torch.float64)
+        mem.push(s, y, float(s @ y), float(y @ y))
+        if i == 11:
+            mem.clear()
+            continue
+        g = torch.randn(n, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(two_loop(g, mem), reference(g), rtol=1e-10, atol=1e-12)
+    assert len(mem.s) == 3

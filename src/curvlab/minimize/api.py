@@ -20,6 +20,7 @@ Methods (see each module for the algorithm and its reference):
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +60,13 @@ METHODS: dict[str, Callable] = {
 }
 
 _FIRST_ORDER = ("gd", "momentum", "nesterov", "trust-cauchy")
+
+
+@functools.cache
+def _options(solver: Callable) -> list[str]:
+    """The keyword options ``solver`` accepts (signature inspected once per method)."""
+    return [p for p in inspect.signature(solver).parameters
+            if p not in ("ev", "x0", "mon", "memory")]
 
 
 def check_x0(x0: Any, name: str = "x0") -> torch.Tensor:
@@ -113,8 +121,7 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable, got " + type(callback).__name__)
     solver = METHODS[method]
-    allowed = [p for p in inspect.signature(solver).parameters if p not in ("ev", "x0", "mon")]
-    allowed = [p for p in allowed if p != "memory"]
+    allowed = _options(solver)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for method {method!r}; "

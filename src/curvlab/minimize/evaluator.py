@@ -20,11 +20,22 @@ import torch
 
 from curvlab.minimize.result import STATUS_MESSAGES, OptimizeResult
 
-__all__ = ["Evaluator", "Monitor", "clip_direction"]
+__all__ = ["Evaluator", "Monitor", "clip_direction", "host"]
 
 logger = logging.getLogger(__name__)
 
 HVP = Callable[[torch.Tensor], torch.Tensor]
+
+
+def host(*values: torch.Tensor) -> list[float]:
+    """Scalar tensors as Python floats: one host sync (a ``stack``) on an accelerator,
+    plain ``item()`` calls on the CPU, where a ``stack`` costs more than it saves."""
+    if values[0].device.type == "cpu":
+        return [v.item() for v in values]
+    dtype = values[0].dtype
+    for v in values[1:]:
+        dtype = torch.promote_types(dtype, v.dtype)
+    return torch.stack([v.to(dtype) for v in values]).tolist()
 
 
 def _as_scalar(y: Any, what: str) -> torch.Tensor:
@@ -60,6 +71,16 @@ class Evaluator:
         self.fun, self.shape, self.args = fun, shape, tuple(args)
         self.jac, self.hessp, self.hess_fn = jac, hessp, hess
         self.nfev = self.ngev = self.nhvp = self.nhess = 0
+        self._one: torch.Tensor | None = None
+        self._eye: torch.Tensor | None = None
+
+    def _ones(self, y: torch.Tensor) -> torch.Tensor:
+        """``grad_outputs`` for the scalar ``y``, allocated once (``autograd.grad`` would
+        build it on every call)."""
+        one = self._one
+        if one is None or one.dtype != y.dtype or one.device != y.device:
+            one = self._one = torch.ones((), dtype=y.dtype, device=y.device)
+        return one
 
     def _call(self, x: torch.Tensor) -> Any:
         if x.shape != self.shape:  # a view adds an autograd node: only when needed
@@ -97,11 +118,12 @@ class Evaluator:
         xr = x.detach().requires_grad_(True)
         with torch.enable_grad():
             y = _as_scalar(self._call(xr), "fun")
-            (g,) = torch.autograd.grad(y, xr, allow_unused=True)
+            (g,) = torch.autograd.grad(y, xr, self._ones(y), allow_unused=True)
         return y.detach(), torch.zeros_like(x) if g is None else g
 
     def fgh(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, HVP]:
-        """Value, gradient and ``v -> H v`` at ``x``. Without a user ``hessp`` the gradient's
+        """Value, gradient and ``v -> H v`` at ``x``. Without a user ``hessp`` (or ``hess``,
+        whose matrix is then formed at the first product) the gradient's
         graph is recorded once (the double-backward form of :func:`curvlab.autodiff.hvp_fn`,
         inlined to keep per-product overhead low at small ``n``), so every product is one
         backward pass (``nhvp``); ``product(V, True)`` does a batch of rows ``V`` at once."""
@@ -116,6 +138,17 @@ class Evaluator:
                 return hv.detach().reshape(-1).to(x.dtype)
 
             return f, g, user_product
+        if self.hess_fn is not None:  # user dense Hessian: products with it, formed once
+            f, g = self.fg(x)
+            dense: list[torch.Tensor] = []
+
+            def dense_product(v: torch.Tensor) -> torch.Tensor:
+                if not dense:
+                    dense.append(self.hess(x))
+                self.nhvp += 1
+                return dense[0] @ v
+
+            return f, g, dense_product
         self.nfev += 1
         self.ngev += 1
         xr = x.detach().requires_grad_(True)
@@ -124,7 +157,33 @@ class Evaluator:
             if self.jac is not None:  # value (and gradient) from the user; HVPs by autodiff
                 y = y[0] if self.jac is True else y
             y = _as_scalar(y, "fun")
-            (gr,) = torch.autograd.grad(y, xr, create_graph=True, allow_unused=True)
+        return self._graph(x, xr, y)
+
+    def fgh_lazy(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], tuple]]:
+        """``(f, finish)`` with ``finish() -> fgh(x)``: the gradient (and the graph for the
+        products) is computed only when ``finish`` is called, so a trial point that is
+        rejected on its value costs one forward pass (``nfev`` without ``ngev``). With user
+        derivatives everything is computed at once."""
+        if self.jac is not None or self.hessp is not None or self.hess_fn is not None:
+            out = self.fgh(x)
+            return out[0], lambda: out
+        self.nfev += 1
+        xr = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = _as_scalar(self._call(xr), "fun")
+
+        def finish() -> tuple[torch.Tensor, torch.Tensor, HVP]:
+            self.ngev += 1
+            return self._graph(x, xr, y)
+
+        return y.detach(), finish
+
+    def _graph(self, x: torch.Tensor, xr: torch.Tensor, y: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, HVP]:
+        """Gradient of ``y`` at the leaf ``xr`` with its graph recorded, and the product."""
+        with torch.enable_grad():
+            (gr,) = torch.autograd.grad(y, xr, self._ones(y), create_graph=True,
+                                        allow_unused=True)
         if gr is None:
             gr = torch.zeros_like(x)
         g = gr.detach()
@@ -156,7 +215,9 @@ class Evaluator:
             return H.detach().reshape(n, n).to(x.dtype)
         if product is None:
             product = self.fgh(x)[2]
-        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        eye = self._eye
+        if eye is None or eye.shape[0] != n or eye.dtype != x.dtype or eye.device != x.device:
+            eye = self._eye = torch.eye(n, dtype=x.dtype, device=x.device)
         batched = getattr(product, "batched", None)
         if batched is not None:
             self.nhess += 1
@@ -194,7 +255,7 @@ class Monitor:
     @staticmethod
     def gnorm(g: torch.Tensor) -> float:
         """``||g||_inf`` as a Python float (the one host sync per iterate)."""
-        return float(g.abs().max()) if g.numel() else 0.0
+        return torch.linalg.vector_norm(g, math.inf).item() if g.numel() else 0.0
 
     def record(self, f: torch.Tensor | float, gnorm: float, step: float | None = None,
                radius: float | None = None, decrement: float | None = None) -> None:
@@ -224,7 +285,7 @@ class Monitor:
                extra: str = "", **fields: Any) -> OptimizeResult:
         """Build the result; ``success`` iff the solver converged and the tolerance holds."""
         gn = self.gnorm(g)
-        finite = bool(torch.isfinite(f)) and math.isfinite(gn)
+        finite = math.isfinite(f.item()) and math.isfinite(gn)
         if status == 0 and not (finite and gn <= self.gtol):
             status = 6
         success = status == 0

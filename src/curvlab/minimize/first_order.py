@@ -42,7 +42,7 @@ def _start(mon: Monitor, x: torch.Tensor, evaluate):
     out = evaluate(x)
     f, g = out[0], out[1]
     gn = mon.gnorm(g)
-    ok = math.isfinite(gn) and bool(torch.isfinite(f))
+    ok = math.isfinite(gn) and math.isfinite(f.item())
     if ok:
         mon.record(float(f), gn)
     return out, gn, ok
@@ -192,7 +192,7 @@ def nesterov(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, lr: float | None 
             L *= 0.9
         fy, gy = ev.fg(y)
         gn = mon.gnorm(gy)
-        if not (math.isfinite(gn) and bool(torch.isfinite(fy))):
+        if not (math.isfinite(gn) and math.isfinite(fy.item())):
             y, t = x, 1.0
             fy, gy = ev.fg(y)
             gn = mon.gnorm(gy)

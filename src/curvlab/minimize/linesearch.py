@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from curvlab.minimize.evaluator import host
+
 __all__ = ["LineFunction", "Point", "sufficient_decrease", "LineSearchResult", "backtracking",
            "strong_wolfe", "exact_quadratic", "LINE_SEARCHES"]
 
@@ -86,8 +88,8 @@ class LineFunction:
     def negligible(self, step: float) -> bool:
         """Whether ``step * d`` is below rounding relative to ``x`` (one sync, cached)."""
         if self._scale is None:
-            self._scale = tuple(torch.stack((self.d.abs().max(), self.x.abs().max()))
-                                .tolist())  # type: ignore[assignment]
+            self._scale = tuple(host(self.d.abs().max(),  # type: ignore[assignment]
+                                     self.x.abs().max()))
         dmax, xmax = self._scale
         return step * dmax <= 1e-16 * (1.0 + xmax)
 
@@ -96,7 +98,7 @@ class LineFunction:
         xt = torch.add(self.x, self.d, alpha=alpha)
         out = self.evaluate(xt)
         f, g = out[0], out[1]
-        phi, dphi = torch.stack((f.to(g.dtype), torch.dot(g, self.d))).tolist()
+        phi, dphi = host(f, torch.dot(g, self.d))
         if math.isnan(phi):
             phi = math.inf
         return Point(alpha, phi, dphi, xt, f, g, out[2] if len(out) > 2 else None)
@@ -150,7 +152,8 @@ def strong_wolfe(line: LineFunction, phi0: float, dphi0: float, alpha0: float = 
                  max_evals: int = 25) -> LineSearchResult:
     """Strong Wolfe line search, N&W Alg. 3.5 (bracketing phase) and Alg. 3.6 (zoom).
 
-    Bracketing grows the step by cubic extrapolation within ``[1.1 a, 10 a]``; zoom takes
+    Bracketing grows the step by cubic extrapolation within ``[1.1 a, 10 a]``, or to
+    ``10 a`` when ``|phi'|`` did not decrease (More & Thuente 1994, case 4); zoom takes
     the safeguarded cubic minimizer (kept at least 10% of the bracket away from its ends).
     On failure the best sufficient-decrease point seen is returned with ``success=False``.
     """
@@ -194,7 +197,10 @@ def strong_wolfe(line: LineFunction, phi0: float, dphi0: float, alpha0: float = 
             return zoom(p, prev)
         if alpha >= alpha_max:
             break
-        new = _cubic_min(prev, p, 1.1 * alpha, 10.0 * alpha)
+        if abs(p.dphi) >= abs(prev.dphi):
+            new = 10.0 * alpha  # the slope steepens: the cubic's minimizer lies behind
+        else:
+            new = _cubic_min(prev, p, 1.1 * alpha, 10.0 * alpha)
         prev, alpha = p, min(new, alpha_max)
     return LineSearchResult(best, False, line.nevals, "bracketing did not meet strong Wolfe")
 
@@ -204,7 +210,7 @@ def exact_quadratic(line: LineFunction, g: torch.Tensor, hvp: Callable[[torch.Te
     """Exact step for a quadratic (N&W eq. 3.55): ``alpha = -g^T d / d^T H d``.
     Fails (``success=False``) when ``d`` is not a descent direction or ``d^T H d <= 0``."""
     d = line.d
-    gd, dHd = torch.stack((torch.dot(g, d), torch.dot(d, hvp(d)))).tolist()
+    gd, dHd = host(torch.dot(g, d), torch.dot(d, hvp(d)))
     if not gd < 0:
         return LineSearchResult(None, False, 0, "not a descent direction")
     if not dHd > 0:

@@ -38,7 +38,7 @@ def _newton_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, line_s
                  c1: float, c2: float) -> OptimizeResult:
     f, g, prod = ev.fgh(x)
     gn = mon.gnorm(g)
-    if not (math.isfinite(gn) and bool(torch.isfinite(f))):
+    if not (math.isfinite(gn) and math.isfinite(f.item())):
         return mon.finish(x, f, g, 4, "At the starting point.")
     phi = float(f)
     mon.record(phi, gn)

@@ -26,14 +26,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.linalg import solve_triangular
 
-from curvlab.minimize.evaluator import Evaluator, Monitor
+from curvlab.minimize.evaluator import Evaluator, Monitor, host
 from curvlab.minimize.linesearch import LineFunction, backtracking, strong_wolfe
 from curvlab.minimize.result import OptimizeResult
 from curvlab.minimize.trust_region import solve_exact, trust_region_loop
 
 __all__ = ["bfgs", "lbfgs", "sr1", "LBFGSMemory", "two_loop"]
+
+
+#: NumPy (OpenBLAS) computes matrix-vector products with fewer entries on one thread; above
+#: that its worker threads compete with torch's, so larger problems stay in torch.
+_NUMPY_MAX = 9216
 
 
 def _search(kind, line, phi0, dphi0, alpha0, c1, c2):
@@ -44,20 +48,91 @@ def _search(kind, line, phi0, dphi0, alpha0, c1, c2):
     raise ValueError(f"line_search must be 'strong-wolfe' or 'armijo', got {kind!r}")
 
 
+class _Gram:
+    """NumPy copies of the pairs (rows oldest first, at most ``m``) with the small matrices
+    the Gram form of the two-loop recursion needs, updated in ``O(m n + m^2)`` per pair:
+    ``U = triu(S Y^T, 1)`` and ``T^{-1}`` for the unit upper triangular
+    ``T = I + diag(rho) U`` (bordered inverse when a pair is added; dropping the oldest pair
+    keeps the trailing block, which is the inverse of the trailing block of ``T``).
+
+    The pairs live in the window ``[o, o + k)`` of buffers with room for ``2 m``, so dropping
+    the oldest pair only moves ``o``; the window is copied back to the front once every
+    ``m`` pairs."""
+
+    def __init__(self, m: int, n: int, dtype: np.dtype) -> None:
+        cap = 2 * m
+        self.m = m
+        self.S = np.zeros((cap, n), dtype)
+        self.Y = np.zeros((cap, n), dtype)
+        self.rho = np.zeros(cap, dtype)
+        self.U = np.zeros((cap, cap), dtype)
+        self.Tinv = np.zeros((cap, cap), dtype)
+        self.o = self.k = 0
+        self.first: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None
+
+    def push(self, s: torch.Tensor, y: torch.Tensor, rho: float) -> None:
+        o, k = self.o, self.k
+        S, Y, U, Ti = self.S, self.Y, self.U, self.Tinv
+        if k == self.m:  # drop the oldest pair
+            o, k = o + 1, k - 1
+        e = o + k
+        if e == S.shape[0]:  # window at the end of the buffers: move it to the front
+            for a in (S, Y, self.rho):
+                a[:k] = a[o:e]
+            for a in (U, Ti):
+                a[:k, :k] = a[o:e, o:e]
+            o, e = 0, k
+        S[e] = s.numpy()
+        Y[e] = y.numpy()
+        self.rho[e] = rho
+        u = S[o:e] @ Y[e]
+        U[o:e, e] = u
+        U[e, o:e + 1] = 0.0
+        Ti[o:e, e] = -(Ti[o:e, o:e] @ (self.rho[o:e] * u))
+        Ti[e, o:e] = 0.0
+        Ti[e, e] = 1.0
+        self.o, self.k = o, k + 1
+
+    def apply(self, g: np.ndarray, gamma: float, sign: float = 1.0) -> np.ndarray:
+        """``sign * H g``: the two-loop recursion in Gram-matrix form.
+
+        The first loop's ``alpha_i = rho_i s_i^T (g - sum_{j>i} alpha_j y_j)`` is the
+        triangular system ``T alpha = rho * S g``; the second loop's ``beta_i = rho_i y_i^T
+        (gamma q + sum_{j<i} (alpha_j - beta_j) s_j)`` is ``(I + diag(rho) U^T) beta = rho *
+        (gamma Y q + U^T alpha)``, i.e. ``beta = rho * T^{-T} (gamma Y q + U^T alpha)``
+        because ``(I + diag(rho) U^T) diag(rho) = diag(rho) T^T``; then ``H g = gamma q +
+        S^T (alpha - beta)`` with ``q = g - Y^T alpha`` (the compact form of Byrd, Nocedal
+        & Schnabel 1994). A dozen small NumPy calls instead of ``4 m`` vector operations.
+        """
+        o, e = self.o, self.o + self.k
+        S, Y, rho = self.S[o:e], self.Y[o:e], self.rho[o:e]
+        Ti = self.Tinv[o:e, o:e]
+        alpha = Ti @ (rho * (S @ g))
+        q = g - alpha @ Y
+        beta = rho * ((gamma * (Y @ q) + alpha @ self.U[o:e, o:e]) @ Ti)
+        return (sign * gamma) * q + (sign * (alpha - beta)) @ S
+
+
 @dataclass
 class LBFGSMemory:
-    """The last ``history_size`` curvature pairs ``(s, y, rho = 1 / y^T s)``."""
+    """The last ``history_size`` curvature pairs ``(s, y, rho = 1 / y^T s)``.
+
+    On the CPU with small ``n`` a NumPy copy of the pairs and their Gram matrices is kept
+    alongside (rebuilt whenever ``s`` was changed other than by :meth:`push`)."""
 
     history_size: int = 10
     s: deque = field(default_factory=deque)
     y: deque = field(default_factory=deque)
     rho: deque = field(default_factory=deque)
     gamma: float = 1.0
+    _gram: _Gram | None = field(default=None, repr=False, compare=False)
 
     def push(self, s: torch.Tensor, y: torch.Tensor, ys: float, yy: float) -> bool:
         """Store a pair; skipped (returns False) unless ``y^T s > eps y^T y``."""
         if not (ys > torch.finfo(s.dtype).eps * yy and math.isfinite(ys) and yy > 0):
             return False
+        gram = self._gram if self._gram_valid() else None
         if len(self.s) == self.history_size:
             self.s.popleft()
             self.y.popleft()
@@ -66,43 +141,44 @@ class LBFGSMemory:
         self.y.append(y)
         self.rho.append(1.0 / ys)
         self.gamma = ys / yy
+        if gram is not None:
+            gram.push(s, y, 1.0 / ys)
+            gram.first, gram.last = self.s[0], s
         return True
 
+    def clear(self) -> None:
+        """Forget all pairs."""
+        self.s.clear()
+        self.y.clear()
+        self.rho.clear()
+        self._gram = None
 
-def _two_loop_gram(g: np.ndarray, S: np.ndarray, Y: np.ndarray, rho: np.ndarray,
-                   gamma: float) -> np.ndarray:
-    """The two-loop recursion in Gram-matrix form (rows of ``S``, ``Y`` oldest first).
+    def _gram_valid(self) -> bool:
+        gram = self._gram
+        return (gram is not None and gram.k == len(self.s) > 0 and gram.last is self.s[-1]
+                and gram.first is self.s[0] and gram.m == self.history_size)
 
-    With ``U`` the strictly upper part of ``S Y^T``, the first loop's
-    ``alpha_i = rho_i s_i^T (g - sum_{j>i} alpha_j y_j)`` is the triangular system
-    ``(I + diag(rho) U) alpha = rho * S g``, and the second loop's ``beta_i = rho_i y_i^T
-    (gamma q + sum_{j<i} (alpha_j - beta_j) s_j)`` is ``(I + diag(rho) U^T) beta = rho *
-    (gamma Y q + U^T alpha)`` with ``Y q = Y g - Y Y^T alpha``; then ``H g = gamma q +
-    S^T (alpha - beta)`` (the compact form of Byrd, Nocedal & Schnabel 1994). Same result
-    as Alg. 7.4 with a dozen small NumPy calls instead of ``4 m`` vector operations.
-    """
-    U = np.triu(S @ Y.T, 1)
-    # unit_diagonal: the solver takes the (zero) diagonal of rho * U as ones, i.e. I + .
-    alpha = solve_triangular(rho[:, None] * U, rho * (S @ g), lower=False,
-                             unit_diagonal=True, check_finite=False)
-    q = g - alpha @ Y
-    beta = solve_triangular(rho[:, None] * U.T, rho * (gamma * (Y @ q) + U.T @ alpha),
-                            lower=True, unit_diagonal=True, check_finite=False)
-    return gamma * q + (alpha - beta) @ S
+    def gram(self) -> _Gram:
+        """The NumPy Gram cache of the current pairs (CPU tensors only)."""
+        if not self._gram_valid():
+            s0 = self.s[0]
+            gram = _Gram(self.history_size, s0.numel(), s0.numpy().dtype)
+            for s, y, rho in zip(self.s, self.y, self.rho, strict=True):
+                gram.push(s, y, rho)
+            gram.first, gram.last = self.s[0], self.s[-1]
+            self._gram = gram
+        return self._gram  # type: ignore[return-value]
 
 
-def two_loop(g: torch.Tensor, mem: LBFGSMemory) -> torch.Tensor:
-    """``H g`` by the L-BFGS two-loop recursion (N&W Alg. 7.4) with ``H_0 = gamma I``.
+def two_loop(g: torch.Tensor, mem: LBFGSMemory, sign: float = 1.0) -> torch.Tensor:
+    """``sign * H g`` by the L-BFGS two-loop recursion (N&W Alg. 7.4), ``H_0 = gamma I``.
 
-    On the CPU with ``n <= 4096`` the inner products come from small Gram matrices in
-    NumPy (:func:`_two_loop_gram`): a torch call costs microseconds, which dominates at
-    small ``n``. Otherwise the recursion runs in torch as written in Alg. 7.4, keeping the
-    scalars on the device (no host syncs)."""
-    if g.device.type == "cpu" and g.numel() <= 4096:
-        S = torch.stack(tuple(mem.s)).numpy()
-        Y = torch.stack(tuple(mem.y)).numpy()
-        rho = np.fromiter(mem.rho, dtype=S.dtype, count=len(mem.rho))
-        return torch.from_numpy(_two_loop_gram(g.numpy(), S, Y, rho, mem.gamma))
+    On the CPU with ``m n < 9216`` the inner products come from small Gram matrices in
+    NumPy (:meth:`_Gram.apply`, kept up to date pair by pair): a torch
+    call costs microseconds, which dominates at small ``n``. Otherwise the recursion runs
+    in torch as written in Alg. 7.4, keeping the scalars on the device (no host syncs)."""
+    if g.device.type == "cpu" and g.numel() * mem.history_size < _NUMPY_MAX:
+        return torch.from_numpy(mem.gram().apply(g.numpy(), mem.gamma, sign))
     q = g.clone()
     talphas = []
     for s, y, rho in zip(reversed(mem.s), reversed(mem.y), reversed(mem.rho), strict=True):
@@ -113,7 +189,7 @@ def two_loop(g: torch.Tensor, mem: LBFGSMemory) -> torch.Tensor:
     for s, y, rho, a in zip(mem.s, mem.y, mem.rho, reversed(talphas), strict=True):
         b = torch.dot(y, q) * rho
         q.addcmul_(s, a - b)
-    return q
+    return q if sign == 1.0 else q.mul_(sign)
 
 
 def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, update,
@@ -121,7 +197,7 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
     """Shared loop: ``d = direction(g)``, line search, ``update(s, y, ys, alpha)``."""
     f, g = ev.fg(x)
     gn = mon.gnorm(g)
-    if not (math.isfinite(gn) and bool(torch.isfinite(f))):
+    if not (math.isfinite(gn) and math.isfinite(f.item())):
         return mon.finish(x, f, g, 4, "At the starting point.")
     phi = float(f)
     mon.record(phi, gn)
@@ -172,13 +248,11 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
         if not mem.s:
             return -g, step_scale * min(1.0, 1.0 / max(float(torch.linalg.vector_norm(g)),
                                                        1e-300))
-        return -two_loop(g, mem), step_scale
+        return two_loop(g, mem, -1.0), step_scale
 
     def update(s, y, ys, alpha):
         if s is None:
-            mem.s.clear()
-            mem.y.clear()
-            mem.rho.clear()
+            mem.clear()
             return
         mem.push(s, y, ys, float(torch.dot(y, y)))
 
@@ -189,31 +263,42 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
 
 def bfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "strong-wolfe",
          c1: float = 1e-4, c2: float = 0.9) -> OptimizeResult:
-    """BFGS with a dense inverse Hessian approximation (N&W Alg. 6.1)."""
+    """BFGS with a dense inverse Hessian approximation (N&W Alg. 6.1). On the CPU with
+    ``n^2 < 9216`` the ``n x n`` matrix is a NumPy array (a handful of small NumPy calls per
+    update instead of torch calls that cost microseconds each)."""
     n = x0.numel()
-    state = {"H": None}
+    small = x0.device.type == "cpu" and n * n < _NUMPY_MAX
+    eps = torch.finfo(x0.dtype).eps
+    state: dict = {"H": None}
 
     def direction(g):
         H = state["H"]
         if H is None:
             return -g, min(1.0, 1.0 / max(float(torch.linalg.vector_norm(g)), 1e-300))
+        if small:
+            return torch.from_numpy(-(H @ g.numpy())), 1.0
         return -(H @ g), 1.0
 
     def update(s, y, ys, alpha):
         if s is None:
             state["H"] = None
             return
-        yy = float(torch.dot(y, y))
-        if not (ys > torch.finfo(s.dtype).eps * yy and math.isfinite(ys)):
+        if small:
+            s, y, outer = s.numpy(), y.numpy(), np.outer
+        else:
+            outer = torch.outer
+        yy = float(y @ y)
+        if not (ys > eps * yy and math.isfinite(ys)):
             return
         H = state["H"]
         if H is None:
-            H = torch.eye(n, dtype=s.dtype, device=s.device) * (ys / yy)
+            H = (np.eye(n, dtype=s.dtype) if small else
+                 torch.eye(n, dtype=s.dtype, device=s.device)) * (ys / yy)  # N&W eq. 6.20
         rho = 1.0 / ys
         Hy = H @ y
-        yHy = float(torch.dot(y, Hy))
-        H = H - rho * (torch.outer(s, Hy) + torch.outer(Hy, s))
-        H = H + (rho * rho * yHy + rho) * torch.outer(s, s)
+        yHy = float(y @ Hy)
+        H = H - rho * (outer(s, Hy) + outer(Hy, s))
+        H = H + (rho * rho * yHy + rho) * outer(s, s)
         state["H"] = H
 
     return _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2)
@@ -240,12 +325,12 @@ def sr1(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, initial_radius: float 
         y = gt - g
         B = state["B"]
         if state["first"]:
-            ys, yy = torch.stack((torch.dot(y, p), torch.dot(y, y))).tolist()
+            ys, yy = host(torch.dot(y, p), torch.dot(y, y))
             if ys > 0:
                 B = B * (yy / ys)
             state["first"] = False
         v = y - B @ p
-        vs, vv, ss = torch.stack((torch.dot(v, p), torch.dot(v, v), torch.dot(p, p))).tolist()
+        vs, vv, ss = host(torch.dot(v, p), torch.dot(v, v), torch.dot(p, p))
         if abs(vs) >= skip_tol * math.sqrt(ss * vv) and vs != 0:
             B = B + torch.outer(v, v) / vs
         state["B"] = B

@@ -27,22 +27,24 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from scipy.linalg import get_lapack_funcs
 
 from curvlab.linalg.cg import steihaug_cg
 from curvlab.linalg.factor import modified_cholesky
-from curvlab.minimize.evaluator import Evaluator, Monitor
+from curvlab.minimize.evaluator import Evaluator, Monitor, host
 from curvlab.minimize.result import OptimizeResult
 
 __all__ = ["trust_region", "solve_exact", "solve_dogleg", "solve_cauchy", "SUBPROBLEMS"]
 
 SUBPROBLEMS = ("trust-cauchy", "dogleg", "trust-ncg", "trust-exact")
+_LAPACK = get_lapack_funcs(("potrf", "potrs"), dtype=np.float64)
 
 
 def solve_cauchy(g: torch.Tensor, hvp: Callable, radius: float) -> tuple[torch.Tensor, float, bool]:
     """Cauchy point (N&W Alg. 4.2): ``p = -tau radius g / ||g||``, ``tau = 1`` if
     ``g^T B g <= 0`` else ``min(||g||^3 / (radius g^T B g), 1)``. Returns
     ``(p, m(p), hit_boundary)``."""
-    gg, gBg = torch.stack((torch.dot(g, g), torch.dot(g, hvp(g)))).tolist()
+    gg, gBg = host(torch.dot(g, g), torch.dot(g, hvp(g)))
     gnorm = math.sqrt(gg)
     tau = 1.0 if gBg <= 0 else min(gnorm ** 3 / (radius * gBg), 1.0)
     t = tau * radius / gnorm
@@ -61,7 +63,7 @@ def solve_dogleg(g: torch.Tensor, B: torch.Tensor, radius: float
     nB = float(torch.linalg.vector_norm(pB))
     if nB <= radius:
         return pB, _model(g, B, pB), False
-    gg, gBg = torch.stack((torch.dot(g, g), torch.dot(g, B @ g))).tolist()
+    gg, gBg = host(torch.dot(g, g), torch.dot(g, B @ g))
     gnorm = math.sqrt(gg)
     if gBg <= 0 or gg / gBg * gnorm >= radius:
         p = -(radius / gnorm) * g
@@ -69,7 +71,7 @@ def solve_dogleg(g: torch.Tensor, B: torch.Tensor, radius: float
     pU = -(gg / gBg) * g
     d = pB - pU
     # ||pU + tau d|| = radius, tau in [0, 1]
-    a, b, c = torch.stack((torch.dot(d, d), torch.dot(pU, d), torch.dot(pU, pU))).tolist()
+    a, b, c = host(torch.dot(d, d), torch.dot(pU, d), torch.dot(pU, pU))
     tau = (-b + math.sqrt(max(b * b - a * (c - radius * radius), 0.0))) / a
     p = pU + tau * d
     return p, _model(g, B, p), True
@@ -86,24 +88,42 @@ def solve_exact(g: torch.Tensor, B: torch.Tensor, radius: float, rtol: float = 1
     otherwise safeguarded Newton on ``phi(l) = 1/radius - 1/||p(l)||`` (eq. 4.44:
     ``l += (||p|| / ||q||)^2 (||p|| - radius) / radius``, ``||q||^2 = sum coef^2 / (lam + l)``)
     bracketed in ``(max(0, -lam_1), -lam_1 + ||g|| / radius]``. Returns
-    ``(p, m(p), hit_boundary)``. The scalar iteration runs on the host in float64.
+    ``(p, m(p), hit_boundary)``. The scalar iteration runs on the host in float64 (for a
+    small CPU ``B`` the Cholesky test too, through LAPACK without torch's per-call overhead).
     """
-    L, info = torch.linalg.cholesky_ex(B)
-    if int(info) == 0:  # positive definite: try the interior Newton step first (no eigh)
-        p = -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
-        pn, gp = torch.stack((torch.linalg.vector_norm(p), torch.dot(g, p))).tolist()
-        if pn <= radius:
-            return p, 0.5 * gp, False  # m(p) = g^T p + p^T B p / 2 = g^T p / 2 at B p = -g
-    lam_t, Q = torch.linalg.eigh(B)
-    both = torch.stack((lam_t, Q.T @ g)).to("cpu", torch.float64).numpy()
-    lam, a = both[0], both[1]
+    if B.device.type == "cpu" and g.numel() <= 64:  # LAPACK directly, no torch dispatch
+        Bn = B.numpy().astype(np.float64)
+        gn = g.numpy().astype(np.float64)
+        potrf, potrs = _LAPACK
+        L, info = potrf(Bn, lower=True, clean=False)
+        if info == 0:  # positive definite: try the interior Newton step first (no eigh)
+            pn_, info = potrs(L, gn, lower=True)
+            pn, gp = math.sqrt(float(pn_ @ pn_)), -float(gn @ pn_)
+            if info == 0 and pn <= radius:
+                return torch.from_numpy(-pn_).to(g.dtype), 0.5 * gp, False
+        lam_t, Q_t = torch.linalg.eigh(torch.from_numpy(Bn))  # honours torch's thread count
+        lam, Qn = lam_t.numpy(), Q_t.numpy()
+        a = Qn.T @ gn
+    else:
+        L, info = torch.linalg.cholesky_ex(B)
+        if int(info) == 0:
+            p = -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
+            pn, gp = host(torch.linalg.vector_norm(p), torch.dot(g, p))
+            if pn <= radius:
+                return p, 0.5 * gp, False  # m(p) = g^T p + p^T B p / 2 = g^T p / 2 at B p = -g
+        lam_t, Q = torch.linalg.eigh(B)
+        both = torch.stack((lam_t, Q.T @ g)).to("cpu", torch.float64).numpy()
+        lam, a = both[0], both[1]
+        Qn = None
     lam1 = float(lam[0])
     anorm = float(np.sqrt(np.dot(a, a)))
     scale = max(float(np.abs(lam).max()), 1e-300)
 
     def finish(coef: np.ndarray, boundary: bool) -> tuple[torch.Tensor, float, bool]:
-        p = Q @ torch.as_tensor(coef, dtype=g.dtype, device=g.device)
-        return p, float(np.dot(a, coef) + 0.5 * np.dot(lam * coef, coef)), boundary
+        m = float(np.dot(a, coef) + 0.5 * np.dot(lam * coef, coef))
+        if Qn is not None:
+            return torch.from_numpy(Qn @ coef).to(g.dtype), m, boundary
+        return Q @ torch.as_tensor(coef, dtype=g.dtype, device=g.device), m, boundary
 
     if lam1 > 0:
         coef = -a / lam
@@ -147,19 +167,24 @@ def solve_exact(g: torch.Tensor, B: torch.Tensor, radius: float, rtol: float = 1
 
 def trust_region_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, subproblem: Callable,
                       *, initial_radius: float, max_radius: float, eta: float,
-                      evaluate: Callable, on_trial: Callable | None = None) -> OptimizeResult:
+                      evaluate: Callable, on_trial: Callable | None = None,
+                      evaluate_lazy: Callable | None = None) -> OptimizeResult:
     """N&W Alg. 4.1. ``evaluate(x) -> (f, g, extra)``; ``subproblem(x, g, extra, radius) ->
     (p, m(p), hit_boundary)``; ``on_trial(x, g, extra, p, trial)`` (quasi-Newton updates)
-    sees every trial point, accepted or not."""
+    sees every trial point, accepted or not. ``evaluate_lazy(x) -> (f, finish)`` (without
+    ``on_trial``): trial points are evaluated by value first and ``finish() -> (f, g,
+    extra)`` runs only for a step accepted on its value (a non-finite gradient then rejects
+    it after all), as ``rho`` needs no gradient."""
     if not (0 <= eta < 0.25):
         raise ValueError(f"eta must be in [0, 0.25), got {eta}")
     if not (0 < initial_radius <= max_radius):
         raise ValueError("need 0 < initial_radius <= max_radius, got "
                          f"{initial_radius}, {max_radius}")
     radius = float(initial_radius)
+    lazy = evaluate_lazy is not None and on_trial is None
     f, g, extra = evaluate(x)
     gn = mon.gnorm(g)
-    if not (math.isfinite(gn) and bool(torch.isfinite(f))):
+    if not (math.isfinite(gn) and math.isfinite(f.item())):
         return mon.finish(x, f, g, 4, "At the starting point.")
     phi = float(f)
     mon.record(phi, gn, radius=radius)
@@ -175,14 +200,25 @@ def trust_region_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, subproblem: 
         if not (predicted > 0 and math.isfinite(predicted)) or pnorm == 0:
             return mon.finish(x, f, g, 6, "The model predicts no decrease.", radius=radius)
         xt = x + p
-        trial = evaluate(xt)
-        # one host sync for the trial's value and gradient norm
-        ft, gt = torch.stack((trial[0].to(x.dtype), trial[1].abs().max())).tolist()
-        if math.isnan(ft) or math.isnan(gt) or math.isinf(gt):
-            ft = math.inf
-        rho = (phi - ft) / predicted if math.isfinite(ft) else -math.inf
-        if on_trial is not None:
-            on_trial(x, g, extra, p, trial)
+        if lazy:
+            f_t, finish = evaluate_lazy(xt)  # type: ignore[misc]
+            ft = f_t.item()
+            ft = ft if math.isfinite(ft) else math.inf
+            rho = (phi - ft) / predicted if math.isfinite(ft) else -math.inf
+            if rho > eta:
+                trial = finish()
+                gt = mon.gnorm(trial[1])
+                if not math.isfinite(gt):
+                    ft, rho = math.inf, -math.inf
+        else:
+            trial = evaluate(xt)
+            # one host sync for the trial's value and gradient norm
+            ft, gt = host(trial[0], torch.linalg.vector_norm(trial[1], math.inf))
+            if math.isnan(ft) or math.isnan(gt) or math.isinf(gt):
+                ft = math.inf
+            rho = (phi - ft) / predicted if math.isfinite(ft) else -math.inf
+            if on_trial is not None:
+                on_trial(x, g, extra, p, trial)
         mon.nit += 1
         if rho < 0.25:
             radius = 0.25 * min(pnorm, radius)
@@ -224,4 +260,5 @@ def trust_region(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, subproblem: s
 
     solve.cache = [None, None]
     return trust_region_loop(ev, mon, x0, solve, initial_radius=initial_radius,
-                             max_radius=max_radius, eta=eta, evaluate=ev.fgh)
+                             max_radius=max_radius, eta=eta, evaluate=ev.fgh,
+                             evaluate_lazy=ev.fgh_lazy)
