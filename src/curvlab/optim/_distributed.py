@@ -211,9 +211,18 @@ def local_tensor(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def check_row_sharded(p: Tensor, group: Any) -> None:
-    """FSDP2 parameters must be sharded along dim 0 over ``group`` on a 1-D mesh (the
-    ``fully_shard`` default); other layouts are refused (TypeError / ValueError)."""
+def check_row_sharded(params: Sequence[Tensor], group: Any, name: str) -> None:
+    """FSDP2 parameters must all be DTensors sharded along dim 0 over ``group`` on a 1-D
+    mesh (the ``fully_shard`` default); other layouts, or DTensors mixed with regular
+    tensors, are refused (TypeError / ValueError)."""
+    if not all(is_dtensor(p) for p in params):
+        raise TypeError(f"{name} got DTensor (FSDP2) parameters mixed with regular tensors; "
+                        "shard every parameter (fully_shard the whole model) or none")
+    for p in params:
+        _check_row_sharded(p, group)
+
+
+def _check_row_sharded(p: Tensor, group: Any) -> None:
     from torch.distributed.tensor import Shard
 
     mesh = p.device_mesh

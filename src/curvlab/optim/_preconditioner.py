@@ -328,8 +328,9 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                              "parameters: pass process_group (the group they are sharded over) "
                              "and distributed_mode='allgather', so that each block is "
                              "preconditioned whole by its owner rank, not shard by shard")
-        for p in dtensors:
-            check_row_sharded(p, self.process_group)
+        if dtensors:
+            check_row_sharded([p for g in self.param_groups for p in g["params"]],
+                              self.process_group, type(self).__name__)
         self._shard_rows: dict = {}  # cache of shard_rows
         self._grads: dict[int, Tensor] = {}  # whole gradients during an FSDP2 step
         for group in self.param_groups:

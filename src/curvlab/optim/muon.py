@@ -139,8 +139,9 @@ class Muon(torch.optim.Optimizer):
             raise ValueError("Muon got DTensor (FSDP2 fully_shard) parameters: pass "
                              "process_group (the group they are sharded over) so that "
                              "Newton–Schulz runs on whole matrices, not on local shards")
-        for p in dtensors:
-            check_row_sharded(p, self.process_group)
+        if dtensors:
+            check_row_sharded([p for g in self.param_groups for p in g["params"]],
+                              self.process_group, "Muon")
         self._shard_rows: dict = {}  # cache of shard_rows
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
