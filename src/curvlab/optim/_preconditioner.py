@@ -81,6 +81,7 @@ __all__ = [
     "is_due",
     "guarded_batched",
     "max_abs",
+    "gradient_bound",
     "mode_product",
     "graft_direction",
     "graft",
@@ -239,6 +240,28 @@ def max_abs(tensors: Sequence[Tensor]) -> float:
         return bound
     exact = torch._foreach_norm(tensors, float("inf"))
     return float(torch.stack([n.float().to(dev) for n in exact]).max())
+
+
+def gradient_bound(name: str, grads: Sequence[Tensor], nonfinite: str,
+                   sharded_group: Any = None) -> float | None:
+    """:func:`max_abs` of a step's gradients, or ``None`` when the step must be skipped
+    (a non-finite entry with ``nonfinite="skip"``, logged; ``"raise"`` raises
+    FloatingPointError). With ``sharded_group`` (FSDP2: each rank holds shards) the local
+    bounds are max-reduced, so every rank takes the same decision."""
+    if any(g.is_sparse for g in grads):
+        raise TypeError(f"{name} does not support sparse gradients")
+    gmax = max_abs([local_tensor(g) for g in grads])
+    if sharded_group is not None:
+        both = torch.tensor([gmax], dtype=torch.float64, device=_dist.comm_device(sharded_group))
+        torch.distributed.all_reduce(both, torch.distributed.ReduceOp.MAX, group=sharded_group)
+        gmax = float(both)
+    if math.isfinite(gmax):
+        return gmax
+    if nonfinite == "raise":
+        raise FloatingPointError(f"{name}: non-finite gradient; pass nonfinite='skip' to skip "
+                                 "such steps instead")
+    logger.warning("%s: non-finite gradient, step skipped", name)
+    return None
 
 
 # ----------------------------------------------------------------------------- grafting
@@ -475,22 +498,10 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if any(g.is_sparse for g in grads):
-            raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-        gmax = max_abs([local_tensor(g) for g in grads])
-        if self._fsdp:  # every rank sees a shard: agree on the step's fate
-            both = torch.tensor([gmax], dtype=torch.float64,
-                                device=_dist.comm_device(self.process_group))
-            torch.distributed.all_reduce(both, torch.distributed.ReduceOp.MAX,
-                                         group=self.process_group)
-            gmax = float(both)
-        if not math.isfinite(gmax):
-            if self.nonfinite == "raise":
-                raise FloatingPointError(
-                    f"{type(self).__name__}: non-finite gradient; pass nonfinite='skip' to skip "
-                    "such steps instead")
+        gmax = gradient_bound(type(self).__name__, grads, self.nonfinite,
+                              self.process_group if self._fsdp else None)
+        if gmax is None:
             self._counters["skipped_steps"] += 1
-            logger.warning("%s: non-finite gradient, step skipped", type(self).__name__)
             return loss
         groups = self._build()
         self._gmax = gmax

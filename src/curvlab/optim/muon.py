@@ -60,7 +60,7 @@ from curvlab.optim._distributed import (
     shard_rows,
     share_rows,
 )
-from curvlab.optim._preconditioner import max_abs
+from curvlab.optim._preconditioner import gradient_bound
 
 logger = logging.getLogger(__name__)
 
@@ -175,15 +175,11 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if any(g.is_sparse for g in grads):
-            raise TypeError("Muon does not support sparse gradients")
-        gmax = max_abs(grads)
-        if not math.isfinite(gmax):
-            if self.nonfinite == "raise":
-                raise FloatingPointError("Muon: non-finite gradient; pass nonfinite='skip' to "
-                                         "skip such steps instead")
+        sharded = any(is_dtensor(g) for g in grads)
+        gmax = gradient_bound("Muon", grads, self.nonfinite,
+                              self.process_group if sharded else None)
+        if gmax is None:
             self._skipped += 1
-            logger.warning("Muon: non-finite gradient, step skipped")
             return loss
         for group in self.param_groups:
             muon_ps: list[Tensor] = []
