@@ -149,15 +149,16 @@ def test_permute_modes_matches_explicit_indexing(n):
         assert torch.equal(out[b], ref)
 
 
-def test_nonfinite_block_direction_is_zeroed_and_counted(monkeypatch):
-    # two 4x4 blocks of one 8x4 weight share a block group; block 1's direction is NaN
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_block_direction_is_zeroed_and_counted(monkeypatch, bad):
+    # two 4x4 blocks of one 8x4 weight share a block group; one entry of block 1 is bad
     W = nn.Parameter(torch.ones(8, 4))
     opt = SOAP([W], lr=0.1, max_preconditioner_dim=4)
     real = SOAP._block_direction
 
     def poisoned(self, group, st, G, step):
-        D = real(self, group, st, G, step)
-        D[1] = float("nan")
+        D = real(self, group, st, G, step).clone()
+        D[1, 2, 3] = bad
         return D
 
     monkeypatch.setattr(SOAP, "_block_direction", poisoned)
@@ -168,6 +169,19 @@ def test_nonfinite_block_direction_is_zeroed_and_counted(monkeypatch):
     assert torch.equal(W.detach()[4:], torch.ones(4, 4))
     assert not torch.equal(W.detach()[:4], torch.ones(4, 4))
     assert opt.stats()["nonfinite_block_updates"] == 2
+
+
+def test_huge_finite_block_direction_is_kept(monkeypatch):
+    # the entries' sum overflows (the quick check fails), but every entry is finite: the
+    # exact per-block check keeps the block
+    W = nn.Parameter(torch.zeros(4, 4))
+    opt = SOAP([W], lr=1.0, max_preconditioner_dim=4)
+    monkeypatch.setattr(SOAP, "_block_direction",
+                        lambda self, group, st, G, step: torch.full_like(G, -3e38))
+    W.grad = torch.randn(4, 4)
+    opt.step()
+    assert torch.equal(W.detach(), torch.full((4, 4), 3e38))
+    assert opt.stats()["nonfinite_block_updates"] == 0
 
 
 def test_max_abs_mixed_dtypes():
