@@ -230,20 +230,27 @@ class MoreSorensen:
             raise ValueError("MoreSorensen runs on CPU tensors; use solve_exact on "
                              f"{B.device}")
         self.g_t, self.B_t = g, B
-        self.g = g.numpy().astype(np.float64)
-        self.B = B.numpy().astype(np.float64)
+        self.g = g.numpy().astype(np.float64, copy=False)
+        self.B = B.numpy().astype(np.float64, copy=False)
         self.k_easy, self.k_hard, self.max_iter = k_easy, k_hard, max_iter
-        H = self.B
-        n = H.shape[0]
-        d = np.diag(H)
-        off = np.abs(H).sum(1) - np.abs(d)
-        self.gersh_lo, self.gersh_hi = float((d - off).min()), float((d + off).max())
-        self.min_diag = float(d.min())
-        self.hnorm = min(float(np.sqrt((H * H).sum())), float(np.abs(H).sum(1).max()))
         self.gnorm = math.sqrt(float(self.g @ self.g))
-        self.tiny = n * np.finfo(np.float64).eps * float(np.abs(H).sum(1).max())
-        self.eye = np.eye(n)
         self.prev_radius, self.prev_lower = -1.0, 0.0
+        self._newton: tuple | None = None
+        self._bounds: tuple | None = None
+
+    def _eigen_bounds(self) -> tuple:
+        """Gershgorin bounds on the spectrum of ``B``, ``min(||B||_F, ||B||_inf)``,
+        ``min diag B``, the threshold below which ``g`` counts as zero and ``I``."""
+        if self._bounds is None:
+            H = self.B
+            d = np.diag(H)
+            rows = np.abs(H).sum(1)
+            off = rows - np.abs(d)
+            hinf = float(rows.max())
+            self._bounds = (float((d - off).min()), float((d + off).max()),
+                            min(math.sqrt(float((H * H).sum())), hinf), float(d.min()),
+                            H.shape[0] * np.finfo(np.float64).eps * hinf, np.eye(H.shape[0]))
+        return self._bounds
 
     def _finish(self, p: np.ndarray, boundary: bool) -> tuple[torch.Tensor, float, bool]:
         m = float(self.g @ p + 0.5 * (p @ (self.B @ p)))
@@ -251,10 +258,20 @@ class MoreSorensen:
 
     def __call__(self, radius: float) -> tuple[torch.Tensor, float, bool]:
         """``(p, m(p), hit_boundary)`` for the trust radius ``radius``."""
-        H, g, eye = self.B, self.g, self.eye
         potrf, potrs = _LAPACK
-        hi = max(0.0, self.gnorm / radius + min(-self.gersh_lo, self.hnorm))
-        lo = max(0.0, -self.min_diag, self.gnorm / radius - min(self.gersh_hi, self.hnorm))
+        if self._newton is None:  # B positive definite: the Newton step, once per iterate
+            R0, info = potrf(self.B, lower=False, clean=True)
+            if info == 0:
+                p, info = potrs(R0, -self.g, lower=False)
+            self._newton = (R0, p, math.sqrt(float(p @ p))) if info == 0 else ()
+        if self._newton and self._newton[2] <= radius:
+            # lambda = 0 is the solution (the initial lambda_L is then 0, see below)
+            p = self._newton[1]
+            return torch.from_numpy(p).to(self.g_t.dtype), 0.5 * float(self.g @ p), False
+        gersh_lo, gersh_hi, hnorm, min_diag, tiny, eye = self._eigen_bounds()
+        H, g = self.B, self.g
+        hi = max(0.0, self.gnorm / radius + min(-gersh_lo, hnorm))
+        lo = max(0.0, -min_diag, self.gnorm / radius - min(gersh_hi, hnorm))
         if radius < self.prev_radius:
             lo = max(lo, self.prev_lower)
 
@@ -262,14 +279,14 @@ class MoreSorensen:
             return max(math.sqrt(abs(lo * hi)), lo + 0.01 * (hi - lo))
 
         lam = 0.0 if lo == 0.0 else guess(lo, hi)
-        factored = None
+        factored = self._newton[0] if lam == 0.0 and self._newton else None
         step = None
         for _ in range(self.max_iter):
             if factored is None:
                 R, info = potrf(H + lam * eye, lower=False, clean=True)
             else:
                 R, info, factored = factored, 0, None
-            if info == 0 and self.gnorm > self.tiny:
+            if info == 0 and self.gnorm > tiny:
                 p, _ = potrs(R, -g, lower=False)
                 pn = math.sqrt(float(p @ p))
                 if lam == 0.0 and pn <= radius:
