@@ -149,3 +149,15 @@ def test_trust_exact_leaves_the_symmetric_saddle_manifold_on_biggs():
     res = minimize(problem.objective, problem.start(), "trust-exact", gtol=1e-8)
     assert res.success
     assert float(res.fun) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["trust-exact", "trust-ncg", "newton-cg"])
+def test_float32_on_the_host_paths(method):
+    """float32 problems through the float64 More-Sorensen iteration and the NumPy CG
+    arithmetic: the result keeps dtype and shape and meets a float32 tolerance."""
+    from curvlab.minimize.problems import rosenbrock
+
+    x0 = torch.tensor([[-1.2, 1.0]], dtype=torch.float32)
+    res = minimize(lambda x: rosenbrock(x.reshape(-1)), x0, method, gtol=1e-3)
+    assert res.success and res.x.dtype == torch.float32 and res.x.shape == (1, 2)
+    torch.testing.assert_close(res.x, torch.ones(1, 2), atol=1e-2, rtol=0)
