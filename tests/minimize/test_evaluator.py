@@ -68,3 +68,24 @@ def test_evaluator_products_and_counts():
     f2, g2 = ev.fg(x)
     torch.testing.assert_close(g2, g_cf)
     assert (ev.nfev, ev.ngev) == (2, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batched_grad_matches_is_grads_batched(dtype):
+    """The direct batched backward equals ``autograd.grad(..., is_grads_batched=True)`` and
+    the closed-form Hessian; other shapes and unused inputs take the public path."""
+    from curvlab.minimize.evaluator import _batched_grad
+
+    x = torch.tensor([0.5, -1.5, 2.0], dtype=dtype, requires_grad=True)
+    g = _grad(_cubic(x), x, torch.ones((), dtype=dtype), retain_graph=True,
+              create_graph=True)
+    V = torch.tensor([[1.0, 2.0, 0.0], [0.0, -1.0, 3.0]], dtype=dtype)
+    (ref,) = torch.autograd.grad(g, x, V, retain_graph=True, is_grads_batched=True)
+    H_cf = _closed_form(x.detach())[1]
+    torch.testing.assert_close(_batched_grad(g, x, V), ref)
+    torch.testing.assert_close(_batched_grad(g, x, V), V @ H_cf)
+    assert _batched_grad(g, torch.ones(3, dtype=dtype, requires_grad=True), V) is None
+    with pytest.raises(RuntimeError):
+        _batched_grad(g, x, torch.ones(2, 4, dtype=dtype))
+    # the batching mode is left even after an error: plain autograd still works
+    torch.testing.assert_close(_grad(g, x, V[0], retain_graph=True), H_cf @ V[0])
