@@ -12,12 +12,22 @@ them). Wall time: median over repeats (runs longer than 2 s are timed once). Oth
 processes may share the machine: the ratios are what to read, not the absolute times.
 NumPy's BLAS is limited to one thread like torch (unless the environment says otherwise).
 
-Usage: ``python benchmarks/bench_minimize.py [--quick] [--repeats R] [--json PATH]``.
+``--floor`` adds ``repeats`` more runs of curvlab and pytorch-minimize per problem, clocks on
+the objective's forward passes and on the autograd engine (every backward pass of both goes
+through it) and prints, per problem size, the median of curvlab's forward + backward time
+divided by pytorch-minimize's wall time: the ratio curvlab would reach with zero time
+spent outside autograd, i.e. a lower bound for the wall-time ratio at these evaluation
+counts.
+
+Usage: ``python benchmarks/bench_minimize.py [--quick] [--repeats R] [--pairs P,Q]
+[--floor] [--json PATH]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import importlib.util
 import json
 import math
@@ -65,6 +75,80 @@ def run_pair(solvers, problem, repeats):
     return recs
 
 
+class AutogradClock:
+    """Seconds spent in the objective's forward passes and in autograd's engine: wraps the
+    objective, ``torch.autograd._engine_run_backward`` (behind ``autograd.grad`` and
+    ``backward``) and curvlab's direct engine entry point while active."""
+
+    def __init__(self):
+        self.forward = self.backward = 0.0
+
+    def objective(self, fun):
+        def timed(x):
+            t0 = time.perf_counter()
+            try:
+                return fun(x)
+            finally:
+                self.forward += time.perf_counter() - t0
+        return timed
+
+    def _timed(self, fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.backward += time.perf_counter() - t0
+        return run
+
+    def __enter__(self):
+        self._ev = importlib.import_module("curvlab.minimize.evaluator")
+        self._saved = (torch.autograd._engine_run_backward, self._ev._RUN_BACKWARD)
+        torch.autograd._engine_run_backward = self._timed(self._saved[0])
+        if self._saved[1] is not None:
+            self._ev._RUN_BACKWARD = self._timed(self._saved[1])
+        return self
+
+    def __exit__(self, *exc):
+        torch.autograd._engine_run_backward, self._ev._RUN_BACKWARD = self._saved
+
+
+def floor_table(pairs, active, problems, results, repeats):
+    """Per size, the median over problems both solved of curvlab's autograd time (forward +
+    engine) over pytorch-minimize's wall time (medians of ``repeats`` extra clocked runs)."""
+    sizes = sorted({p.n for p in problems})
+    print("\nfloor: curvlab forward+backward time / pytorch-minimize wall time (extra clocked "
+          "runs; the ratio curvlab would reach with no time outside autograd)")
+    print(f"{'pair':12s} " + " ".join(f"{'n=' + str(n):>7s}" for n in sizes) + "   worst")
+    for name in pairs:
+        solvers = dict(active[name])
+        ours = list(solvers)[0]
+        tm = [s for s in solvers if s.startswith("torchmin")]
+        if not tm:
+            continue
+        per_size = defaultdict(list)
+        for i, p in enumerate(problems):
+            a, b = results[name][ours][i], results[name][tm[0]][i]
+            if not (a["solved"] and b["solved"]):
+                continue
+            autograd, peer = [], []
+            for _ in range(repeats):  # interleaved; runs longer than 2 s once
+                clock = AutogradClock()
+                timed = dataclasses.replace(p, objective=clock.objective(p.objective))
+                with clock:
+                    run_once(solvers[ours], timed)
+                autograd.append(clock.forward + clock.backward)
+                peer.append(run_once(solvers[tm[0]], p)[0])
+                if peer[-1] > 2.0:
+                    break
+            autograd, t_peer = statistics.median(autograd), statistics.median(peer)
+            per_size[p.n].append(autograd / t_peer)
+        row = [f"{statistics.median(per_size[n]):7.2f}" if per_size[n] else f"{'-':>7s}"
+               for n in sizes]
+        worst = max((statistics.median(v) for v in per_size.values() if v), default=math.nan)
+        print(f"{name:12s} " + " ".join(row) + f"   {worst:5.2f}")
+
+
 def gmean(v):
     v = [max(a, 1) for a in v]
     return math.exp(sum(math.log(a) for a in v) / len(v)) if v else math.nan
@@ -75,6 +159,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small subset, one repeat")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--pairs", default=",".join(PAIRS))
+    ap.add_argument("--floor", action="store_true",
+                    help="also print curvlab's autograd time / pytorch-minimize's wall time")
     ap.add_argument("--json", default=str(Path(__file__).resolve().parent / "results"
                                           / "bench_minimize.json"))
     args = ap.parse_args(argv)
@@ -152,6 +238,8 @@ def main(argv=None):
                 worst = max(worst, med)
                 row.append(f"{med:7.2f}")
             print(f"{name:12s} " + " ".join(row) + f"   {worst:5.2f}")
+        if args.floor:
+            floor_table(pairs, active, problems, results, repeats)
     print("\nunsolved (|grad|_inf > 1e-5 at the returned x) or crashed:")
     for name in pairs:
         for solver, recs in results[name].items():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from curvlab.minimize import minimize
-from curvlab.minimize.trust_region import solve_exact
+from curvlab.minimize.trust_region import MoreSorensen, solve_exact
 
 
 def _check_global_step(g, B, radius, p, m, boundary, tol):
@@ -92,3 +92,72 @@ def test_rejected_trials_cost_no_gradient(method):
     assert res.nfev == calls["n"] == res.nit + 1
     assert accepted < res.nit  # the run has rejected trials
     assert res.ngev == accepted + 1
+
+
+def _random_subproblem(seed):
+    gen = np.random.default_rng(seed)
+    n = int(gen.integers(1, 9))
+    A = gen.standard_normal((n, n))
+    B = A + A.T if seed % 2 else A @ A.T
+    if seed % 5 == 0 and n > 1:  # g orthogonal to the lowest eigenvector: (nearly) hard case
+        Q = np.linalg.eigh(B)[1]
+        g = Q[:, 1:] @ gen.standard_normal(n - 1)
+    else:
+        g = gen.standard_normal(n)
+    return torch.from_numpy(g), torch.from_numpy(B)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_more_sorensen_meets_its_stopping_rules(seed):
+    """More & Sorensen (1983): ``||p|| <= (1 + k_easy) radius`` and the model value within
+    a factor ``1 - k_hard`` of the exact step's (dense ground truth: :func:`solve_exact`,
+    itself checked against the optimality conditions above); the interior Newton step is
+    exact; radii shrink at the same iterate as after rejected steps."""
+    g, B = _random_subproblem(seed)
+    ms = MoreSorensen(g, B)
+    for radius in (10.0, 2.0, 0.5, 0.1, 0.01):
+        p, m, boundary = ms(radius)
+        p_ex, m_ex, boundary_ex = solve_exact(g, B, radius)
+        assert float(torch.linalg.vector_norm(p)) <= (1 + ms.k_easy) * radius * (1 + 1e-12)
+        assert m == pytest.approx(float(g @ p + 0.5 * p @ (B @ p)), rel=1e-10, abs=1e-12)
+        assert m <= (1 - ms.k_hard) * m_ex + 1e-12
+        if not boundary_ex:
+            assert not boundary
+            torch.testing.assert_close(p, p_ex, rtol=1e-8, atol=1e-10)
+
+
+def test_more_sorensen_negative_curvature_at_a_stationary_point():
+    """``g = 0`` with ``B`` indefinite: the step goes to the boundary along (nearly) the
+    lowest eigenvector, with a negative model value."""
+    B = torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64))
+    g = torch.zeros(3, dtype=torch.float64)
+    p, m, boundary = MoreSorensen(g, B)(0.5)
+    assert boundary and m < 0
+    assert float(torch.linalg.vector_norm(p)) == pytest.approx(0.5)
+    assert m <= (1 - 0.2) * (-0.5 * 0.25)
+
+
+def test_trust_exact_leaves_the_symmetric_saddle_manifold_on_biggs():
+    """Biggs EXP6 (MGH 18) from its standard start: the start is symmetric under
+    ``(x1, x3) <-> (x5, x6)`` and the exact step keeps the iterates near that manifold,
+    where the run crawled (568 evaluations) to a degenerate stationary point at
+    ``f = 0.2427``; More-Sorensen's approximate null-vector step leaves it and reaches
+    the global minimum ``f = 0`` (MGH)."""
+    from curvlab.minimize.problems import mgh_problems
+
+    problem = next(p for p in mgh_problems() if p.name.startswith("Biggs"))
+    res = minimize(problem.objective, problem.start(), "trust-exact", gtol=1e-8)
+    assert res.success
+    assert float(res.fun) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["trust-exact", "trust-ncg", "newton-cg"])
+def test_float32_on_the_host_paths(method):
+    """float32 problems through the float64 More-Sorensen iteration and the NumPy CG
+    arithmetic: the result keeps dtype and shape and meets a float32 tolerance."""
+    from curvlab.minimize.problems import rosenbrock
+
+    x0 = torch.tensor([[-1.2, 1.0]], dtype=torch.float32)
+    res = minimize(lambda x: rosenbrock(x.reshape(-1)), x0, method, gtol=1e-3)
+    assert res.success and res.x.dtype == torch.float32 and res.x.shape == (1, 2)
+    torch.testing.assert_close(res.x, torch.ones(1, 2), atol=1e-2, rtol=0)

@@ -11,7 +11,7 @@ Methods (see each module for the algorithm and its reference):
 ``trust-cauchy``    trust region, Cauchy point
 ``dogleg``          trust region, dogleg (dense)
 ``trust-ncg``       trust region, Steihaug-CG (Hessian-free)
-``trust-exact``     trust region, More-Sorensen (dense, ``eigh`` per iterate)
+``trust-exact``     trust region, More-Sorensen (dense; Cholesky on CPU, else ``eigh``)
 ``bfgs``            BFGS, strong Wolfe, dense inverse Hessian
 ``lbfgs``           L-BFGS two-loop, strong Wolfe, ``history_size`` pairs
 ``sr1``             SR1 trust region (dense)

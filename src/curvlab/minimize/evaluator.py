@@ -26,6 +26,54 @@ logger = logging.getLogger(__name__)
 
 HVP = Callable[[torch.Tensor], torch.Tensor]
 
+#: The C++ autograd engine's entry point, which ``torch.autograd.grad`` calls once it has
+#: normalized and validated its arguments (``None`` if this torch does not expose it).
+_RUN_BACKWARD = getattr(getattr(torch.autograd.Variable, "_execution_engine", None),
+                        "run_backward", None)
+
+
+def _grad(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *, retain_graph: bool = False,
+          create_graph: bool = False) -> torch.Tensor | None:
+    """``torch.autograd.grad(y, x, v, allow_unused=True)[0]`` for one output ``y`` and one
+    leaf ``x``. For plain CPU tensors with ``v`` shaped like ``y`` it calls the engine
+    directly: ``autograd.grad``'s argument handling (tuple normalization,
+    ``__torch_function__`` dispatch, grad-output validation, the context stash for device
+    threads) costs 20-60 us per call, as much as the whole backward pass of a small
+    objective, and these calls are the inner loop of every solver here. Anything else
+    (tensor subclasses, accelerators, other shapes) goes through ``autograd.grad``."""
+    if (_RUN_BACKWARD is not None and type(y) is torch.Tensor and type(x) is torch.Tensor
+            and type(v) is torch.Tensor and y.device.type == "cpu"
+            and v.device.type == "cpu" and v.shape == y.shape):
+        return _RUN_BACKWARD((y,), (v,), retain_graph, create_graph, (x,), True)[0]
+    return torch.autograd.grad(y, x, v, retain_graph=retain_graph, create_graph=create_graph,
+                               allow_unused=True)[0]
+
+
+#: The batching primitives behind ``autograd.grad(..., is_grads_batched=True)``.
+_VMAP = (getattr(torch._C, "_vmapmode_increment_nesting", None),
+         getattr(torch._C, "_vmapmode_decrement_nesting", None),
+         getattr(torch, "_add_batch_dim", None), getattr(torch, "_remove_batch_dim", None))
+
+
+def _batched_grad(y: torch.Tensor, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor | None:
+    """``autograd.grad(y, x, V, retain_graph=True, is_grads_batched=True)[0]``: the rows of
+    ``V`` as a batch of grad-outputs in one backward pass (``(V J)`` row by row). For plain
+    CPU tensors it enters the same batching mode directly and calls the engine once, which
+    skips ``is_grads_batched``'s generic pytree wrapping and per-call checks (100-350 us,
+    up to a third of a small dense Hessian); otherwise it calls ``autograd.grad``."""
+    enter, leave, add_dim, remove_dim = _VMAP
+    if (_RUN_BACKWARD is not None and None not in _VMAP and type(y) is torch.Tensor
+            and type(x) is torch.Tensor and type(V) is torch.Tensor
+            and y.device.type == "cpu" and V.device.type == "cpu" and V.shape[1:] == y.shape):
+        level = enter()
+        try:
+            out = _RUN_BACKWARD((y,), (add_dim(V, 0, level),), True, False, (x,), True)[0]
+            return None if out is None else remove_dim(out, level, V.shape[0], 0)
+        finally:
+            leave()
+    return torch.autograd.grad(y, x, V, retain_graph=True, allow_unused=True,
+                               is_grads_batched=True)[0]
+
 
 def host(*values: torch.Tensor) -> list[float]:
     """Scalar tensors as Python floats: one host sync (a ``stack``) on an accelerator,
@@ -118,7 +166,7 @@ class Evaluator:
         xr = x.detach().requires_grad_(True)
         with torch.enable_grad():
             y = _as_scalar(self._call(xr), "fun")
-            (g,) = torch.autograd.grad(y, xr, self._ones(y), allow_unused=True)
+            g = _grad(y, xr, self._ones(y))
         return y.detach(), torch.zeros_like(x) if g is None else g
 
     def fgh(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, HVP]:
@@ -182,8 +230,7 @@ class Evaluator:
                ) -> tuple[torch.Tensor, torch.Tensor, HVP]:
         """Gradient of ``y`` at the leaf ``xr`` with its graph recorded, and the product."""
         with torch.enable_grad():
-            (gr,) = torch.autograd.grad(y, xr, self._ones(y), create_graph=True,
-                                        allow_unused=True)
+            gr = _grad(y, xr, self._ones(y), retain_graph=True, create_graph=True)
         if gr is None:
             gr = torch.zeros_like(x)
         g = gr.detach()
@@ -196,8 +243,10 @@ class Evaluator:
             self.nhvp += 1
             if not live:
                 return torch.zeros_like(v)
-            (hv,) = torch.autograd.grad(gr, xr, v, retain_graph=True, allow_unused=True,
-                                        is_grads_batched=batched)
+            if batched:
+                hv = _batched_grad(gr, xr, v)
+            else:
+                hv = _grad(gr, xr, v, retain_graph=True)
             return torch.zeros_like(v) if hv is None else hv
 
         product.batched = product  # type: ignore[attr-defined]

@@ -12,7 +12,10 @@ step reached the boundary. Subproblem solvers:
 * ``trust-ncg``: Steihaug-CG (N&W Alg. 7.2), Hessian-free;
 * ``trust-exact``: the More-Sorensen characterization (N&W Thm. 4.1, Sec. 4.3): find
   ``lambda >= max(0, -lambda_1)`` with ``||(B + lambda I)^{-1} g|| = radius`` by safeguarded
-  Newton on ``1/radius - 1/||p(lambda)||`` (N&W Alg. 4.3, eq. 4.44), computed in the
+  Newton on ``1/radius - 1/||p(lambda)||`` (N&W Alg. 4.3, eq. 4.44). On the CPU this is
+  More & Sorensen's iteration (:class:`MoreSorensen`: Cholesky factorizations of
+  ``B + lambda I``, the approximate stopping rules, an approximate null vector for the
+  (nearly) hard case); on other devices :func:`solve_exact` solves the same problem in the
   eigenbasis of ``B`` (one ``eigh`` per iterate), including the hard case (eq. 4.45),
   where ``p = p(-lambda_1) + tau q_1`` with ``q_1`` the lowest eigenvector.
 
@@ -34,10 +37,12 @@ from curvlab.linalg.factor import modified_cholesky
 from curvlab.minimize.evaluator import Evaluator, Monitor, host
 from curvlab.minimize.result import OptimizeResult
 
-__all__ = ["trust_region", "solve_exact", "solve_dogleg", "solve_cauchy", "SUBPROBLEMS"]
+__all__ = ["trust_region", "solve_exact", "solve_dogleg", "solve_cauchy", "MoreSorensen",
+           "SUBPROBLEMS"]
 
 SUBPROBLEMS = ("trust-cauchy", "dogleg", "trust-ncg", "trust-exact")
 _LAPACK = get_lapack_funcs(("potrf", "potrs"), dtype=np.float64)
+_TRTRS = get_lapack_funcs(("trtrs",), dtype=np.float64)[0]
 
 
 def solve_cauchy(g: torch.Tensor, hvp: Callable, radius: float) -> tuple[torch.Tensor, float, bool]:
@@ -165,6 +170,175 @@ def solve_exact(g: torch.Tensor, B: torch.Tensor, radius: float, rtol: float = 1
     return finish(coef, True)
 
 
+def _smallest_singular(U: np.ndarray) -> tuple[float, np.ndarray]:
+    """Estimate of the smallest singular value of the upper-triangular ``U`` and its right
+    singular vector in ``O(n^2)`` (Cline, Moler, Stewart & Wilkinson, SINUM 16, 1979; Golub
+    & Van Loan, *Matrix Computations*, 4th ed., Alg. 3.5.1): ``U^T w = e`` with the signs
+    ``e_k = +-1`` chosen greedily to make ``w`` large, then ``U v = w``; returns
+    ``(||w|| / ||v||, v / ||v||)``."""
+    n = U.shape[0]
+    s = np.zeros(n)  # partial sums of U^T w for the rows still to come
+    w = np.empty(n)
+    for k in range(n):
+        ukk, sk = U[k, k], s[k]
+        wp, wm = (1.0 - sk) / ukk, (-1.0 - sk) / ukk
+        row, rest = U[k, k + 1:], s[k + 1:]
+        sp, sm = rest + wp * row, rest + wm * row
+        if abs(wp) + np.abs(sp).sum() >= abs(wm) + np.abs(sm).sum():
+            w[k], s[k + 1:] = wp, sp
+        else:
+            w[k], s[k + 1:] = wm, sm
+    v, _ = _TRTRS(U, w)
+    vn = math.sqrt(float(v @ v))
+    return math.sqrt(float(w @ w)) / vn, v / vn
+
+
+def _to_boundary(p: np.ndarray, z: np.ndarray, radius: float) -> float:
+    """The root ``tau`` of ``||p + tau z|| = radius`` of smaller magnitude (``||p|| <=
+    radius``), in the cancellation-free form ``q = -(b + sign(b) sqrt(b^2 - 4ac)) / 2``."""
+    a, b, c = float(z @ z), 2.0 * float(p @ z), float(p @ p) - radius * radius
+    q = -0.5 * (b + math.copysign(math.sqrt(max(b * b - 4.0 * a * c, 0.0)), b))
+    if q == 0.0:
+        return 0.0
+    t1, t2 = q / a, c / q
+    return t1 if abs(t1) <= abs(t2) else t2
+
+
+class MoreSorensen:
+    """Approximate trust-region step by More & Sorensen's iteration ("Computing a trust
+    region step", SISSC 4, 1983; Conn, Gould & Toint, *Trust-Region Methods*, 2000, Alg.
+    7.3.4 and Sec. 7.3.8) for one ``(g, B)``, called with successive radii at the same
+    iterate (a shrinking radius reuses the lower bound on ``lambda``).
+
+    ``lambda`` is safeguarded in ``[lambda_L, lambda_U]`` (initial bounds from Gershgorin
+    discs and norms of ``B``) and updated by Newton's method on ``1/radius - 1/||p||``
+    (N&W eq. 4.44, ``||w||^2 = p^T (B + lambda I)^{-1} p`` from the Cholesky factor ``R``);
+    a failed factorization raises ``lambda_L`` by the pivot deficit of the leading
+    submatrix. Stopping rules: ``lambda = 0`` and ``||p|| <= radius`` (interior Newton
+    step); ``| ||p|| - radius | <= k_easy radius``; or, inside the region, the step
+    ``p + tau z`` to the boundary along an approximate null vector ``z`` of ``R``
+    (:func:`_smallest_singular`) when ``tau^2 ||R z||^2 <= k_hard (p^T (B + lambda I) p +
+    lambda radius^2)`` (the nearly hard case). The model value is then within a factor
+    ``(1 - k_hard)`` of optimal (More & Sorensen, Thm. 3.4). Runs in float64 NumPy/LAPACK
+    on host copies of ``g`` and ``B`` (CPU tensors only); if ``max_iter`` factorizations
+    do not settle, the exact eigenbasis solve (:func:`solve_exact`) takes over.
+    """
+
+    def __init__(self, g: torch.Tensor, B: torch.Tensor, *, k_easy: float = 0.1,
+                 k_hard: float = 0.2, max_iter: int = 50) -> None:
+        if B.device.type != "cpu":
+            raise ValueError("MoreSorensen runs on CPU tensors; use solve_exact on "
+                             f"{B.device}")
+        self.g_t, self.B_t = g, B
+        self.g = g.numpy().astype(np.float64, copy=False)
+        self.B = B.numpy().astype(np.float64, copy=False)
+        self.k_easy, self.k_hard, self.max_iter = k_easy, k_hard, max_iter
+        self.gnorm = math.sqrt(float(self.g @ self.g))
+        self.prev_radius, self.prev_lower = -1.0, 0.0
+        self._newton: tuple | None = None
+        self._bounds: tuple | None = None
+
+    def _eigen_bounds(self) -> tuple:
+        """Gershgorin bounds on the spectrum of ``B``, ``min(||B||_F, ||B||_inf)``,
+        ``min diag B``, the threshold below which ``g`` counts as zero and ``I``."""
+        if self._bounds is None:
+            H = self.B
+            d = np.diag(H)
+            rows = np.abs(H).sum(1)
+            off = rows - np.abs(d)
+            hinf = float(rows.max())
+            self._bounds = (float((d - off).min()), float((d + off).max()),
+                            min(math.sqrt(float((H * H).sum())), hinf), float(d.min()),
+                            H.shape[0] * np.finfo(np.float64).eps * hinf, np.eye(H.shape[0]))
+        return self._bounds
+
+    def _finish(self, p: np.ndarray, boundary: bool) -> tuple[torch.Tensor, float, bool]:
+        m = float(self.g @ p + 0.5 * (p @ (self.B @ p)))
+        return torch.from_numpy(p).to(self.g_t.dtype), m, boundary
+
+    def __call__(self, radius: float) -> tuple[torch.Tensor, float, bool]:
+        """``(p, m(p), hit_boundary)`` for the trust radius ``radius``."""
+        potrf, potrs = _LAPACK
+        if self._newton is None:  # B positive definite: the Newton step, once per iterate
+            R0, info = potrf(self.B, lower=False, clean=True)
+            if info == 0:
+                p, info = potrs(R0, -self.g, lower=False)
+            self._newton = (R0, p, math.sqrt(float(p @ p))) if info == 0 else ()
+        if self._newton and self._newton[2] <= radius:
+            # lambda = 0 is the solution (the initial lambda_L is then 0, see below)
+            p = self._newton[1]
+            return torch.from_numpy(p).to(self.g_t.dtype), 0.5 * float(self.g @ p), False
+        gersh_lo, gersh_hi, hnorm, min_diag, tiny, eye = self._eigen_bounds()
+        H, g = self.B, self.g
+        hi = max(0.0, self.gnorm / radius + min(-gersh_lo, hnorm))
+        lo = max(0.0, -min_diag, self.gnorm / radius - min(gersh_hi, hnorm))
+        if radius < self.prev_radius:
+            lo = max(lo, self.prev_lower)
+
+        def guess(lo: float, hi: float) -> float:
+            return max(math.sqrt(abs(lo * hi)), lo + 0.01 * (hi - lo))
+
+        lam = 0.0 if lo == 0.0 else guess(lo, hi)
+        factored = self._newton[0] if lam == 0.0 and self._newton else None
+        step = None
+        for _ in range(self.max_iter):
+            if factored is None:
+                R, info = potrf(H + lam * eye, lower=False, clean=True)
+            else:
+                R, info, factored = factored, 0, None
+            if info == 0 and self.gnorm > tiny:
+                p, _ = potrs(R, -g, lower=False)
+                pn = math.sqrt(float(p @ p))
+                if lam == 0.0 and pn <= radius:
+                    step = (p, False)
+                    break
+                w, _ = _TRTRS(R, p, trans=1)
+                new = lam + (pn * pn / float(w @ w)) * (pn - radius) / radius
+                if pn < radius:
+                    smin, z = _smallest_singular(R)
+                    tau = _to_boundary(p, z, radius)
+                    quad = float(p @ ((H + lam * eye) @ p))
+                    if tau * tau * smin * smin <= self.k_hard * (quad + lam * radius * radius):
+                        step = (p + tau * z, True)
+                        break
+                    hi, lo = lam, max(lo, lam - smin * smin)
+                    R2, info2 = potrf(H + new * eye, lower=False, clean=True)
+                    if info2 == 0:
+                        lam, factored = new, R2
+                    else:
+                        lo = max(lo, new)
+                        lam = guess(lo, hi)
+                else:
+                    if pn - radius <= self.k_easy * radius:
+                        step = (p, True)
+                        break
+                    lo, lam = lam, new
+            elif info == 0:  # g ~ 0: move along the approximate null vector of R
+                if lam == 0.0:
+                    step = (np.zeros_like(g), False)
+                    break
+                smin, z = _smallest_singular(R)
+                if smin * smin <= self.k_hard * lam:
+                    step = (radius * z, True)
+                    break
+                hi, lo = lam, max(lo, lam - smin * smin)
+                lam = guess(lo, hi)
+            else:  # B + lam I is not positive definite: the leading k x k block fails
+                k = int(info)
+                col = R[:k - 1, k - 1]
+                deficit = float(col @ col) - (H[k - 1, k - 1] + lam)
+                v = np.zeros_like(g)
+                v[k - 1] = 1.0
+                if k > 1:
+                    v[:k - 1], _ = _TRTRS(np.ascontiguousarray(R[:k - 1, :k - 1]), -col)
+                lo = max(lo, lam + deficit / float(v @ v))
+                lam = guess(lo, hi)
+        self.prev_radius, self.prev_lower = radius, lo
+        if step is None:
+            return solve_exact(self.g_t, self.B_t, radius)
+        return self._finish(*step)
+
+
 def trust_region_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, subproblem: Callable,
                       *, initial_radius: float, max_radius: float, eta: float,
                       evaluate: Callable, on_trial: Callable | None = None,
@@ -252,13 +426,17 @@ def trust_region(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, subproblem: s
             return res.p, res.model_value, res.hit_boundary
         cache = solve.cache
         if cache[0] is not extra:
-            cache[:] = [extra, ev.hess(x, extra)]
+            cache[:] = [extra, ev.hess(x, extra), None]
         B = cache[1]
         if subproblem == "dogleg":
             return solve_dogleg(g, B, radius)
-        return solve_exact(g, B, radius)
+        if B.device.type != "cpu":
+            return solve_exact(g, B, radius)
+        if cache[2] is None:  # one More-Sorensen state per iterate, kept across radii
+            cache[2] = MoreSorensen(g, B)
+        return cache[2](radius)
 
-    solve.cache = [None, None]
+    solve.cache = [None, None, None]
     return trust_region_loop(ev, mon, x0, solve, initial_radius=initial_radius,
                              max_radius=max_radius, eta=eta, evaluate=ev.fgh,
                              evaluate_lazy=ev.fgh_lazy)
