@@ -8,11 +8,6 @@
 * :func:`steihaug_cg` approximately minimizes the model ``g^T p + 1/2 p^T B p`` subject to
   ``||p|| <= radius`` (Steihaug 1983; N&W Alg. 7.2): CG from ``p = 0`` until convergence,
   negative curvature or the boundary, the last two ending on the boundary.
-
-For CPU vectors with at most ``HOST_MAX`` entries both run their vector arithmetic in NumPy
-on zero-copy views (products with ``A`` still receive and return tensors): at small ``n`` a
-torch call costs several microseconds of dispatch, a NumPy call about one, and a CG
-iteration makes about ten of them. Other devices keep everything on the device.
 """
 
 from __future__ import annotations
@@ -22,30 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-__all__ = ["cg", "steihaug_cg", "CGResult", "SteihaugResult", "as_matvec", "HOST_MAX"]
-
-#: CPU vectors up to this length run the CG arithmetic in NumPy (module doc).
-HOST_MAX = 1 << 14
-
-
-def _on_host(b: torch.Tensor) -> bool:
-    return b.device.type == "cpu" and b.numel() <= HOST_MAX and not b.requires_grad
-
-
-def _host_matvec(matvec: Callable, like: torch.Tensor) -> Callable[[np.ndarray], np.ndarray]:
-    """``matvec`` on NumPy vectors through zero-copy tensor views."""
-    dtype = like.dtype
-
-    def apply(v: np.ndarray) -> np.ndarray:
-        out = matvec(torch.from_numpy(v))
-        if out.requires_grad:
-            out = out.detach()
-        return out.to(dtype).numpy()
-
-    return apply
+__all__ = ["cg", "steihaug_cg", "CGResult", "SteihaugResult", "as_matvec"]
 
 
 def as_matvec(A: Any, name: str = "A") -> Callable[[torch.Tensor], torch.Tensor]:
@@ -95,9 +69,6 @@ def cg(A: Any, b: torch.Tensor, x0: torch.Tensor | None = None, *, rtol: float =
     precond = None if M is None else as_matvec(M, "M")
     n = b.numel()
     max_iter = 2 * n if max_iter is None else int(max_iter)
-    if _on_host(b) and (x0 is None or _on_host(x0)):
-        return _cg_host(_host_matvec(matvec, b), b, x0, rtol, atol, max_iter,
-                        None if precond is None else _host_matvec(precond, b))
     if x0 is None:
         x = torch.zeros_like(b)
         r = b.clone()
@@ -135,49 +106,6 @@ def cg(A: Any, b: torch.Tensor, x0: torch.Tensor | None = None, *, rtol: float =
         p = torch.add(z, p, alpha=rz_new / rz)
         rz = rz_new
     return CGResult(x, it, False, False, rnorm)
-
-
-def _cg_host(matvec: Callable, b_t: torch.Tensor, x0: torch.Tensor | None, rtol: float,
-             atol: float, max_iter: int, precond: Callable | None) -> CGResult:
-    """:func:`cg` with NumPy vector arithmetic (same iteration, same results)."""
-    b = b_t.numpy()
-    t = torch.from_numpy
-    if x0 is None:
-        x = np.zeros_like(b)
-        r = b.copy()
-    else:
-        x = x0.detach().numpy().astype(b.dtype)
-        r = b - matvec(x)
-    tol = max(rtol * math.sqrt(float(b @ b)), atol)
-    rnorm = math.sqrt(float(r @ r))
-    if rnorm <= tol:
-        return CGResult(t(x), 0, True, False, rnorm)
-    z = r if precond is None else precond(r)
-    p = z.copy()
-    rz = float(r @ z)
-    it = 0
-    while it < max_iter:
-        Ap = matvec(p)
-        it += 1
-        pAp = float(p @ Ap)
-        if not pAp > 0:
-            return CGResult(t(x), it, False, True, rnorm, t(p))
-        alpha = rz / pAp
-        x = x + alpha * p
-        r = r - alpha * Ap
-        if precond is None:
-            z = r
-            rz_new = float(r @ r)
-            rnorm = math.sqrt(rz_new)
-        else:
-            z = precond(r)
-            rz_new = float(r @ z)
-            rnorm = math.sqrt(float(r @ r))
-        if rnorm <= tol:
-            return CGResult(t(x), it, True, False, rnorm)
-        p = z + (rz_new / rz) * p
-        rz = rz_new
-    return CGResult(t(x), it, False, False, rnorm)
 
 
 @dataclass
@@ -220,8 +148,6 @@ def steihaug_cg(B: Any, g: torch.Tensor, radius: float, *, rtol: float = 1e-5,
     matvec = as_matvec(B, "B")
     n = g.numel()
     max_iter = 2 * n if max_iter is None else int(max_iter)
-    if _on_host(g):
-        return _steihaug_host(_host_matvec(matvec, g), g, radius, rtol, atol, max_iter)
     z = torch.zeros_like(g)
     r = g.clone()
     rr = float(torch.dot(r, r))
@@ -257,54 +183,3 @@ def steihaug_cg(B: Any, g: torch.Tensor, radius: float, *, rtol: float = 1e-5,
         d = torch.add(-r, d, alpha=rr_new / rr)
         rr = rr_new
     return SteihaugResult(z, it, False, False, math.sqrt(rr), model(z, r))
-
-
-def _roots_host(z: np.ndarray, d: np.ndarray, radius: float) -> list[float]:
-    """:func:`_to_boundary` for NumPy vectors."""
-    dd, zd, zz = float(d @ d), float(z @ d), float(z @ z)
-    disc = math.sqrt(max(zd * zd - dd * (zz - radius * radius), 0.0))
-    q = -(zd + math.copysign(disc, zd)) if zd != 0 else disc
-    if q == 0:
-        return [0.0, 0.0]
-    return sorted((q / dd, (zz - radius * radius) / q))
-
-
-def _steihaug_host(matvec: Callable, g_t: torch.Tensor, radius: float, rtol: float,
-                   atol: float, max_iter: int) -> SteihaugResult:
-    """:func:`steihaug_cg` with NumPy vector arithmetic (same iteration, same results)."""
-    g = g_t.numpy()
-    t = torch.from_numpy
-    z = np.zeros_like(g)
-    r = g.copy()
-    rr = float(r @ r)
-    tol = max(rtol * math.sqrt(rr), atol)
-    if math.sqrt(rr) <= tol or rr == 0:
-        return SteihaugResult(t(z), 0, False, False, math.sqrt(rr), 0.0)
-
-    def model(z: np.ndarray, r: np.ndarray) -> float:
-        return 0.5 * float((g + r) @ z)
-
-    d = -r
-    it = 0
-    while it < max_iter:
-        Bd = matvec(d)
-        it += 1
-        dBd, rd = float(d @ Bd), float(r @ d)
-        if not dBd > 0:
-            tau = min(_roots_host(z, d, radius), key=lambda s: s * rd + 0.5 * s * s * dBd)
-            m = model(z, r) + tau * rd + 0.5 * tau * tau * dBd
-            return SteihaugResult(t(z + tau * d), it, True, True, math.sqrt(rr), m)
-        alpha = rr / dBd
-        z_new = z + alpha * d
-        if math.sqrt(float(z_new @ z_new)) >= radius:
-            tau = _roots_host(z, d, radius)[1]
-            m = model(z, r) + tau * rd + 0.5 * tau * tau * dBd
-            return SteihaugResult(t(z + tau * d), it, True, False, math.sqrt(rr), m)
-        z = z_new
-        r = r + alpha * Bd
-        rr_new = float(r @ r)
-        if math.sqrt(rr_new) <= tol:
-            return SteihaugResult(t(z), it, False, False, math.sqrt(rr_new), model(z, r))
-        d = (rr_new / rr) * d - r
-        rr = rr_new
-    return SteihaugResult(t(z), it, False, False, math.sqrt(rr), model(z, r))
