@@ -152,9 +152,9 @@ def test_trust_exact_leaves_the_symmetric_saddle_manifold_on_biggs():
 
 
 @pytest.mark.parametrize("method", ["trust-exact", "trust-ncg", "newton-cg"])
-def test_float32_on_the_host_paths(method):
-    """float32 problems through the float64 More-Sorensen iteration and the NumPy CG
-    arithmetic: the result keeps dtype and shape and meets a float32 tolerance."""
+def test_float32_keeps_dtype_and_shape(method):
+    """float32 problems through the float64 More-Sorensen iteration and through CG: the
+    result keeps dtype and shape and meets a float32 tolerance."""
     from curvlab.minimize.problems import rosenbrock
 
     x0 = torch.tensor([[-1.2, 1.0]], dtype=torch.float32)
