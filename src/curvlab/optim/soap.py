@@ -34,8 +34,9 @@ identity basis is too large on the coordinates the eigenbasis makes small.
 
 Cost: blocks of equal shape are stacked (batched matmuls); in one process, the QR refreshes
 due in a step run after all directions, one batched call per factor size across block
-shapes. Host reads per step: the base class's gradient check, one finiteness check per
-batched refresh call, and (only until every block has its first basis) one per refresh.
+shapes. Host reads per step: the base class's gradient check (and, on the CPU only, where
+they are free, its finiteness check of each block group's direction), one finiteness check
+per batched refresh call, and (only until every block has its first basis) one per refresh.
 
 Reference: Vyas et al. (2024), "SOAP: Improving and stabilizing Shampoo using Adam",
 Alg. 3-4.
