@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cg", "steihaug_cg", "CGResult", "SteihaugResult", "as_matvec"]
+__all__ = ["cg", "steihaug_cg", "boundary_roots", "CGResult", "SteihaugResult", "as_matvec"]
 
 
 def as_matvec(A: Any, name: str = "A") -> Callable[[torch.Tensor], torch.Tensor]:
@@ -123,16 +123,24 @@ class SteihaugResult:
     model_value: float
 
 
-def _to_boundary(z: torch.Tensor, d: torch.Tensor, radius: float) -> list[float]:
-    """Both roots ``tau`` of ``||z + tau d|| = radius`` (smallest first)."""
-    dd, zd, zz = torch.stack((torch.dot(d, d), torch.dot(z, d), torch.dot(z, z))).tolist()
-    disc = math.sqrt(max(zd * zd - dd * (zz - radius * radius), 0.0))
-    # numerically stable pair of roots
+def boundary_roots(zz: float, zd: float, dd: float, radius: float) -> tuple[float, float]:
+    """Both roots ``tau`` of ``||z + tau d|| = radius`` (smallest first) from the dot
+    products ``z^T z``, ``z^T d``, ``d^T d``, in the cancellation-free form
+    ``q = -(zd + sign(zd) sqrt(zd^2 - dd (zz - radius^2)))``, roots ``q / dd`` and
+    ``(zz - radius^2) / q``."""
+    c = zz - radius * radius
+    disc = math.sqrt(max(zd * zd - dd * c, 0.0))
     q = -(zd + math.copysign(disc, zd)) if zd != 0 else disc
     if q == 0:
-        return [0.0, 0.0]
-    r1, r2 = q / dd, (zz - radius * radius) / q
-    return sorted((r1, r2))
+        return 0.0, 0.0
+    r1, r2 = q / dd, c / q
+    return (r1, r2) if r1 <= r2 else (r2, r1)
+
+
+def _to_boundary(z: torch.Tensor, d: torch.Tensor, radius: float) -> tuple[float, float]:
+    """:func:`boundary_roots` of tensors (one host read for the three dot products)."""
+    dd, zd, zz = torch.stack((torch.dot(d, d), torch.dot(z, d), torch.dot(z, z))).tolist()
+    return boundary_roots(zz, zd, dd, radius)
 
 
 def steihaug_cg(B: Any, g: torch.Tensor, radius: float, *, rtol: float = 1e-5,

@@ -32,6 +32,11 @@ _RUN_BACKWARD = getattr(getattr(torch.autograd.Variable, "_execution_engine", No
                         "run_backward", None)
 
 
+def _plain_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether all are plain ``torch.Tensor`` (no subclass) on the CPU: the engine fast path."""
+    return all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+
+
 def _grad(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *, retain_graph: bool = False,
           create_graph: bool = False) -> torch.Tensor | None:
     """``torch.autograd.grad(y, x, v, allow_unused=True)[0]`` for one output ``y`` and one
@@ -41,9 +46,7 @@ def _grad(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *, retain_graph: bo
     threads) costs 20-60 us per call, as much as the whole backward pass of a small
     objective, and these calls are the inner loop of every solver here. Anything else
     (tensor subclasses, accelerators, other shapes) goes through ``autograd.grad``."""
-    if (_RUN_BACKWARD is not None and type(y) is torch.Tensor and type(x) is torch.Tensor
-            and type(v) is torch.Tensor and y.device.type == "cpu"
-            and v.device.type == "cpu" and v.shape == y.shape):
+    if _RUN_BACKWARD is not None and _plain_cpu(y, x, v) and v.shape == y.shape:
         return _RUN_BACKWARD((y,), (v,), retain_graph, create_graph, (x,), True)[0]
     return torch.autograd.grad(y, x, v, retain_graph=retain_graph, create_graph=create_graph,
                                allow_unused=True)[0]
@@ -62,9 +65,8 @@ def _batched_grad(y: torch.Tensor, x: torch.Tensor, V: torch.Tensor) -> torch.Te
     skips ``is_grads_batched``'s generic pytree wrapping and per-call checks (100-350 us,
     up to a third of a small dense Hessian); otherwise it calls ``autograd.grad``."""
     enter, leave, add_dim, remove_dim = _VMAP
-    if (_RUN_BACKWARD is not None and None not in _VMAP and type(y) is torch.Tensor
-            and type(x) is torch.Tensor and type(V) is torch.Tensor
-            and y.device.type == "cpu" and V.device.type == "cpu" and V.shape[1:] == y.shape):
+    if (_RUN_BACKWARD is not None and None not in _VMAP and _plain_cpu(y, x, V)
+            and V.shape[1:] == y.shape):
         level = enter()
         try:
             out = _RUN_BACKWARD((y,), (add_dim(V, 0, level),), True, False, (x,), True)[0]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from scipy.linalg import get_lapack_funcs
 
-from curvlab.linalg.cg import steihaug_cg
+from curvlab.linalg.cg import boundary_roots, steihaug_cg
 from curvlab.linalg.factor import modified_cholesky
 from curvlab.minimize.evaluator import Evaluator, Monitor, host
 from curvlab.minimize.result import OptimizeResult
@@ -195,13 +195,9 @@ def _smallest_singular(U: np.ndarray) -> tuple[float, np.ndarray]:
 
 def _to_boundary(p: np.ndarray, z: np.ndarray, radius: float) -> float:
     """The root ``tau`` of ``||p + tau z|| = radius`` of smaller magnitude (``||p|| <=
-    radius``), in the cancellation-free form ``q = -(b + sign(b) sqrt(b^2 - 4ac)) / 2``."""
-    a, b, c = float(z @ z), 2.0 * float(p @ z), float(p @ p) - radius * radius
-    q = -0.5 * (b + math.copysign(math.sqrt(max(b * b - 4.0 * a * c, 0.0)), b))
-    if q == 0.0:
-        return 0.0
-    t1, t2 = q / a, c / q
-    return t1 if abs(t1) <= abs(t2) else t2
+    radius``, so the roots have opposite signs)."""
+    roots = boundary_roots(float(p @ p), float(p @ z), float(z @ z), radius)
+    return min(roots, key=abs)
 
 
 class MoreSorensen:
