@@ -43,25 +43,26 @@ def _close(a, b, tol=1e-10):
 class TinyAttention(nn.Module):
     """Linear -> LayerNorm -> self-attention -> mean over positions -> Linear."""
 
-    def __init__(self, need_weights: bool, dim: int = 8, classes: int = 3) -> None:
+    def __init__(self, need_weights: bool, dim: int = 8, classes: int = 3,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.need_weights = need_weights
         self.inp, self.norm = nn.Linear(4, dim), nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
-        self.out = nn.Linear(dim, classes)
+        self.drop, self.out = nn.Dropout(dropout), nn.Linear(dim, classes)
 
     def forward(self, x):
         h = self.norm(self.inp(x))
         # need_weights=False goes through F.scaled_dot_product_attention (fused kernel);
         # need_weights=True forms the attention matrix by matmul + softmax
         a = self.attn(h, h, h, need_weights=self.need_weights)[0]
-        return self.out(a.mean(dim=1))
+        return self.out(self.drop(a.mean(dim=1)))
 
 
-def _mha_pair():
+def _mha_pair(dropout: float = 0.0):
     torch.manual_seed(0)
-    fused = TinyAttention(need_weights=False).to(D)
-    plain = TinyAttention(need_weights=True).to(D)
+    fused = TinyAttention(need_weights=False, dropout=dropout).to(D)
+    plain = TinyAttention(need_weights=True, dropout=dropout).to(D)
     plain.load_state_dict(fused.state_dict())
     X, y = torch.randn(6, 5, 4, dtype=D), torch.randint(0, 3, (6,))
     return fused, plain, (X, y)
@@ -108,6 +109,27 @@ def test_mha_autodiff_products_equal_explicit_attention():
     g, gref = curvlab.gnvp(net(fused), ce, params, v), curvlab.gnvp(net(plain), ce, params, v)
     for k in params:
         _close(g[k], gref[k])
+
+
+def test_monitor_and_summary_of_a_model_in_train_mode():
+    """The graph is recorded again under the math kernels inside the objective's eval
+    mode, not in the module's train mode (Dropout would make the Hessian random)."""
+    from curvlab.diagnostics import CurvatureMonitor, curvature_summary
+
+    fused, plain, data = _mha_pair(dropout=0.5)
+    fused.train()
+    plain.train()
+    lams = []
+    for model in (fused, plain):
+        monitor = CurvatureMonitor(model, nn.CrossEntropyLoss(), data, lr=0.1, max_hvps=40,
+                                   tol=1e-8, generator=torch.Generator().manual_seed(0))
+        monitor.check()
+        lams.append(monitor.checks[-1]["lambda_max"])
+    assert lams[0] == pytest.approx(lams[1], rel=1e-8)
+    assert fused.training
+    s1 = curvature_summary(fused, nn.CrossEntropyLoss(), data, trace_samples=6)
+    s2 = curvature_summary(plain, nn.CrossEntropyLoss(), data, trace_samples=6)
+    assert s1.trace == pytest.approx(s2.trace, rel=1e-8)
 
 
 def test_math_kernels_is_logged_once_and_remembered(caplog):
