@@ -301,9 +301,11 @@ def hvp_fn(
         out = [torch.zeros_like(vl) for vl in v_leaves]
         if not live:
             return tree_unflatten(out, spec)
-        if not batched:
-            hv = backward(v_leaves)
-            return tree_unflatten([o if h is None else h for o, h in zip(out, hv)], spec)
+        if not batched or v_leaves[0].shape[0] == 1:
+            hv = backward([vl[0] for vl in v_leaves] if batched else v_leaves)
+            hv = [o if h is None else (h.unsqueeze(0) if batched else h)
+                  for o, h in zip(out, hv)]
+            return tree_unflatten(hv, spec)
         # One backward per vector through the retained graph. Measured faster than
         # autograd's vmapped backward (is_grads_batched) on MLPs and CNNs on CPU.
         for j in range(v_leaves[0].shape[0]):
