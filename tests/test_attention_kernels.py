@@ -212,6 +212,9 @@ class Logits(nn.Module):
         return logits.reshape(-1, logits.shape[-1])
 
 
+SUB_HESSIAN = ("ln_1.weight", "input_layernorm.weight", "attention.self.query.bias")
+
+
 def _hf_pair(kind, monkeypatch):
     transformers = pytest.importorskip("transformers")
     if kind == "gpt2":
@@ -260,9 +263,17 @@ def test_hf_products_equal_eager_attention(kind, monkeypatch):
         return lambda p: nn.functional.cross_entropy(
             torch.func.functional_call(model, p, (ids,)), targets)
 
-    v = default_v = {k: torch.randn_like(p) for k, p in params.items()}
+    v = {k: torch.randn_like(p) for k, p in params.items()}
     ref = curvlab.hvp(loss(eager), params, v, mode="double_backward")
     for mode in ("auto", "rev_rev", "fwd_rev"):
-        out = curvlab.hvp(loss(default), params, default_v, mode=mode)
+        out = curvlab.hvp(loss(default), params, v, mode=mode)
         for k in params:
             _close(out[k], ref[k])
+    # the dense Hessian in the first block's pre-attention norm weight (the rest fixed)
+    name = next(k for k in params if ".0." in k and k.endswith(SUB_HESSIAN))
+
+    def sub_loss(model):
+        return lambda w: loss(model)({**params, name: w})
+
+    _close(curvlab.hessian(sub_loss(default), params[name]),
+           curvlab.hessian(sub_loss(eager), params[name]))
