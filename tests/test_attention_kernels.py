@@ -154,6 +154,20 @@ def test_models_without_fused_attention_keep_the_default_kernels():
     assert not autodiff.attention_kernels.math
 
 
+@pytest.mark.parametrize("message, kernel", [
+    ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not "
+     "implemented", "_scaled_dot_product_flash_attention_for_cpu_backward"),
+    ("Trying to use forward AD with _scaled_dot_product_flash_attention_for_cpu that does not "
+     "support it because it has not been implemented yet.",
+     "_scaled_dot_product_flash_attention_for_cpu"),
+    ("Trying to use forward AD with aten::_native_multi_head_attention that does not support "
+     "it.", "_native_multi_head_attention"),
+    ("mat1 and mat2 shapes cannot be multiplied", None),
+])
+def test_missing_derivative_names_the_kernel(message, kernel):
+    assert autodiff.missing_derivative(RuntimeError(message)) == kernel
+
+
 def test_math_kernels_context_restores_the_settings():
     fast = torch.backends.mha.get_fastpath_enabled()
     with autodiff.math_kernels():

@@ -105,7 +105,7 @@ def _in_functorch_transform() -> bool:
 _MISSING_DERIVATIVE = re.compile(
     r"derivative for (?:aten::)?'?([\w.:]+)'? is not implemented"
     r"|forward AD with (?:aten::)?([\w.:]+) that does not support it")
-_FUSED_ATTENTION = re.compile(r"attention|transformer_encoder", re.IGNORECASE)
+_FUSED_ATTENTION = re.compile(r"attention|attn|transformer_encoder", re.IGNORECASE)
 
 
 def missing_derivative(err: BaseException) -> str | None:
