@@ -17,7 +17,6 @@ import contextlib
 import importlib.util
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -200,8 +199,9 @@ def _diagnose(args: argparse.Namespace, console: _Console) -> int:
 
 
 def _check_out(out: Path, flag: str = "--out") -> None:
-    """Fail early (before any work) on an output folder that is a file or cannot be
-    created: the nearest existing ancestor must be a writable folder."""
+    """Fail early (before any work, creating nothing) on an output folder that is a file or
+    cannot be created: a probe file in the nearest existing ancestor must be writable
+    (root passes every permission check, but not a read-only file system)."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"{flag} {out} is a file; pass a folder (created if missing)")
     parent = out
@@ -209,18 +209,17 @@ def _check_out(out: Path, flag: str = "--out") -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise CLIError(f"{flag} {out} cannot be created: {parent} is a file; pass a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag} {out} is not writable ({parent}: permission denied); pass a "
-                       "folder you can write to")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise CLIError(f"{flag} {out} is not writable ({parent}: {err.strerror or err}); pass "
+                       "a folder you can write to") from err
 
 
 def _make_out(out: Path, flag: str = "--out") -> None:
-    """Create ``out`` and write a probe file there (root passes every permission check but
-    not a read-only file system)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
     except OSError as err:
         raise CLIError(f"{flag} {out} is not writable ({err.strerror or err}); pass a folder "
                        "you can write to") from err

@@ -222,8 +222,8 @@ def _parse_lines(raw: bytes) -> tuple[list[bytes], list[dict[str, Any]],
 
 
 def _describe(path: Path, bad: list[tuple[int, str, bytes]]) -> str:
-    shown = "; ".join(f"line {i}: {why}" for i, why, _ in bad[:5])
-    return f"{path}: {len(bad)} invalid line(s) ({shown}{'; ...' if len(bad) > 5 else ''})"
+    shown = "; ".join(f"line {i}: {why}" for i, why, _ in bad[:10])
+    return f"{path}: {len(bad)} invalid line(s) ({shown}{'; ...' if len(bad) > 10 else ''})"
 
 
 def load_results(path: str | Path) -> list[dict[str, Any]]:
