@@ -107,6 +107,7 @@ def test_kills_then_resume_give_one_record_per_key_and_the_clean_report(tmp_path
     keys = [json.loads(line)["key"] for line in
             (tmp_path / "results.jsonl").read_text().splitlines()]
     assert sorted(keys) == sorted(t.key for t in synthetic_tasks()[0])  # once each
+    assert not list(tmp_path.glob(".*.tmp"))  # temporary files of killed writers removed
     got, want = load_results(tmp_path), load_results(clean)
     assert summarize(got) == summarize(want)
     assert summarize(got)["classical"][0]["problems"] == PROBLEMS

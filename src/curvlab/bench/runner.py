@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "bench.lock"
 RESULT_FILES = ("results.jsonl", "results.json", "report.html", "results.jsonl.bak")
+# (results.jsonl.bak: what earlier versions kept of the run before)
 
 
 class OutDirBusy(RuntimeError):
@@ -341,6 +342,9 @@ def run_tasks(
         raise ValueError("resume and overwrite exclude each other: resume continues the "
                          "earlier results, overwrite discards them")
     with lock_out_dir(out_dir) as out:
+        for p in out.glob(".*.tmp"):  # left by a killed writer (none is running: we hold the lock)
+            if any(p.name.startswith(f".{name}.") for name in RESULT_FILES):
+                p.unlink()
         jsonl = out / "results.jsonl"
         if resume:
             records = _recover(out)
