@@ -42,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _number(kind: type, low: float, *, inclusive: bool = True, fix: str = "") -> Callable:
+def _number(kind: type, low: float, *, inclusive: bool = True) -> Callable:
     """An argparse ``type``: a finite ``kind`` >= ``low`` (> ``low`` if not inclusive)."""
     def parse(text: str) -> Any:
         try:
@@ -54,7 +54,7 @@ def _number(kind: type, low: float, *, inclusive: bool = True, fix: str = "") ->
             bound = f"{'>=' if inclusive else '>'} {low:g}"
             raise argparse.ArgumentTypeError(
                 f"must be {'an integer' if kind is int else 'a finite number'} {bound}, got "
-                f"{text!r}{fix}")
+                f"{text!r}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse

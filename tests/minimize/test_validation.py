@@ -53,6 +53,7 @@ def test_least_squares_arguments(kwargs, error, message):
     (quadratic, {"max_iter": True}, ValueError, "max_iter must be an int >= 0"),
 ])
 @pytest.mark.parametrize("method", ["lbfgs", "newton", "trust-ncg"])
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 def test_minimize_arguments(fun, kwargs, error, message, method):
     with pytest.raises(error, match=message):
         minimize(fun, X0, method=method, **kwargs)
