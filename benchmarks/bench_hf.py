@@ -1,8 +1,9 @@
 """Curvature products on a tiny GPT-2 with default (fused SDPA) attention, side by side.
 
 Model: GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32), random
-weights, eval mode, a batch of 8 sequences of 32 tokens, cross-entropy on the shifted
-(tokens, vocab) logits; CPU. The unit is one gradient (forward + backward, default kernels).
+weights, eval mode, a batch of 8 sequences of 32 tokens with labels, the model's own loss
+(operators: loss_fn=None, i.e. cross-entropy on the shifted logits); CPU. The unit is one
+gradient of ``model(**batch).loss`` (forward + backward, default kernels).
 Contenders, timed in interleaved rounds so machine noise hits all of them alike:
 
   gradient                 loss + backward, default kernels (fused SDPA): the unit
@@ -60,18 +61,6 @@ from curvlab.linops import GGNOperator, HessianOperator
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-class Logits(nn.Module):
-    """The shifted (tokens, vocab) logits of a causal LM."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=ids).logits[:, :-1]
-        return logits.reshape(-1, logits.shape[-1])
-
-
 def build(dtype: torch.dtype, batch: int, seq: int):
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
@@ -83,12 +72,10 @@ def build(dtype: torch.dtype, batch: int, seq: int):
     eager = GPT2LMHeadModel(GPT2Config(**config, attn_implementation="eager")).to(dtype).eval()
     eager.load_state_dict(default.state_dict())
     ids = torch.randint(0, 64, (batch, seq))
-    return Logits(default), Logits(eager), (ids, ids[:, 1:].reshape(-1))
+    return default, eager, {"input_ids": ids, "labels": ids}
 
 
-def contenders(default: nn.Module, eager: nn.Module, data) -> dict:
-    loss_fn = nn.CrossEntropyLoss()
-    ids, targets = data
+def contenders(default: nn.Module, eager: nn.Module, batch: dict) -> dict:
     kernels = autodiff.attention_kernels
 
     def gradient(model, math=False):
@@ -96,7 +83,7 @@ def contenders(default: nn.Module, eager: nn.Module, data) -> dict:
 
         def run():
             with autodiff.math_kernels() if math else torch.enable_grad():
-                return torch.autograd.grad(loss_fn(model(ids), targets), leaves)
+                return torch.autograd.grad(model(**batch).loss, leaves)
         return run
 
     def fresh(op, v, reset=False):
@@ -114,24 +101,29 @@ def contenders(default: nn.Module, eager: nn.Module, data) -> dict:
         op @ v  # record once
         return lambda: op @ v
 
-    n = sum(p.numel() for p in default.parameters())
+    # the model's own loss (loss_fn=None): curvlab matches it to cross-entropy on the
+    # shifted logits; one operator per contender
+    def hessian(model=default):
+        return HessianOperator(model, None, batch)
+
+    def ggn(model=default):
+        return GGNOperator(model, None, batch)
+
+    n = hessian().shape[0]
     v = torch.randn(n, generator=torch.Generator().manual_seed(1),
                     dtype=next(default.parameters()).dtype)
-    H, G = HessianOperator(default, loss_fn, data), GGNOperator(default, loss_fn, data)
-    He, Ge = HessianOperator(eager, loss_fn, data), GGNOperator(eager, loss_fn, data)
-    H2, G2 = HessianOperator(default, loss_fn, data), GGNOperator(default, loss_fn, data)
     return {
         "gradient": gradient(default),
         "gradient, math SDPA": gradient(default, math=True),
         "gradient, eager attn": gradient(eager),
-        "HVP": fresh(H, v),
-        "HVP, first of process": fresh(H2, v, reset=True),
-        "HVP, graph cached": cached(H, v),
-        "GGN product": fresh(G, v),
-        "GGN, graph cached": cached(G2, v),
-        "HVP, eager attn": fresh(He, v),
-        "GGN, eager attn": fresh(Ge, v),
-        "HVP, eager, check": fresh(He, v, reset=True),
+        "HVP": fresh(hessian(), v),
+        "HVP, first of process": fresh(hessian(), v, reset=True),
+        "HVP, graph cached": cached(hessian(), v),
+        "GGN product": fresh(ggn(), v),
+        "GGN, graph cached": cached(ggn(), v),
+        "HVP, eager attn": fresh(hessian(eager), v),
+        "GGN, eager attn": fresh(ggn(eager), v),
+        "HVP, eager, check": fresh(hessian(eager), v, reset=True),
     }
 
 
@@ -163,15 +155,15 @@ def main() -> None:
     args = ap.parse_args()
     repeats = args.repeats or (7 if args.quick else 41)
     dtype = getattr(torch, args.dtype)
-    default, eager, data = build(dtype, args.batch, args.seq)
+    default, eager, batch = build(dtype, args.batch, args.seq)
     n = sum(p.numel() for p in default.parameters())
-    kernel = default.model.config._attn_implementation
+    kernel = default.config._attn_implementation
     lines = [f"tiny GPT-2 (2 layers, d=32, vocab 64), {n} parameters, attention {kernel!r}, "
              f"{args.batch}x{args.seq} tokens, {args.dtype}; torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; medians of {repeats} interleaved rounds; "
              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"]
     autodiff.attention_kernels.math = True  # learnt (the "first of process" rows reset it)
-    med, cpu = measure(contenders(default, eager, data), repeats)
+    med, cpu = measure(contenders(default, eager, batch), repeats)
     unit, unit_cpu = med["gradient"], cpu["gradient"]
     lines.append(f"{'contender':24s} {'wall ms':>8s} {'x gradient':>11s} {'cpu ms':>8s} "
                  f"{'x gradient':>11s}")

@@ -48,7 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = ["grad", "jvp", "vjp", "hvp", "hvp_fn", "jacobian", "hessian", "gnvp", "HVP_MODES",
-           "math_kernels", "attention_kernels", "AttentionKernels"]
+           "math_kernels", "attention_kernels", "AttentionKernels", "fused_attention_node"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,9 +234,8 @@ def _detached_leaves(x: Tree) -> tuple[list[torch.Tensor], Any]:
 _NOT_IMPLEMENTED_NODE = "torch::autograd::NotImplemented"
 
 
-def _has_underivable_node(roots: list[torch.Tensor]) -> bool:
-    """Whether the autograd graph of ``roots`` holds a node whose own derivative is not
-    implemented (backpropagating through it would raise)."""
+def _find_node(roots: list[torch.Tensor], match: Callable[[str], bool]) -> str | None:
+    """The name of a node of the autograd graph of ``roots`` that ``match``es, or None."""
     seen: set = set()
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
     while stack:
@@ -244,10 +243,23 @@ def _has_underivable_node(roots: list[torch.Tensor]) -> bool:
         if node in seen:
             continue
         seen.add(node)
-        if node.name() == _NOT_IMPLEMENTED_NODE:
-            return True
+        if match(node.name()):
+            return node.name()
         stack.extend(fn for fn, _ in node.next_functions if fn is not None)
-    return False
+    return None
+
+
+def _has_underivable_node(roots: list[torch.Tensor]) -> bool:
+    """Whether the autograd graph of ``roots`` holds a node whose own derivative is not
+    implemented (backpropagating through it would raise)."""
+    return _find_node(roots, lambda name: name == _NOT_IMPLEMENTED_NODE) is not None
+
+
+def fused_attention_node(out: torch.Tensor) -> str | None:
+    """The backward node of a fused attention kernel in the graph of ``out`` (e.g.
+    ``ScaledDotProductFlashAttentionForCpuBackward0``; under :func:`math_kernels` attention
+    is recorded as matmuls and a softmax instead), or None."""
+    return _find_node([out], lambda name: _FUSED_ATTENTION.search(name) is not None)
 
 
 def _gradient_graph(f: Callable, x: Tree) -> tuple[list, Any, torch.Tensor, list, list[int]]:

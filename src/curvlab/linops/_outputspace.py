@@ -37,7 +37,7 @@ import torch.func as tf
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from curvlab.autodiff import attention_kernels
+from curvlab.autodiff import attention_kernels, fused_attention_node
 from curvlab.linops.base import CurvatureOperator
 from curvlab.losses import is_known_mean_loss, loss_normalizer, term_weights
 from curvlab.objective import Objective
@@ -197,8 +197,9 @@ class Linearization:
 
     ``J v`` differentiates the model twice (double backward) or needs forward-mode rules,
     which fused attention kernels lack: the outputs are recorded with
-    :data:`curvlab.autodiff.attention_kernels`, and again under the math kernels when a
-    ``J v`` fails for that reason (``J^T u`` alone works with any kernel).
+    :data:`curvlab.autodiff.attention_kernels`, again under the math kernels right away
+    when the graph holds a fused attention kernel, and when a ``J v`` fails for that
+    reason (``J^T u`` alone works with any kernel).
     """
 
     def __init__(self, objective: Objective, point: Mapping[str, torch.Tensor], inputs: Any,
@@ -212,10 +213,15 @@ class Linearization:
         self.vectorize = vectorize
 
     def _record(self) -> None:
-        self.math = attention_kernels.math
-        self.leaves = {k: p.detach().requires_grad_(True) for k, p in self.point.items()}
-        with torch.enable_grad(), self.objective.mode(), attention_kernels.context():
-            self.out = _as_output_tensor(self.objective.outputs(self.leaves, self.inputs))
+        while True:  # at most twice: a fused attention kernel in the graph -> math kernels
+            self.math = attention_kernels.math
+            self.leaves = {k: p.detach().requires_grad_(True) for k, p in self.point.items()}
+            with torch.enable_grad(), self.objective.mode(), attention_kernels.context():
+                self.out = _as_output_tensor(self.objective.outputs(self.leaves, self.inputs))
+            fused = None if self.math else fused_attention_node(self.out)
+            if fused is None:
+                break
+            attention_kernels.learn(fused)
         self._dual: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
 
     def _forward_mode(self, v: dict[str, torch.Tensor]) -> torch.Tensor:
