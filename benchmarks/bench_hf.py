@@ -15,6 +15,8 @@ Contenders, timed in interleaved rounds so machine noise hits all of them alike:
                            the fused-kernel graph is recorded, found underivable and
                            recorded again under the math kernels (what the reactive choice
                            costs once per process; "HVP" is the proactive cost)
+  raw torch HVP            torch.autograd double backward of model(**batch).loss under
+                           math_kernels(), no curvlab: the floor for "HVP"
   HVP, graph cached        a further product on the recorded graph (Krylov methods)
   GGN product              GGNOperator at a new point @ v: forward recorded, J^T u graph,
                            J v by double backward, output-space product, J^T (M J v)
@@ -86,6 +88,15 @@ def contenders(default: nn.Module, eager: nn.Module, batch: dict) -> dict:
                 return torch.autograd.grad(model(**batch).loss, leaves)
         return run
 
+    def raw_hvp(model, vs):
+        leaves = list(model.parameters())
+
+        def run():
+            with autodiff.math_kernels():
+                g = torch.autograd.grad(model(**batch).loss, leaves, create_graph=True)
+            return torch.autograd.grad(g, leaves, vs)
+        return run
+
     def fresh(op, v, reset=False):
         def run():
             if reset:
@@ -117,6 +128,8 @@ def contenders(default: nn.Module, eager: nn.Module, batch: dict) -> dict:
         "gradient, math SDPA": gradient(default, math=True),
         "gradient, eager attn": gradient(eager),
         "HVP": fresh(hessian(), v),
+        "raw torch HVP": raw_hvp(default, [t.clone() for t in
+                                           hessian().objective.unflatten(v).values()]),
         "HVP, first of process": fresh(hessian(), v, reset=True),
         "HVP, graph cached": cached(hessian(), v),
         "GGN product": fresh(ggn(), v),

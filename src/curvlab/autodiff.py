@@ -307,19 +307,21 @@ def hvp_fn(
             attention_kernels.retry(err, recorded_math=True)  # clear error for attention
             raise
 
+    x_tree = tree_unflatten(leaves, spec)
+
     def product(v: Tree, batched: bool = False) -> Tree:
-        _check_like(tree_unflatten(leaves, spec), v, "v", batched)
+        _check_like(x_tree, v, "v", batched)
         v_leaves = tree_flatten(v)[0]
-        out = [torch.zeros_like(vl) for vl in v_leaves]
         if not live:
-            return tree_unflatten(out, spec)
+            return tree_unflatten([torch.zeros_like(vl) for vl in v_leaves], spec)
         if not batched or v_leaves[0].shape[0] == 1:
             hv = backward([vl[0] for vl in v_leaves] if batched else v_leaves)
-            hv = [o if h is None else (h.unsqueeze(0) if batched else h)
-                  for o, h in zip(out, hv)]
+            hv = [torch.zeros_like(vl) if h is None else (h.unsqueeze(0) if batched else h)
+                  for vl, h in zip(v_leaves, hv)]
             return tree_unflatten(hv, spec)
         # One backward per vector through the retained graph. Measured faster than
         # autograd's vmapped backward (is_grads_batched) on MLPs and CNNs on CPU.
+        out = [torch.zeros_like(vl) for vl in v_leaves]
         for j in range(v_leaves[0].shape[0]):
             hv = backward([vl[j] for vl in v_leaves])
             for o, h in zip(out, hv):
