@@ -28,18 +28,20 @@ Contenders, timed in interleaved rounds so machine noise hits all of them alike:
 
 Targets (issue 14): HVP <= 3x a gradient, GGN product <= 2x a gradient.
 
-What the runs show (CPU time on a shared 2-core machine; benchmarks/results/bench_hf.txt):
-the HVP at a new point costs ~3.1-3.4 gradients, the same as with eager attention, and a
-plain torch.autograd double-backward HVP without curvlab costs ~3.1 (torch.func rev_rev
-~4.0, forward-over-reverse ~7.5): double backward is the cheapest torch offers here, and
-curvlab adds ~0.1-0.2 gradients (snapshot, flatten, checks). The GGN product at a new point
-costs ~2.6-2.8 gradients: one forward and three backward passes (the J^T u graph with
+What the runs show (CPU-time medians on a shared 2-core machine; results/bench_hf.txt):
+an HVP at a new point costs ~3.3 gradients, the same as with eager attention. A plain
+torch.autograd double-backward HVP without curvlab costs ~2.7-2.9 in the same run (and on
+this model torch.func rev_rev ~4.0, forward-over-reverse ~7.5, measured separately):
+double backward is the cheapest torch offers here, and curvlab adds ~0.4-0.5 gradients on
+this 28k-parameter model (functional_call's parameter swap, the objective's train/eval
+switch over all modules, the parameter snapshot, flattening). A GGN product at a new point
+costs ~2.9 gradients: one forward and three backward passes (the J^T u graph with
 create_graph, J v through it, J^T (M J v)); J v by forward mode (torch.autograd.forward_ad)
 costs ~2 gradients by itself on this model, so it does not help. On a recorded graph (the
-Krylov case) a GGN product costs ~1.1-1.3 gradients and an HVP ~1.6-2. The math SDPA
-backend costs ~5-10% over the fused kernel for a gradient. The failed fused attempt of
-the reactive choice costs ~1.4 gradients once per process; the graph search it needs is
-not measurable ("HVP, eager, check" vs "HVP, eager attn").
+Krylov case) a GGN product costs ~1.2-1.3 gradients and an HVP ~1.7. The math SDPA backend
+costs ~2-10% over the fused kernel for a gradient. The reactive choice of kernels costs
+~1.5 gradients once per process (the fused recording, found underivable, recorded again);
+the graph search it needs is not measurable ("HVP, eager, check" vs "HVP, eager attn").
 
 Run: python benchmarks/bench_hf.py [--quick] [--repeats N] [--dtype float32|float64]
 Results: benchmarks/results/bench_hf.{txt,json} (or --out DIR).
