@@ -155,7 +155,9 @@ def _norm_models():
 
 
 @pytest.mark.parametrize("name", list(_norm_models()))
-def test_hessian_equals_double_backward_on_normalization_and_attention(name):
+def test_hessian_equals_double_backward_on_normalization_and_attention(name, monkeypatch):
+    # the choice of attention kernels is process-wide: start from (and restore) the default
+    monkeypatch.setattr(curvlab.autodiff.attention_kernels, "math", False)
     model, X = _norm_models()[name]
     model = model.to(D).eval()
     X, y = X.to(D), torch.arange(X.shape[0]) % 2
