@@ -296,7 +296,7 @@ def slq(op: Any, num_probes: int = 10, num_steps: int = 80, *, deflate: int = 0,
         weights.append(torch.full((deflate,), 1.0 / n, dtype=torch.float64))
         base = A
         A = MatvecOperator(lambda v: _project(V, base.matvec(_project(V, v))), n,
-                           dtype=A.dtype, device=A.device)
+                           dtype=A.dtype, device=A.device, check_symmetry=False)
     share = (n - deflate) / n
     for _ in range(num_probes):
         z = _rademacher(n, 1, A, generator)[:, 0]
