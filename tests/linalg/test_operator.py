@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from curvlab.diagnostics.spectrum import top_eigenvalues, trace
-from curvlab.linalg import MatvecOperator, as_operator, lanczos, slq
+from curvlab.linalg import MatvecOperator, as_operator, lanczos, logdet, slq
 from curvlab.linops import HessianOperator
 
 from ._problems import matrix_with_spectrum
@@ -33,10 +33,11 @@ def test_nonsymmetric_operator_is_refused(wrap):
         top_eigenvalues(op)
 
 
-def test_nonsymmetric_refused_by_estimators():
+def test_nonsymmetric_refused_by_estimators_and_logdet():
     A = matrix_with_spectrum(torch.linspace(1, 2, 40), seed=0)
     A[0, 1] += 0.5  # relative asymmetry ~ 0.06
-    for fn in (lambda op: trace(op, 12), lambda op: slq(op, 2, 5)):
+    for fn in (lambda op: trace(op, 12), lambda op: slq(op, 2, 5),
+               lambda op: logdet(op, method="slq"), lambda op: logdet(op, method="dense")):
         with pytest.raises(ValueError, match="not symmetric"):
             fn(A)
         with pytest.raises(ValueError, match="not symmetric"):
