@@ -69,6 +69,28 @@ def test_full_ggn_matches_dense_construction(regression):
     assert ev_sum.value == pytest.approx(ref, abs=1e-9)
 
 
+def test_ignored_targets_give_the_likelihood_of_the_valid_ones_or_an_error():
+    """Targets at ignore_index are not data: the evidence is that of the valid targets.
+    Batches with different fractions of ignored targets are either weighted by their
+    terms (then exact) or refused -- never a silently different likelihood."""
+    X, y = _data()
+    y = y.clone()
+    y[:3] = -100
+    y[25:35] = -100
+    model = _mlp()
+    keep = y != -100
+    ref = _dense_reference(model, X[keep], y[keep], regression=False, delta=0.7)
+    one = GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
+    assert lml(one, prior_precision=0.7).value == pytest.approx(ref, abs=1e-9)
+    two = GGNOperator(model, nn.CrossEntropyLoss(), [(X[:20], y[:20]), (X[20:], y[20:])])
+    try:
+        value = lml(two, prior_precision=0.7).value
+    except ValueError as err:
+        assert "weights its batches" in str(err)
+    else:
+        assert value == pytest.approx(ref, abs=1e-9)
+
+
 def _laplace_torch(model, X, Y, likelihood, structure, **kw):
     laplace = pytest.importorskip("laplace")
     from laplace.curvature import BackPackGGN

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab.distributed import comm_device
 from curvlab.linalg.logdet import LogDetEstimate, logdet
 from curvlab.linops import (
     CurvatureOperator,
@@ -126,10 +127,25 @@ def laplace_log_marginal_likelihood(
     theta = obj.flatten(curvature.point).detach().double()
     n = theta.numel()
     mean = obj.loss_fn.reduction == "mean"
-    terms, elements = 0.0, 0
-    for _, _, targets in obj.batches():
-        terms += loss_normalizer(obj.loss_fn, targets) if mean else 0.0
-        elements += int(targets.numel())
+    weights, normalizers = [], []
+    for w, _, targets in obj.batches():
+        weights.append(float(w))
+        normalizers.append(loss_normalizer(obj.loss_fn, targets) if mean else 0.0)
+        normalizers.append(float(targets.numel()))
+    counts = torch.tensor([sum(normalizers[0::2]), sum(normalizers[1::2])],
+                          dtype=torch.float64)
+    if obj.process_group is not None:
+        counts = obj.all_reduce(counts.to(comm_device(obj.process_group))).cpu()
+    terms, elements = float(counts[0]), int(counts[1])
+    if mean:
+        expected = [n_b / terms for n_b in normalizers[0::2]]
+        if any(abs(w - e) > 1e-9 * max(e, 1e-300) for w, e in zip(weights, expected,
+                                                                   strict=True)):
+            raise ValueError(
+                "the objective weights its batches differently from the loss terms they "
+                "average (e.g. batches with different numbers of ignored targets), so its "
+                "loss is not (sum of the losses) / (number of terms) and the Laplace "
+                "likelihood would be wrong; use one batch or a loss with reduction='sum'")
     total_loss = float(obj.loss(curvature.point)) * (terms if mean else 1.0)
     if kind == "classification":
         scale = terms if mean else 1.0
