@@ -61,7 +61,8 @@ class LaplaceEvidence:
     """``value = log_likelihood - 1/2 log_det_ratio - 1/2 scatter`` (module docstring).
 
     ``stderr`` is ``logdet.stderr / 2`` (0 for the exact log-determinants);
-    ``logdet`` the estimate of ``log det P``; ``num_matvecs`` the curvature products used.
+    ``logdet`` the estimate of ``log det P`` (its ``damping`` is ``delta T / s``, the one
+    added to the curvature operator); ``num_matvecs`` the curvature products used.
     """
 
     value: float
@@ -104,7 +105,8 @@ def laplace_log_marginal_likelihood(
             :class:`~curvlab.linops.GGNOperator` (laplace-torch's ``"full"`` GGN),
             :class:`~curvlab.linops.KFACOperator` (``"kron"``; ``fisher_type="exact"`` is
             laplace-torch's GGN K-FAC), a Fisher or, at your risk, a Hessian operator.
-            Its loss must be ``nn.CrossEntropyLoss`` or ``nn.MSELoss``.
+            Its loss must be ``nn.CrossEntropyLoss`` or ``nn.MSELoss``. A damping of the
+            operator itself (``KFACOperator(damping=...)``) is part of the curvature.
         prior_precision: ``delta > 0`` of the isotropic prior ``P_0 = delta I``.
         prior_mean: ``mu_0``, a scalar or a flat ``(n,)`` tensor.
         sigma_noise: observation noise std (regression only).
@@ -137,6 +139,8 @@ def laplace_log_marginal_likelihood(
     if obj.process_group is not None:
         counts = obj.all_reduce(counts.to(comm_device(obj.process_group))).cpu()
     terms, elements = float(counts[0]), int(counts[1])
+    if mean and not terms > 0:
+        raise ValueError("the data has no loss terms (every target ignored)")
     if mean:
         expected = [n_b / terms for n_b in normalizers[0::2]]
         if any(abs(w - e) > 1e-9 * max(e, 1e-300) for w, e in zip(weights, expected,
