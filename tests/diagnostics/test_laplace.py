@@ -166,3 +166,32 @@ def test_bad_input_is_refused():
     # a Hessian far from a minimum is indefinite: a clear error, not a NaN
     with pytest.raises(ValueError, match="positive definite"):
         lml(HessianOperator(model, nn.CrossEntropyLoss(), (X, y)), prior_precision=1e-6)
+
+
+def test_causal_lm_with_its_own_loss_and_padded_batches():
+    """A tiny GPT-2 with its own loss (loss_fn=None): the likelihood counts the valid
+    shifted tokens, and 1, 2 or 4 padded batches give the same evidence."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = tf.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16,
+                           attn_implementation="eager")
+    model = tf.GPT2LMHeadModel(config).double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 32, (8, 6), generator=g)
+    mask = (torch.arange(6)[None] < torch.randint(2, 7, (8,), generator=g)[:, None]).long()
+    batch = {"input_ids": ids * mask, "attention_mask": mask,
+             "labels": ids.masked_fill(mask == 0, -100)}
+    params = ["transformer.ln_f", "transformer.h.0.mlp.c_proj.bias"]  # 48 parameters
+    with torch.no_grad():  # summed next-token NLL in float64 (HF's own loss is float32)
+        logits = model(**batch).logits
+    nll = float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 32),
+                                            batch["labels"][:, 1:].reshape(-1),
+                                            reduction="sum"))
+    values = []
+    for k in (1, 2, 4):
+        data = [{key: v[i:i + 8 // k] for key, v in batch.items()} for i in range(0, 8, 8 // k)]
+        ev = lml(GGNOperator(model, None, data, params=params), prior_precision=2.0)
+        assert ev.log_likelihood == pytest.approx(-nll, rel=1e-10)
+        values.append(ev.value)
+    assert values[1] == pytest.approx(values[0], abs=1e-8)
+    assert values[2] == pytest.approx(values[0], abs=1e-8)
