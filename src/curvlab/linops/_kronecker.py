@@ -7,19 +7,24 @@ Kronecker solves.
 
 For a layer ``s = W a`` (weight and bias form one matrix ``[W | b]`` of shape
 ``(d_out, d_in + 1)``, acting on ``a`` with a trailing one) the curvature block is
-approximated as (Martens & Grosse 2015, eq. 1-3; Grosse & Martens 2016 for convolutions)
+approximated as (Martens & Grosse 2015, eq. 1-3; Grosse & Martens 2016 for convolutions;
+Eschenhagen et al. 2023 "K-FAC expand" for positions shared by a weight)
 
-    F_layer ~= A (x) G,   A = E_n[ sum_t a_nt a_nt^T ],   G = E_n[ (1/T) sum_t g_nt g_nt^T ]
+    F_layer ~= A (x) G,   A = sum_n omega_n sum_t a_nt a_nt^T / sum_n omega_n,
+                          G = (1/T) sum_n sum_t sum_u g_ntu g_ntu^T
 
-where ``t`` runs over the ``T`` spatial positions of a convolution (unfolded patches,
-``T = 1`` for a Linear layer on a flat input; extra leading dimensions of a Linear input
-count as positions) and ``g_nt`` is the gradient of the per-sample loss with respect to
-the layer's output at position ``t``. In the flat, row-major layout of ``[W | b]`` the
-block is the matrix ``G (x) A`` acting as ``M -> G M A``.
+where ``t`` runs over the ``T`` positions of sample ``n`` (unfolded patches of a
+convolution, extra leading dimensions of a Linear input; ``T = 1`` for a flat input),
+``omega_n`` is the sample's mean loss-term weight (:func:`sample_weights`) and ``g_ntu`` is
+the gradient at the layer's output of a cotangent ``u`` on the model output with ``sum_u
+u u^T = d^2 L / dz^2`` per sample (:func:`backprop_vectors`). In the flat, row-major layout
+of ``[W | b]`` the block is the matrix ``G (x) A`` acting as ``M -> G M A``. Conventions
+(and the conversion to curvlinops') are in ``docs/conventions.md``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,18 +34,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from curvlab.losses import is_known_mean_loss, term_weights
+
 __all__ = [
     "KronLayer",
     "find_layers",
     "is_supported",
     "layer_inputs",
     "layer_output_grads",
-    "input_factor",
     "grad_factor",
     "LayerCapture",
     "backprop_vectors",
     "curvature_pass",
-    "sample_targets",
+    "loss_terms",
+    "sample_weights",
+    "sample_scores",
+    "factor_scale",
+    "weighted_input_factor",
     "eigen_factor",
     "factored_pi",
 ]
@@ -130,12 +140,6 @@ def layer_output_grads(layer: KronLayer, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() > 1 else g.reshape(1, 1, -1)
 
 
-def input_factor(a: torch.Tensor) -> torch.Tensor:
-    """``sum_n sum_t a_nt a_nt^T`` for ``a`` of shape ``(N, T, d)``."""
-    flat = a.reshape(-1, a.shape[-1])
-    return flat.T @ flat
-
-
 def grad_factor(g: torch.Tensor) -> torch.Tensor:
     """``sum_n (1/T) sum_t g_nt g_nt^T`` for ``g`` of shape ``(N, T, d)``."""
     flat = g.reshape(-1, g.shape[-1])
@@ -192,99 +196,230 @@ class LayerCapture:
         self.remove()
 
 
-def sample_targets(loss_fn: Any, z: torch.Tensor,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Targets drawn from the model's predictive distribution for the loss ``loss_fn``
-    (CrossEntropyLoss: categorical; MSELoss: Gaussian whose negative log-likelihood is
-    the loss up to a constant; BCEWithLogitsLoss: Bernoulli)."""
+# ---- the loss: its terms, their weights and their curvature ---------------------------
+#
+# A batch loss is ``loss_b = s_b sum_t c_t l_t`` over its terms ``t`` (positions of a
+# cross-entropy, elements of an element-wise loss, samples of any other loss) with the
+# term weights ``c_t`` of :func:`curvlab.losses.term_weights` (0 where ignored, the class
+# weight otherwise) and ``s_b = 1 / sum_t c_t`` for ``reduction="mean"`` (1 for "sum"). The
+# batch enters the objective with weight ``w_b``, so term ``t`` enters with ``kappa_t = w_b
+# s_b c_t``. One rule then serves every fisher type: the cotangents ``u`` backpropagated
+# from the output satisfy ``sum_u u u^T = d^2 (w_b loss_b) / dz^2`` per sample (exactly for
+# "exact", in expectation for "mc": ``u = sum_t sqrt(kappa_t) s_t`` with ``s_t`` the score of
+# term ``t`` at a target sampled from the model, ``E[s_t s_t^T] = d^2 l_t / dz_t^2``).
+
+_MC_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
+
+
+def _is_ce(loss_fn: Any) -> bool:
+    return isinstance(loss_fn, nn.CrossEntropyLoss)
+
+
+def loss_terms(loss_fn: Any, z: torch.Tensor, y: Any) -> torch.Tensor:
+    """The term weights ``c_t`` of the batch (ones over the terms of ``z`` when the
+    targets are unknown, ``y=None``)."""
+    if y is None:
+        shape = (z.shape[0], *z.shape[2:]) if _is_ce(loss_fn) else (
+            z.shape if is_known_mean_loss(loss_fn) else z.shape[:1])
+        return torch.ones(shape, dtype=z.dtype, device=z.device)
+    if not isinstance(y, torch.Tensor):
+        return torch.ones(z.shape[:1], dtype=z.dtype, device=z.device)
+    return term_weights(loss_fn, y).to(device=z.device, dtype=z.dtype)
+
+
+def sample_weights(c: torch.Tensor, n: int) -> torch.Tensor:
+    """``omega_n``: the mean term weight of each of the ``n`` samples a layer sees (terms
+    grouped sample-major), the weight of sample ``n`` in the input factor ``A``. Valid
+    samples of an unweighted loss get 1, fully ignored ones 0, and a class weight
+    ``k`` counts like ``k`` copies of the sample."""
+    flat = c.reshape(-1)
+    if flat.numel() % n == 0:
+        return flat.reshape(n, -1).mean(1)
+    if flat.numel() == 0 or bool((flat == flat[0]).all()):
+        return flat.new_full((n,), float(flat[0]) if flat.numel() else 1.0)
+    raise ValueError(f"cannot attribute the {flat.numel()} loss terms to the {n} samples a "
+                     "layer sees (ignored targets or class weights need the terms grouped "
+                     "sample-major: outputs of shape (samples, ...) or (samples * positions, "
+                     "...))")
+
+
+def sample_scores(loss_fn: Any, z: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw of the per-term scores ``s_t = d l_t / dz_t`` (unweighted terms) at a target
+    ``y_t`` sampled from the model's predictive distribution, shaped like ``z``, with
+    ``E[s_t s_t^T] = d^2 l_t / dz_t^2`` (the Fisher of a canonical-link likelihood equals its
+    Hessian):
+
+    * ``CrossEntropyLoss`` (classes along dim 1): ``y_t ~ Categorical(softmax z_t)``,
+      ``s_t = softmax(z_t) - onehot(y_t)`` (any label smoothing keeps the Hessian);
+    * ``MSELoss``: ``l_t = (z_t - y_t)^2`` is the negative log-likelihood of ``N(z_t, 1/2)``,
+      ``s_t = 2 (z_t - y_t) = sqrt(2) eps``, ``eps ~ N(0, 1)``;
+    * ``BCEWithLogitsLoss``: ``y_t ~ Bernoulli(sigmoid z_t)``, ``s_t = sigmoid(z_t) - y_t``.
+    """
     z = z.detach()
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
+    if _is_ce(loss_fn):
         probs = torch.softmax(z, dim=1)
         flat = probs.movedim(1, -1).reshape(-1, probs.shape[1])
         idx = torch.multinomial(flat, 1, generator=generator).reshape(-1)
-        shape = (z.shape[0], *z.shape[2:])
-        return idx.reshape(shape)
+        onehot = F.one_hot(idx, probs.shape[1]).to(z.dtype)
+        return probs - onehot.reshape(*probs.movedim(1, -1).shape).movedim(-1, 1)
     if isinstance(loss_fn, nn.MSELoss):
-        # mean reduction: loss_n = ||z_n - y||^2 / m, the NLL of N(z_n, (m/2) I)
-        m = z[0].numel() if loss_fn.reduction == "mean" else 1
         noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
-        return z + math.sqrt(m / 2.0) * noise
+        return math.sqrt(2.0) * noise
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):
         probs = torch.sigmoid(z)
         u = torch.rand(z.shape, generator=generator, dtype=z.dtype, device=z.device)
-        return (u < probs).to(z.dtype)
+        return probs - (u < probs).to(z.dtype)
     raise ValueError(
         f"fisher_type='mc' needs to sample targets and knows CrossEntropyLoss, MSELoss and "
         f"BCEWithLogitsLoss, got {type(loss_fn).__name__}; use fisher_type='exact' or "
         "'empirical' for other losses")
 
 
-def _per_sample_loss_sqrt(loss_fn: Any, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Square roots ``S_n`` with ``S_n S_n^T = d^2 loss_n / dz_n^2`` (``loss_n`` = the loss
-    on sample n alone), shape ``(N, m, m)``, from a symmetric eigendecomposition."""
-    shape = z.shape[1:]
+def _term_hessian_scale(loss_fn: Any, z: torch.Tensor, y: Any,
+                        c: torch.Tensor) -> torch.Tensor:
+    """Per output element, the factor ``h`` with ``d^2 (c_t l_t) / dz^2 = h E[s s^T]``:
+    ``c_t`` (broadcast over the classes of a cross-entropy), times BCE's ``weight`` and, with
+    ``pos_weight``, ``1 + (pos_weight - 1) y`` (its Hessian depends on the true target)."""
+    if _is_ce(loss_fn):
+        return c.unsqueeze(1)
+    h = c
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        if loss_fn.weight is not None:
+            h = h * loss_fn.weight.to(z)
+        if loss_fn.pos_weight is not None:
+            if y is None:
+                raise ValueError("fisher_type='mc' with BCEWithLogitsLoss(pos_weight=...) "
+                                 "needs the true targets (the curvature depends on them)")
+            h = h * (1 + (loss_fn.pos_weight.to(z) - 1) * y.to(z))
+    return h.expand(z.shape)
 
-    def single(zn: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
-        return loss_fn(zn.reshape(1, *shape), yn.unsqueeze(0)).reshape(())
 
-    H = torch.func.vmap(torch.func.hessian(single))(z.detach(), y)
-    m = int(math.prod(shape))
-    H = H.reshape(-1, m, m)
-    H = 0.5 * (H + H.transpose(1, 2))
-    evals, evecs = torch.linalg.eigh(H)
-    return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
+def _with_reduction(loss_fn: Any, reduction: str) -> Any:
+    out = copy.copy(loss_fn)
+    out.reduction = reduction
+    return out
+
+
+def _per_sample_loss(loss_fn: Any, z: torch.Tensor, y: Any, c: torch.Tensor, weight: float,
+                     reduction: str, n: int) -> tuple[Callable[..., torch.Tensor], Any, Any]:
+    """``(h, z_g, y_g)`` with ``sum_i h(z_g[i], y_g[i]) = weight * loss_fn(z, y)``: the rows of
+    ``z`` grouped into ``n`` samples (sample-major) and each sample's share of the weighted
+    batch loss. A loss :func:`curvlab.losses.term_weights` knows is split through its
+    ``reduction="none"`` terms; any other is taken to average (or sum) over the rows."""
+    rows = z.shape[0]
+    if rows % n:
+        raise ValueError(f"cannot group the {rows} output rows into the {n} samples the "
+                         "layers see; fisher_type='exact' needs outputs of shape (samples, "
+                         "...) or (samples * positions, ...)")
+    zg = z.reshape(n, rows // n, *z.shape[1:])
+    yg = y.reshape(n, rows // n, *y.shape[1:])
+    if is_known_mean_loss(loss_fn):
+        none = _with_reduction(loss_fn, "none")
+        scale = weight / float(c.sum()) if reduction == "mean" else weight
+
+        def h(zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            return none(zi, yi).sum() * scale
+    else:
+        scale = weight / rows if reduction == "mean" else weight
+
+        def h(zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            per_row = loss_fn(zi, yi).reshape(())
+            return per_row * (zi.shape[0] if reduction == "mean" else 1) * scale
+    with torch.no_grad():
+        whole = float(weight * loss_fn(z, y))
+        split = float(torch.func.vmap(h)(zg, yg).sum())
+    if not math.isclose(whole, split, rel_tol=1e-5, abs_tol=1e-12 * max(1.0, abs(whole))):
+        raise ValueError(f"cannot split {type(loss_fn).__name__} into per-sample terms (sum of "
+                         f"the per-sample losses {split} != batch loss {whole}); use "
+                         "fisher_type='mc' or 'empirical'")
+    return h, zg, yg
 
 
 def backprop_vectors(loss_fn: Any, z: torch.Tensor, y: Any, fisher_type: str, *,
-                     reduction: str = "mean", mc_samples: int = 1,
-                     generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Cotangents ``u`` on the model output whose backpropagated outer products give G.
+                     weight: float = 1.0, reduction: str = "mean", samples: int | None = None,
+                     mc_samples: int = 1, generator: torch.Generator | None = None
+                     ) -> list[torch.Tensor]:
+    """Cotangents ``u`` on the model output ``z`` of a batch entering the objective with
+    ``weight`` (see the rule above the function), each shaped like ``z``:
 
-    Every returned tensor has ``z``'s shape and holds, per sample, the gradient of the
-    per-sample loss (``empirical``: true targets; ``mc``: sampled targets, scaled by
-    ``1/sqrt(mc_samples)``) or one column of the per-sample output-Hessian square root
-    (``exact``), so ``sum_u J^T u u^T J`` is the per-sample (Fisher / GGN / empirical
-    Fisher) curvature of the loss summed over the batch.
+    * ``"exact"``: the columns of a square root of each sample's block of ``d^2 (w_b loss_b)
+      / dz^2`` (``samples`` groups the rows of ``z``, default one row per sample);
+    * ``"mc"``: ``mc_samples`` draws ``u = sum_t sqrt(kappa_t h_t / mc_samples) s_t``
+      (:func:`sample_scores`, :func:`_term_hessian_scale`);
+    * ``"empirical"``: the gradient ``d (w_b loss_b) / dz`` on the true targets (the caller
+      scales its factor by the number of samples for a mean loss, see
+      :func:`factor_scale`).
+
+    A batch whose terms all have weight 0 (every target ignored) gives no cotangent.
     """
     if fisher_type not in FISHER_TYPES:
         raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
     if not isinstance(z, torch.Tensor):
         raise TypeError("K-FAC needs the model output to be one tensor")
+    if fisher_type != "mc" and y is None:
+        raise ValueError(f"fisher_type={fisher_type!r} needs the targets")
+    z = z.detach()
+    c = loss_terms(loss_fn, z, y)
+    n_b = float(c.sum())
+    if n_b == 0 or weight == 0:
+        return []
     if fisher_type == "exact":
-        S = _per_sample_loss_sqrt(loss_fn, z, y)
-        return [S[:, :, c].reshape(z.shape) for c in range(S.shape[2])]
-    n = z.shape[0]
-    scale = float(n) if reduction == "mean" else 1.0
-    draws = [y] if fisher_type == "empirical" else [
-        sample_targets(loss_fn, z, generator) for _ in range(mc_samples)]
-    if fisher_type == "mc":
-        scale /= math.sqrt(mc_samples)
-    zl = z.detach().requires_grad_(True)
-    out = []
-    with torch.enable_grad():
-        for t in draws:
-            loss = loss_fn(zl, t)
-            out.append(scale * torch.autograd.grad(loss, zl)[0])
-    return out
+        h, zg, yg = _per_sample_loss(loss_fn, z, y, c, weight, reduction,
+                                     samples or z.shape[0])
+        H = torch.func.vmap(torch.func.hessian(h))(zg, yg)
+        m = zg[0].numel()
+        H = H.reshape(-1, m, m)
+        evals, evecs = torch.linalg.eigh(0.5 * (H + H.transpose(1, 2)))
+        S = evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
+        return [S[:, :, k].reshape(z.shape) for k in range(m)]
+    if fisher_type == "empirical":
+        zl = z.requires_grad_(True)
+        with torch.enable_grad():
+            return [torch.autograd.grad(weight * loss_fn(zl, y), zl)[0]]
+    if not isinstance(loss_fn, _MC_LOSSES):
+        sample_scores(loss_fn, z)  # raises the explanation
+    scale = weight / n_b if reduction == "mean" else weight
+    root = (_term_hessian_scale(loss_fn, z, y, c) * (scale / mc_samples)).clamp_min(0).sqrt()
+    return [root * sample_scores(loss_fn, z, generator) for _ in range(mc_samples)]
+
+
+def factor_scale(fisher_type: str, reduction: str, num_samples: float) -> float:
+    """The factor ``G`` of the empirical Fisher ``(1/N) sum_n grad l_n grad l_n^T`` (mean
+    loss, ``l_n = N x`` sample n's share of the loss) is ``N`` times the one of the
+    cotangents ``d L / dz`` of :func:`backprop_vectors`; every other ``G`` is as computed."""
+    return float(num_samples) if fisher_type == "empirical" and reduction == "mean" else 1.0
 
 
 def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor], loss_fn: Any,
-                   targets: Any, fisher_type: str, *, reduction: str = "mean",
-                   mc_samples: int = 1, generator: torch.Generator | None = None
-                   ) -> list[list[tuple[torch.Tensor, list[torch.Tensor]]]]:
+                   targets: Any, fisher_type: str, *, weight: float = 1.0,
+                   reduction: str = "mean", mc_samples: int = 1,
+                   generator: torch.Generator | None = None
+                   ) -> list[list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]]:
     """Run ``forward()`` with the layers hooked, then backpropagate every cotangent of
     :func:`backprop_vectors` to the layer outputs.
 
-    Returns, per layer and per call of the layer in the forward pass, ``(a, [g_u, ...])``:
-    the input rows ``(N, T, d_in)`` and one ``(N, T, d_out)`` block of per-sample output
-    gradients per cotangent ``u``.
+    Returns, per layer and per call of the layer in the forward pass, ``(a, omega, [g_u,
+    ...])``: the input rows ``(N, T, d_in)``, the sample weights ``(N,)`` of
+    :func:`sample_weights` and one ``(N, T, d_out)`` block of output gradients per
+    cotangent ``u``.
     """
     with LayerCapture(layers, keep_outputs=True), torch.enable_grad():
         z = forward()
-        us = backprop_vectors(loss_fn, z, targets, fisher_type, reduction=reduction,
-                              mc_samples=mc_samples, generator=generator)
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"K-FAC needs the model output to be one tensor (the input of "
+                            f"loss_fn), got {type(z).__name__}")
         calls = [(lay, rec) for lay in layers for rec in lay.records]
-        out = [[(rec["a"], []) for rec in lay.records] for lay in layers]
+        sizes = {rec["a"].shape[0] for _, rec in calls}
+        samples = sizes.pop() if len(sizes) == 1 else None
+        if fisher_type == "exact" and samples is None and calls:
+            raise ValueError("fisher_type='exact' needs every layer to see the same samples")
+        us = backprop_vectors(loss_fn, z, targets, fisher_type, weight=weight,
+                              reduction=reduction, samples=samples, mc_samples=mc_samples,
+                              generator=generator)
+        c = loss_terms(loss_fn, z.detach(), targets)
+        out = [[(rec["a"], sample_weights(c, rec["a"].shape[0]), []) for rec in lay.records]
+               for lay in layers]
         flat = [entry for per_layer in out for entry in per_layer]
         if calls:
             outs = [rec["out"] for _, rec in calls]
@@ -292,8 +427,15 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
                 grads = torch.autograd.grad(z, outs, u, retain_graph=True, allow_unused=True)
                 for (lay, rec), g, entry in zip(calls, grads, flat, strict=True):
                     g = torch.zeros_like(rec["out"]) if g is None else g
-                    entry[1].append(layer_output_grads(lay, g))
+                    entry[2].append(layer_output_grads(lay, g))
     return out
+
+
+def weighted_input_factor(a: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """``sum_n omega_n sum_t a_nt a_nt^T`` for ``a`` of shape ``(N, T, d)``."""
+    flat = a.reshape(-1, a.shape[-1])
+    w = omega.to(a.dtype).repeat_interleave(a.shape[1])
+    return (flat * w.unsqueeze(1)).T @ flat
 
 
 def eigen_factor(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,15 +3,22 @@
 ``KFACOperator(model, loss_fn, data)`` approximates the Fisher / GGN of the empirical risk
 by a block-diagonal matrix with one Kronecker block ``A (x) G + damping I`` per Linear or
 Conv2d layer (Martens & Grosse 2015, eq. 1-3 and sec. 3; Grosse & Martens 2016 for
-convolutions, KFC, "independent spatial positions" assumption). See
-:mod:`curvlab.linops._kronecker` for the factor definitions; with N samples in total
+convolutions, KFC, "independent spatial positions" assumption; Eschenhagen et al. 2023,
+"K-FAC expand", for positions of a sequence). See :mod:`curvlab.linops._kronecker` for the
+factor definitions. For the objective ``L = sum_b w_b loss_b``
 
-    A = (1/N) sum_n sum_t a_nt a_nt^T,   G = c (1/N) sum_n (1/T) sum_t sum_u g_ntu g_ntu^T
+    A = sum_n omega_n sum_t a_nt a_nt^T / sum_n omega_n,
+    G = c (1/T) sum_n sum_t sum_u g_ntu g_ntu^T
 
-where ``g_ntu`` is the output gradient backpropagated from the cotangent ``u`` of sample
-``n`` (a sampled-label gradient for ``"mc"``, a column of the output-Hessian square root
-for ``"exact"``, the true-label gradient for ``"empirical"``) and ``c = 1`` for a loss that
-averages over samples, ``N`` for a summing loss.
+where ``g_ntu`` is the gradient at the layer's output (sample n, position t of T) of the
+cotangent ``u`` backpropagated from the model output, ``sum_u u u^T = d^2 L / dz^2`` per
+sample (``"exact"``: the columns of its square root; ``"mc"``: in expectation, scores at
+targets sampled from the model, each loss term scaled as the loss scales it; see
+:func:`curvlab.linops._kronecker.backprop_vectors`), ``c = 1``. ``"empirical"`` uses the
+gradient ``u = dL/dz`` on the true targets and ``c = sum_n omega_n`` for a mean loss (1 for
+a summing one). ``omega_n`` is the mean term weight of sample ``n``
+(:func:`curvlab.losses.term_weights`: 1, 0 where every target is ignored, the class weight),
+so ignored targets and class weights give the K-FAC of the valid terms.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ from curvlab.linops._kronecker import (
     FISHER_TYPES,
     curvature_pass,
     eigen_factor,
+    factor_scale,
     factored_pi,
     find_layers,
     grad_factor,
-    input_factor,
+    weighted_input_factor,
 )
 from curvlab.linops.base import CurvatureOperator
 
@@ -113,22 +121,29 @@ class KFACOperator(CurvatureOperator):
              for lay in self.layers]
         G = [torch.zeros(lay.d_out, lay.d_out, dtype=obj.dtype, device=obj.device)
              for lay in self.layers]
-        n_total = obj.num_samples
+        omega = torch.zeros(len(self.layers), dtype=obj.dtype, device=obj.device)
         leaves = {k: v.detach().requires_grad_(True) for k, v in self.point.items()}
         with obj.mode():
-            for _, x, y in obj.batches():
+            for w, x, y in obj.batches():
                 calls = curvature_pass(self.layers, lambda x=x: obj.outputs(leaves, x),
-                                       obj.loss_fn, y, self.fisher_type,
+                                       obj.loss_fn, y, self.fisher_type, weight=w,
                                        reduction=obj.reduction, mc_samples=self.mc_samples,
                                        generator=gen)
                 for i, per_layer in enumerate(calls):
-                    for a, gs in per_layer:
-                        A[i] += input_factor(a)
+                    for a, om, gs in per_layer:
+                        A[i] += weighted_input_factor(a, om)
+                        omega[i] += om.sum()
                         for g in gs:
                             G[i] += grad_factor(g)
-        all_reduce_symmetric([*A, *G], obj.process_group)  # data parallel: whole-data factors
-        c = 1.0 if obj.reduction == "mean" else float(n_total)
-        return [(a / n_total, g * (c / n_total)) for a, g in zip(A, G, strict=True)]
+        # data parallel: whole-data factors
+        all_reduce_symmetric([*A, *G], obj.process_group)
+        obj.all_reduce(omega)
+        out = []
+        for a, g, om in zip(A, G, omega.tolist(), strict=True):
+            if om <= 0:
+                raise ValueError("K-FAC: every loss term has weight 0 (all targets ignored)")
+            out.append((a / om, g * factor_scale(self.fisher_type, obj.reduction, om)))
+        return out
 
     # ---- products ------------------------------------------------------------------
     def _blocks(self):

@@ -55,10 +55,11 @@ from curvlab.linops._kronecker import (
     LayerCapture,
     curvature_pass,
     eigen_factor,
+    factor_scale,
     factored_pi,
     find_layers,
     grad_factor,
-    input_factor,
+    weighted_input_factor,
 )
 from curvlab.optim._distributed import Timings, lpt_schedule, reject_dtensors
 from curvlab.optim._preconditioner import graft_direction, max_abs
@@ -313,31 +314,41 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
             parts.append(g.reshape(-1, 1))
         return torch.cat(parts, dim=1)
 
-    def _collect(self) -> list[list[tuple[torch.Tensor, list[torch.Tensor]]]] | None:
-        """Per layer, per captured call: input rows and per-sample output gradients."""
+    def _reduction(self) -> str:
+        return getattr(self.loss_fn, "reduction", "mean")
+
+    def _collect(self) -> list[list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]] | None:
+        """Per layer, per captured call: input rows, sample weights and output gradients
+        (:func:`curvlab.linops._kronecker.curvature_pass`'s layout). Several recorded
+        batches (gradient accumulation) enter like the batches of one objective: with
+        weight ``n_b / N`` for a mean loss, 1 for a summing loss."""
         if self.fisher_type == "mc":
             if not self._inputs:
                 return None
-            calls: list[list[Any]] = [[] for _ in self._layers]
+            batches = []
             self._suspended = True
             try:
                 for args, kwargs in self._inputs:
-                    got = curvature_pass(self._layers, lambda a=args, k=kwargs: self.model(
-                        *a, **k), self.loss_fn, None, "mc", mc_samples=self.mc_samples,
-                        generator=self._generator)
-                    for i, per_layer in enumerate(got):
-                        calls[i].extend(per_layer)
+                    batches.append(curvature_pass(
+                        self._layers, lambda a=args, k=kwargs: self.model(*a, **k),
+                        self.loss_fn, None, "mc", reduction=self._reduction(),
+                        mc_samples=self.mc_samples, generator=self._generator))
             finally:
                 self._suspended = False
+            sizes = [max((float(om.sum()) for per_layer in got for _, om, _ in per_layer),
+                         default=0.0) for got in batches]
+            total = sum(sizes)
+            calls: list[list[Any]] = [[] for _ in self._layers]
+            for got, n_b in zip(batches, sizes, strict=True):
+                root = math.sqrt(n_b / total) if self._reduction() == "mean" else 1.0
+                for i, per_layer in enumerate(got):
+                    calls[i].extend((a, om, [g * root for g in gs]) for a, om, gs in per_layer)
             return calls
-        calls = [[(rec["a"], [rec["g"]]) for rec in layer.records if "g" in rec]
-                 for layer in self._layers]
+        calls = [[(rec["a"], rec["a"].new_ones(rec["a"].shape[0]), [rec["g"]])
+                  for rec in layer.records if "g" in rec] for layer in self._layers]
         if not any(calls):
             return None
-        # the accumulated gradient is the mean over all samples since the last step, so the
-        # per-sample gradient is N_total times the captured one
-        n_total = max(sum(a.shape[0] for a, _ in per_layer) for per_layer in calls)
-        return [[(a, [g * n_total for g in gs]) for a, gs in per_layer] for per_layer in calls]
+        return calls
 
     def _new_factors(self, calls):
         out = []
@@ -345,9 +356,10 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
             if not per_layer:
                 out.append(None)
                 continue
-            n = sum(a.shape[0] for a, _ in per_layer)
-            A = sum(input_factor(a) for a, _ in per_layer) / n
-            G = sum(grad_factor(g) for _, gs in per_layer for g in gs) / n
+            n = float(sum(om.sum() for _, om, _ in per_layer))
+            scale = factor_scale(self.fisher_type, self._reduction(), n)
+            A = sum(weighted_input_factor(a, om) for a, om, _ in per_layer) / n
+            G = sum(grad_factor(g) for _, _, gs in per_layer for g in gs) * scale
             out.append((A, G, per_layer, n))
         if self.process_group is not None:  # A = sum_r n_r A_r / N (likewise G)
             live = [i for i, item in enumerate(out) if item is not None]
@@ -361,7 +373,7 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
                 _dist.all_reduce_sum(counts, self.process_group)
             for k, i in enumerate(live):
                 N = float(counts[k])
-                out[i] = (mats[2 * k] / N, mats[2 * k + 1] / N, out[i][2], int(N))
+                out[i] = (mats[2 * k] / N, mats[2 * k + 1] / N, out[i][2], N)
         return out
 
     def _all_reduce_mean(self, value: torch.Tensor, n_local: int, n_total: int) -> torch.Tensor:
@@ -426,22 +438,24 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         self.stats["condition_numbers"][layer.name] = (cond(dA), cond(dG))
 
     def _ekfac_scale(self, st: dict[str, Any], per_layer) -> torch.Tensor:
+        """``sum_n sum_u (Q_G^T (sum_t g_ntu a_nt^T) Q_A)^2``: the diagonal of the layer's
+        curvature block in the Kronecker eigenbasis (times ``N`` for the empirical Fisher
+        of a mean loss, as its factor ``G``)."""
         QA, QG = st["QA"], st["QG"]
-        total, n = None, 0
-        for a, gs in per_layer:
+        total, n = None, 0.0
+        for a, om, gs in per_layer:
             ap = a @ QA
-            sq = None
             for g in gs:
                 gp = g @ QG
                 if a.shape[1] == 1:  # per-sample gradient g a^T: squares factorize
                     s_u = gp[:, 0].square().T @ ap[:, 0].square()
                 else:
                     s_u = torch.einsum("ntg,nta->nga", gp, ap).square().sum(0)
-                sq = s_u if sq is None else sq + s_u
-            s = sq
-            total = s if total is None else total + s
-            n += a.shape[0]
-        return total / n
+                total = s_u if total is None else total + s_u
+            n += float(om.sum())
+        if total is None:
+            return QG.new_zeros(QG.shape[0], QA.shape[0])
+        return total * factor_scale(self.fisher_type, self._reduction(), n)
 
     # ---- preconditioning -------------------------------------------------------------
     def _precondition(self, st: dict[str, Any], M: torch.Tensor, lam: float) -> torch.Tensor:
