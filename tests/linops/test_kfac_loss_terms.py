@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.func import hessian, jacrev
 
+from curvlab import Objective
 from curvlab.linops import KFACOperator
 from curvlab.optim import KFAC
 
@@ -150,3 +151,90 @@ def test_mc_sum_loss_matches_exact(how):
         G = opt.state[model.head.weight]["G"]
     r = float(G.trace() / exact.factors["head"][1].trace())
     assert abs(r - 1) < 0.02, r
+
+
+# ---- ignored targets and class weights: K-FAC of the valid terms -----------------------
+def _mlp_ce(seed=4, n=10):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(D_IN, H), nn.Tanh(), nn.Linear(H, C)).to(D64)
+    return model, torch.randn(n, D_IN, dtype=D64), torch.randint(0, C, (n,))
+
+
+def _assert_factors_equal(a, b, tol=1e-10):
+    assert a.factors.keys() == b.factors.keys()
+    for name in a.factors:
+        for x, y in zip(a.factors[name], b.factors[name], strict=True):
+            torch.testing.assert_close(x, y, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ignored_samples_equal_dropped_samples(kind, reduction):
+    model, X, y = _mlp_ce()
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
+    y_ign = torch.where(keep, y, torch.full_like(y, -100))
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    full = KFACOperator(model, loss_fn, (X, y_ign), fisher_type=kind)
+    valid = KFACOperator(model, loss_fn, (X[keep], y[keep]), fisher_type=kind)
+    _assert_factors_equal(full, valid)
+
+
+@pytest.mark.parametrize("kind", ["ce_bct", "ce_flat"])
+def test_ignored_sequences_equal_dropped_sequences(kind):
+    model, loss_fn, X, y = _problem(kind, seed=5)
+    keep = torch.tensor([True, False, True, True])
+    y2 = y.reshape(B, T).clone()
+    y2[~keep] = -100
+    y_valid = y.reshape(B, T)[keep]
+    shape = (-1,) if kind == "ce_flat" else (-1, T)
+    for fisher_type in ("exact", "empirical"):
+        full = KFACOperator(model, loss_fn, (X, y2.reshape(shape)), fisher_type=fisher_type)
+        valid = KFACOperator(model, loss_fn, (X[keep], y_valid.reshape(shape)),
+                             fisher_type=fisher_type)
+        _assert_factors_equal(full, valid)
+
+
+def test_integer_class_weights_equal_repeated_samples():
+    """A class weight k counts a sample like k copies of it (loss value and curvature)."""
+    model, X, y = _mlp_ce(seed=6)
+    w = torch.tensor([1.0, 2.0, 1.0, 3.0], dtype=D64)
+    reps = w[y].long()
+    weighted = KFACOperator(model, nn.CrossEntropyLoss(weight=w), (X, y), fisher_type="exact")
+    copies = KFACOperator(model, nn.CrossEntropyLoss(), (X.repeat_interleave(reps, 0),
+                                                         y.repeat_interleave(reps)),
+                          fisher_type="exact")
+    _assert_factors_equal(weighted, copies)
+
+
+@pytest.mark.parametrize("kind", ["ce_bct", "ce_flat"])
+def test_partially_ignored_weighted_sequences_equal_dense(kind):
+    model, _, X, y = _problem(kind, seed=7)
+    w = torch.tensor([0.5, 2.0, 1.0, 1.5], dtype=D64)
+    loss_fn = nn.CrossEntropyLoss(weight=w, ignore_index=-1)
+    y = y.reshape(B, T).clone()
+    y[0, 1] = y[2, 0] = y[2, 2] = -1
+    c = torch.where(y >= 0, w[y.clamp_min(0)], torch.zeros((), dtype=D64))
+    y = y if kind == "ce_bct" else y.reshape(-1)
+    op = KFACOperator(model, loss_fn, (X, y), fisher_type="exact")
+    for name in ("inner", "head"):
+        A, G = dense_kfac(model, loss_fn, X, y, name, omega=c.mean(1))
+        torch.testing.assert_close(op.factors[name][0], A, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(op.factors[name][1], G, atol=1e-12, rtol=1e-10)
+    # Monte Carlo: the same in expectation
+    mc = KFACOperator(model, loss_fn, (X, y), fisher_type="mc", mc_samples=2000, seed=1)
+    for name in ("inner", "head"):
+        r = float(mc.factors[name][1].trace() / op.factors[name][1].trace())
+        assert abs(r - 1) < 0.03, r
+
+
+@pytest.mark.xfail(not hasattr(Objective, "num_loss_terms"), strict=True,
+                   reason="needs the Objective's per-term batch weights (n_b / N)")
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+def test_ignored_targets_several_batches_equal_one_batch(kind):
+    model, loss_fn, X, y = _problem("ce_flat", seed=8)
+    y = y.clone()
+    y[[0, 1, 2, 7]] = -100  # sequence 0 wholly, sequence 2 partly ignored
+    one = KFACOperator(model, loss_fn, (X, y), fisher_type=kind)
+    many = KFACOperator(model, loss_fn, [(X[:1], y[:T]), (X[1:3], y[T:3 * T]),
+                                         (X[3:], y[3 * T:])], fisher_type=kind)
+    _assert_factors_equal(one, many)
