@@ -76,6 +76,12 @@ def run(rank: int, world: int) -> dict:
         res[f"timings/{name}"] = dict(opt.timings)
         if name.startswith(("shampoo", "soap")):
             res[f"stats/{name}"] = opt.stats()
+    # K-FAC handed the DDP-wrapped model itself, no process_group: it must use DDP's group
+    inner = P.mlp()
+    ddp = DDP(inner)
+    opt = make("kfac", ddp)
+    train("kfac", inner, opt, range(STEPS), rank, world, forward=ddp)
+    res["ddp_given/kfac"] = params(inner)
     res.update(run_fsdp(rank, world))
     return res
 

@@ -42,6 +42,13 @@ def test_ddp_equals_single_process(dist_results, name):
         assert_params_equal(res[f"ddp/{name}"], want)
 
 
+def test_kfac_given_the_ddp_model_uses_its_group(dist_results):
+    """KFAC(ddp_model) without process_group all-reduces over DDP's group (no drift)."""
+    want = single_process("kfac")
+    for res in dist_results:
+        assert_params_equal(res["ddp_given/kfac"], want)
+
+
 @pytest.mark.parametrize("name", DDP_VARIANTS)
 def test_work_is_split(dist_results, name):
     """Each rank did some of the sharded work and communicated."""

@@ -18,7 +18,8 @@ The step is then scaled by the KL-clipping factor of Ba et al. (2017, sec. 5),
 ``nu = min(1, sqrt(kl_clip / (lr^2 sum <U, M>)))``, and applied with heavy-ball momentum:
 ``buf = momentum buf + nu U + weight_decay theta``, ``theta -= lr buf``.
 
-Data parallel (``process_group``; the model wrapped in DDP, K-FAC given its ``.module``):
+Data parallel (``process_group``; given a ``DistributedDataParallel`` model K-FAC hooks
+its ``.module`` and uses DDP's process group unless one is passed):
 the factors are statistics of each rank's local activations and gradients, so they are
 all-reduced weighted by the local sample counts (``A = sum_r n_r A_r / N``; upper
 triangles, bucketed), as are the EKFAC scales; the eigendecompositions / inverses are
@@ -27,7 +28,20 @@ shared (:mod:`curvlab.optim._distributed`). Every rank then holds the same state
 ``fisher_type="mc"`` draws its own labels on each rank (a valid estimate, but not the
 single-process random stream); ``adaptive_damping`` is not supported with a process group.
 
-Parameters of other modules (LayerNorm, embeddings, grouped convolutions, ...) are not
+Factored layers: ``nn.Linear``, ungrouped ``nn.Conv2d``, HF transformers' ``Conv1D`` (the
+transposed linear of GPT-2, weight stored ``(in, out)``; recognized without importing
+transformers) and ``nn.Embedding`` (its input factor is exactly diagonal: the token counts;
+not with EKFAC). A factor of dimension above ``max_factor_dim`` (a vocabulary-sized output
+factor) is kept diagonal. A weight tied between an Embedding and another layer (a language
+model's input embedding and output head) is preconditioned with the other layer's block
+only: the embedding's use adds to the gradient, not to the curvature. The constructor logs
+one line with the factored layers, the parameters left to the fallback (and their share),
+the diagonal factors and the tied weights. Statistics are kept in float32 at least (bf16
+autocast works). ``torch.compile``: the layer hooks run (as graph breaks) whether KFAC is
+given the module or its compiled wrapper; a statistics step whose forward pass captured
+nothing raises RuntimeError instead of silently keeping stale factors.
+
+Parameters of other modules (LayerNorm, grouped convolutions, ...) are not
 Kronecker-factored; they get the documented ``fallback``: ``"sgd"`` (the raw gradient,
 default) or ``"adam"`` (a diagonal Adam-style direction ``m_hat / (sqrt(v_hat) + eps)``).
 Both go through the same KL clipping and momentum. The Adam direction and the
@@ -49,17 +63,21 @@ import torch
 from torch import nn
 
 from curvlab import distributed as _dist
-from curvlab.distributed import all_reduce_symmetric
 from curvlab.linops._kronecker import (
+    MAX_FACTOR_DIM,
     KronLayer,
     LayerCapture,
+    all_reduce_factors,
     curvature_pass,
+    damped_factor_inverse,
     eigen_factor,
     factor_scale,
     factored_pi,
     find_layers,
-    grad_factor,
-    weighted_input_factor,
+    kron_apply,
+    rotate,
+    tied_embeddings,
+    unrotate,
 )
 from curvlab.optim._distributed import Timings, lpt_schedule, reject_dtensors
 from curvlab.optim._preconditioner import graft_direction, max_abs
@@ -73,7 +91,8 @@ _GLOBAL = "kfac"  # key of the optimizer-wide counters in self.state
 
 
 class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
-    """K-FAC / EKFAC optimizer; hooks the Linear and Conv2d layers of ``model``.
+    """K-FAC / EKFAC optimizer; hooks the Linear, Conv2d, HF Conv1D and Embedding layers of
+    ``model``.
 
     Usage::
 
@@ -116,12 +135,15 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
             ``rho > 3/4``, ``lambda /= omega`` if ``rho < 1/4``, ``omega =
             damping_adaptation_decay ** interval``, clipped to ``[min_damping,
             max_damping]``. A step whose new loss is non-finite is undone.
-        fallback: ``"sgd"`` or ``"adam"`` for parameters outside Linear/Conv2d layers.
+        fallback: ``"sgd"`` or ``"adam"`` for parameters outside the factored layers.
         nonfinite: ``"skip"`` (default: a step with non-finite gradients, loss or
             statistics changes nothing and is counted in ``stats["skipped_steps"]``) or
             ``"raise"`` (FloatingPointError, nothing changed).
         process_group: ``None``, ``"default"`` or a ``ProcessGroup``: all-reduce the factors
-            over its ranks and split the decompositions (see the module docstring).
+            over its ranks and split the decompositions (see the module docstring). For a
+            DDP-wrapped ``model``, None means DDP's own group.
+        max_factor_dim: factors of a larger dimension are kept diagonal (eigh in float64 on
+            one core: ~0.7 s at 1024, ~6 s at 2048, ~54 s at 4096, measured); None: never.
 
     ``opt.stats`` holds monitoring values of the last step: ``damping``, ``kl_clip_scale``,
     ``condition_numbers`` (per layer, of A and G, at the last inverse update),
@@ -159,10 +181,17 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         nonfinite: str = "skip",
         seed: int = 0,
         process_group: Any = None,
+        max_factor_dim: int | None = MAX_FACTOR_DIM,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (its layers are hooked), got "
                             f"{type(model).__name__}")
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod  # torch.compile: its layers run the hooks (graph breaks)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            if process_group is None:  # the replicas must all-reduce the factors too
+                process_group = model.process_group
+            model = model.module
         _positive(lr=lr, damping=damping, eps=eps)
         _in_range(momentum=momentum, stat_decay=stat_decay,
                   damping_adaptation_decay=damping_adaptation_decay)
@@ -230,7 +259,10 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
             for p in group["params"]:
                 named[f"p{len(named)}"] = p
                 group_of[id(p)] = gi
-        self._layers, others = find_layers(model, named)
+        tied = tied_embeddings(model)
+        self._layers, others = find_layers(model, named, max_factor_dim=max_factor_dim,
+                                           embeddings=not eigenvalue_correction,
+                                           exclude=tied)
         self._layer_group = []
         for layer in self._layers:
             groups = {group_of[id(named[k])] for k in layer.keys}
@@ -240,10 +272,13 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
             self._layer_group.append(groups.pop())
         self._other = [named[k] for k in others]
         self._named = named
+        self._log_layout(model, tied, others)
         reject_dtensors(list(named.values()), "KFAC", "Wrap the model in "
                         "DistributedDataParallel and pass process_group instead.")
         # owner rank of each layer's eigendecompositions / inverses
-        self._owners = lpt_schedule([float(L.d_in ** 3 + L.d_out ** 3) for L in self._layers],
+        self._owners = lpt_schedule([float((0 if L.diag_in else L.d_in ** 3)
+                                           + (0 if L.diag_out else L.d_out ** 3))
+                                     for L in self._layers],
                                     _dist.world_size(self.process_group))
         self._local_n: list[int] = [0] * len(self._layers)
         self.state[_GLOBAL] = {"step": 0}
@@ -259,6 +294,7 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
             opt = ref()
             return opt is not None and opt._capturing and opt.fisher_type == "empirical"
 
+        @torch.compiler.disable
         def record_inputs(module: nn.Module, args: tuple[Any, ...],
                           kwargs: dict[str, Any]) -> None:
             opt = ref()
@@ -269,6 +305,33 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         self._pre_hook = model.register_forward_pre_hook(record_inputs, with_kwargs=True)
         weakref.finalize(self, self._capture.remove)
         weakref.finalize(self, self._pre_hook.remove)
+
+    def _log_layout(self, model: nn.Module, tied: dict[str, str], others: list[str]) -> None:
+        """One log line: what is factored, what is not (with its share of the parameters),
+        which factors are diagonal by the size rule, which tied weight is counted once."""
+        total = sum(p.numel() for p in self._named.values()) or 1
+        names = {id(p): n for n, p in model.named_parameters()}
+        rest = [self._named[k] for k in others]
+        n_rest = sum(p.numel() for p in rest)
+        diag = [f"{L.name}.{'A' if side == 'in' else 'G'}" for L in self._layers
+                for side in ("in", "out")
+                if (L.diag_in if side == "in" else L.diag_out)
+                and not (side == "in" and L.kind == "embedding")]
+        parts = [f"K-FAC factors {len(self._layers)} layers "
+                 f"({sum(p.numel() for L in self._layers for p in self._params_of(L))} "
+                 f"of {total} parameters)",
+                 f"not factored ({self.fallback} fallback): {len(rest)} tensors holding "
+                 f"{100.0 * n_rest / total:.1f}% of the parameters "
+                 f"[{', '.join(names.get(id(p), '?') for p in rest)}]"]
+        if diag:
+            parts.append(f"diagonal factors (dimension > max_factor_dim): {', '.join(diag)}")
+        if tied:
+            parts.append("tied weights, curvature of one use only: " + ", ".join(
+                f"{emb} (embedding) = {other} (factored)" for emb, other in tied.items()))
+        logger.info("; ".join(parts))
+
+    def _params_of(self, layer: KronLayer) -> list[torch.Tensor]:
+        return [self._named[k] for k in layer.keys]
 
     # ---- hooks and bookkeeping ------------------------------------------------------
     @property
@@ -301,18 +364,12 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
 
     # ---- statistics -----------------------------------------------------------------
     def _layer_grad(self, layer: KronLayer) -> torch.Tensor | None:
-        parts = []
-        if layer.weight is not None:
-            g = self._named[layer.weight].grad
-            if g is None:
-                return None
-            parts.append(g.reshape(g.shape[0], -1))
-        if layer.bias is not None:
-            g = self._named[layer.bias].grad
-            if g is None:
-                return None
-            parts.append(g.reshape(-1, 1))
-        return torch.cat(parts, dim=1)
+        """``[dW | db]`` in the statistics dtype (None if a gradient is missing)."""
+        w = self._named[layer.weight].grad if layer.weight is not None else None
+        b = self._named[layer.bias].grad if layer.bias is not None else None
+        if (layer.weight is not None and w is None) or (layer.bias is not None and b is None):
+            return None
+        return layer.block(w, b).to(layer.stat_dtype)
 
     def _reduction(self) -> str:
         return getattr(self.loss_fn, "reduction", "mean")
@@ -352,14 +409,14 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
 
     def _new_factors(self, calls):
         out = []
-        for per_layer in calls:
+        for layer, per_layer in zip(self._layers, calls, strict=True):
             if not per_layer:
                 out.append(None)
                 continue
             n = float(sum(om.sum() for _, om, _ in per_layer))
             scale = factor_scale(self.fisher_type, self._reduction(), n)
-            A = sum(weighted_input_factor(a, om) for a, om, _ in per_layer) / n
-            G = sum(grad_factor(g) for _, _, gs in per_layer for g in gs) * scale
+            A = sum(layer.input_stat(a, om) for a, om, _ in per_layer) / n
+            G = sum(layer.output_stat(g) for _, _, gs in per_layer for g in gs) * scale
             out.append((A, G, per_layer, n))
         if self.process_group is not None:  # A = sum_r n_r A_r / N (likewise G)
             live = [i for i, item in enumerate(out) if item is not None]
@@ -368,7 +425,7 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
             mats = [out[i][j] * out[i][3] for i in live for j in (0, 1)]
             counts = torch.tensor([float(out[i][3]) for i in live], dtype=torch.float64,
                                   device=_dist.comm_device(self.process_group))
-            all_reduce_symmetric(mats, self.process_group, self.timings)
+            all_reduce_factors(mats, self.process_group, self.timings)
             with self.timings.measure("communication"):
                 _dist.all_reduce_sum(counts, self.process_group)
             for k, i in enumerate(live):
@@ -383,56 +440,77 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
             _dist.all_reduce_sum(out, self.process_group)
         return out / n_total
 
+    @staticmethod
+    def _side_keys(layer: KronLayer, method: str) -> tuple[list[str], list[str]]:
+        """Decomposition keys of the full (shared by the owner) and the diagonal (computed
+        by every rank, cheaply) factors of ``layer``."""
+        sides = (("dA", "QA", "A_inv", layer.diag_in), ("dG", "QG", "G_inv", layer.diag_out))
+        full, diag = [], []
+        for d, q, inv, is_diag in sides:
+            keys = [d, q] if method == "eigen" else [inv]
+            (diag if is_diag else full).extend(keys)
+        return full, diag
+
     def _share_inverses(self, fresh: list[int]) -> None:
         """Give every rank the owners' new eigendecompositions / inverses of ``fresh``
         layers (owner's values, zeros elsewhere, one summed all-reduce; a flag per layer
-        says whether the owner has them, so a failed first decomposition stays absent)."""
+        says whether the owner has them, so a failed first decomposition stays absent).
+        Diagonal factors are decomposed by every rank itself."""
         if self.process_group is None or not fresh:
             return
         me = _dist.rank(self.process_group)
-        keys = ("dA", "QA", "dG", "QG") if self.inverse_method == "eigen" else ("A_inv", "G_inv")
         parts = []
         for i in fresh:
-            st = self.state[self._named[self._layers[i].keys[0]]]
+            layer = self._layers[i]
+            st = self.state[self._named[layer.keys[0]]]
+            keys, diag = self._side_keys(layer, self.inverse_method)
             A = st["A"]
             a, g = A.shape[0], st["G"].shape[0]
             shapes = {"dA": (a,), "QA": (a, a), "dG": (g,), "QG": (g, g), "A_inv": (a, a),
                       "G_inv": (g, g)}
-            ok = self._owners[i] == me and all(k in st for k in keys)
+            ok = self._owners[i] == me and all(k in st for k in keys + diag)
             flag = torch.full((1,), float(ok), dtype=A.dtype, device=A.device)
             # one memory layout on every rank (eigh returns column-major eigenvectors, and
             # BLAS rounds differently on them): the ranks' states stay bitwise equal
             vals = [st[k].clone(memory_format=torch.contiguous_format) if ok
                     else A.new_zeros(shapes[k]) for k in keys]
-            parts.append((i, st, flag, vals))
+            parts.append((i, st, flag, keys, vals))
         with self.timings.measure("communication"):
-            _dist.all_reduce_coalesced([t for _, _, f, v in parts for t in (f, *v)],
+            _dist.all_reduce_coalesced([t for _, _, f, _, v in parts for t in (f, *v)],
                                        self.process_group)
-        for _, st, flag, vals in parts:
+        for i, st, flag, keys, vals in parts:
             if float(flag) > 0.5:
                 st.update(zip(keys, vals, strict=True))
+                if self._owners[i] != me:
+                    lam = self.param_groups[self._layer_group[i]]["damping"]
+                    self._update_inverse(self._layers[i], st, lam, diag_only=True)
 
-    def _update_inverse(self, layer: KronLayer, st: dict[str, Any], lam: float) -> None:
+    def _update_inverse(self, layer: KronLayer, st: dict[str, Any], lam: float,
+                        diag_only: bool = False) -> None:
+        """Eigendecompositions (``"eigen"``) or factored-damping inverses (``"inverse"``)
+        of the layer's factors; ``diag_only``: of its diagonal factors only."""
         A, G = st["A"], st["G"]
+        todo = [(A, "A", layer.diag_in), (G, "G", layer.diag_out)]
+        todo = [(X, n) for X, n, is_diag in todo if is_diag or not diag_only]
         try:
             if self.inverse_method == "eigen":
-                st["dA"], st["QA"] = eigen_factor(A)
-                st["dG"], st["QG"] = eigen_factor(G)
-                dA, dG = st["dA"], st["dG"]
+                for X, n in todo:
+                    st["d" + n], st["Q" + n] = eigen_factor(X)
+                dA, dG = st.get("dA"), st.get("dG")
             else:
                 pi = factored_pi(A, G)
                 root = math.sqrt(lam)
-                eyeA = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-                eyeG = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-                st["A_inv"] = torch.cholesky_inverse(torch.linalg.cholesky(
-                    (A + pi * root * eyeA).double())).to(A.dtype)
-                st["G_inv"] = torch.cholesky_inverse(torch.linalg.cholesky(
-                    (G + root / pi * eyeG).double())).to(G.dtype)
-                dA, dG = torch.linalg.eigvalsh(A.double()), torch.linalg.eigvalsh(G.double())
+                delta = {"A": pi * root, "G": root / pi}
+                for X, n in todo:
+                    st[n + "_inv"] = damped_factor_inverse(X, delta[n])
+                dA, dG = (X.double() if X.dim() == 1 else torch.linalg.eigvalsh(X.double())
+                          for X in (A, G))
         except RuntimeError as err:
             self.stats["eigh_failures"] += 1
             logger.warning("K-FAC: factor decomposition of layer %r failed (%s); keeping the "
                            "previous preconditioner", layer.name, err)
+            return
+        if dA is None or dG is None:
             return
         cond = lambda d: float(d.max() / d.min().clamp_min(1e-30))  # noqa: E731
         self.stats["condition_numbers"][layer.name] = (cond(dA), cond(dG))
@@ -444,9 +522,9 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         QA, QG = st["QA"], st["QG"]
         total, n = None, 0.0
         for a, om, gs in per_layer:
-            ap = a @ QA
+            ap = a if QA is None else a @ QA
             for g in gs:
-                gp = g @ QG
+                gp = g if QG is None else g @ QG
                 if a.shape[1] == 1:  # per-sample gradient g a^T: squares factorize
                     s_u = gp[:, 0].square().T @ ap[:, 0].square()
                 else:
@@ -454,35 +532,37 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
                 total = s_u if total is None else total + s_u
             n += float(om.sum())
         if total is None:
-            return QG.new_zeros(QG.shape[0], QA.shape[0])
+            return st["G"].new_zeros(st["dG"].shape[0], st["dA"].shape[0])
         return total * factor_scale(self.fisher_type, self._reduction(), n)
 
     # ---- preconditioning -------------------------------------------------------------
     def _precondition(self, st: dict[str, Any], M: torch.Tensor, lam: float) -> torch.Tensor:
         if self.inverse_method == "inverse":
-            return st["G_inv"] @ M @ st["A_inv"]
+            return kron_apply(st["G_inv"], M, st["A_inv"])
         QA, QG = st["QA"], st["QG"]
         if self.eigenvalue_correction:
             denom = st["scale"] + lam
         else:
             denom = st["dG"].unsqueeze(1) * st["dA"].unsqueeze(0) + lam
-        return QG @ ((QG.T @ M @ QA) / denom) @ QA.T
+        return unrotate(rotate(M, QG, QA) / denom, QG, QA)
 
     def _curvature_product(self, st: dict[str, Any], M: torch.Tensor) -> torch.Tensor:
         """The (undamped) Kronecker curvature block applied to ``M``."""
         if self.eigenvalue_correction:
             QA, QG = st["QA"], st["QG"]
-            return QG @ ((QG.T @ M @ QA) * st["scale"]) @ QA.T
-        return st["G"] @ M @ st["A"]
+            return unrotate(rotate(M, QG, QA) * st["scale"], QG, QA)
+        return kron_apply(st["G"], M, st["A"])
 
     def _split(self, layer: KronLayer, U: torch.Tensor) -> list[tuple[torch.Tensor,
                                                                       torch.Tensor]]:
+        w, b = layer.split(U)
         out = []
         if layer.weight is not None:
-            w = self._named[layer.weight]
-            out.append((w, U[:, :w[0].numel()].reshape(w.shape)))
+            p = self._named[layer.weight]
+            out.append((p, w.to(p.dtype)))
         if layer.bias is not None:
-            out.append((self._named[layer.bias], U[:, -1]))
+            p = self._named[layer.bias]
+            out.append((p, b.to(p.dtype)))
         return out
 
     # ---- the step --------------------------------------------------------------------
@@ -518,6 +598,15 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         if stats_step:
             with torch.enable_grad():
                 calls = self._collect()
+            if calls is None and self._capture._handles and any(
+                    self._layer_grad(layer) is not None for layer in self._layers):
+                self._clear()
+                raise RuntimeError(
+                    "K-FAC: the layers have gradients but no statistics were captured in this "
+                    "step's forward/backward pass (the model ran under torch.compile, whose "
+                    "compiled graph skips the optimizer's hooks, or outside autograd, or "
+                    "without the module KFAC was given). Run the uncompiled model on "
+                    "statistics steps, or call remove_hooks() to keep the current factors")
             if calls is not None:
                 new = self._new_factors(calls)
                 if not _finite([t for item in new if item is not None
@@ -650,9 +739,9 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         pred = 0.0
         for i, M, _ in layer_dirs:
             layer = self._layers[i]
-            parts = [steps[id(p)] for p, _ in self._split(layer, M)]
-            D = torch.cat([parts[0].reshape(M.shape[0], -1)]
-                          + [q.reshape(-1, 1) for q in parts[1:]], dim=1)
+            w, b = (steps[id(self._named[k])] if k is not None else None
+                    for k in (layer.weight, layer.bias))
+            D = layer.block(w, b).to(M.dtype)
             st = self.state[self._named[layer.keys[0]]]
             FD = self._curvature_product(st, D)
             pred += float((M * D).sum()) + 0.5 * float((D * FD).sum() + lam * D.square().sum())
