@@ -1,0 +1,66 @@
+"""KFACOperator against curvlinops' KFACLinearOperator (K-FAC expand, type-2 Fisher):
+the same Kronecker products, with curvlab's factors A = T x and G = 1/T x curvlinops' for
+T positions per sample (docs/conventions.md).
+
+The comparison is on models whose layers act on each position separately: with layers that
+mix positions, curvlinops' type-2 backpropagates one Hessian-root column at every position
+at once, which adds cross-position terms to G; curvlab's G equals the dense type-2
+construction there (tests/linops/test_kfac_loss_terms.py)."""
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab.linops import KFACOperator
+
+curvlinops = pytest.importorskip("curvlinops")
+
+D64 = torch.float64
+B, T, D_IN, H, C = 5, 4, 3, 6, 3
+
+
+class SeqNet(nn.Module):
+    """Per-position layers on (B, T, d) (an identity mixing over positions); ``out``:
+    "bct" logits for cross-entropy, "btc" outputs for element-wise losses."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+        self.inner = nn.Linear(D_IN, H)
+        self.head = nn.Linear(H, C)
+        self.register_buffer("mix", torch.eye(T))
+
+    def forward(self, x):
+        h = torch.einsum("st,bth->bsh", self.mix.to(x.dtype), torch.tanh(self.inner(x)))
+        z = self.head(h)
+        return z.transpose(1, 2) if self.out == "bct" else z
+
+
+def _case(name):
+    torch.manual_seed(0)
+    X = torch.randn(B, T, D_IN, dtype=D64)
+    if name == "ce":
+        return SeqNet("bct").to(D64), nn.CrossEntropyLoss(), X, torch.randint(0, C, (B, T))
+    if name == "bce":
+        y = torch.randint(0, 2, (B, T, C)).to(D64)
+        return SeqNet("btc").to(D64), nn.BCEWithLogitsLoss(), X, y
+    return SeqNet("btc").to(D64), nn.MSELoss(), X, torch.randn(B, T, C, dtype=D64)
+
+
+@pytest.mark.parametrize("name", ["ce", "mse", "bce"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_factors_equal_curvlinops_after_conversion(name, reduction):
+    model, loss_fn, X, y = _case(name)
+    loss_fn.reduction = reduction
+    params = [p for p in model.parameters()]
+    data = [(X[:2], y[:2]), (X[2:], y[2:])]
+    theirs = curvlinops.KFACLinearOperator(model, loss_fn, params, data, fisher_type="type-2",
+                                           separate_weight_and_bias=False,
+                                           check_deterministic=False)
+    theirs.compute_kronecker_factors()
+    ours = KFACOperator(model, loss_fn, (X, y), fisher_type="exact")
+    for layer in ("inner", "head"):
+        A_cl, G_cl = theirs._input_covariances[layer], theirs._gradient_covariances[layer]
+        A, G = ours.factors[layer]
+        torch.testing.assert_close(A, T * A_cl, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(G, G_cl / T, atol=1e-12, rtol=1e-10)
