@@ -33,12 +33,16 @@ class SeqNet(nn.Module):
     def forward(self, x):
         h = torch.einsum("st,bth->bsh", self.mix.to(x.dtype), torch.tanh(self.inner(x)))
         z = self.head(h)
+        if self.out == "pool":  # one output per sample: the positions are reduced inside
+            return z.mean(1)
         return z.transpose(1, 2) if self.out == "bct" else z
 
 
 def _case(name):
     torch.manual_seed(0)
     X = torch.randn(B, T, D_IN, dtype=D64)
+    if name == "ce_pool":
+        return SeqNet("pool").to(D64), nn.CrossEntropyLoss(), X, torch.randint(0, C, (B,))
     if name == "ce":
         return SeqNet("bct").to(D64), nn.CrossEntropyLoss(), X, torch.randint(0, C, (B, T))
     if name == "bce":
@@ -64,3 +68,38 @@ def test_factors_equal_curvlinops_after_conversion(name, reduction):
         A, G = ours.factors[layer]
         torch.testing.assert_close(A, T * A_cl, atol=1e-12, rtol=1e-10)
         torch.testing.assert_close(G, G_cl / T, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("separate", [False, True])
+def test_reduce_and_separate_blocks_equal_curvlinops(approx, separate):
+    """K-FAC reduce has no T conversion; separate weight / bias blocks: the bias block's
+    input factor is the scalar T (expand) or 1 (reduce). A model that averages over the
+    positions before its output (curvlinops' type-2 is exact there for reduce too)."""
+    model, loss_fn, X, y = _case("ce_pool")
+    theirs = curvlinops.KFACLinearOperator(model, loss_fn, list(model.parameters()), [(X, y)],
+                                           fisher_type="type-2", kfac_approx=approx,
+                                           separate_weight_and_bias=separate,
+                                           check_deterministic=False)
+    theirs.compute_kronecker_factors()
+    ours = KFACOperator(model, loss_fn, (X, y), fisher_type="exact", approx=approx,
+                        separate_weight_and_bias=separate)
+    t = T if approx == "expand" else 1
+    for layer in ("inner", "head"):
+        G_cl = theirs._gradient_covariances[layer]
+        if separate:
+            A_cl = theirs._input_covariances[layer]
+            A_w, G_w = ours.factors[f"{layer}.weight"]
+            A_b, G_b = ours.factors[f"{layer}.bias"]
+            torch.testing.assert_close(A_w, t * A_cl, atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(A_b, torch.full((1, 1), float(t), dtype=D64))
+            for G in (G_w, G_b):
+                torch.testing.assert_close(G, G_cl / t, atol=1e-12, rtol=1e-10)
+        else:
+            A, G = ours.factors[layer]
+            torch.testing.assert_close(A, t * theirs._input_covariances[layer], atol=1e-12,
+                                       rtol=1e-10)
+            torch.testing.assert_close(G, G_cl / t, atol=1e-12, rtol=1e-10)
+    # and the operators agree as matrices (curvlinops orders weight then bias per layer)
+    v = torch.randn(ours.shape[0], dtype=D64)
+    torch.testing.assert_close(ours.matvec(v), theirs @ v, atol=1e-10, rtol=1e-8)

@@ -121,6 +121,7 @@ class KronLayer:
     kind: str = "linear"
     diag_in: bool = False
     diag_out: bool = False
+    approx: str = "expand"
     records: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @property
@@ -172,8 +173,11 @@ class KronLayer:
         return w, b
 
     def input_stat(self, a: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-        """``sum_n omega_n sum_t a_nt a_nt^T`` (its diagonal if ``diag_in``)."""
+        """``sum_n omega_n sum_t a_nt a_nt^T`` (its diagonal if ``diag_in``); K-FAC reduce:
+        ``sum_n omega_n abar_n abar_n^T`` with ``abar_n = (1/T) sum_t a_nt``."""
         w = omega.to(self.stat_dtype)
+        if self.approx == "reduce" and self.kind != "embedding":
+            a = a.mean(1, keepdim=True)
         if self.kind == "embedding":  # a holds token ids: A = weighted counts (+ bias: none)
             counts = torch.bincount(a.reshape(-1), weights=w.repeat_interleave(a.shape[1]),
                                     minlength=self.module.num_embeddings)
@@ -183,7 +187,10 @@ class KronLayer:
         return weighted_input_factor(a, w)
 
     def output_stat(self, g: torch.Tensor) -> torch.Tensor:
-        """``sum_n (1/T) sum_t g_nt g_nt^T`` (its diagonal if ``diag_out``)."""
+        """``sum_n (1/T) sum_t g_nt g_nt^T`` (its diagonal if ``diag_out``); K-FAC reduce:
+        ``sum_n gbar_n gbar_n^T`` with ``gbar_n = sum_t g_nt``."""
+        if self.approx == "reduce" and self.kind != "embedding":
+            g = g.sum(1, keepdim=True)
         if self.diag_out:
             return g.square().sum((0, 1)) / g.shape[1]
         return grad_factor(g)
@@ -209,11 +216,16 @@ def tied_embeddings(model: nn.Module) -> dict[str, str]:
 def find_layers(
     model: nn.Module, params: Mapping[str, torch.Tensor], *,
     max_factor_dim: int | None = MAX_FACTOR_DIM, embeddings: bool = True,
-    exclude: Iterable[str] = (),
+    exclude: Iterable[str] = (), approx: str = "expand",
+    separate_weight_and_bias: bool = False,
 ) -> tuple[list[KronLayer], list[str]]:
     """Split ``params`` into supported layers and the keys of all other parameters.
 
     ``max_factor_dim``: factors of a larger dimension are diagonal (None: never).
+    ``approx``: ``"expand"`` or ``"reduce"`` (Eschenhagen et al. 2023) for layers that
+    share their weight over positions. ``separate_weight_and_bias``: one block for the
+    weight and one for the bias (the bias block's input factor is the scalar ``T``, or 1
+    with reduce) instead of one block for ``[W | b]``.
     ``embeddings=False`` leaves Embedding layers to the caller's fallback; modules named
     in ``exclude`` are skipped. A parameter used by several supported layers (tied
     weights) raises ValueError (see :func:`tied_embeddings`).
@@ -221,6 +233,8 @@ def find_layers(
     key_of = {id(p): k for k, p in params.items()}
     layers, covered = [], set()
     exclude = set(exclude)
+    if approx not in ("expand", "reduce"):
+        raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
     for name, module in model.named_modules():
         kind = layer_kind(module)
         if kind is None or (kind == "embedding" and not embeddings) or name in exclude:
@@ -235,11 +249,15 @@ def find_layers(
                              "(tied weights); Kronecker factors need one layer per parameter: "
                              "select the parameters of one of them with params=")
         covered.update(k for k in (wk, bk) if k is not None)
-        layer = KronLayer(name, module, wk, bk, kind)
-        big = max_factor_dim if max_factor_dim is not None else math.inf
-        layer.diag_in = kind == "embedding" or layer.d_in > big
-        layer.diag_out = layer.d_out > big
-        layers.append(layer)
+        pairs = [(wk, None), (None, bk)] if separate_weight_and_bias and wk and bk \
+            else [(wk, bk)]
+        for w, b in pairs:
+            label = name if len(pairs) == 1 else f"{name}.{'bias' if w is None else 'weight'}"
+            layer = KronLayer(label, module, w, b, kind, approx=approx)
+            big = max_factor_dim if max_factor_dim is not None else math.inf
+            layer.diag_in = kind == "embedding" or layer.d_in > big
+            layer.diag_out = layer.d_out > big
+            layers.append(layer)
     others = [k for k in params if k not in covered]
     return layers, others
 

@@ -63,6 +63,12 @@ class KFACOperator(CurvatureOperator):
         seed: seed of the target sampling (``"mc"``), so the operator is reproducible.
         max_factor_dim: factors of a larger dimension are kept diagonal (their ``eigh``
             would be too slow: ~6 s at 2048, ~54 s at 4096 in float64 on one core).
+        approx: ``"expand"`` (default) or ``"reduce"`` (Eschenhagen et al. 2023: ``A`` from
+            the position-averaged inputs, ``G`` from the position-summed output gradients,
+            one term per sample) for layers that share their weight over positions.
+        separate_weight_and_bias: one Kronecker block for the weight and one for the bias
+            (named ``"<layer>.weight"`` / ``"<layer>.bias"`` in ``factors``) instead of one
+            block for ``[W | b]``.
 
     Attributes after construction: ``factors`` maps the layer name to ``(A, G)`` (a
     diagonal factor is a 1-D tensor).
@@ -77,7 +83,8 @@ class KFACOperator(CurvatureOperator):
     def __init__(self, model: Any, loss_fn: Any = None, data: Any = None, params: Any = None,
                  *, fisher_type: str = "mc", damping: float = 0.0, mc_samples: int = 1,
                  seed: int = 0, train: bool = False,
-                 max_factor_dim: int | None = MAX_FACTOR_DIM) -> None:
+                 max_factor_dim: int | None = MAX_FACTOR_DIM, approx: str = "expand",
+                 separate_weight_and_bias: bool = False) -> None:
         if fisher_type not in FISHER_TYPES:
             raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
         if not (damping >= 0):
@@ -89,6 +96,8 @@ class KFACOperator(CurvatureOperator):
         self.mc_samples = int(mc_samples)
         self.seed = seed
         self.max_factor_dim = max_factor_dim
+        self.approx = approx
+        self.separate_weight_and_bias = separate_weight_and_bias
         super().__init__(model, loss_fn, data, params, train=train)
 
     # ---- construction --------------------------------------------------------------
@@ -96,8 +105,9 @@ class KFACOperator(CurvatureOperator):
         obj = self.objective
         if not isinstance(obj.model, torch.nn.Module):
             raise TypeError("KFACOperator needs an nn.Module model (its layers are hooked)")
-        self.layers, others = find_layers(obj.model, obj.params,
-                                          max_factor_dim=self.max_factor_dim)
+        self.layers, others = find_layers(
+            obj.model, obj.params, max_factor_dim=self.max_factor_dim, approx=self.approx,
+            separate_weight_and_bias=self.separate_weight_and_bias)
         if others:
             raise ValueError(
                 f"K-FAC has Kronecker factors only for nn.Linear, ungrouped nn.Conv2d, HF "

@@ -144,6 +144,8 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
             DDP-wrapped ``model``, None means DDP's own group.
         max_factor_dim: factors of a larger dimension are kept diagonal (eigh in float64 on
             one core: ~0.7 s at 1024, ~6 s at 2048, ~54 s at 4096, measured); None: never.
+        approx, separate_weight_and_bias: K-FAC expand / reduce and one block per weight
+            and bias, as for :class:`curvlab.linops.KFACOperator`.
 
     ``opt.stats`` holds monitoring values of the last step: ``damping``, ``kl_clip_scale``,
     ``condition_numbers`` (per layer, of A and G, at the last inverse update),
@@ -182,6 +184,8 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         seed: int = 0,
         process_group: Any = None,
         max_factor_dim: int | None = MAX_FACTOR_DIM,
+        approx: str = "expand",
+        separate_weight_and_bias: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (its layers are hooked), got "
@@ -262,7 +266,8 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         tied = tied_embeddings(model)
         self._layers, others = find_layers(model, named, max_factor_dim=max_factor_dim,
                                            embeddings=not eigenvalue_correction,
-                                           exclude=tied)
+                                           exclude=tied, approx=approx,
+                                           separate_weight_and_bias=separate_weight_and_bias)
         self._layer_group = []
         for layer in self._layers:
             groups = {group_of[id(named[k])] for k in layer.keys}
