@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.linops import KFACOperator
+from curvlab.linops import EKFACOperator, KFACOperator
 
 curvlinops = pytest.importorskip("curvlinops")
 
@@ -103,3 +103,25 @@ def test_reduce_and_separate_blocks_equal_curvlinops(approx, separate):
     # and the operators agree as matrices (curvlinops orders weight then bias per layer)
     v = torch.randn(ours.shape[0], dtype=D64)
     torch.testing.assert_close(ours.matvec(v), theirs @ v, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_ekfac_equals_curvlinops(loss):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(D_IN, H), nn.Tanh(), nn.Linear(H, C)).to(D64)
+    X = torch.randn(7, D_IN, dtype=D64)
+    if loss == "ce":
+        loss_fn, y = nn.CrossEntropyLoss(), torch.randint(0, C, (7,))
+    else:
+        loss_fn, y = nn.MSELoss(), torch.randn(7, C, dtype=D64)
+    theirs = curvlinops.EKFACLinearOperator(model, loss_fn, list(model.parameters()),
+                                            [(X[:3], y[:3]), (X[3:], y[3:])],
+                                            fisher_type="type-2",
+                                            separate_weight_and_bias=False,
+                                            check_deterministic=False)
+    ours = EKFACOperator(model, loss_fn, (X, y), fisher_type="exact")
+    V = torch.randn(ours.shape[0], 3, dtype=D64)
+    torch.testing.assert_close(ours @ V, theirs @ V, atol=1e-10, rtol=1e-8)
+    lam = 0.1
+    torch.testing.assert_close(ours.inverse(lam).to_dense() @ (ours.to_dense() + lam * torch.eye(
+        ours.shape[0], dtype=D64)), torch.eye(ours.shape[0], dtype=D64), atol=1e-8, rtol=0)

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.func import hessian, jacrev
+from torch.func import functional_call, hessian, jacrev
 
 from curvlab import Objective
-from curvlab.linops import KFACOperator
+from curvlab.linops import EKFACOperator, KFACOperator
 from curvlab.optim import KFAC
 
 D64 = torch.float64
@@ -238,3 +238,28 @@ def test_ignored_targets_several_batches_equal_one_batch(kind):
     many = KFACOperator(model, loss_fn, [(X[:1], y[:T]), (X[1:3], y[T:3 * T]),
                                          (X[3:], y[3 * T:])], fisher_type=kind)
     _assert_factors_equal(one, many)
+
+
+@pytest.mark.parametrize("kind", ["ce_bct", "ce_flat", "bce"])
+def test_ekfac_scales_are_the_ggn_diagonal_in_the_kronecker_eigenbasis(kind):
+    """EKFAC's corrected eigenvalues (exact fisher type) are the diagonal of the exact GGN
+    block of each layer in its Kronecker eigenbasis, also for layers whose positions mix
+    and with ignored targets."""
+    model, loss_fn, X, y = _problem(kind, seed=9)
+    if kind != "bce":
+        loss_fn = nn.CrossEntropyLoss(ignore_index=-1)
+        y = y.clone()
+        y.view(-1)[[1, 5]] = -1
+    op = EKFACOperator(model, loss_fn, (X, y), fisher_type="exact")
+    obj = Objective(model, loss_fn, (X, y))
+    theta = obj.flatten(obj.param_tensors())
+    out = lambda t: functional_call(model, obj.unflatten(t), (X,))  # noqa: E731
+    J = jacrev(out)(theta).reshape(-1, theta.numel())
+    z = out(theta).detach()
+    Hz = hessian(lambda z_: loss_fn(z_, y))(z).reshape(z.numel(), z.numel())
+    ggn = J.T @ Hz @ J
+    for layer, idx, (QA, QG) in zip(op.layers, op._index, op._bases, strict=True):
+        flat = idx.reshape(-1)
+        Q = torch.kron(QG, QA)
+        ref = torch.diagonal(Q.T @ ggn[flat][:, flat] @ Q).reshape(idx.shape)
+        torch.testing.assert_close(op.scales[layer.name], ref, atol=1e-12, rtol=1e-9)

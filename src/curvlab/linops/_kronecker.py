@@ -64,6 +64,7 @@ __all__ = [
     "factor_scale",
     "weighted_input_factor",
     "all_reduce_factors",
+    "eigenbasis_scale",
     "eigen_factor",
     "factored_pi",
 ]
@@ -627,6 +628,29 @@ def weighted_input_factor(a: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     flat = a.reshape(-1, a.shape[-1])
     w = omega.to(a.dtype).repeat_interleave(a.shape[1])
     return (flat * w.unsqueeze(1)).T @ flat
+
+
+def eigenbasis_scale(per_layer: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]],
+                     QA: torch.Tensor | None, QG: torch.Tensor | None
+                     ) -> tuple[torch.Tensor | None, float]:
+    """EKFAC (George et al. 2018): ``sum_n sum_u (Q_G^T (sum_t g_ntu a_nt^T) Q_A)^2``, the
+    diagonal of the layer's curvature block in the Kronecker eigenbasis, from the
+    :func:`curvature_pass` entries of one layer (None if there are no cotangents), and the
+    total sample weight ``sum_n omega_n``."""
+    total, n = None, 0.0
+    for a, om, gs in per_layer:
+        if not torch.is_floating_point(a):
+            raise ValueError("eigenvalue correction of an Embedding layer is not supported")
+        ap = a if QA is None else a @ QA
+        for g in gs:
+            gp = g if QG is None else g @ QG
+            if a.shape[1] == 1:  # per-sample gradient g a^T: the squares factorize
+                s_u = gp[:, 0].square().T @ ap[:, 0].square()
+            else:
+                s_u = torch.einsum("ntg,nta->nga", gp, ap).square().sum(0)
+            total = s_u if total is None else total + s_u
+        n += float(om.sum())
+    return total, n
 
 
 def all_reduce_factors(mats: list[torch.Tensor], group: Any, timings: Any = None) -> None:

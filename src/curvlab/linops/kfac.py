@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from curvlab.distributed import all_reduce_coalesced
 from curvlab.linops._kronecker import (
     FISHER_TYPES,
     MAX_FACTOR_DIM,
@@ -34,6 +35,7 @@ from curvlab.linops._kronecker import (
     curvature_pass,
     dense_factor,
     eigen_factor,
+    eigenbasis_scale,
     factor_scale,
     factored_pi,
     find_layers,
@@ -43,7 +45,7 @@ from curvlab.linops._kronecker import (
 )
 from curvlab.linops.base import CurvatureOperator
 
-__all__ = ["KFACOperator", "KFACInverseOperator"]
+__all__ = ["KFACOperator", "KFACInverseOperator", "EKFACOperator"]
 
 
 class KFACOperator(CurvatureOperator):
@@ -135,9 +137,20 @@ class KFACOperator(CurvatureOperator):
         self.factors = dict(zip([layer.name for layer in self.layers],
                                 self._compute_factors(), strict=True))
 
+    def _passes(self, gen: torch.Generator):
+        """Per batch, the :func:`curvature_pass` entries of every layer."""
+        obj = self.objective
+        leaves = {k: v.detach().requires_grad_(True) for k, v in self.point.items()}
+        with obj.mode():
+            for w, x, y in obj.batches():
+                yield curvature_pass(self.layers, lambda x=x: obj.outputs(leaves, x),
+                                     obj.loss_fn, y, self.fisher_type, weight=w,
+                                     reduction=obj.reduction, mc_samples=self.mc_samples,
+                                     generator=gen)
+
     def _compute_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         obj = self.objective
-        gen = torch.Generator(device=obj.device).manual_seed(self.seed)
+        self._generator = gen = torch.Generator(device=obj.device).manual_seed(self.seed)
 
         def zeros(d: int, diag: bool) -> torch.Tensor:
             shape = (d,) if diag else (d, d)
@@ -146,19 +159,13 @@ class KFACOperator(CurvatureOperator):
         A = [zeros(lay.d_in, lay.diag_in) for lay in self.layers]
         G = [zeros(lay.d_out, lay.diag_out) for lay in self.layers]
         omega = torch.zeros(len(self.layers), dtype=obj.dtype, device=obj.device)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in self.point.items()}
-        with obj.mode():
-            for w, x, y in obj.batches():
-                calls = curvature_pass(self.layers, lambda x=x: obj.outputs(leaves, x),
-                                       obj.loss_fn, y, self.fisher_type, weight=w,
-                                       reduction=obj.reduction, mc_samples=self.mc_samples,
-                                       generator=gen)
-                for i, (layer, per_layer) in enumerate(zip(self.layers, calls, strict=True)):
-                    for a, om, gs in per_layer:
-                        A[i] += layer.input_stat(a, om).to(obj.dtype)
-                        omega[i] += om.sum()
-                        for g in gs:
-                            G[i] += layer.output_stat(g).to(obj.dtype)
+        for calls in self._passes(gen):
+            for i, (layer, per_layer) in enumerate(zip(self.layers, calls, strict=True)):
+                for a, om, gs in per_layer:
+                    A[i] += layer.input_stat(a, om).to(obj.dtype)
+                    omega[i] += om.sum()
+                    for g in gs:
+                        G[i] += layer.output_stat(g).to(obj.dtype)
         # data parallel: whole-data factors
         all_reduce_factors([*A, *G], obj.process_group)
         obj.all_reduce(omega)
@@ -213,6 +220,24 @@ class KFACOperator(CurvatureOperator):
             raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
         return KFACInverseOperator(self, lam, method)
 
+    def _inverse_blocks(self, damping: float, method: str) -> list[tuple[Any, ...]]:
+        """Per block ``(idx, Q_A, Q_G, denom)``: the inverse is ``M -> Q_G [(Q_G^T M Q_A) /
+        denom] Q_A^T``."""
+        out = []
+        for idx, A, G in self._blocks():
+            dA, QA = eigen_factor(A)
+            dG, QG = eigen_factor(G)
+            if method == "exact":
+                denom = dG.unsqueeze(1) * dA.unsqueeze(0) + damping
+            else:
+                pi = factored_pi(A, G)
+                root = damping ** 0.5
+                denom = (dG + root / pi).unsqueeze(1) * (dA + pi * root).unsqueeze(0)
+            if not bool((denom > 0).all()):
+                raise ValueError("the Kronecker factors are singular: pass damping > 0")
+            out.append((idx, QA, QG, denom))
+        return out
+
 
 class KFACInverseOperator(CurvatureOperator):
     """The inverse of a damped :class:`KFACOperator` (built by ``KFACOperator.inverse``)."""
@@ -226,19 +251,7 @@ class KFACInverseOperator(CurvatureOperator):
         self.method = method
         self.num_matvecs = 0
         self.point = parent.point
-        self._eig = []
-        for idx, A, G in parent._blocks():
-            dA, QA = eigen_factor(A)
-            dG, QG = eigen_factor(G)
-            if method == "exact":
-                denom = dG.unsqueeze(1) * dA.unsqueeze(0) + damping
-            else:
-                pi = factored_pi(A, G)
-                root = damping ** 0.5
-                denom = (dG + root / pi).unsqueeze(1) * (dA + pi * root).unsqueeze(0)
-            if not bool((denom > 0).all()):
-                raise ValueError("the Kronecker factors are singular: pass damping > 0")
-            self._eig.append((idx, QA, QG, denom))
+        self._eig = parent._inverse_blocks(damping, method)
 
     def refresh(self) -> None:
         raise TypeError("a KFACInverseOperator is fixed; refresh the parent KFACOperator "
@@ -249,4 +262,77 @@ class KFACInverseOperator(CurvatureOperator):
         for idx, QA, QG, denom in self._eig:
             M = V[:, idx]
             out[:, idx] = unrotate(rotate(M, QG, QA) / denom, QG, QA)
+        return out
+
+
+class EKFACOperator(KFACOperator):
+    """Eigenvalue-corrected K-FAC (EKFAC, George et al. 2018): per block, the Kronecker
+    eigenbasis ``Q_G (x) Q_A`` of the K-FAC factors with the eigenvalues ``d_G d_A^T``
+    replaced by the diagonal of the curvature block in that basis,
+
+        S = c sum_n sum_u (Q_G^T (sum_t g_ntu a_nt^T) Q_A)^2,
+
+    (``g_ntu`` and ``c`` as for :class:`KFACOperator`, from a second pass over the data
+    once the eigenbases are known), so the block is ``M -> Q_G [(Q_G^T M Q_A) * S] Q_A^T``.
+    For one sample with ``T = 1`` this is K-FAC itself. Same arguments as
+    :class:`KFACOperator`; ``scales`` maps the layer name to ``S``. Embedding layers are
+    not supported (ValueError).
+    """
+
+    def refresh(self) -> None:
+        super().refresh()
+        obj = self.objective
+        self._bases = [(eigen_factor(A)[1], eigen_factor(G)[1])
+                       for A, G in (self.factors[lay.name] for lay in self.layers)]
+        S = [torch.zeros(lay.d_out, lay.d_in, dtype=obj.dtype, device=obj.device)
+             for lay in self.layers]
+        omega = torch.zeros(len(self.layers), dtype=obj.dtype, device=obj.device)
+        for calls in self._passes(self._generator):
+            for i, per_layer in enumerate(calls):
+                QA, QG = self._bases[i]
+                total, n = eigenbasis_scale(per_layer, QA, QG)
+                if total is not None:
+                    S[i] += total.to(obj.dtype)
+                omega[i] += n
+        if obj.process_group is not None:
+            all_reduce_coalesced([*S, omega], obj.process_group)
+        self.scales = {
+            lay.name: s * factor_scale(self.fisher_type, obj.reduction, float(om))
+            for lay, s, om in zip(self.layers, S, omega, strict=True)}
+
+    def _apply(self, V: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(V)
+        for layer, idx, (QA, QG) in zip(self.layers, self._index, self._bases, strict=True):
+            M = V[:, idx]
+            out[:, idx] = unrotate(rotate(M, QG, QA) * self.scales[layer.name], QG, QA) + \
+                self.damping * M
+        return out
+
+    def to_dense(self, chunk: int = 64) -> torch.Tensor:
+        n = self.shape[0]
+        D = self.damping * torch.eye(n, dtype=self.dtype, device=self.device)
+        for layer, idx, (QA, QG) in zip(self.layers, self._index, self._bases, strict=True):
+            flat = idx.reshape(-1)
+            eye = lambda Q, d: torch.eye(d, dtype=self.dtype, device=self.device) \
+                if Q is None else Q  # noqa: E731
+            Q = torch.kron(eye(QG, layer.d_out), eye(QA, layer.d_in))
+            block = Q @ torch.diag(self.scales[layer.name].reshape(-1)) @ Q.T
+            D[flat.unsqueeze(1), flat.unsqueeze(0)] += block
+        return D
+
+    def inverse(self, damping: float | None = None, *,
+                method: str = "exact") -> KFACInverseOperator:
+        """``(EKFAC + lambda I)^-1``, exactly: ``M -> Q_G [(Q_G^T M Q_A) / (S + lambda)]
+        Q_A^T`` (``method`` must be ``"exact"``)."""
+        if method != "exact":
+            raise ValueError("EKFACOperator.inverse supports method='exact' only")
+        return super().inverse(damping, method=method)
+
+    def _inverse_blocks(self, damping: float, method: str) -> list[tuple[Any, ...]]:
+        out = []
+        for layer, idx, (QA, QG) in zip(self.layers, self._index, self._bases, strict=True):
+            denom = self.scales[layer.name] + damping
+            if not bool((denom > 0).all()):
+                raise ValueError("the corrected eigenvalues are singular: pass damping > 0")
+            out.append((idx, QA, QG, denom))
         return out

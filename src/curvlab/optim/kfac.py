@@ -71,6 +71,7 @@ from curvlab.linops._kronecker import (
     curvature_pass,
     damped_factor_inverse,
     eigen_factor,
+    eigenbasis_scale,
     factor_scale,
     factored_pi,
     find_layers,
@@ -524,18 +525,7 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         """``sum_n sum_u (Q_G^T (sum_t g_ntu a_nt^T) Q_A)^2``: the diagonal of the layer's
         curvature block in the Kronecker eigenbasis (times ``N`` for the empirical Fisher
         of a mean loss, as its factor ``G``)."""
-        QA, QG = st["QA"], st["QG"]
-        total, n = None, 0.0
-        for a, om, gs in per_layer:
-            ap = a if QA is None else a @ QA
-            for g in gs:
-                gp = g if QG is None else g @ QG
-                if a.shape[1] == 1:  # per-sample gradient g a^T: squares factorize
-                    s_u = gp[:, 0].square().T @ ap[:, 0].square()
-                else:
-                    s_u = torch.einsum("ntg,nta->nga", gp, ap).square().sum(0)
-                total = s_u if total is None else total + s_u
-            n += float(om.sum())
+        total, n = eigenbasis_scale(per_layer, st["QA"], st["QG"])
         if total is None:
             return st["G"].new_zeros(st["dG"].shape[0], st["dA"].shape[0])
         return total * factor_scale(self.fisher_type, self._reduction(), n)
