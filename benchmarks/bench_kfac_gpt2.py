@@ -4,7 +4,8 @@ was, side by side in one run; and the cost of the first step at a large vocabula
 
 1. Bigram chains (next token = a fixed permutation of the current one), vocab 64, batch 8 x
    16 tokens, 40 steps of K-FAC at its defaults, Monte-Carlo Fisher and empirical Fisher,
-   3 seeds: mean loss of the last 5 steps, and the ratio all-layers / head-only.
+   3 seeds: mean loss of the last 5 steps, and the ratio all-layers / head-only, with the
+   tied embedding / head weight counting both uses (default) or the head's only.
 2. Vocab 8192: wall time of the first step (forward, backward, factors, eigendecompositions)
    with the size rule (the 8192 x 8192 head factor kept diagonal).
 
@@ -65,7 +66,8 @@ def run(layout: str, fisher_type: str, steps: int, seed: int) -> float:
     try:
         model = Logits(gpt2(64, seed))
         ce = nn.CrossEntropyLoss()
-        opt = KFAC(model, fisher_type=fisher_type, loss_fn=ce)
+        tied = "head" if layout == "all_tied_head" else "both"
+        opt = KFAC(model, fisher_type=fisher_type, loss_fn=ce, tied_weights=tied)
     finally:
         kron.layer_kind = orig
     losses = []
@@ -85,18 +87,25 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     res: dict = {"training": {}}
-    print(f"{'fisher':>10} {'seed':>4} {'all layers':>11} {'head only':>10} {'ratio':>6}")
+    print(f"{'fisher':>10} {'seed':>4} {'all layers':>11} {'(tied: head)':>13} "
+          f"{'head only':>10} {'ratio':>6} {'ratio':>6}")
     for fisher_type in ("mc", "empirical"):
-        ratios = []
+        ratios, ratios_t = [], []
         for seed in range(args.seeds):
             a = run("all", fisher_type, args.steps, seed)
+            t = run("all_tied_head", fisher_type, args.steps, seed)
             h = run("head_only", fisher_type, args.steps, seed)
             ratios.append(a / h)
-            res["training"][f"{fisher_type}/{seed}"] = {"all": a, "head_only": h}
-            print(f"{fisher_type:>10} {seed:>4} {a:11.3f} {h:10.3f} {a / h:6.2f}")
+            ratios_t.append(t / h)
+            res["training"][f"{fisher_type}/{seed}"] = {"all": a, "all_tied_head": t,
+                                                        "head_only": h}
+            print(f"{fisher_type:>10} {seed:>4} {a:11.3f} {t:13.3f} {h:10.3f} {a / h:6.2f} "
+                  f"{t / h:6.2f}")
         res["training"][f"{fisher_type}/median_ratio"] = statistics.median(ratios)
+        res["training"][f"{fisher_type}/median_ratio_tied_head"] = statistics.median(ratios_t)
         print(f"{fisher_type:>10} median ratio (all / head-only loss): "
-              f"{statistics.median(ratios):.2f}")
+              f"{statistics.median(ratios):.2f} (tied_weights='both'), "
+              f"{statistics.median(ratios_t):.2f} (tied_weights='head')")
     model = gpt2(8192, 0)
     ids = batches(8192, 1, 0)[0]
     opt = KFAC(model)

@@ -106,20 +106,24 @@ def _gpt2(vocab=64, seed=0):
     return GPT2LMHeadModel(cfg)
 
 
-def test_gpt2_layout_and_log(caplog):
+@pytest.mark.parametrize("tied", ["head", "both"])
+def test_gpt2_layout_and_log(caplog, tied):
     model = _gpt2()
     with caplog.at_level(logging.INFO, logger="curvlab.optim.kfac"):
-        opt = KFAC(model, max_factor_dim=48)
+        opt = KFAC(model, max_factor_dim=48, tied_weights=tied)
     kinds = {lay.name: lay.kind for lay in opt._layers}
     assert kinds["transformer.h.0.attn.c_attn"] == "conv1d"
     assert kinds["transformer.wpe"] == "embedding" and kinds["lm_head"] == "linear"
-    assert "transformer.wte" not in kinds  # tied to lm_head: counted once, stated in the log
+    assert "transformer.wte" not in kinds  # tied to lm_head: factored with the head
+    assert [E.name for E in opt._tied.values()] == (["transformer.wte"] if tied == "both"
+                                                     else [])
     head = next(lay for lay in opt._layers if lay.name == "lm_head")
     assert head.diag_out and not head.diag_in  # vocab 64 > 48: the output factor diagonal
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1
     assert "not factored" in lines[0] and "ln_f.weight" in lines[0] and "%" in lines[0]
-    assert "lm_head.G" in lines[0] and "transformer.wte" in lines[0]
+    assert "lm_head.G" in lines[0]
+    assert ("both uses counted" if tied == "both" else "curvature of one use only") in lines[0]
     n_other = sum(p.numel() for p in opt._other)
     assert n_other / sum(p.numel() for p in model.parameters()) < 0.02
 
@@ -234,3 +238,75 @@ def test_gpt2_trains_faster_than_with_only_the_head_factored(monkeypatch):
             losses.append(float(loss))
         final[layout] = sum(losses[-5:]) / 5
     assert final["all"] < 0.9 * final["head_only"], final
+
+
+class _TiedLM(nn.Module):
+    """Embedding -> tanh Linear -> bias-free head sharing the embedding's weight."""
+
+    def __init__(self, V=6, d=3, tied=True):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.mid = nn.Linear(d, d)
+        self.head = nn.Linear(d, V, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids)))).transpose(1, 2)
+
+
+def test_tied_weight_counts_both_uses():
+    """The tied weight's statistics are the embedding's and the head's own K-FAC factors,
+    and with diagonal factors (commuting: exact) the step is the damped solve with the sum
+    of both Kronecker blocks."""
+    torch.manual_seed(4)
+    model = _TiedLM().to(D64)
+    ids = torch.randint(0, 6, (5, 4))
+    lam = 0.1
+    opt = KFAC(model, lr=1.0, damping=lam, momentum=0.0, kl_clip=None, max_factor_dim=1,
+               tied_weights="both")
+    before = model.emb.weight.detach().clone()
+    saved = copy.deepcopy(model.state_dict())
+    nn.functional.cross_entropy(model(ids), ids).backward()
+    g = model.emb.weight.grad.clone()
+    opt.step()
+    st = opt.state[model.emb.weight]
+    # the factors of each use, from the operator on an untied copy (same values)
+    untied = _TiedLM(tied=False).to(D64)
+    untied.load_state_dict(saved)
+    with torch.no_grad():
+        untied.head.weight.copy_(before)
+    op = KFACOperator(untied, nn.CrossEntropyLoss(), (ids, ids), fisher_type="empirical",
+                      max_factor_dim=1)
+    for (mine, ref) in ((st["tA"], op.factors["emb"][0]), (st["tG"], op.factors["emb"][1]),
+                        (st["A"], op.factors["head"][0]), (st["G"], op.factors["head"][1])):
+        torch.testing.assert_close(mine, ref, atol=1e-12, rtol=1e-10)
+    C = torch.kron(torch.diag(st["G"]), torch.diag(st["A"])) + \
+        torch.kron(torch.diag(st["tA"]), torch.diag(st["tG"]))
+    step = torch.linalg.solve(C + lam * torch.eye(C.shape[0], dtype=D64), g.reshape(-1))
+    torch.testing.assert_close(model.emb.weight.detach() - before, -step.reshape(g.shape),
+                               atol=1e-12, rtol=1e-10)
+
+
+def test_tied_both_state_dict_round_trip():
+    torch.manual_seed(5)
+    ids = [torch.randint(0, 6, (4, 5)) for _ in range(5)]
+
+    def steps(model, opt, batches):
+        for b in batches:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(b), b).backward()
+            opt.step()
+
+    model = _TiedLM().to(D64)
+    opt = KFAC(model, tied_weights="both", inv_update_freq=2)
+    steps(model, opt, ids[:3])
+    saved_m, saved_o = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    steps(model, opt, ids[3:])
+    model2 = _TiedLM().to(D64)
+    model2.load_state_dict(saved_m)
+    opt2 = KFAC(model2, tied_weights="both", inv_update_freq=2)
+    opt2.load_state_dict(saved_o)
+    steps(model2, opt2, ids[3:])
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
