@@ -84,12 +84,13 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
-def layer_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv2d"`` (ungrouped, any padding mode), ``"conv1d"`` (HF's
-    transposed linear) or ``"embedding"``; None for a module K-FAC does not factor."""
+def layer_kind(module: nn.Module, grouped: bool = False) -> str | None:
+    """``"linear"``, ``"conv2d"`` (any padding mode; grouped ones only if ``grouped``: one
+    block per group), ``"conv1d"`` (HF's transposed linear) or ``"embedding"``; None for a
+    module K-FAC does not factor."""
     if isinstance(module, nn.Linear):
         return "linear"
-    if isinstance(module, nn.Conv2d) and module.groups == 1:
+    if isinstance(module, nn.Conv2d) and (module.groups == 1 or grouped):
         return "conv2d"
     if is_hf_conv1d(module) and getattr(module, "weight", None) is not None \
             and module.weight.dim() == 2:
@@ -123,6 +124,8 @@ class KronLayer:
     diag_in: bool = False
     diag_out: bool = False
     approx: str = "expand"
+    group: int = 0
+    groups: int = 1
     records: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @property
@@ -132,7 +135,13 @@ class KronLayer:
     @property
     def d_out(self) -> int:
         w = self.module.weight
-        return int(w.shape[1] if self.transposed else w.shape[0])
+        return int(w.shape[1] if self.transposed else w.shape[0] // self.groups)
+
+    @property
+    def out_rows(self) -> slice:
+        """The output channels of this layer's group (all for an ungrouped layer)."""
+        d = self.d_out
+        return slice(self.group * d, (self.group + 1) * d)
 
     @property
     def d_in(self) -> int:
@@ -218,7 +227,7 @@ def find_layers(
     model: nn.Module, params: Mapping[str, torch.Tensor], *,
     max_factor_dim: int | None = MAX_FACTOR_DIM, embeddings: bool = True,
     exclude: Iterable[str] = (), approx: str = "expand",
-    separate_weight_and_bias: bool = False,
+    separate_weight_and_bias: bool = False, grouped: bool = False,
 ) -> tuple[list[KronLayer], list[str]]:
     """Split ``params`` into supported layers and the keys of all other parameters.
 
@@ -226,7 +235,8 @@ def find_layers(
     ``approx``: ``"expand"`` or ``"reduce"`` (Eschenhagen et al. 2023) for layers that
     share their weight over positions. ``separate_weight_and_bias``: one block for the
     weight and one for the bias (the bias block's input factor is the scalar ``T``, or 1
-    with reduce) instead of one block for ``[W | b]``.
+    with reduce) instead of one block for ``[W | b]``. ``grouped``: a grouped Conv2d gets one
+    block per group (layers ``"<name>.group<j>"``).
     ``embeddings=False`` leaves Embedding layers to the caller's fallback; modules named
     in ``exclude`` are skipped. A parameter used by several supported layers (tied
     weights) raises ValueError (see :func:`tied_embeddings`).
@@ -237,7 +247,7 @@ def find_layers(
     if approx not in ("expand", "reduce"):
         raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
     for name, module in model.named_modules():
-        kind = layer_kind(module)
+        kind = layer_kind(module, grouped)
         if kind is None or (kind == "embedding" and not embeddings) or name in exclude:
             continue
         wk = key_of.get(id(module.weight))
@@ -252,13 +262,18 @@ def find_layers(
         covered.update(k for k in (wk, bk) if k is not None)
         pairs = [(wk, None), (None, bk)] if separate_weight_and_bias and wk and bk \
             else [(wk, bk)]
-        for w, b in pairs:
-            label = name if len(pairs) == 1 else f"{name}.{'bias' if w is None else 'weight'}"
-            layer = KronLayer(label, module, w, b, kind, approx=approx)
-            big = max_factor_dim if max_factor_dim is not None else math.inf
-            layer.diag_in = kind == "embedding" or layer.d_in > big
-            layer.diag_out = layer.d_out > big
-            layers.append(layer)
+        groups = module.groups if kind == "conv2d" else 1
+        for j in range(groups):
+            for w, b in pairs:
+                label = name if len(pairs) == 1 else \
+                    f"{name}.{'bias' if w is None else 'weight'}"
+                label = label if groups == 1 else f"{label}.group{j}"
+                layer = KronLayer(label, module, w, b, kind, approx=approx, group=j,
+                                  groups=groups)
+                big = max_factor_dim if max_factor_dim is not None else math.inf
+                layer.diag_in = kind == "embedding" or layer.d_in > big
+                layer.diag_out = layer.d_out > big
+                layers.append(layer)
     others = [k for k in params if k not in covered]
     return layers, others
 
@@ -272,6 +287,9 @@ def layer_inputs(layer: KronLayer, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
     x = x.to(layer.stat_dtype)
     if layer.kind == "conv2d":
+        if layer.groups > 1:
+            c = x.shape[1] // layer.groups
+            x = x[:, layer.group * c:(layer.group + 1) * c]
         if m.padding_mode != "zeros" or isinstance(m.padding, str) or any(m.padding):
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
             x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
@@ -289,7 +307,7 @@ def layer_output_grads(layer: KronLayer, g: torch.Tensor) -> torch.Tensor:
     """Output gradients as ``(N, T, d_out)`` rows ``g_nt`` (statistics dtype)."""
     g = g.to(layer.stat_dtype)
     if layer.kind == "conv2d":
-        return g.flatten(2).transpose(1, 2)
+        return g[:, layer.out_rows].flatten(2).transpose(1, 2)
     return g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() > 1 else g.reshape(1, 1, -1)
 
 

@@ -54,8 +54,8 @@ class KFACOperator(CurvatureOperator):
     Args:
         model, loss_fn, data, params: as for every curvature operator (or one Objective).
             ``model`` must be an ``nn.Module``; every selected parameter must belong to an
-            ``nn.Linear``, ungrouped ``nn.Conv2d``, HF ``Conv1D`` (transposed linear) or
-            ``nn.Embedding`` (diagonal input factor: one-hot inputs) layer, and to one
+            ``nn.Linear``, ``nn.Conv2d`` (grouped: one block per group), HF ``Conv1D``
+            (transposed linear) or ``nn.Embedding`` (diagonal input factor) layer, and to one
             layer only (tied weights: ValueError; select one use with ``params=``).
         fisher_type: ``"mc"`` (Fisher, targets sampled from the model, default),
             ``"exact"`` (Fisher/GGN through the exact output-Hessian square root) or
@@ -109,7 +109,7 @@ class KFACOperator(CurvatureOperator):
             raise TypeError("KFACOperator needs an nn.Module model (its layers are hooked)")
         self.layers, others = find_layers(
             obj.model, obj.params, max_factor_dim=self.max_factor_dim, approx=self.approx,
-            separate_weight_and_bias=self.separate_weight_and_bias)
+            separate_weight_and_bias=self.separate_weight_and_bias, grouped=True)
         if others:
             raise ValueError(
                 f"K-FAC has Kronecker factors only for nn.Linear, ungrouped nn.Conv2d, HF "
@@ -125,10 +125,12 @@ class KFACOperator(CurvatureOperator):
             if layer.weight is not None:
                 w = obj.params[layer.weight]
                 pos = torch.arange(w.numel())
-                pos = pos.reshape(w.shape).T if layer.transposed else pos.reshape(w.shape[0], -1)
+                pos = pos.reshape(w.shape).T if layer.transposed else \
+                    pos.reshape(w.shape[0], -1)[layer.out_rows]
                 cols.append(offsets[layer.weight] + pos)
             if layer.bias is not None:
-                cols.append(offsets[layer.bias] + torch.arange(layer.d_out).reshape(-1, 1))
+                bias = torch.arange(obj.params[layer.bias].numel())[layer.out_rows]
+                cols.append(offsets[layer.bias] + bias.reshape(-1, 1))
             self._index.append(torch.cat(cols, dim=1).to(obj.device))
 
     def refresh(self) -> None:
