@@ -551,6 +551,8 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
                 delta = {"A": pi * root, "G": root / pi}
                 for X, n in todo:
                     st[n + "_inv"] = damped_factor_inverse(X, delta[n])
+                if diag_only:
+                    return
                 dA, dG = (X.double() if X.dim() == 1 else torch.linalg.eigvalsh(X.double())
                           for X in (A, G))
         except RuntimeError as err:
