@@ -62,7 +62,7 @@ def batches(vocab: int, steps: int, seed: int, B: int = 8, T: int = 16) -> list[
 def run(layout: str, fisher_type: str, steps: int, seed: int) -> float:
     orig = kron.layer_kind
     if layout == "head_only":
-        kron.layer_kind = lambda m: "linear" if isinstance(m, nn.Linear) else None
+        kron.layer_kind = lambda m, grouped=False: "linear" if isinstance(m, nn.Linear) else None
     try:
         model = Logits(gpt2(64, seed))
         ce = nn.CrossEntropyLoss()

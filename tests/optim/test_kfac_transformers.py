@@ -225,7 +225,7 @@ def test_gpt2_trains_faster_than_with_only_the_head_factored(monkeypatch):
     final = {}
     for layout in ("all", "head_only"):
         if layout == "head_only":
-            monkeypatch.setattr(kron, "layer_kind", lambda m: "linear"
+            monkeypatch.setattr(kron, "layer_kind", lambda m, grouped=False: "linear"
                                 if isinstance(m, nn.Linear) else None)
         model = _Logits(_gpt2())
         opt = KFAC(model, fisher_type="mc", loss_fn=ce)
