@@ -310,3 +310,25 @@ def test_tied_both_state_dict_round_trip():
     steps(model2, opt2, ids[3:])
     for p, q in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_operator_on_gpt2_with_its_own_loss_and_padding():
+    """KFACOperator on an HF causal LM (loss_fn=None: the Objective's shifted, flattened
+    cross-entropy with ignore_index=-100), Conv1D layers, a padded sequence: the Monte-Carlo
+    factors match the exact (type-2) ones in trace, the input factors exactly."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16,
+                     bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).double()
+    ids = torch.randint(0, 32, (4, 6))
+    labels = ids.clone()
+    labels[0, 3:] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    params = [n for n, _ in model.named_parameters() if ".attn.c_" in n or ".mlp.c_" in n]
+    exact = KFACOperator(model, None, batch, params=params, fisher_type="exact")
+    mc = KFACOperator(model, None, batch, params=params, fisher_type="mc", mc_samples=500)
+    assert len(exact.factors) == 4
+    for name, (A, G) in exact.factors.items():
+        A_mc, G_mc = mc.factors[name]
+        torch.testing.assert_close(A_mc, A, atol=1e-12, rtol=0)
+        assert abs(float(G_mc.trace() / G.trace()) - 1) < 0.03
