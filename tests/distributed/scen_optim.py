@@ -19,6 +19,11 @@ DDP_VARIANTS = (*OPTIMIZERS, "shampoo/allgather", "soap/allgather")
 FSDP_VARIANTS = (*OPTIMIZERS, "shampoo/allgather", "soap/allgather")
 
 
+# P.mlp's factors (A/G) have dimensions 7/8, 9/7, 8/3: max_factor_dim=7 makes three diagonal
+KFAC_DIAG = {"kfac_diag": dict(max_factor_dim=7),
+             "kfac_diag_inverse": dict(max_factor_dim=7, inverse_method="inverse")}
+
+
 def make(name: str, model: nn.Module, group=None):
     """The optimizer under test (``group``: its process group, None for one process);
     ``name`` may carry a distributed mode, ``"shampoo/allgather"``."""
@@ -76,6 +81,20 @@ def run(rank: int, world: int) -> dict:
         res[f"timings/{name}"] = dict(opt.timings)
         if name.startswith(("shampoo", "soap")):
             res[f"stats/{name}"] = opt.stats()
+    # K-FAC handed the DDP-wrapped model itself, no process_group: it must use DDP's group
+    inner = P.mlp()
+    ddp = DDP(inner)
+    opt = make("kfac", ddp)
+    train("kfac", inner, opt, range(STEPS), rank, world, forward=ddp)
+    res["ddp_given/kfac"] = params(inner)
+    # K-FAC with diagonal factors (size rule), whose decompositions every rank does itself
+    for variant, kw in KFAC_DIAG.items():
+        inner = P.mlp()
+        ddp = DDP(inner)
+        opt = KFAC(inner, lr=0.1, damping=0.1, inv_update_freq=3, process_group="default",
+                   **kw)
+        train("kfac", inner, opt, range(STEPS), rank, world, forward=ddp)
+        res[f"ddp/{variant}"] = params(inner)
     res.update(run_fsdp(rank, world))
     return res
 

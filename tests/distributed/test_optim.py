@@ -8,7 +8,7 @@ import functools
 import _problems as P
 import pytest
 import torch
-from scen_optim import DDP_VARIANTS, STEPS, make, params, train
+from scen_optim import DDP_VARIANTS, KFAC_DIAG, STEPS, make, params, train
 
 from curvlab.optim import KFAC, Shampoo
 from curvlab.optim._distributed import eigh_cost, lpt_schedule
@@ -40,6 +40,23 @@ def test_ddp_equals_single_process(dist_results, name):
     assert min(moved) > 1e-3  # the comparison is not between untrained models
     for res in dist_results:
         assert_params_equal(res[f"ddp/{name}"], want)
+
+
+def test_kfac_given_the_ddp_model_uses_its_group(dist_results):
+    """KFAC(ddp_model) without process_group all-reduces over DDP's group (no drift)."""
+    want = single_process("kfac")
+    for res in dist_results:
+        assert_params_equal(res["ddp_given/kfac"], want)
+
+
+@pytest.mark.parametrize("variant", list(KFAC_DIAG))
+def test_kfac_with_diagonal_factors_equals_single_process(dist_results, variant):
+    model = P.mlp()
+    opt = KFAC(model, lr=0.1, damping=0.1, inv_update_freq=3, **KFAC_DIAG[variant])
+    assert sum(L.diag_in + L.diag_out for L in opt._layers) == 3
+    train("kfac", model, opt, range(STEPS))
+    for res in dist_results:
+        assert_params_equal(res[f"ddp/{variant}"], params(model))
 
 
 @pytest.mark.parametrize("name", DDP_VARIANTS)

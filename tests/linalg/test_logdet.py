@@ -134,3 +134,21 @@ def test_auto_chooses_dense_for_small_and_slq_for_large():
     r = logdet(op, num_probes=2, num_steps=10, generator=torch.Generator().manual_seed(0))
     assert r.method == "slq"
     assert abs(r.value - _true(ev, 0.0)) <= 4 * r.stderr
+
+
+def test_kfac_logdet_with_diagonal_factors_equals_the_dense_matrix():
+    """Factors above ``max_factor_dim`` (and embeddings' input factors) are kept diagonal
+    (1-D); the closed form must read them as diagonals."""
+    from torch import nn
+
+    from curvlab.linops import KFACOperator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    X, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    op = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="exact",
+                      max_factor_dim=4)
+    assert any(f.dim() == 1 for A, G in op.factors.values() for f in (A, G))
+    dense = torch.linalg.slogdet(op.to_dense() + 0.1 * torch.eye(op.shape[0],
+                                                                dtype=torch.float64))[1]
+    assert abs(op.logdet(0.1) - float(dense)) < 1e-10

@@ -111,7 +111,7 @@ def test_mc_fisher_converges_to_exact_fisher(loss_name):
 
 def test_fisher_errors():
     model, loss_fn, X, y, _ = _setup("mlp", "ce")
-    with pytest.raises(TypeError, match="CrossEntropyLoss and nn.MSELoss"):
+    with pytest.raises(TypeError, match="nn.MSELoss and nn.BCEWithLogitsLoss"):
         FisherOperator(model, nn.L1Loss(), (X, torch.randn(12, 3, dtype=torch.float64)))
     with pytest.raises(ValueError, match="mode"):
         FisherOperator(model, loss_fn, (X, y), mode="sampled")
@@ -184,3 +184,36 @@ def test_ggn_soft_targets_and_custom_loss():
     G = GGNOperator(model, wavy, as_data(X, soft, "list")).to_dense()
     assert rel_err(G, truth.ggn()) < 1e-8
     assert float(torch.linalg.eigvalsh(G).min()) < 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_bce_fisher_exact_and_mc(reduction):
+    """BCEWithLogitsLoss: Bernoulli likelihood per element; the exact Fisher is
+    J^T diag(sigma (1 - sigma)) J (scaled as the loss) = the GGN, MC draws average to it."""
+    model = mlp()
+    X = inputs_for("mlp")
+    y = torch.randint(0, 2, (X.shape[0], 3), generator=torch.Generator().manual_seed(0))
+    y = y.to(torch.float64)
+    loss_fn = nn.BCEWithLogitsLoss(reduction=reduction)
+    truth = Truth(model, loss_fn, X, y)
+    out = truth.outputs(truth.theta).detach()
+    lam = (torch.sigmoid(out) * (1 - torch.sigmoid(out))).reshape(-1)
+    lam = lam / (out.numel() if reduction == "mean" else 1)
+    J = truth.jacobian()
+    F = J.T @ torch.diag(lam) @ J
+    data = as_data(X, y, "list")
+    assert rel_err(FisherOperator(model, loss_fn, data).to_dense(), F) < 1e-10
+    assert rel_err(truth.ggn(), F) < 1e-10
+    op = FisherOperator(model, loss_fn, data, mode="mc",
+                        generator=torch.Generator().manual_seed(0))
+    draws, total, sq = 60, torch.zeros_like(F), 0.0
+    for _ in range(draws):
+        D = op.to_dense()
+        total += D
+        sq += float((D - F).norm()) ** 2
+        op.refresh()
+    sigma = (sq / draws) ** 0.5
+    assert float((total / draws - F).norm()) <= 4 * sigma / draws**0.5
+    assert sigma > 0.1 * float(F.norm())
+    with pytest.raises(ValueError, match="pos_weight"):
+        FisherOperator(model, nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), data)

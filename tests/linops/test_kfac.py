@@ -231,3 +231,34 @@ def test_errors():
     with pytest.raises(ValueError, match="mc"):
         KFACOperator(model, nn.L1Loss(), (torch.randn(5, 3), torch.randn(5, 2)),
                      params=[model[0]], fisher_type="mc")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_conv2d_one_block_per_group(bias):
+    """A kernel covering the whole image on one sample: each group's Kronecker block is
+    the GGN block of that group's weights (and bias), the blocks between groups are 0."""
+    torch.manual_seed(10)
+    conv = nn.Conv2d(4, 6, 3, groups=2, bias=bias)
+    model = nn.Sequential(conv, nn.Flatten()).to(D64)
+    X, y = torch.randn(1, 4, 3, 3, dtype=D64), torch.tensor([4])
+    op = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
+    assert [lay.name for lay in op.layers] == ["0.group0", "0.group1"]
+    D, ref = op.to_dense(), dense_ggn(model, nn.CrossEntropyLoss(), X, y)
+    seen = torch.zeros_like(D, dtype=torch.bool)
+    for idx in op._index:
+        flat = idx.reshape(-1)
+        torch.testing.assert_close(D[flat][:, flat], ref[flat][:, flat], atol=1e-10, rtol=0)
+        seen[flat.unsqueeze(1), flat.unsqueeze(0)] = True
+    assert D[~seen].abs().max() == 0 and seen.diagonal().all()
+    # several positions and samples: factors from each group's own patches and channels
+    X = torch.randn(3, 4, 5, 5, dtype=D64)
+    y = torch.randint(0, 54, (3,))
+    op = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="empirical")
+    for j in range(2):  # A: the unfolded patches of the group's input channels
+        a = F.unfold(X[:, 2 * j:2 * j + 2], 3).transpose(1, 2)
+        if bias:
+            a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=D64)], -1)
+        A_ref = torch.einsum("nti,ntj->ij", a, a) / 3
+        A, G = op.factors[f"0.group{j}"]
+        torch.testing.assert_close(A, A_ref, atol=1e-10, rtol=0)
+        assert G.shape == (3, 3)

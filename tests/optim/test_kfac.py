@@ -54,6 +54,21 @@ def test_preconditioned_gradient_matches_dense_kronecker(fisher_type):
     torch.testing.assert_close(after - before, ref, atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("kw", [dict(approx="reduce"), dict(separate_weight_and_bias=True),
+                                dict(approx="reduce", separate_weight_and_bias=True)])
+def test_reduce_and_separate_blocks_match_the_operator(kw):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Flatten()).to(D64)
+    X, y = torch.randn(6, 2, 3, dtype=D64), torch.randint(0, 8, (6,))
+    lam = 0.05
+    op = KFACOperator(copy.deepcopy(model), nn.CrossEntropyLoss(), (X, y),
+                      fisher_type="mc", damping=lam, seed=3, **kw)
+    before, after, g, _ = one_step(model, X, y, lr=1.0, damping=lam, fisher_type="mc",
+                                   seed=3, **kw)
+    ref = -torch.linalg.solve(op.to_dense(), g)
+    torch.testing.assert_close(after - before, ref, atol=1e-10, rtol=1e-8)
+
+
 def test_conv_net_matches_dense_kronecker_and_factored_mode():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),

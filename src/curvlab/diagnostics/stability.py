@@ -148,8 +148,10 @@ def preconditioned_sharpness(op: Any, preconditioner: torch.Tensor | torch.optim
     if not (preconditioner > 0).all():
         raise ValueError("preconditioner must be positive")
     s = preconditioner.to(dtype=A.dtype, device=A.device).rsqrt()
+    # D A D with A already checked symmetric by as_operator: no second check
     S = MatvecOperator(lambda v: s * A.matvec(s * v), A.n, dtype=A.dtype, device=A.device,
-                       matmat=lambda V: s[:, None] * A.matmat(s[:, None] * V))
+                       matmat=lambda V: s[:, None] * A.matmat(s[:, None] * V),
+                       check_symmetry=False)
     return lanczos(S, 1, tol=tol, v0=v0, max_iter=max_iter, num_vectors=num_vectors,
                    min_iter=min_iter, generator=generator)
 

@@ -88,8 +88,11 @@ class LogDetEstimate(TraceEstimate):
 
 def _eigvalsh_psd(M: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of a symmetric PSD factor in float64, clamped at 0 (the factors are sums
-    of outer products; rounding can make the smallest slightly negative)."""
+    of outer products; rounding can make the smallest slightly negative). A 1-D factor is
+    a diagonal one (K-FAC keeps large or embedding factors diagonal): its entries."""
     M64 = M.detach().double()
+    if M64.dim() == 1:
+        return M64.clamp_min(0)
     return torch.linalg.eigvalsh(0.5 * (M64 + M64.T)).clamp_min(0)
 
 

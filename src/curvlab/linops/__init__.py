@@ -15,6 +15,6 @@ __all__ = [
     "HessianOperator",
 ]
 
-from curvlab.linops.kfac import KFACOperator  # noqa: E402
+from curvlab.linops.kfac import EKFACOperator, KFACOperator  # noqa: E402
 
-__all__ += ["KFACOperator"]
+__all__ += ["KFACOperator", "EKFACOperator"]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from curvlab.linops._kronecker import sample_scores
 from curvlab.linops._outputspace import (
     OutputMatrix,
     OutputSpaceOperator,
@@ -71,24 +72,29 @@ class FisherOperator(OutputSpaceOperator):
     * ``nn.CrossEntropyLoss`` (no class weights), logits ``(B, C, *d)``: categorical
       likelihood ``p = softmax(f)`` at each of the ``P = prod(d)`` positions;
     * ``nn.MSELoss``: Gaussian likelihood. ``sum_j (f_j - y_j)^2`` is the negative
-      log-likelihood (up to a constant) of ``y ~ N(f, sigma^2 I)`` with ``sigma^2 = 1/2``.
+      log-likelihood (up to a constant) of ``y ~ N(f, sigma^2 I)`` with ``sigma^2 = 1/2``;
+    * ``nn.BCEWithLogitsLoss`` (no ``weight`` / ``pos_weight``): an independent Bernoulli
+      likelihood ``y_j ~ Bernoulli(sigmoid f_j)`` per output element.
 
     Write the full-data loss as ``L = sum_b c_b sum_{i in b} nll_i`` with ``nll_i`` the
     summed negative log-likelihood of sample ``i`` and ``c_b`` the weight of one term:
     ``c_b = w_b / (number of loss terms in b)`` for ``reduction="mean"`` (terms are the
-    ``B P`` positions for cross-entropy, the ``B D`` output elements for MSE) and
+    ``B P`` positions for cross-entropy, the ``B D`` output elements for MSE and BCE) and
     ``c_b = w_b`` for ``"sum"``.
 
     ``mode="exact"``: ``F = sum_b c_b sum_i J_i^T Lambda_i J_i`` with the output-space
     Fisher ``Lambda_i = E_{y~p(y|f_i)}[s s^T]``, ``s = d nll / d f``: ``diag(p) - p p^T``
-    per position for cross-entropy, ``(1/sigma^2) I = 2 I`` for MSE. For these
+    per position for cross-entropy, ``(1/sigma^2) I = 2 I`` for MSE, ``diag(sigma(f) (1 -
+    sigma(f)))`` for BCE. For these
     canonical-link losses ``Lambda_i`` is the loss Hessian, so the exact Fisher equals the
     GGN (Martens 2020, sec. 9.2).
 
     ``mode="mc"``: draw ``num_samples`` labels per sample from the model, ``y_im ~
     p(y|f_i)`` (Categorical(softmax) per position; ``N(f_i, I/2)`` for MSE, i.e. ``s_im =
-    2 (f_i - y_im) = sqrt(2) z``, ``z ~ N(0, I)``), and use ``Lambda_i = (1/M) sum_m s_im
-    s_im^T`` with ``s_im = grad_f nll(f_i, y_im)`` (``p - onehot(y)`` for cross-entropy).
+    2 (f_i - y_im) = sqrt(2) z``, ``z ~ N(0, I)``; Bernoulli(sigmoid) per element for BCE),
+    and use ``Lambda_i = (1/M) sum_m s_im s_im^T`` with ``s_im = grad_f nll(f_i, y_im)``
+    (``p - onehot(y)`` for cross-entropy, ``sigmoid(f) - y`` for BCE; the one sampler of
+    :func:`curvlab.linops._kronecker.sample_scores`).
     Since ``E[s s^T] = Lambda_i`` exactly (``E[2 z z^T] = 2 I`` for MSE), ``E[F_mc] = F``.
     For mean-reduced MSE this estimate is ``D`` times the empirical Fisher on the sampled
     targets, because :class:`EmpiricalFisherOperator` uses the per-sample mean loss.
@@ -122,10 +128,14 @@ class FisherOperator(OutputSpaceOperator):
         super().__init__(model, loss_fn, data, params, train=train, cache_graph=cache_graph,
                          vectorize=vectorize)
         loss_fn = self.objective.loss_fn
-        if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss)):
-            raise TypeError(f"FisherOperator supports nn.CrossEntropyLoss and nn.MSELoss, got "
-                            f"{type(loss_fn).__name__}; use GGNOperator or "
-                            f"EmpiricalFisherOperator for other losses")
+        if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)):
+            raise TypeError(f"FisherOperator supports nn.CrossEntropyLoss, nn.MSELoss and "
+                            f"nn.BCEWithLogitsLoss, got {type(loss_fn).__name__}; use "
+                            f"GGNOperator or EmpiricalFisherOperator for other losses")
+        if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (
+                loss_fn.weight is not None or loss_fn.pos_weight is not None):
+            raise ValueError("FisherOperator: BCEWithLogitsLoss with weight or pos_weight is "
+                             "not a log-likelihood; drop them or use GGNOperator")
         if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is not None:
             raise ValueError("FisherOperator: CrossEntropyLoss with class weights is not a "
                              "log-likelihood; drop weight= or use GGNOperator")
@@ -146,25 +156,17 @@ class FisherOperator(OutputSpaceOperator):
     def _output_matrix(self, index: int, weight: float, outputs: torch.Tensor,
                        targets: Any) -> OutputMatrix:
         obj = self.objective
-        ce = isinstance(obj.loss_fn, nn.CrossEntropyLoss)
+        bce = isinstance(obj.loss_fn, nn.BCEWithLogitsLoss)
         if self.mode == "exact":
+            if bce:  # Lambda = diag(sigma (1 - sigma)) per element
+                lam = loss_term_scale(obj, weight, outputs, targets) * \
+                    torch.sigmoid(outputs) * torch.sigmoid(-outputs)
+                return lambda U: lam * U
             return canonical_fisher(obj, weight, outputs, targets)
         scale = loss_term_scale(obj, weight, outputs, targets)
         gen = torch.Generator(device=outputs.device).manual_seed(self.seed + index)
         m = self.num_samples
-        if ce:
-            classes = outputs.shape[1]
-            p = outputs.softmax(dim=1)
-            p_last = p.movedim(1, -1)
-            labels = torch.multinomial(p_last.reshape(-1, classes), m, replacement=True,
-                                       generator=gen).T
-            onehot = nn.functional.one_hot(labels, classes).to(p.dtype)
-            S = p_last.unsqueeze(0) - onehot.reshape(m, *p_last.shape)
-            S = S.movedim(-1, 2)
-        else:
-            z = torch.randn((m, *outputs.shape), dtype=outputs.dtype, device=outputs.device,
-                            generator=gen)
-            S = 2.0**0.5 * z
+        S = torch.stack([sample_scores(obj.loss_fn, outputs, gen) for _ in range(m)])
         # per-term weights (ignored targets 0): sqrt(c_t) s_t keeps E[s s^T] = c_t Lambda_t
         if isinstance(scale, torch.Tensor):
             return _rank_one_sum(S * scale.sqrt(), 1.0 / m)
