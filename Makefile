@@ -10,7 +10,7 @@ STAMP   = $(VENV)/.curvlab-installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e ".[dev,cli,plot]"
+	$(PIP) -e ".[dev,cli,plot,hf]"
 	touch $(STAMP)
 
 # The main job: curvature diagnosis of the built-in model, then the quick benchmark

@@ -88,3 +88,102 @@ def test_bad_input_gets_clear_errors():
         curvlab.hvp(f, x, torch.ones(4, dtype=D))
     with pytest.raises(ValueError, match="mode"):
         curvlab.hvp(f, x, x, mode="magic")
+
+
+# ---- dense Hessians of models with normalization and attention layers ------------------------
+def _layer_norm_torch_bug():
+    """torch 2.13: the forward-mode derivative (in the input x) of a *vmapped* VJP of
+    ``F.layer_norm`` with respect to its weight is wrong; without vmap it is right. This is
+    what ``jacfwd(jacrev(f))`` (and ``jacrev(jacrev(f))``) computes for a model with a
+    LayerNorm after a trainable layer."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x, tx, u = (torch.randn(3, 4, generator=g, dtype=D) for _ in range(3))
+    w = torch.randn(4, generator=g, dtype=D)
+
+    def weight_grad(x, u):  # d/dw <u, layer_norm(x; w)> = sum over rows of u * xhat(x)
+        return torch.func.vjp(lambda w: F.layer_norm(x, (4,), w), w)[1](u)[0]
+
+    exact = (u * torch.func.jvp(lambda x: F.layer_norm(x, (4,)), (x,), (tx,))[1]).sum(0)
+    plain = torch.func.jvp(lambda x: weight_grad(x, u), (x,), (tx,))[1]
+    vmapped = torch.func.jvp(
+        lambda x: torch.func.vmap(weight_grad, in_dims=(None, 0))(x, u[None])[0], (x,), (tx,))[1]
+    return exact, plain, vmapped
+
+
+def test_layer_norm_plain_forward_over_reverse_is_right():
+    exact, plain, _ = _layer_norm_torch_bug()
+    torch.testing.assert_close(plain, exact)
+
+
+@pytest.mark.xfail(reason="torch 2.13 bug: forward mode over a vmapped layer_norm backward "
+                          "(curvlab.hessian avoids this composition)", strict=False)
+def test_layer_norm_forward_over_vmapped_reverse_torch_bug():
+    exact, _, vmapped = _layer_norm_torch_bug()
+    torch.testing.assert_close(vmapped, exact)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, need_weights: bool) -> None:
+        super().__init__()
+        self.need_weights = need_weights
+        self.inp, self.norm = torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)
+        self.attn = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.norm(self.inp(x))
+        return self.out(self.attn(h, h, h, need_weights=self.need_weights)[0].mean(1))
+
+
+def _norm_models():
+    nn = torch.nn
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2))
+    bn[1].running_mean.normal_()
+    bn[1].running_var.uniform_(0.5, 2.0)
+    return {
+        "layernorm": (nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(),
+                                    nn.Linear(5, 2)), torch.randn(6, 3)),
+        "layernorm-no-bias": (nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5, bias=False),
+                                            nn.Linear(5, 2)), torch.randn(6, 3)),
+        "attention-fused": (_Attention(need_weights=False), torch.randn(4, 5, 3)),
+        "attention-explicit": (_Attention(need_weights=True), torch.randn(4, 5, 3)),
+        "batchnorm-eval": (bn, torch.randn(6, 3)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_norm_models()))
+def test_hessian_equals_double_backward_on_normalization_and_attention(name, monkeypatch):
+    # the choice of attention kernels is process-wide: start from (and restore) the default
+    monkeypatch.setattr(curvlab.autodiff.attention_kernels, "math", False)
+    model, X = _norm_models()[name]
+    model = model.to(D).eval()
+    X, y = X.to(D), torch.arange(X.shape[0]) % 2
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    f = lambda p: torch.nn.functional.cross_entropy(  # noqa: E731
+        torch.func.functional_call(model, p, (X,)), y)
+    H = curvlab.hessian(f, params)
+    dense = torch.cat([torch.cat([H[a][b].reshape(params[a].numel(), params[b].numel())
+                                  for b in params], dim=1) for a in params])
+    ref = curvlab.linops.HessianOperator(model, torch.nn.CrossEntropyLoss(), (X, y)).to_dense()
+    torch.testing.assert_close(dense, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dense, dense.T, rtol=0, atol=1e-12)
+    # forward over reverse HVPs (single and batched) agree with double backward here
+    V = {k: torch.randn(2, *p.shape, dtype=D) for k, p in params.items()}
+    flat = torch.cat([V[k].reshape(2, -1) for k in params], dim=1)
+    for batched in (False, True):
+        v = V if batched else {k: t[0] for k, t in V.items()}
+        out = curvlab.hvp(f, params, v, batched=batched, mode="fwd_rev")
+        out = torch.cat([out[k].reshape(2 if batched else 1, -1) for k in params], dim=1)
+        torch.testing.assert_close(out, (flat @ ref)[: 2 if batched else 1], rtol=0,
+                                   atol=1e-12)
+
+
+def test_hessian_layout_for_a_tensor_and_inside_torch_func():
+    f, x, H, g = _problem(5, 4)
+    torch.testing.assert_close(curvlab.hessian(f, x, chunk=2), H, rtol=0, atol=1e-12)
+    xs = torch.stack([x, 2 * x])
+    batched = torch.func.vmap(lambda z: curvlab.hessian(f, z))(xs)
+    torch.testing.assert_close(batched[0], H, rtol=0, atol=1e-12)

@@ -18,18 +18,39 @@ Hessian-vector products ``H v = d/dt grad f(x + t v)`` can be formed three ways:
 ``mode="auto"`` uses double backward, switches to ``rev_rev`` inside torch.func
 transforms (where double backward is unavailable) and falls back to ``fwd_rev`` when a
 double-backward rule is missing.
+
+Fused attention kernels. ``F.scaled_dot_product_attention`` dispatches to fused kernels
+(flash / memory-efficient / cuDNN) whose backward has no derivative and which have no
+forward-mode rule, and ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` take a
+fused fast path without forward-mode rules. Every product that differentiates the model
+twice (HVPs, the Hessian, ``J v`` of the Gauss-Newton and Fisher products) then fails.
+The same attention computed by the math backend is a composition of differentiable ops.
+:data:`attention_kernels` records which one curvature products use: the default kernels
+until a product meets a missing derivative of a fused attention kernel; then the product
+is recorded again under :func:`math_kernels`, this is logged once, and every later
+second-order recording of the process uses the math kernels from the start (the missing
+derivative is a property of the torch build, not of the model). Set
+``attention_kernels.math = True`` to choose them up front (``benchmarks/bench_hf.py``
+measures both).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.func as tf
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["grad", "jvp", "vjp", "hvp", "hvp_fn", "jacobian", "hessian", "gnvp", "HVP_MODES"]
+__all__ = ["grad", "jvp", "vjp", "hvp", "hvp_fn", "jacobian", "hessian", "gnvp", "HVP_MODES",
+           "math_kernels", "attention_kernels", "AttentionKernels", "fused_attention_node"]
+
+logger = logging.getLogger(__name__)
 
 HVP_MODES = ("auto", "double_backward", "rev_rev", "fwd_rev")
 
@@ -80,6 +101,94 @@ def _in_functorch_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+# ---- attention kernels -------------------------------------------------------------------
+_MISSING_DERIVATIVE = re.compile(
+    r"derivative for (?:aten::)?'?([\w.:]+)'? is not implemented"
+    r"|forward AD with (?:aten::)?([\w.:]+) that does not support it")
+_FUSED_ATTENTION = re.compile(r"attention|attn|transformer_encoder", re.IGNORECASE)
+
+
+def missing_derivative(err: BaseException) -> str | None:
+    """The operator named by a "derivative ... not implemented" (double backward) or
+    "forward AD with ... that does not support it" (forward mode) error, else None."""
+    m = _MISSING_DERIVATIVE.search(str(err))
+    return None if m is None else (m.group(1) or m.group(2))
+
+
+@contextlib.contextmanager
+def math_kernels() -> Iterator[None]:
+    """Attention by differentiable compositions of ops: the math backend of
+    ``F.scaled_dot_product_attention`` (``sdpa_kernel(SDPBackend.MATH)``) and
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` without their fused fast
+    path (``torch.backends.mha.set_fastpath_enabled(False)``)."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+class AttentionKernels:
+    """Which attention kernels second-order products record the model with.
+
+    ``math`` is False (the default kernels) until a product fails for a missing derivative
+    of a fused attention kernel (:meth:`retry`); from then on :meth:`context` is
+    :func:`math_kernels`. One instance, :data:`attention_kernels`, serves the process.
+    """
+
+    def __init__(self, math: bool = False) -> None:
+        self.math = math
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """The kernels to record a second-order graph with."""
+        return math_kernels() if self.math else contextlib.nullcontext()
+
+    def retry(self, err: BaseException, recorded_math: bool) -> bool:
+        """Whether a product that failed with ``err`` on a graph recorded with
+        (``recorded_math``) or without the math kernels should be recorded again under
+        them. Learns (and logs once) that the math kernels are needed; raises a clear error
+        when a fused attention kernel lacks the derivative even under the math kernels."""
+        kernel = missing_derivative(err)
+        if kernel is None or not _FUSED_ATTENTION.search(kernel):
+            return False
+        if recorded_math:
+            raise RuntimeError(
+                f"{kernel} has no derivative for this curvature product even with "
+                f"curvlab.autodiff.math_kernels() active (something selects the fused kernel "
+                f"explicitly, e.g. an sdpa_kernel(...) context inside the model); build the "
+                f"model with attn_implementation='eager' or remove that context") from err
+        self.learn(kernel)
+        return True
+
+    def learn(self, kernel: str) -> None:
+        """Switch to the math kernels because ``kernel`` lacks a derivative (logged once)."""
+        if not self.math:
+            self.math = True
+            logger.info("%s lacks a derivative that curvature products need: from now on "
+                        "they record attention with the math SDPA backend and without the "
+                        "nn.MultiheadAttention fast path (curvlab.autodiff.attention_kernels)",
+                        kernel)
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` under :meth:`context`, once more under the math kernels if it fails for
+        a missing derivative of a fused attention kernel. ``fn`` must record everything
+        it differentiates itself (a torch.func computation)."""
+        while True:  # at most twice: retry() raises once the math kernels failed too
+            recorded_math = self.math
+            try:
+                with self.context():
+                    return fn()
+            except (RuntimeError, NotImplementedError) as err:
+                if not self.retry(err, recorded_math):
+                    raise
+
+
+#: the process's choice of attention kernels for second-order products
+attention_kernels = AttentionKernels()
+
+
 def grad(f: Callable[[Tree], torch.Tensor], x: Tree) -> Tree:
     """Gradient of the scalar function ``f`` at ``x`` (same structure as ``x``)."""
     return tf.grad(lambda z: _scalar(f(z)))(x)
@@ -98,12 +207,16 @@ def jvp(f: Callable[[Tree], Any], x: Tree, v: Tree) -> tuple[Any, Any]:
     """Return ``(f(x), J v)`` by forward mode; falls back to two reverse passes when an
     operation has no forward-mode rule."""
     _check_like(x, v, "v")
-    try:
-        return tf.jvp(f, (x,), (v,))
-    except (RuntimeError, NotImplementedError) as err:
-        if "forward" not in str(err).lower():
-            raise
-        return _double_vjp_jvp(f, x, v)
+
+    def compute() -> tuple[Any, Any]:
+        try:
+            return tf.jvp(f, (x,), (v,))
+        except (RuntimeError, NotImplementedError) as err:
+            if "forward" not in str(err).lower():
+                raise
+            return _double_vjp_jvp(f, x, v)
+
+    return attention_kernels.run(compute)
 
 
 def vjp(f: Callable[[Tree], Any], x: Tree, u: Any) -> tuple[Any, Tree]:
@@ -118,6 +231,48 @@ def _detached_leaves(x: Tree) -> tuple[list[torch.Tensor], Any]:
     return [leaf.detach().requires_grad_(True) for leaf in leaves], spec
 
 
+_NOT_IMPLEMENTED_NODE = "torch::autograd::NotImplemented"
+
+
+def _find_node(roots: list[torch.Tensor], match: Callable[[str], bool]) -> str | None:
+    """The name of a node of the autograd graph of ``roots`` that ``match``es, or None."""
+    seen: set = set()
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if match(node.name()):
+            return node.name()
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return None
+
+
+def _has_underivable_node(roots: list[torch.Tensor]) -> bool:
+    """Whether the autograd graph of ``roots`` holds a node whose own derivative is not
+    implemented (backpropagating through it would raise)."""
+    return _find_node(roots, lambda name: name == _NOT_IMPLEMENTED_NODE) is not None
+
+
+def fused_attention_node(out: torch.Tensor) -> str | None:
+    """The backward node of a fused attention kernel in the graph of ``out`` (e.g.
+    ``ScaledDotProductFlashAttentionForCpuBackward0``; under :func:`math_kernels` attention
+    is recorded as matmuls and a softmax instead), or None."""
+    return _find_node([out], lambda name: _FUSED_ATTENTION.search(name) is not None)
+
+
+def _gradient_graph(f: Callable, x: Tree) -> tuple[list, Any, torch.Tensor, list, list[int]]:
+    """Record ``g = grad f(x)`` with its graph: (leaves, spec, f(x), g, indices of the
+    entries of ``g`` that depend on ``x``)."""
+    leaves, spec = _detached_leaves(x)
+    with torch.enable_grad():
+        y = _scalar(f(tree_unflatten(leaves, spec)))
+        g = torch.autograd.grad(y, leaves, create_graph=True, allow_unused=True)
+    g = [torch.zeros_like(leaf) if gi is None else gi for gi, leaf in zip(g, leaves)]
+    return leaves, spec, y, g, [i for i, gi in enumerate(g) if gi.requires_grad]
+
+
 def hvp_fn(
     f: Callable[[Tree], torch.Tensor], x: Tree
 ) -> tuple[torch.Tensor, Tree, Callable[..., Tree]]:
@@ -127,30 +282,48 @@ def hvp_fn(
     gradient, so each call costs one backward pass through it (no new forward), which is
     what Krylov methods at a fixed point want. The graph is kept alive while ``product``
     is referenced.
+
+    The gradient graph is recorded with :data:`attention_kernels`; when it holds a node
+    without a derivative (a fused attention kernel's backward), it is recorded again under
+    :func:`math_kernels` right away, within the caller's context (module train/eval mode).
     """
-    leaves, spec = _detached_leaves(x)
-    with torch.enable_grad():
-        y = _scalar(f(tree_unflatten(leaves, spec)))
-        g = torch.autograd.grad(y, leaves, create_graph=True, allow_unused=True)
-    g = [torch.zeros_like(leaf) if gi is None else gi for gi, leaf in zip(g, leaves)]
-    live = [i for i, gi in enumerate(g) if gi.requires_grad]
+    recorded_math = attention_kernels.math
+    with attention_kernels.context():
+        leaves, spec, y, g, live = _gradient_graph(f, x)
+    if not recorded_math and _has_underivable_node([g[i] for i in live]):
+        with math_kernels():
+            again = _gradient_graph(f, x)
+        if not _has_underivable_node([again[3][i] for i in again[4]]):
+            attention_kernels.learn("a fused attention kernel's backward")
+            leaves, spec, y, g, live = again
+            recorded_math = True
+
+    def backward(v_leaves: list[torch.Tensor]) -> tuple:
+        try:
+            return torch.autograd.grad([g[i] for i in live], leaves,
+                                       [v_leaves[i] for i in live], retain_graph=True,
+                                       allow_unused=True)
+        except (RuntimeError, NotImplementedError) as err:
+            attention_kernels.retry(err, recorded_math=True)  # clear error for attention
+            raise
+
+    x_tree = tree_unflatten(leaves, spec)
 
     def product(v: Tree, batched: bool = False) -> Tree:
-        _check_like(tree_unflatten(leaves, spec), v, "v", batched)
+        _check_like(x_tree, v, "v", batched)
         v_leaves = tree_flatten(v)[0]
-        out = [torch.zeros_like(vl) for vl in v_leaves]
         if not live:
-            return tree_unflatten(out, spec)
-        outputs = [g[i] for i in live]
-        if not batched:
-            hv = torch.autograd.grad(outputs, leaves, [v_leaves[i] for i in live],
-                                     retain_graph=True, allow_unused=True)
-            return tree_unflatten([o if h is None else h for o, h in zip(out, hv)], spec)
+            return tree_unflatten([torch.zeros_like(vl) for vl in v_leaves], spec)
+        if not batched or v_leaves[0].shape[0] == 1:
+            hv = backward([vl[0] for vl in v_leaves] if batched else v_leaves)
+            hv = [torch.zeros_like(vl) if h is None else (h.unsqueeze(0) if batched else h)
+                  for vl, h in zip(v_leaves, hv)]
+            return tree_unflatten(hv, spec)
         # One backward per vector through the retained graph. Measured faster than
         # autograd's vmapped backward (is_grads_batched) on MLPs and CNNs on CPU.
+        out = [torch.zeros_like(vl) for vl in v_leaves]
         for j in range(v_leaves[0].shape[0]):
-            hv = torch.autograd.grad(outputs, leaves, [v_leaves[i][j] for i in live],
-                                     retain_graph=True, allow_unused=True)
+            hv = backward([vl[j] for vl in v_leaves])
             for o, h in zip(out, hv):
                 if h is not None:
                     o[j] = h
@@ -158,6 +331,17 @@ def hvp_fn(
 
     grad_tree = tree_unflatten([gi.detach() for gi in g], spec)
     return y.detach(), grad_tree, product
+
+
+def _fwd_rev(g: Callable, x: Tree, v: Tree, batched: bool) -> Tree:
+    single = lambda w: tf.jvp(g, (x,), (w,))[1]  # noqa: E731
+    try:
+        return tf.vmap(single)(v) if batched else single(v)
+    except RuntimeError as err:
+        if "ZeroTensors are immutable" not in str(err):
+            raise
+        raise RuntimeError("hvp(mode='fwd_rev') failed inside torch's forward-mode rules "
+                           f"({err}); use mode='double_backward' (or 'auto')") from err
 
 
 def hvp(
@@ -191,11 +375,12 @@ def hvp(
         return hvp_fn(f, x)[2](v, batched)
     g = tf.grad(lambda z: _scalar(f(z)))
     if mode == "rev_rev":
-        _, vjp_fn = tf.vjp(g, x)
-        single = lambda w: vjp_fn(w)[0]  # noqa: E731
-        return tf.vmap(single)(v) if batched else single(v)
-    single = lambda w: tf.jvp(g, (x,), (w,))[1]  # noqa: E731
-    return tf.vmap(single)(v) if batched else single(v)
+        def rev_rev() -> Tree:
+            _, vjp_fn = tf.vjp(g, x)
+            single = lambda w: vjp_fn(w)[0]  # noqa: E731
+            return tf.vmap(single)(v) if batched else single(v)
+        return attention_kernels.run(rev_rev)
+    return attention_kernels.run(lambda: _fwd_rev(g, x, v, batched))
 
 
 def _numel(tree: Tree) -> int:
@@ -223,16 +408,43 @@ def jacobian(f: Callable[[Tree], Any], x: Tree, *, mode: str = "auto") -> Any:
     return tf.jacrev(f)(x)
 
 
-def hessian(f: Callable[[Tree], torch.Tensor], x: Tree) -> Any:
-    """Dense Hessian of the scalar ``f`` at ``x`` (forward over reverse, reverse over
-    reverse when an operation has no forward-mode rule). Shape ``x.shape + x.shape``."""
-    fs = lambda z: _scalar(f(z))  # noqa: E731
-    try:
-        return tf.jacfwd(tf.jacrev(fs))(x)
-    except (RuntimeError, NotImplementedError) as err:
-        if "forward" not in str(err).lower():
-            raise
-        return tf.jacrev(tf.jacrev(fs))(x)
+def hessian(f: Callable[[Tree], torch.Tensor], x: Tree, *, chunk: int = 64) -> Any:
+    """Dense Hessian of the scalar ``f`` at ``x`` (torch.func layout: ``H[a][b]`` of shape
+    ``a.shape + b.shape`` for leaves ``a``, ``b`` of ``x``; ``x.shape + x.shape`` for a
+    tensor).
+
+    Computed column by column by double-backward HVPs (:func:`hvp_fn`: the gradient graph
+    recorded once, one backward per column, ``chunk`` columns at a time), i.e. exactly the
+    products of :class:`~curvlab.linops.HessianOperator`. Inside torch.func transforms
+    (no double backward there) it is ``jacrev(grad(f))``. Not ``jacfwd(jacrev(f))``:
+    in torch 2.13 the forward-mode derivative of a vmapped layer_norm backward is wrong for
+    the weight (``jvp`` of ``vmap(vjp)`` through ``F.layer_norm``; reproduced in
+    ``tests/test_autodiff.py``), which made that Hessian wrong and asymmetric on any model
+    with a LayerNorm after a trainable layer.
+    """
+    if _in_functorch_transform():
+        return attention_kernels.run(lambda: tf.jacrev(tf.grad(lambda z: _scalar(f(z))))(x))
+    _, grad_tree, product = hvp_fn(f, x)
+    leaves, spec = tree_flatten(grad_tree)
+    sizes = [leaf.numel() for leaf in leaves]
+    n = sum(sizes)
+    rows = torch.empty((n, n), dtype=leaves[0].dtype, device=leaves[0].device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        eye = torch.zeros((stop - start, n), dtype=rows.dtype, device=rows.device)
+        eye[:, start:stop] = torch.eye(stop - start, dtype=rows.dtype, device=rows.device)
+        cols, offset = [], 0
+        for leaf, size in zip(leaves, sizes):
+            cols.append(eye[:, offset:offset + size].reshape(stop - start, *leaf.shape))
+            offset += size
+        hv = tree_flatten(product(tree_unflatten(cols, spec), batched=True))[0]
+        rows[start:stop] = torch.cat([h.reshape(stop - start, -1) for h in hv], dim=1)
+    # rows[c] = H e_c = column c of H: block (a, b) of H is rows[b-range, a-range]^T
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    blocks = [[rows[ob:ob + nb, oa:oa + na].T.reshape(*la.shape, *lb.shape)
+               for lb, ob, nb in zip(leaves, offsets, sizes)]
+              for la, oa, na in zip(leaves, offsets, sizes)]
+    return tree_unflatten([tree_unflatten(row, spec) for row in blocks], spec)
 
 
 def gnvp(
@@ -250,12 +462,16 @@ def gnvp(
     ``f(x)``. Costs one JVP, one loss-space HVP and one VJP (Schraudolph 2002).
     """
     _check_like(x, v, "v", batched)
-    out, vjp_fn = tf.vjp(f, x)
-    out = tree_map(torch.Tensor.detach, out)
 
-    def single(w: Tree) -> Tree:
-        jv = jvp(f, x, w)[1]
-        hjv = hvp(loss, out, jv, mode="rev_rev")
-        return vjp_fn(hjv)[0]
+    def compute() -> Tree:
+        out, vjp_fn = tf.vjp(f, x)
+        out = tree_map(torch.Tensor.detach, out)
 
-    return tf.vmap(single)(v) if batched else single(v)
+        def single(w: Tree) -> Tree:
+            jv = jvp(f, x, w)[1]
+            hjv = hvp(loss, out, jv, mode="rev_rev")
+            return vjp_fn(hjv)[0]
+
+        return tf.vmap(single)(v) if batched else single(v)
+
+    return attention_kernels.run(compute)

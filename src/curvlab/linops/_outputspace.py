@@ -37,6 +37,7 @@ import torch.func as tf
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from curvlab.autodiff import attention_kernels, fused_attention_node
 from curvlab.linops.base import CurvatureOperator
 from curvlab.losses import is_known_mean_loss, loss_normalizer, term_weights
 from curvlab.objective import Objective
@@ -193,24 +194,39 @@ class Linearization:
     ``reusable=True`` means more products will follow on this recording. ``vectorize``
     records whether blocks should be vectorized or looped over by the caller (None:
     decide from the problem size, see the module docstring).
+
+    ``J v`` differentiates the model twice (double backward) or needs forward-mode rules,
+    which fused attention kernels lack: the outputs are recorded with
+    :data:`curvlab.autodiff.attention_kernels`, again under the math kernels right away
+    when the graph holds a fused attention kernel, and when a ``J v`` fails for that
+    reason (``J^T u`` alone works with any kernel).
     """
 
     def __init__(self, objective: Objective, point: Mapping[str, torch.Tensor], inputs: Any,
                  *, reusable: bool, vectorize: bool | None = None) -> None:
         self.objective, self.inputs, self.reusable = objective, inputs, reusable
         self.point = dict(point)
-        self.leaves = {k: p.detach().requires_grad_(True) for k, p in point.items()}
-        with torch.enable_grad(), objective.mode():
-            self.out = _as_output_tensor(objective.outputs(self.leaves, inputs))
+        self._record()
         self.value = self.out.detach()
         if vectorize is None:
             vectorize = self.value.shape[0] * objective.num_params <= 2**20
         self.vectorize = vectorize
+
+    def _record(self) -> None:
+        while True:  # at most twice: a fused attention kernel in the graph -> math kernels
+            self.math = attention_kernels.math
+            self.leaves = {k: p.detach().requires_grad_(True) for k, p in self.point.items()}
+            with torch.enable_grad(), self.objective.mode(), attention_kernels.context():
+                self.out = _as_output_tensor(self.objective.outputs(self.leaves, self.inputs))
+            fused = None if self.math else fused_attention_node(self.out)
+            if fused is None:
+                break
+            attention_kernels.learn(fused)
         self._dual: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
 
     def _forward_mode(self, v: dict[str, torch.Tensor]) -> torch.Tensor:
         obj = self.objective
-        with obj.mode():
+        with obj.mode(), attention_kernels.context():
             return tf.jvp(lambda p: obj.outputs(p, self.inputs), (self.point,), (v,))[1]
 
     def _double_backward(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -234,6 +250,15 @@ class Linearization:
 
     def jvp(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
         """``J v`` for a block of parameter-shaped directions (leading dim ``k``)."""
+        while True:  # at most twice: retry() raises once the math kernels failed too
+            try:
+                return self._jvp(V)
+            except (RuntimeError, NotImplementedError) as err:
+                if not attention_kernels.retry(err, self.math):
+                    raise
+            self._record()
+
+    def _jvp(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
         k = next(iter(V.values())).shape[0]
         if k == 1 and not self.reusable:
             try:

@@ -19,7 +19,10 @@ class HessianOperator(CurvatureOperator):
     weights. With a single batch the gradient graph is recorded once and reused
     (``cache_graph=True``), so each further product costs one backward pass through it;
     this is what Krylov methods (many products at one point) want. Pass
-    ``cache_graph=False`` to trade that speed for memory.
+    ``cache_graph=False`` to trade that speed for memory. Models with fused attention
+    kernels (the default SDPA of Hugging Face models, ``nn.MultiheadAttention``) are
+    differentiated through the math SDPA backend (:func:`curvlab.autodiff.hvp_fn`,
+    :data:`curvlab.autodiff.attention_kernels`).
     """
 
     def __init__(self, model: Any, loss_fn: Any = None, data: Any = None, params: Any = None,
@@ -43,10 +46,9 @@ class HessianOperator(CurvatureOperator):
         if single and self.cache_graph:
             if self._product is None:
                 (w, x, y), = obj.batches()
-                product = self._batch_product(x, y)
-                self._product = lambda T, w=w, product=product: {
-                    k: w * t for k, t in product(T, batched=True).items()}
-            return obj.flatten(self._product(Vt), batched=True)
+                self._product = (w, self._batch_product(x, y))
+            w, product = self._product
+            return w * obj.flatten(product(Vt, batched=True), batched=True)
         out = torch.zeros_like(V)
         for w, x, y in obj.batches():
             out += w * obj.flatten(self._batch_product(x, y)(Vt, batched=True), batched=True)

@@ -1,0 +1,208 @@
+"""Curvature products on a tiny GPT-2 with default (fused SDPA) attention, side by side.
+
+Model: GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32), random
+weights, eval mode, a batch of 8 sequences of 32 tokens with labels, the model's own loss
+(operators: loss_fn=None, i.e. cross-entropy on the shifted logits); CPU. The unit is one
+gradient of ``model(**batch).loss`` (forward + backward, default kernels).
+Contenders, timed in interleaved rounds so machine noise hits all of them alike:
+
+  gradient                 loss + backward, default kernels (fused SDPA): the unit
+  gradient, math SDPA      the same under curvlab.autodiff.math_kernels()
+  gradient, eager attn     the same model built with attn_implementation="eager"
+  HVP                      HessianOperator at a new point (refresh) @ v: gradient graph
+                           recorded once, one backward through it (what hvp() costs)
+  HVP, first of process    the same, with attention_kernels.math reset before each call:
+                           the fused-kernel graph is recorded, found underivable and
+                           recorded again under the math kernels (what the reactive choice
+                           costs once per process; "HVP" is the proactive cost)
+  raw torch HVP            torch.autograd double backward of model(**batch).loss under
+                           math_kernels(), no curvlab: the floor for "HVP"
+  HVP, graph cached        a further product on the recorded graph (Krylov methods)
+  GGN product              GGNOperator at a new point @ v: forward recorded, J^T u graph,
+                           J v by double backward, output-space product, J^T (M J v)
+  GGN, graph cached        a further product on the recorded linearization
+  HVP / GGN, eager attn    the same products with attn_implementation="eager"
+  HVP, eager, check        "HVP, eager attn" with attention_kernels.math unset: the
+                           gradient graph is searched for underivable nodes (none found),
+                           which a model without fused attention pays on every hvp_fn
+
+Targets (issue 14): HVP <= 3x a gradient, GGN product <= 2x a gradient.
+
+What the runs show (CPU-time medians on a shared 2-core machine; results/bench_hf.txt):
+an HVP at a new point costs ~3.3 gradients, the same as with eager attention. A plain
+torch.autograd double-backward HVP without curvlab costs ~2.7-2.9 in the same run (and on
+this model torch.func rev_rev ~4.0, forward-over-reverse ~7.5, measured separately):
+double backward is the cheapest torch offers here, and curvlab adds ~0.4-0.5 gradients on
+this 28k-parameter model (functional_call's parameter swap, the objective's train/eval
+switch over all modules, the parameter snapshot, flattening). A GGN product at a new point
+costs ~2.9 gradients: one forward and three backward passes (the J^T u graph with
+create_graph, J v through it, J^T (M J v)); J v by forward mode (torch.autograd.forward_ad)
+costs ~2 gradients by itself on this model, so it does not help. On a recorded graph (the
+Krylov case) a GGN product costs ~1.2-1.3 gradients and an HVP ~1.7. The math SDPA backend
+costs ~2-10% over the fused kernel for a gradient. The reactive choice of kernels costs
+~1.5 gradients once per process (the fused recording, found underivable, recorded again);
+the graph search it needs is not measurable ("HVP, eager, check" vs "HVP, eager attn").
+
+Run: python benchmarks/bench_hf.py [--quick] [--repeats N] [--dtype float32|float64]
+Results: benchmarks/results/bench_hf.{txt,json} (or --out DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from curvlab import autodiff
+from curvlab.linops import GGNOperator, HessianOperator
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build(dtype: torch.dtype, batch: int, seq: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    config = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    torch.manual_seed(0)
+    default = GPT2LMHeadModel(GPT2Config(**config)).to(dtype).eval()
+    eager = GPT2LMHeadModel(GPT2Config(**config, attn_implementation="eager")).to(dtype).eval()
+    eager.load_state_dict(default.state_dict())
+    ids = torch.randint(0, 64, (batch, seq))
+    return default, eager, {"input_ids": ids, "labels": ids}
+
+
+def contenders(default: nn.Module, eager: nn.Module, batch: dict) -> dict:
+    kernels = autodiff.attention_kernels
+
+    def gradient(model, math=False):
+        leaves = list(model.parameters())
+
+        def run():
+            with autodiff.math_kernels() if math else torch.enable_grad():
+                return torch.autograd.grad(model(**batch).loss, leaves)
+        return run
+
+    def raw_hvp(model, vs):
+        leaves = list(model.parameters())
+
+        def run():
+            with autodiff.math_kernels():
+                g = torch.autograd.grad(model(**batch).loss, leaves, create_graph=True)
+            return torch.autograd.grad(g, leaves, vs)
+        return run
+
+    def fresh(op, v, reset=False):
+        def run():
+            if reset:
+                kernels.math = False
+            try:
+                op.refresh()
+                return op @ v
+            finally:
+                kernels.math = True  # the other contenders run in the learnt state
+        return run
+
+    def cached(op, v):
+        op @ v  # record once
+        return lambda: op @ v
+
+    # the model's own loss (loss_fn=None): curvlab matches it to cross-entropy on the
+    # shifted logits; one operator per contender
+    def hessian(model=default):
+        return HessianOperator(model, None, batch)
+
+    def ggn(model=default):
+        return GGNOperator(model, None, batch)
+
+    n = hessian().shape[0]
+    v = torch.randn(n, generator=torch.Generator().manual_seed(1),
+                    dtype=next(default.parameters()).dtype)
+    return {
+        "gradient": gradient(default),
+        "gradient, math SDPA": gradient(default, math=True),
+        "gradient, eager attn": gradient(eager),
+        "HVP": fresh(hessian(), v),
+        "raw torch HVP": raw_hvp(default, [t.clone() for t in
+                                           hessian().objective.unflatten(v).values()]),
+        "HVP, first of process": fresh(hessian(), v, reset=True),
+        "HVP, graph cached": cached(hessian(), v),
+        "GGN product": fresh(ggn(), v),
+        "GGN, graph cached": cached(ggn(), v),
+        "HVP, eager attn": fresh(hessian(eager), v),
+        "GGN, eager attn": fresh(ggn(eager), v),
+        "HVP, eager, check": fresh(hessian(eager), v, reset=True),
+    }
+
+
+def measure(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """Median wall time and median CPU time of this thread (with one intra-op thread the
+    work runs on it; CPU time leaves out waits for a core on a shared machine)."""
+    for fn in runs.values():  # warm-up
+        fn()
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            c0, t0 = time.thread_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.thread_time() - c0)
+    return ({k: statistics.median(s) for k, s in wall.items()},
+            {k: statistics.median(s) for k, s in cpu.items()})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few repeats")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--out", default=str(RESULTS), help="directory for bench_hf.{txt,json}")
+    args = ap.parse_args()
+    repeats = args.repeats or (7 if args.quick else 41)
+    dtype = getattr(torch, args.dtype)
+    default, eager, batch = build(dtype, args.batch, args.seq)
+    n = sum(p.numel() for p in default.parameters())
+    kernel = default.config._attn_implementation
+    lines = [f"tiny GPT-2 (2 layers, d=32, vocab 64), {n} parameters, attention {kernel!r}, "
+             f"{args.batch}x{args.seq} tokens, {args.dtype}; torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads; medians of {repeats} interleaved rounds; "
+             f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"]
+    autodiff.attention_kernels.math = True  # learnt (the "first of process" rows reset it)
+    med, cpu = measure(contenders(default, eager, batch), repeats)
+    unit, unit_cpu = med["gradient"], cpu["gradient"]
+    lines.append(f"{'contender':24s} {'wall ms':>8s} {'x gradient':>11s} {'cpu ms':>8s} "
+                 f"{'x gradient':>11s}")
+    lines.append("-" * 66)
+    lines += [f"{k:24s} {1e3 * t:8.2f} {t / unit:11.2f} {1e3 * cpu[k]:8.2f} "
+              f"{cpu[k] / unit_cpu:11.2f}" for k, t in med.items()]
+    for what, times, u in (("wall", med, unit), ("cpu", cpu, unit_cpu)):
+        hvp, ggn = times["HVP"] / u, times["GGN product"] / u
+        lines.append(f"target ({what} medians) HVP <= 3x gradient: {hvp:.2f}x "
+                     f"{'MET' if hvp <= 3 else 'NOT MET'}; GGN product <= 2x gradient: "
+                     f"{ggn:.2f}x {'MET' if ggn <= 2 else 'NOT MET'}")
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_hf.txt").write_text(text + "\n")
+    record = {"model": "gpt2-tiny", "attention": kernel, "num_params": n, "dtype": args.dtype,
+              "batch": args.batch, "seq": args.seq, "repeats": repeats,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "median_wall_seconds": med, "median_cpu_seconds": cpu,
+              "wall_ratio_to_gradient": {k: t / unit for k, t in med.items()},
+              "cpu_ratio_to_gradient": {k: t / unit_cpu for k, t in cpu.items()}}
+    (out / "bench_hf.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
