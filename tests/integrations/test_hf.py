@@ -10,9 +10,12 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from curvlab.diagnostics.monitor import unwrap_optimizer  # noqa: E402
 from curvlab.integrations import OPTIMIZERS, hf  # noqa: E402
+from curvlab.linalg.krylov import lanczos  # noqa: E402
+from curvlab.linops import HessianOperator  # noqa: E402
 
 V = 64
 KWARGS = {"soap": {"lr": 3e-3}, "shampoo": {"lr": 1e-3, "precondition_frequency": 2},
@@ -107,3 +110,38 @@ def test_optimizer_cls_and_kwargs_refuses_what_the_trainer_cannot_step():
         hf.optimizer_cls_and_kwargs("adamw", lr=1.0)
     with pytest.raises(TypeError, match="lr"):
         hf.optimizer_cls_and_kwargs("soap")
+
+
+def _objective_takes_model_losses():
+    from curvlab.objective import Objective
+
+    batch = _data()[0]
+    try:
+        Objective(_model(), None, {k: v[None] for k, v in batch.items()})
+    except TypeError:
+        return False
+    return True
+
+
+def test_default_monitor_batch_and_the_models_own_loss(tmp_path):
+    """The documented default: no batch, no loss_fn (the first training examples through the
+    collator, the model's own loss)."""
+    if not _objective_takes_model_losses():
+        pytest.skip("needs the Objective of dict batches and model-computed losses")
+    args = transformers.TrainingArguments(
+        str(tmp_path), max_steps=2, per_device_train_batch_size=4, save_strategy="no",
+        report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    cb = hf.CurvatureMonitorCallback(num_examples=4, every=2, max_hvps=40, tol=1e-4)
+    t = transformers.Trainer(_model(), args, train_dataset=_data(), callbacks=[cb],
+                             optimizer_cls_and_kwargs=hf.optimizer_cls_and_kwargs("soap",
+                                                                                  lr=3e-3))
+    t.train()
+    ids = torch.stack([d["input_ids"] for d in _data()[:4]])
+    assert torch.equal(cb.monitor.batch["input_ids"], ids)  # the first examples, collated
+    (check,) = cb.monitor.checks
+    # the same sharpness as with the causal-LM loss written out
+    op = HessianOperator(t.model, _lm_loss, ({"input_ids": ids}, ids))
+    with sdpa_kernel([SDPBackend.MATH]):  # differentiable twice
+        ref = float(lanczos(op, 1, tol=1e-6, max_iter=60,
+                            generator=torch.Generator().manual_seed(0)).eigenvalues[0])
+    assert check["lambda_max"] == pytest.approx(ref, rel=1e-3)
