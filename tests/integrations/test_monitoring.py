@@ -71,3 +71,11 @@ def test_build_optimizer_weight_decay_only_on_matrices_and_ties_once():
     assert sorted(p.ndim for p in no_decay["params"]) == [1, 1, 1]
     with pytest.raises(ValueError, match="closure"):
         build_optimizer(model, "HessianFree", lr=1.0)
+
+
+def test_first_examples_keeps_a_random_collator_off_the_training_stream():
+    loader = torch.utils.data.DataLoader(list(range(10)), batch_size=4,
+                                         collate_fn=lambda xs: torch.rand(len(xs)))
+    state = torch.get_rng_state()
+    assert first_examples(loader, 3).shape == (3,)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -15,8 +15,9 @@ from curvlab.diagnostics.monitor import CurvatureMonitor, MonitorEvent, unwrap_o
 
 def first_examples(dataloader: Any, n: int) -> Any:
     """A fixed monitor batch: the first ``n`` examples of the loader's dataset, collated by
-    its ``collate_fn`` (indexing the dataset leaves the loader, its sampler and the global
-    random state untouched, so training is the same with and without the monitor)."""
+    its ``collate_fn`` (indexing the dataset leaves the loader and its sampler untouched,
+    and a collator that draws random numbers, e.g. for masking, draws them from a fork of
+    torch's random state, so training is the same with and without the monitor)."""
     dataset = getattr(dataloader, "dataset", None)
     collate = getattr(dataloader, "collate_fn", None)
     try:
@@ -28,7 +29,8 @@ def first_examples(dataloader: Any, n: int) -> Any:
     if not examples or collate is None:
         raise ValueError("the training dataloader has no examples or no collate_fn; pass "
                          "batch=... to the callback")
-    return collate(examples)
+    with torch.random.fork_rng(devices=[]):
+        return collate(examples)
 
 
 @contextlib.contextmanager
