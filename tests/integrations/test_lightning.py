@@ -14,6 +14,8 @@ from curvlab.integrations import build_optimizer  # noqa: E402
 from curvlab.integrations.lightning import CurvatureMonitorCallback  # noqa: E402
 
 V = 64
+pytestmark = [pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated"),  # lightning's
+              pytest.mark.filterwarnings("ignore:The number of training batches")]
 
 
 def _ids(n=32, T=16):
