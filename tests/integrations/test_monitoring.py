@@ -79,3 +79,12 @@ def test_first_examples_keeps_a_random_collator_off_the_training_stream():
     state = torch.get_rng_state()
     assert first_examples(loader, 3).shape == (3,)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_make_monitor_refuses_an_unusable_batch_before_training():
+    from curvlab.integrations._monitoring import make_monitor
+
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises((TypeError, ValueError)):
+        make_monitor(model, nn.MSELoss(), "not a batch", opt, 0, {}, lambda *a: None)

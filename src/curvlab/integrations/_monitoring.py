@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from curvlab.diagnostics.monitor import CurvatureMonitor, MonitorEvent, unwrap_optimizer
+from curvlab.objective import Objective
 
 
 def first_examples(dataloader: Any, n: int) -> Any:
@@ -75,7 +76,11 @@ def scalars(record: dict[str, Any], events: list[MonitorEvent],
 def make_monitor(model: torch.nn.Module, loss_fn: Any, batch: Any, optimizer: Any,
                  seed: int, kwargs: dict[str, Any], collect: Any) -> CurvatureMonitor:
     """The callback's monitor: its own random generator (seeded), so its Lanczos starts
-    never draw from the global random state the training loop uses."""
+    never draw from the global random state the training loop uses. The monitor batch's
+    loss is evaluated once here (one forward), so a batch or loss the monitor cannot use
+    fails before training, not at the first check."""
+    with monitor_context(optimizer), torch.no_grad():
+        Objective(model, loss_fn, batch).loss()
     kwargs = dict(kwargs)
     if "generator" not in kwargs:
         device = next(model.parameters()).device
