@@ -15,10 +15,9 @@ matches AdamW's so AdamW's learning rate and weight decay carry over), ``"none"`
 are the rows and columns of the flattened weight in its logical ``(out, in)`` orientation: a
 group with ``transposed=True`` holds 2-D weights stored ``(in, out)`` (Hugging Face's
 ``Conv1D``, used by GPT-2), which Muon orthogonalizes and scales as their transpose, so such a
-layer gets exactly the transpose of the update of the equivalent ``nn.Linear``. Parameters of
-groups with
-``use_muon=False`` (and, by default, parameters with fewer than 2 dimensions) are updated by
-AdamW with the group's ``lr``, ``weight_decay``, ``adamw_betas`` and ``adamw_eps`` (the
+layer gets exactly the transpose of the update of the equivalent ``nn.Linear``. Parameters
+of groups with ``use_muon=False`` (and, by default, parameters with fewer than 2 dimensions)
+are updated by AdamW with the group's ``lr``, ``weight_decay``, ``adamw_betas`` and ``adamw_eps`` (the
 torch.optim.AdamW kernel). :func:`muon_param_groups` routes embeddings, the output head,
 biases and norms to AdamW and marks ``Conv1D`` weights ``transposed`` in one line.
 
