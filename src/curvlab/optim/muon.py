@@ -17,9 +17,10 @@ group with ``transposed=True`` holds 2-D weights stored ``(in, out)`` (Hugging F
 ``Conv1D``, used by GPT-2), which Muon orthogonalizes and scales as their transpose, so such a
 layer gets exactly the transpose of the update of the equivalent ``nn.Linear``. Parameters
 of groups with ``use_muon=False`` (and, by default, parameters with fewer than 2 dimensions)
-are updated by AdamW with the group's ``lr``, ``weight_decay``, ``adamw_betas`` and ``adamw_eps`` (the
-torch.optim.AdamW kernel). :func:`muon_param_groups` routes embeddings, the output head,
-biases and norms to AdamW and marks ``Conv1D`` weights ``transposed`` in one line.
+are updated by AdamW with the group's ``lr``, ``weight_decay``, ``adamw_betas`` and
+``adamw_eps`` (the torch.optim.AdamW kernel). :func:`muon_param_groups` routes embeddings,
+the output head, biases and norms to AdamW and marks ``Conv1D`` weights ``transposed`` in
+one line.
 
 Same-shape matrices are orthogonalized together in one batched Newton–Schulz. The iteration
 runs in ``ns_dtype`` (default bfloat16 on CUDA, where tensor cores make it fast; elsewhere
