@@ -73,3 +73,34 @@ def test_lightning_callback_logs_checks_and_leaves_training_unchanged(tmp_path, 
     plain, _, _ = _fit(tmp_path / "b", name, False, **kw)
     for p, q in zip(lit.parameters(), plain.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+class _LitMLP(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                                       torch.nn.Linear(8, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return build_optimizer(self, "soap", lr=1e-2)
+
+
+def test_default_monitor_batch_is_the_first_training_examples():
+    X, y = torch.randn(64, 4), torch.randn(64, 1)
+    cb = CurvatureMonitorCallback(loss_fn=torch.nn.MSELoss(), num_examples=8, every=2)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=8,
+                                         shuffle=True)
+    trainer.fit(_LitMLP(), loader)
+    assert torch.equal(cb.monitor.batch[0], X[:8]) and torch.equal(cb.monitor.batch[1], y[:8])
+    assert [c["step"] for c in cb.monitor.checks] == [2]
