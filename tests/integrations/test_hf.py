@@ -145,3 +145,19 @@ def test_default_monitor_batch_and_the_models_own_loss(tmp_path):
         ref = float(lanczos(op, 1, tol=1e-6, max_iter=60,
                             generator=torch.Generator().manual_seed(0)).eigenvalues[0])
     assert check["lambda_max"] == pytest.approx(ref, rel=1e-3)
+
+
+def test_callback_placed_first_reaches_the_report_to_integrations(tmp_path):
+    """report_to integrations run before user callbacks; inserted first, the monitor's values
+    are in the logs they receive."""
+    seen = []
+
+    class Reporter(transformers.TrainerCallback):  # stands in for TensorBoard, W&B, ...
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    t = _trainer(tmp_path, "soap", monitor=False, steps=2)
+    t.add_callback(Reporter())
+    t.callback_handler.callbacks.insert(0, _monitor())
+    t.train()
+    assert any("curvlab/lambda_max" in logs for logs in seen)
