@@ -9,7 +9,7 @@ expensive per-block work (roots, eigenbases, Newton-Schulz, K-FAC inverses) is s
 the ranks (curvlab.optim._distributed). At the end, lambda_max of the full-data training
 Hessian is computed with a data-parallel Objective (each rank holds its shard of the
 data; products are all-reduced), and with ``--checkpoint DIR`` model and optimizer are
-saved with torch.distributed.checkpoint (resume with ``--resume DIR``, on any number of
+saved with curvlab.distributed.save_checkpoint (resume with ``--resume DIR``, on any number of
 ranks).
 """
 
@@ -53,8 +53,8 @@ def main() -> None:
                          "split all block work and state and all-gather directions every step")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=128, help="global batch size")
-    ap.add_argument("--checkpoint", help="save model + optimizer here at the end (DCP)")
-    ap.add_argument("--resume", help="load model + optimizer from this DCP checkpoint")
+    ap.add_argument("--checkpoint", help="save model + optimizer here at the end")
+    ap.add_argument("--resume", help="load model + optimizer from this checkpoint")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()

@@ -86,9 +86,13 @@ def test_eval_mode_by_default_and_mode_restored():
     stochastic = Objective(model, loss_fn, (X, y), train=True)
     torch.manual_seed(1)
     c = stochastic.loss()
+    after = torch.rand(1)
     torch.manual_seed(2)
     d = stochastic.loss()
-    assert not torch.equal(c, d)  # Dropout active in train mode
+    assert not torch.equal(c, a)  # Dropout active in train mode
+    assert torch.equal(c, d)  # one fixed mask: the objective is one function
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after)  # the caller's RNG stream is untouched
     assert not model.training  # and the eval mode is restored
 
 

@@ -16,9 +16,12 @@ import argparse
 import contextlib
 import importlib.util
 import logging
+import math
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,47 @@ __all__ = ["main", "load_factory"]
 
 
 class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
+    """A user-facing error: printed as one line without a traceback, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (a :class:`CLIError`) instead of the usage
+    text plus a line."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CLIError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _number(kind: type, low: float, *, inclusive: bool = True) -> Callable:
+    """An argparse ``type``: a finite ``kind`` >= ``low`` (> ``low`` if not inclusive)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (
+                not inclusive and value == low):
+            bound = f"{'>=' if inclusive else '>'} {low:g}"
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if kind is int else 'a finite number'} {bound}, got "
+                f"{text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _brief(err: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _where(err: BaseException, path: Path) -> str:
+    """`` at FILE:LINE``, the innermost frame of ``err`` in the user's file ``path``."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if Path(f.filename).resolve() == path.resolve()]
+    return f" at {path}:{frames[-1].lineno}" if frames else ""
 
 
 def load_factory(spec: str) -> Callable[[], Any]:
@@ -48,6 +91,14 @@ def load_factory(spec: str) -> Callable[[], Any]:
     sys.path.insert(0, str(path.resolve().parent))
     try:
         mod_spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise CLIError(f"{path}:{err.lineno}: syntax error ({err.msg}); fix the file") from err
+    except SystemExit as err:
+        raise CLIError(f"importing {path} called sys.exit({err.code!r}); put script code under "
+                       "if __name__ == '__main__':") from err
+    except Exception as err:
+        raise CLIError(f"importing {path} raised {_brief(err)}{_where(err, path)}; fix the "
+                       "file (pass -v for the traceback)") from err
     finally:
         sys.path.pop(0)
     factory = getattr(module, name, None)
@@ -124,25 +175,125 @@ def _diagnose(args: argparse.Namespace, console: _Console) -> int:
                                 lr=args.lr, momentum=args.momentum, precision=args.precision,
                                 seed=args.seed)
     except ValueError as err:
-        raise CLIError(str(err)) from err
+        raise CLIError(f"invalid option: {err} (see curvlab diagnose --help)") from err
+    out = Path(args.out)
+    _check_out(out)
     source = args.target or "built-in digits MLP (64-128-128-10, 50 SGD steps)"
     start = time.perf_counter()
     with console.status(f"building {source}"):
         factory = load_factory(args.target) if args.target else _built_in
-        made = factory()
-        if not (isinstance(made, (tuple, list)) and len(made) == 3):
-            raise CLIError("the factory must return (model, loss_fn, data); got "
-                           f"{type(made).__name__}")
-        model, loss_fn, data = made
-        if not isinstance(model, torch.nn.Module):
-            raise CLIError(f"the factory's model must be an nn.Module, got {type(model).__name__}")
+        model, loss_fn, data = _call_factory(factory, args.target)
+        _check_inputs(model, loss_fn, data)
+    _make_out(out)
     with _stage_progress(console) as on_stage:
         report = curvature_report(model, loss_fn, data, options=options, on_stage=on_stage)
-    path = write_report(report, args.out, title=f"curvlab diagnose: {source}")
+    try:
+        path = write_report(report, out, title=f"curvlab diagnose: {source}")
+    except OSError as err:
+        raise CLIError(f"cannot write the report to --out {out} ({err.strerror or err}); "
+                       "pass a folder you can write to") from err
     elapsed = time.perf_counter() - start
     _print_report(console, report.numbers, source, elapsed)
-    console.print(f"report: {path}   numbers: {Path(args.out) / 'report.json'}")
+    console.print(f"report: {path}   numbers: {out / 'report.json'}")
     return 0
+
+
+def _check_out(out: Path, flag: str = "--out") -> None:
+    """Fail early (before any work, creating nothing) on an output folder that is a file or
+    cannot be created: a probe file in the nearest existing ancestor must be writable
+    (root passes every permission check, but not a read-only file system)."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{flag} {out} is a file; pass a folder (created if missing)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"{flag} {out} cannot be created: {parent} is a file; pass a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise CLIError(f"{flag} {out} is not writable ({parent}: {err.strerror or err}); pass "
+                       "a folder you can write to") from err
+
+
+def _make_out(out: Path, flag: str = "--out") -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"{flag} {out} is not writable ({err.strerror or err}); pass a folder "
+                       "you can write to") from err
+
+
+def _call_factory(factory: Callable[[], Any], spec: str | None) -> tuple[Any, Any, Any]:
+    """``factory()`` checked to be ``(model, loss_fn, data)``; any failure is a CLIError."""
+    name = spec or "the built-in problem"
+    try:
+        made = factory()
+    except SystemExit as err:
+        raise CLIError(f"{name} called sys.exit({err.code!r}) instead of returning (model, "
+                       "loss_fn, data)") from err
+    except Exception as err:
+        where = _where(err, Path(spec.rsplit(":", 1)[0])) if spec else ""
+        raise CLIError(f"{name} raised {_brief(err)}{where}; fix the factory (pass -v for "
+                       "the traceback)") from err
+    if not (isinstance(made, (tuple, list)) and len(made) == 3):
+        raise CLIError("the factory must return (model, loss_fn, data); got "
+                       f"{type(made).__name__}")
+    model, loss_fn, data = made
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"the factory's model must be an nn.Module, got {type(model).__name__}")
+    return model, loss_fn, data
+
+
+def _non_finite(data: Any, path: str = "data") -> tuple[str, int] | None:
+    """The first tensor in ``data`` (tuples, lists, dicts) with NaN/inf, and how many."""
+    if isinstance(data, torch.Tensor):
+        if data.is_floating_point() or data.is_complex():
+            bad = int((~torch.isfinite(data)).sum())
+            return (path, bad) if bad else None
+        return None
+    items = (data.items() if isinstance(data, Mapping) else
+             enumerate(data) if isinstance(data, (tuple, list)) else ())
+    for k, v in items:
+        found = _non_finite(v, f"{path}[{k!r}]")
+        if found:
+            return found
+    return None
+
+
+def _check_inputs(model: torch.nn.Module, loss_fn: Any, data: Any) -> None:
+    """The user's model, loss and data, checked before any curvature work: trainable
+    parameters, a callable loss, finite data, and one full-data loss + gradient that
+    runs and is finite (shape mismatches surface here)."""
+    from curvlab.objective import Objective
+
+    if not any(p.requires_grad for p in model.parameters()):
+        raise CLIError("the model has no trainable parameters (none with requires_grad=True);"
+                       " return a model with parameters to diagnose")
+    if loss_fn is not None and not callable(loss_fn):
+        raise CLIError(f"the factory's loss_fn must be callable, e.g. nn.CrossEntropyLoss(), "
+                       f"got {type(loss_fn).__name__} {loss_fn!r:.40}")
+    bad = _non_finite(data)
+    if bad:
+        raise CLIError(f"the data contain {bad[1]} NaN/inf value(s) in {bad[0]}; clean them "
+                       "(e.g. torch.nan_to_num) or drop those samples")
+    try:
+        obj = Objective(model, loss_fn, data)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"the factory's (model, loss_fn, data) are not usable: {err}") from err
+    try:
+        loss, grads = obj.loss_and_grad()
+    except Exception as err:
+        raise CLIError(f"evaluating loss_fn(model(inputs), targets) on the data raised "
+                       f"{_brief(err)}; make the data match the model's input and the loss's "
+                       "target (pass -v for the traceback)") from err
+    if not math.isfinite(float(loss)):
+        raise CLIError(f"the loss at the model's parameters is {float(loss)}; diagnose needs "
+                       "a finite loss (check the model's initialization and the data)")
+    if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+        raise CLIError("the gradient at the model's parameters is not finite; diagnose needs "
+                       "finite gradients (check the model's initialization and the data)")
 
 
 @contextlib.contextmanager
@@ -222,14 +373,15 @@ def _bench(args: argparse.Namespace, console: _Console) -> int:
         summarize,
         write_report,
     )
+    from curvlab.bench.runner import OutDirBusy, lock_out_dir
     from curvlab.bench.suites import SuiteOptions, build_tasks
 
     if args.compare:
         old, new = args.compare
         try:
             rows = compare_results(old, new)
-        except FileNotFoundError as err:
-            raise CLIError(str(err)) from err
+        except (OSError, ValueError) as err:  # missing / unreadable / not results
+            raise CLIError(f"--compare: {err}") from err
         if not rows:
             console.print("nothing in common to compare")
             return 0
@@ -238,37 +390,60 @@ def _bench(args: argparse.Namespace, console: _Console) -> int:
              f"{r['ratio']:.2f}x", r["verdict"]) for r in rows],
             headers=("suite", "run", "metric", "old", "new", "new/old", "verdict"))
         return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError("--device cuda requested but torch.cuda.is_available() is False")
-    opts = SuiteOptions(quick=args.quick, seeds=args.seeds or (2 if args.quick else 3),
-                        device=args.device,
-                        time_budget=args.time_budget or (20.0 if args.quick else 60.0))
-    tasks, notices = build_tasks(args.suite, opts)
-    for note in notices:
-        console.print(f"[yellow]skipped:[/yellow] {note}" if console.rich else f"skipped: {note}")
-    out = Path(args.out)
-    records = _run_with_progress(tasks, out, args.resume, args.device, console)
-    summary = summarize(records)
-    for suite, rows in summary.items():
-        cols = TERMINAL_COLUMNS[suite]
-        console.table(SUITE_TITLES[suite], [tuple(format_cell(r.get(k)) for k, _ in cols)
-                                            for r in rows], headers=tuple(t for _, t in cols))
     try:
-        path = write_report(records, out)
-        console.print(f"report: {path}   results: {out / 'results.json'}")
-    except ImportError:
-        console.print(f"results: {out / 'results.json'} (install matplotlib for report.html)")
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as err:
+        raise CLIError(f"--device {args.device!r} is not a torch device; use cpu or cuda") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda requested but torch.cuda.is_available() is False")
+    out = Path(args.out)
+    _check_out(out)
+    with contextlib.ExitStack() as held:  # the lock is held until the report is written
+        try:
+            held.enter_context(lock_out_dir(out))
+        except OutDirBusy as err:
+            raise CLIError(str(err)) from err
+        except OSError as err:
+            raise CLIError(f"--out {out} is not writable ({err.strerror or err}); pass a "
+                           "folder you can write to") from err
+        opts = SuiteOptions(quick=args.quick, seeds=args.seeds or (2 if args.quick else 3),
+                            device=args.device,
+                            time_budget=args.time_budget or (20.0 if args.quick else 60.0))
+        tasks, notices = build_tasks(args.suite, opts)
+        for note in notices:
+            console.print(f"[yellow]skipped:[/yellow] {note}" if console.rich
+                          else f"skipped: {note}")
+        try:
+            records = _run_with_progress(tasks, out, args.resume, args.overwrite, args.device,
+                                         console)
+        except KeyboardInterrupt:
+            console.print(f"interrupted: the finished runs are in {out / 'results.jsonl'}; "
+                          "continue them with --resume")
+            return 130
+        summary = summarize(records)
+        for suite, rows in summary.items():
+            cols = TERMINAL_COLUMNS[suite]
+            console.table(SUITE_TITLES[suite], [tuple(format_cell(r.get(k)) for k, _ in cols)
+                                                for r in rows],
+                          headers=tuple(t for _, t in cols))
+        try:
+            path = write_report(records, out)
+            console.print(f"report: {path}   results: {out / 'results.json'}")
+        except ImportError:
+            console.print(f"results: {out / 'results.json'} (install matplotlib for "
+                          "report.html)")
     return 0
 
 
-def _run_with_progress(tasks: list, out: Path, resume: bool, device: str, console: _Console
-                       ) -> list[dict]:
+def _run_with_progress(tasks: list, out: Path, resume: bool, overwrite: bool, device: str,
+                       console: _Console) -> list[dict]:
     from curvlab.bench.runner import run_tasks
 
+    kw = dict(resume=resume, overwrite=overwrite, device=device)
     if console.rich is None:
         def start(task, i, n):
             print(f"[{i + 1}/{n}] {task.key}", flush=True)
-        return run_tasks(tasks, out, resume=resume, device=device, on_start=start)
+        return run_tasks(tasks, out, on_start=start, **kw)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -288,26 +463,31 @@ def _run_with_progress(tasks: list, out: Path, resume: bool, device: str, consol
             progress.advance(overall)
             progress.update(current, completed=1.0)
 
-        return run_tasks(tasks, out, resume=resume, device=device, on_start=start,
-                         on_progress=step, on_done=done)
+        return run_tasks(tasks, out, on_start=start, on_progress=step, on_done=done, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="curvlab", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="curvlab", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="side-by-side optimizer comparisons with a report")
     bench.add_argument("--suite", default="all", choices=("classical", "nn", "curvature", "all"))
     bench.add_argument("--quick", action="store_true", help="small grids and budgets")
-    bench.add_argument("--seeds", type=int, default=None, help="seeds per configuration")
+    bench.add_argument("--seeds", type=_number(int, 1), default=None,
+                       help="seeds per configuration (>= 1)")
     bench.add_argument("--device", default="cpu",
                        help="cpu or cuda: where the nn suite trains (the classical suite runs "
                             "float64 on the CPU, like its scipy peers)")
     bench.add_argument("--out", default="curvlab-bench", help="output folder")
-    bench.add_argument("--time-budget", type=float, default=None,
-                       help="seconds of training per NN run")
-    bench.add_argument("--resume", action="store_true",
-                       help="skip runs already recorded in OUT/results.jsonl")
+    bench.add_argument("--time-budget", type=_number(float, 0, inclusive=False), default=None,
+                       help="seconds of training per NN run (> 0)")
+    again = bench.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="skip runs already recorded in OUT/results.jsonl (invalid lines "
+                       "are moved to OUT/results.jsonl.invalid-*)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="discard earlier results in OUT (by default they are moved to "
+                       "OUT/earlier-<time>/)")
     bench.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"),
                        help="compare two results.json files instead of running")
     diag = sub.add_parser("diagnose", help="curvature diagnostics of a model at its "
@@ -316,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "data); default: the built-in digits MLP")
     diag.add_argument("--out", default="curvlab-report", help="report folder "
                       "(report.json, index.html, plots)")
-    diag.add_argument("--seed", type=int, default=0, help="seed of the random probe vectors")
+    diag.add_argument("--seed", type=_number(int, 0), default=0,
+                      help="seed of the random probe vectors (>= 0)")
     diag.add_argument("--trace-samples", type=int, default=None,
                       help="Hessian-vector products for the Hutch++ trace estimate (>= 6; "
                       "default 30)")
@@ -334,19 +515,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(name)s: %(message)s")
+    """Run the command line; returns the exit status (2 for every error the user can fix,
+    printed as one line: the problem and the fix)."""
     console = _Console()
+    verbose = False
     try:
+        args = build_parser().parse_args(argv)
+        verbose = args.verbose
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(name)s: %(message)s")
         if args.command == "diagnose":
             return _diagnose(args, console)
         if args.command == "bench":
             return _bench(args, console)
     except CLIError as err:
-        console.print(f"[bold red]error:[/bold red] {err}" if console.rich else f"error: {err}")
+        if verbose and err.__cause__ is not None:
+            traceback.print_exception(err.__cause__)
+        _error(console, str(err))
+        return 2
+    except OSError as err:  # the file system refused (disk full, permissions, ...)
+        if verbose:
+            traceback.print_exception(err)
+        _error(console, f"{err}; check the path and free space, then run again")
         return 2
     return 1
+
+
+def _error(console: _Console, message: str) -> None:
+    message = " ".join(message.split())  # one line, whatever the message held
+    if console.rich is not None:
+        from rich.markup import escape
+
+        console.rich.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
+    else:
+        print(f"error: {message}")
 
 
 if __name__ == "__main__":

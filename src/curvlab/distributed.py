@@ -19,18 +19,22 @@ module only adds the few pieces curvlab needs on top of it:
 * :func:`check_same_across_ranks`: a cheap guard (one small all-reduce) that a tensor
   every rank must hold identically really is identical.
 * :func:`save_checkpoint` / :func:`load_checkpoint`: a nested state (model and optimizer
-  ``state_dict``) through ``torch.distributed.checkpoint`` (DCP: ranks write in parallel,
-  replicated tensors once), loadable on any number of ranks without building a template
-  first (the nested layout is stored next to the tensors).
+  ``state_dict``) saved atomically (a kill never destroys the previous checkpoint) as a
+  JSON manifest (declared, versioned layout) plus raw tensor bytes, loadable on any
+  number of ranks without building a template first and without unpickling anything.
 """
 
 from __future__ import annotations
 
 import contextlib
-import pickle
-import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,7 @@ __all__ = ["resolve_group", "world_size", "rank", "comm_device", "all_reduce_sum
            "all_gather_single", "gather_rows_to_owners", "scatter_rows_from_owners",
            "all_reduce_coalesced", "all_reduce_symmetric",
            "broadcast_coalesced", "synced_generator", "check_same_across_ranks",
-           "save_checkpoint", "load_checkpoint"]
+           "save_checkpoint", "load_checkpoint", "CheckpointError"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2 ** 20  # DDP's default bucket size (25 MiB)
 
@@ -254,74 +258,286 @@ def check_same_across_ranks(tensor: torch.Tensor, group: Any, name: str) -> None
                          f"curvlab.distributed.synced_generator)")
 
 
-@dataclass(frozen=True)
-class _TensorSlot:
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]  # kept: BLAS rounds differently on transposed layouts
-    dtype: torch.dtype
+# ---- checkpoints --------------------------------------------------------------------------
+CHECKPOINT_FORMAT = "curvlab-checkpoint"
+CHECKPOINT_VERSION = 1
+_MANIFEST = "manifest.json"
+_ALIGN = 64  # tensor offsets in the data file (so each is viewed in place, never copied)
+_DATA_NAME = re.compile(r"data-[0-9A-Za-z-]+\.bin")
 
 
-def _skeleton(obj: Any) -> Any:
-    """``obj`` with every tensor replaced by its shape and dtype."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded (incomplete, corrupt, of an unknown format or
+    version); the message names the file and what is wrong."""
+
+
+def _dense(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether ``stride`` lays ``shape`` out without overlaps or gaps (a permutation of the
+    dimensions is contiguous), so the tensor's bytes are exactly its elements."""
+    expected = 1
+    for s, n in sorted((s, n) for n, s in zip(shape, stride, strict=True) if n != 1):
+        if s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: Any) -> torch.dtype | None:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+_SUPPORTED = ("tensors, dicts (str or int keys), lists, tuples, str, int, float, bool, None "
+              "and torch.dtype")
+
+
+def _encode(obj: Any, tensors: list[tuple[str, torch.Tensor]], path: str) -> Any:
+    """The JSON layout of ``obj``: plain JSON for None / bool / int / finite float / str, a
+    one-key object for everything else (``{"tensor": i}``, ``{"dict": [[k, v], ...]}``,
+    ``{"odict": ...}``, ``{"list": [...]}``, ``{"tuple": [...]}``, ``{"float": "nan"}``,
+    ``{"dtype": "float32"}``); tensors are appended to ``tensors``."""
+    kind = type(obj)
+    if obj is None or kind in (bool, int, str):
+        return obj
+    if kind is float:
+        return obj if math.isfinite(obj) else {"float": repr(obj)}
     if isinstance(obj, torch.Tensor):
-        return _TensorSlot(tuple(obj.shape), tuple(obj.stride()), obj.dtype)
-    if isinstance(obj, dict):
-        return type(obj)((k, _skeleton(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_skeleton(v) for v in obj)
-    return obj
+        tensors.append((path, obj))
+        return {"tensor": len(tensors) - 1}
+    if isinstance(obj, torch.dtype):
+        return {"dtype": _dtype_name(obj)}
+    if kind in (list, tuple):
+        return {kind.__name__: [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]}
+    if kind in (dict, OrderedDict):
+        items = []
+        for k, v in obj.items():
+            if type(k) not in (str, int):
+                raise TypeError(f"checkpoint state{path} has a key {k!r} of type "
+                                f"{type(k).__name__}; keys must be str or int")
+            items.append([k, _encode(v, tensors, f"{path}[{k!r}]")])
+        return {"odict" if kind is OrderedDict else "dict": items}
+    raise TypeError(f"checkpoint state{path} is a {kind.__module__}.{kind.__qualname__}; a "
+                    f"checkpoint holds {_SUPPORTED}: convert it first (e.g. float(x), "
+                    f"x.tolist(), torch.as_tensor(x))")
 
 
-def _materialize(obj: Any, device: Any) -> Any:
-    if isinstance(obj, _TensorSlot):
-        return torch.empty_strided(obj.shape, obj.stride, dtype=obj.dtype, device=device)
-    if isinstance(obj, dict):
-        return type(obj)((k, _materialize(v, device)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialize(v, device) for v in obj)
-    return obj
+def _tensor_bytes(t: torch.Tensor, path: str) -> tuple[torch.Tensor, list[int]]:
+    """``t`` on the CPU as contiguous bytes, and the strides to restore on load."""
+    if t.layout != torch.strided or t.is_quantized or t.is_meta or type(t).__name__ == "DTensor":
+        raise TypeError(f"checkpoint state{path} is a {type(t).__name__} with layout "
+                        f"{t.layout}; save_checkpoint takes plain dense tensors (for DTensor "
+                        "model states use torch.distributed.checkpoint directly)")
+    t = t.detach()
+    stride = list(t.stride()) if t.numel() and _dense(t.shape, t.stride()) else None
+    t = t.to("cpu").resolve_conj().resolve_neg().contiguous()
+    if stride is None:
+        stride = list(t.stride())
+    return t.reshape(-1).view(torch.uint8), stride
+
+
+def _write_checkpoint(state: dict[str, Any], root: Path) -> None:
+    """Tensor bytes to a new ``data-<token>.bin``, then the manifest (layout, tensor table,
+    size and SHA-256 of the data file) to a temporary sibling renamed over
+    ``manifest.json``: a kill at any point leaves either the old or the new manifest, each
+    naming a complete data file. Files of the replaced or interrupted saves go last."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+    layout = _encode(state, tensors, "")
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"checkpoint_id {root} is a file; a checkpoint is a folder")
+    root.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{secrets.token_hex(6)}"
+    data_name = f"data-{token}.bin"
+    digest, table, offset = hashlib.sha256(), [], 0
+    with open(root / data_name, "xb") as fh:
+        for path, t in tensors:
+            raw, stride = _tensor_bytes(t, path)
+            pad = bytes(-offset % _ALIGN)
+            fh.write(pad)
+            digest.update(pad)
+            offset += len(pad)
+            view = raw.numpy().data
+            fh.write(view)
+            digest.update(view)
+            table.append({"dtype": _dtype_name(t.dtype), "shape": list(t.shape),
+                          "stride": stride, "offset": offset, "nbytes": raw.numel()})
+            offset += raw.numel()
+        fh.flush()
+        os.fsync(fh.fileno())
+    manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "data": data_name,
+                "bytes": offset, "sha256": digest.hexdigest(), "torch": torch.__version__,
+                "tensors": table, "layout": layout}
+    tmp = root / f"{_MANIFEST}.tmp-{token}"
+    with open(tmp, "x", encoding="utf-8") as fh:
+        fh.write(json.dumps(manifest, allow_nan=False))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, root / _MANIFEST)
+    with contextlib.suppress(OSError):  # make the rename durable (POSIX)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for p in root.iterdir():
+        stale = ((_DATA_NAME.fullmatch(p.name) and p.name != data_name)
+                 or p.name.startswith(f"{_MANIFEST}.tmp-"))
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
 
 
 def save_checkpoint(state: dict[str, Any], checkpoint_id: str | Path,
                     process_group: Any = None) -> None:
     """Save ``state`` (e.g. ``{"model": model.state_dict(), "optim": opt.state_dict()}``)
-    with ``torch.distributed.checkpoint.save`` on all ranks of ``process_group``.
+    to the folder ``checkpoint_id``, atomically: until the new checkpoint is complete the
+    previous one stays loadable, whatever kills the process.
 
-    Tensors must be plain (replicated) tensors: curvlab's optimizers keep their state
-    identical on every rank, so any world size can resume from it. For DTensor (FSDP2)
-    model states use ``torch.distributed.checkpoint`` with the model's own
-    ``state_dict()`` as the load template."""
-    import torch.distributed.checkpoint as dcp
-
+    The folder holds ``manifest.json`` (format, version, the nested layout as JSON, a table
+    of tensor dtypes / shapes / strides / offsets, the data file's size and SHA-256) and one
+    data file of raw tensor bytes; nothing is pickled. With ``process_group`` every rank
+    calls this and group rank 0 writes: tensors must be plain (replicated) tensors, which
+    curvlab's optimizers keep identical on every rank, so any world size can resume. For
+    DTensor (FSDP2) model states use ``torch.distributed.checkpoint`` directly. One writer
+    per folder at a time."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
     group = resolve_group(process_group)
-    layout = pickle.dumps(_skeleton(state))
-    with _single_process_note(group):
-        dcp.save({"state": state, "layout": layout}, checkpoint_id=str(checkpoint_id),
-                 process_group=group, no_dist=group is None)
+    root = Path(checkpoint_id)
+    if group is None:
+        _write_checkpoint(state, root)
+        return
+    error: BaseException | None = None
+    if rank(group) == 0:
+        try:
+            _write_checkpoint(state, root)
+        except Exception as err:  # reported to every rank below, re-raised here
+            error = err
+    failed = torch.tensor([error is not None], dtype=torch.int32, device=comm_device(group))
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if int(failed):
+        raise RuntimeError(f"rank 0 failed to write the checkpoint {root} (see its error)")
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / _MANIFEST
+    if not root.exists():
+        raise FileNotFoundError(f"no checkpoint at {root}")
+    if not root.is_dir():
+        raise CheckpointError(f"{root} is a file; a checkpoint written by save_checkpoint is "
+                              "a folder")
+    if not path.is_file():
+        if (root / ".metadata").exists():
+            raise CheckpointError(
+                f"{root} is a torch.distributed.checkpoint folder (written by an older "
+                "curvlab); its layout is pickled, so curvlab does not load it: if you trust "
+                "the file, read it with torch.distributed.checkpoint.load and save it again")
+        raise CheckpointError(f"{root} holds no complete checkpoint ({_MANIFEST} is missing: "
+                              "the first save was interrupted, or the folder was not written "
+                              "by curvlab.distributed.save_checkpoint)")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a curvlab checkpoint manifest (format {fmt!r})")
+    version = manifest.get("version")
+    if type(version) is not int or not 1 <= version <= CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has format version {version!r}; this curvlab reads "
+                              f"versions 1..{CHECKPOINT_VERSION} (upgrade curvlab)")
+    return manifest
+
+
+def _read_tensors(root: Path, manifest: dict[str, Any], device: Any) -> list[torch.Tensor]:
+    mpath = root / _MANIFEST
+    name, size, sha = manifest.get("data"), manifest.get("bytes"), manifest.get("sha256")
+    table = manifest.get("tensors")
+    if not (isinstance(name, str) and _DATA_NAME.fullmatch(name) and type(size) is int
+            and isinstance(sha, str) and isinstance(table, list)):
+        raise CheckpointError(f"{mpath} lacks a valid 'data', 'bytes', 'sha256' or 'tensors' "
+                              "entry")
+    data = root / name
+    try:
+        buf = bytearray(data.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{data}, named by {mpath}, is missing") from None
+    if len(buf) != size:
+        raise CheckpointError(f"{data} has {len(buf)} bytes, {mpath} says {size}: the file "
+                              "was truncated or replaced")
+    if hashlib.sha256(buf).hexdigest() != sha:
+        raise CheckpointError(f"{data} does not match the SHA-256 in {mpath}: the file is "
+                              "corrupt")
+    flat = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+    out = []
+    for i, rec in enumerate(table):
+        ok = isinstance(rec, dict)
+        dtype = _dtype(rec.get("dtype")) if ok else None
+        shape, stride = (rec.get("shape"), rec.get("stride")) if ok else (None, None)
+        offset, nbytes = (rec.get("offset"), rec.get("nbytes")) if ok else (None, None)
+        ok = (dtype is not None and isinstance(shape, list) and isinstance(stride, list)
+              and len(shape) == len(stride)
+              and all(type(n) is int and n >= 0 for n in shape)
+              and all(type(s) is int and s >= 0 for s in stride)
+              and type(offset) is int and type(nbytes) is int and offset >= 0)
+        if ok:
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            ok = (nbytes == math.prod(shape) * itemsize and offset % itemsize == 0
+                  and offset + nbytes <= size and _dense(shape, stride))
+        if not ok:
+            raise CheckpointError(f"{mpath}: tensor entry {i} is not valid ({rec!r})")
+        values = flat[offset:offset + nbytes].view(dtype).view(shape)
+        t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        out.append(t.copy_(values))
+    return out
+
+
+def _decode(node: Any, tensors: list[torch.Tensor], path: str, where: Path) -> Any:
+    if node is None or type(node) in (bool, int, float, str):
+        return node
+    if isinstance(node, dict) and len(node) == 1:
+        ((tag, value),) = node.items()
+        if tag == "tensor" and type(value) is int and 0 <= value < len(tensors):
+            return tensors[value]
+        if tag == "float" and value in ("nan", "inf", "-inf"):
+            return float(value)
+        if tag == "dtype" and _dtype(value) is not None:
+            return _dtype(value)
+        if tag in ("list", "tuple") and isinstance(value, list):
+            items = [_decode(v, tensors, f"{path}[{i}]", where) for i, v in enumerate(value)]
+            return items if tag == "list" else tuple(items)
+        if tag in ("dict", "odict") and isinstance(value, list) and all(
+                isinstance(kv, list) and len(kv) == 2 and type(kv[0]) in (str, int)
+                for kv in value):
+            kind = dict if tag == "dict" else OrderedDict
+            return kind((k, _decode(v, tensors, f"{path}[{k!r}]", where)) for k, v in value)
+    raise CheckpointError(f"{where}: the layout entry state{path} is not valid "
+                          f"({str(node)[:80]})")
 
 
 def load_checkpoint(checkpoint_id: str | Path, process_group: Any = None,
                     device: Any = "cpu") -> dict[str, Any]:
-    """Load what :func:`save_checkpoint` saved, on any number of ranks (tensors on
-    ``device``); pass the parts to ``model.load_state_dict`` / ``opt.load_state_dict``."""
-    import torch.distributed.checkpoint as dcp
+    """Load what :func:`save_checkpoint` saved (tensors on ``device``, with their saved
+    strides); pass the parts to ``model.load_state_dict`` / ``opt.load_state_dict``.
 
-    group = resolve_group(process_group)
-    head: dict[str, Any] = {"layout": b""}
-    with _single_process_note(group):
-        dcp.load(head, checkpoint_id=str(checkpoint_id), process_group=group,
-                 no_dist=group is None)
-        state = _materialize(pickle.loads(head["layout"]), device)
-        dcp.load({"state": state}, checkpoint_id=str(checkpoint_id), process_group=group,
-                 no_dist=group is None)
+    Any number of ranks may load (each reads the files itself; ``process_group`` is only
+    validated). Nothing is unpickled: the manifest is JSON and the tensors raw bytes,
+    checked against the manifest's size and SHA-256. A missing folder raises
+    FileNotFoundError; an incomplete, corrupt or unknown checkpoint raises
+    :class:`CheckpointError` (a ValueError) naming the file and the problem."""
+    resolve_group(process_group)
+    root = Path(checkpoint_id)
+    manifest = _read_manifest(root)
+    tensors = _read_tensors(root, manifest, device)
+    try:
+        state = _decode(manifest.get("layout"), tensors, "", root / _MANIFEST)
+    except RecursionError:
+        raise CheckpointError(f"{root / _MANIFEST}: the layout is nested too deeply") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{root / _MANIFEST}: the layout is not a dict")
     return state
-
-
-@contextlib.contextmanager
-def _single_process_note(group: Any) -> Iterator[None]:
-    """Silence DCP's "assuming the intent is to ... in a single process" warning when the
-    single process is what the caller asked for (``process_group=None``)."""
-    with warnings.catch_warnings():
-        if group is None:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield

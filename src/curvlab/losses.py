@@ -26,12 +26,15 @@ mean is 0/0 = NaN there, so it is skipped, not multiplied by 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["term_weights", "loss_normalizer", "is_known_mean_loss"]
+__all__ = ["term_weights", "loss_normalizer", "is_known_mean_loss", "LossConvention",
+           "match_convention", "model_loss_parts"]
 
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss, nn.BCELoss,
                 nn.BCEWithLogitsLoss, nn.KLDivLoss, nn.PoissonNLLLoss, nn.GaussianNLLLoss,
@@ -84,3 +87,102 @@ def loss_normalizer(loss_fn: Any, targets: Any) -> float:
         raise TypeError(f"targets must be a tensor to weight the batch, got "
                         f"{type(targets).__name__}")
     return float(term_weights(loss_fn, targets).sum())
+
+
+# ---- losses the model computes itself (loss_fn=None) -------------------------------------
+
+@dataclass(frozen=True)
+class LossConvention:
+    """How a model that computes its own loss turns its logits and labels into it: the
+    standard loss ``loss_fn`` applied to ``prediction(logits)`` and ``target(labels)``.
+
+    Hugging Face heads use four: causal language models shift the labels by one
+    (``logits[:, :-1]`` predicts ``labels[:, 1:]``), masked-LM / token- and sequence-
+    classification heads do not, all with cross-entropy ignoring ``-100`` and averaging over
+    the remaining tokens; single-output regression heads use MSE, multi-label heads
+    ``BCEWithLogitsLoss``. Logits keep their samples first and move the classes to dim 1
+    (``(B, C, T)``), the layout ``nn.CrossEntropyLoss`` reads, so per-sample machinery
+    (empirical Fisher, exact diagonals) still sees one row per input sequence.
+    """
+
+    name: str
+    loss_fn: nn.Module
+    prediction: Callable[[torch.Tensor], torch.Tensor]
+    target: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _classes_to_dim1(logits: torch.Tensor) -> torch.Tensor:
+    return logits.movedim(-1, 1) if logits.dim() > 2 else logits
+
+
+def _conventions(ignore_index: int = -100) -> list[LossConvention]:
+    ce = nn.CrossEntropyLoss(ignore_index=ignore_index)
+    return [
+        LossConvention("causal-lm (labels shifted by one, cross-entropy, ignore -100)", ce,
+                       lambda z: _classes_to_dim1(z[:, :-1]), lambda y: y[:, 1:]),
+        LossConvention("cross-entropy on labels (ignore -100)", ce, _classes_to_dim1,
+                       lambda y: y),
+        LossConvention("regression (MSE)", nn.MSELoss(),
+                       lambda z: z.squeeze(-1) if z.shape[-1] == 1 else z, lambda y: y),
+        LossConvention("multi-label (BCEWithLogitsLoss)", nn.BCEWithLogitsLoss(),
+                       lambda z: z, lambda y: y),
+    ]
+
+
+def model_loss_parts(output: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(loss, logits)`` of a model output: a ``ModelOutput`` / dict with ``"loss"`` and
+    ``"logits"`` keys (either may be missing: None), or a tensor (the logits)."""
+    if isinstance(output, torch.Tensor):
+        return None, output
+    if isinstance(output, Mapping):
+        return output.get("loss"), output.get("logits")
+    return getattr(output, "loss", None), getattr(output, "logits", None)
+
+
+def match_convention(output: Any, labels: torch.Tensor) -> LossConvention:
+    """The convention that reproduces the model's own ``output.loss`` from its logits and
+    ``labels`` (checked numerically, relative tolerance ``sqrt(eps)`` of the logits' dtype).
+
+    Raises ValueError naming what is missing or what was tried, so the caller can pass an
+    explicit ``loss_fn`` instead of getting a silently different quantity.
+    """
+    loss, logits = model_loss_parts(output)
+    if loss is None or logits is None:
+        raise ValueError(
+            "loss_fn=None needs a model that returns its own loss and logits (an output with "
+            "'loss' and 'logits', as Hugging Face models do when the batch has 'labels'); "
+            f"got {type(output).__name__} without "
+            f"{' and '.join(k for k, v in (('loss', loss), ('logits', logits)) if v is None)}"
+            "; pass loss_fn explicitly")
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError("loss_fn=None needs the labels in the batch (a 'labels' tensor)")
+    loss = loss.detach().reshape(())
+    logits = logits.detach()
+    tol = 1e-5  # relative: Hugging Face computes its losses in float32 whatever the model's dtype
+    tried, matches = [], []
+    with torch.no_grad():
+        for conv in _conventions():
+            regression = isinstance(conv.loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss))
+            if regression != torch.is_floating_point(labels):
+                continue
+            try:
+                z, y = conv.prediction(logits), conv.target(labels)
+                if regression and z.shape != y.shape:
+                    continue
+                value = conv.loss_fn(z, y.to(z.dtype) if regression else y)
+            except (RuntimeError, ValueError, IndexError):
+                continue
+            tried.append(f"{conv.name}: {float(value):.6g}")
+            if value.shape == () and bool(torch.isclose(value, loss.to(value.dtype), rtol=tol,
+                                                         atol=0)):
+                matches.append(conv)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(
+            f"loss_fn=None: the model's own loss {float(loss):.6g} is matched by several loss "
+            f"conventions ({'; '.join(tried)}); pass loss_fn (and targets) explicitly")
+    raise ValueError(
+        f"loss_fn=None: the model's own loss {float(loss):.6g} matches none of the loss "
+        f"conventions curvlab knows ({'; '.join(tried) or 'none applied to these shapes'}); "
+        "pass loss_fn (and targets) explicitly")

@@ -5,10 +5,29 @@ works on. The empirical risk it represents is
 
     L(theta) = sum_b (n_b / N) * loss_fn(model(X_b; theta), y_b)
 
-for a loss that averages over the batch (``reduction="mean"``, the torch default), and
-``sum_b loss_fn(...)`` for a summing loss, so several batches give exactly the value of
-one big batch. Work is done batch by batch (``for w, X, y in objective.batches()``), so a
-DataLoader never has to fit in memory at once.
+for a loss that averages (``reduction="mean"``, the torch default), with ``n_b`` what the
+loss divides batch ``b`` by (its number of loss terms: valid targets under
+``ignore_index``, the sum of their class weights, elements, or samples; see
+:mod:`curvlab.losses`) and ``N = sum_b n_b``; ``sum_b loss_fn(...)`` for a summing loss. So
+several batches give exactly the value of one big batch, padded sequences included. Work
+is done batch by batch (``for w, X, y in objective.batches()``), so a DataLoader never has
+to fit in memory at once; a batch with ``n_b = 0`` (every target ignored) is skipped.
+
+Data: an ``(inputs, targets)`` pair, a dict batch (a Hugging Face collator's output: the
+model's keyword arguments, the targets under ``"labels"``), a list of either, or a
+DataLoader of either. A one-shot iterator (a generator) is read once into a list, since
+every product passes over the data again. ``loss_fn=None`` means the model computes its
+own loss (``output.loss``, given the labels): the objective then finds the standard loss
+that reproduces it (:func:`curvlab.losses.match_convention`, checked on the first batch)
+and uses it on the logits, so output-space curvature (GGN, Fisher, K-FAC) has a loss to
+work with. With a model returning a ``ModelOutput`` (or a dict with ``"logits"``), the loss
+and every output-space operator receive the logits.
+
+Modes: ``train=False`` (default) evaluates in eval mode. ``train=True`` evaluates in train
+mode but leaves the module unchanged: buffers (BatchNorm running statistics) are restored
+after every evaluation, and random layers (Dropout) draw one fixed mask per batch (the
+objective seeds the RNG per batch), so ``L`` is one deterministic function and its
+curvature products are consistent.
 
 Data parallel: with ``process_group=`` (``"default"`` or a ``ProcessGroup``) every rank
 holds its own shard of the data; ``N`` is the global sample count (all-reduced), so the
@@ -29,6 +48,7 @@ in the dict's order with each tensor flattened row-major.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -37,40 +57,65 @@ from torch import nn
 from torch.func import functional_call
 
 from curvlab import distributed as _dist
+from curvlab.losses import is_known_mean_loss, loss_normalizer, match_convention
 
-__all__ = ["Objective", "as_batches"]
+__all__ = ["Objective", "as_batches", "split_batch", "call_model", "logits_or_output"]
+
+logger = logging.getLogger(__name__)
 
 Batch = tuple[Any, torch.Tensor]
+#: the key of the targets in a dict batch (Hugging Face's convention)
+LABELS = "labels"
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, Mapping) else obj if isinstance(
+        obj, (tuple, list)) else ()
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
 
 
 def _batch_size(batch: Batch) -> int:
     inputs, targets = batch
     ref = targets if isinstance(targets, torch.Tensor) and targets.dim() > 0 else inputs
-    if isinstance(ref, Mapping):
-        ref = next(iter(ref.values()))
-    elif isinstance(ref, (tuple, list)):
-        ref = ref[0]
-    if not isinstance(ref, torch.Tensor) or ref.dim() == 0:
+    ref = _first_tensor(ref)
+    if ref is None or ref.dim() == 0:
         raise TypeError("cannot infer the batch size: inputs/targets must be batched tensors")
     return int(ref.shape[0])
 
 
 def _is_batch(obj: Any) -> bool:
-    """One ``(inputs, targets)`` pair (a list of batches has a pair, not a tensor, second)."""
+    """One batch: an ``(inputs, targets)`` pair (a list of batches has a pair, not a tensor,
+    second) or a dict batch."""
+    if isinstance(obj, Mapping):
+        return True
     return isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[1], torch.Tensor)
 
 
-def as_batches(data: Any) -> Iterable[Batch]:
-    """Normalize ``data`` to a re-iterable of ``(inputs, targets)`` batches.
+def as_batches(data: Any) -> Iterable[Any]:
+    """Normalize ``data`` to a re-iterable of batches (``(inputs, targets)`` pairs or dicts).
 
-    Accepts one ``(inputs, targets)`` pair, a list of pairs, or any re-iterable of pairs
-    such as a ``torch.utils.data.DataLoader``. Raises ValueError on empty data.
+    Accepts one batch, a list of batches, or any re-iterable of batches such as a
+    ``torch.utils.data.DataLoader``. A one-shot iterator (``iter(data) is data``, e.g. a
+    generator) is read once into a list: every evaluation passes over the data again, and
+    a used-up iterator would silently give an empty sum. Raises ValueError on empty data.
     """
     if data is None:
-        raise ValueError("data is required: pass an (inputs, targets) batch, a list of them "
-                         "or a DataLoader")
+        raise ValueError("data is required: pass an (inputs, targets) batch, a dict batch, a "
+                         "list of them or a DataLoader")
+    if isinstance(data, Iterator) and not isinstance(data, (tuple, list, Mapping)):
+        logger.info("data is a one-shot iterator; reading it once into a list of batches")
+        data = list(data)
+        if not data:
+            raise ValueError("data is empty: the iterator yields no batches (was it already "
+                             "used up?)")
     if _is_batch(data):
-        batches: Iterable[Batch] = [tuple(data)]  # type: ignore[list-item]
+        batches: Iterable[Any] = [data if isinstance(data, Mapping) else tuple(data)]
     elif isinstance(data, (tuple, list)):
         batches = list(data)
         if not batches:
@@ -85,8 +130,8 @@ def as_batches(data: Any) -> Iterable[Batch]:
             raise ValueError("data is empty: the DataLoader/iterable yields no batches")
     else:
         raise TypeError(
-            f"data must be an (inputs, targets) pair, a list of pairs or a DataLoader, "
-            f"got {type(data).__name__}"
+            f"data must be an (inputs, targets) pair, a dict batch, a list of them or a "
+            f"DataLoader, got {type(data).__name__}"
         )
     return batches
 
@@ -99,6 +144,42 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(_to_device(v, device) for v in obj)
     return obj
+
+
+def split_batch(batch: Any, *, model_loss: bool = False) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of one batch. A dict batch gives the model its keyword
+    arguments and the targets ``batch["labels"]``; the labels stay among the keyword
+    arguments only when the model computes its own loss (``model_loss``)."""
+    if isinstance(batch, Mapping):
+        if model_loss:
+            return batch, batch.get(LABELS)
+        if LABELS not in batch:
+            raise ValueError(f"a dict batch needs its targets under {LABELS!r} (keys: "
+                             f"{sorted(batch)}); or pass (inputs, targets) pairs, or "
+                             "loss_fn=None if the model computes its own loss")
+        return {k: v for k, v in batch.items() if k != LABELS}, batch[LABELS]
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"every batch must be an (inputs, targets) pair or a dict, got "
+                        f"{type(batch).__name__}")
+    return batch[0], batch[1]
+
+
+def call_model(model: Callable[..., Any], inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple/list, else
+    ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+def logits_or_output(out: Any) -> Any:
+    """The logits of a ``ModelOutput`` / a dict output with ``"logits"``, else ``out``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return out["logits"] if "logits" in out else out
+    logits = getattr(out, "logits", None)
+    return out if logits is None else logits
 
 
 def _select_params(model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
@@ -154,39 +235,49 @@ class Objective:
     Args:
         model: an ``nn.Module``, or a callable ``model(params, inputs) -> outputs`` (then
             ``params`` must be a dict of tensors).
-        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``.
-        data: an ``(inputs, targets)`` batch, a list of batches or a DataLoader.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``, or None: the model computes
+            its own loss from the batch's ``"labels"`` (Hugging Face models); see the module
+            docstring.
+        data: an ``(inputs, targets)`` batch, a dict batch (model keyword arguments with the
+            targets under ``"labels"``), a list of batches or a DataLoader.
         params: which parameters to differentiate: None (all trainable), or names,
             modules or parameter tensors of ``model``.
-        train: evaluate the module in train mode (Dropout/BatchNorm active). Default
-            eval mode, so every evaluation is deterministic.
-        reduction: ``"mean"`` if ``loss_fn`` averages over the batch (the default, read
-            from ``loss_fn.reduction`` when present) or ``"sum"``.
+        train: evaluate the module in train mode (Dropout/BatchNorm active, buffers
+            restored, one fixed Dropout mask per batch). Default eval mode.
+        reduction: ``"mean"`` if ``loss_fn`` averages (the default, read from
+            ``loss_fn.reduction`` when present) or ``"sum"``.
         process_group: ``None`` (single process, the default), ``"default"`` (the world
             group of an initialized ``torch.distributed``) or a ``ProcessGroup``: ``data``
             is this rank's shard and results are summed over the group's ranks.
+        normalizer: ``normalizer(targets) -> n_b``, what a custom mean ``loss_fn`` divides
+            a batch by (e.g. its number of non-padding tokens). Needed only for a loss that
+            is not a torch loss module: those are taken to average over samples, and with
+            several batches that weighting is logged once.
     """
 
     def __init__(
         self,
         model: nn.Module | Callable[..., Any],
-        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-        data: Any,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+        data: Any = None,
         params: Any = None,
         *,
         train: bool = False,
         reduction: str | None = None,
         process_group: Any = None,
+        normalizer: Callable[[Any], float] | None = None,
     ) -> None:
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable or None (the model computes its own "
+                            f"loss), got {type(loss_fn).__name__}")
         self.model = model
-        self.loss_fn = loss_fn
         self.train = train
         if isinstance(model, nn.Module):
             self.params = _select_params(model, params)
             self._call = self._call_module
         elif callable(model):
+            if loss_fn is None:
+                raise TypeError("loss_fn=None needs an nn.Module that computes its own loss")
             if not isinstance(params, Mapping) or not params:
                 raise TypeError("a callable model needs params as a non-empty dict of tensors")
             self.params = dict(params)
@@ -195,15 +286,64 @@ class Objective:
             raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
         first = next(iter(self.params.values()))
         self.device, self.dtype = first.device, first.dtype
-        reduction = reduction or getattr(loss_fn, "reduction", "mean")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        self.reduction = reduction
         self.data = as_batches(data)
         self._shapes = [(k, p.shape, p.numel()) for k, p in self.params.items()]
         self.num_params = sum(n for _, _, n in self._shapes)
         self._num_samples: int | None = None
+        self._num_loss_terms: float | None = None
         self.process_group = _dist.resolve_group(process_group)
+        # one fixed RNG stream per batch in train mode (Dropout masks), drawn once
+        self._seed, self._batch_index = int(torch.randint(0, 2**62, (1,))), 0
+        self._private_buffers = train
+        if normalizer is not None and not callable(normalizer):
+            raise TypeError(f"normalizer must be callable(targets) -> float, got "
+                            f"{type(normalizer).__name__}")
+        self._user_normalizer = normalizer
+        self._warned_weighting = False
+        self.model_loss = loss_fn is None
+        self.convention = None
+        self._prediction: Callable[[Any], Any] = logits_or_output
+        self._target: Callable[[Any], Any] = lambda y: y
+        if loss_fn is None:
+            self.convention = self._resolve_model_loss()
+            loss_fn = self.convention.loss_fn
+            self._prediction = lambda out, c=self.convention: c.prediction(logits_or_output(out))
+            self._target = self.convention.target
+        self.loss_fn = loss_fn
+        reduction = reduction or getattr(loss_fn, "reduction", "mean")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
+        if train and isinstance(model, nn.Module) and any(
+                isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+                for m in model.modules()):
+            logger.warning("train=True with active Dropout: the objective is a random function "
+                           "of the data; curvlab fixes one Dropout mask per batch (seeded), so "
+                           "all products of this objective see the same function")
+
+    def _resolve_model_loss(self) -> Any:
+        """Find the standard loss that reproduces the model's own loss on the first batch
+        with a finite loss (see :func:`curvlab.losses.match_convention`)."""
+        error: Exception | None = None
+        with torch.no_grad(), self.mode():
+            for index, batch in enumerate(self.data):
+                inputs, labels = self._split(batch)
+                self._batch_index = index
+                out = self.raw_outputs(self.param_tensors(), _to_device(inputs, self.device))
+                try:
+                    return match_convention(out, labels)
+                except ValueError as err:
+                    error = err
+                    loss = getattr(out, "loss", None) if not isinstance(out, Mapping) else \
+                        out.get("loss")
+                    if loss is None or bool(torch.isfinite(loss).all()):
+                        raise
+                if index >= 8:
+                    break
+        raise error if error is not None else ValueError("data is empty")
+
+    def _split(self, batch: Any) -> tuple[Any, Any]:
+        return split_batch(batch, model_loss=self.model_loss)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the objective's process group, in place (no-op without one)."""
@@ -248,61 +388,131 @@ class Objective:
 
     # ---- evaluation ----------------------------------------------------------------
     def _call_module(self, params: Mapping[str, torch.Tensor], inputs: Any) -> Any:
-        if isinstance(inputs, Mapping):
-            return functional_call(self.model, dict(params), args=(), kwargs=dict(inputs),
-                                   strict=False)
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        return functional_call(self.model, dict(params), args)
+        tensors = dict(params)
+        if self._private_buffers:  # train mode: updates land on copies, never on the module
+            tensors = {**{k: b.clone() for k, b in self.model.named_buffers()}, **tensors}
+        return call_model(lambda *a, **k: functional_call(self.model, tensors, a, k,
+                                                          strict=False), inputs)
 
     @contextlib.contextmanager
-    def mode(self) -> Iterator[None]:
-        """Put the module in the objective's train/eval mode, restoring it afterwards."""
+    def mode(self, *, keep_buffers: bool = False) -> Iterator[None]:
+        """Put the module in the objective's train/eval mode, restoring it afterwards. In
+        train mode evaluations run on copies of the module's buffers, so BatchNorm running
+        statistics are left unchanged, unless ``keep_buffers`` (an optimizer's training
+        step updates them once, as a plain forward pass would)."""
         if not isinstance(self.model, nn.Module):
             yield
             return
         saved = [(m, m.training) for m in self.model.modules()]
+        private = self._private_buffers
+        self._private_buffers = self.train and not keep_buffers
         self.model.train(self.train)
         try:
             yield
         finally:
+            self._private_buffers = private
             for m, was in saved:
                 m.training = was
 
-    def batches(self) -> Iterator[tuple[float, Any, torch.Tensor]]:
-        """Yield ``(weight, inputs, targets)`` with weights that make the weighted sum of
-        batch losses equal the full-data loss."""
-        n_total = self.num_samples
+    @contextlib.contextmanager
+    def _rng(self, index: int) -> Iterator[None]:
+        """In train mode: the RNG stream of batch ``index`` (one fixed Dropout mask per batch,
+        the same in every evaluation). Nothing in eval mode."""
+        if not self.train:
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed((self._seed + 7919 * index) % 2**63)
+            yield
+
+    def batches(self) -> Iterator[tuple[float, Any, Any]]:
+        """Yield ``(weight, inputs, targets)`` with weights ``n_b / N`` (mean) or 1 (sum)
+        that make the weighted sum of batch losses equal the full-data loss. Targets are in
+        the loss's layout (e.g. shifted for a causal LM); batches with ``n_b = 0`` are
+        skipped. In train mode, model calls on a batch use that batch's fixed RNG stream."""
+        total = self.num_loss_terms if self.reduction == "mean" else None
+        for index, batch in enumerate(self.data):
+            inputs, targets = self._split(batch)
+            targets = self._target(_to_device(targets, self.device))
+            if total is not None:
+                n_b = self._normalizer(batch, targets)
+                if n_b == 0:
+                    continue
+                w = n_b / total
+            else:
+                w = 1.0
+            self._batch_index = index
+            yield w, _to_device(inputs, self.device), targets
+
+    def _normalizer(self, batch: Any, targets: Any) -> float:
+        """``n_b``: what the mean loss divides batch ``b`` by (:mod:`curvlab.losses`)."""
+        if self._user_normalizer is not None:
+            return float(self._user_normalizer(targets))
+        if is_known_mean_loss(self.loss_fn) and isinstance(targets, torch.Tensor):
+            return loss_normalizer(self.loss_fn, targets)
+        if not self._warned_weighting and not (isinstance(self.data, list)
+                                               and len(self.data) == 1):
+            self._warned_weighting = True
+            logger.warning(
+                "loss_fn %s is not a torch loss module, so curvlab cannot tell what it averages "
+                "over: batches are weighted by their number of samples. If it averages over "
+                "tokens or valid targets, pass normalizer=, a torch loss (e.g. "
+                "nn.CrossEntropyLoss) or loss_fn=None for a model that computes its own loss",
+                getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__))
+        return float(_batch_size(self._split(batch)))
+
+    def _count(self, per_batch: Callable[[Any], float]) -> float:
+        n = 0.0
         for batch in self.data:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError("every batch must be an (inputs, targets) pair")
-            w = _batch_size(batch) / n_total if self.reduction == "mean" else 1.0
-            yield w, _to_device(batch[0], self.device), _to_device(batch[1], self.device)
+            n += per_batch(batch)
+        if self.process_group is not None:
+            n = float(self.all_reduce(torch.tensor([n], dtype=torch.float64,
+                                                   device=_dist.comm_device(self.process_group))))
+        return n
 
     @property
     def num_samples(self) -> int:
-        """Samples the loss averages over (summed over ranks with a process group)."""
+        """Samples (sequences, images, ...) in the data (summed over ranks with a process
+        group)."""
         if self._num_samples is None:
-            n = 0
-            for batch in self.data:
-                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                    raise TypeError("every batch must be an (inputs, targets) pair")
-                n += _batch_size(batch)
-            if self.process_group is not None:
-                n = int(self.all_reduce(torch.tensor([n], dtype=torch.int64,
-                                                     device=_dist.comm_device(self.process_group))))
+            n = int(self._count(lambda b: _batch_size(self._split(b))))
             if n == 0:
                 raise ValueError("data is empty: it holds no samples")
             self._num_samples = n
         return self._num_samples
 
+    @property
+    def num_loss_terms(self) -> float:
+        """``N = sum_b n_b``, what the full-data mean loss divides by: the number of loss
+        terms (valid targets, elements, or samples; class weights summed), over all ranks."""
+        if self._num_loss_terms is None:
+            def terms(batch: Any) -> float:
+                targets = self._target(_to_device(self._split(batch)[1], self.device))
+                return self._normalizer(batch, targets)
+            n = self._count(terms)
+            if n == 0:
+                raise ValueError("data holds no loss terms: every target is ignored "
+                                 "(ignore_index) or has zero class weight")
+            self._num_loss_terms = n
+        return self._num_loss_terms
+
+    def raw_outputs(self, params: Mapping[str, torch.Tensor], inputs: Any) -> Any:
+        """What the model returns on ``inputs`` at ``params`` (e.g. a ``ModelOutput``); in
+        train mode on the RNG stream of the batch last yielded by :meth:`batches`."""
+        with self._rng(self._batch_index):
+            return self._call(params, inputs)
+
     def outputs(self, params: Mapping[str, torch.Tensor], inputs: Any) -> Any:
-        """Model outputs on ``inputs`` at ``params`` (a pure function of ``params``)."""
-        return self._call(params, inputs)
+        """The model's prediction as the loss consumes it (a pure function of ``params``):
+        the logits of a ``ModelOutput`` / dict output, rearranged by the model's loss
+        convention when ``loss_fn=None``; otherwise the model's output itself."""
+        return self._prediction(self.raw_outputs(params, inputs))
 
     def batch_loss(self, params: Mapping[str, torch.Tensor], inputs: Any,
                    targets: torch.Tensor) -> torch.Tensor:
         """Loss on one batch as a pure function of ``params`` (for torch.func)."""
-        loss = self.loss_fn(self._call(params, inputs), targets)
+        loss = self.loss_fn(self.outputs(params, inputs), targets)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"loss_fn must return a scalar tensor, got {shape}; use a loss "
@@ -319,14 +529,15 @@ class Objective:
         return self.all_reduce(total)
 
     def loss_and_grad(
-        self, params: Mapping[str, torch.Tensor] | None = None
+        self, params: Mapping[str, torch.Tensor] | None = None, *, keep_buffers: bool = False
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Full-data loss and its gradient, accumulated batch by batch."""
+        """Full-data loss and its gradient, accumulated batch by batch (``keep_buffers``:
+        let a train-mode pass update BatchNorm statistics, as a training step does)."""
         params = self.param_tensors() if params is None else params
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         grads = {k: torch.zeros_like(v) for k, v in leaves.items()}
-        with torch.enable_grad(), self.mode():
+        with torch.enable_grad(), self.mode(keep_buffers=keep_buffers):
             for w, x, y in self.batches():
                 loss = w * self.batch_loss(leaves, x, y)
                 gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)

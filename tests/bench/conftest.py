@@ -1,11 +1,19 @@
-"""A tiny NN benchmark problem shared by the bench tests."""
+"""A tiny NN benchmark problem shared by the bench tests; the folder is put on sys.path
+(the suite runs in pytest's importlib mode) for the synthetic task list."""
 
-import pytest
-import torch
-from torch import nn
+import sys
+from pathlib import Path
 
-from curvlab.bench.nn import NNProblem, train_run
-from curvlab.bench.runner import Task
+_here = str(Path(__file__).resolve().parent)
+if _here not in sys.path:
+    sys.path.insert(0, _here)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from curvlab.bench.nn import NNProblem, train_run  # noqa: E402
+from curvlab.bench.runner import Task  # noqa: E402
 
 
 def _problem(steps=30):

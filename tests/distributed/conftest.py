@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    """Where the workers save their DCP checkpoints (kept for the resume tests)."""
+    """Where the workers save their checkpoints (kept for the resume tests)."""
     return tmp_path_factory.mktemp("dcp")
 
 

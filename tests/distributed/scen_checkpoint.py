@@ -1,5 +1,5 @@
-"""DCP checkpoint scenario: each optimizer trains 10 steps under DDP on 2 ranks, saves
-(model + optimizer) with torch.distributed.checkpoint, trains 10 more; a fresh model and
+"""Checkpoint scenario: each optimizer trains 10 steps under DDP on 2 ranks, saves
+(model + optimizer) with curvlab.distributed.save_checkpoint, trains 10 more; a fresh model and
 optimizer loaded from the checkpoint train the same 10 steps."""
 
 import os

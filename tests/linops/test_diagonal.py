@@ -117,6 +117,8 @@ def test_diagonal_errors():
         DiagonalOperator(model, loss_fn, (X, y), method="approx")
     with pytest.raises(ValueError, match="num_samples"):
         DiagonalOperator(model, loss_fn, (X, y), method="hutchinson", num_samples=0)
-    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    def not_separable(out, y):  # not a mean of per-sample losses
+        return nn.functional.cross_entropy(out, y) ** 2
+
     with pytest.raises(ValueError, match="per-sample"):
-        DiagonalOperator(model, weighted, (X, y))
+        DiagonalOperator(model, not_separable, (X, y))

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from curvlab.bench.runner import write_atomic
+
 __all__ = ["summarize", "write_report", "format_cell"]
 
 
@@ -307,7 +309,8 @@ figure{margin:1rem 0}figure img{max-width:100%}figcaption{font-size:.85rem;color
 
 def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path,
                  environment: dict[str, Any] | None = None) -> Path:
-    """Write ``report.html`` (images embedded as base64 PNG) and return its path."""
+    """Write ``report.html`` (images embedded as base64 PNG; through a temporary file
+    renamed into place) and return its path."""
     records = list(records)
     summary = summarize(records)
     env = environment or (records[0].get("environment", {}) if records else {})
@@ -340,5 +343,5 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path,
             parts.append(f"<p>Runs that raised:</p><ul>{items}</ul>")
     parts.append("</body></html>")
     path = Path(out_dir) / "report.html"
-    path.write_text("\n".join(parts))
+    write_atomic(path, "\n".join(parts))
     return path

@@ -16,6 +16,10 @@ __all__ = [
     "gradient_check",
     "hvp_check",
 ]
+from curvlab.diagnostics.laplace import LaplaceEvidence as LaplaceEvidence
+from curvlab.diagnostics.laplace import (
+    laplace_log_marginal_likelihood as laplace_log_marginal_likelihood,
+)
 from curvlab.diagnostics.monitor import CurvatureMonitor as CurvatureMonitor
 from curvlab.diagnostics.monitor import MonitorEvent as MonitorEvent
 from curvlab.diagnostics.monitor import forecast_crossing as forecast_crossing
@@ -42,6 +46,7 @@ from curvlab.diagnostics.stability import stability_threshold as stability_thres
 
 __all__ += [
     "CurvatureMonitor",
+    "LaplaceEvidence",
     "MonitorEvent",
     "adam_preconditioner",
     "bottom_eigenvalues",
@@ -54,6 +59,7 @@ __all__ += [
     "gradient_noise",
     "jacobian_singular_values",
     "lambda_max",
+    "laplace_log_marginal_likelihood",
     "layer_sharpness",
     "newton_decrement",
     "parameter_blocks",

@@ -56,7 +56,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -161,15 +161,34 @@ class _Tracker:
                                                             "crossed": True})
 
 
+def _sample_rows(data: Any, size: int, generator: torch.Generator | None) -> Any:
+    """The same random ``size`` rows of every tensor of ``(inputs, targets)`` or a dict."""
+    leaves = [t for t in (data.values() if isinstance(data, Mapping) else data)
+              if isinstance(t, torch.Tensor)]
+    if not leaves:
+        raise TypeError("data must be an (inputs, targets) pair of tensors or a dict of tensors")
+    n = leaves[0].shape[0]
+    idx = torch.randperm(n, generator=generator)[:size]
+
+    def take(t: Any) -> Any:
+        return t[idx.to(t.device)] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+
+    if isinstance(data, Mapping):
+        return {k: take(v) for k, v in data.items()}
+    inputs, targets = data
+    return (take(inputs), take(targets))
+
+
 class CurvatureMonitor:
     """Track curvature and stability during training (see the module docstring).
 
     Args:
         model: the ``nn.Module`` being trained.
-        loss_fn: ``loss_fn(outputs, targets)`` (mean reduction).
-        batch: the fixed monitor batch ``(inputs, targets)``. Alternatively give ``data``
-            (one ``(inputs, targets)`` pair of tensors) and ``batch_size`` to sample one
-            once with ``generator``.
+        loss_fn: ``loss_fn(outputs, targets)`` (mean reduction), or None when the model
+            computes its own loss (Hugging Face models; see :class:`curvlab.Objective`).
+        batch: the fixed monitor batch: ``(inputs, targets)`` or a dict batch.
+            Alternatively give ``data`` (one ``(inputs, targets)`` pair of tensors or one
+            dict of tensors) and ``batch_size`` to sample rows once with ``generator``.
         optimizer: the optimizer (for ``lr``, the stability threshold and, for Adam-like
             optimizers, the preconditioner; a wrapper such as accelerate's is unwrapped
             through its ``.optimizer``). Without it pass ``lr``.
@@ -197,7 +216,7 @@ class CurvatureMonitor:
         precision_dtypes: dtypes compared against float64 by the precision check.
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable, batch: Any = None, *,
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable | None, batch: Any = None, *,
                  data: Any = None, batch_size: int = 256,
                  optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
                  every: int = 200, track_every: int = 20, max_hvps: int = 20,
@@ -219,10 +238,9 @@ class CurvatureMonitor:
                 raise ValueError(f"{name} must be a positive int (window >= 2), got {value!r}")
         if batch is None:
             if data is None:
-                raise ValueError("pass batch=(inputs, targets), or data=... and batch_size=...")
-            X, y = data
-            idx = torch.randperm(X.shape[0], generator=generator)[:batch_size].to(X.device)
-            batch = (X[idx], y[idx])
+                raise ValueError("pass batch=(inputs, targets) or a dict batch, or data=... "
+                                 "and batch_size=...")
+            batch = _sample_rows(data, batch_size, generator)
         self.model, self.loss_fn, self.batch, self.params = model, loss_fn, batch, params
         self.optimizer, self._lr = optimizer, lr
         self.every, self.max_hvps, self.tol = every, max_hvps, tol

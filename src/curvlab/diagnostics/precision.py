@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
+
+from curvlab.losses import model_loss_parts
+from curvlab.objective import call_model, logits_or_output, split_batch
 
 __all__ = ["LayerPrecision", "PrecisionReport", "precision_check"]
 
@@ -140,18 +144,25 @@ def _run(model: nn.Module, loss_fn: Any, batch: tuple[Any, torch.Tensor],
                 outputs[name] = out.detach()
                 layer_inputs[name] = args[0].detach()
         hooks.append(module.register_forward_hook(hook))
-    inputs, targets = batch
+    inputs, targets = split_batch(batch, model_loss=loss_fn is None)
 
     def cast(t: Any) -> Any:
         return t.to(param_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
     try:
-        inputs, targets = cast(inputs), cast(targets)
+        inputs, targets = tree_map(cast, inputs), tree_map(cast, targets)
         device = next(clone.parameters()).device
         ctx = (torch.autocast(device_type=device.type, dtype=dtype) if autocast
                else torch.autocast(device_type=device.type, enabled=False))
         with ctx:
-            loss = loss_fn(clone(inputs), targets)
+            out = call_model(clone, inputs)
+            # loss_fn=None: the model's own loss, computed as in training
+            loss = (model_loss_parts(out)[0] if loss_fn is None
+                    else loss_fn(logits_or_output(out), targets))
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("precision_check needs a scalar loss: loss_fn must return one "
+                             "(or, with loss_fn=None, the model must return 'loss' given the "
+                             "batch's labels)")
         clone.zero_grad(set_to_none=True)
         loss.backward()
     finally:
@@ -219,7 +230,7 @@ def _flat(tree: dict[str, torch.Tensor | None] | None) -> torch.Tensor | None:
 def precision_check(
     model: nn.Module,
     loss_fn: Any,
-    batch: tuple[Any, torch.Tensor],
+    batch: Any,
     dtypes: Sequence[str | torch.dtype] = ("bfloat16", "float32"),
     optimizer: torch.optim.Optimizer | None = None,
     *,
@@ -227,7 +238,8 @@ def precision_check(
     flag_factor: float = 16.0,
 ) -> PrecisionReport:
     """Relative errors of loss, gradient and optimizer update in each of ``dtypes``
-    against float64, overall and per layer, on one (small) batch.
+    against float64, overall and per layer, on one (small) batch: an ``(inputs, targets)``
+    pair or a dict batch; ``loss_fn=None`` uses the model's own loss (``output.loss``).
 
     ``mode="cast"`` converts the model copy to the dtype; ``mode="autocast"`` keeps
     float32 parameters and runs the forward pass under ``torch.autocast(dtype)``, as mixed
@@ -239,8 +251,9 @@ def precision_check(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if mode not in ("cast", "autocast"):
         raise ValueError(f"mode must be 'cast' or 'autocast', got {mode!r}")
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError("batch must be an (inputs, targets) pair")
+    if not (isinstance(batch, Mapping) or isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError("batch must be an (inputs, targets) pair or a dict batch (the model's "
+                        "keyword arguments with 'labels')")
     resolved = []
     for d in dtypes:
         dt = _DTYPES.get(d) if isinstance(d, str) else d

@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,11 +135,16 @@ def stability_table(lambda_max: float, lr: float | None = None, momentum: float 
     return rows
 
 
-def _first_batch(obj: Any, limit: int) -> tuple[Any, Any]:
-    _, X, y = next(iter(obj.batches()))
-    if isinstance(X, torch.Tensor) and isinstance(y, torch.Tensor) and X.shape[0] > limit:
-        X, y = X[:limit], y[:limit]
-    return X, y
+def _first_batch(obj: Any, limit: int) -> Any:
+    """The data's first batch as given (a pair or a dict), cut to ``limit`` rows."""
+    batch = next(iter(obj.data))
+
+    def cut(t: Any) -> Any:
+        return t[:limit] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    return tuple(cut(t) for t in batch)
 
 
 def curvature_report(model: torch.nn.Module, loss_fn: Any, data: Any, params: Any = None, *,

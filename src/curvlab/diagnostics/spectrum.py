@@ -5,7 +5,8 @@ Every function takes a curvature operator (e.g. ``HessianOperator(model, loss_fn
 batch)``), a square tensor or a :class:`~curvlab.linalg.MatvecOperator`, and reports the
 matrix-vector products it used. The algorithms are in :mod:`curvlab.linalg.krylov` and
 :mod:`curvlab.linalg.estimators`; this module chooses sensible settings and interprets
-the numbers.
+the numbers. All of them assume a symmetric operator: a user's tensor or matvec is checked
+for symmetry where it enters (:func:`curvlab.linalg.as_operator`; ValueError if it is not).
 """
 
 from __future__ import annotations
@@ -194,7 +195,9 @@ def layer_sharpness(op: Any, *, group: str = "module", tol: float = 1e-3,
             return full.matvec(x)[sl]
 
         size = sl.stop - sl.start
-        r = lanczos(MatvecOperator(mv, size, dtype=full.dtype, device=full.device), 1,
+        block = MatvecOperator(mv, size, dtype=full.dtype, device=full.device,
+                               check_symmetry=False)  # a diagonal block of a checked op
+        r = lanczos(block, 1,
                     which="largest", tol=tol, max_iter=max_iter, generator=generator)
         out[name], sizes[name], conv[name] = float(r.eigenvalues[0]), size, r.converged
     return LayerSharpness(out, sizes, full.num_matvecs, conv)

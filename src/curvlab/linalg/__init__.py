@@ -16,6 +16,9 @@ from curvlab.linalg.krylov import EigenResult as EigenResult
 from curvlab.linalg.krylov import LanczosProcess as LanczosProcess
 from curvlab.linalg.krylov import lanczos as lanczos
 from curvlab.linalg.krylov import power_iteration as power_iteration
+from curvlab.linalg.logdet import LogDetEstimate as LogDetEstimate
+from curvlab.linalg.logdet import kronecker_logdet as kronecker_logdet
+from curvlab.linalg.logdet import logdet as logdet
 from curvlab.linalg.matfuncs import MatrixFunctionError as MatrixFunctionError
 from curvlab.linalg.matfuncs import coupled_newton_inverse_root as coupled_newton_inverse_root
 from curvlab.linalg.matfuncs import eigenbasis_qr_refresh as eigenbasis_qr_refresh

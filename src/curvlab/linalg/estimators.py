@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.linalg import eigh_tridiagonal
 
 from curvlab.linalg.krylov import LanczosProcess, lanczos
 from curvlab.linalg.operator import MatvecOperator, as_operator
@@ -180,42 +181,109 @@ def diagonal(op: Any, num_samples: int = 30, *, block_size: int = 10,
 
 @dataclass
 class Quadrature:
-    """``v^T f(A) v`` estimate with the Ritz values (quadrature nodes) it used."""
+    """``v^T f(A) v`` estimate with the quadrature rule it used.
+
+    ``ritz_values``/``weights`` are the Gauss nodes and weights of the last step
+    (``value ~ ||v||^2 sum_i weights_i f(ritz_values_i)``, so other functions of the same
+    Krylov space come free). ``error``: with a ``lower_bound`` the half-width of the
+    Gauss / Gauss-Radau bracket (a bound, ``bracketed=True``); without, the last change of
+    the estimate (an estimate of the remaining error, not a bound); 0 once the Krylov space
+    is invariant (the quadrature is then exact).
+    """
 
     value: float
     num_matvecs: int
     converged: bool
     ritz_values: np.ndarray = field(repr=False)
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    error: float = float("inf")
+    bracketed: bool = False
+
+
+def _gauss_radau(alpha: np.ndarray, beta: np.ndarray, beta_next: float,
+                 a: float) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights of the ``(m+1)``-point Gauss-Radau rule with the node ``a`` fixed
+    (``a`` below the spectrum): extend ``T_m`` by ``beta_m`` and the diagonal entry
+    ``a + beta_m^2 [(T_m - a I)^{-1}]_{mm} = a + beta_m^2 / d_m``, with ``d_m`` the last
+    pivot of the LDL^T factorization of ``T_m - a I`` (Golub & Meurant 2010, sec. 6.2)."""
+    d = alpha[0] - a
+    for j in range(1, len(alpha)):
+        d = alpha[j] - a - beta[j - 1] ** 2 / d
+    nodes, S = eigh_tridiagonal(np.append(alpha, a + beta_next ** 2 / d),
+                                np.append(beta, beta_next), check_finite=False)
+    return nodes, S[0] ** 2
 
 
 def quadratic_form(op: Any, v: torch.Tensor, fn: Callable[[np.ndarray], np.ndarray], *,
-                   tol: float = 1e-6, max_iter: int = 100) -> Quadrature:
+                   tol: float = 1e-6, atol: float = 0.0, max_iter: int = 100,
+                   lower_bound: float | None = None) -> Quadrature:
     """``v^T f(A) v`` by ``m``-point Gauss quadrature: ``||v||^2 e_1^T f(T_m) e_1`` with
     ``T_m`` from Lanczos started at ``v`` (exact for polynomials of degree < 2m).
 
-    Stops when two successive estimates differ by at most ``tol`` relative (a change
-    criterion; for completely monotone ``f`` such as ``1/x`` on a positive definite ``A``
-    the estimates increase monotonically to the limit, Golub & Meurant 2010, Thm. 6.3).
-    ``fn`` acts elementwise on a float64 numpy array of Ritz values.
+    The rule is evaluated after every step up to 16, then after every 4th (the
+    eigendecomposition of ``T_m`` dominates the cost of long runs). Without
+    ``lower_bound``: stops when two successive estimates differ by at most
+    ``max(tol |value|, atol)`` (a change criterion; for completely monotone ``f`` such as
+    ``1/x`` on a positive definite ``A`` the estimates increase monotonically to the
+    limit, Golub & Meurant 2010, Thm. 6.3).
 
+    With ``lower_bound = a <= lambda_min(A)``, for ``f`` whose derivatives of even order
+    have one sign and of odd order the other on ``[a, inf)`` (``log``, ``1/x``,
+    ``x^-p``): the Gauss rule and the Gauss-Radau rule with the node ``a`` bound the exact
+    value from both sides (Golub & Meurant 2010, Thm. 6.4); ``value`` is the midpoint,
+    ``error`` the half-width, and it stops when ``error <= max(tol |value|, atol)``.
+    Ritz values below ``a`` prove the bound wrong: ValueError.
+
+    ``fn`` acts elementwise on a float64 numpy array of nodes.
     """
     A = as_operator(op)
-    nv = float(v.double().norm())
-    if nv == 0:
-        return Quadrature(0.0, 0, True, np.zeros(0))
-    theta = np.zeros(0)
+    nv2 = float(v.double().norm()) ** 2
+    if nv2 == 0:
+        return Quadrature(0.0, 0, True, np.zeros(0), np.zeros(0), 0.0, lower_bound is not None)
+    theta, w = np.zeros(0), np.zeros(0)
     proc = LanczosProcess(A, v.detach().to(dtype=A.dtype, device=A.device))
-    prev, value, converged = None, 0.0, False
-    while proc.m < min(max_iter, A.n):
+    prev, value, error, converged = None, 0.0, float("inf"), False
+    limit = min(max_iter, A.n)
+    while proc.m < limit:
         proc.step()
+        if proc.m > 16 and proc.m % 4 and proc.m < limit and proc.beta[-1] != 0.0:
+            continue  # past 16 steps, evaluate every 4th (eigh of T dominates long runs)
         theta, S, _ = proc.ritz()
-        value = nv ** 2 * float(np.sum(S[0, :] ** 2 * fn(theta)))
-        if prev is not None and abs(value - prev) <= tol * abs(value):
-            converged = True
+        w = S[0, :] ** 2
+        gauss = nv2 * float(np.sum(w * fn(theta)))
+        beta_next = proc.beta[-1]
+        if beta_next == 0.0 or proc.exhausted:  # invariant Krylov space: exact
+            value, error, converged = gauss, 0.0, True
             break
-        prev = value
-    converged = converged or proc.exhausted
-    return Quadrature(value, A.num_matvecs, converged, theta)
+        if lower_bound is not None:
+            if theta[0] < lower_bound - 1e-8 * max(abs(theta[-1]), abs(lower_bound)):
+                raise ValueError(f"lower_bound={lower_bound!r} is above a Ritz value "
+                                 f"{theta[0]:.6g} of the operator, so it is not a lower "
+                                 "bound on its spectrum")
+            scale = max(abs(theta[0]), abs(theta[-1]), 1e-300)
+            a = min(lower_bound, float(theta[0]) - 1e-12 * scale)  # T_m - a I nonsingular
+            with np.errstate(divide="ignore", invalid="ignore"):
+                finite = np.isfinite(fn(np.array([a]))).all()
+            if not finite:
+                raise ValueError(f"fn is not finite at lower_bound={lower_bound!r}; the "
+                                 "Gauss-Radau node must lie where fn is defined")
+            alpha, beta = proc.tridiagonal()
+            nodes, wr = _gauss_radau(alpha, beta, beta_next, a)
+            radau = nv2 * float(np.sum(wr * fn(nodes)))
+            value, error = 0.5 * (gauss + radau), 0.5 * abs(gauss - radau)
+            if error <= max(tol * abs(value), atol):
+                converged = True
+                break
+        else:
+            value = gauss
+            if prev is not None:
+                error = abs(value - prev)
+                if error <= max(tol * abs(value), atol):
+                    converged = True
+                    break
+            prev = value
+    return Quadrature(value, A.num_matvecs, converged, theta, w, error,
+                      lower_bound is not None)
 
 
 @dataclass
@@ -296,7 +364,7 @@ def slq(op: Any, num_probes: int = 10, num_steps: int = 80, *, deflate: int = 0,
         weights.append(torch.full((deflate,), 1.0 / n, dtype=torch.float64))
         base = A
         A = MatvecOperator(lambda v: _project(V, base.matvec(_project(V, v))), n,
-                           dtype=A.dtype, device=A.device)
+                           dtype=A.dtype, device=A.device, check_symmetry=False)
     share = (n - deflate) / n
     for _ in range(num_probes):
         z = _rademacher(n, 1, A, generator)[:, 0]

@@ -38,9 +38,10 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from curvlab.linops.base import CurvatureOperator
+from curvlab.losses import is_known_mean_loss, loss_normalizer, term_weights
 from curvlab.objective import Objective
 
-__all__ = ["OutputSpaceOperator", "Linearization", "loss_on_outputs", "sample_weight",
+__all__ = ["OutputSpaceOperator", "Linearization", "loss_on_outputs", "sample_weights",
            "loss_term_scale", "canonical_fisher", "has_canonical_hessian",
            "per_sample_output_grads", "per_sample_output_hessians", "per_sample_losses"]
 
@@ -57,28 +58,61 @@ def loss_on_outputs(objective: Objective, outputs: torch.Tensor, targets: Any) -
     return loss.reshape(())
 
 
-def sample_weight(objective: Objective, weight: float, batch_size: int) -> float:
-    """Weight of one per-sample loss in the full-data loss: a batch of ``batch_size``
-    samples enters with ``weight``; a mean loss averages its samples, a sum loss adds them."""
-    return weight / batch_size if objective.reduction == "mean" else weight
+def sample_weights(objective: Objective, weight: float, outputs: torch.Tensor,
+                   targets: Any) -> torch.Tensor:
+    """``s_i``, the weight of each sample's own loss ``l_i = loss_fn(f_i[None], y_i[None])``
+    in the full-data loss, shape ``(B,)``: ``L = sum_b sum_i s_i l_i`` (up to samples whose
+    loss is 0/0 because every target of theirs is ignored: those get ``s_i = 0``).
+
+    A mean loss averages sample ``i``'s terms with normalizer ``n_i`` (its valid targets, or
+    their class weights; :func:`curvlab.losses.term_weights`), so ``s_i = (w_b / n_b) n_i``;
+    a loss whose terms curvlab does not know is taken to average its samples,
+    ``s_i = w_b / B``; a summing loss adds them, ``s_i = w_b``.
+    """
+    batch = outputs.shape[0]
+    if objective.reduction == "sum":
+        return torch.full((batch,), weight, dtype=outputs.dtype, device=outputs.device)
+    if is_known_mean_loss(objective.loss_fn) and isinstance(targets, torch.Tensor):
+        per_sample = term_weights(objective.loss_fn, targets).reshape(batch, -1).sum(dim=1)
+        per_sample = per_sample.to(device=outputs.device, dtype=outputs.dtype)
+        return per_sample * (weight / per_sample.sum())
+    return torch.full((batch,), weight / batch, dtype=outputs.dtype, device=outputs.device)
 
 
 def _is_cross_entropy(objective: Objective) -> bool:
     return isinstance(objective.loss_fn, nn.CrossEntropyLoss)
 
 
-def loss_term_scale(objective: Objective, weight: float, outputs: torch.Tensor) -> float:
-    """Weight ``c_b`` of one loss term of a batch of ``nn.CrossEntropyLoss`` (terms: the
-    positions, classes along dim 1) or ``nn.MSELoss`` (terms: the output elements)."""
-    classes = outputs.shape[1] if _is_cross_entropy(objective) else 1
-    return weight / (outputs.numel() // classes) if objective.reduction == "mean" else weight
+def loss_term_scale(objective: Objective, weight: float, outputs: torch.Tensor,
+                    targets: Any = None) -> torch.Tensor | float:
+    """Weight ``c_bt`` of each loss term of a batch in the full-data loss, broadcastable
+    against ``outputs``: terms are the positions of ``nn.CrossEntropyLoss`` (classes along
+    dim 1; shape ``(B, 1, *d)``, zero at ``ignore_index``, the class weight elsewhere) or
+    the elements of an element-wise loss (a number). For a mean loss the batch's terms
+    share ``w_b / n_b = 1 / N``."""
+    base = weight
+    if objective.reduction == "mean":
+        if isinstance(targets, torch.Tensor) and is_known_mean_loss(objective.loss_fn):
+            base = weight / loss_normalizer(objective.loss_fn, targets)
+        else:
+            classes = outputs.shape[1] if _is_cross_entropy(objective) else 1
+            base = weight / (outputs.numel() // classes)
+    if (_is_cross_entropy(objective) and isinstance(targets, torch.Tensor)
+            and not torch.is_floating_point(targets)):
+        c = term_weights(objective.loss_fn, targets).to(device=outputs.device,
+                                                         dtype=outputs.dtype)
+        return base * c.unsqueeze(1)
+    return base
 
 
-def canonical_fisher(objective: Objective, weight: float, outputs: torch.Tensor) -> OutputMatrix:
-    """``U -> c_b Lambda U`` with the output-space Fisher of cross-entropy (``diag(p) -
-    p p^T`` per position, ``p = softmax`` over dim 1) or of MSE (``2 I``); for these
-    canonical-link losses it is also the loss Hessian (Martens 2020, sec. 9.2)."""
-    scale = loss_term_scale(objective, weight, outputs)
+def canonical_fisher(objective: Objective, weight: float, outputs: torch.Tensor,
+                     targets: Any = None) -> OutputMatrix:
+    """``U -> c Lambda U`` with the output-space Fisher of cross-entropy (``diag(p) -
+    p p^T`` per position, ``p = softmax`` over dim 1) or of MSE (``2 I``) and ``c`` the
+    per-term weights of :func:`loss_term_scale` (ignored targets weigh 0, class weights
+    scale their term); for these canonical-link losses it is also the loss Hessian
+    (Martens 2020, sec. 9.2), class weights and ``ignore_index`` included."""
+    scale = loss_term_scale(objective, weight, outputs, targets)
     if _is_cross_entropy(objective):
         p = outputs.softmax(dim=1)
         return lambda U: scale * (p * U - p * (p * U).sum(dim=2, keepdim=True))
@@ -87,14 +121,13 @@ def canonical_fisher(objective: Objective, weight: float, outputs: torch.Tensor)
 
 def has_canonical_hessian(objective: Objective, targets: Any) -> bool:
     """Whether :func:`canonical_fisher` is exactly the Hessian of ``loss_fn``: MSE, or
-    cross-entropy on class indices without class weights or ignored targets (label
-    smoothing keeps the Hessian)."""
+    cross-entropy on class indices (class weights, ``ignore_index`` and label smoothing
+    keep the per-term Hessian ``c_t (diag(p) - p p^T)``)."""
     loss_fn = objective.loss_fn
     if isinstance(loss_fn, nn.MSELoss):
         return True
-    return (_is_cross_entropy(objective) and loss_fn.weight is None
-            and isinstance(targets, torch.Tensor) and not torch.is_floating_point(targets)
-            and not bool((targets == loss_fn.ignore_index).any()))
+    return (_is_cross_entropy(objective) and isinstance(targets, torch.Tensor)
+            and not torch.is_floating_point(targets))
 
 
 def _one_sample_loss(objective: Objective) -> Callable[[torch.Tensor, Any], torch.Tensor]:
@@ -106,14 +139,33 @@ def _one_sample_loss(objective: Objective) -> Callable[[torch.Tensor, Any], torc
 
 
 def per_sample_losses(objective: Objective, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
-    """``(l_1, ..., l_B)``, each sample's loss (vectorized over the batch)."""
-    return tf.vmap(_one_sample_loss(objective))(outputs, targets)
+    """``(l_1, ..., l_B)``, each sample's loss (vectorized over the batch; 0 for a sample
+    whose targets are all ignored)."""
+    return _zero_empty_samples(objective, tf.vmap(_one_sample_loss(objective))(outputs, targets),
+                               targets)
 
 
 def per_sample_output_grads(objective: Objective, outputs: torch.Tensor,
                             targets: Any) -> torch.Tensor:
-    """``d l_i / d f_i`` for every sample, shape ``outputs.shape``."""
-    return tf.vmap(tf.grad(_one_sample_loss(objective)))(outputs, targets)
+    """``d l_i / d f_i`` for every sample, shape ``outputs.shape`` (zero for a sample whose
+    loss is 0/0 because all its targets are ignored)."""
+    grads = tf.vmap(tf.grad(_one_sample_loss(objective)))(outputs, targets)
+    return _zero_empty_samples(objective, grads, targets)
+
+
+def _zero_empty_samples(objective: Objective, values: torch.Tensor,
+                        targets: Any) -> torch.Tensor:
+    """Zero the rows of samples without a loss term (mean cross-entropy / NLL whose targets
+    are all ``ignore_index``: their own loss is 0/0 and they weigh 0 in the full loss)."""
+    loss_fn = objective.loss_fn
+    if (objective.reduction != "mean" or not isinstance(loss_fn, (nn.CrossEntropyLoss,
+                                                                   nn.NLLLoss))
+            or not isinstance(targets, torch.Tensor) or torch.is_floating_point(targets)):
+        return values
+    counts = term_weights(loss_fn, targets).reshape(targets.shape[0], -1).sum(dim=1)
+    keep = (counts > 0).reshape(-1, *([1] * (values.dim() - 1)))
+    return torch.where(keep.to(values.device), values, torch.zeros((), dtype=values.dtype,
+                                                                    device=values.device))
 
 
 def per_sample_output_hessians(objective: Objective, outputs: torch.Tensor,
@@ -122,7 +174,8 @@ def per_sample_output_hessians(objective: Objective, outputs: torch.Tensor,
     of outputs per sample (flattened row-major)."""
     hess = tf.vmap(tf.hessian(_one_sample_loss(objective)))(outputs, targets)
     d = outputs[0].numel()
-    return hess.reshape(outputs.shape[0], d, d)
+    hess = hess.reshape(outputs.shape[0], d, d)
+    return _zero_empty_samples(objective, hess, targets)
 
 
 def _as_output_tensor(out: Any) -> torch.Tensor:

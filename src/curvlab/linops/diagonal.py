@@ -15,7 +15,7 @@ from curvlab.linops._outputspace import (
     per_sample_losses,
     per_sample_output_grads,
     per_sample_output_hessians,
-    sample_weight,
+    sample_weights,
 )
 from curvlab.linops.base import CurvatureOperator
 from curvlab.linops.fisher import EmpiricalFisherOperator
@@ -178,10 +178,10 @@ class DiagonalOperator(CurvatureOperator):
             if not isinstance(out, torch.Tensor) or out.dim() == 0:
                 raise TypeError("the exact diagonal needs a model returning one batched "
                                 "tensor of outputs")
-            c = sample_weight(obj, w, out.shape[0])
+            c = sample_weights(obj, w, out, y).unsqueeze(1)
             if self.curvature == "ef":
                 factors = per_sample_output_grads(obj, out, y).reshape(out.shape[0], -1, 1)
-                eigvals = torch.full((out.shape[0], 1), c, dtype=out.dtype, device=out.device)
+                eigvals = c
             else:
                 _check_separable(obj, w, c, out, y)
                 eigvals, factors = torch.linalg.eigh(per_sample_output_hessians(obj, out, y))
@@ -216,12 +216,12 @@ class DiagonalOperator(CurvatureOperator):
         return total
 
 
-def _check_separable(obj: Objective, weight: float, c: float, out: torch.Tensor,
+def _check_separable(obj: Objective, weight: float, c: torch.Tensor, out: torch.Tensor,
                      targets: Any) -> None:
-    """The exact GGN diagonal needs ``w * loss(batch) = c * sum_i loss(sample i)``."""
+    """The exact GGN diagonal needs ``w * loss(batch) = sum_i c_i loss(sample i)``."""
     with torch.no_grad():
         whole = weight * loss_on_outputs(obj, out, targets)
-        parts = c * per_sample_losses(obj, out, targets).sum()
+        parts = (c.reshape(-1) * per_sample_losses(obj, out, targets)).sum()
     tol = torch.finfo(out.dtype).eps ** 0.5
     if not torch.isclose(whole, parts, rtol=tol, atol=tol * float(parts.abs())):
         raise ValueError("the exact GGN diagonal needs loss_fn to be the mean or sum of "

@@ -20,7 +20,7 @@ from curvlab.linops._outputspace import (
     loss_on_outputs,
     loss_term_scale,
     per_sample_output_grads,
-    sample_weight,
+    sample_weights,
 )
 
 __all__ = ["EmpiricalFisherOperator", "FisherOperator", "FISHER_MODES"]
@@ -28,12 +28,14 @@ __all__ = ["EmpiricalFisherOperator", "FisherOperator", "FISHER_MODES"]
 FISHER_MODES = ("exact", "mc")
 
 
-def _rank_one_sum(S: torch.Tensor, scale: float) -> OutputMatrix:
-    """``U -> scale * sum_m s_mi (s_mi . u_i)`` per sample ``i`` for ``S`` of shape
-    ``(m, B, ...)``: the output-space matrix ``scale * sum_m s_mi s_mi^T`` (block diagonal
-    over samples)."""
+def _rank_one_sum(S: torch.Tensor, scale: float | torch.Tensor) -> OutputMatrix:
+    """``U -> sum_m scale_i s_mi (s_mi . u_i)`` per sample ``i`` for ``S`` of shape
+    ``(m, B, ...)``: the output-space matrix ``sum_m scale_i s_mi s_mi^T`` (block diagonal
+    over samples; ``scale`` a number or one weight per sample)."""
     m, batch = S.shape[0], S.shape[1]
     flat_s = S.reshape(m, batch, -1)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.reshape(1, batch, 1)
 
     def apply(U: torch.Tensor) -> torch.Tensor:
         coef = torch.einsum("kbd,mbd->kmb", U.reshape(U.shape[0], batch, -1), flat_s)
@@ -58,7 +60,7 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
         obj = self.objective
         loss_on_outputs(obj, outputs, targets)  # the batch loss must be a scalar
         r = per_sample_output_grads(obj, outputs, targets)
-        return _rank_one_sum(r.unsqueeze(0), sample_weight(obj, weight, outputs.shape[0]))
+        return _rank_one_sum(r.unsqueeze(0), sample_weights(obj, weight, outputs, targets))
 
 
 class FisherOperator(OutputSpaceOperator):
@@ -145,13 +147,9 @@ class FisherOperator(OutputSpaceOperator):
                        targets: Any) -> OutputMatrix:
         obj = self.objective
         ce = isinstance(obj.loss_fn, nn.CrossEntropyLoss)
-        if ce and not torch.is_floating_point(targets) and bool(
-                (targets == obj.loss_fn.ignore_index).any()):
-            raise ValueError("FisherOperator: targets equal to ignore_index change the "
-                             "loss's averaging; remove them or use GGNOperator")
         if self.mode == "exact":
-            return canonical_fisher(obj, weight, outputs)
-        scale = loss_term_scale(obj, weight, outputs)
+            return canonical_fisher(obj, weight, outputs, targets)
+        scale = loss_term_scale(obj, weight, outputs, targets)
         gen = torch.Generator(device=outputs.device).manual_seed(self.seed + index)
         m = self.num_samples
         if ce:
@@ -167,4 +165,7 @@ class FisherOperator(OutputSpaceOperator):
             z = torch.randn((m, *outputs.shape), dtype=outputs.dtype, device=outputs.device,
                             generator=gen)
             S = 2.0**0.5 * z
+        # per-term weights (ignored targets 0): sqrt(c_t) s_t keeps E[s s^T] = c_t Lambda_t
+        if isinstance(scale, torch.Tensor):
+            return _rank_one_sum(S * scale.sqrt(), 1.0 / m)
         return _rank_one_sum(S, scale / m)

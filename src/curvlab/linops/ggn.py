@@ -30,14 +30,15 @@ class GGNOperator(OutputSpaceOperator):
     (per block of vectors; once overall for a single batch with ``cache_graph=True``). See
     :mod:`curvlab.linops._outputspace` for the measured choices and ``vectorize``.
     Any loss works: ``H_b`` is applied by double backward through ``loss_fn``, or in closed
-    form for ``nn.MSELoss`` and ``nn.CrossEntropyLoss`` (class-index targets, no class
-    weights), whose Hessian is the output-space Fisher (:class:`FisherOperator`).
+    form for ``nn.MSELoss`` and ``nn.CrossEntropyLoss`` on class indices (class weights and
+    ``ignore_index`` weigh each term), whose Hessian is the output-space Fisher
+    (:class:`FisherOperator`).
     """
 
     def _output_matrix(self, index: int, weight: float, outputs: torch.Tensor,
                        targets: Any) -> OutputMatrix:
         obj = self.objective
         if has_canonical_hessian(obj, targets):
-            return canonical_fisher(obj, weight, outputs)
+            return canonical_fisher(obj, weight, outputs, targets)
         product = hvp_fn(lambda o: weight * loss_on_outputs(obj, o, targets), outputs)[2]
         return lambda U: product(U, batched=True)

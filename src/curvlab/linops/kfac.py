@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from curvlab.distributed import all_reduce_symmetric
+from curvlab.linalg.logdet import kronecker_logdet
 from curvlab.linops._kronecker import (
     FISHER_TYPES,
     curvature_pass,
@@ -151,6 +152,11 @@ class KFACOperator(CurvatureOperator):
             flat = idx.reshape(-1)
             D[flat.unsqueeze(1), flat.unsqueeze(0)] += torch.kron(G, A)
         return D
+
+    def logdet(self, damping: float = 0.0) -> float:
+        """``log det(self + damping I)``, exactly: ``sum_ij log(dG_i dA_j + lambda)`` per block
+        (:func:`curvlab.linalg.kronecker_logdet`; ``lambda`` includes the operator's damping)."""
+        return kronecker_logdet(self.factors.values(), self.damping + damping, size=self.shape[0])
 
     def inverse(self, damping: float | None = None, *,
                 method: str = "exact") -> KFACInverseOperator:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ from curvlab.minimize import first_order, newton, quasi_newton, trust_region
 from curvlab.minimize.evaluator import Evaluator, Monitor
 from curvlab.minimize.result import OptimizeResult
 
-__all__ = ["minimize", "METHODS", "check_x0"]
+__all__ = ["minimize", "METHODS", "check_x0", "check_positive", "check_max_iter"]
 
 
 def _tr(subproblem: str) -> Callable:
@@ -82,6 +83,54 @@ def check_x0(x0: Any, name: str = "x0") -> torch.Tensor:
     return x0.detach().reshape(-1).clone()
 
 
+def check_positive(value: Any, name: str) -> float:
+    """``value`` as a float, if it is a finite number > 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_max_iter(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"max_iter must be an int >= 0 (or None for the default), got "
+                         f"{value!r}")
+    return value
+
+
+def _explain_fun(fun: Callable, x0: torch.Tensor, args: tuple, jac: Any) -> Exception | None:
+    """Why ``fun`` cannot be minimized, from one call at ``x0`` (made only after a solver
+    failed, so the counts of a good run are untouched), or None if ``fun`` looks fine."""
+    xr = x0.detach().clone().requires_grad_(jac is None)
+    try:
+        with torch.enable_grad():
+            out = fun(xr, *args)
+    except Exception:
+        return None  # fun's own error stands
+    if jac is True:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            got = (f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list))
+                   else f"a {type(out).__name__}")
+            return TypeError(f"with jac=True, fun must return a pair (f, grad), got {got}; "
+                             "return both, or pass jac=None to differentiate fun by autodiff")
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        return TypeError(f"fun must return a scalar tensor, got {type(out).__name__}; compute "
+                         "it from x with torch operations (no float(), .item() or numpy)")
+    if not out.is_floating_point():
+        return TypeError(f"fun must return a floating-point tensor, got {out.dtype}; compute "
+                         "it in x's dtype (no .long(), comparisons or integer casts)")
+    if out.numel() != 1:
+        return ValueError(f"fun must return a scalar tensor, got shape {tuple(out.shape)}; "
+                          "reduce it first, e.g. with .sum()")
+    if jac is None and not out.requires_grad:
+        return ValueError("fun(x0) does not depend on x: its value has no autograd graph (a "
+                          "constant, or computed with .detach(), .item(), numpy or under "
+                          "torch.no_grad()); compute it from x with torch operations, or "
+                          "pass jac")
+    return None
+
+
 def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: float = 1e-5,
              max_iter: int | None = None, args: tuple = (), jac: Any = None,
              hessp: Callable | None = None, hess: Callable | None = None,
@@ -111,13 +160,11 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     method = method.lower()
     x = check_x0(x0)
-    if not (isinstance(gtol, (int, float)) and gtol > 0):
-        raise ValueError(f"gtol must be a positive number, got {gtol!r}")
+    check_positive(gtol, "gtol")
     n = x.numel()
     if max_iter is None:
         max_iter = 20000 if method in _FIRST_ORDER else max(1000, 200 * n)
-    if not (isinstance(max_iter, int) and max_iter >= 0):
-        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    check_max_iter(max_iter)
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable, got " + type(callback).__name__)
     solver = METHODS[method]
@@ -128,4 +175,10 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
                         f"accepted: {allowed}")
     ev = Evaluator(fun, x0.shape, args, jac=jac, hessp=hessp, hess=hess)
     mon = Monitor(method, ev, float(gtol), max_iter, callback, history)
-    return solver(ev, x, mon, **options)
+    try:
+        return solver(ev, x, mon, **options)
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        cause = _explain_fun(fun, x0, args, jac)  # one more call of fun, on failure only
+        if cause is None:
+            raise
+        raise cause from err

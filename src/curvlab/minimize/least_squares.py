@@ -35,7 +35,7 @@ import torch.func as tf
 
 from curvlab.autodiff import jacobian
 from curvlab.linalg.cg import cg
-from curvlab.minimize.api import check_x0
+from curvlab.minimize.api import check_max_iter, check_positive, check_x0
 from curvlab.minimize.evaluator import Monitor
 from curvlab.minimize.result import OptimizeResult
 
@@ -131,8 +131,14 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if jac_mode not in ("auto", "dense", "matrix-free"):
         raise ValueError(f"jac_mode must be 'auto', 'dense' or 'matrix-free', got {jac_mode!r}")
-    if not f_scale > 0:
-        raise ValueError(f"f_scale must be > 0, got {f_scale}")
+    for name, value in (("f_scale", f_scale), ("gtol", gtol), ("tau", tau),
+                        ("cg_rtol", cg_rtol)):
+        check_positive(value, name)
+    if max_iter is not None:
+        check_max_iter(max_iter)
+    if cg_max_iter is not None and (isinstance(cg_max_iter, bool) or
+                                    not isinstance(cg_max_iter, int) or cg_max_iter < 1):
+        raise ValueError(f"cg_max_iter must be an int >= 1 or None, got {cg_max_iter!r}")
     if not callable(residual_fn):
         raise TypeError("residual_fn must be callable")
     x = check_x0(x0)
@@ -143,7 +149,13 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
         return residual_fn(z.view(shape), *args).reshape(-1)
 
     with torch.no_grad():
-        m = fn(x).numel()
+        r0 = residual_fn(x.view(shape), *args)
+    if not isinstance(r0, torch.Tensor) or not r0.is_floating_point():
+        got = r0.dtype if isinstance(r0, torch.Tensor) else type(r0).__name__
+        raise TypeError(f"residual_fn must return a floating-point tensor, got {got}; compute "
+                        "it from x with torch operations (torch.stack([...]) for a list of "
+                        "scalar tensors)")
+    m = r0.numel()
     dense = jac_mode == "dense" or (jac_mode == "auto" and m * n <= 4_000_000)
     cnt = _Counter(shape, nfev=1)
     max_iter = max(100, 100 * n) if max_iter is None else int(max_iter)

@@ -132,23 +132,30 @@ class HessianFree(GeneratorStateMixin, torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _objective(self, batch: Any) -> Objective:
-        return Objective(self.model, self.loss_fn, batch, params=self._params())
+        return Objective(self.model, self.loss_fn, batch, params=self._params(),
+                         train=self.model.training)
 
     # ---- linear algebra pieces -----------------------------------------------------
     def _gn_product(self, X: Any, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """``v -> J^T H_loss J v`` on one batch (:class:`curvlab.linops.GGNOperator`: the
         forward pass and the ``J^T u`` graph are recorded once and shared by the products)."""
-        return GGNOperator(self.model, self.loss_fn, (X, y), params=self._params()).matvec
+        return GGNOperator(self.model, self.loss_fn, (X, y), params=self._params(),
+                           train=self.model.training).matvec
 
     def _diag_ef(self, obj: Objective, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``sum_n (grad l_n)^2 / N`` with ``l_n`` the per-sample loss (vmap)."""
+        """``sum_n (grad l_n)^2 / N`` with ``l_n`` the per-sample loss (vmap). Samples one
+        at a time have no batch statistics, so a model with BatchNorm in train mode gives
+        this preconditioner (only) in eval mode."""
+        if obj.train and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                             for m in self.model.modules()):
+            obj = Objective(self.model, self.loss_fn, (X, y), params=self._params())
         point = obj.param_tensors()
 
         def single(p, xn, yn):
             return self.loss_fn(obj.outputs(p, xn.unsqueeze(0)), yn.unsqueeze(0))
 
         with obj.mode():
-            per = tf.vmap(tf.grad(single), in_dims=(None, 0, 0))(point, X, y)
+            per = tf.vmap(tf.grad(single), in_dims=(None, 0, 0), randomness="same")(point, X, y)
         flat = obj.flatten(per, batched=True)
         return flat.square().mean(0)
 
@@ -233,7 +240,7 @@ class HessianFree(GeneratorStateMixin, torch.optim.Optimizer):
             g = obj.flatten(grads)
             f0 = float(torch.as_tensor(loss).detach())
         else:
-            loss_t, grads = obj.loss_and_grad()
+            loss_t, grads = obj.loss_and_grad(keep_buffers=True)  # the step's one pass
             g, f0, loss = obj.flatten(grads), float(loss_t), loss_t
         if not (math.isfinite(f0) and bool(torch.isfinite(g).all())):
             self._skip("loss or gradient")

@@ -107,10 +107,12 @@ class NaturalGradient(GeneratorStateMixin, torch.optim.Optimizer):
         from curvlab.linops.fisher import EmpiricalFisherOperator, FisherOperator
 
         params = [p for g in self.param_groups for p in g["params"]]
+        train = self.model.training  # the model's own mode (buffers are left unchanged)
         if self.fisher_type == "empirical":
-            return EmpiricalFisherOperator(self.model, self.loss_fn, batch, params)
+            return EmpiricalFisherOperator(self.model, self.loss_fn, batch, params, train=train)
         return FisherOperator(self.model, self.loss_fn, batch, params, mode=self.fisher_type,
-                              num_samples=self.mc_samples, generator=self._generator)
+                              num_samples=self.mc_samples, generator=self._generator,
+                              train=train)
 
     def _skip(self, what: str) -> None:
         if self.nonfinite == "raise":
@@ -134,8 +136,9 @@ class NaturalGradient(GeneratorStateMixin, torch.optim.Optimizer):
             g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
                            for p in params])
         else:
-            obj = Objective(self.model, self.loss_fn, batch, params)
-            loss, grads = obj.loss_and_grad()
+            obj = Objective(self.model, self.loss_fn, batch, params, train=self.model.training)
+            batch = obj.data  # read once (a generator would be used up by this pass)
+            loss, grads = obj.loss_and_grad(keep_buffers=True)  # a training step's one pass
             g = obj.flatten(grads)
         if not (bool(torch.isfinite(torch.as_tensor(loss)).all())
                 and bool(torch.isfinite(g).all())):

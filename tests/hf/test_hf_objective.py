@@ -1,0 +1,180 @@
+"""Hugging Face models as they come: dict batches, the model's own loss, padded sequences.
+
+The models are built from configs with random weights (no hub), in float64 where results
+are compared to 1e-10.
+"""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from _hf_models import build, padded_batch, split  # noqa: E402
+from torch import nn  # noqa: E402
+
+from curvlab.diagnostics import (  # noqa: E402
+    CurvatureMonitor,
+    curvature_summary,
+    layer_sharpness,
+    precision_check,
+    spectral_density,
+    top_eigenvalues,
+    trace,
+)
+from curvlab.linops import FisherOperator, GGNOperator, HessianOperator  # noqa: E402
+from curvlab.objective import Objective  # noqa: E402
+
+MODELS = ["gpt2", "llama", "bert"]
+ATTN = {"attn_implementation": "eager"}  # default attention once curvature handles SDPA
+
+
+def _shifted_ce(logits, labels):
+    """The causal-LM loss written out: token t predicts token t+1, pads (-100) skipped."""
+    z = logits[:, :-1].reshape(-1, logits.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    keep = y != -100
+    return nn.functional.cross_entropy(z[keep], y[keep], reduction="sum") / keep.sum()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_loss_is_found_and_reproduced(name):
+    model = build(name, **ATTN)
+    batch = padded_batch()
+    obj = Objective(model, None, batch)
+    causal = name != "bert"
+    assert obj.convention.name.startswith("causal" if causal else "cross-entropy")
+    with torch.no_grad():
+        out = model(**batch)
+    # Hugging Face computes its loss in float32; curvlab's is the float64 loss
+    torch.testing.assert_close(obj.loss(), out.loss.to(torch.float64), rtol=1e-6, atol=0)
+    if causal:
+        torch.testing.assert_close(obj.loss(), _shifted_ce(out.logits, batch["labels"]),
+                                   rtol=1e-13, atol=0)
+    terms = (batch["labels"][:, 1:] if causal else batch["labels"]) != -100
+    assert obj.num_loss_terms == int(terms.sum())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_padded_sequences_in_1_2_4_batches_equal_one_batch(name):
+    """Token-averaged losses weigh each batch by its valid tokens. Llama computes RMSNorm
+    and the attention softmax in float32 even in a float64 model, so its results carry
+    float32 rounding that depends on the batch composition: it is compared at 1e-5."""
+    tol = 1e-5 if name == "llama" else 1e-10
+    model = build(name, **ATTN)
+    batch = padded_batch(16, 6)
+    g = torch.Generator().manual_seed(0)
+    ref = None
+    for k in (1, 2, 4):
+        data = split(batch, k)
+        obj = Objective(model, None, data)
+        loss, grad = obj.loss_and_grad()
+        grad = obj.flatten(grad)
+        if ref is None:
+            v = torch.randn(obj.num_params, generator=g, dtype=torch.float64)
+        ggn_v = GGNOperator(obj).matvec(v)
+        # the same start and the same products give the same Ritz value (converged or not)
+        lam = top_eigenvalues(HessianOperator(obj), 1, tol=1e-3, max_iter=8,
+                              generator=torch.Generator().manual_seed(1)).eigenvalues[0]
+        got = (loss, grad, ggn_v, lam)
+        if ref is None:
+            ref = got
+            continue
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_capability_runs_with_the_models_own_loss(name, tmp_path):
+    model = build(name, **ATTN)
+    batch = padded_batch(8, 8)
+    H = HessianOperator(model, None, split(batch, 2))
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    hv = H @ v
+    G = GGNOperator(model, None, split(batch, 2))
+    F = FisherOperator(model, None, split(batch, 2))
+    # cross-entropy: the exact Fisher is the GGN (Martens 2020, sec. 9.2)
+    torch.testing.assert_close(F @ v, G @ v, rtol=1e-10, atol=1e-12)
+    Fmc = FisherOperator(model, None, batch, mode="mc", seed=0)
+    assert torch.isfinite(Fmc @ v).all() and torch.isfinite(hv).all()
+    H1 = HessianOperator(model, None, batch)
+    gen = torch.Generator().manual_seed(0)
+    assert top_eigenvalues(H1, 2, tol=1e-2, generator=gen).eigenvalues.shape == (2,)
+    assert trace(GGNOperator(model, None, batch), 6, generator=gen).estimate > 0
+    assert spectral_density(H1, num_probes=1, num_steps=5, generator=gen) is not None
+    assert layer_sharpness(H1, generator=gen, max_iter=2)
+    summary = curvature_summary(model, None, batch, trace_samples=6, tol=1e-2)
+    assert summary.num_samples == 8 and summary.lambda_max > 0
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    monitor = CurvatureMonitor(model, None, batch, optimizer=opt, every=2, track_every=1,
+                               max_hvps=4, log_dir=tmp_path)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+        monitor.step()
+    assert monitor.checks and (tmp_path / "monitor.jsonl").stat().st_size > 0
+    model.eval()  # Dropout off: the float32 and float64 passes see the same function
+    report = precision_check(model, None, batch, dtypes=("float32",))
+    assert report.reports["float32"].loss_error < 1e-5
+
+
+def test_user_loss_receives_the_logits_and_the_labels_are_not_model_inputs():
+    model = build("gpt2", **ATTN)
+    batch = padded_batch()
+    seen = {}
+
+    def loss_fn(logits, labels):
+        seen["logits"] = logits.shape
+        return _shifted_ce(logits, labels)
+
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: calls.append(sorted(k)),
+                                             with_kwargs=True)
+    try:
+        own = Objective(model, None, batch).loss()
+        torch.testing.assert_close(Objective(model, loss_fn, batch).loss(), own, rtol=1e-13,
+                                   atol=0)
+    finally:
+        handle.remove()
+    assert seen["logits"] == (16, 10, 64)
+    assert calls[-1] == ["attention_mask", "input_ids"]
+
+
+def test_pairs_from_a_generator_are_read_once(caplog):
+    """The obvious glue, ``((b, b["labels"]) for b in batches)``, used to give loss 0."""
+    model = build("gpt2", **ATTN)
+    batches = split(padded_batch(), 4)
+    ref = Objective(model, None, batches).loss()
+    obj = Objective(model, None, ((b, b["labels"]) for b in batches))
+    assert float(obj.loss()) > 1
+    torch.testing.assert_close(obj.loss(), ref, rtol=1e-13, atol=0)
+    # a custom token-averaged loss: curvlab cannot know its terms, says so, and takes them
+    custom = Objective(model, _shifted_ce, ((b, b["labels"]) for b in batches))
+    custom.loss()
+    assert "cannot tell what it averages over" in caplog.text
+    counted = Objective(model, _shifted_ce, ((b, b["labels"]) for b in batches),
+                        normalizer=lambda y: float((y[:, 1:] != -100).sum()))
+    torch.testing.assert_close(counted.loss(), ref, rtol=1e-13, atol=0)
+
+
+class _DoubledLoss(nn.Module):
+    """A model whose own loss is not one of the known conventions."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        out.loss = 2 * out.loss
+        return out
+
+
+def test_an_unknown_model_loss_is_a_clear_error():
+    model = _DoubledLoss(build("gpt2", **ATTN))
+    with pytest.raises(ValueError, match="matches none of the loss conventions"):
+        Objective(model, None, padded_batch())
+    with pytest.raises(ValueError, match="'labels'"):
+        Objective(build("gpt2", **ATTN), nn.CrossEntropyLoss(),
+                  {"input_ids": torch.ones(2, 3, dtype=torch.long)}).loss()
