@@ -88,3 +88,14 @@ def test_make_monitor_refuses_an_unusable_batch_before_training():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises((TypeError, ValueError)):
         make_monitor(model, nn.MSELoss(), "not a batch", opt, 0, {}, lambda *a: None)
+
+
+def test_monitor_context_keeps_the_monitor_off_the_training_random_stream():
+    from curvlab.integrations._monitoring import monitor_context
+
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = torch.get_rng_state()
+    with monitor_context(opt, model):
+        torch.rand(3)  # e.g. an Objective drawing its dropout seed
+    assert torch.equal(torch.get_rng_state(), state)

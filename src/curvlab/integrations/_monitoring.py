@@ -35,14 +35,18 @@ def first_examples(dataloader: Any, n: int) -> Any:
 
 
 @contextlib.contextmanager
-def monitor_context(optimizer: Any) -> Iterator[None]:
-    """Around a monitor step: the optimizer's statistics hooks paused, and fused attention
+def monitor_context(optimizer: Any, model: torch.nn.Module) -> Iterator[None]:
+    """Around a monitor step: the optimizer's statistics hooks paused; torch's random state
+    (CPU and the model's CUDA devices) forked, so nothing the monitor does moves the
+    training's random stream (dropout masks); fused attention
     (``scaled_dot_product_attention``) on its math backend, whose backward can be
     differentiated again (Hessian-vector products; the flash/memory-efficient kernels'
     backward cannot)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with paused_statistics(optimizer), sdpa_kernel([SDPBackend.MATH]):
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with (paused_statistics(optimizer), torch.random.fork_rng(devices=cuda),
+          sdpa_kernel([SDPBackend.MATH])):
         yield
 
 
@@ -79,7 +83,7 @@ def make_monitor(model: torch.nn.Module, loss_fn: Any, batch: Any, optimizer: An
     never draw from the global random state the training loop uses. The monitor batch's
     loss is evaluated once here (one forward), so a batch or loss the monitor cannot use
     fails before training, not at the first check."""
-    with monitor_context(optimizer), torch.no_grad():
+    with monitor_context(optimizer, model), torch.no_grad():
         Objective(model, loss_fn, batch).loss()
     kwargs = dict(kwargs)
     if "generator" not in kwargs:

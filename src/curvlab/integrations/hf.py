@@ -111,7 +111,7 @@ class CurvatureMonitorCallback(TrainerCallback):
         if self.monitor is None:
             return
         self.monitor.step_count = state.global_step  # step() counts this update
-        with monitor_context(optimizer):
+        with monitor_context(optimizer, self.monitor.model):
             self.monitor.step()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):

@@ -85,7 +85,7 @@ class CurvatureMonitorCallback(pl.Callback):
         self._seen = trainer.global_step
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         self.monitor.step_count = trainer.global_step - 1  # step() counts this update
-        with monitor_context(trainer.optimizers[0]):
+        with monitor_context(trainer.optimizers[0], self.monitor.model):
             self.monitor.step(loss)
         if self._pending:  # straight to the loggers: on_step values of pl_module.log would
             for lg in trainer.loggers:  # only reach them every log_every_n_steps
