@@ -41,10 +41,9 @@ def _lm_loss(out, y):
 
 
 def _monitor():
-    ids = torch.stack([d["input_ids"] for d in _data()[:4]])
-    return hf.CurvatureMonitorCallback(({"input_ids": ids}, ids), loss_fn=_lm_loss, every=2,
-                                       track_every=1, max_hvps=4, jump_factor=0.5,
-                                       jump_warmup=0)
+    """The documented default: the first training examples, the model's own loss."""
+    return hf.CurvatureMonitorCallback(num_examples=4, every=2, track_every=1, max_hvps=4,
+                                       jump_factor=0.5, jump_warmup=0)
 
 
 def _trainer(out, name, monitor=True, steps=6):
@@ -112,22 +111,9 @@ def test_optimizer_cls_and_kwargs_refuses_what_the_trainer_cannot_step():
         hf.optimizer_cls_and_kwargs("soap")
 
 
-def _objective_takes_model_losses():
-    from curvlab.objective import Objective
-
-    batch = _data()[0]
-    try:
-        Objective(_model(), None, {k: v[None] for k, v in batch.items()})
-    except TypeError:
-        return False
-    return True
-
-
 def test_default_monitor_batch_and_the_models_own_loss(tmp_path):
     """The documented default: no batch, no loss_fn (the first training examples through the
     collator, the model's own loss)."""
-    if not _objective_takes_model_losses():
-        pytest.skip("needs the Objective of dict batches and model-computed losses")
     args = transformers.TrainingArguments(
         str(tmp_path), max_steps=2, per_device_train_batch_size=4, save_strategy="no",
         report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
