@@ -158,3 +158,58 @@ def test_compiled_newton_schulz_matches_eager():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert not all(torch.equal(a, b) for a, b in zip(m1.parameters(), _mlp().parameters(),
                                                      strict=True))
+
+
+@pytest.mark.parametrize("rule", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("d_in,d_out", [(4, 12), (12, 4), (6, 6)])
+def test_conv1d_update_is_the_transpose_of_the_linear_update(rule, d_in, d_out):
+    """HF Conv1D stores its weight (in, out): Muon must scale (and orthogonalize) it as the
+    (out, in) matrix of the equivalent nn.Linear, found by muon_param_groups."""
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    conv = nn.Sequential(Conv1D(d_out, d_in), nn.Tanh(), nn.Linear(d_out, 3)).double()
+    lin = nn.Sequential(nn.Linear(d_in, d_out), nn.Tanh(), nn.Linear(d_out, 3)).double()
+    with torch.no_grad():
+        lin[0].weight.copy_(conv[0].weight.T)
+        lin[0].bias.copy_(conv[0].bias)
+        lin[2].load_state_dict(conv[2].state_dict())
+    start = lin[0].weight.detach().clone()
+    groups = muon_param_groups(conv, lr=0.05, adamw_lr=1e-2)
+    assert [g.get("transposed", False) for g in groups if g["use_muon"]] == [True]
+    opts = [Muon(groups, adjust_lr=rule),
+            Muon(muon_param_groups(lin, lr=0.05, adamw_lr=1e-2), adjust_lr=rule)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        X = torch.randn(16, d_in, generator=g, dtype=torch.float64)
+        for m, opt in zip((conv, lin), opts, strict=True):
+            m.zero_grad()
+            m(X).pow(2).mean().backward()
+            opt.step()
+    torch.testing.assert_close(conv[0].weight.T, lin[0].weight, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(conv[2].weight, lin[2].weight, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(lin[0].weight, start)
+
+
+def test_transposed_group_needs_matrices():
+    with pytest.raises(ValueError, match="transposed"):
+        Muon([{"params": [nn.Parameter(torch.zeros(2, 3, 4))], "transposed": True}])
+
+
+def test_muon_param_groups_on_gpt2_routes_embeddings_tied_head_and_norms_to_adamw():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+    groups = muon_param_groups(model)
+    muon = [g for g in groups if g["use_muon"]]
+    adamw = {id(p) for g in groups if not g["use_muon"] for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(muon) == 1 and muon[0]["transposed"]  # every hidden matrix is a Conv1D
+    assert sorted(names[id(p)] for p in muon[0]["params"]) == sorted(
+        n for n, p in model.named_parameters() if n.endswith(("c_attn.weight", "c_proj.weight",
+                                                             "c_fc.weight")))
+    for n, p in model.named_parameters():
+        if "wte" in n or "wpe" in n or "ln_" in n or n.endswith("bias"):
+            assert id(p) in adamw, n
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

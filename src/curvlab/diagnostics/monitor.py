@@ -125,6 +125,14 @@ def forecast_crossing(steps: Iterable[float], values: Iterable[float], threshold
     return float((threshold - intercept) / slope)
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside framework wrappers (accelerate's ``AcceleratedOptimizer`` used by
+    the Hugging Face Trainer, ...), found through their ``.optimizer`` attribute."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 class _RecordingHessian(HessianOperator):
     """The Hessian of the single monitor batch that also keeps the loss and gradient of the
     graph it records (for ``rho`` without a second forward/backward at the same point)."""
@@ -182,7 +190,8 @@ class CurvatureMonitor:
             Alternatively give ``data`` (one ``(inputs, targets)`` pair of tensors or one
             dict of tensors) and ``batch_size`` to sample rows once with ``generator``.
         optimizer: the optimizer (for ``lr``, the stability threshold and, for Adam-like
-            optimizers, the preconditioner). Without it pass ``lr``.
+            optimizers, the preconditioner; a wrapper such as accelerate's is unwrapped
+            through its ``.optimizer``). Without it pass ``lr``.
         every: steps between curvature checks. A check costs about as much as 5-10
             training steps (building the gradient graph on the monitor batch, then ~2-3
             warm-started HVPs), so the default 200 keeps the overhead near 5%.
@@ -222,6 +231,7 @@ class CurvatureMonitor:
                  precision_dtypes: tuple[str, ...] = ("bfloat16", "float32")) -> None:
         if optimizer is None and lr is None:
             raise ValueError("pass optimizer=... (or lr=... for a hand-written update)")
+        optimizer = unwrap_optimizer(optimizer)
         for name, value in (("every", every), ("track_every", track_every),
                             ("max_hvps", max_hvps), ("window", window)):
             if not isinstance(value, int) or value < (2 if name == "window" else 1):

@@ -12,11 +12,15 @@ For a weight ``W`` (conv and higher-rank weights flattened to ``(out, in * ...)`
 with the shape-aware scale ``s``: ``"original"`` ``sqrt(max(1, A/B))`` (Jordan et al.),
 ``"match_rms_adamw"`` ``0.2 sqrt(max(A, B))`` (Liu et al. 2025, Moonlight: the update RMS
 matches AdamW's so AdamW's learning rate and weight decay carry over), ``"none"`` 1; ``A, B``
-are the rows and columns of the flattened weight. Parameters of groups with
-``use_muon=False`` (and, by default, parameters with fewer than 2 dimensions) are updated by
-AdamW with the group's ``lr``, ``weight_decay``, ``adamw_betas`` and ``adamw_eps`` (the
-torch.optim.AdamW kernel). :func:`muon_param_groups` routes embeddings, the output head,
-biases and norms to AdamW in one line.
+are the rows and columns of the flattened weight in its logical ``(out, in)`` orientation: a
+group with ``transposed=True`` holds 2-D weights stored ``(in, out)`` (Hugging Face's
+``Conv1D``, used by GPT-2), which Muon orthogonalizes and scales as their transpose, so such a
+layer gets exactly the transpose of the update of the equivalent ``nn.Linear``. Parameters
+of groups with ``use_muon=False`` (and, by default, parameters with fewer than 2 dimensions)
+are updated by AdamW with the group's ``lr``, ``weight_decay``, ``adamw_betas`` and
+``adamw_eps`` (the torch.optim.AdamW kernel). :func:`muon_param_groups` routes embeddings,
+the output head, biases and norms to AdamW and marks ``Conv1D`` weights ``transposed`` in
+one line.
 
 Same-shape matrices are orthogonalized together in one batched Newton–Schulz. The iteration
 runs in ``ns_dtype`` (default bfloat16 on CUDA, where tensor cores make it fast; elsewhere
@@ -41,6 +45,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +74,8 @@ __all__ = ["Muon", "muon_param_groups"]
 _ADJUST = ("original", "match_rms_adamw", "none")
 
 
-def _muon_scale(rule: str, shape: torch.Size) -> float:
+def _muon_scale(rule: str, shape: tuple[int, ...]) -> float:
+    """The shape-aware scale ``s(A, B)`` for a weight of logical shape ``(out, in, ...)``."""
     A, B = shape[0], math.prod(shape[1:])
     if rule == "original":
         return math.sqrt(max(1.0, A / B))
@@ -83,7 +89,9 @@ class Muon(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups; a group may set ``use_muon`` (True/False; default:
-            Muon for parameters with >= 2 dimensions, AdamW otherwise).
+            Muon for parameters with >= 2 dimensions, AdamW otherwise) and ``transposed``
+            (default False: its 2-D weights are stored ``(in, out)``, like HF ``Conv1D``;
+            :func:`muon_param_groups` sets it).
         lr: learning rate (of both methods unless a group overrides it).
         momentum, nesterov: Muon's momentum.
         weight_decay: decoupled weight decay ``p <- (1 - lr wd) p``.
@@ -127,7 +135,7 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), eps=eps,
                         adjust_lr=adjust_lr, ns_dtype=ns_dtype, adamw_betas=tuple(adamw_betas),
-                        adamw_eps=adamw_eps, use_muon=None)
+                        adamw_eps=adamw_eps, use_muon=None, transposed=False)
         self.process_group = _dist.resolve_group(process_group)
         self._newton_schulz = (torch.compile(newton_schulz, fullgraph=True, dynamic=False)
                                if compile else newton_schulz)
@@ -157,6 +165,13 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"adjust_lr must be one of {_ADJUST}, got {g['adjust_lr']!r}")
         if int(g["ns_steps"]) < 0:
             raise ValueError(f"ns_steps must be >= 0, got {g['ns_steps']}")
+        if g["transposed"]:
+            for p in g["params"]:
+                if p.ndim != 2:
+                    raise ValueError(
+                        f"transposed=True marks 2-D weights stored (in, out) (HF Conv1D), but a "
+                        f"parameter of the group has shape {tuple(p.shape)}; put it in another "
+                        "group")
         if g["use_muon"]:
             for p in g["params"]:
                 if p.ndim < 2:
@@ -216,14 +231,20 @@ class Muon(torch.optim.Optimizer):
                               _dist.world_size(pg))
         owner_of = dict(zip(order, owners, strict=True))
 
+        transposed = bool(group.get("transposed", False))  # state dicts from before the key
+
         def orthogonalize(i_list: list[int], U: Tensor) -> Tensor:
+            """Newton–Schulz of the stacked updates, in the weights' logical (out, in)
+            orientation; returned in the stored orientation."""
             shape, pdtype, device = ps[i_list[0]].shape, ps[i_list[0]].dtype, U.device
             ns_dtype = dtype or (torch.bfloat16 if device.type == "cuda" else
                                  torch.float64 if pdtype == torch.float64 else torch.float32)
+            U = U.reshape(len(i_list), shape[0], -1)
             with self.timings.measure("precondition"):
-                return self._newton_schulz(U.reshape(len(i_list), shape[0], -1),
-                                           group["ns_steps"], group["ns_coefficients"],
-                                           group["eps"], dtype=ns_dtype).to(pdtype)
+                O = self._newton_schulz(U.mT if transposed else U, group["ns_steps"],
+                                        group["ns_coefficients"], group["eps"],
+                                        dtype=ns_dtype).to(pdtype)
+            return O.mT if transposed else O
 
         if any(is_dtensor(u) for u in upd):
             directions = self._sharded_directions(ps, upd, order, owner_of, by_shape,
@@ -232,7 +253,8 @@ class Muon(torch.optim.Optimizer):
             directions = self._replicated_directions(ps, upd, owner_of, by_shape,
                                                      orthogonalize)
         for shape, idx in ((k[0], v) for k, v in by_shape.items()):
-            scale = -lr * _muon_scale(group["adjust_lr"], shape)
+            logical = (shape[1], shape[0]) if transposed else tuple(shape)
+            scale = -lr * _muon_scale(group["adjust_lr"], logical)
             torch._foreach_add_([local_tensor(ps[i]) for i in idx],
                                 [directions[i] for i in idx], alpha=scale)
 
@@ -247,7 +269,7 @@ class Muon(torch.optim.Optimizer):
             O = torch.empty(len(idx), *shape, dtype=ps[idx[0]].dtype, device=upd[idx[0]].device)
             if mine:
                 U = torch.stack([upd[idx[j]] for j in mine])
-                O[mine] = orthogonalize([idx[j] for j in mine], U).view(len(mine), *shape)
+                O[mine] = orthogonalize([idx[j] for j in mine], U).reshape(len(mine), *shape)
             parts.append((O, [owner_of[i] for i in idx]))
             out.update(zip(idx, O.unbind(0), strict=True))
         share_rows(parts, pg, self.timings)
@@ -313,6 +335,14 @@ class Muon(torch.optim.Optimizer):
                 "skipped_steps": self._skipped}
 
 
+def transposed_linear_class() -> type | None:
+    """Hugging Face's ``Conv1D`` (``transformers.pytorch_utils``; a linear layer whose weight
+    is stored ``(in, out)``) if transformers is already imported, else None: a model cannot
+    hold one unless transformers is loaded, so curvlab never imports it itself."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None) if module is not None else None
+
+
 def muon_param_groups(
     model: nn.Module,
     lr: float = 0.02,
@@ -323,10 +353,13 @@ def muon_param_groups(
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`Muon`: hidden weight matrices use Muon, the rest AdamW.
 
-    AdamW gets every parameter of ``nn.Embedding`` modules, of the output head (``head``:
-    a module or its qualified name; default: the last ``nn.Linear`` in ``model.modules()``
-    order), and every parameter with fewer than 2 dimensions (biases, norms, scalars).
-    Shared (tied) parameters are listed once. Usage::
+    AdamW gets every parameter of ``nn.Embedding`` modules and of the input embeddings
+    (``model.get_input_embeddings()`` on Hugging Face models), of the output head (``head``:
+    a module or its qualified name; default: ``model.get_output_embeddings()`` when the
+    model has one, else the last ``nn.Linear`` in ``model.modules()`` order), and every
+    parameter with fewer than 2 dimensions (biases, norms, scalars). A head tied to the
+    embedding is one parameter and listed once. Weights of Hugging Face ``Conv1D`` layers
+    (stored ``(in, out)``) go to a Muon group with ``transposed=True``. Usage::
 
         opt = curvlab.optim.Muon(curvlab.optim.muon_param_groups(model), lr=0.02)
     """
@@ -334,22 +367,37 @@ def muon_param_groups(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(head, str):
         head = model.get_submodule(head)
+    if head is None and callable(getattr(model, "get_output_embeddings", None)):
+        head = model.get_output_embeddings()
     if head is None:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         head = linears[-1] if linears else None
-    adamw_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
-                 for p in m.parameters()}
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if callable(getattr(model, "get_input_embeddings", None)):
+        emb = model.get_input_embeddings()
+        if isinstance(emb, nn.Module):
+            embeddings.append(emb)
+    adamw_ids = {id(p) for m in embeddings for p in m.parameters()}
     if head is not None:
         adamw_ids |= {id(p) for p in head.parameters()}
-    muon, other, seen = [], [], set()
+    conv1d = transposed_linear_class()
+    transposed_ids = ({id(m.weight) for m in model.modules() if isinstance(m, conv1d)}
+                      if conv1d is not None else set())
+    muon, muon_t, other, seen = [], [], [], set()
     for p in model.parameters():
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        (other if id(p) in adamw_ids or p.ndim < 2 else muon).append(p)
+        if id(p) in adamw_ids or p.ndim < 2:
+            other.append(p)
+        else:
+            (muon_t if id(p) in transposed_ids and p.ndim == 2 else muon).append(p)
     groups = []
     if muon:
         groups.append({"params": muon, "use_muon": True, "lr": lr, "weight_decay": weight_decay})
+    if muon_t:
+        groups.append({"params": muon_t, "use_muon": True, "transposed": True, "lr": lr,
+                       "weight_decay": weight_decay})
     if other:
         groups.append({"params": other, "use_muon": False, "lr": adamw_lr,
                        "weight_decay": adamw_weight_decay})
