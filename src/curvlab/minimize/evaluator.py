@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from curvlab.minimize.result import STATUS_MESSAGES, OptimizeResult
+from curvlab.minimize.result import STATUS_MESSAGES, SUCCESS_TESTS, OptimizeResult
 
 __all__ = ["Evaluator", "Monitor", "clip_direction", "host"]
 
@@ -333,14 +333,21 @@ class Monitor:
             return True
 
     def finish(self, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor, status: int,
-               extra: str = "", **fields: Any) -> OptimizeResult:
-        """Build the result; ``success`` iff the solver converged and the tolerance holds."""
+               extra: str = "", test: str = "gtol", **fields: Any) -> OptimizeResult:
+        """Build the result; ``success`` iff the solver converged by ``test`` and, for the
+        gradient test, ``||g||_inf <= gtol`` holds at ``x`` (re-checked here)."""
         gn = self.gnorm(g)
         finite = math.isfinite(f.item()) and math.isfinite(gn)
-        if status == 0 and not (finite and gn <= self.gtol):
+        if status == 0 and not finite:
+            status = 4
+        if status == 0 and test == "gtol" and not gn <= self.gtol:
             status = 6
         success = status == 0
-        message = STATUS_MESSAGES[status] + (f" {extra}" if extra else "")
+        if success:
+            message = "Optimization terminated successfully: " + SUCCESS_TESTS[test]
+        else:
+            message = STATUS_MESSAGES[status]
+        message += f" {extra}" if extra else ""
         ev = self.ev
         res = OptimizeResult(
             x=x.view(ev.shape), fun=f, grad=g.view(ev.shape), nit=self.nit, nfev=ev.nfev,
