@@ -107,13 +107,20 @@ def test_scipy_script_runs_unchanged_and_returns_numpy():
 
 
 def test_keyword_and_legacy_callbacks():
-    seen, xs = [], []
+    seen, xs, ours = [], [], []
+    t = np.linspace(0, 1, 10)
+
+    def fun(b):
+        return b[0] * np.exp(-b[1] * t) - np.exp(-2 * t)
+
+    least_squares(fun, np.ones(2), callback=lambda intermediate_result: seen.append(
+        intermediate_result.x))
+    least_squares(fun, np.ones(2), callback=lambda xk: xs.append(xk))  # scipy's legacy
+    assert seen and xs and isinstance(xs[0], np.ndarray) and isinstance(seen[0], np.ndarray)
     r = lambda x: torch.stack((10 * (x[1] - x[0] ** 2), 1 - x[0]))  # noqa: E731
     least_squares(r, torch.tensor([-1.2, 1.0], dtype=torch.float64),
-                  callback=lambda intermediate_result: seen.append(intermediate_result.x))
-    least_squares(r, torch.tensor([-1.2, 1.0], dtype=torch.float64),
-                  callback=lambda xk: xs.append(xk))
-    assert seen and xs and isinstance(xs[0], torch.Tensor)
+                  callback=lambda res: ours.append(res.x))  # curvlab's form with tensors
+    assert ours and isinstance(ours[0], torch.Tensor)
 
 
 def test_bounds_match_scipy():

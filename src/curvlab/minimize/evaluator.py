@@ -20,7 +20,7 @@ import torch
 
 from curvlab.minimize.result import STATUS_MESSAGES, SUCCESS_TESTS, OptimizeResult
 
-__all__ = ["Evaluator", "Monitor", "clip_direction", "host"]
+__all__ = ["Evaluator", "Monitor", "clip_direction", "host", "NonFiniteError", "dense"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,19 @@ HVP = Callable[[torch.Tensor], torch.Tensor]
 #: normalized and validated its arguments (``None`` if this torch does not expose it).
 _RUN_BACKWARD = getattr(getattr(torch.autograd.Variable, "_execution_engine", None),
                         "run_backward", None)
+
+
+class NonFiniteError(ArithmeticError):
+    """A non-finite Hessian (or model) inside a solver; the solver loops turn it into status 4."""
+
+
+def dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as an ordinary tensor: autograd returns an efficient ``ZeroTensor`` for
+    derivatives that are identically zero (e.g. ``|x|`` at 0), which NumPy and in-place
+    operations reject."""
+    if t is not None and t._is_zerotensor():
+        return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+    return t
 
 
 def _plain_cpu(*tensors: torch.Tensor) -> bool:
@@ -47,9 +60,9 @@ def _grad(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *, retain_graph: bo
     objective, and these calls are the inner loop of every solver here. Anything else
     (tensor subclasses, accelerators, other shapes) goes through ``autograd.grad``."""
     if _RUN_BACKWARD is not None and _plain_cpu(y, x, v) and v.shape == y.shape:
-        return _RUN_BACKWARD((y,), (v,), retain_graph, create_graph, (x,), True)[0]
-    return torch.autograd.grad(y, x, v, retain_graph=retain_graph, create_graph=create_graph,
-                               allow_unused=True)[0]
+        return dense(_RUN_BACKWARD((y,), (v,), retain_graph, create_graph, (x,), True)[0])
+    return dense(torch.autograd.grad(y, x, v, retain_graph=retain_graph,
+                                     create_graph=create_graph, allow_unused=True)[0])
 
 
 #: The batching primitives behind ``autograd.grad(..., is_grads_batched=True)``.
@@ -70,11 +83,11 @@ def _batched_grad(y: torch.Tensor, x: torch.Tensor, V: torch.Tensor) -> torch.Te
         level = enter()
         try:
             out = _RUN_BACKWARD((y,), (add_dim(V, 0, level),), True, False, (x,), True)[0]
-            return None if out is None else remove_dim(out, level, V.shape[0], 0)
+            return None if out is None else dense(remove_dim(out, level, V.shape[0], 0))
         finally:
             leave()
-    return torch.autograd.grad(y, x, V, retain_graph=True, allow_unused=True,
-                               is_grads_batched=True)[0]
+    return dense(torch.autograd.grad(y, x, V, retain_graph=True, allow_unused=True,
+                                     is_grads_batched=True)[0])
 
 
 def host(*values: torch.Tensor) -> list[float]:
@@ -151,6 +164,33 @@ class Evaluator:
         if self.jac is True:
             y = y[0]
         return _as_scalar(y, "fun").detach()
+
+    def f_lazy(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+        """``(f, grad)`` with ``grad() -> g``: the value by one forward pass (``nfev``) whose
+        graph is kept, the gradient by one backward pass only if asked (``ngev``), so a
+        point evaluated for its value never needs a second forward pass for its gradient."""
+        if self.jac is not None:
+            f, g = self.fg(x)
+            self.ngev -= 1
+
+            def given() -> torch.Tensor:
+                self.ngev += 1
+                return g
+
+            return f, given
+        self.nfev += 1
+        xr = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = _as_scalar(self._call(xr), "fun")
+
+        def grad() -> torch.Tensor:
+            self.ngev += 1
+            if not y.requires_grad:
+                return torch.zeros_like(x)
+            g = _grad(y, xr, self._ones(y))
+            return torch.zeros_like(x) if g is None else g
+
+        return y.detach(), grad
 
     def fg(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Value and gradient (one forward + one backward; counts one ``nfev``, one ``ngev``)."""
@@ -263,7 +303,10 @@ class Evaluator:
             self.nhess += 1
             with torch.no_grad():
                 H = self.hess_fn(x.view(self.shape), *self.args)
-            return H.detach().reshape(n, n).to(x.dtype)
+            H = H.detach().reshape(n, n).to(x.dtype)
+            if not bool(torch.isfinite(H).all()):
+                raise NonFiniteError("the Hessian has non-finite entries")
+            return H
         if product is None:
             product = self.fgh(x)[2]
         eye = self._eye
@@ -280,7 +323,10 @@ class Evaluator:
             self.nhvp = nhvp
         else:
             H = torch.stack([product(e) for e in eye])
-        return 0.5 * (H + H.T)
+        H = 0.5 * (H + H.T)
+        if not bool(torch.isfinite(H).all()):
+            raise NonFiniteError("the Hessian has non-finite entries")
+        return H
 
 
 def clip_direction(g: torch.Tensor, max_norm: float | None) -> torch.Tensor:
@@ -299,6 +345,7 @@ class Monitor:
         self.method, self.ev, self.gtol, self.max_iter = method, ev, gtol, max_iter
         self.callback = callback
         self.nit = 0
+        self.last: tuple | None = None  # (x, f, g) after the latest iteration
         self.history: dict[str, list[float]] | None = (
             {"f": [], "grad_norm": [], "step": [], "radius": [], "decrement": []}
             if history else None)
@@ -322,6 +369,7 @@ class Monitor:
 
     def stop_requested(self, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> bool:
         """Call ``callback(intermediate_result)``; True (or StopIteration) stops the run."""
+        self.last = (x, f, g)
         if self.callback is None:
             return False
         shape = self.ev.shape

@@ -432,7 +432,7 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
         max_nfev = 100 * n * (n + 1)  # scipy's budget when the Jacobian is estimated
     to_user = (lambda v: v) if not numpy_mode else (
         lambda v: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
-    cb = wrap_callback(callback, to_user)
+    cb = wrap_callback(callback, to_user, scipy_rule=numpy_mode)
     mon = Monitor(method, model, max(tols["gtol_abs"], 0.0), max_iter, cb,  # type: ignore
                   history)
     C = float(f_scale)

@@ -40,6 +40,8 @@ SUCCESS_TESTS: dict[str, str] = {
     "xtol": "the relative change of x, on the last step and by the Gauss-Newton step at x, "
             "is <= xtol.",
     "zero": "the residual is exactly zero.",
+    "ftol_rel": "the relative reduction of f on the last step is <= ftol.",
+    "pgtol": "the projected gradient ||P(x - g) - x||_inf <= gtol.",
 }
 
 

@@ -75,24 +75,28 @@ def merge_options(options: dict | None, kwargs: dict, aliases: dict[str, str]) -
     return merged
 
 
-def wrap_callback(callback: Callable | None, to_user: Callable[[Any], Any]
-                  ) -> Callable | None:
-    """A callback in curvlab's form ``cb(intermediate_result)`` from either scipy form:
-    a parameter named ``intermediate_result`` (scipy >= 1.11) gets the result object,
-    anything else (scipy's legacy ``callback(xk)``) gets the current ``x``. ``to_user``
-    converts tensors for the user (NumPy for NumPy input)."""
+def wrap_callback(callback: Callable | None, to_user: Callable[[Any], Any],
+                  scipy_rule: bool = True) -> Callable | None:
+    """A callback in curvlab's form ``cb(intermediate_result)`` from either scipy form.
+    scipy's rule (NumPy input): a parameter named ``intermediate_result`` gets the result
+    object by keyword, any other (legacy ``callback(xk)``) gets the current ``x``. For
+    tensor input curvlab's own form stays: the result object, by keyword when the
+    parameter is named ``intermediate_result``, else positionally. ``to_user`` converts
+    tensors for the user (NumPy for NumPy input)."""
     if callback is None:
         return None
     try:
         params = list(inspect.signature(callback).parameters)
     except (TypeError, ValueError):
         params = []
-    legacy = bool(params) and params[0] != "intermediate_result"
+    keyword = bool(params) and params[0] == "intermediate_result"
+    legacy = scipy_rule and bool(params) and not keyword
 
     def call(res: Any) -> Any:
         if legacy:
             return callback(to_user(res["x"]))
-        return callback(intermediate_result=type(res)({k: to_user(v) for k, v in res.items()}))
+        out = type(res)({k: to_user(v) for k, v in res.items()})
+        return callback(intermediate_result=out) if keyword else callback(out)
 
     call.legacy = legacy  # type: ignore[attr-defined]
     return call
