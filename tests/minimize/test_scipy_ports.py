@@ -275,3 +275,14 @@ def test_nesterov_no_repeated_point():
 
     minimize(f, torch.zeros(4, dtype=torch.float64), "nesterov")
     assert all(not torch.equal(a, b) for a, b in zip(xs, xs[1:]))
+
+
+def test_bounds_arrays_are_lower_upper_vectors_for_n2():
+    # (lb, ub) NumPy arrays of length 2 must not be read as two (lo, hi) pairs
+    lb, ub = np.array([-2.0, -2.0]), np.array([0.5, 2.0])
+    res = minimize(rosenbrock, torch.tensor([-1.2, 1.0], dtype=torch.float64), "lbfgs",
+                   bounds=(lb, ub))
+    ref = so.minimize(so.rosen, [-1.2, 1.0], jac=so.rosen_der, method="L-BFGS-B",
+                      bounds=list(zip(lb, ub)))
+    assert res.success
+    np.testing.assert_allclose(res.x.numpy(), ref.x, atol=1e-4)

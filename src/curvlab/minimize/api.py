@@ -223,6 +223,14 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
             raise ValueError(f"max_nfev={max_nfev} is too small to finish one "
                              "iteration") from None
         res = mon.finish(*mon.last, 7)
+    first = ev.first
+    if not res["success"] and first is not None and float(res["fun"]) > float(first[1]):
+        # never return a point worse than x0 (scipy's test_no_increase): with a wrong
+        # gradient or rounding-level line-search slack a failed run can drift upwards
+        x_, f_, g_ = first
+        res.update(x=x_.view(ev.shape), fun=f_, grad=g_.view(ev.shape),
+                   grad_norm=Monitor.gnorm(g_))
+        res["message"] += " Returned x0: the run ended above f(x0)."
     if wrapped is not None:
         res["nfev"] = res["nfev"] + wrapped.extra_evals
     res["njev"] = res["ngev"]

@@ -134,6 +134,8 @@ class Evaluator:
         self.fun, self.shape, self.args = fun, shape, tuple(args)
         self.jac, self.hessp, self.hess_fn = jac, hessp, hess
         self.nfev = self.ngev = self.nhvp = self.nhess = 0
+        #: ``(x, f, g)`` of the first value-and-gradient evaluation (the starting point)
+        self.first: tuple | None = None
         self._one: torch.Tensor | None = None
         self._eye: torch.Tensor | None = None
 
@@ -194,6 +196,12 @@ class Evaluator:
 
     def fg(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Value and gradient (one forward + one backward; counts one ``nfev``, one ``ngev``)."""
+        f, g = self._fg(x)
+        if self.first is None:
+            self.first = (x, f, g)
+        return f, g
+
+    def _fg(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.nfev += 1
         self.ngev += 1
         if self.jac is True:
@@ -247,7 +255,10 @@ class Evaluator:
             if self.jac is not None:  # value (and gradient) from the user; HVPs by autodiff
                 y = y[0] if self.jac is True else y
             y = _as_scalar(y, "fun")
-        return self._graph(x, xr, y)
+        out = self._graph(x, xr, y)
+        if self.first is None:
+            self.first = (x, out[0], out[1])
+        return out
 
     def fgh_lazy(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], tuple]]:
         """``(f, finish)`` with ``finish() -> fgh(x)``: the gradient (and the graph for the

@@ -40,12 +40,12 @@ __all__ = ["lbfgsb", "parse_bounds"]
 def parse_bounds(bounds: Any, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``(lb, ub)`` float64 arrays of ``x``'s size from scipy's forms: a sequence of ``(lo,
     hi)`` pairs (None is unbounded), ``scipy.optimize.Bounds``, or ``(lb, ub)`` with
-    scalars, arrays or tensors (ambiguous for ``n = 2``: read as pairs, as scipy does)."""
+    scalars, NumPy arrays or tensors (two Python sequences of two numbers each, ambiguous for
+    ``n = 2``, are read as pairs, as scipy reads them)."""
     n = x.numel()
 
-    def is_pair(b: Any) -> bool:
-        return isinstance(b, (list, tuple, np.ndarray)) and not isinstance(
-            b, torch.Tensor) and len(b) == 2 and all(
+    def is_pair(b: Any) -> bool:  # arrays and tensors are (lb, ub) vectors, never pairs
+        return isinstance(b, (list, tuple)) and len(b) == 2 and all(
             v is None or np.isscalar(v) or np.ndim(v) == 0 for v in b)
 
     if hasattr(bounds, "lb") and hasattr(bounds, "ub"):

@@ -9,10 +9,8 @@
 
 Near a minimizer with a large ``|f|`` the decrease can fall below the rounding error of
 ``f``; both searches then also accept the approximate Armijo condition of Hager & Zhang
-(2005, eq. 4.1) without its slack: ``phi(a) <= phi(0)`` and ``phi'(a) <= (1 - 2 c1)
+(2005, eq. 4.1): ``phi(a) <= phi(0) + 1e-10 |phi(0)|`` and ``phi'(a) <= (1 - 2 c1)
 |phi'(0)|`` (exact Armijo for a quadratic, evaluated with derivatives, which stay accurate).
-Hager & Zhang allow ``phi(0) + 1e-10 |phi(0)|``; over many steps (or with a wrong gradient,
-where every step takes it) that slack accumulates and a run can end above ``f(x0)``.
 
 Non-finite trial values (overflow, log of a negative number, ...) count as "too long":
 the search backtracks away from them and never returns such a point. All searches work on
@@ -66,15 +64,16 @@ class LineSearchResult:
     message: str = ""
 
 
+APPROX_EPS = 1e-10
+
+
 def sufficient_decrease(p: Point, phi0: float, dphi0: float, c1: float) -> bool:
     """Armijo ``phi(a) <= phi(0) + c1 a phi'(0)`` or its approximate form (module doc)."""
     if not p.finite:
         return False
     if p.phi <= phi0 + c1 * p.alpha * dphi0:
         return True
-    # never an increase: the slack would otherwise accumulate over many steps (and a wrong
-    # gradient makes every step take it), ending above f(x0)
-    return p.phi <= phi0 and p.dphi <= (2.0 * c1 - 1.0) * dphi0
+    return p.phi <= phi0 + APPROX_EPS * abs(phi0) and p.dphi <= (2.0 * c1 - 1.0) * dphi0
 
 
 class LineFunction:
