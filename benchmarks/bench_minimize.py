@@ -19,8 +19,16 @@ divided by pytorch-minimize's wall time: the ratio curvlab would reach with zero
 spent outside autograd, i.e. a lower bound for the wall-time ratio at these evaluation
 counts.
 
+``--bounded`` runs only the bound-constrained comparison instead: curvlab ``lbfgs`` with
+``bounds`` (L-BFGS-B) vs scipy's L-BFGS-B on bound-constrained versions of the MGH problems
+(every other variable bounded just short of the unconstrained minimizer, so about half the
+bounds are active at the solution) and of the NIST StRD models (1/2 RSS from start 2, every
+parameter boxed, the first one cut 1% short of the certified value). "Solved": projected
+gradient ``||P(x - g) - x||_inf <= 1e-5 max(1, |f|)`` recomputed at the returned point;
+evaluations are objective calls (value and gradient together).
+
 Usage: ``python benchmarks/bench_minimize.py [--quick] [--repeats R] [--pairs P,Q]
-[--floor] [--json PATH]``.
+[--floor] [--bounded] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from curvlab.bench.classical import (  # noqa: E402
     PAIRS,
     TARGETS,
+    Counted,
     run_once,
 )
 from curvlab.minimize.problems import logistic_regression, mgh_problems  # noqa: E402
@@ -149,6 +158,104 @@ def floor_table(pairs, active, problems, results, repeats):
         print(f"{name:12s} " + " ".join(row) + f"   {worst:5.2f}")
 
 
+def bounded_problems(nist_dir=None):
+    """``(name, objective, x0, lb, ub)`` for the bound-constrained comparison."""
+    import numpy as np
+    import scipy.optimize as so
+
+    out = []
+    for p in mgh_problems():
+        x0 = p.start()
+
+        def fg(z, p=p):
+            t = torch.from_numpy(z).requires_grad_(True)
+            v = p.objective(t)
+            (g,) = torch.autograd.grad(v, t)
+            return float(v), g.numpy()
+
+        ref = so.minimize(fg, x0.numpy(), jac=True, method="L-BFGS-B",
+                          options=dict(gtol=1e-8, ftol=1e-300, maxiter=20000)).x
+        lb = np.full(p.n, -np.inf)
+        ub = np.full(p.n, np.inf)
+        ub[::2] = ref[::2] - 0.1 * (1.0 + np.abs(ref[::2]))
+        x0c = torch.from_numpy(np.minimum(x0.numpy(), ub))
+        out.append((p.name, p.objective, x0c, lb, ub))
+    if nist_dir:
+        from curvlab.minimize.problems import nist_problems
+
+        for p in nist_problems(nist_dir):
+            c = np.array(p.certified)
+            s2 = np.array(p.starts[1])
+            lb = np.minimum(s2, c) - np.abs(c)
+            ub = np.maximum(s2, c) + np.abs(c)
+            if s2[0] > c[0]:
+                lb[0] = c[0] + 0.01 * abs(c[0])
+            else:
+                ub[0] = c[0] - 0.01 * abs(c[0])
+
+            def obj(b, p=p):
+                r = p.residual(b)
+                return 0.5 * torch.dot(r, r)
+
+            out.append((f"NIST {p.name}", obj, torch.from_numpy(s2), lb, ub))
+    return out
+
+
+def bounded_main(nist_dir=None):
+    """curvlab lbfgs(bounds) vs scipy L-BFGS-B on the bounded problems (module doc)."""
+    import warnings
+
+    import numpy as np
+    import scipy.optimize as so
+
+    from curvlab.minimize import minimize
+
+    def pg(obj, x, lb, ub):
+        t = torch.as_tensor(x, dtype=torch.float64).clone().requires_grad_(True)
+        v = obj(t)
+        (g,) = torch.autograd.grad(v, t)
+        xn, gn = t.detach().numpy(), g.numpy()
+        pgv = float(np.max(np.abs(np.clip(xn - gn, lb, ub) - xn)))
+        return pgv <= 1e-5 * max(1.0, abs(float(v))) and np.isfinite(pgv)
+
+    rows = {"curvlab lbfgs+bounds": [], "scipy L-BFGS-B": []}
+    for name, obj, x0, lb, ub in bounded_problems(nist_dir):
+        fc = Counted(obj)
+        try:
+            r = minimize(fc, x0.clone(), "lbfgs", bounds=(lb, ub), gtol=1e-5, max_iter=5000)
+            x = r.x
+        except Exception as e:  # noqa: BLE001
+            print(f"  curvlab crashed on {name}: {e}")
+            x = x0
+        rows["curvlab lbfgs+bounds"].append((name, pg(obj, x, lb, ub), fc.calls))
+        fc = Counted(obj)
+
+        def fg(z, fc=fc):
+            t = torch.from_numpy(z).requires_grad_(True)
+            v = fc(t)
+            (g,) = torch.autograd.grad(v, t)
+            return float(v), g.numpy()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = so.minimize(fg, x0.numpy(), jac=True, method="L-BFGS-B",
+                            bounds=list(zip(lb, ub)),
+                            options=dict(gtol=1e-5, ftol=1e-300, maxiter=5000, maxfun=50000))
+        rows["scipy L-BFGS-B"].append((name, pg(obj, s.x, lb, ub), fc.calls))
+    a, b = rows.values()
+    both = [i for i in range(len(a)) if a[i][1] and b[i][1]]
+    print(f"\nbounded problems: {len(a)} (MGH with bounds + NIST StRD boxes)")
+    print(f"{'solver':22s} {'solved':>8s} {'gm evals (both solved)':>24s}")
+    for name, recs in rows.items():
+        print(f"{name:22s} {sum(r[1] for r in recs):>4d}/{len(recs):<3d} "
+              f"{gmean([recs[i][2] for i in both]):24.1f}")
+    for name, recs in rows.items():
+        bad = [r[0] for r in recs if not r[1]]
+        if bad:
+            print(f"  unsolved by {name}: " + "; ".join(bad))
+    return rows
+
+
 def gmean(v):
     v = [max(a, 1) for a in v]
     return math.exp(sum(math.log(a) for a in v) / len(v)) if v else math.nan
@@ -161,10 +268,20 @@ def main(argv=None):
     ap.add_argument("--pairs", default=",".join(PAIRS))
     ap.add_argument("--floor", action="store_true",
                     help="also print curvlab's autograd time / pytorch-minimize's wall time")
+    ap.add_argument("--bounded", action="store_true",
+                    help="only the bound-constrained comparison (lbfgs vs L-BFGS-B)")
+    ap.add_argument("--nist", default=None, help="NIST StRD directory for --bounded")
     ap.add_argument("--json", default=str(Path(__file__).resolve().parent / "results"
                                           / "bench_minimize.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.bounded:
+        nist = args.nist or os.environ.get("NIST_STRD_DIR") or next(
+            (str(c) for c in (Path(__file__).resolve().parents[1].parent / "shared/data/nist_strd",
+                              Path(__file__).resolve().parents[1].parents[1]
+                              / "shared/data/nist_strd") if (c / "Misra1a.dat").exists()), None)
+        bounded_main(nist)
+        return
     problems = mgh_problems() + [logistic_regression()]
     pairs = [p for p in args.pairs.split(",") if p]
     if args.quick:
@@ -196,7 +313,7 @@ def main(argv=None):
     for name in pairs:
         solvers = results[name]
         ours = list(solvers)[0]
-        peer = list(solvers)[1]
+        peer = list(solvers)[1] if len(solvers) > 1 else ours  # peers may be missing
         common = [i for i, r in enumerate(solvers[ours])
                   if r["solved"] and solvers[peer][i]["solved"]]
         t_ours = sum(r["time"] for r in solvers[ours])

@@ -25,7 +25,7 @@ from curvlab.linops import FisherOperator, GGNOperator, HessianOperator  # noqa:
 from curvlab.objective import Objective  # noqa: E402
 
 MODELS = ["gpt2", "llama", "bert"]
-ATTN = {"attn_implementation": "eager"}  # default attention once curvature handles SDPA
+ATTN = {}  # the library default (SDPA): curvature products must work through it
 
 
 def _shifted_ce(logits, labels):

@@ -38,26 +38,27 @@ def _scipy(y, loss):
 def test_exponential_fit_matches_scipy(method, jac_mode):
     y = _data()
     res = least_squares(_resid(y), torch.ones(3, dtype=torch.float64), method,
-                        jac_mode=jac_mode, gtol=1e-10)
+                        jac_mode=jac_mode)
     assert res.success, res.message
     torch.testing.assert_close(res.x, _scipy(y, "linear"), rtol=1e-7, atol=1e-8)
     r = _resid(y)(res.x)
-    assert float(res.fun) == pytest.approx(0.5 * float(r @ r), rel=1e-12)
+    assert float(res.cost) == pytest.approx(0.5 * float(r @ r), rel=1e-12)
+    torch.testing.assert_close(res.fun, r)
     if jac_mode == "matrix-free":
-        assert res.njev == 0 and res.njvp > 0 and res.jac is None
+        assert res.njvp > 0 and res.jac is None  # njev counts linearizations
 
 
 @pytest.mark.parametrize("loss", ["huber", "soft_l1", "cauchy"])
 def test_robust_losses_match_scipy(loss):
     y = _data(outliers=True)
-    res = least_squares(_resid(y), torch.ones(3, dtype=torch.float64), "lm", loss=loss,
-                        gtol=1e-10)
+    res = least_squares(_resid(y), torch.ones(3, dtype=torch.float64), "lm", loss=loss)
     assert res.success, res.message
-    torch.testing.assert_close(res.x, _scipy(y, loss), rtol=1e-6, atol=1e-7)
+    # scipy's own answer (tolerances 1e-15) is 1e-6 away from a gtol=1e-14 solution
+    torch.testing.assert_close(res.x, _scipy(y, loss), rtol=1e-5, atol=1e-6)
     if loss == "huber":
         return
     # the robust fit is closer to the truth than the plain one on data with outliers
-    plain = least_squares(_resid(y), torch.ones(3, dtype=torch.float64), "lm", gtol=1e-10)
+    plain = least_squares(_resid(y), torch.ones(3, dtype=torch.float64), "lm")
     assert float((res.x - TRUE).norm()) < float((plain.x - TRUE).norm())
 
 
@@ -70,20 +71,20 @@ PROBLEMS = {p.name: p for p in mgh_problems()}
                                   "Discrete boundary value (n=50)"])
 def test_lm_on_mgh(name):
     p = PROBLEMS[name]
-    res = least_squares(p.residual, p.start(), "lm", gtol=1e-9)
+    res = least_squares(p.residual, p.start(), "lm")
     assert res.success, res.message
     # MGH reports f = sum r^2 = 2 F
-    assert 2 * float(res.fun) == pytest.approx(p.fstar, rel=1e-6, abs=1e-12)
+    assert 2 * float(res.cost) == pytest.approx(p.fstar, rel=1e-6, abs=1e-12)
 
 
 def test_nonfinite_trial_rejected_and_errors():
     # residual blows up (NaN) for x < 0: LM must reject those trials
     res = least_squares(lambda x: torch.sqrt(x) - 0.5, torch.tensor([4.0], dtype=torch.float64),
-                        "lm", gtol=1e-10)
+                        "lm")
     assert res.success and torch.isfinite(res.x).all()
     torch.testing.assert_close(res.x, torch.tensor([0.25], dtype=torch.float64))
     with pytest.raises(ValueError, match="method"):
-        least_squares(lambda x: x, torch.ones(2), "dogbox")
+        least_squares(lambda x: x, torch.ones(2), "newton")
     with pytest.raises(ValueError, match="loss"):
         least_squares(lambda x: x, torch.ones(2), loss="arctan")
     res = least_squares(lambda x: torch.exp(x) + 1.0, torch.zeros(1, dtype=torch.float64),

@@ -243,7 +243,7 @@ def test_gradient_clipping_still_converges():
 def test_bad_input_errors():
     f = rosenbrock
     with pytest.raises(TypeError, match="x0"):
-        minimize(f, [1.0, 2.0])
+        minimize(f, "not a point")  # NumPy-likes are fine (scipy), strings are not
     with pytest.raises(TypeError, match="float32 or float64"):
         minimize(f, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="method"):

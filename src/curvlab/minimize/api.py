@@ -15,7 +15,14 @@ Methods (see each module for the algorithm and its reference):
 ``bfgs``            BFGS, strong Wolfe, dense inverse Hessian
 ``lbfgs``           L-BFGS two-loop, strong Wolfe, ``history_size`` pairs
 ``sr1``             SR1 trust region (dense)
+``cg``              nonlinear conjugate gradients, Polak-Ribiere+, strong Wolfe
 ==================  ================================================================
+
+scipy's names map to these (``'L-BFGS-B'`` -> ``lbfgs``, ``'CG'`` -> ``cg``,
+``'trust-krylov'`` -> ``trust-ncg``, ...; :data:`curvlab.minimize.scipy_compat.METHOD_ALIASES`);
+scipy's options (``options={...}``, ``maxiter``, ``tol``, ``maxcor``, ``maxfun``) and both
+callback forms are accepted, and a NumPy ``x0`` gives scipy's NumPy contract (see
+``docs/scipy_compat.md``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,15 @@ import torch
 from curvlab.minimize import first_order, newton, quasi_newton, trust_region
 from curvlab.minimize.evaluator import Evaluator, Monitor
 from curvlab.minimize.result import OptimizeResult
+from curvlab.minimize.scipy_compat import (
+    METHOD_ALIASES,
+    NumpyScalarFunction,
+    as_tensor_x0,
+    is_numpy_input,
+    merge_options,
+    to_numpy_result,
+    wrap_callback,
+)
 
 __all__ = ["minimize", "METHODS", "check_x0", "check_positive", "check_max_iter"]
 
@@ -58,7 +74,30 @@ METHODS: dict[str, Callable] = {
     "bfgs": quasi_newton.bfgs,
     "lbfgs": quasi_newton.lbfgs,
     "sr1": quasi_newton.sr1,
+    "cg": quasi_newton.cg,
 }
+
+#: scipy's option names -> curvlab's (``options={...}`` or keywords).
+OPTION_ALIASES = {"maxiter": "max_iter", "maxcor": "history_size", "maxfun": "max_nfev"}
+
+#: methods that need Hessian products (from autodiff, or the user's ``hess`` / ``hessp``)
+_SECOND_ORDER = ("newton", "newton-cg", "trust-cauchy", "dogleg", "trust-ncg", "trust-exact")
+
+
+class _Budget(Exception):
+    """``max_nfev`` objective evaluations used up (raised by the counted evaluator)."""
+
+
+class _BudgetEvaluator(Evaluator):
+    """An :class:`Evaluator` that stops the run after ``max_nfev`` objective evaluations."""
+
+    max_nfev: int = 0
+
+    def _call(self, x):
+        if self.nfev > self.max_nfev:
+            self.nfev -= 1
+            raise _Budget
+        return super()._call(x)
 
 _FIRST_ORDER = ("gd", "momentum", "nesterov", "trust-cauchy")
 
@@ -135,50 +174,132 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
              max_iter: int | None = None, args: tuple = (), jac: Any = None,
              hessp: Callable | None = None, hess: Callable | None = None,
              callback: Callable | None = None, history: bool = False,
-             **options: Any) -> OptimizeResult:
+             bounds: Any = None, tol: float | None = None, options: dict | None = None,
+             **kwargs: Any) -> OptimizeResult:
     """Minimize the scalar function ``fun(x, *args)`` from ``x0``.
 
     Args:
-        fun: returns a scalar tensor (or ``(f, grad)`` when ``jac=True``).
+        fun: returns a scalar tensor (or ``(f, grad)`` when ``jac=True``). With a NumPy
+            ``x0`` it takes and returns NumPy (scipy's contract; gradient from ``jac`` or
+            finite differences) and the result is NumPy.
         x0: starting point, a float32/float64 tensor of any shape, on any device.
-        method: one of :data:`METHODS` (see the module table).
-        gtol: success means ``||grad f(x)||_inf <= gtol`` at the returned ``x``; this is
-            re-checked on the returned point, never inferred from another criterion.
+        method: one of :data:`METHODS` (see the module table) or scipy's name for one.
+        gtol: success means ``||grad f(x)||_inf <= gtol`` at the returned ``x`` (under
+            bounds the projected gradient); this is re-checked on the returned point.
+            ``tol`` (scipy) sets it too.
         max_iter: iteration budget (default ``20000`` for first-order methods, else
-            ``max(1000, 200 n)``).
+            ``max(1000, 200 n)``); scipy's ``maxiter``. ``max_nfev`` (``maxfun``):
+            objective-evaluation budget (status 7).
         jac / hessp / hess: optional user gradient ``jac(x)`` (or ``True``), Hessian-vector
             product ``hessp(x, p)`` and dense Hessian ``hess(x)``; autodiff otherwise.
-        callback: ``callback(intermediate_result)`` after every iteration with ``x``,
-            ``fun``, ``grad``, ``nit``; returning True (or raising StopIteration) stops.
+        callback: ``callback(intermediate_result)`` (scipy's keyword form, or any one-
+            argument callable whose parameter is named otherwise gets ``x``, scipy's legacy
+            ``callback(xk)``) after every iteration; returning True or raising
+            StopIteration stops.
         history: record ``f``, ``grad_norm``, ``step``, ``radius``, ``decrement`` per
             iteration in ``result.history``.
-        **options: method options, e.g. ``line_search``, ``history_size``, ``lr``,
+        bounds: ``(lb, ub)`` / ``scipy.optimize.Bounds`` / a sequence of ``(lo, hi)`` pairs
+            (methods ``lbfgs`` = scipy's ``L-BFGS-B``).
+        options / **kwargs: method options, e.g. ``line_search``, ``history_size``, ``lr``,
             ``beta``, ``clip``, ``initial_radius``, ``max_radius``, ``eta``, ``c1``,
-            ``c2``, ``cg_max_iter``.
+            ``c2``, ``cg_max_iter``, ``ftol`` (quasi-Newton, CG: scipy's relative-reduction
+            test); scipy's names ``maxiter``, ``maxcor``, ``maxfun``, ``disp``, ``gtol``.
     """
+    opts = merge_options(options, kwargs, OPTION_ALIASES)
+    opts.pop("disp", None)  # library code never prints
+    if "gtol" in opts:
+        gtol = opts.pop("gtol")
+    elif tol is not None:
+        gtol = tol
+    if "max_iter" in opts:
+        max_iter = opts.pop("max_iter")
+    max_nfev = opts.pop("max_nfev", None)
+    if isinstance(method, str) and method.lower() not in METHODS:
+        method = METHOD_ALIASES.get(method.lower(), method)
     if not isinstance(method, str) or method.lower() not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        raise ValueError(f"method must be one of {sorted(METHODS)} (or scipy's name for one: "
+                         f"{sorted(METHOD_ALIASES)}), got {method!r}")
     method = method.lower()
+    numpy_mode = is_numpy_input(x0)
+    if numpy_mode:
+        x0 = as_tensor_x0(x0)
     x = check_x0(x0)
     check_positive(gtol, "gtol")
     n = x.numel()
     if max_iter is None:
         max_iter = 20000 if method in _FIRST_ORDER else max(1000, 200 * n)
     check_max_iter(max_iter)
+    if max_nfev is not None and (isinstance(max_nfev, bool) or not isinstance(max_nfev, int)
+                                 or max_nfev < 1):
+        raise ValueError(f"max_nfev must be a positive int, got {max_nfev!r}")
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable, got " + type(callback).__name__)
+    if bounds is not None and method != "lbfgs":
+        raise ValueError(f"bounds are supported by method 'lbfgs' (scipy's 'L-BFGS-B'), not "
+                         f"{method!r}")
     solver = METHODS[method]
     allowed = _options(solver)
-    unknown = sorted(set(options) - set(allowed))
+    unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for method {method!r}; "
-                        f"accepted: {allowed}")
-    ev = Evaluator(fun, x0.shape, args, jac=jac, hessp=hessp, hess=hess)
-    mon = Monitor(method, ev, float(gtol), max_iter, callback, history)
+                        f"accepted: {allowed} (and scipy's {sorted(OPTION_ALIASES)})")
+    if bounds is not None:
+        opts["bounds"] = bounds
+    wrapped = None
+    if numpy_mode:
+        if method in _SECOND_ORDER and hess is None and hessp is None:
+            raise ValueError(f"method {method!r} needs Hessian products: with NumPy functions "
+                             "pass hess= or hessp=, or use a torch function and a torch x0")
+        wrapped = NumpyScalarFunction(fun, args, jac, tuple(x0.shape))
+        fun, jac, args = wrapped, None, ()
+        hess, hessp = _numpy_hess(hess, hessp, wrapped.args)
+
+    def to_user(v: Any) -> Any:
+        if numpy_mode and isinstance(v, torch.Tensor):
+            v = v.detach().cpu()
+            return v.item() if v.dim() == 0 else v.numpy()
+        return v
+
+    cb = wrap_callback(callback, to_user, scipy_rule=numpy_mode)
+    ev = _BudgetEvaluator(fun, x0.shape, args, jac=jac, hessp=hessp, hess=hess)
+    ev.max_nfev = max_nfev if max_nfev is not None else 1 << 62
+    mon = Monitor(method, ev, float(gtol), max_iter, cb, history)
     try:
-        return solver(ev, x, mon, **options)
+        res = solver(ev, x, mon, **opts)
+    except _Budget:
+        if mon.last is None:
+            raise ValueError(f"max_nfev={max_nfev} is too small to finish one "
+                             "iteration") from None
+        res = mon.finish(*mon.last, 7)
     except (RuntimeError, TypeError, ValueError, IndexError) as err:
-        cause = _explain_fun(fun, x0, args, jac)  # one more call of fun, on failure only
+        cause = _explain_fun(fun, x, args, jac)  # one more call of fun, on failure only
         if cause is None:
             raise
         raise cause from err
+    first = ev.first
+    if not res["success"] and first is not None and float(res["fun"]) > float(first[1]):
+        # never return a point worse than x0 (scipy's test_no_increase): with a wrong
+        # gradient or rounding-level line-search slack a failed run can drift upwards
+        x_, f_, g_ = first
+        res.update(x=x_.view(ev.shape), fun=f_, grad=g_.view(ev.shape),
+                   grad_norm=Monitor.gnorm(g_))
+        res["message"] += " Returned x0: the run ended above f(x0)."
+    if wrapped is not None:
+        res["nfev"] = res["nfev"] + wrapped.extra_evals
+    res["njev"] = res["ngev"]
+    res["nhev"] = res["nhvp"] + res["nhess"]
+    res["jac"] = res["grad"]
+    return to_numpy_result(res) if numpy_mode else res
+
+
+def _numpy_hess(hess: Callable | None, hessp: Callable | None, args: tuple):
+    """Torch wrappers of NumPy ``hess(x, *args)`` / ``hessp(x, p, *args)``."""
+    import numpy as np
+
+    def th(fn):
+        def call(*tensors):
+            out = fn(*[t.detach().cpu().numpy() for t in tensors], *args)
+            return torch.as_tensor(np.asarray(out, dtype=np.float64))
+        return call
+
+    return (None if hess is None else th(hess)), (None if hessp is None else th(hessp))

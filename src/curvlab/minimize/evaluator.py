@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from curvlab.minimize.result import STATUS_MESSAGES, OptimizeResult
+from curvlab.minimize.result import STATUS_MESSAGES, SUCCESS_TESTS, OptimizeResult
 
-__all__ = ["Evaluator", "Monitor", "clip_direction", "host"]
+__all__ = ["Evaluator", "Monitor", "clip_direction", "host", "NonFiniteError", "dense"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,19 @@ HVP = Callable[[torch.Tensor], torch.Tensor]
 #: normalized and validated its arguments (``None`` if this torch does not expose it).
 _RUN_BACKWARD = getattr(getattr(torch.autograd.Variable, "_execution_engine", None),
                         "run_backward", None)
+
+
+class NonFiniteError(ArithmeticError):
+    """A non-finite Hessian (or model) inside a solver; the solver loops turn it into status 4."""
+
+
+def dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as an ordinary tensor: autograd returns an efficient ``ZeroTensor`` for
+    derivatives that are identically zero (e.g. ``|x|`` at 0), which NumPy and in-place
+    operations reject."""
+    if t is not None and t._is_zerotensor():
+        return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+    return t
 
 
 def _plain_cpu(*tensors: torch.Tensor) -> bool:
@@ -47,9 +60,9 @@ def _grad(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *, retain_graph: bo
     objective, and these calls are the inner loop of every solver here. Anything else
     (tensor subclasses, accelerators, other shapes) goes through ``autograd.grad``."""
     if _RUN_BACKWARD is not None and _plain_cpu(y, x, v) and v.shape == y.shape:
-        return _RUN_BACKWARD((y,), (v,), retain_graph, create_graph, (x,), True)[0]
-    return torch.autograd.grad(y, x, v, retain_graph=retain_graph, create_graph=create_graph,
-                               allow_unused=True)[0]
+        return dense(_RUN_BACKWARD((y,), (v,), retain_graph, create_graph, (x,), True)[0])
+    return dense(torch.autograd.grad(y, x, v, retain_graph=retain_graph,
+                                     create_graph=create_graph, allow_unused=True)[0])
 
 
 #: The batching primitives behind ``autograd.grad(..., is_grads_batched=True)``.
@@ -70,11 +83,11 @@ def _batched_grad(y: torch.Tensor, x: torch.Tensor, V: torch.Tensor) -> torch.Te
         level = enter()
         try:
             out = _RUN_BACKWARD((y,), (add_dim(V, 0, level),), True, False, (x,), True)[0]
-            return None if out is None else remove_dim(out, level, V.shape[0], 0)
+            return None if out is None else dense(remove_dim(out, level, V.shape[0], 0))
         finally:
             leave()
-    return torch.autograd.grad(y, x, V, retain_graph=True, allow_unused=True,
-                               is_grads_batched=True)[0]
+    return dense(torch.autograd.grad(y, x, V, retain_graph=True, allow_unused=True,
+                                     is_grads_batched=True)[0])
 
 
 def host(*values: torch.Tensor) -> list[float]:
@@ -121,6 +134,8 @@ class Evaluator:
         self.fun, self.shape, self.args = fun, shape, tuple(args)
         self.jac, self.hessp, self.hess_fn = jac, hessp, hess
         self.nfev = self.ngev = self.nhvp = self.nhess = 0
+        #: ``(x, f, g)`` of the first value-and-gradient evaluation (the starting point)
+        self.first: tuple | None = None
         self._one: torch.Tensor | None = None
         self._eye: torch.Tensor | None = None
 
@@ -152,8 +167,41 @@ class Evaluator:
             y = y[0]
         return _as_scalar(y, "fun").detach()
 
+    def f_lazy(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+        """``(f, grad)`` with ``grad() -> g``: the value by one forward pass (``nfev``) whose
+        graph is kept, the gradient by one backward pass only if asked (``ngev``), so a
+        point evaluated for its value never needs a second forward pass for its gradient."""
+        if self.jac is not None:
+            f, g = self.fg(x)
+            self.ngev -= 1
+
+            def given() -> torch.Tensor:
+                self.ngev += 1
+                return g
+
+            return f, given
+        self.nfev += 1
+        xr = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = _as_scalar(self._call(xr), "fun")
+
+        def grad() -> torch.Tensor:
+            self.ngev += 1
+            if not y.requires_grad:
+                return torch.zeros_like(x)
+            g = _grad(y, xr, self._ones(y))
+            return torch.zeros_like(x) if g is None else g
+
+        return y.detach(), grad
+
     def fg(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Value and gradient (one forward + one backward; counts one ``nfev``, one ``ngev``)."""
+        f, g = self._fg(x)
+        if self.first is None:
+            self.first = (x, f, g)
+        return f, g
+
+    def _fg(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.nfev += 1
         self.ngev += 1
         if self.jac is True:
@@ -207,7 +255,10 @@ class Evaluator:
             if self.jac is not None:  # value (and gradient) from the user; HVPs by autodiff
                 y = y[0] if self.jac is True else y
             y = _as_scalar(y, "fun")
-        return self._graph(x, xr, y)
+        out = self._graph(x, xr, y)
+        if self.first is None:
+            self.first = (x, out[0], out[1])
+        return out
 
     def fgh_lazy(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], tuple]]:
         """``(f, finish)`` with ``finish() -> fgh(x)``: the gradient (and the graph for the
@@ -263,7 +314,10 @@ class Evaluator:
             self.nhess += 1
             with torch.no_grad():
                 H = self.hess_fn(x.view(self.shape), *self.args)
-            return H.detach().reshape(n, n).to(x.dtype)
+            H = H.detach().reshape(n, n).to(x.dtype)
+            if not bool(torch.isfinite(H).all()):
+                raise NonFiniteError("the Hessian has non-finite entries")
+            return H
         if product is None:
             product = self.fgh(x)[2]
         eye = self._eye
@@ -280,7 +334,10 @@ class Evaluator:
             self.nhvp = nhvp
         else:
             H = torch.stack([product(e) for e in eye])
-        return 0.5 * (H + H.T)
+        H = 0.5 * (H + H.T)
+        if not bool(torch.isfinite(H).all()):
+            raise NonFiniteError("the Hessian has non-finite entries")
+        return H
 
 
 def clip_direction(g: torch.Tensor, max_norm: float | None) -> torch.Tensor:
@@ -299,6 +356,7 @@ class Monitor:
         self.method, self.ev, self.gtol, self.max_iter = method, ev, gtol, max_iter
         self.callback = callback
         self.nit = 0
+        self.last: tuple | None = None  # (x, f, g) after the latest iteration
         self.history: dict[str, list[float]] | None = (
             {"f": [], "grad_norm": [], "step": [], "radius": [], "decrement": []}
             if history else None)
@@ -322,6 +380,7 @@ class Monitor:
 
     def stop_requested(self, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> bool:
         """Call ``callback(intermediate_result)``; True (or StopIteration) stops the run."""
+        self.last = (x, f, g)
         if self.callback is None:
             return False
         shape = self.ev.shape
@@ -333,14 +392,21 @@ class Monitor:
             return True
 
     def finish(self, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor, status: int,
-               extra: str = "", **fields: Any) -> OptimizeResult:
-        """Build the result; ``success`` iff the solver converged and the tolerance holds."""
+               extra: str = "", test: str = "gtol", **fields: Any) -> OptimizeResult:
+        """Build the result; ``success`` iff the solver converged by ``test`` and, for the
+        gradient test, ``||g||_inf <= gtol`` holds at ``x`` (re-checked here)."""
         gn = self.gnorm(g)
         finite = math.isfinite(f.item()) and math.isfinite(gn)
-        if status == 0 and not (finite and gn <= self.gtol):
+        if status == 0 and not finite:
+            status = 4
+        if status == 0 and test == "gtol" and not gn <= self.gtol:
             status = 6
         success = status == 0
-        message = STATUS_MESSAGES[status] + (f" {extra}" if extra else "")
+        if success:
+            message = "Optimization terminated successfully: " + SUCCESS_TESTS[test]
+        else:
+            message = STATUS_MESSAGES[status]
+        message += f" {extra}" if extra else ""
         ev = self.ev
         res = OptimizeResult(
             x=x.view(ev.shape), fun=f, grad=g.view(ev.shape), nit=self.nit, nfev=ev.nfev,

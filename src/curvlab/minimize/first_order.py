@@ -175,7 +175,8 @@ def nesterov(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, lr: float | None 
         found = False
         for _ in range(max_backtracks):
             x_new = torch.add(y, gc, alpha=-1.0 / L)
-            f_new = float(ev.f(x_new))
+            fx_t, grad_at_x = ev.f_lazy(x_new)
+            f_new = float(fx_t)
             if math.isfinite(f_new) and f_new <= phi_y - 0.5 * gg / L:
                 found = True
                 break
@@ -186,15 +187,19 @@ def nesterov(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, lr: float | None 
         t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
         if float(torch.dot(gy, x_new - x)) > 0:
             t, t_new = 1.0, 1.0  # adaptive restart
-        y = torch.add(x_new, x_new - x, alpha=(t - 1.0) / t_new)
+        coef = (t - 1.0) / t_new
+        y = torch.add(x_new, x_new - x, alpha=coef) if coef != 0 else x_new
         x, t = x_new, t_new
         if lr is None:
             L *= 0.9
-        fy, gy = ev.fg(y)
+        if coef == 0:  # y = x_new, already evaluated: only its gradient is missing
+            fy, gy = fx_t, grad_at_x()
+        else:
+            fy, gy = ev.fg(y)
         gn = mon.gnorm(gy)
         if not (math.isfinite(gn) and math.isfinite(fy.item())):
             y, t = x, 1.0
-            fy, gy = ev.fg(y)
+            fy, gy = fx_t, grad_at_x()
             gn = mon.gnorm(gy)
         mon.record(fy, gn, step=1.0 / L)
         if mon.stop_requested(y, fy, gy):

@@ -19,7 +19,7 @@ import torch
 
 from curvlab.linalg.cg import cg
 from curvlab.linalg.factor import modified_cholesky
-from curvlab.minimize.evaluator import Evaluator, Monitor
+from curvlab.minimize.evaluator import Evaluator, Monitor, NonFiniteError
 from curvlab.minimize.linesearch import LineFunction, backtracking, strong_wolfe
 from curvlab.minimize.result import OptimizeResult
 
@@ -47,7 +47,10 @@ def _newton_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, line_s
             return mon.finish(x, f, g, 0)
         if mon.nit >= mon.max_iter:
             return mon.finish(x, f, g, 1)
-        d, decrement = direction(x, g, prod)
+        try:
+            d, decrement = direction(x, g, prod)
+        except NonFiniteError as err:
+            return mon.finish(x, f, g, 4, f"{err}; the objective may be unbounded below.")
         dphi0 = float(torch.dot(g, d))
         if not dphi0 < 0:
             return mon.finish(x, f, g, 3)

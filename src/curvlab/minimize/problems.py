@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TestProblem", "mgh_problems", "logistic_regression", "rosenbrock"]
+__all__ = ["TestProblem", "mgh_problems", "logistic_regression", "rosenbrock", "NistProblem",
+           "NIST_MODELS", "load_nist", "nist_problems"]
 
 
 @dataclass(frozen=True)
@@ -311,3 +312,115 @@ def logistic_regression(lam: float = 1e-2, dtype: torch.dtype = torch.float64,
 
     return TestProblem(f"Logistic regression (n={X.shape[1]})", X.shape[1],
                        (0.0,) * X.shape[1], objective, None)
+
+
+# -- NIST StRD nonlinear regression ------------------------------------------------------
+
+_PI = math.pi
+
+#: The 27 NIST StRD models ``y = model(b, x)`` (``x`` is ``(m,)``, or ``(m, 2)`` for
+#: Nelson, whose response is ``log y``), written as in each file's "Model" section.
+NIST_MODELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "Misra1a": lambda b, x: b[0] * (1 - torch.exp(-b[1] * x)),
+    "Chwirut2": lambda b, x: torch.exp(-b[0] * x) / (b[1] + b[2] * x),
+    "Chwirut1": lambda b, x: torch.exp(-b[0] * x) / (b[1] + b[2] * x),
+    "Lanczos3": lambda b, x: (b[0] * torch.exp(-b[1] * x) + b[2] * torch.exp(-b[3] * x)
+                              + b[4] * torch.exp(-b[5] * x)),
+    "Gauss1": lambda b, x: (b[0] * torch.exp(-b[1] * x)
+                            + b[2] * torch.exp(-(x - b[3]) ** 2 / b[4] ** 2)
+                            + b[5] * torch.exp(-(x - b[6]) ** 2 / b[7] ** 2)),
+    "Gauss2": lambda b, x: NIST_MODELS["Gauss1"](b, x),
+    "DanWood": lambda b, x: b[0] * x ** b[1],
+    "Misra1b": lambda b, x: b[0] * (1 - (1 + b[1] * x / 2) ** (-2)),
+    "Kirby2": lambda b, x: ((b[0] + b[1] * x + b[2] * x ** 2)
+                            / (1 + b[3] * x + b[4] * x ** 2)),
+    "Hahn1": lambda b, x: ((b[0] + b[1] * x + b[2] * x ** 2 + b[3] * x ** 3)
+                           / (1 + b[4] * x + b[5] * x ** 2 + b[6] * x ** 3)),
+    "Nelson": lambda b, x: b[0] - b[1] * x[:, 0] * torch.exp(-b[2] * x[:, 1]),
+    "MGH17": lambda b, x: b[0] + b[1] * torch.exp(-x * b[3]) + b[2] * torch.exp(-x * b[4]),
+    "Lanczos1": lambda b, x: NIST_MODELS["Lanczos3"](b, x),
+    "Lanczos2": lambda b, x: NIST_MODELS["Lanczos3"](b, x),
+    "Gauss3": lambda b, x: NIST_MODELS["Gauss1"](b, x),
+    "Misra1c": lambda b, x: b[0] * (1 - (1 + 2 * b[1] * x) ** (-0.5)),
+    "Misra1d": lambda b, x: b[0] * b[1] * x * (1 + b[1] * x) ** (-1),
+    "Roszman1": lambda b, x: b[0] - b[1] * x - torch.atan(b[2] / (x - b[3])) / _PI,
+    "ENSO": lambda b, x: (b[0] + b[1] * torch.cos(2 * _PI * x / 12)
+                          + b[2] * torch.sin(2 * _PI * x / 12)
+                          + b[4] * torch.cos(2 * _PI * x / b[3])
+                          + b[5] * torch.sin(2 * _PI * x / b[3])
+                          + b[7] * torch.cos(2 * _PI * x / b[6])
+                          + b[8] * torch.sin(2 * _PI * x / b[6])),
+    "MGH09": lambda b, x: b[0] * (x ** 2 + x * b[1]) / (x ** 2 + x * b[2] + b[3]),
+    "Thurber": lambda b, x: NIST_MODELS["Hahn1"](b, x),
+    "BoxBOD": lambda b, x: b[0] * (1 - torch.exp(-b[1] * x)),
+    "Rat42": lambda b, x: b[0] / (1 + torch.exp(b[1] - b[2] * x)),
+    "MGH10": lambda b, x: b[0] * torch.exp(b[1] / (x + b[2])),
+    "Eckerle4": lambda b, x: (b[0] / b[1]) * torch.exp(-0.5 * ((x - b[2]) / b[1]) ** 2),
+    "Rat43": lambda b, x: b[0] / (1 + torch.exp(b[1] - b[2] * x)) ** (1 / b[3]),
+    "Bennett5": lambda b, x: b[0] * (b[1] + x) ** (-1 / b[2]),
+}
+
+
+@dataclass(frozen=True)
+class NistProblem:
+    """One NIST StRD dataset: data ``x`` / ``y`` (float64), the two starting points,
+    the certified parameters and residual sum of squares, and the model."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    starts: tuple[tuple[float, ...], tuple[float, ...]]
+    certified: tuple[float, ...]
+    certified_rss: float
+
+    def residual(self, b: torch.Tensor) -> torch.Tensor:
+        """``model(b, x) - y`` (``log y`` for Nelson), in the dtype of ``b``."""
+        x = self.x.to(b.dtype) if self.x.device == b.device else self.x.to(b)
+        y = self.y.to(x)
+        if self.name == "Nelson":
+            y = torch.log(y)
+        return NIST_MODELS[self.name](b, x) - y
+
+    def lre(self, b: Sequence[float]) -> float:
+        """The smallest log relative error over the parameters, capped at 11 digits."""
+        worst = 11.0
+        for est, cert in zip(b, self.certified, strict=True):
+            err = abs(float(est) - cert) / abs(cert)
+            worst = min(worst, 11.0 if err == 0 else -math.log10(err))
+        return max(worst, 0.0) if math.isfinite(worst) else 0.0
+
+
+def load_nist(path: str, name: str) -> NistProblem:
+    """Parse ``<path>/<name>.dat`` (the StRD file format: starting and certified values on
+    the ``b1 = ...`` lines, ``Residual Sum of Squares:``, data after the ``Data:  y`` line)."""
+    import os
+
+    with open(os.path.join(path, f"{name}.dat")) as fh:
+        lines = fh.read().splitlines()
+    starts1, starts2, cert = [], [], []
+    rss = math.nan
+    data: list[list[float]] = []
+    in_data = False
+    for line in lines:
+        s = line.split()
+        if in_data:
+            if s:
+                data.append([float(v) for v in s])
+            continue
+        if len(s) >= 5 and s[0].startswith("b") and s[1] == "=":
+            starts1.append(float(s[2]))
+            starts2.append(float(s[3]))
+            cert.append(float(s[4]))
+        elif line.startswith("Residual Sum of Squares:"):
+            rss = float(s[-1])
+        elif s[:1] == ["Data:"] and len(s) > 1 and s[1] == "y":
+            in_data = True
+    arr = torch.tensor(data, dtype=torch.float64)
+    x = arr[:, 1] if arr.shape[1] == 2 else arr[:, 1:]
+    return NistProblem(name, x, arr[:, 0], (tuple(starts1), tuple(starts2)), tuple(cert), rss)
+
+
+def nist_problems(path: str) -> list[NistProblem]:
+    """All 27 NIST StRD nonlinear regression problems found in ``path`` (the directory of
+    the ``.dat`` files), in NIST's order of difficulty (lower, average, higher)."""
+    return [load_nist(path, name) for name in NIST_MODELS]

@@ -23,16 +23,17 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from curvlab.minimize.evaluator import Evaluator, Monitor, host
+from curvlab.minimize.evaluator import Evaluator, Monitor, NonFiniteError, host
 from curvlab.minimize.linesearch import LineFunction, backtracking, strong_wolfe
 from curvlab.minimize.result import OptimizeResult
 from curvlab.minimize.trust_region import solve_exact, trust_region_loop
 
-__all__ = ["bfgs", "lbfgs", "sr1", "LBFGSMemory", "two_loop"]
+__all__ = ["bfgs", "cg", "lbfgs", "sr1", "LBFGSMemory", "two_loop"]
 
 
 #: NumPy (OpenBLAS) computes matrix-vector products with fewer entries on one thread; above
@@ -193,8 +194,11 @@ def two_loop(g: torch.Tensor, mem: LBFGSMemory, sign: float = 1.0) -> torch.Tens
 
 
 def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, update,
-                      line_search: str, c1: float, c2: float) -> OptimizeResult:
-    """Shared loop: ``d = direction(g)``, line search, ``update(s, y, ys, alpha)``."""
+                      line_search: str, c1: float, c2: float, ftol: float = 0.0
+                      ) -> OptimizeResult:
+    """Shared loop: ``d = direction(g)``, line search, ``update(s, y, ys, alpha)``.
+    ``ftol > 0`` adds scipy's relative-reduction test ``(f_k - f_{k+1}) / max(|f_k|,
+    |f_{k+1}|, 1) <= ftol`` (L-BFGS-B's ``factr`` test) as a stated success."""
     f, g = ev.fg(x)
     gn = mon.gnorm(g)
     if not (math.isfinite(gn) and math.isfinite(f.item())):
@@ -224,11 +228,15 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
         y = p.g - g
         ys = p.alpha * (p.dphi - dphi0)
         update(s, y, ys, p.alpha)
+        phi_old = phi
         x, f, g, phi = p.x, p.f, p.g, p.phi
         gn = mon.gnorm(g)
         mon.record(phi, gn, step=p.alpha)
         if mon.stop_requested(x, f, g):
             return mon.finish(x, f, g, 5)
+        if ftol > 0 and gn > mon.gtol and (phi_old - phi) <= ftol * max(
+                abs(phi_old), abs(phi), 1.0):
+            return mon.finish(x, f, g, 0, test="ftol_rel")
         if not ls.success and gn > mon.gtol:
             # accepted the best sufficient-decrease point; give up only if it did not move
             if p.alpha * float(d.abs().max()) <= 1e-15 * (1.0 + float(x.abs().max())):
@@ -237,11 +245,21 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
 
 def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 10,
           line_search: str = "strong-wolfe", c1: float = 1e-4, c2: float = 0.9,
-          memory: LBFGSMemory | None = None, step_scale: float = 1.0) -> OptimizeResult:
+          memory: LBFGSMemory | None = None, step_scale: float = 1.0, ftol: float = 0.0,
+          bounds: Any = None) -> OptimizeResult:
     """Limited-memory BFGS (N&W Alg. 7.5). ``memory`` continues a previous run;
-    ``step_scale`` multiplies the first trial step of every line search."""
+    ``step_scale`` multiplies the first trial step of every line search. With ``bounds``
+    it is L-BFGS-B (:mod:`curvlab.minimize.lbfgsb`)."""
     if int(history_size) < 1:
         raise ValueError(f"history_size must be >= 1, got {history_size}")
+    if bounds is not None:
+        if memory is not None or line_search != "strong-wolfe" or step_scale != 1.0:
+            raise ValueError("with bounds (L-BFGS-B) memory, line_search and step_scale "
+                             "are not supported")
+        from curvlab.minimize.lbfgsb import lbfgsb
+
+        return lbfgsb(ev, x0, mon, bounds, history_size=int(history_size), c1=c1, c2=c2,
+                      ftol=ftol)
     mem = memory if memory is not None else LBFGSMemory(int(history_size))
 
     def direction(g):
@@ -256,13 +274,13 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
             return
         mem.push(s, y, ys, float(torch.dot(y, y)))
 
-    res = _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2)
+    res = _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2, ftol)
     res["memory"] = mem
     return res
 
 
 def bfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "strong-wolfe",
-         c1: float = 1e-4, c2: float = 0.9) -> OptimizeResult:
+         c1: float = 1e-4, c2: float = 0.9, ftol: float = 0.0) -> OptimizeResult:
     """BFGS with a dense inverse Hessian approximation (N&W Alg. 6.1). On the CPU with
     ``n^2 < 9216`` the ``n x n`` matrix is a NumPy array (a handful of small NumPy calls per
     update instead of torch calls that cost microseconds each)."""
@@ -301,7 +319,48 @@ def bfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "s
         H = H + (rho * rho * yHy + rho) * outer(s, s)
         state["H"] = H
 
-    return _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2)
+    res = _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2, ftol)
+    H = state["H"]
+    if H is None:
+        H = torch.eye(n, dtype=x0.dtype, device=x0.device)
+    res["hess_inv"] = torch.from_numpy(H).to(x0.dtype) if small and not isinstance(
+        H, torch.Tensor) else H
+    return res
+
+
+def cg(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, c1: float = 1e-4, c2: float = 0.4,
+       ftol: float = 0.0) -> OptimizeResult:
+    """Nonlinear conjugate gradients, Polak-Ribiere+ (N&W Sec. 5.2, eq. 5.44-5.45):
+    ``beta = max(0, g_{k+1}^T (g_{k+1} - g_k) / g_k^T g_k)``, ``d_{k+1} = -g_{k+1} + beta
+    d_k``, strong Wolfe line search with ``c2 = 0.4`` (as scipy's CG) and first trial step
+    ``alpha_k g_k^T d_k / g_{k+1}^T d_{k+1}`` (N&W eq. 3.60); a direction that is not a
+    descent direction restarts from ``-g``."""
+    state: dict = {"g": None, "d": None, "dphi": None, "alpha": None}
+
+    def direction(g):
+        gp, dp = state["g"], state["d"]
+        if gp is None or dp is None:
+            d = -g
+            alpha0 = min(1.0, 1.0 / max(float(torch.linalg.vector_norm(g)), 1e-300))
+        else:
+            gg, gy = host(torch.dot(gp, gp), torch.dot(g, g - gp))
+            beta = max(0.0, gy / gg) if gg > 0 else 0.0
+            d = -g + beta * dp
+            dphi = float(torch.dot(g, d))
+            alpha0 = 1.0
+            if dphi < 0 and state["dphi"] is not None:
+                alpha0 = min(1.0, 1.01 * state["alpha"] * state["dphi"] / dphi)
+        state["g"], state["d"] = g, d
+        state["dphi"] = float(torch.dot(g, d))
+        return d, alpha0
+
+    def update(s, y, ys, alpha):
+        if s is None:  # restart
+            state["d"] = None
+            return
+        state["alpha"] = alpha
+
+    return _line_search_loop(ev, mon, x0, direction, update, "strong-wolfe", c1, c2, ftol)
 
 
 def sr1(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, initial_radius: float = 1.0,
@@ -316,6 +375,8 @@ def sr1(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, initial_radius: float 
         return f, g, None
 
     def subproblem(x, g, extra, radius):
+        if not bool(torch.isfinite(state["B"]).all()):
+            raise NonFiniteError("the SR1 matrix has non-finite entries")
         return solve_exact(g, state["B"], radius)
 
     def on_trial(x, g, extra, p, trial):

@@ -1,15 +1,16 @@
 """The result object every curvlab solver returns (shape of ``scipy.optimize.OptimizeResult``).
 
-``success`` is set by the solver core only after re-checking the stated tolerance at the
-returned ``x`` (``||grad||_inf <= gtol``); a run that stops for any other reason carries
-``success=False`` and a ``status`` / ``message`` that says why (:data:`STATUS_MESSAGES`).
+``success`` (status 0) is set only when a stated convergence test holds at the returned
+``x``; the message names the test (:data:`SUCCESS_TESTS`). A run that stops for any other
+reason carries ``success=False`` and a ``status`` / ``message`` that says why
+(:data:`STATUS_MESSAGES`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["OptimizeResult", "STATUS_MESSAGES"]
+__all__ = ["OptimizeResult", "STATUS_MESSAGES", "SUCCESS_TESTS"]
 
 #: status code -> message. 0 is the only successful status.
 STATUS_MESSAGES: dict[int, str] = {
@@ -21,7 +22,26 @@ STATUS_MESSAGES: dict[int, str] = {
     5: "Stopped by the callback.",
     6: "No further progress possible: the step (or trust radius) fell below machine "
        "precision before ||grad||_inf <= gtol.",
-    7: "Maximum number of function evaluations reached before ||grad||_inf <= gtol.",
+    7: "Maximum number of function evaluations reached before convergence.",
+    8: "The Jacobian (gradient) is exactly zero at a point with a nonzero residual: the "
+       "model underflowed or does not depend on x there; not a solution.",
+    9: "The objective has no derivative information at x.",
+    10: "The objective appears unbounded below.",
+}
+
+#: The convergence test behind a success -> the text of its message.
+SUCCESS_TESTS: dict[str, str] = {
+    "gtol": "||grad||_inf <= gtol.",
+    "gtol_abs": "||grad F||_inf <= gtol_abs.",
+    "gtol_scaled": "the residual is orthogonal to every column of the Jacobian to within "
+                   "gtol: max_j |J_j^T r| / (||J_j|| ||r||) <= gtol.",
+    "ftol": "the relative reduction of the cost, actual on the last step and predicted by "
+            "the Gauss-Newton model at x, is <= ftol.",
+    "xtol": "the relative change of x, on the last step and by the Gauss-Newton step at x, "
+            "is <= xtol.",
+    "zero": "the residual is exactly zero.",
+    "ftol_rel": "the relative reduction of f on the last step is <= ftol.",
+    "pgtol": "the projected gradient ||P(x - g) - x||_inf <= gtol.",
 }
 
 

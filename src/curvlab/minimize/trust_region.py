@@ -34,7 +34,7 @@ from scipy.linalg import get_lapack_funcs
 
 from curvlab.linalg.cg import boundary_roots, steihaug_cg
 from curvlab.linalg.factor import modified_cholesky
-from curvlab.minimize.evaluator import Evaluator, Monitor, host
+from curvlab.minimize.evaluator import Evaluator, Monitor, NonFiniteError, host
 from curvlab.minimize.result import OptimizeResult
 
 __all__ = ["trust_region", "solve_exact", "solve_dogleg", "solve_cauchy", "MoreSorensen",
@@ -364,7 +364,11 @@ def trust_region_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, subproblem: 
             return mon.finish(x, f, g, 0, radius=radius)
         if mon.nit >= mon.max_iter:
             return mon.finish(x, f, g, 1, radius=radius)
-        p, mp, boundary = subproblem(x, g, extra, radius)
+        try:
+            p, mp, boundary = subproblem(x, g, extra, radius)
+        except (NonFiniteError, ZeroDivisionError, OverflowError) as err:
+            return mon.finish(x, f, g, 4, f"The model overflowed ({err}); the objective may "
+                              "be unbounded below.", radius=radius)
         pnorm = float(torch.linalg.vector_norm(p))
         predicted = -mp
         if not (predicted > 0 and math.isfinite(predicted)) or pnorm == 0:

@@ -53,6 +53,10 @@ class _ClosureEvaluator:
             loss = self.closure()
         if not isinstance(loss, torch.Tensor):
             raise TypeError("the closure must return the loss tensor (after loss.backward())")
+        if all(p.grad is None for p in self.params):
+            # no gradient at all is not a zero gradient: reporting convergence would be wrong
+            raise RuntimeError("the closure did not call loss.backward(): no parameter has a "
+                               ".grad; compute the loss, call loss.backward() and return it")
         if self.first_loss is None:
             self.first_loss = loss.detach()
         g = torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if p.grad is None
