@@ -324,7 +324,9 @@ def _print_report(console: _Console, n: dict[str, Any], source: str, elapsed: fl
     top = n["top_eigenvalues"]
     rows = [
         ("parameters", f"{n['num_params']:,}", "number of trainable parameters"),
-        ("samples", f"{n['num_samples']:,}", "data points the loss averages over"),
+        ("samples", f"{n['num_samples']:,}", "inputs in the data (sequences, images, ...)"),
+        ("loss terms", g(n.get("num_loss_terms"), ",.0f"),
+         "what the mean loss averages over (valid targets / tokens)"),
         ("loss", f"{n['loss']:.6g}", "full-data loss"),
         ("gradient norm", f"{n['grad_norm']:.4g}", "||grad L||_2 on the full data"),
         ("lambda_max", f"{n['lambda_max']:.6g}", "largest Hessian eigenvalue (sharpness)"),

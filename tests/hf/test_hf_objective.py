@@ -21,7 +21,12 @@ from curvlab.diagnostics import (  # noqa: E402
     top_eigenvalues,
     trace,
 )
-from curvlab.linops import FisherOperator, GGNOperator, HessianOperator  # noqa: E402
+from curvlab.linops import (  # noqa: E402
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    KFACOperator,
+)
 from curvlab.objective import Objective  # noqa: E402
 
 MODELS = ["gpt2", "llama", "bert"]
@@ -84,7 +89,7 @@ def test_padded_sequences_in_1_2_4_batches_equal_one_batch(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_every_capability_runs_with_the_models_own_loss(name, tmp_path):
+def test_every_capability_runs_with_the_models_own_loss(name, tmp_path, caplog):
     model = build(name, **ATTN)
     batch = padded_batch(8, 8)
     H = HessianOperator(model, None, split(batch, 2))
@@ -96,6 +101,13 @@ def test_every_capability_runs_with_the_models_own_loss(name, tmp_path):
     torch.testing.assert_close(F @ v, G @ v, rtol=1e-10, atol=1e-12)
     Fmc = FisherOperator(model, None, batch, mode="mc", seed=0)
     assert torch.isfinite(Fmc @ v).all() and torch.isfinite(hv).all()
+    # K-FAC covers the supported layers (norms left out, a tied head counted once, logged)
+    with caplog.at_level("INFO", logger="curvlab.linops.kfac"):
+        K = KFACOperator(model, None, split(batch, 2), damping=1e-3)
+    assert "Kronecker blocks over" in caplog.text and "not covered: none" not in caplog.text
+    assert 0.9 * H.shape[0] < K.shape[0] < H.shape[0]
+    u = torch.randn(K.shape[0], dtype=torch.float64)
+    assert float(u @ (K @ u)) > 0
     H1 = HessianOperator(model, None, batch)
     gen = torch.Generator().manual_seed(0)
     assert top_eigenvalues(H1, 2, tol=1e-2, generator=gen).eigenvalues.shape == (2,)

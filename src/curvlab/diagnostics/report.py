@@ -172,6 +172,7 @@ def curvature_report(model: torch.nn.Module, loss_fn: Any, data: Any, params: An
             g = obj.flatten(grads).detach()
             state["grad"] = g
             numbers.update(num_params=obj.num_params, num_samples=obj.num_samples,
+                           num_loss_terms=obj.num_loss_terms if obj.reduction == "mean" else None,
                            loss=float(loss), grad_norm=float(g.norm()))
         elif stage == "top eigenvalues":
             k = min(opts.k, obj.num_params)  # a tiny model has fewer eigenvalues than k

@@ -23,9 +23,11 @@ so ignored targets and class weights give the K-FAC of the valid terms.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+from torch import nn
 
 from curvlab.distributed import all_reduce_coalesced
 from curvlab.linalg.logdet import kronecker_logdet
@@ -42,9 +44,12 @@ from curvlab.linops._kronecker import (
     find_layers,
     kron_apply,
     rotate,
+    tied_embeddings,
     unrotate,
 )
 from curvlab.linops.base import CurvatureOperator
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["KFACOperator", "KFACInverseOperator", "EKFACOperator"]
 
@@ -54,10 +59,13 @@ class KFACOperator(CurvatureOperator):
 
     Args:
         model, loss_fn, data, params: as for every curvature operator (or one Objective).
-            ``model`` must be an ``nn.Module``; every selected parameter must belong to an
+            ``model`` must be an ``nn.Module``. Selected parameters must belong to an
             ``nn.Linear``, ``nn.Conv2d`` (grouped: one block per group), HF ``Conv1D``
             (transposed linear) or ``nn.Embedding`` (diagonal input factor) layer, and to one
             layer only (tied weights: ValueError; select one use with ``params=``).
+            ``params=None`` selects the trainable parameters of the supported layers (a
+            tied embedding / output head counted through the head), and logs what it
+            leaves out (e.g. LayerNorms) with its fraction of the parameters.
         fisher_type: ``"mc"`` (Fisher, targets sampled from the model, default),
             ``"exact"`` (Fisher/GGN through the exact output-Hessian square root) or
             ``"empirical"`` (empirical Fisher, true targets).
@@ -101,7 +109,32 @@ class KFACOperator(CurvatureOperator):
         self.max_factor_dim = max_factor_dim
         self.approx = approx
         self.separate_weight_and_bias = separate_weight_and_bias
+        self._exclude: dict[str, str] = {}  # tied embeddings counted through their head
+        if params is None and isinstance(model, nn.Module):
+            params = self._supported_params(model)
         super().__init__(model, loss_fn, data, params, train=train)
+
+    def _supported_params(self, model: nn.Module) -> list[str]:
+        """The trainable parameters K-FAC has blocks for (``params=None``), logged once."""
+        named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        tied = self._exclude = tied_embeddings(model)
+        layers, others = find_layers(
+            model, named, max_factor_dim=self.max_factor_dim, exclude=tied,
+            approx=self.approx, separate_weight_and_bias=self.separate_weight_and_bias,
+            grouped=True)
+        chosen = [k for k in named if k not in others]
+        if not chosen:
+            raise ValueError("K-FAC has no supported layer (nn.Linear, nn.Conv2d, HF Conv1D, "
+                             "nn.Embedding) among the model's trainable parameters")
+        total = sum(p.numel() for p in named.values())
+        left = sum(named[k].numel() for k in others)
+        logger.info(
+            "KFACOperator: %d Kronecker blocks over %.1f%% of the parameters; not covered: "
+            "%s (%.1f%%)%s", len(layers), 100 * (total - left) / total,
+            ", ".join(others) or "none", 100 * left / total,
+            "".join(f"; tied embedding {e!r} counted through {h!r} only"
+                    for e, h in tied.items()))
+        return chosen
 
     # ---- construction --------------------------------------------------------------
     def _layout(self) -> None:
@@ -110,6 +143,7 @@ class KFACOperator(CurvatureOperator):
             raise TypeError("KFACOperator needs an nn.Module model (its layers are hooked)")
         self.layers, others = find_layers(
             obj.model, obj.params, max_factor_dim=self.max_factor_dim, approx=self.approx,
+            exclude=self._exclude,
             separate_weight_and_bias=self.separate_weight_and_bias, grouped=True)
         if others:
             raise ValueError(

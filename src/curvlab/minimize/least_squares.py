@@ -122,8 +122,8 @@ class _Residual:
         out = self.fun(x.view(self.shape), *self.args, **self.kwargs)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
-            raise TypeError(f"residual_fn must return a floating-point tensor for a tensor x0, "
-                            f"got {got}; compute it from x with torch operations "
+            raise TypeError(f"residual_fn must return a floating-point tensor, got {got} (for "
+                            "a tensor x0); compute it from x with torch operations "
                             "(torch.stack([...]) for a list of scalar tensors), or pass x0 as "
                             "NumPy for a NumPy function")
         return out.reshape(-1)
@@ -401,8 +401,10 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if jac_mode not in ("auto", "dense", "matrix-free"):
         raise ValueError(f"jac_mode must be 'auto', 'dense' or 'matrix-free', got {jac_mode!r}")
-    for name, value in (("f_scale", f_scale), ("tau", tau), ("cg_rtol", cg_rtol)):
-        check_positive(value, name)
+    for name, value in (("f_scale", f_scale), ("tau", tau), ("cg_rtol", cg_rtol),
+                        ("gtol", gtol)):
+        if value is not None or name != "gtol":  # gtol=None disables that test
+            check_positive(value, name)
     if max_iter is not None:
         check_max_iter(max_iter)
     if cg_max_iter is not None and (isinstance(cg_max_iter, bool) or
