@@ -301,6 +301,7 @@ class Objective:
         self._user_normalizer = normalizer
         self._warned_weighting = False
         self.model_loss = loss_fn is None
+        self._labels_to_model = True  # until the model is seen to ignore them
         self.convention = None
         self._prediction: Callable[[Any], Any] = logits_or_output
         self._target: Callable[[Any], Any] = lambda y: y
@@ -329,21 +330,44 @@ class Objective:
             for index, batch in enumerate(self.data):
                 inputs, labels = self._split(batch)
                 self._batch_index = index
-                out = self.raw_outputs(self.param_tensors(), _to_device(inputs, self.device))
+                inputs = _to_device(inputs, self.device)
+                out = self.raw_outputs(self.param_tensors(), inputs)
                 try:
-                    return match_convention(out, labels)
+                    convention = match_convention(out, labels)
                 except ValueError as err:
                     error = err
                     loss = getattr(out, "loss", None) if not isinstance(out, Mapping) else \
                         out.get("loss")
                     if loss is None or bool(torch.isfinite(loss).all()):
                         raise
+                else:
+                    self._labels_to_model = not self._same_logits_without_labels(inputs, out)
+                    return convention
                 if index >= 8:
                     break
         raise error if error is not None else ValueError("data is empty")
 
+    def _same_logits_without_labels(self, inputs: Any, out: Any) -> bool:
+        """Whether the model gives the same logits without ``"labels"`` (then it is not
+        given them: it would only compute its own loss beside curvlab's, ~0.1-0.3 of a
+        gradient on a small language model). Models that read the labels (encoder-decoders
+        build their decoder inputs from them) keep them."""
+        if not (isinstance(inputs, Mapping) and LABELS in inputs):
+            return False
+        try:
+            without = self.raw_outputs(self.param_tensors(),
+                                       {k: v for k, v in inputs.items() if k != LABELS})
+        except (TypeError, ValueError, RuntimeError):
+            return False
+        a, b = logits_or_output(out), logits_or_output(without)
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and bool(torch.equal(a, b)))
+
     def _split(self, batch: Any) -> tuple[Any, Any]:
-        return split_batch(batch, model_loss=self.model_loss)
+        inputs, targets = split_batch(batch, model_loss=self.model_loss)
+        if not self._labels_to_model and isinstance(inputs, Mapping) and LABELS in inputs:
+            inputs = {k: v for k, v in inputs.items() if k != LABELS}
+        return inputs, targets
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the objective's process group, in place (no-op without one)."""
@@ -364,12 +388,10 @@ class Objective:
 
     def unflatten(self, vec: torch.Tensor, batched: bool = False) -> dict[str, torch.Tensor]:
         """Split a flat vector (``(n,)``, or ``(k, n)`` if batched) into a parameter dict."""
-        out, i = {}, 0
-        for k, shape, n in self._shapes:
-            piece = vec[..., i:i + n]
-            out[k] = piece.reshape((vec.shape[0], *shape) if batched else shape)
-            i += n
-        return out
+        pieces = vec.split([n for _, _, n in self._shapes], dim=-1)
+        lead = (vec.shape[0],) if batched else ()
+        return {k: piece.reshape(*lead, *shape)
+                for (k, shape, _), piece in zip(self._shapes, pieces)}
 
     def check_vector(self, v: Any, name: str = "v", batched: bool = False) -> torch.Tensor:
         """Validate a flat vector (or ``(k, n)`` block) against the parameters."""
@@ -403,16 +425,21 @@ class Objective:
         if not isinstance(self.model, nn.Module):
             yield
             return
-        saved = [(m, m.training) for m in self.model.modules()]
+        modules = list(self.model.modules())
+        saved = [m.training for m in modules]
+        changed = any(was != self.train for was in saved)
         private = self._private_buffers
         self._private_buffers = self.train and not keep_buffers
-        self.model.train(self.train)
+        if changed:  # set the flags directly: model.train() recursion costs ~0.3 ms
+            for m in modules:
+                m.training = self.train
         try:
             yield
         finally:
             self._private_buffers = private
-            for m, was in saved:
-                m.training = was
+            if changed:
+                for m, was in zip(modules, saved):
+                    m.training = was
 
     @contextlib.contextmanager
     def _rng(self, index: int) -> Iterator[None]:

@@ -219,13 +219,18 @@ def test_param_subset_and_float32():
     torch.testing.assert_close(A_full[:4, :4], H.T @ H / 5)
 
 
-def test_errors():
+def test_errors(caplog):
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     data = (torch.randn(5, 3), torch.randint(0, 2, (5,)))
-    with pytest.raises(ValueError, match="params="):
-        KFACOperator(model, nn.CrossEntropyLoss(), data)
+    with pytest.raises(ValueError, match="params="):  # an explicit unsupported parameter
+        KFACOperator(model, nn.CrossEntropyLoss(), data, params=[model[0], model[1]])
     op = KFACOperator(model, nn.CrossEntropyLoss(), data, params=[model[0], model[2]])
     assert op.shape[0] == 16 + 10
+    # params=None: the supported layers, and one log line naming what is left out
+    with caplog.at_level("INFO", logger="curvlab.linops.kfac"):
+        auto = KFACOperator(model, nn.CrossEntropyLoss(), data)
+    assert list(auto.objective.params) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert "not covered: 1.weight, 1.bias" in caplog.text
     with pytest.raises(ValueError, match="fisher_type"):
         KFACOperator(model, nn.CrossEntropyLoss(), data, params=[model[0]], fisher_type="x")
     with pytest.raises(ValueError, match="mc"):
