@@ -190,3 +190,36 @@ def test_an_unknown_model_loss_is_a_clear_error():
     with pytest.raises(ValueError, match="'labels'"):
         Objective(build("gpt2", **ATTN), nn.CrossEntropyLoss(),
                   {"input_ids": torch.ones(2, 3, dtype=torch.long)}).loss()
+
+
+class _ReadsLabels(nn.Module):
+    """A model whose logits depend on the labels (as an encoder-decoder's do)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        out.logits = out.logits + 1e-3 * (labels.clamp_min(0) if labels is not None
+                                          else 0).unsqueeze(-1)
+        out.loss = self.inner.loss_function(out.logits, labels, vocab_size=out.logits.shape[-1])
+        return out
+
+
+def test_labels_reach_the_model_only_when_its_logits_read_them():
+    model = build("gpt2", **ATTN)
+    batch = padded_batch()
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: calls.append(sorted(k)),
+                                             with_kwargs=True)
+    try:
+        Objective(model, None, batch).loss()
+    finally:
+        handle.remove()
+    assert calls[-1] == ["attention_mask", "input_ids"]  # its own loss would be wasted work
+    reads = _ReadsLabels(model)
+    obj = Objective(reads, None, batch)
+    with torch.no_grad():
+        ref = reads(**batch).loss
+    torch.testing.assert_close(obj.loss(), ref.double(), rtol=1e-6, atol=0)
