@@ -115,3 +115,15 @@ def test_callable_model_and_errors():
         Objective(nn.Linear(4, 3).double(), lambda o, t: (o - t) ** 2, (X, y)).loss()
     with pytest.raises(ValueError, match="expected"):
         obj.check_vector(torch.ones(5, dtype=torch.float64))
+
+
+def test_building_an_objective_leaves_the_callers_rng_stream_alone():
+    """A monitor check builds objectives inside a training loop: that must not shift the
+    training run's Dropout masks or data order."""
+    model, loss_fn, X, y = _problem()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    for train in (False, True):
+        Objective(model, loss_fn, (X, y), train=train).loss()
+    assert torch.equal(torch.rand(3), expected)

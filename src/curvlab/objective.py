@@ -292,8 +292,9 @@ class Objective:
         self._num_samples: int | None = None
         self._num_loss_terms: float | None = None
         self.process_group = _dist.resolve_group(process_group)
-        # one fixed RNG stream per batch in train mode (Dropout masks), drawn once
-        self._seed, self._batch_index = int(torch.randint(0, 2**62, (1,))), 0
+        # one fixed RNG stream per batch in train mode (Dropout masks); derived from the
+        # process's seed without drawing from (and so shifting) the caller's RNG stream
+        self._seed, self._batch_index = torch.initial_seed() % 2**62, 0
         self._private_buffers = train
         if normalizer is not None and not callable(normalizer):
             raise TypeError(f"normalizer must be callable(targets) -> float, got "
