@@ -344,3 +344,20 @@ def test_discarded_optimizer_removes_its_hooks():
     del opt
     gc.collect()
     assert not model._forward_pre_hooks and not model[0]._forward_hooks
+
+
+def test_paused_records_no_statistics():
+    """Passes through the model inside ``paused()`` (a monitor's, an evaluation's) leave
+    the K-FAC statistics as they were."""
+    from curvlab.optim import KFAC
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = KFAC(model, lr=0.1, fisher_type="empirical")
+    X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    with opt.paused():
+        nn.functional.cross_entropy(model(X), y).backward()
+    assert opt._collect() is None or not any(opt._collect())
+    model.zero_grad()
+    nn.functional.cross_entropy(model(X), y).backward()
+    assert opt._collect()

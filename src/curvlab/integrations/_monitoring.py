@@ -55,15 +55,8 @@ def paused_statistics(optimizer: Any) -> Iterator[None]:
     """Stop an optimizer that records statistics from forward/backward hooks (K-FAC) from
     recording the monitor's own evaluations."""
     opt = unwrap_optimizer(optimizer)
-    if not hasattr(opt, "_suspended"):  # KFAC's switch for its layer hooks
+    with opt.paused() if hasattr(opt, "paused") else contextlib.nullcontext():
         yield
-        return
-    saved = opt._suspended
-    opt._suspended = True
-    try:
-        yield
-    finally:
-        opt._suspended = saved
 
 
 def scalars(record: dict[str, Any], events: list[MonitorEvent],

@@ -60,10 +60,11 @@ whose statistics come from layer hooks (activations and output gradients of a jo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -619,6 +620,16 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         self.stats["skipped_steps"] += 1
         logger.warning("K-FAC: non-finite %s; step skipped (parameters unchanged)", what)
         self._clear()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record no statistics from forward/backward passes run inside this context (e.g.
+        a monitor's or an evaluation's passes through the same model)."""
+        saved, self._suspended = self._suspended, True
+        try:
+            yield
+        finally:
+            self._suspended = saved
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
