@@ -63,7 +63,7 @@ def make(name: str, model: nn.Module, group):
                     max_preconditioner_dim=BLOCK, eigenbasis_method="eigh",
                     process_group=group, **mode)
     if name == "kfac":
-        return KFAC(model, lr=0.01, inv_update_freq=1, process_group=group)
+        return KFAC(model, lr=0.01, precondition_frequency=1, process_group=group)
     return Muon(model.parameters(), lr=0.01, process_group=group)
 
 
@@ -105,7 +105,7 @@ def worker(rank: int, world: int, init: str, out: str, steps: int) -> None:
                     per_step[k].append(opt.timings.get(k, 0.0))
         res[name] = {k: statistics.median(v) for k, v in per_step.items()}
         stats = getattr(opt, "stats", None)
-        res[name]["memory_MB"] = (stats()["preconditioner_memory_bytes"] / 2 ** 20
+        res[name]["memory_MB"] = (stats()["state_bytes"] / 2 ** 20
                                   if callable(stats) else float("nan"))
     if world == 2:
         res["bandwidth_GBps"] = _bandwidth()

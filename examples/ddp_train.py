@@ -41,7 +41,7 @@ def make_optimizer(name: str, model: nn.Module,
         return SOAP(model.parameters(), lr=3e-3, precondition_frequency=10,
                     process_group="default", distributed_mode=mode)
     if name == "kfac":
-        return KFAC(model, lr=0.1, damping=0.03, inv_update_freq=10, process_group="default")
+        return KFAC(model, lr=0.1, damping=0.03, precondition_frequency=10, process_group="default")
     return Muon(model.parameters(), lr=0.02, process_group="default")
 
 

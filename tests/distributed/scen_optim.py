@@ -39,7 +39,8 @@ def make(name: str, model: nn.Module, group=None):
         return SOAP(model.parameters(), lr=0.01, precondition_frequency=3,
                     start_preconditioning_step=4, process_group=group, **mode)
     if name == "kfac":
-        return KFAC(model, lr=0.1, damping=0.1, inv_update_freq=3, eigenvalue_correction=True,
+        return KFAC(model, lr=0.1, damping=0.1, precondition_frequency=3,
+                    eigenvalue_correction=True,
                     process_group=group)
     return Muon(model.parameters(), lr=0.02, process_group=group)
 
@@ -91,7 +92,7 @@ def run(rank: int, world: int) -> dict:
     for variant, kw in KFAC_DIAG.items():
         inner = P.mlp()
         ddp = DDP(inner)
-        opt = KFAC(inner, lr=0.1, damping=0.1, inv_update_freq=3, process_group="default",
+        opt = KFAC(inner, lr=0.1, damping=0.1, precondition_frequency=3, process_group="default",
                    **kw)
         train("kfac", inner, opt, range(STEPS), rank, world, forward=ddp)
         res[f"ddp/{variant}"] = params(inner)
@@ -120,5 +121,5 @@ def run_fsdp(rank: int, world: int) -> dict:
         res[f"fsdp/{name}"] = params(model)
         res[f"fsdp_timings/{name}"] = dict(opt.timings)
         if name.startswith(("shampoo", "soap")):
-            res[f"fsdp_state/{name}"] = opt.state_dict()["preconditioner"]["groups"]
+            res[f"fsdp_state/{name}"] = opt._whole_state()
     return res

@@ -52,7 +52,7 @@ def test_kfac_given_the_ddp_model_uses_its_group(dist_results):
 @pytest.mark.parametrize("variant", list(KFAC_DIAG))
 def test_kfac_with_diagonal_factors_equals_single_process(dist_results, variant):
     model = P.mlp()
-    opt = KFAC(model, lr=0.1, damping=0.1, inv_update_freq=3, **KFAC_DIAG[variant])
+    opt = KFAC(model, lr=0.1, damping=0.1, precondition_frequency=3, **KFAC_DIAG[variant])
     assert sum(L.diag_in + L.diag_out for L in opt._layers) == 3
     train("kfac", model, opt, range(STEPS))
     for res in dist_results:
@@ -71,8 +71,8 @@ def test_work_is_split(dist_results, name):
 def test_allgather_mode_keeps_only_own_blocks(dist_results, name):
     """"allgather" trades per-step communication for memory: each rank holds the state of
     the blocks it owns (plus the replicated diagonal state of 1-D parameters)."""
-    whole = dist_results[0][f"stats/{name}"]["preconditioner_memory_bytes"]
-    shares = [res[f"stats/{name}/allgather"]["preconditioner_memory_bytes"]
+    whole = dist_results[0][f"stats/{name}"]["state_bytes"]
+    shares = [res[f"stats/{name}/allgather"]["state_bytes"]
               for res in dist_results]
     assert max(shares) < whole  # nobody holds it all...
     assert sum(shares) >= whole  # ...and together they do (biases' diagonal state: twice)
@@ -98,7 +98,7 @@ def test_fsdp2_state_dict_is_whole_on_every_rank(dist_results, name):
     model = P.mlp()
     opt = make(name.partition("/")[0], model)
     train(name, model, opt, range(STEPS))  # one process: the same state, computed whole
-    for ga, gw in zip(a, opt.state_dict()["preconditioner"]["groups"], strict=True):
+    for ga, gw in zip(a, opt._whole_state(), strict=True):
         for k in ga:
             err = float((ga[k] - gw[k]).norm() / gw[k].norm().clamp_min(1e-300))
             assert err < 1e-6, (k, err)

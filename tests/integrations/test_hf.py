@@ -19,7 +19,7 @@ from curvlab.linops import HessianOperator  # noqa: E402
 
 V = 64
 KWARGS = {"soap": {"lr": 3e-3}, "shampoo": {"lr": 1e-3, "precondition_frequency": 2},
-          "muon": {"lr": 0.02, "adamw_lr": 3e-3}, "kfac": {"lr": 0.05, "inv_update_freq": 2}}
+          "muon": {"lr": 0.02, "adamw_lr": 3e-3}, "kfac": {"lr": 0.05, "precondition_frequency": 2}}
 
 
 def _data(n=32, T=16):

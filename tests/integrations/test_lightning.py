@@ -60,7 +60,7 @@ def _fit(tmp_path, name, monitor, **kw):
     return lit, trainer, callbacks
 
 
-@pytest.mark.parametrize("name,kw", [("kfac", {"lr": 0.05, "inv_update_freq": 2}),
+@pytest.mark.parametrize("name,kw", [("kfac", {"lr": 0.05, "precondition_frequency": 2}),
                                      ("muon", {"lr": 0.02, "adamw_lr": 3e-3})])
 def test_lightning_callback_logs_checks_and_leaves_training_unchanged(tmp_path, name, kw):
     lit, trainer, (cb,) = _fit(tmp_path / "a", name, True, **kw)

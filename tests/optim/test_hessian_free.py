@@ -68,8 +68,8 @@ def test_decreases_loss_and_adapts_damping_with_closure():
         return loss
     losses = [float(opt.step(closure, batch=(X, y)).detach()) for _ in range(8)]
     assert losses[-1] < 0.8 * losses[0]
-    assert opt.stats["damping"] < 1.0  # good reduction ratios lower the damping
-    assert opt.stats["cg_iterations"] >= 1
+    assert opt.stats()["damping"] < 1.0  # good reduction ratios lower the damping
+    assert opt.stats()["cg_iterations"] >= 1
 
 
 def test_state_dict_round_trip_and_param_groups():
@@ -105,7 +105,7 @@ def test_nonfinite_batch_changes_nothing():
     Xb = X.clone()
     Xb[0, 0] = float("nan")
     opt.step(batch=(Xb, y))
-    assert opt.stats["skipped_steps"] == 1
+    assert opt.stats()["skipped_steps"] == 1
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     with pytest.raises(FloatingPointError):

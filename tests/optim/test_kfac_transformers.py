@@ -64,7 +64,7 @@ def test_conv1d_optimizer_step_equals_linear(kw):
     conv, lin = _pair(1)
     X, y = torch.randn(8, 3, 3, dtype=D64), torch.randint(0, 4, (8, 3))
     for model in (conv, lin):
-        opt = KFAC(model, lr=0.3, damping=0.05, inv_update_freq=1, **kw)
+        opt = KFAC(model, lr=0.3, damping=0.05, precondition_frequency=1, **kw)
         for _ in range(3):
             opt.zero_grad()
             nn.functional.cross_entropy(model(X).transpose(1, 2), y).backward()
@@ -139,7 +139,7 @@ def test_vocab_sized_factor_is_diagonal():
 def test_bf16_autocast_step_keeps_float32_factors():
     model = _gpt2()
     ids = torch.randint(0, 64, (4, 8))
-    opt = KFAC(model, inv_update_freq=1)
+    opt = KFAC(model, precondition_frequency=1)
     ref = copy.deepcopy(model)
     for _ in range(2):
         opt.zero_grad()
@@ -163,9 +163,9 @@ def test_torch_compile_equals_eager():
         model = copy.deepcopy(base)
         if mode == "compiled_given":
             fwd = torch.compile(model)
-            opt = KFAC(fwd, inv_update_freq=1)
+            opt = KFAC(fwd, precondition_frequency=1)
         else:
-            opt = KFAC(model, inv_update_freq=1)
+            opt = KFAC(model, precondition_frequency=1)
             fwd = torch.compile(model) if mode == "compile_after" else model
         for _ in range(3):
             opt.zero_grad()
@@ -299,13 +299,13 @@ def test_tied_both_state_dict_round_trip():
             opt.step()
 
     model = _TiedLM().to(D64)
-    opt = KFAC(model, tied_weights="both", inv_update_freq=2)
+    opt = KFAC(model, tied_weights="both", precondition_frequency=2)
     steps(model, opt, ids[:3])
     saved_m, saved_o = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     steps(model, opt, ids[3:])
     model2 = _TiedLM().to(D64)
     model2.load_state_dict(saved_m)
-    opt2 = KFAC(model2, tied_weights="both", inv_update_freq=2)
+    opt2 = KFAC(model2, tied_weights="both", precondition_frequency=2)
     opt2.load_state_dict(saved_o)
     steps(model2, opt2, ids[3:])
     for p, q in zip(model.parameters(), model2.parameters(), strict=True):

@@ -50,7 +50,7 @@ def test_logistic_regression_textbook_step():
     opt.step(batch=(X, y))
     after = torch.cat([model.weight.reshape(-1), model.bias]).detach()
     torch.testing.assert_close(after - before, ref, atol=1e-8, rtol=1e-7)
-    assert opt.stats["cg_residual"] <= 1e-12
+    assert opt.stats()["cg_residual"] <= 1e-12
 
 
 @pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
@@ -105,7 +105,7 @@ def test_state_dict_closure_groups_and_nonfinite():
     Xb[0, 0] = float("inf")
     w = model.weight.clone()
     opt.step(batch=(Xb, y))
-    assert torch.equal(model.weight, w) and opt.stats["skipped_steps"] == 1
+    assert torch.equal(model.weight, w) and opt.stats()["skipped_steps"] == 1
     with pytest.raises(ValueError, match="batch"):
         opt.step()
     with pytest.raises(ValueError, match="fisher_type"):

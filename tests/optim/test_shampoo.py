@@ -36,7 +36,7 @@ def test_textbook_shampoo_on_two_layer_model():
     """L_t = eps I + sum G G^T, R_t likewise, W <- W - lr L^{-1/4} G R^{-1/4} (Gupta et al.)."""
     model, X, Y = _two_layer()
     lr, eps, steps = 0.1, 1e-4, 6
-    opt = Shampoo(model.parameters(), lr=lr, betas=(0.0, 1.0), epsilon=eps, grafting="none",
+    opt = Shampoo(model.parameters(), lr=lr, betas=(0.0, 1.0), eps=eps, grafting="none",
                   precondition_frequency=1, start_preconditioning_step=1)
     Ws = [model[0].weight.detach().numpy().copy(), model[2].weight.detach().numpy().copy()]
     Ls = [np.zeros((W.shape[0],) * 2) for W in Ws]
@@ -60,7 +60,7 @@ def test_blocked_shampoo_preconditions_each_block_separately():
     """A 6x4 weight with max_preconditioner_dim=3 is two 3x4 blocks with their own factors."""
     torch.manual_seed(0)
     W = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
-    opt = Shampoo([W], lr=1.0, betas=(0.0, 1.0), epsilon=1e-3, grafting="none",
+    opt = Shampoo([W], lr=1.0, betas=(0.0, 1.0), eps=1e-3, grafting="none",
                   precondition_frequency=1, start_preconditioning_step=1,
                   max_preconditioner_dim=4)
     G = torch.randn(6, 4, dtype=torch.float64)
@@ -81,7 +81,7 @@ def test_equal_blocks_along_any_dimension(shape):
     """Blocks of one shape are stacked; the update is reassembled in the right places."""
     torch.manual_seed(0)
     W = nn.Parameter(torch.zeros(shape, dtype=torch.float64))
-    opt = Shampoo([W], lr=1.0, betas=(0.0, 1.0), epsilon=1e-3, grafting="none",
+    opt = Shampoo([W], lr=1.0, betas=(0.0, 1.0), eps=1e-3, grafting="none",
                   precondition_frequency=1, start_preconditioning_step=1,
                   max_preconditioner_dim=4)
     G = torch.randn(shape, dtype=torch.float64)
@@ -99,7 +99,7 @@ def test_equal_blocks_along_any_dimension(shape):
 def test_grafting_gives_block_update_the_norm_of_adam():
     torch.manual_seed(0)
     W = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
-    opt = Shampoo([W], lr=1.0, betas=(0.0, 0.999), grafting="adam", grafting_epsilon=1e-8,
+    opt = Shampoo([W], lr=1.0, betas=(0.0, 0.999), grafting="adam", adam={"eps": 1e-8},
                   start_preconditioning_step=1, precondition_frequency=1)
     G = torch.randn(5, 3, dtype=torch.float64)
     W0 = W.detach().clone()
@@ -122,7 +122,7 @@ def test_exponent_override_and_newton_root_match_eigh():
     outs = []
     for method in ("eigh", "newton"):
         W = nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
-        opt = Shampoo([W], lr=1.0, betas=(0.0, 1.0), epsilon=1e-2, grafting="none",
+        opt = Shampoo([W], lr=1.0, betas=(0.0, 1.0), eps=1e-2, grafting="none",
                       precondition_frequency=1, start_preconditioning_step=1,
                       exponent_override=2, root_method=method)
         W.grad = G.clone()
@@ -141,13 +141,13 @@ def test_qr_root_method_converges_to_the_eigh_root():
     roots = {}
     for method in ("eigh", "qr"):
         W = nn.Parameter(torch.zeros(6, 4, dtype=torch.float64))
-        opt = Shampoo([W], lr=0.0, betas=(0.0, 1e-9), epsilon=1e-2, grafting="none",
+        opt = Shampoo([W], lr=0.0, betas=(0.0, 1e-9), eps=1e-2, grafting="none",
                       precondition_frequency=1, start_preconditioning_step=1,
                       use_bias_correction=False, root_method=method)
         for _ in range(60):
             W.grad = G.clone()
             opt.step()
-        roots[method] = [opt.state_dict()["preconditioner"]["groups"][0][f"R{i}"][0]
+        roots[method] = [opt._whole_state()[0][f"R{i}"][0]
                          for i in range(2)]
     for a, b in zip(roots["eigh"], roots["qr"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
@@ -174,7 +174,7 @@ def test_bf16_parameters_use_float32_state_and_stay_bf16():
         model(X).float().pow(2).mean().backward()
         opt.step()
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
-    st = opt.state_dict()["preconditioner"]["groups"]
+    st = opt._whole_state()
     assert all(v.dtype == torch.float32 for g in st for v in g.values())
 
 
@@ -225,7 +225,7 @@ def test_order_three_tensor_uses_one_factor_per_mode():
     """For a 3-D block: F_i = G_(i) G_(i)^T, update G x_1 F_1^{-1/6} x_2 F_2^{-1/6} x_3 ..."""
     torch.manual_seed(0)
     W = nn.Parameter(torch.zeros(3, 4, 5, dtype=torch.float64))
-    opt = Shampoo([W], lr=1.0, betas=(0.0, 1.0), epsilon=1e-3, grafting="none",
+    opt = Shampoo([W], lr=1.0, betas=(0.0, 1.0), eps=1e-3, grafting="none",
                   precondition_frequency=1, start_preconditioning_step=1, merge_dims=False)
     G = torch.randn(3, 4, 5, dtype=torch.float64)
     W.grad = G.clone()

@@ -59,7 +59,7 @@ def test_first_step_initializes_and_adam_restarts_at_later_start():
     a.grad = gs[2].clone()
     soap.step()
     assert torch.equal(a.detach(), before)
-    st = soap.state_dict()["preconditioner"]["groups"][0]
+    st = soap._whole_state()[0]
     assert not st["m"].any() and not st["v"].any()
     a.grad = gs[3].clone()
     soap.step()
@@ -90,7 +90,7 @@ def test_qr_refresh_permutes_second_moment_with_the_basis():
     opt = SOAP([W], lr=0.0, betas=(0.0, 0.5), shampoo_beta=0.0, precondition_frequency=1)
 
     def v():
-        return opt.state_dict()["preconditioner"]["groups"][0]["v"][0]
+        return opt._whole_state()[0]["v"][0]
 
     # step 1 initializes: eigh of the row factor diag(9, 0, 1) gives the basis (e0, e2, e1),
     # of the column factor diag(9, 1) the basis (f0, f1); Adam's moments stay zero
@@ -104,7 +104,7 @@ def test_qr_refresh_permutes_second_moment_with_the_basis():
     opt.step()
     torch.testing.assert_close(v(), torch.tensor([[12.5, 0.0], [0.0, 0.5], [0.0, 0.0]],
                                                  dtype=torch.float64))
-    Q0 = opt.state_dict()["preconditioner"]["groups"][0]["Q0"][0]
+    Q0 = opt._whole_state()[0]["Q0"][0]
     torch.testing.assert_close(Q0[:, :2].abs(), torch.tensor(
         [[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64))
 
@@ -200,7 +200,7 @@ def test_state_stays_contiguous_across_qr_refreshes():
     for _ in range(4):
         W.grad = torch.randn(6, 5)
         opt.step()
-    groups = opt.state_dict()["preconditioner"]["groups"]
+    groups = opt._whole_state()
     assert all(t.is_contiguous() for g in groups for t in g.values())
     assert all(t.is_contiguous() for g in opt._groups for t in g.state.values())
 

@@ -76,7 +76,7 @@ def _adamw(m: nn.Module, lr: float, problem: str) -> Any:
 def _shampoo(m: nn.Module, lr: float, problem: str) -> Any:
     from curvlab.optim import Shampoo
 
-    return Shampoo(m.parameters(), lr=lr, betas=(0.9, 0.99), epsilon=1e-12,
+    return Shampoo(m.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-12,
                    precondition_frequency=_problem_freq(problem), start_preconditioning_step=1,
                    max_preconditioner_dim=128, grafting="adam")
 

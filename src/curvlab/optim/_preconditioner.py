@@ -68,6 +68,15 @@ from curvlab.optim._distributed import (
     sharded_rows,
     share_rows,
 )
+from curvlab.optim.adam import AdamConfig, adam_moments_, adam_preconditioner
+from curvlab.optim.base import (
+    CurvlabOptimizer,
+    factorization_dtype,
+    finite_nonnegative,
+    finite_positive,
+    optional,
+    positive_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +99,8 @@ __all__ = [
 
 GRAFTING_METHODS = ("none", "sgd", "adagrad", "rmsprop", "adam")
 _NONFINITE = ("skip", "raise")
+_LOGGED_RATIOS: set = set()
+_SMALL_FACTORS = 1 << 20  # factor elements never worth a diagonal fallback (4 MiB float32)
 
 
 # ----------------------------------------------------------------------------- blocking
@@ -206,15 +217,21 @@ def guarded_batched(
     retried block by block; a block that still fails takes its entry of ``previous``.
     Returns ``(outputs, number_of_failed_blocks)``.
     """
+    def checked(*xs: Tensor) -> tuple[Tensor, ...]:
+        out = fn(*xs)  # finiteness in the dtype the result is stored in (after any cast)
+        if not all(bool(torch.isfinite(o).all()) for o in out):
+            raise MatrixFunctionError("non-finite result in the state's dtype")
+        return out
+
     try:
-        return fn(*inputs), 0
+        return checked(*inputs), 0
     except MatrixFunctionError as err:
         logger.debug("batched matrix function failed (%s); retrying per block", err)
     outs: list[tuple[Tensor, ...]] = []
     failed = 0
     for b in range(inputs[0].shape[0]):
         try:
-            outs.append(fn(*(x[b : b + 1] for x in inputs)))
+            outs.append(checked(*(x[b : b + 1] for x in inputs)))
         except MatrixFunctionError as err:
             logger.warning("preconditioner block %d failed (%s); keeping the previous one", b, err)
             outs.append(tuple(p[b : b + 1] for p in previous))
@@ -287,12 +304,12 @@ def graft_direction(
     if method == "sgd":
         return m_hat
     assert v is not None
+    if method == "adam":  # the one Adam (curvlab.optim.adam); the first moment is m_hat
+        config = AdamConfig((0.0, beta2), eps)
+        adam_moments_(None, v, g, config)
+        return m_hat / adam_preconditioner(v, step, config)
     ema_(v, g * g, 1.0 if method == "adagrad" else beta2, guard)
-    if method == "adam":
-        denom = (v / (1.0 - beta2**step)).sqrt_().add_(eps)
-    else:
-        denom = v.sqrt().add_(eps)
-    return m_hat / denom
+    return m_hat / v.sqrt().add_(eps)
 
 
 def _block_norm(X: Tensor) -> Tensor:
@@ -324,26 +341,44 @@ class _Group:
         return self.shape == ()
 
 
-class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
+class BlockedPreconditionerOptimizer(CurvlabOptimizer):
     """Base class: blocked, batched, amortized preconditioners with grafting and guards.
 
-    Subclasses implement ``_init_block_state``, ``_block_direction`` and
-    ``_diagonal_direction``; this class does blocking, gather/scatter of gradients,
-    learning rate, decoupled weight decay, non-finite handling, ``state_dict`` and ``stats``.
-    The update is ``p <- (1 - lr wd) p - lr * direction``.
+    A preconditioner implements four methods (one file per optimizer; see Shampoo and SOAP):
+    :meth:`_init_block_state` / :meth:`_init_diagonal_state` (the state of a stack of equal
+    blocks / of the concatenated diagonal parameters), :meth:`_block_direction` (update the
+    statistics, refresh when due through :meth:`_refresh`, return the preconditioned
+    direction) and :meth:`_diagonal_direction`. This class does the blocking, the gathering
+    and scattering of gradients, the gradient rule, the learning rate and decoupled weight
+    decay, the distributed modes, the state (views of the stacked state in
+    ``self.state[p]``) and :meth:`stats`. The update is ``p <- (1 - lr wd) p - lr d``.
     """
 
-    _layout_keys = ("max_preconditioner_dim", "merge_dims", "diagonal_threshold")
+    _layout_keys = ("max_preconditioner_dim", "merge_dims", "diagonal_threshold",
+                    "max_state_ratio")
+    hyperparameters = {"lr": finite_nonnegative, "weight_decay": finite_nonnegative,
+                       "max_preconditioner_dim": positive_int,
+                       "precondition_frequency": positive_int,
+                       "start_preconditioning_step": positive_int,
+                       "diagonal_threshold": optional(lambda n: None if isinstance(n, int)
+                                                      and n >= 0 else "must be an integer >= 0"),
+                       "max_state_ratio": optional(finite_positive)}
+    #: consecutive failed refreshes of a block group after which the step raises
+    max_refresh_failures = 5
+    #: True for a purely diagonal method: every parameter uses the diagonal hooks
+    diagonal_only = False
 
     def __init__(self, params: Any, defaults: dict[str, Any], nonfinite: str = "skip",
                  factor_dtype: torch.dtype | None = None,
                  compute_dtype: torch.dtype = torch.float64, process_group: Any = None,
                  distributed_mode: str = "broadcast") -> None:
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        if factor_dtype is not None and not factor_dtype.is_floating_point:
-            raise TypeError(f"factor_dtype must be a floating dtype, got {factor_dtype}")
-        self.nonfinite = nonfinite
+        name = type(self).__name__
+        if factor_dtype is not None and factorization_dtype(factor_dtype) is not None:
+            raise ValueError(f"{name}: factor_dtype={factor_dtype} "
+                             f"{factorization_dtype(factor_dtype)}")
+        if factorization_dtype(compute_dtype) is not None:
+            raise ValueError(f"{name}: compute_dtype={compute_dtype} "
+                             f"{factorization_dtype(compute_dtype)}")
         self.factor_dtype = factor_dtype
         self.compute_dtype = compute_dtype
         if distributed_mode not in DISTRIBUTED_MODES:
@@ -352,7 +387,9 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
         self.process_group = _dist.resolve_group(process_group)
         self.distributed_mode = distributed_mode
         self.timings = Timings(enabled=self.process_group is not None)
-        super().__init__(params, defaults)
+        self._groups: list[_Group] | None = None
+        self._steps: list[int] = []
+        super().__init__(params, defaults, nonfinite=nonfinite)
         dtensors = [p for g in self.param_groups for p in g["params"] if is_dtensor(p)]
         self._fsdp = bool(dtensors)
         if dtensors and (self.process_group is None or distributed_mode != "allgather"):
@@ -365,38 +402,40 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                               self.process_group, type(self).__name__)
         self._shard_rows: dict = {}  # cache of shard_rows
         self._grads: dict[int, Tensor] = {}  # whole gradients during an FSDP2 step
-        for group in self.param_groups:
-            self._validate_group(group)
-        self._groups: list[_Group] | None = None
-        self._steps: list[int] = [0] * len(self.param_groups)
-        self._counters = {"refreshes": 0, "failures": 0, "skipped_steps": 0}
         self._nonfinite_blocks = torch.zeros((), dtype=torch.long)
-        self._guard = True  # whether state updates need per-block finiteness guards
+        self._failure_streak: dict[Any, int] = {}
+        self._guard = False  # the gradient rule keeps statistics finite: no per-block guards
 
-    # Subclass hooks (all four required):
-    #   _init_block_state(group, block_shape, n_blocks, dtype, device) -> dict of stacked state
-    #   _init_diagonal_state(group, n_elements, dtype, device) -> dict of flat state
-    #   _block_direction(group, state, G (n_blocks, *block_shape), step) -> direction
-    #   _diagonal_direction(group, state, g (n_elements,), step) -> direction
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        """Check a param group's hyperparameters; raise ValueError naming the bad one."""
-        if not group["lr"] >= 0:
-            raise ValueError(f"lr must be >= 0, got {group['lr']}")
-        if group["weight_decay"] < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
-        if int(group["max_preconditioner_dim"]) < 1:
-            raise ValueError("max_preconditioner_dim must be >= 1, got "
-                             f"{group['max_preconditioner_dim']}")
+    # -- the preconditioner interface (implemented by each optimizer) -------------------------
+    def _init_block_state(self, group: dict, shape: tuple[int, ...], n: int,
+                          dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        """Zero state of ``n`` stacked blocks of ``shape`` (each entry's first dim is ``n``)."""
+        raise NotImplementedError
+
+    def _init_diagonal_state(self, group: dict, n: int, dtype: torch.dtype,
+                             device: torch.device) -> dict[str, Tensor]:
+        """Zero state of ``n`` concatenated diagonal-method elements (flat entries)."""
+        raise NotImplementedError
+
+    def _block_direction(self, group: dict, st: dict[str, Tensor], G: Tensor,
+                         step: int) -> Tensor:
+        """Update the statistics of the stacked blocks ``G`` (n, *shape), refresh if due
+        (through :meth:`_refresh`) and return their direction."""
+        raise NotImplementedError
+
+    def _diagonal_direction(self, group: dict, st: dict[str, Tensor], g: Tensor,
+                            step: int) -> Tensor:
+        """Direction of the diagonal-method elements ``g`` (flat)."""
+        raise NotImplementedError
 
     # -- layout -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if getattr(self, "_groups", None) is not None:
-            raise ValueError("add_param_group after the first step is not supported by "
-                             f"{type(self).__name__}; create the optimizer with all groups")
+        """Add a group; after the first step its state is allocated at the next step (the
+        existing state is kept)."""
         super().add_param_group(param_group)
-        if hasattr(self, "_steps"):
-            self._validate_group(self.param_groups[-1])
-            self._steps.append(0)
+        self._steps.append(0)
+        if self._groups is not None:  # rebuild the stacks with the new group, state kept
+            self._rebuild()
 
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         if self.factor_dtype is not None:
@@ -412,8 +451,7 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                 if not p.is_floating_point() or p.is_complex():
                     raise TypeError(f"{type(self).__name__} needs real floating parameters, "
                                     f"got {p.dtype}")
-                plan = plan_blocks(p.shape, group["max_preconditioner_dim"],
-                                   group["merge_dims"], group["diagonal_threshold"])
+                plan = self._plan(p, group)
                 dkey = (self._state_dtype(p), p.device)
                 if plan.diagonal:
                     key = (gi, (), *dkey)
@@ -435,7 +473,87 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
             held = [o == me or not self._allgather for o in owners_k]  # allgather: own only
             g.rows = [sum(held[:i]) if h else -1 for i, h in enumerate(held)]
             g.state = self._init_block_state(group, g.shape, sum(held), dtype, device)
+        self._bind_state_views()
         return self._groups
+
+    def _plan(self, p: Tensor, group: dict[str, Any]) -> BlockPlan:
+        """:func:`plan_blocks`, then the state-size rule: a parameter whose Kronecker factors
+        would hold more than ``max_state_ratio`` times its number of elements *and* more
+        than ``2^20`` elements (a thin matrix such as (20000, 2), or a vocabulary-sized
+        embedding split into (1024, 64) blocks) uses the diagonal method instead (a
+        warning, once per shape). With ``max_state_ratio=None`` it keeps its blocks and the
+        warning says what they cost (beyond 8x)."""
+        if self.diagonal_only:
+            return BlockPlan((p.numel(),), (), True)
+        plan = plan_blocks(p.shape, group["max_preconditioner_dim"], group["merge_dims"],
+                           group["diagonal_threshold"])
+        if plan.diagonal:
+            return plan
+        ratio = group.get("max_state_ratio")
+        factors = sum(d * d for shape, _ in plan.blocks for d in shape)
+        if factors <= (ratio or 8.0) * p.numel() or factors <= _SMALL_FACTORS:
+            return plan
+        key = (type(self).__name__, tuple(p.shape), ratio)
+        if key not in _LOGGED_RATIOS:
+            _LOGGED_RATIOS.add(key)
+            logger.warning("%s: a parameter of shape %s would hold %.0fx its size in "
+                           "Kronecker factors (%d elements)%s", type(self).__name__,
+                           tuple(p.shape), factors / p.numel(), factors,
+                           "" if ratio is None else
+                           f" > max_state_ratio={ratio:g}; it uses the diagonal method")
+        return plan if ratio is None else BlockPlan((p.numel(),), (), True)
+
+    def _bind_state_views(self) -> None:
+        """``self.state[p]``: views of ``p``'s rows of the stacked state, named ``key`` (one
+        block) or ``key.j`` (block ``j`` of several), plus its group's ``step``. Rows held
+        by other ranks ("allgather") have no view here."""
+        self.state.clear()
+        steps = self._step_tensor = torch.tensor(self._steps, dtype=torch.float32)
+        for g in self._groups or []:
+            if g.diagonal:
+                offset = 0
+                for p, _, _ in g.members:
+                    n = p.numel()
+                    st = self.state[p]
+                    for k, v in g.state.items():
+                        st[k] = v[offset:offset + n].view(p.shape)
+                    offset += n
+                continue
+            for (p, plan, slices), row in zip(g.members, g.rows, strict=True):
+                if row < 0:
+                    continue
+                st = self.state[p]
+                suffix = "" if len(plan.blocks) == 1 else \
+                    f".{[sl for _, sl in plan.blocks].index(slices)}"
+                for k, v in g.state.items():
+                    st[k + suffix] = v[row]
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                self.state[p]["step"] = steps[gi]
+
+    def _state_layout(self, p: Tensor) -> dict[str, tuple[int, ...]]:
+        """Every state entry of ``p`` and its shape, whichever rank holds it."""
+        out: dict[str, tuple[int, ...]] = {}
+        for g in self._build():
+            for (q, plan, slices) in g.members:
+                if q is not p:
+                    continue
+                if g.diagonal:
+                    out.update({k: tuple(p.shape) for k in g.state})
+                    continue
+                suffix = "" if len(plan.blocks) == 1 else \
+                    f".{[sl for _, sl in plan.blocks].index(slices)}"
+                out.update({k + suffix: tuple(v.shape[1:]) for k, v in g.state.items()})
+        out["step"] = ()
+        return out
+
+    def _rebuild(self) -> None:
+        """New stacks (after ``add_param_group``), the existing state copied over."""
+        saved = self._full_param_state()
+        self._groups = None
+        self._build()
+        for p, st in saved.items():
+            self._copy_param_state(p, st)
 
     def _assign_owners(self) -> list[list[int]]:
         """Owner rank of every block (per group, per member): LPT over the blocks' refresh
@@ -502,20 +620,16 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
     # -- step ---------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        gmax = gradient_bound(type(self).__name__, grads, self.nonfinite,
-                              self.process_group if self._fsdp else None)
+        loss, gmax = self._begin_step(closure,
+                                      process_group=self.process_group if self._fsdp else None)
         if gmax is None:
-            self._counters["skipped_steps"] += 1
             return loss
         groups = self._build()
         self._gmax = gmax
+        self._counters["steps"] += 1
         for gi in range(len(self.param_groups)):
             self._steps[gi] += 1
+        self._step_tensor.copy_(torch.tensor(self._steps, dtype=torch.float32))
         self._grads = self._whole_grads(groups) if self._fsdp else {}
         updates: dict[int, Tensor] = {}
         me = _dist.rank(self.process_group)
@@ -535,9 +649,6 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
                                    device=next(iter(st.values())).device)
                 st = self._substate(g, present, idx)
             sdtype = next(iter(g.state.values())).dtype
-            # Statistics of gradients this small cannot overflow: skip the per-block guards.
-            bound = gmax * gmax * (math.prod(g.shape) if g.shape else 1)
-            self._guard = not bound < 0.25 * torch.finfo(sdtype).max
             if g.diagonal:
                 G = torch.cat([self._grad(g.members[i][0]).reshape(-1)
                                for i in present]).to(sdtype)
@@ -706,65 +817,121 @@ class BlockedPreconditionerOptimizer(torch.optim.Optimizer):
             j += 1
 
     # -- state --------------------------------------------------------------------------
-    def _count_refresh(self, n_blocks: int, failed: int, what: str) -> None:
-        self._counters["refreshes"] += 1
-        if failed:
-            self._counters["failures"] += failed
-            logger.warning("%s: %d of %d %s computations failed; previous preconditioner kept",
-                           type(self).__name__, failed, n_blocks, what)
+    def _count_refresh(self, n_blocks: int, failed: int, what: str,
+                       shape: tuple[int, ...] = ()) -> None:
+        """Count a refresh of ``n_blocks`` blocks (factors of ``shape``) of which ``failed``
+        kept their previous value. The refresh of one kind of factor failing in
+        ``max_refresh_failures`` consecutive optimizer steps is an error: a preconditioner
+        that can never be computed is not a fallback."""
+        self._count_refresh_base(failed)
+        key = (what, tuple(shape))
+        if not failed:
+            self._failure_streak.pop(key, None)
+            return
+        logger.warning("%s: %d of %d %s computations failed; previous preconditioner kept",
+                       type(self).__name__, failed, n_blocks, what)
+        step = self._counters["steps"]
+        last, streak = self._failure_streak.get(key, (None, 0))
+        if last == step:
+            return
+        streak += 1
+        self._failure_streak[key] = (step, streak)
+        if streak >= self.max_refresh_failures:
+            raise RuntimeError(
+                f"{type(self).__name__}: the {what} computation of {tuple(shape)} factors "
+                f"failed in {streak} refreshes in a row ({failed} of {n_blocks} blocks the "
+                "last time); their preconditioner is stale. Raise eps (damping), use float64 "
+                "compute_dtype, or lower the learning rate")
 
+    def _count_refresh_base(self, failed: int) -> None:
+        CurvlabOptimizer._count_refresh(self, 1, failed)
+
+    def _full_param_state(self) -> dict[Tensor, dict[str, Tensor]]:
+        """Every parameter's whole state (copies; with "allgather" a collective that
+        assembles the rows from their owners)."""
+        groups = self._build()
+        whole = self._whole_state()
+        out: dict[Tensor, dict[str, Tensor]] = {}
+        for g, st in zip(groups, whole, strict=True):
+            if g.diagonal:
+                offset = 0
+                for p, _, _ in g.members:
+                    n = p.numel()
+                    out.setdefault(p, {}).update(
+                        {k: v[offset:offset + n].view(p.shape).clone() for k, v in st.items()})
+                    offset += n
+                continue
+            for i, (p, plan, slices) in enumerate(g.members):
+                suffix = "" if len(plan.blocks) == 1 else \
+                    f".{[sl for _, sl in plan.blocks].index(slices)}"
+                out.setdefault(p, {}).update({k + suffix: v[i].clone() for k, v in st.items()})
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                out.setdefault(p, {})["step"] = torch.tensor(float(self._steps[gi]))
+        return out
+
+    def _copy_param_state(self, p: Tensor, saved: dict[str, Any]) -> None:
+        """Write one parameter's saved state into the stacks (the rows this rank holds)."""
+        st = self.state[p]
+        for k, v in saved.items():
+            if k == "step":
+                continue
+            if k in st:
+                st[k].copy_(v.to(device=st[k].device, dtype=st[k].dtype))
+
+    # -- state dict ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The whole state on every rank (with ``distributed_mode="allgather"`` a collective:
-        call it on every rank), so a checkpoint resumes on any world size."""
+        """Per-parameter state as torch lays it out (``state[i]``: views of the stacks, no
+        copy). With ``distributed_mode="allgather"`` a collective (call it on every rank):
+        the rows held by other ranks are assembled, so a checkpoint resumes on any world
+        size."""
+        self._build()
         sd = super().state_dict()
-        sd["preconditioner"] = {
-            "steps": list(self._steps),
-            "counters": dict(self._counters),
-            "nonfinite_blocks": self._nonfinite_blocks.clone(),
-            "groups": self._whole_state(),
-        }
+        if self._allgather:
+            index = {id(p): i for i, p in enumerate(
+                p for g in self.param_groups for p in g["params"])}
+            for p, st in self._full_param_state().items():
+                sd["state"][index[id(p)]] = st
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        pre = state_dict.pop("preconditioner", None)
-        if pre is None:
-            raise ValueError(f"state_dict was not produced by {type(self).__name__}.state_dict() "
-                             "(missing 'preconditioner' entry)")
-        super().load_state_dict(state_dict)
-        self._groups = None
-        groups = self._build()
-        if len(pre["groups"]) != len(groups):
-            raise ValueError("state_dict has a different blocking layout than this optimizer "
-                             "(different parameters or max_preconditioner_dim?)")
-        for g, saved in zip(groups, pre["groups"], strict=True):
-            if saved.keys() != g.state.keys():
-                raise ValueError("state_dict preconditioner state keys do not match")
-            held = [i for i, r in enumerate(g.rows) if r >= 0]
-            for k, v in g.state.items():
-                want = (len(g.members), *v.shape[1:]) if not g.diagonal else tuple(v.shape)
-                if tuple(saved[k].shape) != want:
-                    raise ValueError(f"state_dict entry {k!r} has shape {tuple(saved[k].shape)}, "
-                                     f"expected {want}")
-                rows = saved[k] if g.diagonal else saved[k][held]
-                v.copy_(rows.to(device=v.device, dtype=v.dtype))
-        self._steps = list(pre["steps"])
-        self._counters = dict(pre["counters"])
-        self._nonfinite_blocks = pre["nonfinite_blocks"].clone()
+    def _global_state(self) -> dict[str, Any]:
+        return {"nonfinite_blocks": int(self._nonfinite_blocks)}
 
-    def stats(self) -> dict[str, Any]:
-        """Preconditioner memory of this rank (bytes), block counts, refresh/failure/skip
-        counters."""
+    def _state_template(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        return self._state_layout(p)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from curvlab.optim._convert import convert_blocked_state_dict
+
+        super().load_state_dict(convert_blocked_state_dict(self, state_dict))
+
+    def _load_param_state(self, p: Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        if self._groups is None:
+            self._build()
+        self._copy_param_state(p, saved)
+        return self.state[p]
+
+    def _before_param_state_load(self, saved_state: dict[Any, dict[str, Any]],
+                                 index: dict[Any, Tensor]) -> None:
+        steps = list(self._steps)
+        group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        for pid, st in saved_state.items():
+            if "step" in st:
+                steps[group_of[id(index[pid])]] = int(float(st["step"]))
+        self._steps = steps
+        self._groups = None
+        self._build()
+
+    def _load_global_state(self, state: dict[str, Any]) -> None:
+        self._nonfinite_blocks = torch.tensor(int(state.get("nonfinite_blocks", 0)))
+
+    def _extra_stats(self) -> dict[str, Any]:
+        """Preconditioner block counts and non-finite block directions zeroed."""
         groups = self._build()
-        mem = sum(v.numel() * v.element_size() for g in groups for v in g.state.values())
         return {
-            "preconditioner_memory_bytes": mem,
             "num_blocks": sum(len(g.members) for g in groups if not g.diagonal),
             "num_block_shapes": sum(1 for g in groups if not g.diagonal),
             "num_diagonal_params": sum(len(g.members) for g in groups if g.diagonal),
-            "refreshes": self._counters["refreshes"],
-            "failures": self._counters["failures"],
-            "skipped_steps": self._counters["skipped_steps"],
             "nonfinite_block_updates": int(self._nonfinite_blocks),
-            "steps": list(self._steps),
+            "group_steps": list(self._steps),
         }

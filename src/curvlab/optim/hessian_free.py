@@ -33,7 +33,7 @@ from torch import nn
 from curvlab.linops.ggn import GGNOperator
 from curvlab.objective import Objective
 from curvlab.optim._batch_capture import InputRecorder
-from curvlab.optim._rng_state import GeneratorStateMixin
+from curvlab.optim.base import CurvlabOptimizer
 
 __all__ = ["HessianFree"]
 
@@ -48,7 +48,7 @@ def _batch_size(X: Any) -> int:
     return int(X.shape[0])
 
 
-class HessianFree(GeneratorStateMixin, torch.optim.Optimizer):
+class HessianFree(CurvlabOptimizer):
     """Hessian-free optimizer: ``opt.step(closure)`` or ``opt.step(batch=(inputs, targets))``.
 
     ``batch`` gives the data of the Gauss-Newton products and of the loss evaluations of
@@ -81,7 +81,8 @@ class HessianFree(GeneratorStateMixin, torch.optim.Optimizer):
     ``new_loss``, ``rejected_steps``, ``skipped_steps``.
     """
 
-    _global_key = _GLOBAL
+
+    supports_add_param_group = False
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], lr: float = 1.0,
                  damping: float = 1.0, *, params: Iterable[Any] | None = None,
@@ -102,15 +103,22 @@ class HessianFree(GeneratorStateMixin, torch.optim.Optimizer):
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
         if not 0 <= warm_start < 1:
             raise ValueError(f"warm_start must be in [0, 1), got {warm_start}")
+        if not 0 < armijo_c < 1:
+            raise ValueError(f"HessianFree: armijo_c={armijo_c!r} must be in (0, 1)")
+        if not (math.isfinite(min_damping) and math.isfinite(max_damping)
+                and 0 < min_damping <= max_damping):
+            raise ValueError(f"HessianFree: need 0 < min_damping <= max_damping (finite), got "
+                             f"min_damping={min_damping!r}, max_damping={max_damping!r}")
+        if not min_damping <= damping <= max_damping:
+            raise ValueError(f"HessianFree: damping={damping!r} must lie in [min_damping, "
+                             "max_damping]")
         if preconditioner not in ("martens", None):
             raise ValueError(f"preconditioner must be 'martens' or None, got {preconditioner!r}")
         if curvature_batch_size is not None and curvature_batch_size < 1:
             raise ValueError("curvature_batch_size must be a positive integer or None")
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
-        super().__init__(params, dict(lr=lr))
+        super().__init__(params, dict(lr=lr), nonfinite=nonfinite)
         self.model, self.loss_fn = model, loss_fn
         self.cg_max_iter, self.cg_min_iter, self.cg_tol = cg_max_iter, cg_min_iter, cg_tol
         self.warm_start = warm_start
@@ -119,14 +127,14 @@ class HessianFree(GeneratorStateMixin, torch.optim.Optimizer):
         self.armijo_c = armijo_c
         self.min_damping, self.max_damping = min_damping, max_damping
         self.nonfinite = nonfinite
-        self.state[_GLOBAL] = {"step": 0, "damping": float(damping)}
-        self.stats: dict[str, Any] = {"rejected_steps": 0, "skipped_steps": 0}
+        self._global = {"step": 0, "damping": float(damping)}
+        self._last: dict[str, Any] = {"rejected_steps": 0}
         self._generator = torch.Generator().manual_seed(seed)
         self._recorder = InputRecorder(model, self)
 
     @property
     def damping(self) -> float:
-        return self.state[_GLOBAL]["damping"]
+        return self._global["damping"]
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -205,12 +213,6 @@ class HessianFree(GeneratorStateMixin, torch.optim.Optimizer):
         return saved, i
 
     # ---- the step --------------------------------------------------------------------
-    def _skip(self, what: str) -> None:
-        if self.nonfinite == "raise":
-            raise FloatingPointError(f"HessianFree: non-finite {what}; nothing was changed")
-        self.stats["skipped_steps"] += 1
-        logger.warning("HessianFree: non-finite %s; step skipped", what)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
              batch: Any = None) -> torch.Tensor:
@@ -243,7 +245,7 @@ class HessianFree(GeneratorStateMixin, torch.optim.Optimizer):
             loss_t, grads = obj.loss_and_grad(keep_buffers=True)  # the step's one pass
             g, f0, loss = obj.flatten(grads), float(loss_t), loss_t
         if not (math.isfinite(f0) and bool(torch.isfinite(g).all())):
-            self._skip("loss or gradient")
+            self._skip("nonfinite", "loss or gradient")
             return loss
         lam = self.damping
         cb = self.curvature_batch_size
@@ -311,12 +313,13 @@ class HessianFree(GeneratorStateMixin, torch.optim.Optimizer):
                 break
             f_new = f_at(alpha * d)
         last = saved[-1][1]
-        self.state[_GLOBAL]["damping"] = lam
-        self.state[_GLOBAL]["step"] += 1
-        self.stats.update(cg_iterations=iters, damping=lam, rho=rho, alpha=alpha, loss=f0,
+        self._global["damping"] = lam
+        self._global["step"] += 1
+        self._counters["steps"] += 1
+        self._last.update(cg_iterations=iters, damping=lam, rho=rho, alpha=alpha, loss=f0,
                           new_loss=f_new if alpha > 0 else f0, chosen_iterate=saved[best_i][0])
         if alpha == 0.0:
-            self.stats["rejected_steps"] += 1
+            self._last["rejected_steps"] += 1
             for p in params.values():
                 self.state[p].pop("cg_direction", None)
             logger.info("HessianFree: no acceptable step (rho=%.3g); damping -> %.3g", rho, lam)
@@ -332,3 +335,11 @@ class HessianFree(GeneratorStateMixin, torch.optim.Optimizer):
         lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
         return torch.cat([torch.full((p.numel(),), lr_of[id(p)], dtype=p.dtype,
                                      device=p.device) for p in obj.params.values()])
+
+    def _extra_stats(self) -> dict[str, Any]:
+        """Values of the last step (see the class docstring)."""
+        return dict(self._last)
+
+    def _state_template(self, p: torch.Tensor, group: dict[str, Any]
+                        ) -> dict[str, tuple[int, ...]]:
+        return dict.fromkeys(("cg_direction",), tuple(p.shape))

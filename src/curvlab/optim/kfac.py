@@ -16,7 +16,8 @@ gradients in the Kronecker eigenbasis, ``E_n[(Q_G^T dW_n Q_A)^2]``.
 
 The step is then scaled by the KL-clipping factor of Ba et al. (2017, sec. 5),
 ``nu = min(1, sqrt(kl_clip / (lr^2 sum <U, M>)))``, and applied with heavy-ball momentum:
-``buf = momentum buf + nu U + weight_decay theta``, ``theta -= lr buf``.
+``buf = momentum buf + nu U``, ``theta <- (1 - lr wd) theta - lr buf`` (decoupled weight
+decay, as every curvlab optimizer).
 
 Data parallel (``process_group``; given a ``DistributedDataParallel`` model K-FAC hooks
 its ``.module`` and uses DDP's process group unless one is passed):
@@ -91,8 +92,10 @@ from curvlab.linops._kronecker import (
     unrotate,
 )
 from curvlab.optim._distributed import Timings, lpt_schedule, reject_dtensors
-from curvlab.optim._preconditioner import graft_direction, max_abs
-from curvlab.optim._rng_state import GeneratorStateMixin
+from curvlab.optim._preconditioner import max_abs
+from curvlab.optim.adam import AdamConfig, adam_directions_, adam_preconditioner, moment_dtype
+from curvlab.optim.base import CurvlabOptimizer
+from curvlab.optim.stability import StabilityModel, momentum_threshold
 
 __all__ = ["KFAC"]
 
@@ -101,7 +104,7 @@ logger = logging.getLogger(__name__)
 _GLOBAL = "kfac"  # key of the optimizer-wide counters in self.state
 
 
-class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
+class KFAC(CurvlabOptimizer):
     """K-FAC / EKFAC optimizer; hooks the Linear, Conv2d, HF Conv1D and Embedding layers of
     ``model``.
 
@@ -119,17 +122,17 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         model: the ``nn.Module`` whose layers are hooked.
         lr: learning rate.
         damping: Tikhonov damping ``lambda``. The defaults (damping 0.03, ``kl_clip``
-            1e-2, momentum 0.5, ``inv_update_freq`` 5) come from a sweep on the digits MLP
+            1e-2, momentum 0.5, ``precondition_frequency`` 5) come from a sweep on the digits MLP
             (``benchmarks/bench_curvature_optim.py``): without KL clipping, damping <= 0.1
             diverged there at lr >= 0.3 (and damping 0.03 at lr >= 0.1); with the clip,
             the step's KL bound, not ``lr``, sets the step size early in training.
         params: parameters or param groups (default: all trainable parameters of model).
             A layer's weight and bias must be in the same group.
-        momentum, weight_decay: heavy-ball momentum and L2 added to the direction.
+        momentum, weight_decay: heavy-ball momentum and decoupled weight decay.
         stat_decay: EMA factor of the Kronecker factors (and EKFAC scales).
         factor_update_freq: capture statistics and update factors every this many steps.
-        inv_update_freq: recompute eigendecompositions / inverses every this many steps
-            (a multiple of ``factor_update_freq``).
+        precondition_frequency: recompute eigendecompositions / inverses every this many
+            steps (a multiple of ``factor_update_freq``).
         kl_clip: KL-clipping constant; ``None`` disables clipping.
         inverse_method: ``"eigen"`` (exact damped Kronecker inverse) or ``"inverse"``
             (factored Tikhonov damping with explicit inverses; its damping is refreshed
@@ -170,7 +173,10 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
     ``skipped_steps``, ``eigh_failures``, ``rho`` (adaptive damping).
     """
 
-    _global_key = _GLOBAL
+
+    renamed = {"inv_update_freq": "precondition_frequency"}
+
+    supports_add_param_group = False
 
     def __init__(
         self,
@@ -183,7 +189,7 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         weight_decay: float = 0.0,
         stat_decay: float = 0.95,
         factor_update_freq: int = 1,
-        inv_update_freq: int = 5,
+        precondition_frequency: int = 5,
         kl_clip: float | None = 1e-2,
         inverse_method: str = "eigen",
         eigenvalue_correction: bool = False,
@@ -205,7 +211,10 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         approx: str = "expand",
         separate_weight_and_bias: bool = False,
         tied_weights: str = "head",
+        **renamed: Any,
     ) -> None:
+        inv_update_freq = self._renamed_kwargs(
+            renamed, {"precondition_frequency": precondition_frequency})["precondition_frequency"]
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (its layers are hooked), got "
                             f"{type(model).__name__}")
@@ -223,13 +232,13 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"kl_clip must be positive or None (no clipping), got {kl_clip}")
         for name, val in (("factor_update_freq", factor_update_freq),
-                          ("inv_update_freq", inv_update_freq),
+                          ("precondition_frequency", inv_update_freq),
                           ("damping_adaptation_interval", damping_adaptation_interval),
                           ("mc_samples", mc_samples)):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
         if inv_update_freq % factor_update_freq:
-            raise ValueError(f"inv_update_freq ({inv_update_freq}) must be a multiple of "
+            raise ValueError(f"precondition_frequency ({inv_update_freq}) must be a multiple of "
                              f"factor_update_freq ({factor_update_freq})")
         if inverse_method not in ("eigen", "inverse"):
             raise ValueError(f"inverse_method must be 'eigen' or 'inverse', got "
@@ -243,8 +252,6 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
                              "e.g. nn.CrossEntropyLoss()")
         if fallback not in ("sgd", "adam"):
             raise ValueError(f"fallback must be 'sgd' or 'adam', got {fallback!r}")
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if not 0 < min_damping <= max_damping:
             raise ValueError("need 0 < min_damping <= max_damping")
         if params is None:
@@ -256,7 +263,7 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         self.timings = Timings(enabled=self.process_group is not None)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
                         kl_clip=kl_clip)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
         self.model = model
         self.stat_decay = stat_decay
         self.factor_update_freq = factor_update_freq
@@ -324,8 +331,8 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
                                      for L in self._layers],
                                     _dist.world_size(self.process_group))
         self._local_n: list[int] = [0] * len(self._all_layers)
-        self.state[_GLOBAL] = {"step": 0}
-        self.stats: dict[str, Any] = {"skipped_steps": 0, "eigh_failures": 0,
+        self._global = {"step": 0}
+        self._last: dict[str, Any] = {"eigh_failures": 0,
                                       "condition_numbers": {}}
         self._suspended = False
         self._inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
@@ -385,7 +392,7 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
     # ---- hooks and bookkeeping ------------------------------------------------------
     @property
     def _step(self) -> int:
-        return self.state[_GLOBAL]["step"]
+        return self._global["step"]
 
     @property
     def _capturing(self) -> bool:
@@ -407,9 +414,26 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         self._capture.remove()
         self._pre_hook.remove()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def _after_load(self) -> None:
         self._clear()
+
+    def _extra_stats(self) -> dict[str, Any]:
+        """Values of the last step (see the class docstring)."""
+        return dict(self._last)
+
+    def _state_template(self, p: torch.Tensor, group: dict[str, Any]
+                        ) -> dict[str, tuple[int, ...] | None]:
+        """Parameter-shaped entries and the layer's factors (of its first parameter)."""
+        out: dict[str, tuple[int, ...] | None] = {
+            k: tuple(p.shape) for k in ("momentum_buffer", "exp_avg", "exp_avg_sq")}
+        for layer in self._layers:
+            if self._named[layer.keys[0]] is p:
+                a, g = layer.d_in, layer.d_out
+                out["A"] = (a,) if layer.diag_in else (a, a)
+                out["G"] = (g,) if layer.diag_out else (g, g)
+                out.update(dict.fromkeys(("QA", "QG", "dA", "dG", "A_inv", "G_inv", "scale",
+                                          "tA", "tG")))
+        return out
 
     # ---- statistics -----------------------------------------------------------------
     def _layer_grad(self, layer: KronLayer) -> torch.Tensor | None:
@@ -557,14 +581,14 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
                 dA, dG = (X.double() if X.dim() == 1 else torch.linalg.eigvalsh(X.double())
                           for X in (A, G))
         except RuntimeError as err:
-            self.stats["eigh_failures"] += 1
+            self._last["eigh_failures"] += 1
             logger.warning("K-FAC: factor decomposition of layer %r failed (%s); keeping the "
                            "previous preconditioner", layer.name, err)
             return
         if dA is None or dG is None:
             return
         cond = lambda d: float(d.max() / d.min().clamp_min(1e-30))  # noqa: E731
-        self.stats["condition_numbers"][layer.name] = (cond(dA), cond(dG))
+        self._last["condition_numbers"][layer.name] = (cond(dA), cond(dG))
 
     def _ekfac_scale(self, st: dict[str, Any], per_layer) -> torch.Tensor:
         """``sum_n sum_u (Q_G^T (sum_t g_ntu a_nt^T) Q_A)^2``: the diagonal of the layer's
@@ -576,19 +600,66 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         return total * factor_scale(self.fisher_type, self._reduction(), n)
 
     # ---- preconditioning -------------------------------------------------------------
-    def _precondition(self, st: dict[str, Any], M: torch.Tensor, lam: float) -> torch.Tensor:
+    def _precondition(self, st: dict[str, Any], M: torch.Tensor, lam: float,
+                      power: float = 1.0) -> torch.Tensor:
+        """``(C + lam)^{-power} M`` for the layer's Kronecker curvature ``C`` (``power``
+        other than 1 needs the eigen method)."""
         if "tied" in st:
             P, Q, gam, dlt, alp, bet = st["tied"]
             denom = gam.unsqueeze(1) * alp.unsqueeze(0) + dlt.unsqueeze(1) * bet.unsqueeze(0)
-            return unrotate(rotate(M, P, Q) / (denom + lam), P, Q)
+            return unrotate(rotate(M, P, Q) / (denom + lam) ** power, P, Q)
         if self.inverse_method == "inverse":
+            if power != 1.0:
+                raise NotImplementedError("inverse_method='inverse' keeps no eigenbasis")
             return kron_apply(st["G_inv"], M, st["A_inv"])
         QA, QG = st["QA"], st["QG"]
         if self.eigenvalue_correction:
             denom = st["scale"] + lam
         else:
             denom = st["dG"].unsqueeze(1) * st["dA"].unsqueeze(0) + lam
-        return unrotate(rotate(M, QG, QA) / denom, QG, QA)
+        return unrotate(rotate(M, QG, QA) / denom ** power, QG, QA)
+
+    def stability_model(self) -> StabilityModel:
+        """Heavy-ball momentum on the damped Kronecker-preconditioned gradient: stable while
+        ``lr lambda_max(P^{-1/2} H P^{-1/2}) < 2 (1 + momentum)`` with ``P = A (x) G +
+        damping`` per layer (the fallback parameters: ``P = I`` for "sgd", Adam's diagonal
+        for "adam"). KL clipping only shrinks steps, so the bound is conservative. A layer's
+        weight and bias share one block; here each is preconditioned with the other's part
+        set to zero (block-diagonal in weight and bias: an estimate)."""
+        if self.inverse_method != "eigen":
+            raise NotImplementedError("K-FAC's stability model needs inverse_method='eigen'")
+        group = self.param_groups[0]
+        owner = {}
+        for i, layer in enumerate(self._layers):
+            for key in layer.keys:
+                owner[id(self._named[key])] = i
+
+        def inv_sqrt(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            i = owner.get(id(p))
+            if i is None:  # fallback parameter
+                st = self.state.get(p, {})
+                if self.fallback == "adam" and "exp_avg_sq" in st:
+                    config = AdamConfig(self.adam_betas, self.eps)
+                    return v * adam_preconditioner(st["exp_avg_sq"], st["adam_step"],
+                                                   config).rsqrt().to(v.dtype)
+                return v
+            layer = self._layers[i]
+            st = self.state[self._named[layer.keys[0]]]
+            if "QA" not in st and "tied" not in st:
+                return v / math.sqrt(self.param_groups[self._layer_group[i]]["damping"])
+            is_weight = layer.weight is not None and self._named[layer.weight] is p
+            w = v if is_weight else (torch.zeros_like(self._named[layer.weight])
+                                     if layer.weight is not None else None)
+            b = v if not is_weight else (torch.zeros_like(self._named[layer.bias])
+                                         if layer.bias is not None else None)
+            M = layer.block(w, b).to(layer.stat_dtype)
+            lam = self.param_groups[self._layer_group[i]]["damping"]
+            U = self._precondition(st, M, lam, power=0.5)
+            return dict((id(q), u) for q, u in self._split(layer, U))[id(p)].to(v.dtype)
+
+        return StabilityModel("kfac", float(group["lr"]),
+                              momentum_threshold(float(group["momentum"])), inv_sqrt,
+                              "damped Kronecker factors; weight and bias blocks separated")
 
     def _curvature_product(self, st: dict[str, Any], M: torch.Tensor) -> torch.Tensor:
         """The (undamped) Kronecker curvature block applied to ``M``."""
@@ -614,12 +685,8 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
 
     # ---- the step --------------------------------------------------------------------
     def _nonfinite(self, what: str) -> None:
-        if self.nonfinite == "raise":
-            self._clear()
-            raise FloatingPointError(f"K-FAC: non-finite {what}; no parameter was changed")
-        self.stats["skipped_steps"] += 1
-        logger.warning("K-FAC: non-finite %s; step skipped (parameters unchanged)", what)
         self._clear()
+        self._skip("nonfinite", what)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -643,8 +710,8 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if loss is not None:
             grads.append(torch.as_tensor(loss).detach().reshape(1))
-        if not _finite(grads):
-            self._nonfinite("gradient or loss")
+        if self._gradient_bound(grads) is None:  # the base rule: non-finite or overflowing
+            self._clear()
             return loss
         k = self._step
         stats_step = k % self.factor_update_freq == 0
@@ -758,8 +825,6 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
             nus.append(nu)
             for p, u, _ in items:
                 d = u * nu
-                if group["weight_decay"]:
-                    d = d + group["weight_decay"] * p
                 buf = self.state[p].get("momentum_buffer")
                 if group["momentum"] and buf is not None:
                     d = buf * group["momentum"] + d
@@ -774,9 +839,12 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         for p, d, group in updates:
             if group["momentum"]:
                 self.state[p]["momentum_buffer"] = d.clone()
+            if group["weight_decay"]:  # decoupled (curvlab.optim.base)
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
             p.add_(d, alpha=-group["lr"])
-        self.state[_GLOBAL]["step"] = k + 1
-        self.stats.update(step=k + 1, kl_clip_scale=min(nus) if nus else 1.0,
+        self._global["step"] = k + 1
+        self._counters["steps"] += 1
+        self._last.update(step=k + 1, kl_clip_scale=min(nus) if nus else 1.0,
                           damping=[g["damping"] for g in self.param_groups])
         if saved is not None:
             self._adapt_damping(closure, loss, updates, saved, layer_dirs)
@@ -786,16 +854,15 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
         if self.fallback == "sgd":
             return p.grad
         st = self.state[p]
-        b1, b2 = self.adam_betas
         if "exp_avg" not in st:
-            st["exp_avg"] = torch.zeros_like(p)
-            st["exp_avg_sq"] = torch.zeros_like(p)
+            dtype = moment_dtype(p.dtype)
+            st["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
             st["adam_step"] = 0
         st["adam_step"] += 1
-        st["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
-        t = st["adam_step"]
-        return graft_direction("adam", st["exp_avg"] / (1 - b1 ** t), p.grad, st["exp_avg_sq"],
-                               t, b2, self.eps)
+        (d,) = adam_directions_([st["exp_avg"]], [st["exp_avg_sq"]], [p.grad],
+                                [st["adam_step"]], AdamConfig(self.adam_betas, self.eps))
+        return d.to(p.dtype)
 
     def _adapt_now(self, closure: Any) -> bool:
         return (self.adaptive_damping and closure is not None
@@ -842,7 +909,7 @@ class KFAC(GeneratorStateMixin, torch.optim.Optimizer):
                 group["damping"] = max(self.min_damping, group["damping"] * omega)
             elif rho < 0.25:
                 group["damping"] = min(self.max_damping, group["damping"] / omega)
-        self.stats.update(rho=rho, damping=[g["damping"] for g in self.param_groups])
+        self._last.update(rho=rho, damping=[g["damping"] for g in self.param_groups])
 
 
 def _shared_basis(X: torch.Tensor, Y: torch.Tensor, wx: float, wy: float

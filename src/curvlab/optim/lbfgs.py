@@ -21,6 +21,7 @@ import torch
 from curvlab.minimize.evaluator import Monitor
 from curvlab.minimize.quasi_newton import LBFGSMemory, lbfgs
 from curvlab.minimize.result import OptimizeResult
+from curvlab.optim.base import CurvlabOptimizer
 
 __all__ = ["LBFGS"]
 
@@ -64,7 +65,7 @@ class _ClosureEvaluator:
         return loss.detach().reshape(()).to(x.dtype), g.to(x.dtype)
 
 
-class LBFGS(torch.optim.Optimizer):
+class LBFGS(CurvlabOptimizer):
     """Full-batch L-BFGS with strong Wolfe line search and an ``OptimizeResult`` per step.
 
     Args:
@@ -76,6 +77,8 @@ class LBFGS(torch.optim.Optimizer):
         line_search: ``"strong-wolfe"`` (default) or ``"armijo"``.
         c1, c2: line search constants.
     """
+
+    supports_add_param_group = False
 
     def __init__(self, params: Iterable, lr: float = 1.0, max_iter: int = 100,
                  history_size: int = 10, gtol: float = 1e-5,
@@ -148,7 +151,23 @@ class LBFGS(torch.optim.Optimizer):
         state["func_evals"] = state.get("func_evals", 0) + res.nfev
         res.pop("memory", None)
         self.result = res
+        self._counters["steps"] += 1
         return ev.first_loss if ev.first_loss is not None else res.fun
+
+    def _load_param_state(self, p: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        n = sum(q.numel() for q in self._params())
+        for key in ("s", "y"):
+            for v in saved.get(key, []):
+                if not isinstance(v, torch.Tensor) or v.numel() != n:
+                    raise ValueError(f"LBFGS.load_state_dict: curvature pair {key!r} has "
+                                     f"{getattr(v, 'numel', lambda: '?')()} entries, the "
+                                     f"parameters {n} (a state dict of a different model?)")
+        return {k: ([t.detach().to(p.device, copy=True) for t in v] if k in ("s", "y")
+                    else v) for k, v in saved.items()}
+
+    def _extra_stats(self) -> dict[str, Any]:
+        st = self.state.get(self._params()[0], {}) if self._params() else {}
+        return {"n_iter": st.get("n_iter", 0), "func_evals": st.get("func_evals", 0)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

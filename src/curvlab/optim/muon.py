@@ -17,10 +17,10 @@ group with ``transposed=True`` holds 2-D weights stored ``(in, out)`` (Hugging F
 ``Conv1D``, used by GPT-2), which Muon orthogonalizes and scales as their transpose, so such a
 layer gets exactly the transpose of the update of the equivalent ``nn.Linear``. Parameters
 of groups with ``use_muon=False`` (and, by default, parameters with fewer than 2 dimensions)
-are updated by AdamW with the group's ``lr``, ``weight_decay``, ``adamw_betas`` and
-``adamw_eps`` (the torch.optim.AdamW kernel). :func:`muon_param_groups` routes embeddings,
-the output head, biases and norms to AdamW and marks ``Conv1D`` weights ``transposed`` in
-one line.
+are updated by AdamW with the group's ``lr``, ``weight_decay`` and ``adam`` settings
+(:mod:`curvlab.optim.adam`; moments in float32 for 16-bit parameters).
+:func:`muon_param_groups` routes embeddings, the output head, biases and norms to AdamW
+and marks ``Conv1D`` weights ``transposed`` in one line.
 
 Same-shape matrices are orthogonalized together in one batched Newton–Schulz. The iteration
 runs in ``ns_dtype`` (default bfloat16 on CUDA, where tensor cores make it fast; elsewhere
@@ -51,7 +51,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.adamw import adamw as _adamw_kernel
 
 from curvlab import distributed as _dist
 from curvlab.linalg.matfuncs import NS_QUINTIC_COEFFICIENTS, newton_schulz
@@ -65,7 +64,17 @@ from curvlab.optim._distributed import (
     shard_rows,
     share_rows,
 )
-from curvlab.optim._preconditioner import gradient_bound
+from curvlab.optim.adam import AdamConfig, adam_preconditioner, adam_step_, moment_dtype
+from curvlab.optim.base import (
+    CurvlabOptimizer,
+    betas_rule,
+    finite_nonnegative,
+    finite_positive,
+    one_of,
+    optional,
+    unit_interval,
+)
+from curvlab.optim.stability import StabilityModel, momentum_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +93,7 @@ def _muon_scale(rule: str, shape: tuple[int, ...]) -> float:
     return 1.0
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(CurvlabOptimizer):
     """Muon with an AdamW fallback (torch.optim API). See the module docstring.
 
     Args:
@@ -95,20 +104,32 @@ class Muon(torch.optim.Optimizer):
         lr: learning rate (of both methods unless a group overrides it).
         momentum, nesterov: Muon's momentum.
         weight_decay: decoupled weight decay ``p <- (1 - lr wd) p``.
-        ns_steps, ns_coefficients, eps: Newton–Schulz iteration.
+        ns_steps, ns_coefficients, eps: Newton–Schulz iteration (``eps`` > 0 guards the
+            normalization).
         adjust_lr: "original" (default), "match_rms_adamw" or "none" (see module docstring).
         ns_dtype: dtype of the Newton–Schulz iteration (default: bfloat16 on CUDA, else float32,
             float64 for float64 parameters).
-        adamw_betas, adamw_eps: AdamW's hyperparameters for the non-Muon parameters.
-        nonfinite: "skip" (default; the whole step is skipped and counted) or "raise"
-            (FloatingPointError) for non-finite gradients. Finite gradients whose squares
-            overflow saturate AdamW's second moment at the dtype's maximum.
+        adam: :class:`~curvlab.optim.adam.AdamConfig` (or a dict of its fields) of the AdamW
+            used for the non-Muon parameters (stored in the groups as ``adam_betas``,
+            ``adam_eps``). ``adamw_betas`` / ``adamw_eps`` are deprecated aliases.
+        nonfinite: "skip" (default) or "raise" for non-finite or overflowing gradients
+            (:mod:`curvlab.optim.base`).
         process_group: ``None``, ``"default"`` or a ``ProcessGroup``: split the
             Newton–Schulz work over its ranks (DDP), required for DTensor (FSDP2) parameters.
         compile: run the Newton–Schulz iteration through ``torch.compile`` (one graph per
             batch shape, compiled on first use; fuses the scaling and additions around the
             matmuls on GPUs). Off by default: compiling costs seconds.
     """
+
+    hyperparameters = {
+        "lr": finite_positive, "weight_decay": finite_nonnegative, "momentum": unit_interval,
+        "eps": finite_positive, "adam_betas": betas_rule, "adam_eps": finite_positive,
+        "adjust_lr": one_of(*_ADJUST), "ns_dtype": optional(lambda d: None if isinstance(
+            d, torch.dtype) and d.is_floating_point else "must be a floating torch dtype"),
+        "ns_steps": lambda n: None if isinstance(n, int) and n >= 0 else
+        "must be an integer >= 0",
+    }
+    renamed = {"adamw_betas": "adam_betas", "adamw_eps": "adam_eps"}
 
     def __init__(
         self,
@@ -123,25 +144,24 @@ class Muon(torch.optim.Optimizer):
         eps: float = 1e-7,
         adjust_lr: str = "original",
         ns_dtype: torch.dtype | None = None,
-        adamw_betas: tuple[float, float] = (0.9, 0.999),
-        adamw_eps: float = 1e-8,
+        adam: AdamConfig | dict | None = None,
         nonfinite: str = "skip",
         process_group: Any = None,
         compile: bool = False,
+        **renamed: Any,
     ) -> None:
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
-        self.nonfinite = nonfinite
+        adam = AdamConfig.of(adam)
+        aux = self._renamed_kwargs(renamed, {"adam_betas": adam.betas, "adam_eps": adam.eps})
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), eps=eps,
-                        adjust_lr=adjust_lr, ns_dtype=ns_dtype, adamw_betas=tuple(adamw_betas),
-                        adamw_eps=adamw_eps, use_muon=None, transposed=False)
+                        adjust_lr=adjust_lr, ns_dtype=ns_dtype,
+                        adam_betas=tuple(aux["adam_betas"]), adam_eps=aux["adam_eps"],
+                        use_muon=None, transposed=False)
         self.process_group = _dist.resolve_group(process_group)
         self._newton_schulz = (torch.compile(newton_schulz, fullgraph=True, dynamic=False)
                                if compile else newton_schulz)
         self.timings = Timings(enabled=self.process_group is not None)
-        super().__init__(params, defaults)
-        self._skipped = 0
+        super().__init__(params, defaults, nonfinite=nonfinite)
         dtensors = [p for g in self.param_groups for p in g["params"] if is_dtensor(p)]
         if dtensors and self.process_group is None:
             raise ValueError("Muon got DTensor (FSDP2 fully_shard) parameters: pass "
@@ -152,19 +172,8 @@ class Muon(torch.optim.Optimizer):
                               self.process_group, "Muon")
         self._shard_rows: dict = {}  # cache of shard_rows
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        g = self.param_groups[-1]
-        if not g["lr"] >= 0:
-            raise ValueError(f"lr must be >= 0, got {g['lr']}")
-        if not 0.0 <= g["momentum"] < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {g['momentum']}")
-        if g["weight_decay"] < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {g['weight_decay']}")
-        if g["adjust_lr"] not in _ADJUST:
-            raise ValueError(f"adjust_lr must be one of {_ADJUST}, got {g['adjust_lr']!r}")
-        if int(g["ns_steps"]) < 0:
-            raise ValueError(f"ns_steps must be >= 0, got {g['ns_steps']}")
+    def _validate_group(self, g: dict[str, Any]) -> None:
+        super()._validate_group(g)
         if g["transposed"]:
             for p in g["params"]:
                 if p.ndim != 2:
@@ -185,17 +194,13 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         sharded = any(is_dtensor(g) for g in grads)
-        gmax = gradient_bound("Muon", grads, self.nonfinite,
-                              self.process_group if sharded else None)
+        loss, gmax = self._begin_step(closure, grads,
+                                      process_group=self.process_group if sharded else None)
         if gmax is None:
-            self._skipped += 1
             return loss
+        self._counters["steps"] += 1
         for group in self.param_groups:
             muon_ps: list[Tensor] = []
             adam_ps: list[Tensor] = []
@@ -205,7 +210,7 @@ class Muon(torch.optim.Optimizer):
             if muon_ps:
                 self._muon_update(group, muon_ps)
             if adam_ps:
-                self._adamw_update(group, adam_ps, gmax)
+                self._adam_update(group, adam_ps)
         return loss
 
     def _muon_update(self, group: dict[str, Any], ps: list[Tensor]) -> None:
@@ -304,35 +309,61 @@ class Muon(torch.optim.Optimizer):
         return {i: sh.to(ps[i].dtype).view_as(local_tensor(ps[i]))
                 for i, sh in zip(order, shards, strict=True)}
 
-    def _adamw_update(self, group: dict[str, Any], ps: list[Tensor], gmax: float) -> None:
-        exp_avgs, exp_avg_sqs, steps = [], [], []
+    def _adam_update(self, group: dict[str, Any], ps: list[Tensor]) -> None:
+        ms, vs, steps = [], [], []
         for p in ps:
             st = self.state[p]
             if "exp_avg" not in st:
+                dtype = moment_dtype(p.dtype)
                 st["step"] = torch.zeros((), dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs.append(st["exp_avg"])
-            exp_avg_sqs.append(st["exp_avg_sq"])
-            steps.append(st["step"])
-        b1, b2 = group["adamw_betas"]
-        _adamw_kernel(
-            ps, [p.grad for p in ps], exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
-            beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"],
-            eps=group["adamw_eps"], maximize=False)
-        big = torch.finfo(exp_avg_sqs[0].dtype).max
-        if not gmax * gmax < big:  # g^2 overflowed: saturate the second moment instead of inf
-            torch._foreach_clamp_max_(exp_avg_sqs, big)
+                st["exp_avg"] = torch.zeros_like(p, dtype=dtype,
+                                                 memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype,
+                                                    memory_format=torch.preserve_format)
+            st["step"] += 1
+            ms.append(st["exp_avg"])
+            vs.append(st["exp_avg_sq"])
+            steps.append(int(st["step"]))
+        config = AdamConfig(group["adam_betas"], group["adam_eps"])
+        adam_step_([local_tensor(p) for p in ps], [local_tensor(m) for m in ms],
+                   [local_tensor(v) for v in vs], [local_tensor(p.grad) for p in ps],
+                   steps, config, group["lr"], group["weight_decay"])
 
-    def stats(self) -> dict[str, Any]:
-        """State memory (bytes), parameter counts per method, skipped steps."""
-        mem = sum(v.numel() * v.element_size() for st in self.state.values()
-                  for v in st.values() if isinstance(v, Tensor))
+    def _state_template(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        if self._uses_muon(group, p):
+            return {"momentum_buffer": tuple(p.shape)}
+        return {"step": (), "exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+
+    def _extra_stats(self) -> dict[str, Any]:
         n_muon = sum(1 for g in self.param_groups for p in g["params"] if self._uses_muon(g, p))
         n_all = sum(len(g["params"]) for g in self.param_groups)
-        return {"preconditioner_memory_bytes": mem, "num_muon_params": n_muon,
-                "num_adamw_params": n_all - n_muon, "refreshes": 0, "failures": 0,
-                "skipped_steps": self._skipped}
+        return {"num_muon_params": n_muon, "num_adam_params": n_all - n_muon}
+
+    def stability_model(self) -> StabilityModel:
+        """Muon's orthogonalized step has a fixed spectral size (``lr s``) whatever the
+        curvature, so no ``lr x sharpness`` bound governs it; the AdamW parameters follow
+        Adam's rule (``2 (1 + b1) / (1 - b1)`` on the sharpness preconditioned by
+        ``sqrt(v_hat) + eps``), measured on their block."""
+        adam = {id(p): g for g in self.param_groups for p in g["params"]
+                if not self._uses_muon(g, p)}
+        group = next(iter(adam.values()), self.param_groups[0])
+        if not adam:
+            return StabilityModel("muon", float(group["lr"]), math.inf, None,
+                                  "orthogonalized updates: no curvature bound")
+        b1 = group["adam_betas"][0]
+
+        def inv_sqrt(p: Tensor, v: Tensor) -> Tensor:
+            g = adam.get(id(p))
+            st = self.state.get(p, {})
+            if g is None or "exp_avg_sq" not in st:
+                return torch.zeros_like(v) if g is None else v
+            P = adam_preconditioner(st["exp_avg_sq"], int(st["step"]),
+                                    AdamConfig(g["adam_betas"], g["adam_eps"]))
+            return v * P.rsqrt().to(v.dtype)
+
+        return StabilityModel("muon", float(group["lr"]), momentum_threshold(b1, ema=True),
+                              inv_sqrt, "AdamW parameters only; Muon's orthogonalized "
+                              "matrices have no curvature bound")
 
 
 def transposed_linear_class() -> type | None:

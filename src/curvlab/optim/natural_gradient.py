@@ -29,7 +29,7 @@ from torch import nn
 from curvlab.linalg.cg import cg
 from curvlab.objective import Objective
 from curvlab.optim._batch_capture import InputRecorder
-from curvlab.optim._rng_state import GeneratorStateMixin
+from curvlab.optim.base import CurvlabOptimizer
 
 __all__ = ["NaturalGradient"]
 
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 _GLOBAL = "natural_gradient"
 
 
-class NaturalGradient(GeneratorStateMixin, torch.optim.Optimizer):
+class NaturalGradient(CurvlabOptimizer):
     """Natural gradient with a damped-CG solve: ``opt.step(closure, batch=(inputs, targets))``.
 
     Args:
@@ -64,7 +64,8 @@ class NaturalGradient(GeneratorStateMixin, torch.optim.Optimizer):
     ``cg_iterations``, ``cg_residual``, ``damping``, ``skipped_steps``.
     """
 
-    _global_key = _GLOBAL
+
+    supports_add_param_group = False
 
     def __init__(self, model: nn.Module, lr: float = 1.0, damping: float = 1e-3, *,
                  loss_fn: Any = None, fisher_type: str = "exact", mc_samples: int = 1,
@@ -86,12 +87,10 @@ class NaturalGradient(GeneratorStateMixin, torch.optim.Optimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, dict(lr=lr, damping=damping, momentum=momentum,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay), nonfinite=nonfinite)
         self.model = model
         self.loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
         self.fisher_type, self.mc_samples = fisher_type, mc_samples
@@ -99,8 +98,8 @@ class NaturalGradient(GeneratorStateMixin, torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self._generator = torch.Generator().manual_seed(seed)
         self._recorder = InputRecorder(model, self)
-        self.state[_GLOBAL] = {"step": 0}
-        self.stats: dict[str, Any] = {"skipped_steps": 0}
+        self._global = {"step": 0}
+        self._last: dict[str, Any] = {}
 
     def fisher(self, batch: Any) -> Any:
         """The curvlab Fisher operator of the current parameters on ``batch``."""
@@ -113,12 +112,6 @@ class NaturalGradient(GeneratorStateMixin, torch.optim.Optimizer):
         return FisherOperator(self.model, self.loss_fn, batch, params, mode=self.fisher_type,
                               num_samples=self.mc_samples, generator=self._generator,
                               train=train)
-
-    def _skip(self, what: str) -> None:
-        if self.nonfinite == "raise":
-            raise FloatingPointError(f"NaturalGradient: non-finite {what}; nothing changed")
-        self.stats["skipped_steps"] += 1
-        logger.warning("NaturalGradient: non-finite %s; step skipped", what)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
@@ -142,7 +135,7 @@ class NaturalGradient(GeneratorStateMixin, torch.optim.Optimizer):
             g = obj.flatten(grads)
         if not (bool(torch.isfinite(torch.as_tensor(loss)).all())
                 and bool(torch.isfinite(g).all())):
-            self._skip("loss or gradient")
+            self._skip("nonfinite", "loss or gradient")
             return loss
         rng = self._generator.get_state()
         with torch.enable_grad():
@@ -165,7 +158,7 @@ class NaturalGradient(GeneratorStateMixin, torch.optim.Optimizer):
         res = sol.residual_norm / gnorm if gnorm > 0 else 0.0
         if not bool(torch.isfinite(d).all()):
             self._generator.set_state(rng)
-            self._skip("natural-gradient direction")
+            self._skip("nonfinite", "natural-gradient direction")
             return loss
         i = 0
         for grp in self.param_groups:
@@ -180,7 +173,16 @@ class NaturalGradient(GeneratorStateMixin, torch.optim.Optimizer):
                     u = u if buf is None else buf * grp["momentum"] + u
                     self.state[p]["momentum_buffer"] = u.clone()
                 p.add_(u, alpha=-grp["lr"])
-        self.state[_GLOBAL]["step"] += 1
-        self.stats.update(cg_iterations=iters, cg_residual=res,
+        self._global["step"] += 1
+        self._counters["steps"] += 1
+        self._last.update(cg_iterations=iters, cg_residual=res,
                           damping=[grp["damping"] for grp in self.param_groups])
         return loss
+
+    def _extra_stats(self) -> dict[str, Any]:
+        """Values of the last step (see the class docstring)."""
+        return dict(self._last)
+
+    def _state_template(self, p: torch.Tensor, group: dict[str, Any]
+                        ) -> dict[str, tuple[int, ...]]:
+        return dict.fromkeys(("direction", "momentum_buffer"), tuple(p.shape))

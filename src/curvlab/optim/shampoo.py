@@ -27,6 +27,8 @@ bias correction, exponent override).
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -51,6 +53,15 @@ from curvlab.optim._preconditioner import (
     kronecker_statistic,
     mode_product,
 )
+from curvlab.optim.adam import AdamConfig, adam_preconditioner
+from curvlab.optim.base import (
+    finite_nonnegative,
+    finite_positive,
+    one_of,
+    optional,
+    positive_int,
+)
+from curvlab.optim.stability import StabilityModel, momentum_threshold
 
 __all__ = ["Shampoo"]
 
@@ -63,7 +74,8 @@ class Shampoo(BlockedPreconditionerOptimizer):
         lr: learning rate ``eta``.
         betas: ``(beta1, beta2)`` for the first moment and the factor statistics
             (``beta2 = 1``: running sums as in the original Shampoo).
-        epsilon: damping added to each factor before the root.
+        eps: damping added to each factor before the root (> 0; 0 only with
+            ``pseudo_inverse``). ``epsilon`` is a deprecated alias.
         weight_decay: decoupled weight decay ``lambda``.
         max_preconditioner_dim: block size limit per dimension.
         merge_dims: merge small adjacent dimensions (never into a single vector).
@@ -73,7 +85,10 @@ class Shampoo(BlockedPreconditionerOptimizer):
             ``precondition_frequency``); before it the grafted method runs alone.
         exponent_override: use ``F^{-1/p}`` with this ``p`` for every factor instead of ``2k``.
         grafting: "adam" (default), "rmsprop", "adagrad", "sgd" or "none".
-        grafting_beta2, grafting_epsilon: second-moment decay and epsilon of the grafted method.
+        adam: :class:`~curvlab.optim.adam.AdamConfig` (or dict) of the grafted diagonal
+            method: its ``betas[1]`` and ``eps`` (the first moment is Shampoo's own, from
+            ``betas[0]``); stored in the groups as ``adam_betas`` / ``adam_eps``.
+            ``grafting_beta2`` / ``grafting_epsilon`` are deprecated aliases.
         use_bias_correction: bias-correct the first moment and EMA factor statistics.
         root_method: "eigh" (float64 eigendecomposition, default), "newton" (coupled Newton
             iteration) or "qr" (warm-started eigenbasis: after a first eigh, each refresh is one
@@ -85,6 +100,10 @@ class Shampoo(BlockedPreconditionerOptimizer):
             :meth:`stats`); non-finite values never reach the parameters or the state.
         factor_dtype: dtype of statistics and state (default float32; float64 for float64
             parameters). compute_dtype: dtype of the eigendecompositions (default float64).
+            Both must be float32 or float64.
+        max_state_ratio: a parameter whose Kronecker factors would exceed this multiple of
+            its size and 2^20 elements uses the grafted diagonal method (default 8; None:
+            no limit, a warning states the cost).
         process_group, distributed_mode: under DDP, share the root refreshes over the ranks
             of this group (``"default"`` or a ``ProcessGroup``); ``"allgather"`` also splits
             the state and works with FSDP2; see :mod:`curvlab.optim._distributed`.
@@ -95,7 +114,7 @@ class Shampoo(BlockedPreconditionerOptimizer):
         params: Any,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
-        epsilon: float = 1e-12,
+        eps: float = 1e-12,
         weight_decay: float = 0.0,
         *,
         max_preconditioner_dim: int = 1024,
@@ -105,8 +124,7 @@ class Shampoo(BlockedPreconditionerOptimizer):
         start_preconditioning_step: int | None = None,
         exponent_override: float | None = None,
         grafting: str = "adam",
-        grafting_beta2: float = 0.999,
-        grafting_epsilon: float = 1e-8,
+        adam: AdamConfig | dict | None = None,
         use_bias_correction: bool = True,
         root_method: str = "eigh",
         pseudo_inverse: bool = False,
@@ -115,48 +133,85 @@ class Shampoo(BlockedPreconditionerOptimizer):
         compute_dtype: torch.dtype = torch.float64,
         process_group: Any = None,
         distributed_mode: str = "broadcast",
+        max_state_ratio: float | None = 8.0,
+        **renamed: Any,
     ) -> None:
+        adam = AdamConfig.of(adam)
+        if "grafting_beta2" in renamed:  # only Adam's beta2 was configurable
+            warnings.warn("Shampoo: 'grafting_beta2' is renamed adam=AdamConfig(betas=(b1, "
+                          "beta2))", DeprecationWarning, stacklevel=2)
+            adam = AdamConfig((adam.betas[0], renamed.pop("grafting_beta2")), adam.eps)
+        aux = self._renamed_kwargs(renamed, {"eps": eps, "adam_betas": adam.betas,
+                                             "adam_eps": adam.eps})
         defaults = dict(
-            lr=lr, betas=tuple(betas), epsilon=epsilon, weight_decay=weight_decay,
+            lr=lr, betas=tuple(betas), eps=aux["eps"], weight_decay=weight_decay,
             max_preconditioner_dim=max_preconditioner_dim, merge_dims=merge_dims,
             diagonal_threshold=diagonal_threshold, precondition_frequency=precondition_frequency,
             start_preconditioning_step=(precondition_frequency if start_preconditioning_step
                                         is None else start_preconditioning_step),
             exponent_override=exponent_override, grafting=grafting,
-            grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
+            adam_betas=tuple(aux["adam_betas"]), adam_eps=aux["adam_eps"],
             use_bias_correction=use_bias_correction, root_method=root_method,
-            pseudo_inverse=pseudo_inverse,
+            pseudo_inverse=pseudo_inverse, max_state_ratio=max_state_ratio,
         )
         super().__init__(params, defaults, nonfinite=nonfinite, factor_dtype=factor_dtype,
                          compute_dtype=compute_dtype, process_group=process_group,
                          distributed_mode=distributed_mode)
 
+    renamed = {"epsilon": "eps", "grafting_epsilon": "adam_eps"}
+    hyperparameters = {**BlockedPreconditionerOptimizer.hyperparameters,
+                       "adam_betas": lambda b: None if isinstance(b, (tuple, list)) and len(b)
+                       == 2 and all(0 <= x < 1 for x in b) else "must be two numbers in [0, 1)",
+                       "adam_eps": finite_positive, "weight_decay": finite_nonnegative,
+                       "grafting": one_of(*GRAFTING_METHODS),
+                       "root_method": one_of("eigh", "newton", "qr"),
+                       "exponent_override": optional(finite_positive),
+                       "precondition_frequency": positive_int}
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
         b1, b2 = group["betas"]
         if not (0.0 <= b1 < 1.0):
-            raise ValueError(f"betas[0] must be in [0, 1), got {b1}")
+            raise ValueError(f"Shampoo: betas[0]={b1!r} must be in [0, 1)")
         if not (0.0 < b2 <= 1.0):
-            raise ValueError(f"betas[1] must be in (0, 1], got {b2}")
-        if group["epsilon"] < 0:
-            raise ValueError(f"epsilon must be >= 0, got {group['epsilon']}")
-        if group["grafting"] not in GRAFTING_METHODS:
-            raise ValueError(f"grafting must be one of {GRAFTING_METHODS}, "
-                             f"got {group['grafting']!r}")
-        if group["root_method"] not in ("eigh", "newton", "qr"):
-            raise ValueError("root_method must be 'eigh', 'newton' or 'qr', got "
-                             f"{group['root_method']!r}")
-        if int(group["precondition_frequency"]) < 1:
-            raise ValueError("precondition_frequency must be >= 1, got "
-                             f"{group['precondition_frequency']}")
-        if int(group["start_preconditioning_step"]) < 1:
-            raise ValueError("start_preconditioning_step must be >= 1, got "
-                             f"{group['start_preconditioning_step']}")
+            raise ValueError(f"Shampoo: betas[1]={b2!r} must be in (0, 1] (1: running sums)")
+        eps = group["eps"]
+        if not (math.isfinite(eps) and (eps > 0 or (eps == 0 and group["pseudo_inverse"]))):
+            raise ValueError(f"Shampoo: eps={eps!r} must be finite and > 0 (0 only with "
+                             "pseudo_inverse=True): the roots of undamped factors overflow")
         p = group["exponent_override"]
-        if p is not None and not p > 0:
-            raise ValueError(f"exponent_override must be positive, got {p}")
         if group["root_method"] == "newton" and p is not None and int(p) != p:
-            raise ValueError("root_method='newton' needs an integer exponent_override")
+            raise ValueError("Shampoo: root_method='newton' needs an integer exponent_override")
+
+    def stability_model(self) -> StabilityModel:
+        """Shampoo's step is the grafted method's (Adam's, by default) in norm, per block:
+        the rule used is Adam's, ``2 (1 + b1) / (1 - b1)`` on the sharpness preconditioned
+        by the grafted second moment ``sqrt(v_hat) + eps`` (exact for the diagonal
+        parameters; for blocks the direction is Shampoo's, only its size is Adam's, so the
+        ratio is an estimate)."""
+        group = self.param_groups[0]
+        return StabilityModel("shampoo", float(group["lr"]),
+                              momentum_threshold(group["betas"][0], ema=True),
+                              self._inv_sqrt_preconditioner,
+                              "grafted Adam's preconditioner; block directions are Shampoo's")
+
+    def _inv_sqrt_preconditioner(self, p: Tensor, x: Tensor) -> Tensor:
+        st = self.state.get(p, {})
+        v = [val for k, val in st.items() if k == "v" or k.startswith("v.")]
+        gi = next(i for i, g in enumerate(self.param_groups) if any(q is p for q in g["params"]))
+        group, t = self.param_groups[gi], self._steps[gi]
+        if group["grafting"] != "adam" or not v or t == 0:
+            return x
+        config = AdamConfig(group["adam_betas"], group["adam_eps"])
+        if "v" in st:
+            return x * adam_preconditioner(st["v"], t, config).rsqrt().view(x.shape).to(x.dtype)
+        plan = next(plan for g in self._build() for (q, plan, _) in g.members if q is p)
+        out = torch.empty_like(x)
+        for j, (_, slices) in enumerate(plan.blocks):
+            P = adam_preconditioner(st[f"v.{j}"], t, config).rsqrt()
+            out.view(plan.merged_shape)[slices] = \
+                x.reshape(plan.merged_shape)[slices] * P.to(x.dtype)
+        return out
 
     def _init_block_state(self, group: dict, shape: tuple[int, ...], n: int,
                           dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
@@ -193,12 +248,12 @@ class Shampoo(BlockedPreconditionerOptimizer):
         m_hat = self._first_moment(group, st, g, step)
         if group["grafting"] != "none":
             return graft_direction(group["grafting"], m_hat, g, st.get("v"), step,
-                                   group["grafting_beta2"], group["grafting_epsilon"], self._guard)
+                                   group["adam_betas"][1], group["adam_eps"], self._guard)
         b2 = group["betas"][1]
         ema_(st["v"], g * g, b2, self._guard)
         v_hat = st["v"] / (1.0 - b2**step) if group["use_bias_correction"] and b2 < 1 else st["v"]
         p = group["exponent_override"] or 2
-        return m_hat * (v_hat + group["epsilon"]).pow(-1.0 / p)
+        return m_hat * (v_hat + group["eps"]).pow(-1.0 / p)
 
     def _block_direction(self, group: dict, st: dict[str, Tensor], G: Tensor,
                          step: int) -> Tensor:
@@ -215,7 +270,7 @@ class Shampoo(BlockedPreconditionerOptimizer):
         D = None
         if group["grafting"] != "none":
             D = graft_direction(group["grafting"], m_hat, G, st.get("v"), step,
-                                group["grafting_beta2"], group["grafting_epsilon"], self._guard)
+                                group["adam_betas"][1], group["adam_eps"], self._guard)
         if step < start:
             return m_hat if D is None else D
         P = m_hat
@@ -227,7 +282,7 @@ class Shampoo(BlockedPreconditionerOptimizer):
         b2 = group["betas"][1]
         scale = 1.0 / (1.0 - b2**step) if group["use_bias_correction"] and b2 < 1 else 1.0
         p = group["exponent_override"] or 2 * order
-        eps, cdt = group["epsilon"], self.compute_dtype
+        eps, cdt = group["eps"], self.compute_dtype
         if group["root_method"] == "eigh":
             def fn(F: Tensor) -> tuple[Tensor]:
                 return (matrix_inverse_root(F * scale, p, damping=eps, compute_dtype=cdt,
@@ -243,7 +298,7 @@ class Shampoo(BlockedPreconditionerOptimizer):
             R = st[f"R{i}"]
             (new,), failed = guarded_batched(fn, (st[f"F{i}"],), (R,))
             R.copy_(new)
-            self._count_refresh(R.shape[0], failed, "inverse root")
+            self._count_refresh(R.shape[0], failed, "inverse root", tuple(R.shape[1:]))
 
     def _refresh_roots_qr(self, st: dict[str, Tensor], order: int, scale: float, p: float,
                           eps: float) -> None:
@@ -271,5 +326,5 @@ class Shampoo(BlockedPreconditionerOptimizer):
             (Rn, Qn), failed = guarded_batched(fn, (st[f"F{i}"], Q), (R, Q))
             R.copy_(Rn)
             Q.copy_(Qn)
-            self._count_refresh(R.shape[0], failed, "inverse root")
+            self._count_refresh(R.shape[0], failed, "inverse root", tuple(R.shape[1:]))
         st["has_basis"].fill_(1.0)

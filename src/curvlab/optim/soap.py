@@ -63,6 +63,17 @@ from curvlab.optim._preconditioner import (
     kronecker_statistic,
     mode_product,
 )
+from curvlab.optim.adam import AdamConfig, adam_moments_, adam_normalize, adam_preconditioner
+from curvlab.optim.base import (
+    betas_rule,
+    finite_nonnegative,
+    finite_positive,
+    one_of,
+    optional,
+    positive_int,
+    unit_interval,
+)
+from curvlab.optim.stability import StabilityModel, momentum_threshold
 
 __all__ = ["SOAP"]
 
@@ -81,6 +92,9 @@ class SOAP(BlockedPreconditionerOptimizer):
         max_preconditioner_dim, merge_dims, diagonal_threshold: blocking (see
             :func:`curvlab.optim._preconditioner.plan_blocks`).
         eigenbasis_method: "qr" (default; power iteration + QR after the first eigh) or "eigh".
+        max_state_ratio: a parameter whose Kronecker factors would exceed this multiple of
+            its size and 2^20 elements runs plain Adam (default 8; None: no limit, a
+            warning states the cost).
         nonfinite: "skip" or "raise" for non-finite gradients; a failed refresh keeps the
             previous basis (counted in :meth:`stats`).
         factor_dtype, compute_dtype: dtype of state / of the eigendecompositions.
@@ -103,6 +117,7 @@ class SOAP(BlockedPreconditionerOptimizer):
         merge_dims: bool = True,
         diagonal_threshold: int | None = None,
         eigenbasis_method: str = "qr",
+        max_state_ratio: float | None = 8.0,
         nonfinite: str = "skip",
         factor_dtype: torch.dtype | None = None,
         compute_dtype: torch.dtype = torch.float64,
@@ -115,6 +130,7 @@ class SOAP(BlockedPreconditionerOptimizer):
             start_preconditioning_step=start_preconditioning_step,
             max_preconditioner_dim=max_preconditioner_dim, merge_dims=merge_dims,
             diagonal_threshold=diagonal_threshold, eigenbasis_method=eigenbasis_method,
+            max_state_ratio=max_state_ratio,
         )
         super().__init__(params, defaults, nonfinite=nonfinite, factor_dtype=factor_dtype,
                          compute_dtype=compute_dtype, process_group=process_group,
@@ -125,25 +141,15 @@ class SOAP(BlockedPreconditionerOptimizer):
         self._pending: list[dict[str, Tensor]] = []  # due QR refreshes of the current step
         self._batch_plans: dict[tuple, list] = {}  # states' ids -> buckets by factor size
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        for i, b in enumerate(group["betas"]):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
-        sb = group["shampoo_beta"]
-        if sb is not None and not 0.0 <= sb < 1.0:
-            raise ValueError(f"shampoo_beta must be in [0, 1), got {sb}")
-        if not group["eps"] > 0:
-            raise ValueError(f"eps must be > 0, got {group['eps']}")
-        if group["eigenbasis_method"] not in ("qr", "eigh"):
-            raise ValueError("eigenbasis_method must be 'qr' or 'eigh', got "
-                             f"{group['eigenbasis_method']!r}")
-        if int(group["precondition_frequency"]) < 1:
-            raise ValueError("precondition_frequency must be >= 1, got "
-                             f"{group['precondition_frequency']}")
-        if int(group["start_preconditioning_step"]) < 1:
-            raise ValueError("start_preconditioning_step must be >= 1, got "
-                             f"{group['start_preconditioning_step']}")
+    hyperparameters = {**BlockedPreconditionerOptimizer.hyperparameters,
+                       "betas": betas_rule, "shampoo_beta": optional(unit_interval),
+                       "eps": finite_positive, "eigenbasis_method": one_of("qr", "eigh"),
+                       "weight_decay": finite_nonnegative,
+                       "precondition_frequency": positive_int}
+
+    @staticmethod
+    def _adam(group: dict[str, Any]) -> AdamConfig:
+        return AdamConfig(group["betas"], group["eps"])
 
     def _init_block_state(self, group: dict, shape: tuple[int, ...], n: int,
                           dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
@@ -170,11 +176,9 @@ class SOAP(BlockedPreconditionerOptimizer):
             st["m"].zero_()
             st["v"].zero_()
             return torch.zeros_like(g)
-        b1, b2 = group["betas"]
-        ema_(st["m"], g, b1, self._guard)
-        _ema_square_(st["v"], g, b2, self._guard)
-        scale = (1.0 - b2**t) ** 0.5 / (1.0 - b1**t)
-        return torch.div(st["m"], st["v"].sqrt().add_(group["eps"])).mul_(scale)
+        config = self._adam(group)
+        adam_moments_(st["m"], st["v"], g, config)
+        return adam_normalize(st["m"], st["v"], t, config)
 
     def _block_direction(self, group: dict, st: dict[str, Tensor], G: Tensor,
                          step: int) -> Tensor:
@@ -187,19 +191,18 @@ class SOAP(BlockedPreconditionerOptimizer):
         else:
             # Blocks without a basis yet hold Q = I, and rotating by I is exact: no host sync
             # on has_basis, and one code path for every block.
-            ema_(st["m"], G, b1, self._guard)
-            Gr = _rotate(G, Qs)
-            _ema_square_(st["v"], Gr, b2, self._guard)
-            N = _rotate(st["m"], Qs)
-            N.div_(st["v"].sqrt().add_(group["eps"]))
-            N = _rotate(N, Qs, back=True, scale=(1.0 - b2**t) ** 0.5 / (1.0 - b1**t))
+            config = self._adam(group)
+            st["m"].lerp_(G, 1.0 - b1)  # in the original basis: rotating it is exact
+            adam_moments_(None, st["v"], _rotate(G, Qs), config)
+            N = adam_normalize(_rotate(st["m"], Qs), st["v"], t, config, inplace=True)
+            N = _rotate(N, Qs, back=True)
         # statistics and refresh after the update: step t uses the basis of steps < t
         sb = group["shampoo_beta"]
         sb = b2 if sb is None else sb
         for i in range(order):
             F = st[f"F{i}"]
-            if self._guard or sb == 1.0:
-                ema_(F, kronecker_statistic(G, i), sb, self._guard)
+            if sb == 1.0:
+                ema_(F, kronecker_statistic(G, i), sb, False)
             elif order == 2:  # F <- sb F + (1 - sb) G_(i) G_(i)^T in one kernel
                 A, B = (G, G.mT) if i == 0 else (G.mT, G)
                 F.baddbmm_(A, B, beta=sb, alpha=1.0 - sb)
@@ -291,7 +294,7 @@ class SOAP(BlockedPreconditionerOptimizer):
                     st[qk].copy_(Qn[a:e])  # keeps the state's layout
                     orders[id(st)][i] = perm[a:e]
                 self._counters["refreshes"] += len(rows) - 1  # one per block shape and mode
-                self._count_refresh(ident.shape[0], failed, "eigenbasis")
+                self._count_refresh(ident.shape[0], failed, "eigenbasis", (ident.shape[-1],))
         for st in states:  # v follows its coordinates along every mode
             st["v"].copy_(_permute_modes(st["v"], orders[id(st)]))
 
@@ -322,25 +325,55 @@ class SOAP(BlockedPreconditionerOptimizer):
                 # copied into the existing (contiguous) state tensor: replacing it with the
                 # column-major LAPACK output broke DCP checkpoints (layout-blind templates)
                 Q.copy_(Qn)
-                self._count_refresh(n, failed, "eigenbasis")
+                self._count_refresh(n, failed, "eigenbasis", tuple(Q.shape[1:]))
         if orders:  # v follows its coordinates to their new positions along every mode
             st["v"].copy_(_permute_modes(st["v"], orders))
         if not complete:
             hb.fill_(1.0)
         self._complete[id(hb)] = weakref.ref(hb)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)  # rebuilds the state dicts: forget their ids
+    def _after_load(self) -> None:  # the stacks are new: forget their ids
         self._complete.clear()
         self._batch_plans.clear()
 
+    def _rebuild(self) -> None:
+        super()._rebuild()
+        self._after_load()
 
-def _ema_square_(v: Tensor, g: Tensor, beta: float, guard: bool) -> None:
-    """``v <- beta v + (1 - beta) g^2`` in place (one fused kernel without the guard)."""
-    if guard:
-        ema_(v, g * g, beta, True)
-    else:
-        v.mul_(beta).addcmul_(g, g, value=1.0 - beta)
+    def stability_model(self) -> StabilityModel:
+        """Adam's rule in the eigenbasis: ``P = Q (sqrt(v_hat) + eps) Q^T`` per block, so
+        ``P^{-1/2} x = Q ((Q^T x Q) / sqrt(sqrt(v_hat) + eps)) Q^T`` (the basis and ``v`` of
+        the current state; diagonal parameters: Adam's diagonal). Threshold
+        ``2 (1 + b1) / (1 - b1)``."""
+        group = self.param_groups[0]
+        return StabilityModel("soap", float(group["lr"]),
+                              momentum_threshold(group["betas"][0], ema=True),
+                              self._inv_sqrt_preconditioner,
+                              "Adam in the eigenbasis of the Kronecker factors")
+
+    def _inv_sqrt_preconditioner(self, p: Tensor, x: Tensor) -> Tensor:
+        groups = self._build()
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        t = _adam_step(group, self._steps[self.param_groups.index(group)])
+        if t <= 0:
+            return x
+        config = self._adam(group)
+        out = torch.zeros_like(x)
+        for g in groups:
+            offset = 0
+            for (q, plan, slices), row in zip(g.members, g.rows, strict=True):
+                offset += q.numel() if g.diagonal else 0
+                if q is not p or row < 0:
+                    continue
+                if g.diagonal:
+                    v = g.state["v"][offset - p.numel():offset].view(p.shape)
+                    return x * adam_preconditioner(v, t, config).rsqrt().to(x.dtype)
+                st = {k: v[row:row + 1] for k, v in g.state.items()}
+                Qs = [st[f"Q{i}"] for i in range(len(g.shape))]
+                X = x.reshape(plan.merged_shape)[slices].unsqueeze(0).to(st["v"].dtype)
+                R = _rotate(X, Qs) * adam_preconditioner(st["v"], t, config).rsqrt()
+                out.view(plan.merged_shape)[slices] = _rotate(R, Qs, back=True)[0].to(x.dtype)
+        return out
 
 
 def _adam_step(group: dict, step: int) -> int:

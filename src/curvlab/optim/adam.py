@@ -1,0 +1,144 @@
+r"""Adam's diagonal direction, written once (Kingma & Ba 2015, Alg. 1).
+
+.. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \qquad
+    d_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
+
+with ``epsilon`` added after the square root of the bias-corrected second moment, as in
+``torch.optim.Adam``. Every curvlab optimizer that needs a diagonal method uses this one:
+Shampoo's grafting, SOAP (in its eigenbasis and for its diagonal parameters), Muon's
+non-matrix parameters and K-FAC's fallback. Moments of float16 / bfloat16 parameters are
+kept in float32 (:func:`moment_dtype`): in float16 ``(1 - 0.999) g^2`` underflows to 0 for
+``|g| < 8e-3`` and ``eps = 1e-8`` rounds to 0, and the step becomes ``m / 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["AdamConfig", "moment_dtype", "adam_moments_", "adam_normalize", "adam_directions_",
+           "adam_step_", "adam_preconditioner"]
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """Hyperparameters of the Adam direction (shared by every optimizer that uses one).
+
+    ``betas``: decay of the first and second moments, each in [0, 1); ``eps`` > 0;
+    ``bias_correction``: divide the moments by ``1 - beta^t``.
+    """
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    bias_correction: bool = True
+
+    def __post_init__(self) -> None:
+        b = tuple(float(x) for x in self.betas)
+        if len(b) != 2 or not all(0.0 <= x < 1.0 for x in b):
+            raise ValueError(f"AdamConfig: betas must be two numbers in [0, 1), got "
+                             f"{self.betas!r}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"AdamConfig: eps must be finite and > 0, got {self.eps!r}")
+        object.__setattr__(self, "betas", b)
+
+    @classmethod
+    def of(cls, value: AdamConfig | dict | None, **defaults) -> AdamConfig:
+        """An AdamConfig from an AdamConfig, a dict of its fields, or None (defaults)."""
+        if isinstance(value, AdamConfig):
+            return value
+        if value is None:
+            return cls(**defaults)
+        if isinstance(value, dict):
+            return cls(**{**defaults, **value})
+        raise TypeError(f"expected an AdamConfig or a dict, got {type(value).__name__}")
+
+
+def moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of Adam's moments for parameters of ``dtype``: float32 for 16-bit floats."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def adam_moments_(m: Tensor | None, v: Tensor, g: Tensor, config: AdamConfig) -> None:
+    """In place: ``m <- b1 m + (1 - b1) g`` (if ``m`` is given), ``v <- b2 v + (1 - b2) g^2``."""
+    b1, b2 = config.betas
+    if m is not None:
+        m.lerp_(g, 1.0 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+
+
+def adam_normalize(m: Tensor, v: Tensor, step: int, config: AdamConfig,
+                   inplace: bool = False) -> Tensor:
+    """``(m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`` (a new tensor, or ``m`` itself
+    overwritten with ``inplace``)."""
+    denom = adam_preconditioner(v, step, config)
+    c1 = 1.0 - config.betas[0] ** step if config.bias_correction else 1.0
+    out = m.div_(denom) if inplace else torch.div(m, denom)
+    return out.div_(c1) if c1 != 1.0 else out
+
+
+def _moments_and_denominators(ms: Sequence[Tensor], vs: Sequence[Tensor],
+                              grads: Sequence[Tensor], steps: Sequence[int],
+                              config: AdamConfig) -> tuple[list[Tensor], list[float]]:
+    """Update the moments in place; return ``sqrt(v_hat) + eps`` and ``1 - b1^t`` per tensor
+    (in ``torch.optim.Adam``'s foreach order, so results match it bitwise)."""
+    b1, b2 = config.betas
+    gs = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, ms, strict=True)]
+    torch._foreach_lerp_(list(ms), gs, 1.0 - b1)
+    torch._foreach_mul_(list(vs), b2)
+    torch._foreach_addcmul_(list(vs), gs, gs, value=1.0 - b2)
+    if config.bias_correction:
+        c1 = [1.0 - b1 ** t for t in steps]
+        c2 = [(1.0 - b2 ** t) ** 0.5 for t in steps]
+    else:
+        c1 = c2 = [1.0] * len(ms)
+    denom = list(torch._foreach_sqrt(list(vs)))
+    torch._foreach_div_(denom, c2)
+    torch._foreach_add_(denom, config.eps)
+    return denom, c1
+
+
+def adam_directions_(ms: Sequence[Tensor], vs: Sequence[Tensor], grads: Sequence[Tensor],
+                     steps: Sequence[int], config: AdamConfig) -> list[Tensor]:
+    """Batched (``torch._foreach``) moments update and directions ``m_hat / (sqrt(v_hat) +
+    eps)`` of several tensors; each has its own step count (a parameter may have missed a
+    step without gradient). Gradients are cast to the moments' dtype."""
+    if not ms:
+        return []
+    denom, c1 = _moments_and_denominators(ms, vs, grads, steps, config)
+    out = list(torch._foreach_div(list(ms), denom))
+    torch._foreach_div_(out, c1)
+    return out
+
+
+def adam_step_(params: Sequence[Tensor], ms: Sequence[Tensor], vs: Sequence[Tensor],
+               grads: Sequence[Tensor], steps: Sequence[int], config: AdamConfig, lr: float,
+               weight_decay: float = 0.0) -> None:
+    """One AdamW step in place: ``p <- (1 - lr wd) p - lr m_hat / (sqrt(v_hat) + eps)``
+    (bitwise ``torch.optim.AdamW(foreach=True)`` when the moments have the parameters'
+    dtype)."""
+    if not params:
+        return
+    params = list(params)
+    if weight_decay:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    denom, c1 = _moments_and_denominators(ms, vs, grads, steps, config)
+    same = [k for k, p in enumerate(params) if p.dtype == ms[k].dtype]
+    if same:
+        torch._foreach_addcdiv_([params[k] for k in same], [ms[k] for k in same],
+                                [denom[k] for k in same], [-lr / c1[k] for k in same])
+    for k, p in enumerate(params):
+        if p.dtype != ms[k].dtype:
+            p.add_((ms[k] / denom[k]).to(p.dtype), alpha=-lr / c1[k])
+
+
+def adam_preconditioner(v: Tensor, step: int, config: AdamConfig) -> Tensor:
+    """The diagonal ``P = sqrt(v / (1 - b2^t)) + eps`` the direction is divided by (what a
+    monitor needs for Adam's preconditioned sharpness)."""
+    c2 = (1.0 - config.betas[1] ** step) ** 0.5 if config.bias_correction else 1.0
+    return v.sqrt().div_(c2).add_(config.eps)
