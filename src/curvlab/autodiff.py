@@ -97,8 +97,25 @@ def _check_like(x: Tree, v: Tree, name: str, batched: bool = False) -> None:
             raise ValueError(f"{name} leaf {i} is on {b.device}, expected {a.device}")
 
 
+_warned_interpreter_stack = False
+
+
 def _in_functorch_transform() -> bool:
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    """Whether we run inside a torch.func transform (``vmap``, ``grad``, ...), where
+    double backward is unavailable. Read from torch's private functorch interpreter stack;
+    if that entry point is missing or fails (another torch version), answer True: the
+    torch.func products it then selects are correct inside and outside transforms, only
+    slower (logged once at debug level)."""
+    global _warned_interpreter_stack
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except Exception as err:  # noqa: BLE001 - a private torch API: any failure, same answer
+        if not _warned_interpreter_stack:
+            _warned_interpreter_stack = True
+            logger.debug("torch._C._functorch.peek_interpreter_stack() is unavailable (%s: %s)"
+                         "; curvature products use torch.func (rev_rev) as if inside a "
+                         "torch.func transform", type(err).__name__, err)
+        return True
 
 
 # ---- attention kernels -------------------------------------------------------------------
