@@ -70,16 +70,22 @@ def _scalar(y: Any, what: str = "f") -> torch.Tensor:
 
 def _check_like(x: Tree, v: Tree, name: str, batched: bool = False) -> None:
     """Clear errors for a direction whose structure, shape, dtype or device is wrong."""
-    x_leaves, x_spec = tree_flatten(x)
-    v_leaves, v_spec = tree_flatten(v)
-    if x_spec != v_spec:
-        raise ValueError(f"{name} must have the same structure as x ({x_spec}), got {v_spec}")
+    if (type(x) is dict and type(v) is dict and list(x) == list(v)
+            and all(isinstance(t, torch.Tensor) for t in (*x.values(), *v.values()))):
+        # flat dicts of tensors with the same keys in the same order (parameter dicts): the
+        # leaves tree_flatten gives, without its cost (~0.1 ms for a GPT-2's parameters)
+        x_leaves, v_leaves = list(x.values()), list(v.values())
+    else:
+        x_leaves, x_spec = tree_flatten(x)
+        v_leaves, v_spec = tree_flatten(v)
+        if x_spec != v_spec:
+            raise ValueError(f"{name} must have the same structure as x ({x_spec}), got "
+                             f"{v_spec}")
     k = None
     for i, (a, b) in enumerate(zip(x_leaves, v_leaves)):
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"{name} leaf {i} must be a tensor, got {type(b).__name__}")
-        shape = tuple(b.shape[1:]) if batched else tuple(b.shape)
-        if shape != tuple(a.shape):
+        if (b.shape[1:] if batched else b.shape) != a.shape:
             extra = " after the leading batch dimension" if batched else ""
             raise ValueError(
                 f"{name} leaf {i} has shape {tuple(b.shape)}, expected {tuple(a.shape)}{extra}"
