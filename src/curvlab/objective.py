@@ -447,11 +447,13 @@ class Objective:
         if not isinstance(self.model, nn.Module):
             yield
             return
-        modules, stack = [], [self.model]
-        while stack:  # every submodule (Module.modules() costs ~3x more: names, memo)
+        modules, stack, seen = [], [self.model], set()
+        while stack:  # every submodule once (Module.modules() costs ~3x more: names)
             m = stack.pop()
-            modules.append(m)
-            stack.extend(m.children())
+            if id(m) not in seen:
+                seen.add(id(m))
+                modules.append(m)
+                stack.extend(m.children())
         saved = [m.training for m in modules]
         changed = any(was != self.train for was in saved)
         private = self._private_buffers
