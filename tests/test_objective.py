@@ -168,10 +168,10 @@ def test_tied_weights_stay_tied_in_evaluations():
     # module's own buffers under both of their names)
     point = {k: p.detach() + 0.1 for k, p in obj.params.items()}
     with torch.no_grad():
-        for k, p in obj.params.items():
+        for p in obj.params.values():
             p.add_(0.1)
         ref = loss_fn(model(x), y)
-        for k, p in obj.params.items():
+        for p in obj.params.values():
             p.sub_(0.1)
     torch.testing.assert_close(obj.loss(point), ref, rtol=1e-13, atol=0)
     # train mode evaluates on copies of the buffers, under every name they have
