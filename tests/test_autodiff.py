@@ -187,3 +187,29 @@ def test_hessian_layout_for_a_tensor_and_inside_torch_func():
     xs = torch.stack([x, 2 * x])
     batched = torch.func.vmap(lambda z: curvlab.hessian(f, z))(xs)
     torch.testing.assert_close(batched[0], H, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("broken", ["missing", "raises"])
+def test_functorch_stack_probe_unavailable_falls_back_to_torch_func(broken, monkeypatch, caplog):
+    """The private ``peek_interpreter_stack`` may vanish or fail in another torch: products
+    then take the torch.func route (correct in and out of transforms), logged once."""
+    import logging
+
+    import curvlab.autodiff as ad
+    f, x, H, g = _problem(5, 3)
+    v = torch.randn(5, generator=g, dtype=D)
+    if broken == "missing":
+        monkeypatch.delattr(torch._C._functorch, "peek_interpreter_stack")
+    else:
+        def fail():
+            raise RuntimeError("interpreter stack unavailable")
+        monkeypatch.setattr(torch._C._functorch, "peek_interpreter_stack", fail)
+    monkeypatch.setattr(ad, "_warned_interpreter_stack", False)
+    with caplog.at_level(logging.DEBUG, logger="curvlab.autodiff"):
+        assert ad._in_functorch_transform()
+        torch.testing.assert_close(curvlab.hvp(f, x, v), H @ v, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(curvlab.hessian(f, x), H, rtol=1e-10, atol=1e-10)
+        inside = torch.func.vmap(lambda w: curvlab.hvp(f, x, w))(torch.stack([v, 2 * v]))
+    torch.testing.assert_close(inside, torch.stack([H @ v, 2 * H @ v]), rtol=1e-10, atol=1e-10)
+    notes = [r for r in caplog.records if "peek_interpreter_stack" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.DEBUG

@@ -127,3 +127,54 @@ def test_building_an_objective_leaves_the_callers_rng_stream_alone():
     for train in (False, True):
         Objective(model, loss_fn, (X, y), train=train).loss()
     assert torch.equal(torch.rand(3), expected)
+
+
+class _TiedLM(nn.Module):
+    """An embedding whose weight is also the output layer's (as in GPT-2), and a buffer
+    registered under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        d = torch.float64  # (Module.double() would untie the buffer)
+        self.emb = nn.Embedding(6, 3, dtype=d)
+        self.mid = nn.Linear(3, 3, dtype=d)
+        self.out = nn.Linear(3, 6, bias=False, dtype=d)
+        self.out.weight = self.emb.weight
+        self.register_buffer("scale", torch.tensor([1.5, 0.5, 2.0], dtype=d))
+        self.mid.register_buffer("scale", self.scale)
+
+    def forward(self, x):
+        if self.training:  # a running statistic, updated through the second name
+            self.mid.scale.add_(1.0)
+        h = torch.tanh(self.mid(self.emb(x)) * self.mid.scale)
+        return self.out(h * self.scale).movedim(-1, 1)
+
+
+def test_tied_weights_stay_tied_in_evaluations():
+    """A point's tensor replaces every name of a tied parameter (functional_call runs
+    without its own tie search), so gradient and HVP see both uses of the weight."""
+    torch.manual_seed(0)
+    model = _TiedLM()
+    x, y = torch.randint(0, 6, (4, 5)), torch.randint(0, 6, (4, 5))
+    loss_fn = nn.CrossEntropyLoss()
+    obj = Objective(model, loss_fn, (x, y))
+    assert sorted(obj.params) == ["emb.weight", "mid.bias", "mid.weight"]
+    model.zero_grad()
+    loss_fn(model(x), y).backward()
+    _, g = obj.loss_and_grad()
+    for k, p in obj.params.items():
+        torch.testing.assert_close(g[k], p.grad, rtol=1e-12, atol=1e-14)
+    # an evaluation at another point moves both uses of the tied weight (and reads the
+    # module's own buffers under both of their names)
+    point = {k: p.detach() + 0.1 for k, p in obj.params.items()}
+    with torch.no_grad():
+        for p in obj.params.values():
+            p.add_(0.1)
+        ref = loss_fn(model(x), y)
+        for p in obj.params.values():
+            p.sub_(0.1)
+    torch.testing.assert_close(obj.loss(point), ref, rtol=1e-13, atol=0)
+    # train mode evaluates on copies of the buffers, under every name they have
+    before = model.scale.clone()
+    Objective(model, loss_fn, (x, y), train=True).loss()
+    assert torch.equal(model.scale, before) and model.mid.scale is model.scale

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 __all__ = ["term_weights", "loss_normalizer", "is_known_mean_loss", "LossConvention",
+           "ClassesLastCrossEntropyLoss",
            "match_convention", "model_loss_parts"]
 
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss, nn.BCELoss,
@@ -115,8 +116,24 @@ def _classes_to_dim1(logits: torch.Tensor) -> torch.Tensor:
     return logits.movedim(-1, 1) if logits.dim() > 2 else logits
 
 
+class ClassesLastCrossEntropyLoss(nn.CrossEntropyLoss):
+    """``nn.CrossEntropyLoss`` on ``(B, C, d...)`` inputs with class-index targets,
+    evaluated with the classes moved back last and the positions flattened, ``(N, C)``
+    against ``(N,)``: the same value (mean, sum and ignored targets are defined over
+    positions), but torch's kernels on the ``(B, C, T)`` view of ``(B, T, C)`` logits read
+    the classes with a stride and cost ~2x more (gradient and double backward;
+    ``benchmarks/bench_hf.py``). The loss of the model-loss conventions."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if (input.dim() > 2 and self.reduction != "none"
+                and not torch.is_floating_point(target)):
+            input = input.movedim(1, -1).reshape(-1, input.shape[1])
+            target = target.reshape(-1)
+        return super().forward(input, target)
+
+
 def _conventions(ignore_index: int = -100) -> list[LossConvention]:
-    ce = nn.CrossEntropyLoss(ignore_index=ignore_index)
+    ce = ClassesLastCrossEntropyLoss(ignore_index=ignore_index)
     return [
         LossConvention("causal-lm (labels shifted by one, cross-entropy, ignore -100)", ce,
                        lambda z: _classes_to_dim1(z[:, :-1]), lambda y: y[:, 1:]),

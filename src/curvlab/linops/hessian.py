@@ -41,15 +41,21 @@ class HessianOperator(CurvatureOperator):
 
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
         obj = self.objective
-        Vt = obj.unflatten(V, batched=True)
+        if V.shape[0] == 1:  # one vector: no batch dimension to add and strip per tensor
+            vt = obj.unflatten(V[0])
+            apply = lambda product: obj.flatten(product(vt)).unsqueeze(0)  # noqa: E731
+        else:
+            Vt = obj.unflatten(V, batched=True)
+            apply = lambda product: obj.flatten(product(Vt, batched=True),  # noqa: E731
+                                                batched=True)
         single = isinstance(obj.data, list) and len(obj.data) == 1
         if single and self.cache_graph:
             if self._product is None:
                 (w, x, y), = obj.batches()
                 self._product = (w, self._batch_product(x, y))
             w, product = self._product
-            return w * obj.flatten(product(Vt, batched=True), batched=True)
+            return w * apply(product)
         out = torch.zeros_like(V)
         for w, x, y in obj.batches():
-            out += w * obj.flatten(self._batch_product(x, y)(Vt, batched=True), batched=True)
+            out += w * apply(self._batch_product(x, y))
         return out
