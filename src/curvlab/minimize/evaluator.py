@@ -357,6 +357,7 @@ class Monitor:
         self.callback = callback
         self.nit = 0
         self.last: tuple | None = None  # (x, f, g) after the latest iteration
+        self.allvecs: list[torch.Tensor] | None = None  # scipy's return_all: the iterates
         self.history: dict[str, list[float]] | None = (
             {"f": [], "grad_norm": [], "step": [], "radius": [], "decrement": []}
             if history else None)
@@ -381,6 +382,8 @@ class Monitor:
     def stop_requested(self, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> bool:
         """Call ``callback(intermediate_result)``; True (or StopIteration) stops the run."""
         self.last = (x, f, g)
+        if self.allvecs is not None:
+            self.allvecs.append(x.view(self.ev.shape).clone())
         if self.callback is None:
             return False
         shape = self.ev.shape

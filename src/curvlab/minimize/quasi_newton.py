@@ -33,7 +33,7 @@ from curvlab.minimize.linesearch import LineFunction, backtracking, strong_wolfe
 from curvlab.minimize.result import OptimizeResult
 from curvlab.minimize.trust_region import solve_exact, trust_region_loop
 
-__all__ = ["bfgs", "cg", "lbfgs", "sr1", "LBFGSMemory", "two_loop"]
+__all__ = ["bfgs", "cg", "lbfgs", "sr1", "LBFGSMemory", "LbfgsInvHessProduct", "two_loop"]
 
 
 #: NumPy (OpenBLAS) computes matrix-vector products with fewer entries on one thread; above
@@ -41,11 +41,12 @@ __all__ = ["bfgs", "cg", "lbfgs", "sr1", "LBFGSMemory", "two_loop"]
 _NUMPY_MAX = 9216
 
 
-def _search(kind, line, phi0, dphi0, alpha0, c1, c2):
+def _search(kind, line, phi0, dphi0, alpha0, c1, c2, maxls=None):
+    budget = {} if maxls is None else {"max_evals": maxls}
     if kind == "strong-wolfe":
-        return strong_wolfe(line, phi0, dphi0, alpha0, c1=c1, c2=c2)
+        return strong_wolfe(line, phi0, dphi0, alpha0, c1=c1, c2=c2, **budget)
     if kind == "armijo":
-        return backtracking(line, phi0, dphi0, alpha0, c1=c1)
+        return backtracking(line, phi0, dphi0, alpha0, c1=c1, **budget)
     raise ValueError(f"line_search must be 'strong-wolfe' or 'armijo', got {kind!r}")
 
 
@@ -193,9 +194,83 @@ def two_loop(g: torch.Tensor, mem: LBFGSMemory, sign: float = 1.0) -> torch.Tens
     return q if sign == 1.0 else q.mul_(sign)
 
 
+class LbfgsInvHessProduct:
+    """The L-BFGS inverse-Hessian approximation ``H`` as a linear operator (scipy's
+    ``LbfgsInvHessProduct``, the ``hess_inv`` of L-BFGS-B): the recursion
+    ``H_{i+1} = (I - rho_i s_i y_i^T) H_i (I - rho_i y_i s_i^T) + rho_i s_i s_i^T``,
+    ``rho_i = 1 / y_i^T s_i``, over the stored pairs (oldest first) from ``H_0 = gamma I``,
+    applied by the two-loop recursion (N&W Alg. 7.4; Nocedal 1980).
+
+    ``gamma = 1`` is scipy's operator; the solvers attach the ``gamma`` they used
+    (``s^T y / y^T y`` of the newest pair, N&W eq. 7.20; L-BFGS-B's ``1 / theta``), so
+    ``hess_inv`` is the matrix the last step was computed with. ``matvec`` / ``matmat`` /
+    ``@`` take and return tensors (NumPy arrays in, NumPy arrays out); ``todense()`` is the
+    ``n x n`` matrix (a tensor, or an array when built with ``numpy=True``)."""
+
+    def __init__(self, sk: Any, yk: Any, gamma: float = 1.0, *, numpy: bool = False) -> None:
+        S = torch.stack([torch.as_tensor(v).reshape(-1) for v in sk]) if len(sk) else None
+        Y = torch.stack([torch.as_tensor(v).reshape(-1) for v in yk]) if len(yk) else None
+        if (S is None) != (Y is None) or (S is not None and S.shape != Y.shape):
+            raise ValueError("sk and yk must hold the same number of vectors of one size")
+        self.sk, self.yk = S, Y
+        self.gamma, self.numpy = float(gamma), numpy
+        self.rho = None if S is None else 1.0 / (S * Y).sum(dim=1)
+
+    @property
+    def n_corrs(self) -> int:
+        return 0 if self.sk is None else self.sk.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        return None if self.sk is None else (self.sk.shape[1], self.sk.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return None if self.sk is None else self.sk.dtype
+
+    def matmat(self, X: Any) -> Any:
+        """``H X`` for ``X`` of shape ``(n, k)`` (or ``(n,)``)."""
+        is_np = isinstance(X, np.ndarray)
+        Q = torch.as_tensor(X).clone()
+        vec = Q.dim() == 1
+        Q = Q.reshape(Q.shape[0], -1)
+        if self.sk is not None:
+            S, Y, rho = (t.to(Q.dtype) for t in (self.sk, self.yk, self.rho))
+            alphas = []
+            for i in range(S.shape[0] - 1, -1, -1):
+                a = rho[i] * (S[i] @ Q)
+                Q = Q - Y[i][:, None] * a
+                alphas.append(a)
+            Q = Q * self.gamma
+            for i, a in zip(range(S.shape[0]), reversed(alphas), strict=True):
+                b = rho[i] * (Y[i] @ Q)
+                Q = Q + S[i][:, None] * (a - b)
+        else:
+            Q = Q * self.gamma
+        Q = Q.reshape(-1) if vec else Q
+        return Q.numpy() if is_np else Q
+
+    def matvec(self, x: Any) -> Any:
+        """``H x``."""
+        return self.matmat(x)
+
+    __matmul__ = matmat
+    dot = matmat
+
+    def todense(self) -> Any:
+        """``H`` as a dense ``n x n`` matrix."""
+        if self.sk is None:
+            raise ValueError("no stored pairs: the size of H is unknown")
+        H = self.matmat(torch.eye(self.sk.shape[1], dtype=self.sk.dtype))
+        return H.numpy() if self.numpy else H
+
+    def __repr__(self) -> str:
+        return f"<LbfgsInvHessProduct shape={self.shape} n_corrs={self.n_corrs}>"
+
+
 def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, update,
-                      line_search: str, c1: float, c2: float, ftol: float = 0.0
-                      ) -> OptimizeResult:
+                      line_search: str, c1: float, c2: float, ftol: float = 0.0,
+                      maxls: int | None = None) -> OptimizeResult:
     """Shared loop: ``d = direction(g)``, line search, ``update(s, y, ys, alpha)``.
     ``ftol > 0`` adds scipy's relative-reduction test ``(f_k - f_{k+1}) / max(|f_k|,
     |f_{k+1}|, 1) <= ftol`` (L-BFGS-B's ``factr`` test) as a stated success."""
@@ -219,7 +294,8 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
             dphi0 = float(torch.dot(g, d))
             if not dphi0 < 0:
                 return mon.finish(x, f, g, 3)
-        ls = _search(line_search, LineFunction(ev.fg, x, d), phi, dphi0, alpha0, c1, c2)
+        ls = _search(line_search, LineFunction(ev.fg, x, d), phi, dphi0, alpha0, c1, c2,
+                     maxls)
         p = ls.point
         if p is None:
             return mon.finish(x, f, g, 2, ls.message)
@@ -246,12 +322,18 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
 def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 10,
           line_search: str = "strong-wolfe", c1: float = 1e-4, c2: float = 0.9,
           memory: LBFGSMemory | None = None, step_scale: float = 1.0, ftol: float = 0.0,
-          bounds: Any = None) -> OptimizeResult:
+          bounds: Any = None, maxls: int | None = None) -> OptimizeResult:
     """Limited-memory BFGS (N&W Alg. 7.5). ``memory`` continues a previous run;
-    ``step_scale`` multiplies the first trial step of every line search. With ``bounds``
-    it is L-BFGS-B (:mod:`curvlab.minimize.lbfgsb`)."""
+    ``step_scale`` multiplies the first trial step of every line search; ``maxls`` caps the
+    evaluations of one line search (scipy's option; default 20 with bounds as scipy's,
+    else the line search's own budget, 25 strong Wolfe / 40 Armijo). With ``bounds`` it is
+    L-BFGS-B (:mod:`curvlab.minimize.lbfgsb`). The result's ``hess_inv`` is the final
+    inverse-Hessian approximation as a :class:`LbfgsInvHessProduct`."""
     if int(history_size) < 1:
         raise ValueError(f"history_size must be >= 1, got {history_size}")
+    if maxls is not None and (isinstance(maxls, bool) or not isinstance(maxls, int)
+                              or maxls < 1):
+        raise ValueError(f"maxls must be a positive int, got {maxls!r}")
     if bounds is not None:
         if memory is not None or line_search != "strong-wolfe" or step_scale != 1.0:
             raise ValueError("with bounds (L-BFGS-B) memory, line_search and step_scale "
@@ -259,7 +341,7 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
         from curvlab.minimize.lbfgsb import lbfgsb
 
         return lbfgsb(ev, x0, mon, bounds, history_size=int(history_size), c1=c1, c2=c2,
-                      ftol=ftol)
+                      ftol=ftol, maxls=20 if maxls is None else maxls)
     mem = memory if memory is not None else LBFGSMemory(int(history_size))
 
     def direction(g):
@@ -274,8 +356,10 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
             return
         mem.push(s, y, ys, float(torch.dot(y, y)))
 
-    res = _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2, ftol)
+    res = _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2, ftol, maxls)
     res["memory"] = mem
+    res["hess_inv"] = LbfgsInvHessProduct(list(mem.s), list(mem.y),
+                                          mem.gamma if mem.s else 1.0)
     return res
 
 
