@@ -11,10 +11,18 @@ SIAM J. Sci. Comput. 16 (1995). With the compact representation ``B = theta I - 
    the derivatives ``f'``, ``f''`` updated in ``O(m)`` per breakpoint.
 2. **Subspace minimization** (Sec. 5.1, direct primal method): minimize the model over the
    variables free at the Cauchy point (the reduced inverse by Sherman-Morrison-Woodbury),
-   then truncate the step to stay feasible.
+   projected onto the box; truncated instead only when the projection is not a descent
+   direction (L-BFGS-B 3.0, Morales & Nocedal 2011).
 3. **Line search** along ``d = x_bar - x`` with the strong Wolfe conditions and the
    largest feasible step as ``alpha_max`` (the first trial step ``1``; on the first
-   iteration ``min(1, 1 / ||d||)``); pairs with ``s^T y <= eps y^T y`` are skipped.
+   iteration, as L-BFGS-B, ``alpha_max = 1`` under bounds and the first trial ``1 / ||d||``
+   unless every variable is boxed); pairs with ``s^T y <= eps (-g^T s)`` are skipped.
+   A line search that cannot move forgets the pairs and retries from the gradient.
+
+Numerics as in the L-BFGS-B code (Zhu, Byrd, Lu & Nocedal 1997; Morales & Nocedal 2011):
+``M`` is never formed; its products and the subspace system use Cholesky factors of the
+two positive definite blocks (:class:`_Saddle`). A failed factorization, like an ascent
+direction from rounding, forgets the pairs.
 
 Success: the projected gradient ``||P(x - g) - x||_inf <= gtol`` at the returned point
 (scipy's ``pgtol``); ``ftol > 0`` adds scipy's relative-reduction test. The small dense
@@ -33,7 +41,7 @@ from scipy.linalg import solve_triangular
 
 from curvlab.minimize.evaluator import Evaluator, Monitor
 from curvlab.minimize.linesearch import LineFunction, strong_wolfe
-from curvlab.minimize.quasi_newton import LbfgsInvHessProduct
+from curvlab.minimize.quasi_newton import LbfgsInvHessProduct, curvature_ok
 from curvlab.minimize.result import OptimizeResult
 
 __all__ = ["lbfgsb", "parse_bounds"]
@@ -119,13 +127,12 @@ class _Compact:
         return self.S.shape[1]
 
     def push(self, s: np.ndarray, y: np.ndarray, gs: float) -> bool:
-        """Store a pair unless ``s^T y <= eps (-g^T s)`` (``g`` the gradient at the start
-        of the step; L-BFGS-B's ``mainlb`` test, scale-free, where BLNZ's ``eps ||y||^2``
-        drops every pair of a problem whose variables differ in scale by ``1e8``); returns
-        whether it was stored. Raises ``LinAlgError`` when ``K`` cannot be factored (the
-        caller forgets the pairs, as L-BFGS-B does)."""
+        """Store a pair if :func:`~curvlab.minimize.quasi_newton.curvature_ok` (``s^T y >
+        eps (-g^T s)``, L-BFGS-B's test); returns whether it was stored. Raises
+        ``LinAlgError`` when ``K`` cannot be factored (the caller forgets the pairs, as
+        L-BFGS-B does)."""
         sy, yy = float(s @ y), float(y @ y)
-        if not (sy > np.finfo(np.float64).eps * -gs and math.isfinite(sy) and yy > 0):
+        if not curvature_ok(sy, yy, gs, float(np.finfo(np.float64).eps)):
             return False
         self.S = np.column_stack([self.S, s])[:, -self.m:]
         self.Y = np.column_stack([self.Y, y])[:, -self.m:]

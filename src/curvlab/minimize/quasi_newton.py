@@ -8,7 +8,7 @@ With ``s = x_{k+1} - x_k`` and ``y = g_{k+1} - g_k``:
   (eq. 6.20). Dense ``n x n``.
 * :func:`lbfgs` -- N&W Alg. 7.5 with the two-loop recursion (Alg. 7.4) over the last
   ``history_size`` pairs and ``H_0 = gamma I``, ``gamma = s^T y / y^T y`` (eq. 7.20); pairs
-  with ``y^T s <= eps y^T y`` are skipped. The memory can be carried across calls
+  with ``y^T s <= eps (-g^T s)`` are skipped (:func:`curvature_ok`). The memory can be carried across calls
   (:class:`LBFGSMemory`), which :class:`curvlab.optim.LBFGS` uses.
 * :func:`sr1` -- SR1 trust-region method (N&W Alg. 6.2): ``B+ = B + (y - Bs)(y - Bs)^T /
   (y - Bs)^T s`` applied only when ``|s^T (y - Bs)| >= r ||s|| ||y - Bs||`` (eq. 6.26,
@@ -33,7 +33,8 @@ from curvlab.minimize.linesearch import LineFunction, backtracking, strong_wolfe
 from curvlab.minimize.result import OptimizeResult
 from curvlab.minimize.trust_region import solve_exact, trust_region_loop
 
-__all__ = ["bfgs", "cg", "lbfgs", "sr1", "LBFGSMemory", "LbfgsInvHessProduct", "two_loop"]
+__all__ = ["bfgs", "cg", "lbfgs", "sr1", "LBFGSMemory", "LbfgsInvHessProduct", "two_loop",
+           "curvature_ok"]
 
 
 #: NumPy (OpenBLAS) computes matrix-vector products with fewer entries on one thread; above
@@ -116,6 +117,17 @@ class _Gram:
         return (sign * gamma) * q + (sign * (alpha - beta)) @ S
 
 
+def curvature_ok(ys: float, yy: float, gs: float | None, eps: float) -> bool:
+    """Whether a pair is kept: ``y^T s > eps (-g^T s)`` with ``g`` the gradient at the
+    start of the step (L-BFGS-B's ``mainlb`` test; scale-free: under the Wolfe conditions
+    ``y^T s >= (1 - c2)(-g^T s)``, so only a failed line search can drop a pair). Without
+    ``gs`` the older ``y^T s > eps y^T y`` (BLNZ eq. 3.9), which drops every pair of a
+    problem whose variables differ in scale by ``1e8`` (``y^T y ~ 1e18 y^T s``)."""
+    if not (math.isfinite(ys) and yy > 0):
+        return False
+    return ys > eps * (-gs if gs is not None else yy)
+
+
 @dataclass
 class LBFGSMemory:
     """The last ``history_size`` curvature pairs ``(s, y, rho = 1 / y^T s)``.
@@ -130,9 +142,10 @@ class LBFGSMemory:
     gamma: float = 1.0
     _gram: _Gram | None = field(default=None, repr=False, compare=False)
 
-    def push(self, s: torch.Tensor, y: torch.Tensor, ys: float, yy: float) -> bool:
-        """Store a pair; skipped (returns False) unless ``y^T s > eps y^T y``."""
-        if not (ys > torch.finfo(s.dtype).eps * yy and math.isfinite(ys) and yy > 0):
+    def push(self, s: torch.Tensor, y: torch.Tensor, ys: float, yy: float,
+             gs: float | None = None) -> bool:
+        """Store a pair; skipped (returns False) unless :func:`curvature_ok`."""
+        if not curvature_ok(ys, yy, gs, torch.finfo(s.dtype).eps):
             return False
         gram = self._gram if self._gram_valid() else None
         if len(self.s) == self.history_size:
@@ -271,8 +284,10 @@ class LbfgsInvHessProduct:
 def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, update,
                       line_search: str, c1: float, c2: float, ftol: float = 0.0,
                       maxls: int | None = None) -> OptimizeResult:
-    """Shared loop: ``d = direction(g)``, line search, ``update(s, y, ys, alpha)``.
-    ``ftol > 0`` adds scipy's relative-reduction test ``(f_k - f_{k+1}) / max(|f_k|,
+    """Shared loop: ``d = direction(g)``, line search, ``update(s, y, ys, alpha)``. A line
+    search that fails without moving ``x`` forgets the curvature (``update(None, ...)``)
+    and retries from steepest descent once before the run stops (L-BFGS-B's restart).
+    A failed search that found a sufficient decrease is accepted. ``ftol > 0`` adds scipy's relative-reduction test ``(f_k - f_{k+1}) / max(|f_k|,
     |f_{k+1}|, 1) <= ftol`` (L-BFGS-B's ``factr`` test) as a stated success."""
     f, g = ev.fg(x)
     gn = mon.gnorm(g)
@@ -280,6 +295,7 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
         return mon.finish(x, f, g, 4, "At the starting point.")
     phi = float(f)
     mon.record(phi, gn)
+    fresh = False  # whether the current direction was computed without curvature pairs
     while True:
         if gn <= mon.gtol:
             return mon.finish(x, f, g, 0)
@@ -289,7 +305,7 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
         dphi0 = float(torch.dot(g, d))
         if not dphi0 < 0:
             # stale curvature information: restart from steepest descent once
-            update(None, None, None, None)
+            update(None, None, None, None, None)
             d, alpha0 = direction(g)
             dphi0 = float(torch.dot(g, d))
             if not dphi0 < 0:
@@ -297,13 +313,19 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
         ls = _search(line_search, LineFunction(ev.fg, x, d), phi, dphi0, alpha0, c1, c2,
                      maxls)
         p = ls.point
-        if p is None:
+        if p is None or (not ls.success and p.alpha * float(d.abs().max()) <= 1e-15 * (
+                1.0 + float(x.abs().max()))):
+            if not fresh:  # L-BFGS-B's rule: stay at x, forget the curvature, retry from -g
+                update(None, None, None, None, None)
+                fresh = True
+                continue
             return mon.finish(x, f, g, 2, ls.message)
+        fresh = False
         mon.nit += 1
         s = p.x - x
         y = p.g - g
         ys = p.alpha * (p.dphi - dphi0)
-        update(s, y, ys, p.alpha)
+        update(s, y, ys, p.alpha, p.alpha * dphi0)
         phi_old = phi
         x, f, g, phi = p.x, p.f, p.g, p.phi
         gn = mon.gnorm(g)
@@ -313,10 +335,6 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
         if ftol > 0 and gn > mon.gtol and (phi_old - phi) <= ftol * max(
                 abs(phi_old), abs(phi), 1.0):
             return mon.finish(x, f, g, 0, test="ftol_rel")
-        if not ls.success and gn > mon.gtol:
-            # accepted the best sufficient-decrease point; give up only if it did not move
-            if p.alpha * float(d.abs().max()) <= 1e-15 * (1.0 + float(x.abs().max())):
-                return mon.finish(x, f, g, 2, ls.message)
 
 
 def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 10,
@@ -350,11 +368,11 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
                                                        1e-300))
         return two_loop(g, mem, -1.0), step_scale
 
-    def update(s, y, ys, alpha):
+    def update(s, y, ys, alpha, gs):
         if s is None:
             mem.clear()
             return
-        mem.push(s, y, ys, float(torch.dot(y, y)))
+        mem.push(s, y, ys, float(torch.dot(y, y)), gs)
 
     res = _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2, ftol, maxls)
     res["memory"] = mem
@@ -381,7 +399,7 @@ def bfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "s
             return torch.from_numpy(-(H @ g.numpy())), 1.0
         return -(H @ g), 1.0
 
-    def update(s, y, ys, alpha):
+    def update(s, y, ys, alpha, gs):
         if s is None:
             state["H"] = None
             return
@@ -390,7 +408,7 @@ def bfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "s
         else:
             outer = torch.outer
         yy = float(y @ y)
-        if not (ys > eps * yy and math.isfinite(ys)):
+        if not curvature_ok(ys, yy, gs, eps):
             return
         H = state["H"]
         if H is None:
@@ -438,7 +456,7 @@ def cg(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, c1: float = 1e-4, c2: f
         state["dphi"] = float(torch.dot(g, d))
         return d, alpha0
 
-    def update(s, y, ys, alpha):
+    def update(s, y, ys, alpha, gs):
         if s is None:  # restart
             state["d"] = None
             return
