@@ -256,7 +256,8 @@ def bounded_main(nist_dir=None, gtol=1e-5):
               f"| {b[i][1]:10.1e} {b[i][2]:11.4e} {b[i][3]:6d}{' ' if ob[i] else '*'}")
     print("(* = not solved)")
     both = [i for i in range(len(a)) if oa[i] and ob[i]]
-    print(f"\n{'solver':22s} {'solved':>8s} {'gm evals (both solved, ' + str(len(both)) + ')':>28s}")
+    head = f"gm evals (both solved, {len(both)})"
+    print(f"\n{'solver':22s} {'solved':>8s} {head:>28s}")
     for (name, recs), good in zip(rows.items(), ok.values(), strict=True):
         print(f"{name:22s} {sum(good):>4d}/{len(recs):<3d} "
               f"{gmean([recs[i][3] for i in both]):28.1f}")

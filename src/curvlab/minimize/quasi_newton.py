@@ -8,7 +8,8 @@ With ``s = x_{k+1} - x_k`` and ``y = g_{k+1} - g_k``:
   (eq. 6.20). Dense ``n x n``.
 * :func:`lbfgs` -- N&W Alg. 7.5 with the two-loop recursion (Alg. 7.4) over the last
   ``history_size`` pairs and ``H_0 = gamma I``, ``gamma = s^T y / y^T y`` (eq. 7.20); pairs
-  with ``y^T s <= eps (-g^T s)`` are skipped (:func:`curvature_ok`). The memory can be carried across calls
+  with ``y^T s <= eps (-g^T s)`` are skipped (:func:`curvature_ok`). The memory can be
+  carried across calls
   (:class:`LBFGSMemory`), which :class:`curvlab.optim.LBFGS` uses.
 * :func:`sr1` -- SR1 trust-region method (N&W Alg. 6.2): ``B+ = B + (y - Bs)(y - Bs)^T /
   (y - Bs)^T s`` applied only when ``|s^T (y - Bs)| >= r ||s|| ||y - Bs||`` (eq. 6.26,
@@ -287,8 +288,9 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
     """Shared loop: ``d = direction(g)``, line search, ``update(s, y, ys, alpha)``. A line
     search that fails without moving ``x`` forgets the curvature (``update(None, ...)``)
     and retries from steepest descent once before the run stops (L-BFGS-B's restart).
-    A failed search that found a sufficient decrease is accepted. ``ftol > 0`` adds scipy's relative-reduction test ``(f_k - f_{k+1}) / max(|f_k|,
-    |f_{k+1}|, 1) <= ftol`` (L-BFGS-B's ``factr`` test) as a stated success."""
+    A failed search that found a sufficient decrease is accepted. ``ftol > 0`` adds
+    scipy's relative-reduction test ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= ftol``
+    (L-BFGS-B's ``factr`` test) as a stated success."""
     f, g = ev.fg(x)
     gn = mon.gnorm(g)
     if not (math.isfinite(gn) and math.isfinite(f.item())):
