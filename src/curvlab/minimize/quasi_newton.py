@@ -9,8 +9,7 @@ With ``s = x_{k+1} - x_k`` and ``y = g_{k+1} - g_k``:
 * :func:`lbfgs` -- N&W Alg. 7.5 with the two-loop recursion (Alg. 7.4) over the last
   ``history_size`` pairs and ``H_0 = gamma I``, ``gamma = s^T y / y^T y`` (eq. 7.20); pairs
   with ``y^T s <= eps (-g^T s)`` are skipped (:func:`curvature_ok`). The memory can be
-  carried across calls
-  (:class:`LBFGSMemory`), which :class:`curvlab.optim.LBFGS` uses.
+  carried across calls (:class:`LBFGSMemory`), which :class:`curvlab.optim.LBFGS` uses.
 * :func:`sr1` -- SR1 trust-region method (N&W Alg. 6.2): ``B+ = B + (y - Bs)(y - Bs)^T /
   (y - Bs)^T s`` applied only when ``|s^T (y - Bs)| >= r ||s|| ||y - Bs||`` (eq. 6.26,
   ``r = 1e-8``), on every trial step (accepted or not), ``B_0 = (y^T y / y^T s) I`` at the
