@@ -124,19 +124,17 @@ def _grad(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *, retain_graph: bo
     threads) costs 20-60 us per call, as much as the whole backward pass of a small
     objective, and these calls are the inner loop of every solver here. Anything else
     (tensor subclasses, accelerators, other shapes) goes through ``autograd.grad``."""
-    def public() -> torch.Tensor | None:
-        return dense(torch.autograd.grad(y, x, v, retain_graph=retain_graph,
-                                         create_graph=create_graph, allow_unused=True)[0])
-
-    if (_RUN_BACKWARD is not None and fast_autograd_enabled("grad") and _plain_cpu(y, x, v)
-            and v.shape == y.shape):
-        keep = retain_graph or not _FAST_CHECKED["grad"]  # the check runs both: keep it
-
-        def fast() -> torch.Tensor | None:
-            return dense(_RUN_BACKWARD((y,), (v,), keep, create_graph, (x,), True)[0])
-
-        return _checked("grad", fast, public)
-    return public()
+    state = _FAST_CHECKED["grad"]
+    if (_RUN_BACKWARD is not None and _FAST_ENABLED and state is not False
+            and _plain_cpu(y, x, v) and v.shape == y.shape):
+        if state:  # verified: the inner loop of every solver, kept lean
+            return dense(_RUN_BACKWARD((y,), (v,), retain_graph, create_graph, (x,), True)[0])
+        return _checked(  # the first use: both ways (the fast one keeps the graph)
+            "grad", lambda: dense(_RUN_BACKWARD((y,), (v,), True, create_graph, (x,), True)[0]),
+            lambda: dense(torch.autograd.grad(y, x, v, retain_graph=retain_graph,
+                                              create_graph=create_graph, allow_unused=True)[0]))
+    return dense(torch.autograd.grad(y, x, v, retain_graph=retain_graph,
+                                     create_graph=create_graph, allow_unused=True)[0])
 
 
 #: The batching primitives behind ``autograd.grad(..., is_grads_batched=True)``.
