@@ -84,6 +84,25 @@ def test_scipy_bvp(method):
     assert res.cost < 0.5
 
 
+def test_gauss_newton_on_scipy_bvp_ends_honestly():
+    # Gauss-Newton approaches a point where J loses rank (s_min / s_max -> 1e-10) with
+    # ||grad F|| ~ 9: the step turns orthogonal to the gradient and the line search accepts
+    # steps of 1e-17 (it used to spend the whole budget there, cost 19.8). It now stops
+    # with status 6 and says why; LM solves the problem (test_scipy_bvp).
+    def fun(x):
+        X = x.reshape(10, 10)
+        u = torch.nn.functional.pad(X, (1, 1, 1, 1))
+        return (u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4 * X
+                + X ** 3).reshape(-1)
+
+    res = least_squares(fun, torch.ones(100, dtype=torch.float64), method="gauss-newton",
+                        ftol=1e-2, max_nfev=5000)
+    assert not res.success and res.status == 6 and "method='lm'" in res.message
+    assert res.nfev < 500 and float(res.cost) > 1.0
+    lm = least_squares(fun, torch.ones(100, dtype=torch.float64), ftol=1e-2)
+    assert lm.success and float(lm.cost) < 0.5
+
+
 def test_scipy_script_runs_unchanged_and_returns_numpy():
     t = np.linspace(0, 3, 30)
     y = 1.5 * np.exp(-0.7 * t) + 0.3

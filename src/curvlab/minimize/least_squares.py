@@ -16,7 +16,12 @@ Methods:
   ``mu *= nu, nu *= 2``; ``mu_0 = tau max diag(J^T J)``. When ``F`` changes only at
   rounding level the step is accepted if it reduces ``||grad F||_inf``.
 * ``gauss-newton`` -- ``h = argmin ||J h + r||`` (minimum norm) with Armijo backtracking
-  on ``F`` (N&W Sec. 10.3).
+  on ``F`` (N&W Sec. 10.3). Its convergence needs the singular values of ``J`` bounded
+  away from zero (N&W Thm. 10.1); when the iterates approach a point where ``J`` loses
+  rank with ``grad F != 0`` (scipy's BVP test: ``s_min / s_max -> 1e-10`` at cost 19.8)
+  the step's angle with ``-grad F`` goes to 90 degrees and the steps to zero. The run
+  then stops with status 6 once that cosine, in the variables scaled by ``D`` (below), is
+  below ``sqrt(eps)``; ``lm`` solves such problems.
 * ``bounds=(lb, ub)`` (both methods): an active-set projected LM / Gauss-Newton step
   (Kanzow, Yamashita & Fukushima, JCAM 172, 2004): variables at a bound whose gradient
   pushes outward are fixed, the step is solved on the free ones and the trial point is
@@ -703,6 +708,18 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
                 if test:
                     continue
                 return finish(lin, 3)
+            # the angle in the variables scaled by D (invariant to rescaling x)
+            dsc = scale[0] if scale[0] is not None else torch.ones_like(x)
+            cos = -slope / max(float(torch.linalg.vector_norm(proj_grad(lin, x) / dsc))
+                               * float(torch.linalg.vector_norm(dsc * d)), 1e-300)
+            if cos < math.sqrt(eps):
+                test = gn_tests(lin, free, True, True, h0=h)
+                if test:
+                    continue
+                return finish(lin, 6, f"The Gauss-Newton step is orthogonal to the gradient "
+                              f"to rounding (cosine {cos:.1e}): the Jacobian is nearly rank-"
+                              "deficient at a point that is not stationary, where Gauss-"
+                              "Newton cannot make progress; use method='lm'.")
             alpha, accepted = 1.0, False
             for _ in range(60):
                 F_new, r_new = value(x + alpha * d)
