@@ -89,3 +89,78 @@ def test_batched_grad_matches_is_grads_batched(dtype):
         _batched_grad(g, x, torch.ones(2, 4, dtype=dtype))
     # the batching mode is left even after an error: plain autograd still works
     torch.testing.assert_close(_grad(g, x, V[0], retain_graph=True), H_cf @ V[0])
+
+
+# --- the fast path's self-check and its switch -------------------------------------------
+
+import logging  # noqa: E402
+
+import curvlab.minimize.evaluator as evmod  # noqa: E402
+from curvlab.minimize import minimize  # noqa: E402
+
+
+@pytest.fixture
+def rearmed(monkeypatch):
+    """A fresh self-check for the test; the process state is restored afterwards."""
+    evmod.set_fast_autograd(True)
+    yield monkeypatch
+    monkeypatch.undo()
+    evmod.set_fast_autograd(None)
+
+
+def _rosen(x):
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+def _counting(fn, calls, shift=0.0, fail=False):
+    def run(*args):
+        calls.append(1)
+        if fail:
+            raise RuntimeError("private API changed")
+        out = fn(*args)
+        return tuple(None if o is None else o + shift for o in out)
+    return run
+
+
+@pytest.mark.parametrize("broken", ["wrong", "raises"])
+@pytest.mark.parametrize("method", ["lbfgs", "trust-exact"])
+def test_broken_fast_path_falls_back_to_autograd(rearmed, caplog, broken, method):
+    # the private engine entry point returns a wrong gradient, whose zero is elsewhere (or
+    # raises): the first use
+    # checks it against torch.autograd.grad, logs once and never uses it again
+    calls = []
+    rearmed.setattr(evmod, "_RUN_BACKWARD", _counting(
+        evmod._RUN_BACKWARD, calls, shift=0.5, fail=broken == "raises"))
+    x0 = torch.tensor([-1.2, 1.0, 0.5], dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="curvlab.minimize.evaluator"):
+        for _ in range(2):
+            res = minimize(_rosen, x0, method)
+            assert res.success, res.message
+            torch.testing.assert_close(res.x, torch.ones(3, dtype=torch.float64), atol=1e-5,
+                                       rtol=0)
+    assert not evmod.fast_autograd_enabled("grad")
+    warnings = [r for r in caplog.records if "fast path" in r.getMessage()]
+    kinds = 2 if method == "trust-exact" else 1  # the batched kind checks itself too
+    assert len(warnings) == kinds and len(calls) == kinds
+
+
+def test_fast_path_is_used_once_it_agrees(rearmed):
+    calls = []
+    rearmed.setattr(evmod, "_RUN_BACKWARD", _counting(evmod._RUN_BACKWARD, calls))
+    res = minimize(_rosen, torch.tensor([-1.2, 1.0], dtype=torch.float64), "lbfgs")
+    assert res.success and evmod.fast_autograd_enabled("grad")
+    assert len(calls) == res.ngev  # every gradient went through the engine entry point
+
+
+def test_switch_off_uses_the_public_api(rearmed):
+    calls = []
+    rearmed.setattr(evmod, "_RUN_BACKWARD", _counting(evmod._RUN_BACKWARD, calls))
+    rearmed.setenv("CURVLAB_FAST_AUTOGRAD", "0")
+    evmod.set_fast_autograd(None)  # re-reads the environment
+    assert not evmod.fast_autograd_enabled("grad")
+    for method in ("lbfgs", "trust-exact"):
+        res = minimize(_rosen, torch.tensor([-1.2, 1.0], dtype=torch.float64), method)
+        assert res.success
+    assert calls == []
+    evmod.set_fast_autograd(True)
+    assert evmod.fast_autograd_enabled("grad")

@@ -84,6 +84,25 @@ def test_scipy_bvp(method):
     assert res.cost < 0.5
 
 
+def test_gauss_newton_on_scipy_bvp_ends_honestly():
+    # Gauss-Newton approaches a point where J loses rank (s_min / s_max -> 1e-10) with
+    # ||grad F|| ~ 9: the step turns orthogonal to the gradient and the line search accepts
+    # steps of 1e-17 (it used to spend the whole budget there, cost 19.8). It now stops
+    # with status 6 and says why; LM solves the problem (test_scipy_bvp).
+    def fun(x):
+        X = x.reshape(10, 10)
+        u = torch.nn.functional.pad(X, (1, 1, 1, 1))
+        return (u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4 * X
+                + X ** 3).reshape(-1)
+
+    res = least_squares(fun, torch.ones(100, dtype=torch.float64), method="gauss-newton",
+                        ftol=1e-2, max_nfev=5000)
+    assert not res.success and res.status == 6 and "method='lm'" in res.message
+    assert res.nfev < 500 and float(res.cost) > 1.0
+    lm = least_squares(fun, torch.ones(100, dtype=torch.float64), ftol=1e-2)
+    assert lm.success and float(lm.cost) < 0.5
+
+
 def test_scipy_script_runs_unchanged_and_returns_numpy():
     t = np.linspace(0, 3, 30)
     y = 1.5 * np.exp(-0.7 * t) + 0.3
@@ -137,3 +156,27 @@ def test_bounds_match_scipy():
     assert res.active_mask.tolist() == ref.active_mask.tolist()
     with pytest.raises(ValueError, match="infeasible"):
         least_squares(lambda b: b, torch.zeros(3, dtype=torch.float64), bounds=(lb, ub))
+
+
+def test_x_scale_like_scipy():
+    # scipy's x_scale: D = 1 / x_scale in the trust region ('jac': the column norms)
+    t = np.linspace(0, 4, 40)
+    y = 1e3 * np.exp(-0.3 * t) + 1e-3 * t
+
+    def f(b):
+        return b[0] * np.exp(-b[1] * t) + b[2] * t - y
+
+    x0 = np.array([500.0, 1.0, 0.0])
+    runs = {}
+    for key, xs in (("jac", "jac"), ("given", np.array([1e3, 1.0, 1e-3])), ("one", 1.0)):
+        ours = least_squares(f, x0, x_scale=xs)
+        ref = so.least_squares(f, x0, x_scale=xs, method="lm")
+        assert ours.success, ours.message
+        # xtol is relative to ||D x||: with x_scale=1 the small b[2] gets ~1e-8 absolute
+        np.testing.assert_allclose(ours.x, ref.x, rtol=1e-6, atol=1e-8)
+        runs[key] = ours.nfev
+    assert runs["one"] != runs["jac"]  # the scaling is used
+    assert least_squares(f, x0).nfev == runs["jac"]  # 'jac' is the default
+    for bad in (0.0, [1.0, -1.0, 1.0], "auto", [1.0, 2.0]):
+        with pytest.raises(ValueError, match="x_scale"):
+            least_squares(f, x0, x_scale=bad)

@@ -37,6 +37,7 @@ import torch
 
 from curvlab.minimize import first_order, newton, quasi_newton, trust_region
 from curvlab.minimize.evaluator import Evaluator, Monitor
+from curvlab.minimize.quasi_newton import LbfgsInvHessProduct
 from curvlab.minimize.result import OptimizeResult
 from curvlab.minimize.scipy_compat import (
     METHOD_ALIASES,
@@ -203,7 +204,9 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
         options / **kwargs: method options, e.g. ``line_search``, ``history_size``, ``lr``,
             ``beta``, ``clip``, ``initial_radius``, ``max_radius``, ``eta``, ``c1``,
             ``c2``, ``cg_max_iter``, ``ftol`` (quasi-Newton, CG: scipy's relative-reduction
-            test); scipy's names ``maxiter``, ``maxcor``, ``maxfun``, ``disp``, ``gtol``.
+            test), ``maxls`` (``lbfgs``: evaluations per line search); scipy's names
+            ``maxiter``, ``maxcor``, ``maxfun``, ``disp``, ``gtol``, ``return_all`` (the
+            iterates ``x0, x1, ..., x_nit`` in ``result.allvecs``, any method).
     """
     opts = merge_options(options, kwargs, OPTION_ALIASES)
     opts.pop("disp", None)  # library code never prints
@@ -214,6 +217,7 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
     if "max_iter" in opts:
         max_iter = opts.pop("max_iter")
     max_nfev = opts.pop("max_nfev", None)
+    return_all = bool(opts.pop("return_all", False))
     if isinstance(method, str) and method.lower() not in METHODS:
         method = METHOD_ALIASES.get(method.lower(), method)
     if not isinstance(method, str) or method.lower() not in METHODS:
@@ -264,6 +268,8 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
     ev = _BudgetEvaluator(fun, x0.shape, args, jac=jac, hessp=hessp, hess=hess)
     ev.max_nfev = max_nfev if max_nfev is not None else 1 << 62
     mon = Monitor(method, ev, float(gtol), max_iter, cb, history)
+    if return_all:
+        mon.allvecs = [x.view(ev.shape).clone()]
     try:
         res = solver(ev, x, mon, **opts)
     except _Budget:
@@ -286,6 +292,10 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
         res["message"] += " Returned x0: the run ended above f(x0)."
     if wrapped is not None:
         res["nfev"] = res["nfev"] + wrapped.extra_evals
+    if return_all:
+        res["allvecs"] = [to_user(v) for v in mon.allvecs]
+    if numpy_mode and isinstance(res.get("hess_inv"), LbfgsInvHessProduct):
+        res["hess_inv"].numpy = True
     res["njev"] = res["ngev"]
     res["nhev"] = res["nhvp"] + res["nhess"]
     res["jac"] = res["grad"]

@@ -7,12 +7,24 @@ recorded graph, :func:`curvlab.autodiff.hvp_fn`) and ``hess`` (dense Hessian, on
 backward). :class:`Monitor` holds the iteration count, the history, the callback and builds
 the :class:`~curvlab.minimize.result.OptimizeResult`, re-checking ``||g||_inf <= gtol`` at
 the returned point before it ever sets ``success``.
+
+**Autograd fast path.** Gradients and Hessian-vector products of plain CPU tensors call
+the autograd engine's private entry point directly (``Variable._execution_engine.
+run_backward``, and the vmap primitives behind ``is_grads_batched``), skipping
+``torch.autograd.grad``'s argument handling, which costs as much as the backward pass of a
+small objective. Private entry points can change between torch releases, so each kind
+(single and batched) checks itself once per process: its first use computes the result
+both ways and compares them (equal to ``1e-12`` relative); on a mismatch or an exception
+the public ``torch.autograd.grad`` is used from then on, with one warning logged. Turn the
+fast path off with the environment variable ``CURVLAB_FAST_AUTOGRAD=0`` (read at import)
+or :func:`set_fast_autograd` ``(False)``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +32,8 @@ import torch
 
 from curvlab.minimize.result import STATUS_MESSAGES, SUCCESS_TESTS, OptimizeResult
 
-__all__ = ["Evaluator", "Monitor", "clip_direction", "host", "NonFiniteError", "dense"]
+__all__ = ["Evaluator", "Monitor", "clip_direction", "host", "NonFiniteError", "dense",
+           "set_fast_autograd", "fast_autograd_enabled"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +43,58 @@ HVP = Callable[[torch.Tensor], torch.Tensor]
 #: normalized and validated its arguments (``None`` if this torch does not expose it).
 _RUN_BACKWARD = getattr(getattr(torch.autograd.Variable, "_execution_engine", None),
                         "run_backward", None)
+
+
+#: Whether the engine fast path may be used (``CURVLAB_FAST_AUTOGRAD=0`` turns it off), and
+#: the result of each kind's self-check: None (not yet checked), True (agrees with
+#: ``torch.autograd.grad``), False (disagreed or raised: the public API is used).
+_FAST_ENABLED = os.environ.get("CURVLAB_FAST_AUTOGRAD", "1").strip() != "0"
+_FAST_CHECKED: dict[str, bool | None] = {"grad": None, "batched": None}
+
+
+def set_fast_autograd(enabled: bool | None = None) -> None:
+    """Use the private autograd-engine fast path (``True``), the public
+    ``torch.autograd.grad`` only (``False``), or what ``CURVLAB_FAST_AUTOGRAD`` says
+    (``None``; on unless it is ``0``). Re-arms the once-per-process self-checks."""
+    global _FAST_ENABLED
+    if enabled is None:
+        enabled = os.environ.get("CURVLAB_FAST_AUTOGRAD", "1").strip() != "0"
+    _FAST_ENABLED = bool(enabled)
+    _FAST_CHECKED.update(grad=None, batched=None)
+
+
+def fast_autograd_enabled(kind: str = "grad") -> bool:
+    """Whether the fast path of ``kind`` (``"grad"`` or ``"batched"``) is in use: switched
+    on and not failed its self-check."""
+    return _FAST_ENABLED and _FAST_CHECKED[kind] is not False
+
+
+def _agree(fast: torch.Tensor | None, ref: torch.Tensor | None) -> bool:
+    if fast is None or ref is None:
+        return fast is None and ref is None
+    return (fast.shape == ref.shape and fast.dtype == ref.dtype and bool(
+        torch.allclose(fast.detach(), ref.detach(), rtol=1e-12, atol=0.0, equal_nan=True)))
+
+
+def _checked(kind: str, fast: Callable[[], torch.Tensor | None],
+             public: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+    """``fast()`` once it has agreed with ``public()``; the first call computes both
+    (``fast`` must keep the graph) and returns the public result."""
+    state = _FAST_CHECKED[kind]
+    if state:
+        return fast()
+    try:
+        got, why = fast(), None
+    except Exception as err:  # noqa: BLE001 - any failure of a private API: fall back
+        got, why = None, f"raised {type(err).__name__}: {err}"
+    ref = public()
+    if why is None and not _agree(got, ref):
+        why = "disagreed with torch.autograd.grad"
+    _FAST_CHECKED[kind] = why is None
+    if why is not None:
+        logger.warning("curvlab.minimize: the autograd-engine fast path (%s) %s on its "
+                       "self-check; using torch.autograd.grad from now on", kind, why)
+    return ref
 
 
 class NonFiniteError(ArithmeticError):
@@ -59,8 +124,15 @@ def _grad(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *, retain_graph: bo
     threads) costs 20-60 us per call, as much as the whole backward pass of a small
     objective, and these calls are the inner loop of every solver here. Anything else
     (tensor subclasses, accelerators, other shapes) goes through ``autograd.grad``."""
-    if _RUN_BACKWARD is not None and _plain_cpu(y, x, v) and v.shape == y.shape:
-        return dense(_RUN_BACKWARD((y,), (v,), retain_graph, create_graph, (x,), True)[0])
+    state = _FAST_CHECKED["grad"]
+    if (_RUN_BACKWARD is not None and _FAST_ENABLED and state is not False
+            and _plain_cpu(y, x, v) and v.shape == y.shape):
+        if state:  # verified: the inner loop of every solver, kept lean
+            return dense(_RUN_BACKWARD((y,), (v,), retain_graph, create_graph, (x,), True)[0])
+        return _checked(  # the first use: both ways (the fast one keeps the graph)
+            "grad", lambda: dense(_RUN_BACKWARD((y,), (v,), True, create_graph, (x,), True)[0]),
+            lambda: dense(torch.autograd.grad(y, x, v, retain_graph=retain_graph,
+                                              create_graph=create_graph, allow_unused=True)[0]))
     return dense(torch.autograd.grad(y, x, v, retain_graph=retain_graph,
                                      create_graph=create_graph, allow_unused=True)[0])
 
@@ -78,16 +150,23 @@ def _batched_grad(y: torch.Tensor, x: torch.Tensor, V: torch.Tensor) -> torch.Te
     skips ``is_grads_batched``'s generic pytree wrapping and per-call checks (100-350 us,
     up to a third of a small dense Hessian); otherwise it calls ``autograd.grad``."""
     enter, leave, add_dim, remove_dim = _VMAP
-    if (_RUN_BACKWARD is not None and None not in _VMAP and _plain_cpu(y, x, V)
-            and V.shape[1:] == y.shape):
-        level = enter()
-        try:
-            out = _RUN_BACKWARD((y,), (add_dim(V, 0, level),), True, False, (x,), True)[0]
-            return None if out is None else dense(remove_dim(out, level, V.shape[0], 0))
-        finally:
-            leave()
-    return dense(torch.autograd.grad(y, x, V, retain_graph=True, allow_unused=True,
-                                     is_grads_batched=True)[0])
+
+    def public() -> torch.Tensor | None:
+        return dense(torch.autograd.grad(y, x, V, retain_graph=True, allow_unused=True,
+                                         is_grads_batched=True)[0])
+
+    if (_RUN_BACKWARD is not None and None not in _VMAP and fast_autograd_enabled("batched")
+            and _plain_cpu(y, x, V) and V.shape[1:] == y.shape):
+        def fast() -> torch.Tensor | None:
+            level = enter()
+            try:
+                out = _RUN_BACKWARD((y,), (add_dim(V, 0, level),), True, False, (x,), True)[0]
+                return None if out is None else dense(remove_dim(out, level, V.shape[0], 0))
+            finally:
+                leave()
+
+        return _checked("batched", fast, public)
+    return public()
 
 
 def host(*values: torch.Tensor) -> list[float]:
@@ -357,6 +436,7 @@ class Monitor:
         self.callback = callback
         self.nit = 0
         self.last: tuple | None = None  # (x, f, g) after the latest iteration
+        self.allvecs: list[torch.Tensor] | None = None  # scipy's return_all: the iterates
         self.history: dict[str, list[float]] | None = (
             {"f": [], "grad_norm": [], "step": [], "radius": [], "decrement": []}
             if history else None)
@@ -381,6 +461,8 @@ class Monitor:
     def stop_requested(self, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> bool:
         """Call ``callback(intermediate_result)``; True (or StopIteration) stops the run."""
         self.last = (x, f, g)
+        if self.allvecs is not None:
+            self.allvecs.append(x.view(self.ev.shape).clone())
         if self.callback is None:
             return False
         shape = self.ev.shape

@@ -16,7 +16,12 @@ Methods:
   ``mu *= nu, nu *= 2``; ``mu_0 = tau max diag(J^T J)``. When ``F`` changes only at
   rounding level the step is accepted if it reduces ``||grad F||_inf``.
 * ``gauss-newton`` -- ``h = argmin ||J h + r||`` (minimum norm) with Armijo backtracking
-  on ``F`` (N&W Sec. 10.3).
+  on ``F`` (N&W Sec. 10.3). Its convergence needs the singular values of ``J`` bounded
+  away from zero (N&W Thm. 10.1); when the iterates approach a point where ``J`` loses
+  rank with ``grad F != 0`` (scipy's BVP test: ``s_min / s_max -> 1e-10`` at cost 19.8)
+  the step's angle with ``-grad F`` goes to 90 degrees and the steps to zero. The run
+  then stops with status 6 once that cosine, in the variables scaled by ``D`` (below), is
+  below ``sqrt(eps)``; ``lm`` solves such problems.
 * ``bounds=(lb, ub)`` (both methods): an active-set projected LM / Gauss-Newton step
   (Kanzow, Yamashita & Fukushima, JCAM 172, 2004): variables at a bound whose gradient
   pushes outward are fixed, the step is solved on the free ones and the trial point is
@@ -24,7 +29,8 @@ Methods:
 
 Stopping (MINPACK's three scale-free tests, More, "The Levenberg-Marquardt algorithm:
 implementation and theory", 1978, and ``lmder``; scipy's names and defaults). With ``D``
-the column norms of the (weighted) Jacobian (running maximum, MINPACK's ``mode=1``) and
+the column norms of the (weighted) Jacobian (running maximum, MINPACK's ``mode=1``; or
+``1 / x_scale``) and
 ``h_GN = -J^+ r`` the Gauss-Newton step at the current point:
 
 * ``gtol``: ``max_j |J_j^T r| / (||J_j|| ||r||) <= gtol`` -- the cosine of the angle
@@ -374,8 +380,8 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
                   callback: Callable | None = None, history: bool = False,
                   ftol: float | None = 1e-14, xtol: float | None = 1e-8,
                   gtol_abs: float | None = None, jac: Any = None, bounds: Any = None,
-                  max_nfev: int | None = None, kwargs: dict | None = None, verbose: int = 0
-                  ) -> OptimizeResult:
+                  max_nfev: int | None = None, kwargs: dict | None = None, verbose: int = 0,
+                  x_scale: Any = None) -> OptimizeResult:
     """Solve ``min_x 1/2 sum rho(r(x)^2)`` (see module doc) from ``x0``.
 
     ``residual_fn(x, *args, **kwargs)`` returns the residual (any shape): a tensor for a
@@ -386,7 +392,10 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
     ``'dogbox'``) or ``'gauss-newton'``. ``ftol`` / ``xtol`` / ``gtol``: the scale-free
     stopping tests of the module doc (None disables one); ``gtol_abs``: optional absolute
     ``||grad F||_inf`` test. ``bounds=(lb, ub)``: box constraints (``x0`` must be inside).
-    ``max_iter`` / ``max_nfev``: iteration and residual-evaluation budgets.
+    ``max_iter`` / ``max_nfev``: iteration and residual-evaluation budgets. ``x_scale``
+    (scipy's): the characteristic scale of each variable, ``D = 1 / x_scale`` in the trust
+    region and the ``xtol`` test (``'jac'`` or None, the default: ``D`` from the
+    Jacobian's column norms, MINPACK's ``mode=1``, as scipy's ``lm``).
 
     The result (scipy's fields): ``x``, ``cost`` (``F``), ``fun`` (the residual vector),
     ``jac`` (dense mode), ``grad``, ``optimality`` (``||grad||_inf``, projected under
@@ -430,6 +439,17 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
     n = x.numel()
     model = _Residual(residual_fn, shape, args, kwargs or {}, jac, numpy_mode)
     box = _bounds(bounds, x)
+    fixed_scale = None  # D = 1 / x_scale; None: the Jacobian's column norms ('jac')
+    if not (x_scale is None or (isinstance(x_scale, str) and x_scale == "jac")):
+        xs = x_scale.detach().cpu().numpy() if isinstance(x_scale, torch.Tensor) else x_scale
+        try:
+            xs = np.broadcast_to(np.asarray(xs, dtype=np.float64), (n,))
+        except (TypeError, ValueError):
+            xs = np.array([np.nan])
+        if not (np.all(np.isfinite(xs)) and np.all(xs > 0)):
+            raise ValueError("x_scale must be 'jac', None or positive finite numbers, one per "
+                             f"variable (or one for all), got {x_scale!r}")
+        fixed_scale = torch.as_tensor(1.0 / xs, dtype=x.dtype, device=x.device)
     if box is not None and bool(((x < box[0]) | (x > box[1])).any()):
         raise ValueError("x0 is infeasible: it must lie within bounds (lb <= x0 <= ub)")
     r0, has_graph = model.probe(x)
@@ -531,10 +551,10 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
         return cg(op, rhs, rtol=rtol, max_iter=max_cg).x
 
     # D: running maximum of the column norms (MINPACK's mode=1 scaling), 1 matrix-free
-    scale: list[torch.Tensor | None] = [None]
+    scale: list[torch.Tensor | None] = [fixed_scale]
 
     def update_scale(lin: _Linearization) -> None:
-        if lin.colnorm is None:
+        if lin.colnorm is None or fixed_scale is not None:
             return
         cn = torch.where(lin.colnorm > 0, lin.colnorm, torch.ones_like(lin.colnorm))
         scale[0] = cn if scale[0] is None else torch.maximum(scale[0], cn)
@@ -703,6 +723,18 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
                 if test:
                     continue
                 return finish(lin, 3)
+            # the angle in the variables scaled by D (invariant to rescaling x)
+            dsc = scale[0] if scale[0] is not None else torch.ones_like(x)
+            cos = -slope / max(float(torch.linalg.vector_norm(proj_grad(lin, x) / dsc))
+                               * float(torch.linalg.vector_norm(dsc * d)), 1e-300)
+            if cos < math.sqrt(eps):
+                test = gn_tests(lin, free, True, True, h0=h)
+                if test:
+                    continue
+                return finish(lin, 6, f"The Gauss-Newton step is orthogonal to the gradient "
+                              f"to rounding (cosine {cos:.1e}): the Jacobian is nearly rank-"
+                              "deficient at a point that is not stationary, where Gauss-"
+                              "Newton cannot make progress; use method='lm'.")
             alpha, accepted = 1.0, False
             for _ in range(60):
                 F_new, r_new = value(x + alpha * d)

@@ -9,7 +9,8 @@
 
 Near a minimizer with a large ``|f|`` the decrease can fall below the rounding error of
 ``f``; both searches then also accept the approximate Armijo condition of Hager & Zhang
-(2005, eq. 4.1): ``phi(a) <= phi(0) + 1e-10 |phi(0)|`` and ``phi'(a) <= (1 - 2 c1)
+(2005, eq. 4.1): ``phi(a) <= phi(0) + 1e-10 |phi(0)|`` (``10 eps |phi(0)|`` for an ``f``
+of lower precision, e.g. ``1.2e-6`` in float32) and ``phi'(a) <= (1 - 2 c1)
 |phi'(0)|`` (exact Armijo for a quadratic, evaluated with derivatives, which stay accurate).
 
 Non-finite trial values (overflow, log of a negative number, ...) count as "too long":
@@ -73,7 +74,10 @@ def sufficient_decrease(p: Point, phi0: float, dphi0: float, c1: float) -> bool:
         return False
     if p.phi <= phi0 + c1 * p.alpha * dphi0:
         return True
-    return p.phi <= phi0 + APPROX_EPS * abs(phi0) and p.dphi <= (2.0 * c1 - 1.0) * dphi0
+    slack = APPROX_EPS
+    if p.f is not None and p.f.dtype != torch.float64:  # f rounds at ~eps |f| (float32)
+        slack = max(slack, 10.0 * torch.finfo(p.f.dtype).eps)
+    return p.phi <= phi0 + slack * abs(phi0) and p.dphi <= (2.0 * c1 - 1.0) * dphi0
 
 
 class LineFunction:

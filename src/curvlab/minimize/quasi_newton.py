@@ -8,8 +8,8 @@ With ``s = x_{k+1} - x_k`` and ``y = g_{k+1} - g_k``:
   (eq. 6.20). Dense ``n x n``.
 * :func:`lbfgs` -- N&W Alg. 7.5 with the two-loop recursion (Alg. 7.4) over the last
   ``history_size`` pairs and ``H_0 = gamma I``, ``gamma = s^T y / y^T y`` (eq. 7.20); pairs
-  with ``y^T s <= eps y^T y`` are skipped. The memory can be carried across calls
-  (:class:`LBFGSMemory`), which :class:`curvlab.optim.LBFGS` uses.
+  with ``y^T s <= eps (-g^T s)`` are skipped (:func:`curvature_ok`). The memory can be
+  carried across calls (:class:`LBFGSMemory`), which :class:`curvlab.optim.LBFGS` uses.
 * :func:`sr1` -- SR1 trust-region method (N&W Alg. 6.2): ``B+ = B + (y - Bs)(y - Bs)^T /
   (y - Bs)^T s`` applied only when ``|s^T (y - Bs)| >= r ||s|| ||y - Bs||`` (eq. 6.26,
   ``r = 1e-8``), on every trial step (accepted or not), ``B_0 = (y^T y / y^T s) I`` at the
@@ -33,7 +33,8 @@ from curvlab.minimize.linesearch import LineFunction, backtracking, strong_wolfe
 from curvlab.minimize.result import OptimizeResult
 from curvlab.minimize.trust_region import solve_exact, trust_region_loop
 
-__all__ = ["bfgs", "cg", "lbfgs", "sr1", "LBFGSMemory", "two_loop"]
+__all__ = ["bfgs", "cg", "lbfgs", "sr1", "LBFGSMemory", "LbfgsInvHessProduct", "two_loop",
+           "curvature_ok"]
 
 
 #: NumPy (OpenBLAS) computes matrix-vector products with fewer entries on one thread; above
@@ -41,11 +42,12 @@ __all__ = ["bfgs", "cg", "lbfgs", "sr1", "LBFGSMemory", "two_loop"]
 _NUMPY_MAX = 9216
 
 
-def _search(kind, line, phi0, dphi0, alpha0, c1, c2):
+def _search(kind, line, phi0, dphi0, alpha0, c1, c2, maxls=None):
+    budget = {} if maxls is None else {"max_evals": maxls}
     if kind == "strong-wolfe":
-        return strong_wolfe(line, phi0, dphi0, alpha0, c1=c1, c2=c2)
+        return strong_wolfe(line, phi0, dphi0, alpha0, c1=c1, c2=c2, **budget)
     if kind == "armijo":
-        return backtracking(line, phi0, dphi0, alpha0, c1=c1)
+        return backtracking(line, phi0, dphi0, alpha0, c1=c1, **budget)
     raise ValueError(f"line_search must be 'strong-wolfe' or 'armijo', got {kind!r}")
 
 
@@ -115,6 +117,17 @@ class _Gram:
         return (sign * gamma) * q + (sign * (alpha - beta)) @ S
 
 
+def curvature_ok(ys: float, yy: float, gs: float | None, eps: float) -> bool:
+    """Whether a pair is kept: ``y^T s > eps (-g^T s)`` with ``g`` the gradient at the
+    start of the step (L-BFGS-B's ``mainlb`` test; scale-free: under the Wolfe conditions
+    ``y^T s >= (1 - c2)(-g^T s)``, so only a failed line search can drop a pair). Without
+    ``gs`` the older ``y^T s > eps y^T y`` (BLNZ eq. 3.9), which drops every pair of a
+    problem whose variables differ in scale by ``1e8`` (``y^T y ~ 1e18 y^T s``)."""
+    if not (math.isfinite(ys) and yy > 0):
+        return False
+    return ys > eps * (-gs if gs is not None else yy)
+
+
 @dataclass
 class LBFGSMemory:
     """The last ``history_size`` curvature pairs ``(s, y, rho = 1 / y^T s)``.
@@ -129,9 +142,10 @@ class LBFGSMemory:
     gamma: float = 1.0
     _gram: _Gram | None = field(default=None, repr=False, compare=False)
 
-    def push(self, s: torch.Tensor, y: torch.Tensor, ys: float, yy: float) -> bool:
-        """Store a pair; skipped (returns False) unless ``y^T s > eps y^T y``."""
-        if not (ys > torch.finfo(s.dtype).eps * yy and math.isfinite(ys) and yy > 0):
+    def push(self, s: torch.Tensor, y: torch.Tensor, ys: float, yy: float,
+             gs: float | None = None) -> bool:
+        """Store a pair; skipped (returns False) unless :func:`curvature_ok`."""
+        if not curvature_ok(ys, yy, gs, torch.finfo(s.dtype).eps):
             return False
         gram = self._gram if self._gram_valid() else None
         if len(self.s) == self.history_size:
@@ -193,18 +207,96 @@ def two_loop(g: torch.Tensor, mem: LBFGSMemory, sign: float = 1.0) -> torch.Tens
     return q if sign == 1.0 else q.mul_(sign)
 
 
+class LbfgsInvHessProduct:
+    """The L-BFGS inverse-Hessian approximation ``H`` as a linear operator (scipy's
+    ``LbfgsInvHessProduct``, the ``hess_inv`` of L-BFGS-B): the recursion
+    ``H_{i+1} = (I - rho_i s_i y_i^T) H_i (I - rho_i y_i s_i^T) + rho_i s_i s_i^T``,
+    ``rho_i = 1 / y_i^T s_i``, over the stored pairs (oldest first) from ``H_0 = gamma I``,
+    applied by the two-loop recursion (N&W Alg. 7.4; Nocedal 1980).
+
+    ``gamma = 1`` is scipy's operator; the solvers attach the ``gamma`` they used
+    (``s^T y / y^T y`` of the newest pair, N&W eq. 7.20; L-BFGS-B's ``1 / theta``), so
+    ``hess_inv`` is the matrix the last step was computed with. ``matvec`` / ``matmat`` /
+    ``@`` take and return tensors (NumPy arrays in, NumPy arrays out); ``todense()`` is the
+    ``n x n`` matrix (a tensor, or an array when built with ``numpy=True``)."""
+
+    def __init__(self, sk: Any, yk: Any, gamma: float = 1.0, *, numpy: bool = False) -> None:
+        S = torch.stack([torch.as_tensor(v).reshape(-1) for v in sk]) if len(sk) else None
+        Y = torch.stack([torch.as_tensor(v).reshape(-1) for v in yk]) if len(yk) else None
+        if (S is None) != (Y is None) or (S is not None and S.shape != Y.shape):
+            raise ValueError("sk and yk must hold the same number of vectors of one size")
+        self.sk, self.yk = S, Y
+        self.gamma, self.numpy = float(gamma), numpy
+        self.rho = None if S is None else 1.0 / (S * Y).sum(dim=1)
+
+    @property
+    def n_corrs(self) -> int:
+        return 0 if self.sk is None else self.sk.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        return None if self.sk is None else (self.sk.shape[1], self.sk.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return None if self.sk is None else self.sk.dtype
+
+    def matmat(self, X: Any) -> Any:
+        """``H X`` for ``X`` of shape ``(n, k)`` (or ``(n,)``)."""
+        is_np = isinstance(X, np.ndarray)
+        Q = torch.as_tensor(X).clone()
+        vec = Q.dim() == 1
+        Q = Q.reshape(Q.shape[0], -1)
+        if self.sk is not None:
+            S, Y, rho = (t.to(Q.dtype) for t in (self.sk, self.yk, self.rho))
+            alphas = []
+            for i in range(S.shape[0] - 1, -1, -1):
+                a = rho[i] * (S[i] @ Q)
+                Q = Q - Y[i][:, None] * a
+                alphas.append(a)
+            Q = Q * self.gamma
+            for i, a in zip(range(S.shape[0]), reversed(alphas), strict=True):
+                b = rho[i] * (Y[i] @ Q)
+                Q = Q + S[i][:, None] * (a - b)
+        else:
+            Q = Q * self.gamma
+        Q = Q.reshape(-1) if vec else Q
+        return Q.numpy() if is_np else Q
+
+    def matvec(self, x: Any) -> Any:
+        """``H x``."""
+        return self.matmat(x)
+
+    __matmul__ = matmat
+    dot = matmat
+
+    def todense(self) -> Any:
+        """``H`` as a dense ``n x n`` matrix."""
+        if self.sk is None:
+            raise ValueError("no stored pairs: the size of H is unknown")
+        H = self.matmat(torch.eye(self.sk.shape[1], dtype=self.sk.dtype))
+        return H.numpy() if self.numpy else H
+
+    def __repr__(self) -> str:
+        return f"<LbfgsInvHessProduct shape={self.shape} n_corrs={self.n_corrs}>"
+
+
 def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, update,
-                      line_search: str, c1: float, c2: float, ftol: float = 0.0
-                      ) -> OptimizeResult:
-    """Shared loop: ``d = direction(g)``, line search, ``update(s, y, ys, alpha)``.
-    ``ftol > 0`` adds scipy's relative-reduction test ``(f_k - f_{k+1}) / max(|f_k|,
-    |f_{k+1}|, 1) <= ftol`` (L-BFGS-B's ``factr`` test) as a stated success."""
+                      line_search: str, c1: float, c2: float, ftol: float = 0.0,
+                      maxls: int | None = None) -> OptimizeResult:
+    """Shared loop: ``d = direction(g)``, line search, ``update(s, y, ys, alpha)``. A line
+    search that fails without moving ``x`` forgets the curvature (``update(None, ...)``)
+    and retries from steepest descent once before the run stops (L-BFGS-B's restart).
+    A failed search that found a sufficient decrease is accepted. ``ftol > 0`` adds
+    scipy's relative-reduction test ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= ftol``
+    (L-BFGS-B's ``factr`` test) as a stated success."""
     f, g = ev.fg(x)
     gn = mon.gnorm(g)
     if not (math.isfinite(gn) and math.isfinite(f.item())):
         return mon.finish(x, f, g, 4, "At the starting point.")
     phi = float(f)
     mon.record(phi, gn)
+    fresh = False  # whether the current direction was computed without curvature pairs
     while True:
         if gn <= mon.gtol:
             return mon.finish(x, f, g, 0)
@@ -214,20 +306,27 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
         dphi0 = float(torch.dot(g, d))
         if not dphi0 < 0:
             # stale curvature information: restart from steepest descent once
-            update(None, None, None, None)
+            update(None, None, None, None, None)
             d, alpha0 = direction(g)
             dphi0 = float(torch.dot(g, d))
             if not dphi0 < 0:
                 return mon.finish(x, f, g, 3)
-        ls = _search(line_search, LineFunction(ev.fg, x, d), phi, dphi0, alpha0, c1, c2)
+        ls = _search(line_search, LineFunction(ev.fg, x, d), phi, dphi0, alpha0, c1, c2,
+                     maxls)
         p = ls.point
-        if p is None:
+        if p is None or (not ls.success and p.alpha * float(d.abs().max()) <= 1e-15 * (
+                1.0 + float(x.abs().max()))):
+            if not fresh:  # L-BFGS-B's rule: stay at x, forget the curvature, retry from -g
+                update(None, None, None, None, None)
+                fresh = True
+                continue
             return mon.finish(x, f, g, 2, ls.message)
+        fresh = False
         mon.nit += 1
         s = p.x - x
         y = p.g - g
         ys = p.alpha * (p.dphi - dphi0)
-        update(s, y, ys, p.alpha)
+        update(s, y, ys, p.alpha, p.alpha * dphi0)
         phi_old = phi
         x, f, g, phi = p.x, p.f, p.g, p.phi
         gn = mon.gnorm(g)
@@ -237,21 +336,23 @@ def _line_search_loop(ev: Evaluator, mon: Monitor, x: torch.Tensor, direction, u
         if ftol > 0 and gn > mon.gtol and (phi_old - phi) <= ftol * max(
                 abs(phi_old), abs(phi), 1.0):
             return mon.finish(x, f, g, 0, test="ftol_rel")
-        if not ls.success and gn > mon.gtol:
-            # accepted the best sufficient-decrease point; give up only if it did not move
-            if p.alpha * float(d.abs().max()) <= 1e-15 * (1.0 + float(x.abs().max())):
-                return mon.finish(x, f, g, 2, ls.message)
 
 
 def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 10,
           line_search: str = "strong-wolfe", c1: float = 1e-4, c2: float = 0.9,
           memory: LBFGSMemory | None = None, step_scale: float = 1.0, ftol: float = 0.0,
-          bounds: Any = None) -> OptimizeResult:
+          bounds: Any = None, maxls: int | None = None) -> OptimizeResult:
     """Limited-memory BFGS (N&W Alg. 7.5). ``memory`` continues a previous run;
-    ``step_scale`` multiplies the first trial step of every line search. With ``bounds``
-    it is L-BFGS-B (:mod:`curvlab.minimize.lbfgsb`)."""
+    ``step_scale`` multiplies the first trial step of every line search; ``maxls`` caps the
+    evaluations of one line search (scipy's option; default 20 with bounds as scipy's,
+    else the line search's own budget, 25 strong Wolfe / 40 Armijo). With ``bounds`` it is
+    L-BFGS-B (:mod:`curvlab.minimize.lbfgsb`). The result's ``hess_inv`` is the final
+    inverse-Hessian approximation as a :class:`LbfgsInvHessProduct`."""
     if int(history_size) < 1:
         raise ValueError(f"history_size must be >= 1, got {history_size}")
+    if maxls is not None and (isinstance(maxls, bool) or not isinstance(maxls, int)
+                              or maxls < 1):
+        raise ValueError(f"maxls must be a positive int, got {maxls!r}")
     if bounds is not None:
         if memory is not None or line_search != "strong-wolfe" or step_scale != 1.0:
             raise ValueError("with bounds (L-BFGS-B) memory, line_search and step_scale "
@@ -259,7 +360,7 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
         from curvlab.minimize.lbfgsb import lbfgsb
 
         return lbfgsb(ev, x0, mon, bounds, history_size=int(history_size), c1=c1, c2=c2,
-                      ftol=ftol)
+                      ftol=ftol, maxls=20 if maxls is None else maxls)
     mem = memory if memory is not None else LBFGSMemory(int(history_size))
 
     def direction(g):
@@ -268,14 +369,16 @@ def lbfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, history_size: int = 
                                                        1e-300))
         return two_loop(g, mem, -1.0), step_scale
 
-    def update(s, y, ys, alpha):
+    def update(s, y, ys, alpha, gs):
         if s is None:
             mem.clear()
             return
-        mem.push(s, y, ys, float(torch.dot(y, y)))
+        mem.push(s, y, ys, float(torch.dot(y, y)), gs)
 
-    res = _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2, ftol)
+    res = _line_search_loop(ev, mon, x0, direction, update, line_search, c1, c2, ftol, maxls)
     res["memory"] = mem
+    res["hess_inv"] = LbfgsInvHessProduct(list(mem.s), list(mem.y),
+                                          mem.gamma if mem.s else 1.0)
     return res
 
 
@@ -297,7 +400,7 @@ def bfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "s
             return torch.from_numpy(-(H @ g.numpy())), 1.0
         return -(H @ g), 1.0
 
-    def update(s, y, ys, alpha):
+    def update(s, y, ys, alpha, gs):
         if s is None:
             state["H"] = None
             return
@@ -306,7 +409,7 @@ def bfgs(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, line_search: str = "s
         else:
             outer = torch.outer
         yy = float(y @ y)
-        if not (ys > eps * yy and math.isfinite(ys)):
+        if not curvature_ok(ys, yy, gs, eps):
             return
         H = state["H"]
         if H is None:
@@ -354,7 +457,7 @@ def cg(ev: Evaluator, x0: torch.Tensor, mon: Monitor, *, c1: float = 1e-4, c2: f
         state["dphi"] = float(torch.dot(g, d))
         return d, alpha0
 
-    def update(s, y, ys, alpha):
+    def update(s, y, ys, alpha, gs):
         if s is None:  # restart
             state["d"] = None
             return
