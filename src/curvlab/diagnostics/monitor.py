@@ -796,8 +796,10 @@ class CurvatureMonitor:
                           and predicted >= self.step_count else (None, None, None))
         record[f"{tr.name}_forecast"] = predicted
         record[f"{tr.name}_forecast_confidence"] = prob
-        # suspicious: beyond the threshold, not pulled back, and the loss rose
-        rising = (prev_ratio is not None and ratio >= prev_ratio and loss is not None
+        # suspicious: beyond the threshold, not pulled back (within the check's accuracy
+        # tol), and the loss rose
+        rising = (prev_ratio is not None and ratio >= (1 - self.tol) * prev_ratio
+                  and loss is not None
                   and prev_loss is not None and loss > prev_loss)
         tr.suspicious = tr.suspicious + 1 if (ratio >= c and rising) else 0
         if tr.suspicious >= self.confirm:

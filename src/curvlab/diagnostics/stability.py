@@ -45,14 +45,20 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer inside framework wrappers: accelerate's ``AcceleratedOptimizer`` (the
     Hugging Face Trainer's) through ``.optimizer``, Lightning's ``LightningOptimizer``
     through ``._optimizer``, and wrappers of wrappers. Found by attribute, not class name:
-    any object holding an optimizer (something with ``param_groups``) under one of those
-    attributes is a wrapper."""
+    any object holding an optimizer (something with ``param_groups``), directly or through
+    further wrappers, under one of those attributes is a wrapper."""
+    def holds_optimizer(obj: Any, depth: int = 0) -> bool:
+        if hasattr(obj, "param_groups"):
+            return True
+        return depth < 8 and any(holds_optimizer(getattr(obj, a), depth + 1)
+                                 for a in _WRAPPER_ATTRS if getattr(obj, a, None) is not None)
+
     seen = set()
     while id(optimizer) not in seen:
         seen.add(id(optimizer))
         for attr in _WRAPPER_ATTRS:
             inner = getattr(optimizer, attr, None)
-            if inner is not None and inner is not optimizer and hasattr(inner, "param_groups"):
+            if inner is not None and inner is not optimizer and holds_optimizer(inner):
                 optimizer = inner
                 break
         else:
