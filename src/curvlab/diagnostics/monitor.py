@@ -24,7 +24,8 @@ When it checks. At steps 1, 2, 4, ... below ``every`` (fast blow-ups happen earl
 every ``every`` steps; sooner when a forecast crossing is near (at least four checks before
 it) and, above the threshold, twice as often after each check that saw both the ratio and
 the monitor-batch loss rise (back to ``every`` once they stop): frequent checks only while
-something is happening (``adaptive=False``: exactly every ``every`` steps).
+something is happening, and at the step after a gradient-norm or update-size jump
+(``adaptive=False``: exactly every ``every`` steps).
 
 Regimes (``record["regime"]`` and every event's ``regime``):
 
@@ -35,9 +36,12 @@ Regimes (``record["regime"]`` and every event's ``regime``):
   and adaptive methods train there for long stretches while the loss falls (Cohen et al.,
   ICLR 2021; "Adaptive gradient methods at the edge of stability", 2022), so this is not a
   warning.
-* ``"runaway"``: ratio above the threshold and *not* pulled back while the loss rises,
-  at ``confirm`` consecutive checks (``confirm + 1`` checks with ratio and loss both rising
-  beyond the threshold): the dynamics failed to self-stabilize.
+* ``"runaway"``: at ``confirm`` consecutive checks, the ratio above the threshold and the
+  monitor-batch loss at a new high over the last ``window`` checks (at the edge of
+  stability it fluctuates but trends down, below its earlier values), while either the
+  ratio is *not* pulled back (within ``tol``) or the loss is above its value at the first
+  check (all progress lost: an adaptive preconditioner can pull the ratio back while the
+  loss still explodes): the dynamics failed to self-stabilize.
 * ``"nonfinite"``: parameters, loss, gradients or curvature are NaN / inf.
 
 Events (``monitor.events``, logging, the JSONL file, TensorBoard, callbacks) carry
@@ -740,6 +744,8 @@ class CurvatureMonitor:
             self._snapshot()
         if events:
             self._emit({"step": self.step_count}, events)
+            if self.adaptive:  # a cheap signal jumped: check the curvature at the next step
+                self._next_check = min(self._next_check, self.step_count + 1)
         return events
 
     def _snapshot(self) -> None:
@@ -796,11 +802,16 @@ class CurvatureMonitor:
                           and predicted >= self.step_count else (None, None, None))
         record[f"{tr.name}_forecast"] = predicted
         record[f"{tr.name}_forecast_confidence"] = prob
-        # suspicious: beyond the threshold, not pulled back (within the check's accuracy
-        # tol), and the loss rose
-        rising = (prev_ratio is not None and ratio >= (1 - self.tol) * prev_ratio
-                  and loss is not None
-                  and prev_loss is not None and loss > prev_loss)
+        # suspicious: beyond the threshold, the monitor-batch loss at a new high over the
+        # window (at the edge of stability it fluctuates below its earlier values while
+        # trending down), and either the ratio not pulled back (within the check's accuracy
+        # tol) or, held back by a preconditioner that grows with the blow-up (Adam's v),
+        # the loss above its value at the first check (all progress lost)
+        recent = [v for v in tr.losses[-self.window - 1:-1] if math.isfinite(v)]
+        new_high = loss is not None and bool(recent) and loss > max(recent)
+        first_loss = next((v for v in tr.losses if math.isfinite(v)), math.nan)
+        held = prev_ratio is not None and ratio >= (1 - self.tol) * prev_ratio
+        rising = new_high and (held or (loss is not None and loss > first_loss))
         tr.suspicious = tr.suspicious + 1 if (ratio >= c and rising) else 0
         if tr.suspicious >= self.confirm:
             regime = "runaway"
