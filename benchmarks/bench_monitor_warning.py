@@ -43,6 +43,7 @@ Targets (the issue): every divergence warned; median lead >= 1000 steps on slow-
 runs, lead share >= 50% on fast ones; zero false warnings on healthy runs.
 
 Run: python benchmarks/bench_monitor_warning.py [--quick] [--only a,b,...] [--out FILE]
+     [--plot DIR]   (each run's loss / stability-ratio / events plot, plot_monitor)
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def cnn_scenario(peak: float, X: torch.Tensor, y: torch.Tensor, warmup: int = 15
 
 
 # ---- one run --------------------------------------------------------------------------
-def run(sc: Scenario) -> dict:
+def run(sc: Scenario, plot_dir: str | None = None) -> dict:
     model, loss_fn, mbatch, opt, sched, batch_fn, call = sc.build()
     monitor = CurvatureMonitor(model, loss_fn, mbatch, optimizer=opt,
                                generator=torch.Generator().manual_seed(0))
@@ -186,6 +187,11 @@ def run(sc: Scenario) -> dict:
         if diverged is not None and step >= diverged + 20:
             break
     seconds = time.perf_counter() - t0
+    if plot_dir is not None:
+        from curvlab.diagnostics.plots import plot_monitor
+
+        slug = "".join(ch if ch.isalnum() else "_" for ch in f"{sc.group}_{sc.name}")
+        plot_monitor(monitor, Path(plot_dir) / f"{slug}.png", title=f"({sc.group}) {sc.name}")
     warn = [e for e in monitor.warnings if diverged is None or e.step <= diverged]
     info = [e for e in monitor.events if e.severity == "info"
             and (diverged is None or e.step <= diverged)]
@@ -278,6 +284,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 2 minutes)")
     ap.add_argument("--only", default=None, help="comma-separated groups: a,b,c,d,held-out")
     ap.add_argument("--out", default=None, help="write the raw results as JSON")
+    ap.add_argument("--plot", default=None, help="write each run's monitor plot to this dir")
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("curvlab").setLevel(logging.ERROR)  # events are tabulated below
@@ -293,7 +300,7 @@ def main() -> None:
     for sc in scenarios(args.quick):
         if only and sc.group not in only:
             continue
-        r = run(sc)
+        r = run(sc, args.plot)
         results.append(r)
         print(f"{r['group']:<9}{r['name']:<28}{r['rule']:>10}{r['threshold']:>6.3g}"
               f"{r['max_ratio']:>10.3g}{_fmt(r['diverged']):>9}{_fmt(r['first_warning']):>7}"
