@@ -10,7 +10,6 @@ from torch import nn
 
 from curvlab.diagnostics import CurvatureMonitor, preconditioned_sharpness, stability_threshold
 from curvlab.diagnostics.stability import (
-    preconditioned_operator,
     stability_model,
     stability_report,
     unwrap_optimizer,
@@ -301,3 +300,33 @@ def test_gradient_jumps_fire_early_in_training():
         opt.step()
         mon.step(loss)
     assert ("grad_norm_jump", 30) in {(e.kind, e.step) for e in mon.events}
+
+
+def _feed(mon, ratios, losses, every=200):
+    """Drive the monitor's regime logic with a series of checks (ratio, monitor-batch loss)."""
+    (tr,) = mon._trackers.values()
+    events = []
+    for i, (r, L) in enumerate(zip(ratios, losses, strict=True)):
+        mon.step_count = (i + 1) * every
+        events += mon._stability_events(tr, r, L, {})
+    return events
+
+
+def test_edge_of_stability_is_not_a_warning_and_runaway_is():
+    """The recorded shape of gradient descent at the edge of stability (bench scenario (a),
+    f = 1.5: ratio hovering 2.0-2.2, loss falling with small rises) gives information
+    events only; the same ratios with the loss making new highs give a warning."""
+    model, loss_fn, X, y = _mlp()
+    ratios = [2.45, 2.34, 2.23, 2.18, 2.17, 2.13, 2.17, 2.06, 2.12, 2.11, 2.04, 2.03]
+    eos_losses = [.0105, .0064, .0043, .0028, .0024, .0019, .0017, .0013, .0013, .0015, .0012,
+                  .0011]
+    mon = CurvatureMonitor(model, loss_fn, (X, y), lr=0.1)
+    events = _feed(mon, ratios, eos_losses)
+    assert [e.kind for e in events] == ["crossed"] and not mon.warnings
+    assert events[0].regime == "edge_of_stability"
+    runaway = [0.01 * 1.5 ** i for i in range(len(ratios))]
+    mon = CurvatureMonitor(model, loss_fn, (X, y), lr=0.1)
+    events = _feed(mon, ratios, runaway)
+    assert [e.kind for e in mon.warnings] == ["diverging"]
+    assert mon.warnings[0].step == 600  # the third check: two confirmations after the first
+    assert mon.warnings[0].regime == "runaway"

@@ -779,7 +779,6 @@ class CurvatureMonitor:
         """Forecast, regime and events of one stability ratio at a check (module
         docstring)."""
         prev_ratio = tr.ratios[-1] if tr.ratios else None
-        prev_loss = tr.losses[-1] if tr.losses else None
         tr.steps.append(self.step_count)
         tr.ratios.append(ratio)
         tr.losses.append(math.nan if loss is None else loss)
