@@ -26,8 +26,9 @@ is; the model computes its own loss unless ``loss_fn`` is given). Its values
 (``curvlab/lambda_max``, ``curvlab/lr_sharpness``, ...) and events (``curvlab/crossed``,
 ``curvlab/diverging``, ... with their forecast ``curvlab/<kind>_horizon`` and
 ``_confidence``) are added to the Trainer's logs at the step they were computed
-(``state.log_history``, and the ``report_to`` integrations that run after the callback: register it with
-``trainer.callback_handler.callbacks.insert(0, callback)`` to put it before them); event
+(``state.log_history``, and the ``report_to`` integrations that run after the callback:
+register it with ``trainer.callback_handler.callbacks.insert(0, callback)`` to put it
+before them); event
 messages go to ``logging`` and to ``log_history`` under ``curvlab/events``.
 """
 
