@@ -5,7 +5,7 @@ vocabulary 64: the builder of ``tests/hf/_hf_models.py``, float32) on character-
 of the Python standard library (ids mod 64), batch 16 x 32 tokens. The same training run,
 side by side in interleaved rounds: without a monitor, and with
 ``CurvatureMonitor(model, None, batch, optimizer=opt)`` at its defaults (checks at steps
-1, 2, 4, ..., 128, then every 200 steps, adaptive; tol 3e-2; gradient norm / update size
+1, 4, 16, 64, then every 200 steps, adaptive; tol 3e-2; gradient norm / update size
 every 20 steps) on a fixed 16-sequence monitor batch (the HF callback's default size).
 For AdamW the monitor computes both ``lambda_max`` and the preconditioned sharpness at
 each check.

@@ -2,7 +2,7 @@
 
 A scenario suite, each run as a new user would: ``CurvatureMonitor(model, loss_fn,
 batch, optimizer=opt)`` at its defaults (a check every 200 steps after early checks at
-steps 1, 2, 4, ..., adaptive; track every 20 steps), called after every optimizer step.
+steps 1, 4, 16, ..., adaptive; track every 20 steps), called after every optimizer step.
 
 Scenarios (all on CPU, float32, seeded):
 

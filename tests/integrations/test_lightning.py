@@ -64,7 +64,7 @@ def _fit(tmp_path, name, monitor, **kw):
                                      ("muon", {"lr": 0.02, "adamw_lr": 3e-3})])
 def test_lightning_callback_logs_checks_and_leaves_training_unchanged(tmp_path, name, kw):
     lit, trainer, (cb,) = _fit(tmp_path / "a", name, True, **kw)
-    assert [c["step"] for c in cb.monitor.checks] == [1, 2, 4]  # early checks at 1, 2
+    assert [c["step"] for c in cb.monitor.checks] == [1, 2, 4]  # an early check at 1
     with open(trainer.logger.experiment.metrics_file_path) as f:
         rows = list(csv.DictReader(f))
     checked = [int(r["step"]) for r in rows if r.get("curvlab/lambda_max")]

@@ -20,7 +20,7 @@ check's top two Ritz vectors, within ``max_hvps`` Hessian-vector products; a che
 its residual and is not called converged while another Ritz value lies within the
 tolerance band of the top one (it may be the top eigenvalue the warm start missed).
 
-When it checks. At steps 1, 2, 4, ... below ``every`` (fast blow-ups happen early), then
+When it checks. At steps 1, 4, 16, ... below ``every`` (fast blow-ups happen early), then
 every ``every`` steps; sooner when a forecast crossing is near (at least four checks before
 it) and, above the threshold, twice as often after each check that saw both the ratio and
 the monitor-batch loss rise (back to ``every`` once they stop): frequent checks only while
@@ -568,10 +568,10 @@ class CurvatureMonitor:
         regular = (step // self.every + 1) * self.every
         if not self.adaptive:
             return regular
-        if step < self.every:  # early checks at powers of two
+        if step < self.every:  # early checks at powers of four
             nxt = 1
             while nxt <= step:
-                nxt *= 2
+                nxt *= 4
             return min(nxt, regular)
         interval = self.every
         tr = next(iter(self._trackers.values()))
