@@ -48,13 +48,16 @@ Events (``monitor.events``, logging, the JSONL file, TensorBoard, callbacks) car
 ``regime``, ``severity`` and a forecast: ``predicted_step``, ``horizon`` (steps ahead)
 and ``confidence``:
 
-* ``"approaching"`` (info): the ratio's least-squares trend over the last ``window``
+* ``"approaching"``: the ratio's least-squares trend over the last ``window``
   checks reaches the threshold within ``horizon`` steps even with the slope at its lower
   ``confidence`` bound (:func:`forecast_crossing`); ``confidence`` is the probability of a
   crossing within the horizon under that fit (Student t). Reaching the edge of stability
-  is what healthy training does, so this is information, not a warning.
-* ``"crossed"`` (info): the ratio passed the threshold (regime edge of stability until
-  proven otherwise).
+  by sharpening is what healthy training does: information. When the rise is driven by
+  the learning-rate schedule (the lr grew over the window and accounts for at least half
+  of the ratio's log-rise), it is a warning: self-stabilization lowers the sharpness, it
+  cannot undo a schedule that pushes ``lr`` past ``threshold / sharpness``.
+* ``"crossed"``: the ratio passed the threshold (regime edge of stability until proven
+  otherwise); information, or a warning when driven by the schedule (as above).
 * ``"diverging"`` (warning): the runaway regime; the forecast is the step at which the
   monitor-batch loss, on its current exponential trend, exceeds 10x its value at the first
   check.
@@ -236,6 +239,7 @@ class _Tracker:
     steps: list[int] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
     suspicious: int = 0
     armed: dict[str, bool] = field(default_factory=lambda: {"approaching": True,
                                                             "crossed": True,
@@ -782,6 +786,7 @@ class CurvatureMonitor:
         tr.steps.append(self.step_count)
         tr.ratios.append(ratio)
         tr.losses.append(math.nan if loss is None else loss)
+        tr.lrs.append(self.lr)
         c = tr.threshold
         record[f"{tr.name}_threshold"] = c
         if not math.isfinite(c):  # no curvature bound (a normalized update)
@@ -797,6 +802,16 @@ class CurvatureMonitor:
         if trend is not None and len(steps) >= 3:
             prob = trend.prob_slope_above((c - trend.fitted_last) / self.horizon)
         ahead = predicted - self.step_count if predicted is not None else None
+        # driven by the schedule: the learning rate grew over the window and accounts for
+        # at least half of the ratio's (log) rise. Self-stabilization acts on the sharpness;
+        # it cannot undo a schedule that pushes lr past threshold / sharpness.
+        lrs = tr.lrs[-self.window:]
+        d_lr = math.log(lrs[-1] / lrs[0]) if lrs[0] > 0 and lrs[-1] > 0 else 0.0
+        d_ratio = (math.log(ratios[-1] / ratios[0]) if ratios[0] > 0 and ratios[-1] > 0
+                   else 0.0)
+        schedule = d_lr > 0 and d_lr >= 0.5 * d_ratio
+        record["schedule_driven"] = schedule
+        level = "warning" if schedule else "info"
         self._forecast = ((predicted, ahead, prob) if predicted is not None
                           and predicted >= self.step_count else (None, None, None))
         record[f"{tr.name}_forecast"] = predicted
@@ -841,8 +856,10 @@ class CurvatureMonitor:
             events.append(self._event(
                 "crossed", tr.name, ratio, c,
                 f"{tr.name} = {ratio:.3g} passed the stability threshold {c:.3g} "
-                "(edge of stability: watching whether it self-stabilizes)",
-                self.step_count, 1.0, "edge_of_stability"))
+                + ("pushed by the learning-rate schedule (lower the peak lr or lengthen the "
+                   "warmup)" if schedule else
+                   "(edge of stability: watching whether it self-stabilizes)"),
+                self.step_count, 1.0, "edge_of_stability", level))
         elif (tr.armed["approaching"] and len(tr.ratios) >= min(3, self.window)
               and ratio >= self.min_ratio * c and cautious is not None and predicted is not None
               and cautious - self.step_count <= self.horizon):
@@ -851,8 +868,9 @@ class CurvatureMonitor:
                 "approaching", tr.name, ratio, c,
                 f"{tr.name} = {ratio:.3g} is forecast to reach {c:.3g} at step "
                 f"{predicted:.0f} ({predicted - self.step_count:.0f} steps ahead; by step "
-                f"{cautious:.0f} at {100 * self.confidence:.0f}% confidence)", predicted,
-                prob, regime))
+                f"{cautious:.0f} at {100 * self.confidence:.0f}% confidence)"
+                + (", pushed by the learning-rate schedule" if schedule else ""), predicted,
+                prob, regime, level))
         return events
 
     def _blowup_forecast(self, tr: _Tracker) -> tuple[float | None, float | None, float | None]:
@@ -872,13 +890,14 @@ class CurvatureMonitor:
 
     def _event(self, kind: str, metric: str, value: float, threshold: float, message: str,
                predicted: float | None = None, confidence: float | None = None,
-               regime: str | None = None) -> MonitorEvent:
+               regime: str | None = None, severity: str | None = None) -> MonitorEvent:
         if predicted is None and kind != "approaching":  # the current crossing forecast
             predicted, _, confidence = self._forecast
         event = MonitorEvent(self.step_count, kind, metric, float(value), float(threshold),
                              message, predicted,
                              None if predicted is None else float(predicted - self.step_count),
-                             confidence, regime or self.regime, SEVERITY.get(kind, "info"))
+                             confidence, regime or self.regime,
+                             severity or SEVERITY.get(kind, "info"))
         self.events.append(event)
         level = logging.WARNING if event.severity != "info" else logging.INFO
         log.log(level, "step %d: %s", self.step_count, message)
