@@ -125,6 +125,14 @@ def test_adam_family_preconditioner_matches_dense_and_wrappers_are_seen_through(
     mon.step()
     assert mon.thresholds == {"lr_preconditioned_sharpness": pytest.approx(18.0)}
     assert mon.checks[0]["preconditioned_sharpness"] == pytest.approx(want, rel=1e-6)
+    # only the governing eigenvalue by default (a second Lanczos run costs as much again)
+    assert "lambda_max" not in mon.checks[0]
+    assert mon.checks[0]["sharpness"] == mon.checks[0]["preconditioned_sharpness"]
+    both = CurvatureMonitor(model, loss_fn, (X, y), optimizer=adam, every=1, tol=1e-8,
+                            max_hvps=200, plain_sharpness=True)
+    both.step()
+    dense = torch.linalg.eigvalsh(HessianOperator(model, loss_fn, (X, y)).to_dense())[-1]
+    assert both.checks[0]["lambda_max"] == pytest.approx(float(dense), rel=1e-6)
 
 
 def _accelerated(opt):

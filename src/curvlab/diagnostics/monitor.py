@@ -14,10 +14,11 @@ batch* (so successive checks see the same function). The optimizer's rule comes 
 optimizers declare theirs; torch's SGD / Adam family / RMSprop / Adagrad are known): the
 step is stable on the local quadratic iff ``lr x lambda_max(P^{-1/2} H P^{-1/2}) <
 threshold`` with ``P`` the optimizer's own preconditioner (identity for SGD: the ratio is
-``lr_sharpness``; else ``lr_preconditioned_sharpness``). ``lambda_max`` of the plain
-Hessian is recorded too. Eigenvalues come from Lanczos warm-started from the previous
-check's top two Ritz vectors, within ``max_hvps`` Hessian-vector products; a check reports
-its residual and is not called converged while another Ritz value lies within the
+``lr_sharpness``; else ``lr_preconditioned_sharpness``), recorded as ``sharpness``
+(``lambda_max`` of the plain Hessian too with ``plain_sharpness=True``). Eigenvalues come
+from Lanczos warm-started from the previous check's top two Ritz vectors, within
+``max_hvps`` Hessian-vector products; a check reports its residual and is not called
+converged while another Ritz value lies within the
 tolerance band of the top one (it may be the top eigenvalue the warm start missed).
 
 When it checks. At steps 1, 4, 16, ... below ``every`` (fast blow-ups happen early), then
@@ -296,6 +297,10 @@ class CurvatureMonitor:
             ``every`` steps.
         stop_on_nonfinite: after a ``"nonfinite"`` event, stop checking (True) or keep
             going (events re-arm once everything is finite again).
+        plain_sharpness: also compute ``lambda_max`` of the plain Hessian when the rule is
+            preconditioned (None: only when it is the governing ratio; each eigenvalue is a
+            separate Lanczos run, so this doubles a preconditioned check's HVPs). Every
+            check records the governing one as ``sharpness``.
         jump_factor, jump_warmup: jump detection (a value above ``jump_factor`` times its
             EMA, after ``jump_warmup`` records of it).
         smoothing: EMA factor for the smoothed series (``s <- a s + (1 - a) x``).
@@ -317,6 +322,7 @@ class CurvatureMonitor:
                  horizon: int | None = None, confidence: float = 0.9,
                  min_ratio: float = 0.5, rearm: float = 0.8, confirm: int = 2,
                  adaptive: bool = True, stop_on_nonfinite: bool = True,
+                 plain_sharpness: bool | None = None,
                  jump_factor: float = 5.0, jump_warmup: int = 5, smoothing: float = 0.8,
                  log_dir: str | os.PathLike | None = None,
                  callbacks: Iterable[Callable] = (), params: Any = None,
@@ -341,6 +347,7 @@ class CurvatureMonitor:
         self.track_every = track_every
         self.window, self.min_ratio, self.rearm = window, min_ratio, rearm
         self.confirm, self.adaptive = confirm, bool(adaptive)
+        self.plain_sharpness = plain_sharpness
         self.stop_on_nonfinite, self.stopped = bool(stop_on_nonfinite), False
         self.horizon = 30 * every if horizon is None else horizon
         if not 0 <= confidence < 1:
@@ -503,17 +510,25 @@ class CurvatureMonitor:
         op = _RecordingHessian(self.model, self.loss_fn, self.batch, self.params)
         record: dict[str, Any] = {"step": self.step_count, "lr": self.lr, "num_hvps": 0,
                                   "stability_rule": self.stability.name}
-        res = self._top_eigen("lambda_max", op)
-        lam = float(res.eigenvalues[0])
-        record.update(self._convergence("lambda_max", res))
-        record["num_hvps"] += res.num_matvecs
-        values = {"lambda_max": lam, "lr_sharpness": self.lr * lam}
+        values: dict[str, float] = {}
+        plain = (not self.stability.preconditioned if self.plain_sharpness is None
+                 else self.plain_sharpness)
+        if plain:
+            res = self._top_eigen("lambda_max", op)
+            lam = float(res.eigenvalues[0])
+            record.update(self._convergence("lambda_max", res))
+            record["num_hvps"] += res.num_matvecs
+            values.update(lambda_max=lam, lr_sharpness=self.lr * lam, sharpness=lam)
         if self.stability.preconditioned:
             pre = self._top_eigen("preconditioned", preconditioned_operator(op, self.stability))
             plam = float(pre.eigenvalues[0])
-            record.update(self._convergence("preconditioned_sharpness", pre))
+            conv = self._convergence("preconditioned_sharpness", pre)
+            if not plain:  # the governing eigenvalue's certificate is the check's
+                conv["converged"] = conv.pop("preconditioned_sharpness_converged")
+            record.update(conv)
             record["num_hvps"] += pre.num_matvecs
-            values.update(preconditioned_sharpness=plam, lr_preconditioned_sharpness=self.lr * plam)
+            values.update(preconditioned_sharpness=plam, lr_preconditioned_sharpness=self.lr * plam,
+                          sharpness=plam)
         if op.loss is not None:
             values["check_loss"] = float(op.loss)
         if self.quadratic_fit and self._check_prev_step == self.step_count - 1:
