@@ -96,7 +96,7 @@ def main() -> None:
     print(f"{'monitor self-measured overhead':<44}"
           f"{100 * statistics.median(r['overhead'] for r in monitored):>9.1f}%")
     print(f"{'checks per run':<44}{m0['checks']:>10d}")
-    print(f"{'HVPs per check (both eigenvalues)':<44}{m0['hvps']:>10.2f}")
+    print(f"{'HVPs per check (governing eigenvalue)':<44}{m0['hvps']:>10.2f}")
     print(f"{'checks certified converged':<44}{m0['converged']:>7d}/{m0['checks']}")
     print(f"{'warnings (healthy run)':<44}{m0['warnings']:>10d}")
     print(f"{'training identical with and without':<44}{str(same):>10}")
