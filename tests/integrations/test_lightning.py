@@ -67,7 +67,7 @@ def test_lightning_callback_logs_checks_and_leaves_training_unchanged(tmp_path, 
     assert [c["step"] for c in cb.monitor.checks] == [1, 2, 4]  # an early check at 1
     with open(trainer.logger.experiment.metrics_file_path) as f:
         rows = list(csv.DictReader(f))
-    checked = [int(r["step"]) for r in rows if r.get("curvlab/lambda_max")]
+    checked = [int(r["step"]) for r in rows if r.get("curvlab/sharpness")]
     assert checked == [1, 2, 4]  # written at their steps although log_every_n_steps=50
     assert any(r.get("curvlab/grad_norm_jump") for r in rows)  # an event
     plain, _, _ = _fit(tmp_path / "b", name, False, **kw)
