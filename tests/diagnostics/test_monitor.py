@@ -45,7 +45,7 @@ def test_lr_ramp_on_fixed_curvature_warns_before_crossing(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.2 / lam)
     seen = []
     mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=10, tol=1e-8,
-                           max_hvps=10, horizon=95, log_dir=tmp_path,
+                           max_hvps=10, horizon=95, log_dir=tmp_path, adaptive=False,
                            callbacks=[lambda m, rec, ev: seen.append((rec["step"], len(ev)))])
     ratios = {}
     for step in range(1, 301):
@@ -66,6 +66,9 @@ def test_lr_ramp_on_fixed_curvature_warns_before_crossing(tmp_path):
     # and ratio >= 1 (min_ratio * 2) is step 90; the first check with ratio >= 2 is 180
     assert [(e.kind, e.step) for e in stab] == [("approaching", 90), ("crossed", 180)]
     assert stab[0].predicted_step == pytest.approx(179.5, abs=1e-6)
+    assert stab[0].horizon == pytest.approx(89.5, abs=1e-6) and stab[0].confidence > 0.9
+    # the rise is the lr schedule on a fixed curvature: both events are warnings
+    assert [e.severity for e in stab] == ["warning", "warning"]
     lines = [json.loads(x) for x in (tmp_path / "monitor.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "lambda_max" in r] == sorted(checks)
     assert any(ev["kind"] == "approaching" for r in lines for ev in r["events"])
@@ -89,7 +92,7 @@ def test_warm_start_is_cheap_and_every_check_is_right():
     def compare(mon, record, events):
         if "lambda_max" in record:
             op = HessianOperator(model, loss_fn, (X, y))
-            truth[record["step"]] = float(torch.linalg.eigvalsh(op.to_dense().double())[-1])
+            truth[record["step"]] = torch.linalg.eigvalsh(op.to_dense().double())
             cold.append(lanczos(op, 1, tol=mon.tol, generator=torch.Generator().manual_seed(
                 record["step"])).num_matvecs)
 
@@ -102,9 +105,12 @@ def test_warm_start_is_cheap_and_every_check_is_right():
         mon.step(loss)
     for c in mon.checks:
         assert c["converged"]
-        err = abs(c["lambda_max"] - truth[c["step"]])
-        assert err <= c["lambda_max_residual"] * 1.01 + 1e-6
-        assert err <= mon.tol * truth[c["step"]]
+        # the residual bounds the distance to *an* eigenvalue; tol the error of lambda_max
+        # (early checks at steps 1, 4 included, where the top two are 1-4% apart)
+        nearest = float((truth[c["step"]] - c["lambda_max"]).abs().min())
+        assert nearest <= c["lambda_max_residual"] * 1.01 + 1e-6
+        assert abs(c["lambda_max"] - float(truth[c["step"]][-1])) <= mon.tol * float(
+            truth[c["step"]][-1])
     warm = [c["num_hvps"] for c in mon.checks[1:]]
     assert sum(warm) / len(warm) <= 0.7 * sum(cold[1:]) / len(cold[1:])
 

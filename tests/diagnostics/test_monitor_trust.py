@@ -31,7 +31,7 @@ def test_rho_of_gd_step_on_a_quadratic_is_one_and_logged(tmp_path):
     model, loss_fn, X, y = _regression()  # MSE of a linear model: quadratic in the params
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=3, track_every=1,
-                           quadratic_fit=True, log_dir=tmp_path,
+                           quadratic_fit=True, adaptive=False, log_dir=tmp_path,
                            generator=torch.Generator().manual_seed(0))
     for _ in range(9):
         opt.zero_grad()
@@ -65,7 +65,7 @@ def test_rho_matches_dense_taylor_model_and_costs_one_hvp(monkeypatch):
     monkeypatch.setattr(monitor_module, "hvp_fn", counting)
     model, loss_fn, X, y = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    kw = dict(optimizer=opt, every=2, track_every=1, max_hvps=30, tol=1e-6)
+    kw = dict(optimizer=opt, every=2, track_every=1, max_hvps=30, tol=1e-6, adaptive=False)
     with_fit = CurvatureMonitor(model, loss_fn, (X, y), quadratic_fit=True,
                                 generator=torch.Generator().manual_seed(0), **kw)
     without = CurvatureMonitor(model, loss_fn, (X, y),

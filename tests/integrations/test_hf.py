@@ -66,9 +66,9 @@ def test_trainer_trains_monitors_and_resumes_bit_for_bit(name, tmp_path):
     a = _trainer(tmp_path / "a", name)
     a.train()
     assert isinstance(unwrap_optimizer(a.optimizer), OPTIMIZERS[name])
-    logged = {h["step"]: h for h in a.state.log_history if "curvlab/lambda_max" in h}
-    assert sorted(logged) == [2, 4, 6]  # curvature checks reach the Trainer's logs
-    assert all(h["curvlab/lambda_max"] > 0 for h in logged.values())
+    logged = {h["step"]: h for h in a.state.log_history if "curvlab/sharpness" in h}
+    assert sorted(logged) == [1, 2, 4, 6]  # checks (an early one at 1) reach the logs
+    assert all(h["curvlab/sharpness"] > 0 for h in logged.values())
     assert any("curvlab/events" in h for h in a.state.log_history)  # and the events
     # resume from the Trainer's own checkpoint in a fresh Trainer: the same parameters
     ckpt = tmp_path / "a" / "checkpoint-3"
@@ -117,14 +117,15 @@ def test_default_monitor_batch_and_the_models_own_loss(tmp_path):
     args = transformers.TrainingArguments(
         str(tmp_path), max_steps=2, per_device_train_batch_size=4, save_strategy="no",
         report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
-    cb = hf.CurvatureMonitorCallback(num_examples=4, every=2, max_hvps=40, tol=1e-4)
+    cb = hf.CurvatureMonitorCallback(num_examples=4, every=2, max_hvps=40, tol=1e-4,
+                                     plain_sharpness=True)  # lambda_max for any SOAP rule
     t = transformers.Trainer(_model(), args, train_dataset=_data(), callbacks=[cb],
                              optimizer_cls_and_kwargs=hf.optimizer_cls_and_kwargs("soap",
                                                                                   lr=3e-3))
     t.train()
     ids = torch.stack([d["input_ids"] for d in _data()[:4]])
     assert torch.equal(cb.monitor.batch["input_ids"], ids)  # the first examples, collated
-    (check,) = cb.monitor.checks
+    check = cb.monitor.checks[-1]  # the one at step 2 (after an early check at step 1)
     # the same sharpness as with the causal-LM loss written out
     op = HessianOperator(t.model, _lm_loss, ({"input_ids": ids}, ids))
     with sdpa_kernel([SDPBackend.MATH]):  # differentiable twice
@@ -146,4 +147,4 @@ def test_callback_placed_first_reaches_the_report_to_integrations(tmp_path):
     t.add_callback(Reporter())
     t.callback_handler.callbacks.insert(0, _monitor())
     t.train()
-    assert any("curvlab/lambda_max" in logs for logs in seen)
+    assert any("curvlab/sharpness" in logs for logs in seen)

@@ -64,11 +64,11 @@ def _fit(tmp_path, name, monitor, **kw):
                                      ("muon", {"lr": 0.02, "adamw_lr": 3e-3})])
 def test_lightning_callback_logs_checks_and_leaves_training_unchanged(tmp_path, name, kw):
     lit, trainer, (cb,) = _fit(tmp_path / "a", name, True, **kw)
-    assert [c["step"] for c in cb.monitor.checks] == [2, 4]
+    assert [c["step"] for c in cb.monitor.checks] == [1, 2, 4]  # an early check at 1
     with open(trainer.logger.experiment.metrics_file_path) as f:
         rows = list(csv.DictReader(f))
-    checked = [int(r["step"]) for r in rows if r.get("curvlab/lambda_max")]
-    assert checked == [2, 4]  # written at their steps although log_every_n_steps=50
+    checked = [int(r["step"]) for r in rows if r.get("curvlab/sharpness")]
+    assert checked == [1, 2, 4]  # written at their steps although log_every_n_steps=50
     assert any(r.get("curvlab/grad_norm_jump") for r in rows)  # an event
     plain, _, _ = _fit(tmp_path / "b", name, False, **kw)
     for p, q in zip(lit.parameters(), plain.parameters(), strict=True):
@@ -103,4 +103,4 @@ def test_default_monitor_batch_is_the_first_training_examples():
                                          shuffle=True)
     trainer.fit(_LitMLP(), loader)
     assert torch.equal(cb.monitor.batch[0], X[:8]) and torch.equal(cb.monitor.batch[1], y[:8])
-    assert [c["step"] for c in cb.monitor.checks] == [2]
+    assert [c["step"] for c in cb.monitor.checks] == [1, 2]  # an early check at step 1

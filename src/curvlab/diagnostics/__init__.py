@@ -41,6 +41,7 @@ from curvlab.diagnostics.stability import gradient_noise as gradient_noise
 from curvlab.diagnostics.stability import newton_decrement as newton_decrement
 from curvlab.diagnostics.stability import preconditioned_sharpness as preconditioned_sharpness
 from curvlab.diagnostics.stability import relative_update as relative_update
+from curvlab.diagnostics.stability import stability_model as stability_model
 from curvlab.diagnostics.stability import stability_report as stability_report
 from curvlab.diagnostics.stability import stability_threshold as stability_threshold
 
@@ -66,6 +67,7 @@ __all__ += [
     "preconditioned_sharpness",
     "relative_update",
     "spectral_density",
+    "stability_model",
     "stability_report",
     "stability_threshold",
     "top_eigenvalues",

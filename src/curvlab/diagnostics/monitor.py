@@ -6,29 +6,72 @@ Two lines::
     ...
     opt.step(); monitor.step(loss)          # inside the loop, after the optimizer step
 
-Every ``track_every`` steps it records the loss, the gradient norm and the relative update
-size ``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` (cheap: a parameter snapshot is taken
-the step before). Every ``every`` steps it computes ``lambda_max`` of the Hessian on a
-fixed *monitor batch* (so successive checks see the same function) by Lanczos
-warm-started from the previous check's top two Ritz vectors (tracking two survives the top
-eigenvalues swapping places, where a single warm vector can lock onto the old one), within a
-budget of Hessian-vector products, and forms ``lr x lambda_max`` against the optimizer's
-stability threshold (2 for gradient descent; see
-:func:`~curvlab.diagnostics.stability.stability_threshold`). For Adam-like optimizers the
-warned ratio is ``lr x`` the preconditioned sharpness ``lambda_max(P^{-1} H)`` from the
-optimizer's second moments (threshold 38 for ``beta1 = 0.9``).
+What it measures. Every ``track_every`` steps: the loss, the gradient norm and the relative
+update size ``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` (a parameter snapshot is taken
+the step before). At each *check*: the optimizer's stability ratio on a fixed *monitor
+batch* (so successive checks see the same function). The optimizer's rule comes from
+:func:`~curvlab.diagnostics.stability.stability_model` (wrappers unwrapped; curvlab's
+optimizers declare theirs; torch's SGD / Adam family / RMSprop / Adagrad are known): the
+step is stable on the local quadratic iff ``lr x lambda_max(P^{-1/2} H P^{-1/2}) <
+threshold`` with ``P`` the optimizer's own preconditioner (identity for SGD: the ratio is
+``lr_sharpness``; else ``lr_preconditioned_sharpness``), recorded as ``sharpness``
+(``lambda_max`` of the plain Hessian too with ``plain_sharpness=True``). Eigenvalues come
+from Lanczos warm-started from the previous check's top two Ritz vectors, within
+``max_hvps`` Hessian-vector products; a check reports its residual and is not called
+converged while another Ritz value lies within the
+tolerance band of the top one (it may be the top eigenvalue the warm start missed).
 
-Early warning: a least-squares line through the last ``window`` values of
-``lr x sharpness`` (at least 3) forecasts the step at which it will reach the threshold; an
-``"approaching"`` event fires when the crossing is less than ``horizon`` steps away even
-with the slope at its lower ``confidence`` bound (so a noisy or flattening trend does not
-warn; see :func:`forecast_crossing`) and the ratio is at least ``min_ratio`` of the
-threshold, a ``"crossed"`` event when the
-ratio passes the threshold. ``"grad_norm_jump"`` / ``"update_ratio_jump"`` fire when
-those jump by ``jump_factor`` over their running (EMA) level. Events go to the log
-(``logging.WARNING``), to ``monitor.events``, to the JSONL file and to user callbacks.
-Each kind of event fires once per episode: it re-arms when the ratio falls back below
-``rearm`` of the threshold (or the jumping quantity returns to its level).
+When it checks. At steps 1, 4, 16, ... below ``every`` (fast blow-ups happen early), then
+every ``every`` steps; sooner when a forecast crossing is near (at least four checks before
+it) and, above the threshold, twice as often after each check that saw both the ratio and
+the monitor-batch loss rise (back to ``every`` once they stop): frequent checks only while
+something is happening, and at the step after a gradient-norm or update-size jump
+(``adaptive=False``: exactly every ``every`` steps).
+
+Regimes (``record["regime"]`` and every event's ``regime``):
+
+* ``"stable"``: ratio below ``rearm`` x threshold; ``"sharpening"`` when its trend is
+  forecast to reach the threshold within ``horizon`` steps.
+* ``"edge_of_stability"``: ratio at or above ``rearm`` x threshold but self-stabilizing:
+  the sharpness is pulled back or the monitor-batch loss keeps falling. Gradient descent
+  and adaptive methods train there for long stretches while the loss falls (Cohen et al.,
+  ICLR 2021; "Adaptive gradient methods at the edge of stability", 2022), so this is not a
+  warning.
+* ``"runaway"``: at ``confirm`` consecutive checks, the ratio above the threshold and the
+  monitor-batch loss at a new high over the last ``window`` checks (at the edge of
+  stability it fluctuates but trends down, below its earlier values), while either the
+  ratio is *not* pulled back (within ``tol``) or the loss is above its value at the first
+  check (all progress lost: an adaptive preconditioner can pull the ratio back while the
+  loss still explodes): the dynamics failed to self-stabilize.
+* ``"nonfinite"``: parameters, loss, gradients or curvature are NaN / inf.
+
+Events (``monitor.events``, logging, the JSONL file, TensorBoard, callbacks) carry
+``regime``, ``severity`` and a forecast: ``predicted_step``, ``horizon`` (steps ahead)
+and ``confidence``:
+
+* ``"approaching"``: the ratio's least-squares trend over the last ``window``
+  checks reaches the threshold within ``horizon`` steps even with the slope at its lower
+  ``confidence`` bound (:func:`forecast_crossing`); ``confidence`` is the probability of a
+  crossing within the horizon under that fit (Student t). Reaching the edge of stability
+  by sharpening is what healthy training does: information. When the rise is driven by
+  the learning-rate schedule (the lr grew over the window and accounts for at least half
+  of the ratio's log-rise), it is a warning: self-stabilization lowers the sharpness, it
+  cannot undo a schedule that pushes ``lr`` past ``threshold / sharpness``.
+* ``"crossed"``: the ratio passed the threshold (regime edge of stability until proven
+  otherwise); information, or a warning when driven by the schedule (as above).
+* ``"diverging"`` (warning): the runaway regime; the forecast is the step at which the
+  monitor-batch loss, on its current exponential trend, exceeds 10x its value at the first
+  check.
+* ``"nonfinite"`` (error): NaN / inf parameters, loss, gradient or curvature. The monitor
+  never raises into the training loop: a failing check becomes an event (``"nonfinite"``,
+  or ``"check_failed"`` with the error), and after a non-finite event the monitor stops
+  itself (``stop_on_nonfinite``, default) or keeps going.
+* ``"grad_norm_jump"`` / ``"update_ratio_jump"`` (info): above ``jump_factor`` times their
+  running (EMA) level, after ``jump_warmup`` records.
+
+Each kind fires once per episode and re-arms when the ratio falls back below ``rearm`` of
+the threshold (or the jumping quantity returns to its level). ``monitor.warnings`` are the
+events of severity warning or error.
 
 Cost is measured: ``monitor.overhead`` is the fraction of wall time since the first
 ``step`` spent inside the monitor.
@@ -66,22 +109,31 @@ import torch
 from curvlab.autodiff import hvp_fn
 from curvlab.diagnostics.precision import precision_check
 from curvlab.diagnostics.stability import (
-    ADAM_LIKE,
-    adam_preconditioner,
-    preconditioned_sharpness,
-    stability_threshold,
+    preconditioned_operator,
+    stability_model,
+    unwrap_optimizer,
 )
-from curvlab.linalg.krylov import lanczos
+from curvlab.linalg.krylov import EigenResult, lanczos
 from curvlab.linops.hessian import HessianOperator
+from curvlab.optim.stability import StabilityModel
 
-__all__ = ["CurvatureMonitor", "MonitorEvent", "forecast_crossing"]
+__all__ = ["CurvatureMonitor", "MonitorEvent", "forecast_crossing", "linear_trend",
+           "unwrap_optimizer"]
 
 log = logging.getLogger(__name__)
+
+SEVERITY = {"diverging": "warning", "nonfinite": "error", "check_failed": "error"}
 
 
 @dataclass
 class MonitorEvent:
-    """A warning raised by the monitor."""
+    """An event raised by the monitor (see the module docstring for the kinds).
+
+    ``predicted_step`` / ``horizon`` / ``confidence``: the event's forecast (the crossing
+    step of an ``"approaching"`` event, the blow-up step of a ``"diverging"`` one, else
+    the current crossing forecast of the stability ratio, or None when there is none);
+    ``horizon = predicted_step - step``; ``regime`` what the monitor saw; ``severity``
+    ``"info"``, ``"warning"`` or ``"error"``."""
 
     step: int
     kind: str
@@ -90,6 +142,49 @@ class MonitorEvent:
     threshold: float
     message: str
     predicted_step: float | None = None
+    horizon: float | None = None
+    confidence: float | None = None
+    regime: str = ""
+    severity: str = "info"
+
+
+@dataclass
+class LinearTrend:
+    """Ordinary least squares ``v ~ a + b s``: ``slope`` b, its standard error ``se``
+    (inf with fewer than 3 points), the fitted value at the last step, and ``dof``."""
+
+    slope: float
+    se: float
+    last_step: float
+    fitted_last: float
+    dof: int
+
+    def prob_slope_above(self, value: float) -> float:
+        """P(true slope > value) under the fit (Student t with ``dof`` degrees of freedom)."""
+        if self.dof < 1 or not math.isfinite(self.se):
+            return 0.5 if self.slope == value else float(self.slope > value)
+        if self.se == 0:
+            return float(self.slope > value)
+        from scipy.stats import t
+
+        return float(t.cdf((self.slope - value) / self.se, self.dof))
+
+
+def linear_trend(steps: Iterable[float], values: Iterable[float]) -> LinearTrend | None:
+    """The least-squares line through ``(steps, values)``; None with fewer than two distinct
+    steps or non-finite values."""
+    s = np.asarray(list(steps), dtype=float)
+    v = np.asarray(list(values), dtype=float)
+    if len(s) < 2 or np.ptp(s) == 0 or not (np.isfinite(s).all() and np.isfinite(v).all()):
+        return None
+    slope, intercept = np.polyfit(s, v, 1)
+    se = math.inf
+    if len(s) > 2:
+        resid = v - (intercept + slope * s)
+        se = math.sqrt(float(resid @ resid) / (len(s) - 2)
+                       / float(((s - s.mean()) ** 2).sum()))
+    return LinearTrend(float(slope), se, float(s[-1]), float(intercept + slope * s[-1]),
+                       len(s) - 2)
 
 
 def forecast_crossing(steps: Iterable[float], values: Iterable[float], threshold: float,
@@ -103,34 +198,21 @@ def forecast_crossing(steps: Iterable[float], values: Iterable[float], threshold
     step, None unless the rise is significant. Noise in short windows then does not turn
     into confident forecasts.
     """
-    s = np.asarray(list(steps), dtype=float)
-    v = np.asarray(list(values), dtype=float)
-    if len(s) < 2 or np.ptp(s) == 0:
+    tr = linear_trend(steps, values)
+    if tr is None or not math.isfinite(threshold):
         return None
-    slope, intercept = np.polyfit(s, v, 1)
     if confidence > 0:
-        if len(s) < 3:
+        if tr.dof < 1:
             return None
         from scipy.stats import t
 
-        resid = v - (intercept + slope * s)
-        se = math.sqrt(float(resid @ resid) / (len(s) - 2) / float(((s - s.mean()) ** 2).sum()))
-        low = slope - float(t.ppf(confidence, len(s) - 2)) * se
+        low = tr.slope - float(t.ppf(confidence, tr.dof)) * tr.se
         if not low > 0:
             return None
-        last = intercept + slope * s[-1]
-        return float(s[-1] + (threshold - last) / low)
-    if not slope > 0:
+        return float(tr.last_step + (threshold - tr.fitted_last) / low)
+    if not tr.slope > 0:
         return None
-    return float((threshold - intercept) / slope)
-
-
-def unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer inside framework wrappers (accelerate's ``AcceleratedOptimizer`` used by
-    the Hugging Face Trainer, ...), found through their ``.optimizer`` attribute."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
+    return float(tr.last_step + (threshold - tr.fitted_last) / tr.slope)
 
 
 class _RecordingHessian(HessianOperator):
@@ -157,8 +239,12 @@ class _Tracker:
     threshold: float
     steps: list[int] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    suspicious: int = 0
     armed: dict[str, bool] = field(default_factory=lambda: {"approaching": True,
-                                                            "crossed": True})
+                                                            "crossed": True,
+                                                            "diverging": True})
 
 
 def _sample_rows(data: Any, size: int, generator: torch.Generator | None) -> Any:
@@ -189,22 +275,34 @@ class CurvatureMonitor:
         batch: the fixed monitor batch: ``(inputs, targets)`` or a dict batch.
             Alternatively give ``data`` (one ``(inputs, targets)`` pair of tensors or one
             dict of tensors) and ``batch_size`` to sample rows once with ``generator``.
-        optimizer: the optimizer (for ``lr``, the stability threshold and, for Adam-like
-            optimizers, the preconditioner; a wrapper such as accelerate's is unwrapped
-            through its ``.optimizer``). Without it pass ``lr``.
-        every: steps between curvature checks. A check costs about as much as 5-10
-            training steps (building the gradient graph on the monitor batch, then ~2-3
-            warm-started HVPs), so the default 200 keeps the overhead near 5%.
+        optimizer: the optimizer (its stability rule, learning rate and preconditioner
+            through :func:`~curvlab.diagnostics.stability.stability_model`; framework
+            wrappers are unwrapped). Without it pass ``lr`` (gradient-descent rule).
+        every: steps between curvature checks once past the early checks (module
+            docstring). A check costs about as much as 5-10 training steps (building the
+            gradient graph on the monitor batch, then ~2-3 warm-started HVPs per
+            eigenvalue), so the default 200 keeps the overhead near 5%.
         track_every: steps between loss / gradient-norm / update-size records.
-        max_hvps: Hessian-vector products allowed per sharpness computation.
-        tol: Lanczos relative residual tolerance. It bounds the relative error of
-            ``lambda_max`` (see :mod:`curvlab.linalg.krylov`); the actual error is
-            usually far smaller (Kato-Temple: ``residual^2 / gap``), and 3% is ample
+        max_hvps: Hessian-vector products allowed per eigenvalue computation.
+        tol: Lanczos relative residual tolerance. It bounds the relative error of the
+            top Ritz value as an eigenvalue (see :mod:`curvlab.linalg.krylov`); 3% is ample
             for a stability threshold.
-        window, horizon, confidence, min_ratio, rearm: forecast and warning settings
-            (module docstring); ``horizon`` is in steps and defaults to ``30 * every``.
+        window, horizon, confidence, rearm: forecast and warning settings (module
+            docstring); ``horizon`` is in steps and defaults to ``30 * every``.
+        min_ratio: an ``"approaching"`` event needs the ratio at ``min_ratio`` x threshold.
+        confirm: consecutive suspicious checks (ratio and loss rising beyond the
+            threshold) that make the runaway regime.
+        adaptive: check early and more often when a crossing is near or the ratio and the
+            loss rise beyond the threshold (module docstring); False checks exactly every
+            ``every`` steps.
+        stop_on_nonfinite: after a ``"nonfinite"`` event, stop checking (True) or keep
+            going (events re-arm once everything is finite again).
+        plain_sharpness: also compute ``lambda_max`` of the plain Hessian when the rule is
+            preconditioned (None: only when it is the governing ratio; each eigenvalue is a
+            separate Lanczos run, so this doubles a preconditioned check's HVPs). Every
+            check records the governing one as ``sharpness``.
         jump_factor, jump_warmup: jump detection (a value above ``jump_factor`` times its
-            EMA, after ``jump_warmup`` steps).
+            EMA, after ``jump_warmup`` records of it).
         smoothing: EMA factor for the smoothed series (``s <- a s + (1 - a) x``).
         log_dir: if given, writes ``monitor.jsonl`` there (and TensorBoard scalars when
             the ``tensorboard`` package is installed).
@@ -218,12 +316,14 @@ class CurvatureMonitor:
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable | None, batch: Any = None, *,
                  data: Any = None, batch_size: int = 256,
-                 optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
+                 optimizer: Any = None, lr: float | None = None,
                  every: int = 200, track_every: int = 20, max_hvps: int = 20,
                  tol: float = 3e-2, window: int = 5,
                  horizon: int | None = None, confidence: float = 0.9,
-                 min_ratio: float = 0.5, rearm: float = 0.8,
-                 jump_factor: float = 5.0, jump_warmup: int = 100, smoothing: float = 0.8,
+                 min_ratio: float = 0.5, rearm: float = 0.8, confirm: int = 2,
+                 adaptive: bool = True, stop_on_nonfinite: bool = True,
+                 plain_sharpness: bool | None = None,
+                 jump_factor: float = 5.0, jump_warmup: int = 5, smoothing: float = 0.8,
                  log_dir: str | os.PathLike | None = None,
                  callbacks: Iterable[Callable] = (), params: Any = None,
                  generator: torch.Generator | None = None, quadratic_fit: bool = False,
@@ -231,9 +331,9 @@ class CurvatureMonitor:
                  precision_dtypes: tuple[str, ...] = ("bfloat16", "float32")) -> None:
         if optimizer is None and lr is None:
             raise ValueError("pass optimizer=... (or lr=... for a hand-written update)")
-        optimizer = unwrap_optimizer(optimizer)
+        optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         for name, value in (("every", every), ("track_every", track_every),
-                            ("max_hvps", max_hvps), ("window", window)):
+                            ("max_hvps", max_hvps), ("window", window), ("confirm", confirm)):
             if not isinstance(value, int) or value < (2 if name == "window" else 1):
                 raise ValueError(f"{name} must be a positive int (window >= 2), got {value!r}")
         if batch is None:
@@ -246,6 +346,9 @@ class CurvatureMonitor:
         self.every, self.max_hvps, self.tol = every, max_hvps, tol
         self.track_every = track_every
         self.window, self.min_ratio, self.rearm = window, min_ratio, rearm
+        self.confirm, self.adaptive = confirm, bool(adaptive)
+        self.plain_sharpness = plain_sharpness
+        self.stop_on_nonfinite, self.stopped = bool(stop_on_nonfinite), False
         self.horizon = 30 * every if horizon is None else horizon
         if not 0 <= confidence < 1:
             raise ValueError(f"confidence must be in [0, 1), got {confidence!r}")
@@ -272,16 +375,22 @@ class CurvatureMonitor:
         self._prev: list[torch.Tensor] | None = None
         self._prev_step = -1
         self._ema: dict[str, float] = {}
+        self._count: dict[str, int] = {}
         self._jump_armed: dict[str, bool] = {}
+        self._nonfinite_armed = True
         self._vec: dict[str, torch.Tensor] = {}
+        self._forecast: tuple[float | None, float | None, float | None] = (None, None, None)
+        self.regime = "stable"
+        self._interval = every
+        self._next_check = (1 if self.adaptive and every > 1 else every)
+        self._last_check = 0
         # the stability ratio that governs the optimizer: lr x lambda_max for (momentum)
-        # SGD, lr x preconditioned sharpness for Adam-like optimizers
-        if optimizer is not None and type(optimizer).__name__ in ADAM_LIKE:
-            self._trackers = {"lr_preconditioned_sharpness": _Tracker(
-                "lr_preconditioned_sharpness", stability_threshold(optimizer))}
-        else:
-            self._trackers = {"lr_sharpness": _Tracker("lr_sharpness", (
-                stability_threshold(optimizer) if optimizer is not None else 2.0))}
+        # SGD, lr x the preconditioned sharpness in the optimizer's own preconditioner
+        self.stability = (stability_model(optimizer) if optimizer is not None
+                          else StabilityModel("gd", float(lr), 2.0, None, "lr given, no optimizer"))
+        name = ("lr_preconditioned_sharpness" if self.stability.preconditioned
+                else "lr_sharpness")
+        self._trackers = {name: _Tracker(name, self.stability.threshold)}
         self._jsonl = None
         self._tb = None
         if log_dir is not None:
@@ -297,12 +406,17 @@ class CurvatureMonitor:
     # ---- public ------------------------------------------------------------------
     @property
     def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else float(self._lr)
+        return float(self.stability.lr) if self.optimizer is not None else float(self._lr)
 
     @property
     def thresholds(self) -> dict[str, float]:
         """The warned stability ratio(s) and their thresholds, e.g. ``{"lr_sharpness": 2}``."""
         return {name: tr.threshold for name, tr in self._trackers.items()}
+
+    @property
+    def warnings(self) -> list[MonitorEvent]:
+        """The events of severity ``"warning"`` or ``"error"`` (module docstring)."""
+        return [e for e in self.events if e.severity != "info"]
 
     @property
     def overhead(self) -> float:
@@ -314,71 +428,125 @@ class CurvatureMonitor:
 
     @property
     def hvps_per_check(self) -> float:
-        """Mean Hessian-vector products per sharpness computation."""
+        """Mean Hessian-vector products per check."""
         n = [c["num_hvps"] for c in self.checks]
         return float(np.mean(n)) if n else 0.0
 
     def step(self, loss: Any = None) -> list[MonitorEvent]:
         """Record one training step (call after ``optimizer.step()``); every
-        ``track_every`` steps record the loss, gradient norm and update size, every
-        ``every`` steps also compute curvature. Returns the events this step raised."""
+        ``track_every`` steps record the loss, gradient norm and update size, at check
+        steps also compute curvature. Returns the events this step raised; never raises
+        on non-finite values (they become ``"nonfinite"`` events)."""
         start = time.perf_counter()
         if self._t0 is None:
             self._t0 = start
         self.step_count += 1
-        if self.quadratic_fit and (self.step_count + 1) % self.every == 0:
-            self._snapshot_for_check()
+        if self.stopped:
+            self.monitor_time += time.perf_counter() - start
+            return []
+        if self.step_count > self._next_check:  # the step counter was moved (resume)
+            self._next_check = self._following_check(self.step_count - 1)
+        checked = self.step_count == self._next_check
         tracked = self.step_count % self.track_every == 0
-        checked = self.step_count % self.every == 0
         precision = bool(self.precision_every) and self.step_count % self.precision_every == 0
+        events: list[MonitorEvent] = []
+        if loss is not None:
+            value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+            if not math.isfinite(value):
+                events += self._nonfinite("loss", value)
+            elif tracked or checked:
+                self._record("loss", value)
+        if self.stopped:
+            self.monitor_time += time.perf_counter() - start
+            return events
         if not (tracked or checked or precision):
             if (self.step_count + 1) % self.track_every == 0:
                 self._snapshot()
+            self._before_next()
             self.monitor_time += time.perf_counter() - start
-            return []
-        events: list[MonitorEvent] = []
-        if loss is not None:
-            self._record("loss", float(loss.detach() if isinstance(loss, torch.Tensor) else loss))
+            return events
         if tracked:
             events += self._cheap_metrics()
-        if checked:
+        if checked and not self.stopped:
             events += self.check()
-        if precision:
-            self.check_precision()
+        if precision and not self.stopped:
+            try:
+                self.check_precision()
+            except (RuntimeError, ValueError, ArithmeticError) as err:
+                log.warning("step %d: precision check failed: %s", self.step_count, err)
+        self._before_next()
         self.monitor_time += time.perf_counter() - start
         return events
 
+    def _before_next(self) -> None:
+        """Snapshots the next step needs: the parameters before the next check (``rho``),
+        and before the next tracked step (its update size)."""
+        if self.quadratic_fit and self.step_count + 1 == self._next_check:
+            self._snapshot_for_check()
+
     def check(self) -> list[MonitorEvent]:
-        """Compute the curvature metrics now (also called by :meth:`step`)."""
+        """Compute the curvature metrics now (also called by :meth:`step`). Never raises
+        on a numerical failure: non-finite parameters or curvature give a ``"nonfinite"``
+        event, any other failure of the computation a ``"check_failed"`` event."""
+        self._last_check = self.step_count
+        try:
+            if not self._params_finite():
+                events = self._nonfinite("parameters", math.nan)
+            else:
+                events = self._check()
+        except (RuntimeError, ValueError, ArithmeticError, np.linalg.LinAlgError) as err:
+            if not self._params_finite():
+                events = self._nonfinite("parameters", math.nan)
+            else:
+                events = [self._event("check_failed", "lambda_max", math.nan, math.nan,
+                                      f"the curvature check failed: {err}")]
+                self._emit({"step": self.step_count}, events)
+        self._next_check = self._following_check(self.step_count)
+        return events
+
+    def _check(self) -> list[MonitorEvent]:
+        if self.optimizer is not None:
+            self.stability = stability_model(self.optimizer)
         op = _RecordingHessian(self.model, self.loss_fn, self.batch, self.params)
-        record: dict[str, Any] = {"step": self.step_count, "lr": self.lr, "num_hvps": 0}
-        res = lanczos(op, 1, tol=self.tol, max_iter=self.max_hvps,
-                      **self._warm_start("lambda_max", op.shape[0]), generator=self.generator)
-        lam = float(res.eigenvalues[0])
-        self._vec["lambda_max"] = res.eigenvectors.detach()
-        record.update(lambda_max=lam, converged=res.converged, num_hvps=res.num_matvecs,
-                      lambda_max_residual=float(res.residuals[0]))
-        values = {"lambda_max": lam, "lr_sharpness": self.lr * lam}
-        if "lr_preconditioned_sharpness" in self._trackers:
-            pre = preconditioned_sharpness(
-                op, adam_preconditioner(op, self.optimizer), tol=self.tol,
-                max_iter=self.max_hvps, **self._warm_start("preconditioned", op.shape[0]),
-                generator=self.generator)
-            self._vec["preconditioned"] = pre.eigenvectors.detach()
+        record: dict[str, Any] = {"step": self.step_count, "lr": self.lr, "num_hvps": 0,
+                                  "stability_rule": self.stability.name}
+        values: dict[str, float] = {}
+        plain = (not self.stability.preconditioned if self.plain_sharpness is None
+                 else self.plain_sharpness)
+        if plain:
+            res = self._top_eigen("lambda_max", op)
+            lam = float(res.eigenvalues[0])
+            record.update(self._convergence("lambda_max", res))
+            record["num_hvps"] += res.num_matvecs
+            values.update(lambda_max=lam, lr_sharpness=self.lr * lam, sharpness=lam)
+        if self.stability.preconditioned:
+            pre = self._top_eigen("preconditioned", preconditioned_operator(op, self.stability))
             plam = float(pre.eigenvalues[0])
+            conv = self._convergence("preconditioned_sharpness", pre)
+            if not plain:  # the governing eigenvalue's certificate is the check's
+                conv["converged"] = conv.pop("preconditioned_sharpness_converged")
+            record.update(conv)
             record["num_hvps"] += pre.num_matvecs
-            values.update(preconditioned_sharpness=plam, lr_preconditioned_sharpness=self.lr * plam)
+            values.update(preconditioned_sharpness=plam, lr_preconditioned_sharpness=self.lr * plam,
+                          sharpness=plam)
+        if op.loss is not None:
+            values["check_loss"] = float(op.loss)
         if self.quadratic_fit and self._check_prev_step == self.step_count - 1:
             fit = self._update_fit(op)
             record["num_hvps"] += 1
             record.update(fit)
             values["rho"] = fit["rho"]
+        if not all(math.isfinite(v) for k, v in values.items() if k != "rho"):
+            bad = next(k for k, v in values.items() if k != "rho" and not math.isfinite(v))
+            return self._nonfinite(bad, values[bad])
         for k, v in values.items():
             self._record(k, v)
             record[k] = v
         events: list[MonitorEvent] = []
         for tr in self._trackers.values():
-            events += self._stability_events(tr, values[tr.name], record)
+            tr.threshold = self.stability.threshold
+            events += self._stability_events(tr, values[tr.name], values.get("check_loss"),
+                                             record)
         for k in ("loss", "grad_norm", "update_ratio"):
             if k in self.history:
                 record[k] = self.history[k][-1][1]
@@ -386,6 +554,58 @@ class CurvatureMonitor:
         self.checks.append(record)
         self._emit(record, events)
         return events
+
+    def _top_eigen(self, key: str, op: Any) -> EigenResult:
+        res = lanczos(op, 1, tol=self.tol, max_iter=self.max_hvps,
+                      **self._warm_start(key, op.shape[0]), generator=self.generator)
+        self._vec[key] = res.eigenvectors.detach()
+        return res
+
+    def _convergence(self, name: str, res: EigenResult) -> dict[str, Any]:
+        """The check's residual and whether its top Ritz value is certified: the residual
+        test passed *and* no other Ritz value lies within the tolerance band
+        ``max(tol |theta_1|, residual)`` of it (then the two are not resolved: the top
+        one may be a second eigenvalue the warm start locked onto, with the true top
+        close or not yet found)."""
+        theta = float(res.eigenvalues[0])
+        residual = float(res.residuals[0])
+        band = max(self.tol * abs(theta), residual)
+        others = np.sort(np.asarray(res.ritz_values, dtype=float))[::-1][1:] \
+            if res.ritz_values is not None else np.array([])
+        gap = float(theta - others[0]) if others.size else math.inf
+        converged = bool(res.converged) and gap > band
+        if res.converged and not converged:
+            log.info("step %d: %s Ritz values %.4g and %.4g are within the tolerance band "
+                     "%.3g; not called converged", self.step_count, name, theta,
+                     float(others[0]), band)
+        prefix = "" if name == "lambda_max" else f"{name}_"
+        return {f"{prefix}converged": converged, f"{name}_residual": residual,
+                f"{name}_ritz_gap": gap}
+
+    def _following_check(self, step: int) -> int:
+        """The next check step after ``step`` (module docstring, "When it checks")."""
+        regular = (step // self.every + 1) * self.every
+        if not self.adaptive:
+            return regular
+        if step < self.every:  # early checks at powers of four
+            nxt = 1
+            while nxt <= step:
+                nxt *= 4
+            return min(nxt, regular)
+        interval = self.every
+        tr = next(iter(self._trackers.values()))
+        if tr.ratios and tr.steps[-1] == step and math.isfinite(tr.threshold):
+            if tr.ratios[-1] >= self.rearm * tr.threshold:
+                # beyond (or at) the edge: halve after a suspicious check, else relax
+                self._interval = (max(1, self._interval // 2) if tr.suspicious
+                                  else min(self.every, 2 * self._interval))
+                interval = self._interval
+            else:
+                self._interval = self.every
+                predicted = self._forecast[0]
+                if predicted is not None and predicted - step < 4 * self.every:
+                    interval = int(min(self.every, max(1, (predicted - step) / 4)))
+        return min(step + interval, regular)
 
     def check_precision(self) -> dict[str, Any]:
         """Run :func:`~curvlab.diagnostics.precision_check` on the monitor batch now (also
@@ -439,12 +659,23 @@ class CurvatureMonitor:
         holds both directions. From ``y1`` alone one step suffices to pass the residual
         test when ``y1`` has become an eigenvector of the *second* eigenvalue (the top two
         swapped), and the estimate then locks onto it (measured: 3.5% low for hundreds of
-        steps in the edge-of-stability benchmark); this costs ~0.1-0.2 HVPs per check."""
+        steps in the edge-of-stability benchmark); this costs ~0.1-0.2 HVPs per check.
+
+        A cold start (the first check) takes at least the ``m`` steps after which a top
+        Ritz value from a random start is below ``(1 - tol) lambda_max`` with probability
+        at most 10%: ``1.648 sqrt(n) exp(-sqrt(tol) (2m - 1)) <= 0.1`` (Kuczynski &
+        Wozniakowski, SIAM J. Matrix Anal. Appl. 13, 1992, Thm. 4.2), within ``max_hvps``.
+        The residual test alone stops as soon as *some* eigenvalue is matched, which from
+        a random start can be the second (measured: 4% low on a small MLP whose top two
+        eigenvalues are 4% apart)."""
         Y = self._vec.get(key)
         out: dict[str, Any] = {"num_vectors": min(2, n)}
         if Y is not None:
             out["v0"] = Y[:, 0] + 0.1 * Y[:, 1] if Y.shape[1] > 1 else Y[:, 0]
             out["min_iter"] = 2
+        else:
+            m = (math.log(1.648 * math.sqrt(n) / 0.1) / math.sqrt(self.tol) + 1) / 2
+            out["min_iter"] = int(min(self.max_hvps, n, math.ceil(m)))
         return out
 
     def close(self) -> None:
@@ -457,13 +688,16 @@ class CurvatureMonitor:
             self._tb = None
 
     def summary(self) -> dict[str, Any]:
-        """Counts and costs: steps, checks, events by kind, HVPs per check, overhead."""
+        """Counts and costs: steps, checks, events by kind, warnings, the current regime,
+        HVPs per check, overhead."""
         kinds: dict[str, int] = {}
         for e in self.events:
             kinds[e.kind] = kinds.get(e.kind, 0) + 1
         return {"steps": self.step_count, "checks": len(self.checks), "events": kinds,
+                "warnings": len(self.warnings), "regime": self.regime,
+                "stability_rule": self.stability.name, "threshold": self.stability.threshold,
                 "hvps_per_check": self.hvps_per_check, "overhead": self.overhead,
-                "monitor_seconds": self.monitor_time}
+                "monitor_seconds": self.monitor_time, "stopped": self.stopped}
 
     # ---- internals ----------------------------------------------------------------
     def _record(self, name: str, value: float) -> None:
@@ -473,6 +707,28 @@ class CurvatureMonitor:
         a = self.smoothing
         ema.append((self.step_count, a * prev + (1 - a) * value if math.isfinite(prev)
                     else value))
+
+    def _params_finite(self) -> bool:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            return bool(torch.stack(torch._foreach_norm(params)).isfinite().all()) \
+                if params else True
+
+    def _nonfinite(self, metric: str, value: float) -> list[MonitorEvent]:
+        """A ``"nonfinite"`` event (once per episode); stops the monitor if so configured."""
+        self.regime = "nonfinite"
+        if not self._nonfinite_armed:
+            return []
+        self._nonfinite_armed = False
+        action = ("the monitor stops" if self.stop_on_nonfinite
+                  else "the monitor keeps going")
+        event = self._event("nonfinite", metric, value, math.nan,
+                            f"{metric} is not finite ({value}); {action}",
+                            self.step_count, 1.0)
+        self._emit({"step": self.step_count, "regime": "nonfinite"}, [event])
+        if self.stop_on_nonfinite:
+            self.stopped = True
+        return [event]
 
     def _cheap_metrics(self) -> list[MonitorEvent]:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -485,21 +741,30 @@ class CurvatureMonitor:
                 torch._foreach_sub_(self._prev, params)  # the snapshot becomes -update
                 norms += torch._foreach_norm(self._prev)
                 self._prev_step = -1
-            sq = torch.stack(norms).double().square()
+            sq = (torch.stack(norms).double().square() if norms
+                  else torch.zeros(0, dtype=torch.float64))
             k, m = len(grads), len(params) if update else 0
             parts = torch.stack([sq[:k].sum(), sq[k:k + m].sum(), sq[k + m:].sum()]).sqrt()
             gn, den, num = parts.tolist()
         if grads:
+            if not math.isfinite(gn):
+                return self._nonfinite("grad_norm", gn)
             self._record("grad_norm", gn)
             events += self._jump("grad_norm", gn)
         if update:
+            if not (math.isfinite(num) and math.isfinite(den)):
+                return events + self._nonfinite("parameters", num)
             ratio = num / den if den > 0 else math.inf
             self._record("update_ratio", ratio)
             events += self._jump("update_ratio", ratio)
+        if self._nonfinite_armed is False and not self.stop_on_nonfinite:
+            self._nonfinite_armed = True  # finite again: re-arm
         if self.track_every == 1:
             self._snapshot()
         if events:
             self._emit({"step": self.step_count}, events)
+            if self.adaptive:  # a cheap signal jumped: check the curvature at the next step
+                self._next_check = min(self._next_check, self.step_count + 1)
         return events
 
     def _snapshot(self) -> None:
@@ -514,9 +779,10 @@ class CurvatureMonitor:
 
     def _jump(self, name: str, value: float) -> list[MonitorEvent]:
         ema = self._ema.get(name)
+        self._count[name] = self._count.get(name, 0) + 1
         events = []
-        if ema is not None and self.step_count > self.jump_warmup and math.isfinite(ema):
-            if value > self.jump_factor * ema or not math.isfinite(value):
+        if ema is not None and self._count[name] > self.jump_warmup and math.isfinite(ema):
+            if value > self.jump_factor * ema:
                 if self._jump_armed.get(name, True):
                     self._jump_armed[name] = False
                     events.append(self._event(
@@ -527,26 +793,88 @@ class CurvatureMonitor:
         self._ema[name] = value if ema is None else 0.9 * ema + 0.1 * value
         return events
 
-    def _stability_events(self, tr: _Tracker, ratio: float,
+    def _stability_events(self, tr: _Tracker, ratio: float, loss: float | None,
                           record: dict[str, Any]) -> list[MonitorEvent]:
+        """Forecast, regime and events of one stability ratio at a check (module
+        docstring)."""
+        prev_ratio = tr.ratios[-1] if tr.ratios else None
         tr.steps.append(self.step_count)
         tr.ratios.append(ratio)
+        tr.losses.append(math.nan if loss is None else loss)
+        tr.lrs.append(self.lr)
         c = tr.threshold
+        record[f"{tr.name}_threshold"] = c
+        if not math.isfinite(c):  # no curvature bound (a normalized update)
+            self.regime = record["regime"] = "unbounded"
+            record[f"{tr.name}_forecast"] = None
+            return []
         events = []
         steps, ratios = tr.steps[-self.window:], tr.ratios[-self.window:]
         predicted = forecast_crossing(steps, ratios, c)
         cautious = forecast_crossing(steps, ratios, c, self.confidence)
-        record[f"{tr.name}_threshold"] = c
+        trend = linear_trend(steps, ratios)
+        prob = None
+        if trend is not None and len(steps) >= 3:
+            prob = trend.prob_slope_above((c - trend.fitted_last) / self.horizon)
+        ahead = predicted - self.step_count if predicted is not None else None
+        # driven by the schedule: the learning rate grew over the window and accounts for
+        # at least half of the ratio's (log) rise. Self-stabilization acts on the sharpness;
+        # it cannot undo a schedule that pushes lr past threshold / sharpness.
+        lrs = tr.lrs[-self.window:]
+        d_lr = math.log(lrs[-1] / lrs[0]) if lrs[0] > 0 and lrs[-1] > 0 else 0.0
+        d_ratio = (math.log(ratios[-1] / ratios[0]) if ratios[0] > 0 and ratios[-1] > 0
+                   else 0.0)
+        schedule = d_lr > 0 and d_lr >= 0.5 * d_ratio
+        record["schedule_driven"] = schedule
+        level = "warning" if schedule else "info"
+        self._forecast = ((predicted, ahead, prob) if predicted is not None
+                          and predicted >= self.step_count else (None, None, None))
         record[f"{tr.name}_forecast"] = predicted
+        record[f"{tr.name}_forecast_confidence"] = prob
+        # suspicious: beyond the threshold, the monitor-batch loss at a new high over the
+        # window (at the edge of stability it fluctuates below its earlier values while
+        # trending down), and either the ratio not pulled back (within the check's accuracy
+        # tol) or, held back by a preconditioner that grows with the blow-up (Adam's v),
+        # the loss above its value at the first check (all progress lost)
+        recent = [v for v in tr.losses[-self.window - 1:-1] if math.isfinite(v)]
+        new_high = loss is not None and bool(recent) and loss > max(recent)
+        first_loss = next((v for v in tr.losses if math.isfinite(v)), math.nan)
+        held = prev_ratio is not None and ratio >= (1 - self.tol) * prev_ratio
+        rising = new_high and (held or (loss is not None and loss > first_loss))
+        tr.suspicious = tr.suspicious + 1 if (ratio >= c and rising) else 0
+        if tr.suspicious >= self.confirm:
+            regime = "runaway"
+        elif ratio >= self.rearm * c:
+            regime = "edge_of_stability"
+        elif cautious is not None and cautious - self.step_count <= self.horizon:
+            regime = "sharpening"
+        else:
+            regime = "stable"
+        self.regime = record["regime"] = regime
+        record["suspicious_checks"] = tr.suspicious
         if ratio < self.rearm * c:
-            tr.armed["crossed"] = True
+            tr.armed["crossed"] = tr.armed["diverging"] = True
             if cautious is None or cautious - self.step_count > self.horizon:
                 tr.armed["approaching"] = True
-        if ratio >= c and tr.armed["crossed"]:
+        if regime == "runaway" and tr.armed["diverging"]:
+            tr.armed["diverging"] = tr.armed["crossed"] = tr.armed["approaching"] = False
+            at, ahead, conf = self._blowup_forecast(tr)
+            events.append(self._event(
+                "diverging", tr.name, ratio, c,
+                f"runaway: {tr.name} = {ratio:.3g} beyond the threshold {c:.3g} and not "
+                f"pulled back while the loss rose, at {tr.suspicious} consecutive checks"
+                + (f"; the loss reaches 10x its first value at step {at:.0f} "
+                   f"({ahead:.0f} steps ahead) on its trend" if at is not None else ""),
+                at, conf, regime))
+        elif ratio >= c and tr.armed["crossed"]:
             tr.armed["crossed"] = tr.armed["approaching"] = False
-            events.append(self._event("crossed", tr.name, ratio, c,
-                                      f"{tr.name} = {ratio:.3g} passed the stability "
-                                      f"threshold {c:.3g}"))
+            events.append(self._event(
+                "crossed", tr.name, ratio, c,
+                f"{tr.name} = {ratio:.3g} passed the stability threshold {c:.3g} "
+                + ("pushed by the learning-rate schedule (lower the peak lr or lengthen the "
+                   "warmup)" if schedule else
+                   "(edge of stability: watching whether it self-stabilizes)"),
+                self.step_count, 1.0, "edge_of_stability", level))
         elif (tr.armed["approaching"] and len(tr.ratios) >= min(3, self.window)
               and ratio >= self.min_ratio * c and cautious is not None and predicted is not None
               and cautious - self.step_count <= self.horizon):
@@ -555,15 +883,39 @@ class CurvatureMonitor:
                 "approaching", tr.name, ratio, c,
                 f"{tr.name} = {ratio:.3g} is forecast to reach {c:.3g} at step "
                 f"{predicted:.0f} ({predicted - self.step_count:.0f} steps ahead; by step "
-                f"{cautious:.0f} at {100 * self.confidence:.0f}% confidence)", predicted))
+                f"{cautious:.0f} at {100 * self.confidence:.0f}% confidence)"
+                + (", pushed by the learning-rate schedule" if schedule else ""), predicted,
+                prob, regime, level))
         return events
 
+    def _blowup_forecast(self, tr: _Tracker) -> tuple[float | None, float | None, float | None]:
+        """When the monitor-batch loss, on the exponential trend of the last checks,
+        reaches 10x its value at the first check: ``(step, steps ahead, P(rising))``."""
+        k = self.confirm + 1
+        steps, losses = tr.steps[-k:], tr.losses[-k:]
+        first = next((v for v in tr.losses if math.isfinite(v) and v > 0), None)
+        if first is None or not all(math.isfinite(v) and v > 0 for v in losses):
+            return None, None, None
+        trend = linear_trend(steps, [math.log(v) for v in losses])
+        if trend is None or not trend.slope > 0:
+            return None, None, None
+        at = max(float(self.step_count),
+                 trend.last_step + (math.log(10 * first) - trend.fitted_last) / trend.slope)
+        return at, at - self.step_count, trend.prob_slope_above(0.0)
+
     def _event(self, kind: str, metric: str, value: float, threshold: float, message: str,
-               predicted: float | None = None) -> MonitorEvent:
+               predicted: float | None = None, confidence: float | None = None,
+               regime: str | None = None, severity: str | None = None) -> MonitorEvent:
+        if predicted is None and kind != "approaching":  # the current crossing forecast
+            predicted, _, confidence = self._forecast
         event = MonitorEvent(self.step_count, kind, metric, float(value), float(threshold),
-                             message, predicted)
+                             message, predicted,
+                             None if predicted is None else float(predicted - self.step_count),
+                             confidence, regime or self.regime,
+                             severity or SEVERITY.get(kind, "info"))
         self.events.append(event)
-        log.warning("step %d: %s", self.step_count, message)
+        level = logging.WARNING if event.severity != "info" else logging.INFO
+        log.log(level, "step %d: %s", self.step_count, message)
         return event
 
     def _emit(self, record: dict[str, Any], events: list[MonitorEvent]) -> None:
@@ -575,5 +927,10 @@ class CurvatureMonitor:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self._tb.add_scalar(f"curvlab/{k}", v, record["step"])
+            for e in events:
+                self._tb.add_scalar(f"curvlab/event/{e.kind}", e.value, e.step)
+                if e.horizon is not None:
+                    self._tb.add_scalar(f"curvlab/event/{e.kind}_horizon", e.horizon, e.step)
+                self._tb.add_text("curvlab/events", f"[{e.severity}] {e.message}", e.step)
         for cb in self.callbacks:
             cb(self, record, events)

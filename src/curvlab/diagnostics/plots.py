@@ -11,6 +11,7 @@ Each function takes a result object and a path, writes the figure and returns th
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -97,8 +98,11 @@ def plot_layer_sharpness(result: Any, path: str | os.PathLike, *,
 def plot_monitor(monitor: Any, path: str | os.PathLike, *,
                  title: str = "Training loss and stability") -> str:
     """Two panels sharing the step axis: the training loss (log scale) and the stability
-    ratio(s) ``lr x sharpness`` with their thresholds; warnings are marked (triangles for
-    "approaching", crosses for "crossed", dotted lines for jumps)."""
+    ratio (``lr x sharpness``, or ``lr x`` the preconditioned sharpness) with its
+    threshold. Checks in the runaway regime are shaded red, at the edge of stability
+    yellow; warnings (``diverging``, ``nonfinite``, ``check_failed``) are red lines with
+    their forecast step (a dashed red line), information events grey (triangles for
+    ``approaching``, crosses for ``crossed``, dotted lines for jumps)."""
     fig, axes = _figure(2, 1, size=(7.5, 6.0), sharex=True)
     ax_loss, ax_ratio = axes[0, 0], axes[1, 0]
     hist = monitor.history
@@ -110,24 +114,36 @@ def plot_monitor(monitor: Any, path: str | os.PathLike, *,
     ax_loss.set_title(title)
     colors = {}
     for i, name in enumerate(("lr_sharpness", "lr_preconditioned_sharpness")):
-        if name not in hist:
+        if name not in hist or name not in monitor.thresholds:
             continue
         colors[name] = f"C{i + 1}"
         ax_ratio.plot([s for s, _ in hist[name]], [v for _, v in hist[name]], "-", lw=1.2,
                       color=colors[name], label=name.replace("_", " "))
-        if name in monitor.thresholds:
+        if math.isfinite(monitor.thresholds[name]):
             ax_ratio.axhline(monitor.thresholds[name], ls="--", color=colors[name], lw=0.8)
+    shade = {"runaway": "red", "edge_of_stability": "gold"}
+    checks = [c for c in getattr(monitor, "checks", []) if "regime" in c]
+    for prev, c in zip([None, *checks[:-1]], checks):
+        if c["regime"] in shade:
+            start = prev["step"] if prev is not None else c["step"] - 1
+            ax_ratio.axvspan(start, c["step"], color=shade[c["regime"]], alpha=0.15, lw=0)
     for e in monitor.events:
-        if e.kind in ("approaching", "crossed"):
-            marker = "^" if e.kind == "approaching" else "x"
-            ax_ratio.plot([e.step], [e.value], marker, ms=9, color="C3")
-            for ax in (ax_loss, ax_ratio):
-                ax.axvline(e.step, color="C3", lw=0.8, alpha=0.6,
-                           ls="-" if e.kind == "crossed" else "--")
-        else:
-            ax_loss.axvline(e.step, color="0.5", lw=0.6, ls=":")
+        warning = getattr(e, "severity", "warning") != "info"
+        if e.kind in ("approaching", "crossed") and math.isfinite(e.value):
+            ax_ratio.plot([e.step], [e.value], "^" if e.kind == "approaching" else "x", ms=8,
+                          color="0.4")
+        for ax in (ax_loss, ax_ratio):
+            ax.axvline(e.step, color="C3" if warning else "0.5", lw=1.0 if warning else 0.6,
+                       ls="-" if warning else ":")
+        if warning:
+            ax_loss.annotate(e.kind, (e.step, 1.0), xycoords=("data", "axes fraction"),
+                             fontsize=7, color="C3", rotation=90, va="top", ha="right")
+            if e.predicted_step is not None and e.predicted_step > e.step:
+                ax_loss.axvline(e.predicted_step, color="C3", lw=0.8, ls="--")
     ax_ratio.set_xlabel("step")
     ax_ratio.set_ylabel("lr x sharpness")
+    if any(v > 0 for name in colors for _, v in hist[name]):
+        ax_ratio.set_yscale("log")
     if colors:
         ax_ratio.legend(loc="lower right")
     return _save(fig, path)

@@ -16,7 +16,8 @@ noise.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,47 +28,204 @@ from curvlab.linalg.estimators import quadratic_form
 from curvlab.linalg.krylov import EigenResult, lanczos
 from curvlab.linalg.operator import MatvecOperator, as_operator
 from curvlab.objective import Objective
+from curvlab.optim.stability import StabilityModel, momentum_threshold
 
-__all__ = ["stability_threshold", "StabilityReport", "gd_stability", "stability_report",
+__all__ = ["stability_model", "unwrap_optimizer", "preconditioned_operator",
+           "stability_threshold", "StabilityReport", "gd_stability", "stability_report",
            "adam_preconditioner", "preconditioned_sharpness", "NewtonDecrement",
            "newton_decrement", "relative_update", "GradientNoise", "gradient_noise"]
 
-ADAM_LIKE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax")
+ADAM_LIKE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax")  # kept for callers; see below
+_ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
+_WRAPPER_ATTRS = ("optimizer", "_optimizer")
+_warned_unknown: set[str] = set()
 
 
-def stability_threshold(optimizer: torch.optim.Optimizer | None = None, *,
-                        momentum: float = 0.0, dampening: float = 0.0,
-                        nesterov: bool = False, ema_momentum: bool = False) -> float:
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside framework wrappers: accelerate's ``AcceleratedOptimizer`` (the
+    Hugging Face Trainer's) through ``.optimizer``, Lightning's ``LightningOptimizer``
+    through ``._optimizer``, and wrappers of wrappers. Found by attribute, not class name:
+    any object holding an optimizer (something with ``param_groups``), directly or through
+    further wrappers, under one of those attributes is a wrapper."""
+    def holds_optimizer(obj: Any, depth: int = 0) -> bool:
+        if hasattr(obj, "param_groups"):
+            return True
+        return depth < 8 and any(holds_optimizer(getattr(obj, a), depth + 1)
+                                 for a in _WRAPPER_ATTRS if getattr(obj, a, None) is not None)
+
+    seen = set()
+    while id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        for attr in _WRAPPER_ATTRS:
+            inner = getattr(optimizer, attr, None)
+            if inner is not None and inner is not optimizer and holds_optimizer(inner):
+                optimizer = inner
+                break
+        else:
+            break
+    return optimizer
+
+
+def stability_model(optimizer: Any) -> StabilityModel:
+    """The stability rule of ``optimizer`` at its current state: ``lr * lambda_max(P^{-1/2}
+    H P^{-1/2}) < threshold`` (see :mod:`curvlab.optim.stability`).
+
+    Resolution: framework wrappers are unwrapped (:func:`unwrap_optimizer`); an optimizer
+    with a callable ``stability_model()`` declares its own rule; torch's optimizers are
+    known by type (SGD with momentum / dampening / Nesterov; Adam, AdamW, NAdam, RAdam,
+    Adamax, RMSprop, Adagrad with their diagonal preconditioners from ``optimizer.state``);
+    anything else gets the gradient-descent rule with a one-time warning and the note
+    "unknown optimizer".
+
+    Param groups with different learning rates or momenta: the rule is stated for the
+    first group's ``lr`` and threshold ``c``; a group ``g`` enters through its share
+    ``(lr_g / c_g) / (lr / c)`` folded into ``P^{-1}`` (the same condition
+    ``lr_g lambda < c_g`` per block); groups with ``lr = 0`` are not governed.
+    """
+    opt = unwrap_optimizer(optimizer)
+    own = getattr(opt, "stability_model", None)
+    if callable(own):
+        model = own()
+        if not isinstance(model, StabilityModel):
+            raise TypeError(f"{type(opt).__name__}.stability_model() returned "
+                            f"{type(model).__name__}, expected a StabilityModel")
+        return model
+    if not hasattr(opt, "param_groups"):
+        raise TypeError(f"expected an optimizer (with param_groups), got {type(opt).__name__}")
+    rule = _torch_rule(opt)
+    if rule is None:
+        name = type(opt).__name__
+        if name not in _warned_unknown:
+            _warned_unknown.add(name)
+            warnings.warn(f"curvlab does not know the stability rule of {name}; using "
+                          "gradient descent's (lr x lambda_max < 2). Give the optimizer a "
+                          "stability_model() method to state its own.", stacklevel=2)
+        lr = float(opt.param_groups[0].get("lr", math.nan))
+        return StabilityModel("gd", lr, 2.0, _group_scaled(opt, lambda g: 2.0, None),
+                              f"unknown optimizer {name}: gradient-descent rule")
+    name, threshold_of, diag_of, note = rule
+    return _diagonal_model(opt, name, threshold_of, diag_of, note)
+
+
+def _torch_rule(opt: Any) -> tuple[str, Callable, Callable | None, str] | None:
+    """``(name, threshold(group), P_diag(group, state) or None, note)`` for torch's optimizers."""
+    if isinstance(opt, torch.optim.SGD):
+        def sgd(g: dict) -> float:
+            return momentum_threshold(g.get("momentum", 0.0), dampening=g.get("dampening", 0.0),
+                                      nesterov=g.get("nesterov", False))
+        g0 = opt.param_groups[0]
+        name = ("nesterov" if g0.get("nesterov") else
+                "heavy_ball" if g0.get("momentum", 0.0) else "gd")
+        return name, sgd, None, "torch.optim.SGD on the local quadratic"
+    if isinstance(opt, _ADAM_TYPES):
+        return ("adam", lambda g: momentum_threshold(g["betas"][0], ema=True), _adam_diag,
+                f"torch.optim.{type(opt).__name__}: P = sqrt(v / (1 - b2^t)) + eps frozen "
+                "(Cohen et al. 2022), lr / (1 - b1^t) for the momentum bias correction")
+    if isinstance(opt, torch.optim.Adamax):
+        return ("adam", lambda g: momentum_threshold(g["betas"][0], ema=True), _adamax_diag,
+                "torch.optim.Adamax: P = u + eps (infinity-norm second moment) frozen")
+    if isinstance(opt, torch.optim.RMSprop):
+        return ("rmsprop", lambda g: momentum_threshold(g.get("momentum", 0.0)), _rmsprop_diag,
+                "torch.optim.RMSprop: P = sqrt(v) + eps frozen (heavy-ball momentum)")
+    if isinstance(opt, torch.optim.Adagrad):
+        return ("adagrad", lambda g: 2.0, _adagrad_diag,
+                "torch.optim.Adagrad: P = sqrt(sum g^2) + eps frozen, lr decay applied")
+    return None
+
+
+def _step_of(state: dict) -> float:
+    step = state.get("step", 0)
+    return float(step)
+
+
+def _adam_diag(group: dict, state: dict) -> tuple[torch.Tensor, float] | None:
+    """``(P, lr factor)``: Adam divides ``m / (1 - b1^t)`` by ``sqrt(v / (1 - b2^t)) + eps``."""
+    if "exp_avg_sq" not in state:
+        return None
+    b1, b2 = group["betas"]
+    t = _step_of(state)
+    v = state.get("max_exp_avg_sq", state["exp_avg_sq"]) if group.get("amsgrad") else \
+        state["exp_avg_sq"]
+    v_hat = v / (1 - b2 ** t) if t > 0 else v
+    return v_hat.sqrt() + group["eps"], 1.0 / (1 - b1 ** t) if t > 0 else 1.0
+
+
+def _adamax_diag(group: dict, state: dict) -> tuple[torch.Tensor, float] | None:
+    if "exp_inf" not in state:
+        return None
+    t = _step_of(state)
+    return state["exp_inf"] + group["eps"], 1.0 / (1 - group["betas"][0] ** t) if t > 0 else 1.0
+
+
+def _rmsprop_diag(group: dict, state: dict) -> tuple[torch.Tensor, float] | None:
+    if "square_avg" not in state:
+        return None
+    v = state["square_avg"]
+    if group.get("centered") and "grad_avg" in state:
+        v = v - state["grad_avg"] ** 2
+    return v.clamp_min(0).sqrt() + group["eps"], 1.0
+
+
+def _adagrad_diag(group: dict, state: dict) -> tuple[torch.Tensor, float] | None:
+    if "sum" not in state:
+        return None
+    t = _step_of(state)
+    return state["sum"].sqrt() + group["eps"], 1.0 / (1 + max(t - 1, 0) * group.get("lr_decay", 0))
+
+
+def _group_scaled(opt: Any, threshold_of: Callable, diag_of: Callable | None
+                  ) -> Callable | None:
+    """``P^{-1/2}`` with each group's ``(lr_g / c_g) / (lr / c)`` folded in; None when that
+    is the identity (one plain rule for every parameter)."""
+    groups = opt.param_groups
+    lr0, c0 = float(groups[0]["lr"]), threshold_of(groups[0])
+    shares = {}
+    for g in groups:
+        share = (float(g["lr"]) / threshold_of(g)) / (lr0 / c0) if lr0 > 0 else 0.0
+        for p in g["params"]:
+            shares[id(p)] = (share, g)
+    if diag_of is None and all(s == 1.0 for s, _ in shares.values()):
+        return None
+
+    def inv_sqrt(param: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        share, group = shares.get(id(param), (0.0, None))
+        if share <= 0:
+            return torch.zeros_like(v)
+        scale = math.sqrt(share)
+        if diag_of is None:
+            return v * scale
+        diag = diag_of(group, opt.state.get(param, {}))
+        if diag is None:
+            raise ValueError("the optimizer has no second-moment state yet; take at least one "
+                             "optimizer step first")
+        P, lr_factor = diag
+        return v * (P.to(v.dtype).rsqrt() * (scale * math.sqrt(lr_factor)))
+
+    return inv_sqrt
+
+
+def _diagonal_model(opt: Any, name: str, threshold_of: Callable, diag_of: Callable | None,
+                    note: str) -> StabilityModel:
+    g0 = opt.param_groups[0]
+    return StabilityModel(name, float(g0["lr"]), float(threshold_of(g0)),
+                          _group_scaled(opt, threshold_of, diag_of), note)
+
+
+def stability_threshold(optimizer: Any = None, *, momentum: float = 0.0,
+                        dampening: float = 0.0, nesterov: bool = False,
+                        ema_momentum: bool = False) -> float:
     """The critical value ``c`` of ``lr * lambda`` above which the optimizer diverges on a
-    quadratic with curvature ``lambda`` (for Adam-like optimizers: of the preconditioned
-    curvature).
-
-    * gradient descent: 2;
-    * heavy ball as in ``torch.optim.SGD`` (``b <- mu b + (1 - d) g``): ``2 (1 + mu) / (1 - d)``;
-    * Nesterov as in ``torch.optim.SGD(nesterov=True)``: ``2 (1 + mu) / (1 + 2 mu)``;
-    * EMA momentum as in Adam (``m <- b1 m + (1 - b1) g``): ``2 (1 + b1) / (1 - b1)`` (38
-      for ``b1 = 0.9``; Cohen et al. 2022, sec. 2).
-
-    From the roots of the momentum recurrence's characteristic polynomial (Goh, "Why
-    momentum really works", Distill 2017). Pass an optimizer to read its settings.
+    quadratic with curvature ``lambda`` (for preconditioned optimizers: of the
+    preconditioned curvature). With an optimizer: ``stability_model(optimizer).threshold``
+    (:func:`stability_model`); without: :func:`curvlab.optim.stability.momentum_threshold`
+    of the given momentum rule (gradient descent 2, heavy ball ``2 (1 + mu) / (1 - d)``,
+    Nesterov ``2 (1 + mu) / (1 + 2 mu)``, Adam's EMA momentum ``2 (1 + b1) / (1 - b1)``,
+    38 for ``b1 = 0.9``).
     """
     if optimizer is not None:
-        group = optimizer.param_groups[0]
-        name = type(optimizer).__name__
-        if name in ADAM_LIKE:
-            return stability_threshold(momentum=group["betas"][0], ema_momentum=True)
-        return stability_threshold(momentum=group.get("momentum", 0.0),
-                                   dampening=group.get("dampening", 0.0),
-                                   nesterov=group.get("nesterov", False))
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not 0 <= dampening < 1:
-        raise ValueError(f"dampening must be in [0, 1), got {dampening!r}")
-    if ema_momentum:
-        return 2 * (1 + momentum) / (1 - momentum)
-    if nesterov:
-        return 2 * (1 + momentum) / (1 + 2 * momentum)
-    return 2 * (1 + momentum) / (1 - dampening)
+        return stability_model(optimizer).threshold
+    return momentum_threshold(momentum, dampening=dampening, nesterov=nesterov,
+                              ema=ema_momentum)
 
 
 @dataclass
@@ -95,79 +253,103 @@ def gd_stability(sharpness: float, lr: float, threshold: float = 2.0) -> Stabili
                            float(max_lr), bool(ratio < threshold))
 
 
-def _optimizer_lookup(optimizer: torch.optim.Optimizer) -> dict[int, tuple[dict, dict]]:
-    return {id(p): (group, optimizer.state.get(p, {}))
-            for group in optimizer.param_groups for p in group["params"]}
-
-
-def adam_preconditioner(op: Any, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+def adam_preconditioner(op: Any, optimizer: Any) -> torch.Tensor:
     """The flat diagonal ``P = sqrt(v / (1 - b2^t)) + eps`` that an Adam-like optimizer
-    divides its step by, in the operator's parameter order (from ``optimizer.state``)."""
+    (torch's Adam, AdamW, NAdam, RAdam; wrappers unwrapped) divides its step by, in the
+    operator's parameter order (from ``optimizer.state``)."""
     objective = getattr(op, "objective", None)
     if objective is None:
         raise TypeError("op must be a curvature operator built on the optimizer's model "
                         "parameters (e.g. HessianOperator(model, loss_fn, batch))")
-    if type(optimizer).__name__ not in ADAM_LIKE:
-        raise TypeError(f"optimizer must be Adam-like ({', '.join(ADAM_LIKE)}), got "
-                        f"{type(optimizer).__name__}")
-    lookup = _optimizer_lookup(optimizer)
+    opt = unwrap_optimizer(optimizer)
+    if not isinstance(opt, _ADAM_TYPES):
+        raise TypeError(f"optimizer must be Adam-like (torch's Adam, AdamW, NAdam, RAdam), got "
+                        f"{type(opt).__name__}")
+    lookup = {id(p): (group, opt.state.get(p, {}))
+              for group in opt.param_groups for p in group["params"]}
     pieces = []
     for name, p in objective.params.items():
         if id(p) not in lookup:
             raise ValueError(f"parameter {name!r} is not managed by the optimizer")
-        group, state = lookup[id(p)]
-        if "exp_avg_sq" not in state:
+        diag = _adam_diag(*lookup[id(p)])
+        if diag is None:
             raise ValueError("the optimizer has no second-moment state yet; take at least one "
                              "optimizer step first")
-        step = float(state["step"])
-        v = state.get("max_exp_avg_sq", state["exp_avg_sq"])
-        v_hat = v / (1 - group["betas"][1] ** step)
-        pieces.append((v_hat.sqrt() + group["eps"]).reshape(-1))
+        pieces.append(diag[0].reshape(-1))
     return torch.cat(pieces).to(dtype=objective.dtype)
 
 
-def preconditioned_sharpness(op: Any, preconditioner: torch.Tensor | torch.optim.Optimizer, *,
+def preconditioned_operator(op: Any, preconditioner: Any) -> Any:
+    """The symmetric ``P^{-1/2} H P^{-1/2}`` (same eigenvalues as ``P^{-1} H``) for
+    ``preconditioner`` a positive flat diagonal ``P`` (a tensor), a
+    :class:`~curvlab.optim.stability.StabilityModel` (its ``inv_sqrt_preconditioner``,
+    parameter by parameter) or an optimizer (through :func:`stability_model`)."""
+    A = as_operator(op)
+    if isinstance(preconditioner, torch.Tensor):
+        if preconditioner.shape != (A.n,):
+            raise ValueError(f"preconditioner has shape {tuple(preconditioner.shape)}, "
+                             f"expected ({A.n},)")
+        if not (preconditioner > 0).all():
+            raise ValueError("preconditioner must be positive")
+        s = preconditioner.to(dtype=A.dtype, device=A.device).rsqrt()
+        # D A D with A already checked symmetric by as_operator: no second check
+        return MatvecOperator(lambda v: s * A.matvec(s * v), A.n, dtype=A.dtype,
+                              device=A.device,
+                              matmat=lambda V: s[:, None] * A.matmat(s[:, None] * V),
+                              check_symmetry=False)
+    model = (preconditioner if isinstance(preconditioner, StabilityModel)
+             else stability_model(preconditioner))
+    if model.inv_sqrt_preconditioner is None:
+        return A
+    objective = getattr(op, "objective", None)
+    if objective is None:
+        raise TypeError("op must be a curvature operator built on the optimizer's model "
+                        "parameters (e.g. HessianOperator(model, loss_fn, batch))")
+    params, f = objective.params, model.inv_sqrt_preconditioner
+
+    def scale(v: torch.Tensor) -> torch.Tensor:
+        parts = objective.unflatten(v)
+        return objective.flatten({k: f(params[k], parts[k]) for k in parts}).to(v.dtype)
+
+    def matmat(V: torch.Tensor) -> torch.Tensor:
+        D = torch.stack([scale(V[:, j]) for j in range(V.shape[1])], 1)
+        HD = A.matmat(D)
+        return torch.stack([scale(HD[:, j]) for j in range(V.shape[1])], 1)
+
+    return MatvecOperator(lambda v: scale(A.matvec(scale(v))), A.n, dtype=A.dtype,
+                          device=A.device, matmat=matmat, check_symmetry=False)
+
+
+def preconditioned_sharpness(op: Any, preconditioner: Any, *,
                              tol: float = 1e-3, v0: torch.Tensor | None = None,
                              max_iter: int | None = None, num_vectors: int | None = None,
                              min_iter: int = 1,
                              generator: torch.Generator | None = None) -> EigenResult:
-    """``lambda_max(P^{-1} H)`` for a positive diagonal ``P`` (a flat tensor, or an
-    Adam-like optimizer whose state defines it, see :func:`adam_preconditioner`).
+    """``lambda_max(P^{-1} H)`` for ``P`` a positive flat diagonal (a tensor), a
+    :class:`~curvlab.optim.stability.StabilityModel`, or an optimizer whose stability model
+    defines it (:func:`stability_model`: Adam's ``diag(sqrt(v_hat) + eps)``, a curvlab
+    optimizer's own preconditioner, ...).
 
-    Computed as the top eigenpair of the symmetric ``P^{-1/2} H P^{-1/2}`` (same
-    eigenvalues); the returned eigenvectors are of that symmetric operator. ``v0``,
-    ``num_vectors`` and ``min_iter`` are passed to :func:`~curvlab.linalg.lanczos` (warm
-    starts).
+    Computed as the top eigenpair of the symmetric ``P^{-1/2} H P^{-1/2}``
+    (:func:`preconditioned_operator`; same eigenvalues); the returned eigenvectors are of
+    that symmetric operator. ``v0``, ``num_vectors`` and ``min_iter`` are passed to
+    :func:`~curvlab.linalg.lanczos` (warm starts).
     """
-    if isinstance(preconditioner, torch.optim.Optimizer):
-        preconditioner = adam_preconditioner(op, preconditioner)
-    A = as_operator(op)
-    if preconditioner.shape != (A.n,):
-        raise ValueError(f"preconditioner has shape {tuple(preconditioner.shape)}, expected "
-                         f"({A.n},)")
-    if not (preconditioner > 0).all():
-        raise ValueError("preconditioner must be positive")
-    s = preconditioner.to(dtype=A.dtype, device=A.device).rsqrt()
-    # D A D with A already checked symmetric by as_operator: no second check
-    S = MatvecOperator(lambda v: s * A.matvec(s * v), A.n, dtype=A.dtype, device=A.device,
-                       matmat=lambda V: s[:, None] * A.matmat(s[:, None] * V),
-                       check_symmetry=False)
-    return lanczos(S, 1, tol=tol, v0=v0, max_iter=max_iter, num_vectors=num_vectors,
-                   min_iter=min_iter, generator=generator)
+    return lanczos(preconditioned_operator(op, preconditioner), 1, tol=tol, v0=v0,
+                   max_iter=max_iter, num_vectors=num_vectors, min_iter=min_iter,
+                   generator=generator)
 
 
-def stability_report(op: Any, optimizer: torch.optim.Optimizer, *, tol: float = 1e-3,
+def stability_report(op: Any, optimizer: Any, *, tol: float = 1e-3,
                      generator: torch.Generator | None = None) -> StabilityReport:
     """Sharpness, ``lr x sharpness`` and the largest stable learning rate for ``optimizer``
-    (its first param group's ``lr`` and momentum settings). Adam-like optimizers use the
-    preconditioned sharpness."""
-    lr = float(optimizer.param_groups[0]["lr"])
-    threshold = stability_threshold(optimizer)
-    pre = type(optimizer).__name__ in ADAM_LIKE
-    res = (preconditioned_sharpness(op, optimizer, tol=tol, generator=generator) if pre
-           else lanczos(op, 1, tol=tol, generator=generator))
-    rep = gd_stability(float(res.eigenvalues[0]), lr, threshold)
-    rep.preconditioned, rep.num_matvecs = pre, res.num_matvecs
+    under its stability model (:func:`stability_model`): the plain sharpness for (momentum)
+    SGD, the preconditioned sharpness in the optimizer's own preconditioner otherwise."""
+    model = stability_model(optimizer)
+    res = (preconditioned_sharpness(op, model, tol=tol, generator=generator)
+           if model.preconditioned else lanczos(op, 1, tol=tol, generator=generator))
+    rep = gd_stability(float(res.eigenvalues[0]), model.lr, model.threshold)
+    rep.preconditioned, rep.num_matvecs = model.preconditioned, res.num_matvecs
     return rep
 
 

@@ -67,7 +67,16 @@ def scalars(record: dict[str, Any], events: list[MonitorEvent],
            and math.isfinite(v)}
     for e in events:
         out[f"{prefix}{e.kind}"] = e.value
+        for field in ("horizon", "confidence"):  # the event's forecast
+            v = getattr(e, field, None)
+            if v is not None and math.isfinite(v):
+                out[f"{prefix}{e.kind}_{field}"] = float(v)
     return out
+
+
+def event_message(event: MonitorEvent) -> str:
+    """``"[severity, regime] message"`` for the logs."""
+    return f"[{event.severity}, {event.regime}] {event.message}"
 
 
 def make_monitor(model: torch.nn.Module, loss_fn: Any, batch: Any, optimizer: Any,

@@ -24,9 +24,11 @@ Trainer zeroes them before ``on_step_end``) on a fixed monitor batch (default: t
 ``num_examples`` training examples through the Trainer's collator, passed to the model as
 is; the model computes its own loss unless ``loss_fn`` is given). Its values
 (``curvlab/lambda_max``, ``curvlab/lr_sharpness``, ...) and events (``curvlab/crossed``,
-...) are added to the Trainer's logs at the step they were computed (``state.log_history``,
-and the ``report_to`` integrations that run after the callback: register it with
-``trainer.callback_handler.callbacks.insert(0, callback)`` to put it before them); event
+``curvlab/diverging``, ... with their forecast ``curvlab/<kind>_horizon`` and
+``_confidence``) are added to the Trainer's logs at the step they were computed
+(``state.log_history``, and the ``report_to`` integrations that run after the callback:
+register it with ``trainer.callback_handler.callbacks.insert(0, callback)`` to put it
+before them); event
 messages go to ``logging`` and to ``log_history`` under ``curvlab/events``.
 """
 
@@ -37,7 +39,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from curvlab.integrations._monitoring import first_examples, make_monitor, monitor_context
+from curvlab.integrations._monitoring import (
+    event_message,
+    first_examples,
+    make_monitor,
+    monitor_context,
+)
 from curvlab.integrations._monitoring import scalars as _scalars
 from curvlab.integrations.optimizers import _name, build_optimizer, unwrap_model
 
@@ -94,7 +101,7 @@ class CurvatureMonitorCallback(TrainerCallback):
 
     def _collect(self, monitor: Any, record: dict[str, Any], events: list[Any]) -> None:
         self._pending.update(_scalars(record, events))
-        self._messages += [e.message for e in events]
+        self._messages += [event_message(e) for e in events]
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                        optimizer: Any = None, train_dataloader: Any = None, **kwargs: Any):

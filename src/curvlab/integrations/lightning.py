@@ -14,7 +14,8 @@
 After every optimizer step (``on_train_batch_end`` when ``global_step`` advanced: Lightning
 zeroes gradients before the backward pass, so the step's gradients are still there) the
 callback runs :class:`~curvlab.diagnostics.CurvatureMonitor` and writes its values
-(``curvlab/lambda_max``, ...) and events (``curvlab/crossed``, ...) to the Trainer's
+(``curvlab/lambda_max``, ...) and events (``curvlab/crossed``, ``curvlab/diverging``, ...,
+with their forecast ``curvlab/<kind>_horizon`` and ``_confidence``) to the Trainer's
 loggers (``logger.log_metrics`` at ``global_step``); event messages also go to
 ``logging``. Works with ``lightning.pytorch`` (preferred) or ``pytorch_lightning``.
 """

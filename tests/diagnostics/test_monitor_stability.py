@@ -1,0 +1,340 @@
+"""The optimizer's stability rule (stability_model) and the monitor's regimes, non-finite
+events and Ritz certification."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab.diagnostics import CurvatureMonitor, preconditioned_sharpness, stability_threshold
+from curvlab.diagnostics.stability import (
+    stability_model,
+    stability_report,
+    unwrap_optimizer,
+)
+from curvlab.linops import HessianOperator
+from curvlab.optim.stability import StabilityModel, momentum_threshold
+
+
+def _mlp(seed=0, n=64):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    y = torch.sin(X.sum(1, keepdim=True))
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    return model, nn.MSELoss(), X, y
+
+
+def _train(model, loss_fn, X, y, opt, steps, mon=None):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        opt.step()
+        if mon is not None:
+            mon.step(loss)
+
+
+def _dense_sharpness(model, loss_fn, X, y, inv_sqrt):
+    """lambda_max(D H D) with D = P^{-1/2} applied parameter by parameter, densely."""
+    op = HessianOperator(model, loss_fn, (X, y))
+    H = op.to_dense()
+    params = list(model.parameters())
+    cols = []
+    for j in range(H.shape[0]):
+        e = torch.zeros(H.shape[0], dtype=H.dtype)
+        e[j] = 1
+        parts, i = [], 0
+        for p in params:
+            parts.append(inv_sqrt(p, e[i:i + p.numel()].reshape(p.shape)).reshape(-1))
+            i += p.numel()
+        cols.append(torch.cat(parts))
+    D = torch.stack(cols, 1)
+    return float(torch.linalg.eigvalsh(D.T @ H @ D)[-1])
+
+
+class _Wrapper:
+    def __init__(self, inner, attr="optimizer"):
+        setattr(self, attr, inner)
+
+
+class _StubPreconditioned(torch.optim.SGD):
+    """An optimizer that states its own rule: P = diag(4) on weights, biases not governed."""
+
+    def stability_model(self):
+        def inv_sqrt(param, v):
+            return v / 2 if param.dim() > 1 else torch.zeros_like(v)
+        return StabilityModel("stub", self.param_groups[0]["lr"], 3.0, inv_sqrt, "a test")
+
+
+class _StubUnbounded(torch.optim.SGD):
+    def stability_model(self):
+        return StabilityModel("muon_like", self.param_groups[0]["lr"], math.inf, None,
+                              "normalized update")
+
+
+def test_torch_sgd_thresholds_follow_momentum_rules():
+    p = [nn.Parameter(torch.zeros(2))]
+    cases = [(dict(lr=0.1), "gd", 2.0),
+             (dict(lr=0.1, momentum=0.9), "heavy_ball", momentum_threshold(0.9)),
+             (dict(lr=0.1, momentum=0.9, dampening=0.5), "heavy_ball",
+              momentum_threshold(0.9, dampening=0.5)),
+             (dict(lr=0.1, momentum=0.9, nesterov=True), "nesterov",
+              momentum_threshold(0.9, nesterov=True))]
+    for kw, name, c in cases:
+        m = stability_model(torch.optim.SGD(p, **kw))
+        assert (m.name, m.threshold, m.lr, m.preconditioned) == (name, pytest.approx(c), 0.1,
+                                                                 False)
+    assert momentum_threshold(0.9, ema=True) == pytest.approx(38.0)
+    assert momentum_threshold(0.9, nesterov=True) == pytest.approx(3.8 / 2.8)
+
+
+def test_adam_family_preconditioner_matches_dense_and_wrappers_are_seen_through():
+    """Adam's rule through every wrapper: threshold 2 (1 + b1) / (1 - b1), and lr x
+    lambda_max(P^{-1/2} H P^{-1/2}) with P = (1 - b1^t)(sqrt(v_hat) + eps) equal to dense."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    model, loss_fn, X, y = _mlp()
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.99), amsgrad=True)
+    _train(model, loss_fn, X, y, adam, 4)
+    wrapped = [_accelerated(adam), _Wrapper(adam),
+               _Wrapper(_Wrapper(adam, "_optimizer")), LightningOptimizer(adam)]
+    for w in wrapped:
+        assert unwrap_optimizer(w) is adam
+        m = stability_model(w)
+        assert (m.name, m.threshold, m.lr) == ("adam", pytest.approx(18.0), 1e-2)
+        assert stability_threshold(w) == pytest.approx(18.0)
+    st = adam.state
+
+    def inv_sqrt(p, v):
+        t = float(st[p]["step"])
+        P = (st[p]["max_exp_avg_sq"] / (1 - 0.99 ** t)).sqrt() + 1e-8
+        return v / (P * (1 - 0.8 ** t)).sqrt()
+
+    want = _dense_sharpness(model, loss_fn, X, y, inv_sqrt)
+    op = HessianOperator(model, loss_fn, (X, y))
+    got = preconditioned_sharpness(op, wrapped[0], tol=1e-10, max_iter=200)
+    assert float(got.eigenvalues[0]) == pytest.approx(want, rel=1e-8)
+    rep = stability_report(op, wrapped[0], tol=1e-10)
+    assert rep.preconditioned and rep.ratio == pytest.approx(1e-2 * want, rel=1e-6)
+    assert rep.threshold == pytest.approx(18.0)
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=wrapped[0], every=1, tol=1e-8,
+                           max_hvps=200)
+    mon.step()
+    assert mon.thresholds == {"lr_preconditioned_sharpness": pytest.approx(18.0)}
+    assert mon.checks[0]["preconditioned_sharpness"] == pytest.approx(want, rel=1e-6)
+    # only the governing eigenvalue by default (a second Lanczos run costs as much again)
+    assert "lambda_max" not in mon.checks[0]
+    assert mon.checks[0]["sharpness"] == mon.checks[0]["preconditioned_sharpness"]
+    both = CurvatureMonitor(model, loss_fn, (X, y), optimizer=adam, every=1, tol=1e-8,
+                            max_hvps=200, plain_sharpness=True)
+    both.step()
+    dense = torch.linalg.eigvalsh(HessianOperator(model, loss_fn, (X, y)).to_dense())[-1]
+    assert both.checks[0]["lambda_max"] == pytest.approx(float(dense), rel=1e-6)
+
+
+def _accelerated(opt):
+    """accelerate's AcceleratedOptimizer around ``opt`` (what the HF Trainer hands its
+    callbacks), leaving accelerate's global state as it was."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(cpu=True).prepare_optimizer(opt)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_trainer_wrapped_adamw_is_judged_as_adam():
+    """The Trainer hands callbacks accelerate's AcceleratedOptimizer around torch's AdamW."""
+    model, loss_fn, X, y = _mlp()
+    opt = _accelerated(torch.optim.AdamW(model.parameters(), lr=3e-3))
+    assert type(opt).__name__ == "AcceleratedOptimizer"
+    assert stability_threshold(opt) == pytest.approx(38.0)
+    assert stability_model(opt).preconditioned
+
+
+def test_param_groups_with_their_own_lr_enter_the_preconditioner():
+    """lr_g lambda < c per block: a group at 4x the lr contributes 4 H to the ratio."""
+    model, loss_fn, X, y = _mlp()
+    w = [p for p in model.parameters() if p.dim() > 1]
+    b = [p for p in model.parameters() if p.dim() == 1]
+    opt = torch.optim.SGD([{"params": w, "lr": 0.1}, {"params": b, "lr": 0.4}])
+    m = stability_model(opt)
+    assert m.lr == 0.1 and m.preconditioned
+    want = _dense_sharpness(model, loss_fn, X, y, lambda p, v: v * (2.0 if p.dim() == 1 else 1.0))
+    op = HessianOperator(model, loss_fn, (X, y))
+    assert float(preconditioned_sharpness(op, opt, tol=1e-10, max_iter=200).eigenvalues[0]) \
+        == pytest.approx(want, rel=1e-8)
+
+
+def test_protocol_optimizer_states_its_rule_and_unknown_ones_fall_back_once():
+    model, loss_fn, X, y = _mlp()
+    stub = _StubPreconditioned(model.parameters(), lr=0.05)
+    wrapped = _Wrapper(stub)
+    m = stability_model(wrapped)
+    assert (m.name, m.threshold, m.lr) == ("stub", 3.0, 0.05)
+    want = _dense_sharpness(model, loss_fn, X, y, m.inv_sqrt_preconditioner)
+    op = HessianOperator(model, loss_fn, (X, y))
+    assert float(preconditioned_sharpness(op, wrapped, tol=1e-10, max_iter=200)
+                 .eigenvalues[0]) == pytest.approx(want, rel=1e-8)
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=wrapped, every=1, tol=1e-8,
+                           max_hvps=200)
+    _train(model, loss_fn, X, y, stub, 1, mon)
+    assert mon.thresholds == {"lr_preconditioned_sharpness": 3.0}
+    want = _dense_sharpness(model, loss_fn, X, y, m.inv_sqrt_preconditioner)
+    assert mon.checks[0]["lr_preconditioned_sharpness"] == pytest.approx(0.05 * want, rel=1e-6)
+
+    class Mystery(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.3})
+
+    with pytest.warns(UserWarning, match="Mystery"):
+        m = stability_model(Mystery(model.parameters()))
+    assert (m.name, m.threshold, m.lr) == ("gd", 2.0, 0.3) and "unknown" in m.note
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per optimizer class
+        stability_model(Mystery(model.parameters()))
+    with pytest.raises(TypeError, match="StabilityModel"):
+        class Bad(torch.optim.SGD):
+            def stability_model(self):
+                return 2.0
+        stability_model(Bad(model.parameters(), lr=0.1))
+
+
+def test_unbounded_rule_gives_no_ratio_warnings():
+    """A normalized update (threshold inf, e.g. Muon): sharpness recorded, no ratio events."""
+    model, loss_fn, X, y = _mlp()
+    opt = _StubUnbounded(model.parameters(), lr=50.0)  # far beyond 2 / lambda_max
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=1, stop_on_nonfinite=False)
+    _train(model, loss_fn, X, y, opt, 5, mon)
+    assert all(c["regime"] == "unbounded" for c in mon.checks if "regime" in c)
+    assert not [e for e in mon.events if e.kind in ("approaching", "crossed", "diverging")]
+
+
+def test_a_run_that_goes_to_nan_gives_events_not_exceptions(tmp_path):
+    """Parameters, loss and gradients go NaN inside the loop: the monitor reports it once and
+    stops itself (or keeps going), and never raises."""
+    for stop in (True, False):
+        model, loss_fn, X, y = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=2, track_every=1,
+                               stop_on_nonfinite=stop, log_dir=tmp_path / str(stop))
+        _train(model, loss_fn, X, y, opt, 4, mon)
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+        _train(model, loss_fn, X, y, opt, 6, mon)  # NaN loss, gradients, parameters
+        mon.check()  # called directly, too
+        nonfinite = [e for e in mon.events if e.kind == "nonfinite"]
+        assert len(nonfinite) == 1 and nonfinite[0].step == 5
+        assert nonfinite[0].severity == "error" and nonfinite[0].regime == "nonfinite"
+        assert nonfinite[0].horizon == 0 and nonfinite[0].confidence == 1.0
+        assert mon.stopped is stop and mon.summary()["regime"] == "nonfinite"
+        assert mon.warnings == nonfinite
+        mon.close()
+        assert "nonfinite" in (tmp_path / str(stop) / "monitor.jsonl").read_text()
+
+
+def test_nonfinite_loss_alone_fires_an_event():
+    model, loss_fn, X, y = _mlp()
+    mon = CurvatureMonitor(model, loss_fn, (X, y), lr=0.1, every=100, track_every=100)
+    assert mon.step(torch.tensor(float("inf")))[0].kind == "nonfinite"
+
+
+def _two_top_eigenvalues(gap):
+    """A linear least-squares problem whose Hessian has eigenvalues 10, 10 - gap, 1, ... ."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(64, 5, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    s = torch.tensor([10.0, 10.0 - gap, 1.0, 0.5, 0.2], dtype=torch.float64)
+    X = Q @ torch.diag((s * 64 / 2).sqrt()) @ V.T  # MSE Hessian 2 X^T X / n = V diag(s) V^T
+    y = torch.randn(64, 1, generator=g, dtype=torch.float64)
+    model = nn.Linear(5, 1, bias=False).double()
+    return model, nn.MSELoss(), X, y
+
+
+@pytest.mark.parametrize("gap,converged", [(0.1, False), (3.0, True)])
+def test_a_check_does_not_certify_a_ritz_value_with_a_neighbour_in_its_band(gap, converged):
+    model, loss_fn, X, y = _two_top_eigenvalues(gap)
+    H = HessianOperator(model, loss_fn, (X, y)).to_dense()
+    assert torch.linalg.eigvalsh(H)[-2:].tolist() == pytest.approx([10 - gap, 10])
+    mon = CurvatureMonitor(model, loss_fn, (X, y), lr=0.01, every=1,
+                           generator=torch.Generator().manual_seed(0))
+    mon.step()
+    c = mon.checks[0]
+    assert c["lambda_max_residual"] <= 0.03 * c["lambda_max"]  # the residual test passed
+    assert c["lambda_max_ritz_gap"] == pytest.approx(gap, rel=1e-6)
+    assert c["converged"] is converged
+
+
+def test_runaway_on_a_quadratic_is_a_warning_with_a_forecast():
+    """Noisy least squares at lr x lambda_max = 2.02 (> 2) from the start: nothing pulls the
+    ratio back and the loss grows, so the runaway is confirmed at the third check."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(5, 1, generator=g, dtype=torch.float64) + torch.randn(
+        64, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model, loss_fn = nn.Linear(5, 1).double(), nn.MSELoss()
+    lam = float(torch.linalg.eigvalsh(HessianOperator(model, loss_fn, (X, y)).to_dense())[-1])
+    opt = torch.optim.SGD(model.parameters(), lr=2.02 / lam)
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=5, adaptive=False,
+                           tol=1e-6)
+    _train(model, loss_fn, X, y, opt, 40, mon)
+    div = [e for e in mon.events if e.kind == "diverging"]
+    assert [(e.step, e.severity, e.regime) for e in div] == [(15, "warning", "runaway")]
+    # the forecast: the loss grows like 1.02^(2t) along the top direction
+    assert div[0].horizon > 0 and div[0].confidence > 0.9
+    assert div[0].predicted_step == pytest.approx(15 + div[0].horizon)
+    assert [e.kind for e in mon.events if e.kind == "crossed"] == ["crossed"]
+
+
+def test_gradient_jumps_fire_early_in_training():
+    """jump_warmup counts records of the quantity, not steps: a spike at step 30 (record 3
+    with track_every=10 and jump_warmup=2) is reported."""
+    model, loss_fn, X, y = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=1000, track_every=10,
+                           jump_warmup=2, adaptive=False)
+    for step in range(1, 41):
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        if step == 30:
+            for p in model.parameters():
+                p.grad.mul_(1000.0)
+        opt.step()
+        mon.step(loss)
+    assert ("grad_norm_jump", 30) in {(e.kind, e.step) for e in mon.events}
+
+
+def _feed(mon, ratios, losses, every=200):
+    """Drive the monitor's regime logic with a series of checks (ratio, monitor-batch loss)."""
+    (tr,) = mon._trackers.values()
+    events = []
+    for i, (r, L) in enumerate(zip(ratios, losses, strict=True)):
+        mon.step_count = (i + 1) * every
+        events += mon._stability_events(tr, r, L, {})
+    return events
+
+
+def test_edge_of_stability_is_not_a_warning_and_runaway_is():
+    """The recorded shape of gradient descent at the edge of stability (bench scenario (a),
+    f = 1.5: ratio hovering 2.0-2.2, loss falling with small rises) gives information
+    events only; the same ratios with the loss making new highs give a warning."""
+    model, loss_fn, X, y = _mlp()
+    ratios = [2.45, 2.34, 2.23, 2.18, 2.17, 2.13, 2.17, 2.06, 2.12, 2.11, 2.04, 2.03]
+    eos_losses = [.0105, .0064, .0043, .0028, .0024, .0019, .0017, .0013, .0013, .0015, .0012,
+                  .0011]
+    mon = CurvatureMonitor(model, loss_fn, (X, y), lr=0.1)
+    events = _feed(mon, ratios, eos_losses)
+    assert [e.kind for e in events] == ["crossed"] and not mon.warnings
+    assert events[0].regime == "edge_of_stability"
+    runaway = [0.01 * 1.5 ** i for i in range(len(ratios))]
+    mon = CurvatureMonitor(model, loss_fn, (X, y), lr=0.1)
+    events = _feed(mon, ratios, runaway)
+    assert [e.kind for e in mon.warnings] == ["diverging"]
+    assert mon.warnings[0].step == 600  # the third check: two confirmations after the first
+    assert mon.warnings[0].regime == "runaway"
