@@ -90,7 +90,6 @@ __all__ = [
     "is_due",
     "guarded_batched",
     "max_abs",
-    "gradient_bound",
     "mode_product",
     "graft_direction",
     "graft",
@@ -98,7 +97,6 @@ __all__ = [
 ]
 
 GRAFTING_METHODS = ("none", "sgd", "adagrad", "rmsprop", "adam")
-_NONFINITE = ("skip", "raise")
 _LOGGED_RATIOS: set = set()
 _SMALL_FACTORS = 1 << 20  # factor elements never worth a diagonal fallback (4 MiB float32)
 
@@ -257,28 +255,6 @@ def max_abs(tensors: Sequence[Tensor]) -> float:
         return bound
     exact = torch._foreach_norm(tensors, float("inf"))
     return float(torch.stack([n.float().to(dev) for n in exact]).max())
-
-
-def gradient_bound(name: str, grads: Sequence[Tensor], nonfinite: str,
-                   sharded_group: Any = None) -> float | None:
-    """:func:`max_abs` of a step's gradients, or ``None`` when the step must be skipped
-    (a non-finite entry with ``nonfinite="skip"``, logged; ``"raise"`` raises
-    FloatingPointError). With ``sharded_group`` (FSDP2: each rank holds shards) the local
-    bounds are max-reduced, so every rank takes the same decision."""
-    if any(g.is_sparse for g in grads):
-        raise TypeError(f"{name} does not support sparse gradients")
-    gmax = max_abs([local_tensor(g) for g in grads])
-    if sharded_group is not None:
-        both = torch.tensor([gmax], dtype=torch.float64, device=_dist.comm_device(sharded_group))
-        torch.distributed.all_reduce(both, torch.distributed.ReduceOp.MAX, group=sharded_group)
-        gmax = float(both)
-    if math.isfinite(gmax):
-        return gmax
-    if nonfinite == "raise":
-        raise FloatingPointError(f"{name}: non-finite gradient; pass nonfinite='skip' to skip "
-                                 "such steps instead")
-    logger.warning("%s: non-finite gradient, step skipped", name)
-    return None
 
 
 def _surely_finite(D: Tensor) -> bool:

@@ -700,52 +700,63 @@ class KFAC(CurvlabOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """One K-FAC step: the preconditioner's statistics (:meth:`update_statistics`),
+        its refresh (:meth:`refresh`), the preconditioned directions
+        (:meth:`precondition`), then KL clipping, momentum and the update
+        (:meth:`_apply`)."""
         if self.adaptive_damping and closure is None:
             raise ValueError("adaptive_damping needs step(closure): the closure re-evaluates "
                              "the loss after the update")
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if loss is not None:
-            grads.append(torch.as_tensor(loss).detach().reshape(1))
-        if self._gradient_bound(grads) is None:  # the base rule: non-finite or overflowing
+        loss, bound = self._begin_step(closure, loss_checked=True)
+        if bound is None:  # the base rule: non-finite or overflowing gradient or loss
             self._clear()
             return loss
-        k = self._step
-        stats_step = k % self.factor_update_freq == 0
-        inv_step = k % self.inv_update_freq == 0
+        new = self._new_statistics()
+        if new is False:
+            return loss
+        fresh = self.update_statistics(new)
+        self.refresh(new, fresh)
+        self._clear()
+        directions, layer_dirs = self.precondition()
+        return self._apply(directions, layer_dirs, closure, loss)
 
-        # 1. new factors (computed first so that a non-finite batch changes nothing)
-        new = None
-        if stats_step:
-            with torch.enable_grad():
-                calls = self._collect()
-            if calls is None and self._capture._handles and any(
-                    self._layer_grad(layer) is not None for layer in self._layers):
-                self._clear()
-                raise RuntimeError(
-                    "K-FAC: the layers have gradients but no statistics were captured in this "
-                    "step's forward/backward pass (the model ran under torch.compile, whose "
-                    "compiled graph skips the optimizer's hooks, or outside autograd, or "
-                    "without the module KFAC was given). Run the uncompiled model on "
-                    "statistics steps, or call remove_hooks() to keep the current factors")
-            if calls is not None:
-                new = self._new_factors(calls)
-                if not _finite([t for item in new if item is not None
-                                    for t in item[:2]]):
-                    self._nonfinite("curvature statistics")
-                    return loss
-        # 2. factors, inverses (each layer's by its owner rank, then shared), EKFAC scales
+    def _new_statistics(self) -> list | None | bool:
+        """This step's factors from the captured passes (None when it is not a statistics
+        step, False when they are not finite: the step is then skipped, nothing changed)."""
+        if self._step % self.factor_update_freq:
+            return None
+        with torch.enable_grad():
+            calls = self._collect()
+        if calls is None and self._capture._handles and any(
+                self._layer_grad(layer) is not None for layer in self._layers):
+            self._clear()
+            raise RuntimeError(
+                "K-FAC: the layers have gradients but no statistics were captured in this "
+                "step's forward/backward pass (the model ran under torch.compile, whose "
+                "compiled graph skips the optimizer's hooks, or outside autograd, or "
+                "without the module KFAC was given). Run the uncompiled model on "
+                "statistics steps, or call remove_hooks() to keep the current factors")
+        if calls is None:
+            return None
+        new = self._new_factors(calls)
+        if not _finite([t for item in new if item is not None for t in item[:2]]):
+            self._nonfinite("curvature statistics")
+            return False
+        return new
+
+    def update_statistics(self, new: list | None) -> list[int]:
+        """Factor EMAs ``F <- beta F + (1 - beta) F_new``; the inverses due (every
+        ``precondition_frequency`` steps, or missing) are recomputed, each layer's by its
+        owner rank, and shared. Returns the layers refreshed."""
         beta = self.stat_decay
         me = _dist.rank(self.process_group)
+        inv_step = self._step % self.inv_update_freq == 0
         fresh_layers: list[int] = []
         for i, layer in enumerate(self._layers):
             st = self.state[self._named[layer.keys[0]]]
             item = new[i] if new is not None else None
             if item is not None:
-                A, G, per_layer, _ = item
+                A, G, _, _ = item
                 if "A" not in st:
                     st["A"], st["G"] = A.clone(), G.clone()
                 else:
@@ -760,6 +771,13 @@ class KFAC(CurvlabOptimizer):
                     with self.timings.measure("precondition"):
                         self._update_inverse(layer, st, lam)
         self._share_inverses(fresh_layers)
+        return fresh_layers
+
+    def refresh(self, new: list | None, fresh_layers: list[int]) -> None:
+        """What depends on the refreshed inverses: the shared eigenbases of tied weights and
+        the EKFAC scales (a moving average of the per-sample second moments in the
+        eigenbasis, restarted when the basis changes)."""
+        beta = self.stat_decay
         for k, i in enumerate(self._tied):  # the embedding use of a tied weight
             st = self.state[self._named[self._layers[i].keys[0]]]
             item = new[len(self._layers) + k] if new is not None else None
@@ -772,23 +790,28 @@ class KFAC(CurvlabOptimizer):
             if "tA" in st and "A" in st and (i in fresh_layers or "tied" not in st):
                 with self.timings.measure("precondition"):
                     st["tied"] = _tied_bases(st["G"], st["A"], st["tA"], st["tG"])
+        if not self.eigenvalue_correction:
+            return
         for i, layer in enumerate(self._layers):
             st = self.state[self._named[layer.keys[0]]]
             item = new[i] if new is not None else None
-            if self.eigenvalue_correction and "QA" in st:
-                if item is not None:
-                    s = self._ekfac_scale(st, item[2])
-                    if self.process_group is not None:  # sum_r n_r s_r / N
-                        s = self._all_reduce_mean(s, self._local_n[i], item[3])
-                    if i in fresh_layers or "scale" not in st:
-                        st["scale"] = s
-                    else:
-                        st["scale"].mul_(beta).add_(s, alpha=1 - beta)
-                elif "scale" not in st:
-                    st["scale"] = st["dG"].unsqueeze(1) * st["dA"].unsqueeze(0)
-        self._clear()
+            if "QA" not in st:
+                continue
+            if item is not None:
+                s = self._ekfac_scale(st, item[2])
+                if self.process_group is not None:  # sum_r n_r s_r / N
+                    s = self._all_reduce_mean(s, self._local_n[i], item[3])
+                if i in fresh_layers or "scale" not in st:
+                    st["scale"] = s
+                else:
+                    st["scale"].mul_(beta).add_(s, alpha=1 - beta)
+            elif "scale" not in st:
+                st["scale"] = st["dG"].unsqueeze(1) * st["dA"].unsqueeze(0)
 
-        # 3. directions
+    def precondition(self) -> tuple[dict[int, list], list]:
+        """Per param group, ``(param, direction, gradient)``: the damped Kronecker natural
+        gradient of each factored layer (``M / damping`` before its first inverse), the
+        fallback's direction for the other parameters; and ``(layer, M, U)`` per layer."""
         directions: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
             gi: [] for gi in range(len(self.param_groups))}
         layer_dirs = []
@@ -810,8 +833,14 @@ class KFAC(CurvlabOptimizer):
             gi = next(j for j, g in enumerate(self.param_groups)
                       if any(q is p for q in g["params"]))
             directions[gi].append((p, self._fallback_direction(p), p.grad))
+        return directions, layer_dirs
 
-        # 4. KL clipping, momentum, update (checked before touching the parameters)
+    def _apply(self, directions: dict[int, list], layer_dirs: list, closure: Any,
+               loss: Any) -> Any:
+        """KL clipping ``nu = min(1, sqrt(kl_clip / (lr^2 sum <U, g>)))``, heavy-ball
+        momentum, decoupled weight decay and the update (all checked finite before a
+        parameter changes); then adaptive damping when due."""
+        k = self._step
         nus, updates = [], []
         for gi, group in enumerate(self.param_groups):
             items = directions[gi]
