@@ -60,7 +60,8 @@ class DiagonalFisher(BlockedPreconditionerOptimizer):
             st, t = self.state.get(p, {}), self._steps[0]
             if "fisher" not in st or t == 0:
                 return v
-            P = st["fisher"] / (1.0 - group["betas"][1] ** t) + group["damping"]
+            b1, b2 = group["betas"]  # the step is m / P with the bias corrections folded in
+            P = (st["fisher"] / (1.0 - b2 ** t) + group["damping"]) * (1.0 - b1 ** t)
             return v * P.rsqrt().to(v.dtype)
 
         return StabilityModel("diagonal_fisher", float(group["lr"]),

@@ -67,7 +67,8 @@ def test_trainer_trains_monitors_and_resumes_bit_for_bit(name, tmp_path):
     a.train()
     assert isinstance(unwrap_optimizer(a.optimizer), OPTIMIZERS[name])
     logged = {h["step"]: h for h in a.state.log_history if "curvlab/sharpness" in h}
-    assert sorted(logged) == [1, 2, 4, 6]  # checks (an early one at 1) reach the logs
+    assert {1, 2, 4, 6} <= set(logged)  # checks (an early one at 1; sooner ones when a
+    # ratio is suspicious) reach the logs
     assert all(h["curvlab/sharpness"] > 0 for h in logged.values())
     assert any("curvlab/events" in h for h in a.state.log_history)  # and the events
     # resume from the Trainer's own checkpoint in a fresh Trainer: the same parameters

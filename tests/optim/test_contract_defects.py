@@ -41,7 +41,7 @@ def test_shampoo_grafting_beta2_of_one_is_refused():
 def test_old_keyword_names_still_work_with_a_warning():
     p = [nn.Parameter(torch.zeros(4, 4))]
     with pytest.warns(DeprecationWarning, match="eps"):
-        opt = Shampoo(p, eps=1e-10)
+        opt = Shampoo(p, epsilon=1e-10)
     assert opt.param_groups[0]["eps"] == 1e-10
     with pytest.warns(DeprecationWarning, match="adam_betas"):
         opt = Muon(p, adamw_betas=(0.8, 0.99))

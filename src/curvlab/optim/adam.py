@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["AdamConfig", "moment_dtype", "adam_moments_", "adam_normalize", "adam_directions_",
-           "adam_step_", "adam_preconditioner"]
+           "adam_step_", "adam_preconditioner",
+           "adam_stability_preconditioner"]
 
 
 @dataclass(frozen=True)
@@ -142,3 +143,12 @@ def adam_preconditioner(v: Tensor, step: int, config: AdamConfig) -> Tensor:
     monitor needs for Adam's preconditioned sharpness)."""
     c2 = (1.0 - config.betas[1] ** step) ** 0.5 if config.bias_correction else 1.0
     return v.sqrt().div_(c2).add_(config.eps)
+
+
+def adam_stability_preconditioner(v: Tensor, step: int, config: AdamConfig) -> Tensor:
+    """``P`` of Adam's step ``d = P^{-1} m`` with the first moment's bias correction folded
+    in: ``(sqrt(v_hat) + eps) (1 - b1^t)`` (what a monitor compares with the threshold
+    ``2 (1 + b1) / (1 - b1)``; as :func:`curvlab.diagnostics.stability.stability_model`
+    does for torch's Adam)."""
+    c1 = 1.0 - config.betas[0] ** step if config.bias_correction and step > 0 else 1.0
+    return adam_preconditioner(v, step, config).mul_(c1)

@@ -93,7 +93,12 @@ from curvlab.linops._kronecker import (
 )
 from curvlab.optim._distributed import Timings, lpt_schedule, reject_dtensors
 from curvlab.optim._preconditioner import max_abs
-from curvlab.optim.adam import AdamConfig, adam_directions_, adam_preconditioner, moment_dtype
+from curvlab.optim.adam import (
+    AdamConfig,
+    adam_directions_,
+    adam_stability_preconditioner,
+    moment_dtype,
+)
 from curvlab.optim.base import CurvlabOptimizer
 from curvlab.optim.stability import StabilityModel, momentum_threshold
 
@@ -640,8 +645,8 @@ class KFAC(CurvlabOptimizer):
                 st = self.state.get(p, {})
                 if self.fallback == "adam" and "exp_avg_sq" in st:
                     config = AdamConfig(self.adam_betas, self.eps)
-                    return v * adam_preconditioner(st["exp_avg_sq"], st["adam_step"],
-                                                   config).rsqrt().to(v.dtype)
+                    return v * adam_stability_preconditioner(
+                        st["exp_avg_sq"], st["adam_step"], config).rsqrt().to(v.dtype)
                 return v
             layer = self._layers[i]
             st = self.state[self._named[layer.keys[0]]]

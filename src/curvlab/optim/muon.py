@@ -64,7 +64,7 @@ from curvlab.optim._distributed import (
     shard_rows,
     share_rows,
 )
-from curvlab.optim.adam import AdamConfig, adam_preconditioner, adam_step_, moment_dtype
+from curvlab.optim.adam import AdamConfig, adam_stability_preconditioner, adam_step_, moment_dtype
 from curvlab.optim.base import (
     CurvlabOptimizer,
     betas_rule,
@@ -357,8 +357,8 @@ class Muon(CurvlabOptimizer):
             st = self.state.get(p, {})
             if g is None or "exp_avg_sq" not in st:
                 return torch.zeros_like(v) if g is None else v
-            P = adam_preconditioner(st["exp_avg_sq"], int(st["step"]),
-                                    AdamConfig(g["adam_betas"], g["adam_eps"]))
+            P = adam_stability_preconditioner(st["exp_avg_sq"], int(st["step"]),
+                                              AdamConfig(g["adam_betas"], g["adam_eps"]))
             return v * P.rsqrt().to(v.dtype)
 
         return StabilityModel("muon", float(group["lr"]), momentum_threshold(b1, ema=True),

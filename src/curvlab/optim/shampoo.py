@@ -53,7 +53,7 @@ from curvlab.optim._preconditioner import (
     kronecker_statistic,
     mode_product,
 )
-from curvlab.optim.adam import AdamConfig, adam_preconditioner
+from curvlab.optim.adam import AdamConfig, adam_stability_preconditioner
 from curvlab.optim.base import (
     finite_nonnegative,
     finite_positive,
@@ -202,13 +202,16 @@ class Shampoo(BlockedPreconditionerOptimizer):
         group, t = self.param_groups[gi], self._steps[gi]
         if group["grafting"] != "adam" or not v or t == 0:
             return x
-        config = AdamConfig(group["adam_betas"], group["adam_eps"])
+        # Shampoo's own first moment (bias-corrected with its beta1), grafted Adam's v
+        config = AdamConfig((group["betas"][0], group["adam_betas"][1]), group["adam_eps"],
+                            bias_correction=group["use_bias_correction"])
         if "v" in st:
-            return x * adam_preconditioner(st["v"], t, config).rsqrt().view(x.shape).to(x.dtype)
+            P = adam_stability_preconditioner(st["v"], t, config)
+            return x * P.rsqrt().view(x.shape).to(x.dtype)
         plan = next(plan for g in self._build() for (q, plan, _) in g.members if q is p)
         out = torch.empty_like(x)
         for j, (_, slices) in enumerate(plan.blocks):
-            P = adam_preconditioner(st[f"v.{j}"], t, config).rsqrt()
+            P = adam_stability_preconditioner(st[f"v.{j}"], t, config).rsqrt()
             out.view(plan.merged_shape)[slices] = \
                 x.reshape(plan.merged_shape)[slices] * P.to(x.dtype)
         return out

@@ -63,7 +63,12 @@ from curvlab.optim._preconditioner import (
     kronecker_statistic,
     mode_product,
 )
-from curvlab.optim.adam import AdamConfig, adam_moments_, adam_normalize, adam_preconditioner
+from curvlab.optim.adam import (
+    AdamConfig,
+    adam_moments_,
+    adam_normalize,
+    adam_stability_preconditioner,
+)
 from curvlab.optim.base import (
     betas_rule,
     finite_nonnegative,
@@ -353,8 +358,9 @@ class SOAP(BlockedPreconditionerOptimizer):
 
     def _inv_sqrt_preconditioner(self, p: Tensor, x: Tensor) -> Tensor:
         groups = self._build()
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        t = _adam_step(group, self._steps[self.param_groups.index(group)])
+        gi = next(i for i, g in enumerate(self.param_groups) if any(q is p for q in g["params"]))
+        group = self.param_groups[gi]
+        t = _adam_step(group, self._steps[gi])
         if t <= 0:
             return x
         config = self._adam(group)
@@ -367,11 +373,11 @@ class SOAP(BlockedPreconditionerOptimizer):
                     continue
                 if g.diagonal:
                     v = g.state["v"][offset - p.numel():offset].view(p.shape)
-                    return x * adam_preconditioner(v, t, config).rsqrt().to(x.dtype)
+                    return x * adam_stability_preconditioner(v, t, config).rsqrt().to(x.dtype)
                 st = {k: v[row:row + 1] for k, v in g.state.items()}
                 Qs = [st[f"Q{i}"] for i in range(len(g.shape))]
                 X = x.reshape(plan.merged_shape)[slices].unsqueeze(0).to(st["v"].dtype)
-                R = _rotate(X, Qs) * adam_preconditioner(st["v"], t, config).rsqrt()
+                R = _rotate(X, Qs) * adam_stability_preconditioner(st["v"], t, config).rsqrt()
                 out.view(plan.merged_shape)[slices] = _rotate(R, Qs, back=True)[0].to(x.dtype)
         return out
 
