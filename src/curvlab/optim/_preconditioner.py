@@ -18,15 +18,16 @@ Pieces, each usable on its own:
   ``F <- beta F + (1 - beta) S`` or, for ``beta == 1``, as the running sum of Shampoo.
 * **Amortization** (:func:`is_due`): expensive refreshes run at ``start, start + f, ...``.
 * **Failure policy** (:func:`guarded_batched`): a matrix function that raises
-  :class:`~curvlab.linalg.matfuncs.MatrixFunctionError` or returns non-finite values is retried
-  block by block; blocks that still fail keep their previous value (counted and logged).
-  When the step's gradient magnitude could overflow the statistics' dtype, state updates go
-  through :func:`finite_or_keep` (a block whose update is non-finite keeps its old value);
-  otherwise they are single in-place kernels. A block whose final direction is non-finite is
-  zeroed (counted in ``stats()["nonfinite_block_updates"]``), so parameters stay finite.
-* **Non-finite gradients** (:func:`max_abs`): the optimizer either skips the whole step
-  (``nonfinite="skip"``, counted, logged; no parameter or state changes) or raises
-  ``FloatingPointError`` (``nonfinite="raise"``).
+  :class:`~curvlab.linalg.matfuncs.MatrixFunctionError` or returns values that are not finite
+  in the state's dtype is retried block by block; blocks that still fail keep their previous
+  value (counted in ``stats()["refresh_failures"]`` and logged); the same refresh failing in
+  ``max_refresh_failures`` consecutive steps raises. A block whose final direction is
+  non-finite is zeroed (counted in ``stats()["nonfinite_block_updates"]``).
+* **Bad gradients**: the contract's rule (:mod:`curvlab.optim.base`): a non-finite
+  gradient, or one whose squares would overflow the statistics, skips the whole step
+  (``nonfinite="skip"``, counted; no parameter or state changes) or raises. Statistics of
+  the gradients that pass cannot overflow, so state updates are single in-place kernels
+  (``ema_(..., guard=False)``; :func:`finite_or_keep` remains for callers that need it).
 * **Data parallel** (``process_group``): under DDP every rank holds the same averaged
   gradient; blocks get owner ranks by a longest-processing-time schedule. With
   ``distributed_mode="broadcast"`` only the refreshes (roots, eigenbases) are split and

@@ -10,7 +10,8 @@ One place for what every optimizer must do the same way at its edges:
   ``DeprecationWarning``. A parameter listed twice is refused (it would be updated twice).
 * **Gradients** (:meth:`CurvlabOptimizer._gradient_bound`): one rule for every optimizer.
   A non-finite gradient, or a finite one so large that its squares overflow the statistics
-  (``max|g|^2 * max numel >= finfo(float32).max / 4``; torch's Adam moves 0 there), skips
+  (``||G||_F^2 >= finfo(float32).max / 4`` for some gradient ``G``: a Kronecker statistic's
+  entries are bounded by it; torch's Adam moves 0 there), skips
   the step with parameters and state bitwise unchanged (``nonfinite="skip"``, counted in
   :meth:`stats`) or raises ``FloatingPointError`` (``"raise"``). A learning rate that a
   scheduler made non-finite or negative raises.
@@ -228,20 +229,23 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         return loss, self._gradient_bound(grads, process_group)
 
     def _gradient_bound(self, grads: Sequence[Tensor], group: Any = None) -> float | None:
-        """``max |g|`` over ``grads``, or None when the step is skipped: a non-finite entry,
-        or squares that would overflow the statistics (see the module docstring).
+        """The largest gradient norm over ``grads``, or None when the step is skipped: a
+        non-finite entry, or squares that would overflow the statistics (see the module
+        docstring).
         ``group``: a process group whose ranks must agree (max-reduced)."""
         if any(g.is_sparse for g in grads):
             raise TypeError(f"{type(self).__name__} does not support sparse gradients")
         from curvlab.optim._distributed import local_tensor
 
         gmax = _max_norm([local_tensor(g) for g in grads])
-        if group is not None:
+        if group is not None:  # every rank takes the same decision (NaN does not max-reduce)
             from curvlab import distributed as _dist
 
-            t = torch.tensor([gmax], dtype=torch.float64, device=_dist.comm_device(group))
+            bad = math.isnan(gmax)
+            t = torch.tensor([float(bad), 0.0 if bad else gmax], dtype=torch.float64,
+                             device=_dist.comm_device(group))
             torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX, group=group)
-            gmax = float(t)
+            gmax = math.nan if t[0] > 0 else float(t[1])
         if math.isnan(gmax):
             self._skip("nonfinite", "gradient")
             return None
