@@ -105,3 +105,19 @@ def test_kfac_rule_reproduces_its_step():
         torch.testing.assert_close(_twice(rule, p, gr), expected, rtol=1e-8, atol=1e-12)
     with_momentum = KFAC(_model(), momentum=0.5)
     assert stability_model(with_momentum).threshold == pytest.approx(3.0)
+
+
+def test_optimizers_without_a_stated_rule_get_the_documented_fallback():
+    """NaturalGradient / HessianFree / LBFGS inherit the base's undeclared stability_model:
+    a monitor must fall back (with a warning), not crash at construction."""
+    from curvlab.optim import LBFGS, HessianFree, NaturalGradient
+
+    model = _model()
+    for opt in (NaturalGradient(model), HessianFree(model, nn.MSELoss()),
+                LBFGS(model.parameters()),
+                KFAC(_model(), inverse_method="inverse")):
+        with pytest.warns(UserWarning, match="does not know the stability rule"):
+            import curvlab.diagnostics.stability as st
+            st._warned_unknown.discard(type(opt).__name__)
+            rule = stability_model(opt)
+        assert rule.threshold == 2.0 and "unknown optimizer" in rule.note

@@ -85,11 +85,15 @@ def stability_model(optimizer: Any) -> StabilityModel:
     opt = unwrap_optimizer(optimizer)
     own = getattr(opt, "stability_model", None)
     if callable(own):
-        model = own()
-        if not isinstance(model, StabilityModel):
-            raise TypeError(f"{type(opt).__name__}.stability_model() returned "
-                            f"{type(model).__name__}, expected a StabilityModel")
-        return model
+        try:
+            model = own()
+        except NotImplementedError:  # declared by the base class, not stated: unknown rule
+            model = None
+        if model is not None:
+            if not isinstance(model, StabilityModel):
+                raise TypeError(f"{type(opt).__name__}.stability_model() returned "
+                                f"{type(model).__name__}, expected a StabilityModel")
+            return model
     if not hasattr(opt, "param_groups"):
         raise TypeError(f"expected an optimizer (with param_groups), got {type(opt).__name__}")
     rule = _torch_rule(opt)
