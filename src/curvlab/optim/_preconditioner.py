@@ -509,20 +509,30 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
                 self.state[p]["step"] = steps[gi]
 
     def _state_layout(self, p: Tensor) -> dict[str, tuple[int, ...]]:
-        """Every state entry of ``p`` and its shape, whichever rank holds it."""
-        out: dict[str, tuple[int, ...]] = {}
-        for g in self._build():
-            for (q, plan, slices) in g.members:
-                if q is not p:
-                    continue
-                if g.diagonal:
-                    out.update({k: tuple(p.shape) for k in g.state})
-                    continue
-                suffix = "" if len(plan.blocks) == 1 else \
-                    f".{[sl for _, sl in plan.blocks].index(slices)}"
-                out.update({k + suffix: tuple(v.shape[1:]) for k, v in g.state.items()})
-        out["step"] = ()
-        return out
+        """Every state entry of ``p`` and its shape, whichever rank holds it (one pass over
+        the block groups, cached while the stacks stay the same)."""
+        groups = self._build()
+        cache = getattr(self, "_layout_cache", None)
+        if cache is None or cache[0] is not groups:
+            layouts: dict[int, dict[str, tuple[int, ...]]] = {}
+            for g in groups:
+                for q, plan, slices in g.members:
+                    out = layouts.setdefault(id(q), {"step": ()})
+                    if g.diagonal:
+                        out.update({k: tuple(q.shape) for k in g.state})
+                        continue
+                    suffix = "" if len(plan.blocks) == 1 else \
+                        f".{[sl for _, sl in plan.blocks].index(slices)}"
+                    out.update({k + suffix: tuple(v.shape[1:]) for k, v in g.state.items()})
+            plans = {id(q): (gi, self._plan(q, group))
+                     for gi, group in enumerate(self.param_groups) for q in group["params"]}
+            cache = self._layout_cache = (groups, layouts, plans)
+        return cache[1].get(id(p), {"step": ()})
+
+    def _param_plan(self, p: Tensor) -> tuple[int, BlockPlan]:
+        """``(param group index, blocking plan)`` of ``p`` (cached with the layout)."""
+        self._state_layout(p)
+        return self._layout_cache[2][id(p)]
 
     def _rebuild(self) -> None:
         """New stacks (after ``add_param_group``), the existing state copied over."""

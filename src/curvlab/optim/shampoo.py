@@ -198,7 +198,7 @@ class Shampoo(BlockedPreconditionerOptimizer):
     def _inv_sqrt_preconditioner(self, p: Tensor, x: Tensor) -> Tensor:
         st = self.state.get(p, {})
         v = [val for k, val in st.items() if k == "v" or k.startswith("v.")]
-        gi = next(i for i, g in enumerate(self.param_groups) if any(q is p for q in g["params"]))
+        gi, plan = self._param_plan(p)
         group, t = self.param_groups[gi], self._steps[gi]
         if group["grafting"] != "adam" or not v or t == 0:
             return x
@@ -208,7 +208,6 @@ class Shampoo(BlockedPreconditionerOptimizer):
         if "v" in st:
             P = adam_stability_preconditioner(st["v"], t, config)
             return x * P.rsqrt().view(x.shape).to(x.dtype)
-        plan = next(plan for g in self._build() for (q, plan, _) in g.members if q is p)
         out = torch.empty_like(x)
         for j, (_, slices) in enumerate(plan.blocks):
             P = adam_stability_preconditioner(st[f"v.{j}"], t, config).rsqrt()

@@ -357,28 +357,25 @@ class SOAP(BlockedPreconditionerOptimizer):
                               "Adam in the eigenbasis of the Kronecker factors")
 
     def _inv_sqrt_preconditioner(self, p: Tensor, x: Tensor) -> Tensor:
-        groups = self._build()
-        gi = next(i for i, g in enumerate(self.param_groups) if any(q is p for q in g["params"]))
+        gi, plan = self._param_plan(p)
         group = self.param_groups[gi]
         t = _adam_step(group, self._steps[gi])
-        if t <= 0:
+        st = self.state.get(p, {})
+        if t <= 0 or not st:
             return x
         config = self._adam(group)
+        if plan.diagonal:
+            return x * adam_stability_preconditioner(st["v"], t, config).rsqrt().to(x.dtype)
         out = torch.zeros_like(x)
-        for g in groups:
-            offset = 0
-            for (q, plan, slices), row in zip(g.members, g.rows, strict=True):
-                offset += q.numel() if g.diagonal else 0
-                if q is not p or row < 0:
-                    continue
-                if g.diagonal:
-                    v = g.state["v"][offset - p.numel():offset].view(p.shape)
-                    return x * adam_stability_preconditioner(v, t, config).rsqrt().to(x.dtype)
-                st = {k: v[row:row + 1] for k, v in g.state.items()}
-                Qs = [st[f"Q{i}"] for i in range(len(g.shape))]
-                X = x.reshape(plan.merged_shape)[slices].unsqueeze(0).to(st["v"].dtype)
-                R = _rotate(X, Qs) * adam_stability_preconditioner(st["v"], t, config).rsqrt()
-                out.view(plan.merged_shape)[slices] = _rotate(R, Qs, back=True)[0].to(x.dtype)
+        for j, (shape, slices) in enumerate(plan.blocks):
+            sfx = "" if len(plan.blocks) == 1 else f".{j}"
+            if "v" + sfx not in st:  # held by another rank ("allgather")
+                continue
+            v = st["v" + sfx].unsqueeze(0)
+            Qs = [st[f"Q{i}{sfx}"].unsqueeze(0) for i in range(len(shape))]
+            X = x.reshape(plan.merged_shape)[slices].unsqueeze(0).to(v.dtype)
+            R = _rotate(X, Qs) * adam_stability_preconditioner(v, t, config).rsqrt()
+            out.view(plan.merged_shape)[slices] = _rotate(R, Qs, back=True)[0].to(x.dtype)
         return out
 
 
