@@ -6,8 +6,8 @@
 Every rank trains the digits MLP on its shard of each global batch (DistributedSampler)
 inside DistributedDataParallel; the optimizer gets ``process_group="default"``, so the
 expensive per-block work (roots, eigenbases, Newton-Schulz, K-FAC inverses) is split over
-the ranks (curvlab.optim._distributed). At the end, lambda_max of the full-data training
-Hessian is computed with a data-parallel Objective (each rank holds its shard of the
+the ranks (curvlab.optim.distributors). At the end, lambda_max of the full-data
+training Hessian is computed with a data-parallel Objective (each rank holds its shard of the
 data; products are all-reduced), and with ``--checkpoint DIR`` model and optimizer are
 saved with curvlab.distributed.save_checkpoint (resume with ``--resume DIR``, on any number of
 ranks).

@@ -9,7 +9,7 @@ r"""A new curvlab optimizer in one file: diagonal empirical-Fisher natural gradi
 (the natural gradient with the diagonal of the empirical Fisher, damped by ``delta``; Adam
 takes the square root of the same diagonal). Everything else (validation, the gradient rule,
 state in ``self.state``, checkpoints, ``stats()``, the monitor protocol) comes from
-:class:`curvlab.optim._preconditioner.BlockedPreconditionerOptimizer` by implementing its
+:class:`curvlab.optim.preconditioners.BlockedPreconditionerOptimizer` by implementing its
 diagonal hooks; ``tests/optim/test_conformance.py`` registers it in one line.
 
 Run: ``python examples/diagonal_fisher_optimizer.py`` (trains a small MLP on digits).
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.optim._preconditioner import BlockedPreconditionerOptimizer
 from curvlab.optim.base import betas_rule, finite_positive
+from curvlab.optim.preconditioners import BlockedPreconditionerOptimizer
 from curvlab.optim.stability import StabilityModel, momentum_threshold
 
 

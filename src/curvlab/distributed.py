@@ -193,7 +193,8 @@ def all_reduce_symmetric(mats: Sequence[torch.Tensor], group: Any,
                          timings: Any = None) -> None:
     """Sum symmetric matrices over ``group`` in place, sending only upper triangles
     (``d (d + 1) / 2`` numbers instead of ``d^2``), packed into buckets. ``timings``: an
-    optional :class:`curvlab.optim._distributed.Timings` to charge the collective to."""
+    optional :class:`curvlab.optim.distributors.collectives.Timings` to charge the
+    collective to."""
     if group is None or not mats:
         return
     packed, rows = [], []

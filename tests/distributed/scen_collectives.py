@@ -5,7 +5,7 @@ matrices gathered on their owners and scattered back (uneven shards, an empty on
 import torch
 
 from curvlab.distributed import gather_rows_to_owners, scatter_rows_from_owners
-from curvlab.optim._distributed import Timings, share_rows
+from curvlab.optim.distributors.collectives import Timings, share_rows
 
 # matrix k: rows on rank 0 / rank 1, columns, owner
 MATRICES = (((3, 2), 4, 1), ((0, 5), 3, 0), ((2, 2), 1, 1), ((1, 0), 2, 0))

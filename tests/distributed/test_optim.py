@@ -11,7 +11,7 @@ import torch
 from scen_optim import DDP_VARIANTS, KFAC_DIAG, STEPS, make, params, train
 
 from curvlab.optim import KFAC, Shampoo
-from curvlab.optim._distributed import eigh_cost, lpt_schedule
+from curvlab.optim.distributors.collectives import eigh_cost, lpt_schedule
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-import curvlab.optim._preconditioner as preconditioner_mod
+import curvlab.optim.preconditioners.base as preconditioner_mod
 import curvlab.optim.shampoo as shampoo_mod
 from curvlab.linalg.matfuncs import MatrixFunctionError
 from curvlab.optim import SOAP, Muon, Shampoo
-from curvlab.optim._preconditioner import guarded_batched
+from curvlab.optim.preconditioners import guarded_batched
 
 
 def test_muon_on_float16_keeps_biases_finite():

@@ -10,7 +10,7 @@ from torch import nn
 import curvlab.optim.shampoo as shampoo_mod
 from curvlab.linalg.matfuncs import MatrixFunctionError
 from curvlab.optim import SOAP, Muon, Shampoo, muon_param_groups
-from curvlab.optim._preconditioner import guarded_batched, max_abs, plan_blocks
+from curvlab.optim.preconditioners import guarded_batched, max_abs, plan_blocks
 
 
 # ----------------------------------------------------------------------------- blocking
@@ -222,3 +222,16 @@ def test_add_param_group_after_the_first_step_keeps_the_state():
     assert all(torch.equal(before[k], after[k]) for k in before)
     _train(model, opt, 1, seed=1)
     assert opt.state[model[4].weight]["step"] == 1
+
+
+def test_one_process_gets_the_local_distributor_and_bad_modes_are_refused():
+    """The blocked base delegates data parallelism to one distributor object chosen from
+    ``process_group`` and ``distributed_mode`` (the multi-process ones are exercised in
+    tests/distributed)."""
+    from curvlab.optim.distributors import BlockDistributor
+
+    p = torch.zeros(4, 3, requires_grad=True)
+    opt = Shampoo([p])
+    assert type(opt.distributor) is BlockDistributor and opt.timings is opt.distributor.timings
+    with pytest.raises(ValueError, match="distributed_mode"):
+        Shampoo([p], distributed_mode="ring")

@@ -185,7 +185,7 @@ def test_huge_finite_block_direction_is_kept(monkeypatch):
 
 
 def test_max_abs_mixed_dtypes():
-    from curvlab.optim._preconditioner import max_abs
+    from curvlab.optim.preconditioners import max_abs
 
     x = [torch.tensor([3.0], dtype=torch.float16), torch.tensor([-4.0], dtype=torch.float64)]
     assert max_abs(x) == 4.0

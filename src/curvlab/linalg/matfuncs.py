@@ -8,7 +8,7 @@ input's dtype. Inside the symmetric functions float32 matmul precision is forced
 
 A computation that fails (``torch.linalg.LinAlgError``) or produces non-finite output raises
 :class:`MatrixFunctionError`; callers that want a keep-the-previous-value policy catch it
-(see :mod:`curvlab.optim._preconditioner`).
+(see :mod:`curvlab.optim.preconditioners`).
 
 References:
     Gupta, Koren, Singer (2018), Shampoo, Alg. 1 (inverse 4th roots of Kronecker factors).

@@ -235,7 +235,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         ``group``: a process group whose ranks must agree (max-reduced)."""
         if any(g.is_sparse for g in grads):
             raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-        from curvlab.optim._distributed import local_tensor
+        from curvlab.optim.distributors.collectives import local_tensor
 
         gmax = _max_norm([local_tensor(g) for g in grads])
         if group is not None:  # every rank takes the same decision (NaN does not max-reduce)

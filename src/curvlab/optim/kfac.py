@@ -25,7 +25,7 @@ the factors are statistics of each rank's local activations and gradients, so th
 all-reduced weighted by the local sample counts (``A = sum_r n_r A_r / N``; upper
 triangles, bucketed), as are the EKFAC scales; the eigendecompositions / inverses are
 split over the ranks by a longest-processing-time schedule over ``d_A^3 + d_G^3`` and
-shared (:mod:`curvlab.optim._distributed`). Every rank then holds the same state.
+shared (:mod:`curvlab.optim.distributors.collectives`). Every rank then holds the same state.
 ``fisher_type="mc"`` draws its own labels on each rank (a valid estimate, but not the
 single-process random stream); ``adaptive_damping`` is not supported with a process group.
 
@@ -54,7 +54,7 @@ Kronecker-factored; they get the documented ``fallback``: ``"sgd"`` (the raw gra
 default) or ``"adam"`` (a diagonal Adam-style direction ``m_hat / (sqrt(v_hat) + eps)``).
 Both go through the same KL clipping and momentum. The Adam direction and the
 non-finite checks come from the shared preconditioner core
-(:mod:`curvlab.optim._preconditioner`); its blocked optimizer base does not fit K-FAC,
+(:mod:`curvlab.optim.preconditioners`); its blocked optimizer base does not fit K-FAC,
 whose statistics come from layer hooks (activations and output gradients of a joined
 ``[W | b]`` block), not from gradient blocks.
 """
@@ -91,8 +91,6 @@ from curvlab.linops._kronecker import (
     tied_embeddings,
     unrotate,
 )
-from curvlab.optim._distributed import Timings, lpt_schedule, reject_dtensors
-from curvlab.optim._preconditioner import max_abs
 from curvlab.optim.adam import (
     AdamConfig,
     adam_directions_,
@@ -100,6 +98,8 @@ from curvlab.optim.adam import (
     moment_dtype,
 )
 from curvlab.optim.base import CurvlabOptimizer
+from curvlab.optim.distributors.collectives import Timings, lpt_schedule, reject_dtensors
+from curvlab.optim.preconditioners import max_abs
 from curvlab.optim.stability import StabilityModel, momentum_threshold
 
 __all__ = ["KFAC"]

@@ -29,12 +29,13 @@ float32, or float64 for float64 parameters: bfloat16 matmuls are slower than flo
 Data parallel (``process_group``): under DDP the Newton–Schulz work is split over the ranks
 (each matrix has an owner by a longest-processing-time schedule over ``A B min(A, B)``) and
 the orthogonalized updates are all-gathered, so each rank runs about ``1/world_size`` of it
-(:mod:`curvlab.optim._distributed`). Under FSDP2 (``fully_shard``, DTensor parameters) the
-iteration must see the whole matrix, not a shard: each matrix's row shards are sent to its
-owner only (one all-to-all for all matrices), the owner orthogonalizes it and sends every
-rank its rows of the result (a second all-to-all), so no rank materializes matrices it does
-not own; ``process_group`` must be the group the parameters are sharded over (1-D mesh,
-``Shard(0)``: ``fully_shard``'s default; other layouts are refused at construction).
+(:mod:`curvlab.optim.distributors.collectives`). Under FSDP2 (``fully_shard``, DTensor
+parameters) the iteration must see the whole matrix, not a shard: each matrix's row shards
+are sent to its owner only (one all-to-all for all matrices), the owner orthogonalizes it
+and sends every rank its rows of the result (a second all-to-all), so no rank materializes
+matrices it does not own; ``process_group`` must be the group the parameters are sharded
+over (1-D mesh, ``Shard(0)``: ``fully_shard``'s default; other layouts are refused at
+construction).
 
 References: Jordan et al. (2024), "Muon: An optimizer for hidden layers in neural networks";
 Liu et al. (2025), "Muon is scalable for LLM training".
@@ -54,16 +55,6 @@ from torch import Tensor, nn
 
 from curvlab import distributed as _dist
 from curvlab.linalg.matfuncs import NS_QUINTIC_COEFFICIENTS, newton_schulz
-from curvlab.optim._distributed import (
-    Timings,
-    check_row_sharded,
-    is_dtensor,
-    local_tensor,
-    lpt_schedule,
-    newton_schulz_cost,
-    shard_rows,
-    share_rows,
-)
 from curvlab.optim.adam import AdamConfig, adam_stability_preconditioner, adam_step_, moment_dtype
 from curvlab.optim.base import (
     CurvlabOptimizer,
@@ -73,6 +64,16 @@ from curvlab.optim.base import (
     one_of,
     optional,
     unit_interval,
+)
+from curvlab.optim.distributors.collectives import (
+    Timings,
+    check_row_sharded,
+    is_dtensor,
+    local_tensor,
+    lpt_schedule,
+    newton_schulz_cost,
+    shard_rows,
+    share_rows,
 )
 from curvlab.optim.stability import StabilityModel, momentum_threshold
 

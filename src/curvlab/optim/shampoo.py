@@ -42,17 +42,6 @@ from curvlab.linalg.matfuncs import (
     matrix_inverse_root,
     symmetric_eigh,
 )
-from curvlab.optim._preconditioner import (
-    GRAFTING_METHODS,
-    BlockedPreconditionerOptimizer,
-    ema_,
-    graft,
-    graft_direction,
-    guarded_batched,
-    is_due,
-    kronecker_statistic,
-    mode_product,
-)
 from curvlab.optim.adam import AdamConfig, adam_stability_preconditioner
 from curvlab.optim.base import (
     finite_nonnegative,
@@ -60,6 +49,16 @@ from curvlab.optim.base import (
     one_of,
     optional,
     positive_int,
+)
+from curvlab.optim.preconditioners import (
+    GRAFTING_METHODS,
+    BlockedPreconditionerOptimizer,
+    ema_,
+    graft,
+    graft_direction,
+    guarded_batched,
+    kronecker_statistic,
+    mode_product,
 )
 from curvlab.optim.stability import StabilityModel, momentum_threshold
 
@@ -106,7 +105,7 @@ class Shampoo(BlockedPreconditionerOptimizer):
             no limit, a warning states the cost).
         process_group, distributed_mode: under DDP, share the root refreshes over the ranks
             of this group (``"default"`` or a ``ProcessGroup``); ``"allgather"`` also splits
-            the state and works with FSDP2; see :mod:`curvlab.optim._distributed`.
+            the state and works with FSDP2; see :mod:`curvlab.optim.distributors.collectives`.
     """
 
     def __init__(
@@ -238,16 +237,18 @@ class Shampoo(BlockedPreconditionerOptimizer):
             st["m"] = torch.zeros(n, dtype=dtype, device=device)
         return st
 
-    def _first_moment(self, group: dict, st: dict[str, Tensor], G: Tensor, step: int) -> Tensor:
+    def _m_hat(self, group: dict, st: dict[str, Tensor], G: Tensor, step: int) -> Tensor:
+        """The (bias-corrected) first moment, already updated with ``G``."""
         b1 = group["betas"][0]
         if b1 == 0:
             return G
-        ema_(st["m"], G, b1, self._guard)
         return st["m"] / (1.0 - b1**step) if group["use_bias_correction"] else st["m"]
 
     def _diagonal_direction(self, group: dict, st: dict[str, Tensor], g: Tensor,
                             step: int) -> Tensor:
-        m_hat = self._first_moment(group, st, g, step)
+        if group["betas"][0] > 0:
+            ema_(st["m"], g, group["betas"][0], self._guard)
+        m_hat = self._m_hat(group, st, g, step)
         if group["grafting"] != "none":
             return graft_direction(group["grafting"], m_hat, g, st.get("v"), step,
                                    group["adam_betas"][1], group["adam_eps"], self._guard)
@@ -257,26 +258,36 @@ class Shampoo(BlockedPreconditionerOptimizer):
         p = group["exponent_override"] or 2
         return m_hat * (v_hat + group["eps"]).pow(-1.0 / p)
 
-    def _block_direction(self, group: dict, st: dict[str, Tensor], G: Tensor,
-                         step: int) -> Tensor:
-        b2 = group["betas"][1]
-        order = G.ndim - 1
-        m_hat = self._first_moment(group, st, G, step)
-        for i in range(order):
-            ema_(st[f"F{i}"], kronecker_statistic(G, i), b2, self._guard)
-        start = group["start_preconditioning_step"]
-        if is_due(step, start, group["precondition_frequency"]):
-            self._refresh(lambda s: self._refresh_roots(group, s, order, step), st,
-                          [k for k in st if k[0] in "RQ" or k == "has_basis"],
-                          reads=[f"F{i}" for i in range(order)])
+    def _update_statistics(self, group: dict, st: dict[str, Tensor], G: Tensor,
+                           step: int) -> None:
+        """First moment ``m``, and per mode ``i`` the factor ``F_i`` (EMA, or the running
+        sum for ``betas[1] == 1``) of ``G_(i) G_(i)^T``."""
+        if group["betas"][0] > 0:
+            ema_(st["m"], G, group["betas"][0], self._guard)
+        for i in range(G.ndim - 1):
+            ema_(st[f"F{i}"], kronecker_statistic(G, i), group["betas"][1], self._guard)
+
+    def _refresh_blocks(self, group: dict, st: dict[str, Tensor], step: int) -> None:
+        """The inverse roots ``R_i = (F_i + eps I)^(-1/p)`` of every factor."""
+        order = sum(1 for k in st if k[0] == "F")
+        self._refresh(lambda s: self._refresh_roots(group, s, order, step), st,
+                      [k for k in st if k[0] in "RQ" or k == "has_basis"],
+                      reads=[f"F{i}" for i in range(order)])
+
+    def _precondition(self, group: dict, st: dict[str, Tensor], G: Tensor,
+                      step: int) -> Tensor:
+        """``m_hat x_1 R_1 ... x_k R_k`` grafted to the norm of the grafting method's
+        direction (whose second moment is updated here), per block; before
+        ``start_preconditioning_step`` the grafting direction itself."""
+        m_hat = self._m_hat(group, st, G, step)
         D = None
         if group["grafting"] != "none":
             D = graft_direction(group["grafting"], m_hat, G, st.get("v"), step,
                                 group["adam_betas"][1], group["adam_eps"], self._guard)
-        if step < start:
+        if step < group["start_preconditioning_step"]:
             return m_hat if D is None else D
         P = m_hat
-        for i in range(order):
+        for i in range(G.ndim - 1):
             P = mode_product(P, st[f"R{i}"], i)
         return P if D is None else graft(P, D)
 

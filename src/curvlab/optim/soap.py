@@ -55,14 +55,6 @@ from curvlab.linalg.matfuncs import (
     high_precision_matmul,
     symmetric_eigh,
 )
-from curvlab.optim._preconditioner import (
-    BlockedPreconditionerOptimizer,
-    ema_,
-    guarded_batched,
-    is_due,
-    kronecker_statistic,
-    mode_product,
-)
 from curvlab.optim.adam import (
     AdamConfig,
     adam_moments_,
@@ -77,6 +69,13 @@ from curvlab.optim.base import (
     optional,
     positive_int,
     unit_interval,
+)
+from curvlab.optim.preconditioners import (
+    BlockedPreconditionerOptimizer,
+    ema_,
+    guarded_batched,
+    kronecker_statistic,
+    mode_product,
 )
 from curvlab.optim.stability import StabilityModel, momentum_threshold
 
@@ -95,7 +94,7 @@ class SOAP(BlockedPreconditionerOptimizer):
         start_preconditioning_step: the initialization step (default 1, the paper's first
             step): it computes the first eigenbasis and takes no update; Adam restarts there.
         max_preconditioner_dim, merge_dims, diagonal_threshold: blocking (see
-            :func:`curvlab.optim._preconditioner.plan_blocks`).
+            :func:`curvlab.optim.preconditioners.plan_blocks`).
         eigenbasis_method: "qr" (default; power iteration + QR after the first eigh) or "eigh".
         max_state_ratio: a parameter whose Kronecker factors would exceed this multiple of
             its size and 2^20 elements runs plain Adam (default 8; None: no limit, a
@@ -104,7 +103,7 @@ class SOAP(BlockedPreconditionerOptimizer):
             previous basis (counted in :meth:`stats`).
         factor_dtype, compute_dtype: dtype of state / of the eigendecompositions.
         process_group, distributed_mode: under DDP, share the eigenbasis refreshes over the
-            ranks of this group; see :mod:`curvlab.optim._distributed`.
+            ranks of this group; see :mod:`curvlab.optim.distributors.collectives`.
     """
 
     def __init__(
@@ -185,42 +184,54 @@ class SOAP(BlockedPreconditionerOptimizer):
         adam_moments_(st["m"], st["v"], g, config)
         return adam_normalize(st["m"], st["v"], t, config)
 
-    def _block_direction(self, group: dict, st: dict[str, Tensor], G: Tensor,
-                         step: int) -> Tensor:
+    #: step t's direction uses the eigenbasis of steps < t (Vyas et al. 2024, Algorithm 1)
+    refresh_after_precondition = True
+
+    def _update_statistics(self, group: dict, st: dict[str, Tensor], G: Tensor,
+                           step: int) -> None:
+        """Per mode ``i`` the factor ``F_i <- sb F_i + (1 - sb) G_(i) G_(i)^T``
+        (``sb = shampoo_beta``, default ``betas[1]``; 1: the running sum)."""
         order = G.ndim - 1
-        Qs = [st[f"Q{i}"] for i in range(order)]
-        b1, b2 = group["betas"]
-        t = _adam_step(group, step)
-        if t == 0:  # the initialization step: statistics + first eigenbasis below, no update
-            N = torch.zeros_like(G)
-        else:
-            # Blocks without a basis yet hold Q = I, and rotating by I is exact: no host sync
-            # on has_basis, and one code path for every block.
-            config = self._adam(group)
-            st["m"].lerp_(G, 1.0 - b1)  # in the original basis: rotating it is exact
-            adam_moments_(None, st["v"], _rotate(G, Qs), config)
-            N = adam_normalize(_rotate(st["m"], Qs), st["v"], t, config, inplace=True)
-            N = _rotate(N, Qs, back=True)
-        # statistics and refresh after the update: step t uses the basis of steps < t
         sb = group["shampoo_beta"]
-        sb = b2 if sb is None else sb
+        sb = group["betas"][1] if sb is None else sb
         for i in range(order):
             F = st[f"F{i}"]
             if sb == 1.0:
                 ema_(F, kronecker_statistic(G, i), sb, False)
-            elif order == 2:  # F <- sb F + (1 - sb) G_(i) G_(i)^T in one kernel
+            elif order == 2:  # in one kernel
                 A, B = (G, G.mT) if i == 0 else (G.mT, G)
                 F.baddbmm_(A, B, beta=sb, alpha=1.0 - sb)
             else:
                 F.lerp_(kronecker_statistic(G, i), 1.0 - sb)
-        if not is_due(step, group["start_preconditioning_step"], group["precondition_frequency"]):
-            return N
+
+    def _precondition(self, group: dict, st: dict[str, Tensor], G: Tensor,
+                      step: int) -> Tensor:
+        """Adam in the eigenbasis ``Q`` of the factors: the moments are updated with the
+        rotated gradient, the normalized direction is rotated back. The initialization
+        step (``t == 0``) moves nothing."""
+        t = _adam_step(group, step)
+        if t == 0:  # the initialization step: statistics + first eigenbasis, no update
+            return torch.zeros_like(G)
+        # Blocks without a basis yet hold Q = I, and rotating by I is exact: no host sync
+        # on has_basis, and one code path for every block.
+        Qs = [st[f"Q{i}"] for i in range(G.ndim - 1)]
+        config = self._adam(group)
+        st["m"].lerp_(G, 1.0 - group["betas"][0])  # in the original basis: rotating it is exact
+        adam_moments_(None, st["v"], _rotate(G, Qs), config)
+        N = adam_normalize(_rotate(st["m"], Qs), st["v"], t, config, inplace=True)
+        return _rotate(N, Qs, back=True)
+
+    def _refresh_blocks(self, group: dict, st: dict[str, Tensor], step: int) -> None:
+        """New eigenbases ``Q_i`` of the factors (eigh, or one warm-started QR step), the
+        second moment carried into the new basis; after the initialization step Adam
+        restarts in the first basis."""
+        order = sum(1 for k in st if k[0] == "F")
+        t = _adam_step(group, step)
         if self.process_group is None:
-            # single process: no sharding, and no per-phase clocks (reading the thread CPU
-            # clock is a system call, measured at up to milliseconds on a loaded machine)
+            # one process: the QR refreshes of all block shapes run batched after the step
             if (t > 0 and group["eigenbasis_method"] == "qr" and self._basis_complete(st)
                     and any(st is g.state for g in self._groups or ())):
-                self._pending.append(st)  # QR refreshes of all block shapes run batched
+                self._pending.append(st)
             else:
                 self._refresh_basis(group, st, order)
         else:
@@ -230,7 +241,6 @@ class SOAP(BlockedPreconditionerOptimizer):
         if t == 0:  # Adam restarts in the new basis
             st["m"].zero_()
             st["v"].zero_()
-        return N
 
     def _identity_order(self, n: int, d: int, device: torch.device) -> Tensor:
         """``arange(d)`` per block: the fallback order of a block whose refresh failed."""

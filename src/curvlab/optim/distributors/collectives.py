@@ -1,47 +1,18 @@
-"""Data-parallel work sharding for curvlab's structured optimizers (torch.distributed).
+"""Collectives and schedules shared by curvlab's distributed optimizers (torch.distributed).
 
-Under DDP every rank holds the same averaged gradient, so Shampoo, SOAP and Muon could
-simply repeat all work on every rank. What is worth splitting is the *expensive per-block
-work* (eigendecompositions and inverse roots of Kronecker factors, Newton-Schulz
-orthogonalizations): each block gets an owner rank by a longest-processing-time (LPT)
-schedule over its cost (Graham 1969: sort by cost, give each block to the least loaded
-rank; at most 4/3 of the optimal makespan), the owner computes it, and the results are
-shared, so each rank does about ``1/world_size`` of it (Shi et al. 2023, "A distributed
-data-parallel PyTorch implementation of the distributed Shampoo optimizer", Sec. 4).
-
-Sharing (``distributed_mode`` of Shampoo and SOAP, the compute-vs-communication option):
-
-* ``"broadcast"`` (default; K-FAC always works this way): every rank keeps the full
-  optimizer state and updates the cheap per-step statistics and directions itself; only
-  refreshes (roots, eigenbases) are split, and their results go to all ranks at refresh
-  steps (communication ``~ sum_blocks d^2`` every ``precondition_frequency`` steps, none
-  in between). State stays identical on all ranks, so a checkpoint is one replicated
-  ``state_dict`` that resumes on any world size.
-* ``"allgather"``: *all* block work (statistics, moments, refreshes, preconditioning) is
-  done by the owner only, and the preconditioned directions are all-gathered every step
-  (communication ``~ number of block parameters`` per step). Each rank allocates the state
-  of the blocks it owns only (about ``1/world_size`` of the preconditioner memory; the
-  diagonal state of 1-D parameters stays replicated). ``state_dict()`` assembles the whole
-  state from the owners (a collective; temporarily the memory of the whole state), so a
-  checkpoint resumes on any world size and in either mode.
-* FSDP2 (``fully_shard``: DTensor parameters sharded by rows) works in ``"allgather"``
-  only: no rank has a whole gradient, so each parameter gets one owner for all its blocks;
-  the owner receives the gradient's row shards (:func:`curvlab.distributed.
-  gather_rows_to_owners`, one all-to-all), does all the block work on the whole matrix,
-  and sends each rank its rows of the direction (:func:`curvlab.distributed.
-  scatter_rows_from_owners`). Preconditioning a shard as if it were the matrix would be
-  wrong math, so ``"broadcast"`` and K-FAC refuse DTensor parameters at construction.
-* Muon has no statistics: its per-step Newton-Schulz results (the orthogonalized
-  directions) are computed by their owners and all-gathered every step (communication
-  ``~ number of matrix parameters`` per step, memory as one process).
-
-Results are exchanged by :func:`share_rows`: each rank packs the rows it owns into one
-buffer and a single all-gather (per dtype) hands every rank all buffers, so each result
-crosses the network once per receiving rank (a broadcast's volume) in one collective.
-
-K-FAC's factors are per-rank statistics of local activations and gradients, so they are
-all-reduced first (weighted by the local sample counts, symmetric factors sent as their
-upper triangles, packed into buckets; :func:`curvlab.distributed.all_reduce_symmetric`).
+Under DDP every rank holds the same averaged gradient, so what is worth splitting is the
+*expensive per-block work* (eigendecompositions and inverse roots of Kronecker factors,
+Newton-Schulz orthogonalizations): each block gets an owner rank by a longest-processing-time
+(LPT) schedule over its cost (:func:`lpt_schedule`; Graham 1969: sort by cost, give each
+block to the least loaded rank; at most 4/3 of the optimal makespan), the owner computes it,
+and the results are shared (:func:`share_rows`: each rank packs the rows it owns into one
+buffer and a single all-gather per dtype hands every rank all buffers, so each result
+crosses the network once per receiving rank, a broadcast's volume, in one collective).
+How Shampoo and SOAP use them is one distributor class per kind of parallelism
+(:mod:`curvlab.optim.distributors.blocks`); Muon all-gathers its Newton-Schulz results the
+same way. K-FAC's factors are per-rank statistics of local activations and gradients, so
+they are all-reduced first (weighted by the local sample counts, symmetric factors sent as
+their upper triangles, packed into buckets; :func:`curvlab.distributed.all_reduce_symmetric`).
 """
 
 from __future__ import annotations
