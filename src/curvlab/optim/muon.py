@@ -43,7 +43,6 @@ Liu et al. (2025), "Muon is scalable for LLM training".
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import sys
@@ -65,16 +64,8 @@ from curvlab.optim.base import (
     optional,
     unit_interval,
 )
-from curvlab.optim.distributors.collectives import (
-    Timings,
-    check_row_sharded,
-    is_dtensor,
-    local_tensor,
-    lpt_schedule,
-    newton_schulz_cost,
-    shard_rows,
-    share_rows,
-)
+from curvlab.optim.distributors.collectives import local_tensor
+from curvlab.optim.distributors.matrices import matrix_distributor
 from curvlab.optim.stability import StabilityModel, momentum_threshold
 
 logger = logging.getLogger(__name__)
@@ -161,17 +152,10 @@ class Muon(CurvlabOptimizer):
         self.process_group = _dist.resolve_group(process_group)
         self._newton_schulz = (torch.compile(newton_schulz, fullgraph=True, dynamic=False)
                                if compile else newton_schulz)
-        self.timings = Timings(enabled=self.process_group is not None)
         super().__init__(params, defaults, nonfinite=nonfinite)
-        dtensors = [p for g in self.param_groups for p in g["params"] if is_dtensor(p)]
-        if dtensors and self.process_group is None:
-            raise ValueError("Muon got DTensor (FSDP2 fully_shard) parameters: pass "
-                             "process_group (the group they are sharded over) so that "
-                             "Newton–Schulz runs on whole matrices, not on local shards")
-        if dtensors:
-            check_row_sharded([p for g in self.param_groups for p in g["params"]],
-                              self.process_group, "Muon")
-        self._shard_rows: dict = {}  # cache of shard_rows
+        self.distributor = matrix_distributor(
+            self.process_group, [p for g in self.param_groups for p in g["params"]], "Muon")
+        self.timings = self.distributor.timings
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         super()._validate_group(g)
@@ -196,9 +180,8 @@ class Muon(CurvlabOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        sharded = any(is_dtensor(g) for g in grads)
         loss, gmax = self._begin_step(closure, grads,
-                                      process_group=self.process_group if sharded else None)
+                                      process_group=self.distributor.gradient_group())
         if gmax is None:
             return loss
         self._counters["steps"] += 1
@@ -231,11 +214,9 @@ class Muon(CurvlabOptimizer):
             by_shape.setdefault((p.shape, p.dtype, p.device), []).append(i)
         if wd != 0:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
-        pg = self.process_group
         order = [i for idx in by_shape.values() for i in idx]
-        owners = lpt_schedule([newton_schulz_cost(ps[i].shape) for i in order],
-                              _dist.world_size(pg))
-        owner_of = dict(zip(order, owners, strict=True))
+        owner_of = dict(zip(order, self.distributor.owners([ps[i].shape for i in order]),
+                            strict=True))
 
         transposed = bool(group.get("transposed", False))  # state dicts from before the key
 
@@ -252,63 +233,12 @@ class Muon(CurvlabOptimizer):
                                         dtype=ns_dtype).to(pdtype)
             return O.mT if transposed else O
 
-        if any(is_dtensor(u) for u in upd):
-            directions = self._sharded_directions(ps, upd, order, owner_of, by_shape,
-                                                  orthogonalize)
-        else:
-            directions = self._replicated_directions(ps, upd, owner_of, by_shape,
-                                                     orthogonalize)
+        directions = self.distributor.directions(ps, upd, owner_of, by_shape, orthogonalize)
         for shape, idx in ((k[0], v) for k, v in by_shape.items()):
             logical = (shape[1], shape[0]) if transposed else tuple(shape)
             scale = -lr * _muon_scale(group["adjust_lr"], logical)
             torch._foreach_add_([local_tensor(ps[i]) for i in idx],
                                 [directions[i] for i in idx], alpha=scale)
-
-    def _replicated_directions(self, ps, upd, owner_of, by_shape, orthogonalize
-                               ) -> dict[int, Tensor]:
-        """Plain tensors (one process or DDP): each owner orthogonalizes its matrices, and
-        every rank receives the owners' results (one all-gather)."""
-        pg, me = self.process_group, _dist.rank(self.process_group)
-        out, parts = {}, []
-        for (shape, _, _), idx in by_shape.items():
-            mine = [j for j, i in enumerate(idx) if owner_of[i] == me]
-            O = torch.empty(len(idx), *shape, dtype=ps[idx[0]].dtype, device=upd[idx[0]].device)
-            if mine:
-                U = torch.stack([upd[idx[j]] for j in mine])
-                O[mine] = orthogonalize([idx[j] for j in mine], U).reshape(len(mine), *shape)
-            parts.append((O, [owner_of[i] for i in idx]))
-            out.update(zip(idx, O.unbind(0), strict=True))
-        share_rows(parts, pg, self.timings)
-        return out
-
-    def _sharded_directions(self, ps, upd, order, owner_of, by_shape, orthogonalize
-                            ) -> dict[int, Tensor]:
-        """FSDP2 (row-sharded DTensors): gather each matrix's update on its owner only (an
-        all-to-all of the row shards), orthogonalize there, and send every rank its rows of
-        the result (a second all-to-all). No rank holds more whole matrices than it owns.
-        Returns this rank's shard of each direction."""
-        pg, me = self.process_group, _dist.rank(self.process_group)
-        local = {i: upd[i].to_local().reshape(-1, math.prod(ps[i].shape[1:])) for i in order}
-        rows = shard_rows([ps[i] for i in order], self.process_group, self._shard_rows)
-        xdtype = functools.reduce(torch.promote_types, (local[i].dtype for i in order))
-        with self.timings.measure("communication"):
-            full = _dist.gather_rows_to_owners([local[i].to(xdtype) for i in order], rows,
-                                               [owner_of[i] for i in order], pg)
-        results: dict[int, Tensor] = {}
-        for idx in by_shape.values():
-            mine = [i for i in idx if owner_of[i] == me]
-            if mine:
-                U = torch.stack([full[order.index(i)] for i in mine])
-                O = orthogonalize(mine, U)
-                results.update({order.index(i): o.reshape(full[order.index(i)].shape).to(xdtype)
-                                for i, o in zip(mine, O.unbind(0), strict=True)})
-        with self.timings.measure("communication"):
-            shards = _dist.scatter_rows_from_owners(results, rows,
-                                                    [owner_of[i] for i in order],
-                                                    [local[i].shape[1] for i in order], pg,
-                                                    xdtype, local[order[0]].device)
-        return {i: sh.to(ps[i].dtype).view_as(local_tensor(ps[i]))
-                for i, sh in zip(order, shards, strict=True)}
 
     def _adam_update(self, group: dict[str, Any], ps: list[Tensor]) -> None:
         ms, vs, steps = [], [], []
