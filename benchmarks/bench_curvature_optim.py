@@ -47,6 +47,7 @@ from torch import nn
 from curvlab.bench.nn import digits_autoencoder_problem, digits_mlp_problem, nn_task
 from curvlab.bench.optimizers import REGISTRY, OptimizerSpec
 from curvlab.bench.runner import Task, run_stages, write_atomic
+from curvlab.bench.script_args import add_output_arguments, output_paths
 from curvlab.optim import HessianFree
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_curvature_optim"
@@ -231,18 +232,11 @@ def print_autoencoder(ae: dict[str, Any], budget: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, one lr, short runs")
-    parser.add_argument("--out", default=str(RESULTS),
-                        help=f"output folder (default {RESULTS}; a path ending in .json: the "
-                             "summary file)")
     parser.add_argument("--budget", type=float, default=None,
                         help="autoencoder training-time budget per run in seconds")
     parser.add_argument("--only", choices=("digits", "autoencoder"), default=None,
                         help="run one section")
-    again = parser.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue the runs recorded in OUT/results.jsonl")
-    again.add_argument("--overwrite", action="store_true",
-                       help="delete earlier results in OUT (default: moved to OUT/earlier-*)")
+    add_output_arguments(parser, RESULTS)
     args = parser.parse_args()
     if args.budget is not None and not args.budget > 0:
         parser.error("--budget must be a positive number of seconds")
@@ -251,9 +245,7 @@ def main() -> None:
     torch.set_num_threads(1)
     seeds = [0] if args.quick else [0, 1, 2]
     budget = args.budget or (3.0 if args.quick else 60.0)
-    out = Path(args.out)
-    summary_path = out if out.suffix == ".json" else out / "summary.json"
-    out = out.with_suffix("") if out.suffix == ".json" else out
+    out, summary_path = output_paths(args.out)
     digits, autoencoder = args.only in (None, "digits"), args.only in (None, "autoencoder")
 
     def first(records: list[dict]) -> list[Task]:

@@ -55,6 +55,7 @@ import torch
 from curvlab.bench.nn import NNProblem, char_lm_problem, digits_mlp_problem
 from curvlab.bench.optimizers import REGISTRY, OptimizerSpec
 from curvlab.bench.runner import run_stages, write_atomic
+from curvlab.bench.script_args import add_output_arguments, output_paths
 from curvlab.bench.tuning import TunedStudy
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_nn_optim"
@@ -155,21 +156,13 @@ def main() -> None:
     ap.add_argument("--tasks", default="digits,charlm")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated optimizer names (substrings)")
-    ap.add_argument("--out", default=str(RESULTS),
-                    help="output folder (a path ending in .json: the summary file)")
-    again = ap.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue the runs recorded in OUT/results.jsonl")
-    again.add_argument("--overwrite", action="store_true",
-                       help="delete earlier results in OUT (default: moved to OUT/earlier-*)")
+    add_output_arguments(ap, RESULTS)
     args = ap.parse_args()
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
-    out = Path(args.out)
-    summary_path = out if out.suffix == ".json" else out / "summary.json"
-    out = out.with_suffix("") if out.suffix == ".json" else out
+    out, summary_path = output_paths(args.out)
 
     plan = study(args)
     for p in plan.problems:

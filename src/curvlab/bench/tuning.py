@@ -30,10 +30,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from curvlab.bench import steptime
 from curvlab.bench.nn import NNProblem, nn_task
 from curvlab.bench.optimizers import OptimizerSpec
 from curvlab.bench.runner import Task
-from curvlab.bench import steptime
 
 __all__ = ["TunedStudy", "area_under_curve", "reach"]
 
