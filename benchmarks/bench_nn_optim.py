@@ -155,7 +155,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny budgets, 1 seed, 1 lr")
     ap.add_argument("--tasks", default="digits,charlm")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--only", default="", help="comma-separated optimizer names (substrings)")
+    ap.add_argument("--only", default="", help="comma-separated optimizer names (substrings); "
+                    f"{REFERENCE} always runs (it sets the target)")
     add_output_arguments(ap, RESULTS)
     args = ap.parse_args()
     if args.seeds < 1:

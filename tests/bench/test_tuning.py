@@ -190,3 +190,10 @@ def test_autoencoder_problem_evaluates_the_reconstruction_error():
     with torch.no_grad():
         mse = float((torch.sigmoid(model(X)) - X).square().mean())
     assert result["series"]["loss"][0] == pytest.approx(mse, rel=1e-6)
+
+
+def test_study_needs_the_reference_on_every_problem(toy):
+    make_problem, _ = toy
+    elsewhere = OptimizerSpec("torch.AdamW", _adamw, {"other": (0.01,)}, "baseline", "adamw")
+    with pytest.raises(ValueError, match="no learning rates for 'toy'"):
+        TunedStudy("nn", [make_problem()], [elsewhere, SGD], seeds=[0])

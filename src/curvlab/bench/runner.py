@@ -404,17 +404,15 @@ def run_stages(
     Returns the records of the tasks the stages declared (on resume, a record of a
     task no stage declares this time is kept in the file but not returned).
     """
-    declared: list[str] = []
+    declared: set[str] = set()
+    records: list[dict[str, Any]] = []
     with lock_out_dir(out_dir):
-        records: list[dict[str, Any]] = []
         for i, build in enumerate(stages):
-            mine = [r for r in records if r["key"] in set(declared)]
-            tasks = list(build(mine))
-            declared += [t.key for t in tasks]
+            tasks = list(build([r for r in records if r["key"] in declared]))
+            declared.update(t.key for t in tasks)
             records = run_tasks(tasks, out_dir, resume=resume or i > 0,
                                 overwrite=overwrite and i == 0, **kwargs)
-    keys = set(declared)
-    return [r for r in records if r["key"] in keys]
+    return [r for r in records if r["key"] in declared]
 
 
 def group_records(records: Iterable[dict[str, Any]], *fields: str) -> dict[tuple, list[dict]]:

@@ -92,9 +92,14 @@ class TunedStudy:
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
-        if not any(s.name == self.reference for s in self.specs):
+        ref = next((s for s in self.specs if s.name == self.reference), None)
+        if ref is None:
             raise ValueError(f"the reference {self.reference!r} (it sets the target) is not "
                              f"among the specs {[s.name for s in self.specs]}")
+        for p in self.problems:
+            if not ref.grid(p.name):
+                raise ValueError(f"the reference {self.reference!r} declares no learning "
+                                 f"rates for {p.name!r}, so no target can be set there")
 
     def _pairs(self) -> list[tuple[NNProblem, OptimizerSpec, tuple[float, ...]]]:
         return [(p, s, s.grid(p.name, self.quick)) for p in self.problems for s in self.specs
@@ -115,7 +120,7 @@ class TunedStudy:
         tuned = {r["config"]["lr"]: r for r in self._runs(records, problem.name, spec.name)
                  if r["seed"] == self.seeds[0]}
         grid = spec.grid(problem.name, self.quick)
-        if any(lr not in tuned for lr in grid):
+        if not grid or any(lr not in tuned for lr in grid):
             return None
         aucs = {lr: area_under_curve(tuned[lr]) for lr in grid}
         best = min(grid, key=lambda lr: (aucs[lr], _final(tuned[lr])))
