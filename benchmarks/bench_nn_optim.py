@@ -181,13 +181,16 @@ def main() -> None:
     t_start = time.perf_counter()
     records = run_stages(plan.stages(), out, resume=args.resume, overwrite=args.overwrite,
                          on_done=done)
-    rows, step_s = plan.rows(records), plan.step_times(records)
+    rows, (step_s, step_errors) = plan.rows(records), plan.step_times(records)
     for p in plan.problems:
         print(f"{p.name}: target loss {plan.target(records, p):.4f}")
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread, seeds "
           f"{list(plan.seeds)}, total {time.perf_counter() - t_start:.0f}s\n")
     print_table(rows, step_s)
+    for (problem, method), error in step_errors.items():
+        print(f"  step time of {method} on {problem}: a step raised ({error[:120]})")
     summary = {"rows": rows, "step_time_s": {f"{p}/{m}": v for (p, m), v in step_s.items()},
+               "step_time_errors": {f"{p}/{m}": e for (p, m), e in step_errors.items()},
                "seeds": list(plan.seeds), "quick": args.quick, "torch": torch.__version__}
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(summary_path, json.dumps(summary, indent=1, default=str))

@@ -68,7 +68,8 @@ def test_tuned_study_runs_in_stages_and_resumes(tmp_path, toy):
     assert all(r["target"] == target for r in rows)
     adam = rows[0]
     assert adam["steps_to_target"] == statistics.median(reach(r, target)[0] for r in ref)
-    assert set(study.step_times(records)) == {("toy", "torch.AdamW"), ("toy", "torch.SGD")}
+    times, errors = study.step_times(records)
+    assert set(times) == {("toy", "torch.AdamW"), ("toy", "torch.SGD")} and errors == {}
 
     started.clear()  # everything recorded: nothing runs again, the same table comes out
     again = run_stages(study.stages(), tmp_path, resume=True, on_start=on_start)
@@ -174,8 +175,13 @@ def test_a_spec_without_closure_must_take_the_batch():
 def test_interleaved_step_times(toy):
     make_problem, _ = toy
     problem = make_problem()
-    times = interleaved_step_times(problem, [(ADAMW, 0.01), (SGD, 0.1)], rounds=4)
-    assert set(times) == {"torch.AdamW", "torch.SGD"} and all(t > 0 for t in times.values())
+    failing = OptimizerSpec("failing", lambda m, lr, p: _Failing(m.parameters(), lr=lr),
+                            {}, "peer", "sgd")
+    times, errors = interleaved_step_times(
+        problem, [(ADAMW, 0.01), (SGD, 0.1), (failing, 0.1)], rounds=4)
+    assert set(times) == {"torch.AdamW", "torch.SGD", "failing"}
+    assert all(t > 0 for t in times.values())
+    assert list(errors) == ["failing"] and "LinAlgError" in errors["failing"]
     batched = OptimizerSpec("hf", _sgd, {}, "curvlab", "hf", step_batch=True)
     with pytest.raises(ValueError, match="fixed gradient"):
         interleaved_step_times(problem, [(batched, 1.0)], rounds=4)

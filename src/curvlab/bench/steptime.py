@@ -28,10 +28,12 @@ SUITE = "step-time"  # the records' suite (not an ``nn`` training run)
 
 
 def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[OptimizerSpec, float]],
-                           rounds: int, seed: int = 0) -> dict[str, float]:
-    """Median ``step()`` seconds of each ``(spec, lr)``; an optimizer whose every step
-    raised ``RuntimeError`` (e.g. one that needs the forward pass of a closure) is absent.
-    """
+                           rounds: int, seed: int = 0
+                           ) -> tuple[dict[str, float], dict[str, str]]:
+    """Median ``step()`` seconds of each ``(spec, lr)``, and the first error of each
+    optimizer whose step raised (skipped rounds; e.g. K-FAC, whose step needs the forward
+    pass of a closure). An optimizer with no timed step after the warm-up is absent from
+    the times."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     for spec, _ in entries:
@@ -48,6 +50,7 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
         grads = [p.grad.detach().clone() for p in model.parameters()]
         runs.append((spec.name, opt, model, grads))
     times: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    errors: dict[str, str] = {}
     for r in range(rounds):
         for name, opt, model, grads in runs:
             saved = [p.detach().clone() for p in model.parameters()]
@@ -56,7 +59,8 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
             t0 = time.perf_counter()
             try:
                 opt.step()
-            except RuntimeError:
+            except Exception as err:  # recorded: this optimizer cannot be timed this way
+                errors.setdefault(name, f"round {r}: {type(err).__name__}: {err}")
                 continue
             times[name].append(time.perf_counter() - t0)
             if r % 10 == 9:
@@ -64,18 +68,20 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
                     for p, s in zip(model.parameters(), saved, strict=True):
                         p.copy_(s)
     skip = min(5, rounds // 4)
-    return {name: statistics.median(ts[skip:]) for name, ts in times.items() if ts[skip:]}
+    medians = {name: statistics.median(ts[skip:]) for name, ts in times.items() if ts[skip:]}
+    return medians, errors
 
 
 def step_time_task(problem: NNProblem, entries: Sequence[tuple[OptimizerSpec, float]],
                    rounds: int) -> Task:
     """One runner task measuring every ``(spec, lr)`` of ``entries`` together; its record
-    holds ``metrics["times"]`` (method -> seconds)."""
+    holds ``metrics["times"]`` (method -> seconds) and ``metrics["errors"]`` (method ->
+    first error)."""
 
     def fn(progress: Callable[[float], None]) -> dict[str, Any]:
-        times = interleaved_step_times(problem, entries, rounds)
+        times, errors = interleaved_step_times(problem, entries, rounds)
         progress(1.0)
-        return {"metrics": {"times": times}}
+        return {"metrics": {"times": times, "errors": errors}}
 
     lrs = ";".join(f"{spec.name}@{lr:g}" for spec, lr in entries)
     return Task(SUITE, problem.name, "interleaved", {"rounds": rounds, "lrs": lrs}, fn)

@@ -196,10 +196,14 @@ class TunedStudy:
                 })
         return rows
 
-    def step_times(self, records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
-        """``(problem, method) -> seconds`` from the step-time records."""
-        out = {}
+    def step_times(self, records: list[dict[str, Any]]
+                   ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], str]]:
+        """``(problem, method) -> seconds`` and ``-> error`` (of the optimizers whose step
+        raised) from the step-time records."""
+        times, errors = {}, {}
         for r in records:
             if r["suite"] == steptime.SUITE and r["status"] == "ok":
-                out.update({(r["problem"], m): t for m, t in r["metrics"]["times"].items()})
-        return out
+                times.update({(r["problem"], m): t for m, t in r["metrics"]["times"].items()})
+                errors.update({(r["problem"], m): e
+                               for m, e in r["metrics"].get("errors", {}).items()})
+        return times, errors
