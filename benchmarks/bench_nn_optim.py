@@ -23,8 +23,9 @@ Protocol (``curvlab.bench.tuning.TunedStudy``, every run a task of ``curvlab.ben
      by construction, and the target is not chosen to suit anyone);
   4. step time: all optimizers on identical copies of the model and one fixed gradient,
      stepped in interleaved rounds so machine noise hits them alike; median per step
-     (``curvlab.bench.steptime``; "-" where every step raised, e.g. K-FAC, whose step
-     needs the forward pass of a closure).
+     (``curvlab.bench.steptime``; "-" where the steps raised, the error printed under
+     the table: K-FAC's step needs the statistics of a forward pass).
+--quick: seed 0 and the middle lr of each grid only (no tuning), short budgets.
 Columns: steps to target, wall time to target (forward + backward + step, evaluation
 excluded), final loss, optimizer step time -- each also as a ratio to AdamW -- then the
 step time of each curvlab optimizer over the fastest peer of the same algorithm. "-" =
