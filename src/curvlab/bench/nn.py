@@ -1,14 +1,16 @@
-"""Neural-network training runs for ``curvlab bench --suite nn``.
+"""Neural-network training runs for ``curvlab bench --suite nn`` and the benchmark scripts.
 
 One run trains a problem's model with one optimizer at one learning rate and seed, under
 a step budget and a wall-clock budget, and records the evaluation loss every
-``eval_every`` steps together with the elapsed training time (evaluation excluded).
-Steps to target is the first evaluation at or below the problem's target loss.
+``eval_every`` steps together with the elapsed training time (optimizer step including
+forward and backward; evaluation excluded). Steps to target is the first evaluation at
+or below the problem's target loss.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,25 +19,36 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["NNProblem", "train_run", "digits_mlp_problem", "char_lm_problem"]
+from curvlab.bench.optimizers import OptimizerSpec
+from curvlab.bench.runner import Task
+
+__all__ = ["NNProblem", "train_run", "nn_task", "digits_mlp_problem", "char_lm_problem",
+           "digits_autoencoder_problem"]
 
 
 @dataclass
 class NNProblem:
-    """A model factory, a batch sampler and an evaluation set, plus the target loss."""
+    """A model factory, a batch sampler and an evaluation set, plus the target loss.
+
+    ``eval_fn(outputs, targets)`` is the evaluation metric (default ``loss_fn``); batches
+    of the run with seed ``s`` come from ``torch.Generator().manual_seed(data_seed + s)``.
+    ``target=None``: no fixed target (the protocol sets one from the records).
+    """
 
     name: str
     build: Callable[[int], nn.Module]                      # seed -> model
     sample: Callable[[torch.Generator], tuple[Any, Any]]   # generator -> (inputs, targets)
     eval_batch: tuple[Any, Any]
     loss_fn: Callable[[Any, Any], torch.Tensor]
-    target: float
+    target: float | None
     steps: int
     eval_every: int = 10
+    eval_fn: Callable[[Any, Any], torch.Tensor] | None = None
+    data_seed: int = 10_000
 
 
-def digits_mlp_problem(steps: int = 400, batch_size: int = 128, target: float = 0.05
-                       ) -> NNProblem:
+def digits_mlp_problem(steps: int = 400, batch_size: int = 128, target: float | None = 0.05,
+                       eval_every: int = 5, data_seed: int = 10_000) -> NNProblem:
     """The 64-128-128-10 ReLU MLP on scikit-learn's digits; eval = full training loss."""
     from curvlab.bench.problems.digits import digits_mlp, load_digits_tensors
 
@@ -46,7 +59,8 @@ def digits_mlp_problem(steps: int = 400, batch_size: int = 128, target: float = 
         return X[idx], y[idx]
 
     return NNProblem("digits_mlp", lambda seed: digits_mlp(seed=seed), sample, (X, y),
-                     nn.CrossEntropyLoss(), target=target, steps=steps, eval_every=5)
+                     nn.CrossEntropyLoss(), target=target, steps=steps, eval_every=eval_every,
+                     data_seed=data_seed)
 
 
 class _SequenceCrossEntropy(nn.Module):
@@ -57,20 +71,50 @@ class _SequenceCrossEntropy(nn.Module):
                                            targets.reshape(-1))
 
 
-def char_lm_problem(steps: int = 300, quick: bool = False, target: float = 2.6) -> NNProblem:
-    """A 2-layer character-level transformer (d_model 128) on the Python standard library's
-    own source text; eval = validation loss in nats per character."""
+def char_lm_problem(steps: int = 300, quick: bool = False, target: float | None = 2.6,
+                    batch_size: int = 32, val_size: int = 128, eval_every: int = 10,
+                    data_seed: int = 10_000) -> NNProblem:
+    """A 2-layer character-level transformer (d_model 128; ``quick``: 1 layer, d_model 64,
+    a shorter corpus) on the Python standard library's own source text, context 32;
+    eval = validation loss in nats per character on ``val_size`` fixed windows."""
     from curvlab.bench.problems.char_lm import char_batch, char_lm_model, load_char_corpus
 
     train, val, vocab = load_char_corpus(max_chars=300_000 if quick else 1_000_000)
     seq = 32
-    gval = torch.Generator().manual_seed(1234)
-    val_batch = [char_batch(val, 128, seq, gval)][0]
+    val_batch = char_batch(val, val_size, seq, torch.Generator().manual_seed(1234))
     d, layers = (64, 1) if quick else (128, 2)
     return NNProblem(
         "char_lm", lambda seed: char_lm_model(len(vocab), d, layers, 4, seq, seed),
-        lambda gen: char_batch(train, 32, seq, gen), val_batch, _SequenceCrossEntropy(),
-        target=target, steps=steps, eval_every=10)
+        lambda gen: char_batch(train, batch_size, seq, gen), val_batch, _SequenceCrossEntropy(),
+        target=target, steps=steps, eval_every=eval_every, data_seed=data_seed)
+
+
+def _reconstruction_error(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(logits) - targets).square().mean()
+
+
+def digits_autoencoder_problem(batch_size: int | None = 128, steps: int = 10**9,
+                               eval_every: int = 100, data_seed: int = 0) -> NNProblem:
+    """The deep autoencoder of Hinton & Salakhutdinov (2006) / Martens (2010) at digits
+    scale: 64-32-16-8-16-32-64 sigmoid on the digits pixels in [0, 1], logistic outputs
+    (loss: binary cross-entropy with logits); eval = reconstruction error (mean squared
+    error of the sigmoid outputs) on all 1797 images. ``batch_size=None``: full batch.
+    The default step budget is unbounded: runs are meant to stop at a time budget."""
+    from sklearn.datasets import load_digits
+
+    from curvlab.bench.problems.digits import digits_autoencoder
+
+    X = torch.as_tensor(load_digits().data / 16.0, dtype=torch.float32)
+
+    def sample(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch_size is None:
+            return X, X
+        idx = torch.randint(0, len(X), (batch_size,), generator=gen)
+        return X[idx], X[idx]
+
+    return NNProblem("digits_autoencoder", lambda seed: digits_autoencoder(seed=seed), sample,
+                     (X, X), nn.BCEWithLogitsLoss(), target=None, steps=steps,
+                     eval_every=eval_every, eval_fn=_reconstruction_error, data_seed=data_seed)
 
 
 def _evaluate(model: nn.Module, problem: NNProblem, device: str) -> float:
@@ -78,22 +122,34 @@ def _evaluate(model: nn.Module, problem: NNProblem, device: str) -> float:
     model.eval()
     with torch.no_grad():
         inputs, targets = (t.to(device) for t in problem.eval_batch)
-        loss = float(problem.loss_fn(model(inputs), targets))
+        loss = float((problem.eval_fn or problem.loss_fn)(model(inputs), targets))
     model.train(was)
     return loss
 
 
 def train_run(problem: NNProblem, make_optimizer: Callable[[nn.Module, float, str], Any],
               lr: float, seed: int, time_budget: float, progress: Callable[[float], None],
-              device: str = "cpu") -> dict[str, Any]:
+              device: str = "cpu", step_batch: bool = False, use_closure: bool = True
+              ) -> dict[str, Any]:
     """Train on ``device`` and return ``{"status", "metrics", "series"}`` for the bench
-    runner; ``make_optimizer(model, lr, problem_name)`` builds the optimizer."""
+    runner; ``make_optimizer(model, lr, problem_name)`` builds the optimizer.
+
+    The run stops after ``problem.steps`` steps, once the training time exceeds
+    ``time_budget`` seconds (the model is evaluated there), or on divergence (a non-finite
+    loss, or an evaluation above 1000x the initial one: status ``"diverged"``). A
+    ``RuntimeError`` raised by the optimizer's step (e.g. a peer's failed matrix
+    function) ends the run with status ``"error"``, the message in ``"error"``, and the
+    curve up to there (final loss ``inf``). ``step_batch``: call
+    ``opt.step(closure, batch=(inputs, targets))`` (optimizers that take the batch
+    explicitly: Hessian-free, natural gradient), without the closure if not
+    ``use_closure`` (the optimizer computes loss and gradient itself).
+    """
     torch.manual_seed(seed)
     model = problem.build(seed).to(device)
     opt = make_optimizer(model, lr, problem.name)
-    gen = torch.Generator().manual_seed(10_000 + seed)
+    gen = torch.Generator().manual_seed(problem.data_seed + seed)
     steps, times, losses = [0], [0.0], [_evaluate(model, problem, device)]
-    train_time, status, step_times = 0.0, "ok", []
+    train_time, status, step_times, error, done = 0.0, "ok", [], None, 0
     for step in range(1, problem.steps + 1):
         inputs, targets = (t.to(device) for t in problem.sample(gen))
 
@@ -104,32 +160,64 @@ def train_run(problem: NNProblem, make_optimizer: Callable[[nn.Module, float, st
             return loss
 
         t0 = time.perf_counter()
-        loss = opt.step(closure)
+        try:
+            if not step_batch:
+                loss = opt.step(closure)
+            elif use_closure:
+                loss = opt.step(closure, batch=(inputs, targets))
+            else:
+                loss = opt.step(batch=(inputs, targets))
+        except RuntimeError as err:
+            status, error = "error", f"step {step}: {type(err).__name__}: {err}"
+            break
         dt = time.perf_counter() - t0
+        done = step
         step_times.append(dt)
         train_time += dt
         if loss is not None and not math.isfinite(float(loss.detach())):
             status = "diverged"
-        if step % problem.eval_every == 0 or step == problem.steps or status != "ok":
+        out_of_time = train_time > time_budget
+        if (step % problem.eval_every == 0 or step == problem.steps or status != "ok"
+                or out_of_time):
             value = _evaluate(model, problem, device)
             steps.append(step)
             times.append(train_time)
             losses.append(value)
             if not math.isfinite(value) or value > 1e3 * max(losses[0], 1e-12):
                 status = "diverged"
-            progress(step / problem.steps)
-        if status != "ok" or train_time > time_budget:
+            progress(max(step / problem.steps,
+                         min(train_time / time_budget, 1.0) if time_budget > 0 else 1.0))
+        if status != "ok" or out_of_time:
             break
-    hit = next((i for i, v in enumerate(losses) if v <= problem.target), None)
-    step_times.sort()
+    target = problem.target
+    hit = (None if target is None
+           else next((i for i, v in enumerate(losses) if v <= target), None))
     metrics = {
-        "final_loss": losses[-1],
+        "final_loss": math.inf if status == "error" else losses[-1],
         "best_loss": min((v for v in losses if math.isfinite(v)), default=math.inf),
         "steps_to_target": steps[hit] if hit is not None else None,
         "time_to_target": times[hit] if hit is not None else None,
-        "step_time": step_times[len(step_times) // 2] if step_times else None,
-        "steps_done": steps[-1],
+        "step_time": statistics.median(step_times) if step_times else None,
+        "steps_done": done,
         "train_time": train_time,
     }
-    return {"status": status, "metrics": metrics,
-            "series": {"step": steps, "time": times, "loss": losses}}
+    result = {"status": status, "metrics": metrics,
+              "series": {"step": steps, "time": times, "loss": losses}}
+    if error is not None:
+        result["error"] = error
+    return result
+
+
+def nn_task(suite: str, problem: NNProblem, spec: OptimizerSpec, lr: float, seed: int, *,
+            time_budget: float = math.inf, device: str = "cpu",
+            config: dict[str, Any] | None = None) -> Task:
+    """One :func:`train_run` of ``spec`` at ``lr`` as a runner task; its key names the
+    problem, the method, the seed, ``lr``, the step budget, the target and ``config``."""
+
+    def fn(progress: Callable[[float], None]) -> dict[str, Any]:
+        return train_run(problem, spec.make, lr, seed, time_budget, progress, device,
+                         step_batch=spec.step_batch, use_closure=spec.closure)
+
+    return Task(suite, problem.name, spec.name,
+                {"lr": lr, "steps": problem.steps, "target": problem.target, **(config or {})},
+                fn, seed=seed)

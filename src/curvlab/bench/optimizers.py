@@ -33,6 +33,18 @@ class OptimizerSpec:
     requires: str | None = None  # importable module the entry needs
     quick: bool = True  # part of --quick
     note: str = ""
+    step_batch: bool = False  # stepped as step(closure, batch=(inputs, targets))
+    closure: bool = True  # False (with step_batch): step(batch=...), loss and gradient its own
+
+    def __post_init__(self) -> None:
+        if not (self.closure or self.step_batch):
+            raise ValueError(f"{self.name}: an optimizer stepped without a closure needs "
+                             "step_batch=True (it computes the gradient from the batch)")
+
+    def grid(self, problem: str, quick: bool = False) -> tuple[float, ...]:
+        """The declared learning rates on ``problem`` (``quick``: the middle one)."""
+        lrs = self.lrs.get(problem, ())
+        return (lrs[len(lrs) // 2],) if quick and lrs else lrs
 
     def missing(self) -> str | None:
         if self.requires and importlib.util.find_spec(self.requires) is None:
@@ -42,22 +54,24 @@ class OptimizerSpec:
 
 
 class PairedOptimizer:
-    """Two optimizers stepped together (torch Muon for matrices + AdamW for the rest)."""
+    """Optimizers stepped in order after one closure: torch Muon for matrices + AdamW for
+    the rest; kfac-pytorch's preconditioner (its ``step()`` rewrites ``.grad``) + SGD."""
 
-    def __init__(self, first: torch.optim.Optimizer, second: torch.optim.Optimizer) -> None:
-        self.first, self.second = first, second
+    def __init__(self, *parts: Any) -> None:
+        self.parts = parts
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.first.zero_grad(set_to_none)
-        self.second.zero_grad(set_to_none)
+        for part in self.parts:
+            if isinstance(part, torch.optim.Optimizer):
+                part.zero_grad(set_to_none)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.first.step()
-        self.second.step()
+        for part in self.parts:
+            part.step()
         return loss
 
 
@@ -128,6 +142,13 @@ def _natural_gradient(m: nn.Module, lr: float, problem: str) -> Any:
     return NaturalGradient(m, lr=lr, damping=0.1, cg_max_iter=20)
 
 
+def _kfac_pytorch(m: nn.Module, lr: float, problem: str) -> Any:
+    import kfac  # kfac-pytorch
+
+    return PairedOptimizer(kfac.preconditioner.KFACPreconditioner(m, damping=0.1),
+                           torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9))
+
+
 def _po_soap(m: nn.Module, lr: float, problem: str) -> Any:
     from pytorch_optimizer import SOAP as PeerSOAP
 
@@ -175,9 +196,10 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("curvlab.KFAC", _kfac, KFAC_GRID, "curvlab", "kfac"),
     OptimizerSpec("curvlab.EKFAC", _ekfac, KFAC_GRID, "curvlab", "ekfac", quick=False),
     OptimizerSpec("curvlab.HessianFree", _hessian_free, {"digits_mlp": (1.0,)}, "curvlab",
-                  "hessian-free", quick=False),
+                  "hessian-free", quick=False, step_batch=True),
     OptimizerSpec("curvlab.NaturalGradient", _natural_gradient, {"digits_mlp": (0.3, 1.0)},
-                  "curvlab", "natural-gradient", quick=False, note="small models only"),
+                  "curvlab", "natural-gradient", quick=False, note="small models only",
+                  step_batch=True),
     OptimizerSpec("torch.Muon", _torch_muon, MUON_GRID, "peer", "muon", quick=False,
                   note="+ torch AdamW for non-matrix parameters"),
     OptimizerSpec("pytorch-optimizer.SOAP", _po_soap, ADAM_GRID, "peer", "soap",
@@ -190,6 +212,9 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                   "shampoo", requires="pytorch_optimizer", quick=False),
     OptimizerSpec("pytorch-optimizer.ScalableShampoo", _po_scalable, ADAM_GRID, "peer",
                   "shampoo", requires="pytorch_optimizer", quick=False),
+    OptimizerSpec("kfac-pytorch", _kfac_pytorch, {"digits_mlp": KFAC_GRID["digits_mlp"]}, "peer",
+                  "kfac", requires="kfac", quick=False,
+                  note="kfac-pytorch is not on PyPI (the 'kfac' there is TensorFlow's)"),
     OptimizerSpec("DistributedShampoo", lambda m, lr, p: None, ADAM_GRID, "peer", "shampoo",
                   requires="distributed_shampoo", quick=False, note="not installable from PyPI"),
 ]}

@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Task", "environment", "load_results", "run_tasks", "lock_out_dir", "OutDirBusy",
-           "ResultsError", "write_atomic", "check_record"]
+__all__ = ["Task", "environment", "load_results", "run_tasks", "run_stages", "lock_out_dir",
+           "OutDirBusy", "ResultsError", "write_atomic", "check_record"]
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +371,8 @@ def run_tasks(
                 record.update(status=result.get("status", "ok"),
                               metrics=result.get("metrics", {}),
                               series=result.get("series", {}))
+                if "error" in result:  # a run that failed but kept what it measured
+                    record["error"] = str(result["error"])
             except Exception as err:  # one failing run must not lose the others
                 log.warning("run %s failed: %s", task.key, err)
                 record.update(status="error", error=f"{type(err).__name__}: {err}",
@@ -383,6 +385,34 @@ def run_tasks(
                 on_done(task, record)
         _write_json(out / "results.json", env, records)
     return records
+
+
+def run_stages(
+    stages: Sequence[Callable[[list[dict[str, Any]]], Sequence[Task]]],
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """:func:`run_tasks` for task lists that depend on earlier results (e.g. tune a
+    learning rate on one seed, then run the chosen one on the others).
+
+    Each stage is called with the records of the stages before it and returns its tasks;
+    all runs go to the one ``out_dir/results.jsonl`` under one lock (the first stage
+    starts or resumes it as ``resume`` / ``overwrite`` say, the later ones continue it).
+    Returns the records of the tasks the stages declared (on resume, a record of a
+    task no stage declares this time is kept in the file but not returned).
+    """
+    declared: set[str] = set()
+    records: list[dict[str, Any]] = []
+    with lock_out_dir(out_dir):
+        for i, build in enumerate(stages):
+            tasks = list(build([r for r in records if r["key"] in declared]))
+            declared.update(t.key for t in tasks)
+            records = run_tasks(tasks, out_dir, resume=resume or i > 0,
+                                overwrite=overwrite and i == 0, **kwargs)
+    return [r for r in records if r["key"] in declared]
 
 
 def group_records(records: Iterable[dict[str, Any]], *fields: str) -> dict[tuple, list[dict]]:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from curvlab.bench.nn import NNProblem, char_lm_problem, digits_mlp_problem, train_run
+from curvlab.bench.nn import NNProblem, char_lm_problem, digits_mlp_problem, nn_task
 from curvlab.bench.optimizers import available
 from curvlab.bench.runner import Task
 
@@ -32,21 +31,10 @@ def _nn_tasks(opts: SuiteOptions) -> tuple[list[Task], list[str]]:
     specs, notices = available()
     if opts.quick:
         specs = [s for s in specs if s.quick]
-    tasks = []
-    for problem in _nn_problems(opts):
-        for spec in specs:
-            grid = spec.lrs.get(problem.name, ())
-            if opts.quick and grid:
-                grid = (grid[len(grid) // 2],)  # the middle of the declared grid
-            for lr in grid:
-                for seed in range(opts.seeds):
-                    def fn(progress: Any, problem=problem, spec=spec, lr=lr, seed=seed):
-                        return train_run(problem, spec.make, lr, seed, opts.time_budget,
-                                         progress, opts.device)
-
-                    tasks.append(Task("nn", problem.name, spec.name,
-                                      {"lr": lr, "steps": problem.steps,
-                                       "target": problem.target}, fn, seed=seed))
+    tasks = [nn_task("nn", problem, spec, lr, seed, time_budget=opts.time_budget,
+                     device=opts.device)
+             for problem in _nn_problems(opts) for spec in specs
+             for lr in spec.grid(problem.name, opts.quick) for seed in range(opts.seeds)]
     return tasks, notices
 
 

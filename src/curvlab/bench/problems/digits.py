@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["load_digits_tensors", "digits_mlp", "digits_problem"]
+__all__ = ["load_digits_tensors", "digits_mlp", "digits_autoencoder", "digits_problem"]
 
 
 def load_digits_tensors(
@@ -34,17 +34,28 @@ def load_digits_tensors(
     return (X[train_idx], y[train_idx]), (X[test_idx], y[test_idx])
 
 
-def digits_mlp(hidden: tuple[int, ...] = (128, 128), seed: int = 0,
-               dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """A ReLU MLP 64 -> hidden... -> 10."""
-    torch.manual_seed(seed)
-    sizes = (64, *hidden, 10)
+def _mlp(sizes: tuple[int, ...], activation: type[nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers).to(dtype)
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def digits_mlp(hidden: tuple[int, ...] = (128, 128), seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """A ReLU MLP 64 -> hidden... -> 10."""
+    torch.manual_seed(seed)
+    return _mlp((64, *hidden, 10), nn.ReLU).to(dtype)
+
+
+def digits_autoencoder(sizes: tuple[int, ...] = (64, 32, 16, 8, 16, 32, 64), seed: int = 0
+                       ) -> nn.Sequential:
+    """A sigmoid autoencoder ``sizes[0] -> ... -> sizes[-1]`` with a linear output layer
+    (logits of the reconstructed pixels)."""
+    torch.manual_seed(seed)
+    return _mlp(sizes, nn.Sigmoid)
 
 
 def digits_problem(train_steps: int = 50, seed: int = 0, lr: float = 0.05,

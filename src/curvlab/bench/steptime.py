@@ -1,0 +1,87 @@
+"""Optimizer step time on one fixed gradient, interleaved so machine noise hits all alike.
+
+Every optimizer gets its own copy of one model (``problem.build(seed)``) and the gradient
+of one batch; each round steps every optimizer once (the ``.grad`` restored before each
+step: some peers free it), and every 10 rounds the parameters are reset (a repeated fixed
+gradient would otherwise run them off). The time of one optimizer is the median over the
+rounds after a warm-up of ``min(5, rounds // 4)``. Only ``optimizer.step()`` is timed:
+forward and backward are the same for everyone and excluded.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from curvlab.bench.nn import NNProblem
+from curvlab.bench.optimizers import OptimizerSpec
+from curvlab.bench.runner import Task
+
+__all__ = ["interleaved_step_times", "step_time_task", "SUITE"]
+
+SUITE = "step-time"  # the records' suite (not an ``nn`` training run)
+
+
+def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[OptimizerSpec, float]],
+                           rounds: int, seed: int = 0
+                           ) -> tuple[dict[str, float], dict[str, str]]:
+    """Median ``step()`` seconds of each ``(spec, lr)``, and the first error of each
+    optimizer whose step raised (skipped rounds; e.g. K-FAC, whose step needs the forward
+    pass of a closure). An optimizer with no timed step after the warm-up is absent from
+    the times."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    for spec, _ in entries:
+        if spec.step_batch:
+            raise ValueError(f"{spec.name} takes step(closure, batch=...): its step computes "
+                             "its own gradient, so it cannot be timed on a fixed gradient")
+    base = problem.build(seed)
+    x, y = problem.sample(torch.Generator().manual_seed(problem.data_seed + seed))
+    runs = []
+    for spec, lr in entries:
+        model = copy.deepcopy(base)
+        opt = spec.make(model, lr, problem.name)
+        problem.loss_fn(model(x), y).backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        runs.append((spec.name, opt, model, grads))
+    times: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    errors: dict[str, str] = {}
+    for r in range(rounds):
+        for name, opt, model, grads in runs:
+            saved = [p.detach().clone() for p in model.parameters()]
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            t0 = time.perf_counter()
+            try:
+                opt.step()
+            except Exception as err:  # recorded: this optimizer cannot be timed this way
+                errors.setdefault(name, f"round {r}: {type(err).__name__}: {err}")
+                continue
+            times[name].append(time.perf_counter() - t0)
+            if r % 10 == 9:
+                with torch.no_grad():
+                    for p, s in zip(model.parameters(), saved, strict=True):
+                        p.copy_(s)
+    skip = min(5, rounds // 4)
+    medians = {name: statistics.median(ts[skip:]) for name, ts in times.items() if ts[skip:]}
+    return medians, errors
+
+
+def step_time_task(problem: NNProblem, entries: Sequence[tuple[OptimizerSpec, float]],
+                   rounds: int) -> Task:
+    """One runner task measuring every ``(spec, lr)`` of ``entries`` together; its record
+    holds ``metrics["times"]`` (method -> seconds) and ``metrics["errors"]`` (method ->
+    first error)."""
+
+    def fn(progress: Callable[[float], None]) -> dict[str, Any]:
+        times, errors = interleaved_step_times(problem, entries, rounds)
+        progress(1.0)
+        return {"metrics": {"times": times, "errors": errors}}
+
+    lrs = ";".join(f"{spec.name}@{lr:g}" for spec, lr in entries)
+    return Task(SUITE, problem.name, "interleaved", {"rounds": rounds, "lrs": lrs}, fn)
