@@ -108,16 +108,35 @@ def test_kfac_rule_reproduces_its_step():
 
 
 def test_optimizers_without_a_stated_rule_get_the_documented_fallback():
-    """NaturalGradient / HessianFree / LBFGS inherit the base's undeclared stability_model:
-    a monitor must fall back (with a warning), not crash at construction."""
-    from curvlab.optim import LBFGS, HessianFree, NaturalGradient
+    """NaturalGradient (a fixed-lr step through a CG solve with the batch Fisher: P is not
+    available per parameter), HessianFree with lr > 1 and K-FAC with the plain inverse
+    inherit the base's undeclared stability_model: a monitor must fall back (with a
+    warning), not crash at construction."""
+    from curvlab.optim import HessianFree, NaturalGradient
 
     model = _model()
-    for opt in (NaturalGradient(model), HessianFree(model, nn.MSELoss()),
-                LBFGS(model.parameters()),
+    for opt in (NaturalGradient(model), HessianFree(model, nn.MSELoss(), lr=2.0),
                 KFAC(_model(), inverse_method="inverse")):
         with pytest.warns(UserWarning, match="does not know the stability rule"):
             import curvlab.diagnostics.stability as st
             st._warned_unknown.discard(type(opt).__name__)
             rule = stability_model(opt)
         assert rule.threshold == 2.0 and "unknown optimizer" in rule.note
+
+
+def test_line_search_optimizers_state_no_curvature_bound():
+    """LBFGS and HessianFree (one lr <= 1) accept a step only if it passes a
+    sufficient-decrease test, so lr x sharpness says nothing about divergence: the
+    gradient-descent fallback judged HessianFree at lr 1 unstable as soon as the
+    sharpness exceeded 2 (false warnings on every healthy run)."""
+    import warnings
+
+    from curvlab.optim import LBFGS, HessianFree
+
+    model = _model()
+    for opt in (LBFGS(model.parameters()), HessianFree(model, nn.MSELoss())):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            rule = stability_model(opt)
+        assert rule.name == "line_search" and rule.threshold == math.inf
+        assert not rule.preconditioned

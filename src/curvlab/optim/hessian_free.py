@@ -34,6 +34,7 @@ from curvlab.linops.ggn import GGNOperator
 from curvlab.objective import Objective
 from curvlab.optim._batch_capture import InputRecorder
 from curvlab.optim.base import CurvlabOptimizer
+from curvlab.optim.stability import StabilityModel
 
 __all__ = ["HessianFree"]
 
@@ -329,6 +330,20 @@ class HessianFree(CurvlabOptimizer):
             p.add_(step[k])
             self.state[p]["cg_direction"] = dl.clone()
         return loss
+
+    def stability_model(self) -> StabilityModel:
+        """With one learning rate ``<= 1`` (the default 1) every step is ``lr alpha d`` where
+        ``alpha d`` passed the Armijo test on the batch (Martens & Sutskever 2012) and the
+        step is never longer along ``d``: no ``lr x sharpness`` bound applies (threshold
+        infinite; a monitor watches the loss and non-finite values). Learning rates above 1
+        or differing between groups leave the accepted step: no rule is stated."""
+        lrs = {float(g["lr"]) for g in self.param_groups}
+        if len(lrs) != 1 or max(lrs) > 1.0:
+            raise NotImplementedError("HessianFree states a stability rule only for one "
+                                      "learning rate <= 1")
+        return StabilityModel("line_search", lrs.pop(), math.inf,
+                              note="Armijo backtracking on the CG direction: steps never "
+                              "increase the loss of their batch")
 
     def _group_scale(self, obj: Objective) -> torch.Tensor:
         """Per-coordinate ``lr`` of each parameter's group, as a flat vector."""

@@ -12,6 +12,7 @@ trial step of every line search (1 is right for L-BFGS); LR schedulers can chang
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,6 +23,7 @@ from curvlab.minimize.evaluator import Monitor
 from curvlab.minimize.quasi_newton import LBFGSMemory, lbfgs
 from curvlab.minimize.result import OptimizeResult
 from curvlab.optim.base import CurvlabOptimizer
+from curvlab.optim.stability import StabilityModel
 
 __all__ = ["LBFGS"]
 
@@ -107,6 +109,14 @@ class LBFGS(CurvlabOptimizer):
 
     def _params(self) -> list[torch.Tensor]:
         return [p for p in self.param_groups[0]["params"] if p.requires_grad]
+
+    def stability_model(self) -> StabilityModel:
+        """Every step passes a line search with a sufficient-decrease test on the closure's
+        loss (strong Wolfe or Armijo), so no ``lr x sharpness`` bound applies: the threshold
+        is infinite and a monitor watches the loss and non-finite values only."""
+        return StabilityModel("line_search", float(self.param_groups[0]["lr"]), math.inf,
+                              note=f"{self.param_groups[0]['line_search']} line search: "
+                              "steps never increase the loss of their batch")
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """Run up to ``max_iter`` iterations; returns the loss at the start of the call.
