@@ -65,7 +65,7 @@ import contextlib
 import logging
 import math
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -719,8 +719,8 @@ class KFAC(CurvlabOptimizer):
         new = self._new_statistics()
         if new is False:
             return loss
-        fresh = self.update_statistics(new)
-        self.refresh(new, fresh)
+        self.update_statistics(new)
+        self.refresh(new)
         self._clear()
         directions, layer_dirs = self.precondition()
         return self._apply(directions, layer_dirs, closure, loss)
@@ -749,24 +749,35 @@ class KFAC(CurvlabOptimizer):
             return False
         return new
 
-    def update_statistics(self, new: list | None) -> list[int]:
-        """Factor EMAs ``F <- beta F + (1 - beta) F_new``; the inverses due (every
-        ``precondition_frequency`` steps, or missing) are recomputed, each layer's by its
-        owner rank, and shared. Returns the layers refreshed."""
+    def update_statistics(self, new: list | None) -> None:
+        """Factor EMAs ``F <- beta F + (1 - beta) F_new`` of every layer and of the
+        embedding use of each tied weight (``new``: this step's factors, None on steps
+        without statistics)."""
+        beta = self.stat_decay
+        if new is None:
+            return
+        for i, layer in enumerate(self._layers):
+            st = self.state[self._named[layer.keys[0]]]
+            if new[i] is not None:
+                _ema(st, ("A", "G"), new[i][:2], beta)
+        for k, i in enumerate(self._tied):
+            st = self.state[self._named[self._layers[i].keys[0]]]
+            item = new[len(self._layers) + k]
+            if item is not None:
+                _ema(st, ("tA", "tG"), item[:2], beta)
+
+    def refresh(self, new: list | None) -> list[int]:
+        """The amortized work: the inverses due (every ``precondition_frequency`` steps, or
+        missing), each layer's by its owner rank and shared; then what depends on them:
+        the shared eigenbases of tied weights and the EKFAC scales (a moving average of
+        the per-sample second moments in the eigenbasis, restarted when the basis
+        changes). Returns the layers whose inverses were recomputed."""
         beta = self.stat_decay
         me = _dist.rank(self.process_group)
         inv_step = self._step % self.inv_update_freq == 0
         fresh_layers: list[int] = []
         for i, layer in enumerate(self._layers):
             st = self.state[self._named[layer.keys[0]]]
-            item = new[i] if new is not None else None
-            if item is not None:
-                A, G, _, _ = item
-                if "A" not in st:
-                    st["A"], st["G"] = A.clone(), G.clone()
-                else:
-                    st["A"].mul_(beta).add_(A, alpha=1 - beta)
-                    st["G"].mul_(beta).add_(G, alpha=1 - beta)
             if "A" not in st:
                 continue
             lam = self.param_groups[self._layer_group[i]]["damping"]
@@ -776,27 +787,13 @@ class KFAC(CurvlabOptimizer):
                     with self.timings.measure("precondition"):
                         self._update_inverse(layer, st, lam)
         self._share_inverses(fresh_layers)
-        return fresh_layers
-
-    def refresh(self, new: list | None, fresh_layers: list[int]) -> None:
-        """What depends on the refreshed inverses: the shared eigenbases of tied weights and
-        the EKFAC scales (a moving average of the per-sample second moments in the
-        eigenbasis, restarted when the basis changes)."""
-        beta = self.stat_decay
-        for k, i in enumerate(self._tied):  # the embedding use of a tied weight
+        for i in self._tied:  # the embedding use of a tied weight
             st = self.state[self._named[self._layers[i].keys[0]]]
-            item = new[len(self._layers) + k] if new is not None else None
-            if item is not None:
-                if "tA" not in st:
-                    st["tA"], st["tG"] = item[0].clone(), item[1].clone()
-                else:
-                    st["tA"].mul_(beta).add_(item[0], alpha=1 - beta)
-                    st["tG"].mul_(beta).add_(item[1], alpha=1 - beta)
             if "tA" in st and "A" in st and (i in fresh_layers or "tied" not in st):
                 with self.timings.measure("precondition"):
                     st["tied"] = _tied_bases(st["G"], st["A"], st["tA"], st["tG"])
         if not self.eigenvalue_correction:
-            return
+            return fresh_layers
         for i, layer in enumerate(self._layers):
             st = self.state[self._named[layer.keys[0]]]
             item = new[i] if new is not None else None
@@ -812,6 +809,7 @@ class KFAC(CurvlabOptimizer):
                     st["scale"].mul_(beta).add_(s, alpha=1 - beta)
             elif "scale" not in st:
                 st["scale"] = st["dG"].unsqueeze(1) * st["dA"].unsqueeze(0)
+        return fresh_layers
 
     def precondition(self) -> tuple[dict[int, list], list]:
         """Per param group, ``(param, direction, gradient)``: the damped Kronecker natural
@@ -944,6 +942,16 @@ class KFAC(CurvlabOptimizer):
             elif rho < 0.25:
                 group["damping"] = min(self.max_damping, group["damping"] / omega)
         self._last.update(rho=rho, damping=[g["damping"] for g in self.param_groups])
+
+
+def _ema(st: dict[str, Any], keys: tuple[str, str], values: Sequence[torch.Tensor],
+         beta: float) -> None:
+    """``st[k] <- beta st[k] + (1 - beta) v`` for each key (the first value: a copy)."""
+    for k, v in zip(keys, values, strict=True):
+        if k not in st:
+            st[k] = v.clone()
+        else:
+            st[k].mul_(beta).add_(v, alpha=1 - beta)
 
 
 def _shared_basis(X: torch.Tensor, Y: torch.Tensor, wx: float, wy: float
