@@ -140,3 +140,27 @@ def test_line_search_optimizers_state_no_curvature_bound():
             rule = stability_model(opt)
         assert rule.name == "line_search" and rule.threshold == math.inf
         assert not rule.preconditioned
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: Shampoo(ps, lr=0.01, grafting="adam", precondition_frequency=2),
+    lambda ps: SOAP(ps, lr=0.01, precondition_frequency=2),
+    lambda ps: Muon(ps, lr=0.01),
+])
+def test_coordinates_that_never_got_a_gradient_are_not_governed(make):
+    """A coordinate whose gradient is always exactly 0 (a conv bias before BatchNorm) has
+    second moment 0; its P^-1/2 was 1/sqrt(eps) (~1e4 for Adam's 1e-8), so the Hessian's
+    rounding noise there dominated the preconditioned sharpness (ratios ~1e5 x the
+    threshold on a healthy CNN). Those coordinates never move: P^-1/2 = 0 there."""
+    model = _model()
+    opt = make(model.parameters())
+    bias = model[0].bias
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(16, 6, generator=g, dtype=torch.float64)).pow(2).mean().backward()
+        bias.grad[:2] = 0.0  # two coordinates never receive a gradient
+        opt.step()
+    out = stability_model(opt).inv_sqrt_preconditioner(bias, torch.ones_like(bias))
+    assert torch.equal(out[:2], torch.zeros(2, dtype=out.dtype))
+    assert bool((out[2:] > 0).all()) and bool(torch.isfinite(out).all())

@@ -149,6 +149,10 @@ def adam_stability_preconditioner(v: Tensor, step: int, config: AdamConfig) -> T
     """``P`` of Adam's step ``d = P^{-1} m`` with the first moment's bias correction folded
     in: ``(sqrt(v_hat) + eps) (1 - b1^t)`` (what a monitor compares with the threshold
     ``2 (1 + b1) / (1 - b1)``; as :func:`curvlab.diagnostics.stability.stability_model`
-    does for torch's Adam)."""
+    does for torch's Adam). Coordinates whose second moment is exactly 0 never received a
+    nonzero gradient (a conv bias before BatchNorm, unused embedding rows): they are not
+    governed by the rule, ``P = inf`` there (``P^{-1/2} = 0`` projects them out; frozen at
+    ``P = eps`` the Hessian's rounding noise there, times ``1 / eps``, dominated the
+    ratio)."""
     c1 = 1.0 - config.betas[0] ** step if config.bias_correction and step > 0 else 1.0
-    return adam_preconditioner(v, step, config).mul_(c1)
+    return adam_preconditioner(v, step, config).mul_(c1).masked_fill_(v == 0, math.inf)
