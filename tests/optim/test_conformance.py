@@ -22,11 +22,19 @@ from curvlab.optim import KFAC, LBFGS, SOAP, HessianFree, Muon, NaturalGradient,
 from curvlab.optim.base import STATS_KEYS
 
 LOSS = nn.CrossEntropyLoss()
-_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "diagonal_fisher_optimizer.py"
-_spec = importlib.util.spec_from_file_location("diagonal_fisher_optimizer", _EXAMPLE)
-_example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_example)
-DiagonalFisher = _example.DiagonalFisher  # the "new optimizer in one file" example
+
+
+def _example(name: str):
+    """A module of examples/ (the "new optimizer in one file" examples)."""
+    path = Path(__file__).resolve().parents[2] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+DiagonalFisher = _example("diagonal_fisher_optimizer").DiagonalFisher
+KroneckerAdaGrad = _example("kronecker_adagrad").KroneckerAdaGrad
 
 
 @dataclass
@@ -90,6 +98,11 @@ CASES: dict[str, Case] = {
         lambda m, params=None, **kw: DiagonalFisher(_params(m, params), **{"lr": 1e-3, **kw}),
         invalid=[({"lr": math.inf}, "lr"), ({"damping": 0.0}, "damping"),
                  ({"betas": (0.9, 1.0)}, "betas")]),
+    "kronecker_adagrad": Case(
+        lambda m, params=None, **kw: KroneckerAdaGrad(_params(m, params), **{
+            "lr": 1e-2, "precondition_frequency": 2, **kw}),
+        invalid=[({"lr": math.inf}, "lr"), ({"eps": 0.0}, "eps"),
+                 ({"precondition_frequency": 0}, "precondition_frequency")]),
     "lbfgs": Case(
         lambda m, params=None, **kw: LBFGS(_params(m, params), **{"max_iter": 3, **kw}),
         style="closure", add_param_group=False, gradient_rule=False,
@@ -325,3 +338,22 @@ def test_stats_keys(name):
     s = opt.stats()
     assert set(STATS_KEYS) <= set(s)
     assert s["steps"] == 1 and s["state_bytes"] > 0
+
+
+def test_kronecker_adagrad_example_takes_the_shampoo_step():
+    """The block-interface example composes as documented: statistics, then the refresh
+    due at step 1, then the preconditioned direction (L + eps)^-1/4 G (R + eps)^-1/4."""
+    torch.manual_seed(0)
+    W = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    G = torch.randn(5, 3, dtype=torch.float64)
+    opt = KroneckerAdaGrad([W], lr=0.1, eps=1e-3, precondition_frequency=1)
+    before = W.detach().clone()
+    W.grad = G.clone()
+    opt.step()
+
+    def root(A):
+        w, Q = torch.linalg.eigh(A + 1e-3 * torch.eye(A.shape[0], dtype=A.dtype))
+        return Q @ torch.diag(w ** -0.25) @ Q.T
+
+    expected = before - 0.1 * root(G @ G.T) @ G @ root(G.T @ G)
+    torch.testing.assert_close(W.detach(), expected, rtol=1e-10, atol=1e-12)
