@@ -338,3 +338,69 @@ def test_edge_of_stability_is_not_a_warning_and_runaway_is():
     assert [e.kind for e in mon.warnings] == ["diverging"]
     assert mon.warnings[0].step == 600  # the third check: two confirmations after the first
     assert mon.warnings[0].regime == "runaway"
+
+
+def test_coordinates_that_never_received_a_gradient_are_not_governed():
+    """An embedding row of a token absent from training has v = 0 exactly: frozen at
+    P = eps its curvature on the monitor batch would count 1 / eps times (ratio ~1e5 x the
+    healthy value); it is projected out, and the ratio equals the one on the trained rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 4), nn.Flatten(), nn.Linear(12, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, 5, (32, 3), generator=g)  # token 5 never in training
+    y = torch.randint(0, 3, (32,), generator=g)
+    Xm = X.clone()
+    Xm[:8, 0] = 5  # ... but in the monitor batch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss_fn = nn.CrossEntropyLoss()
+    _train(model, loss_fn, X, y, opt, 5)
+    v = opt.state[model[0].weight]["exp_avg_sq"]
+    assert (v[5] == 0).all() and (v[:5] > 0).all()
+    op = HessianOperator(model, loss_fn, (Xm, y))
+    ratio = stability_report(op, opt, tol=1e-6).ratio
+    # reference: the same rule with the row's P set by hand to infinity
+    inv = stability_model(opt).inv_sqrt_preconditioner
+
+    def without_row(p, x):
+        out = inv(p, x)
+        if p is model[0].weight:
+            out = out.clone()
+            out[5] = 0
+        return out
+
+    lam = _dense_sharpness(model, loss_fn, Xm, y, without_row)
+    assert ratio == pytest.approx(opt.param_groups[0]["lr"] * lam, rel=1e-4)
+    assert ratio < 38
+
+
+def test_monitor_on_a_conv_batchnorm_net_measures_the_trained_function():
+    """A conv bias before BatchNorm: the trained (train-mode) function does not depend on
+    it, its gradient is rounding noise and Adam's P there ~eps. In eval mode (running
+    statistics) it has curvature, which 1 / P scaled to ~4e3 x the healthy ratio; the
+    monitor evaluates such a model in train mode."""
+    torch.manual_seed(0)
+    X = torch.randn(64, 1, 8, 8)
+    y = torch.randint(0, 4, (64,))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 36, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, tol=1e-3,
+                           generator=torch.Generator().manual_seed(0))
+    _train(model, loss_fn, X, y, opt, 4, mon)  # checks at steps 1 and 4
+    assert mon.checks[-1]["step"] == 4
+    ratio = mon.checks[-1]["lr_preconditioned_sharpness"]
+    # the healthy value: the trained function with the bias projected out
+    inv = stability_model(opt).inv_sqrt_preconditioner
+
+    def without_bias(p, x):
+        return torch.zeros_like(x) if p is model[0].bias else inv(p, x)
+
+    with torch.no_grad():
+        op = HessianOperator(model, loss_fn, (X, y), train=True)
+    healthy = opt.param_groups[0]["lr"] * float(
+        preconditioned_sharpness(op, StabilityModel("adam", 1.0, 38.0, without_bias),
+                                 tol=1e-6).eigenvalues[0])
+    assert ratio == pytest.approx(healthy, rel=5e-2)
+    assert ratio < 38 and not mon.warnings
+    assert all(e.kind != "crossed" for e in mon.events)
