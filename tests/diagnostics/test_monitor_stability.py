@@ -271,7 +271,8 @@ def test_a_check_does_not_certify_a_ritz_value_with_a_neighbour_in_its_band(gap,
 
 def test_runaway_on_a_quadratic_is_a_warning_with_a_forecast():
     """Noisy least squares at lr x lambda_max = 2.02 (> 2) from the start: nothing pulls the
-    ratio back and the loss grows, so the runaway is confirmed at the third check."""
+    ratio back and the loss grows, so the runaway is confirmed at the second check (the
+    first is already compared with the training losses recorded before it)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(64, 5, generator=g, dtype=torch.float64)
     y = X @ torch.randn(5, 1, generator=g, dtype=torch.float64) + torch.randn(
@@ -284,10 +285,10 @@ def test_runaway_on_a_quadratic_is_a_warning_with_a_forecast():
                            tol=1e-6)
     _train(model, loss_fn, X, y, opt, 40, mon)
     div = [e for e in mon.events if e.kind == "diverging"]
-    assert [(e.step, e.severity, e.regime) for e in div] == [(15, "warning", "runaway")]
+    assert [(e.step, e.severity, e.regime) for e in div] == [(10, "warning", "runaway")]
     # the forecast: the loss grows like 1.02^(2t) along the top direction
     assert div[0].horizon > 0 and div[0].confidence > 0.9
-    assert div[0].predicted_step == pytest.approx(15 + div[0].horizon)
+    assert div[0].predicted_step == pytest.approx(10 + div[0].horizon)
     assert [e.kind for e in mon.events if e.kind == "crossed"] == ["crossed"]
 
 
@@ -404,3 +405,21 @@ def test_monitor_on_a_conv_batchnorm_net_measures_the_trained_function():
     assert ratio == pytest.approx(healthy, rel=5e-2)
     assert ratio < 38 and not mon.warnings
     assert all(e.kind != "crossed" for e in mon.events)
+
+
+def test_a_blow_up_faster_than_confirmation_is_warned_at_the_first_check():
+    """lr x lambda_max = 20 on least squares: the top mode grows 19x per step and the loss
+    passes 10x its start at step 2. The first check (step 1) sees the ratio beyond the
+    threshold and the loss risen from the training loss before it; on that growth the loss
+    blows up before a confirming check at step 2 could run, so it warns at once."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(5, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model, loss_fn = nn.Linear(5, 1).double(), nn.MSELoss()
+    lam = float(torch.linalg.eigvalsh(HessianOperator(model, loss_fn, (X, y)).to_dense())[-1])
+    opt = torch.optim.SGD(model.parameters(), lr=20 / lam)
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, tol=1e-6)
+    _train(model, loss_fn, X, y, opt, 1, mon)
+    assert [(e.step, e.kind, e.regime) for e in mon.warnings] == [(1, "diverging", "runaway")]
+    assert mon.warnings[0].horizon is not None and mon.warnings[0].horizon <= 1

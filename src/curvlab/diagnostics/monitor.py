@@ -24,9 +24,10 @@ tolerance band of the top one (it may be the top eigenvalue the warm start misse
 When it checks. At steps 1, 4, 16, ... below ``every`` (fast blow-ups happen early), then
 every ``every`` steps; sooner when a forecast crossing is near (at least four checks before
 it) and, above the threshold, twice as often after each check that saw both the ratio and
-the monitor-batch loss rise (back to ``every`` once they stop): frequent checks only while
-something is happening, and at the step after a gradient-norm or update-size jump
-(``adaptive=False``: exactly every ``every`` steps).
+the monitor-batch loss rise (back to ``every`` once they stop), at the step after a
+suspicious check (ratio beyond the threshold and the loss at a new high: confirm or clear
+it at once): frequent checks only while something is happening, and at the step after a
+gradient-norm or update-size jump (``adaptive=False``: exactly every ``every`` steps).
 
 Regimes (``record["regime"]`` and every event's ``regime``):
 
@@ -42,7 +43,11 @@ Regimes (``record["regime"]`` and every event's ``regime``):
   stability it fluctuates but trends down, below its earlier values), while either the
   ratio is *not* pulled back (within ``tol``) or the loss is above its value at the first
   check (all progress lost: an adaptive preconditioner can pull the ratio back while the
-  loss still explodes): the dynamics failed to self-stabilize.
+  loss still explodes): the dynamics failed to self-stabilize. A suspicious check is
+  followed by another at the next step; when the loss, on its observed growth (the
+  blow-up forecast below, which also uses the training losses recorded since the
+  previous checks), reaches 10x its first value before that next check, the first
+  suspicious check is runaway already (no time to confirm).
 * ``"nonfinite"``: parameters, loss, gradients or curvature are NaN / inf.
 
 Events (``monitor.events``, logging, the JSONL file, TensorBoard, callbacks) carry
@@ -607,13 +612,15 @@ class CurvatureMonitor:
         regular = (step // self.every + 1) * self.every
         if not self.adaptive:
             return regular
+        tr = next(iter(self._trackers.values()))
+        if tr.suspicious and tr.steps and tr.steps[-1] == step:
+            return step + 1  # confirm or clear a suspected runaway at once
         if step < self.every:  # early checks at powers of four
             nxt = 1
             while nxt <= step:
                 nxt *= 4
             return min(nxt, regular)
         interval = self.every
-        tr = next(iter(self._trackers.values()))
         if tr.ratios and tr.steps[-1] == step and math.isfinite(tr.threshold):
             if tr.ratios[-1] >= self.rearm * tr.threshold:
                 # beyond (or at) the edge: halve after a suspicious check, else relax
@@ -856,13 +863,25 @@ class CurvatureMonitor:
         # trending down), and either the ratio not pulled back (within the check's accuracy
         # tol) or, held back by a preconditioner that grows with the blow-up (Adam's v),
         # the loss above its value at the first check (all progress lost)
+        # earlier loss values: the checks of the window and the training losses recorded
+        # since its start (the training loss of step s is at the parameters before step s's
+        # update: the first check already has the loss before training as its reference)
+        since = tr.steps[-self.window - 1] if len(tr.steps) > self.window else -1
         recent = [v for v in tr.losses[-self.window - 1:-1] if math.isfinite(v)]
+        trained = [v for s, v in self.history.get("loss", []) if s > since and math.isfinite(v)]
+        recent += trained
         new_high = loss is not None and bool(recent) and loss > max(recent)
-        first_loss = next((v for v in tr.losses if math.isfinite(v)), math.nan)
+        first_loss = next((v for v in ([v for _, v in self.history.get("loss", [])[:1]]
+                                       + tr.losses) if math.isfinite(v)), math.nan)
         held = prev_ratio is not None and ratio >= (1 - self.tol) * prev_ratio
         rising = new_high and (held or (loss is not None and loss > first_loss))
         tr.suspicious = tr.suspicious + 1 if (ratio >= c and rising) else 0
-        if tr.suspicious >= self.confirm:
+        # no time to confirm: the loss, on its observed growth, blows up before the next
+        # check (one step on) could confirm it
+        ahead_blowup = (self._blowup_forecast(tr)[1]
+                        if 0 < tr.suspicious < self.confirm and self.adaptive else None)
+        hurry = ahead_blowup is not None and ahead_blowup <= 1
+        if tr.suspicious >= self.confirm or hurry:
             regime = "runaway"
         elif ratio >= self.rearm * c:
             regime = "edge_of_stability"
@@ -883,6 +902,8 @@ class CurvatureMonitor:
                 "diverging", tr.name, ratio, c,
                 f"runaway: {tr.name} = {ratio:.3g} beyond the threshold {c:.3g} and not "
                 f"pulled back while the loss rose, at {tr.suspicious} consecutive checks"
+                + (" (not waiting for confirmation: on its growth the loss blows up before "
+                   "the next check)" if tr.suspicious < self.confirm else "")
                 + (f"; the loss reaches 10x its first value at step {at:.0f} "
                    f"({ahead:.0f} steps ahead) on its trend" if at is not None else ""),
                 at, conf, regime))
@@ -909,14 +930,23 @@ class CurvatureMonitor:
         return events
 
     def _blowup_forecast(self, tr: _Tracker) -> tuple[float | None, float | None, float | None]:
-        """When the monitor-batch loss, on the exponential trend of the last checks,
-        reaches 10x its value at the first check: ``(step, steps ahead, P(rising))``."""
+        """When the loss, on the exponential trend of the last ``confirm + 1`` checks'
+        monitor-batch losses and the training losses recorded since the check before them
+        (the training loss of step ``s`` is placed at ``s - 1``: it is taken before step
+        ``s``'s update), reaches 10x the first loss observed: ``(step, steps ahead,
+        P(rising))``."""
         k = self.confirm + 1
-        steps, losses = tr.steps[-k:], tr.losses[-k:]
-        first = next((v for v in tr.losses if math.isfinite(v) and v > 0), None)
-        if first is None or not all(math.isfinite(v) and v > 0 for v in losses):
+        i0 = max(0, len(tr.steps) - k)
+        since = tr.steps[i0 - 1] if i0 > 0 else 0
+        points = list(zip(tr.steps[i0:], tr.losses[i0:]))
+        points += [(s - 1, v) for s, v in self.history.get("loss", [])
+                   if since <= s - 1 < self.step_count]
+        observed = [v for _, v in self.history.get("loss", [])[:1]] + tr.losses
+        first = next((v for v in observed if math.isfinite(v) and v > 0), None)
+        if first is None or not all(math.isfinite(v) and v > 0 for _, v in points):
             return None, None, None
-        trend = linear_trend(steps, [math.log(v) for v in losses])
+        points.sort()
+        trend = linear_trend([s for s, _ in points], [math.log(v) for _, v in points])
         if trend is None or not trend.slope > 0:
             return None, None, None
         at = max(float(self.step_count),
