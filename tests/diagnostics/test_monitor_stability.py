@@ -423,3 +423,18 @@ def test_a_blow_up_faster_than_confirmation_is_warned_at_the_first_check():
     _train(model, loss_fn, X, y, opt, 1, mon)
     assert [(e.step, e.kind, e.regime) for e in mon.warnings] == [(1, "diverging", "runaway")]
     assert mon.warnings[0].horizon is not None and mon.warnings[0].horizon <= 1
+
+
+def test_a_held_stability_model_follows_the_optimizer_state():
+    """The diagonal P^{-1/2} is cached between products, not across optimizer steps."""
+    model, loss_fn, X, y = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, loss_fn, X, y, opt, 2)
+    held = stability_model(opt).inv_sqrt_preconditioner
+    p = next(model.parameters())
+    x = torch.randn_like(p)
+    before = held(p, x)
+    _train(model, loss_fn, X, y, opt, 1)
+    after = held(p, x)
+    assert torch.equal(after, stability_model(opt).inv_sqrt_preconditioner(p, x))
+    assert not torch.equal(before, after)

@@ -216,13 +216,22 @@ def _group_scaled(opt: Any, threshold_of: Callable, diag_of: Callable | None
         scale = math.sqrt(share)
         if diag_of is None:
             return v * scale
-        diag = diag_of(group, opt.state.get(param, {}))
-        if diag is None:
-            raise ValueError("the optimizer has no second-moment state yet; take at least one "
-                             "optimizer step first")
-        P, lr_factor = diag
-        return v * (P.to(v.dtype).rsqrt() * (scale * math.sqrt(lr_factor)))
+        state = opt.state.get(param, {})
+        # the diagonal is kept until the optimizer changes the state (tensor versions count
+        # in-place updates): a Lanczos run applies it twice per product
+        key = (v.dtype, tuple((k, id(t), t._version) if isinstance(t, torch.Tensor)
+                              else (k, t) for k, t in state.items()))
+        hit = cache.get(id(param))
+        if hit is None or hit[0] != key:
+            diag = diag_of(group, state)
+            if diag is None:
+                raise ValueError("the optimizer has no second-moment state yet; take at least "
+                                 "one optimizer step first")
+            P, lr_factor = diag
+            hit = cache[id(param)] = (key, P.to(v.dtype).rsqrt() * (scale * math.sqrt(lr_factor)))
+        return v * hit[1]
 
+    cache: dict[int, tuple[Any, torch.Tensor]] = {}
     return inv_sqrt
 
 
