@@ -32,7 +32,8 @@ Definitions, computed mechanically per run:
   ``check_failed``); ``approaching`` / ``crossed`` / jumps are information and are
   tabulated separately. First warning: the first at or before divergence.
 * false warnings: warnings in a run that never diverges (all of them are counted).
-* lead time: diverged - first warning.
+* lead time: diverged - first warning. ``last``: the last warning at or before divergence
+  (an early warning of a transient can be followed by the one of the real blow-up).
 * first measurable trend: the first step of the last unbroken stretch of monitor checks
   before divergence with the stability ratio at or above its threshold (where the
   instability the monitor measures begins); if there is none, the first step of the last
@@ -220,6 +221,8 @@ def run(sc: Scenario, plot_dir: str | None = None) -> dict:
         "expect_healthy": sc.expect_healthy, "diverged": diverged,
         "first_warning": first.step if first else None,
         "first_warning_kind": first.kind if first else None,
+        "last_warning": warn[-1].step if warn else None,
+        "warnings": len(warn),
         "forecast_horizon": first.horizon if first else None,
         "forecast_confidence": first.confidence if first else None,
         "lead": lead, "trend": trend, "window": window,
@@ -293,7 +296,7 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     results = []
     head = (f"{'grp':<9}{'scenario':<28}{'rule':>10}{'thr':>6}{'max ratio':>10}"
-            f"{'diverged':>9}{'warned':>7}{'kind':>11}{'lead':>6}{'trend':>6}{'share':>6}"
+            f"{'diverged':>9}{'warned':>7}{'last':>6}{'kind':>11}{'lead':>6}{'trend':>6}{'share':>6}"
             f"{'false':>6}{'horizon':>8}{'conf':>5}{'sec':>6}  regimes")
     print(head)
     print("-" * len(head))
@@ -304,6 +307,7 @@ def main() -> None:
         results.append(r)
         print(f"{r['group']:<9}{r['name']:<28}{r['rule']:>10}{r['threshold']:>6.3g}"
               f"{r['max_ratio']:>10.3g}{_fmt(r['diverged']):>9}{_fmt(r['first_warning']):>7}"
+              f"{_fmt(r['last_warning']):>6}"
               f"{r['first_warning_kind'] or '-':>11}{_fmt(r['lead']):>6}{_fmt(r['trend']):>6}"
               f"{_fmt(r['lead_share'], '.0%'):>6}{r['false_warnings']:>6}"
               f"{_fmt(r['forecast_horizon'], '.0f'):>8}{_fmt(r['forecast_confidence'], '.2f'):>5}"
