@@ -312,7 +312,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="curvlab does not know")
     only = set(args.only.split(",")) if args.only else None
     results = []
-    head = (f"{'grp':<9}{'scenario':<28}{'rule':>10}{'thr':>6}{'max ratio':>10}"
+    head = (f"{'grp':<10}{'scenario':<28}{'rule':>10}{'thr':>6}{'max ratio':>10}"
             f"{'diverged':>9}{'warned':>7}{'last':>6}{'kind':>11}{'lead':>6}{'trend':>6}{'share':>6}"
             f"{'false':>6}{'horizon':>8}{'conf':>5}{'sec':>6}  regimes")
     print(head)
@@ -322,7 +322,7 @@ def main() -> None:
             continue
         r = run(sc, args.plot)
         results.append(r)
-        print(f"{r['group']:<9}{r['name']:<28}{r['rule']:>10}{r['threshold']:>6.3g}"
+        print(f"{r['group']:<10}{r['name']:<28}{r['rule']:>10}{r['threshold']:>6.3g}"
               f"{r['max_ratio']:>10.3g}{_fmt(r['diverged']):>9}{_fmt(r['first_warning']):>7}"
               f"{_fmt(r['last_warning']):>6}"
               f"{r['first_warning_kind'] or '-':>11}{_fmt(r['lead']):>6}{_fmt(r['trend']):>6}"

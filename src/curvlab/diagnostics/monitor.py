@@ -227,6 +227,16 @@ class _RecordingHessian(HessianOperator):
     loss: torch.Tensor | None = None
     grad: dict[str, torch.Tensor] | None = None
 
+    def refresh(self) -> None:
+        super().refresh()
+        self.loss = self.grad = None
+
+    def release(self) -> None:
+        """Drop the recorded graph, the loss, gradient and parameter copy between checks."""
+        self._product = None
+        self.loss = self.grad = None
+        self.point = {}
+
     def _batch_product(self, inputs: Any, targets: torch.Tensor):
         obj = self.objective
         with obj.mode():
@@ -403,6 +413,7 @@ class CurvatureMonitor:
         self._jump_armed: dict[str, bool] = {}
         self._nonfinite_armed = True
         self._vec: dict[str, torch.Tensor] = {}
+        self._op: _RecordingHessian | None = None
         self._forecast: tuple[float | None, float | None, float | None] = (None, None, None)
         self.regime = "stable"
         self._interval = every
@@ -531,8 +542,20 @@ class CurvatureMonitor:
     def _check(self) -> list[MonitorEvent]:
         if self.optimizer is not None:
             self.stability = stability_model(self.optimizer)
-        op = _RecordingHessian(self.model, self.loss_fn, self.batch, self.params,
-                               train=self.train)
+        # one operator for the whole run, re-read at each check: building the objective
+        # again costs forward passes (a Hugging Face model's own loss is matched on the batch)
+        op = self._op
+        if op is None:
+            op = self._op = _RecordingHessian(self.model, self.loss_fn, self.batch, self.params,
+                                              train=self.train)
+        else:
+            op.refresh()
+        try:
+            return self._check_with(op)
+        finally:
+            op.release()
+
+    def _check_with(self, op: _RecordingHessian) -> list[MonitorEvent]:
         record: dict[str, Any] = {"step": self.step_count, "lr": self.lr, "num_hvps": 0,
                                   "stability_rule": self.stability.name}
         values: dict[str, float] = {}
