@@ -304,8 +304,10 @@ class CurvatureMonitor:
             wrappers are unwrapped). Without it pass ``lr`` (gradient-descent rule).
         every: steps between curvature checks once past the early checks (module
             docstring). A check costs about as much as 5-10 training steps (building the
-            gradient graph on the monitor batch, then ~2-3 warm-started HVPs per
-            eigenvalue), so the default 200 keeps the overhead near 5%.
+            gradient graph on the monitor batch, then a few warm-started HVPs per
+            eigenvalue; the first check, from a random start, up to ``max_hvps``): with the
+            default 200 the monitor added 7-8% wall time to 2000 AdamW steps of a tiny
+            GPT-2 (``benchmarks/bench_monitor_overhead.py``, under load).
         track_every: steps between loss / gradient-norm / update-size records.
         max_hvps: Hessian-vector products allowed per eigenvalue computation.
         tol: Lanczos relative residual tolerance. It bounds the relative error of the
