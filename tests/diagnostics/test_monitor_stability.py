@@ -459,3 +459,17 @@ def test_curvlab_optimizers_on_a_conv_batchnorm_net_stay_below_their_threshold(n
     _train(model, loss_fn, X, y, opt, 4, mon)
     ratio = mon.checks[-1]["lr_preconditioned_sharpness"]
     assert 0 < ratio < mon.stability.threshold and not mon.warnings
+
+
+def test_parameter_norm_is_tracked_with_the_update_size():
+    model, loss_fn, X, y = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=100, track_every=5)
+    _train(model, loss_fn, X, y, opt, 9, mon)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    _train(model, loss_fn, X, y, opt, 1, mon)  # step 10: tracked, snapshot taken at step 9
+    (step, norm), = mon.history["param_norm"][-1:]
+    assert step == 10 and norm == pytest.approx(float(before.double().norm()), rel=1e-12)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert mon.history["update_ratio"][-1][1] == pytest.approx(
+        float((after - before).double().norm()) / norm, rel=1e-9)

@@ -6,9 +6,11 @@ Two lines::
     ...
     opt.step(); monitor.step(loss)          # inside the loop, after the optimizer step
 
-What it measures. Every ``track_every`` steps: the loss, the gradient norm and the relative
+What it measures. Every ``track_every`` steps: the loss, the gradient norm, the relative
 update size ``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` (a parameter snapshot is taken
-the step before). At each *check*: the optimizer's stability ratio on a fixed *monitor
+the step before) and the parameter norm ``||theta_{t-1}||`` (AdamW at too high a learning
+rate on a tiny GPT-2: the norm, falling under weight decay for 500 steps, turned and grew
+70% in the 50 steps before the loss spiked; the output logits grew only with the spike). At each *check*: the optimizer's stability ratio on a fixed *monitor
 batch* (so successive checks see the same function). The optimizer's rule comes from
 :func:`~curvlab.diagnostics.stability.stability_model` (wrappers unwrapped; curvlab's
 optimizers declare theirs; torch's SGD / Adam family / RMSprop / Adagrad are known): the
@@ -597,7 +599,7 @@ class CurvatureMonitor:
             tr.threshold = self.stability.threshold
             events += self._stability_events(tr, values[tr.name], values.get("check_loss"),
                                              record)
-        for k in ("loss", "grad_norm", "update_ratio"):
+        for k in ("loss", "grad_norm", "update_ratio", "param_norm"):
             if k in self.history:
                 record[k] = self.history[k][-1][1]
         record["overhead"] = self.overhead
@@ -808,6 +810,7 @@ class CurvatureMonitor:
                 return events + self._nonfinite("parameters", num)
             ratio = num / den if den > 0 else math.inf
             self._record("update_ratio", ratio)
+            self._record("param_norm", den)
             events += self._jump("update_ratio", ratio)
         if self._nonfinite_armed is False and not self.stop_on_nonfinite:
             self._nonfinite_armed = True  # finite again: re-arm
