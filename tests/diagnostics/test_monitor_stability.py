@@ -473,3 +473,38 @@ def test_parameter_norm_is_tracked_with_the_update_size():
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     assert mon.history["update_ratio"][-1][1] == pytest.approx(
         float((after - before).double().norm()) / norm, rel=1e-9)
+
+
+def test_a_jump_that_finds_the_ratio_at_the_edge_is_watched_closely():
+    """Minibatch SGD on least squares; the learning rate is raised 2.5x at step 51
+    (lr x lambda_max 0.7 -> 1.75, at the edge): the update size jumps at the next tracked
+    step, the check it calls finds the ratio beyond rearm x threshold, and the following
+    checks come 1, 2, 4, ... steps apart (before: the next one ``every`` steps later, or at
+    the next power of four early in training)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 5, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(5, 1, generator=g, dtype=torch.float64) + torch.randn(
+        256, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model, loss_fn = nn.Linear(5, 1).double(), nn.MSELoss()
+    lam = float(torch.linalg.eigvalsh(HessianOperator(model, loss_fn, (X, y)).to_dense())[-1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.7 / lam)
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=100, track_every=5,
+                           jump_factor=2.0, jump_warmup=2, tol=1e-6)
+
+    def train(n):
+        for _ in range(n):
+            i = torch.randint(0, 256, (16,), generator=g)
+            opt.zero_grad()
+            loss = loss_fn(model(X[i]), y[i])
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+
+    train(50)
+    opt.param_groups[0]["lr"] *= 2.5
+    train(25)
+    jump = next(e.step for e in mon.events if e.kind == "update_ratio_jump")
+    after = [c["step"] for c in mon.checks if c["step"] > jump]
+    assert after[:5] == [jump + 1, jump + 2, jump + 4, jump + 8, jump + 16]
+    assert all(e.kind != "diverging" for e in mon.events)  # stable at 1.75 < 2

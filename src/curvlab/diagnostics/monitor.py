@@ -29,7 +29,9 @@ it) and, above the threshold, twice as often after each check that saw both the 
 the monitor-batch loss rise (back to ``every`` once they stop), at the step after a
 suspicious check (ratio beyond the threshold and the loss at a new high: confirm or clear
 it at once): frequent checks only while something is happening, and at the step after a
-gradient-norm or update-size jump (``adaptive=False``: exactly every ``every`` steps).
+gradient-norm or update-size jump; when that check finds the ratio beyond the edge, the
+interval starts over from 1 and doubles back to ``every`` (``adaptive=False``: exactly
+every ``every`` steps).
 
 Regimes (``record["regime"]`` and every event's ``regime``):
 
@@ -421,6 +423,7 @@ class CurvatureMonitor:
         self._forecast: tuple[float | None, float | None, float | None] = (None, None, None)
         self.regime = "stable"
         self._interval = every
+        self._watch = False  # the next check was called by a jump of a cheap signal
         self._next_check = (1 if self.adaptive and every > 1 else every)
         self._last_check = 0
         # the stability ratio that governs the optimizer: lr x lambda_max for (momentum)
@@ -640,17 +643,22 @@ class CurvatureMonitor:
         if not self.adaptive:
             return regular
         tr = next(iter(self._trackers.values()))
-        if tr.suspicious and tr.steps and tr.steps[-1] == step:
+        watch, self._watch = self._watch, False
+        current = bool(tr.ratios) and tr.steps[-1] == step and math.isfinite(tr.threshold)
+        at_edge = current and tr.ratios[-1] >= self.rearm * tr.threshold
+        if at_edge and watch:  # a check called by a jump found the ratio at the edge:
+            self._interval = 1  # the interval starts over from 1 (and doubles)
+            return min(step + 1, regular)
+        if tr.suspicious and current:
             return step + 1  # confirm or clear a suspected runaway at once
-        if step < self.every:  # early checks at powers of four
+        if step < self.every and self._interval >= self.every:  # early: powers of four
             nxt = 1
             while nxt <= step:
                 nxt *= 4
             return min(nxt, regular)
         interval = self.every
-        if tr.ratios and tr.steps[-1] == step and math.isfinite(tr.threshold):
-            if tr.ratios[-1] >= self.rearm * tr.threshold:
-                # beyond (or at) the edge: halve after a suspicious check, else relax
+        if current:
+            if at_edge:  # beyond (or at) the edge: halve after a suspicious check, else relax
                 self._interval = (max(1, self._interval // 2) if tr.suspicious
                                   else min(self.every, 2 * self._interval))
                 interval = self._interval
@@ -820,6 +828,7 @@ class CurvatureMonitor:
             self._emit({"step": self.step_count}, events)
             if self.adaptive:  # a cheap signal jumped: check the curvature at the next step
                 self._next_check = min(self._next_check, self.step_count + 1)
+                self._watch = True
         return events
 
     def _snapshot(self) -> None:
