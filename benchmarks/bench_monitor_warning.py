@@ -302,7 +302,8 @@ def _fmt(v, spec="d"):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 2 minutes)")
-    ap.add_argument("--only", default=None, help="comma-separated groups: a,b,c,d,held-out,held-out2")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated groups: a,b,c,d,held-out,held-out2")
     ap.add_argument("--out", default=None, help="write the raw results as JSON")
     ap.add_argument("--plot", default=None, help="write each run's monitor plot to this dir")
     args = ap.parse_args()

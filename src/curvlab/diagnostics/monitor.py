@@ -10,8 +10,9 @@ What it measures. Every ``track_every`` steps: the loss, the gradient norm, the 
 update size ``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` (a parameter snapshot is taken
 the step before) and the parameter norm ``||theta_{t-1}||`` (AdamW at too high a learning
 rate on a tiny GPT-2: the norm, falling under weight decay for 500 steps, turned and grew
-70% in the 50 steps before the loss spiked; the output logits grew only with the spike). At each *check*: the optimizer's stability ratio on a fixed *monitor
-batch* (so successive checks see the same function). The optimizer's rule comes from
+70% in the 50 steps before the loss spiked; the output logits grew only with the spike).
+At each *check*: the optimizer's stability ratio on a fixed *monitor batch* (so
+successive checks see the same function). The optimizer's rule comes from
 :func:`~curvlab.diagnostics.stability.stability_model` (wrappers unwrapped; curvlab's
 optimizers declare theirs; torch's SGD / Adam family / RMSprop / Adagrad are known): the
 step is stable on the local quadratic iff ``lr x lambda_max(P^{-1/2} H P^{-1/2}) <
