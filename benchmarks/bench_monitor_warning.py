@@ -22,7 +22,10 @@ Scenarios (all on CPU, float32, seeded):
     tiny GPT-2, SGD warmup to a tuned peak.
 Held out (never run while the warning rule was designed): ``llama`` (AdamW on a tiny
 Llama, safe and divergent lr) and ``nesterov`` (SGD Nesterov on the CNN, aggressive
-warmup); reported separately.
+warmup); reported separately. They were run (not tuned on) alongside later rounds, so a
+second held-out set ``held-out2`` was added once the second round's rules were frozen:
+full-batch GD on a ReLU MLP at f = 5, AdamW on the tiny Llama at lr 0.1, Adam on the CNN
+without warmup at lr 1e-3 and 0.3.
 
 Definitions, computed mechanically per run:
 
@@ -32,7 +35,8 @@ Definitions, computed mechanically per run:
   ``check_failed``); ``approaching`` / ``crossed`` / jumps are information and are
   tabulated separately. First warning: the first at or before divergence.
 * false warnings: warnings in a run that never diverges (all of them are counted).
-* lead time: diverged - first warning.
+* lead time: diverged - first warning. ``last``: the last warning at or before divergence
+  (an early warning of a transient can be followed by the one of the real blow-up).
 * first measurable trend: the first step of the last unbroken stretch of monitor checks
   before divergence with the stability ratio at or above its threshold (where the
   instability the monitor measures begins); if there is none, the first step of the last
@@ -89,10 +93,11 @@ def _digits():
     return X, y
 
 
-def gd_scenario(f: float, lam0: float, X: torch.Tensor, Y: torch.Tensor):
+def gd_scenario(f: float, lam0: float, X: torch.Tensor, Y: torch.Tensor,
+                act: type = nn.Tanh):
     def build():
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+        model = nn.Sequential(nn.Linear(64, 64), act(), nn.Linear(64, 64), act(),
                               nn.Linear(64, 10))
         opt = torch.optim.SGD(model.parameters(), lr=f * 2 / lam0)
         loss_fn = nn.MSELoss()
@@ -138,13 +143,14 @@ def gpt2_scenario(opt_name: str, lr: float, ids: torch.Tensor, arch: str = "gpt2
 
 
 def cnn_scenario(peak: float, X: torch.Tensor, y: torch.Tensor, warmup: int = 1500,
-                 nesterov: bool = False):
+                 nesterov: bool = False, adam: bool = False):
     def build():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3), nn.ReLU(),
                               nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(),
                               nn.Linear(16 * 4 * 4, 10))
-        opt = torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9, nesterov=nesterov)
+        opt = (torch.optim.Adam(model.parameters(), lr=peak) if adam else
+               torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9, nesterov=nesterov))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
         g = torch.Generator().manual_seed(1)
         gm = torch.Generator().manual_seed(2)
@@ -220,6 +226,8 @@ def run(sc: Scenario, plot_dir: str | None = None) -> dict:
         "expect_healthy": sc.expect_healthy, "diverged": diverged,
         "first_warning": first.step if first else None,
         "first_warning_kind": first.kind if first else None,
+        "last_warning": warn[-1].step if warn else None,
+        "warnings": len(warn),
         "forecast_horizon": first.horizon if first else None,
         "forecast_confidence": first.confidence if first else None,
         "lead": lead, "trend": trend, "window": window,
@@ -272,6 +280,18 @@ def scenarios(quick: bool) -> list[Scenario]:
     if not quick:
         out.append(Scenario("held-out", "SGD Nesterov warmup peak=30",
                             cnn_scenario(30.0, X, y, nesterov=True), cnn_steps, False, True))
+    # a second held-out set, added after the rules of this round were frozen and run once
+    if not quick:
+        out.append(Scenario("held-out2", "GD ReLU MLP f=5",
+                            gd_scenario(5.0, lam0, Xg, Yg, nn.ReLU), gd_steps, False, True))
+        out.append(Scenario("held-out2", "Llama AdamW lr=0.1",
+                            gpt2_scenario("adamw", 0.1, ids, "llama"), lm_steps, False, True))
+        out.append(Scenario("held-out2", "CNN Adam lr=1e-3 no warmup",
+                            cnn_scenario(1e-3, X, y, warmup=1, adam=True), cnn_steps, True,
+                            True))
+        out.append(Scenario("held-out2", "CNN Adam lr=0.3 no warmup",
+                            cnn_scenario(0.3, X, y, warmup=1, adam=True), cnn_steps, False,
+                            True))
     return out
 
 
@@ -282,7 +302,8 @@ def _fmt(v, spec="d"):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 2 minutes)")
-    ap.add_argument("--only", default=None, help="comma-separated groups: a,b,c,d,held-out")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated groups: a,b,c,d,held-out,held-out2")
     ap.add_argument("--out", default=None, help="write the raw results as JSON")
     ap.add_argument("--plot", default=None, help="write each run's monitor plot to this dir")
     args = ap.parse_args()
@@ -292,8 +313,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="curvlab does not know")
     only = set(args.only.split(",")) if args.only else None
     results = []
-    head = (f"{'grp':<9}{'scenario':<28}{'rule':>10}{'thr':>6}{'max ratio':>10}"
-            f"{'diverged':>9}{'warned':>7}{'kind':>11}{'lead':>6}{'trend':>6}{'share':>6}"
+    head = (f"{'grp':<10}{'scenario':<28}{'rule':>10}{'thr':>6}{'max ratio':>10}"
+            f"{'diverged':>9}{'warned':>7}{'last':>6}{'kind':>11}{'lead':>6}{'trend':>6}{'share':>6}"
             f"{'false':>6}{'horizon':>8}{'conf':>5}{'sec':>6}  regimes")
     print(head)
     print("-" * len(head))
@@ -302,14 +323,16 @@ def main() -> None:
             continue
         r = run(sc, args.plot)
         results.append(r)
-        print(f"{r['group']:<9}{r['name']:<28}{r['rule']:>10}{r['threshold']:>6.3g}"
+        print(f"{r['group']:<10}{r['name']:<28}{r['rule']:>10}{r['threshold']:>6.3g}"
               f"{r['max_ratio']:>10.3g}{_fmt(r['diverged']):>9}{_fmt(r['first_warning']):>7}"
+              f"{_fmt(r['last_warning']):>6}"
               f"{r['first_warning_kind'] or '-':>11}{_fmt(r['lead']):>6}{_fmt(r['trend']):>6}"
               f"{_fmt(r['lead_share'], '.0%'):>6}{r['false_warnings']:>6}"
               f"{_fmt(r['forecast_horizon'], '.0f'):>8}{_fmt(r['forecast_confidence'], '.2f'):>5}"
               f"{r['seconds']:>6.1f}  {','.join(r['regimes'])}", flush=True)
     for label, sel in (("tuned-on", [r for r in results if not r["held_out"]]),
-                       ("held-out", [r for r in results if r["held_out"]])):
+                       ("held-out", [r for r in results if r["group"] == "held-out"]),
+                       ("held-out2", [r for r in results if r["group"] == "held-out2"])):
         if not sel:
             continue
         div = [r for r in sel if r["diverged"] is not None]

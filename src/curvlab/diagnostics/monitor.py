@@ -6,10 +6,13 @@ Two lines::
     ...
     opt.step(); monitor.step(loss)          # inside the loop, after the optimizer step
 
-What it measures. Every ``track_every`` steps: the loss, the gradient norm and the relative
+What it measures. Every ``track_every`` steps: the loss, the gradient norm, the relative
 update size ``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` (a parameter snapshot is taken
-the step before). At each *check*: the optimizer's stability ratio on a fixed *monitor
-batch* (so successive checks see the same function). The optimizer's rule comes from
+the step before) and the parameter norm ``||theta_{t-1}||`` (AdamW at too high a learning
+rate on a tiny GPT-2: the norm, falling under weight decay for 500 steps, turned and grew
+70% in the 50 steps before the loss spiked; the output logits grew only with the spike).
+At each *check*: the optimizer's stability ratio on a fixed *monitor batch* (so
+successive checks see the same function). The optimizer's rule comes from
 :func:`~curvlab.diagnostics.stability.stability_model` (wrappers unwrapped; curvlab's
 optimizers declare theirs; torch's SGD / Adam family / RMSprop / Adagrad are known): the
 step is stable on the local quadratic iff ``lr x lambda_max(P^{-1/2} H P^{-1/2}) <
@@ -24,9 +27,12 @@ tolerance band of the top one (it may be the top eigenvalue the warm start misse
 When it checks. At steps 1, 4, 16, ... below ``every`` (fast blow-ups happen early), then
 every ``every`` steps; sooner when a forecast crossing is near (at least four checks before
 it) and, above the threshold, twice as often after each check that saw both the ratio and
-the monitor-batch loss rise (back to ``every`` once they stop): frequent checks only while
-something is happening, and at the step after a gradient-norm or update-size jump
-(``adaptive=False``: exactly every ``every`` steps).
+the monitor-batch loss rise (back to ``every`` once they stop), at the step after a
+suspicious check (ratio beyond the threshold and the loss at a new high: confirm or clear
+it at once): frequent checks only while something is happening, and at the step after a
+gradient-norm or update-size jump; when that check finds the ratio beyond the edge, the
+interval starts over from 1 and doubles back to ``every`` (``adaptive=False``: exactly
+every ``every`` steps).
 
 Regimes (``record["regime"]`` and every event's ``regime``):
 
@@ -42,7 +48,11 @@ Regimes (``record["regime"]`` and every event's ``regime``):
   stability it fluctuates but trends down, below its earlier values), while either the
   ratio is *not* pulled back (within ``tol``) or the loss is above its value at the first
   check (all progress lost: an adaptive preconditioner can pull the ratio back while the
-  loss still explodes): the dynamics failed to self-stabilize.
+  loss still explodes): the dynamics failed to self-stabilize. A suspicious check is
+  followed by another at the next step; when the loss, on its observed growth (the
+  blow-up forecast below, which also uses the training losses recorded since the
+  previous checks), reaches 10x its first value before that next check, the first
+  suspicious check is runaway already (no time to confirm).
 * ``"nonfinite"``: parameters, loss, gradients or curvature are NaN / inf.
 
 Events (``monitor.events``, logging, the JSONL file, TensorBoard, callbacks) carry
@@ -222,6 +232,16 @@ class _RecordingHessian(HessianOperator):
     loss: torch.Tensor | None = None
     grad: dict[str, torch.Tensor] | None = None
 
+    def refresh(self) -> None:
+        super().refresh()
+        self.loss = self.grad = None
+
+    def release(self) -> None:
+        """Drop the recorded graph, the loss, gradient and parameter copy between checks."""
+        self._product = None
+        self.loss = self.grad = None
+        self.point = {}
+
     def _batch_product(self, inputs: Any, targets: torch.Tensor):
         obj = self.objective
         with obj.mode():
@@ -245,6 +265,15 @@ class _Tracker:
     armed: dict[str, bool] = field(default_factory=lambda: {"approaching": True,
                                                             "crossed": True,
                                                             "diverging": True})
+
+
+def _batch_statistics(model: Any) -> bool:
+    """Whether ``model`` holds a BatchNorm layer in training mode (normalizing by the
+    statistics of the batch)."""
+    if not isinstance(model, torch.nn.Module):
+        return False
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+               for m in model.modules())
 
 
 def _sample_rows(data: Any, size: int, generator: torch.Generator | None) -> Any:
@@ -280,8 +309,10 @@ class CurvatureMonitor:
             wrappers are unwrapped). Without it pass ``lr`` (gradient-descent rule).
         every: steps between curvature checks once past the early checks (module
             docstring). A check costs about as much as 5-10 training steps (building the
-            gradient graph on the monitor batch, then ~2-3 warm-started HVPs per
-            eigenvalue), so the default 200 keeps the overhead near 5%.
+            gradient graph on the monitor batch, then a few warm-started HVPs per
+            eigenvalue; the first check, from a random start, up to ``max_hvps``): with the
+            default 200 the monitor added 7-8% wall time to 2000 AdamW steps of a tiny
+            GPT-2 (``benchmarks/bench_monitor_overhead.py``, under load).
         track_every: steps between loss / gradient-norm / update-size records.
         max_hvps: Hessian-vector products allowed per eigenvalue computation.
         tol: Lanczos relative residual tolerance. It bounds the relative error of the
@@ -312,6 +343,14 @@ class CurvatureMonitor:
             docstring; one extra HVP and one forward per check).
         precision_every: if given, run a precision check every this many steps.
         precision_dtypes: dtypes compared against float64 by the precision check.
+        train: evaluate the monitor batch in train mode (:class:`curvlab.Objective`; one
+            fixed Dropout mask). None (default): True when the model holds a BatchNorm
+            layer in training mode, else eval mode. Batch statistics make the trained
+            function invariant to shifts before the normalization (a conv bias before
+            BatchNorm); with the running statistics of eval mode those directions have
+            curvature that training never sees, and an Adam-like preconditioner, whose
+            ``v`` there is rounding noise, scales it by ~``1 / eps`` (measured: ratio
+            4e3 x the healthy value on a small conv + BatchNorm net).
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable | None, batch: Any = None, *,
@@ -328,7 +367,8 @@ class CurvatureMonitor:
                  callbacks: Iterable[Callable] = (), params: Any = None,
                  generator: torch.Generator | None = None, quadratic_fit: bool = False,
                  precision_every: int | None = None,
-                 precision_dtypes: tuple[str, ...] = ("bfloat16", "float32")) -> None:
+                 precision_dtypes: tuple[str, ...] = ("bfloat16", "float32"),
+                 train: bool | None = None) -> None:
         if optimizer is None and lr is None:
             raise ValueError("pass optimizer=... (or lr=... for a hand-written update)")
         optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
@@ -342,6 +382,7 @@ class CurvatureMonitor:
                                  "and batch_size=...")
             batch = _sample_rows(data, batch_size, generator)
         self.model, self.loss_fn, self.batch, self.params = model, loss_fn, batch, params
+        self.train = (_batch_statistics(model) if train is None else bool(train))
         self.optimizer, self._lr = optimizer, lr
         self.every, self.max_hvps, self.tol = every, max_hvps, tol
         self.track_every = track_every
@@ -379,9 +420,11 @@ class CurvatureMonitor:
         self._jump_armed: dict[str, bool] = {}
         self._nonfinite_armed = True
         self._vec: dict[str, torch.Tensor] = {}
+        self._op: _RecordingHessian | None = None
         self._forecast: tuple[float | None, float | None, float | None] = (None, None, None)
         self.regime = "stable"
         self._interval = every
+        self._watch = False  # the next check was called by a jump of a cheap signal
         self._next_check = (1 if self.adaptive and every > 1 else every)
         self._last_check = 0
         # the stability ratio that governs the optimizer: lr x lambda_max for (momentum)
@@ -507,7 +550,20 @@ class CurvatureMonitor:
     def _check(self) -> list[MonitorEvent]:
         if self.optimizer is not None:
             self.stability = stability_model(self.optimizer)
-        op = _RecordingHessian(self.model, self.loss_fn, self.batch, self.params)
+        # one operator for the whole run, re-read at each check: building the objective
+        # again costs forward passes (a Hugging Face model's own loss is matched on the batch)
+        op = self._op
+        if op is None:
+            op = self._op = _RecordingHessian(self.model, self.loss_fn, self.batch, self.params,
+                                              train=self.train)
+        else:
+            op.refresh()
+        try:
+            return self._check_with(op)
+        finally:
+            op.release()
+
+    def _check_with(self, op: _RecordingHessian) -> list[MonitorEvent]:
         record: dict[str, Any] = {"step": self.step_count, "lr": self.lr, "num_hvps": 0,
                                   "stability_rule": self.stability.name}
         values: dict[str, float] = {}
@@ -547,7 +603,7 @@ class CurvatureMonitor:
             tr.threshold = self.stability.threshold
             events += self._stability_events(tr, values[tr.name], values.get("check_loss"),
                                              record)
-        for k in ("loss", "grad_norm", "update_ratio"):
+        for k in ("loss", "grad_norm", "update_ratio", "param_norm"):
             if k in self.history:
                 record[k] = self.history[k][-1][1]
         record["overhead"] = self.overhead
@@ -587,16 +643,23 @@ class CurvatureMonitor:
         regular = (step // self.every + 1) * self.every
         if not self.adaptive:
             return regular
-        if step < self.every:  # early checks at powers of four
+        tr = next(iter(self._trackers.values()))
+        watch, self._watch = self._watch, False
+        current = bool(tr.ratios) and tr.steps[-1] == step and math.isfinite(tr.threshold)
+        at_edge = current and tr.ratios[-1] >= self.rearm * tr.threshold
+        if at_edge and watch:  # a check called by a jump found the ratio at the edge:
+            self._interval = 1  # the interval starts over from 1 (and doubles)
+            return min(step + 1, regular)
+        if tr.suspicious and current:
+            return step + 1  # confirm or clear a suspected runaway at once
+        if step < self.every and self._interval >= self.every:  # early: powers of four
             nxt = 1
             while nxt <= step:
                 nxt *= 4
             return min(nxt, regular)
         interval = self.every
-        tr = next(iter(self._trackers.values()))
-        if tr.ratios and tr.steps[-1] == step and math.isfinite(tr.threshold):
-            if tr.ratios[-1] >= self.rearm * tr.threshold:
-                # beyond (or at) the edge: halve after a suspicious check, else relax
+        if current:
+            if at_edge:  # beyond (or at) the edge: halve after a suspicious check, else relax
                 self._interval = (max(1, self._interval // 2) if tr.suspicious
                                   else min(self.every, 2 * self._interval))
                 interval = self._interval
@@ -756,6 +819,7 @@ class CurvatureMonitor:
                 return events + self._nonfinite("parameters", num)
             ratio = num / den if den > 0 else math.inf
             self._record("update_ratio", ratio)
+            self._record("param_norm", den)
             events += self._jump("update_ratio", ratio)
         if self._nonfinite_armed is False and not self.stop_on_nonfinite:
             self._nonfinite_armed = True  # finite again: re-arm
@@ -765,6 +829,7 @@ class CurvatureMonitor:
             self._emit({"step": self.step_count}, events)
             if self.adaptive:  # a cheap signal jumped: check the curvature at the next step
                 self._next_check = min(self._next_check, self.step_count + 1)
+                self._watch = True
         return events
 
     def _snapshot(self) -> None:
@@ -836,13 +901,25 @@ class CurvatureMonitor:
         # trending down), and either the ratio not pulled back (within the check's accuracy
         # tol) or, held back by a preconditioner that grows with the blow-up (Adam's v),
         # the loss above its value at the first check (all progress lost)
+        # earlier loss values: the checks of the window and the training losses recorded
+        # since its start (the training loss of step s is at the parameters before step s's
+        # update: the first check already has the loss before training as its reference)
+        since = tr.steps[-self.window - 1] if len(tr.steps) > self.window else -1
         recent = [v for v in tr.losses[-self.window - 1:-1] if math.isfinite(v)]
+        trained = [v for s, v in self.history.get("loss", []) if s > since and math.isfinite(v)]
+        recent += trained
         new_high = loss is not None and bool(recent) and loss > max(recent)
-        first_loss = next((v for v in tr.losses if math.isfinite(v)), math.nan)
+        first_loss = next((v for v in ([v for _, v in self.history.get("loss", [])[:1]]
+                                       + tr.losses) if math.isfinite(v)), math.nan)
         held = prev_ratio is not None and ratio >= (1 - self.tol) * prev_ratio
         rising = new_high and (held or (loss is not None and loss > first_loss))
         tr.suspicious = tr.suspicious + 1 if (ratio >= c and rising) else 0
-        if tr.suspicious >= self.confirm:
+        # no time to confirm: the loss, on its observed growth, blows up before the next
+        # check (one step on) could confirm it
+        ahead_blowup = (self._blowup_forecast(tr)[1]
+                        if 0 < tr.suspicious < self.confirm and self.adaptive else None)
+        hurry = ahead_blowup is not None and ahead_blowup <= 1
+        if tr.suspicious >= self.confirm or hurry:
             regime = "runaway"
         elif ratio >= self.rearm * c:
             regime = "edge_of_stability"
@@ -863,6 +940,8 @@ class CurvatureMonitor:
                 "diverging", tr.name, ratio, c,
                 f"runaway: {tr.name} = {ratio:.3g} beyond the threshold {c:.3g} and not "
                 f"pulled back while the loss rose, at {tr.suspicious} consecutive checks"
+                + (" (not waiting for confirmation: on its growth the loss blows up before "
+                   "the next check)" if tr.suspicious < self.confirm else "")
                 + (f"; the loss reaches 10x its first value at step {at:.0f} "
                    f"({ahead:.0f} steps ahead) on its trend" if at is not None else ""),
                 at, conf, regime))
@@ -889,14 +968,23 @@ class CurvatureMonitor:
         return events
 
     def _blowup_forecast(self, tr: _Tracker) -> tuple[float | None, float | None, float | None]:
-        """When the monitor-batch loss, on the exponential trend of the last checks,
-        reaches 10x its value at the first check: ``(step, steps ahead, P(rising))``."""
+        """When the loss, on the exponential trend of the last ``confirm + 1`` checks'
+        monitor-batch losses and the training losses recorded since the check before them
+        (the training loss of step ``s`` is placed at ``s - 1``: it is taken before step
+        ``s``'s update), reaches 10x the first loss observed: ``(step, steps ahead,
+        P(rising))``."""
         k = self.confirm + 1
-        steps, losses = tr.steps[-k:], tr.losses[-k:]
-        first = next((v for v in tr.losses if math.isfinite(v) and v > 0), None)
-        if first is None or not all(math.isfinite(v) and v > 0 for v in losses):
+        i0 = max(0, len(tr.steps) - k)
+        since = tr.steps[i0 - 1] if i0 > 0 else 0
+        points = list(zip(tr.steps[i0:], tr.losses[i0:]))
+        points += [(s - 1, v) for s, v in self.history.get("loss", [])
+                   if since <= s - 1 < self.step_count]
+        observed = [v for _, v in self.history.get("loss", [])[:1]] + tr.losses
+        first = next((v for v in observed if math.isfinite(v) and v > 0), None)
+        if first is None or not all(math.isfinite(v) and v > 0 for _, v in points):
             return None, None, None
-        trend = linear_trend(steps, [math.log(v) for v in losses])
+        points.sort()
+        trend = linear_trend([s for s, _ in points], [math.log(v) for _, v in points])
         if trend is None or not trend.slope > 0:
             return None, None, None
         at = max(float(self.step_count),

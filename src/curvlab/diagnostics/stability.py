@@ -9,6 +9,15 @@ optimizers the relevant curvature is the *preconditioned sharpness*
 second-moment state (Cohen et al., "Adaptive gradient methods at the edge of
 stability", 2022).
 
+Coordinates whose second moment is exactly 0 (they never received a nonzero gradient:
+embedding rows of tokens absent from training, parameters a mask or the architecture cuts
+off) are not governed: ``P = inf`` there, so ``P^{-1/2} = 0`` projects them out of the
+preconditioned operator. Frozen at ``P = eps`` they would count with ``1 / eps`` (1e8 for
+Adam) and the Hessian there, real or rounding noise, would dominate the ratio; yet the
+frozen-``P`` model does not describe them: the first gradient sets ``v = (1 - b2) g^2``,
+so Adam's first step there is ``lr (1 - b1) / sqrt(1 - b2)`` in size whatever the
+curvature.
+
 Also here: the Newton decrement, the relative update size and the minibatch gradient
 noise.
 """
@@ -142,8 +151,15 @@ def _step_of(state: dict) -> float:
     return float(step)
 
 
+def _ungoverned(P: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+    """``P`` with ``inf`` where the second moment is exactly 0 (never a nonzero gradient:
+    projected out of the preconditioned operator, see the module docstring)."""
+    return P.masked_fill(second_moment == 0, math.inf)
+
+
 def _adam_diag(group: dict, state: dict) -> tuple[torch.Tensor, float] | None:
-    """``(P, lr factor)``: Adam divides ``m / (1 - b1^t)`` by ``sqrt(v / (1 - b2^t)) + eps``."""
+    """``(P, lr factor)``: Adam divides ``m / (1 - b1^t)`` by ``sqrt(v / (1 - b2^t)) + eps``
+    (``inf`` where ``v = 0``)."""
     if "exp_avg_sq" not in state:
         return None
     b1, b2 = group["betas"]
@@ -151,14 +167,15 @@ def _adam_diag(group: dict, state: dict) -> tuple[torch.Tensor, float] | None:
     v = state.get("max_exp_avg_sq", state["exp_avg_sq"]) if group.get("amsgrad") else \
         state["exp_avg_sq"]
     v_hat = v / (1 - b2 ** t) if t > 0 else v
-    return v_hat.sqrt() + group["eps"], 1.0 / (1 - b1 ** t) if t > 0 else 1.0
+    return _ungoverned(v_hat.sqrt() + group["eps"], v), 1.0 / (1 - b1 ** t) if t > 0 else 1.0
 
 
 def _adamax_diag(group: dict, state: dict) -> tuple[torch.Tensor, float] | None:
     if "exp_inf" not in state:
         return None
     t = _step_of(state)
-    return state["exp_inf"] + group["eps"], 1.0 / (1 - group["betas"][0] ** t) if t > 0 else 1.0
+    return (_ungoverned(state["exp_inf"] + group["eps"], state["exp_inf"]),
+            1.0 / (1 - group["betas"][0] ** t) if t > 0 else 1.0)
 
 
 def _rmsprop_diag(group: dict, state: dict) -> tuple[torch.Tensor, float] | None:
@@ -167,14 +184,15 @@ def _rmsprop_diag(group: dict, state: dict) -> tuple[torch.Tensor, float] | None
     v = state["square_avg"]
     if group.get("centered") and "grad_avg" in state:
         v = v - state["grad_avg"] ** 2
-    return v.clamp_min(0).sqrt() + group["eps"], 1.0
+    return _ungoverned(v.clamp_min(0).sqrt() + group["eps"], state["square_avg"]), 1.0
 
 
 def _adagrad_diag(group: dict, state: dict) -> tuple[torch.Tensor, float] | None:
     if "sum" not in state:
         return None
     t = _step_of(state)
-    return state["sum"].sqrt() + group["eps"], 1.0 / (1 + max(t - 1, 0) * group.get("lr_decay", 0))
+    return (_ungoverned(state["sum"].sqrt() + group["eps"], state["sum"]),
+            1.0 / (1 + max(t - 1, 0) * group.get("lr_decay", 0)))
 
 
 def _group_scaled(opt: Any, threshold_of: Callable, diag_of: Callable | None
@@ -198,13 +216,22 @@ def _group_scaled(opt: Any, threshold_of: Callable, diag_of: Callable | None
         scale = math.sqrt(share)
         if diag_of is None:
             return v * scale
-        diag = diag_of(group, opt.state.get(param, {}))
-        if diag is None:
-            raise ValueError("the optimizer has no second-moment state yet; take at least one "
-                             "optimizer step first")
-        P, lr_factor = diag
-        return v * (P.to(v.dtype).rsqrt() * (scale * math.sqrt(lr_factor)))
+        state = opt.state.get(param, {})
+        # the diagonal is kept until the optimizer changes the state (tensor versions count
+        # in-place updates): a Lanczos run applies it twice per product
+        key = (v.dtype, tuple((k, id(t), t._version) if isinstance(t, torch.Tensor)
+                              else (k, t) for k, t in state.items()))
+        hit = cache.get(id(param))
+        if hit is None or hit[0] != key:
+            diag = diag_of(group, state)
+            if diag is None:
+                raise ValueError("the optimizer has no second-moment state yet; take at least "
+                                 "one optimizer step first")
+            P, lr_factor = diag
+            hit = cache[id(param)] = (key, P.to(v.dtype).rsqrt() * (scale * math.sqrt(lr_factor)))
+        return v * hit[1]
 
+    cache: dict[int, tuple[Any, torch.Tensor]] = {}
     return inv_sqrt
 
 
@@ -260,7 +287,8 @@ def gd_stability(sharpness: float, lr: float, threshold: float = 2.0) -> Stabili
 def adam_preconditioner(op: Any, optimizer: Any) -> torch.Tensor:
     """The flat diagonal ``P = sqrt(v / (1 - b2^t)) + eps`` that an Adam-like optimizer
     (torch's Adam, AdamW, NAdam, RAdam; wrappers unwrapped) divides its step by, in the
-    operator's parameter order (from ``optimizer.state``)."""
+    operator's parameter order (from ``optimizer.state``); ``inf`` where ``v = 0`` (not
+    governed, see the module docstring)."""
     objective = getattr(op, "objective", None)
     if objective is None:
         raise TypeError("op must be a curvature operator built on the optimizer's model "
@@ -285,7 +313,8 @@ def adam_preconditioner(op: Any, optimizer: Any) -> torch.Tensor:
 
 def preconditioned_operator(op: Any, preconditioner: Any) -> Any:
     """The symmetric ``P^{-1/2} H P^{-1/2}`` (same eigenvalues as ``P^{-1} H``) for
-    ``preconditioner`` a positive flat diagonal ``P`` (a tensor), a
+    ``preconditioner`` a positive flat diagonal ``P`` (a tensor; ``inf`` entries project
+    their coordinates out), a
     :class:`~curvlab.optim.stability.StabilityModel` (its ``inv_sqrt_preconditioner``,
     parameter by parameter) or an optimizer (through :func:`stability_model`)."""
     A = as_operator(op)
