@@ -235,3 +235,28 @@ def test_one_process_gets_the_local_distributor_and_bad_modes_are_refused():
     assert type(opt.distributor) is BlockDistributor and opt.timings is opt.distributor.timings
     with pytest.raises(ValueError, match="distributed_mode"):
         Shampoo([p], distributed_mode="ring")
+
+
+def test_an_incomplete_preconditioner_is_refused_at_construction():
+    """The declared interface is checked when the optimizer is built (naming the missing
+    hooks), not at the first step that needs one."""
+    from curvlab.optim.preconditioners import BlockedPreconditionerOptimizer
+
+    class NoPrecondition(BlockedPreconditionerOptimizer):
+        def _init_block_state(self, group, shape, n, dtype, device):
+            return {}
+
+        def _init_diagonal_state(self, group, n, dtype, device):
+            return {}
+
+        def _update_statistics(self, group, st, G, step):
+            pass
+
+        def _diagonal_direction(self, group, st, g, step):
+            return g
+
+    defaults = dict(lr=0.1, weight_decay=0.0, max_preconditioner_dim=8, merge_dims=True,
+                    precondition_frequency=1, start_preconditioning_step=1,
+                    diagonal_threshold=None, max_state_ratio=8.0)
+    with pytest.raises(TypeError, match="_refresh_blocks, _precondition"):
+        NoPrecondition([torch.zeros(3, 3, requires_grad=True)], defaults)

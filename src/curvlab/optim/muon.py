@@ -29,7 +29,7 @@ float32, or float64 for float64 parameters: bfloat16 matmuls are slower than flo
 Data parallel (``process_group``): under DDP the Newton–Schulz work is split over the ranks
 (each matrix has an owner by a longest-processing-time schedule over ``A B min(A, B)``) and
 the orthogonalized updates are all-gathered, so each rank runs about ``1/world_size`` of it
-(:mod:`curvlab.optim.distributors.collectives`). Under FSDP2 (``fully_shard``, DTensor
+(:mod:`curvlab.optim.distributors.matrices`). Under FSDP2 (``fully_shard``, DTensor
 parameters) the iteration must see the whole matrix, not a shard: each matrix's row shards
 are sent to its owner only (one all-to-all for all matrices), the owner orthogonalizes it
 and sends every rank its rows of the result (a second all-to-all), so no rank materializes

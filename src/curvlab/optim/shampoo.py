@@ -105,7 +105,7 @@ class Shampoo(BlockedPreconditionerOptimizer):
             no limit, a warning states the cost).
         process_group, distributed_mode: under DDP, share the root refreshes over the ranks
             of this group (``"default"`` or a ``ProcessGroup``); ``"allgather"`` also splits
-            the state and works with FSDP2; see :mod:`curvlab.optim.distributors.collectives`.
+            the state and works with FSDP2; see :mod:`curvlab.optim.distributors.blocks`.
     """
 
     def __init__(

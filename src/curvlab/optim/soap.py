@@ -103,7 +103,7 @@ class SOAP(BlockedPreconditionerOptimizer):
             previous basis (counted in :meth:`stats`).
         factor_dtype, compute_dtype: dtype of state / of the eigendecompositions.
         process_group, distributed_mode: under DDP, share the eigenbasis refreshes over the
-            ranks of this group; see :mod:`curvlab.optim.distributors.collectives`.
+            ranks of this group; see :mod:`curvlab.optim.distributors.blocks`.
     """
 
     def __init__(

@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["BlockedPreconditionerOptimizer"]
 
 _LOGGED_RATIOS: set = set()
+_DIAGONAL_HOOKS = ("_init_diagonal_state", "_diagonal_direction")
+_BLOCK_HOOKS = ("_init_block_state", "_update_statistics", "_refresh_blocks", "_precondition")
 _SMALL_FACTORS = 1 << 20  # factor elements never worth a diagonal fallback (4 MiB float32)
 
 
@@ -89,6 +91,13 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
                  compute_dtype: torch.dtype = torch.float64, process_group: Any = None,
                  distributed_mode: str = "broadcast") -> None:
         name = type(self).__name__
+        hooks = _DIAGONAL_HOOKS if self.diagonal_only else _DIAGONAL_HOOKS + _BLOCK_HOOKS
+        missing = [h for h in hooks
+                   if getattr(type(self), h) is getattr(BlockedPreconditionerOptimizer, h)]
+        if missing:
+            raise TypeError(f"{name} does not implement the preconditioner interface: "
+                            f"{', '.join(missing)} (a purely diagonal method sets "
+                            "diagonal_only = True and implements the diagonal hooks only)")
         if factor_dtype is not None and factorization_dtype(factor_dtype) is not None:
             raise ValueError(f"{name}: factor_dtype={factor_dtype} "
                              f"{factorization_dtype(factor_dtype)}")
@@ -119,33 +128,33 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
     def _init_block_state(self, group: dict, shape: tuple[int, ...], n: int,
                           dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         """Zero state of ``n`` stacked blocks of ``shape`` (each entry's first dim is ``n``)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _init_block_state")
 
     def _init_diagonal_state(self, group: dict, n: int, dtype: torch.dtype,
                              device: torch.device) -> dict[str, Tensor]:
         """Zero state of ``n`` concatenated diagonal-method elements (flat entries)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _init_diagonal_state")
 
     def _update_statistics(self, group: dict, st: dict[str, Tensor], G: Tensor,
                            step: int) -> None:
         """Fold the stacked gradient blocks ``G`` (n, *shape) into the statistics ``st``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _update_statistics")
 
     def _refresh_blocks(self, group: dict, st: dict[str, Tensor], step: int) -> None:
         """The amortized work on the stacked blocks ``st`` (roots, eigenbases), through
         :meth:`_refresh` so that the distributor can split it; runs when due."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _refresh_blocks")
 
     def _precondition(self, group: dict, st: dict[str, Tensor], G: Tensor,
                       step: int) -> Tensor:
         """The direction of the stacked gradient blocks ``G`` (n, *shape)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _precondition")
 
     def _diagonal_direction(self, group: dict, st: dict[str, Tensor], g: Tensor,
                             step: int) -> Tensor:
         """Update the statistics of the diagonal-method elements ``g`` (flat) and return
         their direction."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _diagonal_direction")
 
     def _block_direction(self, group: dict, st: dict[str, Tensor], G: Tensor,
                          step: int) -> Tensor:
