@@ -508,3 +508,125 @@ def test_a_jump_that_finds_the_ratio_at_the_edge_is_watched_closely():
     after = [c["step"] for c in mon.checks if c["step"] > jump]
     assert after[:5] == [jump + 1, jump + 2, jump + 4, jump + 8, jump + 16]
     assert all(e.kind != "diverging" for e in mon.events)  # stable at 1.75 < 2
+
+
+def test_preconditioner_samples_count_the_gradients_in_the_second_moment():
+    """``ema_samples`` is the inverse weight of the newest gradient in a bias-corrected EMA
+    (t early on, 1 / (1 - beta) in the limit); every adaptive rule reports it for its own
+    second moment, and a fixed preconditioner reports none."""
+    from curvlab.optim import SOAP, Muon, Shampoo
+    from curvlab.optim.stability import ema_samples
+
+    assert ema_samples(0.999, 0) == 0.0
+    assert ema_samples(1.0, 7) == 7.0
+    for beta, t in ((0.999, 3), (0.9, 5), (0.95, 400)):
+        w = [(1 - beta) * beta ** (t - 1 - i) for i in range(t)]  # EMA weights from zero
+        assert ema_samples(beta, t) == pytest.approx(sum(w) / w[-1], rel=1e-12)
+    model, loss_fn, X, y = _mlp()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert stability_model(sgd).preconditioner_samples is None
+    # SOAP's first step initializes the eigenbasis and restarts Adam: 2 gradients after 3
+    for make, b2, t in ((lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.99)), .99, 3),
+                        (lambda ps: Shampoo(ps, lr=1e-3), 0.999, 3),
+                        (lambda ps: SOAP(ps, lr=1e-3, betas=(0.95, 0.95)), 0.95, 2),
+                        (lambda ps: Muon(ps, lr=1e-3), 0.999, 3)):
+        model, loss_fn, X, y = _mlp()
+        opt = make(model.parameters())
+        _train(model, loss_fn, X, y, opt, 3)
+        n = stability_model(opt).preconditioner_samples()
+        assert n == pytest.approx(ema_samples(b2, t)), type(opt).__name__
+
+
+def test_an_unsettled_preconditioner_is_not_reported_as_a_crossing():
+    """Adam's first steps: v averages one or two gradients and the frozen-P ratio is far
+    beyond the threshold on a run that trains fine. Those checks are "unsettled", not
+    crossings; once v averages settle_samples gradients the ratio is judged again."""
+    model, loss_fn, X, y = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)  # step 1: ratio 54 (threshold 38)
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=1, adaptive=False)
+    _train(model, loss_fn, X, y, opt, 14, mon)
+    early = [c for c in mon.checks if c["step"] <= 10]  # (1 - 0.999^t) / 0.001 < 10
+    assert max(c["lr_preconditioned_sharpness"] for c in early) > 38  # beyond the threshold
+    assert {c["regime"] for c in early} == {"unsettled"}
+    assert [c["preconditioner_samples"] for c in early] == pytest.approx(
+        [(1 - 0.999 ** t) / 0.001 for t in range(1, 11)])
+    assert all(e.step > 10 for e in mon.events), [(e.step, e.kind) for e in mon.events]
+    assert {c["regime"] for c in mon.checks if c["step"] > 10} <= {
+        "stable", "sharpening", "edge_of_stability"}
+    assert not mon.warnings
+
+
+def test_a_loss_oscillating_far_above_its_start_after_a_spike_is_runaway():
+    """After a spike the loss oscillates below the spike's peak but far above where training
+    began, the ratio held beyond the threshold (recorded: AdamW lr 0.3 on the tiny GPT-2,
+    steps 581-582, which blew up at 590). A new high is not needed to confirm: the
+    progress of training is lost."""
+    model, loss_fn, X, y = _mlp()
+    mon = CurvatureMonitor(model, loss_fn, (X, y), lr=0.1)
+    _feed(mon, [1.0, 1.1, 1.0, 50.0, 2000.0], [3.3, 3.29, 3.28, 22.9, 18.4])
+    assert [(e.step, e.kind, e.regime) for e in mon.warnings] == [(1000, "diverging", "runaway")]
+    assert "progress of training is lost" in mon.warnings[0].message
+    # pulled back below the threshold while the loss recovers: no confirmation
+    mon = CurvatureMonitor(model, loss_fn, (X, y), lr=0.1)
+    _feed(mon, [1.0, 1.1, 1.0, 50.0, 1.5], [3.3, 3.29, 3.28, 22.9, 18.4])
+    assert not mon.warnings
+
+
+def test_a_check_records_the_largest_output_of_the_monitor_batch():
+    """``output_max`` is max |model(batch)| at the checked parameters (a language model's
+    logits from its output object), from the check's own forward."""
+    model, loss_fn, X, y = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=3, adaptive=False)
+    _train(model, loss_fn, X, y, opt, 3, mon)
+    with torch.no_grad():
+        assert mon.checks[-1]["output_max"] == pytest.approx(float(model(X).abs().max()),
+                                                              rel=1e-12)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=8)
+    torch.manual_seed(0)
+    lm = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 40, (2, 8))
+    batch = {"input_ids": ids, "labels": ids}
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-3)
+    mon = CurvatureMonitor(lm, None, batch, optimizer=opt, every=1, adaptive=False)
+    opt.zero_grad()
+    out = lm(**batch)
+    out.loss.backward()
+    opt.step()
+    mon.step(out.loss)
+    lm.eval()
+    with torch.no_grad():
+        expected = float(lm(**batch).logits.abs().max())
+    assert mon.checks[-1]["output_max"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_loss_back_at_its_start_after_training_is_progress_lost_whatever_the_ratio():
+    """Recorded shape (bench scenario (c), SGD momentum warmed up over 6000 steps to an
+    over-aggressive peak): the loss fell to 0.16, a catapult threw the CNN into a flat region
+    at chance level (2.3 = ln 10) with lr x sharpness 0.2 against 3.8, and the loss exploded
+    3400 steps later. The return to the start is the warning; the ratio cannot give it."""
+    model, loss_fn, X, y = _mlp()
+    mon = CurvatureMonitor(model, loss_fn, (X, y), lr=0.1)
+    _feed(mon, [0.1, 0.5, 0.8, 1.0, 0.2, 0.3], [2.29, 1.36, 0.16, 1.8, 2.33, 2.4])
+    assert [(e.step, e.kind, e.regime) for e in mon.warnings] == [
+        (1000, "progress_lost", "progress_lost")]
+    assert mon.checks == [] and mon.regime == "progress_lost"
+    # it re-arms once the loss is back below half the progress, and fires again
+    _feed_more = [(0.3, 0.5), (0.3, 2.35)]
+    (tr,) = mon._trackers.values()
+    for r, L in _feed_more:
+        mon.step_count += 200
+        mon._stability_events(tr, r, L, {})
+    assert [e.step for e in mon.warnings] == [1000, 1600]
+    # a healthy run's noise (the loss rising back part of the way) is not lost progress
+    mon = CurvatureMonitor(model, loss_fn, (X, y), lr=0.1)
+    _feed(mon, [0.1, 0.5, 0.8, 1.0, 0.9, 0.9], [2.29, 1.36, 0.6, 1.5, 1.9, 1.2])
+    assert not mon.warnings
+    # nor is the bounce of an adaptive preconditioner still forming (Adam's first steps;
+    # recorded: AdamW lr 0.1 on the tiny GPT-2 at step 4, a run that then trained)
+    mon = CurvatureMonitor(model, loss_fn, (X, y), lr=0.1)
+    mon.stability = StabilityModel("adam", 0.1, 2.0, None, "forming",
+                                   preconditioner_samples=lambda: 4.0)
+    _feed(mon, [0.1, 0.5, 0.8, 1.0, 0.2, 0.3], [2.29, 1.36, 0.16, 1.8, 2.33, 2.4])
+    assert not mon.warnings

@@ -12,7 +12,10 @@ the step before) and the parameter norm ``||theta_{t-1}||`` (AdamW at too high a
 rate on a tiny GPT-2: the norm, falling under weight decay for 500 steps, turned and grew
 70% in the 50 steps before the loss spiked; the output logits grew only with the spike).
 At each *check*: the optimizer's stability ratio on a fixed *monitor batch* (so
-successive checks see the same function). The optimizer's rule comes from
+successive checks see the same function), the loss there (``check_loss``), the largest
+output magnitude (``output_max``: the logits of a classifier or language model, from the
+forward the check runs anyway) and how many gradients the preconditioner averages
+(``preconditioner_samples``). The optimizer's rule comes from
 :func:`~curvlab.diagnostics.stability.stability_model` (wrappers unwrapped; curvlab's
 optimizers declare theirs; torch's SGD / Adam family / RMSprop / Adagrad are known): the
 step is stable on the local quadratic iff ``lr x lambda_max(P^{-1/2} H P^{-1/2}) <
@@ -43,16 +46,30 @@ Regimes (``record["regime"]`` and every event's ``regime``):
   and adaptive methods train there for long stretches while the loss falls (Cohen et al.,
   ICLR 2021; "Adaptive gradient methods at the edge of stability", 2022), so this is not a
   warning.
-* ``"runaway"``: at ``confirm`` consecutive checks, the ratio above the threshold and the
-  monitor-batch loss at a new high over the last ``window`` checks (at the edge of
-  stability it fluctuates but trends down, below its earlier values), while either the
-  ratio is *not* pulled back (within ``tol``) or the loss is above its value at the first
-  check (all progress lost: an adaptive preconditioner can pull the ratio back while the
-  loss still explodes): the dynamics failed to self-stabilize. A suspicious check is
+* ``"runaway"``: at ``confirm`` consecutive checks, the ratio above the threshold and
+  either the monitor-batch loss at a new high over the last ``window`` checks (at the edge
+  of stability it fluctuates but trends down, below its earlier values) with the ratio
+  *not* pulled back (within ``tol``), or the loss above its value at the first check (all
+  progress lost) and either at a new high or the ratio not pulled back (an adaptive
+  preconditioner can pull the ratio back while the loss still explodes; after a spike the
+  loss oscillates far above where training was, below the spike's peak): the dynamics
+  failed to self-stabilize. A suspicious check is
   followed by another at the next step; when the loss, on its observed growth (the
   blow-up forecast below, which also uses the training losses recorded since the
   previous checks), reaches 10x its first value before that next check, the first
   suspicious check is runaway already (no time to confirm).
+* ``"unsettled"``: the optimizer's preconditioner averages fewer than ``settle_samples``
+  gradients (Adam's first ~10 steps). The rule freezes ``P``; while one gradient is a large
+  part of ``v`` a growing oscillation raises ``P`` at once, and the ratio of healthy AdamW
+  runs measured 1e3-1e6 x the threshold there. The ratio is recorded, not forecast from
+  and not reported as a crossing; only a loss that blows up before the next check (below)
+  makes it runaway.
+* ``"progress_lost"``: the monitor-batch loss is back at its value at the start (within
+  10% of the progress made) after training had lowered it by at least 10%, whatever the
+  ratio, once the preconditioner is settled (AdamW at lr 0.1 on the tiny GPT-2 bounced
+  back at step 4, then trained): SGD with momentum warmed up too fast catapults a CNN into a flat region at chance
+  level (loss 0.16 back to 2.3 = ln 10, lr x sharpness 0.2 against 3.8) thousands of steps
+  before the loss explodes.
 * ``"nonfinite"``: parameters, loss, gradients or curvature are NaN / inf.
 
 Events (``monitor.events``, logging, the JSONL file, TensorBoard, callbacks) carry
@@ -69,6 +86,8 @@ and ``confidence``:
   cannot undo a schedule that pushes ``lr`` past ``threshold / sharpness``.
 * ``"crossed"``: the ratio passed the threshold (regime edge of stability until proven
   otherwise); information, or a warning when driven by the schedule (as above).
+* ``"progress_lost"`` (warning): the regime above; re-armed once the loss is back below
+  half the progress.
 * ``"diverging"`` (warning): the runaway regime; the forecast is the step at which the
   monitor-batch loss, on its current exponential trend, exceeds 10x its value at the first
   check.
@@ -132,7 +151,8 @@ __all__ = ["CurvatureMonitor", "MonitorEvent", "forecast_crossing", "linear_tren
 
 log = logging.getLogger(__name__)
 
-SEVERITY = {"diverging": "warning", "nonfinite": "error", "check_failed": "error"}
+SEVERITY = {"diverging": "warning", "progress_lost": "warning", "nonfinite": "error",
+            "check_failed": "error"}
 
 
 @dataclass
@@ -226,27 +246,39 @@ def forecast_crossing(steps: Iterable[float], values: Iterable[float], threshold
 
 
 class _RecordingHessian(HessianOperator):
-    """The Hessian of the single monitor batch that also keeps the loss and gradient of the
-    graph it records (for ``rho`` without a second forward/backward at the same point)."""
+    """The Hessian of the single monitor batch that also keeps the loss, gradient and the
+    largest output magnitude of the graph it records (for ``rho`` without a second
+    forward/backward at the same point)."""
 
     loss: torch.Tensor | None = None
     grad: dict[str, torch.Tensor] | None = None
+    output_max: torch.Tensor | None = None
 
     def refresh(self) -> None:
         super().refresh()
-        self.loss = self.grad = None
+        self.loss = self.grad = self.output_max = None
 
     def release(self) -> None:
         """Drop the recorded graph, the loss, gradient and parameter copy between checks."""
         self._product = None
-        self.loss = self.grad = None
+        self.loss = self.grad = self.output_max = None
         self.point = {}
 
     def _batch_product(self, inputs: Any, targets: torch.Tensor):
         obj = self.objective
-        with obj.mode():
-            loss, grad, product = hvp_fn(lambda p: obj.batch_loss(p, inputs, targets),
-                                         self.point)
+
+        def record_output(module: Any, args: Any, out: Any) -> None:
+            logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+            if isinstance(logits, torch.Tensor) and logits.is_floating_point():
+                self.output_max = logits.detach().abs().amax()
+
+        hook = obj.model.register_forward_hook(record_output)
+        try:
+            with obj.mode():
+                loss, grad, product = hvp_fn(lambda p: obj.batch_loss(p, inputs, targets),
+                                             self.point)
+        finally:
+            hook.remove()
         self.loss, self.grad = loss, grad
         return product
 
@@ -262,9 +294,12 @@ class _Tracker:
     losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     suspicious: int = 0
+    unsettled: bool = False
+    best_loss: float = math.inf
     armed: dict[str, bool] = field(default_factory=lambda: {"approaching": True,
                                                             "crossed": True,
-                                                            "diverging": True})
+                                                            "diverging": True,
+                                                            "progress_lost": True})
 
 
 def _batch_statistics(model: Any) -> bool:
@@ -323,6 +358,10 @@ class CurvatureMonitor:
         min_ratio: an ``"approaching"`` event needs the ratio at ``min_ratio`` x threshold.
         confirm: consecutive suspicious checks (ratio and loss rising beyond the
             threshold) that make the runaway regime.
+        settle_samples: the preconditioner is settled once its statistics average this
+            many gradients (:attr:`~curvlab.optim.stability.StabilityModel.preconditioner_samples`;
+            Adam: ``(1 - b2^t) / (1 - b2)``, i.e. ``t`` early on); before, the regime is
+            ``"unsettled"`` (module docstring).
         adaptive: check early and more often when a crossing is near or the ratio and the
             loss rise beyond the threshold (module docstring); False checks exactly every
             ``every`` steps.
@@ -360,6 +399,7 @@ class CurvatureMonitor:
                  tol: float = 3e-2, window: int = 5,
                  horizon: int | None = None, confidence: float = 0.9,
                  min_ratio: float = 0.5, rearm: float = 0.8, confirm: int = 2,
+                 settle_samples: float = 10.0,
                  adaptive: bool = True, stop_on_nonfinite: bool = True,
                  plain_sharpness: bool | None = None,
                  jump_factor: float = 5.0, jump_warmup: int = 5, smoothing: float = 0.8,
@@ -388,6 +428,9 @@ class CurvatureMonitor:
         self.track_every = track_every
         self.window, self.min_ratio, self.rearm = window, min_ratio, rearm
         self.confirm, self.adaptive = confirm, bool(adaptive)
+        if not settle_samples >= 0:
+            raise ValueError(f"settle_samples must be >= 0, got {settle_samples!r}")
+        self.settle_samples = float(settle_samples)
         self.plain_sharpness = plain_sharpness
         self.stop_on_nonfinite, self.stopped = bool(stop_on_nonfinite), False
         self.horizon = 30 * every if horizon is None else horizon
@@ -587,6 +630,8 @@ class CurvatureMonitor:
                           sharpness=plam)
         if op.loss is not None:
             values["check_loss"] = float(op.loss)
+        if op.output_max is not None:
+            values["output_max"] = float(op.output_max)
         if self.quadratic_fit and self._check_prev_step == self.step_count - 1:
             fit = self._update_fit(op)
             record["num_hvps"] += 1
@@ -862,6 +907,13 @@ class CurvatureMonitor:
                           record: dict[str, Any]) -> list[MonitorEvent]:
         """Forecast, regime and events of one stability ratio at a check (module
         docstring)."""
+        samples = self.stability.preconditioner_samples
+        n = samples() if samples is not None else math.inf
+        settled = n >= self.settle_samples
+        record["preconditioner_samples"] = n
+        if settled and tr.unsettled:  # the ratios so far were not stability bounds
+            tr.steps.clear(), tr.ratios.clear(), tr.losses.clear(), tr.lrs.clear()
+        tr.unsettled = not settled
         prev_ratio = tr.ratios[-1] if tr.ratios else None
         tr.steps.append(self.step_count)
         tr.ratios.append(ratio)
@@ -912,15 +964,34 @@ class CurvatureMonitor:
         first_loss = next((v for v in ([v for _, v in self.history.get("loss", [])[:1]]
                                        + tr.losses) if math.isfinite(v)), math.nan)
         held = prev_ratio is not None and ratio >= (1 - self.tol) * prev_ratio
-        rising = new_high and (held or (loss is not None and loss > first_loss))
+        lost = loss is not None and loss > first_loss
+        rising = (new_high and held) or (lost and (new_high or held))
         tr.suspicious = tr.suspicious + 1 if (ratio >= c and rising) else 0
         # no time to confirm: the loss, on its observed growth, blows up before the next
-        # check (one step on) could confirm it
+        # check (one step on) could confirm it; while the preconditioner is not settled
+        # (its ratio is not a stability bound yet) this is the only way to a runaway
         ahead_blowup = (self._blowup_forecast(tr)[1]
-                        if 0 < tr.suspicious < self.confirm and self.adaptive else None)
+                        if tr.suspicious > 0 and (tr.suspicious < self.confirm or not settled)
+                        and self.adaptive else None)
         hurry = ahead_blowup is not None and ahead_blowup <= 1
-        if tr.suspicious >= self.confirm or hurry:
+        # progress lost: the monitor-batch loss is back at its start after training had
+        # lowered it (by at least 10%): 90% of the progress undone, whatever the ratio
+        # (a catapult into a flat region at chance level measures a small sharpness);
+        # not while an adaptive preconditioner is forming (Adam's first steps bounce)
+        if loss is not None and math.isfinite(loss):
+            tr.best_loss = min(tr.best_loss, loss)
+        progress = first_loss - tr.best_loss
+        significant = math.isfinite(progress) and progress >= 0.1 * abs(first_loss)
+        lost_progress = (settled and significant and loss is not None
+                         and loss >= first_loss - 0.1 * progress)
+        if significant and loss is not None and loss < first_loss - 0.5 * progress:
+            tr.armed["progress_lost"] = True
+        if (tr.suspicious >= self.confirm and settled) or hurry:
             regime = "runaway"
+        elif lost_progress:
+            regime = "progress_lost"
+        elif not settled:
+            regime = "unsettled"
         elif ratio >= self.rearm * c:
             regime = "edge_of_stability"
         elif cautious is not None and cautious - self.step_count <= self.horizon:
@@ -936,16 +1007,26 @@ class CurvatureMonitor:
         if regime == "runaway" and tr.armed["diverging"]:
             tr.armed["diverging"] = tr.armed["crossed"] = tr.armed["approaching"] = False
             at, ahead, conf = self._blowup_forecast(tr)
+            why = ("not pulled back while the loss rose" if new_high and held else
+                   f"while the loss ({loss:.3g}) is above its first value ({first_loss:.3g}): "
+                   "the progress of training is lost")
             events.append(self._event(
                 "diverging", tr.name, ratio, c,
-                f"runaway: {tr.name} = {ratio:.3g} beyond the threshold {c:.3g} and not "
-                f"pulled back while the loss rose, at {tr.suspicious} consecutive checks"
+                f"runaway: {tr.name} = {ratio:.3g} beyond the threshold {c:.3g} {why}, at "
+                f"{tr.suspicious} consecutive checks"
                 + (" (not waiting for confirmation: on its growth the loss blows up before "
                    "the next check)" if tr.suspicious < self.confirm else "")
                 + (f"; the loss reaches 10x its first value at step {at:.0f} "
                    f"({ahead:.0f} steps ahead) on its trend" if at is not None else ""),
                 at, conf, regime))
-        elif ratio >= c and tr.armed["crossed"]:
+        elif regime == "progress_lost" and tr.armed["progress_lost"]:
+            tr.armed["progress_lost"] = False
+            events.append(self._event(
+                "progress_lost", "check_loss", loss, first_loss,
+                f"the monitor-batch loss {loss:.3g} is back at its start {first_loss:.3g} "
+                f"(training had lowered it to {tr.best_loss:.3g}): the progress is lost "
+                f"({tr.name} = {ratio:.3g}, threshold {c:.3g})"))
+        elif ratio >= c and tr.armed["crossed"] and settled:
             tr.armed["crossed"] = tr.armed["approaching"] = False
             events.append(self._event(
                 "crossed", tr.name, ratio, c,
@@ -954,7 +1035,7 @@ class CurvatureMonitor:
                    "warmup)" if schedule else
                    "(edge of stability: watching whether it self-stabilizes)"),
                 self.step_count, 1.0, "edge_of_stability", level))
-        elif (tr.armed["approaching"] and len(tr.ratios) >= min(3, self.window)
+        elif (settled and tr.armed["approaching"] and len(tr.ratios) >= min(3, self.window)
               and ratio >= self.min_ratio * c and cautious is not None and predicted is not None
               and cautious - self.step_count <= self.horizon):
             tr.armed["approaching"] = False
@@ -971,8 +1052,8 @@ class CurvatureMonitor:
         """When the loss, on the exponential trend of the last ``confirm + 1`` checks'
         monitor-batch losses and the training losses recorded since the check before them
         (the training loss of step ``s`` is placed at ``s - 1``: it is taken before step
-        ``s``'s update), reaches 10x the first loss observed: ``(step, steps ahead,
-        P(rising))``."""
+        ``s``'s update), from the last of them within 20% of their minimum on (at least
+        three), reaches 10x the first loss observed: ``(step, steps ahead, P(rising))``."""
         k = self.confirm + 1
         i0 = max(0, len(tr.steps) - k)
         since = tr.steps[i0 - 1] if i0 > 0 else 0
@@ -984,6 +1065,11 @@ class CurvatureMonitor:
         if first is None or not all(math.isfinite(v) and v > 0 for _, v in points):
             return None, None, None
         points.sort()
+        # the rise: from the last point still at the floor of these losses (within the 20%
+        # of mini-batch noise) on; a spike after a long plateau is not averaged with it
+        floor = min(v for _, v in points)
+        start = max(i for i, (_, v) in enumerate(points) if v <= 1.2 * floor)
+        points = points[max(0, min(start, len(points) - 3)):]
         trend = linear_trend([s for s, _ in points], [math.log(v) for _, v in points])
         if trend is None or not trend.slope > 0:
             return None, None, None

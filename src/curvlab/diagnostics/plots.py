@@ -99,8 +99,9 @@ def plot_monitor(monitor: Any, path: str | os.PathLike, *,
                  title: str = "Training loss and stability") -> str:
     """Two panels sharing the step axis: the training loss (log scale) and the stability
     ratio (``lr x sharpness``, or ``lr x`` the preconditioned sharpness) with its
-    threshold. Checks in the runaway regime are shaded red, at the edge of stability
-    yellow; warnings (``diverging``, ``nonfinite``, ``check_failed``) are red lines with
+    threshold. Checks in the runaway regime are shaded red, with the progress lost purple,
+    at the edge of stability yellow, with the preconditioner not settled yet grey; warnings
+    (``diverging``, ``progress_lost``, ``nonfinite``, ``check_failed``) are red lines with
     their forecast step (a dashed red line), information events grey (triangles for
     ``approaching``, crosses for ``crossed``, dotted lines for jumps)."""
     fig, axes = _figure(2, 1, size=(7.5, 6.0), sharex=True)
@@ -121,7 +122,8 @@ def plot_monitor(monitor: Any, path: str | os.PathLike, *,
                       color=colors[name], label=name.replace("_", " "))
         if math.isfinite(monitor.thresholds[name]):
             ax_ratio.axhline(monitor.thresholds[name], ls="--", color=colors[name], lw=0.8)
-    shade = {"runaway": "red", "edge_of_stability": "gold"}
+    shade = {"runaway": "red", "progress_lost": "purple", "edge_of_stability": "gold",
+             "unsettled": "0.6"}
     checks = [c for c in getattr(monitor, "checks", []) if "regime" in c]
     for prev, c in zip([None, *checks[:-1]], checks):
         if c["regime"] in shade:

@@ -37,7 +37,7 @@ from curvlab.linalg.estimators import quadratic_form
 from curvlab.linalg.krylov import EigenResult, lanczos
 from curvlab.linalg.operator import MatvecOperator, as_operator
 from curvlab.objective import Objective
-from curvlab.optim.stability import StabilityModel, momentum_threshold
+from curvlab.optim.stability import StabilityModel, ema_samples, momentum_threshold
 
 __all__ = ["stability_model", "unwrap_optimizer", "preconditioned_operator",
            "stability_threshold", "StabilityReport", "gd_stability", "stability_report",
@@ -116,12 +116,14 @@ def stability_model(optimizer: Any) -> StabilityModel:
         lr = float(opt.param_groups[0].get("lr", math.nan))
         return StabilityModel("gd", lr, 2.0, _group_scaled(opt, lambda g: 2.0, None),
                               f"unknown optimizer {name}: gradient-descent rule")
-    name, threshold_of, diag_of, note = rule
-    return _diagonal_model(opt, name, threshold_of, diag_of, note)
+    name, threshold_of, diag_of, note, samples_of = rule
+    return _diagonal_model(opt, name, threshold_of, diag_of, note, samples_of)
 
 
-def _torch_rule(opt: Any) -> tuple[str, Callable, Callable | None, str] | None:
-    """``(name, threshold(group), P_diag(group, state) or None, note)`` for torch's optimizers."""
+def _torch_rule(opt: Any) -> tuple[str, Callable, Callable | None, str, Callable | None] | None:
+    """``(name, threshold(group), P_diag(group, state) or None, note, samples(group, state)
+    or None)`` for torch's optimizers (``samples``: the gradients ``P``'s statistics
+    average, :func:`~curvlab.optim.stability.ema_samples`)."""
     if isinstance(opt, torch.optim.SGD):
         def sgd(g: dict) -> float:
             return momentum_threshold(g.get("momentum", 0.0), dampening=g.get("dampening", 0.0),
@@ -129,21 +131,34 @@ def _torch_rule(opt: Any) -> tuple[str, Callable, Callable | None, str] | None:
         g0 = opt.param_groups[0]
         name = ("nesterov" if g0.get("nesterov") else
                 "heavy_ball" if g0.get("momentum", 0.0) else "gd")
-        return name, sgd, None, "torch.optim.SGD on the local quadratic"
+        return name, sgd, None, "torch.optim.SGD on the local quadratic", None
     if isinstance(opt, _ADAM_TYPES):
         return ("adam", lambda g: momentum_threshold(g["betas"][0], ema=True), _adam_diag,
                 f"torch.optim.{type(opt).__name__}: P = sqrt(v / (1 - b2^t)) + eps frozen "
-                "(Cohen et al. 2022), lr / (1 - b1^t) for the momentum bias correction")
+                "(Cohen et al. 2022), lr / (1 - b1^t) for the momentum bias correction",
+                _beta2_samples("betas", 1))
     if isinstance(opt, torch.optim.Adamax):
         return ("adam", lambda g: momentum_threshold(g["betas"][0], ema=True), _adamax_diag,
-                "torch.optim.Adamax: P = u + eps (infinity-norm second moment) frozen")
+                "torch.optim.Adamax: P = u + eps (infinity-norm second moment) frozen",
+                _beta2_samples("betas", 1))
     if isinstance(opt, torch.optim.RMSprop):
         return ("rmsprop", lambda g: momentum_threshold(g.get("momentum", 0.0)), _rmsprop_diag,
-                "torch.optim.RMSprop: P = sqrt(v) + eps frozen (heavy-ball momentum)")
+                "torch.optim.RMSprop: P = sqrt(v) + eps frozen (heavy-ball momentum)",
+                _beta2_samples("alpha"))
     if isinstance(opt, torch.optim.Adagrad):
         return ("adagrad", lambda g: 2.0, _adagrad_diag,
-                "torch.optim.Adagrad: P = sqrt(sum g^2) + eps frozen, lr decay applied")
+                "torch.optim.Adagrad: P = sqrt(sum g^2) + eps frozen, lr decay applied",
+                lambda g, st: ema_samples(1.0, _step_of(st)))
     return None
+
+
+def _beta2_samples(key: str, index: int | None = None) -> Callable[[dict, dict], float]:
+    """``samples(group, state)`` of an EMA second moment with decay ``group[key]`` (its
+    ``index``-th entry for a tuple of betas)."""
+    def samples(group: dict, state: dict) -> float:
+        beta = group[key] if index is None else group[key][index]
+        return ema_samples(float(beta), _step_of(state))
+    return samples
 
 
 def _step_of(state: dict) -> float:
@@ -236,10 +251,17 @@ def _group_scaled(opt: Any, threshold_of: Callable, diag_of: Callable | None
 
 
 def _diagonal_model(opt: Any, name: str, threshold_of: Callable, diag_of: Callable | None,
-                    note: str) -> StabilityModel:
+                    note: str, samples_of: Callable | None = None) -> StabilityModel:
     g0 = opt.param_groups[0]
+    samples = None
+    if samples_of is not None:
+        def samples() -> float:
+            """The fewest gradients any governed parameter's statistics average."""
+            counts = [samples_of(g, opt.state[p]) for g in opt.param_groups if g["lr"] > 0
+                      for p in g["params"] if opt.state.get(p)]
+            return min(counts, default=0.0)
     return StabilityModel(name, float(g0["lr"]), float(threshold_of(g0)),
-                          _group_scaled(opt, threshold_of, diag_of), note)
+                          _group_scaled(opt, threshold_of, diag_of), note, samples)
 
 
 def stability_threshold(optimizer: Any = None, *, momentum: float = 0.0,

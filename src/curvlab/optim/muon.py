@@ -66,7 +66,7 @@ from curvlab.optim.base import (
 )
 from curvlab.optim.distributors.collectives import local_tensor
 from curvlab.optim.distributors.matrices import matrix_distributor
-from curvlab.optim.stability import StabilityModel, momentum_threshold
+from curvlab.optim.stability import StabilityModel, ema_samples, momentum_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -292,9 +292,16 @@ class Muon(CurvlabOptimizer):
                                               AdamConfig(g["adam_betas"], g["adam_eps"]))
             return v * P.rsqrt().to(v.dtype)
 
+        def samples() -> float:
+            """Gradients the AdamW parameters' second moments average (fewest)."""
+            return min((ema_samples(g["adam_betas"][1], float(self.state[p]["step"]))
+                        if "step" in self.state.get(p, {}) else 0.0
+                        for p, g in ((p, g) for g in self.param_groups for p in g["params"]
+                                     if id(p) in adam)), default=math.inf)
+
         return StabilityModel("muon", float(group["lr"]), momentum_threshold(b1, ema=True),
                               inv_sqrt, "AdamW parameters only; Muon's orthogonalized "
-                              "matrices have no curvature bound")
+                              "matrices have no curvature bound", samples)
 
 
 def transposed_linear_class() -> type | None:

@@ -60,7 +60,7 @@ from curvlab.optim.preconditioners import (
     kronecker_statistic,
     mode_product,
 )
-from curvlab.optim.stability import StabilityModel, momentum_threshold
+from curvlab.optim.stability import StabilityModel, ema_samples, momentum_threshold
 
 __all__ = ["Shampoo"]
 
@@ -192,7 +192,14 @@ class Shampoo(BlockedPreconditionerOptimizer):
         return StabilityModel("shampoo", float(group["lr"]),
                               momentum_threshold(group["betas"][0], ema=True),
                               self._inv_sqrt_preconditioner,
-                              "grafted Adam's preconditioner; block directions are Shampoo's")
+                              "grafted Adam's preconditioner; block directions are Shampoo's",
+                              self._preconditioner_samples)
+
+    def _preconditioner_samples(self) -> float:
+        """Gradients the grafted second moment averages (fewest over the groups;
+        :func:`~curvlab.optim.stability.ema_samples`); inf without Adam grafting."""
+        return min((ema_samples(g["adam_betas"][1], t) if g["grafting"] == "adam" else math.inf
+                    for g, t in zip(self.param_groups, self._steps)), default=math.inf)
 
     def _inv_sqrt_preconditioner(self, p: Tensor, x: Tensor) -> Tensor:
         st = self.state.get(p, {})

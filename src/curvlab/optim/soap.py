@@ -44,6 +44,7 @@ Alg. 3-4.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -77,7 +78,7 @@ from curvlab.optim.preconditioners import (
     kronecker_statistic,
     mode_product,
 )
-from curvlab.optim.stability import StabilityModel, momentum_threshold
+from curvlab.optim.stability import StabilityModel, ema_samples, momentum_threshold
 
 __all__ = ["SOAP"]
 
@@ -364,7 +365,14 @@ class SOAP(BlockedPreconditionerOptimizer):
         return StabilityModel("soap", float(group["lr"]),
                               momentum_threshold(group["betas"][0], ema=True),
                               self._inv_sqrt_preconditioner,
-                              "Adam in the eigenbasis of the Kronecker factors")
+                              "Adam in the eigenbasis of the Kronecker factors",
+                              self._preconditioner_samples)
+
+    def _preconditioner_samples(self) -> float:
+        """Gradients the eigenbasis second moment averages since Adam (re)started (fewest
+        over the groups; :func:`~curvlab.optim.stability.ema_samples`)."""
+        return min((ema_samples(g["betas"][1], _adam_step(g, t))
+                    for g, t in zip(self.param_groups, self._steps)), default=math.inf)
 
     def _inv_sqrt_preconditioner(self, p: Tensor, x: Tensor) -> Tensor:
         gi, plan = self._param_plan(p)

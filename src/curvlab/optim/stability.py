@@ -16,12 +16,13 @@ and unwraps framework wrappers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StabilityModel", "momentum_threshold"]
+__all__ = ["StabilityModel", "ema_samples", "momentum_threshold"]
 
 InvSqrtPreconditioner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,6 +42,14 @@ class StabilityModel:
             zeros for parameters the rule does not govern, so the monitor measures the
             sharpness of the governed block only.
         note: what the rule approximates (shown in events and reports).
+        preconditioner_samples: ``() -> n``, the effective number of gradients the
+            preconditioner's statistics average at the current state
+            (:func:`ema_samples`); None for a fixed preconditioner. The rule freezes
+            ``P``, which holds once the newest gradient is a small part of it: in Adam's
+            first steps ``v_hat`` averages one or two gradients, a gradient that doubles
+            raises ``P`` by up to 2x at the next step, and the ratio of healthy runs
+            measured 1e3-1e6 x the threshold (monitors treat ``n`` below their
+            ``settle_samples`` as not settled).
     """
 
     name: str
@@ -48,6 +57,7 @@ class StabilityModel:
     threshold: float
     inv_sqrt_preconditioner: InvSqrtPreconditioner | None = None
     note: str = ""
+    preconditioner_samples: Callable[[], float] | None = None
 
     @property
     def preconditioned(self) -> bool:
@@ -76,3 +86,16 @@ def momentum_threshold(momentum: float = 0.0, *, dampening: float = 0.0, nestero
         return 2 * (1 + momentum) / (1 + 2 * momentum)
     return 2 * (1 + momentum) / (1 - dampening)
 
+
+
+def ema_samples(beta: float, step: int | float) -> float:
+    """The number of gradients a (bias-corrected) EMA with decay ``beta`` has averaged
+    after ``step`` updates, measured as the inverse weight of the newest one:
+    ``(1 - beta^t) / (1 - beta)`` (``t`` for a plain sum, ``beta = 1``; 0 before the first
+    update). It is ``t`` early on and tends to ``1 / (1 - beta)``."""
+    t = float(step)
+    if t <= 0:
+        return 0.0
+    if beta >= 1.0:
+        return t
+    return -math.expm1(t * math.log(beta)) / (1.0 - beta) if beta > 0 else 1.0
