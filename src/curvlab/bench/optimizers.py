@@ -105,7 +105,9 @@ def _soap(m: nn.Module, lr: float, problem: str) -> Any:
 def _kl_shampoo(m: nn.Module, lr: float, problem: str) -> Any:
     from curvlab.optim import KLShampoo
 
-    return KLShampoo(m.parameters(), lr=lr, betas=SOAP_BETAS,
+    # its eigenvalues (the step's scale) start at init_factor and follow the gradients at
+    # rate 1 - shampoo_beta: 0.95 (heavyball's KL peers' default), not 0.99
+    return KLShampoo(m.parameters(), lr=lr, betas=SOAP_BETAS, shampoo_beta=0.95,
                      precondition_frequency=_problem_freq(problem), max_preconditioner_dim=128)
 
 

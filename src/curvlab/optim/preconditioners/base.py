@@ -65,9 +65,11 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
     """Base class: blocked, batched, amortized preconditioners (see the module docstring).
 
     One step: the contract's gradient rule; per block group (blocks of one shape), the
-    stacked gradient blocks go through ``_update_statistics``, ``_refresh_blocks`` when due
-    (before ``_precondition``, or after it with ``refresh_after_precondition``: SOAP's step
-    ``t`` uses the eigenbasis of steps ``< t``) and ``_precondition``; the diagonal-method
+    stacked gradient blocks go through ``_update_statistics`` (after ``_precondition`` with
+    ``statistics_after_precondition``: KL-Shampoo's step ``t`` uses the statistics of steps
+    ``< t``), ``_refresh_blocks`` when due (before ``_precondition``, or after it with
+    ``refresh_after_precondition``: SOAP's step ``t`` uses the eigenbasis of steps ``< t``)
+    and ``_precondition``; the diagonal-method
     elements through ``_diagonal_direction``; a block whose direction is not finite is
     zeroed (counted). The update is ``p <- (1 - lr wd) p - lr d``.
     """
