@@ -18,7 +18,17 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.optim import KFAC, LBFGS, SOAP, HessianFree, Muon, NaturalGradient, Shampoo
+from curvlab.optim import (
+    KFAC,
+    KLSOAP,
+    LBFGS,
+    SOAP,
+    HessianFree,
+    KLShampoo,
+    Muon,
+    NaturalGradient,
+    Shampoo,
+)
 from curvlab.optim.base import STATS_KEYS
 
 LOSS = nn.CrossEntropyLoss()
@@ -68,6 +78,18 @@ CASES: dict[str, Case] = {
         invalid=[({"lr": -1.0}, "lr"), ({"eps": 0.0}, "eps"), ({"betas": (0.9, 1.0)}, "betas"),
                  ({"factor_dtype": torch.bfloat16}, "factor_dtype"),
                  ({"weight_decay": math.inf}, "weight_decay")]),
+    "kl_shampoo": Case(
+        lambda m, params=None, **kw: KLShampoo(_params(m, params), **{
+            "lr": 1e-2, "precondition_frequency": 2, **kw}),
+        invalid=[({"lr": -1.0}, "lr"), ({"init_factor": 0.0}, "init_factor"),
+                 ({"damping": math.nan}, "damping"), ({"betas": (0.9, 1.0)}, "betas"),
+                 ({"start_preconditioning_step": 3}, "start_preconditioning_step"),
+                 ({"max_inverse_sqrt": 0.0}, "max_inverse_sqrt")]),
+    "kl_soap": Case(
+        lambda m, params=None, **kw: KLSOAP(_params(m, params), **{
+            "lr": 1e-2, "precondition_frequency": 2, **kw}),
+        invalid=[({"eps": 0.0}, "eps"), ({"init_factor": -1.0}, "init_factor"),
+                 ({"shampoo_beta": 1.5}, "shampoo_beta")]),
     "muon": Case(
         lambda m, params=None, **kw: Muon(_params(m, params), **{"lr": 1e-2, **kw}),
         invalid=[({"lr": math.inf}, "lr"), ({"weight_decay": math.nan}, "weight_decay"),

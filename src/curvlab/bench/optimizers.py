@@ -102,6 +102,22 @@ def _soap(m: nn.Module, lr: float, problem: str) -> Any:
                 precondition_frequency=_problem_freq(problem), max_preconditioner_dim=128)
 
 
+def _kl_shampoo(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import KLShampoo
+
+    # its eigenvalues (the step's scale) start at init_factor and follow the gradients at
+    # rate 1 - shampoo_beta: 0.95 (heavyball's KL peers' default), not 0.99
+    return KLShampoo(m.parameters(), lr=lr, betas=SOAP_BETAS, shampoo_beta=0.95,
+                     precondition_frequency=_problem_freq(problem), max_preconditioner_dim=128)
+
+
+def _kl_soap(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import KLSOAP
+
+    return KLSOAP(m.parameters(), lr=lr, betas=SOAP_BETAS,
+                  precondition_frequency=_problem_freq(problem), max_preconditioner_dim=128)
+
+
 def _muon(m: nn.Module, lr: float, problem: str) -> Any:
     from curvlab.optim import Muon, muon_param_groups
 
@@ -166,6 +182,19 @@ def _hb_soap(m: nn.Module, lr: float, problem: str) -> Any:
                           use_precond_schedule=False)
 
 
+def _hb_kl(name: str) -> Callable[[nn.Module, float, str], Any]:
+    def make(m: nn.Module, lr: float, problem: str) -> Any:
+        import heavyball
+        import heavyball.utils
+
+        heavyball.utils.compile_mode = None
+        return getattr(heavyball, name)(
+            m.parameters(), lr=lr, betas=SOAP_BETAS, weight_decay=0.0,
+            precondition_frequency=_problem_freq(problem), compile_step=False,
+            use_precond_schedule=False)
+    return make
+
+
 def _po_shampoo(m: nn.Module, lr: float, problem: str) -> Any:
     from pytorch_optimizer import Shampoo as PeerShampoo
 
@@ -192,6 +221,9 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                                       "char_lm": (0.1, 0.3, 1.0)}, "baseline", "sgd"),
     OptimizerSpec("curvlab.Shampoo", _shampoo, ADAM_GRID, "curvlab", "shampoo"),
     OptimizerSpec("curvlab.SOAP", _soap, ADAM_GRID, "curvlab", "soap"),
+    OptimizerSpec("curvlab.KLShampoo", _kl_shampoo, ADAM_GRID, "curvlab", "kl-shampoo",
+                  quick=False),
+    OptimizerSpec("curvlab.KLSOAP", _kl_soap, ADAM_GRID, "curvlab", "kl-soap", quick=False),
     OptimizerSpec("curvlab.Muon", _muon, MUON_GRID, "curvlab", "muon"),
     OptimizerSpec("curvlab.KFAC", _kfac, KFAC_GRID, "curvlab", "kfac"),
     OptimizerSpec("curvlab.EKFAC", _ekfac, KFAC_GRID, "curvlab", "ekfac", quick=False),
@@ -207,6 +239,11 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     # uncompiled heavyball costs ~20x AdamW's step on the transformer: digits only
     OptimizerSpec("heavyball.SOAP", _hb_soap, {"digits_mlp": ADAM_GRID["digits_mlp"]}, "peer",
                   "soap", requires="heavyball", quick=False, note="uncompiled"),
+    OptimizerSpec("heavyball.KLShampoo", _hb_kl("KLShampoo"),
+                  {"digits_mlp": ADAM_GRID["digits_mlp"]}, "peer", "kl-shampoo",
+                  requires="heavyball", quick=False, note="uncompiled"),
+    OptimizerSpec("heavyball.KLSOAP", _hb_kl("KLSOAP"), {"digits_mlp": ADAM_GRID["digits_mlp"]},
+                  "peer", "kl-soap", requires="heavyball", quick=False, note="uncompiled"),
     OptimizerSpec("pytorch-optimizer.Shampoo", _po_shampoo,
                   {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3)}, "peer",
                   "shampoo", requires="pytorch_optimizer", quick=False),

@@ -1,7 +1,10 @@
-"""torch.optim optimizers: Shampoo, SOAP, Muon, K-FAC, natural gradient, Hessian-free, L-BFGS."""
+"""torch.optim optimizers: Shampoo, SOAP, KL-Shampoo, KL-SOAP, Muon, K-FAC, natural gradient,
+Hessian-free, L-BFGS."""
 
 from curvlab.optim.hessian_free import HessianFree as HessianFree
 from curvlab.optim.kfac import KFAC as KFAC
+from curvlab.optim.kl_shampoo import KLSOAP as KLSOAP
+from curvlab.optim.kl_shampoo import KLShampoo as KLShampoo
 from curvlab.optim.lbfgs import LBFGS as LBFGS
 from curvlab.optim.muon import Muon as Muon
 from curvlab.optim.muon import muon_param_groups as muon_param_groups

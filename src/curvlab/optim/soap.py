@@ -237,11 +237,23 @@ class SOAP(BlockedPreconditionerOptimizer):
                 self._refresh_basis(group, st, order)
         else:
             self._refresh(lambda s: self._refresh_basis(group, s, order), st,
-                          [k for k in st if k[0] == "Q" or k in ("v", "has_basis")],
+                          [k for k in st if k[0] == "Q" or k == "has_basis"]
+                          + self._coordinate_keys(st),
                           reads=[f"F{i}" for i in range(order)])
         if t == 0:  # Adam restarts in the new basis
-            st["m"].zero_()
-            st["v"].zero_()
+            for k in ("m", "v"):
+                if k in st:
+                    st[k].zero_()
+
+    def _coordinate_keys(self, st: dict[str, Tensor]) -> list[str]:
+        """The per-coordinate statistics of the eigenbasis, which follow its columns when a
+        QR refresh reorders them: Adam's second moment ``v``."""
+        return ["v"]
+
+    def _follow_basis(self, st: dict[str, Tensor], orders: list[Tensor]) -> None:
+        """Move the per-coordinate statistics to their coordinates' new positions
+        (``orders[i]``: the new column order of mode ``i``, per block)."""
+        st["v"].copy_(_permute_modes(st["v"], orders))
 
     def _identity_order(self, n: int, d: int, device: torch.device) -> Tensor:
         """``arange(d)`` per block: the fallback order of a block whose refresh failed."""
@@ -281,7 +293,7 @@ class SOAP(BlockedPreconditionerOptimizer):
         if plan is None:  # buckets of (state, F key, Q key, mode, first row, rows)
             buckets: dict[tuple, list] = {}
             for st in states:
-                for i in range(st["v"].ndim - 1):
+                for i in range(_order(st)):
                     Q = st[f"Q{i}"]
                     buckets.setdefault((Q.shape[-1], Q.dtype, Q.device), []).append(
                         (st, f"F{i}", f"Q{i}", i, Q.shape[0]))
@@ -292,7 +304,7 @@ class SOAP(BlockedPreconditionerOptimizer):
                     rows.append((st, fk, qk, i, a, a + n))
                     a += n
                 plan.append((self._identity_order(a, d, device), rows))
-        orders: dict[int, list] = {id(st): [None] * (st["v"].ndim - 1) for st in states}
+        orders: dict[int, list] = {id(st): [None] * _order(st) for st in states}
 
         def fn_qr(F: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
             return eigenbasis_qr_refresh(F, Q, compute_dtype=F.dtype)
@@ -312,7 +324,7 @@ class SOAP(BlockedPreconditionerOptimizer):
                 self._counters["refreshes"] += len(rows) - 1  # one per block shape and mode
                 self._count_refresh(ident.shape[0], failed, "eigenbasis", (ident.shape[-1],))
         for st in states:  # v follows its coordinates along every mode
-            st["v"].copy_(_permute_modes(st["v"], orders[id(st)]))
+            self._follow_basis(st, orders[id(st)])
 
     def _refresh_basis(self, group: dict, st: dict[str, Tensor], order: int) -> None:
         cdt = self.compute_dtype
@@ -343,7 +355,7 @@ class SOAP(BlockedPreconditionerOptimizer):
                 Q.copy_(Qn)
                 self._count_refresh(n, failed, "eigenbasis", tuple(Q.shape[1:]))
         if orders:  # v follows its coordinates to their new positions along every mode
-            st["v"].copy_(_permute_modes(st["v"], orders))
+            self._follow_basis(st, orders)
         if not complete:
             hb.fill_(1.0)
         self._complete[id(hb)] = weakref.ref(hb)
@@ -381,20 +393,27 @@ class SOAP(BlockedPreconditionerOptimizer):
         st = self.state.get(p, {})
         if t <= 0 or not st:
             return x
-        config = self._adam(group)
         if plan.diagonal:
-            return x * adam_stability_preconditioner(st["v"], t, config).rsqrt().to(x.dtype)
+            P = adam_stability_preconditioner(st["v"], t, self._adam(group))
+            return x * P.rsqrt().to(x.dtype)
         out = torch.zeros_like(x)
         for j, (shape, slices) in enumerate(plan.blocks):
             sfx = "" if len(plan.blocks) == 1 else f".{j}"
-            if "v" + sfx not in st:  # held by another rank ("allgather")
+            if "Q0" + sfx not in st:  # held by another rank ("allgather")
                 continue
-            v = st["v" + sfx].unsqueeze(0)
             Qs = [st[f"Q{i}{sfx}"].unsqueeze(0) for i in range(len(shape))]
-            X = x.reshape(plan.merged_shape)[slices].unsqueeze(0).to(v.dtype)
-            R = _rotate(X, Qs) * adam_stability_preconditioner(v, t, config).rsqrt()
+            P = self._rotated_preconditioner(group, st, sfx, t).unsqueeze(0)
+            X = x.reshape(plan.merged_shape)[slices].unsqueeze(0).to(P.dtype)
+            R = _rotate(X, Qs) * P.rsqrt()
             out.view(plan.merged_shape)[slices] = _rotate(R, Qs, back=True)[0].to(x.dtype)
         return out
+
+    def _rotated_preconditioner(self, group: dict, st: dict[str, Tensor], sfx: str,
+                                t: int) -> Tensor:
+        """A block's ``P`` in its eigenbasis (block-shaped): Adam's ``sqrt(v_hat) + eps``
+        with the first moment's bias correction folded in (``st[key + sfx]``: the block's
+        state)."""
+        return adam_stability_preconditioner(st["v" + sfx], t, self._adam(group))
 
 
 def _adam_step(group: dict, step: int) -> int:
@@ -402,6 +421,11 @@ def _adam_step(group: dict, step: int) -> int:
     ``start_preconditioning_step``, 0 at it, then counted from it."""
     start = group["start_preconditioning_step"]
     return step if step < start else step - start
+
+
+def _order(st: dict[str, Tensor]) -> int:
+    """The order of the blocks of a stacked state (one eigenbasis ``Q{i}`` per mode)."""
+    return sum(1 for k in st if k[0] == "Q")
 
 
 def _rotate(X: Tensor, Qs: list[Tensor], back: bool = False, scale: float = 1.0) -> Tensor:

@@ -65,9 +65,11 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
     """Base class: blocked, batched, amortized preconditioners (see the module docstring).
 
     One step: the contract's gradient rule; per block group (blocks of one shape), the
-    stacked gradient blocks go through ``_update_statistics``, ``_refresh_blocks`` when due
-    (before ``_precondition``, or after it with ``refresh_after_precondition``: SOAP's step
-    ``t`` uses the eigenbasis of steps ``< t``) and ``_precondition``; the diagonal-method
+    stacked gradient blocks go through ``_update_statistics`` (after ``_precondition`` with
+    ``statistics_after_precondition``: KL-Shampoo's step ``t`` uses the statistics of steps
+    ``< t``), ``_refresh_blocks`` when due (before ``_precondition``, or after it with
+    ``refresh_after_precondition``: SOAP's step ``t`` uses the eigenbasis of steps ``< t``)
+    and ``_precondition``; the diagonal-method
     elements through ``_diagonal_direction``; a block whose direction is not finite is
     zeroed (counted). The update is ``p <- (1 - lr wd) p - lr d``.
     """
@@ -124,6 +126,9 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
     #: run ``_refresh_blocks`` after ``_precondition`` (the direction of step t uses the
     #: refresh of steps < t), instead of before it
     refresh_after_precondition = False
+    #: run ``_update_statistics`` after ``_precondition`` (the direction of step t uses the
+    #: statistics of steps < t; KL-Shampoo), instead of before it
+    statistics_after_precondition = False
 
     def _init_block_state(self, group: dict, shape: tuple[int, ...], n: int,
                           dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
@@ -158,12 +163,16 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
 
     def _block_direction(self, group: dict, st: dict[str, Tensor], G: Tensor,
                          step: int) -> Tensor:
-        """Statistics, refresh when due, direction of the stacked blocks ``G``."""
-        self._update_statistics(group, st, G, step)
+        """Statistics, refresh when due, direction of the stacked blocks ``G`` (in the
+        order the two ``*_after_precondition`` flags choose)."""
+        if not self.statistics_after_precondition:
+            self._update_statistics(group, st, G, step)
         due = is_due(step, group["start_preconditioning_step"], group["precondition_frequency"])
         if due and not self.refresh_after_precondition:
             self._refresh_blocks(group, st, step)
         D = self._precondition(group, st, G, step)
+        if self.statistics_after_precondition:
+            self._update_statistics(group, st, G, step)
         if due and self.refresh_after_precondition:
             self._refresh_blocks(group, st, step)
         return D

@@ -59,7 +59,9 @@ def mode_product(G: Tensor, M: Tensor, dim: int, transpose: bool = False) -> Ten
         if dim == 0:
             return torch.bmm(Mt.mT, G)
         return torch.bmm(G, Mt)
-    out = torch.matmul(G.movedim(1 + dim, -1), Mt.unsqueeze(1) if G.ndim > 3 else Mt)
+    # M broadcasts over the other modes: (B, 1, ..., 1, d, d)
+    out = torch.matmul(G.movedim(1 + dim, -1), Mt.view(Mt.shape[0], *[1] * (G.ndim - 3),
+                                                       *Mt.shape[1:]))
     return out.movedim(-1, 1 + dim)
 
 
