@@ -514,7 +514,7 @@ def test_preconditioner_samples_count_the_gradients_in_the_second_moment():
     """``ema_samples`` is the inverse weight of the newest gradient in a bias-corrected EMA
     (t early on, 1 / (1 - beta) in the limit); every adaptive rule reports it for its own
     second moment, and a fixed preconditioner reports none."""
-    from curvlab.optim import SOAP, Muon, Shampoo
+    from curvlab.optim import KLSOAP, SOAP, KLShampoo, Muon, Shampoo
     from curvlab.optim.stability import ema_samples
 
     assert ema_samples(0.999, 0) == 0.0
@@ -525,11 +525,14 @@ def test_preconditioner_samples_count_the_gradients_in_the_second_moment():
     model, loss_fn, X, y = _mlp()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     assert stability_model(sgd).preconditioner_samples is None
-    # SOAP's first step initializes the eigenbasis and restarts Adam: 2 gradients after 3
+    # SOAP's (and the KL variants') first step initializes the eigenbasis and restarts the
+    # statistics: 2 gradients after 3
     for make, b2, t in ((lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.99)), .99, 3),
                         (lambda ps: Shampoo(ps, lr=1e-3), 0.999, 3),
                         (lambda ps: SOAP(ps, lr=1e-3, betas=(0.95, 0.95)), 0.95, 2),
-                        (lambda ps: Muon(ps, lr=1e-3), 0.999, 3)):
+                        (lambda ps: Muon(ps, lr=1e-3), 0.999, 3),
+                        (lambda ps: KLShampoo(ps, lr=1e-3), 0.98, 2),
+                        (lambda ps: KLSOAP(ps, lr=1e-3), 0.98, 2)):
         model, loss_fn, X, y = _mlp()
         opt = make(model.parameters())
         _train(model, loss_fn, X, y, opt, 3)

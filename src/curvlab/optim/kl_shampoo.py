@@ -60,7 +60,7 @@ from curvlab.linalg.matfuncs import high_precision_matmul
 from curvlab.optim.base import finite_nonnegative, finite_positive
 from curvlab.optim.preconditioners import ema_, kronecker_statistic, mode_product
 from curvlab.optim.soap import SOAP, _adam_step, _rotate
-from curvlab.optim.stability import StabilityModel, momentum_threshold
+from curvlab.optim.stability import StabilityModel, ema_samples, momentum_threshold
 
 __all__ = ["KLShampoo", "KLSOAP", "kl_statistics"]
 
@@ -246,7 +246,16 @@ class KLShampoo(_KLFactors, SOAP):
         return StabilityModel("kl_shampoo", float(group["lr"]),
                               momentum_threshold(group["betas"][0], ema=True),
                               self._inv_sqrt_preconditioner,
-                              "KL-fitted Kronecker eigenbasis and eigenvalues")
+                              "KL-fitted Kronecker eigenbasis and eigenvalues",
+                              self._eigenvalue_samples)
+
+    def _eigenvalue_samples(self) -> float:
+        """Gradients the eigenvalue EMAs average since the initialization step (fewest over
+        the groups; :func:`~curvlab.optim.stability.ema_samples`): early on ``lambda`` is
+        mostly ``init_factor``."""
+        return min((ema_samples(g["shampoo_beta"] if g["shampoo_beta"] is not None
+                                else g["betas"][1], _adam_step(g, t))
+                    for g, t in zip(self.param_groups, self._steps)), default=math.inf)
 
     def _rotated_preconditioner(self, group: dict, st: dict[str, Tensor], sfx: str,
                                 t: int) -> Tensor:
@@ -268,7 +277,8 @@ class KLSOAP(_KLFactors, SOAP):
         model = super().stability_model()
         return StabilityModel("kl_soap", model.lr, model.threshold,
                               model.inv_sqrt_preconditioner,
-                              "Adam in the eigenbasis of the KL-fitted Kronecker factors")
+                              "Adam in the eigenbasis of the KL-fitted Kronecker factors",
+                              model.preconditioner_samples)
 
 
 def _spectrum(lams: list[Tensor], eps: float) -> Tensor:
