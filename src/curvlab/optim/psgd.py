@@ -413,7 +413,10 @@ class PSGDKron(BlockedPreconditionerOptimizer):
             raise ValueError("PSGDKron(fit='hvp').step needs a closure that returns the loss "
                              "(without calling backward)")
         loss = self._hvp_gradients(closure)
-        super().step(None)
+        try:
+            super().step(None)
+        finally:
+            self._pairs = {}
         return loss
 
     def _hvp_gradients(self, closure: Any) -> Any:
