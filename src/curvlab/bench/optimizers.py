@@ -190,8 +190,10 @@ def _po_scalable(m: nn.Module, lr: float, problem: str) -> Any:
 
 ADAM_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (1e-3, 3e-3, 1e-2)}
 MUON_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (3e-3, 1e-2, 2e-2)}
-# momentum whitening: steps ~sqrt((1 + b) / (1 - b)) = 4.4x Adam's at equal lr (the author)
-PSGD_GRID = {"digits_mlp": (1e-3, 3e-3, 1e-2), "char_lm": (3e-4, 1e-3, 3e-3)}
+# digits (150 steps, batch 256, one seed, measured): final loss 0.0046 at lr 1e-2, 0.043 at
+# 3e-3 (AdamW 0.0053 at its best 3e-2); char LM not measured: the author's rule, momentum
+# whitening steps ~sqrt((1 + b) / (1 - b)) = 4.4x Adam's at equal lr
+PSGD_GRID = {"digits_mlp": (3e-3, 1e-2, 3e-2), "char_lm": (3e-4, 1e-3, 3e-3)}
 KFAC_GRID = {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3)}
 
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [

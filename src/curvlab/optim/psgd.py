@@ -99,8 +99,12 @@ _DEFAULT_LR = {("whitening", "momentum"): 2e-4, ("whitening", "gradient"): 1e-3,
 
 
 # ----------------------------------------------------------------------------- factor math
+_TINY = {dt: torch.finfo(dt).smallest_normal for dt in (torch.float16, torch.bfloat16,
+                                                          torch.float32, torch.float64)}
+
+
 def _tiny(x: Tensor) -> float:
-    return torch.finfo(x.dtype).smallest_normal
+    return _TINY[x.dtype]
 
 
 def spectral_norm_lower_bound(M: Tensor, iterations: int) -> Tensor:
