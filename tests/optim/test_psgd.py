@@ -338,3 +338,35 @@ def test_hvp_mode_needs_a_closure_that_does_not_call_backward():
 
     with pytest.raises(RuntimeError, match="must not call backward"):
         opt.step(backward_closure)
+
+
+class _SDPA(nn.Module):
+    """Self-attention through F.scaled_dot_product_attention (on CPU a fused kernel whose
+    backward has no derivative)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(4, 12), nn.Linear(4, 2)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)  # (batch, 1 head, L, 4)
+        return self.out(nn.functional.scaled_dot_product_attention(q, k, v).mean((1, 2)))
+
+
+def test_hvp_fit_through_fused_attention_uses_the_math_kernels(monkeypatch):
+    from curvlab import autodiff
+
+    monkeypatch.setattr(autodiff.attention_kernels, "math", False)
+    torch.manual_seed(0)
+    model = _SDPA()  # float32: the fused kernel (float64 runs the math backend)
+    X, y = torch.randn(8, 5, 4), torch.randint(0, 2, (8,))
+    opt = PSGDKron(model.parameters(), lr=0.1, fit="hvp")
+
+    def closure():
+        return nn.functional.cross_entropy(model(X), y)
+
+    for _ in range(2):
+        opt.step(closure)
+    assert autodiff.attention_kernels.math  # learned from the missing derivative
+    assert opt.stats()["steps"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())

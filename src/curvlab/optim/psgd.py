@@ -76,6 +76,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab.autodiff import attention_kernels
 from curvlab.optim.base import (
     finite_nonnegative,
     finite_positive,
@@ -425,40 +426,50 @@ class PSGDKron(BlockedPreconditionerOptimizer):
 
     def _hvp_gradients(self, closure: Any) -> Any:
         """Run the closure, set every parameter's gradient, and for the groups that fit
-        this step store ``(v, H v)`` per parameter (``v ~ N(0, I)``)."""
+        this step store ``(v, H v)`` per parameter (``v ~ N(0, I)``). When a fused attention
+        kernel lacks the double-backward rule, the closure runs once more under the math
+        kernels (:data:`curvlab.autodiff.attention_kernels`)."""
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         fitting = [p for g in self.param_groups if g["fit"] == "hvp" and self._fit_now[id(g)]
                    for p in g["params"] if p.requires_grad]
-        self._pairs = {}
-        with torch.enable_grad():
-            loss = closure()
-            if not (isinstance(loss, Tensor) and loss.requires_grad):
-                raise ValueError("PSGDKron(fit='hvp'): the closure must return the loss "
-                                 "tensor with its graph")
-            try:
-                grads = torch.autograd.grad(loss, params, create_graph=bool(fitting),
-                                            allow_unused=True)
-            except RuntimeError as err:
-                raise RuntimeError("PSGDKron(fit='hvp'): could not differentiate the "
-                                   "closure's loss; the closure must not call backward "
-                                   f"itself ({err})") from err
-            for p, g in zip(params, grads, strict=True):
-                p.grad = None if g is None else g.detach()
-            fit_ids = {id(p) for p in fitting}
-            live = [(p, g) for p, g in zip(params, grads, strict=True)
-                    if g is not None and id(p) in fit_ids]
-            vs = [torch.randn(p.shape, dtype=p.dtype, device=p.device,
-                              generator=self._noise_generator(p.device)) for p, _ in live]
-            curved = [k for k, (_, g) in enumerate(live) if g.requires_grad]
-            hvs = [None] * len(live)
-            if curved:  # a gradient without a graph is constant: H v = 0 there
-                out = torch.autograd.grad([live[k][1] for k in curved],
-                                          [live[k][0] for k in curved],
-                                          [vs[k] for k in curved], allow_unused=True)
-                for k, hv in zip(curved, out, strict=True):
-                    hvs[k] = hv
-            for (p, _), v, hv in zip(live, vs, hvs, strict=True):
-                self._pairs[id(p)] = (v, torch.zeros_like(v) if hv is None else hv.detach())
+
+        def compute() -> Any:
+            self._pairs = {}
+            with torch.enable_grad():
+                loss = closure()
+                if not (isinstance(loss, Tensor) and loss.requires_grad):
+                    raise ValueError("PSGDKron(fit='hvp'): the closure must return the loss "
+                                     "tensor with its graph")
+                try:
+                    grads = torch.autograd.grad(loss, params, create_graph=bool(fitting),
+                                                allow_unused=True)
+                except RuntimeError as err:
+                    raise RuntimeError("PSGDKron(fit='hvp'): could not differentiate the "
+                                       "closure's loss; the closure must not call backward "
+                                       f"itself ({err})") from err
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = None if g is None else g.detach()
+                fit_ids = {id(p) for p in fitting}
+                live = [(p, g) for p, g in zip(params, grads, strict=True)
+                        if g is not None and id(p) in fit_ids]
+                vs = [torch.randn(p.shape, dtype=p.dtype, device=p.device,
+                                  generator=self._noise_generator(p.device)) for p, _ in live]
+                curved = [k for k, (_, g) in enumerate(live) if g.requires_grad]
+                hvs: list[Tensor | None] = [None] * len(live)
+                if curved:  # a gradient without a graph is constant: H v = 0 there
+                    out = torch.autograd.grad([live[k][1] for k in curved],
+                                              [live[k][0] for k in curved],
+                                              [vs[k] for k in curved], allow_unused=True)
+                    for k, hv in zip(curved, out, strict=True):
+                        hvs[k] = hv
+                for (p, _), v, hv in zip(live, vs, hvs, strict=True):
+                    self._pairs[id(p)] = (v, torch.zeros_like(v) if hv is None
+                                          else hv.detach())
+            return loss
+
+        # a fused attention kernel without a double-backward rule: the closure runs again
+        # under the math kernels (curvlab.autodiff.attention_kernels; logged once)
+        loss = attention_kernels.run(compute) if fitting else compute()
         return loss.detach()
 
     def _group_direction(self, k: int, g: Any, work: list[int]) -> Tensor:
