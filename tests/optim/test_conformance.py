@@ -27,6 +27,7 @@ from curvlab.optim import (
     KLShampoo,
     Muon,
     NaturalGradient,
+    PSGDKron,
     Shampoo,
 )
 from curvlab.optim.base import STATS_KEYS
@@ -125,6 +126,12 @@ CASES: dict[str, Case] = {
             "lr": 1e-2, "precondition_frequency": 2, **kw}),
         invalid=[({"lr": math.inf}, "lr"), ({"eps": 0.0}, "eps"),
                  ({"precondition_frequency": 0}, "precondition_frequency")]),
+    "psgd_kron": Case(
+        lambda m, params=None, **kw: PSGDKron(_params(m, params), **{"lr": 1e-2, **kw}),
+        invalid=[({"lr": math.inf}, "lr"), ({"weight_decay": math.nan}, "weight_decay"),
+                 ({"lr_preconditioner": 0.0}, "lr_preconditioner"),
+                 ({"precond_update_prob": 1.5}, "precond_update_prob"),
+                 ({"fit": "newton"}, "fit"), ({"momentum": 1.0}, "momentum")]),
     "lbfgs": Case(
         lambda m, params=None, **kw: LBFGS(_params(m, params), **{"max_iter": 3, **kw}),
         style="closure", add_param_group=False, gradient_rule=False,

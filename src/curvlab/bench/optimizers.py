@@ -134,6 +134,12 @@ def _torch_muon(m: nn.Module, lr: float, problem: str) -> Any:
         torch.optim.AdamW(rest["params"], lr=lr, weight_decay=0.0))
 
 
+def _psgd(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import PSGDKron
+
+    return PSGDKron(m.parameters(), lr=lr, max_preconditioner_dim=128)
+
+
 def _kfac(m: nn.Module, lr: float, problem: str) -> Any:
     from curvlab.optim import KFAC
 
@@ -213,6 +219,10 @@ def _po_scalable(m: nn.Module, lr: float, problem: str) -> Any:
 
 ADAM_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (1e-3, 3e-3, 1e-2)}
 MUON_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (3e-3, 1e-2, 2e-2)}
+# digits (150 steps, batch 256, one seed, measured): final loss 0.0046 at lr 1e-2, 0.043 at
+# 3e-3 (AdamW 0.0053 at its best 3e-2); char LM not measured: the author's rule, momentum
+# whitening steps ~sqrt((1 + b) / (1 - b)) = 4.4x Adam's at equal lr
+PSGD_GRID = {"digits_mlp": (3e-3, 1e-2, 3e-2), "char_lm": (3e-4, 1e-3, 3e-3)}
 KFAC_GRID = {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3)}
 
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
@@ -225,6 +235,7 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                   quick=False),
     OptimizerSpec("curvlab.KLSOAP", _kl_soap, ADAM_GRID, "curvlab", "kl-soap", quick=False),
     OptimizerSpec("curvlab.Muon", _muon, MUON_GRID, "curvlab", "muon"),
+    OptimizerSpec("curvlab.PSGDKron", _psgd, PSGD_GRID, "curvlab", "psgd-kron"),
     OptimizerSpec("curvlab.KFAC", _kfac, KFAC_GRID, "curvlab", "kfac"),
     OptimizerSpec("curvlab.EKFAC", _ekfac, KFAC_GRID, "curvlab", "ekfac", quick=False),
     OptimizerSpec("curvlab.HessianFree", _hessian_free, {"digits_mlp": (1.0,)}, "curvlab",

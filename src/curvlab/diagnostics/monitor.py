@@ -67,9 +67,9 @@ Regimes (``record["regime"]`` and every event's ``regime``):
 * ``"progress_lost"``: the monitor-batch loss is back at its value at the start (within
   10% of the progress made) after training had lowered it by at least 10%, whatever the
   ratio, once the preconditioner is settled (AdamW at lr 0.1 on the tiny GPT-2 bounced
-  back at step 4, then trained): SGD with momentum warmed up too fast catapults a CNN into a flat region at chance
-  level (loss 0.16 back to 2.3 = ln 10, lr x sharpness 0.2 against 3.8) thousands of steps
-  before the loss explodes.
+  back at step 4, then trained): SGD with momentum warmed up too fast catapults a CNN
+  into a flat region at chance level (loss 0.16 back to 2.3 = ln 10, lr x sharpness 0.2
+  against 3.8) thousands of steps before the loss explodes.
 * ``"nonfinite"``: parameters, loss, gradients or curvature are NaN / inf.
 
 Events (``monitor.events``, logging, the JSONL file, TensorBoard, callbacks) carry

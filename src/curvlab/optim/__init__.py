@@ -1,5 +1,5 @@
-"""torch.optim optimizers: Shampoo, SOAP, KL-Shampoo, KL-SOAP, Muon, K-FAC, natural gradient,
-Hessian-free, L-BFGS."""
+"""torch.optim optimizers: Shampoo, SOAP, KL-Shampoo, KL-SOAP, Muon, PSGD-Kron, K-FAC,
+natural gradient, Hessian-free, L-BFGS."""
 
 from curvlab.optim.hessian_free import HessianFree as HessianFree
 from curvlab.optim.kfac import KFAC as KFAC
@@ -9,5 +9,6 @@ from curvlab.optim.lbfgs import LBFGS as LBFGS
 from curvlab.optim.muon import Muon as Muon
 from curvlab.optim.muon import muon_param_groups as muon_param_groups
 from curvlab.optim.natural_gradient import NaturalGradient as NaturalGradient
+from curvlab.optim.psgd import PSGDKron as PSGDKron
 from curvlab.optim.shampoo import Shampoo as Shampoo
 from curvlab.optim.soap import SOAP as SOAP
