@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.optim import KFAC, LBFGS, SOAP, HessianFree, Muon, NaturalGradient, Shampoo
+from curvlab.optim import SAM, KFAC, LBFGS, SOAP, HessianFree, Muon, NaturalGradient, Shampoo
 from curvlab.optim.base import STATS_KEYS
 
 LOSS = nn.CrossEntropyLoss()
@@ -103,6 +103,12 @@ CASES: dict[str, Case] = {
             "lr": 1e-2, "precondition_frequency": 2, **kw}),
         invalid=[({"lr": math.inf}, "lr"), ({"eps": 0.0}, "eps"),
                  ({"precondition_frequency": 0}, "precondition_frequency")]),
+    "sam": Case(  # SAM around torch's SGD; its step needs a closure (two gradients)
+        lambda m, params=None, **kw: SAM(_params(m, params), torch.optim.SGD, **{
+            "lr": 0.05, "momentum": 0.9, "rho": 0.05, **kw}),
+        style="closure",
+        invalid=[({"rho": -0.1}, "rho"), ({"rho": math.nan}, "rho"), ({"eta": -1.0}, "eta"),
+                 ({"adaptive": "yes"}, "adaptive")]),
     "lbfgs": Case(
         lambda m, params=None, **kw: LBFGS(_params(m, params), **{"max_iter": 3, **kw}),
         style="closure", add_param_group=False, gradient_rule=False,

@@ -1,4 +1,4 @@
-"""torch.optim optimizers: Shampoo, SOAP, Muon, K-FAC, natural gradient, Hessian-free, L-BFGS."""
+"""torch.optim optimizers: Shampoo, SOAP, Muon, K-FAC, natural gradient, Hessian-free, L-BFGS, SAM."""
 
 from curvlab.optim.hessian_free import HessianFree as HessianFree
 from curvlab.optim.kfac import KFAC as KFAC
@@ -8,3 +8,6 @@ from curvlab.optim.muon import muon_param_groups as muon_param_groups
 from curvlab.optim.natural_gradient import NaturalGradient as NaturalGradient
 from curvlab.optim.shampoo import Shampoo as Shampoo
 from curvlab.optim.soap import SOAP as SOAP
+from curvlab.optim.sam import SAM as SAM
+from curvlab.optim.sam import asam_param_groups as asam_param_groups
+from curvlab.optim.sam import frozen_batchnorm_stats as frozen_batchnorm_stats
