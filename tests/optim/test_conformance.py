@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.optim import SAM, KFAC, LBFGS, SOAP, HessianFree, Muon, NaturalGradient, Shampoo
+from curvlab.optim import KFAC, LBFGS, SAM, SOAP, HessianFree, Muon, NaturalGradient, Shampoo
 from curvlab.optim.base import STATS_KEYS
 
 LOSS = nn.CrossEntropyLoss()

@@ -326,35 +326,34 @@ def test_errors_name_the_problem():
         SAM(model.parameters(), torch.optim.SGD, lr=-1.0)
 
 
-def test_nonfinite_gradient_at_the_perturbed_point_skips_or_raises():
-    for nonfinite in ("skip", "raise"):
-        model = _mlp()
-        opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9,
-                  nonfinite=nonfinite)
-        X, y = _batch()
-        opt.step(_closure(model, opt, X, y))
-        before = [p.detach().clone() for p in model.parameters()]
-        state = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
-        calls = []
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_nonfinite_gradient_at_the_perturbed_point_skips_or_raises(nonfinite):
+    model = _mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, nonfinite=nonfinite)
+    X, y = _batch()
+    opt.step(_closure(model, opt, X, y))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    calls = []
 
-        def closure():
-            calls.append(1)
-            opt.zero_grad()
-            loss = LOSS(model(X), y)
-            loss.backward()
-            if len(calls) == 2:
-                model[0].weight.grad[0, 0] = math.nan
-            return loss
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = LOSS(model(X), y)
+        loss.backward()
+        if len(calls) == 2:  # finite at w, NaN at w + e
+            model[0].weight.grad[0, 0] = math.nan
+        return loss
 
-        if nonfinite == "raise":
-            with pytest.raises(FloatingPointError):
-                opt.step(closure)
-        else:
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError):
             opt.step(closure)
-            assert opt.stats()["skipped_nonfinite"] == 1
-        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
-        assert all(torch.equal(s, opt.state[p]["momentum_buffer"])
-                   for s, p in zip(state, model.parameters(), strict=True))
+    else:
+        opt.step(closure)
+        assert opt.stats()["skipped_nonfinite"] == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert all(torch.equal(s, opt.state[p]["momentum_buffer"])
+               for s, p in zip(state, model.parameters(), strict=True))
 
 
 def test_first_step_with_bad_gradients_skips_the_pair():
@@ -415,3 +414,31 @@ def test_frozen_batchnorm_stats_restores_on_error():
         model(torch.randn(5, 6))
         raise KeyError("boom")
     assert all(torch.equal(a, b) for a, b in zip(before, model[1].buffers(), strict=True))
+
+
+def test_deepcopy_continues_identically():
+    model = _mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    opt.step(_closure(model, opt, *_batch(0)))
+    bundle = copy.deepcopy({"model": model, "opt": opt})  # the copy steps the copied model
+    model2, opt2 = bundle["model"], bundle["opt"]
+    assert opt2.state is opt2.base_optimizer.state and len(opt2.state) == 4
+    assert opt2.param_groups[0]["params"][0] is model2[0].weight
+    for k in range(1, 3):
+        opt.step(_closure(model, opt, *_batch(k)))
+        opt2.step(_closure(model2, opt2, *_batch(k)))
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_loads_a_state_dict_of_the_plain_base_optimizer():
+    """Warm start from a checkpoint of the base optimizer alone: SAM's settings stay."""
+    model = _mlp()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sgd.step(_closure(model, sgd, *_batch(0)))
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    opt.load_state_dict(sgd.state_dict())
+    assert opt.param_groups[0]["rho"] == 0.2
+    assert torch.equal(opt.state[model[0].weight]["momentum_buffer"],
+                       sgd.state[model[0].weight]["momentum_buffer"])
+    opt.step(_closure(model, opt, *_batch(1)))

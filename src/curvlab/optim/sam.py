@@ -23,7 +23,8 @@ the widely used davda54/sam:
   uses its own ``adaptive`` / ``eta``). A parameter in a non-adaptive group has ``T = 1``.
 * ``eta`` defaults to 0.01, the ``ASAM`` class default of SamsungLabs/ASAM (its CIFAR
   example passes 0.0; davda54/sam uses ``T = |w|``, i.e. ``eta = 0``). The ASAM authors
-  scale only parameters whose name contains ``"weight"`` (biases get ``T = 1``);
+  scale only parameters whose name contains ``"weight"`` (normalization-layer weights
+  included; biases get ``T = 1``);
   :func:`asam_param_groups` builds that grouping. ``SAM(model.parameters(),
   adaptive=True)`` scales every parameter (as davda54/sam does).
 * A zero gradient gives no perturbation (``e = 0``; the reference codes add 1e-12 or 1e-16
@@ -41,7 +42,9 @@ pass, ``w`` is restored before the error propagates. For loops of your own (grad
 scaling, accumulation, DDP ``no_sync`` for per-replica perturbations as in the paper):
 ``loss.backward(); opt.first_step(zero_grad=True); loss_fn(model(x), y).backward();
 opt.second_step(zero_grad=True)``. Everything between the two calls sees the perturbed
-parameters; ``state_dict`` / ``load_state_dict`` there raise.
+parameters; ``state_dict`` / ``load_state_dict`` there raise. Mixed precision: bfloat16
+autocast inside the closure works as is; an fp16 ``GradScaler`` cannot drive SAM
+(``scaler.step(opt)`` calls ``step()`` without a closure).
 
 **BatchNorm.** Both forward passes run in training mode, so a BatchNorm layer would update
 its running statistics twice per step, the second time at the perturbed weights (the
@@ -83,7 +86,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, ClassVar
@@ -242,6 +244,12 @@ class SAM(CurvlabOptimizer):
             base.state = value
         else:
             self.__dict__["_own_state"] = value
+
+    def __getstate__(self) -> dict[str, Any]:  # copy / pickle: the base optimizer included
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def _touch_state(self) -> None:
         """An (empty) state entry for every parameter (see the module docstring)."""
@@ -440,6 +448,8 @@ class SAM(CurvlabOptimizer):
                              f"groups, this optimizer {len(self.param_groups)} (a different "
                              "model or grouping)")
         for gi, (saved, group) in enumerate(zip(groups, self.param_groups, strict=True)):
+            for key in _OWN:  # a state dict of the plain base optimizer: SAM's settings kept
+                saved.setdefault(key, group[key])
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"SAM.load_state_dict: param group {gi} has "
                                  f"{len(saved['params'])} parameters in the state dict and "
