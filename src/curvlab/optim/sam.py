@@ -85,7 +85,6 @@ Cost: two forward-backward passes per step and one saved copy of the parameters.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, ClassVar
@@ -95,8 +94,6 @@ from torch import Tensor, nn
 
 from curvlab.optim.base import CurvlabOptimizer, Rule, finite_nonnegative
 from curvlab.optim.stability import StabilityModel
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["SAM", "asam_param_groups", "frozen_batchnorm_stats"]
 
