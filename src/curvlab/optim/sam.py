@@ -294,9 +294,10 @@ class SAM(CurvlabOptimizer):
                 return g * (p.detach().to(work).abs() + group["eta"])
             return g
 
-        device = items[0][0].device
+        device = items[0][0].device  # one norm over all parameters, in the widest dtype
+        wide = torch.float64 if any(w == torch.float64 for *_, w in items) else torch.float32
         norm = torch.linalg.vector_norm(torch.stack([
-            torch.linalg.vector_norm(scaled(p, g, w)).to(device=device, dtype=torch.float64)
+            torch.linalg.vector_norm(scaled(p, g, w)).to(device=device, dtype=wide)
             for p, g, w in items]))
         backup = []
         for p, group, work in items:
