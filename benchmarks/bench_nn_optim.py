@@ -12,8 +12,10 @@ Optimizers: the entries of ``curvlab.bench.optimizers.REGISTRY`` (factory + decl
 grid per task) except those that take ``step(closure, batch=...)`` (Hessian-free, natural
 gradient: ``bench_curvature_optim.py``): torch AdamW / SGD (Nesterov) / Muon (+ AdamW for
 non-matrix parameters, match_rms_adamw), curvlab Shampoo / SOAP / Muon / K-FAC / EKFAC,
-pytorch-optimizer SOAP / Shampoo / ScalableShampoo and heavyball SOAP (uncompiled) when
-installed; kfac-pytorch and Distributed Shampoo are reported as skipped when missing.
+SAM around SGD (digits only; two forward-backward passes per step: compare its wall time,
+not its steps), pytorch-optimizer SOAP / Shampoo / ScalableShampoo and heavyball SOAP
+(uncompiled) when installed; kfac-pytorch and Distributed Shampoo are reported as skipped
+when missing.
 
 Protocol (``curvlab.bench.tuning.TunedStudy``, every run a task of ``curvlab.bench``'s runner):
   1. tune: every lr of the grid with seed 0; pick the lr with the lowest mean evaluated loss
@@ -24,7 +26,7 @@ Protocol (``curvlab.bench.tuning.TunedStudy``, every run a task of ``curvlab.ben
   4. step time: all optimizers on identical copies of the model and one fixed gradient,
      stepped in interleaved rounds so machine noise hits them alike; median per step
      (``curvlab.bench.steptime``; "-" where the steps raised, the error printed under
-     the table: K-FAC's step needs the statistics of a forward pass).
+     the table: K-FAC's step needs the statistics of a forward pass, SAM's a closure).
 --quick: seed 0 and the middle lr of each grid only (no tuning), short budgets.
 Columns: steps to target, wall time to target (forward + backward + step, evaluation
 excluded), final loss, optimizer step time -- each also as a ratio to AdamW -- then the

@@ -22,6 +22,7 @@ from curvlab.optim import (
     KFAC,
     KLSOAP,
     LBFGS,
+    SAM,
     SOAP,
     HessianFree,
     KLShampoo,
@@ -132,6 +133,12 @@ CASES: dict[str, Case] = {
                  ({"lr_preconditioner": 0.0}, "lr_preconditioner"),
                  ({"precond_update_prob": 1.5}, "precond_update_prob"),
                  ({"fit": "newton"}, "fit"), ({"momentum": 1.0}, "momentum")]),
+    "sam": Case(  # SAM around torch's SGD; its step needs a closure (two gradients)
+        lambda m, params=None, **kw: SAM(_params(m, params), torch.optim.SGD, **{
+            "lr": 0.05, "momentum": 0.9, "rho": 0.05, **kw}),
+        style="closure",
+        invalid=[({"rho": -0.1}, "rho"), ({"rho": math.nan}, "rho"), ({"eta": -1.0}, "eta"),
+                 ({"adaptive": "yes"}, "adaptive")]),
     "lbfgs": Case(
         lambda m, params=None, **kw: LBFGS(_params(m, params), **{"max_iter": 3, **kw}),
         style="closure", add_param_group=False, gradient_rule=False,

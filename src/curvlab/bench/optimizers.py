@@ -164,6 +164,12 @@ def _natural_gradient(m: nn.Module, lr: float, problem: str) -> Any:
     return NaturalGradient(m, lr=lr, damping=0.1, cg_max_iter=20)
 
 
+def _sam_sgd(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import SAM
+
+    return SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=lr, momentum=0.9, nesterov=True)
+
+
 def _kfac_pytorch(m: nn.Module, lr: float, problem: str) -> Any:
     import kfac  # kfac-pytorch
 
@@ -243,6 +249,10 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("curvlab.NaturalGradient", _natural_gradient, {"digits_mlp": (0.3, 1.0)},
                   "curvlab", "natural-gradient", quick=False, note="small models only",
                   step_batch=True),
+    # SAM aims at flatter minima, not speed: two forward-backward passes per step, and
+    # its step needs the closure (no step time on a fixed gradient). benchmarks/bench_sam.py
+    OptimizerSpec("curvlab.SAM-SGD", _sam_sgd, {"digits_mlp": (0.03, 0.1, 0.3)}, "curvlab",
+                  "sam", quick=False, note="2 forward-backward passes per step"),
     OptimizerSpec("torch.Muon", _torch_muon, MUON_GRID, "peer", "muon", quick=False,
                   note="+ torch AdamW for non-matrix parameters"),
     OptimizerSpec("pytorch-optimizer.SOAP", _po_soap, ADAM_GRID, "peer", "soap",
