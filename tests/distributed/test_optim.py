@@ -1,7 +1,7 @@
-"""Shampoo, SOAP, K-FAC and Muon (and NorMuon) under DDP (2 gloo ranks, each with half of every global
-batch, the refresh / Newton-Schulz work split over the ranks) reach the parameters of one
-process on the whole batch after 20 steps (float64, 1e-6 relative); FSDP2 works for Muon
-and is refused at construction by the others (and by NorMuon)."""
+"""Shampoo, SOAP, K-FAC and Muon (and NorMuon) under DDP (2 gloo ranks, each with half of
+every global batch, the refresh / Newton-Schulz work split over the ranks) reach the
+parameters of one process on the whole batch after 20 steps (float64, 1e-6 relative); FSDP2
+works for Muon and is refused at construction by the others (and by NorMuon)."""
 
 import functools
 

@@ -284,7 +284,8 @@ def test_normuon_matches_dense_reference(shape):
 def test_normuon_first_step_equalizes_row_norms_and_keeps_the_frobenius_norm():
     torch.manual_seed(0)
     W = nn.Parameter(torch.zeros(6, 10, dtype=torch.float64))
-    G = torch.randn(6, 10, dtype=torch.float64) * torch.logspace(0, 2, 6, dtype=torch.float64)[:, None]
+    rows = torch.logspace(0, 2, 6, dtype=torch.float64)[:, None]
+    G = torch.randn(6, 10, dtype=torch.float64) * rows  # rows of very different sizes
     opt = Muon([W], lr=1.0, momentum=0.0, nesterov=False, adjust_lr="none", normalize="neuron")
     W.grad = G
     opt.step()

@@ -43,6 +43,7 @@ __all__ = [
     "eigenbasis_qr_refresh",
     "newton_schulz",
     "ns_schedule",
+    "coefficients_problem",
     "gram_restart_indices",
     "NS_QUINTIC_COEFFICIENTS",
     "NS_POLAR_EXPRESS_COEFFICIENTS",
@@ -318,25 +319,34 @@ def ns_schedule(coefficients: str | Sequence, steps: int) -> tuple[list[Coeffici
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    why = coefficients_problem(coefficients)
+    if why is not None:
+        raise ValueError(f"ns_coefficients={coefficients!r} {why}")
     if isinstance(coefficients, str):
-        if coefficients not in NS_COEFFICIENT_SETS:
-            raise ValueError(f"ns_coefficients={coefficients!r} is not a named set; choose "
-                             f"from {sorted(NS_COEFFICIENT_SETS)} or pass (a, b, c) tuples")
         tuples, scale = NS_COEFFICIENT_SETS[coefficients]
         tuples = list(tuples[:steps]) + [tuples[-1]] * max(0, steps - len(tuples))
         return tuples, scale
     if _triple(coefficients):
         return [tuple(float(x) for x in coefficients)] * steps, 1.0  # type: ignore[union-attr]
-    if isinstance(coefficients, (tuple, list)) and coefficients and \
-            all(_triple(c) for c in coefficients):
-        if len(coefficients) < steps:
-            raise ValueError(f"ns_coefficients has {len(coefficients)} per-iteration (a, b, c) "
-                             f"tuples but {steps} steps are asked for; give at least {steps} "
-                             "tuples or one tuple to reuse at every iteration")
-        return [tuple(float(x) for x in c) for c in coefficients[:steps]], 1.0
-    raise ValueError(f"ns_coefficients={coefficients!r} must be a name "
-                     f"({sorted(NS_COEFFICIENT_SETS)}), one (a, b, c) tuple of finite numbers, "
-                     "or a non-empty sequence of such tuples (one per iteration)")
+    if len(coefficients) < steps:
+        raise ValueError(f"ns_coefficients has {len(coefficients)} per-iteration (a, b, c) "
+                         f"tuples but {steps} steps are asked for; give at least {steps} "
+                         "tuples or one tuple to reuse at every iteration")
+    return [tuple(float(x) for x in c) for c in coefficients[:steps]], 1.0
+
+
+def coefficients_problem(coefficients: object) -> str | None:
+    """None if ``coefficients`` is a valid ``ns_coefficients`` (whatever the step count),
+    else what it must be."""
+    if isinstance(coefficients, str):
+        return None if coefficients in NS_COEFFICIENT_SETS else (
+            f"is not a named set; choose from {sorted(NS_COEFFICIENT_SETS)} or pass "
+            "(a, b, c) tuples")
+    if _triple(coefficients) or (isinstance(coefficients, (tuple, list)) and coefficients
+                                 and all(_triple(c) for c in coefficients)):
+        return None
+    return (f"must be a name ({sorted(NS_COEFFICIENT_SETS)}), one (a, b, c) tuple of finite "
+            "numbers, or a non-empty sequence of such tuples (one per iteration)")
 
 
 def _is_index(i: object) -> bool:

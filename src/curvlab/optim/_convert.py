@@ -4,8 +4,10 @@ Before it, Shampoo and SOAP kept their whole state under ``state_dict()["precond
 (stacked per block shape, ``state`` empty), K-FAC, NaturalGradient and HessianFree kept
 optimizer-wide counters under a string key of ``state``, and some settings had other names
 (``epsilon``, ``grafting_beta2`` / ``grafting_epsilon``, ``adamw_betas`` / ``adamw_eps``,
-``inv_update_freq``). :func:`convert_state_dict` rewrites such a state dict into the current
-layout; a current one passes through unchanged.
+``inv_update_freq``). Muon's settings added later (``gram``, ``gram_restarts``,
+``normalize``, ``beta2``) get the values that reproduce the step of a state dict that lacks
+them. :func:`convert_state_dict` rewrites such a state dict into the current layout; a
+current one passes through unchanged.
 """
 
 from __future__ import annotations

@@ -83,7 +83,12 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import distributed as _dist
-from curvlab.linalg.matfuncs import gram_restart_indices, newton_schulz, ns_schedule
+from curvlab.linalg.matfuncs import (
+    coefficients_problem,
+    gram_restart_indices,
+    newton_schulz,
+    ns_schedule,
+)
 from curvlab.optim.adam import AdamConfig, adam_stability_preconditioner, adam_step_, moment_dtype
 from curvlab.optim.base import (
     CurvlabOptimizer,
@@ -105,14 +110,6 @@ __all__ = ["Muon", "muon_param_groups"]
 _ADJUST = ("original", "match_rms_adamw", "none")
 _NORMALIZE = (None, "neuron")
 NORMUON_EPS = 1e-10  # the NorMuon authors' reference code
-
-
-def _coefficients_rule(c: Any) -> str | None:
-    try:
-        ns_schedule(c, 0)
-    except ValueError as err:
-        return "is invalid: " + str(err).split(" ", 1)[1]
-    return None
 
 
 def _restarts_rule(r: Any) -> str | None:
@@ -181,7 +178,7 @@ class Muon(CurvlabOptimizer):
             d, torch.dtype) and d.is_floating_point else "must be a floating torch dtype"),
         "ns_steps": lambda n: None if isinstance(n, int) and n >= 0 else
         "must be an integer >= 0",
-        "ns_coefficients": _coefficients_rule, "gram": one_of(False, True),
+        "ns_coefficients": coefficients_problem, "gram": one_of(False, True),
         "gram_restarts": _restarts_rule, "normalize": one_of(*_NORMALIZE),
         "beta2": unit_interval,
     }
