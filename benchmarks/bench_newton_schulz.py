@@ -12,6 +12,9 @@ float64 ``U V^T`` would charge the input's rounding to the method):
   polar error     ||O - U' V'^T||_2 (spectral): the worst singular direction
   rms error       ||O - U' V'^T||_F / sqrt(min(m, n)): the typical one
 
+In exact arithmetic the error depends on the singular values only (not on ``U, V``), so in
+float32 the seeds agree to the printed digits; they matter in bfloat16.
+
 Variants (``curvlab.linalg.newton_schulz``):
 
   quintic               Jordan et al.'s (3.4445, -4.7750, 2.0315) every iteration (Muon)
