@@ -371,7 +371,7 @@ def gram_restart_indices(gram_restarts: int | Sequence[int], steps: int) -> tupl
 def newton_schulz(
     G: Tensor,
     steps: int = 5,
-    coefficients: str | Sequence = NS_QUINTIC_COEFFICIENTS,
+    coefficients: str | Sequence = "quintic",
     eps: float = 1e-7,
     dtype: torch.dtype | None = None,
     gram: bool = False,
@@ -414,9 +414,8 @@ def newton_schulz(
     """
     if G.ndim < 2:
         raise ValueError(f"G must have at least 2 dimensions, got shape {tuple(G.shape)}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     schedule, scale = ns_schedule(coefficients, steps)
+    restarts = gram_restart_indices(gram_restarts, steps)
     X = G.to(dtype) if dtype is not None else G
     transpose = G.shape[-2] > G.shape[-1]
     if transpose:
@@ -426,7 +425,7 @@ def newton_schulz(
         norm = norm * scale
     X = X / norm.clamp_min(eps)
     if gram:
-        X = _gram_iteration(X, schedule, gram_restart_indices(gram_restarts, steps))
+        X = _gram_iteration(X, schedule, restarts)
     else:
         for a, b, c in schedule:
             A = X @ X.mT
