@@ -154,7 +154,8 @@ class Muon(CurvlabOptimizer):
             iterations (default 2) or before the (0-based) iterations of a tuple (its
             authors': ``(2,)``; see :func:`curvlab.linalg.newton_schulz`).
         normalize: None (Muon) or ``"neuron"`` (NorMuon: neuron-wise second-moment
-            normalization after orthogonalization, see the module docstring).
+            normalization after orthogonalization, see the module docstring; refused for
+            FSDP2 parameters).
         beta2: NorMuon's second-moment EMA factor (default 0.95, the authors').
         adjust_lr: "original" (default), "match_rms_adamw" or "none" (see module docstring).
         ns_dtype: dtype of the Newton–Schulz iteration (default: bfloat16 on CUDA, else float32,
