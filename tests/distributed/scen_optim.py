@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from curvlab.optim import KFAC, SOAP, Muon, Shampoo
 
 STEPS, GLOBAL_BATCH = 20, 16
-OPTIMIZERS = ("shampoo", "soap", "kfac", "muon")
+OPTIMIZERS = ("shampoo", "soap", "kfac", "muon", "normuon")
 # under DDP also the other sharing mode of Shampoo/SOAP (same math, other communication)
 DDP_VARIANTS = (*OPTIMIZERS, "shampoo/allgather", "soap/allgather")
 # under FSDP2 Shampoo/SOAP need the allgather flow (each block whole on its owner); with the
@@ -42,6 +42,9 @@ def make(name: str, model: nn.Module, group=None):
         return KFAC(model, lr=0.1, damping=0.1, precondition_frequency=3,
                     eigenvalue_correction=True,
                     process_group=group)
+    if name == "normuon":  # NorMuon on Polar Express through Gram Newton-Schulz
+        return Muon(model.parameters(), lr=0.02, process_group=group, normalize="neuron",
+                    ns_coefficients="polar_express", gram=True)
     return Muon(model.parameters(), lr=0.02, process_group=group)
 
 

@@ -1,7 +1,7 @@
-"""Shampoo, SOAP, K-FAC and Muon under DDP (2 gloo ranks, each with half of every global
-batch, the refresh / Newton-Schulz work split over the ranks) reach the parameters of one
-process on the whole batch after 20 steps (float64, 1e-6 relative); FSDP2 works for Muon
-and is refused at construction by the others."""
+"""Shampoo, SOAP, K-FAC and Muon (and NorMuon) under DDP (2 gloo ranks, each with half of
+every global batch, the refresh / Newton-Schulz work split over the ranks) reach the
+parameters of one process on the whole batch after 20 steps (float64, 1e-6 relative); FSDP2
+works for Muon and is refused at construction by the others (and by NorMuon)."""
 
 import functools
 
@@ -109,6 +109,7 @@ def test_fsdp2_unsupported_modes_are_refused(dist_results):
         assert "does not support DTensor parameters" in res["fsdp/kfac"]
         for name in ("shampoo", "soap"):
             assert "distributed_mode='allgather'" in res[f"fsdp/{name}"]
+        assert "NorMuon" in res["fsdp/normuon"] and "FSDP2" in res["fsdp/normuon"]
 
 
 def test_lpt_schedule_balances():

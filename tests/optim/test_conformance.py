@@ -97,6 +97,14 @@ CASES: dict[str, Case] = {
         invalid=[({"lr": math.inf}, "lr"), ({"weight_decay": math.nan}, "weight_decay"),
                  ({"adam": {"betas": (0.9, 1.0)}}, "betas"), ({"eps": 0.0}, "eps"),
                  ({"eps": -1e-7}, "eps"), ({"momentum": 1.0}, "momentum")]),
+    "normuon": Case(  # NorMuon (neuron-wise second moment) on Polar Express, Gram iteration
+        lambda m, params=None, **kw: Muon(_params(m, params), **{
+            "lr": 1e-2, "normalize": "neuron", "ns_coefficients": "polar_express",
+            "gram": True, **kw}),
+        invalid=[({"beta2": 1.0}, "beta2"), ({"normalize": "row"}, "normalize"),
+                 ({"ns_coefficients": "cubic"}, "ns_coefficients"),
+                 ({"ns_coefficients": [(1.5, -0.5, 0.0)] * 2}, "ns_coefficients"),
+                 ({"gram_restarts": 0}, "gram_restarts")]),
     "kfac": Case(
         lambda m, params=None, **kw: KFAC(m, **{"lr": 0.05, "damping": 0.05,
                                                "precondition_frequency": 2,

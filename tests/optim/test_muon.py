@@ -160,9 +160,10 @@ def test_compiled_newton_schulz_matches_eager():
                                                      strict=True))
 
 
-@pytest.mark.parametrize("rule", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("rule,normalize", [("original", None), ("match_rms_adamw", None),
+                                            ("original", "neuron")])
 @pytest.mark.parametrize("d_in,d_out", [(4, 12), (12, 4), (6, 6)])
-def test_conv1d_update_is_the_transpose_of_the_linear_update(rule, d_in, d_out):
+def test_conv1d_update_is_the_transpose_of_the_linear_update(rule, normalize, d_in, d_out):
     """HF Conv1D stores its weight (in, out): Muon must scale (and orthogonalize) it as the
     (out, in) matrix of the equivalent nn.Linear, found by muon_param_groups."""
     Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
@@ -176,8 +177,9 @@ def test_conv1d_update_is_the_transpose_of_the_linear_update(rule, d_in, d_out):
     start = lin[0].weight.detach().clone()
     groups = muon_param_groups(conv, lr=0.05, adamw_lr=1e-2)
     assert [g.get("transposed", False) for g in groups if g["use_muon"]] == [True]
-    opts = [Muon(groups, adjust_lr=rule),
-            Muon(muon_param_groups(lin, lr=0.05, adamw_lr=1e-2), adjust_lr=rule)]
+    opts = [Muon(groups, adjust_lr=rule, normalize=normalize),
+            Muon(muon_param_groups(lin, lr=0.05, adamw_lr=1e-2), adjust_lr=rule,
+                 normalize=normalize)]
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         X = torch.randn(16, d_in, generator=g, dtype=torch.float64)
@@ -213,3 +215,106 @@ def test_muon_param_groups_on_gpt2_routes_embeddings_tied_head_and_norms_to_adam
         if "wte" in n or "wpe" in n or "ln_" in n or n.endswith("bias"):
             assert id(p) in adamw, n
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_ns_variants_update_matches_newton_schulz():
+    """ns_coefficients / gram reach the iteration; the default is bitwise the quintic tuple."""
+    from curvlab.linalg.matfuncs import NS_QUINTIC_COEFFICIENTS
+
+    torch.manual_seed(0)
+    G = torch.randn(6, 20, dtype=torch.float64)
+    for kw in [dict(ns_coefficients="polar_express"),
+               dict(ns_coefficients="polar_express", gram=True),
+               dict(ns_coefficients=[(3.0, -3.2, 1.2)] * 2 + [(1.5, -0.5, 0.0)] * 4, ns_steps=6,
+                    gram=True, gram_restarts=(3,))]:
+        W = nn.Parameter(torch.zeros(6, 20, dtype=torch.float64))
+        opt = Muon([W], lr=0.1, momentum=0.0, nesterov=False, adjust_lr="none", **kw)
+        W.grad = G.clone()
+        opt.step()
+        ns = {"steps": kw.get("ns_steps", 5), "coefficients": kw["ns_coefficients"],
+              "gram": kw.get("gram", False), "gram_restarts": kw.get("gram_restarts", 2)}
+        torch.testing.assert_close(W.detach(), -0.1 * newton_schulz(G, **ns), rtol=1e-12,
+                                   atol=1e-14)
+    m1, m2 = _mlp(), _mlp()
+    o1 = Muon(m1.parameters(), lr=0.02)
+    o2 = Muon(m2.parameters(), lr=0.02, ns_coefficients=NS_QUINTIC_COEFFICIENTS)
+    assert o1.param_groups[0]["ns_coefficients"] == "quintic"
+    X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    for m, o in ((m1, o1), (m2, o2)):
+        for _ in range(3):
+            m.zero_grad()
+            m(X).pow(2).mean().backward()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters(), strict=True))
+
+
+def _normuon_reference(W0, grads, lr, mom, beta2, scale):
+    """NorMuon written out densely (Li et al. 2025; the authors' normuon_update): Nesterov
+    momentum, Newton-Schulz, EMA of each row's mean square (no bias correction), rows divided
+    by its root + 1e-10, Frobenius norm restored, shape scale."""
+    W, B, v = W0.clone(), torch.zeros_like(W0), torch.zeros(W0.shape[0], dtype=W0.dtype)
+    for G in grads:
+        B = mom * B + (1 - mom) * G
+        O = newton_schulz((1 - mom) * G + mom * B)
+        v = beta2 * v + (1 - beta2) * (O * O).mean(dim=1)
+        N = O / (v.sqrt() + 1e-10)[:, None]
+        N = N * (torch.linalg.matrix_norm(O) / (torch.linalg.matrix_norm(N) + 1e-10))
+        W = W - lr * scale * N
+    return W
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (5, 8), (4, 3, 2, 2)])
+def test_normuon_matches_dense_reference(shape):
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(*shape, dtype=torch.float64))
+    W0 = W.detach().reshape(shape[0], -1).clone()
+    opt = Muon([W], lr=0.05, momentum=0.9, normalize="neuron", beta2=0.8)
+    grads = [torch.randn(*shape, dtype=torch.float64) for _ in range(4)]
+    for G in grads:
+        W.grad = G
+        opt.step()
+    A, B = W0.shape
+    expected = _normuon_reference(W0, [G.reshape(A, B) for G in grads], 0.05, 0.9, 0.8,
+                                  math.sqrt(max(1, A / B)))
+    torch.testing.assert_close(W.detach().reshape(A, B), expected, rtol=1e-12, atol=1e-13)
+    v = opt.state[W]["neuron_second_moment"]
+    assert v.shape == (A,) and v.dtype == torch.float64
+
+
+def test_normuon_first_step_equalizes_row_norms_and_keeps_the_frobenius_norm():
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.zeros(6, 10, dtype=torch.float64))
+    rows = torch.logspace(0, 2, 6, dtype=torch.float64)[:, None]
+    G = torch.randn(6, 10, dtype=torch.float64) * rows  # rows of very different sizes
+    opt = Muon([W], lr=1.0, momentum=0.0, nesterov=False, adjust_lr="none", normalize="neuron")
+    W.grad = G
+    opt.step()
+    rows = torch.linalg.vector_norm(W.detach(), dim=1)
+    torch.testing.assert_close(rows, rows.mean().expand(6), rtol=1e-8, atol=0)  # eps 1e-10
+    torch.testing.assert_close(torch.linalg.matrix_norm(W.detach()),
+                               torch.linalg.matrix_norm(newton_schulz(G)), rtol=1e-10, atol=0)
+
+
+def test_normuon_bfloat16_parameters_keep_a_float32_second_moment():
+    W = nn.Parameter(torch.randn(4, 6).bfloat16())
+    opt = Muon([W], lr=0.01, normalize="neuron")
+    W.grad = torch.randn(4, 6).bfloat16()
+    opt.step()
+    assert opt.state[W]["neuron_second_moment"].dtype == torch.float32
+    assert W.dtype == torch.bfloat16 and torch.isfinite(W).all()
+
+
+def test_bad_variant_arguments():
+    p = [nn.Parameter(torch.zeros(3, 3))]
+    for kw, match in [(dict(ns_coefficients="cubic"), "ns_coefficients"),
+                      (dict(ns_coefficients=(1.0, 2.0)), "ns_coefficients"),
+                      (dict(ns_coefficients=[(1.5, -0.5, 0.0)] * 3), "3 per-iteration"),
+                      (dict(gram_restarts=0), "gram_restarts"),
+                      (dict(gram="yes"), "gram"),
+                      (dict(normalize="row"), "normalize"),
+                      (dict(beta2=1.0), "beta2")]:
+        with pytest.raises(ValueError, match=match):
+            Muon(p, **kw)
+    opt = Muon(p, ns_steps=3, ns_coefficients=[(1.5, -0.5, 0.0)] * 3)
+    with pytest.raises(ValueError, match="ns_coefficients"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2))], "ns_steps": 4})

@@ -41,7 +41,8 @@ def _twice(model_rule, p, x):
     return f(p, f(p, x))
 
 
-@pytest.mark.parametrize("name", ["soap", "soap_two_groups", "shampoo_diagonal", "muon_adam"])
+@pytest.mark.parametrize("name", ["soap", "soap_two_groups", "shampoo_diagonal", "muon_adam",
+                                  "normuon_adam"])
 def test_inverse_sqrt_preconditioner_reproduces_the_step(name):
     model = _model()
     if name.startswith("soap"):
@@ -56,7 +57,8 @@ def test_inverse_sqrt_preconditioner_reproduces_the_step(name):
         moment = "m"
         steps = 3
     else:
-        opt = Muon(model.parameters(), lr=0.01)
+        opt = Muon(model.parameters(), lr=0.01,  # NorMuon's state must not confuse it
+                   normalize="neuron" if name == "normuon_adam" else None)
         moment = "exp_avg"
         steps = 3
     _train(model, opt, steps)

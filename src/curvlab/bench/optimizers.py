@@ -8,6 +8,7 @@ Shampoo/SOAP entries (ours and peers) share one refresh frequency per problem.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,10 +119,11 @@ def _kl_soap(m: nn.Module, lr: float, problem: str) -> Any:
                   precondition_frequency=_problem_freq(problem), max_preconditioner_dim=128)
 
 
-def _muon(m: nn.Module, lr: float, problem: str) -> Any:
+def _muon(m: nn.Module, lr: float, problem: str, **variant: Any) -> Any:
     from curvlab.optim import Muon, muon_param_groups
 
-    return Muon(muon_param_groups(m, lr=lr, adamw_lr=lr), lr=lr, adjust_lr="match_rms_adamw")
+    return Muon(muon_param_groups(m, lr=lr, adamw_lr=lr), lr=lr, adjust_lr="match_rms_adamw",
+                **variant)
 
 
 def _torch_muon(m: nn.Module, lr: float, problem: str) -> Any:
@@ -242,6 +244,18 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("curvlab.KLSOAP", _kl_soap, ADAM_GRID, "curvlab", "kl-soap", quick=False),
     OptimizerSpec("curvlab.Muon", _muon, MUON_GRID, "curvlab", "muon"),
     OptimizerSpec("curvlab.PSGDKron", _psgd, PSGD_GRID, "curvlab", "psgd-kron"),
+    # Muon variants (issue 19): Polar Express coefficients; the same through Gram
+    # Newton-Schulz (equal in exact arithmetic: one algorithm, two implementations); NorMuon
+    # on Polar Express (as nanochat runs it)
+    OptimizerSpec("curvlab.Muon+PolarExpress", functools.partial(
+        _muon, ns_coefficients="polar_express"), MUON_GRID, "curvlab", "muon-polar-express",
+        quick=False),
+    OptimizerSpec("curvlab.Muon+PolarExpress+Gram", functools.partial(
+        _muon, ns_coefficients="polar_express", gram=True), MUON_GRID, "curvlab",
+        "muon-polar-express", quick=False, note="Gram Newton-Schulz, restarted every 2"),
+    OptimizerSpec("curvlab.NorMuon", functools.partial(
+        _muon, ns_coefficients="polar_express", normalize="neuron"), MUON_GRID, "curvlab",
+        "normuon", quick=False),
     OptimizerSpec("curvlab.KFAC", _kfac, KFAC_GRID, "curvlab", "kfac"),
     OptimizerSpec("curvlab.EKFAC", _ekfac, KFAC_GRID, "curvlab", "ekfac", quick=False),
     OptimizerSpec("curvlab.HessianFree", _hessian_free, {"digits_mlp": (1.0,)}, "curvlab",

@@ -16,6 +16,11 @@ References:
     SIAM J. Matrix Anal. Appl. 28(3), eq. (2.6): coupled Newton iteration.
     Vyas et al. (2024), SOAP, Alg. 4 (one power-iteration step + QR to refresh an eigenbasis).
     Jordan et al. (2024), Muon: quintic Newton–Schulz with coefficients (3.4445, -4.7750, 2.0315).
+    Amsel, Persson, Musco, Gower (2025), "The Polar Express: Optimal Matrix Sign Methods and
+    Their Application to the Muon Algorithm", arXiv:2505.16932, Alg. 1 (per-iteration
+    coefficients).
+    Zhang, Amsel, Chen, Dao (2026), "Gram Newton-Schulz" (Dao AI Lab; iterating on the Gram
+    matrix, with restarts).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+import numbers
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -36,10 +42,44 @@ __all__ = [
     "coupled_newton_inverse_root",
     "eigenbasis_qr_refresh",
     "newton_schulz",
+    "ns_schedule",
+    "coefficients_problem",
+    "gram_restart_indices",
     "NS_QUINTIC_COEFFICIENTS",
+    "NS_POLAR_EXPRESS_COEFFICIENTS",
+    "NS_COEFFICIENT_SETS",
 ]
 
 NS_QUINTIC_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+# Polar Express (Amsel et al. 2025): the authors' optimal_composition(l=1e-3, num_iters=8,
+# safety_factor_eps=1e-2, cushion=0.02), as printed in the paper's Alg. 1 listing and in
+# their polar_express/basic.py; every polynomial but the last is then evaluated at x / 1.01
+# (a / 1.01, b / 1.01^3, c / 1.01^5), and the input is normalized by 1.01 ||G||_F. Later
+# iterations repeat the last polynomial (numerically the limit (15/8, -10/8, 3/8)).
+# NVIDIA's Emerging-Optimizers ships the same numbers. modded-nanogpt, nanochat and Dion
+# run a neighbouring set optimized for exactly 5 iterations with safety 1.02 (first
+# polynomial 8.1566 instead of 8.2052; normalization 1.02 ||G||_F).
+_POLAR_EXPRESS_RAW = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+POLAR_EXPRESS_SAFETY = 1.01
+NS_POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = tuple(
+    (a / POLAR_EXPRESS_SAFETY, b / POLAR_EXPRESS_SAFETY**3, c / POLAR_EXPRESS_SAFETY**5)
+    for a, b, c in _POLAR_EXPRESS_RAW[:-1]) + (_POLAR_EXPRESS_RAW[-1],)
+
+#: name -> (per-iteration (a, b, c) tuples, normalization factor s): ``X_0 = G / (s ||G||_F)``
+NS_COEFFICIENT_SETS: dict[str, tuple[tuple[tuple[float, float, float], ...], float]] = {
+    "quintic": ((NS_QUINTIC_COEFFICIENTS,), 1.0),
+    "polar_express": (NS_POLAR_EXPRESS_COEFFICIENTS, POLAR_EXPRESS_SAFETY),
+}
 
 
 class MatrixFunctionError(RuntimeError):
@@ -260,35 +300,159 @@ def _addmm(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float) -> Tensor
     return beta * C + alpha * (A @ B)
 
 
+Coefficients = tuple[float, float, float]
+
+
+def _real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _triple(c: object) -> bool:
+    return isinstance(c, (tuple, list)) and len(c) == 3 and all(_real(x) for x in c)
+
+
+def ns_schedule(coefficients: str | Sequence, steps: int) -> tuple[list[Coefficients], float]:
+    """The per-iteration ``(a, b, c)`` of ``steps`` Newton–Schulz iterations and the
+    normalization factor ``s`` (``X_0 = G / (s ||G||_F)``).
+
+    ``coefficients`` is a name of :data:`NS_COEFFICIENT_SETS` (a named set shorter than
+    ``steps`` repeats its last tuple, as its authors do), one ``(a, b, c)`` used at every
+    iteration (``s = 1``), or a sequence of at least ``steps`` tuples, of which the first
+    ``steps`` are used (``s = 1``). Anything else is a ``ValueError`` naming the argument.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    why = coefficients_problem(coefficients)
+    if why is not None:
+        raise ValueError(f"ns_coefficients={coefficients!r} {why}")
+    if isinstance(coefficients, str):
+        tuples, scale = NS_COEFFICIENT_SETS[coefficients]
+        tuples = list(tuples[:steps]) + [tuples[-1]] * max(0, steps - len(tuples))
+        return tuples, scale
+    if _triple(coefficients):
+        return [tuple(float(x) for x in coefficients)] * steps, 1.0  # type: ignore[union-attr]
+    if len(coefficients) < steps:
+        raise ValueError(f"ns_coefficients has {len(coefficients)} per-iteration (a, b, c) "
+                         f"tuples but {steps} steps are asked for; give at least {steps} "
+                         "tuples or one tuple to reuse at every iteration")
+    return [tuple(float(x) for x in c) for c in coefficients[:steps]], 1.0
+
+
+def coefficients_problem(coefficients: object) -> str | None:
+    """None if ``coefficients`` is a valid ``ns_coefficients`` (whatever the step count),
+    else what it must be."""
+    if isinstance(coefficients, str):
+        return None if coefficients in NS_COEFFICIENT_SETS else (
+            f"is not a named set; choose from {sorted(NS_COEFFICIENT_SETS)} or pass "
+            "(a, b, c) tuples")
+    if _triple(coefficients) or (isinstance(coefficients, (tuple, list)) and coefficients
+                                 and all(_triple(c) for c in coefficients)):
+        return None
+    return (f"must be a name ({sorted(NS_COEFFICIENT_SETS)}), one (a, b, c) tuple of finite "
+            "numbers, or a non-empty sequence of such tuples (one per iteration)")
+
+
+def _is_index(i: object) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and i >= 1
+
+
+def gram_restart_indices(gram_restarts: int | Sequence[int], steps: int) -> tuple[int, ...]:
+    """The (0-based) iterations before which Gram Newton–Schulz restarts: ``k`` (an int)
+    means every ``k`` iterations (``k, 2k, ... < steps``); a tuple lists them (its authors'
+    form: ``(2,)`` restarts once, before the third iteration)."""
+    if _is_index(gram_restarts):
+        return tuple(range(gram_restarts, steps, gram_restarts))  # type: ignore[arg-type]
+    if isinstance(gram_restarts, (tuple, list)) and all(_is_index(i) for i in gram_restarts):
+        return tuple(sorted(set(gram_restarts)))
+    raise ValueError(f"gram_restarts={gram_restarts!r} must be a period k >= 1 (restart every "
+                     "k iterations) or a tuple of 0-based iteration indices >= 1")
+
+
 def newton_schulz(
     G: Tensor,
     steps: int = 5,
-    coefficients: tuple[float, float, float] = NS_QUINTIC_COEFFICIENTS,
+    coefficients: str | Sequence = "quintic",
     eps: float = 1e-7,
     dtype: torch.dtype | None = None,
+    gram: bool = False,
+    gram_restarts: int | Sequence[int] = 2,
 ) -> Tensor:
     r"""Approximate orthogonalization ``U V^T`` of ``G = U S V^T`` by Newton–Schulz.
 
-    ``X_0 = G / max(||G||_F, eps)`` (transposed so it is wide), then ``steps`` times
-    ``A = X X^T``, ``X <- a X + (b A + c A^2) X``. The default quintic coefficients
-    (Muon) trade exact convergence for speed: singular values land roughly in [0.7, 1.2].
-    The cubic ``(1.5, -0.5, 0)`` converges to the polar factor ``U V^T``.
+    ``X_0 = G / max(s ||G||_F, eps)`` (transposed so it is wide), then for
+    ``t = 1..steps``: ``A = X X^T``, ``X <- a_t X + (b_t A + c_t A^2) X``, i.e. every
+    singular value goes through the odd quintic ``p_t(x) = a_t x + b_t x^3 + c_t x^5``.
+    ``coefficients`` (see :func:`ns_schedule`):
+
+    * ``"quintic"`` / ``(3.4445, -4.7750, 2.0315)`` (Jordan et al. 2024, Muon; ``s = 1``)
+      trades exact convergence for speed: singular values land roughly in [0.7, 1.2].
+    * ``"polar_express"`` (Amsel, Persson, Musco, Gower 2025, Alg. 1 and the authors' code):
+      a different minimax-optimal quintic per iteration for singular values in
+      ``[1e-3, 1]``, each but the last evaluated at ``x / 1.01`` and ``s = 1.01`` (their
+      safety factor against rounding); converges to ``U V^T``.
+    * any ``(a, b, c)``: the cubic ``(1.5, -0.5, 0)`` converges to ``U V^T``.
+
+    ``gram=True``: Gram Newton–Schulz (Zhang, Amsel, Chen, Dao 2026), the same polynomials
+    applied through the small ``n x n`` Gram matrix of the wide ``n x m`` iterate: with
+    ``R = X X^T``, ``Z_t = b_t R + c_t R^2``, ``X_t = Q_t X`` where ``Q <- Q (a_t I + Z_t)`` and
+    ``R <- (a_t I + Z_t) R (a_t I + Z_t)`` (all are polynomials in ``R_0``, so they commute),
+    so an iteration costs ``O(n^3)`` instead of ``O(n^2 m)``. At each restart
+    (:func:`gram_restart_indices`; default every 2 iterations) the iterate is formed,
+    ``X <- Q X``, and ``R = X X^T`` recomputed: the Gram recursion's rounding errors are not
+    self-corrected as the plain iteration's are, and without restarts it diverges in
+    bfloat16. The authors restart once, before the third of 5 iterations (``(2,)``), in
+    float16; in bfloat16 (3 fewer mantissa bits) that leaves errors up to 0.7 above the
+    plain iteration's on ill-conditioned inputs, restarting every 2 iterations keeps them
+    within 0.1 of it (spectral error vs ``U V^T`` over the random suite of
+    ``benchmarks/bench_newton_schulz.py``). Equal to the plain iteration in exact
+    arithmetic. Multiply-adds of 5 iterations, restarts every 2: ``6 n^2 m + 11 n^3``
+    (authors' ``(2,)``: ``4 n^2 m + 14 n^3``), both fewer than the plain iteration's
+    ``10 n^2 m + 5 n^3`` when ``m > 1.5 n``.
+
     Works on batches ``(..., m, n)``; computes in ``dtype`` (default: ``G.dtype``) and
     returns ``G.dtype``.
     """
     if G.ndim < 2:
         raise ValueError(f"G must have at least 2 dimensions, got shape {tuple(G.shape)}")
-    if steps < 0:
-        raise ValueError(f"steps must be non-negative, got {steps}")
-    a, b, c = coefficients
+    schedule, scale = ns_schedule(coefficients, steps)
+    restarts = gram_restart_indices(gram_restarts, steps)
     X = G.to(dtype) if dtype is not None else G
     transpose = G.shape[-2] > G.shape[-1]
     if transpose:
         X = X.mT
-    X = X / torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp_min(eps)
-    for _ in range(steps):
-        A = X @ X.mT
-        X = _addmm(X, _addmm(A, A, A, beta=b, alpha=c), X, beta=a, alpha=1.0)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    if scale != 1.0:
+        norm = norm * scale
+    X = X / norm.clamp_min(eps)
+    if gram:
+        X = _gram_iteration(X, schedule, restarts)
+    else:
+        for a, b, c in schedule:
+            A = X @ X.mT
+            X = _addmm(X, _addmm(A, A, A, beta=b, alpha=c), X, beta=a, alpha=1.0)
     if transpose:
         X = X.mT
     return X.to(G.dtype)
+
+
+def _gram_iteration(X: Tensor, schedule: list[Coefficients], restarts: tuple[int, ...]
+                    ) -> Tensor:
+    """Gram Newton–Schulz on a wide normalized ``X`` (see :func:`newton_schulz`)."""
+    if not schedule:
+        return X
+    n = X.shape[-2]
+    eye = torch.eye(n, dtype=X.dtype, device=X.device)
+    R = X @ X.mT
+    Q: Tensor | None = None
+    last = len(schedule) - 1
+    for t, (a, b, c) in enumerate(schedule):
+        if t in restarts:  # form the iterate and its Gram matrix afresh
+            X = Q @ X  # type: ignore[operator]  # t >= 1: Q exists
+            R = X @ X.mT
+            Q = None
+        Z = _addmm(R, R, R, beta=b, alpha=c)  # b R + c R^2
+        Q = Z + a * eye if Q is None else _addmm(Q, Q, Z, beta=a, alpha=1.0)  # Q (a I + Z)
+        if t < last and t + 1 not in restarts:
+            RZ = _addmm(R, R, Z, beta=a, alpha=1.0)  # R (a I + Z)
+            R = _addmm(RZ, Z, RZ, beta=a, alpha=1.0)  # (a I + Z) R (a I + Z)
+    return Q @ X  # type: ignore[operator]

@@ -4,8 +4,10 @@ Before it, Shampoo and SOAP kept their whole state under ``state_dict()["precond
 (stacked per block shape, ``state`` empty), K-FAC, NaturalGradient and HessianFree kept
 optimizer-wide counters under a string key of ``state``, and some settings had other names
 (``epsilon``, ``grafting_beta2`` / ``grafting_epsilon``, ``adamw_betas`` / ``adamw_eps``,
-``inv_update_freq``). :func:`convert_state_dict` rewrites such a state dict into the current
-layout; a current one passes through unchanged.
+``inv_update_freq``). Muon's settings added later (``gram``, ``gram_restarts``,
+``normalize``, ``beta2``) get the values that reproduce the step of a state dict that lacks
+them. :func:`convert_state_dict` rewrites such a state dict into the current layout; a
+current one passes through unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ _GROUP_KEYS = {
 }
 
 
+#: Muon settings added after its first layout, with the value that reproduces that layout
+_MUON_ADDED = {"gram": False, "gram_restarts": 2, "normalize": None, "beta2": 0.95}
+
 _OLD_GLOBAL_KEYS = ("kfac", "natural_gradient", "hessian_free")
 
 
@@ -39,6 +44,10 @@ def _convert_groups(cls: str, groups: list[dict[str, Any]], current: list[dict[s
         if cls == "Shampoo" and "grafting_beta2" in g:  # grafting uses only Adam's beta2
             b2 = g.pop("grafting_beta2")
             g.setdefault("adam_betas", (live.get("adam_betas", (0.9, 0.999))[0], b2))
+        if cls == "Muon":  # settings added since, at the values that reproduce the old step
+            for key, old_value in _MUON_ADDED.items():
+                if key in live and key not in g:
+                    g[key] = old_value
         if "max_state_ratio" in live and "max_state_ratio" not in g and \
                 "max_preconditioner_dim" in g:  # added since: the old layout had no limit
             g["max_state_ratio"] = None

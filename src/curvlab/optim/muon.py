@@ -5,8 +5,7 @@ For a weight ``W`` (conv and higher-rank weights flattened to ``(out, in * ...)`
 .. math::
     B_t &= \mu B_{t-1} + (1-\mu) G_t, \qquad
     U_t = \begin{cases} (1-\mu) G_t + \mu B_t & \text{nesterov} \\ B_t \end{cases} \\
-    O_t &= \mathrm{NS}_5(U_t) \approx \text{polar factor of } U_t
-        \quad\text{(quintic Newton–Schulz, coefficients (3.4445, -4.7750, 2.0315))} \\
+    O_t &= \mathrm{NS}(U_t) \approx \text{polar factor } U V^T \text{ of } U_t = U S V^T \\
     W_t &= (1 - \eta\lambda) W_{t-1} - \eta\, s(A, B)\, O_t
 
 with the shape-aware scale ``s``: ``"original"`` ``sqrt(max(1, A/B))`` (Jordan et al.),
@@ -21,6 +20,31 @@ are updated by AdamW with the group's ``lr``, ``weight_decay`` and ``adam`` sett
 (:mod:`curvlab.optim.adam`; moments in float32 for 16-bit parameters).
 :func:`muon_param_groups` routes embeddings, the output head, biases and norms to AdamW
 and marks ``Conv1D`` weights ``transposed`` in one line.
+
+``NS`` is ``ns_steps`` Newton–Schulz iterations (:func:`curvlab.linalg.newton_schulz`) with
+the coefficients ``ns_coefficients``: ``"quintic"`` (default; Jordan et al.'s
+``(3.4445, -4.7750, 2.0315)`` at every iteration, singular values land in about
+[0.7, 1.2]), ``"polar_express"`` (Amsel et al. 2025: a minimax-optimal quintic per
+iteration, converging to ``U V^T``), one user ``(a, b, c)`` or a sequence of per-iteration
+tuples. ``gram=True`` runs the same polynomials through the small Gram matrix of the
+update (Gram Newton–Schulz, restarted every ``gram_restarts`` iterations): equal in
+exact arithmetic, cheaper per iteration for wide or tall matrices.
+
+``normalize="neuron"`` is NorMuon (Li et al. 2025): after orthogonalization each output
+neuron (row ``i`` of the logical ``(out, in)`` matrix) is divided by the root of an EMA of
+its mean square, and the result rescaled to the Frobenius norm of ``O_t``:
+
+.. math::
+    v_t = \beta_2 v_{t-1} + (1-\beta_2)\, \mathrm{mean}_j (O_t)_{ij}^2, \qquad
+    \hat O_t = \mathrm{diag}(\sqrt{v_t} + \epsilon)^{-1} O_t, \qquad
+    O_t \leftarrow \frac{\|O_t\|_F}{\|\hat O_t\|_F + \epsilon}\, \hat O_t
+
+with ``epsilon = 1e-10`` and no bias correction, as in the authors' reference code (from
+``v_0 = 0`` the first step gives every row the same RMS: the factor ``1 - beta_2`` cancels in
+the rescaling). Because the update keeps the Frobenius norm of ``O_t``, the scale ``s``
+(``adjust_lr``) keeps its meaning; ``"match_rms_adamw"`` gives the paper's step size
+``0.2 sqrt(A B) / ||\hat O_t||_F`` when ``O_t`` is orthogonal. ``v`` is the state
+``neuron_second_moment`` (``A`` entries; float32 for 16-bit parameters).
 
 Same-shape matrices are orthogonalized together in one batched Newton–Schulz. The iteration
 runs in ``ns_dtype`` (default bfloat16 on CUDA, where tensor cores make it fast; elsewhere
@@ -37,8 +61,14 @@ matrices it does not own; ``process_group`` must be the group the parameters are
 over (1-D mesh, ``Shard(0)``: ``fully_shard``'s default; other layouts are refused at
 construction).
 
+NorMuon's normalization runs on every rank after the orthogonalized updates are gathered
+(so the state is identical everywhere); it is not available for FSDP2 parameters.
+
 References: Jordan et al. (2024), "Muon: An optimizer for hidden layers in neural networks";
-Liu et al. (2025), "Muon is scalable for LLM training".
+Liu et al. (2025), "Muon is scalable for LLM training"; Amsel, Persson, Musco, Gower (2025),
+"The Polar Express: Optimal Matrix Sign Methods and Their Application to the Muon
+Algorithm"; Zhang, Amsel, Chen, Dao (2026), "Gram Newton-Schulz"; Li et al. (2025),
+"NorMuon: Making Muon more efficient and scalable" (arXiv:2510.05491).
 """
 
 from __future__ import annotations
@@ -53,7 +83,12 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import distributed as _dist
-from curvlab.linalg.matfuncs import NS_QUINTIC_COEFFICIENTS, newton_schulz
+from curvlab.linalg.matfuncs import (
+    coefficients_problem,
+    gram_restart_indices,
+    newton_schulz,
+    ns_schedule,
+)
 from curvlab.optim.adam import AdamConfig, adam_stability_preconditioner, adam_step_, moment_dtype
 from curvlab.optim.base import (
     CurvlabOptimizer,
@@ -65,7 +100,7 @@ from curvlab.optim.base import (
     unit_interval,
 )
 from curvlab.optim.distributors.collectives import local_tensor
-from curvlab.optim.distributors.matrices import matrix_distributor
+from curvlab.optim.distributors.matrices import RowShardedMatrices, matrix_distributor
 from curvlab.optim.stability import StabilityModel, ema_samples, momentum_threshold
 
 logger = logging.getLogger(__name__)
@@ -73,6 +108,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["Muon", "muon_param_groups"]
 
 _ADJUST = ("original", "match_rms_adamw", "none")
+_NORMALIZE = (None, "neuron")
+NORMUON_EPS = 1e-10  # the NorMuon authors' reference code
+
+
+def _restarts_rule(r: Any) -> str | None:
+    try:
+        gram_restart_indices(r, 0)
+    except ValueError:
+        return "must be a period k >= 1 or a tuple of iteration indices >= 1"
+    return None
+
+
+def _as_tuples(x: Any) -> Any:
+    """Lists (of lists) as tuples, so a group's settings are hashable constants."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def _muon_scale(rule: str, shape: tuple[int, ...]) -> float:
@@ -97,7 +147,16 @@ class Muon(CurvlabOptimizer):
         momentum, nesterov: Muon's momentum.
         weight_decay: decoupled weight decay ``p <- (1 - lr wd) p``.
         ns_steps, ns_coefficients, eps: Newton–Schulz iteration (``eps`` > 0 guards the
-            normalization).
+            normalization). ``ns_coefficients``: ``"quintic"`` (default), ``"polar_express"``,
+            one ``(a, b, c)`` reused at every iteration, or a sequence of at least
+            ``ns_steps`` per-iteration tuples (:func:`curvlab.linalg.matfuncs.ns_schedule`).
+        gram, gram_restarts: Gram Newton–Schulz, restarted every ``gram_restarts``
+            iterations (default 2) or before the (0-based) iterations of a tuple (its
+            authors': ``(2,)``; see :func:`curvlab.linalg.newton_schulz`).
+        normalize: None (Muon) or ``"neuron"`` (NorMuon: neuron-wise second-moment
+            normalization after orthogonalization, see the module docstring; refused for
+            FSDP2 parameters).
+        beta2: NorMuon's second-moment EMA factor (default 0.95, the authors').
         adjust_lr: "original" (default), "match_rms_adamw" or "none" (see module docstring).
         ns_dtype: dtype of the Newton–Schulz iteration (default: bfloat16 on CUDA, else float32,
             float64 for float64 parameters).
@@ -120,6 +179,9 @@ class Muon(CurvlabOptimizer):
             d, torch.dtype) and d.is_floating_point else "must be a floating torch dtype"),
         "ns_steps": lambda n: None if isinstance(n, int) and n >= 0 else
         "must be an integer >= 0",
+        "ns_coefficients": coefficients_problem, "gram": one_of(False, True),
+        "gram_restarts": _restarts_rule, "normalize": one_of(*_NORMALIZE),
+        "beta2": unit_interval,
     }
     renamed = {"adamw_betas": "adam_betas", "adamw_eps": "adam_eps"}
 
@@ -132,8 +194,12 @@ class Muon(CurvlabOptimizer):
         weight_decay: float = 0.0,
         *,
         ns_steps: int = 5,
-        ns_coefficients: tuple[float, float, float] = NS_QUINTIC_COEFFICIENTS,
+        ns_coefficients: str | tuple = "quintic",
         eps: float = 1e-7,
+        gram: bool = False,
+        gram_restarts: int | tuple[int, ...] = 2,
+        normalize: str | None = None,
+        beta2: float = 0.95,
         adjust_lr: str = "original",
         ns_dtype: torch.dtype | None = None,
         adam: AdamConfig | dict | None = None,
@@ -145,7 +211,9 @@ class Muon(CurvlabOptimizer):
         adam = AdamConfig.of(adam)
         aux = self._renamed_kwargs(renamed, {"adam_betas": adam.betas, "adam_eps": adam.eps})
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), eps=eps,
+                        ns_steps=ns_steps, ns_coefficients=_as_tuples(ns_coefficients),
+                        eps=eps, gram=gram, gram_restarts=_as_tuples(gram_restarts),
+                        normalize=normalize, beta2=beta2,
                         adjust_lr=adjust_lr, ns_dtype=ns_dtype,
                         adam_betas=tuple(aux["adam_betas"]), adam_eps=aux["adam_eps"],
                         use_muon=None, transposed=False)
@@ -156,9 +224,20 @@ class Muon(CurvlabOptimizer):
         self.distributor = matrix_distributor(
             self.process_group, [p for g in self.param_groups for p in g["params"]], "Muon")
         self.timings = self.distributor.timings
+        for g in self.param_groups:
+            self._validate_group(g)
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         super()._validate_group(g)
+        try:
+            ns_schedule(g["ns_coefficients"], g["ns_steps"])
+        except ValueError as err:
+            raise ValueError(f"Muon: {err}") from None
+        if g["normalize"] is not None and getattr(self, "distributor", None) is not None \
+                and isinstance(self.distributor, RowShardedMatrices):
+            raise ValueError(f"Muon: normalize={g['normalize']!r} (NorMuon) is not supported "
+                             "for FSDP2 (DTensor) parameters: each rank holds only rows of "
+                             "the orthogonalized update")
         if g["transposed"]:
             for p in g["params"]:
                 if p.ndim != 2:
@@ -230,15 +309,44 @@ class Muon(CurvlabOptimizer):
             with self.timings.measure("precondition"):
                 O = self._newton_schulz(U.mT if transposed else U, group["ns_steps"],
                                         group["ns_coefficients"], group["eps"],
-                                        dtype=ns_dtype).to(pdtype)
+                                        dtype=ns_dtype, gram=group["gram"],
+                                        gram_restarts=group["gram_restarts"]).to(pdtype)
             return O.mT if transposed else O
 
         directions = self.distributor.directions(ps, upd, owner_of, by_shape, orthogonalize)
+        if group["normalize"] == "neuron":
+            self._normalize_neurons(group, ps, directions, by_shape, transposed)
         for shape, idx in ((k[0], v) for k, v in by_shape.items()):
             logical = (shape[1], shape[0]) if transposed else tuple(shape)
             scale = -lr * _muon_scale(group["adjust_lr"], logical)
             torch._foreach_add_([local_tensor(ps[i]) for i in idx],
                                 [directions[i] for i in idx], alpha=scale)
+
+    def _normalize_neurons(self, group: dict[str, Any], ps: list[Tensor],
+                           directions: dict[int, Tensor], by_shape: dict[tuple, list[int]],
+                           transposed: bool) -> None:
+        """NorMuon, in place on ``directions`` (see the module docstring): per output neuron
+        (logical row), divide by the root of the EMA of its mean square; keep ``||O||_F``."""
+        for (shape, pdtype, _), idx in by_shape.items():
+            dtype = moment_dtype(pdtype)
+            rows = shape[1] if transposed else shape[0]
+            for i in idx:
+                st = self.state[ps[i]]
+                if "neuron_second_moment" not in st:
+                    st["neuron_second_moment"] = torch.zeros(rows, dtype=dtype,
+                                                             device=directions[i].device)
+            V = torch.stack([self.state[ps[i]]["neuron_second_moment"] for i in idx])
+            D = torch.stack([directions[i] for i in idx]).to(dtype)
+            D = D.mT if transposed else D.reshape(len(idx), rows, -1)  # logical (k, out, in)
+            V.lerp_(D.square().mean(dim=-1), 1.0 - group["beta2"])
+            N = D / (V.sqrt() + NORMUON_EPS).unsqueeze(-1)
+            norm_d = torch.linalg.vector_norm(D, dim=(-2, -1), keepdim=True)
+            norm_n = torch.linalg.vector_norm(N, dim=(-2, -1), keepdim=True)
+            N = N * (norm_d / (norm_n + NORMUON_EPS))
+            N = (N.mT if transposed else N.reshape(len(idx), *shape)).to(pdtype)
+            torch._foreach_copy_([self.state[ps[i]]["neuron_second_moment"] for i in idx],
+                                 list(V.unbind(0)))
+            directions.update(zip(idx, N.unbind(0), strict=True))
 
     def _adam_update(self, group: dict[str, Any], ps: list[Tensor]) -> None:
         ms, vs, steps = [], [], []
@@ -262,7 +370,8 @@ class Muon(CurvlabOptimizer):
 
     def _state_template(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         if self._uses_muon(group, p):
-            return {"momentum_buffer": tuple(p.shape)}
+            rows = p.shape[1] if group.get("transposed") else p.shape[0]
+            return {"momentum_buffer": tuple(p.shape), "neuron_second_moment": (rows,)}
         return {"step": (), "exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
 
     def _extra_stats(self) -> dict[str, Any]:
@@ -271,8 +380,10 @@ class Muon(CurvlabOptimizer):
         return {"num_muon_params": n_muon, "num_adam_params": n_all - n_muon}
 
     def stability_model(self) -> StabilityModel:
-        """Muon's orthogonalized step has a fixed spectral size (``lr s``) whatever the
-        curvature, so no ``lr x sharpness`` bound governs it; the AdamW parameters follow
+        """Muon's orthogonalized step has a fixed size (``lr s`` in spectral norm; NorMuon's
+        keeps the Frobenius norm of ``O``) whatever the curvature, so no ``lr x sharpness``
+        bound governs it (NorMuon's ``neuron_second_moment`` does not change that: it
+        rescales rows of a fixed-size step); the AdamW parameters follow
         Adam's rule (``2 (1 + b1) / (1 - b1)`` on the sharpness preconditioned by
         ``sqrt(v_hat) + eps``), measured on their block."""
         adam = {id(p): g for g in self.param_groups for p in g["params"]
