@@ -203,3 +203,34 @@ def test_study_needs_the_reference_on_every_problem(toy):
     elsewhere = OptimizerSpec("torch.AdamW", _adamw, {"other": (0.01,)}, "baseline", "adamw")
     with pytest.raises(ValueError, match="no learning rates for 'toy'"):
         TunedStudy("nn", [make_problem()], [elsewhere, SGD], seeds=[0])
+
+
+def test_deep_autoencoder_problems_units_split_and_clock():
+    """The activation sets the hidden units; test_fraction holds out a disjoint split whose
+    error train_run reports; the clock argument measures the training time."""
+    from curvlab.bench.nn import DEEP_AUTOENCODER
+
+    problem = digits_autoencoder_problem(batch_size=8, steps=2, activation="relu",
+                                         sizes=DEEP_AUTOENCODER, test_fraction=0.2)
+    assert problem.name == "digits_autoencoder_relu_64-256-128-64-16-64-128-256-64_test0.2"
+    model = problem.build(0)
+    assert [type(m).__name__ for m in model[1::2]] == ["ReLU"] * 7
+    assert [m.out_features for m in model[::2]] == list(DEEP_AUTOENCODER[1:])
+    train, test = problem.eval_batch[0], problem.held_out[0]
+    assert (len(train), len(test)) == (1438, 359)
+    full = digits_autoencoder_problem().eval_batch[0]  # the two splits partition the data
+    torch.testing.assert_close(torch.cat([train, test]).sum(0), full.sum(0))
+    ticks = iter(range(100))
+    result = train_run(problem, _adamw, 0.0, 0, math.inf, lambda f: None,
+                       clock=lambda: float(next(ticks)))
+    assert result["metrics"]["train_time"] == 2.0  # one tick per step
+    with torch.no_grad():
+        mse = float((torch.sigmoid(problem.build(0)(test)) - test).square().mean())
+    assert result["metrics"]["held_out_loss"] == pytest.approx(mse, rel=1e-6)
+    assert "held_out_loss" not in train_run(digits_autoencoder_problem(batch_size=8, steps=1),
+                                            _adamw, 0.0, 0, math.inf,
+                                            lambda f: None)["metrics"]
+    with pytest.raises(ValueError, match="activation"):
+        digits_autoencoder_problem(activation="gelu").build(0)
+    with pytest.raises(ValueError, match="test_fraction"):
+        digits_autoencoder_problem(test_fraction=1.0)

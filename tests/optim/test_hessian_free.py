@@ -35,8 +35,9 @@ def test_cg_solves_the_damped_gauss_newton_system(preconditioner):
     model, lf, X, y = small_problem()
     G, g = dense_gn(model, lf, X, y)
     lam = 0.3
+    # the whole batch for the curvature (the default is a quarter of it: tested below)
     opt = HessianFree(model, lf, damping=lam, cg_max_iter=60, cg_min_iter=60, cg_tol=1e-12,
-                      warm_start=0.0, preconditioner=preconditioner)
+                      warm_start=0.0, preconditioner=preconditioner, curvature_batch_size=None)
     opt.step(batch=(X, y))
     d = torch.cat([opt.state[p]["cg_direction"].reshape(-1) for p in model.parameters()])
     ref = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=D64), -g)
@@ -48,7 +49,9 @@ def test_converges_on_least_squares_in_few_steps():
     X = torch.randn(50, 4, dtype=D64)
     Y = X @ torch.randn(4, 2, dtype=D64) + 0.1 * torch.randn(50, 2, dtype=D64)
     model = nn.Linear(4, 2).to(D64)
-    opt = HessianFree(model, nn.MSELoss(), damping=1e-3, cg_tol=1e-10, cg_max_iter=50)
+    # exact Newton steps need the whole batch's curvature (the default is a quarter of it)
+    opt = HessianFree(model, nn.MSELoss(), damping=1e-3, cg_tol=1e-10, cg_max_iter=50,
+                      curvature_batch_size=None)
     for _ in range(8):
         opt.step(batch=(X, Y))
     Xa = torch.cat([X, torch.ones(50, 1, dtype=D64)], 1)
@@ -136,3 +139,94 @@ def test_closure_only_step_equals_the_batch_step():
     l1 = HessianFree(twin, nn.L1Loss())
     with pytest.raises(ValueError, match="batch="):
         l1.step(lambda: nn.L1Loss()(twin(X), torch.zeros(20, 3, dtype=D64)))
+
+
+def _flat_direction(opt, model):
+    return torch.cat([opt.state[p]["cg_direction"].reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("curvature", [0.25, 5])
+def test_default_curvature_batch_is_a_quarter_of_the_batch(curvature):
+    """Default: the Gauss-Newton products on ceil(n / 4) samples drawn with the seed, the
+    gradient on the whole batch; an int gives the number of samples."""
+    model, lf, X, y = small_problem(6)
+    idx = torch.randperm(20, generator=torch.Generator().manual_seed(0))[:5]
+    G, _ = dense_gn(model, lf, X[idx], y[idx])
+    g = dense_gn(model, lf, X, y)[1]
+    kw = {} if curvature == 0.25 else {"curvature_batch_size": curvature}
+    opt = HessianFree(model, lf, cg_max_iter=60, cg_min_iter=60, cg_tol=1e-12, **kw)
+    opt.step(batch=(X, y))
+    ref = torch.linalg.solve(G + 1e-3 * torch.eye(G.shape[0], dtype=D64), -g)
+    torch.testing.assert_close(_flat_direction(opt, model), ref, atol=1e-7, rtol=1e-7)
+    for bad in (0, 0.0, 1.5, True, -3):
+        with pytest.raises(ValueError, match="curvature_batch_size"):
+            HessianFree(model, lf, curvature_batch_size=bad)
+
+
+def test_damping_follows_the_rho_rule_from_its_default():
+    """lambda starts at 1e-3 and moves by 2/3 when rho > 3/4, by 3/2 when rho < 1/4."""
+    torch.manual_seed(1)
+    X = torch.randn(40, 4, dtype=D64)
+    Y = X @ torch.randn(4, 2, dtype=D64)
+    model = nn.Linear(4, 2).to(D64)
+    opt = HessianFree(model, nn.MSELoss(), curvature_batch_size=None)
+    assert opt.damping == 1e-3
+    for k in range(1, 4):  # quadratic loss, exact curvature: rho ~ 1 (the model is damped)
+        opt.step(batch=(X, Y))
+        assert 0.75 < opt.stats()["rho"] < 1.01
+        assert opt.damping == pytest.approx(1e-3 * (2 / 3) ** k, rel=1e-12)
+    # a one-sample curvature batch with almost no damping mispredicts the decrease
+    model, lf, X, y = small_problem(7)
+    opt = HessianFree(model, lf, damping=1e-6, curvature_batch_size=1)
+    opt.step(batch=(X, y))
+    assert opt.stats()["rho"] < 0.25
+    assert opt.damping == pytest.approx(1.5e-6, rel=1e-12)
+
+
+def test_cg_stops_at_its_default_budget():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(D64)  # 83 params
+    X, y = torch.randn(30, 6, dtype=D64), torch.randint(0, 3, (30,))
+    opt = HessianFree(model, nn.CrossEntropyLoss(), cg_tol=1e-15, damping=1e-8, min_damping=1e-8,
+                      curvature_batch_size=None)
+    opt.step(batch=(X, y))
+    assert opt.stats()["cg_iterations"] == 50
+
+
+@pytest.mark.parametrize("zeta", [0.95, 0.0])
+def test_cg_warm_starts_from_the_decayed_previous_solution(zeta):
+    """One CG iteration from x0 = zeta * d_prev on the dense damped Gauss-Newton system."""
+    model, lf, X, y = small_problem(8)
+    opt = HessianFree(model, lf, cg_max_iter=1, warm_start=zeta, curvature_batch_size=None)
+    opt.step(batch=(X, y))
+    d_prev, lam = _flat_direction(opt, model), opt.damping
+    G, g = dense_gn(model, lf, X, y)
+    B = G + lam * torch.eye(G.shape[0], dtype=D64)
+    opt.step(batch=(X, y))
+    x0 = zeta * d_prev
+    r = B @ x0 + g
+    x1 = x0 - (r @ r) / (r @ B @ r) * r
+    torch.testing.assert_close(_flat_direction(opt, model), x1, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("order,chosen", [((1.0, 0.2, 1.9), 1), ((1.0, 1.9, 0.2), 3),
+                                          ((0.2, 1.9, 1.0), 3)])
+def test_backtracking_walks_back_while_the_loss_decreases(order, chosen):
+    """Martens 2010, sec. 4.6: from the last saved CG iterate, step back to the earlier one
+    while it has a lower loss; stop at the first that does not. On a quadratic loss with
+    iterates t * d_newton, the loss is lowest at t = 1, then t = 0.2, then t = 1.9."""
+    torch.manual_seed(3)
+    X = torch.randn(40, 4, dtype=D64)
+    Y = X @ torch.randn(4, 2, dtype=D64)
+    model = nn.Linear(4, 2).to(D64)
+    opt = HessianFree(model, nn.MSELoss(), damping=1e-12, min_damping=1e-12,
+                      curvature_batch_size=None, cg_tol=1e-14, cg_max_iter=20)
+    real_cg = opt._cg
+
+    def scripted(B, g, x0, Minv):
+        saved, iters = real_cg(B, g, x0, Minv)
+        newton = saved[-1][1]
+        return [(i + 1, t * newton) for i, t in enumerate(order)], iters
+    opt._cg = scripted
+    opt.step(batch=(X, Y))
+    assert opt.stats()["chosen_iterate"] == chosen

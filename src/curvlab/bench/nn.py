@@ -23,7 +23,7 @@ from curvlab.bench.optimizers import OptimizerSpec
 from curvlab.bench.runner import Task
 
 __all__ = ["NNProblem", "train_run", "nn_task", "digits_mlp_problem", "char_lm_problem",
-           "digits_autoencoder_problem"]
+           "digits_autoencoder_problem", "DEEP_AUTOENCODER"]
 
 
 @dataclass
@@ -45,6 +45,7 @@ class NNProblem:
     eval_every: int = 10
     eval_fn: Callable[[Any, Any], torch.Tensor] | None = None
     data_seed: int = 10_000
+    held_out: tuple[Any, Any] | None = None  # evaluated once at the end of a run
 
 
 def digits_mlp_problem(steps: int = 400, batch_size: int = 128, target: float | None = 0.05,
@@ -93,18 +94,37 @@ def _reconstruction_error(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     return (torch.sigmoid(logits) - targets).square().mean()
 
 
+DEEP_AUTOENCODER = (64, 256, 128, 64, 16, 64, 128, 256, 64)
+
+
 def digits_autoencoder_problem(batch_size: int | None = 128, steps: int = 10**9,
-                               eval_every: int = 100, data_seed: int = 0) -> NNProblem:
+                               eval_every: int = 100, data_seed: int = 0,
+                               activation: str = "sigmoid",
+                               sizes: tuple[int, ...] | None = None,
+                               test_fraction: float = 0.0) -> NNProblem:
     """The deep autoencoder of Hinton & Salakhutdinov (2006) / Martens (2010) at digits
-    scale: 64-32-16-8-16-32-64 sigmoid on the digits pixels in [0, 1], logistic outputs
-    (loss: binary cross-entropy with logits); eval = reconstruction error (mean squared
-    error of the sigmoid outputs) on all 1797 images. ``batch_size=None``: full batch.
-    The default step budget is unbounded: runs are meant to stop at a time budget."""
+    scale: by default 64-32-16-8-16-32-64 sigmoid (``sizes``: the layer widths, e.g.
+    :data:`DEEP_AUTOENCODER`; ``activation``: "sigmoid", "tanh" or "relu" hidden units)
+    on the digits pixels in [0, 1], logistic outputs (loss: binary cross-entropy with
+    logits); eval = reconstruction error (mean squared error of the sigmoid outputs) on
+    all 1797 images, or with ``test_fraction > 0`` on the training split, the rest held
+    out (``NNProblem.held_out``, the split drawn with seed 0). ``batch_size=None``: full
+    batch. The default step budget is unbounded: runs are meant to stop at a time budget.
+    The name is "digits_autoencoder" for the defaults, else it names what differs."""
     from sklearn.datasets import load_digits
 
     from curvlab.bench.problems.digits import digits_autoencoder
 
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
     X = torch.as_tensor(load_digits().data / 16.0, dtype=torch.float32)
+    held_out = None
+    if test_fraction > 0:
+        perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
+        n_test = int(round(test_fraction * len(X)))
+        held_out = (X[perm[:n_test]], X[perm[:n_test]])
+        X = X[perm[n_test:]]
+    arch = tuple(sizes) if sizes is not None else (64, 32, 16, 8, 16, 32, 64)
 
     def sample(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if batch_size is None:
@@ -112,16 +132,23 @@ def digits_autoencoder_problem(batch_size: int | None = 128, steps: int = 10**9,
         idx = torch.randint(0, len(X), (batch_size,), generator=gen)
         return X[idx], X[idx]
 
-    return NNProblem("digits_autoencoder", lambda seed: digits_autoencoder(seed=seed), sample,
-                     (X, X), nn.BCEWithLogitsLoss(), target=None, steps=steps,
-                     eval_every=eval_every, eval_fn=_reconstruction_error, data_seed=data_seed)
+    name = "digits_autoencoder"
+    if activation != "sigmoid" or sizes is not None:
+        name += f"_{activation}" + ("" if sizes is None else "_" + "-".join(map(str, arch)))
+    if test_fraction > 0:
+        name += f"_test{test_fraction:g}"
+    return NNProblem(name, lambda seed: digits_autoencoder(arch, seed=seed, activation=activation),
+                     sample, (X, X), nn.BCEWithLogitsLoss(), target=None, steps=steps,
+                     eval_every=eval_every, eval_fn=_reconstruction_error, data_seed=data_seed,
+                     held_out=held_out)
 
 
-def _evaluate(model: nn.Module, problem: NNProblem, device: str) -> float:
+def _evaluate(model: nn.Module, problem: NNProblem, device: str,
+              batch: tuple[Any, Any] | None = None) -> float:
     was = model.training
     model.eval()
     with torch.no_grad():
-        inputs, targets = (t.to(device) for t in problem.eval_batch)
+        inputs, targets = (t.to(device) for t in (batch or problem.eval_batch))
         loss = float((problem.eval_fn or problem.loss_fn)(model(inputs), targets))
     model.train(was)
     return loss
@@ -129,8 +156,8 @@ def _evaluate(model: nn.Module, problem: NNProblem, device: str) -> float:
 
 def train_run(problem: NNProblem, make_optimizer: Callable[[nn.Module, float, str], Any],
               lr: float, seed: int, time_budget: float, progress: Callable[[float], None],
-              device: str = "cpu", step_batch: bool = False, use_closure: bool = True
-              ) -> dict[str, Any]:
+              device: str = "cpu", step_batch: bool = False, use_closure: bool = True,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Train on ``device`` and return ``{"status", "metrics", "series"}`` for the bench
     runner; ``make_optimizer(model, lr, problem_name)`` builds the optimizer.
 
@@ -142,7 +169,10 @@ def train_run(problem: NNProblem, make_optimizer: Callable[[nn.Module, float, st
     curve up to there (final loss ``inf``). ``step_batch``: call
     ``opt.step(closure, batch=(inputs, targets))`` (optimizers that take the batch
     explicitly: Hessian-free, natural gradient), without the closure if not
-    ``use_closure`` (the optimizer computes loss and gradient itself).
+    ``use_closure`` (the optimizer computes loss and gradient itself). A problem with a
+    ``held_out`` batch adds its final evaluation as metric ``"held_out_loss"``. ``clock``
+    measures the training time (default wall time; ``time.process_time``, this process's
+    CPU time, makes budgets comparable on a shared machine when torch runs one thread).
     """
     torch.manual_seed(seed)
     model = problem.build(seed).to(device)
@@ -159,7 +189,7 @@ def train_run(problem: NNProblem, make_optimizer: Callable[[nn.Module, float, st
             loss.backward()
             return loss
 
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             if not step_batch:
                 loss = opt.step(closure)
@@ -170,7 +200,7 @@ def train_run(problem: NNProblem, make_optimizer: Callable[[nn.Module, float, st
         except RuntimeError as err:
             status, error = "error", f"step {step}: {type(err).__name__}: {err}"
             break
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         done = step
         step_times.append(dt)
         train_time += dt
@@ -201,6 +231,8 @@ def train_run(problem: NNProblem, make_optimizer: Callable[[nn.Module, float, st
         "steps_done": done,
         "train_time": train_time,
     }
+    if problem.held_out is not None and status != "error":
+        metrics["held_out_loss"] = _evaluate(model, problem, device, problem.held_out)
     result = {"status": status, "metrics": metrics,
               "series": {"step": steps, "time": times, "loss": losses}}
     if error is not None:
@@ -210,13 +242,15 @@ def train_run(problem: NNProblem, make_optimizer: Callable[[nn.Module, float, st
 
 def nn_task(suite: str, problem: NNProblem, spec: OptimizerSpec, lr: float, seed: int, *,
             time_budget: float = math.inf, device: str = "cpu",
-            config: dict[str, Any] | None = None) -> Task:
+            config: dict[str, Any] | None = None,
+            clock: Callable[[], float] = time.perf_counter) -> Task:
     """One :func:`train_run` of ``spec`` at ``lr`` as a runner task; its key names the
-    problem, the method, the seed, ``lr``, the step budget, the target and ``config``."""
+    problem, the method, the seed, ``lr``, the step budget, the target and ``config``
+    (``clock``: see :func:`train_run`)."""
 
     def fn(progress: Callable[[float], None]) -> dict[str, Any]:
         return train_run(problem, spec.make, lr, seed, time_budget, progress, device,
-                         step_batch=spec.step_batch, use_closure=spec.closure)
+                         step_batch=spec.step_batch, use_closure=spec.closure, clock=clock)
 
     return Task(suite, problem.name, spec.name,
                 {"lr": lr, "steps": problem.steps, "target": problem.target, **(config or {})},

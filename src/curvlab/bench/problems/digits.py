@@ -50,12 +50,19 @@ def digits_mlp(hidden: tuple[int, ...] = (128, 128), seed: int = 0,
     return _mlp((64, *hidden, 10), nn.ReLU).to(dtype)
 
 
-def digits_autoencoder(sizes: tuple[int, ...] = (64, 32, 16, 8, 16, 32, 64), seed: int = 0
-                       ) -> nn.Sequential:
-    """A sigmoid autoencoder ``sizes[0] -> ... -> sizes[-1]`` with a linear output layer
-    (logits of the reconstructed pixels)."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+                                            "relu": nn.ReLU}
+
+
+def digits_autoencoder(sizes: tuple[int, ...] = (64, 32, 16, 8, 16, 32, 64), seed: int = 0,
+                       activation: str = "sigmoid") -> nn.Sequential:
+    """An autoencoder ``sizes[0] -> ... -> sizes[-1]`` with ``activation`` ("sigmoid",
+    "tanh" or "relu") hidden units, PyTorch's default initialization and a linear output
+    layer (logits of the reconstructed pixels)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     torch.manual_seed(seed)
-    return _mlp(sizes, nn.Sigmoid)
+    return _mlp(sizes, ACTIVATIONS[activation])
 
 
 def digits_problem(train_steps: int = 50, seed: int = 0, lr: float = 0.05,
