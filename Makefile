@@ -63,5 +63,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples docs
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache docs/api docs/auto_examples \
-	  docs/sg_execution_times.rst
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache docs/api docs/auto_examples

@@ -61,6 +61,8 @@ sphinx_gallery_conf = {
     "plot_gallery": "True",
     "within_subsection_order": "FileNameSortKey",
     "matplotlib_animations": False,
+    # the timing pages load jQuery / DataTables from a CDN: the site must work offline
+    "write_computation_times": False,
 }
 
 # The examples' library logs (curvlab's monitor events, transformers' notices) stay out of
@@ -124,3 +126,15 @@ def _write_api_pages() -> None:
 
 
 _write_api_pages()
+
+
+def _run_snippets(app) -> None:
+    """Every ```python block of the guides runs (docs/_snippets.py), or the build fails."""
+    import _snippets
+
+    for page in _snippets.pages(HERE):
+        _snippets.run_page(page)
+
+
+def setup(app):
+    app.connect("builder-inited", _run_snippets)
