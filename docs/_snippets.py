@@ -1,12 +1,14 @@
 """Run the ```python blocks of the documentation pages (``make docs`` does, from conf.py).
 
 The blocks of one page run in order in one namespace, in a temporary folder, as a reader
-would paste them; a block right after ``<!-- no-run -->`` is shown only (it needs a GPU,
-several processes, a network or a peer library).
+would paste them (what they print is discarded); a block right after ``<!-- no-run -->``
+is shown only (it needs a GPU, several processes, a network or a peer library).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import tempfile
@@ -30,7 +32,7 @@ def run_page(page: Path) -> None:
     """Run a page's blocks; an exception propagates, naming the page and block."""
     namespace = {"__name__": "__docs__"}
     cwd = os.getcwd()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         os.chdir(tmp)
         try:
             for i, code in enumerate(blocks(page.read_text())):
