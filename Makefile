@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --quiet -c constraints.txt
 STAMP   = $(VENV)/.curvlab-installed
 
-.PHONY: demo test test-peers browser bench-deps lint clean
+.PHONY: demo test test-peers browser bench-deps docs lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +48,19 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip uninstall -y -q torchvision >/dev/null 2>&1 || true
 	touch $(BENCH_STAMP)
 
+# The documentation site (build/docs/html/index.html): API reference, guides and the
+# gallery, whose examples run (and assert what they show) during the build. Warnings are
+# errors. tests/test_docs_browser.py checks the built site in headless Chromium.
+DOCS_STAMP = $(VENV)/.curvlab-docs-installed
+docs: $(DOCS_STAMP)
+	MPLBACKEND=Agg $(PY) -m sphinx -b html -W --keep-going -q docs build/docs/html
+	@echo "docs: build/docs/html/index.html"
+$(DOCS_STAMP): $(STAMP)
+	$(PIP) -e ".[docs]"
+	touch $(DOCS_STAMP)
+
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks examples docs
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache docs/api docs/auto_examples

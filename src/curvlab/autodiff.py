@@ -52,6 +52,10 @@ __all__ = ["grad", "jvp", "vjp", "hvp", "hvp_fn", "jacobian", "hessian", "gnvp",
 
 logger = logging.getLogger(__name__)
 
+#: How :func:`hvp` differentiates twice: ``"auto"`` (double backward, or
+#: ``torch.func.vjp`` of the gradient inside torch.func transforms, forward-over-reverse
+#: where a double-backward rule is missing), ``"double_backward"`` / ``"rev_rev"``
+#: (reverse over reverse) or ``"fwd_rev"`` (forward over reverse, ``jvp(grad)``).
 HVP_MODES = ("auto", "double_backward", "rev_rev", "fwd_rev")
 
 Tree = Any  # a tensor or a (nested) dict/tuple/list of tensors

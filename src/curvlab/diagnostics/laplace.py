@@ -111,7 +111,7 @@ def laplace_log_marginal_likelihood(
         prior_mean: ``mu_0``, a scalar or a flat ``(n,)`` tensor.
         sigma_noise: observation noise std (regression only).
         temperature: ``T`` (``P = H / T + P_0``, log-likelihood divided by ``T``).
-        method, **logdet_kwargs: passed to :func:`curvlab.linalg.logdet` (``"auto"``:
+        method, ``**logdet_kwargs``: passed to :func:`curvlab.linalg.logdet` (``"auto"``:
             exact for K-FAC and small operators, SLQ otherwise; ``num_probes``,
             ``num_steps``, ``tol``, ``generator``).
     """

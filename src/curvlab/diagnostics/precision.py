@@ -74,6 +74,8 @@ class PrecisionReport:
     matmul_precision: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
+        """A JSON-serializable summary: the matmul precision and, per dtype, the errors and
+        the worst layer."""
         out = {"matmul_precision": self.matmul_precision, "dtypes": {}}
         for name, rep in self.reports.items():
             worst = rep.worst_layer

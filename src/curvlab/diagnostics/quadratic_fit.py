@@ -50,6 +50,7 @@ class QuadraticFit:
     slope_second: float
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (JSON-serializable)."""
         return dict(self.__dict__)
 
 

@@ -123,10 +123,12 @@ class LanczosProcess:
 
     @property
     def m(self) -> int:
+        """Lanczos steps taken so far (the dimension of the Krylov space)."""
         return len(self.alpha)
 
     @property
     def exhausted(self) -> bool:
+        """The Krylov space is the whole space (``m >= n``): no further step is possible."""
         return self.m >= self.A.n
 
     @property

@@ -83,6 +83,7 @@ class LogDetEstimate(TraceEstimate):
 
     @property
     def value(self) -> float:
+        """The estimate of ``log det``: the same as ``estimate``."""
         return self.estimate
 
 

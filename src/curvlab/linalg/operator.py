@@ -71,9 +71,11 @@ class MatvecOperator:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n, n)``."""
         return (self.n, self.n)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``A v`` for ``v`` of shape ``(n,)``; counted in ``num_matvecs``."""
         self.num_matvecs += 1
         return self._matvec(v)
 

@@ -65,15 +65,18 @@ class CurvatureOperator(ABC):
     # ---- interface -----------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n, n)``, ``n`` the number of parameters."""
         n = self.objective.num_params
         return (n, n)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the vectors the operator acts on."""
         return self.objective.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the vectors the operator acts on."""
         return self.objective.device
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:

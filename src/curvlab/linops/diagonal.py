@@ -83,15 +83,18 @@ class DiagonalOperator(CurvatureOperator):
     # ---- shape and checks (from the vector, so from_vector works without an objective) --
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n, n)``, ``n`` the number of parameters."""
         n = self.diagonal.shape[0]
         return (n, n)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the vectors the operator acts on."""
         return self.diagonal.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the vectors the operator acts on."""
         return self.diagonal.device
 
     def _check(self, v: Any, name: str, columns: bool) -> None:

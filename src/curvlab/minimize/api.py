@@ -62,6 +62,8 @@ def _tr(subproblem: str) -> Callable:
     return run
 
 
+#: The solvers behind :func:`minimize`, by method name (lower case; scipy's names such as
+#: ``"L-BFGS-B"`` are mapped to them, see ``docs/scipy_compat.md``).
 METHODS: dict[str, Callable] = {
     "gd": first_order.gd,
     "momentum": first_order.momentum,
@@ -201,7 +203,7 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
             iteration in ``result.history``.
         bounds: ``(lb, ub)`` / ``scipy.optimize.Bounds`` / a sequence of ``(lo, hi)`` pairs
             (methods ``lbfgs`` = scipy's ``L-BFGS-B``).
-        options / **kwargs: method options, e.g. ``line_search``, ``history_size``, ``lr``,
+        options / ``**kwargs``: method options, e.g. ``line_search``, ``history_size``, ``lr``,
             ``beta``, ``clip``, ``initial_radius``, ``max_radius``, ``eta``, ``c1``,
             ``c2``, ``cg_max_iter``, ``ftol`` (quasi-Newton, CG: scipy's relative-reduction
             test), ``maxls`` (``lbfgs``: evaluations per line search); scipy's names

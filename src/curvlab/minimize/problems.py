@@ -34,6 +34,7 @@ class TestProblem:
 
     def start(self, dtype: torch.dtype = torch.float64,
               device: torch.device | str | None = None) -> torch.Tensor:
+        """The standard starting point ``x0`` as a tensor."""
         return torch.tensor(list(self.x0), dtype=dtype, device=device)
 
 

@@ -50,6 +50,7 @@ __all__ = ["CurvlabOptimizer", "Rule", "STATS_KEYS", "apply_update_", "finite_po
            "float_dtype", "factorization_dtype", "optional"]
 
 NONFINITE = ("skip", "raise")
+#: The keys every optimizer's ``stats()`` has (each optimizer may add its own).
 STATS_KEYS = ("steps", "skipped_steps", "skipped_nonfinite", "skipped_overflow", "refreshes",
               "refresh_failures", "state_bytes")
 GLOBAL_KEY = "_curvlab"
@@ -63,40 +64,48 @@ def _is_real(x: Any) -> bool:
 
 
 def finite_positive(x: Any) -> str | None:
+    """Rule: a finite real number > 0."""
     return None if _is_real(x) and math.isfinite(x) and x > 0 else "must be finite and > 0"
 
 
 def finite_nonnegative(x: Any) -> str | None:
+    """Rule: a finite real number >= 0."""
     return None if _is_real(x) and math.isfinite(x) and x >= 0 else "must be finite and >= 0"
 
 
 def unit_interval(x: Any) -> str | None:
+    """Rule: a real number in ``[0, 1)``."""
     return None if _is_real(x) and 0 <= x < 1 else "must be in [0, 1)"
 
 
 def betas_rule(x: Any) -> str | None:
+    """Rule: a pair ``(beta1, beta2)``, each in ``[0, 1)``."""
     ok = isinstance(x, (tuple, list)) and len(x) == 2 and all(unit_interval(b) is None for b in x)
     return None if ok else "must be two numbers in [0, 1)"
 
 
 def positive_int(x: Any) -> str | None:
+    """Rule: an integer >= 1 (not a bool)."""
     return None if isinstance(x, int) and not isinstance(x, bool) and x >= 1 else \
         "must be an integer >= 1"
 
 
 def one_of(*choices: Any) -> Rule:
+    """A rule accepting exactly the values in ``choices``."""
     def rule(x: Any) -> str | None:
         return None if x in choices else f"must be one of {choices}"
     return rule
 
 
 def optional(rule: Rule) -> Rule:
+    """``rule``, or ``None``."""
     def check(x: Any) -> str | None:
         return None if x is None else rule(x)
     return check
 
 
 def float_dtype(x: Any) -> str | None:
+    """Rule: a floating-point ``torch.dtype``."""
     ok = isinstance(x, torch.dtype) and x.is_floating_point
     return None if ok else "must be a floating-point torch dtype"
 

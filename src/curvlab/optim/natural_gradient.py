@@ -116,6 +116,17 @@ class NaturalGradient(CurvlabOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
              batch: Any = None) -> torch.Tensor | None:
+        """One step: solve ``(F + damping I) d = g`` by CG, then the momentum update.
+
+        Args:
+            closure: re-evaluates the loss and its gradient (``loss.backward()``); the
+                Fisher is then computed on the inputs and targets that ``loss_fn`` saw.
+            batch: ``(inputs, targets)`` to compute the loss, gradient and Fisher on
+                instead (no closure needed).
+
+        Returns:
+            The loss before the step (from the closure or on ``batch``).
+        """
         if batch is None and (closure is None or self.fisher_type == "empirical"):
             raise ValueError("NaturalGradient.step needs batch=(inputs, targets) (the data the "
                              "Fisher is computed on), or a closure with fisher_type 'exact' or "

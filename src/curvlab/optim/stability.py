@@ -61,6 +61,7 @@ class StabilityModel:
 
     @property
     def preconditioned(self) -> bool:
+        """The rule is on the preconditioned Hessian ``P^-1/2 H P^-1/2`` (``P`` given)."""
         return self.inv_sqrt_preconditioner is not None
 
 

@@ -36,12 +36,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["GRAFTING_METHODS", "kronecker_statistic", "mode_product", "ema_", "finite_or_keep",
            "is_due", "guarded_batched", "max_abs", "surely_finite", "graft_direction", "graft"]
 
+#: Grafting: the norm of the preconditioned direction is replaced, per block, by that of
+#: this simpler method's direction (``"none"``: no grafting); Agarwal et al. 2020,
+#: "Disentangling adaptive gradient methods from learning rates".
 GRAFTING_METHODS = ("none", "sgd", "adagrad", "rmsprop", "adam")
 
 
 # ----------------------------------------------------------------------------- statistics
 def kronecker_statistic(G: Tensor, dim: int) -> Tensor:
-    """Mode-``dim`` Gram matrix ``G_(dim) G_(dim)^T`` of a batch of blocks ``G`` (B, *s)."""
+    """Mode-``dim`` Gram matrix ``G_(dim) G_(dim)^T`` of a batch of blocks ``G`` ``(B, *s)``."""
     if G.ndim == 3:  # fast path for matrices
         return torch.bmm(G, G.mT) if dim == 0 else torch.bmm(G.mT, G)
     Gi = G.movedim(1 + dim, -1).reshape(G.shape[0], -1, G.shape[1 + dim])
@@ -49,7 +52,7 @@ def kronecker_statistic(G: Tensor, dim: int) -> Tensor:
 
 
 def mode_product(G: Tensor, M: Tensor, dim: int, transpose: bool = False) -> Tensor:
-    """Multiply batch of blocks ``G`` (B, *s) along mode ``dim`` by ``M`` (B, d, d).
+    """Multiply batch of blocks ``G`` ``(B, *s)`` along mode ``dim`` by ``M`` (B, d, d).
 
     Returns ``G x_dim M`` (i.e. ``M @ G`` for dim 0 of a matrix), or with ``M^T`` if
     ``transpose``.
