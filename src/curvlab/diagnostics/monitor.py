@@ -492,6 +492,7 @@ class CurvatureMonitor:
     # ---- public ------------------------------------------------------------------
     @property
     def lr(self) -> float:
+        """The learning rate of the stability rule (the optimizer's current ``lr``)."""
         return float(self.stability.lr) if self.optimizer is not None else float(self._lr)
 
     @property

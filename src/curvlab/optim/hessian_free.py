@@ -155,6 +155,7 @@ class HessianFree(CurvlabOptimizer):
 
     @property
     def damping(self) -> float:
+        """The current Levenberg-Marquardt ``lambda`` (adapted by the reduction ratio)."""
         return self._global["damping"]
 
     def _params(self) -> list[torch.Tensor]:

@@ -202,10 +202,11 @@ _ARGS = """
         damping: ``delta``: the fit of ``E[g g^T] + delta I`` (0, the prototype's default).
         max_inverse_sqrt: ``c_max`` of the floor ``lambda_i >= max(10, min(d_i, c_max))^-2``
             (4000, the prototype's).
-        precondition_frequency, eigenbasis_method, max_preconditioner_dim, merge_dims,
-        diagonal_threshold, max_state_ratio, nonfinite, factor_dtype, compute_dtype,
-        process_group, distributed_mode: as :class:`~curvlab.optim.soap.SOAP`
-        (``start_preconditioning_step`` is 1: the initialization step).
+        kwargs: ``precondition_frequency``, ``eigenbasis_method``,
+            ``max_preconditioner_dim``, ``merge_dims``, ``diagonal_threshold``,
+            ``max_state_ratio``, ``nonfinite``, ``factor_dtype``, ``compute_dtype``,
+            ``process_group``, ``distributed_mode``: as :class:`~curvlab.optim.soap.SOAP`
+            (``start_preconditioning_step`` is 1: the initialization step).
 
     Defaults are the authors' prototype's (``betas=(0.9, 0.98)``, ``eps=1e-8``,
     ``precondition_frequency=10``) except ``lr`` (SOAP's 3e-3) and ``weight_decay`` (0).

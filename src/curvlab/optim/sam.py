@@ -218,6 +218,7 @@ class SAM(CurvlabOptimizer):
     # ---- SAM and its base share param groups and state ---------------------------------------
     @property  # type: ignore[override]
     def param_groups(self) -> list[dict[str, Any]]:
+        """The param groups, shared with the base optimizer (a scheduler on SAM drives it)."""
         base = self.__dict__.get("base_optimizer")
         return base.param_groups if base is not None else self.__dict__["_own_groups"]
 
@@ -231,6 +232,7 @@ class SAM(CurvlabOptimizer):
 
     @property  # type: ignore[override]
     def state(self) -> Any:
+        """The per-parameter state: the base optimizer's."""
         base = self.__dict__.get("base_optimizer")
         return base.state if base is not None else self.__dict__["_own_state"]
 
