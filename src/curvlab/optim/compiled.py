@@ -1,0 +1,111 @@
+r"""``torch.compile`` for the pure-tensor part of an optimizer step (opt-in).
+
+An optimizer step has two parts: the *Python side* (closure, gradient rule, learning-rate
+checks, step counters, amortized refreshes with their failure policy, host reads that
+decide whether to skip) and the *inner update* that runs after the gradients are gathered:
+moments, statistics, directions, the parameter update. Only the inner update is compiled,
+through :class:`StepCompiler`: each compiled function takes tensors (and hyperparameters
+that stay constant for the run), never reads a tensor value on the host (no ``.item()``,
+no branch on a tensor's value), and is compiled with ``fullgraph=True`` (a graph break is
+an error, not a silent slowdown).
+
+What changes every step (the step count, bias corrections ``1 - beta^t``, a scheduled
+learning rate) enters a compiled function as a *0-d CPU float64 tensor*
+(:meth:`StepCompiler.scalar`), never as a Python float: ``torch.compile`` specializes on
+Python floats (one recompilation per new value); a 0-d CPU tensor is a graph input whose
+value is read as a kernel argument, without a device synchronization on accelerators.
+Integer step counts that a function branches on (before / after the start of
+preconditioning) are guarded: a bounded number of graphs per run, not one per step.
+
+Eager and compiled steps share the state tensors, so a ``state_dict`` saved by one resumes
+in the other. Numerics: inductor fuses the elementwise chain of the update and may
+contract ``a * b + c`` or reassociate, so a compiled step agrees with the eager one to
+float rounding (tests state the tolerance), not bitwise.
+
+Usage: ``opt.compile_step()`` on a curvlab optimizer
+(:meth:`curvlab.optim.base.CurvlabOptimizer.compile_step`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StepCompiler", "inductor_available"]
+
+
+def inductor_available() -> str | None:
+    """None if the inductor backend can run on the CPU here, else why not (it compiles C++
+    with the compiler named by ``CXX`` or found on the ``PATH``)."""
+    import os
+
+    cxx = os.environ.get("CXX")
+    if cxx and shutil.which(cxx):
+        return None
+    for name in ("g++", "c++", "clang++"):
+        if shutil.which(name):
+            return None
+    return "no C++ compiler on the PATH (inductor's CPU backend needs g++ or clang++)"
+
+
+class StepCompiler:
+    """Compiled versions of an optimizer's inner-update functions (one cache per optimizer).
+
+    ``backend``: a ``torch.compile`` backend ("inductor", the default; "aot_eager" traces
+    without generating code, useful where no C++ compiler exists); ``mode`` and
+    ``options``: passed to ``torch.compile``. :meth:`__call__` returns the compiled version
+    of a function (compiled once, on first use).
+    """
+
+    def __init__(self, backend: str = "inductor", mode: str | None = None,
+                 options: dict[str, Any] | None = None, dynamic: bool | None = None) -> None:
+        if not isinstance(backend, str) and not callable(backend):
+            raise TypeError(f"compile_step: backend must be a backend name or callable, got "
+                            f"{type(backend).__name__}")
+        self.backend = backend
+        self.mode = mode
+        self.options = options
+        self.dynamic = dynamic
+        self._cache: dict[Any, Callable[..., Any]] = {}
+
+    def __call__(self, fn: Callable[..., Any], key: Any = None) -> Callable[..., Any]:
+        """The compiled ``fn``, one per ``(fn, key)``. Pass a plain function (not a bound
+        method). Each distinct ``key`` (e.g. the shapes a call sees) compiles its own copy
+        of ``fn``'s code: ``torch.compile`` keeps one cache of graphs per code object,
+        bounded by ``torch._dynamo.config.recompile_limit`` (8), and a model with many
+        block shapes would exhaust a shared one and fall back to eager silently."""
+        key = (fn, key)
+        compiled = self._cache.get(key)
+        if compiled is None:
+            if key[1] is not None and isinstance(fn, types.FunctionType):
+                fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                        fn.__defaults__, fn.__closure__)
+            kwargs: dict[str, Any] = {"fullgraph": True, "backend": self.backend,
+                                      "dynamic": self.dynamic}
+            if self.mode is not None:
+                kwargs["mode"] = self.mode
+            if self.options is not None:
+                kwargs["options"] = self.options
+            compiled = self._cache[key] = torch.compile(fn, **kwargs)
+            logger.debug("compiling %s (backend %s)", getattr(fn, "__qualname__", fn),
+                         self.backend)
+        return compiled
+
+    def __deepcopy__(self, memo: dict) -> StepCompiler:  # compiled code is not copied
+        return StepCompiler(self.backend, self.mode, self.options, self.dynamic)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": {}}
+
+    @staticmethod
+    def scalar(value: float) -> torch.Tensor:
+        """A per-step scalar as a compiled function's input: 0-d CPU float64 (see the
+        module docstring)."""
+        return torch.tensor(float(value), dtype=torch.float64)
