@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OptimizerSpec", "REGISTRY", "available", "PairedOptimizer"]
+__all__ = ["OptimizerSpec", "REGISTRY", "available", "PairedOptimizer", "CompiledStep"]
 
 # digits: ~100-400 steps, bases refreshed every step; char LM: every 10 steps
 FREQ = {"digits_mlp": 1, "char_lm": 10}
@@ -35,6 +35,8 @@ class OptimizerSpec:
     note: str = ""
     step_batch: bool = False  # stepped as step(closure, batch=(inputs, targets))
     closure: bool = True  # False (with step_batch): step(batch=...), loss and gradient its own
+    #: the same optimizer with its step compiled (None: no compiled variant); timed only
+    make_compiled: Callable[[nn.Module, float, str], Any] | None = None
 
     def __post_init__(self) -> None:
         if not (self.closure or self.step_batch):
@@ -75,8 +77,62 @@ class PairedOptimizer:
         return loss
 
 
+class CompiledStep:
+    """A torch optimizer whose ``step()`` runs through ``torch.compile`` (torch's recipe for
+    compiling its optimizers; graph breaks allowed)."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+        self._step = torch.compile(opt.step, fullgraph=False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none)
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step()
+        return loss
+
+
 def _problem_freq(problem: str) -> int:
     return FREQ.get(problem, 10)
+
+
+def _adamw_compiled(m: nn.Module, lr: float, problem: str) -> Any:
+    return CompiledStep(_adamw(m, lr, problem))
+
+
+def _shampoo_compiled(m: nn.Module, lr: float, problem: str) -> Any:
+    return _shampoo(m, lr, problem).compile_step()
+
+
+def _soap_compiled(m: nn.Module, lr: float, problem: str) -> Any:
+    return _soap(m, lr, problem).compile_step()
+
+
+def _muon_compiled(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import Muon, muon_param_groups
+
+    return Muon(muon_param_groups(m, lr=lr, adamw_lr=lr), lr=lr, adjust_lr="match_rms_adamw",
+                compile=True)
+
+
+def _hb_soap_compiled(m: nn.Module, lr: float, problem: str) -> Any:
+    """heavyball's SOAP compiled as heavyball means it (``compile_step=True`` and its
+    fused kernels on), in torch.compile's default mode: heavyball's own default,
+    "max-autotune-no-cudagraphs", benchmarks kernels at compile time (minutes on a CPU).
+    heavyball reads the mode from a module global at every call: the uncompiled entry sets
+    it to None, so the two never run in the same timing session (separate tasks)."""
+    import heavyball
+    import heavyball.utils
+
+    heavyball.utils.compile_mode = "default"
+    return heavyball.SOAP(m.parameters(), lr=lr, betas=SOAP_BETAS, weight_decay=0.0,
+                          precondition_frequency=_problem_freq(problem), compile_step=True,
+                          use_precond_schedule=False)
 
 
 def _sgd(m: nn.Module, lr: float, problem: str) -> Any:
@@ -182,17 +238,26 @@ def _po_scalable(m: nn.Module, lr: float, problem: str) -> Any:
                            graft_type=LayerWiseGrafting.RMSPROP)
 
 
-ADAM_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (1e-3, 3e-3, 1e-2)}
-MUON_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (3e-3, 1e-2, 2e-2)}
-KFAC_GRID = {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3)}
+# the tiny GPT-2 ("gpt2") shares the char-level transformer's grids (same data and scale)
+ADAM_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (1e-3, 3e-3, 1e-2),
+             "gpt2": (1e-3, 3e-3, 1e-2)}
+MUON_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (3e-3, 1e-2, 2e-2),
+             "gpt2": (3e-3, 1e-2, 2e-2)}
+KFAC_GRID = {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3),
+             "gpt2": (0.03, 0.1, 0.3)}
 
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
-    OptimizerSpec("torch.AdamW", _adamw, ADAM_GRID, "baseline", "adamw"),
+    OptimizerSpec("torch.AdamW", _adamw, ADAM_GRID, "baseline", "adamw",
+                  make_compiled=_adamw_compiled),
     OptimizerSpec("torch.SGD", _sgd, {"digits_mlp": (0.03, 0.1, 0.3),
-                                      "char_lm": (0.1, 0.3, 1.0)}, "baseline", "sgd"),
-    OptimizerSpec("curvlab.Shampoo", _shampoo, ADAM_GRID, "curvlab", "shampoo"),
-    OptimizerSpec("curvlab.SOAP", _soap, ADAM_GRID, "curvlab", "soap"),
-    OptimizerSpec("curvlab.Muon", _muon, MUON_GRID, "curvlab", "muon"),
+                                      "char_lm": (0.1, 0.3, 1.0), "gpt2": (0.1, 0.3, 1.0)},
+                  "baseline", "sgd"),
+    OptimizerSpec("curvlab.Shampoo", _shampoo, ADAM_GRID, "curvlab", "shampoo",
+                  make_compiled=_shampoo_compiled),
+    OptimizerSpec("curvlab.SOAP", _soap, ADAM_GRID, "curvlab", "soap",
+                  make_compiled=_soap_compiled),
+    OptimizerSpec("curvlab.Muon", _muon, MUON_GRID, "curvlab", "muon",
+                  make_compiled=_muon_compiled),
     OptimizerSpec("curvlab.KFAC", _kfac, KFAC_GRID, "curvlab", "kfac"),
     OptimizerSpec("curvlab.EKFAC", _ekfac, KFAC_GRID, "curvlab", "ekfac", quick=False),
     OptimizerSpec("curvlab.HessianFree", _hessian_free, {"digits_mlp": (1.0,)}, "curvlab",
@@ -206,9 +271,11 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                   requires="pytorch_optimizer", quick=False),
     # uncompiled heavyball costs ~20x AdamW's step on the transformer: digits only
     OptimizerSpec("heavyball.SOAP", _hb_soap, {"digits_mlp": ADAM_GRID["digits_mlp"]}, "peer",
-                  "soap", requires="heavyball", quick=False, note="uncompiled"),
+                  "soap", requires="heavyball", quick=False, note="uncompiled",
+                  make_compiled=_hb_soap_compiled),
     OptimizerSpec("pytorch-optimizer.Shampoo", _po_shampoo,
-                  {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3)}, "peer",
+                  {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3),
+                   "gpt2": (0.03, 0.1, 0.3)}, "peer",
                   "shampoo", requires="pytorch_optimizer", quick=False),
     OptimizerSpec("pytorch-optimizer.ScalableShampoo", _po_scalable, ADAM_GRID, "peer",
                   "shampoo", requires="pytorch_optimizer", quick=False),
