@@ -16,8 +16,9 @@ the accelerator synchronized around each timed step), on the GPU-scale task only
 No accelerator: the script says so and exits with status 2 (it did not run; 0 would read
 as a benchmark that passed). ``--dry-run`` instead builds and runs everything at toy size
 on the CPU (2-layer d_model 32 GPT-2, 6 steps, one seed, the middle lr, the optimizers
-of bench_nn_optim.py's --quick set, 4 step-time rounds) to check the script end to end; add ``--no-compile`` to skip the compiled
-step-time session there too (it compiles each optimizer: tens of seconds on a CPU).
+of bench_nn_optim.py's --quick set, 4 step-time rounds) to check the script end to end;
+add ``--no-compile`` to skip the compiled step-time session there too (it compiles each
+optimizer: tens of seconds on a CPU).
 
 Run: python benchmarks/bench_gpu.py [--seeds 3] [--only name,...] [--no-compile]
          [--device cuda] [--dry-run] [--out FOLDER] [--resume | --overwrite]
