@@ -146,9 +146,9 @@ def adam_step_(params: Sequence[Tensor], ms: Sequence[Tensor], vs: Sequence[Tens
             c2 = [(1.0 - b2 ** t) ** 0.5 for t in st]
         else:
             c1 = c2 = [1.0] * len(st)
-        # per tensor -lr / c1 and c2, and the decay 1 - lr wd: one host tensor, 0-d views
-        scal = torch.tensor([1.0 - lr * weight_decay] + [-lr / c for c in c1] + c2,
-                            dtype=torch.float64).unbind()
+        # the decay 1 - lr wd, per tensor -lr / c1 and c2: one transfer, 0-d views
+        scal = compiler.scalars([1.0 - lr * weight_decay] + [-lr / c for c in c1] + c2,
+                                device)
         kernel = compiler(_adam_kernel_, ("adam", device, dtype, len(ps)))
         kernel(ps, ms_, vs_, gs, scal[0], list(scal[1:1 + len(ps)]),
                list(scal[1 + len(ps):]), b1, b2, config.eps)

@@ -124,7 +124,7 @@ def apply_update_(params: Sequence[Tensor], directions: Sequence[Tensor], lr: fl
     for (device, dtype), ((ps, ds), _) in grouped.items():
         if compiler is not None:
             kernel = compiler(_update_kernel_, ("update", device, dtype, len(ps)))
-            kernel(ps, ds, compiler.scalar(lr), compiler.scalar(1.0 - lr * weight_decay))
+            kernel(ps, ds, *compiler.scalars([lr, 1.0 - lr * weight_decay], device))
             continue
         if weight_decay:
             torch._foreach_mul_(ps, 1.0 - lr * weight_decay)

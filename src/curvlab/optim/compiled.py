@@ -9,11 +9,12 @@ that stay constant for the run), never reads a tensor value on the host (no ``.i
 no branch on a tensor's value), and is compiled with ``fullgraph=True`` (a graph break is
 an error, not a silent slowdown).
 
-What changes every step (the step count, bias corrections ``1 - beta^t``, a scheduled
-learning rate) enters a compiled function as a *0-d CPU float64 tensor*
-(:meth:`StepCompiler.scalar`), never as a Python float: ``torch.compile`` specializes on
-Python floats (one recompilation per new value); a 0-d CPU tensor is a graph input whose
-value is read as a kernel argument, without a device synchronization on accelerators.
+What changes every step (bias corrections ``1 - beta^t``, a scheduled learning rate)
+enters a compiled function as a *0-d float64 tensor on the parameters' device*
+(:meth:`StepCompiler.scalars`), never as a Python float: ``torch.compile`` specializes on
+Python floats (one recompilation per new value); a tensor is a graph input. On an
+accelerator the values travel in one non-blocking copy from pinned memory: the host
+never waits for the device.
 Integer step counts that a function branches on (before / after the start of
 preconditioning) are guarded: a bounded number of graphs per run, not one per step.
 
@@ -55,6 +56,25 @@ def inductor_available() -> str | None:
     return "no C++ compiler on the PATH (inductor's CPU backend needs g++ or clang++)"
 
 
+#: integer arguments traced as symbols from the first compilation (see _first_call_dynamic)
+DYNAMIC_INTS = "L['step']"
+
+
+def _first_call_dynamic(compiled: Callable[..., Any], cache: dict, key: Any
+                        ) -> Callable[..., Any]:
+    """``compiled`` whose first call traces the ``step`` argument as a symbol
+    (``torch.compiler.config.dynamic_sources``): otherwise the first graph specializes on
+    the step count and the second step compiles again. The config patch costs ~0.2 ms, so
+    it wraps the first call only; later calls go to ``compiled`` directly."""
+
+    def first(*args: Any, **kwargs: Any) -> Any:
+        cache[key] = compiled
+        with torch.compiler.config.patch(dynamic_sources=DYNAMIC_INTS):
+            return compiled(*args, **kwargs)
+
+    return first
+
+
 class StepCompiler:
     """Compiled versions of an optimizer's inner-update functions (one cache per optimizer).
 
@@ -93,7 +113,8 @@ class StepCompiler:
                 kwargs["mode"] = self.mode
             if self.options is not None:
                 kwargs["options"] = self.options
-            compiled = self._cache[key] = torch.compile(fn, **kwargs)
+            compiled = self._cache[key] = _first_call_dynamic(torch.compile(fn, **kwargs),
+                                                              self._cache, key)
             logger.debug("compiling %s (backend %s)", getattr(fn, "__qualname__", fn),
                          self.backend)
         return compiled
@@ -105,7 +126,13 @@ class StepCompiler:
         return {**self.__dict__, "_cache": {}}
 
     @staticmethod
-    def scalar(value: float) -> torch.Tensor:
-        """A per-step scalar as a compiled function's input: 0-d CPU float64 (see the
-        module docstring)."""
-        return torch.tensor(float(value), dtype=torch.float64)
+    def scalars(values: list[float], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Per-step scalars as a compiled function's inputs: 0-d float64 tensors on
+        ``device`` (see the module docstring), all from one host buffer. On an accelerator
+        the buffer is pinned and copied without blocking (the caching host allocator keeps
+        it until the copy is done), so the host never waits for the device."""
+        host = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        device = torch.device(device)
+        if device.type != "cpu":
+            host = host.pin_memory().to(device, non_blocking=True)
+        return list(host.unbind())
