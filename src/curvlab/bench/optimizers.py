@@ -37,6 +37,9 @@ class OptimizerSpec:
     closure: bool = True  # False (with step_batch): step(batch=...), loss and gradient its own
     #: the same optimizer with its step compiled (None: no compiled variant); timed only
     make_compiled: Callable[[nn.Module, float, str], Any] | None = None
+    #: compilation is a process-wide switch (heavyball): its eager and compiled variants
+    #: cannot be timed in one session
+    compile_global: bool = False
 
     def __post_init__(self) -> None:
         if not (self.closure or self.step_batch):
@@ -272,7 +275,7 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     # uncompiled heavyball costs ~20x AdamW's step on the transformer: digits only
     OptimizerSpec("heavyball.SOAP", _hb_soap, {"digits_mlp": ADAM_GRID["digits_mlp"]}, "peer",
                   "soap", requires="heavyball", quick=False, note="uncompiled",
-                  make_compiled=_hb_soap_compiled),
+                  make_compiled=_hb_soap_compiled, compile_global=True),
     OptimizerSpec("pytorch-optimizer.Shampoo", _po_shampoo,
                   {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3),
                    "gpt2": (0.03, 0.1, 0.3)}, "peer",

@@ -8,8 +8,11 @@ rounds after a warm-up of ``min(5, rounds // 4)``. Only ``optimizer.step()`` is 
 forward and backward are the same for everyone and excluded.
 
 ``compiled=True`` times each spec's compiled variant (``OptimizerSpec.make_compiled``;
-specs without one are left out) in a session of its own; the warm-up rounds absorb the
-compilation, whose cost shows in the first step's time (``metrics["first_step"]``).
+specs without one are left out) and, interleaved with it, its eager variant (named
+``name + " [eager]"``; not for ``compile_global`` specs, whose compilation is a
+process-wide switch), so that the compiled / eager ratio sees the same machine noise; the
+warm-up rounds absorb the compilation, whose cost shows in the first step's time
+(``metrics["first_step"]``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from curvlab.bench.runner import Task
 __all__ = ["interleaved_step_times", "step_time_task", "SUITE"]
 
 SUITE = "step-time"  # the records' suite (not an ``nn`` training run)
+EAGER = " [eager]"  # suffix of the eager variants timed in a compiled session
 
 
 def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[OptimizerSpec, float]],
@@ -49,9 +53,11 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
         if spec.step_batch:
             raise ValueError(f"{spec.name} takes step(closure, batch=...): its step computes "
                              "its own gradient, so it cannot be timed on a fixed gradient")
-    if compiled:
-        entries = [(dataclasses.replace(spec, make=spec.make_compiled), lr)
-                   for spec, lr in entries if spec.make_compiled is not None]
+    if compiled:  # each compiled variant, and beside it the eager one (same noise)
+        entries = [e for spec, lr in entries if spec.make_compiled is not None
+                   for e in [(dataclasses.replace(spec, make=spec.make_compiled), lr)]
+                   + ([] if spec.compile_global else
+                      [(dataclasses.replace(spec, name=spec.name + EAGER), lr)])]
     base = problem.build(seed).to(device)
     x, y = (t.to(device) for t in
             problem.sample(torch.Generator().manual_seed(problem.data_seed + seed)))
