@@ -99,3 +99,43 @@ def test_an_out_ending_in_json_names_the_summary_beside_its_folder(tmp_path):
 
     assert output_paths(tmp_path / "old.json") == (tmp_path / "old", tmp_path / "old.json")
     assert output_paths(tmp_path / "run") == (tmp_path / "run", tmp_path / "run" / "summary.json")
+
+
+def _run_script(name, *argv, timeout=600):
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ,
+           "PYTHONPATH": str(BENCHMARKS.parent / "src")}
+    return subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *argv],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_bench_gpu_refuses_politely_without_an_accelerator(tmp_path, monkeypatch, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("an accelerator is present: the script would run")
+    gpu = _script("bench_gpu")
+    assert gpu.accelerator() is None
+    monkeypatch.setattr("sys.argv", ["bench_gpu.py", "--out", str(tmp_path / "out")])
+    assert gpu.main() == gpu.NO_ACCELERATOR == 2
+    out = capsys.readouterr().out
+    assert ("found no accelerator" in out and "--dry-run" in out) or "transformers" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_gpu_dry_run_end_to_end(tmp_path):
+    """Every stage at toy size on the CPU: tuning runs, target, eager step times, table."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "gpu"
+    res = _run_script("bench_gpu", "--dry-run", "--no-compile", "--out", str(out))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dry_run"] and summary["device"] == "cpu"
+    methods = {r["method"] for r in summary["rows"]}
+    assert {"torch.AdamW", "curvlab.Shampoo", "curvlab.SOAP"} <= methods
+    assert summary["step_time_s"]["curvlab.SOAP"] > 0
+    assert "target loss" in res.stdout and "step ms" in res.stdout

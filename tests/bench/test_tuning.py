@@ -234,3 +234,36 @@ def test_deep_autoencoder_problems_units_split_and_clock():
         digits_autoencoder_problem(activation="gelu").build(0)
     with pytest.raises(ValueError, match="test_fraction"):
         digits_autoencoder_problem(test_fraction=1.0)
+
+
+def test_compiled_step_time_session_times_each_compiled_variant_beside_its_eager_one(
+        toy, tmp_path):
+    make_problem, _ = toy
+    problem = make_problem()
+    made = []
+
+    def compiled_sgd(m, lr, p):  # stands in for a compiled optimizer (no compilation here)
+        made.append(lr)
+        return torch.optim.SGD(m.parameters(), lr=lr)
+
+    sgd = OptimizerSpec("torch.SGD", _sgd, {"toy": (0.1,)}, "baseline", "sgd",
+                        make_compiled=compiled_sgd)
+    glob = OptimizerSpec("global", _sgd, {"other": (0.2,)}, "peer", "sgd",
+                         make_compiled=compiled_sgd, compile_global=True)
+    first = {}
+    times, errors = interleaved_step_times(problem, [(ADAMW, 0.01), (sgd, 0.1), (glob, 0.2)],
+                                           rounds=4, compiled=True, first_step=first)
+    # AdamW has no compiled variant; a compile_global spec has no eager twin
+    assert set(times) == {"torch.SGD", "torch.SGD [eager]", "global"} == set(first)
+    assert sorted(made) == [0.1, 0.2] and not errors
+    # the study's compiled session: the compiled variants (at their chosen lr) and, for a
+    # spec without a grid on the problem, its first grid's middle lr; the eager twins
+    # beside them; kept apart from the eager session's times
+    study = TunedStudy("nn", [problem], [ADAMW, sgd, glob], seeds=[0],
+                       step_time_rounds={"toy": 4}, compiled_step_time=True)
+    made.clear()
+    records = run_stages(study.stages(), tmp_path)
+    assert set(study.step_times(records)[0]) == {("toy", "torch.AdamW"), ("toy", "torch.SGD")}
+    assert set(study.step_times(records, compiled=True)[0]) == {
+        ("toy", "torch.SGD"), ("toy", "torch.SGD [eager]"), ("toy", "global")}
+    assert sorted(made) == [0.1, 0.2]

@@ -23,7 +23,7 @@ from curvlab.bench.optimizers import OptimizerSpec
 from curvlab.bench.runner import Task
 
 __all__ = ["NNProblem", "train_run", "nn_task", "digits_mlp_problem", "char_lm_problem",
-           "digits_autoencoder_problem", "DEEP_AUTOENCODER"]
+           "digits_autoencoder_problem", "DEEP_AUTOENCODER", "gpt2_problem"]
 
 
 @dataclass
@@ -86,6 +86,26 @@ def char_lm_problem(steps: int = 300, quick: bool = False, target: float | None 
     d, layers = (64, 1) if quick else (128, 2)
     return NNProblem(
         "char_lm", lambda seed: char_lm_model(len(vocab), d, layers, 4, seq, seed),
+        lambda gen: char_batch(train, batch_size, seq, gen), val_batch, _SequenceCrossEntropy(),
+        target=target, steps=steps, eval_every=eval_every, data_seed=data_seed)
+
+
+def gpt2_problem(steps: int = 300, quick: bool = False, target: float | None = 2.6,
+                 batch_size: int = 32, val_size: int = 128, eval_every: int = 10,
+                 data_seed: int = 10_000) -> NNProblem:
+    """A tiny GPT-2 (``transformers``, random weights, default attention, no dropout;
+    2 layers, d_model 128, 4 heads; ``quick``: 1 layer, d_model 64) on the same text,
+    windows and evaluation as :func:`char_lm_problem`. Needs ``transformers``
+    (:func:`curvlab.bench.problems.gpt2.gpt2_available`)."""
+    from curvlab.bench.problems.char_lm import char_batch, load_char_corpus
+    from curvlab.bench.problems.gpt2 import gpt2_model
+
+    train, val, vocab = load_char_corpus(max_chars=300_000 if quick else 1_000_000)
+    seq = 32
+    val_batch = char_batch(val, val_size, seq, torch.Generator().manual_seed(1234))
+    d, layers = (64, 1) if quick else (128, 2)
+    return NNProblem(
+        "gpt2", lambda seed: gpt2_model(len(vocab), d, layers, 4, seq, seed),
         lambda gen: char_batch(train, batch_size, seq, gen), val_batch, _SequenceCrossEntropy(),
         target=target, steps=steps, eval_every=eval_every, data_seed=data_seed)
 

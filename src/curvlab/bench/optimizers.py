@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OptimizerSpec", "REGISTRY", "available", "PairedOptimizer"]
+__all__ = ["OptimizerSpec", "REGISTRY", "available", "PairedOptimizer", "CompiledStep"]
 
 # digits: ~100-400 steps, bases refreshed every step; char LM: every 10 steps
 FREQ = {"digits_mlp": 1, "char_lm": 10}
@@ -36,6 +36,11 @@ class OptimizerSpec:
     note: str = ""
     step_batch: bool = False  # stepped as step(closure, batch=(inputs, targets))
     closure: bool = True  # False (with step_batch): step(batch=...), loss and gradient its own
+    #: the same optimizer with its step compiled (None: no compiled variant); timed only
+    make_compiled: Callable[[nn.Module, float, str], Any] | None = None
+    #: compilation is a process-wide switch (heavyball): its eager and compiled variants
+    #: cannot be timed in one session
+    compile_global: bool = False
 
     def __post_init__(self) -> None:
         if not (self.closure or self.step_batch):
@@ -76,8 +81,62 @@ class PairedOptimizer:
         return loss
 
 
+class CompiledStep:
+    """A torch optimizer whose ``step()`` runs through ``torch.compile`` (torch's recipe for
+    compiling its optimizers; graph breaks allowed)."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+        self._step = torch.compile(opt.step, fullgraph=False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none)
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step()
+        return loss
+
+
 def _problem_freq(problem: str) -> int:
     return FREQ.get(problem, 10)
+
+
+def _adamw_compiled(m: nn.Module, lr: float, problem: str) -> Any:
+    return CompiledStep(_adamw(m, lr, problem))
+
+
+def _shampoo_compiled(m: nn.Module, lr: float, problem: str) -> Any:
+    return _shampoo(m, lr, problem).compile_step()
+
+
+def _soap_compiled(m: nn.Module, lr: float, problem: str) -> Any:
+    return _soap(m, lr, problem).compile_step()
+
+
+def _muon_compiled(m: nn.Module, lr: float, problem: str) -> Any:
+    from curvlab.optim import Muon, muon_param_groups
+
+    return Muon(muon_param_groups(m, lr=lr, adamw_lr=lr), lr=lr, adjust_lr="match_rms_adamw",
+                compile=True)
+
+
+def _hb_soap_compiled(m: nn.Module, lr: float, problem: str) -> Any:
+    """heavyball's SOAP compiled as heavyball means it (``compile_step=True`` and its
+    fused kernels on), in torch.compile's default mode: heavyball's own default,
+    "max-autotune-no-cudagraphs", benchmarks kernels at compile time (minutes on a CPU).
+    heavyball reads the mode from a module global at every call: the uncompiled entry sets
+    it to None, so the two never run in the same timing session (separate tasks)."""
+    import heavyball
+    import heavyball.utils
+
+    heavyball.utils.compile_mode = "default"
+    return heavyball.SOAP(m.parameters(), lr=lr, betas=SOAP_BETAS, weight_decay=0.0,
+                          precondition_frequency=_problem_freq(problem), compile_step=True,
+                          use_precond_schedule=False)
 
 
 def _sgd(m: nn.Module, lr: float, problem: str) -> Any:
@@ -225,24 +284,34 @@ def _po_scalable(m: nn.Module, lr: float, problem: str) -> Any:
                            graft_type=LayerWiseGrafting.RMSPROP)
 
 
-ADAM_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (1e-3, 3e-3, 1e-2)}
-MUON_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (3e-3, 1e-2, 2e-2)}
+# the tiny GPT-2 ("gpt2") shares the char-level transformer's grids (same data and scale)
+ADAM_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (1e-3, 3e-3, 1e-2),
+             "gpt2": (1e-3, 3e-3, 1e-2)}
+MUON_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (3e-3, 1e-2, 2e-2),
+             "gpt2": (3e-3, 1e-2, 2e-2)}
 # digits (150 steps, batch 256, one seed, measured): final loss 0.0046 at lr 1e-2, 0.043 at
 # 3e-3 (AdamW 0.0053 at its best 3e-2); char LM not measured: the author's rule, momentum
 # whitening steps ~sqrt((1 + b) / (1 - b)) = 4.4x Adam's at equal lr
-PSGD_GRID = {"digits_mlp": (3e-3, 1e-2, 3e-2), "char_lm": (3e-4, 1e-3, 3e-3)}
-KFAC_GRID = {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3)}
+PSGD_GRID = {"digits_mlp": (3e-3, 1e-2, 3e-2), "char_lm": (3e-4, 1e-3, 3e-3),
+             "gpt2": (3e-4, 1e-3, 3e-3)}
+KFAC_GRID = {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3),
+             "gpt2": (0.03, 0.1, 0.3)}
 
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
-    OptimizerSpec("torch.AdamW", _adamw, ADAM_GRID, "baseline", "adamw"),
+    OptimizerSpec("torch.AdamW", _adamw, ADAM_GRID, "baseline", "adamw",
+                  make_compiled=_adamw_compiled),
     OptimizerSpec("torch.SGD", _sgd, {"digits_mlp": (0.03, 0.1, 0.3),
-                                      "char_lm": (0.1, 0.3, 1.0)}, "baseline", "sgd"),
-    OptimizerSpec("curvlab.Shampoo", _shampoo, ADAM_GRID, "curvlab", "shampoo"),
-    OptimizerSpec("curvlab.SOAP", _soap, ADAM_GRID, "curvlab", "soap"),
+                                      "char_lm": (0.1, 0.3, 1.0), "gpt2": (0.1, 0.3, 1.0)},
+                  "baseline", "sgd"),
+    OptimizerSpec("curvlab.Shampoo", _shampoo, ADAM_GRID, "curvlab", "shampoo",
+                  make_compiled=_shampoo_compiled),
+    OptimizerSpec("curvlab.SOAP", _soap, ADAM_GRID, "curvlab", "soap",
+                  make_compiled=_soap_compiled),
+    OptimizerSpec("curvlab.Muon", _muon, MUON_GRID, "curvlab", "muon",
+                  make_compiled=_muon_compiled),
     OptimizerSpec("curvlab.KLShampoo", _kl_shampoo, ADAM_GRID, "curvlab", "kl-shampoo",
                   quick=False),
     OptimizerSpec("curvlab.KLSOAP", _kl_soap, ADAM_GRID, "curvlab", "kl-soap", quick=False),
-    OptimizerSpec("curvlab.Muon", _muon, MUON_GRID, "curvlab", "muon"),
     OptimizerSpec("curvlab.PSGDKron", _psgd, PSGD_GRID, "curvlab", "psgd-kron"),
     # Muon variants (issue 19): Polar Express coefficients; the same through Gram
     # Newton-Schulz (equal in exact arithmetic: one algorithm, two implementations); NorMuon
@@ -273,14 +342,16 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                   requires="pytorch_optimizer", quick=False),
     # uncompiled heavyball costs ~20x AdamW's step on the transformer: digits only
     OptimizerSpec("heavyball.SOAP", _hb_soap, {"digits_mlp": ADAM_GRID["digits_mlp"]}, "peer",
-                  "soap", requires="heavyball", quick=False, note="uncompiled"),
+                  "soap", requires="heavyball", quick=False, note="uncompiled",
+                  make_compiled=_hb_soap_compiled, compile_global=True),
     OptimizerSpec("heavyball.KLShampoo", _hb_kl("KLShampoo"),
                   {"digits_mlp": ADAM_GRID["digits_mlp"]}, "peer", "kl-shampoo",
                   requires="heavyball", quick=False, note="uncompiled"),
     OptimizerSpec("heavyball.KLSOAP", _hb_kl("KLSOAP"), {"digits_mlp": ADAM_GRID["digits_mlp"]},
                   "peer", "kl-soap", requires="heavyball", quick=False, note="uncompiled"),
     OptimizerSpec("pytorch-optimizer.Shampoo", _po_shampoo,
-                  {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3)}, "peer",
+                  {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3),
+                   "gpt2": (0.03, 0.1, 0.3)}, "peer",
                   "shampoo", requires="pytorch_optimizer", quick=False),
     OptimizerSpec("pytorch-optimizer.ScalableShampoo", _po_scalable, ADAM_GRID, "peer",
                   "shampoo", requires="pytorch_optimizer", quick=False),

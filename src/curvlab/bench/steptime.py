@@ -6,11 +6,19 @@ step: some peers free it), and every 10 rounds the parameters are reset (a repea
 gradient would otherwise run them off). The time of one optimizer is the median over the
 rounds after a warm-up of ``min(5, rounds // 4)``. Only ``optimizer.step()`` is timed:
 forward and backward are the same for everyone and excluded.
+
+``compiled=True`` times each spec's compiled variant (``OptimizerSpec.make_compiled``;
+specs without one are left out) and, interleaved with it, its eager variant (named
+``name + " [eager]"``; not for ``compile_global`` specs, whose compilation is a
+process-wide switch), so that the compiled / eager ratio sees the same machine noise; the
+warm-up rounds absorb the compilation, whose cost shows in the first step's time
+(``metrics["first_step"]``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -25,23 +33,36 @@ from curvlab.bench.runner import Task
 __all__ = ["interleaved_step_times", "step_time_task", "SUITE"]
 
 SUITE = "step-time"  # the records' suite (not an ``nn`` training run)
+EAGER = " [eager]"  # suffix of the eager variants timed in a compiled session
 
 
 def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[OptimizerSpec, float]],
-                           rounds: int, seed: int = 0
+                           rounds: int, seed: int = 0, compiled: bool = False,
+                           first_step: dict[str, float] | None = None, device: str = "cpu"
                            ) -> tuple[dict[str, float], dict[str, str]]:
     """Median ``step()`` seconds of each ``(spec, lr)``, and the first error of each
     optimizer whose step raised (skipped rounds; e.g. K-FAC, whose step needs the forward
     pass of a closure). An optimizer with no timed step after the warm-up is absent from
-    the times."""
+    the times. ``compiled``: the specs' compiled variants; ``first_step``: filled with the
+    seconds of each optimizer's first step (with ``compiled``: its compilation);
+    ``device``: where the models live (an accelerator is synchronized around each timed
+    step, so the time is the step's work, not its launch)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     for spec, _ in entries:
         if spec.step_batch:
             raise ValueError(f"{spec.name} takes step(closure, batch=...): its step computes "
                              "its own gradient, so it cannot be timed on a fixed gradient")
-    base = problem.build(seed)
-    x, y = problem.sample(torch.Generator().manual_seed(problem.data_seed + seed))
+    if compiled:  # each compiled variant, and beside it the eager one (same noise)
+        entries = [e for spec, lr in entries if spec.make_compiled is not None
+                   for e in [(dataclasses.replace(spec, make=spec.make_compiled), lr)]
+                   + ([] if spec.compile_global else
+                      [(dataclasses.replace(spec, name=spec.name + EAGER), lr)])]
+    base = problem.build(seed).to(device)
+    x, y = (t.to(device) for t in
+            problem.sample(torch.Generator().manual_seed(problem.data_seed + seed)))
+    sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" \
+        else (lambda: None)
     runs = []
     for spec, lr in entries:
         model = copy.deepcopy(base)
@@ -56,13 +77,17 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
             saved = [p.detach().clone() for p in model.parameters()]
             for p, g in zip(model.parameters(), grads, strict=True):
                 p.grad = g.clone()
+            sync()
             t0 = time.perf_counter()
             try:
                 opt.step()
+                sync()
             except Exception as err:  # recorded: this optimizer cannot be timed this way
                 errors.setdefault(name, f"round {r}: {type(err).__name__}: {err}")
                 continue
             times[name].append(time.perf_counter() - t0)
+            if r == 0 and first_step is not None:
+                first_step[name] = times[name][0]
             if r % 10 == 9:
                 with torch.no_grad():
                     for p, s in zip(model.parameters(), saved, strict=True):
@@ -73,15 +98,25 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
 
 
 def step_time_task(problem: NNProblem, entries: Sequence[tuple[OptimizerSpec, float]],
-                   rounds: int) -> Task:
-    """One runner task measuring every ``(spec, lr)`` of ``entries`` together; its record
-    holds ``metrics["times"]`` (method -> seconds) and ``metrics["errors"]`` (method ->
-    first error)."""
+                   rounds: int, compiled: bool = False, device: str = "cpu") -> Task:
+    """One runner task measuring every ``(spec, lr)`` of ``entries`` together (``compiled``:
+    their compiled variants); its record holds ``metrics["times"]`` (method -> seconds),
+    ``metrics["errors"]`` (method -> first error) and ``metrics["first_step"]`` (method ->
+    seconds of the first step)."""
 
     def fn(progress: Callable[[float], None]) -> dict[str, Any]:
-        times, errors = interleaved_step_times(problem, entries, rounds)
+        first: dict[str, float] = {}
+        times, errors = interleaved_step_times(problem, entries, rounds, compiled=compiled,
+                                               first_step=first, device=device)
         progress(1.0)
-        return {"metrics": {"times": times, "errors": errors}}
+        return {"metrics": {"times": times, "errors": errors, "first_step": first}}
 
-    lrs = ";".join(f"{spec.name}@{lr:g}" for spec, lr in entries)
-    return Task(SUITE, problem.name, "interleaved", {"rounds": rounds, "lrs": lrs}, fn)
+    lrs = ";".join(f"{spec.name}@{lr:g}" for spec, lr in entries
+                   if not compiled or spec.make_compiled is not None)
+    config: dict[str, Any] = {"rounds": rounds, "lrs": lrs}
+    if compiled:
+        config["compiled"] = True
+    if device != "cpu":
+        config["device"] = device
+    return Task(SUITE, problem.name, "interleaved-compiled" if compiled else "interleaved",
+                config, fn)

@@ -86,6 +86,10 @@ class TunedStudy:
     reference: str = "torch.AdamW"
     target_fraction: float = 0.75
     step_time_rounds: Mapping[str, int] = field(default_factory=dict)  # problem -> rounds
+    #: also time the compiled variants (a second step-time task per problem); specs with a
+    #: compiled variant but no grid on a problem are timed there at their first grid's
+    #: middle lr (step time hardly depends on lr), so compile-first peers are compared
+    compiled_step_time: bool = False
     time_budget: float = math.inf
     device: str = "cpu"
 
@@ -150,7 +154,19 @@ class TunedStudy:
                            and (chosen := self.chosen_lr(records, p, s)) is not None]
                 if entries:
                     tasks.append(steptime.step_time_task(p, entries,
-                                                         self.step_time_rounds[p.name]))
+                                                         self.step_time_rounds[p.name],
+                                                         device=self.device))
+                if not self.compiled_step_time:
+                    continue
+                named = {s.name for s, _ in entries}
+                extra = [(s, next(iter(s.lrs.values()))[len(next(iter(s.lrs.values()))) // 2])
+                         for s in self.specs if s.make_compiled is not None
+                         and s.name not in named and not s.grid(p.name) and s.lrs]
+                compiled = [(s, lr) for s, lr in entries + extra if s.make_compiled is not None]
+                if compiled:
+                    tasks.append(steptime.step_time_task(p, compiled,
+                                                         self.step_time_rounds[p.name],
+                                                         compiled=True, device=self.device))
             return tasks
 
         return [tune, evaluate, step_time]
@@ -196,13 +212,14 @@ class TunedStudy:
                 })
         return rows
 
-    def step_times(self, records: list[dict[str, Any]]
+    def step_times(self, records: list[dict[str, Any]], compiled: bool = False
                    ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], str]]:
         """``(problem, method) -> seconds`` and ``-> error`` (of the optimizers whose step
-        raised) from the step-time records."""
+        raised) from the step-time records (``compiled``: of the compiled variants)."""
         times, errors = {}, {}
         for r in records:
-            if r["suite"] == steptime.SUITE and r["status"] == "ok":
+            if r["suite"] == steptime.SUITE and r["status"] == "ok" \
+                    and bool(r["config"].get("compiled")) == compiled:
                 times.update({(r["problem"], m): t for m, t in r["metrics"]["times"].items()})
                 errors.update({(r["problem"], m): e
                                for m, e in r["metrics"].get("errors", {}).items()})

@@ -18,9 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = ["AdamConfig", "moment_dtype", "adam_moments_", "adam_normalize", "adam_directions_",
            "adam_step_", "adam_preconditioner",
@@ -119,13 +121,42 @@ def adam_directions_(ms: Sequence[Tensor], vs: Sequence[Tensor], grads: Sequence
 
 def adam_step_(params: Sequence[Tensor], ms: Sequence[Tensor], vs: Sequence[Tensor],
                grads: Sequence[Tensor], steps: Sequence[int], config: AdamConfig, lr: float,
-               weight_decay: float = 0.0) -> None:
+               weight_decay: float = 0.0, compiler: Any = None) -> None:
     """One AdamW step in place: ``p <- (1 - lr wd) p - lr m_hat / (sqrt(v_hat) + eps)``
     (bitwise ``torch.optim.AdamW(foreach=True)`` when the moments have the parameters'
-    dtype)."""
+    dtype). Foreach kernels per (device, dtype) of the parameters.
+
+    ``compiler``: a :class:`~curvlab.optim.compiled.StepCompiler`: the whole update of a
+    (device, dtype) group runs as one compiled graph (:func:`_adam_kernel_`); ``lr`` and the
+    bias corrections enter as tensors (no recompilation as they change, no host sync);
+    equal to the eager step to float32 rounding (inductor fuses and reorders the scalar
+    arithmetic), not bitwise."""
     if not params:
         return
-    params = list(params)
+    grouped = _group_tensors_by_device_and_dtype(
+        [list(params), list(ms), list(vs), list(grads)], with_indices=True)
+    for (device, dtype), ((ps, ms_, vs_, gs), idx) in grouped.items():
+        st = [steps[i] for i in idx]
+        if compiler is None:
+            _adam_step_eager_(ps, ms_, vs_, gs, st, config, lr, weight_decay)
+            continue
+        b1, b2 = config.betas
+        if config.bias_correction:
+            c1 = [1.0 - b1 ** t for t in st]
+            c2 = [(1.0 - b2 ** t) ** 0.5 for t in st]
+        else:
+            c1 = c2 = [1.0] * len(st)
+        # the decay 1 - lr wd, per tensor -lr / c1 and c2: one transfer, 0-d views
+        scal = compiler.scalars([1.0 - lr * weight_decay] + [-lr / c for c in c1] + c2,
+                                device)
+        kernel = compiler(_adam_kernel_, ("adam", device, dtype, len(ps)))
+        kernel(ps, ms_, vs_, gs, scal[0], list(scal[1:1 + len(ps)]),
+               list(scal[1 + len(ps):]), b1, b2, config.eps)
+
+
+def _adam_step_eager_(params: list[Tensor], ms: list[Tensor], vs: list[Tensor],
+                      grads: list[Tensor], steps: list[int], config: AdamConfig, lr: float,
+                      weight_decay: float) -> None:
     if weight_decay:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     denom, c1 = _moments_and_denominators(ms, vs, grads, steps, config)
@@ -136,6 +167,20 @@ def adam_step_(params: Sequence[Tensor], ms: Sequence[Tensor], vs: Sequence[Tens
     for k, p in enumerate(params):
         if p.dtype != ms[k].dtype:
             p.add_((ms[k] / denom[k]).to(p.dtype), alpha=-lr / c1[k])
+
+
+def _adam_kernel_(params: list[Tensor], ms: list[Tensor], vs: list[Tensor],
+                  grads: list[Tensor], decay: Tensor, neg_lr_c1: list[Tensor],
+                  c2: list[Tensor], b1: float, b2: float, eps: float) -> None:
+    """The compiled AdamW update (one graph): ``p <- decay p + (-lr / c1) m / (sqrt(v) / c2
+    + eps)`` with ``c1 = 1 - b1^t``, ``c2 = sqrt(1 - b2^t)`` per tensor."""
+    gs = [g.to(m.dtype) for g, m in zip(grads, ms)]
+    torch._foreach_lerp_(ms, gs, 1.0 - b1)
+    torch._foreach_mul_(vs, b2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
+    torch._foreach_mul_(params, decay)
+    for p, m, v, a, c in zip(params, ms, vs, neg_lr_c1, c2):
+        p.add_((m / (v.sqrt() / c + eps) * a).to(p.dtype))
 
 
 def adam_preconditioner(v: Tensor, step: int, config: AdamConfig) -> Tensor:

@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from curvlab.optim.stability import StabilityModel
 
@@ -117,15 +118,33 @@ def factorization_dtype(x: Any) -> str | None:
 
 
 def apply_update_(params: Sequence[Tensor], directions: Sequence[Tensor], lr: float,
-                  weight_decay: float) -> None:
-    """``p <- (1 - lr wd) p - lr d`` for every pair (decoupled weight decay)."""
+                  weight_decay: float, compiler: Any = None) -> None:
+    """``p <- (1 - lr wd) p - lr d`` for every pair (decoupled weight decay): foreach kernels
+    per (device, dtype) of the parameters (one list of mixed devices or dtypes would send
+    torch's foreach ops to their per-tensor slow path); directions are cast to their
+    parameter's dtype. ``compiler``: a :class:`~curvlab.optim.compiled.StepCompiler`, which
+    fuses both into one compiled kernel per group (``lr`` enters as a tensor, so a
+    scheduler changing it does not recompile)."""
     if not params:
         return
-    if weight_decay:
-        torch._foreach_mul_(list(params), 1.0 - lr * weight_decay)
     directions = [d if d.dtype == p.dtype else d.to(p.dtype)
                   for p, d in zip(params, directions, strict=True)]
-    torch._foreach_add_(list(params), directions, alpha=-lr)
+    grouped = _group_tensors_by_device_and_dtype([list(params), directions])
+    for (device, dtype), ((ps, ds), _) in grouped.items():
+        if compiler is not None:
+            kernel = compiler(_update_kernel_, ("update", device, dtype, len(ps)))
+            kernel(ps, ds, *compiler.scalars([lr, 1.0 - lr * weight_decay], device))
+            continue
+        if weight_decay:
+            torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
+        torch._foreach_add_(ps, ds, alpha=-lr)
+
+
+def _update_kernel_(params: list[Tensor], directions: list[Tensor], lr: Tensor,
+                    decay: Tensor) -> None:
+    """The compiled form of :func:`apply_update_` (``decay = 1 - lr wd``)."""
+    torch._foreach_mul_(params, decay)
+    torch._foreach_sub_(params, torch._foreach_mul(directions, lr))
 
 
 class CurvlabOptimizer(torch.optim.Optimizer):
@@ -156,6 +175,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self._counters = dict.fromkeys(("steps", "skipped_nonfinite", "skipped_overflow",
                                         "refreshes", "refresh_failures"), 0)
         self._validating = False
+        self._step_compiler: Any = None  # a StepCompiler after compile_step()
         super().__init__(params, defaults)
         self._validating = True
         for group in self.param_groups:
@@ -185,6 +205,33 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                           stacklevel=3)
             out[new] = value
         return out
+
+    # ---- torch.compile ----------------------------------------------------------------
+    def compile_step(self, enabled: bool = True, *, backend: str = "inductor",
+                     mode: str | None = None, options: dict[str, Any] | None = None
+                     ) -> CurvlabOptimizer:
+        """Run the pure-tensor inner update of :meth:`step` through ``torch.compile``
+        (``fullgraph``; see :mod:`curvlab.optim.compiled`); ``enabled=False`` returns to the
+        eager step. The Python side of the step (closure, gradient rule, refreshes) stays
+        eager; the state is shared, so state dicts move freely between the two. Returns
+        ``self``. An optimizer without a compiled path raises ``NotImplementedError``."""
+        if not self.compilable:
+            raise NotImplementedError(f"{type(self).__name__} has no compiled step path")
+        if not enabled:
+            self._step_compiler = None
+            return self
+        from curvlab.optim.compiled import StepCompiler
+
+        self._step_compiler = StepCompiler(backend, mode, options)
+        return self
+
+    #: whether :meth:`compile_step` is supported
+    compilable: ClassVar[bool] = False
+
+    @property
+    def step_compiled(self) -> bool:
+        """Whether :meth:`compile_step` is on."""
+        return self._step_compiler is not None
 
     # ---- hyperparameters ----------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:

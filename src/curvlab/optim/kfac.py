@@ -97,7 +97,7 @@ from curvlab.optim.adam import (
     adam_stability_preconditioner,
     moment_dtype,
 )
-from curvlab.optim.base import CurvlabOptimizer
+from curvlab.optim.base import CurvlabOptimizer, apply_update_
 from curvlab.optim.distributors.collectives import Timings, lpt_schedule, reject_dtensors
 from curvlab.optim.preconditioners import max_abs
 from curvlab.optim.stability import StabilityModel, momentum_threshold
@@ -868,12 +868,15 @@ class KFAC(CurvlabOptimizer):
         if self._adapt_now(closure):  # to undo a step whose new loss is non-finite
             saved = [(p.detach().clone(), self.state[p].get("momentum_buffer"))
                      for p, _, _ in updates]
+        by_group: dict[int, tuple[dict, list, list]] = {}
         for p, d, group in updates:
             if group["momentum"]:
                 self.state[p]["momentum_buffer"] = d.clone()
-            if group["weight_decay"]:  # decoupled (curvlab.optim.base)
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
-            p.add_(d, alpha=-group["lr"])
+            entry = by_group.setdefault(id(group), (group, [], []))
+            entry[1].append(p)
+            entry[2].append(d)
+        for group, ps, ds in by_group.values():  # foreach per device and dtype
+            apply_update_(ps, ds, group["lr"], group["weight_decay"])
         self._global["step"] = k + 1
         self._counters["steps"] += 1
         self._last.update(step=k + 1, kl_clip_scale=min(nus) if nus else 1.0,

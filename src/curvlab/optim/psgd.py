@@ -289,6 +289,10 @@ class PSGDKron(BlockedPreconditionerOptimizer):
             runs in ``factor_dtype`` (float32, or float64 for float64 parameters).
     """
 
+    #: no compiled step: the fits draw their schedule and probe vectors on the host and
+    #: shape tensors from Python sizes (dynamo fails on the fit; measured)
+    compilable = False
+
     hyperparameters = {**BlockedPreconditionerOptimizer.hyperparameters,
                        "momentum": unit_interval, "fit": one_of(*FITS),
                        "whiten": one_of("momentum", "gradient"),

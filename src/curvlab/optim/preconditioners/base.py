@@ -34,6 +34,7 @@ from torch import Tensor
 from curvlab import distributed as _dist
 from curvlab.optim.base import (
     CurvlabOptimizer,
+    apply_update_,
     factorization_dtype,
     finite_nonnegative,
     finite_positive,
@@ -87,6 +88,7 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
     max_refresh_failures = 5
     #: True for a purely diagonal method: every parameter uses the diagonal hooks
     diagonal_only = False
+    compilable = True
 
     def __init__(self, params: Any, defaults: dict[str, Any], nonfinite: str = "skip",
                  factor_dtype: torch.dtype | None = None,
@@ -164,10 +166,14 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
     def _block_direction(self, group: dict, st: dict[str, Tensor], G: Tensor,
                          step: int) -> Tensor:
         """Statistics, refresh when due, direction of the stacked blocks ``G`` (in the
-        order the two ``*_after_precondition`` flags choose)."""
-        if not self.statistics_after_precondition:
-            self._update_statistics(group, st, G, step)
+        order the two ``*_after_precondition`` flags choose; a step without refresh compiled
+        after :meth:`compile_step`)."""
         due = is_due(step, group["start_preconditioning_step"], group["precondition_frequency"])
+        if not due and self._step_compiler is not None:
+            fn = self._step_compiler(type(self)._statistics_and_direction,
+                                     ("blocks", tuple(G.shape), G.dtype, G.device))
+            return fn(self, group, st, G, step)
+        self._update_statistics(group, st, G, step)
         if due and not self.refresh_after_precondition:
             self._refresh_blocks(group, st, step)
         D = self._precondition(group, st, G, step)
@@ -176,6 +182,17 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
         if due and self.refresh_after_precondition:
             self._refresh_blocks(group, st, step)
         return D
+
+    def _statistics_and_direction(self, group: dict, st: dict[str, Tensor], G: Tensor,
+                                  step: int) -> Tensor:
+        """The per-step part of :meth:`_block_direction` (no refresh): what
+        :meth:`compile_step` compiles."""
+        if self.statistics_after_precondition:
+            D = self._precondition(group, st, G, step)
+            self._update_statistics(group, st, G, step)
+            return D
+        self._update_statistics(group, st, G, step)
+        return self._precondition(group, st, G, step)
 
     # -- layout -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -352,11 +369,8 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
             ps = [p for p in group["params"] if id(p) in updates]
             if not ps:
                 continue
-            lr, wd = group["lr"], group["weight_decay"]
-            local = [local_tensor(p) for p in ps]
-            if wd != 0:
-                torch._foreach_mul_(local, 1.0 - lr * wd)
-            torch._foreach_add_(local, [updates[id(p)].to(p.dtype) for p in ps], alpha=-lr)
+            apply_update_([local_tensor(p) for p in ps], [updates[id(p)] for p in ps],
+                          group["lr"], group["weight_decay"], self._step_compiler)
         return loss
 
     def _group_direction(self, k: int, g: BlockGroup, work: list[int]) -> Tensor:
@@ -372,7 +386,12 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
             st = gather_rows(g, work, idx)
         if g.diagonal:
             G = torch.cat([self._grad(g.members[i][0]).reshape(-1) for i in work]).to(sdtype)
-            D = self._diagonal_direction(group, st, G, step)
+            if self._step_compiler is not None:
+                fn = self._step_compiler(type(self)._diagonal_direction,
+                                         ("diagonal", G.numel(), G.dtype, G.device))
+                D = fn(self, group, st, G, step)
+            else:
+                D = self._diagonal_direction(group, st, G, step)
             if not surely_finite(D):
                 D = torch.where(torch.isfinite(D), D, 0.0)
         else:

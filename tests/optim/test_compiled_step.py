@@ -1,0 +1,166 @@
+"""The compiled step (``compile_step``, curvlab.optim.compiled) against the eager step.
+
+Tolerances: inductor fuses the elementwise chain of an update and evaluates its scalar
+arithmetic in its own order (e.g. ``m / (sqrt(v) / c2 + eps) * (-lr / c1)`` as one fused
+expression with the scalars read from float64 0-d inputs), so a compiled step agrees with
+the eager one to float32 rounding, not bitwise: a few ulps per step, which the eigenbasis
+refreshes of SOAP amplify a little over steps. The checks use ``rtol=atol=1e-5`` on
+parameters of order 1 after a handful of steps (a wrong formula, a missed bias correction
+or a stale scalar moves them by > 1e-3).
+
+The compiled tests are marked ``slow`` (deselect with ``-m "not slow"``): each compiles a
+few graphs of a tiny model (seconds each on a quiet machine).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab.optim import SOAP, Shampoo
+from curvlab.optim.adam import AdamConfig, adam_step_
+from curvlab.optim.base import apply_update_
+from curvlab.optim.compiled import StepCompiler, inductor_available
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+needs_inductor = pytest.mark.skipif(inductor_available() is not None,
+                                    reason=f"inductor cannot run here: {inductor_available()}")
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2, bias=False))
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _close(a: nn.Module, b: nn.Module) -> None:
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, **TOL)
+
+
+# ---- eager path: foreach grouped by device and dtype (fast) ---------------------------------
+def test_apply_update_mixed_dtypes_equals_per_tensor_update():
+    torch.manual_seed(0)
+    ps = [torch.randn(5, dtype=dt) for dt in (torch.float32, torch.float64, torch.bfloat16,
+                                              torch.float32)]
+    ds = [torch.randn(5, dtype=torch.float32) for _ in ps]
+    ref = [p.clone() for p in ps]
+    for p, d in zip(ref, ds, strict=True):
+        p.mul_(1 - 0.1 * 0.01).add_(d.to(p.dtype), alpha=-0.1)
+    apply_update_(ps, ds, 0.1, 0.01)
+    for p, r in zip(ps, ref, strict=True):
+        assert p.dtype == r.dtype
+        torch.testing.assert_close(p, r, rtol=0, atol=0)
+
+
+def test_adam_step_mixed_dtypes_and_steps_equals_each_group_alone():
+    torch.manual_seed(0)
+    ps = [torch.randn(4, 3), torch.randn(3, dtype=torch.float64), torch.randn(2)]
+    gs = [torch.randn_like(p) for p in ps]
+    ms = [torch.zeros_like(p) for p in ps]
+    vs = [torch.zeros_like(p) for p in ps]
+    steps = [3, 1, 2]
+    cfg = AdamConfig()
+    ref = [(p.clone(), m.clone(), v.clone()) for p, m, v in zip(ps, ms, vs, strict=True)]
+    for k, (p, m, v) in enumerate(ref):  # each tensor alone: the ungrouped computation
+        adam_step_([p], [m], [v], [gs[k]], [steps[k]], cfg, 1e-2, 0.1)
+    adam_step_(ps, ms, vs, gs, steps, cfg, 1e-2, 0.1)
+    for p, (r, _, _) in zip(ps, ref, strict=True):
+        torch.testing.assert_close(p, r, rtol=0, atol=0)
+
+
+def test_compile_step_refused_where_there_is_no_compiled_path():
+    from curvlab.optim import LBFGS
+
+    opt = LBFGS([nn.Parameter(torch.zeros(2))])
+    with pytest.raises(NotImplementedError, match="no compiled step"):
+        opt.compile_step()
+
+
+def test_compile_step_switches_on_and_off():
+    model = _model()
+    opt = Shampoo(model.parameters(), lr=1e-2)
+    assert not opt.step_compiled
+    assert opt.compile_step(backend="eager") is opt and opt.step_compiled
+    assert not opt.compile_step(False).step_compiled
+    _train(model, opt, 1)  # the eager step again
+
+
+# ---- compiled == eager (slow: compiles) ------------------------------------------------------
+@pytest.mark.slow
+@needs_inductor
+def test_compiled_adam_step_equals_eager_without_recompiling_per_step():
+    torch.manual_seed(0)
+    ps = [torch.randn(4, 3), torch.randn(3)]
+    gs_all = [[torch.randn_like(p) for p in ps] for _ in range(4)]
+    state = {name: ([p.clone() for p in ps], [torch.zeros_like(p) for p in ps],
+                    [torch.zeros_like(p) for p in ps]) for name in ("eager", "compiled")}
+    compiler = StepCompiler()
+    cfg = AdamConfig()
+    graphs = None
+    for t, gs in enumerate(gs_all, start=1):
+        lr = 1e-2 / t  # a schedule: lr changes every step
+        steps = [t, max(t - 1, 1)]  # the second tensor missed a step
+        adam_step_(*state["eager"], gs, steps, cfg, lr, 0.1)
+        adam_step_(*state["compiled"], gs, steps, cfg, lr, 0.1, compiler=compiler)
+        if t == 2:
+            graphs = _graphs()
+    assert _graphs() == graphs, "a new lr / step count recompiled"
+    for a, b in zip(state["eager"], state["compiled"], strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, **TOL)
+
+
+@pytest.mark.slow
+@needs_inductor
+@pytest.mark.parametrize("cls,kwargs", [
+    (Shampoo, dict(lr=1e-2, precondition_frequency=3, start_preconditioning_step=2,
+                   weight_decay=0.1)),
+    (SOAP, dict(lr=1e-2, precondition_frequency=3, weight_decay=0.1)),
+], ids=["shampoo", "soap"])
+def test_compiled_step_equals_eager_and_resumes_both_ways(cls, kwargs):
+    """8 steps (refreshes at 2, 5, 8 for Shampoo; 1, 4, 7 for SOAP): compiled == eager,
+    graphs stop growing; then the eager state continues in the compiled optimizer (the same
+    instance: no new compilation) and the compiled state in a new eager one."""
+    eager, comp = _model(), _model()
+    oe = cls(eager.parameters(), **kwargs)
+    oc = cls(comp.parameters(), **kwargs).compile_step()
+    before = _graphs()
+    _train(eager, oe, 5)
+    _train(comp, oc, 5)
+    graphs = _graphs()
+    assert graphs > before, "the compiled step compiled nothing"
+    _train(eager, oe, 3, seed=2)
+    _train(comp, oc, 3, seed=2)
+    assert _graphs() == graphs, "steps after the first compiled ones recompiled"
+    _close(eager, comp)
+    assert oc.stats()["steps"] == 8
+    c2e = copy.deepcopy(comp)  # compiled -> eager
+    o_c2e = cls(c2e.parameters(), **kwargs)
+    o_c2e.load_state_dict(oc.state_dict())
+    with torch.no_grad():  # eager -> compiled
+        for p, q in zip(comp.parameters(), eager.parameters(), strict=True):
+            p.copy_(q)
+    oc.load_state_dict(copy.deepcopy(oe.state_dict()))
+    for m, o in ((eager, oe), (comp, oc), (c2e, o_c2e)):
+        _train(m, o, 3, seed=3)
+    _close(eager, comp)
+    _close(eager, c2e)
+    assert _graphs() == graphs, "loading a state dict recompiled"
