@@ -30,14 +30,14 @@ Protocol (``curvlab.bench.tuning.TunedStudy``, every run a task of ``curvlab.ben
      by construction, and the target is not chosen to suit anyone);
   4. step time: all optimizers on identical copies of the model and one fixed gradient,
      stepped in interleaved rounds so machine noise hits them alike; median per step
-     (``curvlab.bench.steptime``; "-" where the steps raised, the error printed under
-     the table: K-FAC's step needs the statistics of a forward pass, SAM's a closure); then the same with
-     every optimizer that has a compiled variant (``OptimizerSpec.make_compiled``: curvlab
-     Shampoo / SOAP with ``compile_step()``, curvlab Muon with ``compile=True``, torch
-     AdamW with ``torch.compile(opt.step)``, heavyball SOAP with ``compile_step=True`` and
-     its kernels compiled, also on the transformer tasks where it is not trained), in a
-     session of its own (``--no-compile``: skipped; with --quick skipped unless
-     ``--compile``). Training runs are eager.
+     (``curvlab.bench.steptime``; "-" where the steps raised, the error printed under the
+     table: K-FAC's step needs the statistics of a forward pass, SAM's a closure); then the
+     same with every optimizer that has a compiled variant (``OptimizerSpec.make_compiled``:
+     curvlab Shampoo / SOAP with ``compile_step()``, curvlab Muon with ``compile=True``, torch
+     AdamW with ``torch.compile(opt.step)``, heavyball SOAP with ``compile_step=True`` and its
+     kernels compiled, also on the transformer tasks where it is not trained), in a session of
+     its own (``--no-compile``: skipped; with --quick skipped unless ``--compile``). Training
+     runs are eager.
 --quick: seed 0 and the middle lr of each grid only (no tuning), short budgets.
 Columns: steps to target, wall time to target (forward + backward + step, evaluation
 excluded), final loss, optimizer step time -- each also as a ratio to AdamW -- the compiled
