@@ -173,7 +173,8 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
             fn = self._step_compiler(type(self)._statistics_and_direction,
                                      ("blocks", tuple(G.shape), G.dtype, G.device))
             return fn(self, group, st, G, step)
-        self._update_statistics(group, st, G, step)
+        if not self.statistics_after_precondition:
+            self._update_statistics(group, st, G, step)
         if due and not self.refresh_after_precondition:
             self._refresh_blocks(group, st, step)
         D = self._precondition(group, st, G, step)
