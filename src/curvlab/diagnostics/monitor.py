@@ -61,7 +61,7 @@ Regimes (``record["regime"]`` and every event's ``regime``):
 * ``"unsettled"``: the optimizer's preconditioner averages fewer than ``settle_samples``
   gradients (Adam's first ~10 steps). The rule freezes ``P``; while one gradient is a large
   part of ``v`` a growing oscillation raises ``P`` at once, and the ratio of healthy AdamW
-  runs measured 1e3-1e6 x the threshold there. The ratio is recorded, not forecast from
+  runs measured 70-80000 x the threshold there. The ratio is recorded, not forecast from
   and not reported as a crossing; only a loss that blows up before the next check (below)
   makes it runaway.
 * ``"progress_lost"``: the monitor-batch loss is back at its value at the start (within

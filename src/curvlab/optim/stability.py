@@ -48,7 +48,7 @@ class StabilityModel:
             ``P``, which holds once the newest gradient is a small part of it: in Adam's
             first steps ``v_hat`` averages one or two gradients, a gradient that doubles
             raises ``P`` by up to 2x at the next step, and the ratio of healthy runs
-            measured 1e3-1e6 x the threshold (monitors treat ``n`` below their
+            measured 70-80000 x the threshold (monitors treat ``n`` below their
             ``settle_samples`` as not settled).
     """
 
