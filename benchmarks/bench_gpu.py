@@ -135,8 +135,7 @@ def main() -> int:
                          on_done=done)
     rows, (step_s, step_errors) = plan.rows(records), plan.step_times(records)
     compiled_s, compiled_errors = plan.step_times(records, compiled=True)
-    first_s = {(r["problem"], m): t for r in records if r["config"].get("compiled")
-               and r["status"] == "ok" for m, t in r["metrics"].get("first_step", {}).items()}
+    first_s = plan.first_step_times(records)
     print(f"target loss {plan.target(records, problem):.4f}")
     print(f"\ntorch {torch.__version__}, {device}, seeds {list(plan.seeds)}, "
           f"total {time.perf_counter() - t_start:.0f}s\n")

@@ -250,8 +250,7 @@ def main() -> None:
                          on_done=done)
     rows, (step_s, step_errors) = plan.rows(records), plan.step_times(records)
     compiled_s, compiled_errors = plan.step_times(records, compiled=True)
-    first_s = {(r["problem"], m): t for r in records if r["config"].get("compiled")
-               and r["status"] == "ok" for m, t in r["metrics"].get("first_step", {}).items()}
+    first_s = plan.first_step_times(records)
     for p in plan.problems:
         print(f"{p.name}: target loss {plan.target(records, p):.4f}")
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread, seeds "

@@ -224,3 +224,10 @@ class TunedStudy:
                 errors.update({(r["problem"], m): e
                                for m, e in r["metrics"].get("errors", {}).items()})
         return times, errors
+
+    def first_step_times(self, records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+        """``(problem, method) -> seconds`` of the first (compiling) step of each compiled
+        variant, from the compiled step-time records."""
+        return {(r["problem"], m): t for r in records
+                if r["suite"] == steptime.SUITE and r["config"].get("compiled")
+                and r["status"] == "ok" for m, t in r["metrics"].get("first_step", {}).items()}
