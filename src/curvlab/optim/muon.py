@@ -47,8 +47,11 @@ the rescaling). Because the update keeps the Frobenius norm of ``O_t``, the scal
 ``neuron_second_moment`` (``A`` entries; float32 for 16-bit parameters).
 
 Same-shape matrices are orthogonalized together in one batched Newton–Schulz. The iteration
-runs in ``ns_dtype`` (default bfloat16 on CUDA, where tensor cores make it fast; elsewhere
-float32, or float64 for float64 parameters: bfloat16 matmuls are slower than float32 on CPU).
+runs in ``ns_dtype``, by default (:func:`default_ns_dtype`) bfloat16 where the hardware
+multiplies bfloat16 natively (CUDA; CPUs with AMX or AVX512-BF16, where it is 2.6x faster
+than float32, measured on 4 x 128x512x128 batched products), as the authors' reference and
+``torch.optim.Muon`` run it; elsewhere float32 (bfloat16 is emulated there, slower than
+float32), and float64 for float64 parameters on a CPU.
 
 Data parallel (``process_group``): under DDP the Newton–Schulz work is split over the ranks
 (each matrix has an owner by a longest-processing-time schedule over ``A B min(A, B)``) and
@@ -100,7 +103,7 @@ from curvlab.optim.base import (
     unit_interval,
 )
 from curvlab.optim.distributors.collectives import local_tensor
-from curvlab.optim.distributors.matrices import RowShardedMatrices, matrix_distributor
+from curvlab.optim.distributors.matrices import RowShardedMatrices, matrix_distributor, wide_shape
 from curvlab.optim.stability import StabilityModel, ema_samples, momentum_threshold
 
 logger = logging.getLogger(__name__)
@@ -110,6 +113,27 @@ __all__ = ["Muon", "muon_param_groups"]
 _ADJUST = ("original", "match_rms_adamw", "none")
 _NORMALIZE = (None, "neuron")
 NORMUON_EPS = 1e-10  # the NorMuon authors' reference code
+
+
+def native_bfloat16_matmul(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively: CUDA, or a CPU with AMX
+    tiles or the AVX512-BF16 instructions (oneDNN's bfloat16 kernels); other CPUs emulate
+    bfloat16 through float32 conversions."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return any(getattr(cpu, probe, lambda: False)()
+               for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def default_ns_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
+    """Muon's default Newton–Schulz dtype: float64 for float64 parameters on a CPU, else
+    bfloat16 where :func:`native_bfloat16_matmul`, else float32."""
+    if param_dtype == torch.float64 and device.type == "cpu":
+        return torch.float64
+    return torch.bfloat16 if native_bfloat16_matmul(device) else torch.float32
 
 
 def _restarts_rule(r: Any) -> str | None:
@@ -158,7 +182,8 @@ class Muon(CurvlabOptimizer):
             FSDP2 parameters).
         beta2: NorMuon's second-moment EMA factor (default 0.95, the authors').
         adjust_lr: "original" (default), "match_rms_adamw" or "none" (see module docstring).
-        ns_dtype: dtype of the Newton–Schulz iteration (default: bfloat16 on CUDA, else float32,
+        ns_dtype: dtype of the Newton–Schulz iteration (default :func:`default_ns_dtype`:
+            bfloat16 where the hardware multiplies it natively, else float32,
             float64 for float64 parameters).
         adam: :class:`~curvlab.optim.adam.AdamConfig` (or a dict of its fields) of the AdamW
             used for the non-Muon parameters (stored in the groups as ``adam_betas``,
@@ -288,32 +313,33 @@ class Muon(CurvlabOptimizer):
         torch._foreach_lerp_(bufs, grads, 1.0 - mom)
         upd = torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs
         dtype = group["ns_dtype"]
+        # scale and NorMuon go by stored shape; Newton–Schulz by the wide 2-D shape it
+        # iterates on (its result is orientation-equivariant: polar(U^T) = polar(U)^T), so
+        # (A, B) and (B, A) matrices are orthogonalized in one batch
         by_shape: dict[tuple, list[int]] = {}
+        by_ns: dict[tuple, list[int]] = {}
         for i, p in enumerate(ps):
             by_shape.setdefault((p.shape, p.dtype, p.device), []).append(i)
+            by_ns.setdefault((wide_shape(p.shape), p.dtype, p.device), []).append(i)
         if wd != 0:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
-        order = [i for idx in by_shape.values() for i in idx]
+        order = [i for idx in by_ns.values() for i in idx]
         owner_of = dict(zip(order, self.distributor.owners([ps[i].shape for i in order]),
                             strict=True))
 
         transposed = bool(group.get("transposed", False))  # state dicts from before the key
 
         def orthogonalize(i_list: list[int], U: Tensor) -> Tensor:
-            """Newton–Schulz of the stacked updates, in the weights' logical (out, in)
-            orientation; returned in the stored orientation."""
-            shape, pdtype, device = ps[i_list[0]].shape, ps[i_list[0]].dtype, U.device
-            ns_dtype = dtype or (torch.bfloat16 if device.type == "cuda" else
-                                 torch.float64 if pdtype == torch.float64 else torch.float32)
-            U = U.reshape(len(i_list), shape[0], -1)
+            """Newton–Schulz of the stacked wide updates ``U`` of ``ps[i_list]``."""
+            pdtype = ps[i_list[0]].dtype
             with self.timings.measure("precondition"):
-                O = self._newton_schulz(U.mT if transposed else U, group["ns_steps"],
-                                        group["ns_coefficients"], group["eps"],
-                                        dtype=ns_dtype, gram=group["gram"],
-                                        gram_restarts=group["gram_restarts"]).to(pdtype)
-            return O.mT if transposed else O
+                return self._newton_schulz(U, group["ns_steps"], group["ns_coefficients"],
+                                           group["eps"],
+                                           dtype=dtype or default_ns_dtype(U.device, pdtype),
+                                           gram=group["gram"],
+                                           gram_restarts=group["gram_restarts"]).to(pdtype)
 
-        directions = self.distributor.directions(ps, upd, owner_of, by_shape, orthogonalize)
+        directions = self.distributor.directions(ps, upd, owner_of, by_ns, orthogonalize)
         if group["normalize"] == "neuron":
             self._normalize_neurons(group, ps, directions, by_shape, transposed)
         for shape, idx in ((k[0], v) for k, v in by_shape.items()):

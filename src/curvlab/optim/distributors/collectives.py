@@ -18,6 +18,7 @@ their upper triangles, packed into buckets; :func:`curvlab.distributed.all_reduc
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -168,13 +169,19 @@ def sharded_rows(fn: Callable[[dict[str, Tensor]], None], state: dict[str, Tenso
     share_rows([(state[k], owners) for k in keys], group, timings)
 
 
-def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a DTensor (an FSDP2 / tensor-parallel shard)."""
+@functools.cache
+def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+        return None
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 / tensor-parallel shard)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local_tensor(t: Tensor) -> Tensor:

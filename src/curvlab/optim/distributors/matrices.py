@@ -36,10 +36,30 @@ from curvlab.optim.distributors.collectives import (
     share_rows,
 )
 
-__all__ = ["MatrixDistributor", "RowShardedMatrices", "matrix_distributor"]
+__all__ = ["MatrixDistributor", "RowShardedMatrices", "matrix_distributor", "wide_shape"]
 
-# (indices of stacked matrices of one shape, their stacked updates) -> orthogonalized
+# (indices of matrices of one wide shape, their stacked wide updates) -> orthogonalized
 Orthogonalize = Callable[[list[int], Tensor], Tensor]
+
+
+def wide_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """The 2-D shape Newton–Schulz iterates on for a ``shape`` parameter: its
+    ``(rows, prod(rest))`` matrix, transposed if tall (see :func:`as_wide`)."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    return (min(rows, cols), max(rows, cols))
+
+
+def as_wide(t: Tensor) -> Tensor:
+    """``t`` as a wide matrix: ``(rows, prod(rest))``, transposed if it has more rows than
+    columns (a view where possible); :func:`from_wide` undoes it."""
+    m = t.reshape(t.shape[0], -1)
+    return m.mT if m.shape[0] > m.shape[1] else m
+
+
+def from_wide(o: Tensor, shape: Sequence[int]) -> Tensor:
+    """The inverse of :func:`as_wide` for a tensor of ``shape``."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    return (o.mT if rows > cols else o).reshape(shape)
 
 
 def matrix_distributor(process_group: Any, params: Sequence[Tensor],
@@ -78,18 +98,24 @@ class MatrixDistributor:
     def directions(self, ps: list[Tensor], upd: list[Tensor], owner_of: dict[int, int],
                    by_shape: dict[tuple, list[int]], orthogonalize: Orthogonalize
                    ) -> dict[int, Tensor]:
-        """``i ->`` this rank's part of the orthogonalized update of ``ps[i]``."""
-        out, parts = {}, []
-        for (shape, _, _), idx in by_shape.items():
+        """``i ->`` this rank's part of the orthogonalized update of ``ps[i]``;
+        ``by_shape``: the matrices of each wide shape (:func:`wide_shape`), stacked."""
+        parts = []
+        for (wide, _, _), idx in by_shape.items():
             mine = [j for j, i in enumerate(idx) if owner_of[i] == self.rank]
-            O = torch.empty(len(idx), *shape, dtype=ps[idx[0]].dtype, device=upd[idx[0]].device)
-            if mine:
-                U = torch.stack([upd[idx[j]] for j in mine])
-                O[mine] = orthogonalize([idx[j] for j in mine], U).reshape(len(mine), *shape)
-            parts.append((O, [owner_of[i] for i in idx]))
-            out.update(zip(idx, O.unbind(0), strict=True))
-        share_rows(parts, self.process_group, self.timings)
-        return out
+            if len(mine) == len(idx):  # all ours (one process): no rows to share
+                O = orthogonalize(idx, torch.stack([as_wide(upd[i]) for i in idx]))
+            else:
+                O = torch.empty(len(idx), *wide, dtype=ps[idx[0]].dtype,
+                                device=upd[idx[0]].device)
+                if mine:
+                    O[mine] = orthogonalize([idx[j] for j in mine],
+                                            torch.stack([as_wide(upd[idx[j]]) for j in mine]))
+            parts.append((O, idx))
+        share_rows([(O, [owner_of[i] for i in idx]) for O, idx in parts], self.process_group,
+                   self.timings)
+        return {i: from_wide(o, ps[i].shape) for O, idx in parts
+                for i, o in zip(idx, O.unbind(0), strict=True)}
 
 
 class RowShardedMatrices(MatrixDistributor):
@@ -118,10 +144,10 @@ class RowShardedMatrices(MatrixDistributor):
         for idx in by_shape.values():
             mine = [i for i in idx if owner_of[i] == me]
             if mine:
-                U = torch.stack([full[order.index(i)] for i in mine])
+                U = torch.stack([as_wide(full[order.index(i)]) for i in mine])
                 O = orthogonalize(mine, U)
-                results.update({order.index(i): o.reshape(full[order.index(i)].shape).to(xdtype)
-                                for i, o in zip(mine, O.unbind(0), strict=True)})
+                results.update({order.index(i): from_wide(o, full[order.index(i)].shape)
+                                .to(xdtype) for i, o in zip(mine, O.unbind(0), strict=True)})
         with self.timings.measure("communication"):
             shards = _dist.scatter_rows_from_owners(results, rows,
                                                     [owner_of[i] for i in order],
