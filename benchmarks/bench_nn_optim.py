@@ -16,11 +16,17 @@ Tasks (CPU, float32, one thread), from ``curvlab.bench.nn``:
 Optimizers: the entries of ``curvlab.bench.optimizers.REGISTRY`` (factory + declared lr
 grid per task) except those that take ``step(closure, batch=...)`` (Hessian-free, natural
 gradient: ``bench_curvature_optim.py``): torch AdamW / SGD (Nesterov) / Muon (+ AdamW for
-non-matrix parameters, match_rms_adamw), curvlab Shampoo / SOAP / Muon / K-FAC / EKFAC,
-SAM around SGD (digits only; two forward-backward passes per step: compare its wall time,
-not its steps), pytorch-optimizer SOAP / Shampoo / ScalableShampoo and heavyball SOAP
-(uncompiled) when installed; kfac-pytorch and Distributed Shampoo are reported as skipped
-when missing.
+non-matrix parameters, match_rms_adamw), curvlab Shampoo / SOAP / KL-Shampoo / KL-SOAP /
+PSGD-Kron / Muon (quintic, Polar Express, Polar Express through Gram Newton-Schulz,
+NorMuon) / K-FAC / EKFAC, SAM around SGD (digits only; two forward-backward passes per
+step: compare its wall time, not its steps), and the installed peers: pytorch-optimizer
+SOAP / Shampoo / ScalableShampoo / Kron (PSGD) / Muon / Muon+PolarExpress / NorMuon,
+heavyball SOAP / KL-Shampoo / KL-SOAP / PSGD-Kron (eager and, in the compiled session,
+compiled); kfac-pytorch and Distributed Shampoo are reported as skipped when missing.
+Peers without a grid on a task (heavyball, pytorch-optimizer's Muon family and Kron:
+trained on digits only) are step-timed there beside the curvlab optimizer of the same
+algorithm ("timed only" rows), so every curvlab step is compared with every installed
+implementation of its algorithm.
 
 Protocol (``curvlab.bench.tuning.TunedStudy``, every run a task of ``curvlab.bench``'s runner):
   1. tune: every lr of the grid with seed 0; pick the lr with the lowest mean evaluated loss
@@ -34,10 +40,12 @@ Protocol (``curvlab.bench.tuning.TunedStudy``, every run a task of ``curvlab.ben
      table: K-FAC's step needs the statistics of a forward pass, SAM's a closure); then the
      same with every optimizer that has a compiled variant (``OptimizerSpec.make_compiled``:
      curvlab Shampoo / SOAP with ``compile_step()``, curvlab Muon with ``compile=True``, torch
-     AdamW with ``torch.compile(opt.step)``, heavyball SOAP with ``compile_step=True`` and its
-     kernels compiled, also on the transformer tasks where it is not trained), in a session of
-     its own (``--no-compile``: skipped; with --quick skipped unless ``--compile``). Training
-     runs are eager.
+     AdamW and Muon with ``torch.compile(opt.step)``, heavyball's with ``compile_step=True``
+     and its kernels compiled, also on tasks where they are not trained), in a session of
+     its own (``--no-compile``: skipped; with --quick skipped unless ``--compile``); a
+     compiled variant that compiles again during the timed steps is reported with how
+     often, and an optimizer stops being stepped once its steps have taken 120 s.
+     Training runs are eager.
 --quick: seed 0 and the middle lr of each grid only (no tuning), short budgets.
 Columns: steps to target, wall time to target (forward + backward + step, evaluation
 excluded), final loss, optimizer step time -- each also as a ratio to AdamW -- the compiled
@@ -157,10 +165,11 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def print_table(rows: list[dict], step_s: dict[tuple[str, str], float],
                 compiled_s: dict[tuple[str, str], float] | None = None,
-                first_s: dict[tuple[str, str], float] | None = None) -> None:
+                first_s: dict[tuple[str, str], float] | None = None,
+                recompiled: dict[tuple[str, str], int] | None = None) -> None:
     """The table; ``compiled_s``: step times of the compiled variants (``first_s``: their
-    first step, i.e. compilation)."""
-    compiled_s, first_s = compiled_s or {}, first_s or {}
+    first step, i.e. compilation; ``recompiled``: timed steps that compiled anew)."""
+    compiled_s, first_s, recompiled = compiled_s or {}, first_s or {}, recompiled or {}
     header = (f"{'task':10s} {'optimizer':34s} {'lr':>7s} {'steps':>6s} {'/AdamW':>7s} "
               f"{'wall s':>7s} {'/AdamW':>7s} {'final':>7s} {'step ms':>8s} {'/AdamW':>7s} "
               f"{'compiled':>8s} {'/eager':>7s}")
@@ -184,6 +193,10 @@ def print_table(rows: list[dict], step_s: dict[tuple[str, str], float],
                   f" {_ratio(s, ref_s):>7s} {_fmt(c and c * 1e3, '8.3f'):>8s}"
                   f" {_ratio(c, s_beside):>7s}")
         trained = {r["method"] for r in trs}
+        for (p, method), s in step_s.items():  # timed only (peers not trained here)
+            if p == problem and method not in trained:
+                print(f"{problem:10s} {method:34s} {'(timed only: eager step)':>55s}"
+                      f" {s * 1e3:8.3f} {_ratio(s, ref_s):>7s} {'-':>8s} {'-':>7s}")
         for (p, method), c in compiled_s.items():  # timed only (not trained here)
             if p == problem and method not in trained and not method.endswith(EAGER):
                 print(f"{problem:10s} {method:34s} {'(timed only: compiled step)':>55s}"
@@ -205,9 +218,15 @@ def print_table(rows: list[dict], step_s: dict[tuple[str, str], float],
             extra = f"  first step {first:.1f}s" if first is not None else ""
             if peers:
                 best_s, best = min(peers)
+                again = recompiled.get((problem, best)) if label == "compiled" else None
+                if again:
+                    extra += f"  ({best} compiled anew at {again} timed steps)"
                 print(f"  {problem:10s} {method:22s} {t / best_s:5.2f}x  (vs {best}){extra}")
             elif extra:
                 print(f"  {problem:10s} {method:22s}    - (no peer timed){extra}")
+    for (problem, method), n in recompiled.items():
+        print(f"  compiled {method} on {problem}: compiled anew at {n} of its timed steps "
+              "(its guards fail every step: its compiled step time is mostly compilation)")
 
 
 # ------------------------------------------------------------------------------- main
@@ -251,11 +270,12 @@ def main() -> None:
     rows, (step_s, step_errors) = plan.rows(records), plan.step_times(records)
     compiled_s, compiled_errors = plan.step_times(records, compiled=True)
     first_s = plan.first_step_times(records)
+    recompiled = plan.recompilations(records)
     for p in plan.problems:
         print(f"{p.name}: target loss {plan.target(records, p):.4f}")
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread, seeds "
           f"{list(plan.seeds)}, total {time.perf_counter() - t_start:.0f}s\n")
-    print_table(rows, step_s, compiled_s, first_s)
+    print_table(rows, step_s, compiled_s, first_s, recompiled)
     for (problem, method), error in step_errors.items():
         print(f"  step time of {method} on {problem}: a step raised ({error[:120]})")
     for (problem, method), error in compiled_errors.items():
@@ -264,6 +284,7 @@ def main() -> None:
                "step_time_errors": {f"{p}/{m}": e for (p, m), e in step_errors.items()},
                "compiled_step_time_s": {f"{p}/{m}": v for (p, m), v in compiled_s.items()},
                "compiled_first_step_s": {f"{p}/{m}": v for (p, m), v in first_s.items()},
+               "compiled_recompiled_steps": {f"{p}/{m}": n for (p, m), n in recompiled.items()},
                "compiled_step_time_errors": {f"{p}/{m}": e
                                              for (p, m), e in compiled_errors.items()},
                "seeds": list(plan.seeds), "quick": args.quick, "torch": torch.__version__}

@@ -267,3 +267,67 @@ def test_compiled_step_time_session_times_each_compiled_variant_beside_its_eager
     assert set(study.step_times(records, compiled=True)[0]) == {
         ("toy", "torch.SGD"), ("toy", "torch.SGD [eager]"), ("toy", "global")}
     assert sorted(made) == [0.1, 0.2]
+
+
+def test_peers_of_a_curvlab_algorithm_are_step_timed_where_they_are_not_trained(
+        toy, tmp_path):
+    """Every curvlab step is compared with every installed implementation of its
+    algorithm: a peer trained elsewhere only (no grid here) is step-timed here, at its
+    first grid's middle lr; peers of algorithms no curvlab entry runs here are not."""
+    make_problem, _ = toy
+    made = []
+
+    def sgd_logged(m, lr, p):
+        made.append(lr)
+        return torch.optim.SGD(m.parameters(), lr=lr)
+
+    ours = OptimizerSpec("curvlab.X", _sgd, {"toy": (0.1,)}, "curvlab", "x")
+    peer = OptimizerSpec("peer.X", sgd_logged, {"other": (0.2, 0.3, 0.4)}, "peer", "x")
+    other = OptimizerSpec("peer.Y", sgd_logged, {"other": (0.5,)}, "peer", "y")
+    study = TunedStudy("nn", [make_problem()], [ADAMW, ours, peer, other], seeds=[0],
+                       step_time_rounds={"toy": 3})
+    records = run_stages(study.stages(), tmp_path)
+    assert set(study.step_times(records)[0]) == {
+        ("toy", "torch.AdamW"), ("toy", "curvlab.X"), ("toy", "peer.X")}
+    assert made == [0.3]  # built once, for the step time only (never trained here)
+    assert [r["method"] for r in study.rows(records)] == ["torch.AdamW", "curvlab.X"]
+
+
+class _CountingSGD(torch.optim.SGD):
+    """SGD whose step can pretend torch.compile compiled a frame (a failing guard)."""
+
+    def __init__(self, params, lr, recompile=False):
+        super().__init__(params, lr=lr)
+        self.recompile, self.calls = recompile, 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.recompile:
+            from torch._dynamo.utils import counters
+
+            counters["frames"]["ok"] += 1
+        return super().step(closure)
+
+
+def test_step_time_reports_recompiling_variants_and_stops_at_the_time_cap(toy):
+    make_problem, _ = toy
+    built = {}
+
+    def maker(name, recompile):
+        def make(m, lr, p):
+            built[name] = _CountingSGD(m.parameters(), lr, recompile)
+            return built[name]
+        return make
+
+    steady = OptimizerSpec("steady", maker("steady", False), {"toy": (0.1,)}, "peer", "x")
+    again = OptimizerSpec("again", maker("again", True), {"toy": (0.1,)}, "peer", "x")
+    recompiled = {}
+    times, errors = interleaved_step_times(make_problem(), [(steady, 0.1), (again, 0.1)],
+                                           rounds=12, recompiled=recompiled)
+    skip = 3  # min(5, rounds // 4): the warm-up rounds are not counted
+    assert recompiled == {"again": 12 - skip} and set(times) == {"steady", "again"}
+    assert not errors
+    times, _ = interleaved_step_times(make_problem(), [(steady, 0.1), (again, 0.1)],
+                                      rounds=12, max_seconds=0.0)
+    assert built["steady"].calls == built["again"].calls == 1  # stopped after the cap
+    assert set(times) == {"steady", "again"}  # timed on the step it made

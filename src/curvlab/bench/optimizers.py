@@ -68,7 +68,7 @@ class PairedOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for part in self.parts:
-            if isinstance(part, torch.optim.Optimizer):
+            if hasattr(part, "zero_grad"):  # (kfac-pytorch's preconditioner has none)
                 part.zero_grad(set_to_none)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> Any:
@@ -122,21 +122,6 @@ def _muon_compiled(m: nn.Module, lr: float, problem: str) -> Any:
 
     return Muon(muon_param_groups(m, lr=lr, adamw_lr=lr), lr=lr, adjust_lr="match_rms_adamw",
                 compile=True)
-
-
-def _hb_soap_compiled(m: nn.Module, lr: float, problem: str) -> Any:
-    """heavyball's SOAP compiled as heavyball means it (``compile_step=True`` and its
-    fused kernels on), in torch.compile's default mode: heavyball's own default,
-    "max-autotune-no-cudagraphs", benchmarks kernels at compile time (minutes on a CPU).
-    heavyball reads the mode from a module global at every call: the uncompiled entry sets
-    it to None, so the two never run in the same timing session (separate tasks)."""
-    import heavyball
-    import heavyball.utils
-
-    heavyball.utils.compile_mode = "default"
-    return heavyball.SOAP(m.parameters(), lr=lr, betas=SOAP_BETAS, weight_decay=0.0,
-                          precondition_frequency=_problem_freq(problem), compile_step=True,
-                          use_precond_schedule=False)
 
 
 def _sgd(m: nn.Module, lr: float, problem: str) -> Any:
@@ -195,6 +180,11 @@ def _torch_muon(m: nn.Module, lr: float, problem: str) -> Any:
         torch.optim.AdamW(rest["params"], lr=lr, weight_decay=0.0))
 
 
+def _torch_muon_compiled(m: nn.Module, lr: float, problem: str) -> Any:
+    muon, adamw = _torch_muon(m, lr, problem).parts
+    return PairedOptimizer(CompiledStep(muon), CompiledStep(adamw))
+
+
 def _psgd(m: nn.Module, lr: float, problem: str) -> Any:
     from curvlab.optim import PSGDKron
 
@@ -245,26 +235,52 @@ def _po_soap(m: nn.Module, lr: float, problem: str) -> Any:
                     precondition_frequency=_problem_freq(problem))
 
 
-def _hb_soap(m: nn.Module, lr: float, problem: str) -> Any:
-    import heavyball
-    import heavyball.utils
+def _heavyball(name: str, compiled: bool = False, soap_like: bool = False
+               ) -> Callable[[nn.Module, float, str], Any]:
+    """heavyball's ``name`` with weight decay off; ``soap_like``: SOAP's betas and this
+    problem's refresh frequency, no refresh schedule (as every Shampoo/SOAP entry here).
 
-    heavyball.utils.compile_mode = None
-    return heavyball.SOAP(m.parameters(), lr=lr, betas=SOAP_BETAS, weight_decay=0.0,
-                          precondition_frequency=_problem_freq(problem), compile_step=False,
-                          use_precond_schedule=False)
+    ``compiled``: as heavyball means it (``compile_step=True``, its fused kernels on), in
+    torch.compile's default mode: heavyball's own default, "max-autotune-no-cudagraphs",
+    benchmarks kernels at compile time (minutes on a CPU). heavyball reads the mode from a
+    module global at every call, so its eager and compiled entries never run in one
+    timing session (``compile_global``)."""
 
-
-def _hb_kl(name: str) -> Callable[[nn.Module, float, str], Any]:
     def make(m: nn.Module, lr: float, problem: str) -> Any:
         import heavyball
         import heavyball.utils
 
-        heavyball.utils.compile_mode = None
-        return getattr(heavyball, name)(
-            m.parameters(), lr=lr, betas=SOAP_BETAS, weight_decay=0.0,
-            precondition_frequency=_problem_freq(problem), compile_step=False,
-            use_precond_schedule=False)
+        heavyball.utils.compile_mode = "default" if compiled else None
+        extra: dict[str, Any] = {}
+        if soap_like:
+            extra = {"betas": SOAP_BETAS, "precondition_frequency": _problem_freq(problem),
+                     "use_precond_schedule": False}
+        return getattr(heavyball, name)(m.parameters(), lr=lr, weight_decay=0.0,
+                                        compile_step=compiled, **extra)
+    return make
+
+
+def _po_kron(m: nn.Module, lr: float, problem: str) -> Any:
+    from pytorch_optimizer import Kron
+
+    return Kron(m.parameters(), lr=lr)
+
+
+def _po_muon(cls: str = "Muon", **variant: Any) -> Callable[[nn.Module, float, str], Any]:
+    """pytorch-optimizer's Muon / NorMuon: Newton-Schulz on the matrices (``use_muon``),
+    its own AdamW on the rest (the split of :func:`curvlab.optim.muon_param_groups`)."""
+
+    def make(m: nn.Module, lr: float, problem: str) -> Any:
+        import pytorch_optimizer
+
+        from curvlab.optim import muon_param_groups
+
+        matrices, rest = muon_param_groups(m)[:2]
+        return getattr(pytorch_optimizer, cls)(
+            [{"params": matrices["params"], "use_muon": True},
+             {"params": rest["params"], "use_muon": False}],
+            lr=lr, adamw_lr=lr, adamw_wd=0.0, weight_decay=0.0, use_adjusted_lr=True,
+            **variant)
     return make
 
 
@@ -294,6 +310,10 @@ MUON_GRID = {"digits_mlp": (3e-3, 1e-2, 2e-2), "char_lm": (3e-3, 1e-2, 2e-2),
 # whitening steps ~sqrt((1 + b) / (1 - b)) = 4.4x Adam's at equal lr
 PSGD_GRID = {"digits_mlp": (3e-3, 1e-2, 3e-2), "char_lm": (3e-4, 1e-3, 3e-3),
              "gpt2": (3e-4, 1e-3, 3e-3)}
+# peers trained on digits only (timed on every task: TunedStudy's timed-only peers)
+PEER_GRID_ADAM = {"digits_mlp": ADAM_GRID["digits_mlp"]}
+PEER_GRID_MUON = {"digits_mlp": MUON_GRID["digits_mlp"]}
+PEER_GRID_PSGD = {"digits_mlp": PSGD_GRID["digits_mlp"]}
 KFAC_GRID = {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3),
              "gpt2": (0.03, 0.1, 0.3)}
 
@@ -337,18 +357,35 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("curvlab.SAM-SGD", _sam_sgd, {"digits_mlp": (0.03, 0.1, 0.3)}, "curvlab",
                   "sam", quick=False, note="2 forward-backward passes per step"),
     OptimizerSpec("torch.Muon", _torch_muon, MUON_GRID, "peer", "muon", quick=False,
-                  note="+ torch AdamW for non-matrix parameters"),
+                  note="+ torch AdamW for non-matrix parameters",
+                  make_compiled=_torch_muon_compiled),
+    OptimizerSpec("pytorch-optimizer.Muon", _po_muon(), PEER_GRID_MUON, "peer", "muon",
+                  requires="pytorch_optimizer", quick=False),
+    OptimizerSpec("pytorch-optimizer.Muon+PolarExpress", _po_muon(ns_coeffs="polar_express"),
+                  PEER_GRID_MUON, "peer", "muon-polar-express", requires="pytorch_optimizer",
+                  quick=False),
+    OptimizerSpec("pytorch-optimizer.NorMuon", _po_muon("NorMuon", ns_coeffs="polar_express"),
+                  PEER_GRID_MUON, "peer", "normuon", requires="pytorch_optimizer",
+                  quick=False),
     OptimizerSpec("pytorch-optimizer.SOAP", _po_soap, ADAM_GRID, "peer", "soap",
                   requires="pytorch_optimizer", quick=False),
-    # uncompiled heavyball costs ~20x AdamW's step on the transformer: digits only
-    OptimizerSpec("heavyball.SOAP", _hb_soap, {"digits_mlp": ADAM_GRID["digits_mlp"]}, "peer",
-                  "soap", requires="heavyball", quick=False, note="uncompiled",
-                  make_compiled=_hb_soap_compiled, compile_global=True),
-    OptimizerSpec("heavyball.KLShampoo", _hb_kl("KLShampoo"),
-                  {"digits_mlp": ADAM_GRID["digits_mlp"]}, "peer", "kl-shampoo",
-                  requires="heavyball", quick=False, note="uncompiled"),
-    OptimizerSpec("heavyball.KLSOAP", _hb_kl("KLSOAP"), {"digits_mlp": ADAM_GRID["digits_mlp"]},
-                  "peer", "kl-soap", requires="heavyball", quick=False, note="uncompiled"),
+    OptimizerSpec("pytorch-optimizer.Kron", _po_kron, PEER_GRID_PSGD, "peer", "psgd-kron",
+                  requires="pytorch_optimizer", quick=False),
+    # heavyball eager costs ~20-40x AdamW's step on the transformers: trained on digits,
+    # step-timed on the transformers (TunedStudy's timed-only peers)
+    OptimizerSpec("heavyball.SOAP", _heavyball("SOAP", soap_like=True), PEER_GRID_ADAM,
+                  "peer", "soap", requires="heavyball", quick=False, note="uncompiled",
+                  make_compiled=_heavyball("SOAP", True, soap_like=True), compile_global=True),
+    OptimizerSpec("heavyball.KLShampoo", _heavyball("KLShampoo", soap_like=True),
+                  PEER_GRID_ADAM, "peer", "kl-shampoo", requires="heavyball", quick=False,
+                  note="uncompiled", compile_global=True,
+                  make_compiled=_heavyball("KLShampoo", True, soap_like=True)),
+    OptimizerSpec("heavyball.KLSOAP", _heavyball("KLSOAP", soap_like=True), PEER_GRID_ADAM,
+                  "peer", "kl-soap", requires="heavyball", quick=False, note="uncompiled",
+                  make_compiled=_heavyball("KLSOAP", True, soap_like=True), compile_global=True),
+    OptimizerSpec("heavyball.PSGDKron", _heavyball("PSGDKron"), PEER_GRID_PSGD, "peer",
+                  "psgd-kron", requires="heavyball", quick=False, note="uncompiled",
+                  make_compiled=_heavyball("PSGDKron", True), compile_global=True),
     OptimizerSpec("pytorch-optimizer.Shampoo", _po_shampoo,
                   {"digits_mlp": (0.03, 0.1, 0.3), "char_lm": (0.03, 0.1, 0.3),
                    "gpt2": (0.03, 0.1, 0.3)}, "peer",

@@ -12,7 +12,11 @@ specs without one are left out) and, interleaved with it, its eager variant (nam
 ``name + " [eager]"``; not for ``compile_global`` specs, whose compilation is a
 process-wide switch), so that the compiled / eager ratio sees the same machine noise; the
 warm-up rounds absorb the compilation, whose cost shows in the first step's time
-(``metrics["first_step"]``).
+(``metrics["first_step"]``). A variant that compiles again during the timed rounds
+(guards that fail every step) is reported with how often (``metrics["recompiled"]``:
+timed steps during which torch.compile compiled a frame), and any optimizer whose steps
+have used ``max_seconds`` in all stops there (its median over the steps it made): a
+recompile at every step on a CPU costs tens of seconds, which must not hold up the rest.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ EAGER = " [eager]"  # suffix of the eager variants timed in a compiled session
 
 def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[OptimizerSpec, float]],
                            rounds: int, seed: int = 0, compiled: bool = False,
-                           first_step: dict[str, float] | None = None, device: str = "cpu"
+                           first_step: dict[str, float] | None = None, device: str = "cpu",
+                           recompiled: dict[str, int] | None = None,
+                           max_seconds: float = 120.0
                            ) -> tuple[dict[str, float], dict[str, str]]:
     """Median ``step()`` seconds of each ``(spec, lr)``, and the first error of each
     optimizer whose step raised (skipped rounds; e.g. K-FAC, whose step needs the forward
@@ -46,7 +52,10 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
     the times. ``compiled``: the specs' compiled variants; ``first_step``: filled with the
     seconds of each optimizer's first step (with ``compiled``: its compilation);
     ``device``: where the models live (an accelerator is synchronized around each timed
-    step, so the time is the step's work, not its launch)."""
+    step, so the time is the step's work, not its launch); ``recompiled``: filled with the
+    number of timed steps (after the warm-up) of each optimizer during which torch.compile
+    compiled a frame (recompilation; absent: none); ``max_seconds``: an optimizer whose
+    steps have taken this long in all is not stepped again."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     for spec, _ in entries:
@@ -72,12 +81,19 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
         runs.append((spec.name, opt, model, grads))
     times: dict[str, list[float]] = {name: [] for name, *_ in runs}
     errors: dict[str, str] = {}
+    skip = min(5, rounds // 4)
+    from torch._dynamo.utils import counters  # (torch._dynamo is imported lazily)
+
+    frames = counters["frames"]
     for r in range(rounds):
         for name, opt, model, grads in runs:
+            if times[name] and sum(times[name]) >= max_seconds:
+                continue
             saved = [p.detach().clone() for p in model.parameters()]
             for p, g in zip(model.parameters(), grads, strict=True):
                 p.grad = g.clone()
             sync()
+            compiled_frames = frames["ok"]
             t0 = time.perf_counter()
             try:
                 opt.step()
@@ -86,14 +102,16 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
                 errors.setdefault(name, f"round {r}: {type(err).__name__}: {err}")
                 continue
             times[name].append(time.perf_counter() - t0)
+            if recompiled is not None and len(times[name]) > skip \
+                    and frames["ok"] > compiled_frames:
+                recompiled[name] = recompiled.get(name, 0) + 1
             if r == 0 and first_step is not None:
                 first_step[name] = times[name][0]
             if r % 10 == 9:
                 with torch.no_grad():
                     for p, s in zip(model.parameters(), saved, strict=True):
                         p.copy_(s)
-    skip = min(5, rounds // 4)
-    medians = {name: statistics.median(ts[skip:]) for name, ts in times.items() if ts[skip:]}
+    medians = {name: statistics.median(ts[skip:] or ts) for name, ts in times.items() if ts}
     return medians, errors
 
 
@@ -101,15 +119,19 @@ def step_time_task(problem: NNProblem, entries: Sequence[tuple[OptimizerSpec, fl
                    rounds: int, compiled: bool = False, device: str = "cpu") -> Task:
     """One runner task measuring every ``(spec, lr)`` of ``entries`` together (``compiled``:
     their compiled variants); its record holds ``metrics["times"]`` (method -> seconds),
-    ``metrics["errors"]`` (method -> first error) and ``metrics["first_step"]`` (method ->
-    seconds of the first step)."""
+    ``metrics["errors"]`` (method -> first error), ``metrics["first_step"]`` (method ->
+    seconds of the first step) and ``metrics["recompiled"]`` (method -> timed steps that
+    compiled anew)."""
 
     def fn(progress: Callable[[float], None]) -> dict[str, Any]:
         first: dict[str, float] = {}
+        recompiled: dict[str, int] = {}
         times, errors = interleaved_step_times(problem, entries, rounds, compiled=compiled,
-                                               first_step=first, device=device)
+                                               first_step=first, device=device,
+                                               recompiled=recompiled)
         progress(1.0)
-        return {"metrics": {"times": times, "errors": errors, "first_step": first}}
+        return {"metrics": {"times": times, "errors": errors, "first_step": first,
+                            "recompiled": recompiled}}
 
     lrs = ";".join(f"{spec.name}@{lr:g}" for spec, lr in entries
                    if not compiled or spec.make_compiled is not None)

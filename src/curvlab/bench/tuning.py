@@ -87,8 +87,7 @@ class TunedStudy:
     target_fraction: float = 0.75
     step_time_rounds: Mapping[str, int] = field(default_factory=dict)  # problem -> rounds
     #: also time the compiled variants (a second step-time task per problem); specs with a
-    #: compiled variant but no grid on a problem are timed there at their first grid's
-    #: middle lr (step time hardly depends on lr), so compile-first peers are compared
+    #: compiled variant but no grid on a problem are timed there (``_timed_only``)
     compiled_step_time: bool = False
     time_budget: float = math.inf
     device: str = "cpu"
@@ -130,6 +129,26 @@ class TunedStudy:
         best = min(grid, key=lambda lr: (aucs[lr], _final(tuned[lr])))
         return best, aucs
 
+    def _timed_only(self, problem: NNProblem, entries: list[tuple[OptimizerSpec, float]],
+                    compiled: bool) -> list[tuple[OptimizerSpec, float]]:
+        """Specs step-timed on ``problem`` without being trained there (no grid on it), at
+        the middle lr of their first grid (step time hardly depends on lr): the peers of an
+        algorithm a curvlab entry runs there, so every curvlab step is compared with every
+        installed implementation of its algorithm; with ``compiled``, also every spec with
+        a compiled variant (compile-first peers)."""
+        named = {s.name for s, _ in entries}
+        ours = {s.algorithm for s, _ in entries if s.family == "curvlab"}
+        extra = []
+        for s in self.specs:
+            if s.name in named or s.grid(problem.name) or not s.lrs:
+                continue
+            wanted = (s.make_compiled is not None) if compiled else (
+                s.family == "peer" and s.algorithm in ours)
+            if wanted:
+                grid = next(iter(s.lrs.values()))
+                extra.append((s, grid[len(grid) // 2]))
+        return extra
+
     def stages(self) -> list[Stage]:
         """Tune (first seed, whole grid), evaluate (chosen lr, other seeds), step time."""
 
@@ -152,16 +171,14 @@ class TunedStudy:
                     continue
                 entries = [(s, chosen[0]) for q, s, _ in self._pairs() if q is p
                            and (chosen := self.chosen_lr(records, p, s)) is not None]
+                eager = entries + self._timed_only(p, entries, compiled=False)
                 if entries:
-                    tasks.append(steptime.step_time_task(p, entries,
+                    tasks.append(steptime.step_time_task(p, eager,
                                                          self.step_time_rounds[p.name],
                                                          device=self.device))
                 if not self.compiled_step_time:
                     continue
-                named = {s.name for s, _ in entries}
-                extra = [(s, next(iter(s.lrs.values()))[len(next(iter(s.lrs.values()))) // 2])
-                         for s in self.specs if s.make_compiled is not None
-                         and s.name not in named and not s.grid(p.name) and s.lrs]
+                extra = self._timed_only(p, entries, compiled=True)
                 compiled = [(s, lr) for s, lr in entries + extra if s.make_compiled is not None]
                 if compiled:
                     tasks.append(steptime.step_time_task(p, compiled,
@@ -224,6 +241,13 @@ class TunedStudy:
                 errors.update({(r["problem"], m): e
                                for m, e in r["metrics"].get("errors", {}).items()})
         return times, errors
+
+    def recompilations(self, records: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
+        """``(problem, method) -> timed steps`` of a compiled variant that compiled anew
+        (guards failing at every step make the compiled step time a compile time)."""
+        return {(r["problem"], m): n for r in records
+                if r["suite"] == steptime.SUITE and r["config"].get("compiled")
+                and r["status"] == "ok" for m, n in r["metrics"].get("recompiled", {}).items()}
 
     def first_step_times(self, records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
         """``(problem, method) -> seconds`` of the first (compiling) step of each compiled
