@@ -178,3 +178,16 @@ def test_tied_weights_stay_tied_in_evaluations():
     before = model.scale.clone()
     Objective(model, loss_fn, (x, y), train=True).loss()
     assert torch.equal(model.scale, before) and model.mid.scale is model.scale
+
+
+def test_train_mode_calls_seed_only_the_cpu_generator(monkeypatch):
+    """The fixed per-batch Dropout stream is set on the CPU generator itself:
+    ``torch.manual_seed`` (which also queues a lazy seed, with a stack trace, for every
+    accelerator backend) is not called per model call."""
+    model, loss_fn, X, y = _problem()
+    obj = Objective(model, loss_fn, (X, y), train=True)
+    real, calls = torch.manual_seed, []
+    monkeypatch.setattr(torch, "manual_seed", lambda s: calls.append(s) or real(s))
+    a, b = obj.loss(), obj.loss_and_grad()[0]
+    assert calls == []
+    assert torch.equal(a, b)  # still one fixed mask

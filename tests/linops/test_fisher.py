@@ -217,3 +217,29 @@ def test_bce_fisher_exact_and_mc(reduction):
     assert sigma > 0.1 * float(F.norm())
     with pytest.raises(ValueError, match="pos_weight"):
         FisherOperator(model, nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), data)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ggn_bce_closed_form_output_hessian(reduction, monkeypatch):
+    """GGN of BCEWithLogitsLoss (no weights): the output Hessian sigma (1 - sigma) is
+    applied in closed form (no double backward through the loss), and equals the truth;
+    with pos_weight (target-dependent Hessian) the double-backward path stays."""
+    import curvlab.linops.ggn as ggn_mod
+
+    model = mlp()
+    X = inputs_for("mlp")
+    y = torch.rand((X.shape[0], 3), generator=torch.Generator().manual_seed(1),
+                   dtype=torch.float64)
+    loss_fn = nn.BCEWithLogitsLoss(reduction=reduction)
+    truth = Truth(model, loss_fn, X, y)
+    calls = []
+    real = ggn_mod.hvp_fn
+    monkeypatch.setattr(ggn_mod, "hvp_fn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    G = GGNOperator(model, loss_fn, as_data(X, y, "list")).to_dense()
+    assert rel_err(G, truth.ggn()) < 1e-10
+    assert calls == []
+    weighted = nn.BCEWithLogitsLoss(reduction=reduction, pos_weight=torch.full((3,), 2.0,
+                                                                                dtype=torch.float64))
+    Gw = GGNOperator(model, weighted, as_data(X, y, "list")).to_dense()
+    assert rel_err(Gw, Truth(model, weighted, X, y).ggn()) < 1e-10
+    assert calls

@@ -226,7 +226,41 @@ def test_backtracking_walks_back_while_the_loss_decreases(order, chosen):
     def scripted(B, g, x0, Minv):
         saved, iters = real_cg(B, g, x0, Minv)
         newton = saved[-1][1]
-        return [(i + 1, t * newton) for i, t in enumerate(order)], iters
+        return [(i + 1, t * newton, float(g @ (t * newton) + 0.5 * (t * newton) @ B(t * newton)))
+                for i, t in enumerate(order)], iters
     opt._cg = scripted
     opt.step(batch=(X, Y))
     assert opt.stats()["chosen_iterate"] == chosen
+
+
+def test_a_step_costs_one_product_per_cg_iteration_plus_the_warm_start():
+    """The Gauss-Newton products of a step: one per CG iteration, one for the residual of
+    the warm start (none from zero), none for rho (phi of the chosen iterate comes from
+    CG's residual recurrence) -- and rho is the same as with phi recomputed."""
+    model, lf, X, y = small_problem(9)
+    opt = HessianFree(model, lf, curvature_batch_size=None)
+    counts, real = [], opt._gn_product
+
+    def counting(Xc, yc):
+        mv = real(Xc, yc)
+        counts.append(0)
+
+        def wrapped(v):
+            counts[-1] += 1
+            return mv(v)
+        return wrapped
+    opt._gn_product = counting
+    G, g = dense_gn(model, lf, X, y)
+    for k in range(3):
+        lam = opt.damping
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        with torch.no_grad():
+            f0 = float(lf(model(X), y))
+        opt.step(batch=(X, y))
+        s = opt.stats()
+        assert counts[-1] == s["cg_iterations"] + (k > 0)
+        if k == 0:  # the dense phi of the step taken (alpha = 1) reproduces rho
+            assert s["alpha"] == 1.0
+            d = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - theta
+            phi = float(g @ d + 0.5 * d @ (G + lam * torch.eye(len(d), dtype=D64)) @ d)
+            assert s["rho"] == pytest.approx((s["new_loss"] - f0) / phi, rel=1e-6)

@@ -109,11 +109,15 @@ def loss_term_scale(objective: Objective, weight: float, outputs: torch.Tensor,
 def canonical_fisher(objective: Objective, weight: float, outputs: torch.Tensor,
                      targets: Any = None) -> OutputMatrix:
     """``U -> c Lambda U`` with the output-space Fisher of cross-entropy (``diag(p) -
-    p p^T`` per position, ``p = softmax`` over dim 1) or of MSE (``2 I``) and ``c`` the
+    p p^T`` per position, ``p = softmax`` over dim 1), of MSE (``2 I``) or of
+    ``BCEWithLogitsLoss`` (``diag(sigma(z) (1 - sigma(z)))`` per element) and ``c`` the
     per-term weights of :func:`loss_term_scale` (ignored targets weigh 0, class weights
     scale their term); for these canonical-link losses it is also the loss Hessian
     (Martens 2020, sec. 9.2), class weights and ``ignore_index`` included."""
     scale = loss_term_scale(objective, weight, outputs, targets)
+    if isinstance(objective.loss_fn, nn.BCEWithLogitsLoss):
+        lam = scale * torch.sigmoid(outputs) * torch.sigmoid(-outputs)
+        return lambda U: lam * U
     if _is_cross_entropy(objective):
         p = outputs.softmax(dim=1)
         return lambda U: scale * (p * U - p * (p * U).sum(dim=2, keepdim=True))
@@ -121,12 +125,16 @@ def canonical_fisher(objective: Objective, weight: float, outputs: torch.Tensor,
 
 
 def has_canonical_hessian(objective: Objective, targets: Any) -> bool:
-    """Whether :func:`canonical_fisher` is exactly the Hessian of ``loss_fn``: MSE, or
+    """Whether :func:`canonical_fisher` is exactly the Hessian of ``loss_fn``: MSE,
+    ``BCEWithLogitsLoss`` without ``weight`` / ``pos_weight`` (its Hessian in the logits,
+    ``sigma (1 - sigma)``, does not depend on the targets; both weights would make it), or
     cross-entropy on class indices (class weights, ``ignore_index`` and label smoothing
     keep the per-term Hessian ``c_t (diag(p) - p p^T)``)."""
     loss_fn = objective.loss_fn
     if isinstance(loss_fn, nn.MSELoss):
         return True
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return loss_fn.weight is None and loss_fn.pos_weight is None
     return (_is_cross_entropy(objective) and isinstance(targets, torch.Tensor)
             and not torch.is_floating_point(targets))
 

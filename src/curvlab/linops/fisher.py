@@ -156,12 +156,7 @@ class FisherOperator(OutputSpaceOperator):
     def _output_matrix(self, index: int, weight: float, outputs: torch.Tensor,
                        targets: Any) -> OutputMatrix:
         obj = self.objective
-        bce = isinstance(obj.loss_fn, nn.BCEWithLogitsLoss)
         if self.mode == "exact":
-            if bce:  # Lambda = diag(sigma (1 - sigma)) per element
-                lam = loss_term_scale(obj, weight, outputs, targets) * \
-                    torch.sigmoid(outputs) * torch.sigmoid(-outputs)
-                return lambda U: lam * U
             return canonical_fisher(obj, weight, outputs, targets)
         scale = loss_term_scale(obj, weight, outputs, targets)
         gen = torch.Generator(device=outputs.device).manual_seed(self.seed + index)
