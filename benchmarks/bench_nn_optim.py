@@ -44,7 +44,7 @@ Protocol (``curvlab.bench.tuning.TunedStudy``, every run a task of ``curvlab.ben
      and its kernels compiled, also on tasks where they are not trained), in a session of
      its own (``--no-compile``: skipped; with --quick skipped unless ``--compile``); a
      compiled variant that compiles again during the timed steps is reported with how
-     often, and an optimizer stops being stepped once its steps have taken 120 s.
+     often, and an optimizer stops being stepped once its steps have taken 60 s.
      Training runs are eager.
 --quick: seed 0 and the middle lr of each grid only (no tuning), short budgets.
 Columns: steps to target, wall time to target (forward + backward + step, evaluation

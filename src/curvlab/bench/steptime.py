@@ -44,7 +44,7 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
                            rounds: int, seed: int = 0, compiled: bool = False,
                            first_step: dict[str, float] | None = None, device: str = "cpu",
                            recompiled: dict[str, int] | None = None,
-                           max_seconds: float = 120.0
+                           max_seconds: float = 60.0
                            ) -> tuple[dict[str, float], dict[str, str]]:
     """Median ``step()`` seconds of each ``(spec, lr)``, and the first error of each
     optimizer whose step raised (skipped rounds; e.g. K-FAC, whose step needs the forward
