@@ -39,7 +39,8 @@ Protocol (``curvlab.bench.tuning.TunedStudy``, every run a task of ``curvlab.ben
      (``curvlab.bench.steptime``; "-" where the steps raised, the error printed under the
      table: K-FAC's step needs the statistics of a forward pass, SAM's a closure); then the
      same with every optimizer that has a compiled variant (``OptimizerSpec.make_compiled``:
-     curvlab Shampoo / SOAP with ``compile_step()``, curvlab Muon with ``compile=True``, torch
+     curvlab Shampoo / SOAP / KL-Shampoo / KL-SOAP with ``compile_step()``, curvlab Muon with
+     ``compile=True``, torch
      AdamW and Muon with ``torch.compile(opt.step)``, heavyball's with ``compile_step=True``
      and its kernels compiled, also on tasks where they are not trained), in a session of
      its own (``--no-compile``: skipped; with --quick skipped unless ``--compile``); a

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.optim import SOAP, Shampoo
+from curvlab.optim import KLSOAP, SOAP, KLShampoo, Shampoo
 from curvlab.optim.adam import AdamConfig, adam_step_
 from curvlab.optim.base import apply_update_
 from curvlab.optim.compiled import StepCompiler, inductor_available
@@ -134,7 +134,10 @@ def test_compiled_adam_step_equals_eager_without_recompiling_per_step():
     (Shampoo, dict(lr=1e-2, precondition_frequency=3, start_preconditioning_step=2,
                    weight_decay=0.1)),
     (SOAP, dict(lr=1e-2, precondition_frequency=3, weight_decay=0.1)),
-], ids=["shampoo", "soap"])
+    # the KL fits: their statistics switch to IEEE float32 around the compiled call
+    (KLShampoo, dict(lr=1e-2, precondition_frequency=3, weight_decay=0.1)),
+    (KLSOAP, dict(lr=1e-2, precondition_frequency=3, weight_decay=0.1)),
+], ids=["shampoo", "soap", "kl-shampoo", "kl-soap"])
 def test_compiled_step_equals_eager_and_resumes_both_ways(cls, kwargs):
     """8 steps (refreshes at 2, 5, 8 for Shampoo; 1, 4, 7 for SOAP): compiled == eager,
     graphs stop growing; then the eager state continues in the compiled optimizer (the same
@@ -164,3 +167,32 @@ def test_compiled_step_equals_eager_and_resumes_both_ways(cls, kwargs):
     _close(eager, comp)
     _close(eager, c2e)
     assert _graphs() == graphs, "loading a state dict recompiled"
+
+
+@pytest.mark.parametrize("cls,ieee", [(KLSOAP, True), (KLShampoo, True), (SOAP, False)])
+def test_compiled_step_of_the_kl_fits_runs_in_ieee_float32(cls, ieee):
+    """The KL fits' statistics run in IEEE float32 (``high_precision_matmul``), which
+    dynamo cannot trace: the compiled per-step update is called inside the switch (SOAP's,
+    whose eager step makes no switch there, is not). The compiled function is replaced by
+    a recorder of the matmul precision it would run under."""
+    mkldnn = torch.backends.mkldnn.matmul
+    seen = []
+
+    class Recorder(StepCompiler):
+        def __call__(self, fn, key=None):
+            def run(*args):
+                if key[0] == "blocks":  # the blocks' per-step update (not the Adam parts)
+                    seen.append(mkldnn.fp32_precision)
+                return fn(*args)
+            return run
+
+    model = _model()
+    opt = cls(model.parameters(), lr=1e-2, precondition_frequency=3)
+    opt._step_compiler = Recorder()  # (what compile_step installs, minus compilation)
+    before = mkldnn.fp32_precision
+    mkldnn.fp32_precision = "bf16"  # a user's reduced precision
+    try:
+        _train(model, opt, 3)
+    finally:
+        mkldnn.fp32_precision = before
+    assert seen and set(seen) == {"ieee" if ieee else "bf16"}

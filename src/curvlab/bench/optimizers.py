@@ -109,12 +109,12 @@ def _adamw_compiled(m: nn.Module, lr: float, problem: str) -> Any:
     return CompiledStep(_adamw(m, lr, problem))
 
 
-def _shampoo_compiled(m: nn.Module, lr: float, problem: str) -> Any:
-    return _shampoo(m, lr, problem).compile_step()
-
-
-def _soap_compiled(m: nn.Module, lr: float, problem: str) -> Any:
-    return _soap(m, lr, problem).compile_step()
+def _compiled(make: Callable[[nn.Module, float, str], Any]
+              ) -> Callable[[nn.Module, float, str], Any]:
+    """A curvlab entry with ``compile_step()``."""
+    def make_compiled(m: nn.Module, lr: float, problem: str) -> Any:
+        return make(m, lr, problem).compile_step()
+    return make_compiled
 
 
 def _muon_compiled(m: nn.Module, lr: float, problem: str) -> Any:
@@ -324,14 +324,15 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                                       "char_lm": (0.1, 0.3, 1.0), "gpt2": (0.1, 0.3, 1.0)},
                   "baseline", "sgd"),
     OptimizerSpec("curvlab.Shampoo", _shampoo, ADAM_GRID, "curvlab", "shampoo",
-                  make_compiled=_shampoo_compiled),
+                  make_compiled=_compiled(_shampoo)),
     OptimizerSpec("curvlab.SOAP", _soap, ADAM_GRID, "curvlab", "soap",
-                  make_compiled=_soap_compiled),
+                  make_compiled=_compiled(_soap)),
     OptimizerSpec("curvlab.Muon", _muon, MUON_GRID, "curvlab", "muon",
                   make_compiled=_muon_compiled),
     OptimizerSpec("curvlab.KLShampoo", _kl_shampoo, ADAM_GRID, "curvlab", "kl-shampoo",
-                  quick=False),
-    OptimizerSpec("curvlab.KLSOAP", _kl_soap, ADAM_GRID, "curvlab", "kl-soap", quick=False),
+                  quick=False, make_compiled=_compiled(_kl_shampoo)),
+    OptimizerSpec("curvlab.KLSOAP", _kl_soap, ADAM_GRID, "curvlab", "kl-soap", quick=False,
+                  make_compiled=_compiled(_kl_soap)),
     OptimizerSpec("curvlab.PSGDKron", _psgd, PSGD_GRID, "curvlab", "psgd-kron"),
     # Muon variants (issue 19): Polar Express coefficients; the same through Gram
     # Newton-Schulz (equal in exact arithmetic: one algorithm, two implementations); NorMuon

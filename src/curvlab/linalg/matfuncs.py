@@ -102,9 +102,12 @@ def high_precision_matmul() -> Iterator[None]:
     """Force IEEE float32 matmuls (no TF32 / bf16 reduced precision) inside the block.
 
     Re-entrant: a nested context is free, so a caller can wrap a loop of matrix functions
-    once instead of paying the switch per call.
+    once instead of paying the switch per call. Inside a region ``torch.compile`` traces it
+    does nothing (dynamo cannot trace the switch): the caller of the compiled function makes
+    the switch around the call (``high_precision_step`` of the blocked preconditioners), and
+    the compiled matmuls (aten kernels) read it when they run.
     """
-    if _HIGH_PRECISION_DEPTH[0]:
+    if _HIGH_PRECISION_DEPTH[0] or torch.compiler.is_compiling():
         yield
         return
     backends = _precision_backends()

@@ -120,9 +120,9 @@ class _KLFactors:
 
     #: step t preconditions with the statistics of steps < t (the authors' order)
     statistics_after_precondition = True
-    #: no compiled step: the whitened statistics run in IEEE float32
-    #: (``high_precision_matmul``), whose precision switch dynamo cannot trace
-    compilable = False
+    #: the whitened statistics run in IEEE float32 (``high_precision_matmul``), also in the
+    #: compiled step (the switch is made around the compiled call: dynamo cannot trace it)
+    high_precision_step = True
     hyperparameters = {**SOAP.hyperparameters, "init_factor": finite_positive,
                        "damping": finite_nonnegative, "max_inverse_sqrt": finite_positive,
                        "start_preconditioning_step": lambda n: None if n == 1 else

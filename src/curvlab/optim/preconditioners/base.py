@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from curvlab import distributed as _dist
+from curvlab.linalg.matfuncs import high_precision_matmul
 from curvlab.optim.base import (
     CurvlabOptimizer,
     apply_update_,
@@ -89,6 +91,9 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
     #: True for a purely diagonal method: every parameter uses the diagonal hooks
     diagonal_only = False
     compilable = True
+    #: the compiled per-step update runs inside ``high_precision_matmul`` (IEEE float32
+    #: matmuls), for hooks that switch to it themselves in the eager step
+    high_precision_step = False
 
     def __init__(self, params: Any, defaults: dict[str, Any], nonfinite: str = "skip",
                  factor_dtype: torch.dtype | None = None,
@@ -172,7 +177,8 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
         if not due and self._step_compiler is not None:
             fn = self._step_compiler(type(self)._statistics_and_direction,
                                      ("blocks", tuple(G.shape), G.dtype, G.device))
-            return fn(self, group, st, G, step)
+            with high_precision_matmul() if self.high_precision_step else nullcontext():
+                return fn(self, group, st, G, step)
         if not self.statistics_after_precondition:
             self._update_statistics(group, st, G, step)
         if due and not self.refresh_after_precondition:
