@@ -167,9 +167,10 @@ def _ratio(a: float | None, b: float | None) -> str:
 def print_table(rows: list[dict], step_s: dict[tuple[str, str], float],
                 compiled_s: dict[tuple[str, str], float] | None = None,
                 first_s: dict[tuple[str, str], float] | None = None,
-                recompiled: dict[tuple[str, str], int] | None = None) -> None:
+                recompiled: dict[tuple[str, str], tuple[int, int]] | None = None) -> None:
     """The table; ``compiled_s``: step times of the compiled variants (``first_s``: their
-    first step, i.e. compilation; ``recompiled``: timed steps that compiled anew)."""
+    first step, i.e. compilation; ``recompiled``: (k, n), compiled anew at k of n later
+    steps)."""
     compiled_s, first_s, recompiled = compiled_s or {}, first_s or {}, recompiled or {}
     header = (f"{'task':10s} {'optimizer':34s} {'lr':>7s} {'steps':>6s} {'/AdamW':>7s} "
               f"{'wall s':>7s} {'/AdamW':>7s} {'final':>7s} {'step ms':>8s} {'/AdamW':>7s} "
@@ -221,13 +222,14 @@ def print_table(rows: list[dict], step_s: dict[tuple[str, str], float],
                 best_s, best = min(peers)
                 again = recompiled.get((problem, best)) if label == "compiled" else None
                 if again:
-                    extra += f"  ({best} compiled anew at {again} timed steps)"
+                    extra += f"  ({best} compiled anew at {again[0]} of {again[1]} steps)"
                 print(f"  {problem:10s} {method:22s} {t / best_s:5.2f}x  (vs {best}){extra}")
             elif extra:
                 print(f"  {problem:10s} {method:22s}    - (no peer timed){extra}")
-    for (problem, method), n in recompiled.items():
-        print(f"  compiled {method} on {problem}: compiled anew at {n} of its timed steps "
-              "(its guards fail every step: its compiled step time is mostly compilation)")
+    for (problem, method), (k, n) in recompiled.items():
+        print(f"  compiled {method} on {problem}: compiled anew during {k} of its {n} steps "
+              "after the first" + (" (guards failing every step: its step time is mostly "
+                                   "compilation)" if k == n else ""))
 
 
 # ------------------------------------------------------------------------------- main

@@ -14,7 +14,8 @@ process-wide switch), so that the compiled / eager ratio sees the same machine n
 warm-up rounds absorb the compilation, whose cost shows in the first step's time
 (``metrics["first_step"]``). A variant that compiles again during the timed rounds
 (guards that fail every step) is reported with how often (``metrics["recompiled"]``:
-timed steps during which torch.compile compiled a frame), and any optimizer whose steps
+``[k, n]``, a frame compiled during ``k`` of its ``n`` steps after the first), and any
+optimizer whose steps
 have used ``max_seconds`` in all stops there (its median over the steps it made): a
 recompile at every step on a CPU costs tens of seconds, which must not hold up the rest.
 """
@@ -52,10 +53,11 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
     the times. ``compiled``: the specs' compiled variants; ``first_step``: filled with the
     seconds of each optimizer's first step (with ``compiled``: its compilation);
     ``device``: where the models live (an accelerator is synchronized around each timed
-    step, so the time is the step's work, not its launch); ``recompiled``: filled with the
-    number of timed steps (after the warm-up) of each optimizer during which torch.compile
-    compiled a frame (recompilation; absent: none); ``max_seconds``: an optimizer whose
-    steps have taken this long in all is not stepped again."""
+    step, so the time is the step's work, not its launch); ``recompiled``: filled with
+    ``[k, n]`` for each optimizer that compiled a frame during ``k`` of its ``n`` steps after
+    the first (recompilation; a few graphs early in a run are normal, one per step is a
+    guard failing every step); ``max_seconds``: an optimizer whose steps have taken this
+    long in all is not stepped again."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     for spec, _ in entries:
@@ -102,16 +104,23 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
                 errors.setdefault(name, f"round {r}: {type(err).__name__}: {err}")
                 continue
             times[name].append(time.perf_counter() - t0)
-            if recompiled is not None and len(times[name]) > skip \
-                    and frames["ok"] > compiled_frames:
-                recompiled[name] = recompiled.get(name, 0) + 1
+            if recompiled is not None and len(times[name]) > 1:
+                later = recompiled.setdefault(name, [0, 0])  # [compiled anew, steps]
+                later[0] += frames["ok"] > compiled_frames
+                later[1] += 1
             if r == 0 and first_step is not None:
                 first_step[name] = times[name][0]
             if r % 10 == 9:
                 with torch.no_grad():
                     for p, s in zip(model.parameters(), saved, strict=True):
                         p.copy_(s)
-    medians = {name: statistics.median(ts[skip:] or ts) for name, ts in times.items() if ts}
+    # the steps after the warm-up; an optimizer stopped by max_seconds before then: all its
+    # steps, unless one raised (then its only steps may be a compilation: no time)
+    medians = {name: statistics.median(ts[skip:] or ts) for name, ts in times.items()
+               if ts[skip:] or (ts and name not in errors)}
+    if recompiled is not None:  # only the variants that compiled anew after their first step
+        for name in [n for n, (k, _) in recompiled.items() if not k]:
+            del recompiled[name]
     return medians, errors
 
 
@@ -120,8 +129,8 @@ def step_time_task(problem: NNProblem, entries: Sequence[tuple[OptimizerSpec, fl
     """One runner task measuring every ``(spec, lr)`` of ``entries`` together (``compiled``:
     their compiled variants); its record holds ``metrics["times"]`` (method -> seconds),
     ``metrics["errors"]`` (method -> first error), ``metrics["first_step"]`` (method ->
-    seconds of the first step) and ``metrics["recompiled"]`` (method -> timed steps that
-    compiled anew)."""
+    seconds of the first step) and ``metrics["recompiled"]`` (method -> ``[k, n]``: compiled
+    anew during k of its n steps after the first)."""
 
     def fn(progress: Callable[[float], None]) -> dict[str, Any]:
         first: dict[str, float] = {}

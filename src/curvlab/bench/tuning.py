@@ -242,12 +242,15 @@ class TunedStudy:
                                for m, e in r["metrics"].get("errors", {}).items()})
         return times, errors
 
-    def recompilations(self, records: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
-        """``(problem, method) -> timed steps`` of a compiled variant that compiled anew
-        (guards failing at every step make the compiled step time a compile time)."""
+    def recompilations(self, records: list[dict[str, Any]]
+                       ) -> dict[tuple[str, str], tuple[int, int]]:
+        """``(problem, method) -> (k, n)``: a compiled variant that compiled anew during
+        ``k`` of its ``n`` steps after the first (guards failing at every step make the
+        compiled step time a compile time)."""
         return {(r["problem"], m): n for r in records
                 if r["suite"] == steptime.SUITE and r["config"].get("compiled")
-                and r["status"] == "ok" for m, n in r["metrics"].get("recompiled", {}).items()}
+                and r["status"] == "ok" for m, n in r["metrics"].get("recompiled", {}).items()
+                if isinstance(n, list)}
 
     def first_step_times(self, records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
         """``(problem, method) -> seconds`` of the first (compiling) step of each compiled

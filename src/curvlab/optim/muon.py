@@ -46,7 +46,8 @@ the rescaling). Because the update keeps the Frobenius norm of ``O_t``, the scal
 ``0.2 sqrt(A B) / ||\hat O_t||_F`` when ``O_t`` is orthogonal. ``v`` is the state
 ``neuron_second_moment`` (``A`` entries; float32 for 16-bit parameters).
 
-Same-shape matrices are orthogonalized together in one batched Newton–Schulz. The iteration
+Matrices of one wide shape (``(A, B)`` and ``(B, A)`` alike: ``polar(U^T) = polar(U)^T``) are
+orthogonalized together in one batched Newton–Schulz. The iteration
 runs in ``ns_dtype``, by default (:func:`default_ns_dtype`) bfloat16 where the hardware
 multiplies bfloat16 natively (CUDA; CPUs with AMX or AVX512-BF16, where it is 2.6x faster
 than float32, measured on 4 x 128x512x128 batched products), as the authors' reference and
