@@ -77,6 +77,7 @@ Algorithm"; Zhang, Amsel, Chen, Dao (2026), "Gram Newton-Schulz"; Li et al. (202
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -122,8 +123,12 @@ def native_bfloat16_matmul(device: torch.device) -> bool:
     bfloat16 through float32 conversions."""
     if device.type == "cuda":
         return True
-    if device.type != "cpu":
-        return False
+    return device.type == "cpu" and _cpu_has_bfloat16_kernels()
+
+
+@functools.cache
+def _cpu_has_bfloat16_kernels() -> bool:
+    """The CPU probes, read once per process (the answer is asked on every Muon step)."""
     cpu = torch.cpu
     return any(getattr(cpu, probe, lambda: False)()
                for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
