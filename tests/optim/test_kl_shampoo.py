@@ -180,8 +180,10 @@ def test_fixed_point_recovers_the_kronecker_covariance():
     L0, R0 = _spd(m, 10.0, g), _spd(n, 5.0, g)
     Lh, Rh = torch.linalg.cholesky(L0), torch.linalg.cholesky(R0)
     W = nn.Parameter(torch.zeros(blocks * m, n, dtype=D64))
+    # a start far below the fixed point's scale: 0.99^400 = 1.8% of the start remains, and
+    # the first gradient's (flattened) spectrum left R 3.7% off
     opt = KLShampoo([W], lr=0.0, shampoo_beta=0.99, precondition_frequency=10,
-                    max_preconditioner_dim=m)
+                    max_preconditioner_dim=m, init_factor=0.1)
     one_sided = [torch.zeros(blocks, m, m, dtype=D64), torch.zeros(blocks, n, n, dtype=D64)]
     for _ in range(steps):
         G = Lh @ torch.randn(blocks, m, n, generator=g, dtype=D64) @ Rh.T
@@ -341,3 +343,62 @@ def test_stacked_order_four_blocks(cls):
         opt.step()
     assert opt.stats()["num_blocks"] == 2 and opt.stats()["num_block_shapes"] == 1
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("shape,dim", [((12, 3), 4), ((6, 2, 3), 6)])
+def test_gradient_init_spectrum_matches_its_definition(shape, dim):
+    """After the initialization step, per block and mode, with the unfoldings' statistics
+    F_i = (1 - beta) (d_i / N) G_(i) G_(i)^T written out densely and e_i = diag(Q_i^T F_i
+    Q_i): lambda_i = (e_i + rms(e_i)) s^{1/k} / mean(e_i + rms(e_i)), s = mean(G^2), so the
+    Kronecker product's mean is s; a block with a zero gradient starts at 0.1."""
+    beta = 0.9
+    g = torch.Generator().manual_seed(4)
+    W = nn.Parameter(torch.zeros(*shape, dtype=D64))
+    opt = KLShampoo([W], shampoo_beta=beta, max_preconditioner_dim=dim, merge_dims=False)
+    grad = torch.randn(*shape, generator=g, dtype=D64)  # unit scale: above the floor 1/c^2
+    grad[:shape[0] // 3] = 0.0  # the first block (of three along dim 0, or the only one's rows)
+    W.grad = grad.clone()
+    opt.step()
+    st = opt._whole_state()[0]
+    blocks = grad.reshape(-1, dim, *shape[1:]) if len(shape) == 2 else grad.unsqueeze(0)
+    k = blocks.ndim - 1
+    for b, G in enumerate(blocks):
+        s = float(G.square().mean())
+        lams = [st[f"lam{i}"][b] for i in range(k)]
+        if s == 0.0:
+            assert all(bool((lam == 0.1).all()) for lam in lams)
+            continue
+        for i in range(k):
+            U = _unfold(G, i)
+            F = (1 - beta) * U @ U.T * G.shape[i] / G.numel()
+            Q = st[f"Q{i}"][b]
+            e = torch.diag(Q.T @ F @ Q).clamp_min(0.0)
+            shifted = e + e.square().mean().sqrt()
+            torch.testing.assert_close(lams[i], shifted * s ** (1 / k) / shifted.mean(),
+                                       rtol=1e-10, atol=0.0)
+        kron = lams[0]
+        for lam in lams[1:]:
+            kron = torch.kron(kron, lam)
+        assert kron.mean().item() == pytest.approx(s, rel=1e-10)
+
+
+def test_first_steps_have_the_gradient_scale():
+    """With gradients of RMS 1e-3 the first moving step is lr (1 - beta_1) O(1) per element,
+    as momentum SGD on unit-scale gradients (the floors 1/128^2, 1/64^2 are below
+    sqrt(mean g^2)): measured 1.17. The prototype's constant start
+    0.1 divides by sqrt(0.1 * 0.1) instead of sqrt(mean g^2) = 1e-3: 100x smaller steps,
+    decaying only at rate 1 - beta over hundreds of steps (measured 0.010)."""
+    g = torch.Generator().manual_seed(0)
+    lr, b1 = 1e-2, 0.9
+    ratios = {}
+    for init in ("gradient", 0.1):
+        W = nn.Parameter(torch.zeros(128, 64, dtype=D64))
+        opt = KLShampoo([W], lr=lr, betas=(b1, 0.98), init_factor=init)
+        for _ in range(2):
+            W.grad = 1e-3 * torch.randn(128, 64, generator=g, dtype=D64)
+            before = W.detach().clone()
+            opt.step()
+        rms = float((W.detach() - before).square().mean().sqrt())
+        ratios[init] = rms / (lr * (1 - b1))
+    assert 0.3 < ratios["gradient"] < 3.0
+    assert ratios[0.1] < 0.03

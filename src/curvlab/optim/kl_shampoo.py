@@ -34,8 +34,22 @@ power-iteration step + QR every ``precondition_frequency`` steps) and eigenvalue
 ``lambda^{-1/2} <= c_i``). ``F_i`` only feeds the eigenbasis refresh; ``lambda_i`` is the
 preconditioner's spectrum. Step ``t`` preconditions with the statistics of steps ``< t``;
 they are updated after the direction. The first step (SOAP's initialization step) accumulates
-the unwhitened ``F_i`` (``lambda = 1``), computes the first eigenbases, and moves nothing;
-``lambda_i`` starts at ``init_factor``.
+the unwhitened ``F_i`` (``lambda = 1``), computes the first eigenbases, and moves nothing.
+
+``lambda_i`` then starts from that first statistic (``init_factor="gradient"``, the default):
+with ``e_i = diag(Q_i^T F_i Q_i)``,
+
+.. math::
+    \lambda_i = (e_i + \operatorname{rms}(e_i)) \,
+        \frac{s^{1/k}}{\operatorname{mean}(e_i + \operatorname{rms}(e_i))}, \qquad
+    s = \tfrac{1}{N} \lVert G \rVert_F^2,
+
+so ``lambda_1 (x) ... (x) lambda_k`` has the gradient's mean square (the scale the KL fit
+converges to) and no eigenvalue is below the RMS shift of a one-sample estimate (the
+initialization of NVIDIA Emerging-Optimizers' online KL-Shampoo, ``okls.py``). The
+prototype's constant start (``init_factor=0.1``) sits far above typical second moments
+(~1e-6 on a small transformer) and decays at rate ``1 - beta``: hundreds of steps of tiny
+updates. A block whose first gradient is zero starts at 0.1.
 
 * :class:`KLShampoo`: ``m <- beta_1 m + (1 - beta_1) G`` and
   ``D = Q [ (Q^T m) / (sqrt(lambda_1 (x) ... (x) lambda_k) + eps) ] Q^T`` (rotations along
@@ -66,6 +80,14 @@ __all__ = ["KLShampoo", "KLSOAP", "kl_statistics"]
 
 #: the prototype's floor on the eigenvalues: ``lambda_i^{-1/2} <= max(10, min(d_i, c_max))``
 _MIN_CLAMP = 10.0
+#: the prototype's constant start of the eigenvalues; also the start of a block whose first
+#: gradient is zero under ``init_factor="gradient"``
+_PROTOTYPE_INIT = 0.1
+
+
+def _init_factor_rule(x: Any) -> str | None:
+    """Rule: ``"gradient"`` or a finite real number > 0."""
+    return None if x == "gradient" else finite_positive(x)
 
 
 def _along(x: Tensor, mode: int, ndim: int) -> Tensor:
@@ -123,14 +145,15 @@ class _KLFactors:
     #: the whitened statistics run in IEEE float32 (``high_precision_matmul``), also in the
     #: compiled step (the switch is made around the compiled call: dynamo cannot trace it)
     high_precision_step = True
-    hyperparameters = {**SOAP.hyperparameters, "init_factor": finite_positive,
+    hyperparameters = {**SOAP.hyperparameters, "init_factor": _init_factor_rule,
                        "damping": finite_nonnegative, "max_inverse_sqrt": finite_positive,
                        "start_preconditioning_step": lambda n: None if n == 1 else
                        "must be 1 (the initialization step)"}
 
     def __init__(self, params: Any, lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.98),
                  shampoo_beta: float | None = None, eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, init_factor: float = 0.1, damping: float = 0.0,
+                 weight_decay: float = 0.0, *, init_factor: float | str = "gradient",
+                 damping: float = 0.0,
                  max_inverse_sqrt: float = 4000.0, **kwargs: Any) -> None:
         super().__init__(params, lr, betas, shampoo_beta, eps, weight_decay, **kwargs)
         self._add_defaults(init_factor=init_factor, damping=damping,
@@ -148,10 +171,41 @@ class _KLFactors:
     def _init_block_state(self, group: dict, shape: tuple[int, ...], n: int,
                           dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         st = super()._init_block_state(group, shape, n, dtype, device)
+        init = group["init_factor"]
+        init = _PROTOTYPE_INIT if init == "gradient" else float(init)
         for i, d in enumerate(shape):
-            st[f"lam{i}"] = torch.full((n, d), float(group["init_factor"]), dtype=dtype,
-                                       device=device)
+            st[f"lam{i}"] = torch.full((n, d), init, dtype=dtype, device=device)
         return st
+
+    def _refresh_basis(self, group: dict, st: dict[str, Tensor], order: int) -> None:
+        """SOAP's refresh; after the first one (the initialization step), ``lambda_i`` from
+        the first statistic under ``init_factor="gradient"``."""
+        first = not self._basis_complete(st)
+        super()._refresh_basis(group, st, order)
+        if first and group["init_factor"] == "gradient":
+            self._spectrum_from_first_statistic(group, st, order)
+
+    def _spectrum_from_first_statistic(self, group: dict, st: dict[str, Tensor],
+                                       order: int) -> None:
+        """``lambda_i = (e_i + rms(e_i)) s^{1/k} / mean(e_i + rms(e_i))`` with
+        ``e_i = diag(Q_i^T F_i Q_i)`` and ``s`` the first gradient's mean square (module
+        docstring); blocks with a zero (or non-finite) first gradient keep 0.1."""
+        sb = group["shampoo_beta"]
+        sb = group["betas"][1] if sb is None else sb
+        weight = 1.0 if sb == 1.0 else 1.0 - sb  # F_i = weight * S_i after one update
+        with high_precision_matmul():
+            es = [torch.bmm(st[f"Q{i}"].mT, torch.bmm(st[f"F{i}"], st[f"Q{i}"]))
+                  .diagonal(dim1=-2, dim2=-1).clamp_min(0.0) for i in range(order)]
+        # every mode's statistic has trace (d_i / N) ||G||^2: mean(e_i) = weight * s
+        s = es[0].mean(-1, keepdim=True) / weight
+        ok = torch.isfinite(s) & (s > 0)
+        for i, e in enumerate(es):
+            shifted = e + e.square().mean(-1, keepdim=True).sqrt()
+            lam = shifted * (s.pow(1.0 / order) / shifted.mean(-1, keepdim=True))
+            d = lam.shape[-1]
+            c = max(_MIN_CLAMP, min(d, group["max_inverse_sqrt"]))
+            lam = torch.where(ok, lam.clamp_min(1.0 / (c * c)), _PROTOTYPE_INIT)
+            st[f"lam{i}"].copy_(lam)
 
     def _coordinate_keys(self, st: dict[str, Tensor]) -> list[str]:
         """SOAP's (if any) and the eigenvalues ``lam{i}``."""
@@ -201,7 +255,9 @@ _ARGS = """
             ``shampoo_beta``. eps: added to the denominator.
         shampoo_beta: EMA decay ``beta`` of ``F_i`` and ``lambda_i`` (default ``betas[1]``).
         weight_decay: decoupled weight decay.
-        init_factor: ``lambda_i`` before the first update (0.1, the prototype's).
+        init_factor: ``"gradient"`` (default): ``lambda_i`` from the first gradient's
+            statistic, scaled to its mean square (module docstring); a number: ``lambda_i``
+            starts there (0.1 is the authors' prototype's).
         damping: ``delta``: the fit of ``E[g g^T] + delta I`` (0, the prototype's default).
         max_inverse_sqrt: ``c_max`` of the floor ``lambda_i >= max(10, min(d_i, c_max))^-2``
             (4000, the prototype's).
@@ -212,7 +268,8 @@ _ARGS = """
             (``start_preconditioning_step`` is 1: the initialization step).
 
     Defaults are the authors' prototype's (``betas=(0.9, 0.98)``, ``eps=1e-8``,
-    ``precondition_frequency=10``) except ``lr`` (SOAP's 3e-3) and ``weight_decay`` (0).
+    ``precondition_frequency=10``) except ``lr`` (SOAP's 3e-3), ``weight_decay`` (0) and
+    ``init_factor`` (the first statistic rather than 0.1).
 """
 
 
@@ -256,7 +313,7 @@ class KLShampoo(_KLFactors, SOAP):
     def _eigenvalue_samples(self) -> float:
         """Gradients the eigenvalue EMAs average since the initialization step (fewest over
         the groups; :func:`~curvlab.optim.stability.ema_samples`): early on ``lambda`` is
-        mostly ``init_factor``."""
+        mostly its start."""
         return min((ema_samples(g["shampoo_beta"] if g["shampoo_beta"] is not None
                                 else g["betas"][1], _adam_step(g, t))
                     for g, t in zip(self.param_groups, self._steps)), default=math.inf)
