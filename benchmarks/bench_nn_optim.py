@@ -39,10 +39,10 @@ Protocol (``curvlab.bench.tuning.TunedStudy``, every run a task of ``curvlab.ben
      (``curvlab.bench.steptime``; "-" where the steps raised, the error printed under the
      table: K-FAC's step needs the statistics of a forward pass, SAM's a closure); then the
      same with every optimizer that has a compiled variant (``OptimizerSpec.make_compiled``:
-     curvlab Shampoo / SOAP / KL-Shampoo / KL-SOAP with ``compile_step()``, curvlab Muon with
-     ``compile=True``, torch
-     AdamW and Muon with ``torch.compile(opt.step)``, heavyball's with ``compile_step=True``
-     and its kernels compiled, also on tasks where they are not trained), in a session of
+     curvlab Shampoo / SOAP / KL-Shampoo / KL-SOAP / PSGD-Kron with ``compile_step()``,
+     curvlab Muon with ``compile=True``, torch AdamW and Muon with
+     ``torch.compile(opt.step)``, heavyball's with ``compile_step=True`` and its kernels
+     compiled, also on tasks where they are not trained), in a session of
      its own (``--no-compile``: skipped; with --quick skipped unless ``--compile``); a
      compiled variant that compiles again during the timed steps is reported with how
      often, and an optimizer stops being stepped once its steps have taken 60 s.

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.optim import KLSOAP, SOAP, KLShampoo, Shampoo
+from curvlab.optim import KLSOAP, SOAP, KLShampoo, PSGDKron, Shampoo
 from curvlab.optim.adam import AdamConfig, adam_step_
 from curvlab.optim.base import apply_update_
 from curvlab.optim.compiled import StepCompiler, inductor_available
@@ -137,7 +137,10 @@ def test_compiled_adam_step_equals_eager_without_recompiling_per_step():
     # the KL fits: their statistics switch to IEEE float32 around the compiled call
     (KLShampoo, dict(lr=1e-2, precondition_frequency=3, weight_decay=0.1)),
     (KLSOAP, dict(lr=1e-2, precondition_frequency=3, weight_decay=0.1)),
-], ids=["shampoo", "soap", "kl-shampoo", "kl-soap"])
+    # PSGD: fits on a random half of the steps (host draws), dense and diagonal factors,
+    # diagonal parameters (the other fits: tests/optim/test_psgd.py, dynamo's eager backend)
+    (PSGDKron, dict(lr=1e-2, precond_update_prob=0.5, weight_decay=0.1)),
+], ids=["shampoo", "soap", "kl-shampoo", "kl-soap", "psgd"])
 def test_compiled_step_equals_eager_and_resumes_both_ways(cls, kwargs):
     """8 steps (refreshes at 2, 5, 8 for Shampoo; 1, 4, 7 for SOAP): compiled == eager,
     graphs stop growing; then the eager state continues in the compiled optimizer (the same

@@ -370,3 +370,36 @@ def test_hvp_fit_through_fused_attention_uses_the_math_kernels(monkeypatch):
     assert autodiff.attention_kernels.math  # learned from the missing derivative
     assert opt.stats()["steps"] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", [
+    dict(geometry="EQ", whiten="gradient", precond_init_scale=0.5), dict(fit="hvp", lr=0.1),
+], ids=["eq", "hvp"])
+def test_compiled_step_traces_every_fit_whole_and_equals_eager(kwargs):
+    """compile_step with dynamo's eager backend (traced with fullgraph=True, run by the
+    eager kernels, no code generation): every fit variant's pure parts trace without a
+    graph break and the steps equal the eager ones to float32 rounding (the compiled
+    parameter update takes lr as a float64 tensor: a few ulps), on a model with
+    dense and diagonal factors and diagonal parameters, fitting on a random half of the
+    steps. (The inductor-compiled step: tests/optim/test_compiled_step.py.)"""
+    torch.manual_seed(0)
+    X, y = torch.randn(6, 16, 6), torch.randint(0, 3, (6, 16))
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = PSGDKron(model.parameters(), precond_update_prob=0.5, **kwargs)
+        if compiled:
+            opt.compile_step(backend="eager")
+        if opt.param_groups[0]["fit"] == "hvp":
+            _hvp_run(model, opt, X, y, range(6))
+        else:
+            for k in range(6):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(X[k]), y[k]).backward()
+                opt.step()
+        assert opt.stats()["refreshes"] > 1
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*runs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)

@@ -339,7 +339,8 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                   quick=False, make_compiled=_compiled(_kl_shampoo)),
     OptimizerSpec("curvlab.KLSOAP", _kl_soap, ADAM_GRID, "curvlab", "kl-soap", quick=False,
                   make_compiled=_compiled(_kl_soap)),
-    OptimizerSpec("curvlab.PSGDKron", _psgd, PSGD_GRID, "curvlab", "psgd-kron"),
+    OptimizerSpec("curvlab.PSGDKron", _psgd, PSGD_GRID, "curvlab", "psgd-kron",
+                  make_compiled=_compiled(_psgd)),
     # Muon variants (issue 19): Polar Express coefficients; the same through Gram
     # Newton-Schulz (equal in exact arithmetic: one algorithm, two implementations); NorMuon
     # on Polar Express (as nanochat runs it)

@@ -190,28 +190,27 @@ def balance_(Qs: list[Tensor]) -> None:
 
 def fit_kron_(Qs: list[Tensor], Ls: list[Tensor], h: Tensor, v: Tensor | None, *,
               geometry: str, whitening: bool, lr: float, beta_l: float, damping: float,
-              iterations: int, generator: torch.Generator | None = None) -> None:
+              iterations: int, noise: Tensor | None = None) -> None:
     """One PSGD fit of the factors ``Qs`` (and Lipschitz estimates ``Ls``, (n,) each) of
     stacked blocks to the pairs ``(v, h)`` (``v = None``: whitening, drawn or integrated
-    out). See the module docstring for the update."""
+    out). ``noise``: the fit's one standard normal draw, shaped like ``h`` (None: drawn from
+    the global generator). See the module docstring for the update."""
     n = h.shape[0]
     numel = math.prod(h.shape[1:])
-
-    def noise() -> Tensor:
-        return torch.randn(h.shape, dtype=h.dtype, device=h.device, generator=generator)
-
+    if noise is None:
+        noise = torch.randn(h.shape, dtype=h.dtype, device=h.device)
     damp = damping + torch.finfo(h.dtype).eps * h.abs()
     if geometry == "EQ":
         if v is None:  # whitening: an auxiliary v, damped with itself (the author's)
-            v = noise()
+            v = noise
             h = h + damp * v
         else:
-            h = h + damp * noise()
+            h = h + damp * noise
         A, B = apply_factors(h, Qs), _solve_transposed(v, Qs)
         T = [(_statistic(A, i, q.ndim == 3), _statistic(B, i, q.ndim == 3))
              for i, q in enumerate(Qs)]
     else:
-        Ph = precondition(h + damp * noise(), Qs)
+        Ph = precondition(h + damp * noise, Qs)
         T = [(_statistic(Ph, i, q.ndim == 3),
               numel / q.shape[1] if v is None else _statistic(v, i, q.ndim == 3))
              for i, q in enumerate(Qs)]
@@ -253,6 +252,111 @@ def init_scale(h: Tensor, v: Tensor | None, damping: float) -> Tensor:
     return s
 
 
+# ------------------------------------------------ the pure parts (eager, or compiled as they are)
+def _fit_settings(group: dict) -> dict[str, Any]:
+    """A group's fit hyperparameters, as the pure fits take them."""
+    return {"geometry": group["geometry"], "whitening": group["fit"] == "whitening",
+            "lr": group["lr_preconditioner"], "beta_l": group["lipschitz_beta"],
+            "damping": group["damping"], "iterations": group["norm_iterations"],
+            "init_on_the_fly": group["precond_init_scale"] is None}
+
+
+def _keep_finite_(olds: list[Tensor], news: list[Tensor], ok: Tensor) -> None:
+    """``old <- new`` where ``ok`` (per leading-dim row), else ``old`` kept."""
+    for old, new in zip(olds, news, strict=True):
+        old.copy_(torch.where(ok.view(-1, *([1] * (new.ndim - 1))), new, old))
+
+
+def _fit_rows_pure(Qs: list[Tensor], Ls: list[Tensor], h: Tensor, v: Tensor | None,
+                   noise: Tensor, *, init_on_the_fly: bool, **fit: Any) -> Tensor:
+    """One fit of stacked blocks' factors in place (rows whose fit is non-finite keep
+    theirs; ``init_on_the_fly``: rows never fitted, ``L == 0``, first get the author's
+    initial scale): returns the per-row success mask."""
+    order = len(Qs)
+    if init_on_the_fly:
+        scale = init_scale(h, v, fit["damping"]).pow(1.0 / order)
+        fresh = Ls[0] == 0
+        for q in Qs:
+            q.copy_(torch.where(fresh.view(-1, *([1] * (q.ndim - 1))),
+                                q * scale.view(-1, *([1] * (q.ndim - 1))), q))
+    new_Q = [q.clone() for q in Qs]
+    new_L = [L.clone() for L in Ls]
+    balance_(new_Q)
+    fit_kron_(new_Q, new_L, h, v, noise=noise, **fit)
+    ok = torch.stack([torch.isfinite(q).flatten(1).all(1) for q in new_Q]).all(0)
+    _keep_finite_(Qs + Ls, new_Q + new_L, ok)
+    return ok
+
+
+def _clip(D: Tensor, clip: tuple[float, float] | None, seg: Tensor | None = None,
+          counts: Tensor | None = None) -> Tensor:
+    """Per block (or per segment ``seg`` of a flat ``D``, sizes ``counts``): scale to
+    RMS <= ``clip[0]``, then clamp entries to ``+-clip[1]``."""
+    if clip is None:
+        return D
+    max_rms, max_abs = clip
+    if seg is None:
+        rms = D.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (D.ndim - 1)))
+    else:
+        sq = torch.zeros(len(counts), dtype=D.dtype, device=D.device)
+        rms = (sq.index_add_(0, seg, D * D) / counts.to(D.dtype)).sqrt()[seg]
+    D = D * (max_rms / rms.clamp_min(max_rms))
+    return D.clamp(-max_abs, max_abs)
+
+
+def _block_direction_pure(m: Tensor, Qs: list[Tensor], clip: tuple[float, float] | None
+                          ) -> Tensor:
+    """``clip(P m)`` of stacked blocks."""
+    return _clip(precondition(m, Qs), clip)
+
+
+def _diagonal_direction_pure(q: Tensor, m: Tensor, clip: tuple[float, float] | None,
+                             seg: Tensor, counts: Tensor) -> Tensor:
+    """``clip(q^2 m)`` per parameter (segment) of the flat diagonal members."""
+    return _clip(q * q * m, clip, seg, counts)
+
+
+def _fit_diagonal_pure(q: Tensor, L: Tensor, h: Tensor, v: Tensor | None, noise: Tensor,
+                       seg: Tensor, counts: Tensor, *, geometry: str, lr: float, beta_l: float,
+                       damping: float, init_on_the_fly: bool) -> Tensor:
+    """The fit of diagonal factors ``q`` (flat, one ``L`` per element, its segment's max)
+    in place; elements whose fit is non-finite keep theirs. Returns the success mask."""
+    n = len(counts)
+
+    def segment_max(x: Tensor) -> Tensor:
+        return torch.zeros(n, dtype=x.dtype, device=x.device).scatter_reduce_(
+            0, seg, x, "amax", include_self=False)[seg]
+
+    def segment_mean(x: Tensor) -> Tensor:
+        sums = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, seg, x)
+        return (sums / counts.to(x.dtype))[seg]
+
+    if init_on_the_fly:
+        scale = (segment_mean(h.pow(4)) + damping ** 4).pow(-0.125)
+        if v is not None:
+            scale = scale * segment_mean(v * v).pow(0.25)
+        q.copy_(torch.where(L == 0, q * scale, q))
+    damp = damping + torch.finfo(h.dtype).eps * h.abs()
+    if geometry == "EQ":
+        if v is None:
+            v = noise
+            hd = h + damp * v
+        else:
+            hd = h + damp * noise
+        T1, T2 = (q * hd) ** 2, (v / q) ** 2
+        ell = segment_max(T1 + T2)
+    else:
+        T1 = (q * q * (h + damp * noise)) ** 2
+        T2 = 1.0 if v is None else v * v
+        ell = segment_max(T1) + 1.0 if v is None else segment_max(T1 + T2)
+    newL = torch.maximum(beta_l * L + (1 - beta_l) * ell, ell)
+    newq = q * (1 - lr / newL * (T1 - T2))
+    ok = torch.isfinite(newq)
+    q.copy_(torch.where(ok, newq, q))
+    L.copy_(torch.where(ok, newL, L))
+    return ok
+
+
 class PSGDKron(BlockedPreconditionerOptimizer):
     """PSGD with Kronecker-product preconditioners (torch.optim API; see the module
     docstring for the math).
@@ -289,9 +393,10 @@ class PSGDKron(BlockedPreconditionerOptimizer):
             runs in ``factor_dtype`` (float32, or float64 for float64 parameters).
     """
 
-    #: no compiled step: the fits draw their schedule and probe vectors on the host and
-    #: shape tensors from Python sizes (dynamo fails on the fit; measured)
-    compilable = False
+    #: compiled step: the pure parts (fit, direction) compiled, each once per block shape;
+    #: the fit decision, its noise (private generator) and the failure count stay on the host
+    compilable = True
+    compile_diagonal_direction = False
 
     hyperparameters = {**BlockedPreconditionerOptimizer.hyperparameters,
                        "momentum": unit_interval, "fit": one_of(*FITS),
@@ -557,51 +662,43 @@ class PSGDKron(BlockedPreconditionerOptimizer):
                       reads=list(inputs))
 
     def _fit_rows(self, group: dict, s: dict[str, Tensor], order: int) -> None:
-        Qs = [s[f"Q{i}"] for i in range(order)]
-        Ls = [s[f"L{i}"] for i in range(order)]
+        """The fit of the rows ``s`` (eager, or its pure part compiled): the noise is drawn
+        here from the private generator, the failures are counted on the host after."""
         h, v = s["_h"], s.get("_v")
-        if group["precond_init_scale"] is None:  # rows never fitted: L == 0
-            scale = init_scale(h, v, group["damping"]).pow(1.0 / order)
-            fresh = Ls[0] == 0
-            for q in Qs:
-                q.copy_(torch.where(fresh.view(-1, *([1] * (q.ndim - 1))),
-                                    q * scale.view(-1, *([1] * (q.ndim - 1))), q))
-        new_Q = [q.clone() for q in Qs]
-        new_L = [L.clone() for L in Ls]
-        balance_(new_Q)
-        fit_kron_(new_Q, new_L, h, v, geometry=group["geometry"],
-                  whitening=group["fit"] == "whitening", lr=group["lr_preconditioner"],
-                  beta_l=group["lipschitz_beta"], damping=group["damping"],
-                  iterations=group["norm_iterations"],
-                  generator=self._noise_generator(h.device))
-        ok = torch.stack([torch.isfinite(q).flatten(1).all(1) for q in new_Q]).all(0)
-        for old, new in zip(Qs + Ls, new_Q + new_L, strict=True):
-            old.copy_(torch.where(ok.view(-1, *([1] * (new.ndim - 1))), new, old))
+        noise = torch.randn(h.shape, dtype=h.dtype, device=h.device,
+                            generator=self._noise_generator(h.device))
+        fn = self._pure(_fit_rows_pure, ("fit", tuple(h.shape), h.dtype, h.device, v is None))
+        ok = fn([s[f"Q{i}"] for i in range(order)], [s[f"L{i}"] for i in range(order)], h, v,
+                noise, **_fit_settings(group))
         failed = int(ok.numel() - ok.sum())
         self._count_refresh(ok.numel(), failed, "PSGD fit", tuple(h.shape[1:]))
+
+    def _pure(self, fn: Any, key: Any) -> Any:
+        """``fn``, compiled once per ``key`` after :meth:`compile_step`."""
+        return fn if self._step_compiler is None else self._step_compiler(fn, key)
+
+    def _block_direction(self, group: dict, st: dict[str, Tensor], G: Tensor,
+                         step: int) -> Tensor:
+        """Momentum, the fit when this step fits, ``clip(P m)``: one path, eager or with
+        its pure parts (fit, direction) compiled; the fit decision and its noise are drawn
+        on the host beforehand."""
+        self._update_statistics(group, st, G, step)
+        self._refresh_blocks(group, st, step)
+        return self._precondition(group, st, G, step)
 
     def _precondition(self, group: dict, st: dict[str, Tensor], G: Tensor,
                       step: int) -> Tensor:
         """``clip(P m)`` per block."""
         order = G.ndim - 1
         m = st["m"] if group["momentum"] > 0 else G
-        D = precondition(m, [st[f"Q{i}"] for i in range(order)])
-        return self._clip(group, D)
+        fn = self._pure(_block_direction_pure, ("direction", tuple(G.shape), G.dtype,
+                                                G.device))
+        return fn(m, [st[f"Q{i}"] for i in range(order)], group["update_clip"])
 
     @staticmethod
     def _clip(group: dict, D: Tensor, seg: Tensor | None = None, counts: Tensor | None = None
               ) -> Tensor:
-        clip = group["update_clip"]
-        if clip is None:
-            return D
-        max_rms, max_abs = clip
-        if seg is None:
-            rms = D.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (D.ndim - 1)))
-        else:
-            sq = torch.zeros(len(counts), dtype=D.dtype, device=D.device)
-            rms = (sq.index_add_(0, seg, D * D) / counts).sqrt()[seg]
-        D = D * (max_rms / rms.clamp_min(max_rms))
-        return D.clamp(-max_abs, max_abs)
+        return _clip(D, group["update_clip"], seg, counts)
 
     def _segment_index(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """Per flat element of the current diagonal members: its member index, and the
@@ -620,58 +717,28 @@ class PSGDKron(BlockedPreconditionerOptimizer):
         m = self._momentum(group, st, g, step)
         seg, counts = self._segment_index(g.device)
         if self._fit_now.get(id(group), False):
+            h = v = None
             if group["fit"] == "hvp":
                 pair = self._pair_stacks(g.dtype, flat=True)
                 if pair is not None:
-                    self._fit_diagonal(group, st, pair[1], pair[0], seg, counts)
+                    v, h = pair
             else:
-                self._fit_diagonal(group, st, m if group["whiten"] == "momentum" else g,
-                                   None, seg, counts)
-        D = st["q"] * st["q"] * m
-        return self._clip(group, D, seg, counts.to(D.dtype))
+                h = m if group["whiten"] == "momentum" else g
+            if h is not None:
+                self._fit_diagonal(group, st, h, v, seg, counts)
+        fn = self._pure(_diagonal_direction_pure, ("diagonal direction", g.numel(), g.dtype,
+                                                   g.device))
+        return fn(st["q"], m, group["update_clip"], seg, counts)
 
     def _fit_diagonal(self, group: dict, st: dict[str, Tensor], h: Tensor, v: Tensor | None,
                       seg: Tensor, counts: Tensor) -> None:
-        q, L = st["q"], st["L"]
-        n = len(counts)
-        gen = self._noise_generator(h.device)
-
-        def segment_max(x: Tensor) -> Tensor:
-            return torch.zeros(n, dtype=x.dtype, device=x.device).scatter_reduce_(
-                0, seg, x, "amax", include_self=False)[seg]
-
-        def segment_mean(x: Tensor) -> Tensor:
-            s = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, seg, x)
-            return (s / counts.to(x.dtype))[seg]
-
-        if group["precond_init_scale"] is None:
-            scale = (segment_mean(h.pow(4)) + group["damping"] ** 4).pow(-0.125)
-            if v is not None:
-                scale = scale * segment_mean(v * v).pow(0.25)
-            q.copy_(torch.where(L == 0, q * scale, q))
-        damp = group["damping"] + torch.finfo(h.dtype).eps * h.abs()
-        lr, beta = group["lr_preconditioner"], group["lipschitz_beta"]
-
-        def noise() -> Tensor:
-            return torch.randn(h.shape, dtype=h.dtype, device=h.device, generator=gen)
-
-        if group["geometry"] == "EQ":
-            if v is None:
-                v = noise()
-                hd = h + damp * v
-            else:
-                hd = h + damp * noise()
-            T1, T2 = (q * hd) ** 2, (v / q) ** 2
-            ell = segment_max(T1 + T2)
-        else:
-            T1 = (q * q * (h + damp * noise())) ** 2
-            T2 = 1.0 if v is None else v * v
-            ell = segment_max(T1) + 1.0 if v is None else segment_max(T1 + T2)
-        newL = torch.maximum(beta * L + (1 - beta) * ell, ell)
-        newq = q * (1 - lr / newL * (T1 - T2))
-        ok = torch.isfinite(newq)
-        q.copy_(torch.where(ok, newq, q))
-        L.copy_(torch.where(ok, newL, L))
+        noise = torch.randn(h.shape, dtype=h.dtype, device=h.device,
+                            generator=self._noise_generator(h.device))
+        fn = self._pure(_fit_diagonal_pure, ("diagonal fit", h.numel(), h.dtype, h.device,
+                                             v is None))
+        settings = _fit_settings(group)
+        del settings["whitening"], settings["iterations"]
+        ok = fn(st["q"], st["L"], h, v, noise, seg, counts, **settings)
         failed = int(ok.numel() - ok.sum())
         self._count_refresh(ok.numel(), failed, "PSGD diagonal fit")
 

@@ -91,6 +91,9 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
     #: True for a purely diagonal method: every parameter uses the diagonal hooks
     diagonal_only = False
     compilable = True
+    #: the compiled step compiles :meth:`_diagonal_direction` whole (False: the subclass
+    #: compiles its own pure parts inside it)
+    compile_diagonal_direction = True
     #: the compiled per-step update runs inside ``high_precision_matmul`` (IEEE float32
     #: matmuls), for hooks that switch to it themselves in the eager step
     high_precision_step = False
@@ -393,7 +396,7 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
             st = gather_rows(g, work, idx)
         if g.diagonal:
             G = torch.cat([self._grad(g.members[i][0]).reshape(-1) for i in work]).to(sdtype)
-            if self._step_compiler is not None:
+            if self._step_compiler is not None and self.compile_diagonal_direction:
                 fn = self._step_compiler(type(self)._diagonal_direction,
                                          ("diagonal", G.numel(), G.dtype, G.device))
                 D = fn(self, group, st, G, step)
