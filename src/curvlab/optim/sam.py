@@ -402,6 +402,31 @@ class SAM(CurvlabOptimizer):
         self._base_step()
         return loss
 
+    # ---- compiled step -----------------------------------------------------------------------
+    @property  # type: ignore[override]
+    def compilable(self) -> bool:
+        """Whether the base optimizer has a compiled step path (``compile_step``)."""
+        return bool(getattr(self.base_optimizer, "compilable", False))
+
+    def compile_step(self, enabled: bool = True, *, backend: str = "inductor",
+                     mode: str | None = None, options: dict[str, Any] | None = None) -> SAM:
+        """Compile the base optimizer's step (its :meth:`compile_step`); the perturbation
+        and the restore (a few foreach kernels and one norm per step) stay eager. A base
+        without a compiled path (a torch optimizer, LBFGS-like ones) raises
+        ``NotImplementedError``."""
+        if not self.compilable:
+            raise NotImplementedError(
+                f"SAM: the base optimizer {type(self.base_optimizer).__name__} has no compiled "
+                "step path (curvlab's Shampoo, SOAP, KL-Shampoo, KL-SOAP and PSGD-Kron have "
+                "one; a torch optimizer compiles with torch.compile of its own step)")
+        self.base_optimizer.compile_step(enabled, backend=backend, mode=mode, options=options)
+        return self
+
+    @property
+    def step_compiled(self) -> bool:
+        """Whether the base optimizer's compiled step is on."""
+        return bool(getattr(self.base_optimizer, "step_compiled", False))
+
     # ---- contract ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """The contract's keys for SAM's steps; ``refreshes`` from the base optimizer when it
