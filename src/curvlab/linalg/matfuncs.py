@@ -420,13 +420,14 @@ def newton_schulz(
     schedule, scale = ns_schedule(coefficients, steps)
     restarts = gram_restart_indices(gram_restarts, steps)
     X = G.to(dtype) if dtype is not None else G
+    copied = X is not G  # a conversion: normalized in place
     transpose = G.shape[-2] > G.shape[-1]
     if transpose:
         X = X.mT
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     if scale != 1.0:
         norm = norm * scale
-    X = X / norm.clamp_min(eps)
+    X = X.div_(norm.clamp_min(eps)) if copied else X / norm.clamp_min(eps)
     if gram:
         X = _gram_iteration(X, schedule, restarts)
     else:
