@@ -437,3 +437,40 @@ def test_cheap_gradient_bound_defers_to_the_exact_rule():
     model[0].bias.grad[:2] = math.sqrt(0.6 * limit)  # now 1.2 limit: overflow
     opt.step()
     assert opt.stats()["skipped_overflow"] == 1
+
+
+def test_adamw_step_counts_per_parameter_through_missing_gradients_and_reloads():
+    """The AdamW parameters' ``state["step"]`` (0-d float32, torch's layout) count each
+    parameter's own steps, also when one misses a gradient and across state dict loads
+    (they are incremented together: views of one tensor, made again after a load)."""
+    model = _mlp()
+    opt = Muon(muon_param_groups(model))
+    X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    head_bias = model[4].bias
+
+    def step(skip_bias=False):
+        opt.zero_grad()
+        model(X).pow(2).mean().backward()
+        if skip_bias:
+            head_bias.grad = None
+        opt.step()
+
+    for _ in range(3):
+        step()
+    step(skip_bias=True)
+    counts = {id(p): opt.state[p]["step"] for g in opt.param_groups for p in g["params"]
+              if "step" in opt.state[p]}
+    assert {float(c) for c in counts.values()} == {3.0, 4.0}
+    assert float(counts[id(head_bias)]) == 3.0
+    assert all(c.shape == () and c.dtype == torch.float32 for c in counts.values())
+    sd = copy.deepcopy(opt.state_dict())
+    opt = Muon(muon_param_groups(model))
+    opt.load_state_dict(sd)
+    step()
+    assert float(opt.state[head_bias]["step"]) == 4.0
+    assert float(opt.state[model[0].bias]["step"]) == 5.0
+    # a state entry replaced from outside is read, not overwritten
+    opt.state[head_bias]["step"] = torch.tensor(10.0)
+    step()
+    assert float(opt.state[head_bias]["step"]) == 11.0
+    assert float(opt.state[model[0].bias]["step"]) == 6.0

@@ -313,7 +313,7 @@ class Muon(CurvlabOptimizer):
             if plan.muon:
                 self._muon_update(group, plan)
             if plan.adam:
-                self._adam_update(group, plan.adam)
+                self._adam_update(group, plan)
         return loss
 
     def _gradient_sum_bound(self, plans: list[MuonPlan]) -> float:
@@ -420,8 +420,9 @@ class Muon(CurvlabOptimizer):
                                  list(V.unbind(0)))
             directions.update(zip(idx, N.unbind(0), strict=True))
 
-    def _adam_update(self, group: dict[str, Any], ps: list[Tensor]) -> None:
-        ms, vs, steps = [], [], []
+    def _adam_update(self, group: dict[str, Any], plan: MuonPlan) -> None:
+        ps = plan.adam
+        ms, vs, states = [], [], []
         for p in ps:
             st = self.state[p]
             if "exp_avg" not in st:
@@ -433,9 +434,8 @@ class Muon(CurvlabOptimizer):
                                                     memory_format=torch.preserve_format)
             ms.append(st["exp_avg"])
             vs.append(st["exp_avg_sq"])
-            steps.append(st["step"])
-        torch._foreach_add_(steps, 1.0)
-        counts = [int(t) for t in steps]
+            states.append(st)
+        counts = plan.adam_steps.increment(states)
         config = AdamConfig(group["adam_betas"], group["adam_eps"])
         grads = [p.grad for p in ps]
         if self.process_group is not None:  # DTensor (FSDP2): the local shards

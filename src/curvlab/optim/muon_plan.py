@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab.optim._step_counts import StepCounts
 from curvlab.optim.distributors.matrices import from_wide, wide_shape
 
 __all__ = ["MuonPlan", "group_plan", "muon_scale"]
@@ -57,6 +58,8 @@ class MuonPlan:
     scales: list[float]                # s(A, B) of each by_shape entry, in its order
     owner_of: dict[int, int]           # matrix -> owner rank
     as_stored: dict[tuple, bool]       # by_ns key -> its matrices share one orientation
+    #: the AdamW parameters' step counts (their states' ``"step"``), incremented together
+    adam_steps: StepCounts = field(default_factory=StepCounts)
     _buffers: dict[tuple, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
 
     def buffer(self, key: tuple) -> tuple[Tensor, list[Tensor]]:
