@@ -379,6 +379,7 @@ def newton_schulz(
     dtype: torch.dtype | None = None,
     gram: bool = False,
     gram_restarts: int | Sequence[int] = 2,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Approximate orthogonalization ``U V^T`` of ``G = U S V^T`` by Newton–Schulz.
 
@@ -413,7 +414,8 @@ def newton_schulz(
     ``10 n^2 m + 5 n^3`` when ``m > 1.5 n``.
 
     Works on batches ``(..., m, n)``; computes in ``dtype`` (default: ``G.dtype``) and
-    returns ``G.dtype``.
+    returns ``out_dtype`` (default: ``G.dtype``; ``dtype`` saves the conversion when the
+    caller can use the iteration's result as it is).
     """
     if G.ndim < 2:
         raise ValueError(f"G must have at least 2 dimensions, got shape {tuple(G.shape)}")
@@ -434,7 +436,7 @@ def newton_schulz(
         X = _plain_iteration(X, schedule)
     if transpose:
         X = X.mT
-    return X.to(G.dtype)
+    return X.to(out_dtype or G.dtype)
 
 
 def _plain_iteration(X: Tensor, schedule: list[Coefficients]) -> Tensor:
