@@ -399,7 +399,10 @@ class Muon(CurvlabOptimizer):
                            directions: dict[int, Tensor], by_shape: dict[tuple, list[int]],
                            transposed: bool) -> None:
         """NorMuon, in place on ``directions`` (see the module docstring): per output neuron
-        (logical row), divide by the root of the EMA of its mean square; keep ``||O||_F``."""
+        (logical row), divide by the root of the EMA of its mean square; keep ``||O||_F``.
+        Both Frobenius norms come from the rows' sums of squares ``r_i`` (``||O||_F^2 =
+        sum_i r_i``, ``||O_hat||_F^2 = sum_i r_i / (sqrt(v_i) + eps)^2``), so the update is
+        one pass over the stacked directions besides the one computing ``r``."""
         for (shape, pdtype, _), idx in by_shape.items():
             dtype = moment_dtype(pdtype)
             rows = shape[1] if transposed else shape[0]
@@ -409,13 +412,16 @@ class Muon(CurvlabOptimizer):
                     st["neuron_second_moment"] = torch.zeros(rows, dtype=dtype,
                                                              device=directions[i].device)
             V = torch.stack([self.state[ps[i]]["neuron_second_moment"] for i in idx])
-            D = torch.stack([directions[i] for i in idx]).to(dtype)
+            D = torch.stack([directions[i] for i in idx],  # (converted as it is stacked)
+                            out=torch.empty(len(idx), *shape, dtype=dtype, device=V.device))
             D = D.mT if transposed else D.reshape(len(idx), rows, -1)  # logical (k, out, in)
-            V.lerp_(D.square().mean(dim=-1), 1.0 - group["beta2"])
-            N = D / (V.sqrt() + NORMUON_EPS).unsqueeze(-1)
-            norm_d = torch.linalg.vector_norm(D, dim=(-2, -1), keepdim=True)
-            norm_n = torch.linalg.vector_norm(N, dim=(-2, -1), keepdim=True)
-            N = N * (norm_d / (norm_n + NORMUON_EPS))
+            r = D.square().sum(dim=-1)  # rows' sums of squares (vector_norm over a
+            # strided dim, the transposed case, is 13x slower on a CPU)
+            V.lerp_(r / D.shape[-1], 1.0 - group["beta2"])
+            inv = (V.sqrt() + NORMUON_EPS).reciprocal_()
+            norm_d = r.sum(dim=-1, keepdim=True).sqrt_()
+            norm_n = (r * inv.square()).sum(dim=-1, keepdim=True).sqrt_()
+            N = D * (inv * (norm_d / (norm_n + NORMUON_EPS))).unsqueeze(-1)
             N = (N.mT if transposed else N.reshape(len(idx), *shape)).to(pdtype)
             torch._foreach_copy_([self.state[ps[i]]["neuron_second_moment"] for i in idx],
                                  list(V.unbind(0)))
