@@ -421,11 +421,12 @@ def newton_schulz(
         raise ValueError(f"G must have at least 2 dimensions, got shape {tuple(G.shape)}")
     schedule, scale = ns_schedule(coefficients, steps)
     restarts = gram_restart_indices(gram_restarts, steps)
-    X = G.to(dtype) if dtype is not None else G
-    copied = X is not G  # a conversion: normalized in place
     transpose = G.shape[-2] > G.shape[-1]
-    if transpose:
-        X = X.mT
+    Gw = G.mT if transpose else G
+    # a conversion makes the wide iterate contiguous as it copies (the plain iteration
+    # would copy a transposed one again), and is then normalized in place (without autograd)
+    X = Gw.to(dtype, memory_format=torch.contiguous_format) if dtype is not None else Gw
+    copied = X is not Gw and not (torch.is_grad_enabled() and X.requires_grad)
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     if scale != 1.0:
         norm = norm * scale
