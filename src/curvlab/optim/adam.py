@@ -107,7 +107,8 @@ def _moments_and_denominators(ms: Sequence[Tensor], vs: Sequence[Tensor],
         torch._foreach_div_(denom, scalar(c2[0]))
     else:
         torch._foreach_div_(denom, c2)
-    torch._foreach_add_(denom, scalar(config.eps))
+    eps = scalar(config.eps)  # (add_ of one 0-d tensor is as slow as of the number)
+    torch._foreach_add_(denom, [eps] * len(denom) if isinstance(eps, Tensor) else eps)
     return denom, c1
 
 

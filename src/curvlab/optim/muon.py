@@ -443,7 +443,7 @@ class Muon(CurvlabOptimizer):
             vs.append(st["exp_avg_sq"])
             states.append(st)
         counts = plan.adam_steps.increment(states)
-        config = AdamConfig(group["adam_betas"], group["adam_eps"])
+        config = _adam_config(tuple(group["adam_betas"]), group["adam_eps"])
         grads = [p.grad for p in ps]
         if self.process_group is not None:  # DTensor (FSDP2): the local shards
             ps, ms, vs, grads = ([local_tensor(t) for t in ts] for ts in (ps, ms, vs, grads))
@@ -494,6 +494,12 @@ class Muon(CurvlabOptimizer):
         return StabilityModel("muon", float(group["lr"]), momentum_threshold(b1, ema=True),
                               inv_sqrt, "AdamW parameters only; Muon's orthogonalized "
                               "matrices have no curvature bound", samples)
+
+
+@functools.lru_cache(maxsize=64)
+def _adam_config(betas: tuple[float, float], eps: float) -> AdamConfig:
+    """A group's AdamConfig (frozen; validated once, not at every step)."""
+    return AdamConfig(betas, eps)
 
 
 def _add_(params: list[Tensor], directions: list[Tensor], alpha: float) -> None:
