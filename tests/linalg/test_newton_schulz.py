@@ -191,3 +191,17 @@ def test_invalid_arguments_name_themselves():
     for steps in (-1, 1.5, True):
         with pytest.raises(ValueError, match="steps"):
             newton_schulz(G, steps)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 12), (3, 12, 5)])
+def test_converted_input_differentiates_and_out_dtype(shape):
+    """The converted copy is normalized in place only without autograd (backward needs
+    it); ``out_dtype`` returns the iteration's result unconverted, tall inputs as well."""
+    G = torch.randn(*shape, dtype=torch.float32, requires_grad=True)
+    X = newton_schulz(G, dtype=torch.float64)
+    X.sum().backward()
+    assert G.grad is not None and torch.isfinite(G.grad).all()
+    with torch.no_grad():
+        Y = newton_schulz(G, dtype=torch.float64, out_dtype=torch.float64)
+    assert Y.dtype == torch.float64 and Y.shape == G.shape
+    assert torch.equal(Y.float(), X.detach())

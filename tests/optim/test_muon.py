@@ -251,12 +251,12 @@ def test_ns_variants_update_matches_newton_schulz():
     from curvlab.linalg.matfuncs import NS_QUINTIC_COEFFICIENTS
 
     torch.manual_seed(0)
-    G = torch.randn(6, 20, dtype=torch.float64)
+    G = torch.randn(6, 60, dtype=torch.float64)  # wide enough for Gram on a CPU
     for kw in [dict(ns_coefficients="polar_express"),
                dict(ns_coefficients="polar_express", gram=True),
                dict(ns_coefficients=[(3.0, -3.2, 1.2)] * 2 + [(1.5, -0.5, 0.0)] * 4, ns_steps=6,
                     gram=True, gram_restarts=(3,))]:
-        W = nn.Parameter(torch.zeros(6, 20, dtype=torch.float64))
+        W = nn.Parameter(torch.zeros(6, 60, dtype=torch.float64))
         opt = Muon([W], lr=0.1, momentum=0.0, nesterov=False, adjust_lr="none", **kw)
         W.grad = G.clone()
         opt.step()
@@ -275,6 +275,26 @@ def test_ns_variants_update_matches_newton_schulz():
             m(X).pow(2).mean().backward()
             o.step()
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("cols", [8 * 6 - 1, 8 * 6])
+def test_gram_on_a_cpu_only_from_the_min_aspect(cols):
+    """gram=True: Gram Newton-Schulz on matrices >= CPU_GRAM_MIN_ASPECT times wider than
+    tall (either orientation), the plain iteration below, bitwise."""
+    from curvlab.optim.muon import CPU_GRAM_MIN_ASPECT
+
+    assert CPU_GRAM_MIN_ASPECT == 8
+    G = torch.randn(6, cols, generator=torch.Generator().manual_seed(0))
+    for grad in (G, G.T.contiguous()):
+        W = nn.Parameter(torch.zeros_like(grad))
+        opt = Muon([W], lr=1.0, momentum=0.0, nesterov=False, adjust_lr="none",
+                   ns_coefficients="polar_express", gram=True, ns_dtype=torch.float32)
+        W.grad = grad.clone()
+        opt.step()
+        ns = [newton_schulz(grad[None], 5, "polar_express", gram=gram)[0]  # (a batch of 1)
+              for gram in (cols >= 8 * 6, cols < 8 * 6)]
+        assert torch.equal(W.detach(), -ns[0])
+        assert not torch.equal(ns[0], ns[1])
 
 
 def _normuon_reference(W0, grads, lr, mom, beta2, scale):
@@ -347,3 +367,110 @@ def test_bad_variant_arguments():
     opt = Muon(p, ns_steps=3, ns_coefficients=[(1.5, -0.5, 0.0)] * 3)
     with pytest.raises(ValueError, match="ns_coefficients"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2))], "ns_steps": 4})
+
+
+def _state_copy(opt):
+    return {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, 1e25])
+def test_bad_gradient_of_any_parameter_skips_the_step(value):
+    """The gradient rule sees every gradient: a non-finite or overflowing entry in any one
+    of them (matrices of each wide shape, AdamW parameters) skips the step with parameters
+    and state bitwise unchanged, or raises."""
+    model = _mlp()
+    opt = Muon(muon_param_groups(model, lr=0.02, adamw_lr=1e-3))
+    X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    model(X).pow(2).mean().backward()
+    opt.step()
+    for k, p in enumerate(model.parameters()):
+        model.zero_grad()
+        model(X).pow(2).mean().backward()
+        p.grad.view(-1)[-1] = value
+        params = [q.detach().clone() for q in model.parameters()]
+        state = _state_copy(opt)
+        skipped = opt.stats()["skipped_steps"]
+        opt.step()
+        assert opt.stats()["skipped_steps"] == skipped + 1, k
+        assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+        after = _state_copy(opt)
+        assert all(torch.equal(v, after[i][n]) for i, st in state.items()
+                   for n, v in st.items()), k
+    raising = Muon(muon_param_groups(model), nonfinite="raise")
+    with pytest.raises(FloatingPointError):
+        raising.step()
+
+
+def test_gradient_rule_sees_the_gradient_the_closure_computes():
+    """step(closure): the rule checks the gradients the closure made (the gradients were
+    once collected before the closure ran: none here, so a NaN gradient went through)."""
+    model = _mlp()
+    opt = Muon(muon_param_groups(model))
+    X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    X[0, 0] = math.nan
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = model(X).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.stats()["skipped_nonfinite"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_cheap_gradient_bound_defers_to_the_exact_rule():
+    """Gradients whose combined norm (the cheap bound: AdamW gradients concatenated) is
+    near the overflow threshold but each of which is below it: the exact rule decides, and
+    the step is taken."""
+    limit = 0.25 * torch.finfo(torch.float32).max
+    model = _mlp()
+    opt = Muon(muon_param_groups(model))
+    model(torch.randn(4, 6)).sum().backward()
+    for p in (model[0].bias, model[2].bias):  # AdamW parameters, ||g||^2 = 0.6 limit each
+        p.grad.zero_()
+        p.grad[:2] = math.sqrt(0.3 * limit)
+    opt.step()
+    assert opt.stats()["steps"] == 1 and opt.stats()["skipped_steps"] == 0
+    model[0].bias.grad[:2] = math.sqrt(0.6 * limit)  # now 1.2 limit: overflow
+    opt.step()
+    assert opt.stats()["skipped_overflow"] == 1
+
+
+def test_adamw_step_counts_per_parameter_through_missing_gradients_and_reloads():
+    """The AdamW parameters' ``state["step"]`` (0-d float32, torch's layout) count each
+    parameter's own steps, also when one misses a gradient and across state dict loads
+    (they are incremented together: views of one tensor, made again after a load)."""
+    model = _mlp()
+    opt = Muon(muon_param_groups(model))
+    X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    head_bias = model[4].bias
+
+    def step(skip_bias=False):
+        opt.zero_grad()
+        model(X).pow(2).mean().backward()
+        if skip_bias:
+            head_bias.grad = None
+        opt.step()
+
+    for _ in range(3):
+        step()
+    step(skip_bias=True)
+    counts = {id(p): opt.state[p]["step"] for g in opt.param_groups for p in g["params"]
+              if "step" in opt.state[p]}
+    assert {float(c) for c in counts.values()} == {3.0, 4.0}
+    assert float(counts[id(head_bias)]) == 3.0
+    assert all(c.shape == () and c.dtype == torch.float32 for c in counts.values())
+    sd = copy.deepcopy(opt.state_dict())
+    opt = Muon(muon_param_groups(model))
+    opt.load_state_dict(sd)
+    step()
+    assert float(opt.state[head_bias]["step"]) == 4.0
+    assert float(opt.state[model[0].bias]["step"]) == 5.0
+    # a state entry replaced from outside is read, not overwritten
+    opt.state[head_bias]["step"] = torch.tensor(10.0)
+    step()
+    assert float(opt.state[head_bias]["step"]) == 11.0
+    assert float(opt.state[model[0].bias]["step"]) == 6.0

@@ -379,6 +379,7 @@ def newton_schulz(
     dtype: torch.dtype | None = None,
     gram: bool = False,
     gram_restarts: int | Sequence[int] = 2,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Approximate orthogonalization ``U V^T`` of ``G = U S V^T`` by Newton–Schulz.
 
@@ -413,27 +414,30 @@ def newton_schulz(
     ``10 n^2 m + 5 n^3`` when ``m > 1.5 n``.
 
     Works on batches ``(..., m, n)``; computes in ``dtype`` (default: ``G.dtype``) and
-    returns ``G.dtype``.
+    returns ``out_dtype`` (default: ``G.dtype``; ``dtype`` saves the conversion when the
+    caller can use the iteration's result as it is).
     """
     if G.ndim < 2:
         raise ValueError(f"G must have at least 2 dimensions, got shape {tuple(G.shape)}")
     schedule, scale = ns_schedule(coefficients, steps)
     restarts = gram_restart_indices(gram_restarts, steps)
-    X = G.to(dtype) if dtype is not None else G
     transpose = G.shape[-2] > G.shape[-1]
-    if transpose:
-        X = X.mT
+    Gw = G.mT if transpose else G
+    # a conversion makes the wide iterate contiguous as it copies (the plain iteration
+    # would copy a transposed one again), and is then normalized in place (without autograd)
+    X = Gw.to(dtype, memory_format=torch.contiguous_format) if dtype is not None else Gw
+    copied = X is not Gw and not (torch.is_grad_enabled() and X.requires_grad)
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     if scale != 1.0:
         norm = norm * scale
-    X = X / norm.clamp_min(eps)
+    X = X.div_(norm.clamp_min(eps)) if copied else X / norm.clamp_min(eps)
     if gram:
         X = _gram_iteration(X, schedule, restarts)
     else:
         X = _plain_iteration(X, schedule)
     if transpose:
         X = X.mT
-    return X.to(G.dtype)
+    return X.to(out_dtype or G.dtype)
 
 
 def _plain_iteration(X: Tensor, schedule: list[Coefficients]) -> Tensor:

@@ -261,11 +261,11 @@ class CurvlabOptimizer(torch.optim.Optimizer):
 
     # ---- the step ------------------------------------------------------------------------
     def _begin_step(self, closure: Callable[[], Any] | None, grads: Sequence[Tensor] | None = None,
-                    loss_checked: bool = False, process_group: Any = None
-                    ) -> tuple[Any, float | None]:
+                    loss_checked: bool = False, process_group: Any = None,
+                    upper: Callable[[], float] | None = None) -> tuple[Any, float | None]:
         """Run the closure (with gradients enabled), check the learning rates and apply the
-        gradient rule. Returns ``(loss, bound)``; ``bound`` is None when the step must be
-        skipped (already counted and logged)."""
+        gradient rule (``upper``: see :meth:`_gradient_bound`). Returns ``(loss, bound)``;
+        ``bound`` is None when the step must be skipped (already counted and logged)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -282,15 +282,26 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                 torch.as_tensor(loss).detach()).all()):
             self._skip("nonfinite", "loss")
             return loss, None
-        return loss, self._gradient_bound(grads, process_group)
+        return loss, self._gradient_bound(grads, process_group, upper)
 
-    def _gradient_bound(self, grads: Sequence[Tensor], group: Any = None) -> float | None:
+    def _gradient_bound(self, grads: Sequence[Tensor], group: Any = None,
+                        upper: Callable[[], float] | None = None) -> float | None:
         """The largest gradient norm over ``grads``, or None when the step is skipped: a
         non-finite entry, or squares that would overflow the statistics (see the module
         docstring).
-        ``group``: a process group whose ranks must agree (max-reduced)."""
+        ``group``: a process group whose ranks must agree (max-reduced).
+        ``upper`` (one process only): a cheaper bound, called first; it must return an
+        upper bound of every gradient's norm (NaN or inf if an entry is not finite; e.g.
+        the norm of a stack of several gradients). When its square is below a quarter of
+        the threshold (a margin for its rounding: a float32 sum of squares of ``n`` terms
+        errs by at most ``n 2^-24`` relative), the exact rule would pass too and the bound
+        is returned instead of the largest norm; otherwise the exact rule decides."""
         if any(g.is_sparse for g in grads):
             raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+        if upper is not None and group is None:
+            bound = upper()
+            if bound * bound < 0.25 * self._overflow_threshold():  # NaN: False
+                return bound
         from curvlab.optim.distributors.collectives import local_tensor
 
         gmax = _max_norm([local_tensor(g) for g in grads])
@@ -305,12 +316,16 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         if math.isnan(gmax):
             self._skip("nonfinite", "gradient")
             return None
-        # a statistic's entry (a sum of products of gradient entries) is at most ||G||_F^2
-        if not gmax * gmax < 0.25 * torch.finfo(self.statistics_dtype).max:
+        if not gmax * gmax < self._overflow_threshold():
             self._skip("overflow", f"gradient (norm {gmax:.3g}: its squares overflow "
                        f"{self.statistics_dtype})")
             return None
         return gmax
+
+    def _overflow_threshold(self) -> float:
+        """A gradient with ``||G||_F^2`` at or above this skips the step: a statistic's entry
+        (a sum of products of gradient entries) is at most ``||G||_F^2``."""
+        return 0.25 * torch.finfo(self.statistics_dtype).max
 
     def _skip(self, kind: str, what: str) -> None:
         """Skip the step (``kind``: "nonfinite" or "overflow"), or raise under

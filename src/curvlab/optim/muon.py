@@ -28,7 +28,12 @@ the coefficients ``ns_coefficients``: ``"quintic"`` (default; Jordan et al.'s
 iteration, converging to ``U V^T``), one user ``(a, b, c)`` or a sequence of per-iteration
 tuples. ``gram=True`` runs the same polynomials through the small Gram matrix of the
 update (Gram Newton–Schulz, restarted every ``gram_restarts`` iterations): equal in
-exact arithmetic, cheaper per iteration for wide or tall matrices.
+exact arithmetic, fewer multiply-adds for wide or tall matrices. On a CPU it is used only
+for matrices at least :data:`CPU_GRAM_MIN_ASPECT` times wider than tall, the others run the
+plain iteration: there its small square products are slow enough that Gram costs more
+below that (bfloat16, 1 thread, 5 Polar Express iterations: Gram / plain time 1.33 at
+256 x 512, 1.18 at 256 x 1024, 1.11 at 2 x 128 x 768, 0.85 at 2 x 128 x 1024, 0.85 at
+2 x 64 x 1024).
 
 ``normalize="neuron"`` is NorMuon (Li et al. 2025): after orthogonalization each output
 neuron (row ``i`` of the logical ``(out, in)`` matrix) is divided by the root of an EMA of
@@ -105,7 +110,11 @@ from curvlab.optim.base import (
     unit_interval,
 )
 from curvlab.optim.distributors.collectives import local_tensor
-from curvlab.optim.distributors.matrices import RowShardedMatrices, matrix_distributor, wide_shape
+from curvlab.optim.distributors.matrices import (
+    RowShardedMatrices,
+    matrix_distributor,
+)
+from curvlab.optim.muon_plan import MuonPlan, group_plan
 from curvlab.optim.stability import StabilityModel, ema_samples, momentum_threshold
 
 logger = logging.getLogger(__name__)
@@ -115,6 +124,9 @@ __all__ = ["Muon", "muon_param_groups"]
 _ADJUST = ("original", "match_rms_adamw", "none")
 _NORMALIZE = (None, "neuron")
 NORMUON_EPS = 1e-10  # the NorMuon authors' reference code
+#: on a CPU, ``gram=True`` runs Gram Newton–Schulz only on matrices at least this many
+#: times wider than tall (measured crossover, see the module docstring)
+CPU_GRAM_MIN_ASPECT = 8
 
 
 def native_bfloat16_matmul(device: torch.device) -> bool:
@@ -155,15 +167,6 @@ def _as_tuples(x: Any) -> Any:
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _muon_scale(rule: str, shape: tuple[int, ...]) -> float:
-    """The shape-aware scale ``s(A, B)`` for a weight of logical shape ``(out, in, ...)``."""
-    A, B = shape[0], math.prod(shape[1:])
-    if rule == "original":
-        return math.sqrt(max(1.0, A / B))
-    if rule == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(A, B))
-    return 1.0
-
 
 class Muon(CurvlabOptimizer):
     """Muon with an AdamW fallback (torch.optim API). See the module docstring.
@@ -182,7 +185,8 @@ class Muon(CurvlabOptimizer):
             ``ns_steps`` per-iteration tuples (:func:`curvlab.linalg.matfuncs.ns_schedule`).
         gram, gram_restarts: Gram Newton–Schulz, restarted every ``gram_restarts``
             iterations (default 2) or before the (0-based) iterations of a tuple (its
-            authors': ``(2,)``; see :func:`curvlab.linalg.newton_schulz`).
+            authors': ``(2,)``; see :func:`curvlab.linalg.newton_schulz`); on a CPU only
+            for matrices at least :data:`CPU_GRAM_MIN_ASPECT` times wider than tall.
         normalize: None (Muon) or ``"neuron"`` (NorMuon: neuron-wise second-moment
             normalization after orthogonalization, see the module docstring; refused for
             FSDP2 parameters).
@@ -249,6 +253,7 @@ class Muon(CurvlabOptimizer):
                         adam_betas=tuple(aux["adam_betas"]), adam_eps=aux["adam_eps"],
                         use_muon=None, transposed=False)
         self.process_group = _dist.resolve_group(process_group)
+        self._plans: dict[int, MuonPlan] = {}  # id(group) -> its layout (muon_plan)
         self._newton_schulz = (torch.compile(newton_schulz, fullgraph=True, dynamic=False)
                                if compile else newton_schulz)
         super().__init__(params, defaults, nonfinite=nonfinite)
@@ -287,28 +292,54 @@ class Muon(CurvlabOptimizer):
     def _uses_muon(self, group: dict[str, Any], p: Tensor) -> bool:
         return bool(group["use_muon"]) if group["use_muon"] is not None else p.ndim >= 2
 
+    def _plan(self, group: dict[str, Any]) -> MuonPlan:
+        return group_plan(self._plans, group, self._uses_muon, self.distributor.owners)
+
+    def _after_load(self) -> None:
+        self._plans.clear()  # the loaded param groups are new dicts
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        loss, gmax = self._begin_step(closure, grads,
-                                      process_group=self.distributor.gradient_group())
+        plans: list[MuonPlan] = []  # built after the closure, once per step
+        upper = (functools.partial(self._gradient_sum_bound, plans)
+                 if self.process_group is None else None)
+        loss, gmax = self._begin_step(closure, process_group=self.distributor.gradient_group(),
+                                      upper=upper)
         if gmax is None:
             return loss
         self._counters["steps"] += 1
-        for group in self.param_groups:
-            muon_ps: list[Tensor] = []
-            adam_ps: list[Tensor] = []
-            for p in group["params"]:
-                if p.grad is not None:
-                    (muon_ps if self._uses_muon(group, p) else adam_ps).append(p)
-            if muon_ps:
-                self._muon_update(group, muon_ps)
-            if adam_ps:
-                self._adam_update(group, adam_ps)
+        for group, plan in zip(self.param_groups,
+                               plans or [self._plan(g) for g in self.param_groups], strict=True):
+            if plan.muon:
+                self._muon_update(group, plan)
+            if plan.adam:
+                self._adam_update(group, plan)
         return loss
 
-    def _muon_update(self, group: dict[str, Any], ps: list[Tensor]) -> None:
+    def _gradient_sum_bound(self, plans: list[MuonPlan]) -> float:
+        """An upper bound of every gradient's norm for the gradient rule (see
+        :meth:`_gradient_bound`): the matrices' norms (one BLAS dot each) and the norm of
+        the other gradients concatenated; inf when they cannot be concatenated (several
+        devices). One host read. Appends the groups' plans to ``plans``."""
+        sums = []
+        for group in self.param_groups:
+            plan = self._plan(group)
+            plans.append(plan)
+            sums += [_sum_of_squares(p.grad) for p in plan.muon]
+            if plan.adam:
+                grads = [p.grad for p in plan.adam]
+                if any(g.device != grads[0].device for g in grads):
+                    return math.inf
+                sums.append(_sum_of_squares(torch.cat([g.reshape(-1) for g in grads])))
+        if not sums:
+            return 0.0
+        if any(n.dtype != sums[0].dtype or n.device != sums[0].device for n in sums):
+            sums = [n.double().cpu() for n in sums]
+        return math.sqrt(float(torch.stack(sums).max()))  # NaN, inf propagate
+
+    def _muon_update(self, group: dict[str, Any], plan: MuonPlan) -> None:
         mom, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        ps = plan.muon
         grads = [p.grad for p in ps]
         bufs = []
         for p in ps:
@@ -317,48 +348,61 @@ class Muon(CurvlabOptimizer):
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             bufs.append(st["momentum_buffer"])
         torch._foreach_lerp_(bufs, grads, 1.0 - mom)
-        upd = torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs
-        dtype = group["ns_dtype"]
-        # scale and NorMuon go by stored shape; Newton–Schulz by the wide 2-D shape it
-        # iterates on (its result is orientation-equivariant: polar(U^T) = polar(U)^T), so
-        # (A, B) and (B, A) matrices are orthogonalized in one batch
-        by_shape: dict[tuple, list[int]] = {}
-        by_ns: dict[tuple, list[int]] = {}
-        for i, p in enumerate(ps):
-            by_shape.setdefault((p.shape, p.dtype, p.device), []).append(i)
-            by_ns.setdefault((wide_shape(p.shape), p.dtype, p.device), []).append(i)
         if wd != 0:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
-        order = [i for idx in by_ns.values() for i in idx]
-        owner_of = dict(zip(order, self.distributor.owners([ps[i].shape for i in order]),
-                            strict=True))
-
+        dtype = group["ns_dtype"]
         transposed = bool(group.get("transposed", False))  # state dicts from before the key
 
-        def orthogonalize(i_list: list[int], U: Tensor) -> Tensor:
-            """Newton–Schulz of the stacked wide updates ``U`` of ``ps[i_list]``."""
+        def orthogonalize(i_list: list[int], U: Tensor, as_params: bool = True) -> Tensor:
+            """Newton–Schulz of the stacked updates ``U`` of ``ps[i_list]``, in their
+            dtype (``as_params=False``: in the iteration's)."""
             pdtype = ps[i_list[0]].dtype
+            ns_dtype = dtype or default_ns_dtype(U.device, pdtype)
             with self.timings.measure("precondition"):
                 return self._newton_schulz(U, group["ns_steps"], group["ns_coefficients"],
-                                           group["eps"],
-                                           dtype=dtype or default_ns_dtype(U.device, pdtype),
-                                           gram=group["gram"],
-                                           gram_restarts=group["gram_restarts"]).to(pdtype)
+                                           group["eps"], dtype=ns_dtype,
+                                           gram=group["gram"] and _gram_pays(U),
+                                           gram_restarts=group["gram_restarts"],
+                                           out_dtype=pdtype if as_params else ns_dtype)
 
-        directions = self.distributor.directions(ps, upd, owner_of, by_ns, orthogonalize)
+        # Newton–Schulz goes by the wide 2-D shape it iterates on (its result is
+        # orientation-equivariant: polar(U^T) = polar(U)^T), so (A, B) and (B, A) matrices
+        # are orthogonalized in one batch; scale and NorMuon go by stored shape
+        if self.process_group is None:  # the updates written into the plan's buffers
+            stacks = []
+            for key, idx in plan.by_ns.items():
+                U, views = plan.buffer(key)
+                for i, view in zip(idx, views, strict=True):
+                    g, b = grads[i].reshape(view.shape), bufs[i].reshape(view.shape)
+                    if group["nesterov"]:  # G.lerp(B, mu), as torch.optim.Muon
+                        torch.lerp(g, b, mom, out=view)
+                    else:
+                        view.copy_(b)
+                stacks.append((key, idx, U))
+            directions = {}
+            for key, idx, U in stacks:  # (added to the parameters in the iteration's dtype)
+                O = orthogonalize(idx, U, as_params=False)
+                directions.update((i, plan.unmatrix(key, o, ps[i].shape))
+                                  for i, o in zip(idx, O.unbind(0), strict=True))
+            params = ps
+        else:
+            upd = torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs
+            directions = self.distributor.directions(ps, upd, plan.owner_of, plan.by_ns,
+                                                     orthogonalize)
+            params = [local_tensor(p) for p in ps]
         if group["normalize"] == "neuron":
-            self._normalize_neurons(group, ps, directions, by_shape, transposed)
-        for shape, idx in ((k[0], v) for k, v in by_shape.items()):
-            logical = (shape[1], shape[0]) if transposed else tuple(shape)
-            scale = -lr * _muon_scale(group["adjust_lr"], logical)
-            torch._foreach_add_([local_tensor(ps[i]) for i in idx],
-                                [directions[i] for i in idx], alpha=scale)
+            self._normalize_neurons(group, ps, directions, plan.by_shape, transposed)
+        for idx, scale in zip(plan.by_shape.values(), plan.scales, strict=True):
+            _add_([params[i] for i in idx], [directions[i] for i in idx], -lr * scale)
 
     def _normalize_neurons(self, group: dict[str, Any], ps: list[Tensor],
                            directions: dict[int, Tensor], by_shape: dict[tuple, list[int]],
                            transposed: bool) -> None:
         """NorMuon, in place on ``directions`` (see the module docstring): per output neuron
-        (logical row), divide by the root of the EMA of its mean square; keep ``||O||_F``."""
+        (logical row), divide by the root of the EMA of its mean square; keep ``||O||_F``.
+        Both Frobenius norms come from the rows' sums of squares ``r_i`` (``||O||_F^2 =
+        sum_i r_i``, ``||O_hat||_F^2 = sum_i r_i / (sqrt(v_i) + eps)^2``), so the update is
+        one pass over the stacked directions besides the one computing ``r``."""
         for (shape, pdtype, _), idx in by_shape.items():
             dtype = moment_dtype(pdtype)
             rows = shape[1] if transposed else shape[0]
@@ -368,20 +412,24 @@ class Muon(CurvlabOptimizer):
                     st["neuron_second_moment"] = torch.zeros(rows, dtype=dtype,
                                                              device=directions[i].device)
             V = torch.stack([self.state[ps[i]]["neuron_second_moment"] for i in idx])
-            D = torch.stack([directions[i] for i in idx]).to(dtype)
+            D = torch.stack([directions[i] for i in idx],  # (converted as it is stacked)
+                            out=torch.empty(len(idx), *shape, dtype=dtype, device=V.device))
             D = D.mT if transposed else D.reshape(len(idx), rows, -1)  # logical (k, out, in)
-            V.lerp_(D.square().mean(dim=-1), 1.0 - group["beta2"])
-            N = D / (V.sqrt() + NORMUON_EPS).unsqueeze(-1)
-            norm_d = torch.linalg.vector_norm(D, dim=(-2, -1), keepdim=True)
-            norm_n = torch.linalg.vector_norm(N, dim=(-2, -1), keepdim=True)
-            N = N * (norm_d / (norm_n + NORMUON_EPS))
+            r = D.square().sum(dim=-1)  # rows' sums of squares (vector_norm over a
+            # strided dim, the transposed case, is 13x slower on a CPU)
+            V.lerp_(r / D.shape[-1], 1.0 - group["beta2"])
+            inv = (V.sqrt() + NORMUON_EPS).reciprocal_()
+            norm_d = r.sum(dim=-1, keepdim=True).sqrt_()
+            norm_n = (r * inv.square()).sum(dim=-1, keepdim=True).sqrt_()
+            N = D * (inv * (norm_d / (norm_n + NORMUON_EPS))).unsqueeze(-1)
             N = (N.mT if transposed else N.reshape(len(idx), *shape)).to(pdtype)
             torch._foreach_copy_([self.state[ps[i]]["neuron_second_moment"] for i in idx],
                                  list(V.unbind(0)))
             directions.update(zip(idx, N.unbind(0), strict=True))
 
-    def _adam_update(self, group: dict[str, Any], ps: list[Tensor]) -> None:
-        ms, vs, steps = [], [], []
+    def _adam_update(self, group: dict[str, Any], plan: MuonPlan) -> None:
+        ps = plan.adam
+        ms, vs, states = [], [], []
         for p in ps:
             st = self.state[p]
             if "exp_avg" not in st:
@@ -391,14 +439,15 @@ class Muon(CurvlabOptimizer):
                                                  memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype,
                                                     memory_format=torch.preserve_format)
-            st["step"] += 1
             ms.append(st["exp_avg"])
             vs.append(st["exp_avg_sq"])
-            steps.append(int(st["step"]))
-        config = AdamConfig(group["adam_betas"], group["adam_eps"])
-        adam_step_([local_tensor(p) for p in ps], [local_tensor(m) for m in ms],
-                   [local_tensor(v) for v in vs], [local_tensor(p.grad) for p in ps],
-                   steps, config, group["lr"], group["weight_decay"])
+            states.append(st)
+        counts = plan.adam_steps.increment(states)
+        config = _adam_config(tuple(group["adam_betas"]), group["adam_eps"])
+        grads = [p.grad for p in ps]
+        if self.process_group is not None:  # DTensor (FSDP2): the local shards
+            ps, ms, vs, grads = ([local_tensor(t) for t in ts] for ts in (ps, ms, vs, grads))
+        adam_step_(ps, ms, vs, grads, counts, config, group["lr"], group["weight_decay"])
 
     def _state_template(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         if self._uses_muon(group, p):
@@ -445,6 +494,39 @@ class Muon(CurvlabOptimizer):
         return StabilityModel("muon", float(group["lr"]), momentum_threshold(b1, ema=True),
                               inv_sqrt, "AdamW parameters only; Muon's orthogonalized "
                               "matrices have no curvature bound", samples)
+
+
+@functools.lru_cache(maxsize=64)
+def _adam_config(betas: tuple[float, float], eps: float) -> AdamConfig:
+    """A group's AdamConfig (frozen; validated once, not at every step)."""
+    return AdamConfig(betas, eps)
+
+
+def _add_(params: list[Tensor], directions: list[Tensor], alpha: float) -> None:
+    """``p += alpha d``: one foreach kernel, or per tensor when the dtypes differ (a
+    bfloat16 direction added to a float32 parameter: torch's foreach slow path costs 25%
+    more than the loop on a CPU; either is exact: bfloat16 widens to float32 exactly)."""
+    if all(d.dtype == p.dtype for p, d in zip(params, directions, strict=True)):
+        torch._foreach_add_(params, directions, alpha=alpha)
+        return
+    for p, d in zip(params, directions, strict=True):
+        p.add_(d, alpha=alpha)
+
+
+def _gram_pays(U: Tensor) -> bool:
+    """Whether Gram Newton–Schulz is worth it for the (stacked) matrices ``U``: everywhere
+    but on a CPU, where only from :data:`CPU_GRAM_MIN_ASPECT`."""
+    n, m = sorted(U.shape[-2:])
+    return U.device.type != "cpu" or m >= CPU_GRAM_MIN_ASPECT * n
+
+
+def _sum_of_squares(t: Tensor) -> Tensor:
+    """``||t||_F^2`` (one BLAS dot, 2.5x faster than ``vector_norm`` on a CPU; 16-bit
+    tensors through a float32 norm); NaN or inf propagate."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+    v = t.reshape(-1)
+    return torch.dot(v, v)
 
 
 def transposed_linear_class() -> type | None:
