@@ -474,3 +474,26 @@ def test_adamw_step_counts_per_parameter_through_missing_gradients_and_reloads()
     step()
     assert float(opt.state[head_bias]["step"]) == 11.0
     assert float(opt.state[model[0].bias]["step"]) == 6.0
+
+
+def test_compile_step_is_compile_true_after_construction_and_switches_off():
+    """compile_step() (dynamo's eager backend: traced fullgraph, no code generation)
+    compiles Newton–Schulz and the AdamW part of the biases: 3 steps equal the eager ones
+    to float rounding. Run after the other compiled tests (one process), this met dynamo's
+    recompile limit (8 graphs per code object) when every Muon shared one compiled
+    newton_schulz: now one code copy per batch shape and setting."""
+    base = _mlp()
+    eager = _muon_run(copy.deepcopy(base), ns_dtype=torch.float32)
+    model = copy.deepcopy(base)
+    opt = Muon(model.parameters(), lr=0.02, ns_dtype=torch.float32)
+    assert opt.compilable and not opt.step_compiled
+    assert opt.compile_step(backend="eager") is opt and opt.step_compiled
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        X = torch.randn(32, 6, generator=g)
+        model.zero_grad()
+        model(X).pow(2).mean().backward()
+        opt.step()
+    for p, e in zip(model.parameters(), eager, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+    assert not opt.compile_step(False).step_compiled

@@ -202,9 +202,10 @@ class Muon(CurvlabOptimizer):
             (:mod:`curvlab.optim.base`).
         process_group: ``None``, ``"default"`` or a ``ProcessGroup``: split the
             Newton–Schulz work over its ranks (DDP), required for DTensor (FSDP2) parameters.
-        compile: run the Newton–Schulz iteration through ``torch.compile`` (one graph per
-            batch shape, compiled on first use; fuses the scaling and additions around the
-            matmuls on GPUs). Off by default: compiling costs seconds.
+        compile: :meth:`compile_step` at construction: the Newton–Schulz iteration through
+            ``torch.compile`` (one graph per batch shape, compiled on first use; fuses the
+            scaling and additions around the matmuls on GPUs) and the AdamW part compiled.
+            Off by default: compiling costs seconds.
     """
 
     hyperparameters = {
@@ -254,14 +255,28 @@ class Muon(CurvlabOptimizer):
                         use_muon=None, transposed=False)
         self.process_group = _dist.resolve_group(process_group)
         self._plans: dict[int, MuonPlan] = {}  # id(group) -> its layout (muon_plan)
-        self._newton_schulz = (torch.compile(newton_schulz, fullgraph=True, dynamic=False)
-                               if compile else newton_schulz)
         super().__init__(params, defaults, nonfinite=nonfinite)
         self.distributor = matrix_distributor(
             self.process_group, [p for g in self.param_groups for p in g["params"]], "Muon")
         self.timings = self.distributor.timings
         for g in self.param_groups:
             self._validate_group(g)
+        if compile:
+            self.compile_step()
+
+    #: compiled step: Newton–Schulz per batch shape, and the AdamW part
+    compilable = True
+
+    def compile_step(self, enabled: bool = True, *, backend: str = "inductor",
+                     mode: str | None = None, options: dict[str, Any] | None = None) -> Muon:
+        """The Newton–Schulz iteration through ``torch.compile`` (``fullgraph``; one copy of
+        its code per batch shape and setting, so many shapes or several optimizers in one
+        process never meet dynamo's recompile limit; compiled on first use) and the AdamW
+        part through the shared compiled Adam update (:mod:`curvlab.optim.compiled`);
+        ``enabled=False``: eager again. ``Muon(..., compile=True)`` is the same at
+        construction. Returns ``self``."""
+        super().compile_step(enabled, backend=backend, mode=mode, options=options)
+        return self
 
     def _validate_group(self, g: dict[str, Any]) -> None:
         super()._validate_group(g)
@@ -358,12 +373,16 @@ class Muon(CurvlabOptimizer):
             dtype (``as_params=False``: in the iteration's)."""
             pdtype = ps[i_list[0]].dtype
             ns_dtype = dtype or default_ns_dtype(U.device, pdtype)
+            out_dtype = pdtype if as_params else ns_dtype
+            gram = group["gram"] and _gram_pays(U)
+            settings = (group["ns_steps"], group["ns_coefficients"], group["eps"],
+                        group["gram_restarts"])
+            fn = newton_schulz if self._step_compiler is None else self._step_compiler(
+                newton_schulz, ("newton_schulz", tuple(U.shape), U.dtype, U.device, ns_dtype,
+                                out_dtype, gram, settings))
             with self.timings.measure("precondition"):
-                return self._newton_schulz(U, group["ns_steps"], group["ns_coefficients"],
-                                           group["eps"], dtype=ns_dtype,
-                                           gram=group["gram"] and _gram_pays(U),
-                                           gram_restarts=group["gram_restarts"],
-                                           out_dtype=pdtype if as_params else ns_dtype)
+                return fn(U, *settings[:3], dtype=ns_dtype, gram=gram,
+                          gram_restarts=settings[3], out_dtype=out_dtype)
 
         # Newton–Schulz goes by the wide 2-D shape it iterates on (its result is
         # orientation-equivariant: polar(U^T) = polar(U)^T), so (A, B) and (B, A) matrices
@@ -447,7 +466,8 @@ class Muon(CurvlabOptimizer):
         grads = [p.grad for p in ps]
         if self.process_group is not None:  # DTensor (FSDP2): the local shards
             ps, ms, vs, grads = ([local_tensor(t) for t in ts] for ts in (ps, ms, vs, grads))
-        adam_step_(ps, ms, vs, grads, counts, config, group["lr"], group["weight_decay"])
+        adam_step_(ps, ms, vs, grads, counts, config, group["lr"], group["weight_decay"],
+                   compiler=self._step_compiler)
 
     def _state_template(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         if self._uses_muon(group, p):
