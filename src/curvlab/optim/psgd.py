@@ -393,8 +393,9 @@ class PSGDKron(BlockedPreconditionerOptimizer):
             runs in ``factor_dtype`` (float32, or float64 for float64 parameters).
     """
 
-    #: compiled step: the pure parts (fit, direction) compiled, each once per block shape;
-    #: the fit decision, its noise (private generator) and the failure count stay on the host
+    #: compiled step: the blocks' pure parts (fit, direction) compiled, each once per block
+    #: shape; the fit decision, its noise (private generator), the failure count and the
+    #: diagonal parts stay eager
     compilable = True
     compile_diagonal_direction = False
 
@@ -726,19 +727,18 @@ class PSGDKron(BlockedPreconditionerOptimizer):
                 h = m if group["whiten"] == "momentum" else g
             if h is not None:
                 self._fit_diagonal(group, st, h, v, seg, counts)
-        fn = self._pure(_diagonal_direction_pure, ("diagonal direction", g.numel(), g.dtype,
-                                                   g.device))
-        return fn(st["q"], m, group["update_clip"], seg, counts)
+        # the diagonal parts stay eager under compile_step: their segment sums
+        # (index_add_, scatter_reduce) fail in inductor's multithreaded CPU code generation
+        # (torch 2.13: CppVecKernel's atomic_add store asserts), and they are cheap
+        return _diagonal_direction_pure(st["q"], m, group["update_clip"], seg, counts)
 
     def _fit_diagonal(self, group: dict, st: dict[str, Tensor], h: Tensor, v: Tensor | None,
                       seg: Tensor, counts: Tensor) -> None:
         noise = torch.randn(h.shape, dtype=h.dtype, device=h.device,
                             generator=self._noise_generator(h.device))
-        fn = self._pure(_fit_diagonal_pure, ("diagonal fit", h.numel(), h.dtype, h.device,
-                                             v is None))
         settings = _fit_settings(group)
         del settings["whitening"], settings["iterations"]
-        ok = fn(st["q"], st["L"], h, v, noise, seg, counts, **settings)
+        ok = _fit_diagonal_pure(st["q"], st["L"], h, v, noise, seg, counts, **settings)
         failed = int(ok.numel() - ok.sum())
         self._count_refresh(ok.numel(), failed, "PSGD diagonal fit")
 
