@@ -414,8 +414,8 @@ def newton_schulz(
     ``10 n^2 m + 5 n^3`` when ``m > 1.5 n``.
 
     Works on batches ``(..., m, n)``; computes in ``dtype`` (default: ``G.dtype``) and
-    returns ``out_dtype`` (default: ``G.dtype``; ``dtype`` saves the conversion when the
-    caller can use the iteration's result as it is).
+    returns ``out_dtype`` (default: ``G.dtype``; ``out_dtype=dtype`` skips the conversion
+    back when the caller can use the iteration's result as it is).
     """
     if G.ndim < 2:
         raise ValueError(f"G must have at least 2 dimensions, got shape {tuple(G.shape)}")

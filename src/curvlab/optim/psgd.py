@@ -252,7 +252,7 @@ def init_scale(h: Tensor, v: Tensor | None, damping: float) -> Tensor:
     return s
 
 
-# ------------------------------------------------ the pure parts (eager, or compiled as they are)
+# ------------------------------------- the step's tensor functions (the blocks' compiled too)
 def _fit_settings(group: dict) -> dict[str, Any]:
     """A group's fit hyperparameters, as the pure fits take them."""
     return {"geometry": group["geometry"], "whitening": group["fit"] == "whitening",
@@ -695,11 +695,6 @@ class PSGDKron(BlockedPreconditionerOptimizer):
         fn = self._pure(_block_direction_pure, ("direction", tuple(G.shape), G.dtype,
                                                 G.device))
         return fn(m, [st[f"Q{i}"] for i in range(order)], group["update_clip"])
-
-    @staticmethod
-    def _clip(group: dict, D: Tensor, seg: Tensor | None = None, counts: Tensor | None = None
-              ) -> Tensor:
-        return _clip(D, group["update_clip"], seg, counts)
 
     def _segment_index(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """Per flat element of the current diagonal members: its member index, and the

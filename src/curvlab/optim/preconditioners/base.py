@@ -91,8 +91,8 @@ class BlockedPreconditionerOptimizer(CurvlabOptimizer):
     #: True for a purely diagonal method: every parameter uses the diagonal hooks
     diagonal_only = False
     compilable = True
-    #: the compiled step compiles :meth:`_diagonal_direction` whole (False: the subclass
-    #: compiles its own pure parts inside it)
+    #: the compiled step compiles :meth:`_diagonal_direction` whole (False: it stays eager,
+    #: e.g. PSGD-Kron's, whose segment sums inductor's CPU code generation cannot compile)
     compile_diagonal_direction = True
     #: the compiled per-step update runs inside ``high_precision_matmul`` (IEEE float32
     #: matmuls), for hooks that switch to it themselves in the eager step
