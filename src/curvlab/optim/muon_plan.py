@@ -58,20 +58,22 @@ class MuonPlan:
     scales: list[float]                # s(A, B) of each by_shape entry, in its order
     owner_of: dict[int, int]           # matrix -> owner rank
     as_stored: dict[tuple, bool]       # by_ns key -> its matrices share one orientation
+    adam_uniform: bool = False         # the AdamW parameters share one dtype and device
     #: the AdamW parameters' step counts (their states' ``"step"``), incremented together
     adam_steps: StepCounts = field(default_factory=StepCounts)
     _buffers: dict[tuple, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
 
     def buffer(self, key: tuple) -> tuple[Tensor, list[Tensor]]:
         """This plan's ``(k, ...)`` buffer for the matrices of ``by_ns[key]`` and, per
-        matrix, its ``(rows, prod(rest))`` view into it (what to write its update to)."""
+        matrix, its view into it (what to write its update to): shaped as the parameter in
+        a batch of one orientation, else its ``(rows, prod(rest))`` matrix."""
         cached = self._buffers.get(key)
         if cached is None:
             mats = [self.muon[i] for i in self.by_ns[key]]
             shape = ((mats[0].shape[0], math.prod(mats[0].shape[1:])) if self.as_stored[key]
                      else key[0])
             out = torch.empty(len(mats), *shape, dtype=key[1], device=key[2])
-            views = [o if self.as_stored[key] or not _tall(p.shape) else o.mT
+            views = [o.view(p.shape) if self.as_stored[key] else o.mT if _tall(p.shape) else o
                      for o, p in zip(out.unbind(0), mats, strict=True)]
             cached = self._buffers[key] = out, views
         return cached
@@ -119,5 +121,5 @@ def group_plan(cache: dict[int, MuonPlan], group: dict[str, Any],
               for s, _, _ in by_shape]
     as_stored = {k: len({_tall(muon[i].shape) for i in idx}) == 1 for k, idx in by_ns.items()}
     plan = cache[id(group)] = MuonPlan(key, muon, adam, by_ns, by_shape, scales, owner_of,
-                                       as_stored)
+                                       as_stored, len({(p.dtype, p.device) for p in adam}) == 1)
     return plan
