@@ -114,7 +114,7 @@ def _moments_and_denominators(ms: Sequence[Tensor], vs: Sequence[Tensor],
 
 @functools.lru_cache(maxsize=256)
 def _cpu_scalar(value: float, dtype: torch.dtype) -> Tensor:
-    return torch.tensor(value, dtype=dtype)
+    return torch.scalar_tensor(value, dtype=dtype)  # (one dispatch; torch.tensor: three)
 
 
 def _scalar_of(tensors: Sequence[Tensor]) -> Callable[[float], float | Tensor]:

@@ -261,10 +261,10 @@ class CurvlabOptimizer(torch.optim.Optimizer):
 
     # ---- the step ------------------------------------------------------------------------
     def _begin_step(self, closure: Callable[[], Any] | None, grads: Sequence[Tensor] | None = None,
-                    loss_checked: bool = False, process_group: Any = None,
-                    upper: Callable[[], float] | None = None) -> tuple[Any, float | None]:
+                    loss_checked: bool = False, process_group: Any = None
+                    ) -> tuple[Any, float | None]:
         """Run the closure (with gradients enabled), check the learning rates and apply the
-        gradient rule (``upper``: see :meth:`_gradient_bound`). Returns ``(loss, bound)``;
+        gradient rule (:meth:`_gradient_bound`). Returns ``(loss, bound)``;
         ``bound`` is None when the step must be skipped (already counted and logged)."""
         loss = None
         if closure is not None:
@@ -282,26 +282,15 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                 torch.as_tensor(loss).detach()).all()):
             self._skip("nonfinite", "loss")
             return loss, None
-        return loss, self._gradient_bound(grads, process_group, upper)
+        return loss, self._gradient_bound(grads, process_group)
 
-    def _gradient_bound(self, grads: Sequence[Tensor], group: Any = None,
-                        upper: Callable[[], float] | None = None) -> float | None:
+    def _gradient_bound(self, grads: Sequence[Tensor], group: Any = None) -> float | None:
         """The largest gradient norm over ``grads``, or None when the step is skipped: a
         non-finite entry, or squares that would overflow the statistics (see the module
         docstring).
-        ``group``: a process group whose ranks must agree (max-reduced).
-        ``upper`` (one process only): a cheaper bound, called first; it must return an
-        upper bound of every gradient's norm (NaN or inf if an entry is not finite; e.g.
-        the norm of a stack of several gradients). When its square is below a quarter of
-        the threshold (a margin for its rounding: a float32 sum of squares of ``n`` terms
-        errs by at most ``n 2^-24`` relative), the exact rule would pass too and the bound
-        is returned instead of the largest norm; otherwise the exact rule decides."""
+        ``group``: a process group whose ranks must agree (max-reduced)."""
         if any(g.is_sparse for g in grads):
             raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-        if upper is not None and group is None:
-            bound = upper()
-            if bound * bound < 0.25 * self._overflow_threshold():  # NaN: False
-                return bound
         from curvlab.optim.distributors.collectives import local_tensor
 
         gmax = _max_norm([local_tensor(g) for g in grads])
