@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from curvlab import Objective
+from curvlab.linops import DiagonalOperator
 from curvlab.optim import HessianFree
 
 D64 = torch.float64
@@ -30,7 +31,7 @@ def small_problem(seed=0):
     return model, nn.CrossEntropyLoss(), X, y
 
 
-@pytest.mark.parametrize("preconditioner", [None, "martens"])
+@pytest.mark.parametrize("preconditioner", [None, "martens", "ggn", "auto"])
 def test_cg_solves_the_damped_gauss_newton_system(preconditioner):
     model, lf, X, y = small_problem()
     G, g = dense_gn(model, lf, X, y)
@@ -154,13 +155,75 @@ def test_default_curvature_batch_is_a_quarter_of_the_batch(curvature):
     G, _ = dense_gn(model, lf, X[idx], y[idx])
     g = dense_gn(model, lf, X, y)[1]
     kw = {} if curvature == 0.25 else {"curvature_batch_size": curvature}
-    opt = HessianFree(model, lf, cg_max_iter=60, cg_min_iter=60, cg_tol=1e-12, **kw)
+    opt = HessianFree(model, lf, cg_max_iter=60, cg_min_iter=60, cg_tol=1e-12,
+                      preconditioner=None, **kw)
     opt.step(batch=(X, y))
     ref = torch.linalg.solve(G + 1e-3 * torch.eye(G.shape[0], dtype=D64), -g)
     torch.testing.assert_close(_flat_direction(opt, model), ref, atol=1e-7, rtol=1e-7)
     for bad in (0, 0.0, 1.5, True, -3):
         with pytest.raises(ValueError, match="curvature_batch_size"):
             HessianFree(model, lf, curvature_batch_size=bad)
+
+
+def test_ggn_preconditioner_is_the_averaged_monte_carlo_diagonal():
+    """The default preconditioner on CE: ``(avg + lambda)^-0.75`` with ``avg`` the
+    bias-corrected moving average (decay 0.95) of one Monte-Carlo GGN-diagonal draw per
+    step on the curvature batch, seeded from the optimizer's generator; it is saved and
+    resumed with the state, and the average tends to the exact diagonal."""
+    model, lf, X, y = small_problem(3)
+    twin = copy.deepcopy(model)
+    opt = HessianFree(model, lf, curvature_batch_size=None, cg_max_iter=5)
+    seen = []
+    real = opt._ggn_diagonal
+
+    def spy(obj, Xc, yc):
+        gen_state = opt._generator.get_state()
+        out = real(obj, Xc, yc)
+        seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().set_state(
+            gen_state)))
+        point = {k: v.clone() for k, v in obj.param_tensors().items()}
+        seen.append((seed, point, out))
+        return out
+
+    opt._ggn_diagonal = spy
+    for _ in range(3):
+        opt.step(batch=(X, y))
+    avg = torch.zeros_like(seen[0][2])
+    for k, (seed, point, out) in enumerate(seen, start=1):
+        probe = copy.deepcopy(twin)
+        with torch.no_grad():
+            for p, v in zip(probe.parameters(), point.values(), strict=True):
+                p.copy_(v)
+        draw = DiagonalOperator(probe, lf, (X, y), method="mc", num_samples=1,
+                                seed=seed).diagonal
+        avg = 0.95 * avg + 0.05 * draw
+        torch.testing.assert_close(out, avg / (1 - 0.95**k), atol=1e-14, rtol=1e-12)
+    assert opt.state_dict()["param_groups"][0]  # saved with the state
+    resumed = HessianFree(copy.deepcopy(model), lf, curvature_batch_size=None, cg_max_iter=5)
+    resumed.load_state_dict(opt.state_dict())
+    for p, q in zip(opt._params(), resumed._params(), strict=True):
+        assert torch.equal(opt.state[p]["ggn_diagonal"], resumed.state[q]["ggn_diagonal"])
+    assert resumed._global["diagonal_draws"] == 3
+
+
+def test_auto_preconditioner_needs_a_sampled_target_loss():
+    """"auto" uses the GGN diagonal for CE / MSE / BCE-with-logits and nothing for other
+    losses (L1: no Fisher of sampled targets); "ggn" on such a loss raises."""
+    model, _, X, _ = small_problem()
+    Y = torch.randn(20, 3, dtype=D64)
+    opt = HessianFree(model, nn.L1Loss(), cg_max_iter=3)
+    opt.step(batch=(X, Y))
+    assert all("ggn_diagonal" not in opt.state[p] for p in model.parameters())
+    with pytest.raises(ValueError, match="sampled targets"):
+        HessianFree(model, nn.L1Loss(), preconditioner="ggn").step(batch=(X, Y))
+    opt = HessianFree(model, nn.MSELoss(), cg_max_iter=3)
+    opt.step(batch=(X, Y))
+    assert all("ggn_diagonal" in opt.state[p] for p in model.parameters())
+    for bad in ("adam", "diag", 1):
+        with pytest.raises(ValueError, match="preconditioner must be"):
+            HessianFree(model, nn.MSELoss(), preconditioner=bad)
+    with pytest.raises(ValueError, match="preconditioner_decay"):
+        HessianFree(model, nn.MSELoss(), preconditioner_decay=1.0)
 
 
 def test_damping_follows_the_rho_rule_from_its_default():
@@ -197,7 +260,8 @@ def test_cg_stops_at_its_default_budget():
 def test_cg_warm_starts_from_the_decayed_previous_solution(zeta):
     """One CG iteration from x0 = zeta * d_prev on the dense damped Gauss-Newton system."""
     model, lf, X, y = small_problem(8)
-    opt = HessianFree(model, lf, cg_max_iter=1, warm_start=zeta, curvature_batch_size=None)
+    opt = HessianFree(model, lf, cg_max_iter=1, warm_start=zeta, curvature_batch_size=None,
+                      preconditioner=None)
     opt.step(batch=(X, y))
     d_prev, lam = _flat_direction(opt, model), opt.damping
     G, g = dense_gn(model, lf, X, y)
@@ -207,6 +271,37 @@ def test_cg_warm_starts_from_the_decayed_previous_solution(zeta):
     r = B @ x0 + g
     x1 = x0 - (r @ r) / (r @ B @ r) * r
     torch.testing.assert_close(_flat_direction(opt, model), x1, atol=1e-10, rtol=1e-8)
+
+
+def test_warm_start_flushes_subnormal_coordinates():
+    """Coordinates CG leaves alone decay by zeta per step into subnormal floats, which slow
+    the products reading them (3x per step on a deep ReLU autoencoder): the warm start
+    sets those below the smallest normal float to 0 and keeps the rest."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    X, y = torch.randn(20, 3), torch.randint(0, 3, (20,))
+    opt = HessianFree(model, nn.CrossEntropyLoss(), cg_max_iter=2)
+    opt.step(batch=(X, y))
+    tiny = torch.finfo(torch.float32).tiny
+    for p in model.parameters():
+        d = opt.state[p]["cg_direction"]
+        d.view(-1)[0] = tiny  # 0.95 * tiny: subnormal
+        d.view(-1)[-1] = 2 * tiny
+    starts = []
+    real = opt._cg
+
+    def spy(B, g, x0, Minv):
+        starts.append(x0.clone())
+        return real(B, g, x0, Minv)
+
+    expected = torch.cat([0.95 * opt.state[p]["cg_direction"].reshape(-1)
+                          for p in model.parameters()])
+    opt._cg = spy
+    opt.step(batch=(X, y))
+    x0, = starts
+    small = expected.abs() < tiny
+    assert int(small.sum()) == 4 and bool((x0[small] == 0).all())
+    assert torch.equal(x0[~small], expected[~small])
 
 
 @pytest.mark.parametrize("order,chosen", [((1.0, 0.2, 1.9), 1), ((1.0, 1.9, 0.2), 3),
