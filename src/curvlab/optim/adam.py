@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = ["AdamConfig", "moment_dtype", "adam_moments_", "adam_normalize", "adam_directions_",
-           "adam_step_", "adam_preconditioner",
+           "adam_step_", "adam_preconditioner", "foreach_scalar",
            "adam_stability_preconditioner"]
 
 
@@ -93,7 +93,7 @@ def _moments_and_denominators(ms: Sequence[Tensor], vs: Sequence[Tensor],
     (in ``torch.optim.Adam``'s foreach order, so results match it bitwise)."""
     b1, b2 = config.betas
     gs = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, ms, strict=True)]
-    scalar = _scalar_of(vs)
+    scalar = foreach_scalar(vs)
     torch._foreach_lerp_(list(ms), gs, 1.0 - b1)
     torch._foreach_mul_(list(vs), scalar(b2))
     torch._foreach_addcmul_(list(vs), gs, gs, value=1.0 - b2)
@@ -117,7 +117,7 @@ def _cpu_scalar(value: float, dtype: torch.dtype) -> Tensor:
     return torch.scalar_tensor(value, dtype=dtype)  # (one dispatch; torch.tensor: three)
 
 
-def _scalar_of(tensors: Sequence[Tensor]) -> Callable[[float], float | Tensor]:
+def foreach_scalar(tensors: Sequence[Tensor]) -> Callable[[float], float | Tensor]:
     """How to pass a scalar to foreach ops on ``tensors``: on a CPU, a cached 0-d tensor of
     their dtype (torch's Scalar overloads wrap the number into a tensor for every tensor of
     the list there: ``_foreach_mul_`` of 4 small tensors 21 us, with a 0-d tensor 7 us; the
@@ -187,7 +187,7 @@ def _adam_step_eager_(params: list[Tensor], ms: list[Tensor], vs: list[Tensor],
                       grads: list[Tensor], steps: list[int], config: AdamConfig, lr: float,
                       weight_decay: float) -> None:
     if weight_decay:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_mul_(params, foreach_scalar(params)(1.0 - lr * weight_decay))
     denom, c1 = _moments_and_denominators(ms, vs, grads, steps, config)
     same = [k for k, p in enumerate(params) if p.dtype == ms[k].dtype]
     if same:

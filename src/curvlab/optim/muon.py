@@ -99,7 +99,13 @@ from curvlab.linalg.matfuncs import (
     newton_schulz,
     ns_schedule,
 )
-from curvlab.optim.adam import AdamConfig, adam_stability_preconditioner, adam_step_, moment_dtype
+from curvlab.optim.adam import (
+    AdamConfig,
+    adam_stability_preconditioner,
+    adam_step_,
+    foreach_scalar,
+    moment_dtype,
+)
 from curvlab.optim.base import (
     CurvlabOptimizer,
     betas_rule,
@@ -339,7 +345,7 @@ class Muon(CurvlabOptimizer):
             bufs.append(st["momentum_buffer"])
         torch._foreach_lerp_(bufs, grads, 1.0 - mom)
         if wd != 0:
-            torch._foreach_mul_(ps, 1.0 - lr * wd)
+            torch._foreach_mul_(ps, foreach_scalar(ps)(1.0 - lr * wd))
         dtype = group["ns_dtype"]
         transposed = bool(group.get("transposed", False))  # state dicts from before the key
 
