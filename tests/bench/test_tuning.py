@@ -1,6 +1,7 @@
 """Tune-then-evaluate through the runner's stages, the interleaved step time, and the
 training-run behaviours the benchmark scripts rely on."""
 
+import dataclasses
 import math
 import statistics
 
@@ -185,6 +186,23 @@ def test_interleaved_step_times(toy):
     batched = OptimizerSpec("hf", _sgd, {}, "curvlab", "hf", step_batch=True)
     with pytest.raises(ValueError, match="fixed gradient"):
         interleaved_step_times(problem, [(batched, 1.0)], rounds=4)
+
+
+def test_step_time_of_an_optimizer_whose_hooks_capture_statistics(toy):
+    """K-FAC's step reads the statistics its hooks record in this step's forward/backward:
+    with ``hooks=True`` the session runs that pass (untimed) before each timed step; without
+    it every step raises (no statistics captured) and K-FAC gets no time."""
+    from curvlab.bench.optimizers import REGISTRY
+
+    make_problem, _ = toy
+    kfac = REGISTRY["curvlab.KFAC"]
+    assert kfac.hooks
+    times, errors = interleaved_step_times(make_problem(), [(ADAMW, 0.01), (kfac, 0.1)],
+                                           rounds=6)
+    assert not errors and times["curvlab.KFAC"] > 0
+    plain = dataclasses.replace(kfac, hooks=False)
+    times, errors = interleaved_step_times(make_problem(), [(plain, 0.1)], rounds=6)
+    assert "no statistics were captured" in errors["curvlab.KFAC"]
 
 
 def test_autoencoder_problem_evaluates_the_reconstruction_error():

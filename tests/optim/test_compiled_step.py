@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.optim import KLSOAP, SOAP, KLShampoo, PSGDKron, Shampoo
+from curvlab.optim import KFAC, KLSOAP, SOAP, KLShampoo, PSGDKron, Shampoo
 from curvlab.optim.adam import AdamConfig, adam_step_
 from curvlab.optim.base import apply_update_
 from curvlab.optim.compiled import StepCompiler, inductor_available
@@ -84,6 +84,31 @@ def test_adam_step_mixed_dtypes_and_steps_equals_each_group_alone():
     adam_step_(ps, ms, vs, gs, steps, cfg, 1e-2, 0.1)
     for p, (r, _, _) in zip(ps, ref, strict=True):
         torch.testing.assert_close(p, r, rtol=0, atol=0)
+
+
+class _TiedLM(nn.Module):
+    """An embedding tied to a bias-free head, a factored layer and a LayerNorm between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(7, 4)
+        self.mid = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(torch.tanh(self.mid(self.emb(ids))))).transpose(1, 2)
+
+
+def _train_lm(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 7, (3, 5), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(ids), ids).backward()
+        opt.step()
 
 
 def test_compile_step_refused_where_there_is_no_compiled_path():
@@ -199,3 +224,41 @@ def test_compiled_step_of_the_kl_fits_runs_in_ieee_float32(cls, ieee):
     finally:
         mkldnn.fp32_precision = before
     assert seen and set(seen) == {"ieee" if ieee else "bf16"}
+
+
+@pytest.mark.slow
+@needs_inductor
+@pytest.mark.parametrize("kwargs", [
+    dict(weight_decay=0.1),  # eigen
+    dict(inverse_method="inverse"),
+    dict(eigenvalue_correction=True, kl_clip=None, momentum=0.0),  # EKFAC
+    dict(tied_weights="both", fallback="adam"),  # the tied weight's bases, Adam fallback
+], ids=["eigen", "inverse", "ekfac", "tied-adam"])
+def test_compiled_kfac_equals_eager_and_resumes(kwargs):
+    """K-FAC's compiled solves and update == the eager step over 8 steps (inverses
+    refreshed at 0, 3, 6), no recompilation after the first steps nor when the damping
+    changes (a tensor input), and a state dict resumes in either."""
+    tied = "tied_weights" in kwargs
+    make, train = (_TiedLM, _train_lm) if tied else (_model, _train)
+    kwargs = dict(lr=0.05, damping=0.1, precondition_frequency=3, **kwargs)
+    eager, comp = make(), make()
+    oe, oc = KFAC(eager, **kwargs), KFAC(comp, **kwargs).compile_step()
+    before = _graphs()
+    train(eager, oe, 5)
+    train(comp, oc, 5)
+    graphs = _graphs()
+    assert graphs > before, "the compiled step compiled nothing"
+    for o in (oe, oc):
+        o.param_groups[0]["damping"] = 0.07
+    train(eager, oe, 3, seed=2)
+    train(comp, oc, 3, seed=2)
+    assert _graphs() == graphs, "a later step or a new damping recompiled"
+    _close(eager, comp)
+    assert oc.stats()["steps"] == 8
+    oc.load_state_dict(copy.deepcopy(oe.state_dict()))  # eager -> compiled
+    with torch.no_grad():
+        for p, q in zip(comp.parameters(), eager.parameters(), strict=True):
+            p.copy_(q)
+    train(eager, oe, 2, seed=3)
+    train(comp, oc, 2, seed=3)
+    _close(eager, comp)

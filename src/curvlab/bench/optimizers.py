@@ -36,6 +36,9 @@ class OptimizerSpec:
     note: str = ""
     step_batch: bool = False  # stepped as step(closure, batch=(inputs, targets))
     closure: bool = True  # False (with step_batch): step(batch=...), loss and gradient its own
+    #: its step reads statistics that its hooks capture in this step's forward/backward
+    #: (K-FAC): a step-time session runs that pass, untimed, before each timed step
+    hooks: bool = False
     #: the same optimizer with its step compiled (None: no compiled variant); timed only
     make_compiled: Callable[[nn.Module, float, str], Any] | None = None
     #: compilation is a process-wide switch (heavyball): its eager and compiled variants
@@ -353,8 +356,10 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("curvlab.NorMuon", functools.partial(
         _muon, ns_coefficients="polar_express", normalize="neuron"), MUON_GRID, "curvlab",
         "normuon", quick=False),
-    OptimizerSpec("curvlab.KFAC", _kfac, KFAC_GRID, "curvlab", "kfac"),
-    OptimizerSpec("curvlab.EKFAC", _ekfac, KFAC_GRID, "curvlab", "ekfac", quick=False),
+    OptimizerSpec("curvlab.KFAC", _kfac, KFAC_GRID, "curvlab", "kfac", hooks=True,
+                  make_compiled=_compiled(_kfac)),
+    OptimizerSpec("curvlab.EKFAC", _ekfac, KFAC_GRID, "curvlab", "ekfac", quick=False,
+                  hooks=True, make_compiled=_compiled(_ekfac)),
     OptimizerSpec("curvlab.HessianFree", _hessian_free, {"digits_mlp": (1.0,)}, "curvlab",
                   "hessian-free", quick=False, step_batch=True),
     OptimizerSpec("curvlab.NaturalGradient", _natural_gradient, {"digits_mlp": (0.3, 1.0)},
@@ -402,7 +407,7 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("pytorch-optimizer.ScalableShampoo", _po_scalable, ADAM_GRID, "peer",
                   "shampoo", requires="pytorch_optimizer", quick=False),
     OptimizerSpec("kfac-pytorch", _kfac_pytorch, {"digits_mlp": KFAC_GRID["digits_mlp"]}, "peer",
-                  "kfac", requires="kfac", quick=False,
+                  "kfac", requires="kfac", quick=False, hooks=True,
                   note="kfac-pytorch is not on PyPI (the 'kfac' there is TensorFlow's)"),
     OptimizerSpec("DistributedShampoo", lambda m, lr, p: None, ADAM_GRID, "peer", "shampoo",
                   requires="distributed_shampoo", quick=False, note="not installable from PyPI"),

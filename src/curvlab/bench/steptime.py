@@ -48,8 +48,10 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
                            max_seconds: float = 60.0
                            ) -> tuple[dict[str, float], dict[str, str]]:
     """Median ``step()`` seconds of each ``(spec, lr)``, and the first error of each
-    optimizer whose step raised (skipped rounds; e.g. K-FAC, whose step needs the forward
-    pass of a closure). An optimizer with no timed step after the warm-up is absent from
+    optimizer whose step raised (skipped rounds). Each step sees one fixed gradient; an
+    optimizer whose hooks capture statistics in the forward/backward pass
+    (``spec.hooks``: K-FAC) gets that pass on the fixed batch instead, untimed, before each
+    timed step. An optimizer with no timed step after the warm-up is absent from
     the times. ``compiled``: the specs' compiled variants; ``first_step``: filled with the
     seconds of each optimizer's first step (with ``compiled``: its compilation);
     ``device``: where the models live (an accelerator is synchronized around each timed
@@ -78,9 +80,11 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
     for spec, lr in entries:
         model = copy.deepcopy(base)
         opt = spec.make(model, lr, problem.name)
-        problem.loss_fn(model(x), y).backward()
-        grads = [p.grad.detach().clone() for p in model.parameters()]
-        runs.append((spec.name, opt, model, grads))
+        grads = []
+        if not spec.hooks:  # (a hooks optimizer would record this pass too)
+            problem.loss_fn(model(x), y).backward()
+            grads = [p.grad.detach().clone() for p in model.parameters()]
+        runs.append((spec.name, opt, model, grads, spec.hooks))
     times: dict[str, list[float]] = {name: [] for name, *_ in runs}
     errors: dict[str, str] = {}
     skip = min(5, rounds // 4)
@@ -88,12 +92,16 @@ def interleaved_step_times(problem: NNProblem, entries: Sequence[tuple[Optimizer
 
     frames = counters["frames"]
     for r in range(rounds):
-        for name, opt, model, grads in runs:
+        for name, opt, model, grads, hooks in runs:
             if times[name] and sum(times[name]) >= max_seconds:
                 continue
             saved = [p.detach().clone() for p in model.parameters()]
-            for p, g in zip(model.parameters(), grads, strict=True):
-                p.grad = g.clone()
+            if hooks:  # the pass the optimizer's hooks capture statistics from
+                model.zero_grad()
+                problem.loss_fn(model(x), y).backward()
+            else:
+                for p, g in zip(model.parameters(), grads, strict=True):
+                    p.grad = g.clone()
             sync()
             compiled_frames = frames["ok"]
             t0 = time.perf_counter()

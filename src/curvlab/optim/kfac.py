@@ -394,6 +394,21 @@ class KFAC(CurvlabOptimizer):
     def _params_of(self, layer: KronLayer) -> list[torch.Tensor]:
         return [self._named[k] for k in layer.keys]
 
+    #: compiled step: the per-layer damped Kronecker solves and the update
+    compilable = True
+
+    def compile_step(self, enabled: bool = True, *, backend: str = "inductor",
+                     mode: str | None = None, options: dict[str, Any] | None = None) -> KFAC:
+        """The per-step tensor work through ``torch.compile`` (:mod:`curvlab.optim.compiled`):
+        each layer's damped Kronecker solve (:func:`damped_kron_solve`; one graph per layer
+        kind and shapes, the damping a tensor input, so adaptive damping does not
+        recompile) and the decoupled-weight-decay update. The statistics (layer hooks),
+        the amortized eigendecompositions / inverses, the fallback's direction, KL
+        clipping's one read of ``<U, g>`` and the finiteness check stay eager.
+        ``enabled=False``: eager again. Returns ``self``."""
+        super().compile_step(enabled, backend=backend, mode=mode, options=options)
+        return self
+
     # ---- hooks and bookkeeping ------------------------------------------------------
     @property
     def _step(self) -> int:
@@ -608,21 +623,24 @@ class KFAC(CurvlabOptimizer):
     def _precondition(self, st: dict[str, Any], M: torch.Tensor, lam: float,
                       power: float = 1.0) -> torch.Tensor:
         """``(C + lam)^{-power} M`` for the layer's Kronecker curvature ``C`` (``power``
-        other than 1 needs the eigen method)."""
+        other than 1 needs the eigen method): :func:`damped_kron_solve` on the layer's
+        factors, compiled per kind and shapes after :meth:`compile_step`."""
         if "tied" in st:
-            P, Q, gam, dlt, alp, bet = st["tied"]
-            denom = gam.unsqueeze(1) * alp.unsqueeze(0) + dlt.unsqueeze(1) * bet.unsqueeze(0)
-            return unrotate(rotate(M, P, Q) / (denom + lam) ** power, P, Q)
-        if self.inverse_method == "inverse":
+            kind, factors = "tied", tuple(st["tied"])
+        elif self.inverse_method == "inverse":
             if power != 1.0:
                 raise NotImplementedError("inverse_method='inverse' keeps no eigenbasis")
-            return kron_apply(st["G_inv"], M, st["A_inv"])
-        QA, QG = st["QA"], st["QG"]
-        if self.eigenvalue_correction:
-            denom = st["scale"] + lam
+            kind, factors = "inverse", (st["G_inv"], st["A_inv"])
+        elif self.eigenvalue_correction:
+            kind, factors = "ekfac", (st["QG"], st["QA"], st["scale"])
         else:
-            denom = st["dG"].unsqueeze(1) * st["dA"].unsqueeze(0) + lam
-        return unrotate(rotate(M, QG, QA) / denom ** power, QG, QA)
+            kind, factors = "eigen", (st["QG"], st["QA"], st["dG"], st["dA"])
+        if self._step_compiler is None:
+            return damped_kron_solve(M, factors, lam, kind, power)
+        key = ("kron", kind, power, M.dtype, M.device, tuple(M.shape),
+               tuple(None if f is None else (f.dtype, tuple(f.shape)) for f in factors))
+        solve = self._step_compiler(damped_kron_solve, key)
+        return solve(M, factors, self._step_compiler.scalars([lam], M.device)[0], kind, power)
 
     def stability_model(self) -> StabilityModel:
         """Heavy-ball momentum on the damped Kronecker-preconditioned gradient: stable while
@@ -850,8 +868,8 @@ class KFAC(CurvlabOptimizer):
             if not items:
                 continue
             nu = 1.0
-            if group["kl_clip"] is not None:
-                vg = sum(float((u * g).sum()) for _, u, g in items) * group["lr"] ** 2
+            if group["kl_clip"] is not None:  # <U, g> per parameter, one host read
+                vg = sum(_host_floats([(u * g).sum() for _, u, g in items])) * group["lr"] ** 2
                 if vg > 0:
                     nu = min(1.0, math.sqrt(group["kl_clip"] / vg))
             nus.append(nu)
@@ -876,7 +894,8 @@ class KFAC(CurvlabOptimizer):
             entry[1].append(p)
             entry[2].append(d)
         for group, ps, ds in by_group.values():  # foreach per device and dtype
-            apply_update_(ps, ds, group["lr"], group["weight_decay"])
+            apply_update_(ps, ds, group["lr"], group["weight_decay"],
+                          compiler=self._step_compiler)
         self._global["step"] = k + 1
         self._counters["steps"] += 1
         self._last.update(step=k + 1, kl_clip_scale=min(nus) if nus else 1.0,
@@ -947,6 +966,34 @@ class KFAC(CurvlabOptimizer):
         self._last.update(rho=rho, damping=[g["damping"] for g in self.param_groups])
 
 
+def damped_kron_solve(M: torch.Tensor, factors: tuple, lam: float | torch.Tensor, kind: str,
+                      power: float = 1.0) -> torch.Tensor:
+    """``(C + lam)^{-power} M`` for a layer's Kronecker curvature ``C`` from its ``factors``
+    (a pure tensor function: :meth:`KFAC._precondition` calls it eagerly or compiled;
+    ``lam`` a number or a 0-d tensor):
+
+    * ``"eigen"`` ``(Q_G, Q_A, d_G, d_A)``: ``Q_G [(Q_G^T M Q_A) / (d_G d_A^T + lam)^p] Q_A^T``;
+    * ``"ekfac"`` ``(Q_G, Q_A, s)``: the same with the eigenvalue-corrected ``s``;
+    * ``"tied"`` ``(P, Q, gamma, delta, alpha, beta)``: denominator
+      ``gamma alpha^T + delta beta^T + lam`` in the bases ``P``, ``Q`` (:func:`_tied_bases`);
+    * ``"inverse"`` ``(G^-1, A^-1)`` (factored damping, already in the inverses; ``p = 1``).
+
+    A basis ``None`` is the identity of a diagonal factor."""
+    if kind == "inverse":
+        G_inv, A_inv = factors
+        return kron_apply(G_inv, M, A_inv)
+    if kind == "tied":
+        QG, QA, gam, dlt, alp, bet = factors
+        denom = gam.unsqueeze(1) * alp.unsqueeze(0) + dlt.unsqueeze(1) * bet.unsqueeze(0) + lam
+    elif kind == "ekfac":
+        QG, QA, scale = factors
+        denom = scale + lam
+    else:
+        QG, QA, dG, dA = factors
+        denom = dG.unsqueeze(1) * dA.unsqueeze(0) + lam
+    return unrotate(rotate(M, QG, QA) / denom ** power, QG, QA)
+
+
 def _ema(st: dict[str, Any], keys: tuple[str, str], values: Sequence[torch.Tensor],
          beta: float) -> None:
     """``st[k] <- beta st[k] + (1 - beta) v`` for each key (the first value: a copy)."""
@@ -981,6 +1028,13 @@ def _tied_bases(G: torch.Tensor, A: torch.Tensor, A_emb: torch.Tensor,
     P, gam, dlt = _shared_basis(G, A_emb, tr(A), tr(G_emb))
     Q, alp, bet = _shared_basis(A, G_emb, tr(G), tr(A_emb))
     return P, Q, gam, dlt, alp, bet
+
+
+def _host_floats(values: list[torch.Tensor]) -> list[float]:
+    """The 0-d tensors ``values`` as Python floats, read in one transfer (per device)."""
+    if len({v.device for v in values}) > 1:
+        return [float(v) for v in values]
+    return torch.stack([v.double() for v in values]).tolist()
 
 
 def _finite(tensors: list[torch.Tensor]) -> bool:
