@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -28,6 +29,8 @@ from curvlab.linops.ggn import GGNOperator
 from curvlab.linops.hessian import HessianOperator
 from curvlab.objective import Objective
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["DiagonalOperator", "DIAGONAL_CURVATURES", "DIAGONAL_METHODS"]
 
 DIAGONAL_CURVATURES = ("ggn", "hessian", "ef")
@@ -45,7 +48,9 @@ class DiagonalOperator(CurvatureOperator):
       ``c_i H_i = Q_i diag(lambda_i) Q_i^T`` the eigendecomposition of sample ``i``'s
       weighted output-space loss Hessian (a symmetric factorization; ``H_i = L L^T`` when
       ``H_i`` is PSD). Vectorized over samples with ``vmap`` (in chunks of ``chunk_size``
-      samples), one VJP per output dimension and sample (cf. Dangel, Kunstner & Hennig
+      samples; a model whose forward pass branches on its inputs' values, as Hugging Face
+      models check their attention masks on the host, runs one sample at a time), one VJP
+      per output dimension and sample (cf. Dangel, Kunstner & Hennig
       2020, "BackPACK", sec. 2.3). Needs a loss that is a mean or sum of per-sample losses
       and samples processed independently (no BatchNorm in train mode).
     * ``"ef"``: ``diag(EF) = c sum_i g_i^2`` from per-sample gradients, chunked likewise.
@@ -85,6 +90,7 @@ class DiagonalOperator(CurvatureOperator):
                              f"got curvature={curvature!r}")
         self.curvature, self.method = curvature, method
         self.num_samples, self.seed, self.chunk_size = num_samples, seed, chunk_size
+        self._per_sample_loop = False  # set once vmap met a data-dependent branch
         super().__init__(model, loss_fn, data, params, train=train)
 
     @classmethod
@@ -254,10 +260,43 @@ class DiagonalOperator(CurvatureOperator):
         with obj.mode():
             for start in range(0, batch, self.chunk_size):
                 sl = slice(start, start + self.chunk_size)
-                chunk = tf.vmap(one_sample)(tree_map(lambda t, sl=sl: t[sl], inputs), factors[sl],
-                                            eigvals[sl])
+                x = tree_map(lambda t, sl=sl: t[sl], inputs)
+                if self._per_sample_loop:
+                    total += _looped(one_sample, x, factors[sl], eigvals[sl])
+                    continue
+                try:
+                    chunk = tf.vmap(one_sample)(x, factors[sl], eigvals[sl])
+                except RuntimeError as err:
+                    if not _data_dependent(err):
+                        raise
+                    # the model branches on its inputs' values (Hugging Face's attention
+                    # masks check their padding on the host): one sample at a time
+                    logger.info("exact diagonal: the model's forward pass branches on its "
+                                "inputs' values, which vmap cannot batch; looping over the "
+                                "samples (%s)", str(err).splitlines()[0][:80])
+                    self._per_sample_loop = True
+                    total += _looped(one_sample, x, factors[sl], eigvals[sl])
+                    continue
                 total += torch.cat([c.sum(dim=0) for c in chunk])
         return total
+
+
+def _data_dependent(err: RuntimeError) -> bool:
+    """Whether ``err`` is vmap refusing a ``.item()`` / data-dependent branch."""
+    text = str(err)
+    return "vmap" in text and ("item()" in text or "data-dependent" in text)
+
+
+def _looped(one_sample: Any, inputs: Any, factors: torch.Tensor, eigvals: torch.Tensor
+            ) -> torch.Tensor:
+    """``sum_i cat(one_sample(x_i, q_i, lam_i))`` over the chunk's samples, one at a time
+    (what ``vmap(one_sample)`` batches)."""
+    total = None
+    for i in range(factors.shape[0]):
+        row = torch.cat(one_sample(tree_map(lambda t, i=i: t[i], inputs), factors[i],
+                                   eigvals[i]))
+        total = row if total is None else total + row
+    return total
 
 
 def _check_separable(obj: Objective, weight: float, c: torch.Tensor, out: torch.Tensor,
