@@ -216,7 +216,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         eager; the state is shared, so state dicts move freely between the two. Returns
         ``self``. An optimizer without a compiled path raises ``NotImplementedError``."""
         if not self.compilable:
-            raise NotImplementedError(f"{type(self).__name__} has no compiled step path")
+            why = f": {self.not_compilable_because}" if self.not_compilable_because else ""
+            raise NotImplementedError(f"{type(self).__name__} has no compiled step path{why}")
         if not enabled:
             self._step_compiler = None
             return self
@@ -227,6 +228,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
 
     #: whether :meth:`compile_step` is supported
     compilable: ClassVar[bool] = False
+    #: why not (the refusal's message), for an optimizer without a compiled path
+    not_compilable_because: ClassVar[str] = ""
 
     @property
     def step_compiled(self) -> bool:

@@ -137,6 +137,10 @@ class HessianFree(CurvlabOptimizer):
     ``new_loss``, ``rejected_steps``, ``skipped_steps``.
     """
 
+    not_compilable_because = (
+        "its step is a loop of closure evaluations and autograd products (conjugate gradients, "
+        "backtracking) whose length depends on the values it reads; the products dominate its "
+        "time and are autograd calls either way")
 
     supports_add_param_group = False
     recommended_batch_size = 1024  # gradient batch the defaults were chosen for

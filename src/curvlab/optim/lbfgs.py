@@ -80,6 +80,10 @@ class LBFGS(CurvlabOptimizer):
         c1, c2: line search constants.
     """
 
+    not_compilable_because = (
+        "its step is a loop of closure evaluations (iterations with a line search) whose "
+        "length depends on the values it reads; the evaluations dominate its time")
+
     supports_add_param_group = False
 
     def __init__(self, params: Iterable, lr: float = 1.0, max_iter: int = 100,

@@ -64,6 +64,10 @@ class NaturalGradient(CurvlabOptimizer):
     ``cg_iterations``, ``cg_residual``, ``damping``, ``skipped_steps``.
     """
 
+    not_compilable_because = (
+        "its step is a loop of closure evaluations and autograd products (conjugate gradients) "
+        "whose length depends on the values it reads; the products dominate its time and are "
+        "autograd calls either way")
 
     supports_add_param_group = False
 
