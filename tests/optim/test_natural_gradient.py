@@ -127,3 +127,23 @@ def test_closure_only_step_uses_the_closure_inputs():
     torch.testing.assert_close(twin.weight, model.weight, atol=1e-10, rtol=1e-8)
     with pytest.raises(ValueError, match="'exact' or 'mc'"):
         NaturalGradient(twin, fisher_type="empirical").step(closure)
+
+
+def test_weight_decay_is_decoupled_with_momentum():
+    """``buf = mu buf + d``, ``theta <- (1 - lr wd) theta - lr buf`` (the contract's decoupled
+    decay; it used to enter the momentum as ``wd theta`` added to ``d``): two steps against
+    the formula with the solver's directions."""
+    model, X, y = logistic_problem(5)
+    lr, wd, mu = 0.5, 0.1, 0.9
+    opt = NaturalGradient(model, lr=lr, damping=0.1, momentum=mu, weight_decay=wd,
+                          cg_tol=1e-12, cg_max_iter=200)
+    theta = torch.cat([model.weight.reshape(-1), model.bias]).detach().clone()
+    buf = torch.zeros_like(theta)
+    for _ in range(2):
+        opt.step(batch=(X, y))
+        d = torch.cat([opt.state[model.weight]["direction"].reshape(-1),
+                       opt.state[model.bias]["direction"]])
+        buf = mu * buf + d
+        theta = (1 - lr * wd) * theta - lr * buf
+    after = torch.cat([model.weight.reshape(-1), model.bias]).detach()
+    torch.testing.assert_close(after, theta, rtol=1e-12, atol=1e-12)

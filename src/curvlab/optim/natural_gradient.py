@@ -6,7 +6,7 @@ insights and perspectives on the natural gradient method", sec. 5-6. Each step o
     solve (F + lambda I) d = g   by conjugate gradients (``curvlab.linalg.cg``: at most
                                  ``cg_max_iter`` products, relative residual ``cg_tol``,
                                  warm-started from the last d)
-    buf = momentum buf + d + weight_decay theta,   theta -= lr buf
+    buf = momentum buf + d,   theta <- (1 - lr weight_decay) theta - lr buf
 
 with ``F`` the Fisher of the model's predictive distribution on the batch, through
 curvlab's operators: ``fisher_type="exact"`` (:class:`curvlab.linops.FisherOperator`,
@@ -29,7 +29,7 @@ from torch import nn
 from curvlab.linalg.cg import cg
 from curvlab.objective import Objective
 from curvlab.optim._batch_capture import InputRecorder
-from curvlab.optim.base import CurvlabOptimizer
+from curvlab.optim.base import CurvlabOptimizer, apply_update_
 
 __all__ = ["NaturalGradient"]
 
@@ -50,7 +50,9 @@ class NaturalGradient(CurvlabOptimizer):
         fisher_type: ``"exact"`` (default), ``"mc"`` or ``"empirical"``.
         mc_samples: sampled labels per input for ``"mc"``.
         params: parameters or param groups (default: all trainable parameters).
-        momentum, weight_decay: heavy-ball momentum, L2 added to the direction.
+        momentum, weight_decay: heavy-ball momentum; decoupled weight decay (the contract's,
+            :func:`curvlab.optim.base.apply_update_`; it once entered the momentum as an
+            L2 term added to the direction).
         cg_max_iter, cg_tol: CG budget and relative-residual tolerance.
         warm_start: start CG from the previous direction.
         nonfinite: ``"skip"`` (default) or ``"raise"`` on a non-finite loss, gradient or
@@ -177,17 +179,19 @@ class NaturalGradient(CurvlabOptimizer):
             return loss
         i = 0
         for grp in self.param_groups:
+            updates = []
             for p in grp["params"]:
                 n = p.numel()
                 dp = d[i:i + n].reshape(p.shape)
                 i += n
                 self.state[p]["direction"] = dp.clone()
-                u = dp + grp["weight_decay"] * p if grp["weight_decay"] else dp
+                u = dp
                 if grp["momentum"]:
                     buf = self.state[p].get("momentum_buffer")
                     u = u if buf is None else buf * grp["momentum"] + u
                     self.state[p]["momentum_buffer"] = u.clone()
-                p.add_(u, alpha=-grp["lr"])
+                updates.append(u)
+            apply_update_(grp["params"], updates, grp["lr"], grp["weight_decay"])
         self._global["step"] += 1
         self._counters["steps"] += 1
         self._last.update(cg_iterations=iters, cg_residual=res,
