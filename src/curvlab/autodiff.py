@@ -142,6 +142,14 @@ def missing_derivative(err: BaseException) -> str | None:
     return None if m is None else (m.group(1) or m.group(2))
 
 
+def vmap_data_dependent(err: BaseException) -> bool:
+    """Whether ``err`` is ``vmap`` refusing a ``.item()`` or a branch on a tensor's value
+    (Hugging Face models check their attention masks on the host): the function must then
+    run one sample at a time."""
+    text = str(err)
+    return "vmap" in text and ("item()" in text or "data-dependent" in text)
+
+
 @contextlib.contextmanager
 def math_kernels() -> Iterator[None]:
     """Attention by differentiable compositions of ops: the math backend of

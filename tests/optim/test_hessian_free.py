@@ -364,3 +364,49 @@ def test_a_step_costs_one_product_per_cg_iteration_plus_the_warm_start():
             d = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - theta
             phi = float(g @ d + 0.5 * d @ (G + lam * torch.eye(len(d), dtype=D64)) @ d)
             assert s["rho"] == pytest.approx((s["new_loss"] - f0) / phi, rel=1e-6)
+
+
+class _Packed(nn.Module):
+    """A Hugging Face causal LM fed one tensor: ``(n, 2, L)`` token ids and attention mask."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+
+
+def _shifted_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                       labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("preconditioner", [None, "martens"])
+def test_dict_batches_of_a_hugging_face_model(preconditioner):
+    """``step(batch=(inputs, labels))`` with the inputs a dict (``input_ids`` and a padding
+    ``attention_mask``: a Hugging Face batch) takes the same steps as with the same inputs
+    packed into one tensor (it used to refuse anything but one tensor). ``"martens"``
+    evaluates per-sample gradients, one sample at a time for such a model (its mask check
+    reads the mask on the host, which vmap refuses)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20,
+                                  n_positions=16)
+    lm = transformers.GPT2LMHeadModel(cfg).to(torch.float64).eval()
+    packed = _Packed(copy.deepcopy(lm)).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 20, (8, 7), generator=g)
+    mask = (torch.arange(7)[None] < torch.randint(3, 8, (8,), generator=g)[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    kwargs = dict(preconditioner=preconditioner, curvature_batch_size=0.5, seed=3)
+    opt_dict = HessianFree(lm, _shifted_ce, **kwargs)
+    opt_packed = HessianFree(packed, _shifted_ce, **kwargs)
+    losses = []
+    for _ in range(3):
+        losses.append(float(opt_dict.step(batch=({"input_ids": ids, "attention_mask": mask},
+                                                 labels))))
+        opt_packed.step(batch=(torch.stack([ids, mask], dim=1), labels))
+    assert losses[-1] < losses[0]
+    for p, q in zip(lm.parameters(), packed.lm.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

@@ -11,6 +11,7 @@ import torch.func as tf
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from curvlab.autodiff import vmap_data_dependent
 from curvlab.distributed import synced_generator
 from curvlab.linops._kronecker import sample_scores
 from curvlab.linops._outputspace import (
@@ -267,7 +268,7 @@ class DiagonalOperator(CurvatureOperator):
                 try:
                     chunk = tf.vmap(one_sample)(x, factors[sl], eigvals[sl])
                 except RuntimeError as err:
-                    if not _data_dependent(err):
+                    if not vmap_data_dependent(err):
                         raise
                     # the model branches on its inputs' values (Hugging Face's attention
                     # masks check their padding on the host): one sample at a time
@@ -279,12 +280,6 @@ class DiagonalOperator(CurvatureOperator):
                     continue
                 total += torch.cat([c.sum(dim=0) for c in chunk])
         return total
-
-
-def _data_dependent(err: RuntimeError) -> bool:
-    """Whether ``err`` is vmap refusing a ``.item()`` / data-dependent branch."""
-    text = str(err)
-    return "vmap" in text and ("item()" in text or "data-dependent" in text)
 
 
 def _looped(one_sample: Any, inputs: Any, factors: torch.Tensor, eigvals: torch.Tensor

@@ -71,7 +71,9 @@ from typing import Any
 import torch
 import torch.func as tf
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 
+from curvlab.autodiff import vmap_data_dependent
 from curvlab.linops._outputspace import has_canonical_hessian
 from curvlab.linops.diagonal import DiagonalOperator
 from curvlab.linops.ggn import GGNOperator
@@ -89,15 +91,31 @@ PRECONDITIONERS = ("auto", "ggn", "martens", None)
 
 
 def _batch_size(X: Any) -> int:
-    if not isinstance(X, torch.Tensor):
-        raise TypeError("HessianFree needs the batch inputs as one tensor")
-    return int(X.shape[0])
+    """The number of samples of the inputs ``X``: a tensor, or a dict / tuple of tensors
+    (a Hugging Face batch: ``input_ids``, ``attention_mask``, ...) sharing their first
+    dimension."""
+    sizes = {int(t.shape[0]) for t in tree_leaves(X) if isinstance(t, torch.Tensor)
+             and t.dim() > 0}
+    if len(sizes) != 1:
+        raise TypeError("HessianFree needs the batch inputs as a tensor or a dict / tuple of "
+                        "tensors with one first (sample) dimension; got "
+                        + (f"first dimensions {sorted(sizes)}" if sizes else
+                           f"{type(X).__name__}"))
+    return sizes.pop()
+
+
+def _rows(X: Any, idx: torch.Tensor | int) -> Any:
+    """The samples ``idx`` (an index tensor, or one sample's int) of a tensor or of every
+    tensor of a dict / tuple."""
+    return tree_map(lambda t: t[idx] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, X)
 
 
 class HessianFree(CurvlabOptimizer):
     """Hessian-free optimizer: ``opt.step(closure)`` or ``opt.step(batch=(inputs, targets))``.
 
-    ``batch`` gives the data of the gradient and of the loss evaluations of the line
+    ``batch`` (``(inputs, targets)``; the inputs a tensor or a dict / tuple of tensors
+    sharing their first, sample dimension, as a Hugging Face batch's ``input_ids`` and
+    ``attention_mask``) gives the data of the gradient and of the loss evaluations of the line
     search, and a random subset of it (``curvature_batch_size``) those of the Gauss-Newton
     products (Martens' smaller curvature mini-batch); ``closure`` (torch convention) evaluates the
     loss and fills ``.grad`` (without it the gradient is computed on ``batch``). With a
@@ -230,11 +248,21 @@ class HessianFree(CurvlabOptimizer):
         point = obj.param_tensors()
 
         def single(p, xn, yn):
-            return self.loss_fn(obj.outputs(p, xn.unsqueeze(0)), yn.unsqueeze(0))
+            one = lambda t: t.unsqueeze(0)  # noqa: E731
+            return self.loss_fn(obj.outputs(p, tree_map(one, xn)), tree_map(one, yn))
 
         with obj.mode():
-            per = tf.vmap(tf.grad(single), in_dims=(None, 0, 0), randomness="same")(point, X, y)
-        flat = obj.flatten(per, batched=True)
+            try:
+                per = tf.vmap(tf.grad(single), in_dims=(None, 0, 0), randomness="same")(
+                    point, X, y)
+                flat = obj.flatten(per, batched=True)
+            except RuntimeError as err:
+                if not vmap_data_dependent(err):
+                    raise
+                # the model branches on its inputs' values: one sample at a time
+                flat = torch.stack([obj.flatten(tf.grad(single)(point, _rows(X, i),
+                                                                _rows(y, i)))
+                                    for i in range(_batch_size(X))])
         return flat.square().mean(0)
 
     def _preconditioner_kind(self, obj: Objective, y: Any, closure_only: bool) -> str | None:
@@ -367,7 +395,7 @@ class HessianFree(CurvlabOptimizer):
             Xc, yc = X, y
         else:
             idx = torch.randperm(n, generator=self._generator)[:cb].to(g.device)
-            Xc, yc = X[idx], y[idx]
+            Xc, yc = _rows(X, idx), _rows(y, idx)
         with torch.enable_grad():
             gn = self._gn_product(Xc, yc)
             Minv = None
