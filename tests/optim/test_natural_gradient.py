@@ -147,3 +147,35 @@ def test_weight_decay_is_decoupled_with_momentum():
         theta = (1 - lr * wd) * theta - lr * buf
     after = torch.cat([model.weight.reshape(-1), model.bias]).detach()
     torch.testing.assert_close(after, theta, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
+def test_hugging_face_dict_batch_with_the_models_own_loss(fisher_type):
+    """``loss_fn=None`` on a dict batch with ``"labels"`` (padded, -100) is the model's own
+    loss (it was replaced by a plain cross-entropy, which failed on the sequence logits): the
+    step solves the damped system of the dense Fisher of that loss."""
+    transformers = pytest.importorskip("transformers")
+    from curvlab.linops.fisher import EmpiricalFisherOperator, FisherOperator
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20,
+                                  n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg).to(D64).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 20, (6, 7), generator=g)
+    mask = (torch.arange(7)[None] < torch.randint(3, 8, (6,), generator=g)[:, None]).long()
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "labels": ids.masked_fill(mask == 0, -100)}
+    params = [model.transformer.ln_f.weight, model.transformer.ln_f.bias,
+              model.transformer.h[0].mlp.c_proj.bias]
+    op = FisherOperator if fisher_type == "exact" else EmpiricalFisherOperator
+    F = op(model, None, batch, params).to_dense()
+    grad = Objective(model, None, batch, params).flat_grad()
+    lr, lam = 0.5, 0.1
+    expected = -lr * torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=D64), grad)
+    before = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    opt = NaturalGradient(model, lr=lr, damping=lam, fisher_type=fisher_type, params=params,
+                          cg_tol=1e-12, cg_max_iter=200)
+    opt.step(batch=batch)
+    after = torch.cat([p.detach().reshape(-1) for p in params])
+    torch.testing.assert_close(after - before, expected, rtol=1e-8, atol=1e-10)

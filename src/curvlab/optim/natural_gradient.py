@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -45,8 +45,9 @@ class NaturalGradient(CurvlabOptimizer):
         model: the ``nn.Module``.
         lr: learning rate (1 is the full natural-gradient step).
         damping: ``lambda`` of ``F + lambda I`` (default 1e-3).
-        loss_fn: the training loss (default ``nn.CrossEntropyLoss()``); ``"exact"`` and
-            ``"mc"`` need cross-entropy or MSE (the Fisher of their likelihood).
+        loss_fn: the training loss (default: the model's own loss on a dict batch with
+            ``"labels"``, a Hugging Face batch, else ``nn.CrossEntropyLoss()``); ``"exact"``
+            and ``"mc"`` need cross-entropy or MSE (the Fisher of their likelihood).
         fisher_type: ``"exact"`` (default), ``"mc"`` or ``"empirical"``.
         mc_samples: sampled labels per input for ``"mc"``.
         params: parameters or param groups (default: all trainable parameters).
@@ -99,6 +100,7 @@ class NaturalGradient(CurvlabOptimizer):
                                       weight_decay=weight_decay), nonfinite=nonfinite)
         self.model = model
         self.loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
+        self._model_loss = loss_fn is None  # on dict batches with labels: the model's own
         self.fisher_type, self.mc_samples = fisher_type, mc_samples
         self.cg_max_iter, self.cg_tol, self.warm_start = cg_max_iter, cg_tol, warm_start
         self.nonfinite = nonfinite
@@ -107,17 +109,28 @@ class NaturalGradient(CurvlabOptimizer):
         self._global = {"step": 0}
         self._last: dict[str, Any] = {}
 
-    def fisher(self, batch: Any) -> Any:
-        """The curvlab Fisher operator of the current parameters on ``batch``."""
+    def fisher(self, batch: Any, loss_fn: Any = ...) -> Any:
+        """The curvlab Fisher operator of the current parameters on ``batch`` (``loss_fn``:
+        default, the optimizer's loss for this batch)."""
         from curvlab.linops.fisher import EmpiricalFisherOperator, FisherOperator
 
         params = [p for g in self.param_groups for p in g["params"]]
         train = self.model.training  # the model's own mode (buffers are left unchanged)
+        if loss_fn is ...:
+            loss_fn = self._loss_for(batch)
         if self.fisher_type == "empirical":
-            return EmpiricalFisherOperator(self.model, self.loss_fn, batch, params, train=train)
-        return FisherOperator(self.model, self.loss_fn, batch, params, mode=self.fisher_type,
+            return EmpiricalFisherOperator(self.model, loss_fn, batch, params, train=train)
+        return FisherOperator(self.model, loss_fn, batch, params, mode=self.fisher_type,
                               num_samples=self.mc_samples, generator=self._generator,
                               train=train)
+
+    def _loss_for(self, batch: Any) -> Any:
+        """``loss_fn``; without one, on a dict batch carrying ``"labels"`` (a Hugging Face
+        collator's output) the model's own loss (``None``, :mod:`curvlab.objective`),
+        else cross-entropy."""
+        if self._model_loss and isinstance(batch, Mapping) and "labels" in batch:
+            return None
+        return self.loss_fn
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
@@ -138,6 +151,7 @@ class NaturalGradient(CurvlabOptimizer):
                              "Fisher is computed on), or a closure with fisher_type 'exact' or "
                              "'mc'")
         params = [p for g in self.param_groups for p in g["params"]]
+        loss_fn = self._loss_for(batch)  # (before the batch is read into the objective's form)
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -146,7 +160,7 @@ class NaturalGradient(CurvlabOptimizer):
             g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
                            for p in params])
         else:
-            obj = Objective(self.model, self.loss_fn, batch, params, train=self.model.training)
+            obj = Objective(self.model, loss_fn, batch, params, train=self.model.training)
             batch = obj.data  # read once (a generator would be used up by this pass)
             loss, grads = obj.loss_and_grad(keep_buffers=True)  # a training step's one pass
             g = obj.flatten(grads)
@@ -156,7 +170,7 @@ class NaturalGradient(CurvlabOptimizer):
             return loss
         rng = self._generator.get_state()
         with torch.enable_grad():
-            F = self.fisher(batch)
+            F = self.fisher(batch, loss_fn)
         lam_of = torch.cat([torch.full((p.numel(),), grp["damping"], dtype=p.dtype,
                                        device=p.device)
                             for grp in self.param_groups for p in grp["params"]])
