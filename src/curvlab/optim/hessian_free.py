@@ -127,7 +127,10 @@ class HessianFree(CurvlabOptimizer):
     diagonal samples its targets and stays on).
 
     Args:
-        model: the ``nn.Module``; loss_fn: ``loss_fn(model(inputs), targets) -> scalar``.
+        model: the ``nn.Module``; loss_fn: ``loss_fn(model(inputs), targets) -> scalar``,
+            or None for the model's own loss (a Hugging Face model stepped with
+            ``batch=`` dict batches carrying ``"labels"``; :mod:`curvlab.objective` finds the
+            standard loss it computes, so the Gauss-Newton products have a loss).
         lr: multiplies the accepted step (1 is the Newton-like default).
         damping: initial Levenberg-Marquardt ``lambda`` (default 1e-3).
         params: parameters or param groups (default: all trainable); groups may scale the
@@ -163,8 +166,9 @@ class HessianFree(CurvlabOptimizer):
     supports_add_param_group = False
     recommended_batch_size = 1024  # gradient batch the defaults were chosen for
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], lr: float = 1.0,
-                 damping: float = 1e-3, *, params: Iterable[Any] | None = None,
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor] | None,
+                 lr: float = 1.0, damping: float = 1e-3, *,
+                 params: Iterable[Any] | None = None,
                  cg_max_iter: int = 50, cg_min_iter: int = 1, cg_tol: float = 5e-4,
                  warm_start: float = 0.95, preconditioner: str | None = "auto",
                  preconditioner_decay: float = 0.95,
@@ -173,8 +177,13 @@ class HessianFree(CurvlabOptimizer):
                  nonfinite: str = "skip", seed: int = 0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable, e.g. nn.MSELoss()")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("loss_fn must be callable (e.g. nn.MSELoss()) or None (the model's "
+                            "own loss)")
+        if loss_fn is None and preconditioner == "martens":
+            raise ValueError("HessianFree: preconditioner='martens' needs an explicit loss_fn "
+                             "(its per-sample gradients apply it); with the model's own loss "
+                             "use 'auto' or 'ggn'")
         for name, val in (("lr", lr), ("damping", damping), ("cg_tol", cg_tol)):
             if not (isinstance(val, (int, float)) and val > 0 and math.isfinite(val)):
                 raise ValueError(f"{name} must be a positive number, got {val!r}")
@@ -232,10 +241,10 @@ class HessianFree(CurvlabOptimizer):
                          train=self.model.training)
 
     # ---- linear algebra pieces -----------------------------------------------------
-    def _gn_product(self, X: Any, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _gn_product(self, data: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         """``v -> J^T H_loss J v`` on one batch (:class:`curvlab.linops.GGNOperator`: the
         forward pass and the ``J^T u`` graph are recorded once and shared by the products)."""
-        return GGNOperator(self.model, self.loss_fn, (X, y), params=self._params(),
+        return GGNOperator(self.model, self.loss_fn, data, params=self._params(),
                            train=self.model.training).matvec
 
     def _diag_ef(self, obj: Objective, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -276,7 +285,7 @@ class HessianFree(CurvlabOptimizer):
             return None
         return kind
 
-    def _ggn_diagonal(self, obj: Objective, X: Any, y: Any) -> torch.Tensor:
+    def _ggn_diagonal(self, obj: Objective, data: Any) -> torch.Tensor:
         """``diag(G)`` averaged over steps: an exponential moving average (decay ``beta =
         preconditioner_decay``, bias-corrected) of one Monte-Carlo draw per step on the
         curvature batch, ``(J^T u)^2`` with ``u`` the scores of targets sampled from the
@@ -284,7 +293,7 @@ class HessianFree(CurvlabOptimizer):
         pass, unbiased, relative sd ~sqrt(2) per coordinate; the average's effective
         number of draws, ``(1 + beta) / (1 - beta)`` = 39 at 0.95, brings that to ~0.23)."""
         seed = int(torch.randint(0, 2**62, (1,), generator=self._generator))
-        draw = DiagonalOperator(self.model, self.loss_fn, (X, y), params=self._params(),
+        draw = DiagonalOperator(self.model, self.loss_fn, data, params=self._params(),
                                 method="mc", num_samples=1, seed=seed,
                                 train=obj.train).diagonal
         beta = self.preconditioner_decay
@@ -359,6 +368,10 @@ class HessianFree(CurvlabOptimizer):
         if closure_only:
             if closure is None:
                 raise ValueError("HessianFree.step needs a closure or batch=(inputs, targets)")
+            if self.loss_fn is None:
+                raise ValueError("HessianFree with the model's own loss (loss_fn=None) needs "
+                                 "batch= (a dict batch with 'labels'): a closure does not "
+                                 "show which targets its loss used")
             with torch.enable_grad():
                 loss = closure()
             batch = self._recorder.batch(self.loss_fn, "HessianFree")
@@ -391,19 +404,23 @@ class HessianFree(CurvlabOptimizer):
         n = _batch_size(X)
         if isinstance(cb, float):
             cb = math.ceil(cb * n)
+        # the curvature subset; with the model's own loss the rows of the batch as given
+        # (labels included: the operators' objectives find its convention on them)
+        raw = obj.data[0] if self.loss_fn is None else None
         if cb is None or cb >= n:
             Xc, yc = X, y
         else:
             idx = torch.randperm(n, generator=self._generator)[:cb].to(g.device)
-            Xc, yc = _rows(X, idx), _rows(y, idx)
+            Xc, yc, raw = _rows(X, idx), _rows(y, idx), None if raw is None else _rows(raw, idx)
+        curvature_data = (Xc, yc) if raw is None else raw
         with torch.enable_grad():
-            gn = self._gn_product(Xc, yc)
+            gn = self._gn_product(curvature_data)
             Minv = None
             kind = self._preconditioner_kind(obj, yc, closure_only)
             if kind == "martens":
                 Minv = (self._diag_ef(obj, Xc, yc) + lam).pow(-0.75)
             elif kind == "ggn":
-                Minv = (self._ggn_diagonal(obj, Xc, yc) + lam).pow(-0.75)
+                Minv = (self._ggn_diagonal(obj, curvature_data) + lam).pow(-0.75)
 
         def B(v: torch.Tensor) -> torch.Tensor:
             with torch.enable_grad():
