@@ -191,3 +191,16 @@ def test_train_mode_calls_seed_only_the_cpu_generator(monkeypatch):
     a, b = obj.loss(), obj.loss_and_grad()[0]
     assert calls == []
     assert torch.equal(a, b)  # still one fixed mask
+
+
+def test_active_dropout_warning_once_per_model(caplog):
+    """Optimizers build objectives at every step (HessianFree three): the train-mode
+    Dropout warning comes once per model, not at every construction."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5))
+    other = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5))
+    data = (torch.randn(8, 4), torch.randn(8, 3))
+    with caplog.at_level("WARNING", logger="curvlab.objective"):
+        for _ in range(3):
+            Objective(model, nn.MSELoss(), data, train=True)
+        Objective(other, nn.MSELoss(), data, train=True)
+    assert caplog.text.count("active Dropout") == 2

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -62,6 +63,9 @@ from curvlab.losses import is_known_mean_loss, loss_normalizer, match_convention
 __all__ = ["Objective", "as_batches", "split_batch", "call_model", "logits_or_output"]
 
 logger = logging.getLogger(__name__)
+
+#: models already warned about active Dropout in train mode
+_WARNED_DROPOUT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 Batch = tuple[Any, torch.Tensor]
 #: the key of the targets in a dict batch (Hugging Face's convention)
@@ -329,9 +333,10 @@ class Objective:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.reduction = reduction
-        if train and isinstance(model, nn.Module) and any(
+        if train and isinstance(model, nn.Module) and model not in _WARNED_DROPOUT and any(
                 isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
                 for m in model.modules()):
+            _WARNED_DROPOUT.add(model)  # once per model: optimizers build objectives per step
             logger.warning("train=True with active Dropout: the objective is a random function "
                            "of the data; curvlab fixes one Dropout mask per batch (seeded), so "
                            "all products of this objective see the same function")
