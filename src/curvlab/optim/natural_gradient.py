@@ -100,7 +100,7 @@ class NaturalGradient(CurvlabOptimizer):
                                       weight_decay=weight_decay), nonfinite=nonfinite)
         self.model = model
         self.loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
-        self._model_loss = loss_fn is None  # on dict batches with labels: the model's own
+        self._model_loss = loss_fn is None  # then a dict batch with labels: the model loss
         self.fisher_type, self.mc_samples = fisher_type, mc_samples
         self.cg_max_iter, self.cg_tol, self.warm_start = cg_max_iter, cg_tol, warm_start
         self.nonfinite = nonfinite
