@@ -442,7 +442,10 @@ def test_a_held_stability_model_follows_the_optimizer_state():
 @pytest.mark.parametrize("name,lr", [("shampoo", 1e-3), ("soap", 1e-3), ("muon", 0.02)])
 def test_curvlab_optimizers_on_a_conv_batchnorm_net_stay_below_their_threshold(name, lr):
     """Their Adam parts see the conv biases before BatchNorm as Adam does: in eval mode the
-    ratio was 3e3-2e4 x its train-mode value; the monitor checks the trained function."""
+    ratio was 3e3-2e4 x its train-mode value; the monitor checks the trained function.
+    Checked at step 8: SOAP's ratio passes through a transient over its first steps (its
+    second moments hold 1-3 samples; lr x lambda 9e6 at step 2, 74 or 196 at step 4 with
+    2 or 1 threads) and settles by step 6 (22 with either)."""
     from curvlab.integrations import build_optimizer
 
     torch.manual_seed(0)
@@ -454,9 +457,10 @@ def test_curvlab_optimizers_on_a_conv_batchnorm_net_stay_below_their_threshold(n
         warnings.simplefilter("ignore")
         opt = build_optimizer(model, name, lr=lr)
     loss_fn = nn.CrossEntropyLoss()
-    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt,
+    mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=4, adaptive=False,
                            generator=torch.Generator().manual_seed(0))
-    _train(model, loss_fn, X, y, opt, 4, mon)
+    _train(model, loss_fn, X, y, opt, 8, mon)
+    assert mon.checks[-1]["step"] == 8
     ratio = mon.checks[-1]["lr_preconditioned_sharpness"]
     assert 0 < ratio < mon.stability.threshold and not mon.warnings
 
