@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from curvlab.optim import KFAC, KLSOAP, SOAP, KLShampoo, PSGDKron, Shampoo
-from curvlab.optim.adam import AdamConfig, adam_step_
+from curvlab.optim.adam import AdamConfig, adam_step_, moment_dtype
 from curvlab.optim.base import apply_update_
 from curvlab.optim.compiled import StepCompiler, inductor_available
 
@@ -84,6 +84,40 @@ def test_adam_step_mixed_dtypes_and_steps_equals_each_group_alone():
     adam_step_(ps, ms, vs, gs, steps, cfg, 1e-2, 0.1)
     for p, (r, _, _) in zip(ps, ref, strict=True):
         torch.testing.assert_close(p, r, rtol=0, atol=0)
+
+
+def test_adam_step_with_step_tensors_is_torch_fused_adamw_and_falls_back_per_group():
+    """With ``step_tensors`` each (device, dtype) group whose moments share the parameters'
+    dtype is bitwise ``torch.optim.AdamW(fused=True)`` (per-tensor step counts included);
+    a bfloat16 parameter (float32 moments) takes the foreach step."""
+    torch.manual_seed(0)
+    ps = [torch.randn(50, 40), torch.randn(2000, dtype=torch.float64), torch.randn(20),
+          torch.randn(3).bfloat16()]
+    ms = [torch.zeros_like(p, dtype=moment_dtype(p.dtype)) for p in ps]
+    vs = [torch.zeros_like(m) for m in ms]
+    refs = [nn.Parameter(p.clone()) for p in ps[:3]]
+    fused = [torch.optim.AdamW([r], lr=1e-2, weight_decay=0.1, fused=True) for r in refs]
+    bf = ps[3].clone()
+    bf_m, bf_v = torch.zeros(3), torch.zeros(3)
+    counts = torch.zeros(4)
+    cfg = AdamConfig()
+    skip = {0: (2,), 1: (), 2: (1, 4), 3: ()}  # steps without a gradient, per tensor
+    for t in range(12):  # (the foreach step differs from the fused one by then)
+        live = [k for k in range(4) if t not in skip[k]]
+        gs = {k: torch.randn_like(ps[k]) for k in live}
+        counts[live] += 1
+        adam_step_([ps[k] for k in live], [ms[k] for k in live], [vs[k] for k in live],
+                   [gs[k] for k in live], [int(counts[k]) for k in live], cfg, 1e-2, 0.1,
+                   step_tensors=[counts[k] for k in live])
+        for k in live:
+            if k < 3:
+                refs[k].grad = gs[k]
+                fused[k].step()
+            else:
+                adam_step_([bf], [bf_m], [bf_v], [gs[k]], [int(counts[k])], cfg, 1e-2, 0.1)
+    for p, r in zip(ps[:3], refs, strict=True):
+        torch.testing.assert_close(p, r.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(ps[3], bf, rtol=0, atol=0)
 
 
 class _TiedLM(nn.Module):

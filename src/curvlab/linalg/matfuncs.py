@@ -449,6 +449,8 @@ def _plain_iteration(X: Tensor, schedule: list[Coefficients]) -> Tensor:
             A = X @ X.mT
             X = _addmm(X, _addmm(A, A, A, beta=b, alpha=c), X, beta=a, alpha=1.0)
         return X
+    if X.ndim == 3 and X.shape[0] == 1:  # one matrix: the 2-D kernels (on a CPU the
+        return _plain_iteration(X[0], schedule).unsqueeze(0)  # batched ones cost ~3% more)
     mm, addmm = (torch.mm, torch.addmm) if X.ndim == 2 else (torch.bmm, torch.baddbmm)
     X = X.contiguous()
     A = X.new_empty(*X.shape[:-1], X.shape[-2])

@@ -145,10 +145,18 @@ def adam_directions_(ms: Sequence[Tensor], vs: Sequence[Tensor], grads: Sequence
 
 def adam_step_(params: Sequence[Tensor], ms: Sequence[Tensor], vs: Sequence[Tensor],
                grads: Sequence[Tensor], steps: Sequence[int], config: AdamConfig, lr: float,
-               weight_decay: float = 0.0, compiler: Any = None, uniform: bool = False) -> None:
+               weight_decay: float = 0.0, compiler: Any = None, uniform: bool = False,
+               step_tensors: Sequence[Tensor] | None = None) -> None:
     """One AdamW step in place: ``p <- (1 - lr wd) p - lr m_hat / (sqrt(v_hat) + eps)``
     (bitwise ``torch.optim.AdamW(foreach=True)`` when the moments have the parameters'
     dtype). Foreach kernels per (device, dtype) of the parameters.
+
+    ``step_tensors``: the counts ``steps`` as torch's optimizers store them (0-d float32,
+    already incremented). Where they live on the parameters' device and parameters,
+    gradients and moments share one dtype, the group runs as torch's fused AdamW kernel
+    (bitwise ``torch.optim.AdamW(fused=True)``; it and the foreach step differ by float
+    rounding): one dispatch instead of eight, 30 instead of 64 us for a small model's
+    four bias and head tensors on a CPU.
 
     ``compiler``: a :class:`~curvlab.optim.compiled.StepCompiler`: the whole update of a
     (device, dtype) group runs as one compiled graph (:func:`_adam_kernel_`); ``lr`` and the
@@ -160,14 +168,15 @@ def adam_step_(params: Sequence[Tensor], ms: Sequence[Tensor], vs: Sequence[Tens
         return
     if uniform and compiler is None:
         _adam_step_eager_(list(params), list(ms), list(vs), list(grads), list(steps), config,
-                          lr, weight_decay)
+                          lr, weight_decay, step_tensors)
         return
     grouped = _group_tensors_by_device_and_dtype(
         [list(params), list(ms), list(vs), list(grads)], with_indices=True)
     for (device, dtype), ((ps, ms_, vs_, gs), idx) in grouped.items():
         st = [steps[i] for i in idx]
         if compiler is None:
-            _adam_step_eager_(ps, ms_, vs_, gs, st, config, lr, weight_decay)
+            _adam_step_eager_(ps, ms_, vs_, gs, st, config, lr, weight_decay,
+                              None if step_tensors is None else [step_tensors[i] for i in idx])
             continue
         b1, b2 = config.betas
         if config.bias_correction:
@@ -183,9 +192,29 @@ def adam_step_(params: Sequence[Tensor], ms: Sequence[Tensor], vs: Sequence[Tens
                list(scal[1 + len(ps):]), b1, b2, config.eps)
 
 
+def _fusable(params: list[Tensor], ms: list[Tensor], vs: list[Tensor], grads: list[Tensor],
+             step_tensors: list[Tensor], config: AdamConfig) -> bool:
+    """Whether torch's fused AdamW kernel computes this (one device and dtype) group's step:
+    bias-corrected, one floating dtype throughout, the step counts beside the parameters."""
+    p0 = params[0]
+    return (config.bias_correction and p0.device.type in _FUSED_DEVICES
+            and p0.dtype in (torch.float32, torch.float64)
+            and all(t.dtype == p0.dtype for ts in (ms, vs, grads) for t in ts)
+            and all(s.device == p0.device for s in step_tensors))
+
+
+_FUSED_DEVICES = ("cpu", "cuda") if hasattr(torch, "_fused_adamw_") else ()
+
+
 def _adam_step_eager_(params: list[Tensor], ms: list[Tensor], vs: list[Tensor],
                       grads: list[Tensor], steps: list[int], config: AdamConfig, lr: float,
-                      weight_decay: float) -> None:
+                      weight_decay: float, step_tensors: list[Tensor] | None = None) -> None:
+    if step_tensors is not None and _fusable(params, ms, vs, grads, step_tensors, config):
+        b1, b2 = config.betas
+        torch._fused_adamw_(params, grads, ms, vs, [], step_tensors, lr=lr, beta1=b1,
+                            beta2=b2, weight_decay=weight_decay, eps=config.eps,
+                            amsgrad=False, maximize=False)
+        return
     if weight_decay:
         torch._foreach_mul_(params, foreach_scalar(params)(1.0 - lr * weight_decay))
     denom, c1 = _moments_and_denominators(ms, vs, grads, steps, config)

@@ -450,7 +450,8 @@ class Muon(CurvlabOptimizer):
             ps, ms, vs, grads = ([local_tensor(t) for t in ts] for ts in (ps, ms, vs, grads))
         adam_step_(ps, ms, vs, grads, counts, config, group["lr"], group["weight_decay"],
                    compiler=self._step_compiler,
-                   uniform=plan.adam_uniform and self.process_group is None)
+                   uniform=plan.adam_uniform and self.process_group is None,
+                   step_tensors=[st["step"] for st in states])
 
     def _state_template(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         if self._uses_muon(group, p):
