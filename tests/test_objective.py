@@ -204,3 +204,32 @@ def test_active_dropout_warning_once_per_model(caplog):
             Objective(model, nn.MSELoss(), data, train=True)
         Objective(other, nn.MSELoss(), data, train=True)
     assert caplog.text.count("active Dropout") == 2
+
+
+def test_on_other_data_equals_a_new_objective_without_resolving_the_convention_again():
+    """``objective.on(data)``: loss and gradient of a new Objective on ``data`` (a Hugging
+    Face model's own loss: the convention resolved on the first data is reused, with no
+    forward pass); the original keeps its data."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20,
+                                  n_positions=16)
+    lm = transformers.GPT2LMHeadModel(cfg).to(torch.float64).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 20, (8, 7), generator=g)
+    mask = (torch.arange(7)[None] < torch.randint(3, 8, (8,), generator=g)[:, None]).long()
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "labels": ids.masked_fill(mask == 0, -100)}
+    half = {k: v[:4] for k, v in batch.items()}
+    obj = Objective(lm, None, batch)
+    calls = []
+    hook = lm.register_forward_hook(lambda *a: calls.append(1))
+    sub = obj.on(half)
+    hook.remove()
+    assert calls == [] and sub.convention is obj.convention
+    new = Objective(lm, None, half)
+    for a, b in [(sub, new), (obj, Objective(lm, None, batch))]:
+        la, ga = a.loss_and_grad()
+        lb, gb = b.loss_and_grad()
+        torch.testing.assert_close(la, lb, rtol=1e-12, atol=0)
+        torch.testing.assert_close(a.flatten(ga), b.flatten(gb), rtol=1e-12, atol=0)

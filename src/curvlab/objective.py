@@ -48,6 +48,7 @@ in the dict's order with each tensor flattened row-major.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -340,6 +341,18 @@ class Objective:
             logger.warning("train=True with active Dropout: the objective is a random function "
                            "of the data; curvlab fixes one Dropout mask per batch (seeded), so "
                            "all products of this objective see the same function")
+
+    def on(self, data: Any) -> Objective:
+        """This objective on other ``data``: the same model, parameters, mode, reduction,
+        process group and loss, with the model's own loss convention as resolved here
+        (resolving it again costs one or two forward passes: an optimizer that builds
+        operators on subsets of its batch passes them ``objective.on(subset)``)."""
+        other = copy.copy(self)
+        other.data = as_batches(data)
+        other._num_samples = other._num_loss_terms = None
+        other._batch_index, other._private_buffers = 0, self.train
+        other._warned_weighting = False
+        return other
 
     def _resolve_model_loss(self) -> Any:
         """Find the standard loss that reproduces the model's own loss on the first batch

@@ -341,8 +341,8 @@ def test_a_step_costs_one_product_per_cg_iteration_plus_the_warm_start():
     opt = HessianFree(model, lf, curvature_batch_size=None)
     counts, real = [], opt._gn_product
 
-    def counting(data):
-        mv = real(data)
+    def counting(obj, data):
+        mv = real(obj, data)
         counts.append(0)
 
         def wrapped(v):
@@ -446,3 +446,39 @@ def test_the_models_own_loss_on_hugging_face_dict_batches():
     assert losses[-1] < losses[0]
     with pytest.raises(ValueError, match="martens"):
         HessianFree(own, None, preconditioner="martens")
+
+
+def test_a_step_with_the_models_own_loss_resolves_its_convention_once(monkeypatch):
+    """The step's objective resolves the model's loss convention (forward passes); the
+    curvature operators on the curvature subset and the Gauss-Newton diagonal draw reuse it
+    (``Objective.on``) instead of resolving it again each (three resolutions per step
+    before), and take the same step as operators that resolve it themselves."""
+    transformers = pytest.importorskip("transformers")
+    from curvlab.objective import Objective
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20,
+                                  n_positions=16)
+    lm = transformers.GPT2LMHeadModel(cfg).to(torch.float64).eval()
+    fresh = copy.deepcopy(lm)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 20, (8, 7), generator=g)
+    mask = (torch.arange(7)[None] < torch.randint(3, 8, (8,), generator=g)[:, None]).long()
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "labels": ids.masked_fill(mask == 0, -100)}
+    kwargs = dict(curvature_batch_size=0.5, seed=3, preconditioner="ggn", damping=1.0,
+                  cg_max_iter=10)
+    opt, ref = HessianFree(lm, None, **kwargs), HessianFree(fresh, None, **kwargs)
+    calls = []
+    resolve = Objective._resolve_model_loss
+    monkeypatch.setattr(Objective, "_resolve_model_loss",
+                        lambda self: calls.append(1) or resolve(self))
+    for _ in range(2):
+        opt.step(batch=batch)
+    assert len(calls) == 2  # one per step
+    monkeypatch.setattr(Objective, "on", lambda self, data: Objective(
+        self.model, None, data, params=list(self.params.values()), train=self.train))
+    for _ in range(2):
+        ref.step(batch=batch)
+    for p, q in zip(lm.parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)

@@ -241,11 +241,11 @@ class HessianFree(CurvlabOptimizer):
                          train=self.model.training)
 
     # ---- linear algebra pieces -----------------------------------------------------
-    def _gn_product(self, data: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _gn_product(self, obj: Objective, data: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         """``v -> J^T H_loss J v`` on one batch (:class:`curvlab.linops.GGNOperator`: the
-        forward pass and the ``J^T u`` graph are recorded once and shared by the products)."""
-        return GGNOperator(self.model, self.loss_fn, data, params=self._params(),
-                           train=self.model.training).matvec
+        forward pass and the ``J^T u`` graph are recorded once and shared by the products);
+        ``obj``: the step's objective (its loss convention, mode and parameters)."""
+        return GGNOperator(obj.on(data)).matvec
 
     def _diag_ef(self, obj: Objective, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``sum_n (grad l_n)^2 / N`` with ``l_n`` the per-sample loss (vmap). Samples one
@@ -293,9 +293,8 @@ class HessianFree(CurvlabOptimizer):
         pass, unbiased, relative sd ~sqrt(2) per coordinate; the average's effective
         number of draws, ``(1 + beta) / (1 - beta)`` = 39 at 0.95, brings that to ~0.23)."""
         seed = int(torch.randint(0, 2**62, (1,), generator=self._generator))
-        draw = DiagonalOperator(self.model, self.loss_fn, data, params=self._params(),
-                                method="mc", num_samples=1, seed=seed,
-                                train=obj.train).diagonal
+        draw = DiagonalOperator(obj.on(data), method="mc", num_samples=1,
+                                seed=seed).diagonal
         beta = self.preconditioner_decay
         count = self._global["diagonal_draws"] = self._global["diagonal_draws"] + 1
         avg = []
@@ -405,7 +404,7 @@ class HessianFree(CurvlabOptimizer):
         if isinstance(cb, float):
             cb = math.ceil(cb * n)
         # the curvature subset; with the model's own loss the rows of the batch as given
-        # (labels included: the operators' objectives find its convention on them)
+        # (labels included: the operators' objectives apply the step's convention to them)
         raw = obj.data[0] if self.loss_fn is None else None
         if cb is None or cb >= n:
             Xc, yc = X, y
@@ -414,7 +413,7 @@ class HessianFree(CurvlabOptimizer):
             Xc, yc, raw = _rows(X, idx), _rows(y, idx), None if raw is None else _rows(raw, idx)
         curvature_data = (Xc, yc) if raw is None else raw
         with torch.enable_grad():
-            gn = self._gn_product(curvature_data)
+            gn = self._gn_product(obj, curvature_data)
             Minv = None
             kind = self._preconditioner_kind(obj, yc, closure_only)
             if kind == "martens":
