@@ -189,6 +189,29 @@ def test_default_ns_dtype_follows_the_hardware():
     assert native_bfloat16_matmul(cpu) == (torch.cpu._is_amx_tile_supported()
                                            or torch.cpu._is_avx512_bf16_supported())
     assert default_ns_dtype(torch.device("cuda"), torch.float32) == torch.bfloat16
+    # small stacks on a CPU: float32 (a bfloat16 product's fixed cost), by k n^2 m
+    for shape in [(64, 128), (128, 64), (1, 128, 128), (4, 64, 256), (128, 256)]:
+        assert default_ns_dtype(cpu, torch.float32, shape) == torch.float32
+    for shape in [(128, 384), (384, 128), (2, 128, 256), (256, 256)]:
+        assert default_ns_dtype(cpu, torch.float32, shape) == expected
+    assert default_ns_dtype(torch.device("cuda"), torch.float32, (8, 8)) == torch.bfloat16
+
+
+def test_the_step_iterates_small_stacks_in_float32_on_a_cpu(monkeypatch):
+    """Muon's step asks for the dtype of each stack it orthogonalizes (by its shape): a
+    64x128 weight iterates in float32 even where bfloat16 products are native."""
+    from curvlab.optim import muon as muon_module
+
+    monkeypatch.setattr(muon_module, "native_bfloat16_matmul", lambda device: True)
+    seen = []
+    real = muon_module.newton_schulz
+    monkeypatch.setattr(muon_module, "newton_schulz",
+                        lambda U, *a, dtype=None, **k: seen.append((tuple(U.shape), dtype))
+                        or real(U, *a, dtype=dtype, **k))
+    W, V = nn.Parameter(torch.randn(64, 128)), nn.Parameter(torch.randn(256, 256))
+    W.grad, V.grad = torch.randn(64, 128), torch.randn(256, 256)
+    Muon([W, V], lr=0.02).step()
+    assert sorted(seen) == [((1, 64, 128), torch.float32), ((1, 256, 256), torch.bfloat16)]
 
 
 @pytest.mark.parametrize("rule,normalize", [("original", None), ("match_rms_adamw", None),

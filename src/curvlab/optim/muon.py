@@ -56,8 +56,10 @@ orthogonalized together in one batched Newton–Schulz. The iteration
 runs in ``ns_dtype``, by default (:func:`default_ns_dtype`) bfloat16 where the hardware
 multiplies bfloat16 natively (CUDA; CPUs with AMX or AVX512-BF16, where it is 2.6x faster
 than float32, measured on 4 x 128x512x128 batched products), as the authors' reference and
-``torch.optim.Muon`` run it; elsewhere float32 (bfloat16 is emulated there, slower than
-float32), and float64 for float64 parameters on a CPU.
+``torch.optim.Muon`` run it, except for small stacks on a CPU (:data:`CPU_BF16_MIN_WORK`:
+there a bfloat16 product's fixed cost makes float32 up to 4x faster); elsewhere float32
+(bfloat16 is emulated there, slower than float32), and float64 for float64 parameters on a
+CPU.
 
 Data parallel (``process_group``): under DDP the Newton–Schulz work is split over the ranks
 (each matrix has an owner by a longest-processing-time schedule over ``A B min(A, B)``) and
@@ -86,7 +88,7 @@ import functools
 import logging
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -133,6 +135,13 @@ NORMUON_EPS = 1e-10  # the NorMuon authors' reference code
 #: on a CPU, ``gram=True`` runs Gram Newton–Schulz only on matrices at least this many
 #: times wider than tall (measured crossover, see the module docstring)
 CPU_GRAM_MIN_ASPECT = 8
+#: on a CPU with native bfloat16 products, a Newton–Schulz stack of ``k`` matrices
+#: ``n x m`` (``n <= m``) iterates in bfloat16 only from this many multiply-adds ``k n^2 m``:
+#: each bfloat16 product has a fixed cost (~40 us), so below it float32 is faster (measured
+#: 5 quintic iterations, 1 thread: 64x128 float32 255 us vs bfloat16 661, 128x128 708 vs
+#: 824, at 4.2e6 (128x256, 4 x 64x256, 64x1024) 0.85-1.02 x, 128x384 (6.3e6) 1.21 x,
+#: 256x256 1.89 x slower in float32; 2 threads alike)
+CPU_BF16_MIN_WORK = 5_000_000
 
 
 def native_bfloat16_matmul(device: torch.device) -> bool:
@@ -152,12 +161,21 @@ def _cpu_has_bfloat16_kernels() -> bool:
                for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
-def default_ns_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
+def default_ns_dtype(device: torch.device, param_dtype: torch.dtype,
+                     shape: Sequence[int] | None = None) -> torch.dtype:
     """Muon's default Newton–Schulz dtype: float64 for float64 parameters on a CPU, else
-    bfloat16 where :func:`native_bfloat16_matmul`, else float32."""
+    bfloat16 where :func:`native_bfloat16_matmul`, except on a CPU for a stack of
+    ``shape`` ``(..., n, m)`` with fewer than :data:`CPU_BF16_MIN_WORK` multiply-adds
+    ``k n^2 m`` (``n <= m``, ``k`` matrices), else float32."""
     if param_dtype == torch.float64 and device.type == "cpu":
         return torch.float64
-    return torch.bfloat16 if native_bfloat16_matmul(device) else torch.float32
+    if not native_bfloat16_matmul(device):
+        return torch.float32
+    if device.type == "cpu" and shape is not None and len(shape) >= 2:
+        n, m = sorted(shape[-2:])
+        if math.prod(shape[:-2]) * n * n * m < CPU_BF16_MIN_WORK:
+            return torch.float32
+    return torch.bfloat16
 
 
 def _restarts_rule(r: Any) -> str | None:
@@ -199,8 +217,8 @@ class Muon(CurvlabOptimizer):
         beta2: NorMuon's second-moment EMA factor (default 0.95, the authors').
         adjust_lr: "original" (default), "match_rms_adamw" or "none" (see module docstring).
         ns_dtype: dtype of the Newton–Schulz iteration (default :func:`default_ns_dtype`:
-            bfloat16 where the hardware multiplies it natively, else float32,
-            float64 for float64 parameters).
+            bfloat16 where the hardware multiplies it natively, except small stacks on a
+            CPU, else float32, float64 for float64 parameters).
         adam: :class:`~curvlab.optim.adam.AdamConfig` (or a dict of its fields) of the AdamW
             used for the non-Muon parameters (stored in the groups as ``adam_betas``,
             ``adam_eps``). ``adamw_betas`` / ``adamw_eps`` are deprecated aliases.
@@ -353,7 +371,7 @@ class Muon(CurvlabOptimizer):
             """Newton–Schulz of the stacked updates ``U`` of ``ps[i_list]``, in their
             dtype (``as_params=False``: in the iteration's)."""
             pdtype = ps[i_list[0]].dtype
-            ns_dtype = dtype or default_ns_dtype(U.device, pdtype)
+            ns_dtype = dtype or default_ns_dtype(U.device, pdtype, U.shape)
             out_dtype = pdtype if as_params else ns_dtype
             gram = group["gram"] and _gram_pays(U)
             settings = (group["ns_steps"], group["ns_coefficients"], group["eps"],
