@@ -140,7 +140,9 @@ CPU_GRAM_MIN_ASPECT = 8
 #: each bfloat16 product has a fixed cost (~40 us), so below it float32 is faster (measured
 #: 5 quintic iterations, 1 thread: 64x128 float32 255 us vs bfloat16 661, 128x128 708 vs
 #: 824, at 4.2e6 (128x256, 4 x 64x256, 64x1024) 0.85-1.02 x, 128x384 (6.3e6) 1.21 x,
-#: 256x256 1.89 x slower in float32; 2 threads alike)
+#: 256x256 1.89 x slower in float32; 2 threads alike). The rule goes by the stack (one
+#: batched product pays the fixed cost once), so under DDP, where an owner stacks only its
+#: own matrices, a matrix may iterate in float32 where one process iterates it in bfloat16.
 CPU_BF16_MIN_WORK = 5_000_000
 
 
