@@ -150,10 +150,11 @@ def test_weight_decay_is_decoupled_with_momentum():
 
 
 @pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
-def test_hugging_face_dict_batch_with_the_models_own_loss(fisher_type):
+def test_hugging_face_dict_batch_with_the_models_own_loss(fisher_type, monkeypatch):
     """``loss_fn=None`` on a dict batch with ``"labels"`` (padded, -100) is the model's own
     loss (it was replaced by a plain cross-entropy, which failed on the sequence logits): the
-    step solves the damped system of the dense Fisher of that loss."""
+    step solves the damped system of the dense Fisher of that loss. The step resolves the
+    model's loss convention once (its Fisher reuses the gradient objective's: twice before)."""
     transformers = pytest.importorskip("transformers")
     from curvlab.linops.fisher import EmpiricalFisherOperator, FisherOperator
 
@@ -176,6 +177,11 @@ def test_hugging_face_dict_batch_with_the_models_own_loss(fisher_type):
     before = torch.cat([p.detach().reshape(-1) for p in params]).clone()
     opt = NaturalGradient(model, lr=lr, damping=lam, fisher_type=fisher_type, params=params,
                           cg_tol=1e-12, cg_max_iter=200)
+    calls = []
+    resolve = Objective._resolve_model_loss
+    monkeypatch.setattr(Objective, "_resolve_model_loss",
+                        lambda self: calls.append(1) or resolve(self))
     opt.step(batch=batch)
     after = torch.cat([p.detach().reshape(-1) for p in params])
     torch.testing.assert_close(after - before, expected, rtol=1e-8, atol=1e-10)
+    assert len(calls) == 1

@@ -112,17 +112,21 @@ class NaturalGradient(CurvlabOptimizer):
     def fisher(self, batch: Any, loss_fn: Any = ...) -> Any:
         """The curvlab Fisher operator of the current parameters on ``batch`` (``loss_fn``:
         default, the optimizer's loss for this batch)."""
-        from curvlab.linops.fisher import EmpiricalFisherOperator, FisherOperator
-
         params = [p for g in self.param_groups for p in g["params"]]
-        train = self.model.training  # the model's own mode (buffers are left unchanged)
         if loss_fn is ...:
             loss_fn = self._loss_for(batch)
+        # the model's own mode (buffers are left unchanged)
+        return self._fisher_of(Objective(self.model, loss_fn, batch, params,
+                                         train=self.model.training))
+
+    def _fisher_of(self, objective: Objective) -> Any:
+        """The Fisher operator of ``objective`` (of its data, loss convention and mode)."""
+        from curvlab.linops.fisher import EmpiricalFisherOperator, FisherOperator
+
         if self.fisher_type == "empirical":
-            return EmpiricalFisherOperator(self.model, loss_fn, batch, params, train=train)
-        return FisherOperator(self.model, loss_fn, batch, params, mode=self.fisher_type,
-                              num_samples=self.mc_samples, generator=self._generator,
-                              train=train)
+            return EmpiricalFisherOperator(objective)
+        return FisherOperator(objective, mode=self.fisher_type, num_samples=self.mc_samples,
+                              generator=self._generator)
 
     def _loss_for(self, batch: Any) -> Any:
         """``loss_fn``; without one, on a dict batch carrying ``"labels"`` (a Hugging Face
@@ -169,8 +173,9 @@ class NaturalGradient(CurvlabOptimizer):
             self._skip("nonfinite", "loss or gradient")
             return loss
         rng = self._generator.get_state()
-        with torch.enable_grad():
-            F = self.fisher(batch, loss_fn)
+        with torch.enable_grad():  # (on the step's objective: its loss convention, resolved)
+            F = self.fisher(batch, loss_fn) if closure is not None else self._fisher_of(
+                obj.on(batch))
         lam_of = torch.cat([torch.full((p.numel(),), grp["damping"], dtype=p.dtype,
                                        device=p.device)
                             for grp in self.param_groups for p in grp["params"]])
