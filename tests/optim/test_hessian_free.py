@@ -31,7 +31,7 @@ def small_problem(seed=0):
     return model, nn.CrossEntropyLoss(), X, y
 
 
-@pytest.mark.parametrize("preconditioner", [None, "martens", "ggn", "auto"])
+@pytest.mark.parametrize("preconditioner", [None, "martens", "ggn", "kfac", "auto"])
 def test_cg_solves_the_damped_gauss_newton_system(preconditioner):
     model, lf, X, y = small_problem()
     G, g = dense_gn(model, lf, X, y)
@@ -122,10 +122,13 @@ def test_nonfinite_batch_changes_nothing():
         HessianFree(model, lf, damping=-1)
 
 
-def test_closure_only_step_equals_the_batch_step():
+@pytest.mark.parametrize("preconditioner", [None, "kfac"])
+def test_closure_only_step_equals_the_batch_step(preconditioner):
+    """Without batch= the products use the closure's inputs and stand-in targets: the same
+    curvature (and K-FAC factors: their targets are sampled from the model) as the batch's."""
     model, lf, X, y = small_problem(5)
     twin = copy.deepcopy(model)
-    kw = dict(damping=0.5, preconditioner=None, cg_max_iter=30)
+    kw = dict(damping=0.5, preconditioner=preconditioner, cg_max_iter=30)
     HessianFree(model, lf, **kw).step(batch=(X, y))
     opt = HessianFree(twin, lf, **kw)
 
@@ -172,13 +175,13 @@ def test_ggn_preconditioner_is_the_averaged_monte_carlo_diagonal():
     resumed with the state."""
     model, lf, X, y = small_problem(3)
     twin = copy.deepcopy(model)
-    opt = HessianFree(model, lf, curvature_batch_size=None, cg_max_iter=5)
+    opt = HessianFree(model, lf, curvature_batch_size=None, cg_max_iter=5, preconditioner="ggn")
     seen, used = [], []
     real, real_cg = opt._ggn_diagonal, opt._cg
 
-    def cg_spy(B, g, x0, Minv):
+    def cg_spy(B, g, x0, Minv, max_iter):
         used.append((Minv.clone(), opt.damping))  # the damping before this step's update
-        return real_cg(B, g, x0, Minv)
+        return real_cg(B, g, x0, Minv, max_iter)
 
     def spy(obj, data):
         gen_state = opt._generator.get_state()
@@ -204,7 +207,8 @@ def test_ggn_preconditioner_is_the_averaged_monte_carlo_diagonal():
         avg = 0.95 * avg + 0.05 * draw
         torch.testing.assert_close(out, avg / (1 - 0.95**k), atol=1e-14, rtol=1e-12)
         torch.testing.assert_close(Minv, (out + lam).pow(-0.75), atol=0, rtol=1e-12)
-    resumed = HessianFree(copy.deepcopy(model), lf, curvature_batch_size=None, cg_max_iter=5)
+    resumed = HessianFree(copy.deepcopy(model), lf, curvature_batch_size=None, cg_max_iter=5,
+                          preconditioner="ggn")
     resumed.load_state_dict(opt.state_dict())
     for p, q in zip(opt._params(), resumed._params(), strict=True):
         assert torch.equal(opt.state[p]["ggn_diagonal"], resumed.state[q]["ggn_diagonal"])
@@ -212,18 +216,29 @@ def test_ggn_preconditioner_is_the_averaged_monte_carlo_diagonal():
 
 
 def test_auto_preconditioner_needs_a_sampled_target_loss():
-    """"auto" uses the GGN diagonal for CE / MSE / BCE-with-logits and nothing for other
-    losses (L1: no Fisher of sampled targets); "ggn" on such a loss raises."""
+    """"auto" needs CE / MSE / BCE-with-logits (a Fisher of sampled targets): K-FAC where
+    every parameter is in a layer with Kronecker factors, the GGN diagonal otherwise (a
+    LayerNorm), nothing for other losses (L1); "ggn" on such a loss raises, "kfac" on a
+    model it does not cover too."""
     model, _, X, _ = small_problem()
     Y = torch.randn(20, 3, dtype=D64)
     opt = HessianFree(model, nn.L1Loss(), cg_max_iter=3)
     opt.step(batch=(X, Y))
-    assert all("ggn_diagonal" not in opt.state[p] for p in model.parameters())
+    assert opt.stats()["preconditioner"] is None
+    assert all(not opt.state[p].keys() - {"cg_direction"} for p in model.parameters())
     with pytest.raises(ValueError, match="sampled targets"):
         HessianFree(model, nn.L1Loss(), preconditioner="ggn").step(batch=(X, Y))
     opt = HessianFree(model, nn.MSELoss(), cg_max_iter=3)
     opt.step(batch=(X, Y))
-    assert all("ggn_diagonal" in opt.state[p] for p in model.parameters())
+    assert opt.stats()["preconditioner"] == "kfac"
+    assert {"kfac_A", "kfac_G"} <= opt.state[model[0].weight].keys()
+    normed = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(D64)
+    opt = HessianFree(normed, nn.MSELoss(), cg_max_iter=3)
+    opt.step(batch=(X, Y))
+    assert opt.stats()["preconditioner"] == "ggn"
+    assert all("ggn_diagonal" in opt.state[p] for p in normed.parameters())
+    with pytest.raises(ValueError, match="kfac.*LayerNorm|kfac.*not covered"):
+        HessianFree(normed, nn.MSELoss(), preconditioner="kfac").step(batch=(X, Y))
     for bad in ("adam", "diag", 1):
         with pytest.raises(ValueError, match="preconditioner must be"):
             HessianFree(model, nn.MSELoss(), preconditioner=bad)
@@ -251,14 +266,21 @@ def test_damping_follows_the_rho_rule_from_its_default():
     assert opt.damping == pytest.approx(1.5e-6, rel=1e-12)
 
 
-def test_cg_stops_at_its_default_budget():
+@pytest.mark.parametrize("preconditioner,budget", [("auto", 20), ("kfac", 20), ("ggn", 50),
+                                                   (None, 50)])
+def test_cg_stops_at_its_default_budget(preconditioner, budget):
+    """20 iterations with the K-FAC preconditioner (the default where it applies), 50 with
+    a diagonal one or none."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(D64)  # 83 params
     X, y = torch.randn(30, 6, dtype=D64), torch.randint(0, 3, (30,))
     opt = HessianFree(model, nn.CrossEntropyLoss(), cg_tol=1e-15, damping=1e-8, min_damping=1e-8,
-                      curvature_batch_size=None)
+                      curvature_batch_size=None, preconditioner=preconditioner)
     opt.step(batch=(X, y))
-    assert opt.stats()["cg_iterations"] == 50
+    assert opt.stats()["cg_iterations"] == budget
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="cg_max_iter"):
+            HessianFree(model, nn.CrossEntropyLoss(), cg_max_iter=bad)
 
 
 @pytest.mark.parametrize("zeta", [0.95, 0.0])
@@ -295,9 +317,9 @@ def test_warm_start_flushes_subnormal_coordinates():
     starts = []
     real = opt._cg
 
-    def spy(B, g, x0, Minv):
+    def spy(B, g, x0, Minv, max_iter):
         starts.append(x0.clone())
-        return real(B, g, x0, Minv)
+        return real(B, g, x0, Minv, max_iter)
 
     expected = torch.cat([0.95 * opt.state[p]["cg_direction"].reshape(-1)
                           for p in model.parameters()])
@@ -323,8 +345,8 @@ def test_backtracking_walks_back_while_the_loss_decreases(order, chosen):
                       curvature_batch_size=None, cg_tol=1e-14, cg_max_iter=20)
     real_cg = opt._cg
 
-    def scripted(B, g, x0, Minv):
-        saved, iters = real_cg(B, g, x0, Minv)
+    def scripted(B, g, x0, Minv, max_iter):
+        saved, iters = real_cg(B, g, x0, Minv, max_iter)
         newton = saved[-1][1]
         return [(i + 1, t * newton, float(g @ (t * newton) + 0.5 * (t * newton) @ B(t * newton)))
                 for i, t in enumerate(order)], iters
@@ -338,7 +360,7 @@ def test_a_step_costs_one_product_per_cg_iteration_plus_the_warm_start():
     the warm start (none from zero), none for rho (phi of the chosen iterate comes from
     CG's residual recurrence) -- and rho is the same as with phi recomputed."""
     model, lf, X, y = small_problem(9)
-    opt = HessianFree(model, lf, curvature_batch_size=None)
+    opt = HessianFree(model, lf, curvature_batch_size=None, preconditioner="ggn")
     counts, real = [], opt._gn_product
 
     def counting(obj, data):
@@ -482,3 +504,128 @@ def test_a_step_with_the_models_own_loss_resolves_its_convention_once(monkeypatc
         ref.step(batch=batch)
     for p, q in zip(lm.parameters(), fresh.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+def _conv_net():
+    """A grouped Conv2d, a Linear and a bias-free Linear: every block layout but a
+    transposed one."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(16, 5), nn.Tanh(), nn.Linear(5, 3, bias=False)).to(D64)
+    return model, torch.randn(24, 2, 4, 4, dtype=D64), torch.randint(0, 3, (24,))
+
+
+def _token_net():
+    """An Embedding (diagonal input factor) and an HF Conv1D (transposed weight)."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), pytorch_utils.Conv1D(5, 12),
+                          nn.Tanh(), nn.Linear(5, 3)).to(D64)
+    return model, torch.randint(0, 10, (24, 3)), torch.randint(0, 3, (24,))
+
+
+@pytest.mark.parametrize("build", [_conv_net, _token_net])
+def test_kfac_preconditioner_is_the_averaged_factored_kronecker_inverse(build):
+    """The "kfac" preconditioner of CG: ``(A + pi sqrt(lambda)) (x) (G + sqrt(lambda) / pi)``
+    inverted per layer, ``A``, ``G`` the bias-corrected moving averages (decay 0.95) of one
+    Monte-Carlo K-FAC draw per step on the curvature batch, seeded from the optimizer's
+    generator -- checked against :class:`KFACOperator`'s own factored inverse (an
+    eigendecomposition and its index layout) on grouped-conv, bias-free, embedding and
+    transposed blocks; the factors resume with the state."""
+    from curvlab.linops import KFACOperator
+
+    model, X, y = build()
+    lf = nn.CrossEntropyLoss()
+    twin = copy.deepcopy(model)
+    opt = HessianFree(model, lf, curvature_batch_size=None, cg_max_iter=4,
+                      preconditioner="kfac")
+    seen, real = [], opt._kfac_preconditioner
+
+    def spy(obj, data, lam):
+        gen_state = opt._generator.get_state()
+        solve = real(obj, data, lam)
+        seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().set_state(
+            gen_state)))
+        point = {k: v.clone() for k, v in obj.param_tensors().items()}
+        v = torch.randn(obj.num_params, dtype=D64)
+        seen.append((seed, point, lam, v, solve(v)))
+        return solve
+
+    opt._kfac_preconditioner = spy
+    for _ in range(3):
+        opt.step(batch=(X, y))
+    avg = None
+    for k, (seed, point, lam, v, Mv) in enumerate(seen, start=1):
+        probe = copy.deepcopy(twin)
+        with torch.no_grad():
+            for p, val in zip(probe.parameters(), point.values(), strict=True):
+                p.copy_(val)
+        op = KFACOperator(probe, lf, (X, y), fisher_type="mc", seed=seed)
+        draw = {name: (A, G) for name, (A, G) in op.factors.items()}
+        avg = draw if avg is None else {n: (0.95 * a + 0.05 * draw[n][0],
+                                            0.95 * g + 0.05 * draw[n][1])
+                                        for n, (a, g) in avg.items()}
+        if k == 1:
+            avg = {n: (0.05 * a, 0.05 * g) for n, (a, g) in avg.items()}
+        op.factors = {n: (a / (1 - 0.95**k), g / (1 - 0.95**k)) for n, (a, g) in avg.items()}
+        ref = op.inverse(lam, method="factored").matvec(v)
+        torch.testing.assert_close(Mv, ref, rtol=1e-9, atol=1e-12)
+    resumed_model = copy.deepcopy(model)
+    resumed = HessianFree(resumed_model, lf, curvature_batch_size=None, cg_max_iter=4,
+                          preconditioner="kfac")
+    resumed.load_state_dict(opt.state_dict())
+    for o in (opt, resumed):
+        o.step(batch=(X, y))
+    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        for key in ("kfac_A", "kfac_G"):
+            assert torch.equal(opt.state[p].get(key, torch.empty(0)),
+                               resumed.state[q].get(key, torch.empty(0)))
+
+
+def test_kfac_factor_inverse_survives_an_indefinite_factor():
+    """A factor left slightly indefinite by float32 rounding (an eigenvalue -1e-6 below a
+    damping of 1e-9: Cholesky fails) is inverted through its eigenvalues clamped at 0."""
+    from curvlab.optim.hessian_free import _damped_inverse
+
+    Q = torch.linalg.qr(torch.randn(3, 3, dtype=D64, generator=torch.Generator().manual_seed(0)))[0]
+    X = Q @ torch.diag(torch.tensor([1.0, 1e-3, -1e-6], dtype=D64)) @ Q.T
+    with pytest.raises(RuntimeError):
+        torch.linalg.cholesky(X + 1e-9 * torch.eye(3, dtype=D64))
+    ref = Q @ torch.diag(1 / torch.tensor([1.0 + 1e-9, 1e-3 + 1e-9, 1e-9], dtype=D64)) @ Q.T
+    torch.testing.assert_close(_damped_inverse(X, 1e-9), ref, rtol=1e-6, atol=0)
+    P = Q @ torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=D64)) @ Q.T  # the usual path
+    torch.testing.assert_close(_damped_inverse(P, 0.1) @ (P + 0.1 * torch.eye(3, dtype=D64)),
+                               torch.eye(3, dtype=D64), rtol=0, atol=1e-12)
+
+
+def test_a_nonfinite_kfac_draw_is_left_out_of_the_averages(monkeypatch):
+    """A K-FAC draw with a non-finite entry neither enters nor poisons the moving averages:
+    that step runs CG without a preconditioner; the next
+    finite draw is the first one averaged."""
+    import curvlab.optim.hessian_free as hf_module
+
+    model, lf, X, y = small_problem(2)
+    opt = HessianFree(model, lf, curvature_batch_size=None)
+    real = hf_module.KFACOperator
+
+    class Poisoned(real):
+        def _compute_factors(self):
+            out = super()._compute_factors()
+            out[0][0][0, 0] = float("nan")
+            return out
+
+    monkeypatch.setattr(hf_module, "KFACOperator", Poisoned)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(batch=(X, y))
+    s = opt.stats()
+    assert s["preconditioner"] is None and s["alpha"] > 0
+    assert all("kfac_A" not in opt.state[p] for p in model.parameters())
+    assert opt._global["diagonal_draws"] == 0
+    assert all(bool(torch.isfinite(p).all()) and not torch.equal(p, b)
+               for p, b in zip(model.parameters(), before, strict=True))
+    monkeypatch.setattr(hf_module, "KFACOperator", real)
+    opt.step(batch=(X, y))
+    assert opt.stats()["preconditioner"] == "kfac" and opt._global["diagonal_draws"] == 1
+    assert all(bool(torch.isfinite(opt.state[p]["kfac_A"]).all())
+               for p in (model[0].weight, model[2].weight))
