@@ -7,7 +7,8 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from curvlab import Objective
-from curvlab.linops import KFACOperator
+from curvlab.linops import EKFACOperator, KFACOperator
+from curvlab.linops._kronecker import damped_factor_inverse
 
 D64 = torch.float64
 
@@ -267,3 +268,72 @@ def test_grouped_conv2d_one_block_per_group(bias):
         A, G = op.factors[f"0.group{j}"]
         torch.testing.assert_close(A, A_ref, atol=1e-10, rtol=0)
         assert G.shape == (3, 3)
+
+
+def test_damped_factor_inverse_survives_an_indefinite_factor():
+    """A factor left slightly indefinite by float32 rounding (an eigenvalue -1e-6 below a
+    damping of 1e-9: Cholesky fails) is inverted through its eigenvalues clamped at 0."""
+    Q = torch.linalg.qr(torch.randn(3, 3, dtype=D64, generator=torch.Generator().manual_seed(0)))[0]
+    X = Q @ torch.diag(torch.tensor([1.0, 1e-3, -1e-6], dtype=D64)) @ Q.T
+    with pytest.raises(RuntimeError):
+        torch.linalg.cholesky(X + 1e-9 * torch.eye(3, dtype=D64))
+    ref = Q @ torch.diag(1 / torch.tensor([1.0 + 1e-9, 1e-3 + 1e-9, 1e-9], dtype=D64)) @ Q.T
+    torch.testing.assert_close(damped_factor_inverse(X, 1e-9), ref, rtol=1e-6, atol=0)
+    P = Q @ torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=D64)) @ Q.T  # the usual path
+    torch.testing.assert_close(damped_factor_inverse(P, 0.1) @ (P + 0.1 * torch.eye(3, dtype=D64)),
+                               torch.eye(3, dtype=D64), rtol=0, atol=1e-12)
+
+
+def _layout_model():
+    """Every block layout: grouped Conv2d with and without bias, Embedding (diagonal input
+    factor, transposed), HF Conv1D (transposed) if transformers is installed, bias-free
+    Linear."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.conv = nn.Conv2d(2, 4, 2, groups=2)
+            self.conv_nb = nn.Conv2d(4, 4, 1, groups=2, bias=False)
+            try:
+                from transformers.pytorch_utils import Conv1D
+                self.proj = Conv1D(5, 4 * 4 + 4)
+            except ImportError:
+                self.proj = nn.Linear(4 * 4 + 4, 5)
+            self.head = nn.Linear(5, 3, bias=False)
+
+        def forward(self, x):
+            img, tok = x[:, :18].reshape(-1, 2, 3, 3), x[:, 18].long()
+            h = self.conv_nb(torch.tanh(self.conv(img))).flatten(1)
+            h = torch.cat([h, self.emb(tok)], 1)
+            return self.head(torch.tanh(self.proj(h)))
+
+    torch.manual_seed(11)
+    model = Net().to(D64)
+    X = torch.cat([torch.randn(6, 18, dtype=D64), torch.randint(0, 7, (6, 1)).to(D64)], 1)
+    return model, X, torch.randint(0, 3, (6,))
+
+
+def test_products_and_inverses_read_and_write_every_block_layout():
+    """The K-FAC, EKFAC and inverse products (blocks read and written through views of
+    the parameter slices) equal their dense matrices (assembled through the index layout)
+    on grouped, bias-free, embedding and transposed blocks, for vectors and blocks of
+    vectors."""
+    model, X, y = _layout_model()
+    lf = nn.CrossEntropyLoss()
+    op = KFACOperator(model, lf, (X, y), fisher_type="mc", damping=0.1)
+    n = op.shape[0]
+    V = torch.randn(n, 3, dtype=D64)
+    D = op.to_dense()
+    torch.testing.assert_close(op.matmat(V), D @ V, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(op.matvec(V[:, 0]), D @ V[:, 0], atol=1e-10, rtol=1e-10)
+    for method in ("exact", "factored"):
+        inv = op.inverse(0.05, method=method)
+        torch.testing.assert_close(inv.matmat(V), inv.to_dense() @ V, atol=1e-9, rtol=1e-9)
+    # the inverse's damping replaces the operator's 0.1
+    torch.testing.assert_close(op.inverse(0.05).matmat(V),
+                               torch.linalg.solve(D - 0.05 * torch.eye(n, dtype=D64), V),
+                               atol=1e-8, rtol=1e-8)
+    ek = EKFACOperator(model, lf, (X, y), fisher_type="mc", damping=0.1,
+                       params=[k for k, _ in model.named_parameters() if not k.startswith("emb")])
+    W = torch.randn(ek.shape[0], 2, dtype=D64)
+    torch.testing.assert_close(ek.matmat(W), ek.to_dense() @ W, atol=1e-10, rtol=1e-10)

@@ -583,22 +583,6 @@ def test_kfac_preconditioner_is_the_averaged_factored_kronecker_inverse(build):
                                resumed.state[q].get(key, torch.empty(0)))
 
 
-def test_kfac_factor_inverse_survives_an_indefinite_factor():
-    """A factor left slightly indefinite by float32 rounding (an eigenvalue -1e-6 below a
-    damping of 1e-9: Cholesky fails) is inverted through its eigenvalues clamped at 0."""
-    from curvlab.optim.hessian_free import _damped_inverse
-
-    Q = torch.linalg.qr(torch.randn(3, 3, dtype=D64, generator=torch.Generator().manual_seed(0)))[0]
-    X = Q @ torch.diag(torch.tensor([1.0, 1e-3, -1e-6], dtype=D64)) @ Q.T
-    with pytest.raises(RuntimeError):
-        torch.linalg.cholesky(X + 1e-9 * torch.eye(3, dtype=D64))
-    ref = Q @ torch.diag(1 / torch.tensor([1.0 + 1e-9, 1e-3 + 1e-9, 1e-9], dtype=D64)) @ Q.T
-    torch.testing.assert_close(_damped_inverse(X, 1e-9), ref, rtol=1e-6, atol=0)
-    P = Q @ torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=D64)) @ Q.T  # the usual path
-    torch.testing.assert_close(_damped_inverse(P, 0.1) @ (P + 0.1 * torch.eye(3, dtype=D64)),
-                               torch.eye(3, dtype=D64), rtol=0, atol=1e-12)
-
-
 def test_a_nonfinite_kfac_draw_is_left_out_of_the_averages(monkeypatch):
     """A K-FAC draw with a non-finite entry neither enters nor poisons the moving averages:
     that step runs CG without a preconditioner; the next

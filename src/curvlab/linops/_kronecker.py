@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +181,35 @@ class KronLayer:
         if self.bias is not None:
             b = M[:, -1]
         return w, b
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This layer's output rows of a batched weight- or bias-shaped ``(k, ...)`` view
+        (a grouped convolution's group; all rows otherwise)."""
+        return t if self.groups == 1 else t[:, self.out_rows]
+
+    def gather(self, tree: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[W | b]`` blocks ``(k, d_out, d_in)`` of a batched parameter dict (``(k, ...)``
+        entries, e.g. ``Objective.unflatten(V, batched=True)``)."""
+        parts = []
+        if self.weight is not None:
+            w = self._rows(tree[self.weight])
+            parts.append(w.transpose(1, 2) if self.transposed else w.flatten(2))
+        if self.bias is not None:
+            parts.append(self._rows(tree[self.bias]).unsqueeze(-1))
+        return torch.cat(parts, dim=-1)
+
+    def scatter(self, tree: Mapping[str, torch.Tensor], M: torch.Tensor) -> None:
+        """Write ``(k, d_out, d_in)`` blocks into a batched parameter dict of views (the
+        inverse of :meth:`gather`)."""
+        cols = M.shape[-1] - (self.bias is not None)
+        if self.weight is not None:
+            w = self._rows(tree[self.weight])
+            if self.transposed:
+                w.copy_(M[..., :cols].transpose(1, 2))
+            else:
+                w.copy_(M[..., :cols].reshape(w.shape))
+        if self.bias is not None:
+            self._rows(tree[self.bias]).copy_(M[..., -1])
 
     def input_stat(self, a: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
         """``sum_n omega_n sum_t a_nt a_nt^T`` (its diagonal if ``diag_in``); K-FAC reduce:
@@ -344,12 +373,31 @@ def mean_diag(X: torch.Tensor) -> float:
     return float(X.mean() if X.dim() == 1 else X.diagonal().mean())
 
 
+def apply_blocks(layers: Sequence[KronLayer], objective: Any, V: torch.Tensor,
+                 fn: Callable[[int, KronLayer, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``out`` with every layer's ``[W | b]`` blocks replaced by ``fn(i, layer, blocks)``
+    (``blocks``: ``(k, d_out, d_in)`` from the ``(k, n)`` vectors ``V``), read and written
+    through views of the parameters' slices (no index gather); every coordinate must
+    belong to one layer."""
+    out = V.new_empty(V.shape)  # contiguous: its parameter slices reshape into views
+    src, dst = objective.unflatten(V, batched=True), objective.unflatten(out, batched=True)
+    for i, layer in enumerate(layers):
+        layer.scatter(dst, fn(i, layer, layer.gather(src)))
+    return out
+
+
 def damped_factor_inverse(X: torch.Tensor, delta: float) -> torch.Tensor:
-    """``(X + delta I)^-1`` (Cholesky in float64, or elementwise for a diagonal)."""
+    """``(X + delta I)^-1`` of a PSD factor (Cholesky in float64, or elementwise for a
+    diagonal). Where rounding left ``X`` indefinite by more than ``delta`` (Cholesky
+    fails), through its eigenvalues clamped at 0 (:func:`eigen_factor`)."""
     if X.dim() == 1:
         return 1.0 / (X + delta)
     eye = torch.eye(X.shape[0], dtype=torch.float64, device=X.device)
-    L = torch.linalg.cholesky(X.double() + delta * eye)
+    try:
+        L = torch.linalg.cholesky(X.double() + delta * eye)
+    except RuntimeError:  # torch.linalg.LinAlgError: not positive definite
+        d, Q = eigen_factor(X.double())
+        return ((Q / (d + delta)) @ Q.T).to(X.dtype)
     return torch.cholesky_inverse(L).to(X.dtype)
 
 

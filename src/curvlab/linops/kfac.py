@@ -24,6 +24,7 @@ so ignored targets and class weights give the K-FAC of the valid terms.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,7 +36,9 @@ from curvlab.linops._kronecker import (
     FISHER_TYPES,
     MAX_FACTOR_DIM,
     all_reduce_factors,
+    apply_blocks,
     curvature_pass,
+    damped_factor_inverse,
     dense_factor,
     eigen_factor,
     eigenbasis_scale,
@@ -220,11 +223,10 @@ class KFACOperator(CurvatureOperator):
             yield idx, A, G
 
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(V)  # every coordinate belongs to exactly one block
-        for idx, A, G in self._blocks():
-            M = V[:, idx]
-            out[:, idx] = kron_apply(G, M, A) + self.damping * M
-        return out
+        def block(i: int, layer: Any, M: torch.Tensor) -> torch.Tensor:
+            A, G = self.factors[layer.name]
+            return kron_apply(G, M, A) + self.damping * M
+        return apply_blocks(self.layers, self.objective, V, block)
 
     def to_dense(self, chunk: int = 64) -> torch.Tensor:
         """The dense ``n x n`` matrix, assembled from the Kronecker blocks."""
@@ -250,7 +252,8 @@ class KFACOperator(CurvatureOperator):
         ``M -> Q_G [(Q_G^T M Q_A) / (d_G d_A^T + lambda)] Q_A^T``.
         ``method="factored"``: Tikhonov factored damping (Martens & Grosse 2015, sec. 6.3)
         ``(A + pi sqrt(lambda) I)^-1 (x) (G + sqrt(lambda)/pi I)^-1``,
-        ``pi^2 = (tr A / dim A) / (tr G / dim G)``.
+        ``pi^2 = (tr A / dim A) / (tr G / dim G)``, the factor inverses by Cholesky
+        (:func:`curvlab.linops._kronecker.damped_factor_inverse`): ``M -> G_inv M A_inv``.
 
         ``damping`` defaults to the operator's own; it must be positive unless every
         factor is nonsingular.
@@ -262,22 +265,25 @@ class KFACOperator(CurvatureOperator):
             raise ValueError(f"method must be 'exact' or 'factored', got {method!r}")
         return KFACInverseOperator(self, lam, method)
 
-    def _inverse_blocks(self, damping: float, method: str) -> list[tuple[Any, ...]]:
-        """Per block ``(idx, Q_A, Q_G, denom)``: the inverse is ``M -> Q_G [(Q_G^T M Q_A) /
-        denom] Q_A^T``."""
+    def _inverse_blocks(self, damping: float, method: str
+                        ) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Per layer, the inverse of its block as a function of ``(k, d_out, d_in)``
+        blocks: ``M -> Q_G [(Q_G^T M Q_A) / denom] Q_A^T`` (``"exact"``) or ``M -> G_inv M
+        A_inv`` (``"factored"``)."""
         out = []
-        for idx, A, G in self._blocks():
-            dA, QA = eigen_factor(A)
-            dG, QG = eigen_factor(G)
-            if method == "exact":
-                denom = dG.unsqueeze(1) * dA.unsqueeze(0) + damping
-            else:
+        for _, A, G in self._blocks():
+            if method == "factored":
                 pi = factored_pi(A, G)
                 root = damping ** 0.5
-                denom = (dG + root / pi).unsqueeze(1) * (dA + pi * root).unsqueeze(0)
-            if not bool((denom > 0).all()):
-                raise ValueError("the Kronecker factors are singular: pass damping > 0")
-            out.append((idx, QA, QG, denom))
+                if not (pi * root > 0 or (_nonsingular(A) and _nonsingular(G))):
+                    raise ValueError("the Kronecker factors are singular: pass damping > 0")
+                A_inv = damped_factor_inverse(A, pi * root)
+                G_inv = damped_factor_inverse(G, root / pi)
+                out.append(lambda M, A_inv=A_inv, G_inv=G_inv: kron_apply(G_inv, M, A_inv))
+                continue
+            dA, QA = eigen_factor(A)
+            dG, QG = eigen_factor(G)
+            out.append(_eigen_inverse(QA, QG, dG.unsqueeze(1) * dA.unsqueeze(0) + damping))
         return out
 
 
@@ -293,18 +299,15 @@ class KFACInverseOperator(CurvatureOperator):
         self.method = method
         self.num_matvecs = 0
         self.point = parent.point
-        self._eig = parent._inverse_blocks(damping, method)
+        self._inverses = parent._inverse_blocks(damping, method)
 
     def refresh(self) -> None:
         raise TypeError("a KFACInverseOperator is fixed; refresh the parent KFACOperator "
                         "and call .inverse() again")
 
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(V)  # every coordinate belongs to exactly one block
-        for idx, QA, QG, denom in self._eig:
-            M = V[:, idx]
-            out[:, idx] = unrotate(rotate(M, QG, QA) / denom, QG, QA)
-        return out
+        return apply_blocks(self.parent.layers, self.objective, V,
+                            lambda i, layer, M: self._inverses[i](M))
 
 
 class EKFACOperator(KFACOperator):
@@ -343,12 +346,11 @@ class EKFACOperator(KFACOperator):
             for lay, s, om in zip(self.layers, S, omega, strict=True)}
 
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(V)
-        for layer, idx, (QA, QG) in zip(self.layers, self._index, self._bases, strict=True):
-            M = V[:, idx]
-            out[:, idx] = unrotate(rotate(M, QG, QA) * self.scales[layer.name], QG, QA) + \
+        def block(i: int, layer: Any, M: torch.Tensor) -> torch.Tensor:
+            QA, QG = self._bases[i]
+            return unrotate(rotate(M, QG, QA) * self.scales[layer.name], QG, QA) + \
                 self.damping * M
-        return out
+        return apply_blocks(self.layers, self.objective, V, block)
 
     def to_dense(self, chunk: int = 64) -> torch.Tensor:
         n = self.shape[0]
@@ -370,11 +372,24 @@ class EKFACOperator(KFACOperator):
             raise ValueError("EKFACOperator.inverse supports method='exact' only")
         return super().inverse(damping, method=method)
 
-    def _inverse_blocks(self, damping: float, method: str) -> list[tuple[Any, ...]]:
-        out = []
-        for layer, idx, (QA, QG) in zip(self.layers, self._index, self._bases, strict=True):
-            denom = self.scales[layer.name] + damping
-            if not bool((denom > 0).all()):
-                raise ValueError("the corrected eigenvalues are singular: pass damping > 0")
-            out.append((idx, QA, QG, denom))
-        return out
+    def _inverse_blocks(self, damping: float, method: str
+                        ) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        return [_eigen_inverse(QA, QG, self.scales[layer.name] + damping,
+                               "the corrected eigenvalues are singular: pass damping > 0")
+                for layer, (QA, QG) in zip(self.layers, self._bases, strict=True)]
+
+
+def _eigen_inverse(QA: torch.Tensor | None, QG: torch.Tensor | None, denom: torch.Tensor,
+                   singular: str = "the Kronecker factors are singular: pass damping > 0"
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``M -> Q_G [(Q_G^T M Q_A) / denom] Q_A^T`` (ValueError if a ``denom`` entry is not
+    positive)."""
+    if not bool((denom > 0).all()):
+        raise ValueError(singular)
+    return lambda M: unrotate(rotate(M, QG, QA) / denom, QG, QA)
+
+
+def _nonsingular(X: torch.Tensor) -> bool:
+    """Whether a PSD factor (a matrix or a diagonal) has no zero eigenvalue."""
+    d = X if X.dim() == 1 else torch.linalg.eigvalsh(X.double())
+    return bool((d > 0).all())

@@ -85,14 +85,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from curvlab.autodiff import vmap_data_dependent
-from curvlab.linops._kronecker import (
-    KronLayer,
-    damped_factor_inverse,
-    eigen_factor,
-    factored_pi,
-    find_layers,
-    kron_apply,
-)
+from curvlab.linops._kronecker import find_layers
 from curvlab.linops._outputspace import has_canonical_hessian
 from curvlab.linops.diagonal import DiagonalOperator
 from curvlab.linops.ggn import GGNOperator
@@ -130,44 +123,6 @@ def _rows(X: Any, idx: torch.Tensor | int) -> Any:
     """The samples ``idx`` (an index tensor, or one sample's int) of a tensor or of every
     tensor of a dict / tuple."""
     return tree_map(lambda t: t[idx] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, X)
-
-
-def _damped_inverse(X: torch.Tensor, delta: float) -> torch.Tensor:
-    """``(X + delta I)^-1`` of a PSD Kronecker factor by Cholesky; where float32 rounding
-    left ``X`` indefinite beyond ``delta`` (Cholesky fails), through its eigenvalues clamped
-    at 0 (:func:`curvlab.linops._kronecker.eigen_factor`)."""
-    try:
-        return damped_factor_inverse(X, delta)
-    except RuntimeError:  # torch.linalg.LinAlgError: not positive definite
-        d, Q = eigen_factor(X)
-        return (Q / (d + delta)) @ Q.T
-
-
-def _kronecker_solver(obj: Objective, blocks: list[tuple[KronLayer, torch.Tensor, torch.Tensor]]
-                      ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``v -> blockdiag(A_inv (x) G_inv) v``: per layer ``[W | b] -> G_inv [W | b] A_inv`` on
-    the layer's weight and bias coordinates of the flat vector ``v``, every coordinate in one
-    block (``blocks``: ``(layer, A_inv, G_inv)``, a factor a matrix or a diagonal)."""
-
-    def rows(layer: KronLayer, t: torch.Tensor) -> torch.Tensor:
-        return t if layer.groups == 1 else t[layer.out_rows]  # a grouped conv's group
-
-    def solve(v: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(v)
-        src, dst = obj.unflatten(v), obj.unflatten(out)
-        for layer, A_inv, G_inv in blocks:
-            w = rows(layer, src[layer.weight]) if layer.weight is not None else None
-            b = rows(layer, src[layer.bias]) if layer.bias is not None else None
-            R = kron_apply(G_inv, layer.block(w, b), A_inv)
-            if layer.weight is not None:
-                target = rows(layer, dst[layer.weight])
-                cols = R[:, :R.shape[1] - (layer.bias is not None)]
-                target.copy_(cols.T if layer.transposed else cols.reshape(target.shape))
-            if layer.bias is not None:
-                rows(layer, dst[layer.bias]).copy_(R[:, -1])
-        return out
-
-    return solve
 
 
 class HessianFree(CurvlabOptimizer):
@@ -411,17 +366,17 @@ class HessianFree(CurvlabOptimizer):
         damping (Martens & Grosse 2015, sec. 6.3). ``A``, ``G``: moving averages (decay
         ``preconditioner_decay``, bias-corrected) of one Monte-Carlo draw per step on the
         curvature batch (:class:`curvlab.linops.KFACOperator`, ``fisher_type="mc"``: one
-        forward and one backward pass); the inverses by Cholesky in float64. A draw with a
-        non-finite entry is left out of the averages: this step runs CG without a
-        preconditioner (None)."""
+        forward and one backward pass); applied as ``KFACOperator.inverse(lambda,
+        method="factored")`` (Cholesky inverses of the factors). A draw with a non-finite
+        entry is left out of the averages: this step runs CG without a preconditioner
+        (None)."""
         op = KFACOperator(obj.on(data), fisher_type="mc", seed=self._draw_seed())
         if not all(bool(torch.isfinite(f).all()) for pair in op.factors.values() for f in pair):
             logger.warning("HessianFree: non-finite K-FAC factors on this curvature batch; "
                            "CG runs without a preconditioner this step")
             return None
         beta, count = self.preconditioner_decay, self._count_draw()
-        root = math.sqrt(lam)
-        blocks = []
+        averaged = {}
         for layer in op.layers:
             A, G = op.factors[layer.name]
             # on the layer's first parameter, one slice per group of a grouped convolution
@@ -431,10 +386,9 @@ class HessianFree(CurvlabOptimizer):
                 state["kfac_G"] = G.new_zeros((layer.groups, *G.shape))
             A = state["kfac_A"][layer.group].mul_(beta).add_(A, alpha=1 - beta)
             G = state["kfac_G"][layer.group].mul_(beta).add_(G, alpha=1 - beta)
-            A, G = A / (1 - beta ** count), G / (1 - beta ** count)
-            pi = factored_pi(A, G)
-            blocks.append((layer, _damped_inverse(A, pi * root), _damped_inverse(G, root / pi)))
-        return _kronecker_solver(obj, blocks)
+            averaged[layer.name] = (A / (1 - beta ** count), G / (1 - beta ** count))
+        op.factors = averaged
+        return op.inverse(lam, method="factored").matvec
 
     def _cg(self, B: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor,
             x0: torch.Tensor | None,
