@@ -613,3 +613,18 @@ def test_a_nonfinite_kfac_draw_is_left_out_of_the_averages(monkeypatch):
     assert opt.stats()["preconditioner"] == "kfac" and opt._global["diagonal_draws"] == 1
     assert all(bool(torch.isfinite(opt.state[p]["kfac_A"]).all())
                for p in (model[0].weight, model[2].weight))
+
+
+def test_auto_preconditioner_falls_back_to_the_diagonal_on_tied_weights():
+    """A weight shared by two layers (a language model's tied embedding and head) has no
+    single Kronecker block: "auto" takes the Gauss-Newton diagonal, "kfac" raises."""
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(6, 4), nn.Linear(4, 6, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, nn.Tanh(), head).to(D64)
+    X, y = torch.randint(0, 6, (12,)), torch.randint(0, 6, (12,))
+    opt = HessianFree(model, nn.CrossEntropyLoss(), cg_max_iter=3)
+    opt.step(batch=(X, y))
+    assert opt.stats()["preconditioner"] == "ggn"
+    with pytest.raises(ValueError, match="tied"):
+        HessianFree(model, nn.CrossEntropyLoss(), preconditioner="kfac").step(batch=(X, y))

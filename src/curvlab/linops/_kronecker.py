@@ -307,6 +307,19 @@ def find_layers(
     return layers, others
 
 
+def uncovered_by_kfac(model: nn.Module, params: Mapping[str, torch.Tensor]) -> str | None:
+    """None if every parameter of ``params`` belongs to exactly one layer with Kronecker
+    factors (:func:`find_layers`, grouped convolutions per group), else what is not: the
+    uncovered keys, "no supported layer", or the tied-weights error."""
+    try:
+        layers, others = find_layers(model, params, grouped=True)
+    except ValueError as err:  # a parameter shared by two layers (tied weights)
+        return str(err)
+    if others:
+        return f"not covered: {others}"
+    return None if layers else "no supported layer"
+
+
 def layer_inputs(layer: KronLayer, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as ``(N, T, d_in)`` rows ``a_nt`` (unfolded patches for a
     convolution, a trailing one when the bias is selected; ``(N, T)`` token ids for an

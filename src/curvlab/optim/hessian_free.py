@@ -85,7 +85,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from curvlab.autodiff import vmap_data_dependent
-from curvlab.linops._kronecker import find_layers
+from curvlab.linops._kronecker import uncovered_by_kfac
 from curvlab.linops._outputspace import has_canonical_hessian
 from curvlab.linops.diagonal import DiagonalOperator
 from curvlab.linops.ggn import GGNOperator
@@ -318,17 +318,10 @@ class HessianFree(CurvlabOptimizer):
         return kind
 
     def _kfac_coverage(self, obj: Objective) -> str | None:
-        """None if every optimized parameter belongs to exactly one layer with Kronecker
-        factors (:func:`curvlab.linops._kronecker.find_layers`), else what is not covered.
-        The parameters are fixed at construction, so it is decided once."""
+        """:func:`curvlab.linops._kronecker.uncovered_by_kfac` of the optimized parameters
+        (fixed at construction: decided once)."""
         if "kfac_missing" not in self._decided:
-            try:
-                layers, others = find_layers(self.model, obj.params, grouped=True)
-                missing = (f"not covered: {others}" if others else
-                           None if layers else "no supported layer")
-            except ValueError as err:  # a parameter shared by two layers (tied weights)
-                missing = str(err)
-            self._decided["kfac_missing"] = missing
+            self._decided["kfac_missing"] = uncovered_by_kfac(self.model, obj.params)
         return self._decided["kfac_missing"]
 
     def _ggn_diagonal(self, obj: Objective, data: Any) -> torch.Tensor:
