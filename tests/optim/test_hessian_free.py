@@ -529,9 +529,10 @@ def test_kfac_preconditioner_is_the_averaged_factored_kronecker_inverse(build):
     """The "kfac" preconditioner of CG: ``(A + pi sqrt(lambda)) (x) (G + sqrt(lambda) / pi)``
     inverted per layer, ``A``, ``G`` the bias-corrected moving averages (decay 0.95) of one
     Monte-Carlo K-FAC draw per step on the curvature batch, seeded from the optimizer's
-    generator -- checked against :class:`KFACOperator`'s own factored inverse (an
-    eigendecomposition and its index layout) on grouped-conv, bias-free, embedding and
-    transposed blocks; the factors resume with the state."""
+    generator -- checked against a fresh :class:`KFACOperator` of each step's point, its
+    averaged factors and its factored inverse (itself checked against its dense matrix in
+    ``tests/linops/test_kfac.py``) on grouped-conv, bias-free, embedding and transposed
+    blocks; the factors resume with the state."""
     from curvlab.linops import KFACOperator
 
     model, X, y = build()
