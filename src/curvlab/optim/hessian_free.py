@@ -56,9 +56,10 @@ curvature batch) and its moving average (one draw's relative error per coordinat
 ~sqrt(2)) is accurate enough; at 25 s against none: ReLU 0.0113 -> 0.0066, sigmoid
 0.043 -> 0.035, tanh 0.0026 -> 0.0028. K-FAC also captures the correlations within a
 layer: CG's early iterates are then good enough that 20 iterations suffice, and a step
-costs ~0.2 s instead of ~0.35 s (deep ReLU autoencoder, 117,712 parameters, one CPU
-thread: 20 products 48%, K-FAC solves 19% (~1.9 ms each: the factor matmuls), the K-FAC
-draw with its Cholesky inverses 10%, line search 10%, gradient 5%). At 25 s against the
+makes 20 products instead of 45-50 (profile, deep ReLU autoencoder, 117,712 parameters,
+one CPU thread: products 48%, K-FAC solves 19% (the factor matmuls: 79 MFLOP each
+against a product's 240), the K-FAC draw with its Cholesky inverses 10%, line search
+10%, gradient 5%; this VM's absolute step times drifted 1.6x within an hour). At 25 s against the
 diagonal (3 seeds, median): ReLU 0.0066 -> 0.0043, sigmoid 0.035 -> 0.020, tanh 0.0028
 -> 0.0028.
 
