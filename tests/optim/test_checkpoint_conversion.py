@@ -44,6 +44,7 @@ MAKE = {  # today's names for the settings the checkpoints were written with
                          "closure"),
     # the defaults of 7c843f0 (they changed for time budgets: bench_hessian_free_autoencoders)
     "hessian_free": (lambda m: HessianFree(m, LOSS, damping=1.0, cg_max_iter=250,
+                                           adaptive_cg_budget=False,
                                            preconditioner="martens",
                                            curvature_batch_size=None), "batch"),
 }

@@ -266,11 +266,11 @@ def test_damping_follows_the_rho_rule_from_its_default():
     assert opt.damping == pytest.approx(1.5e-6, rel=1e-12)
 
 
-@pytest.mark.parametrize("preconditioner,budget", [("auto", 20), ("kfac", 20), ("ggn", 50),
+@pytest.mark.parametrize("preconditioner,budget", [("auto", 40), ("kfac", 40), ("ggn", 50),
                                                    (None, 50)])
 def test_cg_stops_at_its_default_budget(preconditioner, budget):
-    """20 iterations with the K-FAC preconditioner (the default where it applies), 50 with
-    a diagonal one or none."""
+    """The first step's budget: 40 iterations with the K-FAC preconditioner (the default
+    where it applies), 50 with a diagonal one or none."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(D64)  # 83 params
     X, y = torch.randn(30, 6, dtype=D64), torch.randint(0, 3, (30,))
@@ -353,6 +353,48 @@ def test_backtracking_walks_back_while_the_loss_decreases(order, chosen):
     opt._cg = scripted
     opt.step(batch=(X, Y))
     assert opt.stats()["chosen_iterate"] == chosen
+
+
+def _budget_spy(opt):
+    """Record the CG budget (``max_iter``) of every step of ``opt``."""
+    budgets, real = [], opt._cg
+
+    def spy(B, g, x0, Minv, max_iter):
+        budgets.append(max_iter)
+        return real(B, g, x0, Minv, max_iter)
+    opt._cg = spy
+    return budgets
+
+
+@pytest.mark.parametrize("min_iter", [1, 8])
+def test_the_cg_budget_is_twice_the_last_chosen_iterate(min_iter):
+    """The first step may run ``cg_max_iter`` CG iterations; every later one twice the
+    iterate the previous step chose, at least 5 (and ``cg_min_iter``) and at most
+    ``cg_max_iter``; the chosen iterate resumes with the state. ``adaptive_cg_budget=False``:
+    ``cg_max_iter`` every step."""
+    model, lf, X, y = small_problem(5)
+    opt = HessianFree(model, lf, curvature_batch_size=None, cg_max_iter=30,
+                      cg_min_iter=min_iter, preconditioner="ggn")
+    budgets, chosen = _budget_spy(opt), []
+    for _ in range(4):
+        opt.step(batch=(X, y))
+        chosen.append(opt.stats()["chosen_iterate"])
+    assert budgets == [30] + [min(30, max(5, min_iter, 2 * c)) for c in chosen[:-1]]
+    assert len(set(budgets)) > 1  # the problem exercises the rule, not only the cap
+    for scripted, expected in ((2, max(5, min_iter)), (6, 12), (40, 30)):
+        opt._global["chosen_iterate"] = scripted
+        resumed = HessianFree(copy.deepcopy(model), lf, curvature_batch_size=None,
+                              cg_max_iter=30, cg_min_iter=min_iter, preconditioner="ggn")
+        resumed.load_state_dict(opt.state_dict())
+        seen = _budget_spy(resumed)
+        resumed.step(batch=(X, y))
+        assert seen == [expected]
+    fixed = HessianFree(copy.deepcopy(model), lf, curvature_batch_size=None, cg_max_iter=30,
+                        cg_min_iter=min_iter, preconditioner="ggn", adaptive_cg_budget=False)
+    fixed_budgets = _budget_spy(fixed)
+    for _ in range(3):
+        fixed.step(batch=(X, y))
+    assert fixed_budgets == [30, 30, 30]
 
 
 def test_a_step_costs_one_product_per_cg_iteration_plus_the_warm_start():

@@ -24,7 +24,14 @@ Armijo line search of Martens & Sutskever (2012, sec. 8.8). Each step on a batch
 
    stopped by the relative-progress rule on ``phi(d) = d^T B d / 2 + g^T d``:
    ``i > k, phi_i < 0, (phi_i - phi_{i-k}) / phi_i < k eps``, ``k = max(10, i / 10)``,
-   or after ``cg_max_iter`` iterations (20 with K-FAC, 50 otherwise);
+   or at the step's budget: twice the iterate the previous step chose in 3., at least 5
+   (and ``cg_min_iter``), at most ``cg_max_iter`` (40 with K-FAC, 50 otherwise; the
+   first step's budget; ``adaptive_cg_budget=False``: every step's). Later iterates fit
+   the curvature batch's quadratic model better but the loss of the gradient batch
+   worse, so the backtracking of 3. discards them: on the deep autoencoders below, after
+   the first ~20 steps it chose iterate 5-9 of 20 in most steps (tanh, ReLU), and the
+   products past it were wasted. The budget follows the chosen iterate and doubles
+   whenever the last one is chosen (a curvlab rule, not Martens');
 3. backtracking over the CG iterates saved at ``i = ceil(1.3^j)``: walk back from the last
    while the loss keeps decreasing (sec. 4.6);
 4. Levenberg-Marquardt damping from ``rho = (f(theta + d) - f(theta)) / phi(d)``:
@@ -36,15 +43,21 @@ Armijo line search of Martens & Sutskever (2012, sec. 8.8). Each step on a batch
 The defaults are chosen for a fixed time budget rather than a fixed number of steps
 (``benchmarks/bench_hessian_free_autoencoders.py``, deep digits autoencoders with sigmoid,
 tanh and ReLU units, CPU): the CG products dominate the cost of a step, so the curvature
-batch is a quarter of the gradient batch and CG stops after at most 20 iterations with
-the K-FAC preconditioner, 50 with a diagonal one (more steps per second beat longer solves
-there; median reconstruction error at 25 s, 3 seeds, K-FAC with 10 / 20 / 30 iterations:
-ReLU 0.0063 / 0.0043 / 0.0047, sigmoid 0.033 / 0.020 / 0.018; the Gauss-Newton diagonal
-with 10 / 20 / 50 / 100: ReLU 0.016 / 0.017 / 0.0066 / 0.0087, sigmoid 0.043 / 0.043 /
-0.035 / 0.043); initial ``lambda = 1e-3`` (the old 1.0 spent
-~17 steps of a 20-50-step budget only lowering it by 2/3 per step on mean-reduced
-losses). Feed batches of ``recommended_batch_size`` (1024) or more: the gradient and the
-line search use the whole batch.
+batch is a quarter of the gradient batch and CG's budget follows the chosen iterate
+(step 2). With a fixed budget of 20 K-FAC-preconditioned iterations, most steps after
+the first ~20 chose iterate 5-9 (tanh, ReLU); the adaptive budget makes ~9-18 products
+per step there, so more steps fit in the time. Paired 25 s runs (seeds 0 / 1 / 2, fixed
+20 -> adaptive): tanh 0.0023 / 0.0031 / 0.0025 -> 0.0018 / 0.0018 / 0.0027, ReLU 0.0042 /
+0.0111 / 0.0043 -> 0.0048 / 0.0079 / 0.0054 (no gain there). The cap of 40 rather than 20
+matters on sigmoid, whose plateau phase keeps choosing the last iterate (adaptive, 25 s,
+seeds 0-3: cap 20: 0.025 / 0.019 / 0.037 / 0.019, cap 40: 0.018 / 0.021 / 0.019 /
+0.016). Fixed budgets tried before (K-FAC, 10 / 20 / 30 iterations: ReLU 0.0063
+/ 0.0043 / 0.0047, sigmoid 0.033 / 0.020 / 0.018; the Gauss-Newton diagonal with 10 / 20
+/ 50 / 100: ReLU 0.016 / 0.017 / 0.0066 / 0.0087, sigmoid 0.043 / 0.043 / 0.035 /
+0.043). Initial ``lambda = 1e-3`` (the old 1.0 spent ~17 steps of a 20-50-step budget
+only lowering it by 2/3 per step on mean-reduced losses). Feed batches of
+``recommended_batch_size`` (1024) or more: the gradient and the line search use the
+whole batch.
 
 The preconditioner: under PyTorch's default initialization the signal shrinks through
 every layer, and the Gauss-Newton diagonal at initialization spans 3 (tanh), 4 (ReLU) and
@@ -56,8 +69,8 @@ curvature batch) and its moving average (one draw's relative error per coordinat
 ~sqrt(2)) is accurate enough; at 25 s against none: ReLU 0.0113 -> 0.0066, sigmoid
 0.043 -> 0.035, tanh 0.0026 -> 0.0028. K-FAC also captures the correlations within a
 layer: CG's early iterates are then good enough that 20 iterations suffice, and a step
-makes 20 products instead of 45-50 (profile, deep ReLU autoencoder, 117,712 parameters,
-one CPU thread: products 48%, K-FAC solves 19% (the factor matmuls: 79 MFLOP each
+made 20 products instead of 45-50 (fixed budgets; profile, deep ReLU autoencoder, 117,712
+parameters, one CPU thread: products 48%, K-FAC solves 19% (the factor matmuls: 79 MFLOP each
 against a product's 240), the K-FAC draw with its Cholesky inverses 10%, line search
 10%, gradient 5%; this VM's absolute step times drifted 1.6x within an hour). At 25 s against the
 diagonal (3 seeds, median): ReLU 0.0066 -> 0.0043, sigmoid 0.035 -> 0.020, tanh 0.0028
@@ -102,8 +115,11 @@ logger = logging.getLogger(__name__)
 
 _GLOBAL = "hessian_free"
 PRECONDITIONERS = ("auto", "kfac", "ggn", "martens", None)
-#: default CG budget (``cg_max_iter=None``) with the K-FAC preconditioner and otherwise
-CG_MAX_ITER_KFAC, CG_MAX_ITER = 20, 50
+#: default largest CG budget (``cg_max_iter=None``) with the K-FAC preconditioner and otherwise
+CG_MAX_ITER_KFAC, CG_MAX_ITER = 40, 50
+#: a step's CG budget: ``CG_BUDGET_GROWTH`` x the previous step's chosen iterate, at least
+#: ``CG_BUDGET_FLOOR``
+CG_BUDGET_GROWTH, CG_BUDGET_FLOOR = 2, 5
 
 
 def _batch_size(X: Any) -> int:
@@ -151,9 +167,14 @@ class HessianFree(CurvlabOptimizer):
         damping: initial Levenberg-Marquardt ``lambda`` (default 1e-3).
         params: parameters or param groups (default: all trainable); groups may scale the
             step with their own ``lr``.
-        cg_max_iter, cg_tol: CG budget (default None: 20 with the K-FAC preconditioner,
-            50 otherwise) and the relative-progress ``eps`` (Martens: 5e-4).
-        cg_min_iter: iterations before the progress rule may stop CG.
+        cg_max_iter, cg_tol: the largest CG budget (default None: 40 with the K-FAC
+            preconditioner, 50 otherwise; a step's budget is twice the previous step's
+            chosen iterate, within ``[max(5, cg_min_iter), cg_max_iter]``) and the
+            relative-progress ``eps`` (Martens: 5e-4).
+        cg_min_iter: iterations before the progress rule may stop CG (and the smallest
+            budget).
+        adaptive_cg_budget: False gives every step the budget ``cg_max_iter`` (the rule
+            before the adaptive budget).
         warm_start: ``zeta`` of the warm start (0 disables it).
         preconditioner: ``"auto"`` (default: for ``nn.CrossEntropyLoss`` on class indices,
             ``nn.MSELoss`` and ``nn.BCEWithLogitsLoss`` without weights, ``"kfac"`` if every
@@ -174,8 +195,9 @@ class HessianFree(CurvlabOptimizer):
         min_damping, max_damping: clip of ``lambda``.
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite loss/gradient.
 
-    ``opt.stats``: ``cg_iterations``, ``preconditioner``, ``damping``, ``rho``, ``alpha``,
-    ``loss``, ``new_loss``, ``rejected_steps``, ``skipped_steps``.
+    ``opt.stats``: ``cg_iterations``, ``chosen_iterate`` (of the backtracking),
+    ``preconditioner``, ``damping``, ``rho``, ``alpha``, ``loss``, ``new_loss``,
+    ``rejected_steps``, ``skipped_steps``.
     """
 
     not_compilable_because = (
@@ -190,6 +212,7 @@ class HessianFree(CurvlabOptimizer):
                  lr: float = 1.0, damping: float = 1e-3, *,
                  params: Iterable[Any] | None = None,
                  cg_max_iter: int | None = None, cg_min_iter: int = 1, cg_tol: float = 5e-4,
+                 adaptive_cg_budget: bool = True,
                  warm_start: float = 0.95, preconditioner: str | None = "auto",
                  preconditioner_decay: float = 0.95,
                  curvature_batch_size: int | float | None = 0.25, armijo_c: float = 1e-2,
@@ -212,6 +235,9 @@ class HessianFree(CurvlabOptimizer):
                 continue
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        if not isinstance(adaptive_cg_budget, bool):
+            raise TypeError(f"adaptive_cg_budget must be True or False, got "
+                            f"{adaptive_cg_budget!r}")
         if not 0 <= warm_start < 1:
             raise ValueError(f"warm_start must be in [0, 1), got {warm_start}")
         if not 0 < armijo_c < 1:
@@ -239,13 +265,15 @@ class HessianFree(CurvlabOptimizer):
         super().__init__(params, dict(lr=lr), nonfinite=nonfinite)
         self.model, self.loss_fn = model, loss_fn
         self.cg_max_iter, self.cg_min_iter, self.cg_tol = cg_max_iter, cg_min_iter, cg_tol
+        self.adaptive_cg_budget = adaptive_cg_budget
         self.warm_start = warm_start
         self.preconditioner, self.preconditioner_decay = preconditioner, preconditioner_decay
         self.curvature_batch_size = curvature_batch_size
         self.armijo_c = armijo_c
         self.min_damping, self.max_damping = min_damping, max_damping
         self.nonfinite = nonfinite
-        self._global = {"step": 0, "damping": float(damping), "diagonal_draws": 0}
+        self._global = {"step": 0, "damping": float(damping), "diagonal_draws": 0,
+                        "chosen_iterate": 0}
         self._last: dict[str, Any] = {"rejected_steps": 0}
         self._generator = torch.Generator().manual_seed(seed)
         self._recorder = InputRecorder(model, self)
@@ -530,7 +558,11 @@ class HessianFree(CurvlabOptimizer):
             x0.masked_fill_(x0.abs() < torch.finfo(x0.dtype).tiny, 0.0)
         else:
             x0 = None
-        max_iter = self.cg_max_iter or (CG_MAX_ITER_KFAC if kind == "kfac" else CG_MAX_ITER)
+        cap = self.cg_max_iter or (CG_MAX_ITER_KFAC if kind == "kfac" else CG_MAX_ITER)
+        chosen_before = self._global["chosen_iterate"]
+        max_iter = (cap if not (chosen_before and self.adaptive_cg_budget) else
+                    min(cap, max(CG_BUDGET_FLOOR, self.cg_min_iter,
+                                 CG_BUDGET_GROWTH * chosen_before)))
         saved, iters = self._cg(B, g, x0, Minv, max_iter)
         point = {k: v.clone() for k, v in obj.param_tensors().items()}
         theta = obj.flatten(point)
@@ -574,6 +606,7 @@ class HessianFree(CurvlabOptimizer):
             f_new = f_at(alpha * d)
         last = saved[-1][1]
         self._global["damping"] = lam
+        self._global["chosen_iterate"] = saved[best_i][0]
         self._global["step"] += 1
         self._counters["steps"] += 1
         self._last.update(cg_iterations=iters, preconditioner=kind, damping=lam, rho=rho,
