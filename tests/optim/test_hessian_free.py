@@ -379,6 +379,7 @@ def test_the_cg_budget_is_twice_the_last_chosen_iterate(min_iter):
     for _ in range(4):
         opt.step(batch=(X, y))
         chosen.append(opt.stats()["chosen_iterate"])
+        assert opt.stats()["cg_budget"] == budgets[-1]
     assert budgets == [30] + [min(30, max(5, min_iter, 2 * c)) for c in chosen[:-1]]
     assert len(set(budgets)) > 1  # the problem exercises the rule, not only the cap
     for scripted, expected in ((2, max(5, min_iter)), (6, 12), (40, 30)):

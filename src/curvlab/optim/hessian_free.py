@@ -47,8 +47,9 @@ batch is a quarter of the gradient batch and CG's budget follows the chosen iter
 (step 2). With a fixed budget of 20 K-FAC-preconditioned iterations, most steps after
 the first ~20 chose iterate 5-9 (tanh, ReLU); the adaptive budget makes ~9-18 products
 per step there, so more steps fit in the time. Paired 25 s runs (seeds 0 / 1 / 2, fixed
-20 -> adaptive): tanh 0.0023 / 0.0031 / 0.0025 -> 0.0018 / 0.0018 / 0.0027, ReLU 0.0042 /
-0.0111 / 0.0043 -> 0.0048 / 0.0079 / 0.0054 (no gain there). The cap of 40 rather than 20
+20 -> adaptive with cap 40, set by a harness around the optimizer; first step 20): tanh
+0.0023 / 0.0031 / 0.0025 -> 0.0018 / 0.0018 / 0.0027, ReLU 0.0042 / 0.0111 / 0.0043 ->
+0.0048 / 0.0079 / 0.0054 (no gain there). The cap of 40 rather than 20
 matters on sigmoid, whose plateau phase keeps choosing the last iterate (adaptive, 25 s,
 seeds 0-3: cap 20: 0.025 / 0.019 / 0.037 / 0.019, cap 40: 0.018 / 0.021 / 0.019 /
 0.016). Fixed budgets tried before (K-FAC, 10 / 20 / 30 iterations: ReLU 0.0063
@@ -195,7 +196,7 @@ class HessianFree(CurvlabOptimizer):
         min_damping, max_damping: clip of ``lambda``.
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite loss/gradient.
 
-    ``opt.stats``: ``cg_iterations``, ``chosen_iterate`` (of the backtracking),
+    ``opt.stats``: ``cg_iterations``, ``cg_budget``, ``chosen_iterate`` (of the backtracking),
     ``preconditioner``, ``damping``, ``rho``, ``alpha``, ``loss``, ``new_loss``,
     ``rejected_steps``, ``skipped_steps``.
     """
@@ -609,9 +610,9 @@ class HessianFree(CurvlabOptimizer):
         self._global["chosen_iterate"] = saved[best_i][0]
         self._global["step"] += 1
         self._counters["steps"] += 1
-        self._last.update(cg_iterations=iters, preconditioner=kind, damping=lam, rho=rho,
-                          alpha=alpha, loss=f0, new_loss=f_new if alpha > 0 else f0,
-                          chosen_iterate=saved[best_i][0])
+        self._last.update(cg_iterations=iters, cg_budget=max_iter, preconditioner=kind,
+                          damping=lam, rho=rho, alpha=alpha, loss=f0,
+                          new_loss=f_new if alpha > 0 else f0, chosen_iterate=saved[best_i][0])
         if alpha == 0.0:
             self._last["rejected_steps"] += 1
             for p in params.values():
