@@ -159,7 +159,7 @@ def print_summary(s: dict[str, Any], budget: float, clock: str) -> None:
               f"{r['ratio']:8.3f} {r['adamw_held_out']:10.5f} {r['hf_held_out']:11.5f} "
               f"{r['ratio_held_out']:6.3f}  {r['adamw_steps']} | {r['hf_steps']}")
     for r in s["rows"]:
-        grid = ", ".join(f"{lr:g}: {v:.5f}" for lr, v in r["adamw_grid_seed0"].items())
+        grid = ", ".join(f"{float(lr):g}: {v:.5f}" for lr, v in r["adamw_grid_seed0"].items())
         adam, hf = ([round(v, 5) for v in r[k]] for k in ("adamw_finals", "hf_finals"))
         print(f"  {r['activation']}: AdamW seed-0 grid {grid}; per seed AdamW {adam}, HF {hf}")
 
