@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from curvlab.optim import KFAC, SOAP, Muon, Shampoo
 
 STEPS, GLOBAL_BATCH = 20, 16
-OPTIMIZERS = ("shampoo", "soap", "kfac", "muon", "normuon")
+OPTIMIZERS = ("shampoo", "soap", "kfac", "muon", "normuon", "normuon_t")
 # under DDP also the other sharing mode of Shampoo/SOAP (same math, other communication)
 DDP_VARIANTS = (*OPTIMIZERS, "shampoo/allgather", "soap/allgather")
 # under FSDP2 Shampoo/SOAP need the allgather flow (each block whole on its owner); with the
@@ -45,6 +45,12 @@ def make(name: str, model: nn.Module, group=None):
     if name == "normuon":  # NorMuon on Polar Express through Gram Newton-Schulz
         return Muon(model.parameters(), lr=0.02, process_group=group, normalize="neuron",
                     ns_coefficients="polar_express", gram=True)
+    if name == "normuon_t":  # the weights as if stored (in, out): neurons are columns, which
+        # run across FSDP2's row shards
+        weights = [p for p in model.parameters() if p.ndim == 2]
+        others = [p for p in model.parameters() if p.ndim != 2]
+        return Muon([{"params": weights, "transposed": True}, {"params": others}], lr=0.02,
+                    process_group=group, normalize="neuron")
     return Muon(model.parameters(), lr=0.02, process_group=group)
 
 
@@ -64,6 +70,12 @@ def train(name: str, model: nn.Module, opt, steps: range, rank: int = 0, world: 
         opt.zero_grad()
         nn.functional.cross_entropy(forward(X), y).backward()
         opt.step()
+
+
+def neuron_moments(opt) -> list[torch.Tensor]:
+    """NorMuon's ``neuron_second_moment`` of each matrix, in parameter order."""
+    return [opt.state[p]["neuron_second_moment"].clone() for g in opt.param_groups
+            for p in g["params"] if "neuron_second_moment" in opt.state[p]]
 
 
 def params(model: nn.Module) -> list[torch.Tensor]:
@@ -125,4 +137,6 @@ def run_fsdp(rank: int, world: int) -> dict:
         res[f"fsdp_timings/{name}"] = dict(opt.timings)
         if name.startswith(("shampoo", "soap")):
             res[f"fsdp_state/{name}"] = opt._whole_state()
+        if name.startswith("normuon"):
+            res[f"fsdp_state/{name}"] = neuron_moments(opt)
     return res

@@ -1,14 +1,15 @@
 """Shampoo, SOAP, K-FAC and Muon (and NorMuon) under DDP (2 gloo ranks, each with half of
 every global batch, the refresh / Newton-Schulz work split over the ranks) reach the
 parameters of one process on the whole batch after 20 steps (float64, 1e-6 relative); FSDP2
-works for Muon and is refused at construction by the others (and by NorMuon)."""
+works for Muon (and NorMuon, its neurons along the shards' rows or across them) and for
+Shampoo / SOAP in the allgather mode, and is refused at construction by the others."""
 
 import functools
 
 import _problems as P
 import pytest
 import torch
-from scen_optim import DDP_VARIANTS, KFAC_DIAG, STEPS, make, params, train
+from scen_optim import DDP_VARIANTS, KFAC_DIAG, STEPS, make, neuron_moments, params, train
 
 from curvlab.optim import KFAC, Shampoo
 from curvlab.optim.distributors.collectives import eigh_cost, lpt_schedule
@@ -78,7 +79,8 @@ def test_allgather_mode_keeps_only_own_blocks(dist_results, name):
     assert sum(shares) >= whole  # ...and together they do (biases' diagonal state: twice)
 
 
-@pytest.mark.parametrize("name", ["muon", "shampoo/allgather", "soap/allgather"])
+@pytest.mark.parametrize("name", ["muon", "normuon", "normuon_t", "shampoo/allgather",
+                                  "soap/allgather"])
 def test_fsdp2_equals_single_process(dist_results, name):
     for res in dist_results:
         assert_params_equal(res[f"fsdp/{name}"], single_process(name.partition("/")[0]))
@@ -104,12 +106,27 @@ def test_fsdp2_state_dict_is_whole_on_every_rank(dist_results, name):
             assert err < 1e-6, (k, err)
 
 
+@pytest.mark.parametrize("name", ["normuon", "normuon_t"])
+def test_fsdp2_normuon_second_moment_is_whole_on_every_rank(dist_results, name):
+    """Each rank holds only its rows of the update, but ``v`` of every neuron, the same on
+    every rank and equal to one process's."""
+    model = P.mlp()
+    opt = make(name, model)
+    train(name, model, opt, range(STEPS))
+    want = neuron_moments(opt)
+    assert len(want) == 3 and all(bool((v > 0).all()) for v in want)
+    for res in dist_results:
+        got = res[f"fsdp_state/{name}"]
+        assert [v.shape for v in got] == [v.shape for v in want]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
+
+
 def test_fsdp2_unsupported_modes_are_refused(dist_results):
     for res in dist_results:
         assert "does not support DTensor parameters" in res["fsdp/kfac"]
         for name in ("shampoo", "soap"):
             assert "distributed_mode='allgather'" in res[f"fsdp/{name}"]
-        assert "NorMuon" in res["fsdp/normuon"] and "FSDP2" in res["fsdp/normuon"]
 
 
 def test_lpt_schedule_balances():

@@ -73,7 +73,11 @@ over (1-D mesh, ``Shard(0)``: ``fully_shard``'s default; other layouts are refus
 construction).
 
 NorMuon's normalization runs on every rank after the orthogonalized updates are gathered
-(so the state is identical everywhere); it is not available for FSDP2 parameters.
+(DDP), so the state is identical everywhere. Under FSDP2 each rank holds only its rows of
+each orthogonalized update: one all-reduce (for all matrices of a group) gives every rank
+the whole rows' sums of squares ``r`` (the logical rows of an ``(in, out)`` weight run
+across the shards: each rank adds its part of every row), from which ``v`` (whole, the
+same on every rank) and both Frobenius norms follow; each rank then scales its rows.
 
 References: Jordan et al. (2024), "Muon: An optimizer for hidden layers in neural networks";
 Liu et al. (2025), "Muon is scalable for LLM training"; Amsel, Persson, Musco, Gower (2025),
@@ -118,10 +122,7 @@ from curvlab.optim.base import (
     unit_interval,
 )
 from curvlab.optim.distributors.collectives import local_tensor
-from curvlab.optim.distributors.matrices import (
-    RowShardedMatrices,
-    matrix_distributor,
-)
+from curvlab.optim.distributors.matrices import matrix_distributor
 from curvlab.optim.muon_plan import MuonPlan, group_plan
 from curvlab.optim.stability import StabilityModel, ema_samples, momentum_threshold
 
@@ -214,8 +215,7 @@ class Muon(CurvlabOptimizer):
             authors': ``(2,)``; see :func:`curvlab.linalg.newton_schulz`); on a CPU only
             for matrices at least :data:`CPU_GRAM_MIN_ASPECT` times wider than tall.
         normalize: None (Muon) or ``"neuron"`` (NorMuon: neuron-wise second-moment
-            normalization after orthogonalization, see the module docstring; refused for
-            FSDP2 parameters).
+            normalization after orthogonalization, see the module docstring).
         beta2: NorMuon's second-moment EMA factor (default 0.95, the authors').
         adjust_lr: "original" (default), "match_rms_adamw" or "none" (see module docstring).
         ns_dtype: dtype of the Newton–Schulz iteration (default :func:`default_ns_dtype`:
@@ -310,11 +310,6 @@ class Muon(CurvlabOptimizer):
             ns_schedule(g["ns_coefficients"], g["ns_steps"])
         except ValueError as err:
             raise ValueError(f"Muon: {err}") from None
-        if g["normalize"] is not None and getattr(self, "distributor", None) is not None \
-                and isinstance(self.distributor, RowShardedMatrices):
-            raise ValueError(f"Muon: normalize={g['normalize']!r} (NorMuon) is not supported "
-                             "for FSDP2 (DTensor) parameters: each rank holds only rows of "
-                             "the orthogonalized update")
         if g["transposed"]:
             for p in g["params"]:
                 if p.ndim != 2:
@@ -423,27 +418,42 @@ class Muon(CurvlabOptimizer):
         (logical row), divide by the root of the EMA of its mean square; keep ``||O||_F``.
         Both Frobenius norms come from the rows' sums of squares ``r_i`` (``||O||_F^2 =
         sum_i r_i``, ``||O_hat||_F^2 = sum_i r_i / (sqrt(v_i) + eps)^2``), so the update is
-        one pass over the stacked directions besides the one computing ``r``."""
+        one pass over the stacked directions besides the one computing ``r``. Under FSDP2
+        the directions are this rank's rows: ``r`` of the whole rows comes from one
+        all-reduce (:meth:`~curvlab.optim.distributors.matrices.MatrixDistributor.
+        whole_row_sums`), and ``v`` is whole and identical on every rank."""
+        stacks = []
         for (shape, pdtype, _), idx in by_shape.items():
             dtype = moment_dtype(pdtype)
-            rows = shape[1] if transposed else shape[0]
+            rows, cols = (shape[1], shape[0]) if transposed else (shape[0], math.prod(shape[1:]))
+            local_shape = directions[idx[0]].shape  # (FSDP2: this rank's rows)
             for i in idx:
                 st = self.state[ps[i]]
                 if "neuron_second_moment" not in st:
                     st["neuron_second_moment"] = torch.zeros(rows, dtype=dtype,
                                                              device=directions[i].device)
-            V = torch.stack([self.state[ps[i]]["neuron_second_moment"] for i in idx])
             D = torch.stack([directions[i] for i in idx],  # (converted as it is stacked)
-                            out=torch.empty(len(idx), *shape, dtype=dtype, device=V.device))
-            D = D.mT if transposed else D.reshape(len(idx), rows, -1)  # logical (k, out, in)
-            r = D.square().sum(dim=-1)  # rows' sums of squares (vector_norm over a
-            # strided dim, the transposed case, is 13x slower on a CPU)
-            V.lerp_(r / D.shape[-1], 1.0 - group["beta2"])
+                            out=torch.empty(len(idx), *local_shape, dtype=dtype,
+                                            device=directions[idx[0]].device))
+            D = D.mT if transposed else D.reshape(len(idx), local_shape[0],  # (k, out, in)
+                                                    math.prod(local_shape[1:]))
+            # rows' sums of squares (vector_norm over a strided dim, the transposed case,
+            # is 13x slower on a CPU)
+            stacks.append((idx, local_shape, pdtype, cols, D, D.square().sum(dim=-1)))
+        sums = self.distributor.whole_row_sums([ps[st[0][0]] for st in stacks],
+                                               [st[-1] for st in stacks],
+                                               rows_sharded=not transposed)
+        for (idx, local_shape, pdtype, cols, D, _), r in zip(stacks, sums, strict=True):
+            V = torch.stack([self.state[ps[i]]["neuron_second_moment"] for i in idx])
+            V.lerp_(r / cols, 1.0 - group["beta2"])
             inv = (V.sqrt() + NORMUON_EPS).reciprocal_()
             norm_d = r.sum(dim=-1, keepdim=True).sqrt_()
             norm_n = (r * inv.square()).sum(dim=-1, keepdim=True).sqrt_()
-            N = D * (inv * (norm_d / (norm_n + NORMUON_EPS))).unsqueeze(-1)
-            N = (N.mT if transposed else N.reshape(len(idx), *shape)).to(pdtype)
+            scale = inv * (norm_d / (norm_n + NORMUON_EPS))
+            if not transposed:  # FSDP2: this rank's rows
+                scale = scale[:, self.distributor.local_rows(ps[idx[0]])]
+            N = D * scale.unsqueeze(-1)
+            N = (N.mT if transposed else N.reshape(len(idx), *local_shape)).to(pdtype)
             torch._foreach_copy_([self.state[ps[i]]["neuron_second_moment"] for i in idx],
                                  list(V.unbind(0)))
             directions.update(zip(idx, N.unbind(0), strict=True))

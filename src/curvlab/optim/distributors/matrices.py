@@ -117,6 +117,17 @@ class MatrixDistributor:
         return {i: from_wide(o, ps[i].shape) for O, idx in parts
                 for i, o in zip(idx, O.unbind(0), strict=True)}
 
+    def local_rows(self, p: Tensor) -> slice:
+        """The rows of ``p`` (dim 0) that this rank's :meth:`directions` hold: all."""
+        return slice(None)
+
+    def whole_row_sums(self, ps: Sequence[Tensor], sums: Sequence[Tensor],
+                       rows_sharded: bool) -> list[Tensor]:
+        """Sums over whole rows of the directions of ``ps`` from this rank's parts:
+        ``sums[k]`` has shape ``(n, R)``, ``n`` matrices of ``ps[k]``'s shape. Whole
+        matrices here: ``sums`` as they are."""
+        return list(sums)
+
 
 class RowShardedMatrices(MatrixDistributor):
     """FSDP2 (row-sharded DTensors): a matrix's update is assembled on its owner only,
@@ -155,3 +166,28 @@ class RowShardedMatrices(MatrixDistributor):
                                                     xdtype, local[order[0]].device)
         return {i: sh.to(ps[i].dtype).view_as(local_tensor(ps[i]))
                 for i, sh in zip(order, shards, strict=True)}
+
+    def local_rows(self, p: Tensor) -> slice:
+        """The rows of ``p`` (dim 0) in this rank's shard (contiguous, in rank order)."""
+        counts = shard_rows([p], self.process_group, self._shard_rows)[0]
+        start = sum(counts[:self.rank])
+        return slice(start, start + counts[self.rank])
+
+    def whole_row_sums(self, ps: Sequence[Tensor], sums: Sequence[Tensor],
+                       rows_sharded: bool) -> list[Tensor]:
+        """Sums over whole rows from this rank's shards, ``sums[k]`` of shape ``(n, R)``:
+        ``rows_sharded`` (the rows summed are rows of the stored matrix): complete sums of
+        this rank's rows, placed at their offsets of ``(n, rows)`` zeros; otherwise (rows
+        along a dimension the shards do not split, e.g. the logical rows of an ``(in, out)``
+        weight) partial sums of every row. Either way one all-reduce (for all of
+        ``sums``) gives every rank the whole sums."""
+        whole = []
+        for p, s in zip(ps, sums, strict=True):
+            if rows_sharded:
+                full = s.new_zeros(s.shape[0], p.shape[0])
+                full[:, self.local_rows(p)] = s
+                s = full
+            whole.append(s.contiguous())
+        with self.timings.measure("communication"):
+            _dist.all_reduce_coalesced(whole, self.process_group)
+        return whole
