@@ -118,6 +118,48 @@ def test_inverse_matches_dense_inverse():
     torch.testing.assert_close(fac, torch.linalg.inv(dense), atol=1e-8, rtol=1e-8)
 
 
+class _UnusedHead(nn.Module):
+    """An MLP with a layer the forward never calls (an unused head, as in many HF models)."""
+
+    def __init__(self, unused: bool):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+        self.head = nn.Linear(4, 2) if unused else None
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("op_cls", [KFACOperator, EKFACOperator])
+def test_a_layer_that_never_runs_has_a_zero_block(op_cls):
+    """Its exact Gauss-Newton block is zero, so is its K-FAC block (a warning names it);
+    the other blocks, products and damped inverses are those of the model without it."""
+    X, y = torch.randn(6, 3, dtype=D64), torch.randint(0, 3, (6,))
+    torch.manual_seed(5)
+    with_head = _UnusedHead(True).to(D64)
+    torch.manual_seed(5)
+    without = _UnusedHead(False).to(D64)
+    with pytest.warns(UserWarning, match=r"\['head'\] did not run"):
+        op = op_cls(with_head, nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
+    ref = op_cls(without, nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
+    n, m = ref.shape[0], op.shape[0]
+    D = op.to_dense()
+    torch.testing.assert_close(D[:n, :n], ref.to_dense(), atol=1e-12, rtol=0)
+    assert D[n:].abs().max() == 0 and D[:, n:].abs().max() == 0
+    assert m == n + 10  # the head's [W b]
+    lam = 1e-2
+    for method in ("exact", "factored") if op_cls is KFACOperator else ("exact",):
+        inv = op.inverse(lam, method=method).to_dense()
+        assert torch.isfinite(inv).all()
+        torch.testing.assert_close(inv[:n, :n], ref.inverse(lam, method=method).to_dense(),
+                                   atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(inv[n:, n:], torch.eye(m - n, dtype=D64) / lam,
+                                   atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="no loss terms"):  # all ignored: still an error
+        KFACOperator(with_head, nn.CrossEntropyLoss(ignore_index=-100),
+                     (X, torch.full_like(y, -100)), fisher_type="exact")
+
+
 def test_inverse_of_singular_factors_needs_damping():
     model = nn.Linear(4, 2).to(D64)
     X, y = torch.randn(1, 4, dtype=D64), torch.tensor([0])

@@ -1,5 +1,6 @@
 """HessianFree against dense Gauss-Newton references."""
 
+import contextlib
 import copy
 
 import pytest
@@ -672,3 +673,33 @@ def test_auto_preconditioner_falls_back_to_the_diagonal_on_tied_weights():
     assert opt.stats()["preconditioner"] == "ggn"
     with pytest.raises(ValueError, match="tied"):
         HessianFree(model, nn.CrossEntropyLoss(), preconditioner="kfac").step(batch=(X, y))
+
+
+@pytest.mark.parametrize("preconditioner", ["kfac", "ggn", None])
+def test_a_layer_the_forward_never_calls_is_left_unchanged(preconditioner):
+    """An unused head (as in many Hugging Face models): zero gradient and zero curvature,
+    so a zero step there; the K-FAC preconditioner gives it a zero block (with a warning)
+    instead of failing."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = Net().to(D64)
+    X, y = torch.randn(20, 3, dtype=D64), torch.randint(0, 3, (20,))
+    head = copy.deepcopy(model.head.state_dict())
+    opt = HessianFree(model, nn.CrossEntropyLoss(), preconditioner=preconditioner)
+    loss = nn.functional.cross_entropy(model(X), y).item()
+    with pytest.warns(UserWarning, match="did not run") if preconditioner == "kfac" else \
+            contextlib.nullcontext():
+        for _ in range(3):
+            opt.step(batch=(X, y))
+    assert opt.stats()["preconditioner"] == preconditioner
+    assert nn.functional.cross_entropy(model(X), y).item() < loss
+    for k, v in model.head.state_dict().items():
+        assert torch.equal(v, head[k])

@@ -24,6 +24,7 @@ so ignored targets and class weights give the K-FAC of the valid terms.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -209,12 +210,18 @@ class KFACOperator(CurvatureOperator):
         # data parallel: whole-data factors
         all_reduce_factors([*A, *G], obj.process_group)
         obj.all_reduce(omega)
-        out = []
-        for a, g, om in zip(A, G, omega.tolist(), strict=True):
-            if om <= 0:
-                raise ValueError("K-FAC: every loss term has weight 0 (all targets ignored)")
-            out.append((a / om, g * factor_scale(self.fisher_type, obj.reduction, om)))
-        return out
+        weights = omega.tolist()
+        if not any(om > 0 for om in weights):
+            raise ValueError("K-FAC: no layer ran in the forward pass on a loss term of "
+                             "nonzero weight")
+        idle = [layer.name for layer, om in zip(self.layers, weights, strict=True) if om <= 0]
+        if idle:  # their exact Gauss-Newton blocks are zero too: their outputs never reach
+            # the loss (an unused head, a branch this data does not take)
+            warnings.warn(f"K-FAC: the layers {idle} did not run in the forward pass on this "
+                          "data: their Kronecker factors, like their Gauss-Newton blocks, are "
+                          "zero", stacklevel=2)
+        return [(a / om, g * factor_scale(self.fisher_type, obj.reduction, om)) if om > 0
+                else (a, g) for a, g, om in zip(A, G, weights, strict=True)]
 
     # ---- products ------------------------------------------------------------------
     def _blocks(self):
