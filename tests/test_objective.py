@@ -233,3 +233,41 @@ def test_on_other_data_equals_a_new_objective_without_resolving_the_convention_a
         lb, gb = b.loss_and_grad()
         torch.testing.assert_close(la, lb, rtol=1e-12, atol=0)
         torch.testing.assert_close(a.flatten(ga), b.flatten(gb), rtol=1e-12, atol=0)
+
+
+class _SparseEmbeddings(nn.Module):
+    """A two-field classifier whose embeddings have sparse gradients (recommender-style
+    models), or dense ones with ``sparse=False`` (the same function). (Not EmbeddingBag:
+    torch has neither forward AD nor double backward for it, sparse or dense.)"""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.user = nn.Embedding(10, 4, sparse=sparse)
+        self.item = nn.Embedding(7, 4, sparse=sparse)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.user(x[:, 0]) * self.item(x[:, 1] % 7)))
+
+
+@pytest.mark.parametrize("operator", ["HessianOperator", "GGNOperator",
+                                      "EmpiricalFisherOperator", "DiagonalOperator"])
+def test_sparse_embedding_gradients_give_the_dense_models_curvature(operator):
+    """autograd has no double backward through a sparse embedding gradient and flat vectors
+    cannot hold one: evaluations run the embeddings dense (``module.sparse`` restored)."""
+    import curvlab.linops as linops
+
+    X = torch.randint(0, 10, (12, 2))
+    y = torch.randint(0, 3, (12,))
+    sparse, dense = (_SparseEmbeddings(s).double() for s in (True, False))
+    cls = getattr(linops, operator)
+    got = cls(sparse, nn.CrossEntropyLoss(), (X, y)).to_dense()
+    want = cls(dense, nn.CrossEntropyLoss(), (X, y)).to_dense()
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    g = Objective(sparse, nn.CrossEntropyLoss(), (X, y), train=True).flat_grad()
+    torch.testing.assert_close(g, Objective(dense, nn.CrossEntropyLoss(), (X, y)).flat_grad())
+    assert sparse.user.sparse and sparse.item.sparse
+    nn.functional.cross_entropy(sparse(X), y).backward()  # the user's own passes: still sparse
+    assert sparse.user.weight.grad.is_sparse

@@ -244,13 +244,39 @@ def _tied_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
             for group in names.values() if len(group) > 1 for name in group}
 
 
+def _sparse_gradient_modules(model: nn.Module) -> list[nn.Module]:
+    """The ``nn.Embedding`` / ``nn.EmbeddingBag`` modules with ``sparse=True``."""
+    return [m for m in model.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+
+
+@contextlib.contextmanager
+def _dense_gradients(modules: list[nn.Module]) -> Iterator[None]:
+    """``sparse=False`` on ``modules`` for the duration: the same forward, with dense
+    gradients, which the curvature products differentiate again (autograd has no double
+    backward through a sparse embedding gradient) and concatenate into flat vectors."""
+    if not modules:
+        yield
+        return
+    for m in modules:
+        m.sparse = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.sparse = True
+
+
 class Objective:
     """The empirical risk of ``model`` under ``loss_fn`` on ``data``, as a function of
     the selected parameters.
 
     Args:
         model: an ``nn.Module``, or a callable ``model(params, inputs) -> outputs`` (then
-            ``params`` must be a dict of tensors).
+            ``params`` must be a dict of tensors). Its ``nn.Embedding(sparse=True)`` layers
+            run with dense gradients in the objective's evaluations (the same function:
+            curvature products differentiate gradients again, which sparse ones do not
+            support).
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``, or None: the model computes
             its own loss from the batch's ``"labels"`` (Hugging Face models); see the module
             docstring.
@@ -291,6 +317,7 @@ class Objective:
         if isinstance(model, nn.Module):
             self.params = _select_params(model, params)
             self._ties = _tied_names(model)
+            self._sparse = _sparse_gradient_modules(model)
             self._call = self._call_module
         elif callable(model):
             if loss_fn is None:
@@ -452,9 +479,10 @@ class Objective:
                 tensors.setdefault(alias, tensors[name])
         # tie_weights=False: the ties were resolved above, once per model (functional_call
         # would walk every module on every call to find them: ~0.2 ms on a tiny GPT-2)
-        return call_model(lambda *a, **k: functional_call(self.model, tensors, a, k,
-                                                          strict=False, tie_weights=False),
-                          inputs)
+        with _dense_gradients(self._sparse):
+            return call_model(lambda *a, **k: functional_call(self.model, tensors, a, k,
+                                                              strict=False, tie_weights=False),
+                              inputs)
 
     @contextlib.contextmanager
     def mode(self, *, keep_buffers: bool = False) -> Iterator[None]:

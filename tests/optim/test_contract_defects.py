@@ -117,3 +117,69 @@ def test_a_scheduler_that_makes_lr_non_finite_raises(cls):
     p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match="lr"):
         opt.step()
+
+
+class _TwoFields(nn.Module):
+    """Embeddings with sparse gradients (``sparse=False``: the same function, dense)."""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.user = nn.Embedding(10, 4, sparse=sparse)
+        self.item = nn.Embedding(7, 4, sparse=sparse)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.user(x[:, 0]) * self.item(x[:, 1])))
+
+
+def _flat_vector_optimizers():
+    from curvlab.optim import LBFGS, HessianFree, NaturalGradient
+
+    loss = nn.CrossEntropyLoss()
+    # (the Gauss-Newton diagonal: "auto" takes K-FAC for the dense model only, which has
+    # Kronecker factors for embeddings with dense gradients)
+    hf = lambda m: HessianFree(m, loss, cg_max_iter=5, preconditioner="ggn")  # noqa: E731
+    return {"lbfgs": (lambda m: LBFGS(m.parameters(), max_iter=3), False),
+            "hessian_free": (hf, True), "hessian_free/closure": (hf, False),
+            "natural_gradient": (lambda m: NaturalGradient(m, loss_fn=loss), True),
+            "natural_gradient/closure": (lambda m: NaturalGradient(m, loss_fn=loss), False)}
+
+
+@pytest.mark.parametrize("name", list(_flat_vector_optimizers()))
+def test_flat_vector_optimizers_take_sparse_gradients_as_the_dense_model(name):
+    """L-BFGS, Hessian-free and natural gradient work on the flat gradient vector: a
+    sparse embedding gradient is densified (as torch.optim.LBFGS does), and the run equals
+    the dense model's."""
+    make, use_batch = _flat_vector_optimizers()[name]
+    X = torch.stack([torch.randint(0, 10, (24,)), torch.randint(0, 7, (24,))], dim=1)
+    y = torch.randint(0, 3, (24,))
+    finals = []
+    for sparse in (True, False):
+        model = _TwoFields(sparse).double()
+        opt = make(model)
+
+        def closure(opt=opt, model=model):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(X), y)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(batch=(X, y)) if use_batch else opt.step(closure)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    moved = _TwoFields(False).double()
+    assert max(float((a - b.detach()).abs().max())
+               for a, b in zip(finals[1], moved.parameters())) > 1e-3
+    for a, b in zip(*finals, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [Shampoo, SOAP, Muon])
+def test_elementwise_state_optimizers_refuse_sparse_gradients(cls):
+    model = _TwoFields(True)
+    opt = cls(model.parameters(), lr=0.01)
+    X = torch.stack([torch.randint(0, 10, (8,)), torch.randint(0, 7, (8,))], dim=1)
+    nn.functional.cross_entropy(model(X), torch.zeros(8, dtype=torch.long)).backward()
+    with pytest.raises(TypeError, match="sparse gradients"):
+        opt.step()

@@ -46,9 +46,9 @@ from curvlab.optim.stability import StabilityModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CurvlabOptimizer", "Rule", "STATS_KEYS", "apply_update_", "finite_positive",
-           "finite_nonnegative", "unit_interval", "betas_rule", "positive_int", "one_of",
-           "float_dtype", "factorization_dtype", "optional"]
+__all__ = ["CurvlabOptimizer", "Rule", "STATS_KEYS", "apply_update_", "dense_grad",
+           "finite_positive", "finite_nonnegative", "unit_interval", "betas_rule", "positive_int",
+           "one_of", "float_dtype", "factorization_dtype", "optional"]
 
 NONFINITE = ("skip", "raise")
 #: The keys every optimizer's ``stats()`` has (each optimizer may add its own).
@@ -115,6 +115,15 @@ def factorization_dtype(x: Any) -> str | None:
     """Dtypes in which eigendecompositions and roots work (torch's ``eigh`` has no 16-bit)."""
     return None if x in (torch.float32, torch.float64) else \
         "must be torch.float32 or torch.float64 (eigendecompositions need them)"
+
+
+def dense_grad(p: Tensor) -> Tensor:
+    """``p.grad`` as a dense tensor for optimizers that work on the flat gradient vector
+    (L-BFGS, Hessian-free, natural gradient): zeros without one, densified if sparse (an
+    ``nn.Embedding(sparse=True)``'s), as ``torch.optim.LBFGS`` gathers it."""
+    if p.grad is None:
+        return torch.zeros_like(p)
+    return p.grad.to_dense() if p.grad.is_sparse else p.grad
 
 
 def apply_update_(params: Sequence[Tensor], directions: Sequence[Tensor], lr: float,

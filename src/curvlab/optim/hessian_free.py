@@ -107,7 +107,7 @@ from curvlab.linops.ggn import GGNOperator
 from curvlab.linops.kfac import KFACOperator
 from curvlab.objective import Objective
 from curvlab.optim._batch_capture import InputRecorder
-from curvlab.optim.base import CurvlabOptimizer
+from curvlab.optim.base import CurvlabOptimizer, dense_grad
 from curvlab.optim.stability import StabilityModel
 
 __all__ = ["HessianFree"]
@@ -508,8 +508,7 @@ class HessianFree(CurvlabOptimizer):
                     loss = closure()
             else:
                 loss = closure_loss
-            grads = {k: (torch.zeros_like(p) if p.grad is None else p.grad)
-                     for k, p in params.items()}
+            grads = {k: dense_grad(p) for k, p in params.items()}
             g = obj.flatten(grads)
             f0 = float(torch.as_tensor(loss).detach())
         else:

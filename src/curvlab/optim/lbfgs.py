@@ -22,7 +22,7 @@ import torch
 from curvlab.minimize.evaluator import Monitor
 from curvlab.minimize.quasi_newton import LBFGSMemory, lbfgs
 from curvlab.minimize.result import OptimizeResult
-from curvlab.optim.base import CurvlabOptimizer
+from curvlab.optim.base import CurvlabOptimizer, dense_grad
 from curvlab.optim.stability import StabilityModel
 
 __all__ = ["LBFGS"]
@@ -62,8 +62,7 @@ class _ClosureEvaluator:
                                ".grad; compute the loss, call loss.backward() and return it")
         if self.first_loss is None:
             self.first_loss = loss.detach()
-        g = torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if p.grad is None
-                       else p.grad.reshape(-1) for p in self.params])
+        g = torch.cat([dense_grad(p).reshape(-1) for p in self.params])
         return loss.detach().reshape(()).to(x.dtype), g.to(x.dtype)
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from curvlab.linalg.cg import cg
 from curvlab.objective import Objective
 from curvlab.optim._batch_capture import InputRecorder
-from curvlab.optim.base import CurvlabOptimizer, apply_update_
+from curvlab.optim.base import CurvlabOptimizer, apply_update_, dense_grad
 
 __all__ = ["NaturalGradient"]
 
@@ -161,8 +161,7 @@ class NaturalGradient(CurvlabOptimizer):
                 loss = closure()
             if batch is None:
                 batch = self._recorder.batch(self.loss_fn, "NaturalGradient")
-            g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
-                           for p in params])
+            g = torch.cat([dense_grad(p).reshape(-1) for p in params])
         else:
             obj = Objective(self.model, loss_fn, batch, params, train=self.model.training)
             batch = obj.data  # read once (a generator would be used up by this pass)
