@@ -244,27 +244,36 @@ def _tied_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
             for group in names.values() if len(group) > 1 for name in group}
 
 
-def _sparse_gradient_modules(model: nn.Module) -> list[nn.Module]:
-    """The ``nn.Embedding`` / ``nn.EmbeddingBag`` modules with ``sparse=True``."""
-    return [m for m in model.modules()
-            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+def _autograd_switches(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(module, flag)`` pairs that change how autograd records the forward pass but not
+    the function computed: ``sparse`` of ``nn.Embedding`` / ``nn.EmbeddingBag`` (sparse
+    gradients) and the ``gradient_checkpointing`` flag of Hugging Face layers and models
+    (activation checkpointing, ``model.gradient_checkpointing_enable()``)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            out.append((m, "sparse"))
+        if isinstance(getattr(m, "gradient_checkpointing", None), bool):
+            out.append((m, "gradient_checkpointing"))
+    return out
 
 
 @contextlib.contextmanager
-def _dense_gradients(modules: list[nn.Module]) -> Iterator[None]:
-    """``sparse=False`` on ``modules`` for the duration: the same forward, with dense
-    gradients, which the curvature products differentiate again (autograd has no double
-    backward through a sparse embedding gradient) and concatenate into flat vectors."""
-    if not modules:
-        yield
-        return
-    for m in modules:
-        m.sparse = False
+def _plain_autograd(switches: list[tuple[nn.Module, str]]) -> Iterator[None]:
+    """The flags of ``switches`` that are on, off for the duration: the same forward, with
+    dense gradients and no activation checkpointing. Curvature products differentiate
+    gradients again, which neither a sparse embedding gradient nor a checkpointed segment
+    supports (reentrant checkpointing refuses ``autograd.grad`` altogether), and flat
+    vectors cannot hold a sparse gradient. The cost: a checkpointed model's activations are
+    all kept during curvlab's evaluations."""
+    on = [(m, flag) for m, flag in switches if getattr(m, flag)]
+    for m, flag in on:
+        setattr(m, flag, False)
     try:
         yield
     finally:
-        for m in modules:
-            m.sparse = True
+        for m, flag in on:
+            setattr(m, flag, True)
 
 
 class Objective:
@@ -273,10 +282,10 @@ class Objective:
 
     Args:
         model: an ``nn.Module``, or a callable ``model(params, inputs) -> outputs`` (then
-            ``params`` must be a dict of tensors). Its ``nn.Embedding(sparse=True)`` layers
-            run with dense gradients in the objective's evaluations (the same function:
-            curvature products differentiate gradients again, which sparse ones do not
-            support).
+            ``params`` must be a dict of tensors). The objective's evaluations run its
+            ``nn.Embedding(sparse=True)`` layers with dense gradients and its Hugging Face
+            layers without gradient checkpointing (the same function: curvature products
+            differentiate gradients again, which neither supports).
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``, or None: the model computes
             its own loss from the batch's ``"labels"`` (Hugging Face models); see the module
             docstring.
@@ -317,7 +326,7 @@ class Objective:
         if isinstance(model, nn.Module):
             self.params = _select_params(model, params)
             self._ties = _tied_names(model)
-            self._sparse = _sparse_gradient_modules(model)
+            self._switches = _autograd_switches(model)
             self._call = self._call_module
         elif callable(model):
             if loss_fn is None:
@@ -479,7 +488,7 @@ class Objective:
                 tensors.setdefault(alias, tensors[name])
         # tie_weights=False: the ties were resolved above, once per model (functional_call
         # would walk every module on every call to find them: ~0.2 ms on a tiny GPT-2)
-        with _dense_gradients(self._sparse):
+        with _plain_autograd(self._switches):
             return call_model(lambda *a, **k: functional_call(self.model, tensors, a, k,
                                                               strict=False, tie_weights=False),
                               inputs)

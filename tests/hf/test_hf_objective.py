@@ -244,3 +244,39 @@ def test_exact_diagonals_with_padding_equal_the_dense_matrices(name):
         # difference between the per-sample and the batched pass can flip a float32 one)
         torch.testing.assert_close(D.diagonal, ref, rtol=1e-6,
                                    atol=1e-7 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_curvature(reentrant):
+    """``gradient_checkpointing_enable()`` (as a Trainer run sets it): curvlab's train-mode
+    evaluations run without it (reentrant checkpointing refuses ``autograd.grad``, the
+    other one double backward) and equal the model without it; the flags are back on
+    afterwards, and a Hessian-free step trains the checkpointed model as the plain one."""
+    from curvlab.optim import HessianFree
+
+    batch = padded_batch(8)
+    models = []
+    for checkpointing in (True, False):
+        model = build("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()
+        if checkpointing:  # (the name from transformers 5.x; the older one before)
+            kwargs = {"use_reentrant": reentrant}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        models.append(model)
+    v = torch.randn(sum(p.numel() for p in models[0].parameters()), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    for op in (GGNOperator, HessianOperator):
+        got, want = (op(m, None, batch, train=True).matvec(v) for m in models)
+        assert want.norm() > 0
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in models[0].modules())
+    for model in models:
+        opt = HessianFree(model, None, cg_max_iter=5)
+        for _ in range(2):
+            opt.step(batch=batch)
+    for a, b in zip(*(m.parameters() for m in models), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert not torch.equal(models[1].transformer.wte.weight,
+                           build("gpt2").transformer.wte.weight)  # it trained
