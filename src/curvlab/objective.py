@@ -49,7 +49,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -244,36 +246,69 @@ def _tied_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
             for group in names.values() if len(group) > 1 for name in group}
 
 
-def _autograd_switches(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """``(module, flag)`` pairs that change how autograd records the forward pass but not
-    the function computed: ``sparse`` of ``nn.Embedding`` / ``nn.EmbeddingBag`` (sparse
-    gradients) and the ``gradient_checkpointing`` flag of Hugging Face layers and models
-    (activation checkpointing, ``model.gradient_checkpointing_enable()``)."""
-    out = []
+def _weight_norm(weight_v: torch.Tensor, weight_g: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch._weight_norm`` as its composite ``v g / ||v||`` (norms over every dimension
+    but ``dim``), which PyTorch itself uses in some cases: the fused kernel's double
+    backward is wrong (measured with torch 2.13 against finite differences and this
+    formula: its Hessian in ``v`` is off by ~30% and not even symmetric)."""
+    return weight_v * (weight_g / torch.norm_except_dim(weight_v, 2, dim))
+
+
+def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
+    """``(object, attribute, value)``: what to set during the objective's evaluations so
+    that autograd records the same function in a form curvature products can
+    differentiate twice:
+
+    - ``sparse = False`` on ``nn.Embedding`` / ``nn.EmbeddingBag`` (a sparse gradient has
+      no double backward and no place in a flat vector);
+    - ``gradient_checkpointing = False`` on Hugging Face layers and models (activation
+      checkpointing: the reentrant kind refuses ``autograd.grad``, the other one double
+      backward);
+    - weight normalization (``nn.utils.parametrizations.weight_norm`` and the older
+      ``nn.utils.weight_norm``) through :func:`_weight_norm` (the fused kernel's double
+      backward is wrong: a silently wrong Hessian).
+    """
+    from torch.nn.utils.parametrizations import _WeightNorm
+
+    legacy = getattr(sys.modules.get("torch.nn.utils.weight_norm"), "WeightNorm", None)
+    out: list[tuple[Any, str, Any]] = []
     for m in model.modules():
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-            out.append((m, "sparse"))
+            out.append((m, "sparse", False))
         if isinstance(getattr(m, "gradient_checkpointing", None), bool):
-            out.append((m, "gradient_checkpointing"))
+            out.append((m, "gradient_checkpointing", False))
+        if isinstance(m, _WeightNorm):
+            out.append((m, "forward", functools.partial(
+                lambda g, v, dim: _weight_norm(v, g, dim), dim=m.dim)))
+        for hook in m._forward_pre_hooks.values():
+            if legacy is not None and isinstance(hook, legacy):
+                out.append((hook, "compute_weight", functools.partial(
+                    lambda module, h: _weight_norm(getattr(module, h.name + "_v"),
+                                                   getattr(module, h.name + "_g"), h.dim),
+                    h=hook)))
     return out
 
 
+_UNSET = object()
+
+
 @contextlib.contextmanager
-def _plain_autograd(switches: list[tuple[nn.Module, str]]) -> Iterator[None]:
-    """The flags of ``switches`` that are on, off for the duration: the same forward, with
-    dense gradients and no activation checkpointing. Curvature products differentiate
-    gradients again, which neither a sparse embedding gradient nor a checkpointed segment
-    supports (reentrant checkpointing refuses ``autograd.grad`` altogether), and flat
-    vectors cannot hold a sparse gradient. The cost: a checkpointed model's activations are
-    all kept during curvlab's evaluations."""
-    on = [(m, flag) for m, flag in switches if getattr(m, flag)]
-    for m, flag in on:
-        setattr(m, flag, False)
+def _plain_autograd(switches: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    """The attributes of ``switches`` (:func:`_autograd_switches`) set for the duration,
+    then restored: the same forward, in a form curvature products can differentiate
+    twice. The cost: a checkpointed model keeps all its activations during curvlab's
+    evaluations."""
+    saved = [(obj, attr, obj.__dict__.get(attr, _UNSET)) for obj, attr, _ in switches]
+    for obj, attr, value in switches:
+        setattr(obj, attr, value)
     try:
         yield
     finally:
-        for m, flag in on:
-            setattr(m, flag, True)
+        for obj, attr, old in saved:
+            if old is _UNSET:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
 
 
 class Objective:
