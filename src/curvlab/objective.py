@@ -254,6 +254,18 @@ def _weight_norm(weight_v: torch.Tensor, weight_g: torch.Tensor, dim: int) -> to
     return weight_v * (weight_g / torch.norm_except_dim(weight_v, 2, dim))
 
 
+def _weight_norm_parametrization(weight_g: torch.Tensor, weight_v: torch.Tensor, *,
+                                 dim: int) -> torch.Tensor:
+    """The ``forward`` of ``nn.utils.parametrizations.weight_norm``, composite."""
+    return _weight_norm(weight_v, weight_g, dim)
+
+
+def _weight_norm_hook(module: nn.Module, *, hook: Any) -> torch.Tensor:
+    """``compute_weight`` of the older ``nn.utils.weight_norm`` hook, composite."""
+    return _weight_norm(getattr(module, hook.name + "_v"), getattr(module, hook.name + "_g"),
+                        hook.dim)
+
+
 def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
     """``(object, attribute, value)``: what to set during the objective's evaluations so
     that autograd records the same function in a form curvature products can
@@ -278,14 +290,12 @@ def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
         if isinstance(getattr(m, "gradient_checkpointing", None), bool):
             out.append((m, "gradient_checkpointing", False))
         if isinstance(m, _WeightNorm):
-            out.append((m, "forward", functools.partial(
-                lambda g, v, dim: _weight_norm(v, g, dim), dim=m.dim)))
+            out.append((m, "forward", functools.partial(_weight_norm_parametrization,
+                                                        dim=m.dim)))
         for hook in m._forward_pre_hooks.values():
             if legacy is not None and isinstance(hook, legacy):
-                out.append((hook, "compute_weight", functools.partial(
-                    lambda module, h: _weight_norm(getattr(module, h.name + "_v"),
-                                                   getattr(module, h.name + "_g"), h.dim),
-                    h=hook)))
+                out.append((hook, "compute_weight", functools.partial(_weight_norm_hook,
+                                                                      hook=hook)))
     return out
 
 
@@ -318,9 +328,10 @@ class Objective:
     Args:
         model: an ``nn.Module``, or a callable ``model(params, inputs) -> outputs`` (then
             ``params`` must be a dict of tensors). The objective's evaluations run its
-            ``nn.Embedding(sparse=True)`` layers with dense gradients and its Hugging Face
-            layers without gradient checkpointing (the same function: curvature products
-            differentiate gradients again, which neither supports).
+            ``nn.Embedding(sparse=True)`` layers with dense gradients, its Hugging Face
+            layers without activation checkpointing and its weight norms as ``g v / ||v||``
+            (the same function, which curvature products can differentiate twice; see
+            ``_autograd_switches``).
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``, or None: the model computes
             its own loss from the batch's ``"labels"`` (Hugging Face models); see the module
             docstring.
@@ -339,6 +350,10 @@ class Objective:
             a batch by (e.g. its number of non-padding tokens). Needed only for a loss that
             is not a torch loss module: those are taken to average over samples, and with
             several batches that weighting is logged once.
+        seed: in train mode, the seed of the Dropout masks (one RNG stream per batch, the
+            same in every evaluation of this objective); None: derived from the process's
+            seed (``torch.initial_seed()``). An optimizer that builds an objective per step
+            passes a new seed each step, as a training loop draws new masks.
     """
 
     def __init__(
@@ -352,6 +367,7 @@ class Objective:
         reduction: str | None = None,
         process_group: Any = None,
         normalizer: Callable[[Any], float] | None = None,
+        seed: int | None = None,
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable or None (the model computes its own "
@@ -383,7 +399,8 @@ class Objective:
         self.process_group = _dist.resolve_group(process_group)
         # one fixed RNG stream per batch in train mode (Dropout masks); derived from the
         # process's seed without drawing from (and so shifting) the caller's RNG stream
-        self._seed, self._batch_index = torch.initial_seed() % 2**62, 0
+        self._seed = (torch.initial_seed() if seed is None else int(seed)) % 2**62
+        self._batch_index = 0
         self._private_buffers = train
         if normalizer is not None and not callable(normalizer):
             raise TypeError(f"normalizer must be callable(targets) -> float, got "
@@ -411,7 +428,8 @@ class Objective:
             _WARNED_DROPOUT.add(model)  # once per model: optimizers build objectives per step
             logger.warning("train=True with active Dropout: the objective is a random function "
                            "of the data; curvlab fixes one Dropout mask per batch (seeded), so "
-                           "all products of this objective see the same function")
+                           "all products of this objective see the same function (optimizers: "
+                           "new masks every step)")
 
     def on(self, data: Any) -> Objective:
         """This objective on other ``data``: the same model, parameters, mode, reduction,

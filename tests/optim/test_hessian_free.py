@@ -703,3 +703,39 @@ def test_a_layer_the_forward_never_calls_is_left_unchanged(preconditioner):
     assert nn.functional.cross_entropy(model(X), y).item() < loss
     for k, v in model.head.state_dict().items():
         assert torch.equal(v, head[k])
+
+
+@pytest.mark.parametrize("cls", ["HessianFree", "NaturalGradient"])
+def test_dropout_masks_are_fixed_within_a_step_and_new_every_step(cls):
+    """A model with Dropout in train mode: every evaluation of one step sees one mask (the
+    line search compares one function), the next step a new one, as a training loop draws
+    them; a resumed run draws the same masks as the uninterrupted one. (With one seed for
+    every step the model was trained on a single fixed mask.)"""
+    from curvlab.optim import NaturalGradient
+
+    def run(steps, state=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.5),
+                              nn.Linear(16, 3)).to(D64).train()
+        X, y = torch.randn(20, 3, dtype=D64), torch.randint(0, 3, (20,))
+        opt = (HessianFree(model, nn.CrossEntropyLoss(), cg_max_iter=3) if cls == "HessianFree"
+               else NaturalGradient(model, loss_fn=nn.CrossEntropyLoss(), cg_max_iter=3))
+        if state is not None:
+            model.load_state_dict(state[0])
+            opt.load_state_dict(state[1])
+        masks = []
+        model[2].register_forward_hook(  # (evaluations on the whole batch; HF's products
+            # run on a subset of it)
+            lambda m, inp, out: masks[-1].add(repr((out == 0).flatten().tolist()))
+            if out.shape[0] == len(X) else None)
+        for _ in range(steps):
+            masks.append(set())
+            opt.step(batch=(X, y))
+        return masks, (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+
+    masks, _ = run(3)
+    assert all(len(step) == 1 for step in masks)  # one mask in all of a step's evaluations
+    assert len(set.union(*masks)) == 3  # a new one every step
+    _, half = run(2)
+    resumed, _ = run(1, state=half)
+    assert resumed[0] == masks[2]

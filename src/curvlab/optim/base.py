@@ -381,6 +381,14 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         raise NotImplementedError(f"{type(self).__name__} does not declare a stability model")
 
     # ---- state dict ------------------------------------------------------------------------
+    def _step_seed(self) -> int:
+        """The train-mode seed (Dropout masks) of the objective an optimizer builds for this
+        step (``curvlab.Objective(seed=...)``): a new one every step, as a training loop
+        draws new masks, and a function of ``self._global["seed"]`` and ``["step"]``, so a
+        resumed run draws the same ones. (With one seed for every step, a model with
+        Dropout would be trained on one fixed mask.)"""
+        return (self._global["seed"] * 1_000_003 + self._global["step"] * 7919) % 2**62
+
     def _global_state(self) -> dict[str, Any]:
         """Optimizer-wide state to checkpoint besides the counters: by default the dict
         ``self._global`` and the state of the generator ``self._generator``, if any."""

@@ -192,7 +192,8 @@ class HessianFree(CurvlabOptimizer):
             Gauss-Newton products and the preconditioner: an int is a number of samples,
             a float in (0, 1] a fraction of the batch (rounded up; default 0.25), None
             all of it.
-        seed: seed of the curvature-subset draws (saved in ``state_dict``).
+        seed: seed of the curvature-subset draws and, for a model in train mode, of each
+            step's Dropout masks (new masks every step; saved in ``state_dict``).
         min_damping, max_damping: clip of ``lambda``.
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite loss/gradient.
 
@@ -274,7 +275,7 @@ class HessianFree(CurvlabOptimizer):
         self.min_damping, self.max_damping = min_damping, max_damping
         self.nonfinite = nonfinite
         self._global = {"step": 0, "damping": float(damping), "diagonal_draws": 0,
-                        "chosen_iterate": 0}
+                        "chosen_iterate": 0, "seed": int(seed)}
         self._last: dict[str, Any] = {"rejected_steps": 0}
         self._generator = torch.Generator().manual_seed(seed)
         self._recorder = InputRecorder(model, self)
@@ -290,7 +291,7 @@ class HessianFree(CurvlabOptimizer):
 
     def _objective(self, batch: Any) -> Objective:
         return Objective(self.model, self.loss_fn, batch, params=self._params(),
-                         train=self.model.training)
+                         train=self.model.training, seed=self._step_seed())
 
     # ---- linear algebra pieces -----------------------------------------------------
     def _gn_product(self, obj: Objective, data: Any) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -440,8 +440,8 @@ class Muon(CurvlabOptimizer):
             # rows' sums of squares (vector_norm over a strided dim, the transposed case,
             # is 13x slower on a CPU)
             stacks.append((idx, local_shape, pdtype, cols, D, D.square().sum(dim=-1)))
-        sums = self.distributor.whole_row_sums([ps[st[0][0]] for st in stacks],
-                                               [st[-1] for st in stacks],
+        sums = self.distributor.whole_row_sums([ps[entry[0][0]] for entry in stacks],
+                                               [entry[-1] for entry in stacks],
                                                rows_sharded=not transposed)
         for (idx, local_shape, pdtype, cols, D, _), r in zip(stacks, sums, strict=True):
             V = torch.stack([self.state[ps[i]]["neuron_second_moment"] for i in idx])

@@ -58,7 +58,8 @@ class NaturalGradient(CurvlabOptimizer):
         warm_start: start CG from the previous direction.
         nonfinite: ``"skip"`` (default) or ``"raise"`` on a non-finite loss, gradient or
             direction; parameters and state are unchanged either way.
-        seed: seed of the label sampling of ``"mc"``.
+        seed: seed of the label sampling of ``"mc"`` and, for a model in train mode, of
+            each step's Dropout masks (new masks every step).
 
     ``batch`` gives the data the Fisher is built on; ``closure`` (optional) computes the
     loss and ``.grad``, otherwise the gradient is computed on ``batch``. With a closure
@@ -106,7 +107,7 @@ class NaturalGradient(CurvlabOptimizer):
         self.nonfinite = nonfinite
         self._generator = torch.Generator().manual_seed(seed)
         self._recorder = InputRecorder(model, self)
-        self._global = {"step": 0}
+        self._global = {"step": 0, "seed": int(seed)}
         self._last: dict[str, Any] = {}
 
     def fisher(self, batch: Any, loss_fn: Any = ...) -> Any:
@@ -117,7 +118,7 @@ class NaturalGradient(CurvlabOptimizer):
             loss_fn = self._loss_for(batch)
         # the model's own mode (buffers are left unchanged)
         return self._fisher_of(Objective(self.model, loss_fn, batch, params,
-                                         train=self.model.training))
+                                         train=self.model.training, seed=self._step_seed()))
 
     def _fisher_of(self, objective: Objective) -> Any:
         """The Fisher operator of ``objective`` (of its data, loss convention and mode)."""
@@ -163,7 +164,8 @@ class NaturalGradient(CurvlabOptimizer):
                 batch = self._recorder.batch(self.loss_fn, "NaturalGradient")
             g = torch.cat([dense_grad(p).reshape(-1) for p in params])
         else:
-            obj = Objective(self.model, loss_fn, batch, params, train=self.model.training)
+            obj = Objective(self.model, loss_fn, batch, params, train=self.model.training,
+                            seed=self._step_seed())
             batch = obj.data  # read once (a generator would be used up by this pass)
             loss, grads = obj.loss_and_grad(keep_buffers=True)  # a training step's one pass
             g = obj.flatten(grads)
