@@ -213,3 +213,38 @@ def test_functorch_stack_probe_unavailable_falls_back_to_torch_func(broken, monk
     torch.testing.assert_close(inside, torch.stack([H @ v, 2 * H @ v]), rtol=1e-10, atol=1e-10)
     notes = [r for r in caplog.records if "peek_interpreter_stack" in r.getMessage()]
     assert len(notes) == 1 and notes[0].levelno == logging.DEBUG
+
+
+def test_second_derivatives_through_pytorchs_fused_weight_norm_are_refused():
+    """torch 2.13's fused weight norm has a wrong double backward (its Hessian in ``v`` is
+    not even symmetric: checked here against the written-out ``g v / ||v||``), so a
+    Hessian-vector product through it raises instead of returning a wrong number; the
+    PSGD HVP fit too. curvlab's operators given the model rewrite it (tests/test_objective.py)."""
+    from torch import nn
+    from torch.func import functional_call
+
+    from curvlab.optim import PSGDKron
+
+    torch.manual_seed(0)
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)).double()
+    X = torch.randn(5, 3, dtype=torch.float64)
+    params = {k: p.detach() for k, p in layer.named_parameters()}
+
+    def f(q):
+        return functional_call(layer, q, (X,)).sin().sum()
+
+    def written_out(q):
+        v, g = q["parametrizations.weight.original1"], q["parametrizations.weight.original0"]
+        return (X @ (g * v / v.norm(dim=1, keepdim=True)).T + q["bias"]).sin().sum()
+
+    H = curvlab.hessian(written_out, params)
+    vv = H["parametrizations.weight.original1"]["parametrizations.weight.original1"]
+    fused = torch.func.jacrev(torch.func.jacrev(f))(params)[
+        "parametrizations.weight.original1"]["parametrizations.weight.original1"]
+    assert not torch.allclose(fused, vv)  # PyTorch's (when this fails, PyTorch fixed it)
+    with pytest.raises(ValueError, match="fused weight norm"):
+        curvlab.hvp(f, params, {k: torch.ones_like(p) for k, p in params.items()})
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 2).double())
+    opt = PSGDKron(model.parameters(), fit="hvp")
+    with pytest.raises(ValueError, match="fused weight norm"):
+        opt.step(lambda: model(X).sin().sum())

@@ -48,7 +48,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = ["grad", "jvp", "vjp", "hvp", "hvp_fn", "jacobian", "hessian", "gnvp", "HVP_MODES",
-           "math_kernels", "attention_kernels", "AttentionKernels", "fused_attention_node"]
+           "math_kernels", "attention_kernels", "AttentionKernels", "fused_attention_node",
+           "check_double_backward"]
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +285,28 @@ def _find_node(roots: list[torch.Tensor], match: Callable[[str], bool]) -> str |
     return None
 
 
+#: backward nodes whose own derivative PyTorch computes wrongly (-> what they come from)
+WRONG_DOUBLE_BACKWARD = {
+    "WeightNormInterfaceBackward0": (
+        "PyTorch's fused weight norm (torch._weight_norm, behind "
+        "nn.utils.parametrizations.weight_norm and nn.utils.weight_norm)"),
+}
+
+
+def check_double_backward(y: torch.Tensor) -> None:
+    """ValueError if the graph of ``y`` holds a node of :data:`WRONG_DOUBLE_BACKWARD`:
+    second derivatives through it would be silently wrong (torch 2.13: the fused weight
+    norm's Hessian in ``v`` is off by ~30% and not symmetric, against finite differences)."""
+    node = _find_node([y], lambda name: name in WRONG_DOUBLE_BACKWARD)
+    if node is not None:
+        raise ValueError(
+            f"the autograd graph holds {WRONG_DOUBLE_BACKWARD[node]}, whose second "
+            "derivative PyTorch computes wrongly: Hessian-vector products through it would be "
+            "silently wrong. Write the weight out as g * v / v.norm(...), or give the model "
+            "to curvlab's operators (HessianOperator(model, loss_fn, data), "
+            "curvlab.Objective), which do")
+
+
 def _has_underivable_node(roots: list[torch.Tensor]) -> bool:
     """Whether the autograd graph of ``roots`` holds a node whose own derivative is not
     implemented (backpropagating through it would raise)."""
@@ -325,6 +348,7 @@ def hvp_fn(
     recorded_math = attention_kernels.math
     with attention_kernels.context():
         leaves, spec, y, g, live = _gradient_graph(f, x)
+    check_double_backward(y)
     if not recorded_math and _has_underivable_node([g[i] for i in live]):
         with math_kernels():
             again = _gradient_graph(f, x)

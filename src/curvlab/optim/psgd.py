@@ -76,7 +76,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.autodiff import attention_kernels
+from curvlab.autodiff import attention_kernels, check_double_backward
 from curvlab.optim.base import (
     finite_nonnegative,
     finite_positive,
@@ -550,6 +550,11 @@ class PSGDKron(BlockedPreconditionerOptimizer):
                 if not (isinstance(loss, Tensor) and loss.requires_grad):
                     raise ValueError("PSGDKron(fit='hvp'): the closure must return the loss "
                                      "tensor with its graph")
+                if fitting:
+                    try:
+                        check_double_backward(loss)
+                    except ValueError as err:
+                        raise ValueError(f"PSGDKron(fit='hvp'): {err}") from None
                 try:
                     grads = torch.autograd.grad(loss, params, create_graph=bool(fitting),
                                                 allow_unused=True)
