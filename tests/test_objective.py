@@ -273,8 +273,9 @@ def test_sparse_embedding_gradients_give_the_dense_models_curvature(operator):
     assert sparse.user.weight.grad.is_sparse
 
 
+@pytest.mark.parametrize("dim", [0, 1])
 @pytest.mark.parametrize("api", ["parametrizations", "legacy"])
-def test_weight_norm_hessian_equals_the_written_out_function(api):
+def test_weight_norm_hessian_equals_the_written_out_function(api, dim):
     """PyTorch's fused weight-norm kernel has a wrong double backward (torch 2.13: the
     Hessian in ``v`` off by ~30%, not symmetric): evaluations run the composite
     ``g v / ||v||`` instead, and the Hessian equals that of the function written out."""
@@ -287,13 +288,13 @@ def test_weight_norm_hessian_equals_the_written_out_function(api):
     torch.manual_seed(0)
     first = nn.Linear(4, 5)
     if api == "parametrizations":
-        first = nn.utils.parametrizations.weight_norm(first)
+        first = nn.utils.parametrizations.weight_norm(first, dim=dim)
         g_name, v_name = ("0.parametrizations.weight.original0",
                           "0.parametrizations.weight.original1")
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # (deprecated in torch)
-            first = nn.utils.weight_norm(first)
+            first = nn.utils.weight_norm(first, dim=dim)
         g_name, v_name = "0.weight_g", "0.weight_v"
     model = nn.Sequential(first, nn.Tanh(), nn.Linear(5, 3)).double()
     X, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
@@ -303,7 +304,7 @@ def test_weight_norm_hessian_equals_the_written_out_function(api):
     def written_out(theta):
         p = obj.unflatten(theta)
         v = p[v_name]
-        W = p[g_name] * v / v.norm(dim=1, keepdim=True)
+        W = p[g_name] * v / v.norm(dim=1 - dim, keepdim=True)  # (norms over the other dim)
         h = torch.tanh(X @ W.T + p["0.bias"])
         return nn.functional.cross_entropy(h @ p["2.weight"].T + p["2.bias"], y)
 
