@@ -143,12 +143,16 @@ def missing_derivative(err: BaseException) -> str | None:
     return None if m is None else (m.group(1) or m.group(2))
 
 
-def vmap_data_dependent(err: BaseException) -> bool:
-    """Whether ``err`` is ``vmap`` refusing a ``.item()`` or a branch on a tensor's value
-    (Hugging Face models check their attention masks on the host): the function must then
-    run one sample at a time."""
-    text = str(err)
-    return "vmap" in text and ("item()" in text or "data-dependent" in text)
+def one_sample_at_a_time(err: RuntimeError, what: str) -> None:
+    """Note that ``vmap`` could not batch ``what`` over the samples (``err``) and that it runs
+    one sample at a time instead. Any ``RuntimeError`` under ``vmap`` qualifies: a ``.item()``
+    or a branch on a value (Hugging Face models check their attention masks on the host),
+    an op whose output shape depends on the values (``masked_select`` in torch's weighted,
+    label-smoothed cross-entropy, packed sequences) or a kernel without a batching rule
+    (multi-layer ``nn.GRU``, ``F.bilinear``'s backward, ``nn.Embedding(max_norm=...)``). The
+    loop computes the same values; an error of the model itself is raised by the loop."""
+    logger.info("%s: vmap cannot batch this model over its samples; one sample at a time (%s)",
+                what, str(err).splitlines()[0][:120] if str(err) else type(err).__name__)
 
 
 @contextlib.contextmanager

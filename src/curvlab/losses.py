@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["term_weights", "loss_normalizer", "is_known_mean_loss", "LossConvention",
+__all__ = ["term_weights", "term_curvature_weights", "loss_normalizer", "is_known_mean_loss",
+           "LossConvention",
            "ClassesLastCrossEntropyLoss",
            "match_convention", "model_loss_parts"]
 
@@ -78,6 +79,24 @@ def term_weights(loss_fn: Any, targets: torch.Tensor) -> torch.Tensor:
     if isinstance(loss_fn, _ELEMENTWISE) and isinstance(targets, torch.Tensor):
         return torch.ones(targets.shape, dtype=torch.get_default_dtype(), device=targets.device)
     return torch.ones(_batch_size(targets))
+
+
+def term_curvature_weights(loss_fn: Any, targets: torch.Tensor) -> torch.Tensor:
+    """The weight ``h_t`` of each term's curvature, ``d^2 (c_t l_t) / dz_t^2 = h_t
+    (diag(p_t) - p_t p_t^T)`` for cross-entropy: :func:`term_weights` except for
+    ``nn.CrossEntropyLoss`` with class weights *and* label smoothing ``eps`` on class
+    indices, whose term is ``(1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c)``
+    (torch's definition; the normalizer stays ``sum_t w_{y_t}``), so ``h_t = (1 - eps)
+    w_{y_t} + eps mean_c(w_c)`` (0 where ignored). Every ``-log p_c`` has the same Hessian
+    in the logits, so only the weights differ from the unsmoothed loss."""
+    c = term_weights(loss_fn, targets)
+    eps = float(getattr(loss_fn, "label_smoothing", 0.0))
+    weight = getattr(loss_fn, "weight", None)
+    if (not isinstance(loss_fn, nn.CrossEntropyLoss) or eps == 0.0 or weight is None
+            or torch.is_floating_point(targets)):
+        return c
+    valid = (targets != loss_fn.ignore_index).to(c.dtype)
+    return (1 - eps) * c + eps * weight.to(device=c.device, dtype=c.dtype).mean() * valid
 
 
 def loss_normalizer(loss_fn: Any, targets: Any) -> float:

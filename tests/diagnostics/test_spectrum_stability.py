@@ -209,3 +209,20 @@ def test_jacobian_singular_values_and_effective_rank():
     ranks = gradient_effective_rank({"w": u @ v, "b": torch.ones(3), "e": torch.eye(4)})
     assert ranks["w"] == pytest.approx(1.0, abs=1e-6) and ranks["e"] == pytest.approx(4.0)
     assert "b" not in ranks
+
+
+@pytest.mark.parametrize("num_samples", [3, 4])
+def test_jacobian_singular_values_through_prelu_equal_autograd(num_samples):
+    """vmap over the samples of jacrev gave nn.PReLU's Jacobians wrong without an error
+    when the number of samples equalled the layer width (3), and raised otherwise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.PReLU(3), nn.Linear(3, 3), nn.PReLU(),
+                          nn.Linear(3, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    spec = jacobian_singular_values(model, x, num_samples=num_samples)
+    for depth, key in enumerate(spec.singular_values, start=1):
+        prefix = model[:depth]
+        want = torch.stack([torch.linalg.svdvals(torch.autograd.functional.jacobian(
+            lambda z, prefix=prefix: prefix(z[None]).reshape(-1), x[i]))
+            for i in range(num_samples)])
+        torch.testing.assert_close(spec.singular_values[key], want, rtol=1e-10, atol=1e-12)

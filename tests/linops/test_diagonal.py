@@ -163,3 +163,73 @@ def test_diagonal_errors():
 
     with pytest.raises(ValueError, match="per-sample"):
         DiagonalOperator(model, not_separable, (X, y))
+
+
+# ---- models vmap cannot batch over their samples: the exact diagonal loops over them ----
+class _PackedLSTM(nn.Module):
+    """Padded sequences packed by their lengths (torch.func transforms cannot run it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        lengths = (x.abs().sum(-1) > 0).sum(1)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][0][-1])
+
+
+class _TwoLayerGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, num_layers=2, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class _BilinearPReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix, self.act, self.head = nn.Bilinear(3, 3, 4), nn.PReLU(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.mix(x[:, 0], x[:, 1])))
+
+
+@pytest.mark.parametrize("make", [_PackedLSTM, _TwoLayerGRU, _BilinearPReLU])
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+def test_exact_diagonal_of_models_vmap_cannot_batch(make, curvature):
+    """vmap raises on packed sequences, a 2-layer GRU and F.bilinear's backward (none of
+    them a data-dependent branch): the samples then run one at a time, by plain autograd."""
+    torch.manual_seed(0)
+    model = make().double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(6, 4, 3, generator=g, dtype=torch.float64)
+    for i in range(6):
+        X[i, 2 + i % 3:] = 0  # padded tails of lengths 2, 3, 4
+    if make is _BilinearPReLU:
+        X = X[:, :2] + 0.1
+    y = torch.randint(0, 3, (6,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    truth = Truth(model, loss_fn, X, y)
+    d = DiagonalOperator(model, loss_fn, (X, y), curvature=curvature, chunk_size=4).diagonal
+    assert rel_err(d, torch.diagonal(DENSE[curvature](truth))) < 1e-10
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+def test_exact_diagonal_is_checked_where_vmap_batches_wrongly_without_error(curvature):
+    """torch 2.13's nested vmap broadcasts nn.PReLU's weight gradient over the samples when
+    a chunk's number of samples equals its number of output directions (3 classes, chunks
+    of 3) or the directions are one (the empirical Fisher): no error, a wrong diagonal. The
+    vmapped rows are checked against plain autograd once per chunk shape."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.PReLU(3), nn.Linear(3, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    truth = Truth(model, loss_fn, X, y)
+    d = DiagonalOperator(model, loss_fn, (X, y), curvature=curvature, chunk_size=3).diagonal
+    assert rel_err(d, torch.diagonal(DENSE[curvature](truth))) < 1e-10

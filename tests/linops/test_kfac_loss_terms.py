@@ -207,13 +207,17 @@ def test_integer_class_weights_equal_repeated_samples():
 
 
 @pytest.mark.parametrize("kind", ["ce_bct", "ce_flat"])
-def test_partially_ignored_weighted_sequences_equal_dense(kind):
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_partially_ignored_weighted_sequences_equal_dense(kind, smoothing):
+    """Class weights with label smoothing: a term's curvature weighs ``(1 - eps) w_y + eps
+    mean(w)`` (the smoothing part is weighted by every class), not ``w_y``."""
     model, _, X, y = _problem(kind, seed=7)
-    w = torch.tensor([0.5, 2.0, 1.0, 1.5], dtype=D64)
-    loss_fn = nn.CrossEntropyLoss(weight=w, ignore_index=-1)
+    w = torch.tensor([0.5, 2.0, 1.0, 4.0], dtype=D64)
+    loss_fn = nn.CrossEntropyLoss(weight=w, ignore_index=-1, label_smoothing=smoothing)
     y = y.reshape(B, T).clone()
     y[0, 1] = y[2, 0] = y[2, 2] = -1
-    c = torch.where(y >= 0, w[y.clamp_min(0)], torch.zeros((), dtype=D64))
+    c = torch.where(y >= 0, (1 - smoothing) * w[y.clamp_min(0)] + smoothing * w.mean(),
+                    torch.zeros((), dtype=D64))
     y = y if kind == "ce_bct" else y.reshape(-1)
     op = KFACOperator(model, loss_fn, (X, y), fisher_type="exact")
     for name in ("inner", "head"):

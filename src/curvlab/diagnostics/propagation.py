@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import jacrev, vmap
+from torch.func import jacrev
 
 __all__ = ["JacobianSpectrum", "jacobian_singular_values", "effective_rank",
            "gradient_effective_rank"]
@@ -62,7 +62,10 @@ def jacobian_singular_values(model: nn.Sequential, inputs: torch.Tensor, *,
             def f(xi: torch.Tensor, prefix: nn.Module = prefix) -> torch.Tensor:
                 return prefix(xi.unsqueeze(0)).reshape(-1)
 
-            J = vmap(jacrev(f))(x).reshape(x.shape[0], -1, x[0].numel())
+            # one sample at a time: vmap over the samples of jacrev (itself a vmap) batches
+            # some kernels wrongly without an error (torch 2.13, nn.PReLU: wrong singular
+            # values when the number of samples equals the layer width)
+            J = torch.stack([jacrev(f)(xi) for xi in x]).reshape(x.shape[0], -1, x[0].numel())
             out[f"{depth - 1}:{type(model[depth - 1]).__name__}"] = torch.linalg.svdvals(
                 J.detach())
     finally:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvlab.distributed import all_reduce_coalesced, all_reduce_symmetric
-from curvlab.losses import is_known_mean_loss, term_weights
+from curvlab.losses import is_known_mean_loss, term_curvature_weights, term_weights
 
 __all__ = [
     "KronLayer",
@@ -498,6 +498,14 @@ def loss_terms(loss_fn: Any, z: torch.Tensor, y: Any) -> torch.Tensor:
     return term_weights(loss_fn, y).to(device=z.device, dtype=z.dtype)
 
 
+def curvature_terms(loss_fn: Any, z: torch.Tensor, y: Any) -> torch.Tensor:
+    """The weights ``h_t`` of the terms' curvature: :func:`loss_terms` but for cross-entropy
+    with class weights and label smoothing (:func:`curvlab.losses.term_curvature_weights`)."""
+    if _is_ce(loss_fn) and isinstance(y, torch.Tensor) and not torch.is_floating_point(y):
+        return term_curvature_weights(loss_fn, y).to(device=z.device, dtype=z.dtype)
+    return loss_terms(loss_fn, z, y)
+
+
 def sample_weights(c: torch.Tensor, n: int) -> torch.Tensor:
     """``omega_n``: the mean term weight of each of the ``n`` samples a layer sees (terms
     grouped sample-major), the weight of sample ``n`` in the input factor ``A``. Valid
@@ -550,10 +558,11 @@ def sample_scores(loss_fn: Any, z: torch.Tensor,
 def _term_hessian_scale(loss_fn: Any, z: torch.Tensor, y: Any,
                         c: torch.Tensor) -> torch.Tensor:
     """Per output element, the factor ``h`` with ``d^2 (c_t l_t) / dz^2 = h E[s s^T]``:
-    ``c_t`` (broadcast over the classes of a cross-entropy), times BCE's ``weight`` and, with
+    ``c_t`` (broadcast over the classes of a cross-entropy; with class weights and label
+    smoothing its curvature weight, :func:`curvature_terms`), times BCE's ``weight`` and, with
     ``pos_weight``, ``1 + (pos_weight - 1) y`` (its Hessian depends on the true target)."""
     if _is_ce(loss_fn):
-        return c.unsqueeze(1)
+        return curvature_terms(loss_fn, z, y).unsqueeze(1) if y is not None else c.unsqueeze(1)
     h = c
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):
         if loss_fn.weight is not None:
@@ -688,7 +697,7 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
         us = backprop_vectors(loss_fn, z, targets, fisher_type, weight=weight,
                               reduction=reduction, samples=samples, mc_samples=mc_samples,
                               generator=generator)
-        c = loss_terms(loss_fn, z.detach(), targets)
+        c = curvature_terms(loss_fn, z.detach(), targets)
         out = [[(rec["a"], sample_weights(c, rec["a"].shape[0]), []) for rec in lay.records]
                for lay in layers]
         flat = [entry for per_layer in out for entry in per_layer]

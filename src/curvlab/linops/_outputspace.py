@@ -37,9 +37,14 @@ import torch.func as tf
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from curvlab.autodiff import attention_kernels, fused_attention_node
+from curvlab.autodiff import attention_kernels, fused_attention_node, one_sample_at_a_time
 from curvlab.linops.base import CurvatureOperator
-from curvlab.losses import is_known_mean_loss, loss_normalizer, term_weights
+from curvlab.losses import (
+    is_known_mean_loss,
+    loss_normalizer,
+    term_curvature_weights,
+    term_weights,
+)
 from curvlab.objective import Objective
 
 __all__ = ["OutputSpaceOperator", "Linearization", "loss_on_outputs", "sample_weights",
@@ -86,11 +91,12 @@ def _is_cross_entropy(objective: Objective) -> bool:
 
 def loss_term_scale(objective: Objective, weight: float, outputs: torch.Tensor,
                     targets: Any = None) -> torch.Tensor | float:
-    """Weight ``c_bt`` of each loss term of a batch in the full-data loss, broadcastable
+    """Weight ``c_bt`` of each loss term's curvature in the full-data loss, broadcastable
     against ``outputs``: terms are the positions of ``nn.CrossEntropyLoss`` (classes along
-    dim 1; shape ``(B, 1, *d)``, zero at ``ignore_index``, the class weight elsewhere) or
-    the elements of an element-wise loss (a number). For a mean loss the batch's terms
-    share ``w_b / n_b = 1 / N``."""
+    dim 1; shape ``(B, 1, *d)``, zero at ``ignore_index``, the class weight elsewhere, with
+    label smoothing :func:`curvlab.losses.term_curvature_weights`) or the elements of an
+    element-wise loss (a number). For a mean loss the batch's terms share ``w_b / n_b = 1 /
+    N``."""
     base = weight
     if objective.reduction == "mean":
         if isinstance(targets, torch.Tensor) and is_known_mean_loss(objective.loss_fn):
@@ -100,8 +106,8 @@ def loss_term_scale(objective: Objective, weight: float, outputs: torch.Tensor,
             base = weight / (outputs.numel() // classes)
     if (_is_cross_entropy(objective) and isinstance(targets, torch.Tensor)
             and not torch.is_floating_point(targets)):
-        c = term_weights(objective.loss_fn, targets).to(device=outputs.device,
-                                                         dtype=outputs.dtype)
+        c = term_curvature_weights(objective.loss_fn, targets).to(device=outputs.device,
+                                                                   dtype=outputs.dtype)
         return base * c.unsqueeze(1)
     return base
 
@@ -129,7 +135,8 @@ def has_canonical_hessian(objective: Objective, targets: Any) -> bool:
     ``BCEWithLogitsLoss`` without ``weight`` / ``pos_weight`` (its Hessian in the logits,
     ``sigma (1 - sigma)``, does not depend on the targets; both weights would make it), or
     cross-entropy on class indices (class weights, ``ignore_index`` and label smoothing
-    keep the per-term Hessian ``c_t (diag(p) - p p^T)``)."""
+    keep the per-term Hessian ``h_t (diag(p) - p p^T)``,
+    :func:`curvlab.losses.term_curvature_weights`)."""
     loss_fn = objective.loss_fn
     if isinstance(loss_fn, nn.MSELoss):
         return True
@@ -147,18 +154,33 @@ def _one_sample_loss(objective: Objective) -> Callable[[torch.Tensor, Any], torc
     return loss
 
 
+def _over_samples(fn: Callable[[torch.Tensor, Any], torch.Tensor], outputs: torch.Tensor,
+                  targets: Any) -> torch.Tensor:
+    """``fn`` of every sample's outputs and targets, stacked: vectorized (``vmap``), or one
+    sample at a time where vmap cannot batch the loss (torch's weighted, label-smoothed
+    cross-entropy selects the valid targets with ``masked_select``)."""
+    try:
+        return tf.vmap(fn)(outputs, targets)
+    except RuntimeError as err:
+        one_sample_at_a_time(err, "per-sample loss terms")
+    def row(i: int) -> torch.Tensor:
+        return fn(outputs[i], tree_map(lambda t: t[i], targets))
+
+    return torch.stack([row(i) for i in range(outputs.shape[0])])
+
+
 def per_sample_losses(objective: Objective, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
     """``(l_1, ..., l_B)``, each sample's loss (vectorized over the batch; 0 for a sample
     whose targets are all ignored)."""
-    return _zero_empty_samples(objective, tf.vmap(_one_sample_loss(objective))(outputs, targets),
-                               targets)
+    return _zero_empty_samples(
+        objective, _over_samples(_one_sample_loss(objective), outputs, targets), targets)
 
 
 def per_sample_output_grads(objective: Objective, outputs: torch.Tensor,
                             targets: Any) -> torch.Tensor:
     """``d l_i / d f_i`` for every sample, shape ``outputs.shape`` (zero for a sample whose
     loss is 0/0 because all its targets are ignored)."""
-    grads = tf.vmap(tf.grad(_one_sample_loss(objective)))(outputs, targets)
+    grads = _over_samples(tf.grad(_one_sample_loss(objective)), outputs, targets)
     return _zero_empty_samples(objective, grads, targets)
 
 
@@ -181,7 +203,7 @@ def per_sample_output_hessians(objective: Objective, outputs: torch.Tensor,
                                targets: Any) -> torch.Tensor:
     """``d^2 l_i / d f_i^2`` for every sample, shape ``(B, D, D)`` with ``D`` the number
     of outputs per sample (flattened row-major)."""
-    hess = tf.vmap(tf.hessian(_one_sample_loss(objective)))(outputs, targets)
+    hess = _over_samples(tf.hessian(_one_sample_loss(objective)), outputs, targets)
     d = outputs[0].numel()
     hess = hess.reshape(outputs.shape[0], d, d)
     return _zero_empty_samples(objective, hess, targets)

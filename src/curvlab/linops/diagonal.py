@@ -11,7 +11,7 @@ import torch.func as tf
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from curvlab.autodiff import vmap_data_dependent
+from curvlab.autodiff import one_sample_at_a_time
 from curvlab.distributed import synced_generator
 from curvlab.linops._kronecker import sample_scores
 from curvlab.linops._outputspace import (
@@ -49,8 +49,8 @@ class DiagonalOperator(CurvatureOperator):
       ``c_i H_i = Q_i diag(lambda_i) Q_i^T`` the eigendecomposition of sample ``i``'s
       weighted output-space loss Hessian (a symmetric factorization; ``H_i = L L^T`` when
       ``H_i`` is PSD). Vectorized over samples with ``vmap`` (in chunks of ``chunk_size``
-      samples; a model whose forward pass branches on its inputs' values, as Hugging Face
-      models check their attention masks on the host, runs one sample at a time), one VJP
+      samples; a model vmap cannot batch, as Hugging Face models that check their attention
+      masks on the host or packed / multi-layer RNNs, runs one sample at a time), one VJP
       per output dimension and sample (cf. Dangel, Kunstner & Hennig
       2020, "BackPACK", sec. 2.3). Needs a loss that is a mean or sum of per-sample losses
       and samples processed independently (no BatchNorm in train mode).
@@ -91,7 +91,8 @@ class DiagonalOperator(CurvatureOperator):
                              f"got curvature={curvature!r}")
         self.curvature, self.method = curvature, method
         self.num_samples, self.seed, self.chunk_size = num_samples, seed, chunk_size
-        self._per_sample_loop = False  # set once vmap met a data-dependent branch
+        self._per_sample_loop = False  # set once vmap could not batch the model
+        self._batching_checked: set[tuple] = set()  # chunk shapes vmap was checked on
         super().__init__(model, loss_fn, data, params, train=train)
 
     @classmethod
@@ -256,6 +257,23 @@ class DiagonalOperator(CurvatureOperator):
             return [lam_i @ (gk * gk)
                     for gk in (g[k].reshape(cols.shape[0], -1) for k in names)]
 
+        def one_sample_autograd(x_i: Any, q_i: torch.Tensor, lam_i: torch.Tensor
+                                ) -> torch.Tensor:
+            """``one_sample`` by plain autograd, one output direction at a time: for models
+            no torch.func transform can run (packed sequences)."""
+            point = {k: v.detach().requires_grad_(True) for k, v in self.point.items()}
+            with torch.enable_grad():
+                out = obj.outputs(point, tree_map(lambda t: t.unsqueeze(0), x_i))[0]
+            cols = q_i.T.reshape(q_i.shape[1], *out_shape)
+            rows = []
+            for r, col in enumerate(cols):
+                grads = torch.autograd.grad(out, list(point.values()), col, allow_unused=True,
+                                            retain_graph=r < len(cols) - 1)
+                rows.append(torch.cat([torch.zeros_like(p).reshape(-1) if gp is None
+                                       else gp.reshape(-1)
+                                       for p, gp in zip(point.values(), grads, strict=True)]))
+            return lam_i @ torch.stack(rows).square()
+
         batch = factors.shape[0]
         total = torch.zeros(obj.num_params, dtype=obj.dtype, device=obj.device)
         with obj.mode():
@@ -263,33 +281,49 @@ class DiagonalOperator(CurvatureOperator):
                 sl = slice(start, start + self.chunk_size)
                 x = tree_map(lambda t, sl=sl: t[sl], inputs)
                 if self._per_sample_loop:
-                    total += _looped(one_sample, x, factors[sl], eigvals[sl])
+                    total += _looped(one_sample_autograd, x, factors[sl], eigvals[sl])
                     continue
                 try:
-                    chunk = tf.vmap(one_sample)(x, factors[sl], eigvals[sl])
+                    rows = torch.cat(tf.vmap(one_sample)(x, factors[sl], eigvals[sl]), dim=1)
+                    self._check_batching(rows, one_sample_autograd, x, factors[sl],
+                                         eigvals[sl])
                 except RuntimeError as err:
-                    if not vmap_data_dependent(err):
-                        raise
-                    # the model branches on its inputs' values (Hugging Face's attention
-                    # masks check their padding on the host): one sample at a time
-                    logger.info("exact diagonal: the model's forward pass branches on its "
-                                "inputs' values, which vmap cannot batch; looping over the "
-                                "samples (%s)", str(err).splitlines()[0][:80])
+                    one_sample_at_a_time(err, "the exact diagonal")
                     self._per_sample_loop = True
-                    total += _looped(one_sample, x, factors[sl], eigvals[sl])
+                    total += _looped(one_sample_autograd, x, factors[sl], eigvals[sl])
                     continue
-                total += torch.cat([c.sum(dim=0) for c in chunk])
+                total += rows.sum(dim=0)
         return total
+
+    def _check_batching(self, rows: torch.Tensor, one_sample_autograd: Any, inputs: Any,
+                        factors: torch.Tensor, eigvals: torch.Tensor) -> None:
+        """Raise (RuntimeError) unless the vmapped ``rows`` have one entry per parameter and
+        the first sample's row equals plain autograd's, once per chunk shape: nested
+        ``vmap(vmap(vjp))`` can batch a kernel wrongly without an error (torch 2.13,
+        ``nn.PReLU``: gradients broadcast over the samples when a chunk's number of samples
+        equals its number of output directions, or is 1). Batching rules depend on shapes,
+        not values, so one check per shape suffices."""
+        n = self.objective.num_params
+        if rows.dim() != 2 or rows.shape[1] != n:
+            raise RuntimeError(f"vmap returned {tuple(rows.shape)} entries for {n} parameters")
+        key = (tuple(factors.shape), tuple(eigvals.shape))
+        if key in self._batching_checked:
+            return
+        ref = one_sample_autograd(tree_map(lambda t: t[0], inputs), factors[0], eigvals[0])
+        tol = math.sqrt(torch.finfo(ref.dtype).eps)
+        if float((rows[0] - ref).norm()) > tol * float(ref.norm()):
+            raise RuntimeError("vmap batched the model's backward pass wrongly (its first "
+                               "sample differs from plain autograd)")
+        self._batching_checked.add(key)
 
 
 def _looped(one_sample: Any, inputs: Any, factors: torch.Tensor, eigvals: torch.Tensor
             ) -> torch.Tensor:
-    """``sum_i cat(one_sample(x_i, q_i, lam_i))`` over the chunk's samples, one at a time
-    (what ``vmap(one_sample)`` batches)."""
+    """``sum_i one_sample(x_i, q_i, lam_i)`` over the chunk's samples, one at a time (what
+    ``vmap`` of the functorch form batches)."""
     total = None
     for i in range(factors.shape[0]):
-        row = torch.cat(one_sample(tree_map(lambda t, i=i: t[i], inputs), factors[i],
-                                   eigvals[i]))
+        row = one_sample(tree_map(lambda t, i=i: t[i], inputs), factors[i], eigvals[i])
         total = row if total is None else total + row
     return total
 

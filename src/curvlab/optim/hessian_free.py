@@ -99,7 +99,7 @@ import torch.func as tf
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from curvlab.autodiff import vmap_data_dependent
+from curvlab.autodiff import one_sample_at_a_time
 from curvlab.linops._kronecker import uncovered_by_kfac
 from curvlab.linops._outputspace import has_canonical_hessian
 from curvlab.linops.diagonal import DiagonalOperator
@@ -319,9 +319,7 @@ class HessianFree(CurvlabOptimizer):
                     point, X, y)
                 flat = obj.flatten(per, batched=True)
             except RuntimeError as err:
-                if not vmap_data_dependent(err):
-                    raise
-                # the model branches on its inputs' values: one sample at a time
+                one_sample_at_a_time(err, "HessianFree's empirical Fisher diagonal")
                 flat = torch.stack([obj.flatten(tf.grad(single)(point, _rows(X, i),
                                                                 _rows(y, i)))
                                     for i in range(_batch_size(X))])
