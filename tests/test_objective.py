@@ -315,3 +315,36 @@ def test_weight_norm_hessian_equals_the_written_out_function(api, dim):
     patched = [o for m in model.modules() for o in (m, *m._forward_pre_hooks.values())
                if {"forward", "compute_weight"} & set(vars(o))]
     assert not patched  # the module is back as it was
+
+
+# ---- wrapped models: torch.compile and DataParallel ---------------------------------------
+def _small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 3)).double()
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_wrapped_models_give_the_curvature_of_the_model_inside(wrap):
+    """A torch.compile-d model refused double backward ("aot_autograd does not currently
+    support double backward") and DataParallel the stateless API; both wrap the same
+    function, so the operators unwrap them (parameter names with the wrapper's prefix
+    select the same parameters)."""
+    from curvlab.linops import GGNOperator, HessianOperator, KFACOperator
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    plain = _small_cnn()
+    inner = _small_cnn()
+    wrapped = (torch.compile(inner, backend="aot_eager") if wrap == "compile"
+               else nn.DataParallel(inner))
+    for op in (HessianOperator, GGNOperator, KFACOperator):
+        torch.testing.assert_close(op(wrapped, loss_fn, (X, y)).to_dense(),
+                                   op(plain, loss_fn, (X, y)).to_dense(), rtol=1e-12, atol=0)
+    prefix = "_orig_mod." if wrap == "compile" else "module."
+    name = next(n for n, _ in wrapped.named_parameters())
+    assert name.startswith(prefix)
+    obj = Objective(wrapped, loss_fn, (X, y), params=[name, prefix + "3"])
+    assert list(obj.params) == ["0.weight", "3.weight", "3.bias"]

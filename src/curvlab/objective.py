@@ -63,7 +63,8 @@ from torch.func import functional_call
 from curvlab import distributed as _dist
 from curvlab.losses import is_known_mean_loss, loss_normalizer, match_convention
 
-__all__ = ["Objective", "as_batches", "split_batch", "call_model", "logits_or_output"]
+__all__ = ["Objective", "as_batches", "split_batch", "call_model", "logits_or_output",
+           "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,35 @@ def logits_or_output(out: Any) -> Any:
     return out if logits is None else logits
 
 
+def unwrap_model(model: Any, *, distributed: bool = True) -> Any:
+    """The user's module inside ``torch.compile`` (its ``_orig_mod``: the same function,
+    which curvature products differentiate twice in eager mode; the compiled graph
+    refuses double backward) and ``nn.DataParallel``; with ``distributed`` also inside
+    ``DistributedDataParallel`` (whose gradient all-reduce the caller then replaces)."""
+    wrappers: tuple[type, ...] = (nn.DataParallel,)
+    if distributed:
+        wrappers += (nn.parallel.DistributedDataParallel,)
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(model, nn.Module) and isinstance(getattr(model, "_orig_mod", None),
+                                                          nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _unprefixed(name: str, named: Mapping[str, Any], modules: Mapping[str, Any]) -> str:
+    """A parameter or module name of a wrapped model (``_orig_mod.`` of ``torch.compile``,
+    ``module.`` of DataParallel) as the unwrapped model names it."""
+    while name not in named and name not in modules and name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
 def _select_params(model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
     named = dict(model.named_parameters())
     if params is None:
@@ -203,6 +233,7 @@ def _select_params(model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
     modules = dict(model.named_modules())
     for item in params:
         if isinstance(item, str):
+            item = _unprefixed(item, named, modules)
             if item in named:
                 chosen[item] = named[item]
             elif item in modules:
@@ -326,12 +357,13 @@ class Objective:
     the selected parameters.
 
     Args:
-        model: an ``nn.Module``, or a callable ``model(params, inputs) -> outputs`` (then
-            ``params`` must be a dict of tensors). The objective's evaluations run its
-            ``nn.Embedding(sparse=True)`` layers with dense gradients, its Hugging Face
-            layers without activation checkpointing and its weight norms as ``g v / ||v||``
-            (the same function, which curvature products can differentiate twice; see
-            ``_autograd_switches``).
+        model: an ``nn.Module`` (a ``torch.compile``-d or ``nn.DataParallel`` one is
+            unwrapped: :func:`unwrap_model`), or a callable ``model(params, inputs) ->
+            outputs`` (then ``params`` must be a dict of tensors). The objective's
+            evaluations run its ``nn.Embedding(sparse=True)`` layers with dense gradients,
+            its Hugging Face layers without activation checkpointing and its weight norms
+            as ``g v / ||v||`` (the same function, which curvature products can
+            differentiate twice; see ``_autograd_switches``).
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``, or None: the model computes
             its own loss from the batch's ``"labels"`` (Hugging Face models); see the module
             docstring.
@@ -372,6 +404,7 @@ class Objective:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable or None (the model computes its own "
                             f"loss), got {type(loss_fn).__name__}")
+        model = unwrap_model(model, distributed=False)
         self.model = model
         self.train = train
         if isinstance(model, nn.Module):

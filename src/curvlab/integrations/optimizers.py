@@ -22,23 +22,13 @@ from typing import Any
 
 from torch import nn
 
+from curvlab.objective import unwrap_model
 from curvlab.optim import KFAC, SOAP, Muon, Shampoo, muon_param_groups
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "unwrap_model"]
 
 OPTIMIZERS = {"soap": SOAP, "shampoo": Shampoo, "muon": Muon, "kfac": KFAC}
 _NEED_CLOSURE = ("naturalgradient", "natural_gradient", "hessianfree", "hessian_free", "lbfgs")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DataParallel / DistributedDataParallel / torch.compile."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _name(name: Any) -> str:

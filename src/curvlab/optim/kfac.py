@@ -91,6 +91,7 @@ from curvlab.linops._kronecker import (
     tied_embeddings,
     unrotate,
 )
+from curvlab.objective import unwrap_model
 from curvlab.optim.adam import (
     AdamConfig,
     adam_directions_,
@@ -223,12 +224,13 @@ class KFAC(CurvlabOptimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (its layers are hooked), got "
                             f"{type(model).__name__}")
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod  # torch.compile: its layers run the hooks (graph breaks)
+        # torch.compile / DataParallel: the user's layers (compiled, they run the hooks
+        # through graph breaks); DistributedDataParallel: its process group too
+        model = unwrap_model(model, distributed=False)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             if process_group is None:  # the replicas must all-reduce the factors too
                 process_group = model.process_group
-            model = model.module
+            model = unwrap_model(model.module, distributed=False)
         _positive(lr=lr, damping=damping, eps=eps)
         _in_range(momentum=momentum, stat_decay=stat_decay,
                   damping_adaptation_decay=damping_adaptation_decay)
