@@ -194,6 +194,12 @@ def match_convention(output: Any, labels: torch.Tensor) -> LossConvention:
         raise ValueError("loss_fn=None needs the labels in the batch (a 'labels' tensor)")
     loss = loss.detach().reshape(())
     logits = logits.detach()
+    if not bool(torch.isfinite(loss)):
+        bad = "" if bool(torch.isfinite(logits).all()) else (
+            f" (its logits hold {int((~torch.isfinite(logits)).sum())} non-finite values)")
+        raise ValueError(f"loss_fn=None: the model's own loss on this batch is "
+                         f"{float(loss)}{bad}, so its convention cannot be read from it; check "
+                         "the model on this batch (dtype, attention mask) or pass loss_fn")
     tol = 1e-5  # relative: Hugging Face computes its losses in float32 whatever the model's dtype
     tried, matches = [], []
     with torch.no_grad():

@@ -170,23 +170,27 @@ def test_pairs_from_a_generator_are_read_once(caplog):
     torch.testing.assert_close(counted.loss(), ref, rtol=1e-13, atol=0)
 
 
-class _DoubledLoss(nn.Module):
-    """A model whose own loss is not one of the known conventions."""
+class _ScaledLoss(nn.Module):
+    """A model whose own loss is not one of the known conventions (its loss times
+    ``factor``)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, factor=2.0):
         super().__init__()
-        self.inner = inner
+        self.inner, self.factor = inner, factor
 
     def forward(self, **kw):
         out = self.inner(**kw)
-        out.loss = 2 * out.loss
+        out.loss = self.factor * out.loss
         return out
 
 
 def test_an_unknown_model_loss_is_a_clear_error():
-    model = _DoubledLoss(build("gpt2", **ATTN))
+    model = _ScaledLoss(build("gpt2", **ATTN))
     with pytest.raises(ValueError, match="matches none of the loss conventions"):
         Objective(model, None, padded_batch())
+    # a NaN loss (Gemma-2 in float64 with a padding mask gives NaN logits) is said so
+    with pytest.raises(ValueError, match="own loss on this batch is nan"):
+        Objective(_ScaledLoss(build("gpt2", **ATTN), float("nan")), None, padded_batch())
     with pytest.raises(ValueError, match="'labels'"):
         Objective(build("gpt2", **ATTN), nn.CrossEntropyLoss(),
                   {"input_ids": torch.ones(2, 3, dtype=torch.long)}).loss()
