@@ -40,7 +40,8 @@ print("relative error ||K-FAC - F|| / ||F|| by number of samples:",
 assert errors[0] < 1e-12 and errors[-1] > 1e-3
 
 # %%
-# One natural-gradient step against a dense solve.
+# One natural-gradient step against a dense solve (``kl_clip=None``: the full damped step;
+# by default a step is shortened to a KL divergence of about ``kl_clip / 2``).
 model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
 damping = 1e-3
 data = (X, y)
@@ -50,8 +51,8 @@ loss_fn(model(X), y).backward()
 g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 expected = -torch.linalg.solve(F + damping * torch.eye(len(g), dtype=F.dtype), g)
 before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-opt = NaturalGradient(model, lr=1.0, damping=damping, loss_fn=loss_fn, cg_tol=1e-12,
-                      cg_max_iter=500)
+opt = NaturalGradient(model, lr=1.0, damping=damping, loss_fn=loss_fn, kl_clip=None,
+                      cg_tol=1e-12, cg_max_iter=500)
 opt.step(batch=data)
 after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 rel = float(((after - before) - expected).norm() / expected.norm())

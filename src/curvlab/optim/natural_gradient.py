@@ -6,7 +6,17 @@ insights and perspectives on the natural gradient method", sec. 5-6. Each step o
     solve (F + lambda I) d = g   by conjugate gradients (``curvlab.linalg.cg``: at most
                                  ``cg_max_iter`` products, relative residual ``cg_tol``,
                                  warm-started from the last d)
-    buf = momentum buf + d,   theta <- (1 - lr weight_decay) theta - lr buf
+    nu = min(1, sqrt(kl_clip / (lr^2 <d, g>)))          (KL clipping)
+    buf = momentum buf + nu d,   theta <- (1 - lr weight_decay) theta - lr buf
+
+KL clipping is the trust region of the natural gradient (Pascanu & Bengio 2014,
+"Revisiting natural gradient for deep networks": the step that decreases the loss most
+for a given KL divergence between the model's predictive distributions before and after
+it, ``KL ~ lr^2 d^T F d / 2``; the form and constant of K-FAC, Martens & Grosse 2015,
+sec. 10, and :class:`curvlab.optim.KFAC`). ``<d, g> = d^T (F + lambda I) d`` costs no
+product. Without it the full step ``lr = 1`` solves the damped system of a batch Fisher of
+rank at most (samples x classes): on the digits MLPs (64-32-10 and 64-128-10, batches of
+32-512, damping 1e-3) the loss rose from 2.3 to 1e4-1e5 within 30 steps.
 
 with ``F`` the Fisher of the model's predictive distribution on the batch, through
 curvlab's operators: ``fisher_type="exact"`` (:class:`curvlab.linops.FisherOperator`,
@@ -43,8 +53,11 @@ class NaturalGradient(CurvlabOptimizer):
 
     Args:
         model: the ``nn.Module``.
-        lr: learning rate (1 is the full natural-gradient step).
+        lr: learning rate (1 is the full natural-gradient step, within the KL clip).
         damping: ``lambda`` of ``F + lambda I`` (default 1e-3).
+        kl_clip: the largest ``lr^2 <d, g>`` of a step (about twice the KL divergence it
+            makes between the model's predictions; default 1e-2, as K-FAC's); None
+            disables clipping (the full damped step).
         loss_fn: the training loss (default: the model's own loss on a dict batch with
             ``"labels"``, a Hugging Face batch, else ``nn.CrossEntropyLoss()``); ``"exact"``
             and ``"mc"`` need cross-entropy or MSE (the Fisher of their likelihood).
@@ -65,7 +78,8 @@ class NaturalGradient(CurvlabOptimizer):
     loss and ``.grad``, otherwise the gradient is computed on ``batch``. With a closure
     and no batch (``"exact"``/``"mc"`` only: their Fisher does not use the targets) the
     Fisher is built on the inputs of the closure's forward pass. ``opt.stats``:
-    ``cg_iterations``, ``cg_residual``, ``damping``, ``skipped_steps``.
+    ``cg_iterations``, ``cg_residual``, ``damping``, ``kl_clip_scale`` (``nu``),
+    ``skipped_steps``.
     """
 
     not_compilable_because = (
@@ -76,7 +90,8 @@ class NaturalGradient(CurvlabOptimizer):
     supports_add_param_group = False
 
     def __init__(self, model: nn.Module, lr: float = 1.0, damping: float = 1e-3, *,
-                 loss_fn: Any = None, fisher_type: str = "exact", mc_samples: int = 1,
+                 kl_clip: float | None = 1e-2, loss_fn: Any = None,
+                 fisher_type: str = "exact", mc_samples: int = 1,
                  params: Iterable[Any] | None = None, momentum: float = 0.0,
                  weight_decay: float = 0.0, cg_max_iter: int = 100, cg_tol: float = 1e-6,
                  warm_start: bool = True, nonfinite: str = "skip", seed: int = 0) -> None:
@@ -85,6 +100,10 @@ class NaturalGradient(CurvlabOptimizer):
         for name, val in (("lr", lr), ("damping", damping), ("cg_tol", cg_tol)):
             if not (isinstance(val, (int, float)) and val > 0 and math.isfinite(val)):
                 raise ValueError(f"{name} must be a positive number, got {val!r}")
+        if kl_clip is not None and not (isinstance(kl_clip, (int, float)) and kl_clip > 0
+                                        and math.isfinite(kl_clip)):
+            raise ValueError(f"kl_clip must be a positive number or None (no clipping), got "
+                             f"{kl_clip!r}")
         if fisher_type not in ("exact", "mc", "empirical"):
             raise ValueError(f"fisher_type must be 'exact', 'mc' or 'empirical', got "
                              f"{fisher_type!r}")
@@ -100,6 +119,7 @@ class NaturalGradient(CurvlabOptimizer):
         super().__init__(params, dict(lr=lr, damping=damping, momentum=momentum,
                                       weight_decay=weight_decay), nonfinite=nonfinite)
         self.model = model
+        self.kl_clip = kl_clip
         self.loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
         self._model_loss = loss_fn is None  # then a dict batch with labels: the model loss
         self.fisher_type, self.mc_samples = fisher_type, mc_samples
@@ -197,6 +217,7 @@ class NaturalGradient(CurvlabOptimizer):
             self._generator.set_state(rng)
             self._skip("nonfinite", "natural-gradient direction")
             return loss
+        nu = self._kl_clip_scale(d, g)
         i = 0
         for grp in self.param_groups:
             updates = []
@@ -205,7 +226,7 @@ class NaturalGradient(CurvlabOptimizer):
                 dp = d[i:i + n].reshape(p.shape)
                 i += n
                 self.state[p]["direction"] = dp.clone()
-                u = dp
+                u = dp * nu if nu != 1.0 else dp
                 if grp["momentum"]:
                     buf = self.state[p].get("momentum_buffer")
                     u = u if buf is None else buf * grp["momentum"] + u
@@ -214,9 +235,20 @@ class NaturalGradient(CurvlabOptimizer):
             apply_update_(grp["params"], updates, grp["lr"], grp["weight_decay"])
         self._global["step"] += 1
         self._counters["steps"] += 1
-        self._last.update(cg_iterations=iters, cg_residual=res,
+        self._last.update(cg_iterations=iters, cg_residual=res, kl_clip_scale=nu,
                           damping=[grp["damping"] for grp in self.param_groups])
         return loss
+
+    def _kl_clip_scale(self, d: torch.Tensor, g: torch.Tensor) -> float:
+        """``nu = min(1, sqrt(kl_clip / sum_groups lr^2 <d, g>))`` (1 without clipping)."""
+        if self.kl_clip is None:
+            return 1.0
+        vg, i = 0.0, 0
+        for grp in self.param_groups:
+            n = sum(p.numel() for p in grp["params"])
+            vg += grp["lr"] ** 2 * float(d[i:i + n].dot(g[i:i + n]))
+            i += n
+        return min(1.0, math.sqrt(self.kl_clip / vg)) if vg > 0 else 1.0
 
     def _extra_stats(self) -> dict[str, Any]:
         """Values of the last step (see the class docstring)."""
