@@ -738,10 +738,14 @@ class Objective:
         return self.all_reduce(total)
 
     def loss_and_grad(
-        self, params: Mapping[str, torch.Tensor] | None = None, *, keep_buffers: bool = False
+        self, params: Mapping[str, torch.Tensor] | None = None, *, keep_buffers: bool = False,
+        reached: set[str] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Full-data loss and its gradient, accumulated batch by batch (``keep_buffers``:
-        let a train-mode pass update BatchNorm statistics, as a training step does)."""
+        let a train-mode pass update BatchNorm statistics, as a training step does). The
+        gradient of a parameter the loss never reaches is zero; ``reached`` (a set), if
+        given, receives the names of the others (what ``.grad is None`` tells after a
+        backward pass)."""
         params = self.param_tensors() if params is None else params
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         total = torch.zeros((), dtype=self.dtype, device=self.device)
@@ -753,6 +757,8 @@ class Objective:
                 for k, g in zip(leaves, gs):
                     if g is not None:
                         grads[k] += g
+                        if reached is not None:
+                            reached.add(k)
                 total = total + loss.detach()
         if self.process_group is not None:
             _dist.all_reduce_coalesced([total, *grads.values()], self.process_group)

@@ -211,3 +211,37 @@ def test_hugging_face_dict_batch_with_the_models_own_loss(fisher_type, monkeypat
     after = torch.cat([p.detach().reshape(-1) for p in params])
     torch.testing.assert_close(after - before, expected, rtol=1e-8, atol=1e-10)
     assert len(calls) == 1
+
+
+class _WithUnusedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(4, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("how", ["batch", "closure"])
+def test_parameters_the_loss_does_not_reach_are_left_alone(how):
+    """As torch's optimizers skip a parameter whose ``.grad`` is None: no step, no weight
+    decay (it shrank a layer the loss never uses by ``lr wd`` every step)."""
+    torch.manual_seed(0)
+    model = _WithUnusedLayer().to(D64)
+    X, y = torch.randn(16, 4, dtype=D64), torch.randint(0, 3, (16,))
+    lf = nn.CrossEntropyLoss()
+    opt = NaturalGradient(model, lr=0.5, damping=0.1, weight_decay=0.1, momentum=0.5,
+                          loss_fn=lf)
+    unused = [p.detach().clone() for p in model.unused.parameters()]
+    used = [p.detach().clone() for p in model.used.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = lf(model(X), y)
+        loss.backward()
+        return loss
+    for _ in range(3):
+        opt.step(batch=(X, y)) if how == "batch" else opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(unused, model.unused.parameters()))
+    assert not any(torch.equal(a, p) for a, p in zip(used, model.used.parameters()))
+    assert opt.state[model.used.weight]["direction"] is not None

@@ -183,12 +183,15 @@ class NaturalGradient(CurvlabOptimizer):
             if batch is None:
                 batch = self._recorder.batch(self.loss_fn, "NaturalGradient")
             g = torch.cat([dense_grad(p).reshape(-1) for p in params])
+            reached = {id(p) for p in params if p.grad is not None}
         else:
             obj = Objective(self.model, loss_fn, batch, params, train=self.model.training,
                             seed=self._step_seed())
             batch = obj.data  # read once (a generator would be used up by this pass)
-            loss, grads = obj.loss_and_grad(keep_buffers=True)  # a training step's one pass
+            names: set[str] = set()  # a training step's one pass:
+            loss, grads = obj.loss_and_grad(keep_buffers=True, reached=names)
             g = obj.flatten(grads)
+            reached = {id(obj.params[k]) for k in names}
         if not (bool(torch.isfinite(torch.as_tensor(loss)).all())
                 and bool(torch.isfinite(g).all())):
             self._skip("nonfinite", "loss or gradient")
@@ -220,19 +223,22 @@ class NaturalGradient(CurvlabOptimizer):
         nu = self._kl_clip_scale(d, g)
         i = 0
         for grp in self.param_groups:
-            updates = []
+            updates, stepped = [], []
             for p in grp["params"]:
                 n = p.numel()
                 dp = d[i:i + n].reshape(p.shape)
                 i += n
-                self.state[p]["direction"] = dp.clone()
+                self.state[p]["direction"] = dp.clone()  # (0 where the loss does not reach)
+                if id(p) not in reached:  # as torch's optimizers skip a None .grad: no
+                    continue  # step, no weight decay, no momentum for it
+                stepped.append(p)
                 u = dp * nu if nu != 1.0 else dp
                 if grp["momentum"]:
                     buf = self.state[p].get("momentum_buffer")
                     u = u if buf is None else buf * grp["momentum"] + u
                     self.state[p]["momentum_buffer"] = u.clone()
                 updates.append(u)
-            apply_update_(grp["params"], updates, grp["lr"], grp["weight_decay"])
+            apply_update_(stepped, updates, grp["lr"], grp["weight_decay"])
         self._global["step"] += 1
         self._counters["steps"] += 1
         self._last.update(cg_iterations=iters, cg_residual=res, kl_clip_scale=nu,
