@@ -179,6 +179,23 @@ def test_scipy_user_script_runs_unchanged():
         minimize(so.rosen, np.zeros(2), method="Nelder-Mead")
 
 
+def test_newton_cg_without_hessian_uses_finite_differences_of_the_gradient_as_scipy():
+    """scipy's Newton-CG approximates ``H p`` by ``(g(x + eps p) - g(x)) / eps`` when neither
+    ``hess`` nor ``hessp`` is given; curvlab refused the NumPy call. The other second-order
+    methods need them in both libraries."""
+    x0 = np.array([1.3, 0.7, 0.8, 1.9, 1.2])
+    ours = minimize(so.rosen, x0, method="Newton-CG", jac=so.rosen_der)
+    theirs = so.minimize(so.rosen, x0, method="Newton-CG", jac=so.rosen_der)
+    assert ours.success and theirs.success  # scipy stops on its xtol, ~3e-4 from 1
+    np.testing.assert_allclose(theirs.x, np.ones(5), atol=1e-3)
+    np.testing.assert_allclose(ours.x, np.ones(5), atol=1e-6)
+    shifted = minimize(lambda x, a: float(((x - a) ** 2).sum()), np.zeros(3), args=(2.0,),
+                       method="Newton-CG", jac=lambda x, a: 2 * (x - a), options={"eps": 1e-6})
+    np.testing.assert_allclose(shifted.x, [2.0, 2.0, 2.0], atol=1e-6)
+    with pytest.raises(ValueError, match="hess= or hessp="):
+        minimize(so.rosen, x0, method="trust-ncg", jac=so.rosen_der)
+
+
 def test_max_nfev_budget():
     res = minimize(rosenbrock, torch.tensor([-1.2, 1.0], dtype=torch.float64), "lbfgs",
                    max_nfev=15)

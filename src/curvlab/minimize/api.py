@@ -243,6 +243,8 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
     if bounds is not None and method != "lbfgs":
         raise ValueError(f"bounds are supported by method 'lbfgs' (scipy's 'L-BFGS-B'), not "
                          f"{method!r}")
+    # scipy's Newton-CG option ``eps``: the finite-difference step of its Hessian products
+    fd_eps = opts.pop("eps", None) if numpy_mode and method == "newton-cg" else None
     solver = METHODS[method]
     allowed = _options(solver)
     unknown = sorted(set(opts) - set(allowed))
@@ -253,10 +255,17 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
         opts["bounds"] = bounds
     wrapped = None
     if numpy_mode:
-        if method in _SECOND_ORDER and hess is None and hessp is None:
+        if (method in _SECOND_ORDER and method != "newton-cg" and hess is None
+                and hessp is None):
             raise ValueError(f"method {method!r} needs Hessian products: with NumPy functions "
-                             "pass hess= or hessp=, or use a torch function and a torch x0")
+                             "pass hess= or hessp= (scipy requires them too; 'newton-cg' "
+                             "approximates them by finite differences of the gradient), or "
+                             "use a torch function and a torch x0")
         wrapped = NumpyScalarFunction(fun, args, jac, tuple(x0.shape))
+        if method == "newton-cg" and hess is None and hessp is None:
+            # scipy's rule: finite differences of the gradient (its option ``eps``)
+            hessp = (wrapped.fd_hessp if fd_eps is None else
+                     lambda x_, p_, *a: wrapped.fd_hessp(x_, p_, epsilon=float(fd_eps)))
         fun, jac, args = wrapped, None, ()
         hess, hessp = _numpy_hess(hess, hessp, wrapped.args)
 

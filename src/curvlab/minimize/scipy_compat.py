@@ -176,6 +176,16 @@ class NumpyScalarFunction:
         self.extra_evals += k
         return f, J.ravel()
 
+    def fd_hessp(self, x: np.ndarray, p: np.ndarray, *_args: Any,
+                 epsilon: float = float(np.sqrt(np.finfo(float).eps))) -> np.ndarray:
+        """``H p ~ (g(x + epsilon p) - g(x)) / epsilon``: scipy's Newton-CG without ``hess``
+        or ``hessp`` (``scipy.optimize.approx_fhess_p``, its ``eps`` option)."""
+        xn, pn = np.asarray(x, dtype=np.float64).ravel(), np.asarray(p, dtype=np.float64).ravel()
+        g1 = self._value_grad(xn)[1]
+        g2 = self._value_grad(xn + epsilon * pn)[1]
+        self.extra_evals += 2
+        return ((g2 - g1) / epsilon).reshape(np.shape(p))
+
     def value(self, xn: np.ndarray) -> float:
         out = self.fun(xn.reshape(self.shape), *self.args)
         if self.jac is True:
