@@ -125,6 +125,44 @@ def test_scipy_script_runs_unchanged_and_returns_numpy():
     np.testing.assert_allclose(fd.x, ref.x, rtol=1e-5)
 
 
+def test_finite_difference_budget_diff_step_and_tr_solver_as_scipy():
+    """scipy's 'trf' (its default) does not count the finite-difference evaluations in
+    nfev / max_nfev, its 'lm' (MINPACK) does: curvlab counted them always, so
+    ``max_nfev=5`` without a method stopped after one iteration where scipy made five.
+    ``diff_step`` and ``tr_solver`` were refused (TypeError)."""
+    t = np.linspace(0, 3, 30)
+    y = 1.5 * np.exp(-0.7 * t) + 0.3
+
+    def fun(b):
+        return b[0] * np.exp(-b[1] * t) + b[2] - y
+
+    for method in (None, "trf", "lm"):
+        kw = {} if method is None else {"method": method}
+        ours = least_squares(fun, np.ones(3), max_nfev=5, **kw)
+        ref = so.least_squares(fun, np.ones(3), max_nfev=5, **kw)
+        if method == "lm":  # the evaluations of 3-column Jacobians count: one iteration
+            # (the budget is checked after a whole Jacobian: up to n evaluations over it)
+            assert ours.nit <= 1 and "nfev_fd" not in ours and ours.nfev <= 5 + 3
+        else:  # as scipy: 5 evaluations, 4 iterations
+            assert ours.nfev == ref.nfev == 5 and ours.nit >= 3
+            assert ours.nfev_fd == 3 * ours.njev
+    # the full budget: scipy's default 100 n for 'trf'
+    assert least_squares(fun, np.ones(3)).success
+    coarse = least_squares(fun, np.ones(3), diff_step=1e-4, max_nfev=20)
+    fine = least_squares(fun, np.ones(3), diff_step=1e-8, max_nfev=20)
+    assert float(np.abs(coarse.jac - fine.jac).max()) > 1e-6  # the step is used
+    with pytest.raises(ValueError, match="diff_step"):
+        least_squares(fun, np.ones(3), diff_step=-1.0)
+    tb = torch.from_numpy(t)
+
+    def fun_t(b):
+        return b[0] * torch.exp(-b[1] * tb) + b[2] - torch.from_numpy(y)
+    lsmr = least_squares(fun_t, torch.ones(3, dtype=torch.float64), tr_solver="lsmr")
+    exact = least_squares(fun_t, torch.ones(3, dtype=torch.float64), tr_solver="exact")
+    assert lsmr.success and lsmr.jac is None and lsmr.njvp > 0 and exact.jac is not None
+    torch.testing.assert_close(lsmr.x, exact.x, rtol=1e-7, atol=1e-9)
+
+
 def test_keyword_and_legacy_callbacks():
     seen, xs, ours = [], [], []
     t = np.linspace(0, 1, 10)

@@ -2,7 +2,9 @@
 
 ``rho`` is the loss (scipy's conventions, ``z = r^2``, ``C = f_scale``): ``linear``
 ``rho(z) = z``; ``soft_l1`` ``2 (sqrt(1 + z) - 1)``; ``huber`` ``z`` if ``z <= 1`` else
-``2 sqrt(z) - 1``; ``cauchy`` ``log(1 + z)``. Robust losses are handled by iteratively
+``2 sqrt(z) - 1``; ``cauchy`` ``log(1 + z)``; ``arctan`` ``arctan(z)``; or a callable
+``loss(z)`` returning ``(rho, rho', rho'')`` stacked (shape ``(3, m)``; ``rho''`` is not
+used). Robust losses are handled by iteratively
 reweighted least squares (IRLS): with ``w_i = rho'(r_i^2 / C^2)`` the weighted residual
 ``sqrt(w) r`` and Jacobian ``sqrt(w) J`` give the exact gradient ``grad F = J^T (w r)``
 and a Gauss-Newton model that drops the ``rho''`` term (Holland & Welsch 1977).
@@ -83,15 +85,17 @@ __all__ = ["least_squares", "LOSSES"]
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("linear", "soft_l1", "huber", "cauchy")
+LOSSES = ("linear", "soft_l1", "huber", "cauchy", "arctan")
 
 #: scipy's least_squares method names -> curvlab's (trust-region reflective and dogbox
 #: both handle bounds; curvlab's LM does, with projected steps).
 METHOD_ALIASES = {"trf": "lm", "dogbox": "lm", "lm": "lm", "gauss-newton": "gauss-newton"}
 
 
-def _rho(loss: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rho(loss: Any, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rho(z), rho'(z))`` for ``z = r^2 / C^2``."""
+    if callable(loss):
+        return _user_rho(loss, z)
     if loss == "linear":
         return z, torch.ones_like(z)
     if loss == "soft_l1":
@@ -102,7 +106,24 @@ def _rho(loss: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sz = torch.sqrt(torch.where(big, z, torch.ones_like(z)))
         return torch.where(big, 2.0 * sz - 1.0, z), torch.where(big, 1.0 / sz,
                                                                 torch.ones_like(z))
+    if loss == "arctan":
+        return torch.atan(z), 1.0 / (1.0 + z * z)
     return torch.log1p(z), 1.0 / (1.0 + z)
+
+
+def _user_rho(loss: Callable, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A callable loss as scipy's: ``loss(z)`` returns ``(3, m)`` rows ``rho, rho',
+    rho''`` (NumPy in and out, or tensors); IRLS reads the first two and needs ``rho' >=
+    0`` (its weights are ``sqrt(rho')``)."""
+    out = loss(z.detach().cpu().numpy())
+    out = torch.as_tensor(np.asarray(out, dtype=np.float64)).to(z)
+    if out.dim() != 2 or out.shape[0] < 2 or out.shape[1] != z.numel():
+        raise ValueError(f"a callable loss must return an array of shape (3, {z.numel()}) "
+                         f"(rho, rho', rho'' of z = (r / f_scale)^2), got {tuple(out.shape)}")
+    if not bool((out[1] >= 0).all()):
+        raise ValueError("a callable loss must have rho'(z) >= 0 (curvlab's least squares "
+                         "reweights the residuals by sqrt(rho'))")
+    return out[0], out[1]
 
 
 class _Residual:
@@ -110,14 +131,18 @@ class _Residual:
 
     Jacobians come from the user's ``jac`` (callable), from torch autodiff (forward mode
     when ``n <= m``, else reverse; one call of ``fun`` each) or, for NumPy functions
-    without ``jac``, from finite differences (their evaluations are counted in ``nfev``).
+    without ``jac``, from finite differences with relative step ``diff_step``; their
+    evaluations count in ``nfev`` (and against ``max_nfev``) when ``count_fd`` (scipy's
+    ``'lm'``, MINPACK), else in ``nfev_fd`` only (scipy's ``'trf'`` / ``'dogbox'``).
     """
 
     def __init__(self, fun: Callable, shape: torch.Size, args: tuple, kwargs: dict,
-                 jac: Any, numpy_mode: bool) -> None:
+                 jac: Any, numpy_mode: bool, *, diff_step: float | None = None,
+                 count_fd: bool = True) -> None:
         self.fun, self.shape, self.args, self.kwargs = fun, shape, tuple(args), dict(kwargs)
         self.jac, self.numpy_mode = jac, numpy_mode
-        self.nfev = self.njev = self.njvp = 0
+        self.diff_step, self.count_fd = diff_step, count_fd
+        self.nfev = self.njev = self.njvp = self.nfev_fd = 0
         self.ngev = self.nhvp = self.nhess = 0  # the fields Monitor reports
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,8 +197,12 @@ class _Residual:
                 return np.asarray(self.fun(z.reshape(self.shape), *self.args, **self.kwargs),
                                   dtype=np.float64).ravel()
 
-            J, k = fd_jacobian(f, x.cpu().numpy().astype(np.float64), r.cpu().numpy(), scheme)
-            self.nfev += k
+            J, k = fd_jacobian(f, x.cpu().numpy().astype(np.float64), r.cpu().numpy(), scheme,
+                               self.diff_step)
+            if self.count_fd:
+                self.nfev += k
+            else:
+                self.nfev_fd += k
             return torch.from_numpy(J).to(x)
 
         def fn(z: torch.Tensor) -> torch.Tensor:
@@ -210,7 +239,7 @@ class _Residual:
 class _Linearization:
     """Residual, weights, gradient and the (weighted) Jacobian or its products at ``x``."""
 
-    def __init__(self, model: _Residual, x: torch.Tensor, r: torch.Tensor | None, loss: str,
+    def __init__(self, model: _Residual, x: torch.Tensor, r: torch.Tensor | None, loss: Any,
                  C: float, dense: bool) -> None:
         self.model = model
         if dense:
@@ -373,26 +402,35 @@ def _bounds(bounds: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] |
     return lb, ub
 
 
-def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
-                  loss: str = "linear", *, f_scale: float = 1.0, gtol: float | None = 1e-8,
+def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str | None = None,
+                  loss: Any = "linear", *, f_scale: float = 1.0, gtol: float | None = 1e-8,
                   max_iter: int | None = None, args: tuple = (), jac_mode: str = "auto",
                   tau: float = 1e-3, cg_max_iter: int | None = None, cg_rtol: float = 1e-8,
                   callback: Callable | None = None, history: bool = False,
                   ftol: float | None = 1e-14, xtol: float | None = 1e-8,
                   gtol_abs: float | None = None, jac: Any = None, bounds: Any = None,
                   max_nfev: int | None = None, kwargs: dict | None = None, verbose: int = 0,
-                  x_scale: Any = None) -> OptimizeResult:
+                  x_scale: Any = None, diff_step: float | None = None,
+                  tr_solver: str | None = None, tr_options: dict | None = None
+                  ) -> OptimizeResult:
     """Solve ``min_x 1/2 sum rho(r(x)^2)`` (see module doc) from ``x0``.
 
     ``residual_fn(x, *args, **kwargs)`` returns the residual (any shape): a tensor for a
     tensor ``x0``; for a NumPy ``x0`` it takes and returns NumPy arrays (scipy's
     contract) and the result is NumPy. ``jac``: None / ``'2-point'`` / ``'3-point'``
     (autodiff for torch functions, finite differences for NumPy ones) or a callable
-    returning the ``(m, n)`` Jacobian. ``method``: ``'lm'`` (also scipy's ``'trf'`` /
-    ``'dogbox'``) or ``'gauss-newton'``. ``ftol`` / ``xtol`` / ``gtol``: the scale-free
-    stopping tests of the module doc (None disables one); ``gtol_abs``: optional absolute
-    ``||grad F||_inf`` test. ``bounds=(lb, ub)``: box constraints (``x0`` must be inside).
-    ``max_iter`` / ``max_nfev``: iteration and residual-evaluation budgets. ``x_scale``
+    returning the ``(m, n)`` Jacobian. ``method``: ``'lm'`` (the default, None; also
+    scipy's ``'trf'`` / ``'dogbox'``) or ``'gauss-newton'``. ``ftol`` / ``xtol`` /
+    ``gtol``: the scale-free stopping tests of the module doc (None disables one);
+    ``gtol_abs``: optional absolute ``||grad F||_inf`` test. ``bounds=(lb, ub)``: box
+    constraints (``x0`` must be inside). ``max_iter`` / ``max_nfev``: iteration and
+    residual-evaluation budgets (as scipy's: for a NumPy function without ``jac``, the
+    finite-difference evaluations count with ``method='lm'``, default ``100 n (n + 1)``,
+    and not with ``'trf'`` / ``'dogbox'`` or no method (scipy's default is ``'trf'``),
+    default ``100 n``: then ``nfev_fd`` reports them). ``diff_step``: scipy's relative
+    finite-difference step. ``tr_solver``: scipy's ``'exact'`` (dense) or ``'lsmr'``
+    (matrix-free, torch functions) picks ``jac_mode``; ``tr_options`` are not used.
+    ``x_scale``
     (scipy's): the characteristic scale of each variable, ``D = 1 / x_scale`` in the trust
     region and the ``xtol`` test (``'jac'`` or None, the default: ``D`` from the
     Jacobian's column norms, MINPACK's ``mode=1``, as scipy's ``lm``).
@@ -402,12 +440,29 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
     bounds), ``active_mask`` (-1 / 1 at an active lower / upper bound), ``nfev``, ``njev``,
     ``njvp`` (matrix-free products), ``nit``, ``success``, ``status``, ``message``.
     """
+    # scipy counts finite-difference evaluations in nfev (and max_nfev) for 'lm' only; its
+    # default method is 'trf' (None here: curvlab's LM with trf's counting)
+    count_fd = method in ("lm", "gauss-newton")
+    method = "lm" if method is None else method
     method = METHOD_ALIASES.get(method, method) if isinstance(method, str) else method
+    if tr_solver is not None:  # scipy's trust-region solver: a dense or an iterative one
+        if tr_solver not in ("exact", "lsmr"):
+            raise ValueError(f"tr_solver must be 'exact', 'lsmr' or None, got {tr_solver!r}")
+        if jac_mode == "auto":
+            jac_mode = "dense" if tr_solver == "exact" else "matrix-free"
+    if tr_options:
+        logger.info("least_squares: tr_options %s are scipy's (lsmr / regularize) and are "
+                    "not used; cg_max_iter and cg_rtol set the matrix-free solver",
+                    sorted(tr_options))
+    if diff_step is not None and not (isinstance(diff_step, (int, float)) and diff_step > 0
+                                      and math.isfinite(diff_step)):
+        raise ValueError(f"diff_step must be a positive number or None, got {diff_step!r}")
     if method not in ("lm", "gauss-newton"):
         raise ValueError("method must be 'lm' or 'gauss-newton' (scipy's 'trf' and 'dogbox' "
                          f"run 'lm'), got {method!r}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if not callable(loss) and loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES} or a callable loss(z) -> (rho, rho', "
+                         f"rho''), got {loss!r}")
     if jac_mode not in ("auto", "dense", "matrix-free"):
         raise ValueError(f"jac_mode must be 'auto', 'dense' or 'matrix-free', got {jac_mode!r}")
     for name, value in (("f_scale", f_scale), ("tau", tau), ("cg_rtol", cg_rtol),
@@ -437,7 +492,8 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
     x = check_x0(x0)
     shape = x0.shape
     n = x.numel()
-    model = _Residual(residual_fn, shape, args, kwargs or {}, jac, numpy_mode)
+    model = _Residual(residual_fn, shape, args, kwargs or {}, jac, numpy_mode,
+                      diff_step=diff_step, count_fd=count_fd)
     box = _bounds(bounds, x)
     fixed_scale = None  # D = 1 / x_scale; None: the Jacobian's column norms ('jac')
     if not (x_scale is None or (isinstance(x_scale, str) and x_scale == "jac")):
@@ -457,9 +513,10 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
     dense = (jac_mode == "dense" or jac is not None or numpy_mode
              or (jac_mode == "auto" and m * n <= 4_000_000))
     max_iter = max(100, 100 * n) if max_iter is None else int(max_iter)
-    max_nfev = 100 * n if max_nfev is None else int(max_nfev)
-    if numpy_mode and not callable(jac) and max_nfev == 100 * n:
-        max_nfev = 100 * n * (n + 1)  # scipy's budget when the Jacobian is estimated
+    if max_nfev is None:  # scipy's defaults ('lm' with an estimated Jacobian: 100 n (n+1))
+        max_nfev = 100 * n * (n + 1) if numpy_mode and not callable(jac) and count_fd else (
+            100 * n)
+    max_nfev = int(max_nfev)
     to_user = (lambda v: v) if not numpy_mode else (
         lambda v: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
     cb = wrap_callback(callback, to_user, scipy_rule=numpy_mode)
@@ -505,6 +562,8 @@ def least_squares(residual_fn: Callable, x0: torch.Tensor, method: str = "lm",
         res["active_mask"] = active.numpy() if numpy_mode else active
         for k in ("ngev", "nhvp", "nhess", "grad_norm"):
             res.pop(k, None)
+        if model.nfev_fd:
+            res["nfev_fd"] = model.nfev_fd  # finite-difference evaluations outside nfev
         if verbose:
             logger.info("least_squares: %s (nfev=%d, njev=%d, cost=%.6g)", res.message,
                         res.nfev, res.njev, float(res.cost))

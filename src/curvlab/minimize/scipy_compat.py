@@ -119,22 +119,26 @@ def to_numpy_result(res: dict, keys: tuple[str, ...] = ("x", "fun", "grad", "jac
     return res
 
 
-def _fd_steps(x: np.ndarray, scheme: str) -> np.ndarray:
+def _fd_steps(x: np.ndarray, scheme: str, rel_step: float | None = None) -> np.ndarray:
+    """scipy's ``approx_derivative`` steps: ``rel_step sign(x) max(1, |x|)`` (``rel_step``
+    default ``sqrt(eps)`` forward, ``eps^(1/3)`` central; least_squares' ``diff_step``)."""
     eps = np.finfo(np.float64).eps
-    rel = eps ** 0.5 if scheme == "2-point" else eps ** (1.0 / 3.0)
+    rel = rel_step if rel_step is not None else (
+        eps ** 0.5 if scheme == "2-point" else eps ** (1.0 / 3.0))
     sign = np.where(x >= 0, 1.0, -1.0)
     h = rel * sign * np.maximum(1.0, np.abs(x))
     return (x + h) - x
 
 
 def fd_jacobian(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray, f0: np.ndarray,
-                scheme: str = "2-point") -> tuple[np.ndarray, int]:
+                scheme: str = "2-point", rel_step: float | None = None
+                ) -> tuple[np.ndarray, int]:
     """Finite-difference Jacobian ``(m, n)`` of ``f`` at ``x`` (``f0 = f(x)``): forward
-    differences (``'2-point'``, ``n`` evaluations) or central (``'3-point'``, ``2 n``).
-    Returns the Jacobian and the number of evaluations."""
+    differences (``'2-point'``, ``n`` evaluations) or central (``'3-point'``, ``2 n``),
+    steps of :func:`_fd_steps`. Returns the Jacobian and the number of evaluations."""
     if scheme not in ("2-point", "3-point"):
         raise ValueError(f"finite differences must be '2-point' or '3-point', got {scheme!r}")
-    h = _fd_steps(x, scheme)
+    h = _fd_steps(x, scheme, rel_step)
     cols = []
     for j in range(x.size):
         e = np.zeros_like(x)
