@@ -25,6 +25,15 @@ def make():
 
 def not_a_model():
     return "model", None, None
+
+def with_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.2),
+                          nn.Linear(6, 2)).double().train()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (50,), generator=g)
+    return model, nn.CrossEntropyLoss(), (X, y)
 '''
 
 
@@ -164,3 +173,20 @@ def test_bad_options_are_clear_errors(user_file, tmp_path, capsys, argv, message
 def test_factory_without_module_is_a_clear_error(user_file, tmp_path, capsys):
     assert main(["diagnose", f"{user_file}:not_a_model", "--out", str(tmp_path / "r")]) == 2
     assert "must be an nn.Module" in capsys.readouterr().out
+
+
+def test_report_states_the_mode_of_batchnorm_and_dropout(user_file, tmp_path, capsys):
+    """A model with BatchNorm / Dropout is evaluated in eval mode (the objectives' default)
+    even when the factory returns it in train mode: the report says so (it did not)."""
+    out = tmp_path / "bn"
+    assert main(["diagnose", f"{user_file}:with_batchnorm", "--out", str(out), "--quick"]) == 0
+    numbers = json.loads((out / "report.json").read_text())
+    assert numbers["mode"] == "eval" and numbers["model_in_train_mode"] is True
+    assert numbers["mode_dependent_layers"] == ["BatchNorm1d", "Dropout"]
+    printed = capsys.readouterr().out
+    assert "came in train mode" in printed and "BatchNorm1d, Dropout" in printed
+    assert "eval (BatchNorm1d, Dropout)" in (out / "index.html").read_text()
+    plain = tmp_path / "plain"
+    assert main(["diagnose", f"{user_file}:make", "--out", str(plain), "--quick"]) == 0
+    assert json.loads((plain / "report.json").read_text())["mode_dependent_layers"] == []
+    assert "running statistics" not in capsys.readouterr().out

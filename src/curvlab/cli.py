@@ -316,6 +316,16 @@ def _stage_progress(console: _Console) -> Iterator[Callable[[str, int, int], Non
         yield update
 
 
+def _mode_meaning(n: dict[str, Any]) -> str:
+    """What the report's mode means for the model's train/eval-dependent layers."""
+    kinds = ", ".join(n["mode_dependent_layers"])
+    if n["mode"] == "train":
+        return f"{kinds}: batch statistics, Dropout on"
+    note = " (the model came in train mode; curvlab evaluates in eval mode)" if n.get(
+        "model_in_train_mode") else ""
+    return f"{kinds}: running statistics, Dropout off{note}"
+
+
 def _print_report(console: _Console, n: dict[str, Any], source: str, elapsed: float) -> None:
     def g(x: Any, spec: str = ".4g") -> str:
         return "-" if x is None else (format(x, spec) if isinstance(x, float) else str(x))
@@ -327,6 +337,7 @@ def _print_report(console: _Console, n: dict[str, Any], source: str, elapsed: fl
         ("samples", f"{n['num_samples']:,}", "inputs in the data (sequences, images, ...)"),
         ("loss terms", g(n.get("num_loss_terms"), ",.0f"),
          "what the mean loss averages over (valid targets / tokens)"),
+        *([("mode", n["mode"], _mode_meaning(n))] if n.get("mode_dependent_layers") else []),
         ("loss", f"{n['loss']:.6g}", "full-data loss"),
         ("gradient norm", f"{n['grad_norm']:.4g}", "||grad L||_2 on the full data"),
         ("lambda_max", f"{n['lambda_max']:.6g}", "largest Hessian eigenvalue (sharpness)"),

@@ -173,7 +173,10 @@ def curvature_report(model: torch.nn.Module, loss_fn: Any, data: Any, params: An
             state["grad"] = g
             numbers.update(num_params=obj.num_params, num_samples=obj.num_samples,
                            num_loss_terms=obj.num_loss_terms if obj.reduction == "mean" else None,
-                           loss=float(loss), grad_norm=float(g.norm()))
+                           loss=float(loss), grad_norm=float(g.norm()),
+                           mode="train" if obj.train else "eval",
+                           model_in_train_mode=bool(getattr(model, "training", False)),
+                           mode_dependent_layers=_mode_dependent_layers(model))
         elif stage == "top eigenvalues":
             k = min(opts.k, obj.num_params)  # a tiny model has fewer eigenvalues than k
             top = top_eigenvalues(op, k, tol=opts.tol, generator=gen)
@@ -253,6 +256,17 @@ def curvature_report(model: torch.nn.Module, loss_fn: Any, data: Any, params: An
     return CurvatureReport(numbers=numbers, summary=summary, results=results)
 
 
+def _mode_dependent_layers(model: Any) -> list[str]:
+    """The kinds of layers that compute differently in train and eval mode (BatchNorm and
+    the like, Dropout with p > 0), sorted; the report states the mode it used for them."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    kinds = {type(m).__name__ for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+             or (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)}
+    return sorted(kinds)
+
+
 # ---- writing --------------------------------------------------------------------------
 
 def _clean(x: Any) -> Any:
@@ -328,6 +342,8 @@ def write_report(report: CurvatureReport, out: str | os.PathLike, *, title: str 
     parts = [f"<h1>{html.escape(title)}</h1>",
              _table(["metric", "value"], [
                  ["parameters", f"{s.num_params:,}"], ["samples", f"{s.num_samples:,}"],
+                 *([["mode", f"{n['mode']} ({', '.join(n['mode_dependent_layers'])})"]]
+                   if n.get("mode_dependent_layers") else []),
                  ["loss", s.loss], ["gradient norm", s.grad_norm],
                  ["lambda_max", s.lambda_max],
                  ["trace (Hutch++)", f"{s.trace:.6g} ± {s.trace_stderr:.3g}"],
