@@ -348,3 +348,81 @@ def test_wrapped_models_give_the_curvature_of_the_model_inside(wrap):
     assert name.startswith(prefix)
     obj = Objective(wrapped, loss_fn, (X, y), params=[name, prefix + "3"])
     assert list(obj.params) == ["0.weight", "3.weight", "3.bias"]
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("layout", ["2d", "offsets", "offsets_last"])
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_bag_is_evaluated_in_a_form_with_second_derivatives(mode, layout,
+                                                                      padding_idx):
+    """nn.EmbeddingBag's kernel has no double backward (every Hessian / GGN product raised
+    NotImplementedError): the objective evaluates it as a lookup and a reduction with the
+    same value and gradient, whose Hessian equals the dense one of the written-out bags."""
+    from curvlab.linops import HessianOperator
+    from curvlab.objective import _embedding_bag
+
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(10, 4, mode=mode, padding_idx=padding_idx,
+                          include_last_offset=layout == "offsets_last").double()
+    g = torch.Generator().manual_seed(1)
+    if layout == "2d":
+        x, offsets = torch.randint(0, 10, (5, 3), generator=g), None
+    else:
+        x = torch.randint(0, 10, (11,), generator=g)
+        offsets = torch.tensor([0, 2, 2, 7] + ([11] if layout == "offsets_last" else []))
+    weights = (torch.rand(x.shape, generator=g, dtype=torch.float64) if mode == "sum"
+               else None)
+    torch.testing.assert_close(_embedding_bag(bag, x, offsets, weights),
+                               bag(x, offsets, weights), rtol=1e-14, atol=1e-15)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag, self.head = bag, nn.Linear(4, 3).double()
+
+        def forward(self, inputs):
+            return self.head(torch.tanh(self.bag(inputs, offsets, weights)))
+
+    model = Model()
+    n = model(x).shape[0]
+    y = torch.randint(0, 3, (n,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    grad_kernel = torch.autograd.grad(loss_fn(model(x), y), bag.weight)[0]
+    obj = Objective(model, loss_fn, (x, y))
+    torch.testing.assert_close(obj.loss_and_grad()[1]["bag.weight"], grad_kernel,
+                               rtol=1e-12, atol=1e-14)
+    H = HessianOperator(obj).to_dense()
+    W, b = model.head.weight.detach(), model.head.bias.detach()
+
+    def written_out(flat):  # the bags summed by hand from the rows they hold
+        emb = flat[:40].reshape(10, 4)
+        w2, b2 = flat[40:52].reshape(3, 4), flat[52:]
+        rows = x if x.dim() == 2 else None
+        if rows is None:
+            starts = offsets[:-1] if layout == "offsets_last" else offsets
+            ends = torch.cat([starts[1:], torch.tensor([11])])
+            groups = [x[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
+            wgroups = ([weights[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
+                       if weights is not None else [None] * len(groups))
+        else:
+            groups = list(rows)
+            wgroups = list(weights) if weights is not None else [None] * len(groups)
+        outs = []
+        for ids, wts in zip(groups, wgroups):
+            keep = ids != padding_idx if padding_idx is not None else torch.ones_like(ids) > 0
+            vecs = emb[ids[keep]]
+            if wts is not None:
+                vecs = vecs * wts[keep, None]
+            if vecs.shape[0] == 0:
+                outs.append(torch.zeros(4, dtype=torch.float64))
+            elif mode == "sum":
+                outs.append(vecs.sum(0))
+            elif mode == "mean":
+                outs.append(vecs.mean(0))
+            else:
+                outs.append(vecs.amax(0))
+        return loss_fn(torch.tanh(torch.stack(outs)) @ w2.T + b2, y)
+
+    theta = torch.cat([bag.weight.detach().reshape(-1), W.reshape(-1), b])
+    torch.testing.assert_close(H, torch.autograd.functional.hessian(written_out, theta),
+                               rtol=1e-10, atol=1e-12)

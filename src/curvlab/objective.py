@@ -297,13 +297,59 @@ def _weight_norm_hook(module: nn.Module, *, hook: Any) -> torch.Tensor:
                         hook.dim)
 
 
+def _embedding_bag(module: nn.EmbeddingBag, input: torch.Tensor,
+                   offsets: torch.Tensor | None = None,
+                   per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``nn.EmbeddingBag.forward`` as an embedding lookup, a scatter into a ``(bags,
+    longest bag, dim)`` block and a sum / mean / max over it: the same values (padding
+    entries skipped, an empty bag 0), but differentiable twice (torch's
+    ``_embedding_bag_backward`` has no derivative: no Hessian-vector product through it)."""
+    import torch.nn.functional as F
+
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError("nn.EmbeddingBag: offsets must be None for 2-D input")
+        bags, length = input.shape
+        flat = input.reshape(-1)
+        bag = torch.arange(bags, device=input.device).repeat_interleave(length)
+        pos = torch.arange(length, device=input.device).repeat(bags)
+    else:
+        if offsets is None:
+            raise ValueError("nn.EmbeddingBag: 1-D input needs offsets")
+        starts = offsets[:-1] if module.include_last_offset else offsets
+        end = int(offsets[-1]) if module.include_last_offset else input.numel()
+        flat, bags = input[:end], starts.numel()
+        idx = torch.arange(end, device=input.device)
+        bag = torch.bucketize(idx, starts, right=True) - 1
+        pos = idx - starts[bag]
+        length = int(pos.max()) + 1 if end else 1
+    vecs = F.embedding(flat, module.weight, module.padding_idx, module.max_norm,
+                       module.norm_type, module.scale_grad_by_freq)
+    if per_sample_weights is not None:
+        vecs = vecs * per_sample_weights.reshape(-1)[:flat.numel(), None].to(vecs.dtype)
+    keep = (torch.ones_like(flat, dtype=torch.bool) if module.padding_idx is None
+            else flat != module.padding_idx)
+    fill = float("-inf") if module.mode == "max" else 0.0
+    block = vecs.new_full((bags, length, vecs.shape[1]), fill)
+    block = block.index_put((bag, pos), torch.where(keep[:, None], vecs, fill))
+    count = torch.zeros(bags, dtype=vecs.dtype, device=vecs.device).index_add(
+        0, bag, keep.to(vecs.dtype))[:, None]
+    if module.mode == "sum":
+        return block.sum(1)
+    if module.mode == "mean":
+        return block.sum(1) / count.clamp_min(1)
+    return torch.where(count > 0, block.amax(1), 0.0)
+
+
 def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
     """``(object, attribute, value)``: what to set during the objective's evaluations so
     that autograd records the same function in a form curvature products can
     differentiate twice:
 
-    - ``sparse = False`` on ``nn.Embedding`` / ``nn.EmbeddingBag`` (a sparse gradient has
-      no double backward and no place in a flat vector);
+    - ``sparse = False`` on ``nn.Embedding`` (a sparse gradient has no double backward and
+      no place in a flat vector);
+    - ``nn.EmbeddingBag`` through :func:`_embedding_bag` (its kernel's backward has no
+      derivative, and a sparse gradient no place in a flat vector);
     - ``gradient_checkpointing = False`` on Hugging Face layers and models (activation
       checkpointing: the reentrant kind refuses ``autograd.grad``, the other one double
       backward);
@@ -316,8 +362,10 @@ def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
     legacy = getattr(sys.modules.get("torch.nn.utils.weight_norm"), "WeightNorm", None)
     out: list[tuple[Any, str, Any]] = []
     for m in model.modules():
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        if isinstance(m, nn.Embedding):
             out.append((m, "sparse", False))
+        if isinstance(m, nn.EmbeddingBag):
+            out.append((m, "forward", functools.partial(_embedding_bag, m)))
         if isinstance(getattr(m, "gradient_checkpointing", None), bool):
             out.append((m, "gradient_checkpointing", False))
         if isinstance(m, _WeightNorm):

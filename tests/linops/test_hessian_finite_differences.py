@@ -66,6 +66,11 @@ CASES = {
     "weight_norm_dim0": (lambda: _weight_norm(0), "vec"),
     "weight_norm_dim1": (lambda: _weight_norm(1), "vec"),
     "spectral_norm_eval": (_spectral_norm, "vec"),
+    # torch's kernel has no double backward: curvlab's composite form (objective.py)
+    "embedding_bag_mean": (lambda: nn.Sequential(nn.EmbeddingBag(11, 8, padding_idx=0),
+                                                 nn.Tanh()), "tok"),
+    "embedding_bag_max": (lambda: nn.Sequential(nn.EmbeddingBag(11, 8, mode="max"),
+                                                nn.Tanh()), "tok"),
 }
 
 
