@@ -298,22 +298,24 @@ class DiagonalOperator(CurvatureOperator):
     def _check_batching(self, rows: torch.Tensor, one_sample_autograd: Any, inputs: Any,
                         factors: torch.Tensor, eigvals: torch.Tensor) -> None:
         """Raise (RuntimeError) unless the vmapped ``rows`` have one entry per parameter and
-        the first sample's row equals plain autograd's, once per chunk shape: nested
-        ``vmap(vmap(vjp))`` can batch a kernel wrongly without an error (torch 2.13,
-        ``nn.PReLU``: gradients broadcast over the samples when a chunk's number of samples
-        equals its number of output directions, or is 1). Batching rules depend on shapes,
-        not values, so one check per shape suffices."""
+        the rows of the chunk's first and last samples equal plain autograd's, once per
+        chunk shape: nested ``vmap(vmap(vjp))`` can batch a kernel wrongly without an error
+        (torch 2.13, ``nn.PReLU``: gradients broadcast over the samples when a chunk's
+        number of samples equals its number of output directions, or is 1). Batching rules
+        depend on shapes, not values, so one check per shape suffices."""
         n = self.objective.num_params
         if rows.dim() != 2 or rows.shape[1] != n:
             raise RuntimeError(f"vmap returned {tuple(rows.shape)} entries for {n} parameters")
         key = (tuple(factors.shape), tuple(eigvals.shape))
         if key in self._batching_checked:
             return
-        ref = one_sample_autograd(tree_map(lambda t: t[0], inputs), factors[0], eigvals[0])
-        tol = math.sqrt(torch.finfo(ref.dtype).eps)
-        if float((rows[0] - ref).norm()) > tol * float(ref.norm()):
-            raise RuntimeError("vmap batched the model's backward pass wrongly (its first "
-                               "sample differs from plain autograd)")
+        for i in sorted({0, rows.shape[0] - 1}):
+            ref = one_sample_autograd(tree_map(lambda t, i=i: t[i], inputs), factors[i],
+                                      eigvals[i])
+            tol = math.sqrt(torch.finfo(ref.dtype).eps)
+            if float((rows[i] - ref).norm()) > tol * float(ref.norm()):
+                raise RuntimeError(f"vmap batched the model's backward pass wrongly (sample "
+                                   f"{i} of the chunk differs from plain autograd)")
         self._batching_checked.add(key)
 
 
