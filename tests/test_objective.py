@@ -426,3 +426,29 @@ def test_embedding_bag_is_evaluated_in_a_form_with_second_derivatives(mode, layo
     theta = torch.cat([bag.weight.detach().reshape(-1), W.reshape(-1), b])
     torch.testing.assert_close(H, torch.autograd.functional.hessian(written_out, theta),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_rnn_models_are_evaluated_without_cudnn():
+    """cuDNN's RNN backward has no derivative ('Double backwards is not supported for CuDNN
+    RNNs'): on a GPU every Hessian product of an LSTM / GRU model raised. The objective's
+    evaluations switch cuDNN off for models with RNN layers (and restore the setting);
+    checked here by what the forward pass sees."""
+    seen = []
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.enabled)
+            return self.head(self.rnn(x)[0][:, -1])
+
+    before = torch.backends.cudnn.enabled
+    X, y = torch.randn(5, 3, 3), torch.randint(0, 2, (5,))
+    Objective(Recorder(), nn.CrossEntropyLoss(), (X, y)).loss()
+    assert seen == [False] and torch.backends.cudnn.enabled == before
+    plain = nn.Sequential(nn.Linear(3, 2))
+    plain.register_forward_pre_hook(lambda m, a: seen.append(torch.backends.cudnn.enabled))
+    Objective(plain, nn.CrossEntropyLoss(), (X[:, 0], y)).loss()
+    assert seen[-1] == before  # other models keep the user's setting

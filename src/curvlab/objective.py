@@ -52,6 +52,7 @@ import copy
 import functools
 import logging
 import sys
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -355,12 +356,17 @@ def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
       backward);
     - weight normalization (``nn.utils.parametrizations.weight_norm`` and the older
       ``nn.utils.weight_norm``) through :func:`_weight_norm` (the fused kernel's double
-      backward is wrong: a silently wrong Hessian).
+      backward is wrong: a silently wrong Hessian);
+    - ``torch.backends.cudnn.enabled = False`` for a model with RNN layers (cuDNN's RNN
+      backward has no derivative; PyTorch's own kernels do, on the GPU too; a no-op on
+      the CPU).
     """
     from torch.nn.utils.parametrizations import _WeightNorm
 
     legacy = getattr(sys.modules.get("torch.nn.utils.weight_norm"), "WeightNorm", None)
     out: list[tuple[Any, str, Any]] = []
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        out.append((torch.backends.cudnn, "enabled", False))
     for m in model.modules():
         if isinstance(m, nn.Embedding):
             out.append((m, "sparse", False))
@@ -387,7 +393,8 @@ def _plain_autograd(switches: list[tuple[Any, str, Any]]) -> Iterator[None]:
     then restored: the same forward, in a form curvature products can differentiate
     twice. The cost: a checkpointed model keeps all its activations during curvlab's
     evaluations."""
-    saved = [(obj, attr, obj.__dict__.get(attr, _UNSET)) for obj, attr, _ in switches]
+    saved = [(obj, attr, getattr(obj, attr) if isinstance(obj, types.ModuleType)
+              else obj.__dict__.get(attr, _UNSET)) for obj, attr, _ in switches]
     for obj, attr, value in switches:
         setattr(obj, attr, value)
     try:
@@ -409,8 +416,9 @@ class Objective:
             unwrapped: :func:`unwrap_model`), or a callable ``model(params, inputs) ->
             outputs`` (then ``params`` must be a dict of tensors). The objective's
             evaluations run its ``nn.Embedding(sparse=True)`` layers with dense gradients,
-            its Hugging Face layers without activation checkpointing and its weight norms
-            as ``g v / ||v||`` (the same function, which curvature products can
+            its Hugging Face layers without activation checkpointing, its weight norms
+            as ``g v / ||v||``, its ``nn.EmbeddingBag`` layers as lookups and reductions
+            and its RNNs without cuDNN (the same function, which curvature products can
             differentiate twice; see ``_autograd_switches``).
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``, or None: the model computes
             its own loss from the batch's ``"labels"`` (Hugging Face models); see the module
