@@ -201,6 +201,13 @@ def test_max_nfev_budget():
                    max_nfev=15)
     assert res.status == 7 and not res.success and res.nfev <= 15
     assert float(rosenbrock(res.x)) == float(res.fun)
+    # a NumPy function without jac: the finite-difference evaluations count, as scipy's
+    # maxfun (they did not: maxfun=20 reported nfev=80 after 16 iterations; scipy 24 after 4)
+    x0 = np.array([-1.2, 1.0, 0.5])
+    ours = minimize(so.rosen, x0, method="L-BFGS-B", options={"maxfun": 20})
+    theirs = so.minimize(so.rosen, x0, method="L-BFGS-B", options={"maxfun": 20})
+    assert ours.status == 7 and ours.nfev <= 20 <= theirs.nfev <= 20 + 4
+    assert abs(ours.nit - theirs.nit) <= 1
 
 
 @pytest.mark.parametrize("method", ["cg", "lbfgs", "bfgs", "gd", "nesterov", "trust-ncg"])

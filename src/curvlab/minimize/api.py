@@ -92,12 +92,15 @@ class _Budget(Exception):
 
 
 class _BudgetEvaluator(Evaluator):
-    """An :class:`Evaluator` that stops the run after ``max_nfev`` objective evaluations."""
+    """An :class:`Evaluator` that stops the run after ``max_nfev`` objective evaluations,
+    the finite-difference evaluations of a NumPy function's gradient (``extra_evals()``)
+    included, as scipy counts them in ``maxfun`` and ``nfev``."""
 
     max_nfev: int = 0
+    extra_evals: Callable[[], int] = staticmethod(lambda: 0)
 
     def _call(self, x):
-        if self.nfev > self.max_nfev:
+        if self.nfev + self.extra_evals() > self.max_nfev:
             self.nfev -= 1
             raise _Budget
         return super()._call(x)
@@ -278,6 +281,8 @@ def minimize(fun: Callable, x0: torch.Tensor, method: str = "lbfgs", *, gtol: fl
     cb = wrap_callback(callback, to_user, scipy_rule=numpy_mode)
     ev = _BudgetEvaluator(fun, x0.shape, args, jac=jac, hessp=hessp, hess=hess)
     ev.max_nfev = max_nfev if max_nfev is not None else 1 << 62
+    if wrapped is not None:
+        ev.extra_evals = lambda: wrapped.extra_evals
     mon = Monitor(method, ev, float(gtol), max_iter, cb, history)
     if return_all:
         mon.allvecs = [x.view(ev.shape).clone()]
