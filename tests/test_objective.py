@@ -452,3 +452,26 @@ def test_rnn_models_are_evaluated_without_cudnn():
     plain.register_forward_pre_hook(lambda m, a: seen.append(torch.backends.cudnn.enabled))
     Objective(plain, nn.CrossEntropyLoss(), (X[:, 0], y)).loss()
     assert seen[-1] == before  # other models keep the user's setting
+
+
+def test_tied_parameters_are_selected_by_any_of_their_names():
+    """A language model's output layer shares the embedding's weight: named_parameters()
+    lists it once (under the embedding), so params=['lm_head.weight'] was refused as
+    'neither a parameter nor a module name'. Every name of the tensor selects it, under the
+    name named_parameters() keeps."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.emb(x)).mean(1))
+
+    model = Tied()
+    X, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5,))
+    by_head = Objective(model, nn.CrossEntropyLoss(), (X, y), params=["head.weight"])
+    by_module = Objective(model, nn.CrossEntropyLoss(), (X, y), params=["head"])
+    assert list(by_head.params) == list(by_module.params) == ["emb.weight"]
+    assert by_head.params["emb.weight"] is model.emb.weight

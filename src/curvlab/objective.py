@@ -232,15 +232,18 @@ def _select_params(model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
     chosen = {}
     by_id = {id(p): k for k, p in named.items()}
     modules = dict(model.named_modules())
+    aliases = {k: by_id[id(p)] for k, p in model.named_parameters(remove_duplicate=False)
+               if id(p) in by_id}  # a tied parameter's other names -> the one kept
     for item in params:
         if isinstance(item, str):
-            item = _unprefixed(item, named, modules)
+            item = _unprefixed(item, aliases, modules)
+            item = aliases.get(item, item)
             if item in named:
                 chosen[item] = named[item]
             elif item in modules:
                 prefix = f"{item}." if item else ""
                 for k, p in modules[item].named_parameters():
-                    chosen[prefix + k] = p
+                    chosen[aliases.get(prefix + k, prefix + k)] = p
             else:
                 raise ValueError(f"params: {item!r} is neither a parameter nor a module name "
                                  f"of the model")
