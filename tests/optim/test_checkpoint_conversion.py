@@ -46,7 +46,8 @@ MAKE = {  # today's names for the settings the checkpoints were written with
     "hessian_free": (lambda m: HessianFree(m, LOSS, damping=1.0, cg_max_iter=250,
                                            adaptive_cg_budget=False,
                                            preconditioner="martens",
-                                           curvature_batch_size=None), "batch"),
+                                           curvature_batch_size=None,
+                                           damping_factors=(1.5, 2 / 3)), "batch"),
 }
 
 

@@ -121,6 +121,9 @@ def test_nonfinite_batch_changes_nothing():
         opt.step(batch=[(X[:5], y[:5]), (X[5:], y[5:])])
     with pytest.raises(ValueError):
         HessianFree(model, lf, damping=-1)
+    for bad in ((1.0, 0.5), (2.0, 1.0), (2.0,), "2", (float("inf"), 0.5)):
+        with pytest.raises(ValueError, match="damping_factors"):
+            HessianFree(model, lf, damping_factors=bad)
 
 
 @pytest.mark.parametrize("preconditioner", [None, "kfac"])
@@ -248,7 +251,7 @@ def test_auto_preconditioner_needs_a_sampled_target_loss():
 
 
 def test_damping_follows_the_rho_rule_from_its_default():
-    """lambda starts at 1e-3 and moves by 2/3 when rho > 3/4, by 3/2 when rho < 1/4."""
+    """lambda starts at 1e-3 and halves when rho > 3/4, doubles when rho < 1/4."""
     torch.manual_seed(1)
     X = torch.randn(40, 4, dtype=D64)
     Y = X @ torch.randn(4, 2, dtype=D64)
@@ -258,12 +261,17 @@ def test_damping_follows_the_rho_rule_from_its_default():
     for k in range(1, 4):  # quadratic loss, exact curvature: rho ~ 1 (the model is damped)
         opt.step(batch=(X, Y))
         assert 0.75 < opt.stats()["rho"] < 1.01
-        assert opt.damping == pytest.approx(1e-3 * (2 / 3) ** k, rel=1e-12)
+        assert opt.damping == pytest.approx(1e-3 * 0.5 ** k, rel=1e-12)
     # a one-sample curvature batch with almost no damping mispredicts the decrease
     model, lf, X, y = small_problem(7)
     opt = HessianFree(model, lf, damping=1e-6, curvature_batch_size=1)
     opt.step(batch=(X, y))
     assert opt.stats()["rho"] < 0.25
+    assert opt.damping == pytest.approx(2e-6, rel=1e-12)
+    # Martens' own factors on request
+    opt = HessianFree(model, lf, damping=1e-6, curvature_batch_size=1,
+                      damping_factors=(1.5, 2 / 3))
+    opt.step(batch=(X, y))
     assert opt.damping == pytest.approx(1.5e-6, rel=1e-12)
 
 
