@@ -161,6 +161,7 @@ class NumpyScalarFunction:
     def __init__(self, fun: Callable, args: tuple, jac: Any, shape: tuple) -> None:
         self.fun, self.args, self.jac, self.shape = fun, tuple(args), jac, shape
         self.extra_evals = 0
+        self._grad_at: tuple[np.ndarray, np.ndarray] | None = None  # (x, g(x)) of fd_hessp
 
     def _value_grad(self, xn: np.ndarray) -> tuple[float, np.ndarray]:
         x = xn.reshape(self.shape)
@@ -185,10 +186,13 @@ class NumpyScalarFunction:
         """``H p ~ (g(x + epsilon p) - g(x)) / epsilon``: scipy's Newton-CG without ``hess``
         or ``hessp`` (``scipy.optimize.approx_fhess_p``, its ``eps`` option)."""
         xn, pn = np.asarray(x, dtype=np.float64).ravel(), np.asarray(p, dtype=np.float64).ravel()
-        g1 = self._value_grad(xn)[1]
+        # the inner CG loop asks for many products at one x: g(x) once per point
+        if self._grad_at is None or not np.array_equal(self._grad_at[0], xn):
+            self._grad_at = (xn.copy(), self._value_grad(xn)[1])
+            self.extra_evals += 1
         g2 = self._value_grad(xn + epsilon * pn)[1]
-        self.extra_evals += 2
-        return ((g2 - g1) / epsilon).reshape(np.shape(p))
+        self.extra_evals += 1
+        return ((g2 - self._grad_at[1]) / epsilon).reshape(np.shape(p))
 
     def value(self, xn: np.ndarray) -> float:
         out = self.fun(xn.reshape(self.shape), *self.args)
