@@ -747,3 +747,34 @@ def test_dropout_masks_are_fixed_within_a_step_and_new_every_step(cls):
     _, half = run(2)
     resumed, _ = run(1, state=half)
     assert resumed[0] == masks[2]
+
+
+def test_martens_preconditioner_on_packed_sequences():
+    """preconditioner='martens' computed its per-sample gradients with torch.func, which
+    cannot run packed sequences ('Cannot access data pointer of Tensor that doesn't have
+    storage'); it is the exact empirical-Fisher diagonal of DiagonalOperator now."""
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x):
+            lengths = (x.abs().sum(-1) > 0).sum(1)
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                       enforce_sorted=False)
+            return self.head(self.rnn(packed)[1][0][-1])
+
+    torch.manual_seed(0)
+    model = Packed().to(D64)
+    X = torch.randn(8, 5, 3, dtype=D64)
+    for i in range(8):
+        X[i, 2 + i % 3:] = 0
+    y = torch.randint(0, 3, (8,))
+    lf = nn.CrossEntropyLoss()
+    opt = HessianFree(model, lf, preconditioner="martens", curvature_batch_size=None)
+    before = float(lf(model(X), y))
+    for _ in range(3):
+        opt.step(batch=(X, y))
+    assert opt.stats()["preconditioner"] == "martens"
+    assert float(lf(model(X), y)) < before

@@ -104,11 +104,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.func as tf
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from curvlab.autodiff import one_sample_at_a_time
 from curvlab.linops._kronecker import uncovered_by_kfac
 from curvlab.linops._outputspace import has_canonical_hessian
 from curvlab.linops.diagonal import DiagonalOperator
@@ -322,29 +320,16 @@ class HessianFree(CurvlabOptimizer):
         return GGNOperator(obj.on(data)).matvec
 
     def _diag_ef(self, obj: Objective, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``sum_n (grad l_n)^2 / N`` with ``l_n`` the per-sample loss (vmap). Samples one
-        at a time have no batch statistics, so a model with BatchNorm in train mode gives
-        this preconditioner (only) in eval mode."""
+        """The empirical Fisher diagonal ``sum_n c_n (grad l_n)^2`` (``l_n`` sample n's own
+        loss, ``c_n`` its weight, ``1 / N`` for a plain mean) on ``(X, y)``:
+        :class:`curvlab.linops.DiagonalOperator` (``curvature="ef"``, exact; vectorized,
+        checked, one sample at a time where vmap cannot batch the model). Samples one at a
+        time have no batch statistics, so a model with BatchNorm in train mode gives this
+        preconditioner (only) in eval mode."""
         if obj.train and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                              for m in self.model.modules()):
             obj = Objective(self.model, self.loss_fn, (X, y), params=self._params())
-        point = obj.param_tensors()
-
-        def single(p, xn, yn):
-            one = lambda t: t.unsqueeze(0)  # noqa: E731
-            return self.loss_fn(obj.outputs(p, tree_map(one, xn)), tree_map(one, yn))
-
-        with obj.mode():
-            try:
-                per = tf.vmap(tf.grad(single), in_dims=(None, 0, 0), randomness="same")(
-                    point, X, y)
-                flat = obj.flatten(per, batched=True)
-            except RuntimeError as err:
-                one_sample_at_a_time(err, "HessianFree's empirical Fisher diagonal")
-                flat = torch.stack([obj.flatten(tf.grad(single)(point, _rows(X, i),
-                                                                _rows(y, i)))
-                                    for i in range(_batch_size(X))])
-        return flat.square().mean(0)
+        return DiagonalOperator(obj.on((X, y)), curvature="ef", method="exact").diagonal
 
     def _preconditioner_kind(self, obj: Objective, y: Any, closure_only: bool) -> str | None:
         """The preconditioner of this step: ``"auto"`` is ``"kfac"`` (every parameter in a
