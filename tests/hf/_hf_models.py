@@ -1,4 +1,4 @@
-"""Tiny GPT-2, Llama and BERT models from configs, and padded batches for them."""
+"""Tiny GPT-2, Llama, BERT and Mamba models from configs, and padded batches for them."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def build(name: str, *, dtype: torch.dtype = torch.float64, seed: int = 0, **att
                                intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=32,
                                **attn)
         model = tf.BertForMaskedLM(config)
+    elif name == "mamba":  # its logits are float32 whatever the model's dtype
+        config = tf.MambaConfig(hidden_size=32, state_size=4, num_hidden_layers=2, expand=2,
+                                conv_kernel=3, vocab_size=VOCAB)
+        model = tf.MambaForCausalLM(config)
     else:
         raise ValueError(name)
     return model.to(dtype).eval()

@@ -250,6 +250,24 @@ def test_exact_diagonals_with_padding_equal_the_dense_matrices(name):
                                    atol=1e-7 * float(ref.abs().max()))
 
 
+def test_exact_ggn_diagonal_of_float32_logits_equals_the_dense_matrix():
+    """Mamba returns float32 logits even in a float64 model. The per-sample output
+    Hessians of its causal-LM loss (positions x vocabulary, with many repeated
+    eigenvalues) made float32 ``eigh`` fail to converge (LinAlgError) on this batch; the
+    decomposition now runs in float64."""
+    from curvlab.linops import DiagonalOperator
+
+    model = build("mamba")
+    batch = padded_batch(3, 5)
+    del batch["attention_mask"]  # Mamba takes none
+    with torch.no_grad():
+        assert model(**batch).logits.dtype == torch.float32
+    params = [p for p in model.parameters() if p.ndim == 1][-2:]
+    D = DiagonalOperator(model, None, batch, params, curvature="ggn", method="exact")
+    ref = GGNOperator(model, None, batch, params).to_dense().diagonal()
+    torch.testing.assert_close(D.diagonal, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_gives_the_same_curvature(reentrant):
     """``gradient_checkpointing_enable()`` (as a Trainer run sets it): curvlab's train-mode

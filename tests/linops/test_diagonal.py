@@ -233,3 +233,59 @@ def test_exact_diagonal_is_checked_where_vmap_batches_wrongly_without_error(curv
     truth = Truth(model, loss_fn, X, y)
     d = DiagonalOperator(model, loss_fn, (X, y), curvature=curvature, chunk_size=3).diagonal
     assert rel_err(d, torch.diagonal(DENSE[curvature](truth))) < 1e-10
+
+
+class _BatchCentered(nn.Module):
+    """Subtracts the batch mean of its hidden features: a sample's outputs depend on the
+    other samples of its batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+class _PositionMasked(nn.Module):
+    """Attention whose key-padding mask depends on a sample's position in the batch (the
+    last sample's last position is masked): the first sample alone agrees with the batch,
+    the last does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.att, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        mask = torch.zeros(x.shape[:2], dtype=torch.bool)
+        mask[-1, -1] = mask.shape[0] > 1
+        return self.head(self.att(x, x, x, key_padding_mask=mask, need_weights=False)[0][:, 0])
+
+
+@pytest.mark.parametrize("make", [_BatchCentered, _PositionMasked])
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+def test_exact_diagonal_refuses_models_that_mix_the_samples_of_a_batch(make, curvature):
+    """The exact diagonal evaluates samples one at a time. For a model that mixes samples
+    it returned per-sample Jacobians of another function with no error (an attention
+    model whose mask depended on the batch position: 12% off the dense GGN diagonal); now
+    a ValueError names the cause. Train-mode dropout (new masks for a sample alone) is
+    refused the same way; in eval mode the same model's diagonal is exact."""
+    torch.manual_seed(0)
+    model = make().double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(6, 3, 4, generator=g, dtype=torch.float64)
+    if make is _BatchCentered:
+        X = X[:, 0]
+    y = torch.randint(0, 3, (6,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="mixes the samples"):
+        DiagonalOperator(model, loss_fn, (X, y), curvature=curvature, method="exact")
+    dropout = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3))
+    dropout = dropout.double()
+    Xd = X.reshape(6, -1)[:, :4]
+    with pytest.raises(ValueError, match="use train=False"):
+        DiagonalOperator(dropout, loss_fn, (Xd, y), curvature=curvature, train=True)
+    truth = Truth(dropout.eval(), loss_fn, Xd, y)
+    d = DiagonalOperator(dropout, loss_fn, (Xd, y), curvature=curvature).diagonal
+    assert rel_err(d, torch.diagonal(DENSE[curvature](truth))) < 1e-10

@@ -66,6 +66,7 @@ __all__ = [
     "all_reduce_factors",
     "eigenbasis_scale",
     "eigen_factor",
+    "symmetric_eigh",
     "factored_pi",
 ]
 
@@ -650,8 +651,8 @@ def backprop_vectors(loss_fn: Any, z: torch.Tensor, y: Any, fisher_type: str, *,
         H = torch.func.vmap(torch.func.hessian(h))(zg, yg)
         m = zg[0].numel()
         H = H.reshape(-1, m, m)
-        evals, evecs = torch.linalg.eigh(0.5 * (H + H.transpose(1, 2)))
-        S = evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
+        evals, evecs = eigen_factor(H)
+        S = evecs * evals.sqrt().unsqueeze(1)
         return [S[:, :, k].reshape(z.shape) for k in range(m)]
     if fisher_type == "empirical":
         zl = z.requires_grad_(True)
@@ -754,25 +755,36 @@ def all_reduce_factors(mats: list[torch.Tensor], group: Any, timings: Any = None
             all_reduce_coalesced(diags, group)
 
 
-def eigen_factor(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD factor, computed in
-    float64. If ``eigh`` fails to converge, retries with a relative diagonal jitter of
-    1e-10, 1e-8, 1e-6 before raising. A diagonal factor (1-D) is its own
-    eigendecomposition: ``(M.clamp_min(0), None)``."""
-    if M.dim() == 1:
-        return M.clamp_min(0), None
+def symmetric_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigh`` of a symmetric matrix or stack of them (the last two dimensions), computed
+    in float64 on the symmetrized input and returned in ``M``'s dtype. float32 LAPACK
+    fails to converge on some exactly representable inputs (per-sample output Hessians
+    of a causal LM with float32 logits: block diagonal, many repeated eigenvalues); if
+    float64 ``eigh`` fails too, it retries on ``M + t I`` with a relative jitter ``t`` of
+    1e-10, 1e-8, 1e-6 (same eigenvectors; ``t`` is subtracted from the eigenvalues)."""
     M64 = M.double()
-    M64 = 0.5 * (M64 + M64.T)
-    scale = float(M64.diagonal().abs().max().clamp_min(1e-30)) if M64.numel() else 1.0
-    eye = torch.eye(M64.shape[0], dtype=M64.dtype, device=M64.device)
+    M64 = 0.5 * (M64 + M64.mT)
+    scale = float(M64.diagonal(dim1=-2, dim2=-1).abs().max().clamp_min(1e-30)) \
+        if M64.numel() else 1.0
+    eye = torch.eye(M64.shape[-1], dtype=M64.dtype, device=M64.device)
     last: Exception | None = None
     for jitter in (0.0, 1e-10, 1e-8, 1e-6):
         try:
             evals, evecs = torch.linalg.eigh(M64 + jitter * scale * eye)
-            return evals.clamp_min(0).to(M.dtype), evecs.to(M.dtype)
+            return (evals - jitter * scale).to(M.dtype), evecs.to(M.dtype)
         except RuntimeError as err:  # torch.linalg.LinAlgError subclasses RuntimeError
             last = err
-    raise torch.linalg.LinAlgError(f"eigendecomposition of a Kronecker factor failed: {last}")
+    raise torch.linalg.LinAlgError(f"symmetric eigendecomposition failed: {last}")
+
+
+def eigen_factor(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD factor
+    (:func:`symmetric_eigh`: float64, jitter retries). A diagonal factor (1-D) is its own
+    eigendecomposition: ``(M.clamp_min(0), None)``."""
+    if M.dim() == 1:
+        return M.clamp_min(0), None
+    evals, evecs = symmetric_eigh(M)
+    return evals.clamp_min(0), evecs
 
 
 def factored_pi(A: torch.Tensor, G: torch.Tensor) -> float:

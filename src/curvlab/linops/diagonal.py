@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_map
 
 from curvlab.autodiff import one_sample_at_a_time
 from curvlab.distributed import synced_generator
-from curvlab.linops._kronecker import sample_scores
+from curvlab.linops._kronecker import sample_scores, symmetric_eigh
 from curvlab.linops._outputspace import (
     Linearization,
     has_canonical_hessian,
@@ -53,7 +53,10 @@ class DiagonalOperator(CurvatureOperator):
       masks on the host or packed / multi-layer RNNs, runs one sample at a time), one VJP
       per output dimension and sample (cf. Dangel, Kunstner & Hennig
       2020, "BackPACK", sec. 2.3). Needs a loss that is a mean or sum of per-sample losses
-      and samples processed independently (no BatchNorm in train mode).
+      and samples processed independently: checked on the first and last sample of each
+      batch, evaluated alone (no BatchNorm or dropout in train mode, no batch-dependent
+      masks or routing; ValueError otherwise). The output Hessians are decomposed in
+      float64.
     * ``"ef"``: ``diag(EF) = c sum_i g_i^2`` from per-sample gradients, chunked likewise.
     * ``"hessian"``: ``e_j^T H e_j`` from batched HVPs with blocks of unit vectors (``n``
       HVPs in total; for small models).
@@ -230,16 +233,45 @@ class DiagonalOperator(CurvatureOperator):
             if not isinstance(out, torch.Tensor) or out.dim() == 0:
                 raise TypeError("the exact diagonal needs a model returning one batched "
                                 "tensor of outputs")
+            self._check_samples_independent(x, out)
             c = sample_weights(obj, w, out, y).unsqueeze(1)
             if self.curvature == "ef":
                 factors = per_sample_output_grads(obj, out, y).reshape(out.shape[0], -1, 1)
                 eigvals = c
             else:
                 _check_separable(obj, w, c, out, y)
-                eigvals, factors = torch.linalg.eigh(per_sample_output_hessians(obj, out, y))
+                eigvals, factors = symmetric_eigh(per_sample_output_hessians(obj, out, y))
                 eigvals = c * eigvals
-            total += self._sum_squared_vjps(x, out.shape[1:], factors, eigvals)
+            # the squared vjps are in the parameters' dtype, the factors in the outputs'
+            # (they differ for a model with float32 logits and float64 weights: Mamba)
+            total += self._sum_squared_vjps(x, out.shape[1:], factors,
+                                            eigvals.to(total.dtype))
         return obj.all_reduce(total)  # data-parallel objective: sum the ranks' shards
+
+    def _check_samples_independent(self, inputs: Any, out: torch.Tensor) -> None:
+        """Raise (ValueError) unless the first and the last sample, evaluated alone, give
+        their rows of the batch's outputs ``out`` (to 1e-4 of the outputs' scale: the
+        rounding of a batch of one may differ, and transformers' float32 norms inside a
+        float64 model round at ~1e-7). The exact diagonal evaluates samples one at a time;
+        a model that mixes the samples of its batch (batch statistics, masks built from a
+        sample's position in the batch, dropout masks drawn per batch, capacity-limited
+        routing) has other per-sample Jacobians, and the diagonal would be wrong without
+        an error."""
+        obj = self.objective
+        scale = float(out.abs().max()) if out.numel() else 0.0
+        with torch.no_grad(), obj.mode():
+            for i in sorted({0, out.shape[0] - 1}):
+                alone = obj.outputs(self.point, tree_map(
+                    lambda t, i=i: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0
+                    else t, inputs))
+                if not (isinstance(alone, torch.Tensor) and alone.shape[1:] == out.shape[1:]
+                        and float((alone[0] - out[i]).abs().max()) <= 1e-4 * scale):
+                    raise ValueError(
+                        f"the exact diagonal evaluates samples one at a time, but sample {i} "
+                        "alone gives other outputs than in its batch: the model mixes the "
+                        "samples of a batch (train-mode dropout or batch statistics, masks or "
+                        "routing that depend on the batch); use train=False if the mode is "
+                        "the cause, or method='hutchinson' / 'mc'")
 
     def _sum_squared_vjps(self, inputs: Any, out_shape: torch.Size, factors: torch.Tensor,
                           eigvals: torch.Tensor) -> torch.Tensor:

@@ -324,10 +324,9 @@ class HessianFree(CurvlabOptimizer):
         loss, ``c_n`` its weight, ``1 / N`` for a plain mean) on ``(X, y)``:
         :class:`curvlab.linops.DiagonalOperator` (``curvature="ef"``, exact; vectorized,
         checked, one sample at a time where vmap cannot batch the model). Samples one at a
-        time have no batch statistics, so a model with BatchNorm in train mode gives this
-        preconditioner (only) in eval mode."""
-        if obj.train and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                             for m in self.model.modules()):
+        time have neither batch statistics nor the batch's dropout masks, so a model in
+        train mode gives this preconditioner (only) in eval mode."""
+        if obj.train:
             obj = Objective(self.model, self.loss_fn, (X, y), params=self._params())
         return DiagonalOperator(obj.on((X, y)), curvature="ef", method="exact").diagonal
 
