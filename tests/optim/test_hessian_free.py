@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import math
 
 import pytest
 import torch
@@ -376,29 +377,41 @@ def _budget_spy(opt):
 
 
 @pytest.mark.parametrize("min_iter", [1, 8])
-def test_the_cg_budget_is_twice_the_last_chosen_iterate(min_iter):
-    """The first step may run ``cg_max_iter`` CG iterations; every later one twice the
-    iterate the previous step chose, at least 5 (and ``cg_min_iter``) and at most
-    ``cg_max_iter``; the chosen iterate resumes with the state. ``adaptive_cg_budget=False``:
+def test_the_cg_budget_follows_the_last_chosen_iterate(min_iter):
+    """The first step may run ``cg_max_iter`` CG iterations; every later one 1.5x the
+    iterate the previous step chose (rounded up), 2x if that was CG's last iterate, at
+    least 5 (and ``cg_min_iter``) and at most ``cg_max_iter``; the chosen iterate and
+    whether it was the last resume with the state. ``adaptive_cg_budget=False``:
     ``cg_max_iter`` every step."""
     model, lf, X, y = small_problem(5)
     opt = HessianFree(model, lf, curvature_batch_size=None, cg_max_iter=30,
                       cg_min_iter=min_iter, preconditioner="ggn")
-    budgets, chosen = _budget_spy(opt), []
-    for _ in range(4):
+    budgets, real_cg, last_iterate = _budget_spy(opt), opt._cg, []
+
+    def recording(B, g, x0, Minv, max_iter):
+        saved, iters = real_cg(B, g, x0, Minv, max_iter)
+        last_iterate.append(saved[-1][0])
+        return saved, iters
+    opt._cg = recording
+    chosen = []
+    for _ in range(6):
         opt.step(batch=(X, y))
         chosen.append(opt.stats()["chosen_iterate"])
         assert opt.stats()["cg_budget"] == budgets[-1]
-    assert budgets == [30] + [min(30, max(5, min_iter, 2 * c)) for c in chosen[:-1]]
+    was_last = [c == last for c, last in zip(chosen, last_iterate, strict=True)]
+    assert budgets == [30] + [min(30, max(5, min_iter, math.ceil((2 if w else 1.5) * c)))
+                              for c, w in zip(chosen[:-1], was_last[:-1], strict=True)]
     assert len(set(budgets)) > 1  # the problem exercises the rule, not only the cap
-    for scripted, expected in ((2, max(5, min_iter)), (6, 12), (40, 30)):
-        opt._global["chosen_iterate"] = scripted
+    assert min_iter > 1 or {True, False} <= set(was_last[:-1])  # both growth factors
+    for scripted, last, expected in ((2, False, max(5, min_iter)), (7, False, 11),
+                                     (7, True, 14), (40, False, 30)):
+        opt._global["chosen_iterate"], opt._global["chosen_last"] = scripted, last
         resumed = HessianFree(copy.deepcopy(model), lf, curvature_batch_size=None,
                               cg_max_iter=30, cg_min_iter=min_iter, preconditioner="ggn")
         resumed.load_state_dict(opt.state_dict())
         seen = _budget_spy(resumed)
         resumed.step(batch=(X, y))
-        assert seen == [expected]
+        assert seen == [max(expected, min_iter)]
     fixed = HessianFree(copy.deepcopy(model), lf, curvature_batch_size=None, cg_max_iter=30,
                         cg_min_iter=min_iter, preconditioner="ggn", adaptive_cg_budget=False)
     fixed_budgets = _budget_spy(fixed)
