@@ -433,7 +433,8 @@ class Objective:
         train: evaluate the module in train mode (Dropout/BatchNorm active, buffers
             restored, one fixed Dropout mask per batch). Default eval mode.
         reduction: ``"mean"`` if ``loss_fn`` averages (the default, read from
-            ``loss_fn.reduction`` when present) or ``"sum"``.
+            ``loss_fn.reduction`` when present; ``nn.KLDivLoss``'s ``"batchmean"`` is a mean
+            over samples) or ``"sum"``.
         process_group: ``None`` (single process, the default), ``"default"`` (the world
             group of an initialized ``torch.distributed``) or a ``ProcessGroup``: ``data``
             is this rank's shard and results are summed over the group's ranks.
@@ -511,8 +512,11 @@ class Objective:
             self._target = self.convention.target
         self.loss_fn = loss_fn
         reduction = reduction or getattr(loss_fn, "reduction", "mean")
+        if reduction == "batchmean" and isinstance(loss_fn, nn.KLDivLoss):
+            reduction = "mean"  # a mean over samples: one loss term per sample (curvlab.losses)
         if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+            raise ValueError(f"reduction must be 'mean' or 'sum' (or KLDivLoss's "
+                             f"'batchmean'), got {reduction!r}")
         self.reduction = reduction
         if train and isinstance(model, nn.Module) and model not in _WARNED_DROPOUT and any(
                 isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0

@@ -105,6 +105,35 @@ def test_every_operator_over_batch_splits_equals_dense_truth(layout, weighted, s
             assert rel_err(FisherOperator(obj).to_dense(), G) < 1e-10
 
 
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_divergence_batchmean_over_batch_splits_equals_dense_truth(log_target):
+    """``nn.KLDivLoss(reduction="batchmean")`` (torch's recommended KL reduction: the sum
+    over elements divided by the batch size) is a mean with one loss term per sample; it
+    was refused ("reduction must be 'mean' or 'sum'")."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(N, 4, generator=g, dtype=torch.float64)
+    p = torch.randn(N, 3, generator=g, dtype=torch.float64).softmax(-1)
+    y = p.log() if log_target else p
+    model = nn.Sequential(mlp(0), nn.LogSoftmax(-1))
+    loss_fn = nn.KLDivLoss(reduction="batchmean", log_target=log_target)
+    truth = Truth(model, loss_fn, X, y)
+    H, G = truth.hessian(), truth.ggn()
+    per_sample = truth.per_sample_grads()  # each sample's own batchmean loss (its sum)
+    EF = per_sample.T @ per_sample / N
+    loss = loss_fn(model(X), y)
+    for k in (1, 2, 4):
+        obj = Objective(model, loss_fn, _splits(X, y, k))
+        torch.testing.assert_close(obj.loss(), loss.detach(), rtol=1e-12, atol=0)
+        assert rel_err(HessianOperator(obj).to_dense(), H) < 1e-10
+        assert rel_err(GGNOperator(obj).to_dense(), G) < 1e-10
+        assert rel_err(EmpiricalFisherOperator(obj).to_dense(), EF) < 1e-10
+        for curvature, dense in (("ggn", G), ("ef", EF), ("hessian", H)):
+            diag = DiagonalOperator(obj, curvature=curvature, method="exact").diagonal
+            assert rel_err(diag, dense.diagonal()) < 1e-10, (curvature, k)
+    with pytest.raises(ValueError, match="batchmean"):
+        Objective(model, nn.MSELoss(), (X, y), reduction="batchmean")
+
+
 def test_mc_fisher_with_ignored_targets_is_unbiased():
     X, y = _data("flat")
     model = _model("flat")
