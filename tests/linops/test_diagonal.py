@@ -250,20 +250,24 @@ class _BatchCentered(nn.Module):
 
 class _PositionMasked(nn.Module):
     """Attention whose key-padding mask depends on a sample's position in the batch (the
-    last sample's last position is masked): the first sample alone agrees with the batch,
-    the last does not."""
+    last position of the batch's sample ``masked`` is masked): other samples alone agree
+    with the batch, that one does not."""
 
-    def __init__(self):
+    def __init__(self, masked):
         super().__init__()
+        self.masked = masked
         self.att, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
 
     def forward(self, x):
         mask = torch.zeros(x.shape[:2], dtype=torch.bool)
-        mask[-1, -1] = mask.shape[0] > 1
+        if x.shape[0] > 1:
+            mask[self.masked, -1] = True
         return self.head(self.att(x, x, x, key_padding_mask=mask, need_weights=False)[0][:, 0])
 
 
-@pytest.mark.parametrize("make", [_BatchCentered, _PositionMasked])
+@pytest.mark.parametrize("make", [_BatchCentered, lambda: _PositionMasked(-1),
+                                  lambda: _PositionMasked(3)],
+                         ids=["batch_centered", "last_masked", "middle_masked"])
 @pytest.mark.parametrize("curvature", ["ggn", "ef"])
 def test_exact_diagonal_refuses_models_that_mix_the_samples_of_a_batch(make, curvature):
     """The exact diagonal evaluates samples one at a time. For a model that mixes samples
@@ -275,7 +279,7 @@ def test_exact_diagonal_refuses_models_that_mix_the_samples_of_a_batch(make, cur
     model = make().double()
     g = torch.Generator().manual_seed(1)
     X = torch.randn(6, 3, 4, generator=g, dtype=torch.float64)
-    if make is _BatchCentered:
+    if isinstance(model, _BatchCentered):
         X = X[:, 0]
     y = torch.randint(0, 3, (6,), generator=g)
     loss_fn = nn.CrossEntropyLoss()

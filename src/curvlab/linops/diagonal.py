@@ -53,8 +53,8 @@ class DiagonalOperator(CurvatureOperator):
       masks on the host or packed / multi-layer RNNs, runs one sample at a time), one VJP
       per output dimension and sample (cf. Dangel, Kunstner & Hennig
       2020, "BackPACK", sec. 2.3). Needs a loss that is a mean or sum of per-sample losses
-      and samples processed independently: checked on the first and last sample of each
-      batch, evaluated alone (no BatchNorm or dropout in train mode, no batch-dependent
+      and samples processed independently: checked on the first, middle and last sample
+      of each batch, evaluated alone (no BatchNorm or dropout in train mode, no batch-dependent
       masks or routing; ValueError otherwise). The output Hessians are decomposed in
       float64.
     * ``"ef"``: ``diag(EF) = c sum_i g_i^2`` from per-sample gradients, chunked likewise.
@@ -249,7 +249,7 @@ class DiagonalOperator(CurvatureOperator):
         return obj.all_reduce(total)  # data-parallel objective: sum the ranks' shards
 
     def _check_samples_independent(self, inputs: Any, out: torch.Tensor) -> None:
-        """Raise (ValueError) unless the first and the last sample, evaluated alone, give
+        """Raise (ValueError) unless the first, middle and last sample, evaluated alone, give
         their rows of the batch's outputs ``out`` (to 1e-4 of the outputs' scale: the
         rounding of a batch of one may differ, and transformers' float32 norms inside a
         float64 model round at ~1e-7). The exact diagonal evaluates samples one at a time;
@@ -260,7 +260,7 @@ class DiagonalOperator(CurvatureOperator):
         obj = self.objective
         scale = float(out.abs().max()) if out.numel() else 0.0
         with torch.no_grad(), obj.mode():
-            for i in sorted({0, out.shape[0] - 1}):
+            for i in sorted({0, out.shape[0] // 2, out.shape[0] - 1}):
                 alone = obj.outputs(self.point, tree_map(
                     lambda t, i=i: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0
                     else t, inputs))
