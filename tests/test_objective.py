@@ -475,3 +475,47 @@ def test_tied_parameters_are_selected_by_any_of_their_names():
     by_module = Objective(model, nn.CrossEntropyLoss(), (X, y), params=["head"])
     assert list(by_head.params) == list(by_module.params) == ["emb.weight"]
     assert by_head.params["emb.weight"] is model.emb.weight
+
+
+_CONVERTS_IN_FORWARD = '''
+import torch
+from torch import nn
+from curvlab.linops import DiagonalOperator, GGNOperator
+
+
+class Router(nn.Module):
+    """Converts its classifier in every forward (as Switch Transformers' router does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        self.classifier = self.classifier.to(torch.float32)
+        return self.classifier(x)
+
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), Router())
+X, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+params = list(model[0].parameters())
+diag = DiagonalOperator(model, nn.CrossEntropyLoss(), (X, y), params).diagonal
+dense = GGNOperator(model, nn.CrossEntropyLoss(), (X, y), params).to_dense().diagonal()
+assert float((diag - dense).abs().max()) <= 1e-5 * float(dense.abs().max()), (diag, dense)
+assert model[2].classifier.weight.dtype == torch.float32
+print("ok")
+'''
+
+
+def test_a_module_that_converts_itself_in_forward_does_not_crash_per_sample_evaluations():
+    """``self.classifier = self.classifier.to(dtype)`` in a forward (Switch Transformers,
+    NLLB-MoE routers) made the exact diagonal's ``vmap(vjp(...))`` crash the process with
+    a segmentation fault (torch 2.13) when the converted weights were not differentiated.
+    The objective's evaluations skip conversions that change nothing. Run in a subprocess:
+    without the fix the interpreter dies."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _CONVERTS_IN_FORWARD], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])

@@ -362,7 +362,12 @@ def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
       backward is wrong: a silently wrong Hessian);
     - ``torch.backends.cudnn.enabled = False`` for a model with RNN layers (cuDNN's RNN
       backward has no derivative; PyTorch's own kernels do, on the GPU too; a no-op on
-      the CPU).
+      the CPU);
+    - ``Module.to`` that returns the module when it would change nothing
+      (:func:`_unchanged_to`): some Hugging Face MoE routers call
+      ``self.classifier = self.classifier.to(dtype)`` in every forward, and under
+      ``vmap(vjp(...))`` that no-op conversion crashes the process (torch 2.13: a
+      segmentation fault when the converted module's weights are not differentiated).
     """
     from torch.nn.utils.parametrizations import _WeightNorm
 
@@ -371,6 +376,7 @@ def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
     if any(isinstance(m, nn.RNNBase) for m in model.modules()):
         out.append((torch.backends.cudnn, "enabled", False))
     for m in model.modules():
+        out.append((m, "to", _unchanged_to(m)))
         if isinstance(m, nn.Embedding):
             out.append((m, "sparse", False))
         if isinstance(m, nn.EmbeddingBag):
@@ -385,6 +391,22 @@ def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
                 out.append((hook, "compute_weight", functools.partial(_weight_norm_hook,
                                                                       hook=hook)))
     return out
+
+
+def _unchanged_to(module: nn.Module) -> Callable[..., nn.Module]:
+    """``module.to`` that returns ``module`` itself, without touching its tensors, when
+    every parameter and buffer already has the requested device and (floating-point)
+    dtype; otherwise the ordinary conversion."""
+    def to(*args: Any, **kwargs: Any) -> nn.Module:
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        tensors = [*module.parameters(), *module.buffers()]
+        if memory_format is None and all(
+                (device is None or t.device == device)
+                and (dtype is None or not t.is_floating_point() or t.dtype == dtype)
+                for t in tensors):
+            return module
+        return type(module).to(module, *args, **kwargs)
+    return to
 
 
 _UNSET = object()
