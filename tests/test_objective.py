@@ -519,3 +519,33 @@ def test_a_module_that_converts_itself_in_forward_does_not_crash_per_sample_eval
     run = subprocess.run([sys.executable, "-c", _CONVERTS_IN_FORWARD], capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
+
+
+def test_parameters_of_several_dtypes_and_conversions_in_forward_are_clear_errors():
+    """Flat vectors have one dtype: a model mixing float32 and float64 parameters failed
+    inside a product ("v leaf 2 has dtype torch.float32, expected torch.float64"); it is
+    refused when the objective is built, naming the parameters. A module converting its
+    own weights to another dtype in forward (Switch Transformers' router in a float64 or
+    bfloat16 model) is refused by name instead of changing the evaluated parameters."""
+    from curvlab.linops import HessianOperator
+
+    mixed = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3).double())
+    X, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(TypeError, match="share one dtype.*'2.weight'"):
+        Objective(mixed, nn.CrossEntropyLoss(), (X, y))
+    obj = Objective(mixed, nn.CrossEntropyLoss(), (X, y), params=list(mixed[0].parameters()))
+    assert obj.dtype == torch.float32  # one dtype selected: fine
+
+    class Converts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 3)
+
+        def forward(self, x):
+            self.inner = self.inner.to(torch.float32)
+            return self.inner(x.float())
+
+    model = nn.Sequential(nn.Linear(4, 4), Converts()).double()
+    with pytest.raises(TypeError, match="Linear converts itself with .to"):
+        HessianOperator(model, nn.CrossEntropyLoss(), (X.double(), y)).to_dense()
+    assert model[1].inner.weight.dtype == torch.float64  # the model was left as it was

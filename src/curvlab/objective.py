@@ -363,8 +363,8 @@ def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
     - ``torch.backends.cudnn.enabled = False`` for a model with RNN layers (cuDNN's RNN
       backward has no derivative; PyTorch's own kernels do, on the GPU too; a no-op on
       the CPU);
-    - ``Module.to`` that returns the module when it would change nothing
-      (:func:`_unchanged_to`): some Hugging Face MoE routers call
+    - ``Module.to`` that returns the module when it would change nothing and refuses a
+      real conversion (:func:`_unchanged_to`): some Hugging Face MoE routers call
       ``self.classifier = self.classifier.to(dtype)`` in every forward, and under
       ``vmap(vjp(...))`` that no-op conversion crashes the process (torch 2.13: a
       segmentation fault when the converted module's weights are not differentiated).
@@ -394,9 +394,11 @@ def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
 
 
 def _unchanged_to(module: nn.Module) -> Callable[..., nn.Module]:
-    """``module.to`` that returns ``module`` itself, without touching its tensors, when
-    every parameter and buffer already has the requested device and (floating-point)
-    dtype; otherwise the ordinary conversion."""
+    """``module.to`` during the objective's evaluations: ``module`` itself, its tensors
+    untouched, when every parameter and buffer already has the requested device and
+    (floating-point) dtype; a TypeError otherwise. The evaluations call the model on
+    the parameter values they are given: a conversion inside the forward would change
+    those values (and the function) as a side effect."""
     def to(*args: Any, **kwargs: Any) -> nn.Module:
         device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         tensors = [*module.parameters(), *module.buffers()]
@@ -405,7 +407,13 @@ def _unchanged_to(module: nn.Module) -> Callable[..., nn.Module]:
                 and (dtype is None or not t.is_floating_point() or t.dtype == dtype)
                 for t in tensors):
             return module
-        return type(module).to(module, *args, **kwargs)
+        have = sorted({f"{t.dtype} on {t.device}" for t in tensors})
+        raise TypeError(
+            f"a {type(module).__name__} converts itself with .to({', '.join(map(repr, args))}) "
+            f"in its forward, but its tensors are {', '.join(have)}: curvlab evaluates the "
+            "model on given parameter values and cannot follow the conversion. Convert that "
+            "module beforehand (as its forward would, e.g. one plain forward pass), then "
+            "select parameters of one dtype with params=")
     return to
 
 
@@ -505,6 +513,7 @@ class Objective:
             raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
         first = next(iter(self.params.values()))
         self.device, self.dtype = first.device, first.dtype
+        self._check_one_dtype()
         self.data = as_batches(data)
         self._shapes = [(k, p.shape, p.numel()) for k, p in self.params.items()]
         self._sizes = [n for _, _, n in self._shapes]
@@ -616,7 +625,24 @@ class Objective:
     def param_tensors(self) -> dict[str, torch.Tensor]:
         """The current parameter values, detached (a fresh dict of views that share
         storage with the parameters; clone them to keep a snapshot)."""
+        self._check_one_dtype()
         return {k: p.detach() for k, p in self.params.items()}
+
+    def _check_one_dtype(self) -> None:
+        """Raise (TypeError) unless every selected parameter has the objective's dtype:
+        flat vectors have one dtype. Checked again on every read of the parameters: a
+        model can convert its own weights in forward (Switch Transformers' router casts
+        its classifier to float32)."""
+        other = [k for k, p in self.params.items() if p.dtype != self.dtype]
+        if not other:
+            return
+        dtypes = sorted({str(self.params[k].dtype) for k in other})
+        raise TypeError(
+            f"the selected parameters must share one dtype (curvlab's flat vectors have one): "
+            f"{len(other)} of {len(self.params)} are {', '.join(dtypes)} (e.g. {other[0]!r}), "
+            f"the others {self.dtype} (a model may also convert its own weights in forward, "
+            f"as Switch Transformers' router does); cast the model to one dtype or select "
+            f"the parameters of one dtype with params=")
 
     def flatten(self, tree: Mapping[str, torch.Tensor], batched: bool = False) -> torch.Tensor:
         """Concatenate a parameter-shaped dict into one vector (``(k, n)`` if batched)."""
