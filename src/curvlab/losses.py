@@ -151,13 +151,20 @@ class ClassesLastCrossEntropyLoss(nn.CrossEntropyLoss):
         return super().forward(input, target)
 
 
+def _float32_if_16bit(z: torch.Tensor) -> torch.Tensor:
+    """16-bit logits in float32, as Hugging Face's language-model losses take them
+    (``logits.float()`` in ``ForCausalLMLoss``, ``ForMaskedLMLoss``, ...)."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
 def _conventions(ignore_index: int = -100) -> list[LossConvention]:
     ce = ClassesLastCrossEntropyLoss(ignore_index=ignore_index)
     return [
         LossConvention("causal-lm (labels shifted by one, cross-entropy, ignore -100)", ce,
-                       lambda z: _classes_to_dim1(z[:, :-1]), lambda y: y[:, 1:]),
-        LossConvention("cross-entropy on labels (ignore -100)", ce, _classes_to_dim1,
-                       lambda y: y),
+                       lambda z: _classes_to_dim1(_float32_if_16bit(z[:, :-1])),
+                       lambda y: y[:, 1:]),
+        LossConvention("cross-entropy on labels (ignore -100)", ce,
+                       lambda z: _classes_to_dim1(_float32_if_16bit(z)), lambda y: y),
         LossConvention("regression (MSE)", nn.MSELoss(),
                        lambda z: z.squeeze(-1) if z.shape[-1] == 1 else z, lambda y: y),
         LossConvention("multi-label (BCEWithLogitsLoss)", nn.BCEWithLogitsLoss(),
@@ -177,7 +184,8 @@ def model_loss_parts(output: Any) -> tuple[torch.Tensor | None, torch.Tensor | N
 
 def match_convention(output: Any, labels: torch.Tensor) -> LossConvention:
     """The convention that reproduces the model's own ``output.loss`` from its logits and
-    ``labels`` (checked numerically, relative tolerance ``sqrt(eps)`` of the logits' dtype).
+    ``labels`` (checked numerically: relative tolerance 1e-5, or twice the rounding unit of
+    16-bit logits).
 
     Raises ValueError naming what is missing or what was tried, so the caller can pass an
     explicit ``loss_fn`` instead of getting a silently different quantity.
@@ -200,8 +208,15 @@ def match_convention(output: Any, labels: torch.Tensor) -> LossConvention:
         raise ValueError(f"loss_fn=None: the model's own loss on this batch is "
                          f"{float(loss)}{bad}, so its convention cannot be read from it; check "
                          "the model on this batch (dtype, attention mask) or pass loss_fn")
-    tol = 1e-5  # relative: Hugging Face computes its losses in float32 whatever the model's dtype
-    tried, matches = [], []
+    # relative tolerances: Hugging Face computes its language-model losses in float32
+    # whatever the model's dtype (as the conventions do), but e.g. sequence-classification
+    # losses in the logits' dtype, which for 16-bit logits differs by that dtype's rounding:
+    # the loose tolerance is tried only if no convention matches the tight one, and its
+    # match must leave every other convention more than 3x the tolerance away
+    tols = [1e-5]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        tols.append(2 * torch.finfo(logits.dtype).eps)
+    tried, values = [], []
     with torch.no_grad():
         for conv in _conventions():
             regression = isinstance(conv.loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss))
@@ -215,15 +230,26 @@ def match_convention(output: Any, labels: torch.Tensor) -> LossConvention:
             except (RuntimeError, ValueError, IndexError):
                 continue
             tried.append(f"{conv.name}: {float(value):.6g}")
-            if value.shape == () and bool(torch.isclose(value, loss.to(value.dtype), rtol=tol,
-                                                         atol=0)):
-                matches.append(conv)
+            if value.shape == ():
+                values.append((conv, value))
+    rel = [(conv, abs(float(value) - float(loss)) / max(abs(float(loss)), 1e-30))
+           for conv, value in values]
+    matches: list[LossConvention] = []
+    for tier, tol in enumerate(tols):
+        matches = [conv for conv, r in rel if r <= tol]
+        if tier > 0 and len(matches) == 1 and any(
+                conv is not matches[0] and r <= 3 * tol for conv, r in rel):
+            matches = [conv for conv, r in rel if r <= 3 * tol]  # too close to tell apart
+        if matches:
+            break
     if len(matches) == 1:
         return matches[0]
     if matches:
+        coarse = (" (its 16-bit loss is too coarse to tell them apart on this batch)"
+                  if len(tols) > 1 and not any(r <= tols[0] for _, r in rel) else "")
         raise ValueError(
             f"loss_fn=None: the model's own loss {float(loss):.6g} is matched by several loss "
-            f"conventions ({'; '.join(tried)}); pass loss_fn (and targets) explicitly")
+            f"conventions ({'; '.join(tried)}){coarse}; pass loss_fn (and targets) explicitly")
     raise ValueError(
         f"loss_fn=None: the model's own loss {float(loss):.6g} matches none of the loss "
         f"conventions curvlab knows ({'; '.join(tried) or 'none applied to these shapes'}); "

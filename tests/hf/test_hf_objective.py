@@ -250,6 +250,28 @@ def test_exact_diagonals_with_padding_equal_the_dense_matrices(name):
                                    atol=1e-7 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_models_with_their_own_loss(name, dtype):
+    """A bfloat16 / float16 model with ``loss_fn=None``: Hugging Face's loss upcasts the
+    logits to float32, the conventions did not, and no convention matched (ValueError).
+    The objective's loss is now the model's own, and the exact GGN diagonal runs (its
+    per-sample check at 16-bit rounding) and agrees with the dense GGN."""
+    from curvlab.linops import DiagonalOperator
+
+    model = build(name, dtype=dtype)
+    batch = padded_batch(8, 8)
+    obj = Objective(model, None, batch)
+    with torch.no_grad():
+        ref = model(**batch).loss
+    assert obj.convention.name.startswith("causal")
+    torch.testing.assert_close(obj.loss().float(), ref.float(), rtol=1e-5, atol=0)
+    params = [p for p in model.parameters() if p.ndim == 1][-2:]
+    D = DiagonalOperator(model, None, batch, params, curvature="ggn").diagonal
+    dense = GGNOperator(model, None, batch, params).to_dense().diagonal()
+    assert float((D.float() - dense.float()).abs().max()) <= 0.03 * float(dense.abs().max())
+
+
 def test_exact_ggn_diagonal_of_float32_logits_equals_the_dense_matrix():
     """Mamba returns float32 logits even in a float64 model. The per-sample output
     Hessians of its causal-LM loss (positions x vocabulary, with many repeated

@@ -250,22 +250,23 @@ class DiagonalOperator(CurvatureOperator):
 
     def _check_samples_independent(self, inputs: Any, out: torch.Tensor) -> None:
         """Raise (ValueError) unless the first, middle and last sample, evaluated alone, give
-        their rows of the batch's outputs ``out`` (to 1e-4 of the outputs' scale: the
-        rounding of a batch of one may differ, and transformers' float32 norms inside a
-        float64 model round at ~1e-7). The exact diagonal evaluates samples one at a time;
-        a model that mixes the samples of its batch (batch statistics, masks built from a
-        sample's position in the batch, dropout masks drawn per batch, capacity-limited
-        routing) has other per-sample Jacobians, and the diagonal would be wrong without
-        an error."""
+        their rows of the batch's outputs ``out`` (to 1e-4 of the outputs' scale, 4 rounding
+        units for 16-bit outputs: the rounding of a batch of one may differ, and
+        transformers' float32 norms inside a float64 model round at ~1e-7). The exact
+        diagonal evaluates samples one at a time; a model that mixes the samples of its
+        batch (batch statistics, masks built from a sample's position in the batch, dropout
+        masks drawn per batch, capacity-limited routing) has other per-sample Jacobians,
+        and the diagonal would be wrong without an error."""
         obj = self.objective
         scale = float(out.abs().max()) if out.numel() else 0.0
+        tol = max(1e-4, 4 * torch.finfo(out.dtype).eps) if out.is_floating_point() else 1e-4
         with torch.no_grad(), obj.mode():
             for i in sorted({0, out.shape[0] // 2, out.shape[0] - 1}):
                 alone = obj.outputs(self.point, tree_map(
                     lambda t, i=i: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0
                     else t, inputs))
                 if not (isinstance(alone, torch.Tensor) and alone.shape[1:] == out.shape[1:]
-                        and float((alone[0] - out[i]).abs().max()) <= 1e-4 * scale):
+                        and float((alone[0] - out[i]).abs().max()) <= tol * scale):
                     raise ValueError(
                         f"the exact diagonal evaluates samples one at a time, but sample {i} "
                         "alone gives other outputs than in its batch: the model mixes the "
