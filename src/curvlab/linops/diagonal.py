@@ -271,8 +271,9 @@ class DiagonalOperator(CurvatureOperator):
                         f"the exact diagonal evaluates samples one at a time, but sample {i} "
                         "alone gives other outputs than in its batch: the model mixes the "
                         "samples of a batch (train-mode dropout or batch statistics, masks or "
-                        "routing that depend on the batch); use train=False if the mode is "
-                        "the cause, or method='hutchinson' / 'mc'")
+                        "routing that depend on the batch) or draws random numbers in its "
+                        "forward; use train=False if the mode is the cause, or "
+                        "method='hutchinson' / 'mc'")
 
     def _sum_squared_vjps(self, inputs: Any, out_shape: torch.Size, factors: torch.Tensor,
                           eigvals: torch.Tensor) -> torch.Tensor:
