@@ -110,3 +110,22 @@ def test_estimator_arguments():
     est = hutchinson(A, 10)
     with pytest.raises(ValueError, match="level"):
         est.confidence_interval(1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hutchpp_of_a_16_bit_operator(dtype):
+    """A bfloat16 model's Hessian operator is bfloat16: QR has no 16-bit CPU kernel, so
+    Hutch++ raised NotImplementedError (``curvlab diagnose`` on a bfloat16 GPT-2). Its basis
+    is now float32. With ``m / 3 >= n`` the basis spans everything and the estimate is the
+    trace, to 16-bit rounding."""
+    from curvlab.linops import HessianOperator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 2)).to(dtype)
+    X, y = torch.randn(16, 3).to(dtype), torch.randint(0, 2, (16,))
+    op = HessianOperator(model, torch.nn.CrossEntropyLoss(), (X, y))
+    dense = op.to_dense().double()
+    est = hutchpp(op, 3 * op.shape[0], generator=torch.Generator().manual_seed(1))
+    scale = float(torch.linalg.matrix_norm(dense, "nuc"))
+    assert abs(est.estimate - float(dense.trace())) <= 4 * torch.finfo(dtype).eps * scale

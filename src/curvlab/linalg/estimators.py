@@ -150,10 +150,18 @@ def hutchpp(op: Any, num_matvecs: int = 30, *, block_size: int = 10,
     r = min(r, A.n)
     S = _rademacher(A.n, r, A, generator)
     Y = torch.cat([A.matmat(S[:, i:i + b]) for i, b in _blocks(r, block_size)], dim=1)
-    Q, _ = torch.linalg.qr(Y)
-    AQ = torch.cat([A.matmat(Q[:, i:i + b]) for i, b in _blocks(r, block_size)], dim=1)
-    exact = float((Q * AQ).sum().double())
-    project = lambda Z: Z - Q @ (Q.T @ Z)  # noqa: E731
+    # the basis in at least float32: 16-bit QR is not implemented on CPUs, and a 16-bit Q
+    # would be orthonormal only to ~1e-2
+    wide = torch.promote_types(Y.dtype, torch.float32)
+    Q, _ = torch.linalg.qr(Y.to(wide))
+    AQ = torch.cat([A.matmat(Q[:, i:i + b].to(A.dtype)) for i, b in _blocks(r, block_size)],
+                   dim=1)
+    exact = float((Q * AQ.to(wide)).sum().double())
+
+    def project(Z: torch.Tensor) -> torch.Tensor:
+        Zw = Z.to(wide)
+        return (Zw - Q @ (Q.T @ Zw)).to(Z.dtype)
+
     s, sq = _quadratic_samples(A, r, block_size, generator, project)
     return TraceEstimate(exact + float(s.mean()), _stderr(sq), r, A.num_matvecs, "hutch++", s,
                          exact_part=exact)
