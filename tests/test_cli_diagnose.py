@@ -26,6 +26,10 @@ def make():
 def not_a_model():
     return "model", None, None
 
+def in_bfloat16():
+    model, loss_fn, (X, y) = make()
+    return model.to(torch.bfloat16), loss_fn, (X.to(torch.bfloat16), y)
+
 def with_batchnorm():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.2),
@@ -190,3 +194,18 @@ def test_report_states_the_mode_of_batchnorm_and_dropout(user_file, tmp_path, ca
     assert main(["diagnose", f"{user_file}:make", "--out", str(plain), "--quick"]) == 0
     assert json.loads((plain / "report.json").read_text())["mode_dependent_layers"] == []
     assert "running statistics" not in capsys.readouterr().out
+
+
+def test_a_bfloat16_model_is_diagnosed(user_file, tmp_path, capsys):
+    """Hutch++ orthogonalized its probes in the operator's dtype, and QR has no bfloat16
+    CPU kernel: diagnose raised NotImplementedError on a bfloat16 model. Its numbers now
+    agree with the float64 model's to bfloat16 rounding, and the terminal says the Taylor
+    slopes are rounding-dominated."""
+    out64, out16 = tmp_path / "f64", tmp_path / "bf16"
+    assert main(["diagnose", f"{user_file}:make", "--out", str(out64), "--quick"]) == 0
+    capsys.readouterr()
+    assert main(["diagnose", f"{user_file}:in_bfloat16", "--out", str(out16), "--quick"]) == 0
+    assert "bfloat16 roundoff flattens them" in capsys.readouterr().out
+    n64, n16 = (json.loads((o / "report.json").read_text()) for o in (out64, out16))
+    assert n16["lambda_max"] == pytest.approx(n64["lambda_max"], rel=0.05)
+    assert math.isfinite(n16["trace"]["estimate"])

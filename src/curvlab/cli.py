@@ -355,9 +355,11 @@ def _print_report(console: _Console, n: dict[str, Any], source: str, elapsed: fl
         i = q["step_multiples"].index(1.0)
         rows.append(("rho at lr = 1/lambda_max", g(q["rho"][i]),
                      "actual / quadratic-model loss change along -grad"))
+        coarse = q.get("dtype") in ("bfloat16", "float16")
         rows.append(("Taylor error slopes", f"{g(q['slope_first'], '.2f')} / "
                      f"{g(q['slope_second'], '.2f')}",
-                     "log-log slopes of 1st / 2nd-order errors (smooth: 2 / 3)"))
+                     "log-log slopes of 1st / 2nd-order errors (smooth: 2 / 3"
+                     + (f"; {q['dtype']} roundoff flattens them)" if coarse else ")")))
     rows += [
         ("Hessian-vector products", f"{n['num_hvps']}", "work spent on curvature"),
         ("time", f"{elapsed:.1f} s", "wall clock, including building the model"),
