@@ -3,6 +3,7 @@
 import pytest
 import torch
 from _linops_truth import MODELS, Truth, as_data, inputs_for, mlp, rel_err, targets_for
+from _shared_models import PackedLSTM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -166,20 +167,6 @@ def test_diagonal_errors():
 
 
 # ---- models vmap cannot batch over their samples: the exact diagonal loops over them ----
-class _PackedLSTM(nn.Module):
-    """Padded sequences packed by their lengths (torch.func transforms cannot run it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 3)
-
-    def forward(self, x):
-        lengths = (x.abs().sum(-1) > 0).sum(1)
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
-                                                   enforce_sorted=False)
-        return self.head(self.rnn(packed)[1][0][-1])
-
-
 class _TwoLayerGRU(nn.Module):
     def __init__(self):
         super().__init__()
@@ -198,7 +185,7 @@ class _BilinearPReLU(nn.Module):
         return self.head(self.act(self.mix(x[:, 0], x[:, 1])))
 
 
-@pytest.mark.parametrize("make", [_PackedLSTM, _TwoLayerGRU, _BilinearPReLU])
+@pytest.mark.parametrize("make", [PackedLSTM, _TwoLayerGRU, _BilinearPReLU])
 @pytest.mark.parametrize("curvature", ["ggn", "ef"])
 def test_exact_diagonal_of_models_vmap_cannot_batch(make, curvature):
     """vmap raises on packed sequences, a 2-layer GRU and F.bilinear's backward (none of

@@ -77,6 +77,24 @@ def _per_term_ef(truth: Truth, loss_fn: nn.CrossEntropyLoss) -> torch.Tensor:
     return (G.T * (n / n.sum())) @ G
 
 
+def _objectives_over_splits_equal_dense_truth(model, loss_fn, X, y, H, G, EF):
+    """For the data in 1, 2 and 4 batches: the objective's loss equals the loss on all of
+    it, its Hessian, GGN and empirical Fisher equal the dense ``H``, ``G``, ``EF``, and the
+    exact diagonals theirs; returns the objectives for further checks."""
+    loss, objectives = loss_fn(model(X), y), []
+    for k in (1, 2, 4):
+        obj = Objective(model, loss_fn, _splits(X, y, k))
+        torch.testing.assert_close(obj.loss(), loss.detach(), rtol=1e-12, atol=0)
+        assert rel_err(HessianOperator(obj).to_dense(), H) < 1e-10
+        assert rel_err(GGNOperator(obj).to_dense(), G) < 1e-10
+        assert rel_err(EmpiricalFisherOperator(obj).to_dense(), EF) < 1e-10
+        for curvature, dense in (("ggn", G), ("ef", EF), ("hessian", H)):
+            diag = DiagonalOperator(obj, curvature=curvature, method="exact").diagonal
+            assert rel_err(diag, dense.diagonal()) < 1e-10, (curvature, k)
+        objectives.append(obj)
+    return objectives
+
+
 @pytest.mark.parametrize("layout", ["flat", "sequence"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("smoothing", [0.0, 0.3])
@@ -90,17 +108,7 @@ def test_every_operator_over_batch_splits_equals_dense_truth(layout, weighted, s
     truth = Truth(model, loss_fn, X, y)
     H, G = truth.hessian(), truth.ggn()
     EF = _per_term_ef(truth, loss_fn)
-    loss = loss_fn(model(X), y)
-    for k in (1, 2, 4):
-        data = _splits(X, y, k)
-        obj = Objective(model, loss_fn, data)
-        torch.testing.assert_close(obj.loss(), loss.detach(), rtol=1e-12, atol=0)
-        assert rel_err(HessianOperator(obj).to_dense(), H) < 1e-10
-        assert rel_err(GGNOperator(obj).to_dense(), G) < 1e-10
-        assert rel_err(EmpiricalFisherOperator(obj).to_dense(), EF) < 1e-10
-        for curvature, dense in (("ggn", G), ("ef", EF), ("hessian", H)):
-            diag = DiagonalOperator(obj, curvature=curvature, method="exact").diagonal
-            assert rel_err(diag, dense.diagonal()) < 1e-10, (curvature, k)
+    for obj in _objectives_over_splits_equal_dense_truth(model, loss_fn, X, y, H, G, EF):
         if not weighted:  # a weighted cross-entropy is not a likelihood: Fisher refuses it
             assert rel_err(FisherOperator(obj).to_dense(), G) < 1e-10
 
@@ -120,16 +128,7 @@ def test_kl_divergence_batchmean_over_batch_splits_equals_dense_truth(log_target
     H, G = truth.hessian(), truth.ggn()
     per_sample = truth.per_sample_grads()  # each sample's own batchmean loss (its sum)
     EF = per_sample.T @ per_sample / N
-    loss = loss_fn(model(X), y)
-    for k in (1, 2, 4):
-        obj = Objective(model, loss_fn, _splits(X, y, k))
-        torch.testing.assert_close(obj.loss(), loss.detach(), rtol=1e-12, atol=0)
-        assert rel_err(HessianOperator(obj).to_dense(), H) < 1e-10
-        assert rel_err(GGNOperator(obj).to_dense(), G) < 1e-10
-        assert rel_err(EmpiricalFisherOperator(obj).to_dense(), EF) < 1e-10
-        for curvature, dense in (("ggn", G), ("ef", EF), ("hessian", H)):
-            diag = DiagonalOperator(obj, curvature=curvature, method="exact").diagonal
-            assert rel_err(diag, dense.diagonal()) < 1e-10, (curvature, k)
+    _objectives_over_splits_equal_dense_truth(model, loss_fn, X, y, H, G, EF)
     with pytest.raises(ValueError, match="batchmean"):
         Objective(model, nn.MSELoss(), (X, y), reduction="batchmean")
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _shared_models import PackedLSTM
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
@@ -767,19 +768,8 @@ def test_martens_preconditioner_on_packed_sequences():
     cannot run packed sequences ('Cannot access data pointer of Tensor that doesn't have
     storage'); it is the exact empirical-Fisher diagonal of DiagonalOperator now."""
 
-    class Packed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 3)
-
-        def forward(self, x):
-            lengths = (x.abs().sum(-1) > 0).sum(1)
-            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
-                                                       enforce_sorted=False)
-            return self.head(self.rnn(packed)[1][0][-1])
-
     torch.manual_seed(0)
-    model = Packed().to(D64)
+    model = PackedLSTM().to(D64)
     X = torch.randn(8, 5, 3, dtype=D64)
     for i in range(8):
         X[i, 2 + i % 3:] = 0
