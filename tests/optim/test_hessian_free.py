@@ -277,6 +277,28 @@ def test_damping_follows_the_rho_rule_from_its_default():
     assert opt.damping == pytest.approx(1.5e-6, rel=1e-12)
 
 
+def test_damping_grows_faster_over_consecutive_loss_increases():
+    """rho < 0 (the chosen iterate raised the loss) k steps in a row: lambda *= boost
+    2^(k-1) (Nielsen's doubling nu); any rho >= 0 resets the run; the run is checkpointed."""
+    model, lf, X, y = small_problem(7)
+    for boost in (2.0, 1.5):
+        opt = HessianFree(model, lf, damping=1e-3, damping_factors=(boost, 0.5))
+        lam, factors = 1e-3, []
+        for rho in (-1.0, -5.0, -math.inf, 0.5, -1.0, 0.1, -2.0, -2.0, 0.9):
+            new = opt._next_damping(lam, rho)
+            factors.append(new / lam)
+            lam = new
+            if rho == -1.0 and factors[-1] == boost and len(factors) > 1:
+                saved = opt.state_dict()
+        assert factors == pytest.approx([boost, 2 * boost, 4 * boost, 1.0, boost, boost,
+                                         boost, 2 * boost, 0.5], rel=1e-15)
+        restored = HessianFree(model, lf, damping_factors=(boost, 0.5))
+        restored.load_state_dict(saved)
+        assert restored._next_damping(1.0, -1.0) == pytest.approx(2 * boost)
+    opt = HessianFree(model, lf, damping=1e-3, max_damping=1e-2)
+    assert [opt._next_damping(5e-3, -1.0) for _ in range(2)] == [1e-2, 1e-2]
+
+
 @pytest.mark.parametrize("preconditioner,budget", [("auto", 40), ("kfac", 40), ("ggn", 50),
                                                    (None, 50)])
 def test_cg_stops_at_its_default_budget(preconditioner, budget):

@@ -37,7 +37,9 @@ Armijo line search of Martens & Sutskever (2012, sec. 8.8). Each step on a batch
    while the loss keeps decreasing (sec. 4.6);
 4. Levenberg-Marquardt damping from ``rho = (f(theta + d) - f(theta)) / phi(d)``:
    ``lambda *= 2`` if ``rho < 1/4``, ``lambda /= 2`` if ``rho > 3/4`` (the rule of sec. 4.1
-   with Marquardt-style factors 2 and 1/2 instead of Martens' 3/2 and 2/3, below);
+   with Marquardt-style factors 2 and 1/2 instead of Martens' 3/2 and 2/3, below); when
+   the chosen iterate raised the loss (``rho < 0``), ``lambda *= 2^k`` on the ``k``-th
+   such step in a row (Nielsen's ``nu`` doubling: Madsen, Nielsen & Tingleff 2004);
 5. Armijo backtracking ``alpha <- 0.8 alpha`` until ``f(theta + alpha d) <= f(theta) +
    c alpha g^T d``; ``theta += lr alpha d``. No acceptable alpha: the step is rejected
    (parameters unchanged) and ``lambda`` is raised.
@@ -220,7 +222,8 @@ class HessianFree(CurvlabOptimizer):
             step's Dropout masks (new masks every step; saved in ``state_dict``).
         min_damping, max_damping: clip of ``lambda``.
         damping_factors: ``(boost, drop)``, what ``lambda`` is multiplied by when ``rho <
-            1/4`` / ``rho > 3/4`` (default ``(2, 1/2)``; Martens 2010: ``(3/2, 2/3)``).
+            1/4`` / ``rho > 3/4`` (default ``(2, 1/2)``; Martens 2010: ``(3/2, 2/3)``);
+            the ``k``-th step in a row with ``rho < 0`` multiplies it by ``boost 2^(k-1)``.
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite loss/gradient.
 
     ``opt.stats``: ``cg_iterations``, ``cg_budget``, ``chosen_iterate`` (of the backtracking),
@@ -308,7 +311,8 @@ class HessianFree(CurvlabOptimizer):
         self.damping_factors = (float(boost), float(drop))
         self.nonfinite = nonfinite
         self._global = {"step": 0, "damping": float(damping), "diagonal_draws": 0,
-                        "chosen_iterate": 0, "chosen_last": False, "seed": int(seed)}
+                        "chosen_iterate": 0, "chosen_last": False, "failures": 0,
+                        "seed": int(seed)}
         self._last: dict[str, Any] = {"rejected_steps": 0}
         self._generator = torch.Generator().manual_seed(seed)
         self._recorder = InputRecorder(model, self)
@@ -610,11 +614,7 @@ class HessianFree(CurvlabOptimizer):
                 break
         d, phi = saved[best_i][1], saved[best_i][2]
         rho = (best_f - f0) / phi if phi < 0 and math.isfinite(best_f) else -math.inf
-        boost, drop = self.damping_factors
-        if rho < 0.25:
-            lam = min(self.max_damping, lam * boost)
-        elif rho > 0.75:
-            lam = max(self.min_damping, lam * drop)
+        lam = self._next_damping(lam, rho)
         # Armijo line search on the chosen iterate (Martens & Sutskever 2012)
         slope = float(g.dot(d))
         alpha, f_new = 1.0, best_f
@@ -644,6 +644,26 @@ class HessianFree(CurvlabOptimizer):
             p.add_(step[k])
             self.state[p]["cg_direction"] = dl.clone()
         return loss
+
+    def _next_damping(self, lam: float, rho: float) -> float:
+        """Levenberg-Marquardt update of ``lambda`` from the reduction ratio ``rho``:
+        ``x drop`` if ``rho > 3/4``, ``x boost`` if ``rho < 1/4``, and when the chosen
+        iterate raised the batch loss (``rho < 0``, or no finite loss) ``x boost 2^(k-1)``
+        on the ``k``-th such step in a row (Nielsen 1999; Madsen, Nielsen & Tingleff 2004,
+        eq. 3.16: ``mu *= nu, nu *= 2``): a quadratic model that was wrong on the sign of
+        the change is far outside its region of trust, and one doubling per step spent
+        5-7 steps of 40 CG iterations there (wide sigmoid autoencoder, ``lambda`` from 4e-6
+        to 5e-4 after an over-long step; 3 steps with the rule)."""
+        boost, drop = self.damping_factors
+        if rho < 0:
+            self._global["failures"] += 1
+            return min(self.max_damping, lam * boost * 2.0 ** (self._global["failures"] - 1))
+        self._global["failures"] = 0
+        if rho < 0.25:
+            return min(self.max_damping, lam * boost)
+        if rho > 0.75:
+            return max(self.min_damping, lam * drop)
+        return lam
 
     def stability_model(self) -> StabilityModel:
         """With one learning rate ``<= 1`` (the default 1) every step is ``lr alpha d`` where
