@@ -76,7 +76,14 @@ budget); a lower start instead (1e-5) cost tanh and ReLU their first steps (10 s
 sigmoid 0.0239 -> 0.0154, tanh 0.0025 -> 0.0023, ReLU 0.0058 -> 0.0054; 25 s 0.0152 ->
 0.0057, 0.00076 -> 0.00066, 0.0030 -> 0.0030 (3 & 1/3 at 10 s: 0.0149, 0.0023, 0.0057);
 on problems outside the benchmark (8 s, training loss): a digits CNN 0.0057 -> 0.0020,
-the shallow sigmoid autoencoder 0.0117 -> 0.0102, a digits tanh MLP ~1e-5 both. Feed batches of
+the shallow sigmoid autoencoder 0.0117 -> 0.0102, a digits tanh MLP ~1e-5 both. The
+doubling boosts over consecutive loss increases (``rho < 0``), HF alone, 25 s, seeds 0-2,
+median: sigmoid 0.0052 -> 0.0030, tanh 0.00040 -> 0.00046 (seed spread 0.0003-0.0008),
+ReLU 0.0027 -> 0.0022; a deeper narrow net (64-200-100-50-10-...) 0.0167 -> 0.0053,
+0.00099 -> 0.00079, 0.0057 -> 0.0045; a wide one (64-512-256-32-...) 0.0037 -> 0.0021,
+0.00098 -> 0.00083, 0.0014 -> 0.0015; outside the benchmark (8 s, training loss, paired)
+the digits CNN 0.33 -> 0.27, the deep ReLU MLP 0.016 -> 0.0069, the shallow sigmoid
+autoencoder 0.254 -> 0.250, the tanh MLPs ~3e-7 both. Feed batches of
 ``recommended_batch_size`` (1024) or more: the gradient and the line search use the
 whole batch.
 
@@ -95,7 +102,11 @@ parameters, one CPU thread: products 48%, K-FAC solves 19% (the factor matmuls: 
 against a product's 240), the K-FAC draw with its Cholesky inverses 10%, line search
 10%, gradient 5%; this VM's absolute step times drifted 1.6x within an hour). At 25 s against the
 diagonal (3 seeds, median): ReLU 0.0066 -> 0.0043, sigmoid 0.035 -> 0.020, tanh 0.0028
--> 0.0028.
+-> 0.0028. Drawing the factors and inverting them only every 5 steps (sooner when
+``lambda`` moved 4x) was tried and left out: the stale preconditioner costs more CG
+iterations than the draws it saves (25 s, seeds 0-2, median, every step -> every 5: wide
+net sigmoid 0.0022 -> 0.0038, tanh 0.00068 -> 0.00092, ReLU 0.0015 -> 0.0022, fewer
+steps each; benchmark net sigmoid 0.0028 -> 0.0034, ReLU 0.0022 -> 0.0028).
 
 A Gauss-Newton product costs 1.3-1.4 gradients on the same samples (``J v`` by double
 backward 3.5 ms, ``J^T u`` 3.2 ms, the gradient 4.7 ms): close to the matrix-product count
@@ -105,9 +116,10 @@ units HF spends its first ~35 steps on the mean-image plateau (``rho ~ 1``, ``la
 ``min_damping``): the input-dependent part of the outputs is ~1e-7 of their size there,
 at float32's rounding level. Against tuned AdamW at equal time: see
 ``benchmarks/results/bench_hessian_free_autoencoders.txt`` (ahead on the benchmark's three
-autoencoders at 10 s and 25 s; on architectures the defaults were not chosen on it wins
-on tanh units, ties ReLU and loses on sigmoid units and on a wide shallower net, where
-fewer steps fit in the time; its held-out error is lower almost everywhere).
+autoencoders at 10 s and 25 s and on a deeper narrow one the defaults were not chosen on;
+behind on the sigmoid and tanh units of a wide shallower net, 64-512-256-32-..., where
+~100 steps fit in 25 s and the K-FAC preconditioner costs about as much as the products;
+its held-out error is lower on every one of them).
 """
 
 from __future__ import annotations
