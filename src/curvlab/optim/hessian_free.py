@@ -38,8 +38,9 @@ Armijo line search of Martens & Sutskever (2012, sec. 8.8). Each step on a batch
 4. Levenberg-Marquardt damping from ``rho = (f(theta + d) - f(theta)) / phi(d)``:
    ``lambda *= 2`` if ``rho < 1/4``, ``lambda /= 2`` if ``rho > 3/4`` (the rule of sec. 4.1
    with Marquardt-style factors 2 and 1/2 instead of Martens' 3/2 and 2/3, below); when
-   the chosen iterate raised the loss (``rho < 0``), ``lambda *= 2^k`` on the ``k``-th
-   such step in a row (Nielsen's ``nu`` doubling: Madsen, Nielsen & Tingleff 2004);
+   the chosen iterate raised the loss (``rho < 0``), ``lambda *= 2 2^(k-1)`` (2, 4, 8,
+   ...) on the ``k``-th such step in a row (Nielsen's doubling ``nu``: Madsen, Nielsen &
+   Tingleff 2004);
 5. Armijo backtracking ``alpha <- 0.8 alpha`` until ``f(theta + alpha d) <= f(theta) +
    c alpha g^T d``; ``theta += lr alpha d``. No acceptable alpha: the step is rejected
    (parameters unchanged) and ``lambda`` is raised.
@@ -666,8 +667,8 @@ class HessianFree(CurvlabOptimizer):
         on the ``k``-th such step in a row (Nielsen 1999; Madsen, Nielsen & Tingleff 2004,
         eq. 3.16: ``mu *= nu, nu *= 2``): a quadratic model that was wrong on the sign of
         the change is far outside its region of trust, and one doubling per step spent
-        5-7 steps of 40 CG iterations there (wide sigmoid autoencoder, ``lambda`` from 4e-6
-        to 5e-4 after an over-long step; 3 steps with the rule)."""
+        7 steps of 40 CG iterations there (wide sigmoid autoencoder, ``lambda`` from 4e-6
+        to 5e-4 after an over-long step; 3 steps with this rule)."""
         boost, drop = self.damping_factors
         if rho < 0:
             self._global["failures"] += 1
