@@ -190,9 +190,10 @@ def test_default_ns_dtype_follows_the_hardware():
                                            or torch.cpu._is_avx512_bf16_supported())
     assert default_ns_dtype(torch.device("cuda"), torch.float32) == torch.bfloat16
     # small stacks on a CPU: float32 (a bfloat16 product's fixed cost), by k n^2 m
-    for shape in [(64, 128), (128, 64), (1, 128, 128), (4, 64, 256), (128, 256)]:
+    for shape in [(64, 128), (128, 64), (1, 128, 128), (3, 64, 256), (128, 192)]:
         assert default_ns_dtype(cpu, torch.float32, shape) == torch.float32
-    for shape in [(128, 384), (384, 128), (2, 128, 256), (256, 256)]:
+    for shape in [(2, 128, 128), (4, 64, 256), (128, 256), (128, 384), (384, 128),
+                  (2, 128, 256), (256, 256)]:
         assert default_ns_dtype(cpu, torch.float32, shape) == expected
     assert default_ns_dtype(torch.device("cuda"), torch.float32, (8, 8)) == torch.bfloat16
 

@@ -141,10 +141,16 @@ CPU_GRAM_MIN_ASPECT = 8
 #: each bfloat16 product has a fixed cost (~40 us), so below it float32 is faster (measured
 #: 5 quintic iterations, 1 thread: 64x128 float32 255 us vs bfloat16 661, 128x128 708 vs
 #: 824, at 4.2e6 (128x256, 4 x 64x256, 64x1024) 0.85-1.02 x, 128x384 (6.3e6) 1.21 x,
-#: 256x256 1.89 x slower in float32; 2 threads alike). The rule goes by the stack (one
-#: batched product pays the fixed cost once), so under DDP, where an owner stacks only its
-#: own matrices, a matrix may iterate in float32 where one process iterates it in bfloat16.
-CPU_BF16_MIN_WORK = 5_000_000
+#: 256x256 1.89 x slower in float32; 2 threads alike). Measured again on 2026-12-04
+#: (float32 / bfloat16 time, medians of 40): 128x128 (2.1e6) 0.93-0.97, 128x192 and
+#: 3 x 64x256 (3.1e6) 1.03 / 0.90, at 4.1e6-4.7e6 (160x160, 2 x 128x128, 128x256, 4 x
+#: 64x256, 64x1024, 96x512) 1.06-1.38: the crossover moves with the machine's state
+#: between ~3e6 and ~5e6; 4e6 sits between (the tiny GPT-2's 2 x 128x128 stack, float32
+#: at 5e6: its step 1.01-1.05 x the peer's, 0.98-1.02 x in bfloat16). The rule goes by the
+#: stack (one batched product pays the fixed cost once), so under DDP, where an owner
+#: stacks only its own matrices, a matrix may iterate in float32 where one process
+#: iterates it in bfloat16.
+CPU_BF16_MIN_WORK = 4_000_000
 
 
 def native_bfloat16_matmul(device: torch.device) -> bool:
