@@ -253,8 +253,9 @@ class _PositionMasked(nn.Module):
 
 
 @pytest.mark.parametrize("make", [_BatchCentered, lambda: _PositionMasked(-1),
-                                  lambda: _PositionMasked(3)],
-                         ids=["batch_centered", "last_masked", "middle_masked"])
+                                  lambda: _PositionMasked(3), lambda: _PositionMasked(1)],
+                         ids=["batch_centered", "last_masked", "middle_masked",
+                              "second_masked"])
 @pytest.mark.parametrize("curvature", ["ggn", "ef"])
 def test_exact_diagonal_refuses_models_that_mix_the_samples_of_a_batch(make, curvature):
     """The exact diagonal evaluates samples one at a time. For a model that mixes samples

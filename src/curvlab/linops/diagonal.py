@@ -36,6 +36,10 @@ __all__ = ["DiagonalOperator", "DIAGONAL_CURVATURES", "DIAGONAL_METHODS"]
 
 DIAGONAL_CURVATURES = ("ggn", "hessian", "ef")
 DIAGONAL_METHODS = ("exact", "hutchinson", "mc")
+#: samples per batch the exact diagonal evaluates alone to check that the model does not mix
+#: the samples of a batch (all of a smaller batch): single-sample forward passes, cheap
+#: beside the exact diagonal's one backward pass per sample and output coordinate
+INDEPENDENCE_CHECKS = 32
 _OPERATORS = {"ggn": GGNOperator, "hessian": HessianOperator, "ef": EmpiricalFisherOperator}
 
 
@@ -53,10 +57,10 @@ class DiagonalOperator(CurvatureOperator):
       masks on the host or packed / multi-layer RNNs, runs one sample at a time), one VJP
       per output dimension and sample (cf. Dangel, Kunstner & Hennig
       2020, "BackPACK", sec. 2.3). Needs a loss that is a mean or sum of per-sample losses
-      and samples processed independently: checked on the first, middle and last sample
-      of each batch, evaluated alone (no BatchNorm or dropout in train mode, no batch-dependent
-      masks or routing; ValueError otherwise). The output Hessians are decomposed in
-      float64.
+      and samples processed independently: checked on every sample of a batch (32 evenly
+      spaced ones of a larger batch), evaluated alone (no BatchNorm or dropout in train
+      mode, no batch-dependent masks or routing; ValueError otherwise). The output Hessians
+      are decomposed in float64.
     * ``"ef"``: ``diag(EF) = c sum_i g_i^2`` from per-sample gradients, chunked likewise.
     * ``"hessian"``: ``e_j^T H e_j`` from batched HVPs with blocks of unit vectors (``n``
       HVPs in total; for small models).
@@ -249,9 +253,10 @@ class DiagonalOperator(CurvatureOperator):
         return obj.all_reduce(total)  # data-parallel objective: sum the ranks' shards
 
     def _check_samples_independent(self, inputs: Any, out: torch.Tensor) -> None:
-        """Raise (ValueError) unless the first, middle and last sample, evaluated alone, give
-        their rows of the batch's outputs ``out`` (to 1e-4 of the outputs' scale, 4 rounding
-        units for 16-bit outputs: the rounding of a batch of one may differ, and
+        """Raise (ValueError) unless every sample (:data:`INDEPENDENCE_CHECKS` evenly spaced
+        ones of a larger batch, the first, middle and last among them), evaluated alone,
+        gives its rows of the batch's outputs ``out`` (to 1e-4 of the outputs' scale, 4
+        rounding units for 16-bit outputs: the rounding of a batch of one may differ, and
         transformers' float32 norms inside a float64 model round at ~1e-7). The exact
         diagonal evaluates samples one at a time; a model that mixes the samples of its
         batch (batch statistics, masks built from a sample's position in the batch, dropout
@@ -261,7 +266,9 @@ class DiagonalOperator(CurvatureOperator):
         scale = float(out.abs().max()) if out.numel() else 0.0
         tol = max(1e-4, 4 * torch.finfo(out.dtype).eps) if out.is_floating_point() else 1e-4
         with torch.no_grad(), obj.mode():
-            for i in sorted({0, out.shape[0] // 2, out.shape[0] - 1}):
+            n = out.shape[0]
+            spaced = torch.linspace(0, n - 1, min(n, INDEPENDENCE_CHECKS)).round().long()
+            for i in sorted({*spaced.tolist(), n // 2}):
                 alone = obj.outputs(self.point, tree_map(
                     lambda t, i=i: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0
                     else t, inputs))
