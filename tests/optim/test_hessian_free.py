@@ -297,6 +297,9 @@ def test_damping_grows_faster_over_consecutive_loss_increases():
         assert restored._next_damping(1.0, -1.0) == pytest.approx(2 * boost)
     opt = HessianFree(model, lf, damping=1e-3, max_damping=1e-2)
     assert [opt._next_damping(5e-3, -1.0) for _ in range(2)] == [1e-2, 1e-2]
+    # a long run of failures (every trial point non-finite) stays at the clip, no overflow
+    opt._global["failures"] = 5000
+    assert opt._next_damping(1e-2, -math.inf) == 1e-2
 
 
 @pytest.mark.parametrize("preconditioner,budget", [("auto", 40), ("kfac", 40), ("ggn", 50),

@@ -672,7 +672,9 @@ class HessianFree(CurvlabOptimizer):
         boost, drop = self.damping_factors
         if rho < 0:
             self._global["failures"] += 1
-            return min(self.max_damping, lam * boost * 2.0 ** (self._global["failures"] - 1))
+            # (the exponent capped: 2.0 ** 1024 overflows, and lambda is clipped long before)
+            doublings = min(self._global["failures"] - 1, 64)
+            return min(self.max_damping, lam * boost * 2.0 ** doublings)
         self._global["failures"] = 0
         if rho < 0.25:
             return min(self.max_damping, lam * boost)
