@@ -36,10 +36,6 @@ __all__ = ["DiagonalOperator", "DIAGONAL_CURVATURES", "DIAGONAL_METHODS"]
 
 DIAGONAL_CURVATURES = ("ggn", "hessian", "ef")
 DIAGONAL_METHODS = ("exact", "hutchinson", "mc")
-#: samples per batch the exact diagonal evaluates alone to check that the model does not mix
-#: the samples of a batch (all of a smaller batch): single-sample forward passes, cheap
-#: beside the exact diagonal's one backward pass per sample and output coordinate
-INDEPENDENCE_CHECKS = 32
 _OPERATORS = {"ggn": GGNOperator, "hessian": HessianOperator, "ef": EmpiricalFisherOperator}
 
 
@@ -57,10 +53,10 @@ class DiagonalOperator(CurvatureOperator):
       masks on the host or packed / multi-layer RNNs, runs one sample at a time), one VJP
       per output dimension and sample (cf. Dangel, Kunstner & Hennig
       2020, "BackPACK", sec. 2.3). Needs a loss that is a mean or sum of per-sample losses
-      and samples processed independently: checked on every sample of a batch (32 evenly
-      spaced ones of a larger batch), evaluated alone (no BatchNorm or dropout in train
-      mode, no batch-dependent masks or routing; ValueError otherwise). The output Hessians
-      are decomposed in float64.
+      and samples processed independently: every sample's outputs evaluated alone (the
+      primal outputs of its VJPs) must equal its rows of the batch's outputs (no BatchNorm
+      or dropout in train mode, no batch-dependent masks or routing; ValueError otherwise).
+      The output Hessians are decomposed in float64.
     * ``"ef"``: ``diag(EF) = c sum_i g_i^2`` from per-sample gradients, chunked likewise.
     * ``"hessian"``: ``e_j^T H e_j`` from batched HVPs with blocks of unit vectors (``n``
       HVPs in total; for small models).
@@ -237,7 +233,6 @@ class DiagonalOperator(CurvatureOperator):
             if not isinstance(out, torch.Tensor) or out.dim() == 0:
                 raise TypeError("the exact diagonal needs a model returning one batched "
                                 "tensor of outputs")
-            self._check_samples_independent(x, out)
             c = sample_weights(obj, w, out, y).unsqueeze(1)
             if self.curvature == "ef":
                 factors = per_sample_output_grads(obj, out, y).reshape(out.shape[0], -1, 1)
@@ -248,58 +243,61 @@ class DiagonalOperator(CurvatureOperator):
                 eigvals = c * eigvals
             # the squared vjps are in the parameters' dtype, the factors in the outputs'
             # (they differ for a model with float32 logits and float64 weights: Mamba)
-            total += self._sum_squared_vjps(x, out.shape[1:], factors,
-                                            eigvals.to(total.dtype))
+            total += self._sum_squared_vjps(x, out, factors, eigvals.to(total.dtype))
         return obj.all_reduce(total)  # data-parallel objective: sum the ranks' shards
 
-    def _check_samples_independent(self, inputs: Any, out: torch.Tensor) -> None:
-        """Raise (ValueError) unless every sample (:data:`INDEPENDENCE_CHECKS` evenly spaced
-        ones of a larger batch, the first, middle and last among them), evaluated alone,
-        gives its rows of the batch's outputs ``out`` (to 1e-4 of the outputs' scale, 4
-        rounding units for 16-bit outputs: the rounding of a batch of one may differ, and
-        transformers' float32 norms inside a float64 model round at ~1e-7). The exact
-        diagonal evaluates samples one at a time; a model that mixes the samples of its
-        batch (batch statistics, masks built from a sample's position in the batch, dropout
-        masks drawn per batch, capacity-limited routing) has other per-sample Jacobians,
-        and the diagonal would be wrong without an error."""
-        obj = self.objective
+    def _check_samples_independent(self, alone: torch.Tensor, out: torch.Tensor,
+                                   first: int) -> None:
+        """Raise (ValueError) unless ``alone`` (the outputs of samples ``first, first + 1,
+        ...`` each evaluated alone: the primal outputs of their VJPs) equals their rows of the
+        batch's outputs ``out`` (to 1e-4 of the outputs' scale, 4 rounding units for 16-bit
+        outputs: the rounding of a batch of one may differ, and transformers' float32 norms
+        inside a float64 model round at ~1e-7). The exact diagonal evaluates samples one at
+        a time; a model that mixes the samples of its batch (batch statistics, masks built
+        from a sample's position in the batch, dropout masks drawn per batch,
+        capacity-limited routing) has other per-sample Jacobians, and the diagonal would be
+        wrong without an error. Every sample is compared, at no extra forward pass."""
+        rows = out[first:first + alone.shape[0]]
         scale = float(out.abs().max()) if out.numel() else 0.0
         tol = max(1e-4, 4 * torch.finfo(out.dtype).eps) if out.is_floating_point() else 1e-4
-        with torch.no_grad(), obj.mode():
-            n = out.shape[0]
-            spaced = torch.linspace(0, n - 1, min(n, INDEPENDENCE_CHECKS)).round().long()
-            for i in sorted({*spaced.tolist(), n // 2}):
-                alone = obj.outputs(self.point, tree_map(
-                    lambda t, i=i: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0
-                    else t, inputs))
-                if not (isinstance(alone, torch.Tensor) and alone.shape[1:] == out.shape[1:]
-                        and float((alone[0] - out[i]).abs().max()) <= tol * scale):
-                    raise ValueError(
-                        f"the exact diagonal evaluates samples one at a time, but sample {i} "
-                        "alone gives other outputs than in its batch: the model mixes the "
-                        "samples of a batch (train-mode dropout or batch statistics, masks or "
-                        "routing that depend on the batch) or draws random numbers in its "
-                        "forward; use train=False if the mode is the cause, or "
-                        "method='hutchinson' / 'mc'")
+        if alone.shape == rows.shape:
+            err = (alone.detach().to(rows.dtype) - rows).abs().reshape(rows.shape[0], -1)
+            worst = err.amax(dim=1) if err.numel() else err.new_zeros(rows.shape[0])
+            bad = (~(worst <= tol * scale)).nonzero()
+            if not bad.numel():
+                return
+            i = first + int(bad[0])
+        else:
+            i = first
+        raise ValueError(
+            f"the exact diagonal evaluates samples one at a time, but sample {i} alone gives "
+            "other outputs than in its batch: the model mixes the samples of a batch "
+            "(train-mode dropout or batch statistics, masks or routing that depend on the "
+            "batch) or draws random numbers in its forward; use train=False if the mode is "
+            "the cause, or method='hutchinson' / 'mc'")
 
-    def _sum_squared_vjps(self, inputs: Any, out_shape: torch.Size, factors: torch.Tensor,
+    def _sum_squared_vjps(self, inputs: Any, out: torch.Tensor, factors: torch.Tensor,
                           eigvals: torch.Tensor) -> torch.Tensor:
-        """``sum_i sum_r eigvals[i, r] * (J_i^T factors[i, :, r])^2`` over the batch."""
+        """``sum_i sum_r eigvals[i, r] * (J_i^T factors[i, :, r])^2`` over the batch, whose
+        outputs are ``out`` (each sample's own are checked against them)."""
         obj = self.objective
         names = list(self.point)
+        out_shape = out.shape[1:]
 
-        def one_sample(x_i: Any, q_i: torch.Tensor, lam_i: torch.Tensor) -> list[torch.Tensor]:
+        def one_sample(x_i: Any, q_i: torch.Tensor, lam_i: torch.Tensor
+                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
+            """Sample ``i``'s squared-VJP row (one tensor per parameter) and its outputs."""
             def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
                 return obj.outputs(p, tree_map(lambda t: t.unsqueeze(0), x_i))[0]
 
-            _, vjp_fn = tf.vjp(f, self.point)
+            alone, vjp_fn = tf.vjp(f, self.point)
             cols = q_i.T.reshape(q_i.shape[1], *out_shape)
             g = tf.vmap(vjp_fn)(cols)[0]
-            return [lam_i @ (gk * gk)
-                    for gk in (g[k].reshape(cols.shape[0], -1) for k in names)]
+            return ([lam_i @ (gk * gk) for gk in (g[k].reshape(cols.shape[0], -1)
+                                                  for k in names)], alone)
 
         def one_sample_autograd(x_i: Any, q_i: torch.Tensor, lam_i: torch.Tensor
-                                ) -> torch.Tensor:
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
             """``one_sample`` by plain autograd, one output direction at a time: for models
             no torch.func transform can run (packed sequences)."""
             point = {k: v.detach().requires_grad_(True) for k, v in self.point.items()}
@@ -313,7 +311,7 @@ class DiagonalOperator(CurvatureOperator):
                 rows.append(torch.cat([torch.zeros_like(p).reshape(-1) if gp is None
                                        else gp.reshape(-1)
                                        for p, gp in zip(point.values(), grads, strict=True)]))
-            return lam_i @ torch.stack(rows).square()
+            return lam_i @ torch.stack(rows).square(), out.detach()
 
         batch = factors.shape[0]
         total = torch.zeros(obj.num_params, dtype=obj.dtype, device=obj.device)
@@ -321,19 +319,20 @@ class DiagonalOperator(CurvatureOperator):
             for start in range(0, batch, self.chunk_size):
                 sl = slice(start, start + self.chunk_size)
                 x = tree_map(lambda t, sl=sl: t[sl], inputs)
+                if not self._per_sample_loop:
+                    try:
+                        parts, alone = tf.vmap(one_sample)(x, factors[sl], eigvals[sl])
+                        rows = torch.cat(parts, dim=1)
+                        self._check_batching(rows, one_sample_autograd, x, factors[sl],
+                                             eigvals[sl])
+                        row_sum = rows.sum(dim=0)
+                    except RuntimeError as err:
+                        one_sample_at_a_time(err, "the exact diagonal")
+                        self._per_sample_loop = True
                 if self._per_sample_loop:
-                    total += _looped(one_sample_autograd, x, factors[sl], eigvals[sl])
-                    continue
-                try:
-                    rows = torch.cat(tf.vmap(one_sample)(x, factors[sl], eigvals[sl]), dim=1)
-                    self._check_batching(rows, one_sample_autograd, x, factors[sl],
-                                         eigvals[sl])
-                except RuntimeError as err:
-                    one_sample_at_a_time(err, "the exact diagonal")
-                    self._per_sample_loop = True
-                    total += _looped(one_sample_autograd, x, factors[sl], eigvals[sl])
-                    continue
-                total += rows.sum(dim=0)
+                    row_sum, alone = _looped(one_sample_autograd, x, factors[sl], eigvals[sl])
+                self._check_samples_independent(alone, out, start)
+                total += row_sum
         return total
 
     def _check_batching(self, rows: torch.Tensor, one_sample_autograd: Any, inputs: Any,
@@ -352,7 +351,7 @@ class DiagonalOperator(CurvatureOperator):
             return
         for i in sorted({0, rows.shape[0] - 1}):
             ref = one_sample_autograd(tree_map(lambda t, i=i: t[i], inputs), factors[i],
-                                      eigvals[i])
+                                      eigvals[i])[0]
             tol = math.sqrt(torch.finfo(ref.dtype).eps)
             if float((rows[i] - ref).norm()) > tol * float(ref.norm()):
                 raise RuntimeError(f"vmap batched the model's backward pass wrongly (sample "
@@ -361,14 +360,15 @@ class DiagonalOperator(CurvatureOperator):
 
 
 def _looped(one_sample: Any, inputs: Any, factors: torch.Tensor, eigvals: torch.Tensor
-            ) -> torch.Tensor:
-    """``sum_i one_sample(x_i, q_i, lam_i)`` over the chunk's samples, one at a time (what
-    ``vmap`` of the functorch form batches)."""
-    total = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_i`` of the rows of ``one_sample(x_i, q_i, lam_i)`` over the chunk's samples,
+    one at a time (what ``vmap`` of the functorch form batches), and the samples' outputs."""
+    total, outputs = None, []
     for i in range(factors.shape[0]):
-        row = one_sample(tree_map(lambda t, i=i: t[i], inputs), factors[i], eigvals[i])
+        row, alone = one_sample(tree_map(lambda t, i=i: t[i], inputs), factors[i], eigvals[i])
         total = row if total is None else total + row
-    return total
+        outputs.append(alone)
+    return total, torch.stack(outputs)
 
 
 def _check_separable(obj: Objective, weight: float, c: torch.Tensor, out: torch.Tensor,
