@@ -27,6 +27,7 @@ from curvlab.diagnostics import (
     trace,
 )
 from curvlab.linops import HessianOperator
+from curvlab.objective import Objective
 
 
 def mlp(seed=0):
@@ -194,6 +195,41 @@ def test_gradient_noise_full_batch_is_noiseless(problem):
     tr_sigma = float(((G - G.mean(0)) ** 2).sum(1).mean())
     want = tr_sigma / float(G.mean(0).norm()) ** 2
     assert small.noise_scale == pytest.approx(want, rel=0.5)
+
+
+class _DictModel(nn.Module):
+    """Takes a dict batch (``features``) and returns logits, as Hugging Face models do."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, features):
+        return self.net(features)
+
+
+def test_gradient_noise_is_per_sample_for_summing_losses_and_dict_batches(problem):
+    """With reduction="sum" the minibatch and full-batch gradients are sums over different
+    numbers of samples: their gap measured the batch sizes, not the noise (noise scale 20.6
+    against 204 for the same model with a mean loss, no error). Batch gradients are per-sample
+    means now, so a summing loss, an Objective and a dict batch give the mean loss's values."""
+    model, _, data, *_ = problem
+    X, y = data
+
+    def noise(*args, **kwargs):
+        return gradient_noise(*args, batch_size=5, num_batches=20,
+                              generator=torch.Generator().manual_seed(0), **kwargs)
+
+    mean = noise(model, nn.CrossEntropyLoss(), data)
+    summed = noise(model, nn.CrossEntropyLoss(reduction="sum"), data)
+    objective = noise(Objective(model, nn.CrossEntropyLoss(reduction="sum"), data))
+    as_dict = noise(_DictModel(model), nn.CrossEntropyLoss(),
+                    {"features": X, "labels": y})
+    for other in (summed, objective, as_dict):
+        for field in ("grad_norm", "mean_gap", "noise_scale"):
+            assert getattr(other, field) == pytest.approx(getattr(mean, field), rel=1e-10)
+    with pytest.raises(ValueError, match="one batch"):
+        gradient_noise(Objective(model, nn.CrossEntropyLoss(), [data, data]))
 
 
 def test_jacobian_singular_values_and_effective_rank():

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_map
 
 from curvlab.linalg.estimators import quadratic_form
 from curvlab.linalg.krylov import EigenResult, lanczos
@@ -495,28 +496,46 @@ def gradient_noise(model: Any, loss_fn: Any = None, data: Any = None, *, batch_s
                    num_batches: int = 10, params: Any = None,
                    generator: torch.Generator | None = None) -> GradientNoise:
     """Compare ``num_batches`` random minibatch gradients (size ``batch_size``, drawn
-    without replacement within a batch) with the full-batch gradient on ``data``, one
-    ``(inputs, targets)`` pair of tensors."""
+    without replacement within a batch) with the full-batch gradient on ``data``, one batch
+    (an ``(inputs, targets)`` pair or a dict batch; the tensors of its first dimension are
+    indexed), or on an :class:`~curvlab.objective.Objective` of one batch (its reduction,
+    mode and parameters are kept). Gradients are per-sample means: a summing loss
+    (``reduction="sum"``) has its batch gradients divided by their numbers of samples, so
+    ``Sigma`` is the covariance of per-sample gradients either way."""
     if isinstance(model, Objective):
-        model, loss_fn, data, params = model.model, model.loss_fn, model.data[0], model.params
-    if not (isinstance(data, (tuple, list)) and len(data) == 2
-            and all(isinstance(t, torch.Tensor) for t in data)):
-        raise TypeError("data must be one (inputs, targets) pair of tensors")
-    X, y = data
-    N = X.shape[0]
-    if not 1 <= batch_size <= N:
-        raise ValueError(f"batch_size must be in [1, {N}], got {batch_size!r}")
+        objective = model
+        if len(objective.data) != 1:
+            raise ValueError(f"gradient_noise needs an Objective of one batch, got "
+                             f"{len(objective.data)}")
+        data = objective.data[0]
+    else:
+        if not (isinstance(data, Mapping) or (isinstance(data, (tuple, list)) and len(data) == 2
+                                              and isinstance(data[1], torch.Tensor))):
+            raise TypeError("data must be one batch: an (inputs, targets) pair or a dict batch")
+        names = list(params) if isinstance(params, Mapping) else params
+        objective = Objective(model, loss_fn, data, names)
+    N = objective.num_samples
+    if not (isinstance(batch_size, int) and 1 <= batch_size <= N):
+        raise ValueError(f"batch_size must be an int in [1, {N}], got {batch_size!r}")
     if not isinstance(num_batches, int) or num_batches < 2:
         raise ValueError(f"num_batches must be an int >= 2, got {num_batches!r}")
-    names = list(params) if isinstance(params, Mapping) else params
-    full = Objective(model, loss_fn, (X, y), names).flat_grad()
+
+    def mean_grad(obj: Objective, n: int) -> torch.Tensor:
+        g = obj.flat_grad().double()
+        return g / n if obj.reduction == "sum" else g
+
+    def subset(idx: torch.Tensor) -> Any:
+        return tree_map(lambda t: t[idx.to(t.device)] if isinstance(t, torch.Tensor)
+                        and t.dim() > 0 and t.shape[0] == N else t, data)
+
+    full = mean_grad(objective, N)
     gaps, norms = [], []
     for _ in range(num_batches):
-        idx = torch.randperm(N, generator=generator)[:batch_size].to(X.device)
-        gb = Objective(model, loss_fn, (X[idx], y[idx]), names).flat_grad()
-        gaps.append(float((gb - full).double().norm()))
-        norms.append(float(gb.double().norm()))
-    gn = float(full.double().norm())
+        idx = torch.randperm(N, generator=generator)[:batch_size]
+        gb = mean_grad(objective.on(subset(idx)), batch_size)
+        gaps.append(float((gb - full).norm()))
+        norms.append(float(gb.norm()))
+    gn = float(full.norm())
     mean_gap = sum(gaps) / len(gaps)
     mean_sq = sum(g * g for g in gaps) / len(gaps)
     # without replacement: E||g_B - g||^2 = tr(Sigma) / B * (N - B) / (N - 1)
