@@ -144,3 +144,47 @@ def test_monitor_arguments():
     mon = CurvatureMonitor(model, loss_fn, data=(X, y), batch_size=16, lr=0.1,
                            generator=torch.Generator().manual_seed(0))
     assert mon.batch[0].shape == (16, 5)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_summing_loss_is_scaled_to_a_training_batch(optimizer):
+    """A summing loss: the monitor batch (64 samples) sums 8x the terms of a training batch
+    (8), so its lr x sharpness was 8x the training loss's (a false runaway warning at step 1
+    on digits, no error). train_batch_size is now required and scales the monitor batch's
+    curvature and loss: the same training as a mean loss with lr x 8 (SGD) gives the same
+    ratios, the loss x 8; Adam (invariant to the loss scale) the same ratios too."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,), generator=g)
+    runs = {}
+    for reduction in ("mean", "sum"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+        if optimizer == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=0.5 if reduction == "mean" else 0.5 / 8)
+        else:
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        kwargs = {"train_batch_size": 8} if reduction == "sum" else {}
+        mon = CurvatureMonitor(model, loss_fn, (X, y), optimizer=opt, every=4, adaptive=False,
+                               generator=torch.Generator().manual_seed(1), **kwargs)
+        for t in range(12):
+            idx = slice(8 * (t % 8), 8 * (t % 8) + 8)
+            opt.zero_grad()
+            loss = loss_fn(model(X[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+        runs[reduction] = mon
+    mean, summed = runs["mean"], runs["sum"]
+    assert len(mean.checks) == len(summed.checks) == 3
+    for a, b in zip(mean.checks, summed.checks, strict=True):
+        ratio = "lr_sharpness" if optimizer == "sgd" else "lr_preconditioned_sharpness"
+        assert b[ratio] == pytest.approx(a[ratio], rel=1e-6)
+        assert b["check_loss"] == pytest.approx(8 * a["check_loss"], rel=1e-6)  # Adam: eps
+    assert [e.kind for e in summed.events] == [e.kind for e in mean.events]
+    model = nn.Linear(5, 3).double()
+    with pytest.raises(ValueError, match="train_batch_size"):
+        CurvatureMonitor(model, nn.CrossEntropyLoss(reduction="sum"), (X, y), lr=0.1)
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        CurvatureMonitor(model, nn.CrossEntropyLoss(), (X, y), lr=0.1, train_batch_size=8)

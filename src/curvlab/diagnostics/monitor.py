@@ -390,6 +390,11 @@ class CurvatureMonitor:
             curvature that training never sees, and an Adam-like preconditioner, whose
             ``v`` there is rounding noise, scales it by ~``1 / eps`` (measured: ratio
             4e3 x the healthy value on a small conv + BatchNorm net).
+        train_batch_size: samples per training batch, required with a summing loss
+            (``reduction="sum"``): the training loss is then a sum over that many samples,
+            and the monitor batch's Hessian and loss are multiplied by ``train_batch_size /
+            (its samples)`` so that ratios, thresholds and losses are the training loss's
+            (a mean loss needs no scale: its curvature does not grow with the batch).
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable | None, batch: Any = None, *,
@@ -408,9 +413,22 @@ class CurvatureMonitor:
                  generator: torch.Generator | None = None, quadratic_fit: bool = False,
                  precision_every: int | None = None,
                  precision_dtypes: tuple[str, ...] = ("bfloat16", "float32"),
-                 train: bool | None = None) -> None:
+                 train: bool | None = None, train_batch_size: int | None = None) -> None:
         if optimizer is None and lr is None:
             raise ValueError("pass optimizer=... (or lr=... for a hand-written update)")
+        summing = getattr(loss_fn, "reduction", "mean") == "sum"
+        if summing and train_batch_size is None:
+            raise ValueError(
+                "loss_fn sums over samples (reduction='sum'): its Hessian on the monitor batch "
+                "grows with the batch's size, so its stability ratio is not the training "
+                "loss's; pass train_batch_size= (the samples per training batch) and the "
+                "monitor scales its batch's curvature and loss to a training batch")
+        if train_batch_size is not None and not (summing and isinstance(train_batch_size, int)
+                                                 and train_batch_size >= 1):
+            raise ValueError(f"train_batch_size (a positive int) is for a loss_fn with "
+                             f"reduction='sum', got {train_batch_size!r} with "
+                             f"{'a summing' if summing else 'a non-summing'} loss_fn")
+        self.train_batch_size = train_batch_size
         optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         for name, value in (("every", every), ("track_every", track_every),
                             ("max_hvps", max_hvps), ("window", window), ("confirm", confirm)):
@@ -610,19 +628,22 @@ class CurvatureMonitor:
     def _check_with(self, op: _RecordingHessian) -> list[MonitorEvent]:
         record: dict[str, Any] = {"step": self.step_count, "lr": self.lr, "num_hvps": 0,
                                   "stability_rule": self.stability.name}
+        # a summing loss: the monitor batch's sum, scaled to a training batch's
+        scale = (1.0 if self.train_batch_size is None
+                 else self.train_batch_size / op.objective.num_samples)
         values: dict[str, float] = {}
         plain = (not self.stability.preconditioned if self.plain_sharpness is None
                  else self.plain_sharpness)
         if plain:
             res = self._top_eigen("lambda_max", op)
-            lam = float(res.eigenvalues[0])
-            record.update(self._convergence("lambda_max", res))
+            lam = scale * float(res.eigenvalues[0])
+            record.update(self._convergence("lambda_max", res, scale))
             record["num_hvps"] += res.num_matvecs
             values.update(lambda_max=lam, lr_sharpness=self.lr * lam, sharpness=lam)
         if self.stability.preconditioned:
             pre = self._top_eigen("preconditioned", preconditioned_operator(op, self.stability))
-            plam = float(pre.eigenvalues[0])
-            conv = self._convergence("preconditioned_sharpness", pre)
+            plam = scale * float(pre.eigenvalues[0])
+            conv = self._convergence("preconditioned_sharpness", pre, scale)
             if not plain:  # the governing eigenvalue's certificate is the check's
                 conv["converged"] = conv.pop("preconditioned_sharpness_converged")
             record.update(conv)
@@ -630,7 +651,7 @@ class CurvatureMonitor:
             values.update(preconditioned_sharpness=plam, lr_preconditioned_sharpness=self.lr * plam,
                           sharpness=plam)
         if op.loss is not None:
-            values["check_loss"] = float(op.loss)
+            values["check_loss"] = scale * float(op.loss)
         if op.output_max is not None:
             values["output_max"] = float(op.output_max)
         if self.quadratic_fit and self._check_prev_step == self.step_count - 1:
@@ -663,12 +684,13 @@ class CurvatureMonitor:
         self._vec[key] = res.eigenvectors.detach()
         return res
 
-    def _convergence(self, name: str, res: EigenResult) -> dict[str, Any]:
+    def _convergence(self, name: str, res: EigenResult, scale: float = 1.0) -> dict[str, Any]:
         """The check's residual and whether its top Ritz value is certified: the residual
         test passed *and* no other Ritz value lies within the tolerance band
         ``max(tol |theta_1|, residual)`` of it (then the two are not resolved: the top
         one may be a second eigenvalue the warm start locked onto, with the true top
-        close or not yet found)."""
+        close or not yet found). The residual and gap are recorded times ``scale`` (in the
+        units of the recorded eigenvalue)."""
         theta = float(res.eigenvalues[0])
         residual = float(res.residuals[0])
         band = max(self.tol * abs(theta), residual)
@@ -681,8 +703,8 @@ class CurvatureMonitor:
                      "%.3g; not called converged", self.step_count, name, theta,
                      float(others[0]), band)
         prefix = "" if name == "lambda_max" else f"{name}_"
-        return {f"{prefix}converged": converged, f"{name}_residual": residual,
-                f"{name}_ritz_gap": gap}
+        return {f"{prefix}converged": converged, f"{name}_residual": scale * residual,
+                f"{name}_ritz_gap": scale * gap}
 
     def _following_check(self, step: int) -> int:
         """The next check step after ``step`` (module docstring, "When it checks")."""
