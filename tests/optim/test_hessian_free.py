@@ -174,6 +174,32 @@ def test_default_curvature_batch_is_a_quarter_of_the_batch(curvature):
             HessianFree(model, lf, curvature_batch_size=bad)
 
 
+@pytest.mark.parametrize("preconditioner", [None, "kfac", "ggn", "martens"])
+def test_a_summing_loss_takes_the_mean_losss_steps(preconditioner):
+    """A summing loss is the mean loss times n: with damping times n, HF's steps are the
+    same. The curvature subset of a summing loss sums a quarter of the samples, so its
+    Gauss-Newton products (and preconditioner) were a quarter of the batch's against the
+    batch's gradient: Newton-like steps ~4x too long, no error. They are scaled by n / (the
+    subset's samples) now. Exact to rounding without a preconditioner or with K-FAC (the
+    scale is a power of two here); the diagonal preconditioners, (s D + lambda)^-3/4, change
+    by a factor that is not, and CG's rounding then drifts over steps: one step compared."""
+    runs = {}
+    for reduction in ("mean", "sum"):
+        model, _, X, y = small_problem(3)
+        opt = HessianFree(model, nn.CrossEntropyLoss(reduction=reduction),
+                          damping=1e-2 * (20 if reduction == "sum" else 1),
+                          preconditioner=preconditioner, curvature_batch_size=5, seed=0,
+                          cg_max_iter=6)
+        steps = 3 if preconditioner in (None, "kfac") else 1
+        for _ in range(steps):
+            opt.step(batch=(X, y))
+        runs[reduction] = (torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+                           opt.stats()["rho"])
+    (mean, rho_mean), (summed, rho_sum) = runs["mean"], runs["sum"]
+    torch.testing.assert_close(summed, mean, rtol=1e-9, atol=1e-11)
+    assert rho_sum == pytest.approx(rho_mean, rel=1e-7)
+
+
 def test_ggn_preconditioner_is_the_averaged_monte_carlo_diagonal():
     """The default preconditioner on CE: ``(avg + lambda)^-0.75`` with ``avg`` the
     bias-corrected moving average (decay 0.95) of one Monte-Carlo GGN-diagonal draw per

@@ -232,7 +232,8 @@ class HessianFree(CurvlabOptimizer):
         curvature_batch_size: the random subset of ``batch`` (drawn each step) for the
             Gauss-Newton products and the preconditioner: an int is a number of samples,
             a float in (0, 1] a fraction of the batch (rounded up; default 0.25), None
-            all of it.
+            all of it. With a summing loss (``reduction="sum"``) the subset's curvature is
+            multiplied by ``n / (its samples)``, an estimate of the whole batch's.
         seed: seed of the curvature-subset draws and, for a model in train mode, of each
             step's Dropout masks (new masks every step; saved in ``state_dict``).
         min_damping, max_damping: clip of ``lambda``.
@@ -568,21 +569,27 @@ class HessianFree(CurvlabOptimizer):
             idx = torch.randperm(n, generator=self._generator)[:cb].to(g.device)
             Xc, yc, raw = _rows(X, idx), _rows(y, idx), None if raw is None else _rows(raw, idx)
         curvature_data = (Xc, yc) if raw is None else raw
+        # a summing loss adds its samples' curvatures: the subset's, times n / (its
+        # samples), estimates the batch's (a mean loss's subset estimates it as it is)
+        scale = n / _batch_size(Xc) if obj.reduction == "sum" else 1.0
         with torch.enable_grad():
             gn = self._gn_product(obj, curvature_data)
             Minv = None
             kind = self._preconditioner_kind(obj, yc, closure_only)
             if kind == "martens":
-                Minv = (self._diag_ef(obj, Xc, yc) + lam).pow(-0.75)
+                Minv = (scale * self._diag_ef(obj, Xc, yc) + lam).pow(-0.75)
             elif kind == "ggn":
-                Minv = (self._ggn_diagonal(obj, curvature_data) + lam).pow(-0.75)
+                Minv = (scale * self._ggn_diagonal(obj, curvature_data) + lam).pow(-0.75)
             elif kind == "kfac":
-                Minv = self._kfac_preconditioner(obj, curvature_data, lam)
+                # (scale K + lam)^-1 = (K + lam / scale)^-1 / scale
+                inverse = self._kfac_preconditioner(obj, curvature_data, lam / scale)
+                Minv = None if inverse is None else (
+                    lambda v, inverse=inverse: inverse(v).div_(scale))
                 kind = kind if Minv is not None else None
 
         def B(v: torch.Tensor) -> torch.Tensor:
             with torch.enable_grad():
-                return gn(v).add_(v, alpha=lam)
+                return gn(v).mul_(scale).add_(v, alpha=lam)
 
         prev = [self.state[p].get("cg_direction") for p in params.values()]
         if self.warm_start and all(d is not None for d in prev):
