@@ -299,3 +299,20 @@ def test_exact_diagonal_compares_every_sample_of_a_large_batch(masked, host_read
     y = torch.randint(0, 3, (64,), generator=g)
     with pytest.raises(ValueError, match=f"sample {masked} alone gives other outputs"):
         DiagonalOperator(model, nn.CrossEntropyLoss(), (X, y), chunk_size=16)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+def test_exact_diagonal_of_bce_with_float32_targets_on_a_float64_model(curvature):
+    """torch's BCE-with-logits of float64 logits and float32 targets is float32 (its
+    vmapped per-sample form float64): the separability check compared the two and raised
+    "Float did not match Double" (a multi-label Hugging Face classifier in float64 with
+    float32 labels). Now compared in float64 at the coarser precision; the 0/1 targets are
+    exact in float32, so the diagonal equals the float64 targets' one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X = torch.randn(6, 4, dtype=torch.float64)
+    y = (torch.rand(6, 3) > 0.5).float()
+    d32 = DiagonalOperator(model, nn.BCEWithLogitsLoss(), (X, y), curvature=curvature).diagonal
+    d64 = DiagonalOperator(model, nn.BCEWithLogitsLoss(), (X, y.double()),
+                           curvature=curvature).diagonal
+    assert rel_err(d32, d64) < 1e-12

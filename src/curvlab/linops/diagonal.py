@@ -375,9 +375,13 @@ def _check_separable(obj: Objective, weight: float, c: torch.Tensor, out: torch.
                      targets: Any) -> None:
     """The exact GGN diagonal needs ``w * loss(batch) = sum_i c_i loss(sample i)``."""
     with torch.no_grad():
-        whole = weight * loss_on_outputs(obj, out, targets)
-        parts = (c.reshape(-1) * per_sample_losses(obj, out, targets)).sum()
-    tol = torch.finfo(out.dtype).eps ** 0.5
+        whole = loss_on_outputs(obj, out, targets)
+        per_sample = per_sample_losses(obj, out, targets)
+    # compared in float64 to the precision of the coarser one: torch's BCE-with-logits of
+    # float64 logits and float32 targets is float32 (its vmapped per-sample form float64)
+    tol = max(torch.finfo(t.dtype).eps for t in (whole, per_sample, out)) ** 0.5
+    whole = weight * whole.double()
+    parts = (c.reshape(-1).double() * per_sample.double()).sum()
     if not torch.isclose(whole, parts, rtol=tol, atol=tol * float(parts.abs())):
         raise ValueError("the exact GGN diagonal needs loss_fn to be the mean or sum of "
                          "per-sample losses (e.g. no class weights); use "
