@@ -209,3 +209,26 @@ def test_a_bfloat16_model_is_diagnosed(user_file, tmp_path, capsys):
     n64, n16 = (json.loads((o / "report.json").read_text()) for o in (out64, out16))
     assert n16["lambda_max"] == pytest.approx(n64["lambda_max"], rel=0.05)
     assert math.isfinite(n16["trace"]["estimate"])
+
+
+def test_a_summing_loss_is_flagged_in_the_stability_section(user_file, tmp_path, capsys):
+    """With reduction="sum", lambda_max is the full-data sum's (N / B times a B-sample
+    batch's): the report recorded the same stability table as for a mean loss with no hint.
+    The reduction is now in report.json, and the page and terminal say what it means."""
+    path = tmp_path / "summing.py"
+    path.write_text(FACTORY + '''
+def summing():
+    model, _, data = make()
+    return model, nn.CrossEntropyLoss(reduction="sum"), data
+''')
+    out = tmp_path / "sum"
+    assert main(["diagnose", f"{path}:summing", "--out", str(out), "--quick",
+                 "--lr", "0.01"]) == 0
+    n = json.loads((out / "report.json").read_text())
+    assert n["reduction"] == "sum" and n["num_loss_terms"] is None
+    assert "The loss sums over its 50 samples" in (out / "index.html").read_text()
+    assert "the loss sums over the samples" in capsys.readouterr().out
+    mean = tmp_path / "mean"
+    assert main(["diagnose", f"{user_file}:make", "--out", str(mean), "--quick"]) == 0
+    assert json.loads((mean / "report.json").read_text())["reduction"] == "mean"
+    assert "sums over" not in (mean / "index.html").read_text()

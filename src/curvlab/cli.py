@@ -336,7 +336,10 @@ def _print_report(console: _Console, n: dict[str, Any], source: str, elapsed: fl
         ("parameters", f"{n['num_params']:,}", "number of trainable parameters"),
         ("samples", f"{n['num_samples']:,}", "inputs in the data (sequences, images, ...)"),
         ("loss terms", g(n.get("num_loss_terms"), ",.0f"),
-         "what the mean loss averages over (valid targets / tokens)"),
+         "what the mean loss averages over (valid targets / tokens)"
+         if n.get("reduction") != "sum" else
+         "none: the loss sums over the samples, so lambda_max is the full-data sum's (a "
+         "batch of B samples has ~B / N of it)"),
         *([("mode", n["mode"], _mode_meaning(n))] if n.get("mode_dependent_layers") else []),
         ("loss", f"{n['loss']:.6g}", "full-data loss"),
         ("gradient norm", f"{n['grad_norm']:.4g}", "||grad L||_2 on the full data"),

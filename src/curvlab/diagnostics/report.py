@@ -25,7 +25,9 @@ Stages (and their cost in Hessian-vector products, HVPs, on the full data):
 The stability table compares ``lr x lambda_max`` with the thresholds of
 :func:`~curvlab.diagnostics.stability_threshold` (gradient descent 2; heavy ball
 ``2 (1 + mu)``; Nesterov ``2 (1 + mu) / (1 + 2 mu)``; Adam's ``2 (1 + b1) / (1 - b1)``,
-which applies to the *preconditioned* sharpness and is listed for reference).
+which applies to the *preconditioned* sharpness and is listed for reference). For a loss
+that sums over its samples (``reduction="sum"``) ``lambda_max`` is that of the full-data
+sum, ~``N / B`` times a ``B``-sample batch's: the report says so.
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ def curvature_report(model: torch.nn.Module, loss_fn: Any, data: Any, params: An
             state["grad"] = g
             numbers.update(num_params=obj.num_params, num_samples=obj.num_samples,
                            num_loss_terms=obj.num_loss_terms if obj.reduction == "mean" else None,
+                           reduction=obj.reduction,
                            loss=float(loss), grad_norm=float(g.norm()),
                            mode="train" if obj.train else "eval",
                            model_in_train_mode=bool(getattr(model, "training", False)),
@@ -372,6 +375,10 @@ def write_report(report: CurvatureReport, out: str | os.PathLike, *, title: str 
         parts += ["<h2>Stability</h2>",
                   f"<p>lr = {_fmt(n.get('lr'))}; stable on the quadratic model iff "
                   "lr x lambda_max &lt; threshold.</p>",
+                  *([f"<p>The loss sums over its {n.get('num_samples')} samples: lambda_max "
+                     "is that of a full-batch step on this sum; a training batch of B samples "
+                     "sums about B / N of this curvature (scale lambda_max and the max "
+                     "stable lr accordingly).</p>"] if n.get("reduction") == "sum" else []),
                   _table(["optimizer", "threshold", "max stable lr", "lr x lambda_max",
                           "stable", "note"],
                          [[r["optimizer"], r["threshold"], r["max_stable_lr"],
