@@ -334,8 +334,9 @@ class CurvatureMonitor:
 
     Args:
         model: the ``nn.Module`` being trained.
-        loss_fn: ``loss_fn(outputs, targets)`` (mean reduction), or None when the model
-            computes its own loss (Hugging Face models; see :class:`curvlab.Objective`).
+        loss_fn: ``loss_fn(outputs, targets)`` (a mean; a summing loss needs
+            ``train_batch_size``), or None when the model computes its own loss (Hugging
+            Face models; see :class:`curvlab.Objective`).
         batch: the fixed monitor batch: ``(inputs, targets)`` or a dict batch.
             Alternatively give ``data`` (one ``(inputs, targets)`` pair of tensors or one
             dict of tensors) and ``batch_size`` to sample rows once with ``generator``.
