@@ -5,7 +5,8 @@ Stages (and their cost in Hessian-vector products, HVPs, on the full data):
 
 * ``gradient`` -- loss and gradient (one forward + backward per batch).
 * ``top eigenvalues`` -- the top ``k`` by Lanczos to relative residual ``tol``
-  (:func:`~curvlab.diagnostics.top_eigenvalues`; typically ``2k``-``4k`` HVPs).
+  (:func:`~curvlab.diagnostics.top_eigenvalues`; typically ``2k``-``4k`` HVPs, then a
+  deflated run that looks for missed copies of repeated eigenvalues).
 * ``bottom eigenvalue`` -- the smallest, with the minimum / saddle / flat classification
   (:func:`~curvlab.diagnostics.bottom_eigenvalues`; at most ``bottom_max_iter`` HVPs).
 * ``trace`` -- Hutch++ with ``trace_samples`` HVPs and its standard error (Meyer et al.,

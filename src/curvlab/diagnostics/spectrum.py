@@ -32,9 +32,10 @@ def top_eigenvalues(op: Any, k: int = 1, *, tol: float = 1e-4, method: str = "la
 
     ``method="lanczos"`` (default) stops when every Ritz pair has relative residual
     ``||H y - theta y|| / |theta| <= tol``, which bounds the relative eigenvalue error by
-    ``tol`` (see :mod:`curvlab.linalg.krylov`). ``method="power"`` (``k=1`` only) finds
-    the largest-*magnitude* eigenvalue with the same stopping rule, usually at several
-    times the cost. ``v0`` warm-starts from previous eigenvector(s).
+    ``tol`` (see :mod:`curvlab.linalg.krylov`; for ``k >= 2`` a deflated second run finds
+    the copies of repeated eigenvalues one Krylov space misses). ``method="power"`` (``k=1``
+    only) finds the largest-*magnitude* eigenvalue with the same stopping rule, usually at
+    several times the cost. ``v0`` warm-starts from previous eigenvector(s).
     """
     if method == "lanczos":
         return lanczos(op, k, which="largest", tol=tol, max_iter=max_iter, v0=v0,

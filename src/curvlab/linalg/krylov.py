@@ -16,6 +16,15 @@ it is bounded by ``||r||^2 / gap`` (Kato-Temple) as well. As with any Krylov met
 guarantee is "an eigenvalue", not "the largest one": a start vector (almost) orthogonal
 to the top eigenvector can miss it. This is the criterion ARPACK/``scipy.sparse.linalg.
 eigsh`` uses, so ``tol`` means the same thing here as there.
+
+Repeated eigenvalues: the Krylov space of one start vector holds a single direction of each
+eigenspace (the start's projection onto it), so Lanczos finds one copy of a repeated
+eigenvalue and, asked for ``k >= 2``, reports the next distinct one in place of the others
+(a multi-output least-squares Hessian ``I (x) X^T X`` repeats every eigenvalue once per
+output: top 2 of ``[10, 10, 9, ...]`` came out ``[10, 9]``, "converged"). :func:`lanczos`
+therefore checks, for ``k >= 2``, the operator deflated by the pairs it found, ``(I - Y
+Y^T) A (I - Y Y^T)``, from a second random start: an extreme eigenvalue there that belongs
+among the ``k`` is a missed copy; it joins them and the check repeats.
 """
 
 from __future__ import annotations
@@ -211,7 +220,8 @@ def _check_common(k: int, tol: float, atol: float, which: str | None = None,
 def lanczos(op: Any, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
             atol: float = 0.0, relative_to: str = "eigenvalue", max_iter: int | None = None,
             v0: torch.Tensor | None = None, num_vectors: int | None = None,
-            min_iter: int = 1, generator: torch.Generator | None = None) -> EigenResult:
+            min_iter: int = 1, generator: torch.Generator | None = None,
+            find_repeated: bool = True) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator by Lanczos with full
     reorthogonalization (see :class:`LanczosProcess`).
 
@@ -236,6 +246,10 @@ def lanczos(op: Any, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
             residual test after one step; two steps from ``y1 + a y2`` (previous top two
             Ritz vectors) already span both directions.
         generator: for the random start vector.
+        find_repeated: for ``k >= 2``, look for copies of repeated eigenvalues the Krylov
+            space missed (module docstring; a Lanczos run on the deflated operator, usually
+            a few dozen more matvecs). False skips it (where a missed copy only costs
+            accuracy elsewhere, e.g. the deflation of a stochastic estimate).
 
     Returns:
         :class:`EigenResult`; ``converged`` is False when ``max_iter`` ran out first.
@@ -273,12 +287,77 @@ def lanczos(op: Any, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
     idx = _order(theta, which)[:num_vectors]
     Sk = torch.as_tensor(S[:, idx], dtype=A.dtype, device=A.device)
     vecs = proc.Q.T @ Sk
+    values, vecs, residuals = theta[idx], vecs / vecs.norm(dim=0, keepdim=True), res[idx]
+    if find_repeated and converged and k >= 2 and not proc.exhausted:
+        head = _add_missed_copies(A, values[:k], vecs[:, :k], residuals[:k], which, tol,
+                                  atol, max_iter, generator)
+        values = np.concatenate([head[0], values[k:]])
+        vecs = torch.cat([head[1], vecs[:, k:]], dim=1)
+        residuals = np.concatenate([head[2], residuals[k:]])
+        keep = _order(values, which)[:num_vectors]
+        values, vecs, residuals = values[keep], vecs[:, keep], residuals[keep]
     return EigenResult(
-        eigenvalues=torch.as_tensor(theta[idx], dtype=torch.float64),
-        eigenvectors=vecs / vecs.norm(dim=0, keepdim=True),
-        residuals=torch.as_tensor(res[idx], dtype=torch.float64),
+        eigenvalues=torch.as_tensor(values, dtype=torch.float64),
+        eigenvectors=vecs,
+        residuals=torch.as_tensor(residuals, dtype=torch.float64),
         num_matvecs=A.num_matvecs, num_iters=proc.m, converged=converged, which=which,
         tol=tol, history=history, ritz_values=torch.as_tensor(theta, dtype=torch.float64))
+
+
+def _key(theta: np.ndarray | float, which: str) -> np.ndarray | float:
+    """Larger means earlier in the order of ``which``."""
+    return theta if which == "largest" else -theta if which == "smallest" else np.abs(theta)
+
+
+def _add_missed_copies(A: MatvecOperator, values: np.ndarray, vecs: torch.Tensor,
+                       residuals: np.ndarray, which: str, tol: float, atol: float,
+                       max_iter: int, generator: torch.Generator | None
+                       ) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """The ``k`` converged pairs of :func:`lanczos` (``values`` in ``which`` order,
+    ``vecs`` their unit columns) and the copies of repeated eigenvalues its Krylov space
+    missed (module docstring), in ``which`` order (more than ``k`` pairs when some were
+    found). Lanczos runs on ``P A P``, ``P = I - Y Y^T`` over the pairs found so far, from a
+    random start in ``range(P)``; its extreme Ritz value, once converged, is the extreme
+    eigenvalue of ``A`` outside the span of ``Y`` (to the same tolerance and under the same
+    random-start assumption as the first run). If it comes before the ``k``-th value by more
+    than that value's error bound, it is a missed eigenvalue: it joins the pairs (its
+    residual ``||A y - theta y||`` from one product) and the check runs again."""
+    k = len(values)
+    while True:
+        kth = values[_order(values, which)[k - 1]]
+        margin = max(tol * abs(kth), atol, float(residuals.max()))
+        Y = torch.linalg.qr(vecs.double())[0].to(vecs.dtype)  # (no 16-bit QR kernels)
+        if A.n - Y.shape[1] < 1:
+            break
+
+        def deflated(v: torch.Tensor, Y: torch.Tensor = Y) -> torch.Tensor:
+            w = A.matvec(v - Y @ (Y.T @ v))
+            return w - Y @ (Y.T @ w)
+
+        D = MatvecOperator(deflated, A.n, dtype=A.dtype, device=A.device,
+                           check_symmetry=False)
+        start = _random_vector(A, generator)
+        proc = LanczosProcess(D, start - Y @ (Y.T @ start), generator)
+        found = None
+        while proc.m < min(max_iter, A.n - Y.shape[1]):
+            proc.step()
+            theta, S, res = proc.ritz()
+            top = _order(theta, which)[0]
+            if res[top] <= max(tol * abs(theta[top]), atol):
+                if _key(theta[top], which) > _key(kth, which) + margin:
+                    found = (float(theta[top]), S[:, top])
+                break
+        if found is None:
+            break
+        y = proc.Q.T @ torch.as_tensor(found[1], dtype=A.dtype, device=A.device)
+        y = y - Y @ (Y.T @ y)
+        y = y / y.norm()
+        values = np.append(values, found[0])
+        residuals = np.append(residuals, float((A.matvec(y) - found[0] * y).norm()))
+        vecs = torch.cat([vecs, y[:, None]], dim=1)
+        log.info("lanczos: a missed copy of a repeated eigenvalue, %.6g", found[0])
+    order = _order(values, which)
+    return values[order], vecs[:, order], residuals[order]
 
 
 def power_iteration(op: Any, *, tol: float = 1e-6, atol: float = 0.0, max_iter: int = 1000,
