@@ -332,3 +332,20 @@ def test_operator_on_gpt2_with_its_own_loss_and_padding():
         A_mc, G_mc = mc.factors[name]
         torch.testing.assert_close(A_mc, A, atol=1e-12, rtol=0)
         assert abs(float(G_mc.trace() / G.trace()) - 1) < 0.03
+
+
+@pytest.mark.parametrize("name", ["emb.weight", "head.weight", "emb", "head"])
+def test_operator_selects_a_tied_weight_by_either_name(name):
+    """params=None counts a tied embedding / head weight through the head; selecting that
+    weight by name (either alias) or by module raised "shared with another layer ... select
+    the parameters of one of them with params=" - advice that cannot be followed (both names
+    are one tensor). Selected, it gets the same block as with params=None."""
+    torch.manual_seed(6)
+    model = _TiedLM().to(D64)
+    ids = torch.randint(0, 6, (5, 4))
+    full = KFACOperator(model, nn.CrossEntropyLoss(), (ids, ids), fisher_type="exact")
+    one = KFACOperator(model, nn.CrossEntropyLoss(), (ids, ids), params=[name],
+                       fisher_type="exact")
+    assert [layer.name for layer in one.layers] == ["head"]
+    for ref, mine in zip(full.factors["head"], one.factors["head"], strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-12, atol=1e-14)

@@ -288,7 +288,7 @@ def find_layers(
         if (wk is not None and wk in covered) or (bk is not None and bk in covered):
             raise ValueError(f"parameter of layer {name!r} is shared with another layer "
                              "(tied weights); Kronecker factors need one layer per parameter: "
-                             "select the parameters of one of them with params=")
+                             "leave the shared parameter out of params= (or untie it)")
         covered.update(k for k in (wk, bk) if k is not None)
         pairs = [(wk, None), (None, bk)] if separate_weight_and_bias and wk and bk \
             else [(wk, bk)]

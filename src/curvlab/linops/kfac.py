@@ -66,10 +66,10 @@ class KFACOperator(CurvatureOperator):
             ``model`` must be an ``nn.Module``. Selected parameters must belong to an
             ``nn.Linear``, ``nn.Conv2d`` (grouped: one block per group), HF ``Conv1D``
             (transposed linear) or ``nn.Embedding`` (diagonal input factor) layer, and to one
-            layer only (tied weights: ValueError; select one use with ``params=``).
-            ``params=None`` selects the trainable parameters of the supported layers (a
-            tied embedding / output head counted through the head), and logs what it
-            leaves out (e.g. LayerNorms) with its fraction of the parameters.
+            layer only (a language model's tied embedding / output head is counted through
+            the head; other tied weights: ValueError). ``params=None`` selects the
+            trainable parameters of the supported layers and logs what it leaves out (e.g.
+            LayerNorms) with its fraction of the parameters.
         fisher_type: ``"mc"`` (Fisher, targets sampled from the model, default),
             ``"exact"`` (Fisher/GGN through the exact output-Hessian square root) or
             ``"empirical"`` (empirical Fisher, true targets).
@@ -113,7 +113,9 @@ class KFACOperator(CurvatureOperator):
         self.max_factor_dim = max_factor_dim
         self.approx = approx
         self.separate_weight_and_bias = separate_weight_and_bias
-        self._exclude: dict[str, str] = {}  # tied embeddings counted through their head
+        # tied embeddings counted through their head, however the parameters are selected
+        self._exclude: dict[str, str] = (tied_embeddings(model) if isinstance(model, nn.Module)
+                                         else {})
         if params is None and isinstance(model, nn.Module):
             params = self._supported_params(model)
         super().__init__(model, loss_fn, data, params, train=train)
@@ -121,7 +123,7 @@ class KFACOperator(CurvatureOperator):
     def _supported_params(self, model: nn.Module) -> list[str]:
         """The trainable parameters K-FAC has blocks for (``params=None``), logged once."""
         named = {k: p for k, p in model.named_parameters() if p.requires_grad}
-        tied = self._exclude = tied_embeddings(model)
+        tied = self._exclude
         layers, others = find_layers(
             model, named, max_factor_dim=self.max_factor_dim, exclude=tied,
             approx=self.approx, separate_weight_and_bias=self.separate_weight_and_bias,
