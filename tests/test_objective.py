@@ -549,3 +549,57 @@ def test_parameters_of_several_dtypes_and_conversions_in_forward_are_clear_error
     with pytest.raises(TypeError, match="Linear converts itself with .to"):
         HessianOperator(model, nn.CrossEntropyLoss(), (X.double(), y)).to_dense()
     assert model[1].inner.weight.dtype == torch.float64  # the model was left as it was
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Adds fresh noise to every input it serves (random augmentation)."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i] + 0.3 * torch.randn_like(self.X[i]), self.y[i]
+
+
+def test_data_that_changes_between_passes_is_refused():
+    """Each evaluation of an objective reads its DataLoader again. A shuffled loader with
+    drop_last=True or random augmentation gave other data at each Hessian product (two
+    products of one vector 60% / 27% apart, a 'converged' Lanczos top eigenvalue): a
+    ValueError now. A plain shuffle in eval mode changes nothing (equal to a list of
+    batches); in train mode, where batch statistics and Dropout streams depend on which
+    samples share a batch, it is refused too. A pass left early is not a changed pass."""
+    from curvlab.linops import HessianOperator
+
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 4, dtype=torch.float64), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    changing = {
+        "shuffle_drop_last": DataLoader(TensorDataset(X, y), batch_size=24, shuffle=True,
+                                        drop_last=True),
+        "augmented": DataLoader(_Augmented(X, y), batch_size=16),
+    }
+    for loader in changing.values():
+        op = HessianOperator(model, loss_fn, loader)
+        with pytest.raises(ValueError, match="the data changed between two passes"):
+            for _ in range(3):
+                op.matvec(v)
+    ref = HessianOperator(model, loss_fn, [(X[i:i + 16], y[i:i + 16])
+                                           for i in range(0, 64, 16)]).matvec(v)
+    shuffled = DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True)
+    op = HessianOperator(model, loss_fn, shuffled)
+    for _ in range(3):
+        torch.testing.assert_close(op.matvec(v), ref, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="in train mode, any shuffling"):
+        op = HessianOperator(model, loss_fn, shuffled, train=True)
+        for _ in range(3):
+            op.matvec(v)
+    ordered = DataLoader(TensorDataset(X, y), batch_size=16)
+    obj = Objective(model, loss_fn, ordered, train=True)
+    next(iter(obj.batches()))  # a pass left after one batch
+    for _ in range(2):
+        obj.flat_grad()
