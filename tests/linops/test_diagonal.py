@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from curvlab.linops import DiagonalOperator
+from curvlab.linops import DiagonalOperator, EmpiricalFisherOperator, GGNOperator
 
 LOSSES = {"ce": nn.CrossEntropyLoss, "mse_sum": lambda: nn.MSELoss(reduction="sum")}
 DENSE = {"ggn": Truth.ggn, "hessian": Truth.hessian, "ef": Truth.empirical_fisher}
@@ -316,3 +316,38 @@ def test_exact_diagonal_of_bce_with_float32_targets_on_a_float64_model(curvature
     d64 = DiagonalOperator(model, nn.BCEWithLogitsLoss(), (X, y.double()),
                            curvature=curvature).diagonal
     assert rel_err(d32, d64) < 1e-12
+
+
+class _Flagged(nn.Module):
+    """Takes a dict batch with a flag and a 0-d temperature beside the batched inputs (as
+    Hugging Face models take ``use_cache=False``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x, temperature, squash=True, note=None):
+        h = self.inp(x)
+        return self.head(torch.tanh(h) if squash else h) / temperature
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+def test_exact_diagonal_of_a_dict_batch_with_flags_and_scalars(curvature):
+    """Flags, None and 0-d tensors in a dict batch are no samples: the exact diagonal
+    sliced every leaf ("'bool' object is not subscriptable"); they are passed as they are
+    now, in the vmapped and in the one-sample-at-a-time path."""
+    torch.manual_seed(0)
+    model = _Flagged().double()
+    X = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    inputs = {"x": X, "temperature": torch.tensor(1.5, dtype=torch.float64), "squash": True,
+              "note": None}
+    loss_fn = nn.CrossEntropyLoss()
+    G = GGNOperator(model, loss_fn, (inputs, y)) if curvature == "ggn" else \
+        EmpiricalFisherOperator(model, loss_fn, (inputs, y))
+    want = torch.diagonal(G.to_dense())
+    d = DiagonalOperator(model, loss_fn, (inputs, y), curvature=curvature, chunk_size=4)
+    assert rel_err(d.diagonal, want) < 1e-12
+    d._per_sample_loop = True  # the path of models vmap cannot batch
+    d.refresh()
+    assert rel_err(d.diagonal, want) < 1e-12

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.func as tf
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from curvlab.autodiff import one_sample_at_a_time
 from curvlab.distributed import synced_generator
@@ -283,12 +283,19 @@ class DiagonalOperator(CurvatureOperator):
         obj = self.objective
         names = list(self.point)
         out_shape = out.shape[1:]
+        batched = tree_flatten(tree_map(_batched, inputs))[0]
+
+        def batch_of_one(x_i: Any) -> Any:
+            """One sample's inputs as a batch of one (its batched leaves unsqueezed)."""
+            flat, spec = tree_flatten(x_i)
+            return tree_unflatten([t.unsqueeze(0) if b else t
+                                   for t, b in zip(flat, batched, strict=True)], spec)
 
         def one_sample(x_i: Any, q_i: torch.Tensor, lam_i: torch.Tensor
                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
             """Sample ``i``'s squared-VJP row (one tensor per parameter) and its outputs."""
             def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-                return obj.outputs(p, tree_map(lambda t: t.unsqueeze(0), x_i))[0]
+                return obj.outputs(p, batch_of_one(x_i))[0]
 
             alone, vjp_fn = tf.vjp(f, self.point)
             cols = q_i.T.reshape(q_i.shape[1], *out_shape)
@@ -302,7 +309,7 @@ class DiagonalOperator(CurvatureOperator):
             no torch.func transform can run (packed sequences)."""
             point = {k: v.detach().requires_grad_(True) for k, v in self.point.items()}
             with torch.enable_grad():
-                out = obj.outputs(point, tree_map(lambda t: t.unsqueeze(0), x_i))[0]
+                out = obj.outputs(point, batch_of_one(x_i))[0]
             cols = q_i.T.reshape(q_i.shape[1], *out_shape)
             rows = []
             for r, col in enumerate(cols):
@@ -318,10 +325,11 @@ class DiagonalOperator(CurvatureOperator):
         with obj.mode():
             for start in range(0, batch, self.chunk_size):
                 sl = slice(start, start + self.chunk_size)
-                x = tree_map(lambda t, sl=sl: t[sl], inputs)
+                x = _samples(inputs, sl)
                 if not self._per_sample_loop:
                     try:
-                        parts, alone = tf.vmap(one_sample)(x, factors[sl], eigvals[sl])
+                        parts, alone = tf.vmap(one_sample, in_dims=(_sample_dims(x), 0, 0))(
+                            x, factors[sl], eigvals[sl])
                         rows = torch.cat(parts, dim=1)
                         self._check_batching(rows, one_sample_autograd, x, factors[sl],
                                              eigvals[sl])
@@ -350,7 +358,7 @@ class DiagonalOperator(CurvatureOperator):
         if key in self._batching_checked:
             return
         for i in sorted({0, rows.shape[0] - 1}):
-            ref = one_sample_autograd(tree_map(lambda t, i=i: t[i], inputs), factors[i],
+            ref = one_sample_autograd(_samples(inputs, i), factors[i],
                                       eigvals[i])[0]
             tol = math.sqrt(torch.finfo(ref.dtype).eps)
             if float((rows[i] - ref).norm()) > tol * float(ref.norm()):
@@ -359,13 +367,29 @@ class DiagonalOperator(CurvatureOperator):
         self._batching_checked.add(key)
 
 
+def _batched(t: Any) -> bool:
+    """A leaf of the inputs that has a sample dimension (tensors of dim >= 1; flags, None
+    and 0-d tensors in a dict batch are passed as they are)."""
+    return isinstance(t, torch.Tensor) and t.dim() > 0
+
+
+def _samples(inputs: Any, index: int | slice) -> Any:
+    """Sample ``index`` (or a slice of samples) of every batched leaf of ``inputs``."""
+    return tree_map(lambda t: t[index] if _batched(t) else t, inputs)
+
+
+def _sample_dims(inputs: Any) -> Any:
+    """``vmap``'s ``in_dims`` for ``inputs``: 0 for batched leaves, None for the others."""
+    return tree_map(lambda t: 0 if _batched(t) else None, inputs)
+
+
 def _looped(one_sample: Any, inputs: Any, factors: torch.Tensor, eigvals: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sum_i`` of the rows of ``one_sample(x_i, q_i, lam_i)`` over the chunk's samples,
     one at a time (what ``vmap`` of the functorch form batches), and the samples' outputs."""
     total, outputs = None, []
     for i in range(factors.shape[0]):
-        row, alone = one_sample(tree_map(lambda t, i=i: t[i], inputs), factors[i], eigvals[i])
+        row, alone = one_sample(_samples(inputs, i), factors[i], eigvals[i])
         total = row if total is None else total + row
         outputs.append(alone)
     return total, torch.stack(outputs)
