@@ -507,7 +507,7 @@ def gradient_noise(model: Any, loss_fn: Any = None, data: Any = None, *, batch_s
         if len(objective.data) != 1:
             raise ValueError(f"gradient_noise needs an Objective of one batch, got "
                              f"{len(objective.data)}")
-        data = objective.data[0]
+        data = next(iter(objective.data))
     else:
         if not (isinstance(data, Mapping) or (isinstance(data, (tuple, list)) and len(data) == 2
                                               and isinstance(data[1], torch.Tensor))):
