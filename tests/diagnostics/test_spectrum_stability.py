@@ -225,7 +225,10 @@ def test_gradient_noise_is_per_sample_for_summing_losses_and_dict_batches(proble
     objective = noise(Objective(model, nn.CrossEntropyLoss(reduction="sum"), data))
     as_dict = noise(_DictModel(model), nn.CrossEntropyLoss(),
                     {"features": X, "labels": y})
-    for other in (summed, objective, as_dict):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y),
+                                         batch_size=len(X))
+    from_loader = noise(Objective(model, nn.CrossEntropyLoss(), loader))
+    for other in (summed, objective, as_dict, from_loader):
         for field in ("grad_norm", "mean_gap", "noise_scale"):
             assert getattr(other, field) == pytest.approx(getattr(mean, field), rel=1e-10)
     with pytest.raises(ValueError, match="one batch"):
