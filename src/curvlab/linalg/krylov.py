@@ -289,8 +289,11 @@ def lanczos(op: Any, k: int = 1, *, which: str = "largest", tol: float = 1e-6,
     vecs = proc.Q.T @ Sk
     values, vecs, residuals = theta[idx], vecs / vecs.norm(dim=0, keepdim=True), res[idx]
     if find_repeated and converged and k >= 2 and not proc.exhausted:
-        head = _add_missed_copies(A, values[:k], vecs[:, :k], residuals[:k], which, tol,
-                                  atol, max_iter, generator)
+        # the residual bound of the first run: relative to each eigenvalue or to ||A||
+        atol_run = atol if relative_to == "eigenvalue" else max(atol, tol * np.abs(theta).max())
+        tol_run = tol if relative_to == "eigenvalue" else 0.0
+        head = _add_missed_copies(A, values[:k], vecs[:, :k], residuals[:k], which, tol_run,
+                                  atol_run, max_iter, generator)
         values = np.concatenate([head[0], values[k:]])
         vecs = torch.cat([head[1], vecs[:, k:]], dim=1)
         residuals = np.concatenate([head[2], residuals[k:]])
