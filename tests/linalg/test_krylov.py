@@ -175,3 +175,15 @@ def test_min_iter_escapes_a_warm_start_on_the_wrong_eigenvector():
     assert found.num_matvecs == 2
     assert torch.allclose(found.eigenvalues, torch.tensor([8.0, 7.0], dtype=torch.float64))
     assert found.eigenvectors.shape == (8, 2)
+
+
+def test_missed_copies_near_zero_use_the_runs_norm_relative_bound():
+    """relative_to="norm" (bottom eigenvalues near 0): the copy check converges to the
+    first run's bound tol x ||A|| and finds the second copy of -1e-3 (a relative bound at
+    -1e-3 would need ~1e-6 accuracy and run to max_iter)."""
+    ev = torch.cat([torch.tensor([-1e-3, -1e-3]), torch.linspace(1e-6, 10, 198)])
+    A = matrix_with_spectrum(ev, seed=0)
+    res = lanczos(A, 3, which="smallest", tol=1e-3, relative_to="norm",
+                  generator=torch.Generator().manual_seed(0))
+    assert res.eigenvalues[1] < 0 and abs(float(res.eigenvalues[1]) + 1e-3) <= 1e-2
+    assert res.num_matvecs < 2 * 200
