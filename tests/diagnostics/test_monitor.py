@@ -144,6 +144,13 @@ def test_monitor_arguments():
     mon = CurvatureMonitor(model, loss_fn, data=(X, y), batch_size=16, lr=0.1,
                            generator=torch.Generator().manual_seed(0))
     assert mon.batch[0].shape == (16, 5)
+    # inputs as a dict (keyword arguments of the model) are sampled row by row too; they
+    # were left whole beside 16 sampled targets
+    dict_data = ({"input": X, "unused_flag": True}, y)
+    mon = CurvatureMonitor(model, loss_fn, data=dict_data, batch_size=16, lr=0.1,
+                           generator=torch.Generator().manual_seed(0))
+    assert mon.batch[0]["input"].shape == (16, 5) and mon.batch[1].shape == (16, 1)
+    assert mon.batch[0]["unused_flag"] is True
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

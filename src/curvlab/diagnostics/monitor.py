@@ -134,6 +134,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_flatten, tree_map
 
 from curvlab.autodiff import hvp_fn
 from curvlab.diagnostics.precision import precision_check
@@ -312,21 +313,17 @@ def _batch_statistics(model: Any) -> bool:
 
 
 def _sample_rows(data: Any, size: int, generator: torch.Generator | None) -> Any:
-    """The same random ``size`` rows of every tensor of ``(inputs, targets)`` or a dict."""
-    leaves = [t for t in (data.values() if isinstance(data, Mapping) else data)
-              if isinstance(t, torch.Tensor)]
-    if not leaves:
-        raise TypeError("data must be an (inputs, targets) pair of tensors or a dict of tensors")
+    """The same random ``size`` rows of every batched tensor of ``(inputs, targets)`` (the
+    inputs a tensor, a tuple or a dict of them) or of a dict batch."""
+    leaves = [t for t in tree_flatten(data)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not leaves or not isinstance(data, (Mapping, tuple, list)) or (
+            not isinstance(data, Mapping) and len(data) != 2):
+        raise TypeError("data must be an (inputs, targets) pair of tensors (inputs may be a "
+                        "dict or tuple of tensors) or a dict of tensors")
     n = leaves[0].shape[0]
     idx = torch.randperm(n, generator=generator)[:size]
-
-    def take(t: Any) -> Any:
-        return t[idx.to(t.device)] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
-
-    if isinstance(data, Mapping):
-        return {k: take(v) for k, v in data.items()}
-    inputs, targets = data
-    return (take(inputs), take(targets))
+    return tree_map(lambda t: t[idx.to(t.device)] if isinstance(t, torch.Tensor)
+                    and t.dim() > 0 else t, data if isinstance(data, Mapping) else tuple(data))
 
 
 class CurvatureMonitor:
