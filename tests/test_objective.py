@@ -603,3 +603,56 @@ def test_data_that_changes_between_passes_is_refused():
     next(iter(obj.batches()))  # a pass left after one batch
     for _ in range(2):
         obj.flat_grad()
+
+
+class _Checkpointed(nn.Module):
+    """An MLP whose middle block runs under torch.utils.checkpoint (reentrant or not),
+    fed by the data directly (``first=True``) or by a layer before it."""
+
+    def __init__(self, reentrant, first):
+        super().__init__()
+        self.reentrant, self.first = reentrant, first
+        self.inp = nn.Linear(4, 4)
+        self.block = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh())
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = x if self.first else torch.tanh(self.inp(x))
+        if self.reentrant is None:
+            return self.head(self.block(h))
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, h,
+                                                           use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["block_on_data", "block_after_layer"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_in_a_models_own_forward(reentrant, first):
+    """Reentrant torch.utils.checkpoint recomputes its block in the backward pass with the
+    module's own parameters: fed by the data, the block's curvature was missing with no
+    error (Hessian 97%, GGN 75%, K-FAC 46% off); after a layer, every product raised. It is
+    a plain call during curvlab's evaluations (and K-FAC's Monte-Carlo pass) now."""
+    from curvlab.linops import GGNOperator, HessianOperator, KFACOperator
+    from curvlab.optim import KFAC
+
+    torch.manual_seed(0)
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    plain = _Checkpointed(None, first).double()
+    model = _Checkpointed(reentrant, first).double()
+    model.load_state_dict(plain.state_dict())
+    loss_fn = nn.CrossEntropyLoss()
+    for op in (HessianOperator, GGNOperator, KFACOperator):
+        torch.testing.assert_close(op(model, loss_fn, (X, y)).to_dense(),
+                                   op(plain, loss_fn, (X, y)).to_dense(), rtol=1e-12,
+                                   atol=1e-14)
+    if first:
+        return  # (the block on the data trains no parameter of it with reentrant checkpoints)
+    factors = []
+    for net in (plain, model):
+        opt = KFAC(net, loss_fn=loss_fn, fisher_type="mc", lr=0.1)
+        opt.zero_grad()
+        loss_fn(net(X), y).backward()
+        opt.step()
+        factors.append([opt.state[p]["A"] for n, p in net.named_parameters()
+                        if n.endswith("weight")])
+    for a, b in zip(*factors, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

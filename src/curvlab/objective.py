@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
@@ -403,6 +404,26 @@ def _embedding_bag(module: nn.EmbeddingBag, input: torch.Tensor,
     return torch.where(count > 0, block.amax(1), 0.0)
 
 
+class _PlainCall:
+    """Stands in for ``torch.utils.checkpoint.CheckpointFunction`` (what
+    ``checkpoint(function, *args, use_reentrant=True)`` applies) during the objective's
+    evaluations: ``function(*args)`` recorded by autograd as it is, without checkpointing."""
+
+    @staticmethod
+    def apply(function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+        return function(*args)
+
+
+_CHECKPOINT_SWITCH = [(torch.utils.checkpoint, "CheckpointFunction", _PlainCall)]
+
+
+def plain_checkpoints() -> contextlib.AbstractContextManager[None]:
+    """``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`` as a plain call for
+    the duration (:class:`_PlainCall`), for a forward pass run outside an objective whose
+    backward uses ``autograd.grad`` (which the reentrant kind refuses)."""
+    return _plain_autograd(_CHECKPOINT_SWITCH)
+
+
 def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
     """``(object, attribute, value)``: what to set during the objective's evaluations so
     that autograd records the same function in a form curvature products can
@@ -415,6 +436,11 @@ def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
     - ``gradient_checkpointing = False`` on Hugging Face layers and models (activation
       checkpointing: the reentrant kind refuses ``autograd.grad``, the other one double
       backward);
+    - ``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`` in a model's own
+      forward as a plain call (:class:`_PlainCall`): the reentrant kind recomputes its
+      block in the backward pass with the module's own parameters, not the values an
+      evaluation passes in, so their curvature was missing with no error (a checkpointed
+      MLP block: Hessian 97%, GGN 75%, K-FAC 46% off);
     - weight normalization (``nn.utils.parametrizations.weight_norm`` and the older
       ``nn.utils.weight_norm``) through :func:`_weight_norm` (the fused kernel's double
       backward is wrong: a silently wrong Hessian);
@@ -430,7 +456,7 @@ def _autograd_switches(model: nn.Module) -> list[tuple[Any, str, Any]]:
     from torch.nn.utils.parametrizations import _WeightNorm
 
     legacy = getattr(sys.modules.get("torch.nn.utils.weight_norm"), "WeightNorm", None)
-    out: list[tuple[Any, str, Any]] = []
+    out: list[tuple[Any, str, Any]] = [*_CHECKPOINT_SWITCH]
     if any(isinstance(m, nn.RNNBase) for m in model.modules()):
         out.append((torch.backends.cudnn, "enabled", False))
     for m in model.modules():

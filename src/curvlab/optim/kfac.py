@@ -91,7 +91,7 @@ from curvlab.linops._kronecker import (
     tied_embeddings,
     unrotate,
 )
-from curvlab.objective import unwrap_model
+from curvlab.objective import plain_checkpoints, unwrap_model
 from curvlab.optim.adam import (
     AdamConfig,
     adam_directions_,
@@ -481,10 +481,12 @@ class KFAC(CurvlabOptimizer):
             self._suspended = True
             try:
                 for args, kwargs in self._inputs:
-                    batches.append(curvature_pass(
-                        self._all_layers, lambda a=args, k=kwargs: self.model(*a, **k),
-                        self.loss_fn, None, "mc", reduction=self._reduction(),
-                        mc_samples=self.mc_samples, generator=self._generator))
+                    # (a reentrant checkpoint refuses the pass's autograd.grad: a plain call)
+                    with plain_checkpoints():
+                        batches.append(curvature_pass(
+                            self._all_layers, lambda a=args, k=kwargs: self.model(*a, **k),
+                            self.loss_fn, None, "mc", reduction=self._reduction(),
+                            mc_samples=self.mc_samples, generator=self._generator))
             finally:
                 self._suspended = False
             sizes = [max((float(om.sum()) for per_layer in got for _, om, _ in per_layer),
