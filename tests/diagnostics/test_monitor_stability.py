@@ -637,3 +637,58 @@ def test_a_loss_back_at_its_start_after_training_is_progress_lost_whatever_the_r
                                    preconditioner_samples=lambda: 4.0)
     _feed(mon, [0.1, 0.5, 0.8, 1.0, 0.2, 0.3], [2.29, 1.36, 0.16, 1.8, 2.33, 2.4])
     assert not mon.warnings
+
+
+class _Quadratic(nn.Module):
+    """``f(x) = sum_i lam_i x_i^2 / 2`` as a model (output ``x``) and loss, from ``x0``."""
+
+    LAM = torch.tensor([1.0, 0.3, 0.05], dtype=torch.float64)
+
+    def __init__(self, x0=1e-20):
+        super().__init__()
+        self.x = nn.Parameter(torch.full((3,), x0, dtype=torch.float64))
+
+    def forward(self, inputs):
+        return self.x.unsqueeze(0) + 0 * inputs
+
+    @classmethod
+    def loss(cls, z, y):
+        return 0.5 * (cls.LAM * z[0] ** 2).sum()
+
+
+def _grows(opt_cls, lr, steps, **kw):
+    """Whether the iterates of ``opt_cls`` on the quadratic grow over the second half of
+    ``steps`` (eps = 1e3 dominates sqrt(v): a linear recurrence with P ~ eps), and the
+    run's model and optimizer."""
+    model = _Quadratic()
+    opt = opt_cls(model.parameters(), lr=lr, eps=1e3, **kw)
+    mid = None
+    for t in range(steps):
+        opt.zero_grad()
+        _Quadratic.loss(model(torch.zeros(1, 1, dtype=torch.float64)), None).backward()
+        opt.step()
+        size = float(model.x.detach().abs().max())
+        if t == steps // 2:
+            mid = size
+        if not math.isfinite(size) or size > 1e2:
+            return True, model, opt
+    return size > mid, model, opt
+
+
+@pytest.mark.parametrize("name", ["NAdam", "RAdam"])
+def test_nadam_and_radam_ratios_place_the_edge_where_the_iterates_start_to_grow(name):
+    """NAdam mixes the gradient into its step (Nesterov) with a momentum schedule that
+    starts near b1 / 2: on a quadratic it diverges at lr x lambda(P^-1 H) ~ 3.5 (b1 = 0.9,
+    momentum_decay 0), not at Adam's 38, so the ratio read 0.09 of the threshold at the
+    edge. RAdam multiplies its step by the rectification r_t (0.2 at step 100, 0.87 at
+    step 3000): the ratio overstated it by 1 / r_t. At 0.9x the lr the stability model
+    calls critical the iterates decay; at 1.1x they grow."""
+    data = (torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1))
+    kw = {"momentum_decay": 0.0} if name == "NAdam" else {}
+    cls = getattr(torch.optim, name)
+    steps = 600 if name == "NAdam" else 3000
+    _, model, opt = _grows(cls, 1.0, steps, **kw)
+    rep = stability_report(HessianOperator(model, _Quadratic.loss, data), opt, tol=1e-10)
+    critical = rep.lr * rep.threshold / rep.ratio
+    assert not _grows(cls, 0.9 * critical, steps, **kw)[0]
+    assert _grows(cls, 1.1 * critical, steps, **kw)[0]
