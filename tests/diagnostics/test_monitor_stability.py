@@ -675,18 +675,20 @@ def _grows(opt_cls, lr, steps, **kw):
     return size > mid, model, opt
 
 
-@pytest.mark.parametrize("name", ["NAdam", "RAdam"])
-def test_nadam_and_radam_ratios_place_the_edge_where_the_iterates_start_to_grow(name):
+@pytest.mark.parametrize("name", ["NAdam", "RAdam", "Adamax", "Adam", "RMSprop"])
+def test_adam_family_ratios_place_the_edge_where_the_iterates_start_to_grow(name):
     """NAdam mixes the gradient into its step (Nesterov) with a momentum schedule that
     starts near b1 / 2: on a quadratic it diverges at lr x lambda(P^-1 H) ~ 3.5 (b1 = 0.9,
     momentum_decay 0), not at Adam's 38, so the ratio read 0.09 of the threshold at the
     edge. RAdam multiplies its step by the rectification r_t (0.2 at step 100, 0.87 at
-    step 3000): the ratio overstated it by 1 / r_t. At 0.9x the lr the stability model
-    calls critical the iterates decay; at 1.1x they grow."""
+    step 3000): the ratio overstated it by 1 / r_t. Adamax divides by u = max(b2 u, |g| +
+    eps) (eps inside): u + eps halved its ratio where |g| << eps. At 0.9x the lr the
+    stability model calls critical the iterates decay; at 1.1x they grow (Adam and RMSprop
+    as the reference)."""
     data = (torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1))
     kw = {"momentum_decay": 0.0} if name == "NAdam" else {}
     cls = getattr(torch.optim, name)
-    steps = 600 if name == "NAdam" else 3000
+    steps = 3000 if name == "RAdam" else 600
     _, model, opt = _grows(cls, 1.0, steps, **kw)
     rep = stability_report(HessianOperator(model, _Quadratic.loss, data), opt, tol=1e-10)
     critical = rep.lr * rep.threshold / rep.ratio

@@ -150,7 +150,7 @@ def _torch_rule(opt: Any) -> tuple[str, Callable, Callable | None, str, Callable
                 _beta2_samples("betas", 1))
     if isinstance(opt, torch.optim.Adamax):
         return ("adam", lambda g: momentum_threshold(g["betas"][0], ema=True), _adamax_diag,
-                "torch.optim.Adamax: P = u + eps (infinity-norm second moment) frozen",
+                "torch.optim.Adamax: P = u = max(b2 u, |g| + eps) frozen",
                 _beta2_samples("betas", 1))
     if isinstance(opt, torch.optim.RMSprop):
         return ("rmsprop", lambda g: momentum_threshold(g.get("momentum", 0.0)), _rmsprop_diag,
@@ -244,10 +244,12 @@ def _radam_diag(group: dict, state: dict) -> tuple[torch.Tensor, float] | None:
 
 
 def _adamax_diag(group: dict, state: dict) -> tuple[torch.Tensor, float] | None:
+    """Adamax divides by ``u = max(b2 u, |g| + eps)`` itself (eps inside the max: ``u +
+    eps`` counted it twice, halving the ratio where ``|g| << eps``)."""
     if "exp_inf" not in state:
         return None
     t = _step_of(state)
-    return (_ungoverned(state["exp_inf"] + group["eps"], state["exp_inf"]),
+    return (_ungoverned(state["exp_inf"].clone(), state["exp_inf"]),
             1.0 / (1 - group["betas"][0] ** t) if t > 0 else 1.0)
 
 
