@@ -1,6 +1,7 @@
 """The optimizer's stability rule (stability_model) and the monitor's regimes, non-finite
 events and Ritz certification."""
 
+import copy
 import math
 import warnings
 
@@ -694,3 +695,38 @@ def test_adam_family_ratios_place_the_edge_where_the_iterates_start_to_grow(name
     critical = rep.lr * rep.threshold / rep.ratio
     assert not _grows(cls, 0.9 * critical, steps, **kw)[0]
     assert _grows(cls, 1.1 * critical, steps, **kw)[0]
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "SOAP", "Shampoo", "KLShampoo", "PSGDKron"])
+@pytest.mark.parametrize("first_lr", [0.0, 1e-3])
+def test_the_ratio_follows_each_groups_own_lr(name, first_lr):
+    """A first param group at lr 0 (a frozen part) made stability_report raise "lr must be
+    > 0" (and a monitor's ratio 0); curvlab's optimizers stated their rule with the first
+    group's lr for every parameter, so a model trained at 50x that lr in a second group read
+    a 50x smaller ratio (SOAP 12.5 against 626). Each group's lr now enters its parameters'
+    block: the ratio equals the one-group run's."""
+    import curvlab.optim as cl
+
+    make = {"SGD": lambda g: torch.optim.SGD(g, lr=0.1),
+            "Adam": lambda g: torch.optim.Adam(g, lr=0.01),
+            "SOAP": lambda g: cl.SOAP(g, lr=0.01), "Shampoo": lambda g: cl.Shampoo(g, lr=0.01),
+            "KLShampoo": lambda g: cl.KLShampoo(g, lr=0.01),
+            "PSGDKron": lambda g: cl.PSGDKron(g, lr=0.01)}[name]
+    model, loss_fn, X, y = _mlp()
+    ratios = []
+    for grouped in (False, True):
+        torch.manual_seed(0)
+        net = copy.deepcopy(model)
+        params = list(net.parameters())
+        extra = nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+        groups = ([{"params": [extra], "lr": first_lr}] if grouped else []) + \
+            [{"params": params, "lr": 0.05}]
+        opt = make(groups)
+        for _ in range(3):
+            opt.zero_grad()
+            loss_fn(net(X), y).backward()
+            extra.grad = torch.zeros_like(extra)
+            opt.step()
+        rep = stability_report(HessianOperator(net, loss_fn, (X, y)), opt, tol=1e-9)
+        ratios.append(rep.ratio)
+    assert ratios[1] == pytest.approx(ratios[0], rel=1e-6)

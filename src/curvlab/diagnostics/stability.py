@@ -24,6 +24,7 @@ noise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -88,9 +89,11 @@ def stability_model(optimizer: Any) -> StabilityModel:
     "unknown optimizer".
 
     Param groups with different learning rates or momenta: the rule is stated for the
-    first group's ``lr`` and threshold ``c``; a group ``g`` enters through its share
-    ``(lr_g / c_g) / (lr / c)`` folded into ``P^{-1}`` (the same condition
-    ``lr_g lambda < c_g`` per block); groups with ``lr = 0`` are not governed.
+    first group with ``lr > 0`` (``lr`` and threshold ``c``); a group ``g`` enters through
+    its share ``(lr_g / c_g) / (lr / c)`` folded into ``P^{-1}`` (the same condition
+    ``lr_g lambda < c_g`` per block); groups with ``lr = 0`` are not governed. An
+    optimizer's own rule gets its groups' ``lr_g / lr`` folded in the same way (unless it
+    says it did, ``StabilityModel.groups_scaled``).
     """
     opt = unwrap_optimizer(optimizer)
     own = getattr(opt, "stability_model", None)
@@ -103,7 +106,7 @@ def stability_model(optimizer: Any) -> StabilityModel:
             if not isinstance(model, StabilityModel):
                 raise TypeError(f"{type(opt).__name__}.stability_model() returned "
                                 f"{type(model).__name__}, expected a StabilityModel")
-            return model
+            return _with_group_lrs(opt, model)
     if not hasattr(opt, "param_groups"):
         raise TypeError(f"expected an optimizer (with param_groups), got {type(opt).__name__}")
     rule = _torch_rule(opt)
@@ -114,11 +117,45 @@ def stability_model(optimizer: Any) -> StabilityModel:
             warnings.warn(f"curvlab does not know the stability rule of {name}; using "
                           "gradient descent's (lr x lambda_max < 2). Give the optimizer a "
                           "stability_model() method to state its own.", stacklevel=2)
-        lr = float(opt.param_groups[0].get("lr", math.nan))
+        lr = float(_reference_group(opt.param_groups).get("lr", math.nan))
         return StabilityModel("gd", lr, 2.0, _group_scaled(opt, lambda g: 2.0, None),
-                              f"unknown optimizer {name}: gradient-descent rule")
+                              f"unknown optimizer {name}: gradient-descent rule",
+                              groups_scaled=True)
     name, threshold_of, diag_of, note, samples_of = rule
     return _diagonal_model(opt, name, threshold_of, diag_of, note, samples_of)
+
+
+def _reference_group(groups: list[dict]) -> dict:
+    """The group whose ``lr`` a rule is stated for: the first with ``lr > 0`` (a frozen
+    first group, ``lr = 0``, made every ratio 0 or raised), else the first."""
+    return next((g for g in groups if float(g.get("lr", 0.0)) > 0), groups[0])
+
+
+def _with_group_lrs(opt: Any, model: StabilityModel) -> StabilityModel:
+    """``model`` (an optimizer's own rule, stated for its first group's ``lr``) with every
+    group's ``lr_g / lr`` folded into ``P^{-1}`` for its parameters (``lr = 0``: not
+    governed), as for torch's optimizers. The curvlab optimizers' rules used the first
+    group's ``lr`` for every parameter: with layer-wise learning rates (a head at 50x the
+    first group's) the ratio was understated 50x."""
+    groups = getattr(opt, "param_groups", None)
+    if model.groups_scaled or not groups or not math.isfinite(model.threshold):
+        return model
+    ref = float(_reference_group(groups).get("lr", 0.0))
+    shares = {id(p): (float(g.get("lr", ref)) / ref if ref > 0 else 0.0)
+              for g in groups for p in g["params"]}
+    if all(s == 1.0 for s in shares.values()) and ref == model.lr:
+        return dataclasses.replace(model, groups_scaled=True)
+    base = model.inv_sqrt_preconditioner
+
+    def inv_sqrt(param: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        share = shares.get(id(param), 1.0)
+        if share <= 0:
+            return torch.zeros_like(v)
+        out = v if base is None else base(param, v)
+        return out if share == 1.0 else out * math.sqrt(share)
+
+    return dataclasses.replace(model, lr=ref, inv_sqrt_preconditioner=inv_sqrt,
+                               groups_scaled=True)
 
 
 def _torch_rule(opt: Any) -> tuple[str, Callable, Callable | None, str, Callable | None] | None:
@@ -275,7 +312,8 @@ def _group_scaled(opt: Any, threshold_of: Callable, diag_of: Callable | None
     """``P^{-1/2}`` with each group's ``(lr_g / c_g) / (lr / c)`` folded in; None when that
     is the identity (one plain rule for every parameter)."""
     groups = opt.param_groups
-    lr0, c0 = float(groups[0]["lr"]), threshold_of(groups[0])
+    ref = _reference_group(groups)
+    lr0, c0 = float(ref["lr"]), threshold_of(ref)
     shares = {}
     for g in groups:
         share = (float(g["lr"]) / threshold_of(g)) / (lr0 / c0) if lr0 > 0 else 0.0
@@ -312,7 +350,7 @@ def _group_scaled(opt: Any, threshold_of: Callable, diag_of: Callable | None
 
 def _diagonal_model(opt: Any, name: str, threshold_of: Callable, diag_of: Callable | None,
                     note: str, samples_of: Callable | None = None) -> StabilityModel:
-    g0 = opt.param_groups[0]
+    g0 = _reference_group(opt.param_groups)
     samples = None
     if samples_of is not None:
         def samples() -> float:
@@ -321,7 +359,8 @@ def _diagonal_model(opt: Any, name: str, threshold_of: Callable, diag_of: Callab
                       for p in g["params"] if opt.state.get(p)]
             return min(counts, default=0.0)
     return StabilityModel(name, float(g0["lr"]), float(threshold_of(g0)),
-                          _group_scaled(opt, threshold_of, diag_of), note, samples)
+                          _group_scaled(opt, threshold_of, diag_of), note, samples,
+                          groups_scaled=True)
 
 
 def stability_threshold(optimizer: Any = None, *, momentum: float = 0.0,

@@ -58,6 +58,9 @@ class StabilityModel:
     inv_sqrt_preconditioner: InvSqrtPreconditioner | None = None
     note: str = ""
     preconditioner_samples: Callable[[], float] | None = None
+    #: the param groups' own learning rates are folded into ``inv_sqrt_preconditioner``
+    #: (:func:`curvlab.diagnostics.stability.stability_model` does it for rules that are not)
+    groups_scaled: bool = False
 
     @property
     def preconditioned(self) -> bool:
