@@ -61,13 +61,13 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from curvlab import distributed as _dist
 from curvlab.losses import is_known_mean_loss, loss_normalizer, match_convention
 
 __all__ = ["Objective", "as_batches", "split_batch", "call_model", "logits_or_output",
-           "unwrap_model"]
+           "unwrap_model", "is_batched", "sample_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,23 @@ def split_batch(batch: Any, *, model_loss: bool = False) -> tuple[Any, Any]:
         raise TypeError(f"every batch must be an (inputs, targets) pair or a dict, got "
                         f"{type(batch).__name__}")
     return batch[0], batch[1]
+
+
+def is_batched(t: Any) -> bool:
+    """A leaf of a batch with a sample dimension: a tensor of dim >= 1 (flags, None and 0-d
+    tensors in a dict batch, e.g. ``use_cache=False``, are no samples)."""
+    return isinstance(t, torch.Tensor) and t.dim() > 0
+
+
+def sample_rows(batch: Any, index: Any) -> Any:
+    """Samples ``index`` (an int, a slice or an index tensor) of every batched leaf of
+    ``batch`` (:func:`is_batched`); the other leaves pass as they are."""
+    def take(t: Any) -> Any:
+        if not is_batched(t):
+            return t
+        return t[index.to(t.device) if isinstance(index, torch.Tensor) else index]
+
+    return tree_map(take, batch)
 
 
 def call_model(model: Callable[..., Any], inputs: Any) -> Any:

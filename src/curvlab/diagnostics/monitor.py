@@ -134,7 +134,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from curvlab.autodiff import hvp_fn
 from curvlab.diagnostics.precision import precision_check
@@ -145,6 +145,7 @@ from curvlab.diagnostics.stability import (
 )
 from curvlab.linalg.krylov import EigenResult, lanczos
 from curvlab.linops.hessian import HessianOperator
+from curvlab.objective import is_batched, sample_rows
 from curvlab.optim.stability import StabilityModel
 
 __all__ = ["CurvatureMonitor", "MonitorEvent", "forecast_crossing", "linear_trend",
@@ -315,15 +316,13 @@ def _batch_statistics(model: Any) -> bool:
 def _sample_rows(data: Any, size: int, generator: torch.Generator | None) -> Any:
     """The same random ``size`` rows of every batched tensor of ``(inputs, targets)`` (the
     inputs a tensor, a tuple or a dict of them) or of a dict batch."""
-    leaves = [t for t in tree_flatten(data)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
+    leaves = [t for t in tree_flatten(data)[0] if is_batched(t)]
     if not leaves or not isinstance(data, (Mapping, tuple, list)) or (
             not isinstance(data, Mapping) and len(data) != 2):
         raise TypeError("data must be an (inputs, targets) pair of tensors (inputs may be a "
                         "dict or tuple of tensors) or a dict of tensors")
-    n = leaves[0].shape[0]
-    idx = torch.randperm(n, generator=generator)[:size]
-    return tree_map(lambda t: t[idx.to(t.device)] if isinstance(t, torch.Tensor)
-                    and t.dim() > 0 else t, data if isinstance(data, Mapping) else tuple(data))
+    idx = torch.randperm(leaves[0].shape[0], generator=generator)[:size]
+    return sample_rows(data if isinstance(data, Mapping) else tuple(data), idx)
 
 
 class CurvatureMonitor:

@@ -33,12 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_map
 
 from curvlab.linalg.estimators import quadratic_form
 from curvlab.linalg.krylov import EigenResult, lanczos
 from curvlab.linalg.operator import MatvecOperator, as_operator
-from curvlab.objective import Objective
+from curvlab.objective import Objective, sample_rows
 from curvlab.optim.stability import StabilityModel, ema_samples, momentum_threshold
 
 __all__ = ["stability_model", "unwrap_optimizer", "preconditioned_operator",
@@ -622,15 +621,11 @@ def gradient_noise(model: Any, loss_fn: Any = None, data: Any = None, *, batch_s
         g = obj.flat_grad().double()
         return g / n if obj.reduction == "sum" else g
 
-    def subset(idx: torch.Tensor) -> Any:
-        return tree_map(lambda t: t[idx.to(t.device)] if isinstance(t, torch.Tensor)
-                        and t.dim() > 0 and t.shape[0] == N else t, data)
-
     full = mean_grad(objective, N)
     gaps, norms = [], []
     for _ in range(num_batches):
         idx = torch.randperm(N, generator=generator)[:batch_size]
-        gb = mean_grad(objective.on(subset(idx)), batch_size)
+        gb = mean_grad(objective.on(sample_rows(data, idx)), batch_size)
         gaps.append(float((gb - full).norm()))
         norms.append(float(gb.norm()))
     gn = float(full.norm())

@@ -28,7 +28,7 @@ from curvlab.linops.base import CurvatureOperator
 from curvlab.linops.fisher import EmpiricalFisherOperator
 from curvlab.linops.ggn import GGNOperator
 from curvlab.linops.hessian import HessianOperator
-from curvlab.objective import Objective
+from curvlab.objective import Objective, is_batched, sample_rows
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class DiagonalOperator(CurvatureOperator):
         obj = self.objective
         names = list(self.point)
         out_shape = out.shape[1:]
-        batched = tree_flatten(tree_map(_batched, inputs))[0]
+        batched = tree_flatten(tree_map(is_batched, inputs))[0]
 
         def batch_of_one(x_i: Any) -> Any:
             """One sample's inputs as a batch of one (its batched leaves unsqueezed)."""
@@ -325,7 +325,7 @@ class DiagonalOperator(CurvatureOperator):
         with obj.mode():
             for start in range(0, batch, self.chunk_size):
                 sl = slice(start, start + self.chunk_size)
-                x = _samples(inputs, sl)
+                x = sample_rows(inputs, sl)
                 if not self._per_sample_loop:
                     try:
                         parts, alone = tf.vmap(one_sample, in_dims=(_sample_dims(x), 0, 0))(
@@ -358,7 +358,7 @@ class DiagonalOperator(CurvatureOperator):
         if key in self._batching_checked:
             return
         for i in sorted({0, rows.shape[0] - 1}):
-            ref = one_sample_autograd(_samples(inputs, i), factors[i],
+            ref = one_sample_autograd(sample_rows(inputs, i), factors[i],
                                       eigvals[i])[0]
             tol = math.sqrt(torch.finfo(ref.dtype).eps)
             if float((rows[i] - ref).norm()) > tol * float(ref.norm()):
@@ -367,20 +367,9 @@ class DiagonalOperator(CurvatureOperator):
         self._batching_checked.add(key)
 
 
-def _batched(t: Any) -> bool:
-    """A leaf of the inputs that has a sample dimension (tensors of dim >= 1; flags, None
-    and 0-d tensors in a dict batch are passed as they are)."""
-    return isinstance(t, torch.Tensor) and t.dim() > 0
-
-
-def _samples(inputs: Any, index: int | slice) -> Any:
-    """Sample ``index`` (or a slice of samples) of every batched leaf of ``inputs``."""
-    return tree_map(lambda t: t[index] if _batched(t) else t, inputs)
-
-
 def _sample_dims(inputs: Any) -> Any:
     """``vmap``'s ``in_dims`` for ``inputs``: 0 for batched leaves, None for the others."""
-    return tree_map(lambda t: 0 if _batched(t) else None, inputs)
+    return tree_map(lambda t: 0 if is_batched(t) else None, inputs)
 
 
 def _looped(one_sample: Any, inputs: Any, factors: torch.Tensor, eigvals: torch.Tensor
@@ -389,7 +378,7 @@ def _looped(one_sample: Any, inputs: Any, factors: torch.Tensor, eigvals: torch.
     one at a time (what ``vmap`` of the functorch form batches), and the samples' outputs."""
     total, outputs = None, []
     for i in range(factors.shape[0]):
-        row, alone = one_sample(_samples(inputs, i), factors[i], eigvals[i])
+        row, alone = one_sample(sample_rows(inputs, i), factors[i], eigvals[i])
         total = row if total is None else total + row
         outputs.append(alone)
     return total, torch.stack(outputs)

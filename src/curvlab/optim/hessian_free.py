@@ -134,14 +134,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 
 from curvlab.linops._kronecker import uncovered_by_kfac
 from curvlab.linops._outputspace import has_canonical_hessian
 from curvlab.linops.diagonal import DiagonalOperator
 from curvlab.linops.ggn import GGNOperator
 from curvlab.linops.kfac import KFACOperator
-from curvlab.objective import Objective
+from curvlab.objective import Objective, sample_rows
 from curvlab.optim._batch_capture import InputRecorder
 from curvlab.optim.base import CurvlabOptimizer, dense_grad
 from curvlab.optim.stability import StabilityModel
@@ -175,12 +175,6 @@ def _batch_size(X: Any) -> int:
                         + (f"first dimensions {sorted(sizes)}" if sizes else
                            f"{type(X).__name__}"))
     return sizes.pop()
-
-
-def _rows(X: Any, idx: torch.Tensor | int) -> Any:
-    """The samples ``idx`` (an index tensor, or one sample's int) of a tensor or of every
-    tensor of a dict / tuple."""
-    return tree_map(lambda t: t[idx] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, X)
 
 
 class HessianFree(CurvlabOptimizer):
@@ -567,7 +561,8 @@ class HessianFree(CurvlabOptimizer):
             Xc, yc = X, y
         else:
             idx = torch.randperm(n, generator=self._generator)[:cb].to(g.device)
-            Xc, yc, raw = _rows(X, idx), _rows(y, idx), None if raw is None else _rows(raw, idx)
+            Xc, yc, raw = (sample_rows(X, idx), sample_rows(y, idx),
+                           None if raw is None else sample_rows(raw, idx))
         curvature_data = (Xc, yc) if raw is None else raw
         # a summing loss adds its samples' curvatures: the subset's, times n / (its
         # samples), estimates the batch's (a mean loss's subset estimates it as it is)
