@@ -159,6 +159,27 @@ def test_newton_schulz_batched_equals_loop_and_respects_dtype():
     torch.testing.assert_close(low, batched, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("gram", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_newton_schulz_iterates_tall_matrices_in_place_of_a_transposed_copy(dtype, gram):
+    """A tall G iterates mirrored (A = X^T X, X <- a X + X B) in its own layout: the
+    transpose of the wide iteration on G^T to rounding (the same products; BLAS may sum
+    them in another order); a tall view of a wide matrix and overwrite=True give the same
+    result."""
+    G = torch.randn(3, 96, 24, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(steps=5, coefficients="polar_express", dtype=dtype, gram=gram)
+    wide = newton_schulz(G.mT.contiguous(), **kwargs)
+    tall = newton_schulz(G, **kwargs)
+    atol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(tall, wide.mT, rtol=0, atol=atol)
+    assert torch.equal(newton_schulz(G.mT.contiguous().mT, **kwargs), wide.mT)  # a view
+    scratch = G.to(dtype)
+    assert torch.equal(newton_schulz(scratch, **kwargs, overwrite=True).to(tall.dtype), tall)
+    # the polar factor, not a transposed or unnormalized one
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    assert (tall.double() - U @ Vh).norm() / (U @ Vh).norm() < 0.1
+
+
 def test_high_precision_matmul_restores_settings():
     mm = torch.backends.cuda.matmul
     before = mm.fp32_precision

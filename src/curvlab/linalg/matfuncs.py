@@ -380,11 +380,12 @@ def newton_schulz(
     gram: bool = False,
     gram_restarts: int | Sequence[int] = 2,
     out_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Tensor:
     r"""Approximate orthogonalization ``U V^T`` of ``G = U S V^T`` by Newton–Schulz.
 
-    ``X_0 = G / max(s ||G||_F, eps)`` (transposed so it is wide), then for
-    ``t = 1..steps``: ``A = X X^T``, ``X <- a_t X + (b_t A + c_t A^2) X``, i.e. every
+    ``X_0 = G / max(s ||G||_F, eps)``, then for ``t = 1..steps``: ``A = X X^T``,
+    ``X <- a_t X + (b_t A + c_t A^2) X`` (a tall ``X``: the transpose, ``A = X^T X``), i.e. every
     singular value goes through the odd quintic ``p_t(x) = a_t x + b_t x^3 + c_t x^5``.
     ``coefficients`` (see :func:`ns_schedule`):
 
@@ -415,72 +416,98 @@ def newton_schulz(
 
     Works on batches ``(..., m, n)``; computes in ``dtype`` (default: ``G.dtype``) and
     returns ``out_dtype`` (default: ``G.dtype``; ``out_dtype=dtype`` skips the conversion
-    back when the caller can use the iteration's result as it is).
+    back when the caller can use the iteration's result as it is). ``overwrite=True``: ``G``
+    is a scratch buffer, normalized in place when it is already the iterate (saves a pass
+    over it); its values afterwards are unspecified.
     """
     if G.ndim < 2:
         raise ValueError(f"G must have at least 2 dimensions, got shape {tuple(G.shape)}")
     schedule, scale = ns_schedule(coefficients, steps)
     restarts = gram_restart_indices(gram_restarts, steps)
-    transpose = G.shape[-2] > G.shape[-1]
-    Gw = G.mT if transpose else G
-    # a conversion makes the wide iterate contiguous as it copies (the plain iteration
-    # would copy a transposed one again), and is then normalized in place (without autograd)
-    X = Gw.to(dtype, memory_format=torch.contiguous_format) if dtype is not None else Gw
-    copied = X is not Gw and not (torch.is_grad_enabled() and X.requires_grad)
+    # the iteration runs in the orientation G is stored in: a tall X (m > n) iterates
+    # mirrored, A = X^T X and X <- a X + X (b A + c A^2) (A is symmetric: the transpose of
+    # the wide iteration), so no transposed copy is made (a transposed copy of a 512 x 128
+    # bfloat16 matrix costs ~4x a contiguous one on a CPU); a tall view of a wide
+    # contiguous matrix iterates on that matrix
+    flip = G.shape[-2] > G.shape[-1] and G.mT.is_contiguous() and not G.is_contiguous()
+    Gs = G.mT if flip else G
+    tall = Gs.shape[-2] > Gs.shape[-1]
+    # a conversion makes the iterate contiguous as it copies, and it is then normalized in
+    # place (without autograd)
+    X = Gs.to(dtype, memory_format=torch.contiguous_format) if dtype is not None else Gs
+    copied = (X is not Gs or overwrite) and not (torch.is_grad_enabled() and X.requires_grad)
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     if scale != 1.0:
         norm = norm * scale
     X = X.div_(norm.clamp_min(eps)) if copied else X / norm.clamp_min(eps)
     if gram:
-        X = _gram_iteration(X, schedule, restarts)
+        X = _gram_iteration(X, schedule, restarts, tall)
     else:
-        X = _plain_iteration(X, schedule)
-    if transpose:
+        X = _plain_iteration(X, schedule, tall)
+    if flip:
         X = X.mT
     return X.to(out_dtype or G.dtype)
 
 
-def _plain_iteration(X: Tensor, schedule: list[Coefficients]) -> Tensor:
-    """``X <- a X + (b A + c A^2) X``, ``A = X X^T``, for each ``(a, b, c)``. Without autograd,
-    on 2-D / 3-D inputs, in three buffers allocated once (reallocating them at every
-    iteration cost ~6% of the iteration on a CPU, bfloat16, 128 x 512 blocks)."""
+def _plain_iteration(X: Tensor, schedule: list[Coefficients], tall: bool = False) -> Tensor:
+    """``X <- a X + (b A + c A^2) X``, ``A = X X^T`` (``tall``: ``X <- a X + X (b A + c A^2)``,
+    ``A = X^T X``), for each ``(a, b, c)``. Without autograd, on 2-D / 3-D inputs, in three
+    buffers allocated once (reallocating them at every iteration cost ~6% of the iteration
+    on a CPU, bfloat16, 128 x 512 blocks)."""
     if X.ndim not in (2, 3) or (torch.is_grad_enabled() and X.requires_grad):
         for a, b, c in schedule:
-            A = X @ X.mT
-            X = _addmm(X, _addmm(A, A, A, beta=b, alpha=c), X, beta=a, alpha=1.0)
+            A = X.mT @ X if tall else X @ X.mT
+            B = _addmm(A, A, A, beta=b, alpha=c)
+            X = _addmm(X, X, B, beta=a, alpha=1.0) if tall else \
+                _addmm(X, B, X, beta=a, alpha=1.0)
         return X
     if X.ndim == 3 and X.shape[0] == 1:  # one matrix: the 2-D kernels (on a CPU the
-        return _plain_iteration(X[0], schedule).unsqueeze(0)  # batched ones cost ~3% more)
+        return _plain_iteration(X[0], schedule, tall).unsqueeze(0)  # batched: ~3% more)
     mm, addmm = (torch.mm, torch.addmm) if X.ndim == 2 else (torch.bmm, torch.baddbmm)
     X = X.contiguous()
-    A = X.new_empty(*X.shape[:-1], X.shape[-2])
+    n = X.shape[-1] if tall else X.shape[-2]
+    A = X.new_empty(*X.shape[:-2], n, n)
     B, C = torch.empty_like(A), torch.empty_like(X)
     for a, b, c in schedule:
-        mm(X, X.mT, out=A)
+        if tall:
+            mm(X.mT, X, out=A)
+        else:
+            mm(X, X.mT, out=A)
         addmm(A, A, A, beta=b, alpha=c, out=B)
-        addmm(X, B, X, beta=a, alpha=1.0, out=C)
+        if tall:
+            addmm(X, X, B, beta=a, alpha=1.0, out=C)
+        else:
+            addmm(X, B, X, beta=a, alpha=1.0, out=C)
         X, C = C, X
     return X
 
 
-def _gram_iteration(X: Tensor, schedule: list[Coefficients], restarts: tuple[int, ...]
-                    ) -> Tensor:
-    """Gram Newton–Schulz on a wide normalized ``X`` (see :func:`newton_schulz`)."""
+def _gram_iteration(X: Tensor, schedule: list[Coefficients], restarts: tuple[int, ...],
+                    tall: bool = False) -> Tensor:
+    """Gram Newton–Schulz on a normalized ``X`` (see :func:`newton_schulz`); ``tall``: on a
+    tall ``X``, mirrored (``R = X^T X``, ``X_t = X Q_t^T``)."""
     if not schedule:
         return X
-    n = X.shape[-2]
+
+    def gram(X: Tensor) -> Tensor:
+        return X.mT @ X if tall else X @ X.mT
+
+    def apply(Q: Tensor, X: Tensor) -> Tensor:  # (X Q^T: bitwise the wide iteration's
+        return X @ Q.mT if tall else Q @ X       # transpose; Q is symmetric up to rounding)
+
+    n = X.shape[-1] if tall else X.shape[-2]
     eye = torch.eye(n, dtype=X.dtype, device=X.device)
-    R = X @ X.mT
+    R = gram(X)
     Q: Tensor | None = None
     last = len(schedule) - 1
     for t, (a, b, c) in enumerate(schedule):
         if t in restarts:  # form the iterate and its Gram matrix afresh
-            X = Q @ X  # type: ignore[operator]  # t >= 1: Q exists
-            R = X @ X.mT
+            X = apply(Q, X)  # type: ignore[arg-type]  # t >= 1: Q exists
+            R = gram(X)
             Q = None
         Z = _addmm(R, R, R, beta=b, alpha=c)  # b R + c R^2
         Q = Z + a * eye if Q is None else _addmm(Q, Q, Z, beta=a, alpha=1.0)  # Q (a I + Z)
         if t < last and t + 1 not in restarts:
             RZ = _addmm(R, R, Z, beta=a, alpha=1.0)  # R (a I + Z)
             R = _addmm(RZ, Z, RZ, beta=a, alpha=1.0)  # (a I + Z) R (a I + Z)
-    return Q @ X  # type: ignore[operator]
+    return apply(Q, X)  # type: ignore[arg-type]

@@ -370,9 +370,11 @@ class Muon(CurvlabOptimizer):
         dtype = group["ns_dtype"]
         transposed = bool(group.get("transposed", False))  # state dicts from before the key
 
-        def orthogonalize(i_list: list[int], U: Tensor, as_params: bool = True) -> Tensor:
+        def orthogonalize(i_list: list[int], U: Tensor, as_params: bool = True,
+                          scratch: bool = False) -> Tensor:
             """Newton–Schulz of the stacked updates ``U`` of ``ps[i_list]``, in their
-            dtype (``as_params=False``: in the iteration's)."""
+            dtype (``as_params=False``: in the iteration's); ``scratch``: ``U`` may be
+            overwritten."""
             pdtype = ps[i_list[0]].dtype
             ns_dtype = dtype or default_ns_dtype(U.device, pdtype, U.shape)
             out_dtype = pdtype if as_params else ns_dtype
@@ -384,7 +386,8 @@ class Muon(CurvlabOptimizer):
                                 out_dtype, gram, settings))
             with self.timings.measure("precondition"):
                 return fn(U, *settings[:3], dtype=ns_dtype, gram=gram,
-                          gram_restarts=settings[3], out_dtype=out_dtype)
+                          gram_restarts=settings[3], out_dtype=out_dtype,
+                          overwrite=scratch and self._step_compiler is None)
 
         # Newton–Schulz goes by the wide 2-D shape it iterates on (its result is
         # orientation-equivariant: polar(U^T) = polar(U)^T), so (A, B) and (B, A) matrices
@@ -392,8 +395,13 @@ class Muon(CurvlabOptimizer):
         if self.process_group is None:  # the updates written into the plan's buffers
             nesterov = group["nesterov"]
             directions = {}
-            for key, idx in plan.by_ns.items():
-                U, views = plan.buffer(key)  # (views shaped as the parameters where they can)
+            for key, idx in plan.by_ns.items():  # key: (wide shape, dtype, device)
+                # eager, the buffer is in the iteration's dtype: rounded as written, not
+                # converted in a pass of its own (compiled, the conversion is fused)
+                buffer_dtype = key[1] if self._step_compiler is not None else (
+                    dtype or default_ns_dtype(key[2], key[1], (len(idx), *key[0])))
+                U, views = plan.buffer(key, buffer_dtype)  # (views shaped as the parameters
+                #                                             where they can)
                 for i, view in zip(idx, views, strict=True):
                     g, b = grads[i], bufs[i]
                     if g.shape != view.shape:
@@ -402,7 +410,8 @@ class Muon(CurvlabOptimizer):
                         torch.lerp(g, b, mom, out=view)
                     else:
                         view.copy_(b)
-                O = orthogonalize(idx, U, as_params=False)  # (added in the iteration's dtype)
+                O = orthogonalize(idx, U, as_params=False,  # (added in the iteration's
+                                  scratch=True)                # dtype)
                 for i, o in zip(idx, O.unbind(0), strict=True):
                     shape = ps[i].shape
                     directions[i] = o if o.shape == shape else plan.unmatrix(key, o, shape)

@@ -12,7 +12,7 @@ A plan also keeps, per wide shape, the buffer the updates of its matrices are wr
 into (:meth:`MuonPlan.buffer`): a fresh ``(k, n, m)`` tensor per step is returned to the
 allocator and faulted in again at the next step on a CPU. A batch whose matrices all have
 one orientation is laid out as stored (``(rows, prod(rest))``: contiguous writes;
-Newton–Schulz transposes a tall stack itself); only a batch mixing ``(A, B)`` and
+Newton–Schulz iterates on a tall stack as it is); only a batch mixing ``(A, B)`` and
 ``(B, A)`` is laid out wide.
 """
 
@@ -63,19 +63,21 @@ class MuonPlan:
     adam_steps: StepCounts = field(default_factory=StepCounts)
     _buffers: dict[tuple, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
 
-    def buffer(self, key: tuple) -> tuple[Tensor, list[Tensor]]:
-        """This plan's ``(k, ...)`` buffer for the matrices of ``by_ns[key]`` and, per
-        matrix, its view into it (what to write its update to): shaped as the parameter in
-        a batch of one orientation, else its ``(rows, prod(rest))`` matrix."""
-        cached = self._buffers.get(key)
+    def buffer(self, key: tuple, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+        """This plan's ``(k, ...)`` buffer of ``dtype`` (Newton–Schulz's: the update is
+        rounded to it as it is written, not converted in a pass of its own) for the
+        matrices of ``by_ns[key]`` and, per matrix, its view into it (what to write its
+        update to): shaped as the parameter in a batch of one orientation, else its
+        ``(rows, prod(rest))`` matrix."""
+        cached = self._buffers.get((key, dtype))
         if cached is None:
             mats = [self.muon[i] for i in self.by_ns[key]]
             shape = ((mats[0].shape[0], math.prod(mats[0].shape[1:])) if self.as_stored[key]
                      else key[0])
-            out = torch.empty(len(mats), *shape, dtype=key[1], device=key[2])
+            out = torch.empty(len(mats), *shape, dtype=dtype, device=key[2])
             views = [o.view(p.shape) if self.as_stored[key] else o.mT if _tall(p.shape) else o
                      for o, p in zip(out.unbind(0), mats, strict=True)]
-            cached = self._buffers[key] = out, views
+            cached = self._buffers[(key, dtype)] = out, views
         return cached
 
     def unmatrix(self, key: tuple, o: Tensor, shape: Sequence[int]) -> Tensor:
