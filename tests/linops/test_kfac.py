@@ -130,6 +130,53 @@ class _UnusedHead(nn.Module):
         return self.body(x)
 
 
+class _AppliedThroughWeight(nn.Module):
+    """A parent applying a child layer's weight itself (as nn.MultiheadAttention does with
+    out_proj): the child's forward hook never fires."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(3, 4)
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.inner(x)), self.proj.weight, self.proj.bias)
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                              batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(1))
+
+
+@pytest.mark.parametrize("op_cls", [KFACOperator, EKFACOperator])
+def test_a_layer_applied_through_its_weight_is_refused_not_zeroed(op_cls):
+    """Its Gauss-Newton block is not zero, but no hook sees its input: it used to get zero
+    Kronecker factors with a warning that it 'did not run'. A ValueError names it now, and
+    nn.MultiheadAttention's out_proj (applied by F.multi_head_attention_forward) is not
+    among the factored layers."""
+    X, y = torch.randn(6, 3, dtype=D64), torch.randint(0, 3, (6,))
+    model = _AppliedThroughWeight().to(D64)
+    with pytest.raises(ValueError, match=r"\['proj'\] were not called"):
+        op_cls(model, nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
+    op = op_cls(model, nn.CrossEntropyLoss(), (X, y), params=["inner.weight", "inner.bias"],
+                fisher_type="exact")
+    assert op.shape[0] == 16
+    attn = _Attention().to(D64)
+    Xs, ys = torch.randn(4, 5, 8, dtype=D64), torch.randint(0, 3, (4,))
+    op = op_cls(attn, nn.CrossEntropyLoss(), (Xs, ys))  # (no 'did not run' warning)
+    assert not any("out_proj" in name for name in op.factors)
+    assert "enc.linear1" in op.factors and "head" in op.factors
+    with pytest.raises(ValueError, match="out_proj"):
+        op_cls(attn, nn.CrossEntropyLoss(), (Xs, ys),
+               params=["enc.self_attn.out_proj.weight", "head.weight"])
+
+
 @pytest.mark.parametrize("op_cls", [KFACOperator, EKFACOperator])
 def test_a_layer_that_never_runs_has_a_zero_block(op_cls):
     """Its exact Gauss-Newton block is zero, so is its K-FAC block (a warning names it);

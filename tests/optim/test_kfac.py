@@ -361,3 +361,47 @@ def test_paused_records_no_statistics():
     model.zero_grad()
     nn.functional.cross_entropy(model(X), y).backward()
     assert opt._collect()
+
+
+class _AppliedThroughWeight(nn.Module):
+    """A parent applying a child layer's weight itself (as nn.MultiheadAttention does with
+    out_proj): the child's forward hook never fires."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(3, 4)
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return nn.functional.linear(torch.tanh(self.inner(x)), self.proj.weight,
+                                    self.proj.bias)
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "empirical"])
+def test_a_layer_applied_through_its_weight_is_refused_and_attention_out_proj_falls_back(
+        fisher_type):
+    """A layer whose weight a parent applies itself got no statistics and, silently, no
+    K-FAC step (left to the fallback without a word); the first statistics step raises
+    now. nn.MultiheadAttention's out_proj is left to the fallback from the start (logged),
+    and its update is the fallback's SGD step."""
+    torch.manual_seed(0)
+    X, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    model = _AppliedThroughWeight()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = KFAC(model, lr=0.1, fisher_type=fisher_type, loss_fn=loss_fn)
+    loss_fn(model(X), y).backward()
+    with pytest.raises(ValueError, match=r"\['proj'\] were not called"):
+        opt.step()
+
+    enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(enc, nn.Flatten(), nn.Linear(40, 3))
+    Xs, ys = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    opt = KFAC(model, lr=0.1, fisher_type=fisher_type, momentum=0.0, kl_clip=None,
+               loss_fn=loss_fn)
+    out_proj = enc.self_attn.out_proj.weight
+    before = out_proj.detach().clone()
+    loss_fn(model(Xs), ys).backward()
+    grad = out_proj.grad.clone()
+    opt.step()
+    assert grad.abs().max() > 0
+    torch.testing.assert_close(out_proj.detach(), before - 0.1 * grad)

@@ -268,12 +268,14 @@ def find_layers(
     with reduce) instead of one block for ``[W | b]``. ``grouped``: a grouped Conv2d gets one
     block per group (layers ``"<name>.group<j>"``).
     ``embeddings=False`` leaves Embedding layers to the caller's fallback; modules named
-    in ``exclude`` are skipped. A parameter used by several supported layers (tied
-    weights) raises ValueError (see :func:`tied_embeddings`).
+    in ``exclude`` are skipped, and so are the layers whose parent applies their weight
+    without calling them (:func:`applied_through_weight`): their inputs cannot be
+    captured. A parameter used by several supported layers (tied weights) raises
+    ValueError (see :func:`tied_embeddings`).
     """
     key_of = {id(p): k for k, p in params.items()}
     layers, covered = [], set()
-    exclude = set(exclude)
+    exclude = set(exclude) | applied_through_weight(model)
     if approx not in ("expand", "reduce"):
         raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
     for name, module in model.named_modules():
@@ -306,6 +308,17 @@ def find_layers(
                 layers.append(layer)
     others = [k for k in params if k not in covered]
     return layers, others
+
+
+def applied_through_weight(model: nn.Module) -> set[str]:
+    """Names of the supported layers whose parent module applies their weight itself and
+    never calls them, so no forward hook sees their input: the ``out_proj`` of every
+    ``nn.MultiheadAttention`` (``F.multi_head_attention_forward`` takes
+    ``out_proj.weight``; also inside ``nn.Transformer*`` layers). Other such uses are
+    caught at the first pass (:func:`curvature_pass`, ``params=``)."""
+    return {f"{name}.out_proj" if name else "out_proj"
+            for name, module in model.named_modules()
+            if isinstance(module, nn.MultiheadAttention)}
 
 
 def uncovered_by_kfac(model: nn.Module, params: Mapping[str, torch.Tensor]) -> str | None:
@@ -675,7 +688,8 @@ def factor_scale(fisher_type: str, reduction: str, num_samples: float) -> float:
 def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor], loss_fn: Any,
                    targets: Any, fisher_type: str, *, weight: float = 1.0,
                    reduction: str = "mean", mc_samples: int = 1,
-                   generator: torch.Generator | None = None
+                   generator: torch.Generator | None = None,
+                   params: Mapping[str, torch.Tensor] | None = None
                    ) -> list[list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]]:
     """Run ``forward()`` with the layers hooked, then backpropagate every cotangent of
     :func:`backprop_vectors` to the layer outputs.
@@ -683,13 +697,17 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
     Returns, per layer and per call of the layer in the forward pass, ``(a, omega, [g_u,
     ...])``: the input rows ``(N, T, d_in)``, the sample weights ``(N,)`` of
     :func:`sample_weights` and one ``(N, T, d_out)`` block of output gradients per
-    cotangent ``u``.
+    cotangent ``u``. ``params``: the tensors ``forward`` uses as the layers' parameters (by
+    key); a layer that was not called although its weight reaches the output raises
+    ValueError (:func:`check_uncalled_layers`).
     """
     with LayerCapture(layers, keep_outputs=True), torch.enable_grad():
         z = forward()
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"K-FAC needs the model output to be one tensor (the input of "
                             f"loss_fn), got {type(z).__name__}")
+        if params is not None:
+            check_uncalled_layers(layers, z, params)
         calls = [(lay, rec) for lay in layers for rec in lay.records]
         sizes = {rec["a"].shape[0] for _, rec in calls}
         samples = sizes.pop() if len(sizes) == 1 else None
@@ -710,6 +728,34 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
                     g = torch.zeros_like(rec["out"]) if g is None else g
                     entry[2].append(layer_output_grads(lay, g))
     return out
+
+
+def check_uncalled_layers(layers: list[KronLayer], z: torch.Tensor,
+                          params: Mapping[str, torch.Tensor]) -> None:
+    """ValueError if a layer the forward pass did not call has a weight that reaches the
+    output ``z`` (a parent applied it through its weight, as ``nn.MultiheadAttention`` does
+    with ``out_proj``): K-FAC would see no input and give the layer zero curvature, although
+    its Gauss-Newton block is not zero. A layer that really did not run (an unused head, a
+    branch this data does not take) passes. One backward pass, only when a layer was not
+    called."""
+    idle = [lay for lay in layers if not lay.records and lay.weight is not None
+            and lay.weight in params and params[lay.weight].requires_grad]
+    if not idle or not z.requires_grad:
+        return
+    reached = torch.autograd.grad(z.sum(), [params[lay.weight] for lay in idle],
+                                  retain_graph=True, allow_unused=True)
+    used = [lay.name for lay, g in zip(idle, reached, strict=True) if g is not None]
+    if used:
+        raise ValueError(uncalled_layers_message(used))
+
+
+def uncalled_layers_message(names: list[str]) -> str:
+    """The error for layers whose weight is used without calling them."""
+    return (f"K-FAC: the layers {names} were not called in the forward pass, but their "
+            "weights were used (a parent module applied them itself, e.g. "
+            "F.linear(x, layer.weight)): their inputs cannot be captured, and Kronecker "
+            "factors from none would be zero where the curvature is not. Leave their "
+            "parameters out of the factored layers (params=)")
 
 
 def weighted_input_factor(a: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:

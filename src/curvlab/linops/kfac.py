@@ -154,8 +154,9 @@ class KFACOperator(CurvatureOperator):
         if others:
             raise ValueError(
                 f"K-FAC has Kronecker factors only for nn.Linear, ungrouped nn.Conv2d, HF "
-                f"Conv1D and nn.Embedding layers; parameters {others} belong to other "
-                "modules. Pass params= to select the supported layers only")
+                f"Conv1D and nn.Embedding layers that are called (not nn.MultiheadAttention's "
+                f"out_proj, whose weight the attention applies itself); parameters {others} "
+                "belong to other modules. Pass params= to select the supported layers only")
         offsets, i = {}, 0
         for k, _, n in obj._shapes:
             offsets[k] = i
@@ -189,7 +190,7 @@ class KFACOperator(CurvatureOperator):
                 yield curvature_pass(self.layers, lambda x=x: obj.outputs(leaves, x),
                                      obj.loss_fn, y, self.fisher_type, weight=w,
                                      reduction=obj.reduction, mc_samples=self.mc_samples,
-                                     generator=gen)
+                                     generator=gen, params=leaves)
 
     def _compute_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         obj = self.objective

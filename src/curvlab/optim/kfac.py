@@ -89,6 +89,7 @@ from curvlab.linops._kronecker import (
     mean_diag,
     rotate,
     tied_embeddings,
+    uncalled_layers_message,
     unrotate,
 )
 from curvlab.objective import plain_checkpoints, unwrap_model
@@ -486,7 +487,8 @@ class KFAC(CurvlabOptimizer):
                         batches.append(curvature_pass(
                             self._all_layers, lambda a=args, k=kwargs: self.model(*a, **k),
                             self.loss_fn, None, "mc", reduction=self._reduction(),
-                            mc_samples=self.mc_samples, generator=self._generator))
+                            mc_samples=self.mc_samples, generator=self._generator,
+                            params=self._named))
             finally:
                 self._suspended = False
             sizes = [max((float(om.sum()) for per_layer in got for _, om, _ in per_layer),
@@ -502,6 +504,13 @@ class KFAC(CurvlabOptimizer):
                   for rec in layer.records if "g" in rec] for layer in self._all_layers]
         if not any(calls):
             return None
+        # a layer not called while the others were, with a nonzero gradient: its weight was
+        # applied by a parent (an idle layer's gradient is None or zero)
+        uncalled = [layer.name for layer, per_layer in zip(self._layers, calls, strict=False)
+                    if not per_layer and (g := self._layer_grad(layer)) is not None
+                    and bool(g.any())]
+        if uncalled:
+            raise ValueError(uncalled_layers_message(uncalled))
         return calls
 
     def _new_factors(self, calls):
