@@ -1,5 +1,7 @@
 """Lanczos and power iteration against dense float64 eigendecompositions."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -187,3 +189,30 @@ def test_missed_copies_near_zero_use_the_runs_norm_relative_bound():
                   generator=torch.Generator().manual_seed(0))
     assert res.eigenvalues[1] < 0 and abs(float(res.eigenvalues[1]) + 1e-3) <= 1e-2
     assert res.num_matvecs < 2 * 200
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_low_precision_products_report_their_rounding_floor(method):
+    """A bfloat16 operator's products carry errors of about eps ||A|| (eps = 7.8e-3): its
+    Ritz residuals went to 0 and the pairs were "converged" at tol=1e-4 while 0.2% off.
+    Residuals are now reported no smaller than eps ||A||, the error is within them, and a
+    warning says the requested tol is out of reach; float32 at the same tol is unchanged."""
+    spectrum = torch.cat([torch.tensor([10.0, 6.0]), torch.linspace(0.1, 3.0, 48)])
+    A = matrix_with_spectrum(spectrum, seed=3)
+    A16 = A.to(torch.bfloat16)
+    truth = torch.linalg.eigvalsh(A16.double()).flip(0)  # the bfloat16 matrix's own
+    eps = torch.finfo(torch.bfloat16).eps
+    run = (lambda M: lanczos(M, 2, tol=1e-4, generator=torch.Generator().manual_seed(0))) \
+        if method == "lanczos" else \
+        (lambda M: power_iteration(M, tol=1e-4, generator=torch.Generator().manual_seed(0)))
+    with pytest.warns(UserWarning, match="computes in torch.bfloat16"):
+        res = run(A16)
+    assert res.converged
+    k = len(res.eigenvalues)
+    assert (res.residuals >= eps * 0.5 * 10.0).all()  # ~eps ||A|| (||A|| >= 10 / 2: a bound)
+    assert ((res.eigenvalues - truth[:k]).abs() <= 3 * res.residuals).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res32 = run(A.float())
+    assert res32.converged
+    assert ((res32.eigenvalues - torch.tensor([10.0, 6.0])[:k].double()).abs() <= 1e-4 * 10).all()

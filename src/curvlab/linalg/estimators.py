@@ -366,7 +366,9 @@ def slq(op: Any, num_probes: int = 10, num_steps: int = 80, *, deflate: int = 0,
     if deflate:
         # a missed copy of a repeated eigenvalue stays in the deflated remainder, which the
         # quadrature below estimates like the rest: no check for copies
-        top = lanczos(A, deflate, which="magnitude", tol=1e-8, atol=0.0,
+        # (to 1e-8 or the products' rounding, whichever is larger)
+        tol = max(1e-8, 10 * torch.finfo(A.dtype).eps)
+        top = lanczos(A, deflate, which="magnitude", tol=tol, atol=0.0,
                       max_iter=min(n, 100 + 20 * deflate), generator=generator,
                       find_repeated=False)
         matvecs += top.num_matvecs
