@@ -7,7 +7,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from curvlab import Objective
-from curvlab.linops import EKFACOperator, KFACOperator
+from curvlab.linops import EKFACOperator, GGNOperator, KFACOperator
 from curvlab.linops._kronecker import damped_factor_inverse
 
 D64 = torch.float64
@@ -426,3 +426,33 @@ def test_products_and_inverses_read_and_write_every_block_layout():
                        params=[k for k, _ in model.named_parameters() if not k.startswith("emb")])
     W = torch.randn(ek.shape[0], 2, dtype=D64)
     torch.testing.assert_close(ek.matmat(W), ek.to_dense() @ W, atol=1e-10, rtol=1e-10)
+
+
+def test_the_padding_row_of_an_embedding_has_no_curvature():
+    """nn.Embedding(padding_idx=p) gives row p no gradient, so its Gauss-Newton block is
+    zero; K-FAC counted the padding tokens in the input factor and gave the row curvature
+    (most of the factor in a padded batch). Its count is 0 now: the row's K-FAC block is
+    zero like the GGN's, and the others are those of the tokens that are not padding."""
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 3, padding_idx=0)
+            self.head = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.head(self.emb(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Bag().to(D64)
+    x = torch.tensor([[1, 2, 0, 0], [3, 0, 0, 0], [4, 5, 1, 0]])
+    y = torch.tensor([0, 1, 3])
+    G = GGNOperator(model, nn.CrossEntropyLoss(), (x, y)).to_dense()
+    op = KFACOperator(model, nn.CrossEntropyLoss(), (x, y), fisher_type="exact")
+    K = op.to_dense()
+    pad = slice(0, 3)  # emb.weight[0]: the first three coordinates
+    assert G[pad].abs().max() == 0
+    assert K[pad].abs().max() == 0 and K[:, pad].abs().max() == 0
+    A = op.factors["emb"][0]
+    torch.testing.assert_close(A, torch.tensor([0, 2, 1, 1, 1, 1], dtype=D64) / 3)
+    assert K[3:18, 3:18].abs().max() > 0

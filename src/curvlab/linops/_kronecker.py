@@ -221,6 +221,9 @@ class KronLayer:
         if self.kind == "embedding":  # a holds token ids: A = weighted counts (+ bias: none)
             counts = torch.bincount(a.reshape(-1), weights=w.repeat_interleave(a.shape[1]),
                                     minlength=self.module.num_embeddings)
+            pad = self.module.padding_idx  # its row gets no gradient: a zero input, a zero
+            if pad is not None:            # Gauss-Newton block (not its token count)
+                counts[pad] = 0
             return counts.to(self.stat_dtype)
         if self.diag_in:
             return torch.einsum("n,ntd->d", w, a.square())
