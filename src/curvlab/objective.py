@@ -91,6 +91,13 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
     return None
 
 
+def input_samples(inputs: Any) -> int | None:
+    """The samples of a model input: the first dimension of its first tensor (in a tuple,
+    list or dict: the first that has one); None if there is none."""
+    t = _first_tensor(inputs)
+    return int(t.shape[0]) if t is not None and t.dim() else None
+
+
 def _batch_size(batch: Batch) -> int:
     inputs, targets = batch
     ref = targets if isinstance(targets, torch.Tensor) and targets.dim() > 0 else inputs

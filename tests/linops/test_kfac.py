@@ -456,3 +456,50 @@ def test_the_padding_row_of_an_embedding_has_no_curvature():
     A = op.factors["emb"][0]
     torch.testing.assert_close(A, torch.tensor([0, 2, 1, 1, 1, 1], dtype=D64) / 3)
     assert K[3:18, 3:18].abs().max() > 0
+
+
+class _Layout(nn.Module):
+    """One function in three layouts: batch-first, sequence-first (nn.Transformer's
+    default) and a flattened (samples * positions, d) input to the middle layer."""
+
+    def __init__(self, layout):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layout = layout
+        self.inner = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):  # x: (N, T, 3)
+        if self.layout == "seq_first":
+            h = self.inner(x.transpose(0, 1)).transpose(0, 1)
+        elif self.layout == "flat":
+            h = self.inner(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:2], -1)
+        else:
+            h = self.inner(x)
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("op_cls", [KFACOperator, EKFACOperator])
+@pytest.mark.parametrize("layout", ["seq_first", "flat"])
+def test_empirical_kfac_does_not_depend_on_the_layers_input_layout(op_cls, layout):
+    """The empirical Fisher's G is scaled by the loss's N; it used a layer's own row count,
+    so a sequence-first layer (rows = positions) or a flattened one (rows = samples x
+    positions) got its block scaled by rows / samples with no error (2.4% on a tiny
+    nn.TransformerEncoderLayer with batch_first=False; T x for the flattened layer). The
+    Monte-Carlo Fisher did not depend on it and does not. EKFAC's correction sums each
+    sample's gradient over its positions, so it refuses rows that are not samples."""
+    X = torch.randn(6, 4, 3, dtype=D64)
+    y = torch.randint(0, 4, (6,))
+    for fisher_type in ("empirical", "mc"):
+        ref = op_cls(_Layout("batch_first").to(D64), nn.CrossEntropyLoss(), (X, y),
+                     fisher_type=fisher_type)
+        if op_cls is EKFACOperator:  # per-sample gradients: rows must be the samples
+            with pytest.raises(ValueError, match="EKFAC's eigenvalue correction"):
+                op_cls(_Layout(layout).to(D64), nn.CrossEntropyLoss(), (X, y),
+                       fisher_type=fisher_type)
+            continue
+        got = op_cls(_Layout(layout).to(D64), nn.CrossEntropyLoss(), (X, y),
+                     fisher_type=fisher_type)
+        torch.testing.assert_close(got.to_dense(), ref.to_dense(), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="first dimensions"):
+        op_cls(_Layout(layout).to(D64), nn.CrossEntropyLoss(), (X, y), fisher_type="exact")

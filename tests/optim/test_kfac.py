@@ -405,3 +405,36 @@ def test_a_layer_applied_through_its_weight_is_refused_and_attention_out_proj_fa
     opt.step()
     assert grad.abs().max() > 0
     torch.testing.assert_close(out_proj.detach(), before - 0.1 * grad)
+
+
+@pytest.mark.parametrize("layout", ["seq_first", "flat"])
+def test_empirical_kfac_steps_do_not_depend_on_the_layers_input_layout(layout):
+    """The optimizer's empirical G used each layer's row count as N (sequence-first: the
+    positions; flattened: samples x positions): the same function in another layout took
+    other steps (a tiny nn.TransformerEncoderLayer with batch_first=False: 2.5e-2 apart
+    after 3 steps). N is the model output's samples now."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "linops"))
+    from test_kfac import _Layout
+
+    torch.manual_seed(1)
+    X, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 4, (6,))
+    params = {}
+    for name in ("batch_first", layout):
+        model = _Layout(name).double()
+        opt = KFAC(model, lr=0.1, fisher_type="empirical")
+        for _ in range(3):
+            opt.zero_grad()
+            nn.CrossEntropyLoss()(model(X), y).backward()
+            opt.step()
+        params[name] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(params[layout], params["batch_first"], rtol=1e-10, atol=1e-12)
+    for fisher_type in ("empirical", "mc"):  # EKFAC: per-sample gradients, rows = samples
+        model = _Layout(layout).double()
+        opt = KFAC(model, lr=0.1, fisher_type=fisher_type, eigenvalue_correction=True,
+                   loss_fn=nn.CrossEntropyLoss())
+        nn.CrossEntropyLoss()(model(X), y).backward()
+        with pytest.raises(ValueError, match="EKFAC's eigenvalue correction"):
+            opt.step()

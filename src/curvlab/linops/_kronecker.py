@@ -684,7 +684,10 @@ def backprop_vectors(loss_fn: Any, z: torch.Tensor, y: Any, fisher_type: str, *,
 def factor_scale(fisher_type: str, reduction: str, num_samples: float) -> float:
     """The factor ``G`` of the empirical Fisher ``(1/N) sum_n grad l_n grad l_n^T`` (mean
     loss, ``l_n = N x`` sample n's share of the loss) is ``N`` times the one of the
-    cotangents ``d L / dz`` of :func:`backprop_vectors`; every other ``G`` is as computed."""
+    cotangents ``d L / dz`` of :func:`backprop_vectors`; every other ``G`` is as computed.
+    ``N`` is the loss's number of samples (weighted), the same for every layer: with a
+    layer's own row count, a sequence-first layer (rows = positions) or a flattened one
+    (rows = samples x positions) had its block scaled by rows / samples."""
     return float(num_samples) if fisher_type == "empirical" and reduction == "mean" else 1.0
 
 
@@ -692,7 +695,9 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
                    targets: Any, fisher_type: str, *, weight: float = 1.0,
                    reduction: str = "mean", mc_samples: int = 1,
                    generator: torch.Generator | None = None,
-                   params: Mapping[str, torch.Tensor] | None = None
+                   params: Mapping[str, torch.Tensor] | None = None,
+                   loss_samples: list[float] | None = None, per_sample: bool = False,
+                   num_samples: int | None = None
                    ) -> list[list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]]:
     """Run ``forward()`` with the layers hooked, then backpropagate every cotangent of
     :func:`backprop_vectors` to the layer outputs.
@@ -702,7 +707,12 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
     :func:`sample_weights` and one ``(N, T, d_out)`` block of output gradients per
     cotangent ``u``. ``params``: the tensors ``forward`` uses as the layers' parameters (by
     key); a layer that was not called although its weight reaches the output raises
-    ValueError (:func:`check_uncalled_layers`).
+    ValueError (:func:`check_uncalled_layers`). ``num_samples``: the batch's samples (the
+    first dimension of the model input; default: of the output). ``loss_samples``: a list
+    their weight (:func:`sample_weights`) is appended to: the ``N`` of
+    :func:`factor_scale`, which a layer's rows need not be (a sequence-first or flattened
+    ``(samples * positions, d)`` input). ``per_sample``: every layer's rows must be the
+    samples (EKFAC's per-sample gradients), else ValueError.
     """
     with LayerCapture(layers, keep_outputs=True), torch.enable_grad():
         z = forward()
@@ -711,15 +721,27 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
                             f"loss_fn), got {type(z).__name__}")
         if params is not None:
             check_uncalled_layers(layers, z, params)
+        if num_samples is None:
+            num_samples = z.shape[0] if z.dim() else 1
         calls = [(lay, rec) for lay in layers for rec in lay.records]
+        if per_sample:
+            check_rows_are_samples([lay.name for lay, rec in calls
+                                    if rec["a"].shape[0] != num_samples])
         sizes = {rec["a"].shape[0] for _, rec in calls}
         samples = sizes.pop() if len(sizes) == 1 else None
         if fisher_type == "exact" and samples is None and calls:
-            raise ValueError("fisher_type='exact' needs every layer to see the same samples")
+            raise ValueError(
+                "fisher_type='exact' needs every layer to see the samples along the first "
+                f"dimension of its input (first dimensions {sorted(sizes)}"
+                "): a sequence-first layout (nn.Transformer* / nn.MultiheadAttention with "
+                "batch_first=False) or a flattened (samples * positions, d) input breaks "
+                "that. Use batch_first=True, or fisher_type='mc' / 'empirical'")
         us = backprop_vectors(loss_fn, z, targets, fisher_type, weight=weight,
                               reduction=reduction, samples=samples, mc_samples=mc_samples,
                               generator=generator)
         c = curvature_terms(loss_fn, z.detach(), targets)
+        if loss_samples is not None:
+            loss_samples.append(float(sample_weights(c, num_samples).sum()))
         out = [[(rec["a"], sample_weights(c, rec["a"].shape[0]), []) for rec in lay.records]
                for lay in layers]
         flat = [entry for per_layer in out for entry in per_layer]
@@ -731,6 +753,20 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
                     g = torch.zeros_like(rec["out"]) if g is None else g
                     entry[2].append(layer_output_grads(lay, g))
     return out
+
+
+def check_rows_are_samples(names: list[str]) -> None:
+    """ValueError naming the layers whose input rows are not the loss's samples, for the
+    eigenvalue correction (EKFAC sums each sample's gradient over its positions: with
+    positions as rows, as in a sequence-first or flattened input, it would square other
+    sums, with no error)."""
+    if names:
+        raise ValueError(
+            f"EKFAC's eigenvalue correction needs each layer's input rows to be the samples "
+            f"(the first dimension of the model input); the layers {sorted(set(names))} "
+            "see another first dimension (a sequence-first layout such as nn.Transformer's "
+            "batch_first=False, or a flattened (samples * positions, d) input). Use "
+            "batch_first=True, or K-FAC without the correction")
 
 
 def check_uncalled_layers(layers: list[KronLayer], z: torch.Tensor,

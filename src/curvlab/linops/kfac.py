@@ -52,6 +52,7 @@ from curvlab.linops._kronecker import (
     unrotate,
 )
 from curvlab.linops.base import CurvatureOperator
+from curvlab.objective import input_samples
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +182,11 @@ class KFACOperator(CurvatureOperator):
         self.factors = dict(zip([layer.name for layer in self.layers],
                                 self._compute_factors(), strict=True))
 
-    def _passes(self, gen: torch.Generator):
-        """Per batch, the :func:`curvature_pass` entries of every layer."""
+    def _passes(self, gen: torch.Generator, loss_samples: list[float] | None = None,
+                per_sample: bool = False):
+        """Per batch, the :func:`curvature_pass` entries of every layer (and the weight of
+        the batch's loss samples appended to ``loss_samples``; ``per_sample``: rows must be
+        samples)."""
         obj = self.objective
         leaves = {k: v.detach().requires_grad_(True) for k, v in self.point.items()}
         with obj.mode():
@@ -190,7 +194,15 @@ class KFACOperator(CurvatureOperator):
                 yield curvature_pass(self.layers, lambda x=x: obj.outputs(leaves, x),
                                      obj.loss_fn, y, self.fisher_type, weight=w,
                                      reduction=obj.reduction, mc_samples=self.mc_samples,
-                                     generator=gen, params=leaves)
+                                     generator=gen, params=leaves, loss_samples=loss_samples,
+                                     per_sample=per_sample, num_samples=input_samples(x))
+
+    def _loss_samples(self, per_batch: list[float]) -> float:
+        """The whole data's loss samples (summed over the ranks)."""
+        obj = self.objective
+        total = torch.tensor([sum(per_batch)], dtype=torch.float64, device=obj.device)
+        obj.all_reduce(total)
+        return float(total)
 
     def _compute_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         obj = self.objective
@@ -203,7 +215,8 @@ class KFACOperator(CurvatureOperator):
         A = [zeros(lay.d_in, lay.diag_in) for lay in self.layers]
         G = [zeros(lay.d_out, lay.diag_out) for lay in self.layers]
         omega = torch.zeros(len(self.layers), dtype=obj.dtype, device=obj.device)
-        for calls in self._passes(gen):
+        samples: list[float] = []
+        for calls in self._passes(gen, samples):
             for i, (layer, per_layer) in enumerate(zip(self.layers, calls, strict=True)):
                 for a, om, gs in per_layer:
                     A[i] += layer.input_stat(a, om).to(obj.dtype)
@@ -223,8 +236,9 @@ class KFACOperator(CurvatureOperator):
             warnings.warn(f"K-FAC: the layers {idle} did not run in the forward pass on this "
                           "data: their Kronecker factors, like their Gauss-Newton blocks, are "
                           "zero", stacklevel=2)
-        return [(a / om, g * factor_scale(self.fisher_type, obj.reduction, om)) if om > 0
-                else (a, g) for a, g, om in zip(A, G, weights, strict=True)]
+        scale = factor_scale(self.fisher_type, obj.reduction, self._loss_samples(samples))
+        return [(a / om, g * scale) if om > 0 else (a, g)
+                for a, g, om in zip(A, G, weights, strict=True)]
 
     # ---- products ------------------------------------------------------------------
     def _blocks(self):
@@ -341,19 +355,17 @@ class EKFACOperator(KFACOperator):
                        for A, G in (self.factors[lay.name] for lay in self.layers)]
         S = [torch.zeros(lay.d_out, lay.d_in, dtype=obj.dtype, device=obj.device)
              for lay in self.layers]
-        omega = torch.zeros(len(self.layers), dtype=obj.dtype, device=obj.device)
-        for calls in self._passes(self._generator):
+        samples: list[float] = []
+        for calls in self._passes(self._generator, samples, per_sample=True):
             for i, per_layer in enumerate(calls):
                 QA, QG = self._bases[i]
-                total, n = eigenbasis_scale(per_layer, QA, QG)
+                total, _ = eigenbasis_scale(per_layer, QA, QG)
                 if total is not None:
                     S[i] += total.to(obj.dtype)
-                omega[i] += n
         if obj.process_group is not None:
-            all_reduce_coalesced([*S, omega], obj.process_group)
-        self.scales = {
-            lay.name: s * factor_scale(self.fisher_type, obj.reduction, float(om))
-            for lay, s, om in zip(self.layers, S, omega, strict=True)}
+            all_reduce_coalesced(S, obj.process_group)
+        scale = factor_scale(self.fisher_type, obj.reduction, self._loss_samples(samples))
+        self.scales = {lay.name: s * scale for lay, s in zip(self.layers, S, strict=True)}
 
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
         def block(i: int, layer: Any, M: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,7 @@ from curvlab.linops._kronecker import (
     KronLayer,
     LayerCapture,
     all_reduce_factors,
+    check_rows_are_samples,
     curvature_pass,
     damped_factor_inverse,
     dense_factor,
@@ -92,7 +93,7 @@ from curvlab.linops._kronecker import (
     uncalled_layers_message,
     unrotate,
 )
-from curvlab.objective import plain_checkpoints, unwrap_model
+from curvlab.objective import input_samples, plain_checkpoints, unwrap_model
 from curvlab.optim.adam import (
     AdamConfig,
     adam_directions_,
@@ -361,6 +362,8 @@ class KFAC(CurvlabOptimizer):
 
         self._capture = LayerCapture(self._all_layers, grads=True, enabled=capturing)
         self._pre_hook = model.register_forward_pre_hook(record_inputs, with_kwargs=True)
+        # the samples of each captured forward pass (the N of the empirical Fisher's G)
+        self._loss_samples: list[int | None] = []
         weakref.finalize(self, self._capture.remove)
         weakref.finalize(self, self._pre_hook.remove)
 
@@ -426,10 +429,13 @@ class KFAC(CurvlabOptimizer):
             detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
             self._inputs.append((tuple(detach(a) for a in args),
                                  {k: detach(v) for k, v in kwargs.items()}))
+        if self.fisher_type == "empirical" and self._capturing and torch.is_grad_enabled():
+            self._loss_samples.append(input_samples((args, kwargs)))
 
     def _clear(self) -> None:
         self._capture.clear()
         self._inputs.clear()
+        self._loss_samples.clear()
 
     def remove_hooks(self) -> None:
         """Detach the optimizer's hooks from the model (no further statistics are captured;
@@ -488,7 +494,8 @@ class KFAC(CurvlabOptimizer):
                             self._all_layers, lambda a=args, k=kwargs: self.model(*a, **k),
                             self.loss_fn, None, "mc", reduction=self._reduction(),
                             mc_samples=self.mc_samples, generator=self._generator,
-                            params=self._named))
+                            params=self._named, per_sample=self.eigenvalue_correction,
+                            num_samples=input_samples((args, kwargs))))
             finally:
                 self._suspended = False
             sizes = [max((float(om.sum()) for per_layer in got for _, om, _ in per_layer),
@@ -520,7 +527,11 @@ class KFAC(CurvlabOptimizer):
                 out.append(None)
                 continue
             n = float(sum(om.sum() for _, om, _ in per_layer))
-            scale = factor_scale(self.fisher_type, self._reduction(), n)
+            # the empirical G's N: the model's samples, not this layer's rows (which a
+            # sequence-first or flattened input makes positions)
+            known = self._loss_samples and None not in self._loss_samples
+            scale = factor_scale(self.fisher_type, self._reduction(),
+                                 float(sum(self._loss_samples)) if known else n)
             A = sum(layer.input_stat(a, om) for a, om, _ in per_layer) / n
             G = sum(layer.output_stat(g) for _, _, gs in per_layer for g in gs) * scale
             out.append((A, G, per_layer, n))
@@ -627,10 +638,18 @@ class KFAC(CurvlabOptimizer):
         """``sum_n sum_u (Q_G^T (sum_t g_ntu a_nt^T) Q_A)^2``: the diagonal of the layer's
         curvature block in the Kronecker eigenbasis (times ``N`` for the empirical Fisher
         of a mean loss, as its factor ``G``)."""
+        if self.fisher_type == "empirical" and self._loss_samples and \
+                None not in self._loss_samples:  # (mc: checked in its curvature pass)
+            samples = set(self._loss_samples)
+            check_rows_are_samples([layer.name for layer in self._all_layers
+                                    for rec in layer.records
+                                    if "g" in rec and rec["a"].shape[0] not in samples])
         total, n = eigenbasis_scale(per_layer, st["QA"], st["QG"])
         if total is None:
             return st["G"].new_zeros(st["dG"].shape[0], st["dA"].shape[0])
-        return total * factor_scale(self.fisher_type, self._reduction(), n)
+        known = self._loss_samples and None not in self._loss_samples
+        return total * factor_scale(self.fisher_type, self._reduction(),
+                                    float(sum(self._loss_samples)) if known else n)
 
     # ---- preconditioning -------------------------------------------------------------
     def _precondition(self, st: dict[str, Any], M: torch.Tensor, lam: float,
