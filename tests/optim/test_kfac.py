@@ -431,10 +431,12 @@ def test_empirical_kfac_steps_do_not_depend_on_the_layers_input_layout(layout):
             opt.step()
         params[name] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(params[layout], params["batch_first"], rtol=1e-10, atol=1e-12)
-    for fisher_type in ("empirical", "mc"):  # EKFAC: per-sample gradients, rows = samples
-        model = _Layout(layout).double()
-        opt = KFAC(model, lr=0.1, fisher_type=fisher_type, eigenvalue_correction=True,
-                   loss_fn=nn.CrossEntropyLoss())
-        nn.CrossEntropyLoss()(model(X), y).backward()
-        with pytest.raises(ValueError, match="EKFAC's eigenvalue correction"):
-            opt.step()
+    # EKFAC (per-sample gradients) and K-FAC reduce (per-sample averages): rows = samples
+    for fisher_type in ("empirical", "mc"):
+        for kwargs in (dict(eigenvalue_correction=True), dict(approx="reduce")):
+            model = _Layout(layout).double()
+            opt = KFAC(model, lr=0.1, fisher_type=fisher_type, loss_fn=nn.CrossEntropyLoss(),
+                       **kwargs)
+            nn.CrossEntropyLoss()(model(X), y).backward()
+            with pytest.raises(ValueError, match="K-FAC reduce need"):
+                opt.step()

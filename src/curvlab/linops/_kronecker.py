@@ -130,6 +130,12 @@ class KronLayer:
     records: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @property
+    def sums_positions(self) -> bool:
+        """Whether its statistics group the positions of a sample (K-FAC reduce; not for an
+        Embedding, whose reduce is expand): its rows must be the samples."""
+        return self.approx == "reduce" and self.kind != "embedding"
+
+    @property
     def transposed(self) -> bool:
         return self.kind in ("conv1d", "embedding")
 
@@ -712,7 +718,8 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
     their weight (:func:`sample_weights`) is appended to: the ``N`` of
     :func:`factor_scale`, which a layer's rows need not be (a sequence-first or flattened
     ``(samples * positions, d)`` input). ``per_sample``: every layer's rows must be the
-    samples (EKFAC's per-sample gradients), else ValueError.
+    samples (EKFAC's per-sample gradients), else ValueError; so must the rows of a layer
+    with K-FAC reduce (:attr:`KronLayer.sums_positions`).
     """
     with LayerCapture(layers, keep_outputs=True), torch.enable_grad():
         z = forward()
@@ -724,9 +731,9 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
         if num_samples is None:
             num_samples = z.shape[0] if z.dim() else 1
         calls = [(lay, rec) for lay in layers for rec in lay.records]
-        if per_sample:
-            check_rows_are_samples([lay.name for lay, rec in calls
-                                    if rec["a"].shape[0] != num_samples])
+        check_rows_are_samples([lay.name for lay, rec in calls
+                                if (per_sample or lay.sums_positions)
+                                and rec["a"].shape[0] != num_samples])
         sizes = {rec["a"].shape[0] for _, rec in calls}
         samples = sizes.pop() if len(sizes) == 1 else None
         if fisher_type == "exact" and samples is None and calls:
@@ -756,17 +763,18 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
 
 
 def check_rows_are_samples(names: list[str]) -> None:
-    """ValueError naming the layers whose input rows are not the loss's samples, for the
-    eigenvalue correction (EKFAC sums each sample's gradient over its positions: with
-    positions as rows, as in a sequence-first or flattened input, it would square other
-    sums, with no error)."""
+    """ValueError naming the layers whose input rows are not the samples although their
+    statistics group positions by sample: EKFAC's eigenvalue correction (each sample's
+    gradient summed over its positions) and K-FAC reduce (each sample's inputs averaged,
+    its output gradients summed). With positions as rows (a sequence-first or flattened
+    input) they grouped other sums, with no error (reduce: 20-30% off)."""
     if names:
         raise ValueError(
-            f"EKFAC's eigenvalue correction needs each layer's input rows to be the samples "
-            f"(the first dimension of the model input); the layers {sorted(set(names))} "
-            "see another first dimension (a sequence-first layout such as nn.Transformer's "
-            "batch_first=False, or a flattened (samples * positions, d) input). Use "
-            "batch_first=True, or K-FAC without the correction")
+            f"EKFAC's eigenvalue correction and K-FAC reduce need each layer's input rows to "
+            f"be the samples (the first dimension of the model input); the layers "
+            f"{sorted(set(names))} see another first dimension (a sequence-first layout such "
+            "as nn.Transformer's batch_first=False, or a flattened (samples * positions, d) "
+            "input). Use batch_first=True, or K-FAC expand without the correction")
 
 
 def check_uncalled_layers(layers: list[KronLayer], z: torch.Tensor,

@@ -511,6 +511,12 @@ class KFAC(CurvlabOptimizer):
                   for rec in layer.records if "g" in rec] for layer in self._all_layers]
         if not any(calls):
             return None
+        if self._loss_samples and None not in self._loss_samples:  # (mc: in its pass)
+            samples = set(self._loss_samples)
+            check_rows_are_samples([layer.name for layer, per_layer in zip(
+                self._all_layers, calls, strict=True) for a, _, _ in per_layer
+                if (self.eigenvalue_correction or layer.sums_positions)
+                and a.shape[0] not in samples])
         # a layer not called while the others were, with a nonzero gradient: its weight was
         # applied by a parent (an idle layer's gradient is None or zero)
         uncalled = [layer.name for layer, per_layer in zip(self._layers, calls, strict=False)
@@ -638,12 +644,6 @@ class KFAC(CurvlabOptimizer):
         """``sum_n sum_u (Q_G^T (sum_t g_ntu a_nt^T) Q_A)^2``: the diagonal of the layer's
         curvature block in the Kronecker eigenbasis (times ``N`` for the empirical Fisher
         of a mean loss, as its factor ``G``)."""
-        if self.fisher_type == "empirical" and self._loss_samples and \
-                None not in self._loss_samples:  # (mc: checked in its curvature pass)
-            samples = set(self._loss_samples)
-            check_rows_are_samples([layer.name for layer in self._all_layers
-                                    for rec in layer.records
-                                    if "g" in rec and rec["a"].shape[0] not in samples])
         total, n = eigenbasis_scale(per_layer, st["QA"], st["QG"])
         if total is None:
             return st["G"].new_zeros(st["dG"].shape[0], st["dA"].shape[0])
