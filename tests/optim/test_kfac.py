@@ -440,3 +440,40 @@ def test_empirical_kfac_steps_do_not_depend_on_the_layers_input_layout(layout):
             nn.CrossEntropyLoss()(model(X), y).backward()
             with pytest.raises(ValueError, match="K-FAC reduce need"):
                 opt.step()
+
+
+def test_an_unbatched_first_input_does_not_set_the_samples():
+    """The empirical G's N is the model input's first dimension only when a factored
+    layer sees it as its rows: a model called with a (T, T) mask first keeps the steps of
+    the same model called with its batch first."""
+    from curvlab.linops._kronecker import batch_samples
+
+    assert batch_samples([6, 24], [6, 12]) == 6
+    assert batch_samples([6, 6, 24], [5, None]) == 6  # untrusted candidate: most common rows
+
+    class MaskFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.inner = nn.Linear(3, 5)
+            self.head = nn.Linear(5, 4)
+
+        def forward(self, mask, x):  # mask: (T, T), x: (N, T, 3)
+            h = torch.einsum("st,nth->nsh", mask, torch.tanh(self.inner(x)))
+            return self.head(h.mean(1))
+
+    torch.manual_seed(1)
+    X, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 4, (6,))
+    mask = torch.tril(torch.ones(4, 4, dtype=torch.float64))
+    out = []
+    for first in ("mask", "x"):
+        model = MaskFirst().double()
+        call = (lambda m=model: m(mask, X)) if first == "mask" else \
+            (lambda m=model: m(x=X, mask=mask))
+        opt = KFAC(model, lr=0.1, fisher_type="empirical")
+        for _ in range(3):
+            opt.zero_grad()
+            nn.CrossEntropyLoss()(call(), y).backward()
+            opt.step()
+        out.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-10, atol=1e-12)

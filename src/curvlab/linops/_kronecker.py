@@ -728,9 +728,9 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
                             f"loss_fn), got {type(z).__name__}")
         if params is not None:
             check_uncalled_layers(layers, z, params)
-        if num_samples is None:
-            num_samples = z.shape[0] if z.dim() else 1
         calls = [(lay, rec) for lay in layers for rec in lay.records]
+        num_samples = batch_samples([rec["a"].shape[0] for _, rec in calls],
+                                    [num_samples, z.shape[0] if z.dim() else 1])
         check_rows_are_samples([lay.name for lay, rec in calls
                                 if (per_sample or lay.sums_positions)
                                 and rec["a"].shape[0] != num_samples])
@@ -760,6 +760,18 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
                     g = torch.zeros_like(rec["out"]) if g is None else g
                     entry[2].append(layer_output_grads(lay, g))
     return out
+
+
+def batch_samples(rows: list[int], candidates: list[int | None]) -> int:
+    """The batch's samples: the first candidate (the model input's first dimension, then
+    the output's) that some layer sees as its rows, else the most common row count (an
+    input whose first tensor is not batched, e.g. a mask passed first, is not trusted)."""
+    for n in candidates:
+        if n is not None and n in rows:
+            return n
+    if rows:
+        return max(set(rows), key=rows.count)
+    return next((n for n in candidates if n is not None), 1)
 
 
 def check_rows_are_samples(names: list[str]) -> None:

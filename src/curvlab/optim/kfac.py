@@ -364,6 +364,7 @@ class KFAC(CurvlabOptimizer):
         self._pre_hook = model.register_forward_pre_hook(record_inputs, with_kwargs=True)
         # the samples of each captured forward pass (the N of the empirical Fisher's G)
         self._loss_samples: list[int | None] = []
+        self._step_samples: float | None = None  # their sum, once confirmed (_collect)
         weakref.finalize(self, self._capture.remove)
         weakref.finalize(self, self._pre_hook.remove)
 
@@ -481,6 +482,7 @@ class KFAC(CurvlabOptimizer):
         (:func:`curvlab.linops._kronecker.curvature_pass`'s layout). Several recorded
         batches (gradient accumulation) enter like the batches of one objective: with
         weight ``n_b / N`` for a mean loss, 1 for a summing loss."""
+        self._step_samples = None
         if self.fisher_type == "mc":
             if not self._inputs:
                 return None
@@ -511,7 +513,8 @@ class KFAC(CurvlabOptimizer):
                   for rec in layer.records if "g" in rec] for layer in self._all_layers]
         if not any(calls):
             return None
-        if self._loss_samples and None not in self._loss_samples:  # (mc: in its pass)
+        self._step_samples = self._confirmed_samples(calls)
+        if self._step_samples is not None:  # (mc: checked in its curvature pass)
             samples = set(self._loss_samples)
             check_rows_are_samples([layer.name for layer, per_layer in zip(
                 self._all_layers, calls, strict=True) for a, _, _ in per_layer
@@ -526,6 +529,15 @@ class KFAC(CurvlabOptimizer):
             raise ValueError(uncalled_layers_message(uncalled))
         return calls
 
+    def _confirmed_samples(self, calls: list) -> float | None:
+        """The samples of this step's captured forward passes (the model inputs' first
+        dimensions) if some factored layer saw each as its rows, else None (an input whose
+        first tensor is not batched, e.g. a mask passed first, is not trusted)."""
+        rows = {int(a.shape[0]) for per_layer in calls for a, _, _ in per_layer}
+        if self._loss_samples and all(n is not None and n in rows for n in self._loss_samples):
+            return float(sum(self._loss_samples))
+        return None
+
     def _new_factors(self, calls):
         out = []
         for layer, per_layer in zip(self._all_layers, calls, strict=True):
@@ -535,9 +547,8 @@ class KFAC(CurvlabOptimizer):
             n = float(sum(om.sum() for _, om, _ in per_layer))
             # the empirical G's N: the model's samples, not this layer's rows (which a
             # sequence-first or flattened input makes positions)
-            known = self._loss_samples and None not in self._loss_samples
             scale = factor_scale(self.fisher_type, self._reduction(),
-                                 float(sum(self._loss_samples)) if known else n)
+                                 self._step_samples if self._step_samples is not None else n)
             A = sum(layer.input_stat(a, om) for a, om, _ in per_layer) / n
             G = sum(layer.output_stat(g) for _, _, gs in per_layer for g in gs) * scale
             out.append((A, G, per_layer, n))
@@ -647,9 +658,9 @@ class KFAC(CurvlabOptimizer):
         total, n = eigenbasis_scale(per_layer, st["QA"], st["QG"])
         if total is None:
             return st["G"].new_zeros(st["dG"].shape[0], st["dA"].shape[0])
-        known = self._loss_samples and None not in self._loss_samples
-        return total * factor_scale(self.fisher_type, self._reduction(),
-                                    float(sum(self._loss_samples)) if known else n)
+        return total * factor_scale(
+            self.fisher_type, self._reduction(),
+            self._step_samples if self._step_samples is not None else n)
 
     # ---- preconditioning -------------------------------------------------------------
     def _precondition(self, st: dict[str, Any], M: torch.Tensor, lam: float,
