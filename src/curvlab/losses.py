@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 __all__ = ["term_weights", "term_curvature_weights", "loss_normalizer", "is_known_mean_loss",
-           "LossConvention",
+           "check_curved_in_outputs", "LossConvention",
            "ClassesLastCrossEntropyLoss",
            "match_convention", "model_loss_parts"]
 
@@ -97,6 +97,28 @@ def term_curvature_weights(loss_fn: Any, targets: torch.Tensor) -> torch.Tensor:
         return c
     valid = (targets != loss_fn.ignore_index).to(c.dtype)
     return (1 - eps) * c + eps * weight.to(device=c.device, dtype=c.dtype).mean() * valid
+
+
+def check_curved_in_outputs(loss_fn: Any, what: str) -> None:
+    """ValueError for a loss that is (piecewise) linear in the model output: its Hessian
+    there is zero, so a Gauss-Newton matrix split at the model output (``what``) is zero,
+    with no error (a model ending in ``LogSoftmax`` with ``NLLLoss``: GGN, K-FAC and the
+    GGN diagonal were exactly 0). ``NLLLoss`` / ``KLDivLoss`` take log-probabilities, a
+    linear function of them; ``L1Loss`` and the margin losses are piecewise linear."""
+    linear = (nn.NLLLoss, nn.KLDivLoss, nn.L1Loss, nn.HingeEmbeddingLoss,
+              nn.MultiLabelMarginLoss)
+    if not (isinstance(loss_fn, linear)
+            or (isinstance(loss_fn, nn.MultiMarginLoss) and loss_fn.p == 1)):
+        return
+    name = type(loss_fn).__name__
+    hint = (" End the model at the logits z and use nn.CrossEntropyLoss: NLLLoss of "
+            "log_softmax(z) is CrossEntropyLoss of z, and KLDivLoss of log_softmax(z) against "
+            "probabilities t is CrossEntropyLoss(z, t) up to a constant."
+            if isinstance(loss_fn, (nn.NLLLoss, nn.KLDivLoss)) else
+            " Use the Hessian, the empirical Fisher, or a smooth loss (nn.HuberLoss, "
+            "nn.SmoothL1Loss).")
+    raise ValueError(f"{what}: {name} is (piecewise) linear in the model output, so its "
+                     f"Hessian there, and the {what}, is zero.{hint}")
 
 
 def loss_normalizer(loss_fn: Any, targets: Any) -> float:

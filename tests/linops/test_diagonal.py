@@ -88,6 +88,8 @@ def test_monte_carlo_diagonal_errors():
         DiagonalOperator(model, loss_fn, (X, y), curvature="ef", method="mc")
     yf = torch.randn(X.shape[0], 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="Fisher of its sampled targets"):
+        DiagonalOperator(model, nn.HuberLoss(), (X, yf), method="mc")
+    with pytest.raises(ValueError, match="linear in the model output"):  # its GGN is 0
         DiagonalOperator(model, nn.L1Loss(), (X, yf), method="mc")
     with pytest.raises(ValueError, match="Fisher of its sampled targets"):
         DiagonalOperator(model, nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)),

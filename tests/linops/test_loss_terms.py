@@ -80,15 +80,22 @@ def _per_term_ef(truth: Truth, loss_fn: nn.CrossEntropyLoss) -> torch.Tensor:
 def _objectives_over_splits_equal_dense_truth(model, loss_fn, X, y, H, G, EF):
     """For the data in 1, 2 and 4 batches: the objective's loss equals the loss on all of
     it, its Hessian, GGN and empirical Fisher equal the dense ``H``, ``G``, ``EF``, and the
-    exact diagonals theirs; returns the objectives for further checks."""
+    exact diagonals theirs; returns the objectives for further checks. ``G=None``: a loss
+    linear in the model output, whose GGN (zero) is refused."""
     loss, objectives = loss_fn(model(X), y), []
     for k in (1, 2, 4):
         obj = Objective(model, loss_fn, _splits(X, y, k))
         torch.testing.assert_close(obj.loss(), loss.detach(), rtol=1e-12, atol=0)
         assert rel_err(HessianOperator(obj).to_dense(), H) < 1e-10
-        assert rel_err(GGNOperator(obj).to_dense(), G) < 1e-10
+        if G is None:
+            with pytest.raises(ValueError, match="linear in the model output"):
+                GGNOperator(obj)
+        else:
+            assert rel_err(GGNOperator(obj).to_dense(), G) < 1e-10
         assert rel_err(EmpiricalFisherOperator(obj).to_dense(), EF) < 1e-10
         for curvature, dense in (("ggn", G), ("ef", EF), ("hessian", H)):
+            if dense is None:
+                continue
             diag = DiagonalOperator(obj, curvature=curvature, method="exact").diagonal
             assert rel_err(diag, dense.diagonal()) < 1e-10, (curvature, k)
         objectives.append(obj)
@@ -125,10 +132,11 @@ def test_kl_divergence_batchmean_over_batch_splits_equals_dense_truth(log_target
     model = nn.Sequential(mlp(0), nn.LogSoftmax(-1))
     loss_fn = nn.KLDivLoss(reduction="batchmean", log_target=log_target)
     truth = Truth(model, loss_fn, X, y)
-    H, G = truth.hessian(), truth.ggn()
+    H = truth.hessian()
+    assert truth.ggn().abs().max() == 0  # KL is linear in the log-probabilities: GGN refused
     per_sample = truth.per_sample_grads()  # each sample's own batchmean loss (its sum)
     EF = per_sample.T @ per_sample / N
-    _objectives_over_splits_equal_dense_truth(model, loss_fn, X, y, H, G, EF)
+    _objectives_over_splits_equal_dense_truth(model, loss_fn, X, y, H, None, EF)
     with pytest.raises(ValueError, match="batchmean"):
         Objective(model, nn.MSELoss(), (X, y), reduction="batchmean")
 
@@ -228,3 +236,31 @@ def test_optimizer_batch_steps_run_in_the_models_mode():
         bn, bn_ref = model[1], ref[1]
         torch.testing.assert_close(bn.running_mean, bn_ref.running_mean, rtol=1e-12, atol=0)
         assert int(bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("loss_fn", [nn.NLLLoss(), nn.KLDivLoss(reduction="batchmean"),
+                                     nn.L1Loss()])
+def test_a_loss_linear_in_the_outputs_has_its_zero_ggn_refused(loss_fn):
+    """A model ending in LogSoftmax with NLLLoss (or KLDivLoss; L1 is piecewise linear): the
+    loss's Hessian in the outputs is 0, so the GGN, its diagonal and exact K-FAC were all
+    exactly 0 with no error (HessianFree then took damping-only steps). They raise now and
+    say what to do; the Hessian and the empirical Fisher still work."""
+    from curvlab.linops import KFACOperator
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(N, 4, generator=g, dtype=torch.float64)
+    model = nn.Sequential(mlp(0), nn.LogSoftmax(-1))
+    if isinstance(loss_fn, nn.NLLLoss):
+        y = torch.randint(0, 3, (N,), generator=g)
+    elif isinstance(loss_fn, nn.KLDivLoss):
+        y = torch.randn(N, 3, generator=g, dtype=torch.float64).softmax(-1)
+    else:
+        y = torch.randn(N, 3, generator=g, dtype=torch.float64)
+    assert Truth(model, loss_fn, X, y).ggn().abs().max() == 0
+    for build in (lambda: GGNOperator(model, loss_fn, (X, y)),
+                  lambda: DiagonalOperator(model, loss_fn, (X, y)),
+                  lambda: KFACOperator(model, loss_fn, (X, y), fisher_type="exact")):
+        with pytest.raises(ValueError, match="linear in the model output"):
+            build()
+    assert HessianOperator(model, loss_fn, (X, y)).to_dense().abs().max() > 0
+    assert EmpiricalFisherOperator(model, loss_fn, (X, y)).to_dense().abs().max() > 0

@@ -250,16 +250,19 @@ def test_ggn_preconditioner_is_the_averaged_monte_carlo_diagonal():
 def test_auto_preconditioner_needs_a_sampled_target_loss():
     """"auto" needs CE / MSE / BCE-with-logits (a Fisher of sampled targets): K-FAC where
     every parameter is in a layer with Kronecker factors, the GGN diagonal otherwise (a
-    LayerNorm), nothing for other losses (L1); "ggn" on such a loss raises, "kfac" on a
-    model it does not cover too."""
+    LayerNorm), nothing for other losses (Huber); "ggn" on such a loss raises, "kfac" on a
+    model it does not cover too. A loss linear in the outputs (L1) has a zero Gauss-Newton
+    matrix: HF took damping-only steps with no error, now it raises."""
     model, _, X, _ = small_problem()
     Y = torch.randn(20, 3, dtype=D64)
-    opt = HessianFree(model, nn.L1Loss(), cg_max_iter=3)
+    opt = HessianFree(model, nn.HuberLoss(), cg_max_iter=3)
     opt.step(batch=(X, Y))
     assert opt.stats()["preconditioner"] is None
     assert all(not opt.state[p].keys() - {"cg_direction"} for p in model.parameters())
     with pytest.raises(ValueError, match="sampled targets"):
-        HessianFree(model, nn.L1Loss(), preconditioner="ggn").step(batch=(X, Y))
+        HessianFree(model, nn.HuberLoss(), preconditioner="ggn").step(batch=(X, Y))
+    with pytest.raises(ValueError, match="linear in the model output"):
+        HessianFree(model, nn.L1Loss(), cg_max_iter=3).step(batch=(X, Y))
     opt = HessianFree(model, nn.MSELoss(), cg_max_iter=3)
     opt.step(batch=(X, Y))
     assert opt.stats()["preconditioner"] == "kfac"

@@ -28,6 +28,7 @@ from curvlab.linops.base import CurvatureOperator
 from curvlab.linops.fisher import EmpiricalFisherOperator
 from curvlab.linops.ggn import GGNOperator
 from curvlab.linops.hessian import HessianOperator
+from curvlab.losses import check_curved_in_outputs
 from curvlab.objective import Objective, is_batched, sample_rows
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ class DiagonalOperator(CurvatureOperator):
         """Re-read the parameters and recompute the diagonal (no-op for :meth:`from_vector`)."""
         if self.objective is None:
             return
+        if self.curvature == "ggn":
+            check_curved_in_outputs(self.objective.loss_fn, "Gauss-Newton diagonal")
         super().refresh()
         if self.method == "hutchinson":
             self.diagonal = self._hutchinson()

@@ -14,6 +14,7 @@ from curvlab.linops._outputspace import (
     has_canonical_hessian,
     loss_on_outputs,
 )
+from curvlab.losses import check_curved_in_outputs
 
 __all__ = ["GGNOperator"]
 
@@ -34,6 +35,10 @@ class GGNOperator(OutputSpaceOperator):
     ``ignore_index`` weigh each term), whose Hessian is the output-space Fisher
     (:class:`FisherOperator`).
     """
+
+    def refresh(self) -> None:
+        check_curved_in_outputs(self.objective.loss_fn, "Gauss-Newton matrix")
+        super().refresh()
 
     def _output_matrix(self, index: int, weight: float, outputs: torch.Tensor,
                        targets: Any) -> OutputMatrix:

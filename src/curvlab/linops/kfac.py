@@ -52,6 +52,7 @@ from curvlab.linops._kronecker import (
     unrotate,
 )
 from curvlab.linops.base import CurvatureOperator
+from curvlab.losses import check_curved_in_outputs
 from curvlab.objective import input_samples
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,8 @@ class KFACOperator(CurvatureOperator):
             self._index.append(torch.cat(cols, dim=1).to(obj.device))
 
     def refresh(self) -> None:
+        if self.fisher_type == "exact":
+            check_curved_in_outputs(self.objective.loss_fn, "K-FAC (fisher_type='exact')")
         super().refresh()
         self._layout()
         self.factors = dict(zip([layer.name for layer in self.layers],
