@@ -54,6 +54,22 @@ def test_guarded_batched_keeps_previous_for_failing_blocks_only():
     torch.testing.assert_close(out[2], 20 * torch.eye(2))
 
 
+def test_guarded_batched_checks_floating_outputs_only_and_in_float32_at_least():
+    """The guard's finiteness check (one float32 sum per output, no isfinite tensor):
+    a NaN / inf output is a failure, a float16 output whose float16 sum would overflow is
+    not, and integer outputs (permutations) are not checked."""
+    prev = (torch.zeros(2, 2, 2, dtype=torch.float16), torch.zeros(2, 2, dtype=torch.long))
+    big = torch.full((2, 2, 2), 60000.0, dtype=torch.float16)  # sum 4.8e5 > float16 max
+    order = torch.tensor([[1, 0], [0, 1]])
+    (out, perm), failed = guarded_batched(lambda A: (A, order), (big,), prev)
+    assert failed == 0 and torch.equal(out, big) and torch.equal(perm, order)
+    for bad in (float("nan"), float("inf")):
+        X = big.clone()
+        X[1, 0, 0] = bad
+        (out, _), failed = guarded_batched(lambda A: (A, order[:A.shape[0]]), (X,), prev)
+        assert failed == 1 and torch.equal(out[1], prev[0][1]) and torch.equal(out[0], big[0])
+
+
 def test_max_abs_bounds_magnitude_and_detects_nonfinite():
     assert 3.0 <= max_abs([torch.tensor([1.0, -3.0]), torch.tensor([2.0])]) <= 3.1623
     assert max_abs([torch.tensor([1e30, -3e30])]) >= torch.tensor(3e30).item()
