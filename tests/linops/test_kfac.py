@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _shared_models import AppliedThroughWeight, Layout
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
@@ -130,19 +131,6 @@ class _UnusedHead(nn.Module):
         return self.body(x)
 
 
-class _AppliedThroughWeight(nn.Module):
-    """A parent applying a child layer's weight itself (as nn.MultiheadAttention does with
-    out_proj): the child's forward hook never fires."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = nn.Linear(3, 4)
-        self.proj = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return F.linear(torch.tanh(self.inner(x)), self.proj.weight, self.proj.bias)
-
-
 class _Attention(nn.Module):
     def __init__(self):
         super().__init__()
@@ -161,7 +149,7 @@ def test_a_layer_applied_through_its_weight_is_refused_not_zeroed(op_cls):
     nn.MultiheadAttention's out_proj (applied by F.multi_head_attention_forward) is not
     among the factored layers."""
     X, y = torch.randn(6, 3, dtype=D64), torch.randint(0, 3, (6,))
-    model = _AppliedThroughWeight().to(D64)
+    model = AppliedThroughWeight().to(D64)
     with pytest.raises(ValueError, match=r"\['proj'\] were not called"):
         op_cls(model, nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
     op = op_cls(model, nn.CrossEntropyLoss(), (X, y), params=["inner.weight", "inner.bias"],
@@ -458,27 +446,6 @@ def test_the_padding_row_of_an_embedding_has_no_curvature():
     assert K[3:18, 3:18].abs().max() > 0
 
 
-class _Layout(nn.Module):
-    """One function in three layouts: batch-first, sequence-first (nn.Transformer's
-    default) and a flattened (samples * positions, d) input to the middle layer."""
-
-    def __init__(self, layout):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layout = layout
-        self.inner = nn.Linear(3, 5)
-        self.head = nn.Linear(5, 4)
-
-    def forward(self, x):  # x: (N, T, 3)
-        if self.layout == "seq_first":
-            h = self.inner(x.transpose(0, 1)).transpose(0, 1)
-        elif self.layout == "flat":
-            h = self.inner(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:2], -1)
-        else:
-            h = self.inner(x)
-        return self.head(torch.tanh(h).mean(1))
-
-
 @pytest.mark.parametrize("op_cls", [KFACOperator, EKFACOperator])
 @pytest.mark.parametrize("layout", ["seq_first", "flat"])
 def test_empirical_kfac_does_not_depend_on_the_layers_input_layout(op_cls, layout):
@@ -491,19 +458,19 @@ def test_empirical_kfac_does_not_depend_on_the_layers_input_layout(op_cls, layou
     X = torch.randn(6, 4, 3, dtype=D64)
     y = torch.randint(0, 4, (6,))
     for fisher_type in ("empirical", "mc"):
-        ref = op_cls(_Layout("batch_first").to(D64), nn.CrossEntropyLoss(), (X, y),
+        ref = op_cls(Layout("batch_first").to(D64), nn.CrossEntropyLoss(), (X, y),
                      fisher_type=fisher_type)
         if op_cls is EKFACOperator:  # per-sample gradients: rows must be the samples
             with pytest.raises(ValueError, match="EKFAC's eigenvalue correction and"):
-                op_cls(_Layout(layout).to(D64), nn.CrossEntropyLoss(), (X, y),
+                op_cls(Layout(layout).to(D64), nn.CrossEntropyLoss(), (X, y),
                        fisher_type=fisher_type)
             continue
-        got = op_cls(_Layout(layout).to(D64), nn.CrossEntropyLoss(), (X, y),
+        got = op_cls(Layout(layout).to(D64), nn.CrossEntropyLoss(), (X, y),
                      fisher_type=fisher_type)
         torch.testing.assert_close(got.to_dense(), ref.to_dense(), rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="first dimensions"):
-        op_cls(_Layout(layout).to(D64), nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
+        op_cls(Layout(layout).to(D64), nn.CrossEntropyLoss(), (X, y), fisher_type="exact")
     # K-FAC reduce averages each sample's positions: with positions as rows it was 20-30% off
-    op_cls(_Layout("batch_first").to(D64), nn.CrossEntropyLoss(), (X, y), approx="reduce")
+    op_cls(Layout("batch_first").to(D64), nn.CrossEntropyLoss(), (X, y), approx="reduce")
     with pytest.raises(ValueError, match="K-FAC reduce need"):
-        op_cls(_Layout(layout).to(D64), nn.CrossEntropyLoss(), (X, y), approx="reduce")
+        op_cls(Layout(layout).to(D64), nn.CrossEntropyLoss(), (X, y), approx="reduce")

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from _shared_models import AppliedThroughWeight, Layout
 from torch import nn
 
 from curvlab import Objective
@@ -363,20 +364,6 @@ def test_paused_records_no_statistics():
     assert opt._collect()
 
 
-class _AppliedThroughWeight(nn.Module):
-    """A parent applying a child layer's weight itself (as nn.MultiheadAttention does with
-    out_proj): the child's forward hook never fires."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = nn.Linear(3, 4)
-        self.proj = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return nn.functional.linear(torch.tanh(self.inner(x)), self.proj.weight,
-                                    self.proj.bias)
-
-
 @pytest.mark.parametrize("fisher_type", ["mc", "empirical"])
 def test_a_layer_applied_through_its_weight_is_refused_and_attention_out_proj_falls_back(
         fisher_type):
@@ -386,7 +373,7 @@ def test_a_layer_applied_through_its_weight_is_refused_and_attention_out_proj_fa
     and its update is the fallback's SGD step."""
     torch.manual_seed(0)
     X, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
-    model = _AppliedThroughWeight()
+    model = AppliedThroughWeight()
     loss_fn = nn.CrossEntropyLoss()
     opt = KFAC(model, lr=0.1, fisher_type=fisher_type, loss_fn=loss_fn)
     loss_fn(model(X), y).backward()
@@ -413,17 +400,11 @@ def test_empirical_kfac_steps_do_not_depend_on_the_layers_input_layout(layout):
     positions; flattened: samples x positions): the same function in another layout took
     other steps (a tiny nn.TransformerEncoderLayer with batch_first=False: 2.5e-2 apart
     after 3 steps). N is the model output's samples now."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "linops"))
-    from test_kfac import _Layout
-
     torch.manual_seed(1)
     X, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 4, (6,))
     params = {}
     for name in ("batch_first", layout):
-        model = _Layout(name).double()
+        model = Layout(name).double()
         opt = KFAC(model, lr=0.1, fisher_type="empirical")
         for _ in range(3):
             opt.zero_grad()
@@ -434,7 +415,7 @@ def test_empirical_kfac_steps_do_not_depend_on_the_layers_input_layout(layout):
     # EKFAC (per-sample gradients) and K-FAC reduce (per-sample averages): rows = samples
     for fisher_type in ("empirical", "mc"):
         for kwargs in (dict(eigenvalue_correction=True), dict(approx="reduce")):
-            model = _Layout(layout).double()
+            model = Layout(layout).double()
             opt = KFAC(model, lr=0.1, fisher_type=fisher_type, loss_fn=nn.CrossEntropyLoss(),
                        **kwargs)
             nn.CrossEntropyLoss()(model(X), y).backward()
