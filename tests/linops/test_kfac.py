@@ -474,3 +474,30 @@ def test_empirical_kfac_does_not_depend_on_the_layers_input_layout(op_cls, layou
     op_cls(Layout("batch_first").to(D64), nn.CrossEntropyLoss(), (X, y), approx="reduce")
     with pytest.raises(ValueError, match="K-FAC reduce need"):
         op_cls(Layout(layout).to(D64), nn.CrossEntropyLoss(), (X, y), approx="reduce")
+
+
+def test_a_broadcast_layer_counts_the_batch_whatever_the_selected_parameters():
+    """A position embedding called with (1, T) positions and broadcast over the batch has
+    one row; the empirical G's N is still the batch's. With only that layer selected it
+    used its single row (GPT-2's wpe: K-FAC trace 0.16 of the empirical Fisher's, 0.63
+    now, c_fc's 0.73); its block is now the same whichever parameters are selected."""
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.tok = nn.Linear(3, 4)
+            self.pos = nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):  # (N, T, 3)
+            h = self.tok(x) + self.pos(torch.arange(x.shape[1]).unsqueeze(0))
+            return self.head(torch.tanh(h).mean(1))
+
+    model = Positions().to(D64)
+    X, y = torch.randn(6, 5, 3, dtype=D64), torch.randint(0, 2, (6,))
+    alone = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), params=["pos.weight"],
+                         fisher_type="empirical")
+    every = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), fisher_type="empirical")
+    for a, b in zip(alone.factors["pos"], every.factors["pos"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)

@@ -429,8 +429,10 @@ def test_an_unbatched_first_input_does_not_set_the_samples():
     the same model called with its batch first."""
     from curvlab.linops._kronecker import batch_samples
 
-    assert batch_samples([6, 24], [6, 12]) == 6
-    assert batch_samples([6, 6, 24], [5, None]) == 6  # untrusted candidate: most common rows
+    assert batch_samples([6, 24], 6, 12) == 6
+    assert batch_samples([1], 6, 6) == 6  # a broadcast layer alone: the output confirms
+    assert batch_samples([6, 6, 24], 5, 7) == 6  # untrusted candidates: most common rows
+    assert batch_samples([6, 24], 4, 6) == 6  # a (4, 4) mask first: the output's
 
     class MaskFirst(nn.Module):
         def __init__(self):

@@ -729,8 +729,8 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
         if params is not None:
             check_uncalled_layers(layers, z, params)
         calls = [(lay, rec) for lay in layers for rec in lay.records]
-        num_samples = batch_samples([rec["a"].shape[0] for _, rec in calls],
-                                    [num_samples, z.shape[0] if z.dim() else 1])
+        num_samples = batch_samples([rec["a"].shape[0] for _, rec in calls], num_samples,
+                                    z.shape[0] if z.dim() else 1)
         check_rows_are_samples([lay.name for lay, rec in calls
                                 if (per_sample or lay.sums_positions)
                                 and rec["a"].shape[0] != num_samples])
@@ -762,16 +762,17 @@ def curvature_pass(layers: list[KronLayer], forward: Callable[[], torch.Tensor],
     return out
 
 
-def batch_samples(rows: list[int], candidates: list[int | None]) -> int:
-    """The batch's samples: the first candidate (the model input's first dimension, then
-    the output's) that some layer sees as its rows, else the most common row count (an
-    input whose first tensor is not batched, e.g. a mask passed first, is not trusted)."""
-    for n in candidates:
-        if n is not None and n in rows:
-            return n
-    if rows:
-        return max(set(rows), key=rows.count)
-    return next((n for n in candidates if n is not None), 1)
+def batch_samples(rows: list[int], from_input: int | None, from_output: int) -> int:
+    """The batch's samples: the model input's first dimension when a layer sees it as its
+    rows or the output has it (a broadcast layer, e.g. GPT-2's position embedding with one
+    row for the whole batch, still counts the batch), else the output's when a layer sees
+    it, else the most common row count (an input whose first tensor is not batched, e.g. a
+    mask passed first, is not trusted)."""
+    if from_input is not None and (from_input in rows or from_input == from_output):
+        return from_input
+    if from_output in rows or not rows:
+        return from_output
+    return max(set(rows), key=rows.count)
 
 
 def check_rows_are_samples(names: list[str]) -> None:
